@@ -1,0 +1,289 @@
+"""mri-edge command line: a thin layer over the stage modules.
+
+Heavy libraries (TensorFlow, Keras, onnx) are imported inside commands so that
+`mri-edge --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+# Library errors that mean "bad input", reported as one line, never a traceback.
+def _user_errors():
+    from .data import DataError  # noqa: PLC0415
+    from .preprocess import ImageError  # noqa: PLC0415
+    from .tasks import TaskError  # noqa: PLC0415
+
+    errs = [DataError, ImageError, TaskError, FileNotFoundError]
+    for mod, name in (("mri_edge.model", "WeightsError"), ("mri_edge.train", "TrainError"),
+                      ("mri_edge.export", "ExportError"), ("mri_edge.runtime", "RuntimeModelError"),
+                      ("mri_edge.verify", "VerifyError"), ("mri_edge.bench", "BenchError"),
+                      ("mri_edge.audit", "AuditError")):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, name):
+            errs.append(getattr(m, name))
+    return tuple(errs)
+
+
+def _quiet_tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_HOME", os.environ.get("KERAS_HOME", str(Path.home() / ".keras")))
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Call fn, turning known input errors into a one-line ClickException."""
+    try:
+        return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted") from None
+    except Exception as e:
+        if isinstance(e, click.ClickException):
+            raise
+        if isinstance(e, _user_errors()):
+            raise click.ClickException(str(e)) from None
+        if isinstance(e, ValueError) and "--" in str(e):
+            raise click.ClickException(str(e)) from None
+        raise
+
+
+def echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mri-edge")
+def main():
+    """Train, export, verify and benchmark brain-MRI classifiers for edge devices.
+
+    \b
+    Typical flow:
+      mri-edge train --task tumor --data-dir ../shared/data/brain-tumor-mri
+      mri-edge export RUN_DIR --format all
+      mri-edge verify RUN_DIR
+      mri-edge bench RUN_DIR
+      mri-edge predict RUN_DIR/exports/model_int8.tflite scan.jpg
+    """
+
+
+TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
+
+
+def train_options(fn):
+    opts = [
+        click.option("--weights", default="imagenet", show_default=True,
+                     help="imagenet, none, or a path (DenseNet121 no-top weights file, or an mri-edge model.keras)."),
+        click.option("--image-size", default=224, show_default=True, type=click.IntRange(32, 1024)),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096)),
+        click.option("--epochs-head", default=5, show_default=True, type=click.IntRange(0),
+                     help="Phase 1: base frozen, head trained."),
+        click.option("--epochs-finetune", default=10, show_default=True, type=click.IntRange(0),
+                     help="Phase 2: top of the base unfrozen."),
+        click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+                     help="Phase 1 learning rate (and the from-scratch rate with --weights none)."),
+        click.option("--lr-finetune", default=None, type=click.FloatRange(0, min_open=True),
+                     help="Phase 2 learning rate [default: --lr / 10; --lr with --weights none]."),
+        click.option("--unfreeze", default="conv5", show_default=True,
+                     help="Phase 2: 'all', a number N of top base layers, or a block prefix (conv5, conv4_block16)."),
+        click.option("--patience", default=5, show_default=True, type=click.IntRange(1),
+                     help="Early stopping patience (epochs without val_loss improvement)."),
+        click.option("--warmup-epochs", default=1, show_default=True, type=click.IntRange(0)),
+        click.option("--val-fraction", default=0.1, show_default=True, type=float,
+                     help="Share of training carved out (stratified) when there is no validation folder."),
+        click.option("--seed", default=42, show_default=True, type=int),
+        click.option("--dense-units", default=256, show_default=True, type=click.IntRange(1)),
+        click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
+        click.option("--no-augment", is_flag=True, help="Disable training augmentation."),
+        click.option("--strict", is_flag=True, help="Fail on unreadable images instead of skipping them."),
+        click.option("--limit-per-class", type=click.IntRange(1), default=None,
+                     help="Use at most N images per class in each split (quick runs)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where decoded image arrays are cached [default: ~/.cache/mri-edge]."),
+        click.option("--eager", is_flag=True,
+                     help="Run Keras eagerly: faster for tiny smoke runs (tracing DenseNet121 takes ~1 min).") ,
+        click.option("--dedup", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="An audit.json from `mri-edge data audit`: also report the leakage-free test subset."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _train_config(task, data_dir, out, **kw):
+    from .train import TrainConfig  # noqa: PLC0415
+
+    return TrainConfig(
+        task=task, data_dir=str(data_dir), out=str(out) if out else None, weights=kw["weights"],
+        image_size=kw["image_size"], batch_size=kw["batch_size"], epochs_head=kw["epochs_head"],
+        epochs_finetune=kw["epochs_finetune"], lr=kw["lr"], lr_finetune=kw["lr_finetune"],
+        unfreeze=kw["unfreeze"], patience=kw["patience"], warmup_epochs=kw["warmup_epochs"],
+        val_fraction=kw["val_fraction"], seed=kw["seed"], dense_units=kw["dense_units"], dropout=kw["dropout"],
+        augment=not kw["no_augment"], strict=kw["strict"], limit_per_class=kw["limit_per_class"],
+        cache_dir=kw["cache_dir"], dedup=kw["dedup"], eager=kw["eager"],
+    )
+
+
+@main.command()
+@click.option("--task", type=TASK_CHOICE, required=True, help="Built-in task, or custom (classes from folders).")
+@click.option("--data-dir", type=click.Path(), required=False,
+              help="Folder with Training/[Validation/]Testing class folders (any common spelling).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder [default: artifacts/runs/<task>-<timestamp>].")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue an interrupted run from its last checkpoint.")
+@train_options
+def train(task, data_dir, out, resume, **kw):
+    """Train a DenseNet121 classifier in two phases and write its test report.
+
+    \b
+    Example:
+      mri-edge train --task tumor --data-dir ../shared/data/brain-tumor-mri \\
+          --weights none --image-size 64 --epochs-finetune 4
+    """
+    _quiet_tf()
+    if not resume and not data_dir:
+        raise click.UsageError("--data-dir is required (unless --resume)")
+    from . import train as train_lib  # noqa: PLC0415
+
+    cfg = _train_config(task, data_dir or "", out, **kw)
+    try:
+        run_dir = run_guarded(train_lib.train, cfg, resume=resume, log=echo)
+    except click.ClickException as e:
+        if e.message == "interrupted":
+            raise click.ClickException("interrupted; the last finished epoch is saved, continue with "
+                                       "`mri-edge train --task ... --resume RUN_DIR`") from None
+        raise
+    click.echo(f"run folder: {run_dir}")
+    click.echo(f"next: mri-edge export {run_dir} --format all")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--format", "formats", multiple=True, type=click.Choice(["tflite", "onnx", "all"]),
+              default=("all",), show_default=True, help="Repeatable.")
+@click.option("--quantize", multiple=True, type=click.Choice(["none", "fp16", "dynamic", "int8"]),
+              help="Repeatable [default: every quantization the format supports].")
+@click.option("--io-dtype", type=click.Choice(["uint8", "int8", "float32"]), default="uint8", show_default=True,
+              help="Input/output type of int8 TFLite files (uint8 = feed decoded pixels directly).")
+@click.option("--calib-size", default=300, show_default=True, type=click.IntRange(1),
+              help="Training images (stratified) used to calibrate int8.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
+def export(run_dir, formats, quantize, io_dtype, calib_size, opset):
+    """Export a trained run to TFLite and ONNX files with embedded metadata.
+
+    \b
+    Example:
+      mri-edge export artifacts/runs/tumor-20260101-120000 --format tflite --quantize int8
+    """
+    _quiet_tf()
+    from . import export as export_lib  # noqa: PLC0415
+
+    results, failures = run_guarded(export_lib.export_run, run_dir, formats, quantize, io_dtype, calib_size,
+                                     opset, log=echo)
+    if results:
+        click.echo(export_lib.table(results))
+    out = Path(run_dir) / "exports"
+    click.echo(f"\nwrote {out / 'exports.json'}")
+    if failures:
+        for f in failures:
+            click.echo(f"FAILED {f['file']}: {f['error']}", err=True)
+        raise click.ClickException(f"{len(failures)} export(s) failed; earlier files were left untouched")
+    first = next((r["file"] for r in results if r["quantization"] == "int8"), results[0]["file"])
+    click.echo("next:")
+    click.echo(f"  mri-edge verify {run_dir}")
+    click.echo(f"  mri-edge bench {run_dir}")
+    click.echo(f"  mri-edge predict {out / first} IMAGE...")
+
+
+@main.group()
+def data():
+    """Dataset tools: synthetic data and audits."""
+
+
+@data.command("synth")
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--task", type=click.Choice(["tumor", "alzheimer"]), default="tumor", show_default=True)
+@click.option("--n-train", default=60, show_default=True, type=click.IntRange(2), help="Images per class in Training.")
+@click.option("--n-test", default=20, show_default=True, type=click.IntRange(1), help="Images per class in Testing.")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(32, 1024))
+@click.option("--seed", default=0, show_default=True, type=int)
+def data_synth(out, task, n_train, n_test, size, seed):
+    """Write a synthetic MRI-like dataset in the Kaggle folder layout.
+
+    \b
+    Example:
+      mri-edge data synth --out /tmp/phantoms --task tumor
+    """
+    from .progress import Progress  # noqa: PLC0415
+    from .synth import write_dataset  # noqa: PLC0415
+
+    with Progress((n_train + n_test) * 4, "writing phantoms") as bar:
+        root = write_dataset(out, task, n_train, n_test, size, seed, progress=bar.update)
+    click.echo(f"wrote {root}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="artifacts/runs/demo", show_default=True)
+@click.option("--task", type=click.Choice(["tumor", "alzheimer"]), default="tumor", show_default=True)
+@click.option("--image-size", default=64, show_default=True, type=click.IntRange(32, 256))
+@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1))
+@click.option("--n-train", default=80, show_default=True, type=click.IntRange(4))
+@click.option("--skip-export", is_flag=True, help="Only train and report.")
+def demo(out, task, image_size, epochs, n_train, skip_export):
+    """Run the whole pipeline on generated phantoms; no dataset needed.
+
+    Generates a small synthetic dataset, trains from scratch at a small size,
+    then exports, verifies and benchmarks. Takes a few minutes on 2 cores.
+
+    \b
+    Example:
+      mri-edge demo --out /tmp/demo
+    """
+    _quiet_tf()
+    import shutil  # noqa: PLC0415
+
+    from . import train as train_lib  # noqa: PLC0415
+    from .synth import write_dataset  # noqa: PLC0415
+
+    out = Path(out)
+    if (out / "run" / "model.keras").exists():
+        raise click.ClickException(f"{out} already holds a demo run; remove it or pass --out")
+    data_dir = out / "data"
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    echo(f"generating synthetic {task} dataset in {data_dir}")
+    write_dataset(data_dir, task, n_train=n_train, n_test=max(10, n_train // 4), size=128, seed=0)
+    cfg = train_lib.TrainConfig(task=task, data_dir=str(data_dir), out=str(out / "run"), weights="none",
+                                image_size=image_size, batch_size=16, epochs_head=0, epochs_finetune=epochs,
+                                lr=1e-3, patience=epochs, cache_dir=str(out / "cache"))
+    run_dir = run_guarded(train_lib.train, cfg, log=echo)
+    if not skip_export:
+        _demo_downstream(run_dir)
+    click.echo(f"demo finished: {run_dir} (open {run_dir / 'report.md'})")
+
+
+def _demo_downstream(run_dir: Path) -> None:
+    """Export, verify and bench, when those stages are installed."""
+    ctx = click.get_current_context()
+    for name, kwargs in (("export", {"run_dir": str(run_dir), "formats": ("all",)}),
+                         ("verify", {"run_dir": str(run_dir)}),
+                         ("bench", {"targets": (str(run_dir),), "quick": True})):
+        cmd = main.commands.get(name)
+        if cmd is None:
+            continue
+        params = {p.name: p.default for p in cmd.params}
+        params.update(kwargs)
+        try:
+            ctx.invoke(cmd, **params)
+        except SystemExit as e:
+            if e.code:
+                raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Dataset discovery, stratified splits, decoded-image cache and training batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import preprocess
+from .progress import Progress
+from .tasks import resolve_classes
+
+SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+
+
+class DataError(ValueError):
+    """The dataset folder is missing, empty or inconsistent."""
+
+
+@dataclass
+class Split:
+    name: str
+    paths: list[str]
+    labels: list[int]
+
+
+@dataclass
+class Dataset:
+    root: str
+    task: str
+    class_keys: list[str]
+    class_names: list[str]
+    splits: dict[str, Split]
+    val_carved: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def manifest(self) -> dict:
+        """Which file went to which split, relative to the data root."""
+        root = Path(self.root)
+        return {
+            "root": str(root.resolve()),
+            "task": self.task,
+            "class_names": self.class_names,
+            "val_carved_from_train": self.val_carved,
+            "splits": {
+                name: [[_rel(p, root), int(y)] for p, y in zip(s.paths, s.labels)]
+                for name, s in self.splits.items()
+            },
+        }
+
+
+def _rel(p: str, root: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(Path(p).resolve())
+
+
+def find_splits(data_dir: str | Path) -> dict[str, Path]:
+    """Locate train/val/test folders under data_dir, whatever their spelling and case."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    found: dict[str, Path] = {}
+    for child in sorted(root.iterdir()):
+        if not child.is_dir():
+            continue
+        n = child.name.lower().replace("-", "").replace("_", "").replace(" ", "")
+        for split, names in SPLIT_NAMES.items():
+            if n in names:
+                if split in found:
+                    raise DataError(f"two folders for the {split} split: {found[split].name!r} and {child.name!r}")
+                found[split] = child
+    if "train" not in found:
+        raise DataError(f"no training split in {root} (expected a folder named Training or train)")
+    return found
+
+
+def list_images(class_dir: Path) -> list[Path]:
+    return sorted(
+        p for p in class_dir.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    )
+
+
+def scan_split(split_dir: Path, task: str) -> tuple[list[str], list[str], list[str], list[int]]:
+    """(class keys, class names, paths, labels) for one split folder."""
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{split_dir} has no class folders")
+    keys, names, mapping = resolve_classes(task, [f.name for f in folders])
+    paths, labels = [], []
+    for f in folders:
+        files = list_images(f)
+        if not files:
+            raise DataError(f"class folder {f} is empty")
+        paths += [str(p) for p in files]
+        labels += [mapping[f.name]] * len(files)
+    return keys, names, paths, labels
+
+
+def stratified_carve(paths: list[str], labels: list[int], fraction: float, seed: int):
+    """Split off `fraction` of each class (at least one image per class), reproducibly."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    keep, carve = [], []
+    for c in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == c)
+        idx = idx[rng.permutation(len(idx))]
+        if len(idx) < 2:
+            raise DataError(f"class {c} has {len(idx)} training image(s); cannot carve a validation split")
+        k = max(1, int(round(fraction * len(idx))))
+        carve += idx[:k].tolist()
+        keep += idx[k:].tolist()
+    keep.sort()
+    carve.sort()
+    return (
+        Split("train", [paths[i] for i in keep], [labels[i] for i in keep]),
+        Split("val", [paths[i] for i in carve], [labels[i] for i in carve]),
+    )
+
+
+def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: int = 42) -> Dataset:
+    found = find_splits(data_dir)
+    per_split = {}
+    reference = None
+    for name, folder in found.items():
+        keys, names, paths, labels = scan_split(folder, task)
+        if reference is None:
+            reference = (keys, names)
+        elif keys != reference[0]:
+            raise DataError(
+                f"class folders differ between splits: {found['train'].name} has {reference[1]}, "
+                f"{folder.name} has {names}"
+            )
+        per_split[name] = Split(name, paths, labels)
+    # Check train first so its classes are the reference everywhere.
+    keys, names = reference
+    splits = {"train": per_split["train"]}
+    carved = False
+    if "val" in per_split:
+        splits["val"] = per_split["val"]
+    else:
+        splits["train"], splits["val"] = stratified_carve(
+            per_split["train"].paths, per_split["train"].labels, val_fraction, seed
+        )
+        carved = True
+    if "test" in per_split:
+        splits["test"] = per_split["test"]
+    return Dataset(str(data_dir), task, keys, names, splits, carved)
+
+
+def dataset_from_manifest(manifest: dict) -> Dataset:
+    root = Path(manifest["root"])
+    splits = {
+        name: Split(name, [str(root / rel) for rel, _ in rows], [int(y) for _, y in rows])
+        for name, rows in manifest["splits"].items()
+    }
+    return Dataset(str(root), manifest["task"], [], manifest["class_names"], splits,
+                   manifest.get("val_carved_from_train", False))
+
+
+# ---------------------------------------------------------------- decoding + cache
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MRI_EDGE_CACHE", Path.home() / ".cache" / "mri-edge"))
+
+
+def _cache_key(paths: list[str], image_size: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{preprocess.CONTRACT_VERSION}|{image_size}|".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class Decoded:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,) int
+    paths: list[str]
+    skipped: list[dict]  # {"path", "reason"}
+
+
+def _decode_one(path: str, size: int):
+    try:
+        return preprocess.load_image(path, size), None
+    except preprocess.ImageError as e:
+        return None, str(e)
+
+
+def decode_split(split: Split, image_size: int, cache_dir: Path | None = None,
+                 strict: bool = False, label: str | None = None, workers: int | None = None) -> Decoded:
+    """Decode and resize every image of a split once; later runs reuse the cached arrays.
+
+    Unreadable files are skipped and listed (or raise DataError with strict=True).
+    """
+    if not split.paths:
+        raise DataError(f"the {split.name} split has no images")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = _cache_key(split.paths, image_size)
+    npz = cache_dir / f"{split.name}-{image_size}px-{key}.npz"
+    if npz.exists():
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                out = Decoded(z["images"], z["labels"], meta["paths"], meta["skipped"])
+            if strict and out.skipped:
+                raise DataError(f"{len(out.skipped)} unreadable file(s), e.g. {out.skipped[0]['reason']}")
+            return out
+        except (OSError, KeyError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            # A damaged cache file is rebuilt, never trusted.
+    n = len(split.paths)
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    skipped = []
+    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    with Progress(n, label or f"decoding {split.name}") as bar, ThreadPoolExecutor(workers) as pool:
+        for i, (img, err) in enumerate(pool.map(lambda p: _decode_one(p, image_size), split.paths, chunksize=16)):
+            if img is None:
+                skipped.append({"path": split.paths[i], "reason": err})
+                if strict:
+                    raise DataError(f"unreadable image (--strict): {err}")
+            else:
+                images[i] = img
+                ok[i] = True
+            bar.update()
+    if not ok.any():
+        raise DataError(f"no readable image in the {split.name} split")
+    out = Decoded(images[ok], np.asarray(split.labels)[ok], [p for p, k in zip(split.paths, ok) if k], skipped)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=out.images, labels=out.labels,
+                     meta=np.array(json.dumps({"paths": out.paths, "skipped": out.skipped})))
+        os.replace(tmp, npz)
+    except OSError:
+        pass  # caching is an optimisation; a read-only home must not stop training
+    return out
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced class weights from scikit-learn (classes absent from labels get 1.0)."""
+    from sklearn.utils.class_weight import compute_class_weight  # noqa: PLC0415
+
+    present = np.unique(labels)
+    w = compute_class_weight("balanced", classes=present, y=labels)
+    out = {i: 1.0 for i in range(num_classes)}
+    out.update({int(c): float(x) for c, x in zip(present, w)})
+    return out
+
+
+def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
+                 shuffle: bool, seed: int = 0, sample_weights: dict[int, float] | None = None):
+    """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels."""
+    import keras  # noqa: PLC0415
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.rng = np.random.default_rng(seed)
+            self.order = np.arange(len(images))
+            if shuffle:
+                self.rng.shuffle(self.order)
+            self.eye = np.eye(num_classes, dtype=np.float32)
+
+        def __len__(self):
+            return int(np.ceil(len(images) / batch_size))
+
+        def __getitem__(self, i):
+            idx = self.order[i * batch_size : (i + 1) * batch_size]
+            x = images[idx].astype(np.float32)
+            y = self.eye[labels[idx]]
+            if sample_weights is not None:
+                w = np.asarray([sample_weights[int(c)] for c in labels[idx]], np.float32)
+                return x, y, w
+            return x, y
+
+        def on_epoch_end(self):
+            if shuffle:
+                self.rng.shuffle(self.order)
+
+    return Batches()

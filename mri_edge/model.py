@@ -1,0 +1,138 @@
+"""DenseNet121 transfer-learning model with the normalisation inside the graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+BASE_NAME = "densenet121"
+NORM_NAME = "imagenet_normalization"
+
+
+class WeightsError(RuntimeError):
+    """Backbone weights could not be obtained or do not fit."""
+
+
+def _keras():
+    import keras  # noqa: PLC0415
+
+    return keras
+
+
+def augmentation(seed: int = 42, rotation: float = 15.0, shift: float = 0.1, zoom: float = 0.1, shear: float = 0.1):
+    """Training-only augmentation as Keras layers (identity at inference, never exported)."""
+    keras = _keras()
+    L = keras.layers
+    return keras.Sequential(
+        [
+            L.RandomRotation(rotation / 360.0, fill_mode="constant", seed=seed),
+            L.RandomTranslation(shift, shift, fill_mode="constant", seed=seed + 1),
+            L.RandomZoom((-zoom, zoom), fill_mode="constant", seed=seed + 2),
+            L.RandomFlip("horizontal", seed=seed + 3),
+            L.RandomShear(x_factor=shear, y_factor=shear, fill_mode="constant", seed=seed + 4),
+        ],
+        name="augmentation",
+    )
+
+
+def _backbone(image_size: int, weights: str):
+    keras = _keras()
+    shape = (image_size, image_size, 3)
+    if weights == "none":
+        return keras.applications.DenseNet121(include_top=False, weights=None, input_shape=shape)
+    if weights == "imagenet":
+        try:
+            return keras.applications.DenseNet121(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as e:  # urllib, socket and HTTP errors all mean "no download"
+            raise WeightsError(
+                f"could not download ImageNet weights ({type(e).__name__}); pass --weights PATH "
+                "(a DenseNet121 no-top .h5/.weights.h5 file or an mri-edge model.keras) or --weights none"
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"--weights {weights}: no such file (use imagenet, none or a weights file path)")
+    base = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=shape)
+    try:
+        if path.suffix == ".keras":
+            # An earlier mri-edge run: reuse its trained DenseNet121 backbone.
+            donor = keras.saving.load_model(path, compile=False, safe_mode=True)
+            donor_base = donor.get_layer(BASE_NAME)
+            base.set_weights(donor_base.get_weights())
+        else:
+            base.load_weights(path, skip_mismatch=False)
+    except Exception as e:
+        raise WeightsError(f"--weights {weights}: not DenseNet121 backbone weights ({type(e).__name__}: {e})") from None
+    return base
+
+
+def build_model(num_classes: int, image_size: int = 224, weights: str = "imagenet",
+                dense_units: int = 256, dropout: float = 0.5, seed: int = 42):
+    """Raw 0-255 RGB in, class probabilities out.
+
+    Normalisation (DenseNet's ImageNet mean/std) is a layer of the model, so the
+    saved model and every export share one preprocessing contract.
+    """
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    mean = [m * 255.0 for m in IMAGENET_MEAN]
+    var = [(s * 255.0) ** 2 for s in IMAGENET_STD]
+    x = L.Normalization(mean=mean, variance=var, name=NORM_NAME)(inputs)
+    base = _backbone(image_size, weights)
+    x = base(x)
+    x = L.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = L.Dense(dense_units, activation="relu", name="head_dense")(x)
+    x = L.Dropout(dropout, name="head_dropout")(x)
+    outputs = L.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="mri_edge_densenet121")
+
+
+def base_of(model):
+    return model.get_layer(BASE_NAME)
+
+
+def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True) -> int:
+    """Set trainable flags for a phase; returns the number of trainable base layers.
+
+    phase "head": the whole base is frozen.
+    phase "finetune": `unfreeze` is "all", a number N (the top N base layers) or a
+    DenseNet block prefix such as "conv5" or "conv4_block16" (that block and above).
+    With pretrained weights, batch-norm layers stay frozen (inference mode) so the
+    small fine-tuning batches do not wreck their ImageNet statistics.
+    """
+    base = base_of(model)
+    layers = base.layers
+    if phase == "head":
+        base.trainable = False
+        return 0
+    base.trainable = True
+    if unfreeze == "all":
+        cut = 0
+    elif str(unfreeze).isdigit():
+        n = int(unfreeze)
+        if n < 1:
+            raise ValueError("--unfreeze N needs N >= 1")
+        cut = max(0, len(layers) - n)
+    else:
+        idx = [i for i, layer in enumerate(layers) if layer.name.startswith(str(unfreeze))]
+        if not idx:
+            raise ValueError(
+                f"--unfreeze {unfreeze!r} matches no DenseNet121 layer (try conv5, conv4_block16, a number or all)"
+            )
+        cut = idx[0]
+    count = 0
+    for i, layer in enumerate(layers):
+        trainable = i >= cut
+        if freeze_bn and layer.__class__.__name__ == "BatchNormalization":
+            trainable = False
+        layer.trainable = trainable
+        count += int(trainable and bool(layer.weights))
+    return count
+
+
+def load_model(path):
+    """Load an mri-edge model.keras safely (no arbitrary code from lambda layers)."""
+    keras = _keras()
+    return keras.saving.load_model(path, compile=False, safe_mode=True)

@@ -1,0 +1,200 @@
+"""The one preprocessing contract shared by training, export, verify and the device.
+
+Every image, whatever its file type or pixel format, becomes an RGB uint8 array of
+shape (size, size, 3) through `load_image`. Normalisation is *not* done here: it is
+a layer inside the model graph, so every exported file takes raw 0-255 pixels.
+
+This module is imported by `mri_edge.runtime`, so it may only use the standard
+library, numpy and an optional decoder (OpenCV, else Pillow).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# ImageNet statistics used by keras.applications.densenet ("torch" mode).
+# They live here so the model layer and the metadata quote the same numbers.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# A decompression bomb (tiny file, giant canvas) is refused before decoding.
+MAX_PIXELS = int(os.environ.get("MRI_EDGE_MAX_PIXELS", 50_000_000))
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
+
+# Bump when decoding or resizing changes, so cached arrays are rebuilt.
+CONTRACT_VERSION = 1
+
+
+class ImageError(ValueError):
+    """An input could not be turned into an image (corrupt, truncated, too large, not an image)."""
+
+
+def contract(image_size: int) -> dict:
+    """The preprocessing record saved with the model and embedded in every export."""
+    return {
+        "image_size": [int(image_size), int(image_size)],
+        "channels": 3,
+        "color": "RGB; grayscale is replicated to 3 channels, alpha dropped, 16-bit scaled by 1/257",
+        "resize": "stretch to square, OpenCV INTER_AREA (downscale) / INTER_LINEAR (upscale)",
+        "input_dtype": "float32 or uint8 raw pixels",
+        "input_range": [0, 255],
+        "normalization": {
+            "where": "inside the model graph",
+            "mean": [round(m * 255, 4) for m in IMAGENET_MEAN],
+            "std": [round(s * 255, 4) for s in IMAGENET_STD],
+        },
+        "contract_version": CONTRACT_VERSION,
+    }
+
+
+def _cv2():
+    try:
+        import cv2  # noqa: PLC0415
+    except ImportError:
+        return None
+    return cv2
+
+
+def _pil():
+    try:
+        from PIL import Image  # noqa: PLC0415
+    except ImportError:
+        return None
+    return Image
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header without decoding, else None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return w, h
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        n = len(data)
+        while i + 9 < n:
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 1 if marker == 0xFF else 2
+                continue
+            seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return w, h
+            i += 2 + seg_len
+    return None
+
+
+def _check_size(w: int, h: int, where: str) -> None:
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{where}: {w}x{h} pixels exceeds the {MAX_PIXELS:,}-pixel cap (decompression bomb?)")
+    if w < 1 or h < 1:
+        raise ImageError(f"{where}: empty image")
+
+
+def to_rgb_uint8(arr: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """Any decoded array -> HxWx3 uint8 RGB."""
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageError(f"unsupported image array shape {a.shape}")
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.uint32) * 255 + 32767) // 65535
+    elif np.issubdtype(a.dtype, np.floating):
+        a = np.nan_to_num(a.astype(np.float32))
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.rint(a), 0, 255)
+    elif np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
+        a = np.clip(a.astype(np.int64) * (255 if a.dtype == np.bool_ else 1), 0, 255)
+    else:
+        raise ImageError(f"unsupported image dtype {a.dtype}")
+    a = a.astype(np.uint8, copy=False)
+    if a.ndim == 2:
+        return np.repeat(a[:, :, None], 3, axis=2)
+    a = a[:, :, :3]
+    if bgr:
+        a = a[:, :, ::-1]
+    return np.ascontiguousarray(a)
+
+
+def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
+    """Encoded image bytes -> HxWx3 uint8 RGB, or ImageError."""
+    if not data:
+        raise ImageError(f"{where}: empty file")
+    size = header_size(data)
+    if size:
+        _check_size(*size, where)
+    cv2 = _cv2()
+    if cv2 is not None:
+        buf = np.frombuffer(data, np.uint8)
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if img is not None and img.ndim == 3 and img.shape[2] == 4 and data[:2] == b"\xff\xd8":
+            # A 4-channel JPEG is CMYK; IMREAD_COLOR lets libjpeg convert it properly.
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if img is None:
+            raise ImageError(f"{where}: not a readable image (corrupt, truncated or unsupported format)")
+        _check_size(img.shape[1], img.shape[0], where)
+        return to_rgb_uint8(img, bgr=img.ndim == 3)
+    Image = _pil()
+    if Image is None:
+        raise ImageError("no image decoder installed: pip install opencv-python-headless (or Pillow)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            _check_size(im.width, im.height, where)
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return to_rgb_uint8(np.asarray(im).astype(np.uint16))
+            return to_rgb_uint8(np.asarray(im.convert("RGB")))
+    except ImageError:
+        raise
+    except Exception as e:  # Pillow raises many types for bad files
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__})") from None
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Stretch to size x size with the contract's interpolation."""
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    cv2 = _cv2()
+    if cv2 is not None:
+        interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
+        return cv2.resize(img, (size, size), interpolation=interp)
+    Image = _pil()
+    if Image is not None:
+        method = Image.BOX if size < min(h, w) else Image.BILINEAR
+        return np.asarray(Image.fromarray(img).resize((size, size), method))
+    ys = np.clip(((np.arange(size) + 0.5) * h / size).astype(int), 0, h - 1)
+    xs = np.clip(((np.arange(size) + 0.5) * w / size).astype(int), 0, w - 1)
+    return img[ys][:, xs]
+
+
+def load_image(source, size: int | None = None) -> np.ndarray:
+    """Path, bytes or array -> RGB uint8 (resized to size x size when size is given)."""
+    if isinstance(source, np.ndarray):
+        img = to_rgb_uint8(source)
+        _check_size(img.shape[1], img.shape[0], "<array>")
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        img = decode_bytes(bytes(source))
+    elif isinstance(source, (str, Path)):
+        p = Path(source)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ImageError(f"{p}: cannot read ({e.strerror or e})") from None
+        img = decode_bytes(data, str(p))
+    else:
+        raise ImageError(f"cannot read an image from {type(source).__name__}")
+    return resize(img, size) if size else img

@@ -1,0 +1,223 @@
+"""Metrics, plots and Markdown reports shared by train, verify and bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temp file + rename) so a crash never leaves half a report."""
+    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def classification_metrics(y_true, y_pred, class_names: list[str]) -> dict:
+    """Accuracy, per-class/macro/weighted precision-recall-F1-support, sensitivity/specificity, confusion."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: PLC0415
+
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    labels = list(range(len(class_names)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    per_class = {}
+    total = cm.sum()
+    for i, name in enumerate(class_names):
+        tp = cm[i, i]
+        fn = cm[i].sum() - tp
+        fp = cm[:, i].sum() - tp
+        tn = total - tp - fn - fp
+        per_class[name] = {
+            "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i]),
+            "sensitivity": float(r[i]),
+            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+        }
+    out = {"accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0, "n": int(len(y_true))}
+    for avg in ("macro", "weighted"):
+        pa, ra, fa, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        out[avg] = {"precision": float(pa), "recall": float(ra), "f1": float(fa), "support": int(len(y_true))}
+    out["per_class"] = per_class
+    out["confusion_matrix"] = cm.tolist()
+    return out
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> list[float]:
+    """Percentile bootstrap CI of the mean of per-sample values (e.g. correctness or paired deltas)."""
+    values = np.asarray(values, float)
+    if len(values) == 0:
+        return [0.0, 0.0]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    return [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))]
+
+
+# ---------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def plot_confusion(cm, class_names, path: Path, title: str = "Confusion matrix") -> None:
+    plt = _plt()
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2.5, 1.1 * len(class_names) + 2))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.0%}", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_history(rows: list[dict], path: Path) -> None:
+    """Accuracy and loss curves of both phases, with the phase boundary marked."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(1, len(rows) + 1)
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        ax.plot(x, [r.get(metric, np.nan) for r in rows], "o-", label=f"train {metric}")
+        ax.plot(x, [r.get(f"val_{metric}", np.nan) for r in rows], "s-", label=f"val {metric}")
+        phases = [r["phase"] for r in rows]
+        for i in range(1, len(phases)):
+            if phases[i] != phases[i - 1]:
+                ax.axvline(i + 0.5, color="gray", ls="--")
+                ax.text(i + 0.6, ax.get_ylim()[1], "fine-tune", va="top", fontsize=8, color="gray")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_examples(images, y_true, y_pred, probs, class_names, path: Path, n: int = 16, seed: int = 0) -> None:
+    """A grid of test images with true and predicted labels (misclassified ones first, in red)."""
+    plt = _plt()
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    rng = np.random.default_rng(seed)
+    wrong = np.flatnonzero(y_true != y_pred)
+    right = np.flatnonzero(y_true == y_pred)
+    pick = np.concatenate([rng.permutation(wrong)[: n // 4], rng.permutation(right)])[:n]
+    if len(pick) < n:
+        pick = np.concatenate([pick, rng.permutation(wrong)[n // 4:]])[:n]
+    cols = 4
+    rows = int(np.ceil(len(pick) / cols)) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.9))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, i in zip(np.atleast_1d(axes).ravel(), pick):
+        ax.imshow(images[i])
+        ok = y_true[i] == y_pred[i]
+        ax.set_title(f"true: {class_names[y_true[i]]}\npred: {class_names[y_pred[i]]} ({probs[i, y_pred[i]]:.0%})",
+                     fontsize=8, color="green" if ok else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- markdown
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def metrics_markdown(m: dict, class_names: list[str]) -> str:
+    rows = [[name, m["per_class"][name]["precision"], m["per_class"][name]["recall"],
+             m["per_class"][name]["f1"], m["per_class"][name]["specificity"], m["per_class"][name]["support"]]
+            for name in class_names]
+    for avg in ("macro", "weighted"):
+        rows.append([f"**{avg} avg**", m[avg]["precision"], m[avg]["recall"], m[avg]["f1"], "", m[avg]["support"]])
+    return md_table(["class", "precision", "recall (sensitivity)", "F1", "specificity", "support"], rows)
+
+
+def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> str:
+    names = cfg["class_names"]
+    parts = [
+        f"# mri-edge training report: {cfg['task']}",
+        "",
+        f"Run folder `{run_dir}`; DenseNet121, {cfg['image_size']} px, weights `{cfg['weights']}`, "
+        f"seed {cfg['seed']}; wall time {extra.get('wall_time_s', 0):.0f} s.",
+        "",
+        "## Data",
+        "",
+        md_table(["split", "images", "skipped (unreadable)"],
+                 [[s, v["n"], v["skipped"]] for s, v in extra["splits"].items()]),
+        "",
+    ]
+    if extra.get("phase_notes"):
+        parts += ["## Training", ""] + [f"- {n}" for n in extra["phase_notes"]] + [""]
+    parts += [
+        "![training curves](training_curves.png)",
+        "",
+        f"## Test set ({test['n']} images)",
+        "",
+        f"**Accuracy {test['accuracy']:.4f}** (bootstrap 95% CI {test['accuracy_ci95'][0]:.4f}-"
+        f"{test['accuracy_ci95'][1]:.4f}), macro-F1 {test['macro']['f1']:.4f}, weighted-F1 {test['weighted']['f1']:.4f}.",
+        "",
+        metrics_markdown(test, names),
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+    ]
+    if test.get("dedup"):
+        d = test["dedup"]
+        parts += [
+            f"### Leakage-free test subset ({d['n']} of {test['n']} images have no exact or near copy in train/val)",
+            "",
+            f"Accuracy {d['accuracy']:.4f} (95% CI {d['accuracy_ci95'][0]:.4f}-{d['accuracy_ci95'][1]:.4f}), "
+            f"macro-F1 {d['macro']['f1']:.4f}.",
+            "",
+            metrics_markdown(d, names),
+            "",
+        ]
+    if test.get("skipped"):
+        parts += ["### Skipped test files", ""] + [f"- `{s['path']}`: {s['reason']}" for s in test["skipped"][:50]] + [""]
+    parts += ["## Example predictions", "", "![examples](examples.png)", ""]
+    return "\n".join(parts)

@@ -1,0 +1,297 @@
+"""Two-phase DenseNet121 training: frozen base + head, then fine-tuning the top of the base."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, data, preprocess, report
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    data_dir: str
+    out: str | None = None
+    weights: str = "imagenet"
+    image_size: int = 224
+    batch_size: int = 32
+    epochs_head: int = 5
+    epochs_finetune: int = 10
+    lr: float = 1e-3
+    lr_finetune: float | None = None
+    unfreeze: str = "conv5"
+    warmup_epochs: int = 1
+    patience: int = 5
+    val_fraction: float = 0.1
+    seed: int = 42
+    dense_units: int = 256
+    dropout: float = 0.5
+    augment: bool = True
+    strict: bool = False
+    limit_per_class: int | None = None
+    cache_dir: str | None = None
+    dedup: str | None = None
+    # XLA compilation of DenseNet121 costs over a minute on 2 cores and barely
+    # speeds up a CPU step, so it is off unless asked for.
+    jit_compile: bool = False
+    eager: bool = False
+    # Filled in when resolved.
+    class_names: list[str] = field(default_factory=list)
+    phases: list[dict] = field(default_factory=list)
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def default_run_dir(task: str) -> Path:
+    return Path("artifacts") / "runs" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
+    """The phase plan (name, epochs, lr, unfreeze, freeze_bn) and human notes about it."""
+    notes = []
+    phases = []
+    pretrained = cfg.weights != "none"
+    if pretrained:
+        if cfg.epochs_head > 0:
+            phases.append({"name": "head", "epochs": cfg.epochs_head, "lr": cfg.lr, "unfreeze": "none", "freeze_bn": True})
+        lr_ft = cfg.lr_finetune if cfg.lr_finetune is not None else cfg.lr / 10
+        if cfg.epochs_finetune > 0:
+            phases.append({"name": "finetune", "epochs": cfg.epochs_finetune, "lr": lr_ft,
+                           "unfreeze": cfg.unfreeze, "freeze_bn": True})
+    else:
+        notes.append("--weights none: phase 1 (frozen base) skipped, a frozen random base learns nothing; "
+                     "the whole network trains from scratch with batch-norm layers training.")
+        epochs = cfg.epochs_head + cfg.epochs_finetune
+        lr = cfg.lr_finetune if cfg.lr_finetune is not None else cfg.lr
+        phases.append({"name": "scratch", "epochs": epochs, "lr": lr, "unfreeze": "all", "freeze_bn": False})
+    if not phases:
+        raise TrainError("nothing to train: --epochs-head and --epochs-finetune are both 0")
+    return phases, notes
+
+
+def lr_at(epoch: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 1% of the base rate."""
+    if warmup and epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    span = max(1, total - warmup)
+    t = min(1.0, (epoch - warmup) / span)
+    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _save_model_atomic(model, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import keras  # noqa: PLC0415
+
+    return {"mri_edge": __version__, "keras": keras.__version__, "backend": keras.backend.backend(),
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _limit(split: data.Split, n: int | None, seed: int) -> data.Split:
+    if not n:
+        return split
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(split.labels)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep += sorted(rng.permutation(idx)[:n].tolist())
+    keep.sort()
+    return data.Split(split.name, [split.paths[i] for i in keep], [split.labels[i] for i in keep])
+
+
+def train(cfg: TrainConfig, resume: str | None = None, log=print) -> Path:
+    """Run both phases, evaluate on the test split and write the run folder. Returns it."""
+    import keras  # noqa: PLC0415
+
+    from . import model as model_lib  # noqa: PLC0415
+
+    t_start = time.time()
+    state = None
+    if resume:
+        run_dir = Path(resume)
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+            state = json.loads((run_dir / "state.json").read_text())
+        except (OSError, ValueError) as e:
+            raise TrainError(f"--resume {resume}: not a resumable run folder ({e})") from None
+        if state.get("finished"):
+            raise TrainError(f"--resume {resume}: that run already finished")
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+        dataset = data.dataset_from_manifest(json.loads((run_dir / "split_manifest.json").read_text()))
+        t_start -= state.get("elapsed_s", 0.0)
+        log(f"resuming {run_dir} at phase {state['phase']} epoch {state['epoch']}")
+    else:
+        dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed)
+        if "test" not in dataset.splits:
+            raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
+        dataset.splits = {k: _limit(s, cfg.limit_per_class, cfg.seed) for k, s in dataset.splits.items()}
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.task)
+        if (run_dir / "model.keras").exists():
+            raise TrainError(f"{run_dir} already holds a trained model; choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.class_names = dataset.class_names
+        cfg.phases, _ = resolve_phases(cfg)
+        report.write_json(run_dir / "split_manifest.json", dataset.manifest())
+        report.write_json(run_dir / "config.json", {**asdict(cfg), "versions": _versions(),
+                                                    "preprocessing": preprocess.contract(cfg.image_size)})
+        report.write_json(run_dir / "labels.json", {"task": cfg.task, "class_names": cfg.class_names,
+                                                    "class_keys": dataset.class_keys})
+    _, notes = resolve_phases(cfg)
+    for n in notes:
+        log(n)
+    names = cfg.class_names
+    k = len(names)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache, cfg.strict) for s in ("train", "val", "test")}
+    for s, d in dec.items():
+        if d.skipped:
+            log(f"{s}: skipped {len(d.skipped)} unreadable file(s), e.g. {d.skipped[0]['reason']}")
+    weights = data.class_weights(dec["train"].labels, k)
+    log("class weights: " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
+
+    keras.utils.set_random_seed(cfg.seed)
+    if state:
+        net = model_lib.load_model(run_dir / "checkpoint.keras")
+    else:
+        net = model_lib.build_model(k, cfg.image_size, cfg.weights, cfg.dense_units, cfg.dropout, cfg.seed)
+    aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
+
+    history: list[dict] = state["history"] if state else []
+    train_batches = data.make_batches(dec["train"].images, dec["train"].labels, k, cfg.batch_size,
+                                      shuffle=True, seed=cfg.seed, sample_weights=weights)
+    val_batches = data.make_batches(dec["val"].images, dec["val"].labels, k, cfg.batch_size, shuffle=False)
+    first_phase = state["phase"] if state else 0
+
+    for pi, phase in enumerate(cfg.phases):
+        if pi < first_phase:
+            continue
+        start_epoch = state["epoch"] if state and pi == first_phase else 0
+        best = {"val_loss": state.get("best_val_loss", float("inf")) if state and pi == first_phase else float("inf")}
+        n_trainable = model_lib.set_phase(net, "head" if phase["name"] == "head" else "finetune",
+                                          phase["unfreeze"], phase["freeze_bn"])
+        log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
+            f"{n_trainable} trainable DenseNet121 layers with weights")
+        if start_epoch >= phase["epochs"]:
+            continue
+        inp = keras.Input((cfg.image_size, cfg.image_size, 3))
+        trainer = keras.Model(inp, net(aug(inp) if aug is not None else inp))
+        trainer.compile(optimizer=keras.optimizers.Adam(phase["lr"]), loss="categorical_crossentropy",
+                        metrics=["accuracy"], jit_compile=cfg.jit_compile,
+                        run_eagerly=cfg.eager)
+
+        class Keeper(keras.callbacks.Callback):
+            """Per-epoch checkpoint, best-weights file, history and resumable state."""
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = dict(logs or {})
+                row = {"phase": phase["name"], "epoch": epoch + 1,
+                       "lr": float(keras.ops.convert_to_numpy(trainer.optimizer.learning_rate)),
+                       **{k2: float(v) for k2, v in logs.items() if k2 != "learning_rate"}}
+                history.append(row)
+                if logs.get("val_loss", float("inf")) < best["val_loss"]:
+                    best["val_loss"] = logs["val_loss"]
+                    _save_model_atomic(net, run_dir / "best.keras")
+                _save_model_atomic(net, run_dir / "checkpoint.keras")
+                report.write_json(run_dir / "state.json", {
+                    "phase": pi, "epoch": epoch + 1, "best_val_loss": best["val_loss"], "history": history,
+                    "elapsed_s": time.time() - t_start, "finished": False})
+
+        cbs = [
+            keras.callbacks.LearningRateScheduler(
+                lambda e, _lr, p=phase: lr_at(e, p["epochs"], p["lr"], cfg.warmup_epochs)),
+            Keeper(),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
+        ]
+        trainer.fit(train_batches, validation_data=val_batches, epochs=phase["epochs"],
+                    initial_epoch=start_epoch, callbacks=cbs, verbose=1 if os.isatty(2) else 2)
+        if (run_dir / "best.keras").exists():
+            # Keep the best epoch of this phase (restore_best_weights does not survive a resume).
+            net.set_weights(model_lib.load_model(run_dir / "best.keras").get_weights())
+            log(f"phase '{phase['name']}': restored best epoch (val_loss {best['val_loss']:.4f})")
+        state = None
+        report.write_json(run_dir / "state.json", {"phase": pi + 1, "epoch": 0, "best_val_loss": float("inf"),
+                                                   "history": history, "elapsed_s": time.time() - t_start,
+                                                   "finished": False})
+        (run_dir / "best.keras").unlink(missing_ok=True)
+
+    _save_model_atomic(net, run_dir / "model.keras")
+    wall = time.time() - t_start
+    _write_history(run_dir, history)
+    result = evaluate_run(run_dir, net, dec, cfg, wall, notes)
+    report.write_json(run_dir / "state.json", {"phase": len(cfg.phases), "epoch": 0, "history": history,
+                                               "elapsed_s": wall, "finished": True})
+    (run_dir / "checkpoint.keras").unlink(missing_ok=True)
+    log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f}; "
+        f"wall time {wall:.0f} s; run folder {run_dir}")
+    return run_dir
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    cols = ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy"]
+    tmp = run_dir / ".history.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, run_dir / "history.csv")
+    report.plot_history(history, run_dir / "training_curves.png")
+
+
+def predict_arrays(net, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    return np.asarray(net.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
+
+
+def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, notes: list[str]) -> dict:
+    """Test-set report: metrics, bootstrap CI, per-image predictions, plots and report.md."""
+    names = cfg.class_names
+    test = dec["test"]
+    probs = predict_arrays(net, test.images)
+    pred = probs.argmax(1)
+    m = report.classification_metrics(test.labels, pred, names)
+    m["accuracy_ci95"] = report.bootstrap_ci(pred == test.labels, seed=cfg.seed)
+    m["skipped"] = test.skipped
+    root = Path(cfg.data_dir)
+    rel = [data._rel(p, root) for p in test.paths]
+    if cfg.dedup:
+        from . import audit  # noqa: PLC0415
+
+        clean = audit.leakage_free_mask(cfg.dedup, test.paths)
+        dm = report.classification_metrics(test.labels[clean], pred[clean], names)
+        dm["accuracy_ci95"] = report.bootstrap_ci(pred[clean] == test.labels[clean], seed=cfg.seed)
+        m["dedup"] = dm
+    report.write_json(run_dir / "test_report.json", m)
+    report.write_json(run_dir / "test_predictions.json", {
+        "class_names": names, "paths": rel, "labels": test.labels.tolist(), "pred": pred.tolist(),
+        "probs": np.round(probs, 6).tolist()})
+    report.plot_confusion(m["confusion_matrix"], names, run_dir / "confusion_matrix.png",
+                          f"{cfg.task} test, accuracy {m['accuracy']:.3f}")
+    report.plot_examples(test.images, test.labels, pred, probs, names, run_dir / "examples.png", seed=cfg.seed)
+    extra = {
+        "wall_time_s": wall,
+        "phase_notes": notes + [f"phase '{p['name']}': up to {p['epochs']} epochs, lr {p['lr']:g}, "
+                                f"unfreeze {p['unfreeze']}" for p in cfg.phases],
+        "splits": {s: {"n": len(d.labels), "skipped": len(d.skipped)} for s, d in dec.items()},
+    }
+    report.write_text(run_dir / "report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
+    summary = json.loads((run_dir / "config.json").read_text())
+    summary["wall_time_s"] = wall
+    report.write_json(run_dir / "config.json", summary)
+    return m
