@@ -200,6 +200,123 @@ def export(run_dir, formats, quantize, io_dtype, calib_size, opset):
     click.echo(f"  mri-edge predict {out / first} IMAGE...")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Exported file(s) to check [default: every file in RUN_DIR/exports].")
+@click.option("--min-agreement-float", default=0.995, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--max-drop-float", default=0.2, show_default=True, type=click.FloatRange(0, 100),
+              help="Allowed accuracy drop of fp32/fp16 files, in percentage points.")
+@click.option("--min-agreement-quant", default=0.98, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--max-drop-quant", default=1.0, show_default=True, type=click.FloatRange(0, 100),
+              help="Allowed accuracy drop of dynamic/int8 files, in percentage points.")
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--dedup", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An audit.json: also report parity on the leakage-free test subset.")
+def verify(run_dir, files, min_agreement_float, max_drop_float, min_agreement_quant, max_drop_quant, threads, dedup):
+    """Check that every exported file is as accurate as the Keras model.
+
+    Runs each file on the test split through the on-device runtime and compares
+    with the Keras test predictions. Exits 1 if any file fails its gate.
+
+    \b
+    Example:
+      mri-edge verify artifacts/runs/tumor-20260101-120000
+    """
+    from . import verify as verify_lib  # noqa: PLC0415
+
+    th = verify_lib.Thresholds(min_agreement_float, max_drop_float / 100, min_agreement_quant, max_drop_quant / 100)
+    out = run_guarded(verify_lib.verify_run, run_dir, files or None, th, threads, dedup=dedup, log=echo)
+    click.echo(verify_lib.summary_table(out))
+    click.echo(f"\nwrote {Path(run_dir) / 'parity.json'} and parity.md")
+    if not out["passed"]:
+        click.echo("PARITY FAILED:\n  " + "\n  ".join(out["failures"]), err=True)
+        sys.exit(1)
+    click.echo("parity OK: every exported file is within its gate")
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+@click.option("--threads", type=click.IntRange(1), default=None)
+def predict(model_path, images, top_k, as_json, threads):
+    """Classify images with a .tflite, .onnx or .keras model (or a run folder).
+
+    IMAGES may be files, folders or glob patterns. Unreadable images are reported
+    and skipped; the exit status is 1 if any image failed.
+
+    \b
+    Example:
+      mri-edge predict artifacts/tumor/model_int8.tflite scan1.jpg scans/
+    """
+    from . import predict as predict_lib  # noqa: PLC0415
+
+    model = run_guarded(predict_lib.open_model, model_path, threads)
+    paths = predict_lib.expand_inputs(images)
+    if not paths:
+        raise click.ClickException("no image files matched")
+    failed = predict_lib.run(model, paths, top_k, as_json, click.echo)
+    if failed:
+        click.echo(f"{failed} of {len(paths)} image(s) could not be read", err=True)
+        sys.exit(1)
+
+
+def _int_list(ctx, param, value):
+    try:
+        out = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected a comma-separated list of integers, e.g. 1,2") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("values must be >= 1")
+    return out
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--threads", default="2", show_default=True, callback=_int_list, help="Comma list, e.g. 1,2.")
+@click.option("--batch", "batches", default="1,8", show_default=True, callback=_int_list, help="Comma list.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0))
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--seconds", default=None, type=click.FloatRange(0), help="Time each row at least this long.")
+@click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              show_default=True, help="onnxruntime graph optimisation level.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Report folder [default: RUN_DIR/bench, or ./bench for model files].")
+@click.option("--compare", "compare_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An older bench.json: print p50 ratios against it.")
+@click.option("--quick", is_flag=True, help="Batch 1, 2 warm-up and 10 timed runs (smoke test).")
+def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_dir, compare_path, quick):
+    """Measure latency, throughput, size and memory of every artifact on every runtime.
+
+    TARGETS are run folders (model.keras + exports/) and/or model files.
+
+    \b
+    Example:
+      mri-edge bench artifacts/tumor --threads 1,2 --batch 1,8
+    """
+    import json as _json  # noqa: PLC0415
+
+    from . import bench as bench_lib  # noqa: PLC0415
+
+    if quick:
+        batches, warmup, runs = (1,), 2, 10
+    if out_dir is None:
+        first = Path(targets[0])
+        out_dir = first / "bench" if first.is_dir() else Path("bench")
+    out = run_guarded(bench_lib.bench, targets, threads, batches, warmup, runs, seconds, out_dir, log=echo,
+                      ort_opt_level=ort_opt_level)
+    click.echo(bench_lib.table(out))
+    for s in out["skipped"]:
+        click.echo(f"skipped: {s['model']} on {s['runtime']} ({s['reason']})")
+    if compare_path:
+        click.echo("\n" + bench_lib.compare(out, _json.loads(Path(compare_path).read_text())))
+    click.echo(f"\nwrote {Path(out_dir) / 'bench.json'}, bench.md, bench.png")
+    if out["errors"]:
+        raise click.ClickException(f"{len(out['errors'])} row(s) failed: {out['errors'][0]['error']}")
+
+
 @main.group()
 def data():
     """Dataset tools: synthetic data and audits."""

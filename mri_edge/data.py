@@ -249,6 +249,7 @@ def decode_split(split: Split, image_size: int, cache_dir: Path | None = None,
         with os.fdopen(fd, "wb") as f:
             np.savez(f, images=out.images, labels=out.labels,
                      meta=np.array(json.dumps({"paths": out.paths, "skipped": out.skipped})))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, npz)
     except OSError:
         pass  # caching is an optimisation; a read-only home must not stop training

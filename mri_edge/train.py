@@ -115,7 +115,7 @@ def _limit(split: data.Split, n: int | None, seed: int) -> data.Split:
     return data.Split(split.name, [split.paths[i] for i in keep], [split.labels[i] for i in keep])
 
 
-def train(cfg: TrainConfig, resume: str | None = None, log=print) -> Path:
+def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) -> Path:
     """Run both phases, evaluate on the test split and write the run folder. Returns it."""
     import keras  # noqa: PLC0415
 
@@ -217,6 +217,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> Path:
                 lambda e, _lr, p=phase: lr_at(e, p["epochs"], p["lr"], cfg.warmup_epochs)),
             Keeper(),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
+            *callbacks,
         ]
         trainer.fit(train_batches, validation_data=val_batches, epochs=phase["epochs"],
                     initial_epoch=start_epoch, callbacks=cbs, verbose=1 if os.isatty(2) else 2)

@@ -1,0 +1,361 @@
+"""`mri-edge bench`: latency, throughput, size and memory of every artifact on every runtime.
+
+Each row (artifact x runtime x threads x batch) runs in a fresh Python process
+(`python -m mri_edge.bench`), so one runtime's memory and thread pools cannot skew
+another's. Missing runtimes and GPU back ends become "skipped" rows, never errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- worker (runs in its own process)
+
+def _rss_kb(field: str = "VmRSS") -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    import resource  # noqa: PLC0415
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _open(spec: dict):
+    """(runner(batch)->probs, image_size, runtime label) for one artifact/runtime pair."""
+    path = Path(spec["model"])
+    rt = spec["runtime"]
+    threads = spec["threads"]
+    if rt == "keras":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if spec.get("keras_backend"):
+            os.environ["KERAS_BACKEND"] = spec["keras_backend"]
+        if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+            import tensorflow as tf  # noqa: PLC0415
+
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        elif os.environ.get("KERAS_BACKEND") == "torch":
+            import torch  # noqa: PLC0415
+
+            torch.set_num_threads(threads)
+        import keras  # noqa: PLC0415
+
+        net = keras.saving.load_model(path, compile=False, safe_mode=True)
+        size = int(net.input_shape[1])
+        fn = net.__call__ if spec.get("eager") else None
+        if fn is None and keras.backend.backend() == "tensorflow":
+            import tensorflow as tf  # noqa: PLC0415
+
+            fn = tf.function(lambda x: net(x, training=False), reduce_retracing=True)
+        elif fn is None:
+            fn = lambda x: net(x, training=False)  # noqa: E731
+
+        def run(batch):
+            return keras.ops.convert_to_numpy(fn(batch.astype(np.float32)))
+
+        return run, size, f"keras[{keras.backend.backend()}]"
+    from . import runtime  # noqa: PLC0415
+
+    meta = runtime.read_metadata(path)
+    if path.suffix == ".tflite":
+        m = runtime.TFLiteModel(path, meta, threads, {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
+                                                     "tf.lite": "tensorflow"}[rt])
+    else:
+        providers = {"onnxruntime": ["CPUExecutionProvider"],
+                     "onnxruntime-cuda": ["CUDAExecutionProvider"],
+                     "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[rt]
+        m = runtime.OnnxModel(path, meta, threads, providers, spec.get("ort_opt_level", "all"))
+    return m.run, m.image_size, m.runtime_name
+
+
+def worker(spec: dict) -> dict:
+    """Measure one row. Called in a fresh process."""
+    from . import preprocess  # noqa: PLC0415
+
+    base_rss = _rss_kb()
+    t0 = time.perf_counter()
+    run, size, label = _open(spec)
+    load_s = time.perf_counter() - t0
+    batch = int(spec["batch"])
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    t0 = time.perf_counter()
+    run(x)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(int(spec["warmup"])):
+        run(x)
+    lat = []
+    deadline = time.perf_counter() + float(spec.get("seconds") or 0)
+    n_runs = int(spec["runs"])
+    while len(lat) < n_runs or (spec.get("seconds") and time.perf_counter() < deadline):
+        t = time.perf_counter()
+        run(x)
+        lat.append((time.perf_counter() - t) * 1e3)
+    e2e = []
+    image = spec.get("image")
+    if image and batch == 1:
+        for _ in range(max(5, min(30, n_runs))):
+            t = time.perf_counter()
+            run(preprocess.load_image(image, size)[None])
+            e2e.append((time.perf_counter() - t) * 1e3)
+    lat_a = np.asarray(lat)
+    return {
+        "runtime_label": label,
+        "load_s": load_s,
+        "first_inference_ms": first_ms,
+        "runs": len(lat),
+        "p50_ms": float(np.percentile(lat_a, 50)), "p90_ms": float(np.percentile(lat_a, 90)),
+        "p99_ms": float(np.percentile(lat_a, 99)), "mean_ms": float(lat_a.mean()), "std_ms": float(lat_a.std()),
+        "throughput_img_s": float(batch * 1e3 / np.median(lat_a)),
+        "e2e_p50_ms": float(np.median(e2e)) if e2e else None,
+        "peak_rss_added_mb": max(0, _rss_kb("VmHWM") - base_rss) / 1024,
+    }
+
+
+# ---------------------------------------------------------------- planning and driving
+
+def machine_info() -> dict:
+    cpu, flags = platform.processor() or "", []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and not cpu.strip(" x86_64"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                all_flags = set(line.split(":", 1)[1].split())
+                flags = sorted(f for f in all_flags if f.startswith(("avx", "amx", "fma", "sse4", "f16c", "vnni")))
+                break
+    except OSError:
+        pass
+    versions = {}
+    for mod in ("numpy", "tensorflow", "keras", "ai_edge_litert", "tflite_runtime", "onnxruntime", "torch", "cv2"):
+        if importlib.util.find_spec(mod) is None:
+            continue
+        try:
+            from importlib.metadata import version  # noqa: PLC0415
+
+            dist = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime", "cv2": "opencv-python-headless",
+                    "tensorflow": "tensorflow-cpu"}.get(mod, mod)
+            try:
+                versions[mod] = version(dist)
+            except Exception:
+                versions[mod] = version(mod)
+        except Exception:
+            versions[mod] = "?"
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "machine": platform.machine(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def _has(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _ort_providers() -> list[str]:
+    if not _has("onnxruntime"):
+        return []
+    out = subprocess.run([sys.executable, "-c", "import onnxruntime as o; print(','.join(o.get_available_providers()))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip().split(",") if out.returncode == 0 else []
+
+
+def _torch_cuda() -> bool:
+    if not _has("torch"):
+        return False
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
+def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
+    """(artifacts, skipped rows, sample image) for run folders and/or model files."""
+    artifacts = []
+    image = None
+    for t in targets:
+        p = Path(t)
+        if p.is_dir():
+            files = []
+            if (p / "model.keras").is_file():
+                files.append(p / "model.keras")
+            for sub in (p / "exports", p):
+                files += sorted([*sub.glob("*.tflite"), *sub.glob("*.onnx")])
+            if not files:
+                raise BenchError(f"{p}: no model.keras, .tflite or .onnx files")
+            manifest = p / "split_manifest.json"
+            if manifest.is_file() and image is None:
+                m = json.loads(manifest.read_text())
+                rows = m["splits"].get("test") or m["splits"]["train"]
+                cand = Path(m["root"]) / rows[0][0]
+                image = str(cand) if cand.is_file() else None
+            artifacts += files
+        elif p.is_file():
+            if p.suffix not in (".keras", ".tflite", ".onnx"):
+                raise BenchError(f"{p}: not a model file (.keras, .tflite or .onnx)")
+            artifacts.append(p)
+        else:
+            raise BenchError(f"{p}: no such file or folder")
+    seen, uniq = set(), []
+    for a in artifacts:
+        if a.resolve() not in seen:
+            seen.add(a.resolve())
+            uniq.append(a)
+    providers = _ort_providers()
+    rows, skipped = [], []
+    for a in uniq:
+        if a.suffix == ".keras":
+            if _has("keras") and (_has("tensorflow") or os.environ.get("KERAS_BACKEND")):
+                rows.append({"model": str(a), "runtime": "keras", "device": "cpu"})
+            else:
+                skipped.append({"model": a.name, "runtime": "keras", "reason": "keras/tensorflow not installed"})
+            if _torch_cuda():
+                rows.append({"model": str(a), "runtime": "keras", "device": "gpu", "keras_backend": "torch"})
+            else:
+                skipped.append({"model": a.name, "runtime": "keras[torch] GPU", "reason": "no CUDA GPU with torch"})
+        elif a.suffix == ".tflite":
+            for rt, mod in (("litert", "ai_edge_litert"), ("tflite_runtime", "tflite_runtime")):
+                if _has(mod):
+                    rows.append({"model": str(a), "runtime": rt, "device": "cpu"})
+                else:
+                    skipped.append({"model": a.name, "runtime": rt, "reason": f"{mod} not installed"})
+        else:
+            if "CPUExecutionProvider" in providers:
+                rows.append({"model": str(a), "runtime": "onnxruntime", "device": "cpu"})
+            else:
+                skipped.append({"model": a.name, "runtime": "onnxruntime", "reason": "onnxruntime not installed"})
+            for rt, prov in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
+                if prov in providers:
+                    rows.append({"model": str(a), "runtime": rt, "device": "gpu"})
+                else:
+                    skipped.append({"model": a.name, "runtime": rt, "reason": f"{prov} not available"})
+    return rows, skipped, image
+
+
+def run_row(spec: dict, timeout: float = 900) -> dict:
+    cmd = [sys.executable, "-m", "mri_edge.bench", json.dumps(spec)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), None)
+    if out.returncode != 0 or line is None:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": err[:300]}
+    return json.loads(line)
+
+
+def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None, out_dir=None,
+          log=print, ort_opt_level="all") -> dict:
+    rows, skipped, image = plan(list(targets))
+    results = []
+    from .progress import Progress  # noqa: PLC0415
+
+    specs = [{**r, "threads": t, "batch": b, "warmup": warmup, "runs": runs, "seconds": seconds, "image": image,
+              "ort_opt_level": ort_opt_level}
+             for r in rows for t in threads for b in batches]
+    with Progress(len(specs), "bench rows") as bar:
+        for s in specs:
+            res = run_row(s)
+            path = Path(s["model"])
+            row = {"model": path.name, "path": str(path), "runtime": s["runtime"], "device": s["device"],
+                   "threads": s["threads"], "batch": s["batch"], "size_mb": path.stat().st_size / 1e6, **res}
+            if "error" in res:
+                log(f"  {path.name} [{s['runtime']}] t={s['threads']} b={s['batch']}: ERROR {res['error']}")
+            results.append(row)
+            bar.update()
+    ok = sorted((r for r in results if "error" not in r), key=lambda r: (r["batch"], r["p50_ms"]))
+    out = {"schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "machine": machine_info(), "settings": {"threads": list(threads), "batches": list(batches),
+                                                    "warmup": warmup, "runs": runs, "seconds": seconds,
+                                                    "ort_opt_level": ort_opt_level},
+           "rows": ok, "errors": [r for r in results if "error" in r], "skipped": skipped}
+    if out_dir:
+        write_outputs(out, Path(out_dir))
+    return out
+
+
+def table(out: dict) -> str:
+    from .report import md_table  # noqa: PLC0415
+
+    return md_table(
+        ["model", "runtime", "thr", "batch", "size MB", "load s", "first ms", "p50 ms", "p90 ms", "p99 ms",
+         "mean±std ms", "img/s", "e2e p50 ms", "+RSS MB"],
+        [[r["model"], r["runtime_label"], r["threads"], r["batch"], f"{r['size_mb']:.1f}", f"{r['load_s']:.2f}",
+          f"{r['first_inference_ms']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+          f"{r['mean_ms']:.2f}±{r['std_ms']:.2f}", f"{r['throughput_img_s']:.1f}",
+          "" if r["e2e_p50_ms"] is None else f"{r['e2e_p50_ms']:.2f}", f"{r['peak_rss_added_mb']:.0f}"]
+         for r in out["rows"]])
+
+
+def compare(out: dict, old: dict) -> str:
+    from .report import md_table  # noqa: PLC0415
+
+    key = lambda r: (r["model"], r.get("runtime_label", r["runtime"]), r["threads"], r["batch"])  # noqa: E731
+    prev = {key(r): r for r in old.get("rows", [])}
+    rows = []
+    for r in out["rows"]:
+        o = prev.get(key(r))
+        if o:
+            rows.append([r["model"], r["runtime_label"], r["threads"], r["batch"], f"{o['p50_ms']:.2f}",
+                         f"{r['p50_ms']:.2f}", f"{o['p50_ms'] / r['p50_ms']:.2f}x"])
+    return md_table(["model", "runtime", "thr", "batch", "old p50 ms", "new p50 ms", "speed-up"], rows) if rows \
+        else "no rows in common with the compared file"
+
+
+def write_outputs(out: dict, out_dir: Path) -> None:
+    from . import report  # noqa: PLC0415
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(out_dir / "bench.json", out)
+    m = out["machine"]
+    md = [f"# mri-edge bench ({out['created']})", "",
+          f"CPU: {m['cpu']} ({m['cores']} cores; {', '.join(f for f in m['cpu_flags'] if 'avx512' in f or 'amx' in f) or 'no AVX-512'}). "
+          f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.", "",
+          f"Warm-up {out['settings']['warmup']}, {out['settings']['runs']} timed runs per row, each row in a fresh "
+          "process. Sorted by batch, then p50. `e2e` = decode JPEG + resize + invoke (batch 1).", "",
+          table(out), ""]
+    if out["skipped"]:
+        md += ["Skipped (runtime not available here):", ""]
+        md += [f"- {s['model']} on {s['runtime']}: {s['reason']}" for s in out["skipped"]] + [""]
+    if out["errors"]:
+        md += ["Errors:", ""] + [f"- {e['model']} on {e['runtime']}: {e['error']}" for e in out["errors"]] + [""]
+    md += ["![p50 latency](bench.png)", ""]
+    report.write_text(out_dir / "bench.md", "\n".join(md))
+    plt = report._plt()
+    rows = [r for r in out["rows"] if r["batch"] == min(out["settings"]["batches"])]
+    if rows:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+        labels = [f"{r['model']} [{r['runtime_label']}] t{r['threads']}" for r in rows]
+        ax.barh(range(len(rows)), [r["p50_ms"] for r in rows], xerr=[r["std_ms"] for r in rows], color="tab:blue")
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"p50 latency, ms (batch {rows[0]['batch']})")
+        fig.tight_layout()
+        fig.savefig(out_dir / "bench.png", dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))

@@ -1,0 +1,228 @@
+"""Accuracy parity of every exported file against the Keras test-set report.
+
+Each exported file runs on the whole test split through `mri_edge.runtime` (the
+code a device runs) and is compared image by image with the Keras predictions
+stored by `mri-edge train` in test_predictions.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import report, runtime
+from .progress import Progress
+
+
+class VerifyError(RuntimeError):
+    pass
+
+
+@dataclass
+class Thresholds:
+    """Gate per quantization family; accuracy drops are in fractions (0.002 = 0.2 points)."""
+
+    float_agreement: float = 0.995
+    float_max_drop: float = 0.002
+    quant_agreement: float = 0.98
+    quant_max_drop: float = 0.010
+
+    def for_quantization(self, q: str) -> tuple[float, float]:
+        if q in ("none", "fp16"):
+            return self.float_agreement, self.float_max_drop
+        return self.quant_agreement, self.quant_max_drop
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts b and c."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return float(min(1.0, 2 * tail))
+
+
+def paired_delta_ci(keras_ok: np.ndarray, file_ok: np.ndarray, seed: int = 0, n_boot: int = 2000) -> list[float]:
+    """Bootstrap 95% CI of accuracy(file) - accuracy(keras), resampling images in pairs."""
+    return report.bootstrap_ci(file_ok.astype(float) - keras_ok.astype(float), n_boot=n_boot, seed=seed)
+
+
+def find_exports(run_dir: Path) -> list[Path]:
+    ex = run_dir / "exports"
+    files = sorted([*ex.glob("*.tflite"), *ex.glob("*.onnx")]) if ex.is_dir() else []
+    return files
+
+
+def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_probs: np.ndarray,
+            paths: list[str], seed: int = 0) -> dict:
+    """Every parity number for one file against the Keras reference."""
+    kp = keras_probs.argmax(1)
+    fp = file_probs.argmax(1)
+    km = report.classification_metrics(labels, kp, names)
+    fm = report.classification_metrics(labels, fp, names)
+    k_ok = kp == labels
+    f_ok = fp == labels
+    b = int((k_ok & ~f_ok).sum())
+    c = int((~k_ok & f_ok).sum())
+    diff = np.abs(keras_probs - file_probs)
+    flips = [{"path": paths[i], "true": names[labels[i]], "keras": names[kp[i]], "export": names[fp[i]],
+              "keras_p": float(keras_probs[i, kp[i]]), "export_p": float(file_probs[i, fp[i]])}
+             for i in np.flatnonzero(kp != fp)]
+    per_class = {}
+    for n in names:
+        per_class[n] = {k: fm["per_class"][n][k] - km["per_class"][n][k]
+                        for k in ("precision", "recall", "f1", "sensitivity", "specificity")}
+    return {
+        "n": int(len(labels)),
+        "accuracy": fm["accuracy"], "keras_accuracy": km["accuracy"],
+        "accuracy_delta": fm["accuracy"] - km["accuracy"],
+        "accuracy_delta_ci95": paired_delta_ci(k_ok, f_ok, seed),
+        "macro_f1": fm["macro"]["f1"], "macro_f1_delta": fm["macro"]["f1"] - km["macro"]["f1"],
+        "agreement": float((kp == fp).mean()),
+        "mcnemar": {"keras_right_export_wrong": b, "keras_wrong_export_right": c, "p_value": mcnemar_exact(b, c)},
+        "prob_abs_diff": {"mean": float(diff.mean()), "max": float(diff.max())},
+        "per_class_delta": per_class,
+        "per_class": fm["per_class"],
+        "confusion_matrix": fm["confusion_matrix"],
+        "flips": flips,
+    }
+
+
+def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, threads: int | None = None,
+               batch_size: int = 16, dedup: str | None = None, log=print) -> dict:
+    run_dir = Path(run_dir)
+    thresholds = thresholds or Thresholds()
+    pred_path = run_dir / "test_predictions.json"
+    if not pred_path.is_file():
+        raise VerifyError(f"{run_dir} has no test_predictions.json (is it a finished `mri-edge train` run?)")
+    ref = json.loads(pred_path.read_text())
+    manifest = json.loads((run_dir / "split_manifest.json").read_text())
+    root = Path(manifest["root"])
+    names = ref["class_names"]
+    labels = np.asarray(ref["labels"])
+    keras_probs = np.asarray(ref["probs"], np.float32)
+    files = [Path(f) for f in files] if files else find_exports(run_dir)
+    if not files:
+        raise VerifyError(f"no exported files in {run_dir / 'exports'}; run `mri-edge export {run_dir}` first")
+    clean = None
+    if dedup:
+        from . import audit  # noqa: PLC0415
+
+        clean = audit.leakage_free_mask(dedup, [str(root / p) for p in ref["paths"]])
+
+    decoded: dict[int, np.ndarray] = {}
+    results = {}
+    failures = []
+    out_dir = run_dir / "verify"
+    out_dir.mkdir(exist_ok=True)
+    for f in files:
+        model = runtime.load(f, threads=threads)
+        if model.class_names != names:
+            raise VerifyError(f"{f.name}: class names {model.class_names} differ from the run's {names}")
+        size = model.image_size
+        if size not in decoded:
+            imgs = np.zeros((len(ref["paths"]), size, size, 3), np.uint8)
+            with Progress(len(imgs), f"decoding test images ({size} px)") as bar:
+                for i, rel in enumerate(ref["paths"]):
+                    try:
+                        imgs[i] = model.preprocess(root / rel)
+                    except Exception as e:
+                        raise VerifyError(f"test image {root / rel} cannot be read now ({e}); "
+                                          "was the dataset moved?") from None
+                    bar.update()
+            decoded[size] = imgs
+        imgs = decoded[size]
+        probs = []
+        with Progress(len(imgs), f"running {f.name} [{model.runtime_name}]") as bar:
+            for i in range(0, len(imgs), batch_size):
+                probs.append(model.run(imgs[i : i + batch_size]))
+                bar.update(len(probs[-1]))
+        probs = np.concatenate(probs)
+        meta = model.meta
+        r = compare(names, labels, keras_probs, probs, ref["paths"])
+        q = meta.get("quantization", "none")
+        min_agree, max_drop = thresholds.for_quantization(q)
+        r.update({"file": f.name, "quantization": q, "format": meta.get("format"), "runtime": model.runtime_name,
+                  "size_mb": f.stat().st_size / 1e6, "thresholds": {"min_agreement": min_agree, "max_accuracy_drop": max_drop}})
+        reasons = []
+        if r["agreement"] < min_agree:
+            reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
+        if -r["accuracy_delta"] > max_drop + 1e-12:
+            reasons.append(f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop * 100:.2f}")
+        r["passed"] = not reasons
+        r["fail_reasons"] = reasons
+        if clean is not None:
+            sub = compare(names, labels[clean], keras_probs[clean], probs[clean],
+                          [p for p, k in zip(ref["paths"], clean) if k])
+            r["dedup"] = {k: sub[k] for k in ("n", "accuracy", "keras_accuracy", "accuracy_delta", "agreement",
+                                              "macro_f1", "accuracy_delta_ci95")}
+        report.plot_confusion(r["confusion_matrix"], names, out_dir / f"confusion_{f.stem}.png",
+                              f"{f.name}: accuracy {r['accuracy']:.3f}")
+        results[f.name] = r
+        status = "PASS" if r["passed"] else "FAIL"
+        log(f"{status} {f.name}: accuracy {r['accuracy']:.4f} (delta {r['accuracy_delta'] * 100:+.2f} pts), "
+            f"agreement {r['agreement']:.4f}")
+        if reasons:
+            failures.append(f"{f.name}: " + "; ".join(reasons))
+    keras_m = report.classification_metrics(labels, keras_probs.argmax(1), names)
+    out = {"run_dir": str(run_dir), "n_test": int(len(labels)), "class_names": names,
+           "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},
+           "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures}
+    report.write_json(run_dir / "parity.json", out)
+    report.write_text(run_dir / "parity.md", markdown(out))
+    return out
+
+
+def summary_table(out: dict) -> str:
+    rows = []
+    for name, r in out["files"].items():
+        rows.append([name, r["runtime"], f"{r['accuracy']:.4f}", f"{r['accuracy_delta'] * 100:+.2f}",
+                     f"[{r['accuracy_delta_ci95'][0] * 100:+.2f}, {r['accuracy_delta_ci95'][1] * 100:+.2f}]",
+                     f"{r['macro_f1_delta']:+.4f}", f"{r['agreement'] * 100:.2f}%", len(r["flips"]),
+                     f"{r['mcnemar']['p_value']:.3g}", f"{r['prob_abs_diff']['mean']:.2e} / {r['prob_abs_diff']['max']:.2e}",
+                     "PASS" if r["passed"] else "FAIL: " + "; ".join(r["fail_reasons"])])
+    return report.md_table(["file", "runtime", "accuracy", "Δacc (pts)", "Δacc 95% CI", "Δmacro-F1", "agreement",
+                            "flips", "McNemar p", "|Δp| mean / max", "gate"], rows)
+
+
+def markdown(out: dict) -> str:
+    names = out["class_names"]
+    parts = [
+        "# Export parity",
+        "",
+        f"Keras reference: accuracy {out['keras']['accuracy']:.4f}, macro-F1 {out['keras']['macro_f1']:.4f} "
+        f"on {out['n_test']} test images. Every file below ran through `mri_edge.runtime`.",
+        "",
+        summary_table(out),
+        "",
+        f"Gates: fp32/fp16 agreement >= {out['thresholds']['float_agreement']:.3f} and accuracy drop <= "
+        f"{out['thresholds']['float_max_drop'] * 100:.1f} pts; dynamic/int8 agreement >= "
+        f"{out['thresholds']['quant_agreement']:.3f} and drop <= {out['thresholds']['quant_max_drop'] * 100:.1f} pts.",
+        "",
+        "## Clinical parity: per-class sensitivity / specificity deltas (points)",
+        "",
+    ]
+    rows = []
+    for name, r in out["files"].items():
+        rows.append([name] + [f"{r['per_class_delta'][c]['sensitivity'] * 100:+.2f} / "
+                              f"{r['per_class_delta'][c]['specificity'] * 100:+.2f}" for c in names])
+    parts += [report.md_table(["file", *names], rows), ""]
+    if any("dedup" in r for r in out["files"].values()):
+        rows = [[n, r["dedup"]["n"], f"{r['dedup']['keras_accuracy']:.4f}", f"{r['dedup']['accuracy']:.4f}",
+                 f"{r['dedup']['accuracy_delta'] * 100:+.2f}", f"{r['dedup']['agreement'] * 100:.2f}%"]
+                for n, r in out["files"].items() if "dedup" in r]
+        parts += ["## Leakage-free test subset", "",
+                  report.md_table(["file", "images", "Keras acc", "export acc", "Δacc (pts)", "agreement"], rows), ""]
+    for name, r in out["files"].items():
+        if r["flips"]:
+            parts += [f"### Flipped predictions: {name} ({len(r['flips'])})", ""]
+            parts += [report.md_table(["image", "true", "Keras", "export"],
+                                      [[f"`{x['path']}`", x["true"], f"{x['keras']} ({x['keras_p']:.2f})",
+                                        f"{x['export']} ({x['export_p']:.2f})"] for x in r["flips"][:20]]), ""]
+    parts += ["Confusion matrices per file: `verify/confusion_<file>.png`.", ""]
+    return "\n".join(parts)

@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from mri_edge.cli import main
+
+
+def all_commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name), cmd
+        if hasattr(cmd, "commands"):
+            yield from all_commands(cmd, (*prefix, name))
+
+
+def test_every_command_has_help_and_an_example():
+    for path, cmd in all_commands(main):
+        assert cmd.help, path
+        res = CliRunner().invoke(main, [*path, "--help"])
+        assert res.exit_code == 0, path
+        if not hasattr(cmd, "commands"):
+            assert "Example" in res.output, path
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys; from click.testing import CliRunner; from mri_edge.cli import main; "
+            "CliRunner().invoke(main, ['--help']); "
+            "print([m for m in ('tensorflow', 'keras', 'sklearn', 'onnx', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--task", "tumor", "--data-dir", "/nonexistent"], "data folder not found"),
+    (["train", "--task", "tumor"], "--data-dir is required"),
+    (["export", "/nonexistent"], "run folder not found"),
+    (["verify", "/nonexistent"], "no test_predictions.json"),
+    (["bench", "/nonexistent"], "no such file or folder"),
+    (["bench", "x", "--threads", "a"], "comma-separated"),
+])
+def test_bad_input_is_one_line_error(args, message):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_train_wrong_task_folders(tmp_path):
+    from mri_edge.synth import write_dataset
+
+    root = write_dataset(tmp_path / "d", "alzheimer", n_train=2, n_test=1, size=32)
+    res = CliRunner().invoke(main, ["train", "--task", "tumor", "--data-dir", str(root), "--weights", "none",
+                                    "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "--task custom" in res.output and "Traceback" not in res.output
+
+
+def test_data_synth_layout(tmp_path):
+    res = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "s"), "--task", "alzheimer",
+                                    "--n-train", "2", "--n-test", "1", "--size", "48"])
+    assert res.exit_code == 0, res.output
+    folders = sorted(p.name for p in (tmp_path / "s" / "Training").iterdir())
+    assert folders == ["MildDemented", "ModerateDemented", "NonDemented", "VeryMildDemented"]
+    assert len(list((tmp_path / "s" / "Testing").rglob("*.jpg"))) == 4

@@ -1,0 +1,116 @@
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from mri_edge import export as export_lib
+from mri_edge import runtime
+
+pytestmark = pytest.mark.slow
+
+SIX = ["model_fp32.tflite", "model_fp16.tflite", "model_dynamic.tflite", "model_int8.tflite",
+       "model_fp32.onnx", "model_int8.onnx"]
+
+
+def test_plan_rejects_unsupported_combinations():
+    with pytest.raises(export_lib.ExportError, match="does not support"):
+        export_lib.plan(("onnx",), ("fp16",), "uint8")
+    jobs = export_lib.plan(("all",), (), "uint8")
+    assert [j.filename for j in jobs] == SIX
+    assert [j.filename for j in export_lib.plan(("tflite",), ("int8",), "float32")] == ["model_int8_float32io.tflite"]
+
+
+def test_all_six_files_exist_load_and_run(exported_run):
+    index = json.loads((exported_run / "exports" / "exports.json").read_text())
+    assert sorted(r["file"] for r in index["exports"]) == sorted(SIX)
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    for name in SIX:
+        m = runtime.load(exported_run / "exports" / name)
+        p = m.run(x)
+        assert p.shape == (2, 4) and np.allclose(p.sum(1), 1, atol=0.05), name
+
+
+def test_fp32_files_match_keras(exported_run):
+    from mri_edge.model import load_model
+
+    net = load_model(exported_run / "model.keras")
+    x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+    ref = np.asarray(net(x.astype(np.float32), training=False))
+    for name in ("model_fp32.tflite", "model_fp32.onnx"):
+        got = runtime.load(exported_run / "exports" / name).run(x)
+        assert np.abs(got - ref).max() < 1e-4, name
+
+
+def test_int8_tflite_is_full_integer_with_uint8_io(exported_run):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(exported_run / "exports" / "model_int8.tflite"))
+    assert it.get_input_details()[0]["dtype"] == np.uint8
+    assert it.get_output_details()[0]["dtype"] == np.uint8
+    conv_weights = [t for t in it.get_tensor_details() if len(t["shape"]) == 4 and t["dtype"] == np.int8]
+    float_4d = [t for t in it.get_tensor_details() if len(t["shape"]) == 4 and t["dtype"] == np.float32]
+    assert len(conv_weights) > 100 and not float_4d
+
+
+def test_metadata_round_trips(exported_run, tiny_run):
+    sha = export_lib.sha256_file(tiny_run / "model.keras")
+    for name in SIX:
+        meta = runtime.read_metadata(exported_run / "exports" / name)
+        assert meta["class_names"] == ["Glioma", "Meningioma", "No Tumor", "Pituitary"]
+        assert meta["input_size"] == [32, 32] and meta["task"] == "tumor"
+        assert meta["source_model_sha256"] == sha
+        assert meta["preprocessing"]["input_range"] == [0, 255]
+        assert {"input", "output", "mri_edge_version", "created", "quantization"} <= set(meta)
+        if "int8" in name:
+            assert meta["calibration_images"] == 16 and len(meta["calibration_manifest_sha256"]) == 64
+    q = runtime.read_metadata(exported_run / "exports" / "model_int8.tflite")
+    assert q["input"]["dtype"] == "uint8" and q["input"]["scale"] > 0
+
+
+def test_calibration_reads_training_images_only(exported_run):
+    manifest = json.loads((exported_run / "split_manifest.json").read_text())
+    calib = json.loads((exported_run / "exports" / "calibration_manifest.json").read_text())
+    train = {p for p, _ in manifest["splits"]["train"]}
+    others = {p for s in ("val", "test") for p, _ in manifest["splits"][s]}
+    assert calib["split"] == "train" and len(calib["files"]) == 16
+    assert set(calib["files"]) <= train and not set(calib["files"]) & others
+
+
+def test_broken_or_missing_model_fails_cleanly(tiny_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("exports"))
+    (broken / "model.keras").write_bytes(b"garbage")
+    with pytest.raises(export_lib.ExportError, match="not a loadable Keras model"):
+        export_lib.export_run(broken, ("tflite",), ("none",), log=lambda *_: None)
+    (broken / "model.keras").unlink()
+    with pytest.raises(export_lib.ExportError, match="no model.keras"):
+        export_lib.export_run(broken, ("tflite",), ("none",), log=lambda *_: None)
+    out = subprocess.run([sys.executable, "-m", "mri_edge.cli", "export", str(broken)], capture_output=True, text=True)
+    assert out.returncode == 1 and "Error: " in out.stderr and "Traceback" not in out.stderr
+
+
+def test_failed_format_leaves_earlier_files_untouched(exported_run, monkeypatch):
+    target = exported_run / "exports" / "model_fp32.onnx"
+    before = target.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("converter exploded")
+
+    monkeypatch.setattr(export_lib, "_onnx_fp32", boom)
+    results, failures = export_lib.export_run(exported_run, ("onnx",), ("none",), log=lambda *_: None)
+    assert not results and failures[0]["file"] == "model_fp32.onnx" and "exploded" in failures[0]["error"]
+    assert target.read_bytes() == before
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+    index = json.loads((exported_run / "exports" / "exports.json").read_text())
+    assert len(index["exports"]) == 6
+
+
+def test_tflite_metadata_is_an_appended_zip(exported_run):
+    path = exported_run / "exports" / "model_int8.tflite"
+    with zipfile.ZipFile(path) as z:
+        assert runtime.METADATA_NAME in z.namelist()

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from mri_edge import model as model_lib
+from mri_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def net():
+    return model_lib.build_model(4, SIZE, "none", dense_units=8, seed=3)
+
+
+def test_raw_pixel_contract(net):
+    """The saved model takes raw 0-255 pixels: same output as manual normalisation + base + head."""
+    import keras
+
+    x = np.random.default_rng(0).uniform(0, 255, (3, SIZE, SIZE, 3)).astype(np.float32)
+    manual = (x / 255.0 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    # keras.applications.densenet.preprocess_input is the reference normalisation for DenseNet121.
+    ref = keras.applications.densenet.preprocess_input(x.copy())
+    assert np.allclose(manual, ref, atol=1e-4)
+    feats = model_lib.base_of(net)(manual, training=False)
+    h = net.get_layer("avg_pool")(feats)
+    h = net.get_layer("head_dense")(h)
+    expected = net.get_layer("probabilities")(h)
+    got = net(x, training=False)
+    assert np.allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+    assert np.allclose(np.asarray(got).sum(1), 1, atol=1e-5)
+
+
+def test_trainable_layers_per_phase(net):
+    base = model_lib.base_of(net)
+    with_weights = [layer for layer in base.layers if layer.weights]
+    assert model_lib.set_phase(net, "head") == 0
+    assert not any(w.trainable for w in base.weights)
+    n_conv5 = model_lib.set_phase(net, "finetune", "conv5", freeze_bn=True)
+    conv5 = [layer for layer in with_weights if layer.name.startswith("conv5") and
+             layer.__class__.__name__ != "BatchNormalization"]
+    # conv5 blocks plus the final batch norm ("bn") which is frozen as a BN layer
+    assert n_conv5 == len(conv5)
+    assert model_lib.set_phase(net, "finetune", "10", freeze_bn=False) == sum(
+        1 for layer in base.layers[-10:] if layer.weights)
+    assert model_lib.set_phase(net, "finetune", "all", freeze_bn=False) == len(with_weights)
+    with pytest.raises(ValueError, match="matches no DenseNet121 layer"):
+        model_lib.set_phase(net, "finetune", "conv9")
+    # The head stays trainable throughout.
+    assert net.get_layer("head_dense").trainable
+
+
+def test_imagenet_without_network_is_a_clear_error(monkeypatch):
+    import keras
+
+    def offline(*a, **k):
+        raise OSError("URL fetch failure: no network")
+
+    monkeypatch.setattr(keras.applications, "DenseNet121", lambda *a, weights=None, **k:
+                        offline() if weights == "imagenet" else None)
+    with pytest.raises(model_lib.WeightsError, match="--weights PATH") as e:
+        model_lib._backbone(SIZE, "imagenet")
+    assert "--weights none" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weights_path_errors(tmp_path):
+    with pytest.raises(model_lib.WeightsError, match="no such file"):
+        model_lib.build_model(4, SIZE, str(tmp_path / "missing.h5"))
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(model_lib.WeightsError, match="not DenseNet121 backbone weights"):
+        model_lib.build_model(4, SIZE, str(bad))
+
+
+def test_backbone_from_an_earlier_model_and_weights_file(net, tmp_path):
+    path = tmp_path / "donor.keras"
+    net.save(path)
+    child = model_lib.build_model(3, SIZE, str(path), dense_units=8)
+    a = model_lib.base_of(net).get_weights()
+    b = model_lib.base_of(child).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    wfile = tmp_path / "densenet.weights.h5"
+    model_lib.base_of(net).save_weights(wfile)
+    child2 = model_lib.build_model(2, SIZE, str(wfile), dense_units=8)
+    assert np.array_equal(model_lib.base_of(child2).get_weights()[0], a[0])

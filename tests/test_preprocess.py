@@ -1,0 +1,88 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mri_edge import preprocess
+from mri_edge.preprocess import ImageError, load_image
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["L", "RGB", "RGBA", "P", "I;16", "CMYK-JPEG", "L-JPEG", "LA", "BMP"])
+def test_every_image_kind_gives_rgb_uint8(kind):
+    base = Image.fromarray(RGB)
+    if kind == "CMYK-JPEG":
+        data = encode(base.convert("CMYK"), "JPEG", quality=95)
+    elif kind == "L-JPEG":
+        data = encode(base.convert("L"), "JPEG", quality=95)
+    elif kind == "I;16":
+        data = encode(Image.fromarray(RGB[:, :, 0].astype(np.uint16) * 257), "PNG")
+    elif kind == "BMP":
+        data = encode(base, "BMP")
+    else:
+        data = encode(base.convert(kind), "PNG")
+    out = load_image(data, 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    full = load_image(data)
+    assert full.shape == (40, 52, 3)
+    if kind in ("RGB", "RGBA", "BMP"):
+        assert np.array_equal(full, RGB)
+    if kind == "I;16":
+        assert np.array_equal(full[:, :, 0], RGB[:, :, 0])
+    if kind == "CMYK-JPEG":
+        assert np.abs(full.astype(int) - RGB).mean() < 20  # colours survive, not inverted
+    if kind in ("L", "L-JPEG", "I;16", "LA"):
+        assert np.array_equal(full[:, :, 0], full[:, :, 1])
+
+
+def test_arrays_of_any_layout():
+    assert load_image(RGB[:, :, 0]).shape == (40, 52, 3)
+    assert load_image(RGB[:, :, :1]).shape == (40, 52, 3)
+    f = load_image(RGB.astype(np.float32) / 255.0)
+    assert np.abs(f.astype(int) - RGB).max() <= 1
+    with pytest.raises(ImageError):
+        load_image(np.zeros((4, 4, 7)))
+
+
+@pytest.mark.parametrize("data", [b"", b"hello world", b"\x89PNG\r\n\x1a\n" + b"\x00" * 30])
+def test_garbage_is_an_image_error(data):
+    with pytest.raises(ImageError):
+        load_image(data)
+
+
+def test_truncated_jpeg_is_refused():
+    data = encode(Image.fromarray(RGB), "JPEG")
+    with pytest.raises(ImageError):
+        load_image(data[:40])
+
+
+def test_decompression_bomb_refused_before_decoding(monkeypatch):
+    # A valid PNG header that claims a 100k x 100k canvas.
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(ImageError, match="cap"):
+        load_image(png)
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 100)
+    with pytest.raises(ImageError, match="cap"):
+        load_image(encode(Image.fromarray(RGB), "PNG"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError, match="cannot read"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_header_size_of_jpeg_and_png():
+    assert preprocess.header_size(encode(Image.fromarray(RGB), "JPEG")) == (52, 40)
+    assert preprocess.header_size(encode(Image.fromarray(RGB), "PNG")) == (52, 40)

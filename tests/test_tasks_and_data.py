@@ -1,0 +1,137 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mri_edge import data
+from mri_edge.tasks import TaskError, resolve_classes
+
+
+def make_tree(root, splits, classes, n=3, size=40):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for s in splits:
+        for c in classes:
+            d = root / s / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                cv2.imwrite(str(d / f"{i}.png"), rng.integers(0, 255, (size, size), dtype=np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("folders", [
+    ["glioma", "meningioma", "notumor", "pituitary"],
+    ["Glioma", "Meningioma", "No Tumor", "Pituitary"],
+    ["glioma_tumor", "meningioma-tumor", "no_tumor", "PITUITARY TUMOR"],
+])
+def test_tumor_folder_spellings(folders):
+    keys, names, mapping = resolve_classes("tumor", folders)
+    assert names == ["Glioma", "Meningioma", "No Tumor", "Pituitary"]
+    assert sorted(mapping.values()) == [0, 1, 2, 3]
+
+
+def test_alzheimer_folders_map_in_severity_order():
+    _, names, mapping = resolve_classes(
+        "alzheimer", ["MildDemented", "ModerateDemented", "NonDemented", "Very_Mild_Demented"])
+    assert names == ["No Dementia", "Very Mild Dementia", "Mild Dementia", "Moderate Dementia"]
+    assert mapping["MildDemented"] == 2 and mapping["Very_Mild_Demented"] == 1
+
+
+def test_unknown_missing_and_duplicate_classes_are_clear_errors():
+    with pytest.raises(TaskError, match="not classes of task"):
+        resolve_classes("tumor", ["glioma", "meningioma", "notumor", "pituitary", "cats"])
+    with pytest.raises(TaskError, match="no folder for class"):
+        resolve_classes("tumor", ["glioma", "meningioma", "notumor"])
+    with pytest.raises(TaskError, match="both map"):
+        resolve_classes("tumor", ["glioma", "Glioma_Tumor", "meningioma", "notumor", "pituitary"])
+
+
+def test_custom_task_takes_sorted_folders():
+    keys, names, mapping = resolve_classes("custom", ["b", "a", "c"])
+    assert names == ["a", "b", "c"] and mapping == {"a": 0, "b": 1, "c": 2}
+
+
+@pytest.mark.parametrize("names", [
+    ("Training", "Validation", "Testing"), ("train", "val", "test"), ("TRAIN", "valid", "TEST"),
+    ("training", "validation", "testing"),
+])
+def test_split_spellings(tmp_path, names):
+    make_tree(tmp_path, names, ["x", "y"])
+    found = data.find_splits(tmp_path)
+    assert set(found) == {"train", "val", "test"}
+    ds = data.discover(tmp_path, "custom")
+    assert not ds.val_carved and len(ds.splits["val"].paths) == 6
+
+
+def test_missing_train_and_missing_folder(tmp_path):
+    with pytest.raises(data.DataError, match="not found"):
+        data.discover(tmp_path / "nope", "custom")
+    make_tree(tmp_path, ["Testing"], ["x", "y"])
+    with pytest.raises(data.DataError, match="no training split"):
+        data.discover(tmp_path, "custom")
+
+
+def test_empty_class_folder(tmp_path):
+    make_tree(tmp_path, ["Training"], ["x", "y"])
+    (tmp_path / "Training" / "z").mkdir()
+    with pytest.raises(data.DataError, match="empty"):
+        data.discover(tmp_path, "custom")
+
+
+def test_mismatched_classes_between_splits(tmp_path):
+    make_tree(tmp_path, ["Training"], ["x", "y"])
+    make_tree(tmp_path, ["Testing"], ["x", "z"])
+    with pytest.raises(data.DataError, match="differ between splits"):
+        data.discover(tmp_path, "custom")
+
+
+def test_carved_validation_is_stratified_and_deterministic(tmp_path):
+    make_tree(tmp_path, ["Training", "Testing"], ["a", "b", "c"], n=20)
+    d1 = data.discover(tmp_path, "custom", val_fraction=0.1, seed=7)
+    d2 = data.discover(tmp_path, "custom", val_fraction=0.1, seed=7)
+    d3 = data.discover(tmp_path, "custom", val_fraction=0.1, seed=8)
+    assert d1.val_carved
+    assert d1.splits["val"].paths == d2.splits["val"].paths
+    assert d1.splits["val"].paths != d3.splits["val"].paths
+    assert np.bincount(d1.splits["val"].labels).tolist() == [2, 2, 2]
+    assert not set(d1.splits["val"].paths) & set(d1.splits["train"].paths)
+    m = d1.manifest()
+    json.dumps(m)
+    assert len(m["splits"]["train"]) == 54 and m["val_carved_from_train"]
+
+
+def test_corrupt_files_are_skipped_counted_or_strict(tmp_path):
+    make_tree(tmp_path, ["Training"], ["a", "b"], n=4)
+    (tmp_path / "Training" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "Training" / "b" / "notes.txt").write_text("hello")
+    ds = data.discover(tmp_path, "custom", val_fraction=0.2)
+    split = data.Split("all", ds.splits["train"].paths + ds.splits["val"].paths,
+                       ds.splits["train"].labels + ds.splits["val"].labels)
+    dec = data.decode_split(split, 32, tmp_path / "cache")
+    assert len(dec.skipped) == 2 and dec.images.shape == (8, 32, 32, 3)
+    assert {os.path.basename(s["path"]) for s in dec.skipped} == {"broken.jpg", "notes.txt"}
+    with pytest.raises(data.DataError, match="unreadable"):
+        data.decode_split(split, 32, tmp_path / "cache2", strict=True)
+
+
+def test_decode_cache_is_reused(tmp_path):
+    make_tree(tmp_path, ["Training"], ["a", "b"], n=3)
+    ds = data.discover(tmp_path, "custom", val_fraction=0.34)
+    cache = tmp_path / "cache"
+    first = data.decode_split(ds.splits["train"], 32, cache)
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    second = data.decode_split(ds.splits["train"], 32, cache)
+    assert files[0].stat().st_mtime_ns == mtime
+    assert np.array_equal(first.images, second.images)
+    data.decode_split(ds.splits["train"], 48, cache)
+    assert len(list(cache.glob("*.npz"))) == 2
+
+
+def test_class_weights_are_balanced():
+    labels = np.array([0] * 30 + [1] * 10)
+    w = data.class_weights(labels, 3)
+    assert w[0] == pytest.approx(40 / (2 * 30)) and w[1] == pytest.approx(40 / (2 * 10)) and w[2] == 1.0

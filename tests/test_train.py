@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+
+from mri_edge.train import TrainConfig, lr_at, resolve_phases, train
+
+OUTPUTS = ["model.keras", "config.json", "labels.json", "split_manifest.json", "history.csv",
+           "training_curves.png", "test_report.json", "test_predictions.json", "confusion_matrix.png",
+           "examples.png", "report.md"]
+
+
+def test_tiny_end_to_end_run_writes_full_report(tiny_run):
+    for name in OUTPUTS:
+        assert (tiny_run / name).is_file(), name
+    assert not (tiny_run / "checkpoint.keras").exists()
+    rep = json.loads((tiny_run / "test_report.json").read_text())
+    assert rep["n"] == 16
+    for key in ("accuracy", "macro", "weighted", "per_class", "confusion_matrix", "accuracy_ci95", "skipped"):
+        assert key in rep
+    assert set(rep["per_class"]) == {"Glioma", "Meningioma", "No Tumor", "Pituitary"}
+    assert np.array(rep["confusion_matrix"]).sum() == 16
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["image_size"] == 32 and cfg["weights"] == "none" and cfg["phases"][0]["name"] == "scratch"
+    assert cfg["preprocessing"]["normalization"]["where"] == "inside the model graph"
+    md = (tiny_run / "report.md").read_text()
+    assert "macro avg" in md and "confusion_matrix.png" in md
+    assert len((tiny_run / "history.csv").read_text().splitlines()) == 3
+
+
+def test_phase_plan():
+    phases, notes = resolve_phases(TrainConfig("tumor", ".", weights="imagenet", epochs_head=2, epochs_finetune=3,
+                                               lr=1e-3))
+    assert [p["name"] for p in phases] == ["head", "finetune"]
+    assert phases[1]["lr"] == pytest.approx(1e-4) and not notes
+    phases, notes = resolve_phases(TrainConfig("tumor", ".", weights="none", epochs_head=2, epochs_finetune=3))
+    assert [p["name"] for p in phases] == ["scratch"] and phases[0]["epochs"] == 5
+    assert "phase 1" in notes[0] and "skipped" in notes[0]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(e, 10, 1e-3, 1) for e in range(10)]
+    assert lrs[0] < lrs[1] and lrs[1] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] >= 1e-5
+
+
+def test_interrupt_keeps_checkpoint_and_resume_finishes(synth_data, cache_dir, tmp_path):
+    import keras
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(out), weights="none", image_size=32,
+                      batch_size=16, epochs_head=0, epochs_finetune=2, dense_units=8, cache_dir=str(cache_dir),
+                      eager=True, limit_per_class=6)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=lambda *_: None, callbacks=[Interrupt()])
+    assert (out / "checkpoint.keras").is_file() and not (out / "model.keras").exists()
+    assert json.loads((out / "state.json").read_text())["epoch"] == 1
+    train(TrainConfig("tumor", ""), resume=str(out), log=lambda *_: None)
+    assert (out / "model.keras").is_file()
+    hist = (out / "history.csv").read_text().splitlines()
+    assert len(hist) == 3  # header + epoch 1 (before the interrupt) + epoch 2 (after resume)
+
+
+def test_same_seed_same_split_and_initial_weights(synth_data):
+    from mri_edge import data
+    from mri_edge.model import build_model
+
+    a = data.discover(synth_data, "tumor", seed=5).splits["val"].paths
+    b = data.discover(synth_data, "tumor", seed=5).splits["val"].paths
+    assert a == b
+    w1 = build_model(4, 32, "none", dense_units=4, seed=9).get_weights()
+    w2 = build_model(4, 32, "none", dense_units=4, seed=9).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(w1, w2))
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_tumor_subset_trains(shared_data, tmp_path, cache_dir):
+    cfg = TrainConfig(task="tumor", data_dir=str(shared_data / "brain-tumor-mri"), out=str(tmp_path / "r"),
+                      weights="none", image_size=32, batch_size=16, epochs_head=0, epochs_finetune=1,
+                      dense_units=16, limit_per_class=8, cache_dir=str(cache_dir), eager=True)
+    run = train(cfg, log=lambda *_: None)
+    rep = json.loads((run / "test_report.json").read_text())
+    assert rep["n"] == 32 and 0 <= rep["accuracy"] <= 1
+    manifest = json.loads((run / "split_manifest.json").read_text())
+    assert manifest["val_carved_from_train"] and len(manifest["splits"]["val"]) == 32

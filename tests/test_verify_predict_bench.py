@@ -1,0 +1,93 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mri_edge import export as export_lib
+from mri_edge.cli import main
+from mri_edge.verify import Thresholds, mcnemar_exact, verify_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_mcnemar_exact_values():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
+    assert mcnemar_exact(1, 4) == pytest.approx(0.375)
+
+
+def test_verify_passes_good_exports(exported_run):
+    # The tiny model is barely trained, so near-tied probabilities make int8 flip more than a real
+    # model would; the float files must still agree exactly.
+    out = verify_run(exported_run, thresholds=Thresholds(quant_agreement=0.0, quant_max_drop=1.0), log=lambda *_: None)
+    assert out["passed"], out["failures"]
+    for name in ("model_fp32.tflite", "model_fp32.onnx", "model_fp16.tflite"):
+        r = out["files"][name]
+        assert r["agreement"] == 1.0 and r["accuracy_delta"] == 0 and r["prob_abs_diff"]["max"] < 1e-2
+        assert r["mcnemar"]["p_value"] == 1.0
+    assert (exported_run / "parity.json").is_file() and "Clinical parity" in (exported_run / "parity.md").read_text()
+    assert (exported_run / "verify" / "confusion_model_int8.png").is_file()
+
+
+def test_verify_fails_on_a_sabotaged_int8_export(exported_run, tmp_path, monkeypatch):
+    """An int8 file calibrated with the wrong normalisation (0-1 instead of 0-255) must fail the gate."""
+    run = tmp_path / "sabotage"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("exports", "verify", "bench"))
+    real = export_lib.calibration_set
+    monkeypatch.setattr(export_lib, "calibration_set",
+                        lambda *a, **k: ((real(*a, **k)[0] / 255.0).astype(np.float32), real(*a, **k)[1]))
+    results, failures = export_lib.export_run(run, ("tflite",), ("int8",), calib_size=16, log=lambda *_: None)
+    assert not failures
+    res = CliRunner().invoke(main, ["verify", str(run)])
+    assert res.exit_code == 1, res.output
+    assert "model_int8.tflite" in res.output and "FAIL" in res.output
+    parity = json.loads((run / "parity.json").read_text())
+    assert not parity["passed"] and parity["files"]["model_int8.tflite"]["fail_reasons"]
+
+
+def test_predict_cli_on_odd_and_corrupt_images(exported_run, synth_data, tmp_path):
+    from PIL import Image
+
+    good = next((synth_data / "Testing" / "meningioma").glob("*.jpg"))
+    Image.open(good).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.open(good).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    (tmp_path / "corrupt.jpg").write_bytes(good.read_bytes()[:50])
+    model = exported_run / "exports" / "model_int8.tflite"
+    res = CliRunner().invoke(main, ["predict", str(model), str(good), str(tmp_path)])
+    assert res.exit_code == 1
+    assert "corrupt.jpg" in res.output and "ERROR" in res.output and "3 classified, 1 failed" in res.output
+    res = CliRunner().invoke(main, ["predict", str(model), str(good), "--json"])
+    assert res.exit_code == 0
+    rec = json.loads(res.output.strip().splitlines()[-1])
+    assert rec["label"] in rec["probabilities"] and len(rec["top_k"]) == 3
+    # The same image through Keras and ONNX gives the same label as int8 here (tiny model, so compare loosely).
+    for m in (exported_run, exported_run / "exports" / "model_fp32.onnx"):
+        res = CliRunner().invoke(main, ["predict", str(m), str(good), "--json"])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["predict", str(tmp_path / "nope.tflite"), str(good)])
+    assert res.exit_code != 0
+
+
+def test_bench_quick_has_consistent_statistics(exported_run, tmp_path):
+    model = exported_run / "exports" / "model_int8.tflite"
+    onnx = exported_run / "exports" / "model_int8.onnx"
+    res = CliRunner().invoke(main, ["bench", str(model), str(onnx), "--batch", "1,2", "--threads", "1",
+                                    "--warmup", "1", "--runs", "8", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert out["schema_version"] == 1 and out["machine"]["cores"] >= 1
+    assert len(out["rows"]) == 4 and not out["errors"]
+    for r in out["rows"]:
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        for key in ("load_s", "first_inference_ms", "mean_ms", "std_ms", "throughput_img_s", "peak_rss_added_mb",
+                    "size_mb", "runtime_label"):
+            assert key in r
+    runtimes = {s["runtime"] for s in out["skipped"]}
+    assert "onnxruntime-cuda" in runtimes  # no GPU here: listed as skipped, not an error
+    assert (tmp_path / "b" / "bench.md").is_file() and (tmp_path / "b" / "bench.png").is_file()
+    res = CliRunner().invoke(main, ["bench", str(model), "--batch", "1", "--threads", "1", "--runs", "3", "--warmup", "0",
+                                    "--out", str(tmp_path / "c"), "--compare", str(tmp_path / "b" / "bench.json")])
+    assert res.exit_code == 0 and "speed-up" in res.output
