@@ -322,6 +322,38 @@ def data():
     """Dataset tools: synthetic data and audits."""
 
 
+@data.command("audit")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--task", type=TASK_CHOICE, default="custom", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Report folder [default: artifacts/audit/<data folder name>].")
+@click.option("--hash-distance", default=10, show_default=True, type=click.IntRange(0, 64),
+              help="dHash Hamming distance that makes a near-duplicate candidate.")
+@click.option("--pixel-threshold", default=3.0, show_default=True, type=click.FloatRange(0),
+              help="Mean absolute grey-level difference that confirms a candidate.")
+def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold):
+    """Audit a dataset: counts, image kinds, corrupt files, exact and near duplicates, leakage.
+
+    \b
+    Example:
+      mri-edge data audit ../shared/data/brain-tumor-mri --task tumor
+      mri-edge train ... --dedup artifacts/audit/brain-tumor-mri/audit.json
+    """
+    from . import audit as audit_lib  # noqa: PLC0415
+
+    out_dir = Path(out_dir or Path("artifacts") / "audit" / Path(data_dir).resolve().name)
+    out = run_guarded(audit_lib.audit, data_dir, task, out_dir, hash_distance, pixel_threshold, log=echo)
+    for s, v in out["leaked"].items():
+        total = sum(out["counts"].get(s, {}).values())
+        if total:
+            click.echo(f"{s}: {len(v)} of {total} images have an exact or near copy in training"
+                       f"{' or validation' if s == 'test' else ''}")
+    click.echo(f"exact duplicate pairs by split: {out['exact_duplicates']['pairs_by_split']}")
+    click.echo(f"label conflicts: {out['n_label_conflicts']}; corrupt files: {len(out['corrupt'])}")
+    click.echo(f"wrote {out_dir / 'audit.json'}, audit.md, duplicate_pairs.png")
+    click.echo(f"next: mri-edge train ... --dedup {out_dir / 'audit.json'}")
+
+
 @data.command("synth")
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--task", type=click.Choice(["tumor", "alzheimer"]), default="tumor", show_default=True)

@@ -274,7 +274,8 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
+            # Two threads assemble the next batches while the current step runs.
+            super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
             self.rng = np.random.default_rng(seed)
             self.order = np.arange(len(images))
             if shuffle:

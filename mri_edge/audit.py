@@ -1,0 +1,275 @@
+"""`mri-edge data audit`: counts, image properties, corrupt files and train/test leakage.
+
+Exact duplicates are found by content hash. Near duplicates (re-encoded, resized,
+visually identical copies) are found in two steps: a 64-bit difference hash proposes
+candidate pairs (brain slices look alike, so many unrelated pairs pass it), then a
+pixel-level check on 64x64 grayscale thumbnails confirms a pair only when the mean
+absolute difference is below a threshold (reported in audit.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import preprocess, report
+from .data import discover
+from .progress import Progress
+
+THUMB = 64
+HASH_MAX_DISTANCE = 10  # candidate finder only
+PIXEL_MAD_THRESHOLD = 3.0  # grey levels (0-255) on 64x64 thumbnails, after per-image contrast normalisation
+
+
+class AuditError(RuntimeError):
+    pass
+
+
+def _image_info(path: str):
+    """(sha256, format, mode, (w, h), thumbnail) or an error string."""
+    raw = Path(path).read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    fmt = "png" if raw[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if raw[:2] == b"\xff\xd8" else Path(path).suffix.lstrip(".").lower()
+    import cv2  # noqa: PLC0415
+
+    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED) if raw else None
+    if arr is None:
+        return sha, fmt, None, None, None
+    mode = {2: "L"}.get(arr.ndim, {3: "RGB", 4: "RGBA", 1: "L"}.get(arr.shape[2] if arr.ndim == 3 else 1, "?"))
+    if arr.ndim == 3 and arr.shape[2] == 3 and np.array_equal(arr[:, :, 0], arr[:, :, 1]) and np.array_equal(arr[:, :, 1], arr[:, :, 2]):
+        mode = "RGB (grey content)"
+    if arr.dtype == np.uint16:
+        mode += " 16-bit"
+    rgb = preprocess.to_rgb_uint8(arr, bgr=arr.ndim == 3)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    thumb = cv2.resize(grey, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return sha, fmt, mode, (arr.shape[1], arr.shape[0]), thumb
+
+
+def dhash(thumb: np.ndarray) -> np.uint64:
+    import cv2  # noqa: PLC0415
+
+    small = cv2.resize(thumb, (9, 8), interpolation=cv2.INTER_AREA)
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+def _normalise(thumbs: np.ndarray) -> np.ndarray:
+    """Per-image contrast normalisation, so a re-encode with shifted levels still matches."""
+    t = thumbs.reshape(len(thumbs), -1)
+    mu = t.mean(1, keepdims=True)
+    sd = t.std(1, keepdims=True) + 1e-6
+    return ((t - mu) / sd * 50.0).astype(np.float32)  # 50 grey levels per standard deviation
+
+
+def near_pairs(hashes_a, thumbs_a, hashes_b, thumbs_b, same: bool, max_dist: int, mad_thr: float):
+    """Candidate pairs by dHash distance, confirmed by pixel MAD. Returns (pairs, n_candidates, mads)."""
+    na = len(hashes_a)
+    confirmed, candidates, mads = [], 0, []
+    for start in range(0, na, 256):
+        block = hashes_a[start:start + 256, None] ^ hashes_b[None, :]
+        dist = _popcount64(block)
+        ii, jj = np.nonzero(dist <= max_dist)
+        ii = ii + start
+        if same:
+            keep = ii < jj
+            ii, jj = ii[keep], jj[keep]
+        candidates += len(ii)
+        for s in range(0, len(ii), 20000):
+            a, b = ii[s:s + 20000], jj[s:s + 20000]
+            mad = np.abs(thumbs_a[a] - thumbs_b[b]).mean(1)
+            mads.append(mad)
+            ok = mad <= mad_thr
+            confirmed += [(int(x), int(y), float(m)) for x, y, m in zip(a[ok], b[ok], mad[ok])]
+    return confirmed, candidates, (np.concatenate(mads) if mads else np.zeros(0))
+
+
+def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX_DISTANCE,
+          mad_thr: float = PIXEL_MAD_THRESHOLD, log=print) -> dict:
+    root = Path(data_dir)
+    ds = discover(root, task, val_fraction=0.1)
+    # Audit the folders as they are on disk: a carved validation split is part of training.
+    splits = {}
+    for name, s in ds.splits.items():
+        key = "train" if (name == "val" and ds.val_carved) else name
+        sp = splits.setdefault(key, ([], []))
+        sp[0].extend(s.paths)
+        sp[1].extend(s.labels)
+    names = ds.class_names
+    items = [(split, p, y) for split, (ps, ys) in splits.items() for p, y in zip(ps, ys)]
+    infos = [None] * len(items)
+    with Progress(len(items), "reading images") as bar, ThreadPoolExecutor(8) as pool:
+        for i, info in enumerate(pool.map(lambda it: _image_info(it[1]), items, chunksize=32)):
+            infos[i] = info
+            bar.update()
+    rel = [str(Path(p).resolve().relative_to(root.resolve())) for _, p, _ in items]
+    counts = defaultdict(Counter)
+    sizes, modes, formats = Counter(), Counter(), Counter()
+    corrupt = []
+    ok_idx = []
+    for i, ((split, _, y), info) in enumerate(zip(items, infos)):
+        counts[split][names[y]] += 1
+        sha, fmt, mode, size, thumb = info
+        formats[fmt] += 1
+        if thumb is None:
+            corrupt.append(rel[i])
+            continue
+        modes[mode] += 1
+        sizes[f"{size[0]}x{size[1]}"] += 1
+        ok_idx.append(i)
+    # Exact duplicates.
+    by_sha = defaultdict(list)
+    for i in ok_idx:
+        by_sha[infos[i][0]].append(i)
+    exact_groups = [g for g in by_sha.values() if len(g) > 1]
+    exact_summary = Counter()
+    label_conflicts = []
+    for g in exact_groups:
+        for a in range(len(g)):
+            for b in range(a + 1, len(g)):
+                i, j = g[a], g[b]
+                pair = "-".join(sorted((items[i][0], items[j][0])))
+                exact_summary[pair] += 1
+                if items[i][2] != items[j][2]:
+                    label_conflicts.append({"a": rel[i], "b": rel[j], "label_a": names[items[i][2]],
+                                            "label_b": names[items[j][2]], "kind": "exact"})
+    # Near duplicates, checked across every pair of splits and within each split.
+    idx = np.array(ok_idx)
+    thumbs = _normalise(np.stack([infos[i][4] for i in idx]))
+    hashes = np.array([dhash(infos[i][4]) for i in idx], dtype=np.uint64)
+    split_of = np.array([items[i][0] for i in idx])
+    near = []
+    stats = {}
+    all_mads = []
+    split_names = list(splits)
+    for ai, sa in enumerate(split_names):
+        for sb in split_names[ai:]:
+            ma, mb = np.flatnonzero(split_of == sa), np.flatnonzero(split_of == sb)
+            pairs, cand, mads = near_pairs(hashes[ma], thumbs[ma], hashes[mb], thumbs[mb], sa == sb, max_dist, mad_thr)
+            all_mads.append(mads)
+            sha_a = [infos[idx[k]][0] for k in ma]
+            sha_b = [infos[idx[k]][0] for k in mb]
+            keyname = f"{sa}-{sb}"
+            confirmed = [(ma[x], mb[y], m) for x, y, m in pairs]
+            n_exact = sum(1 for x, y, _ in pairs if sha_a[x] == sha_b[y])
+            stats[keyname] = {"hash_candidates": cand, "confirmed": len(confirmed), "of_which_byte_identical": n_exact}
+            for x, y, m in confirmed:
+                i, j = idx[x], idx[y]
+                near.append((i, j, m))
+                if items[i][2] != items[j][2] and infos[i][0] != infos[j][0]:
+                    label_conflicts.append({"a": rel[i], "b": rel[j], "label_a": names[items[i][2]],
+                                            "label_b": names[items[j][2]], "kind": "near", "mad": m})
+            log(f"  {keyname}: {cand} hash candidates, {len(confirmed)} confirmed near duplicates "
+                f"({n_exact} byte-identical)")
+    # Which evaluation images have a copy (exact or near) in training or validation?
+    leaked = {"test": set(), "val": set()}
+    for i, j, _ in near:
+        for a, b in ((i, j), (j, i)):
+            if items[a][0] in leaked and items[b][0] != items[a][0] and \
+               (items[b][0] == "train" or (items[a][0] == "test" and items[b][0] == "val")):
+                leaked[items[a][0]].add(rel[a])
+    for g in exact_groups:
+        for a in g:
+            if items[a][0] in leaked and any(items[b][0] == "train" or (items[a][0] == "test" and items[b][0] == "val")
+                                             for b in g if b != a):
+                leaked[items[a][0]].add(rel[a])
+    mads = np.concatenate(all_mads) if all_mads else np.zeros(0)
+    out = {
+        "data_dir": str(root.resolve()), "task": task, "class_names": names,
+        "counts": {s: dict(c) for s, c in counts.items()},
+        "image_sizes": dict(sizes.most_common(20)), "modes": dict(modes), "formats": dict(formats),
+        "corrupt": corrupt,
+        "exact_duplicates": {"groups": len(exact_groups), "pairs_by_split": dict(exact_summary)},
+        "near_duplicates": {"method": f"dHash-64 Hamming <= {max_dist} proposes; confirmed when the mean absolute "
+                                      f"difference of contrast-normalised 64x64 grey thumbnails <= {mad_thr}",
+                            "hash_max_distance": max_dist, "pixel_mad_threshold": mad_thr, "by_split_pair": stats,
+                            "candidate_mad_quantiles": {q: float(np.quantile(mads, q / 100)) if len(mads) else None
+                                                        for q in (1, 5, 25, 50)},
+                            # A gap in this histogram around the threshold is what makes the threshold safe.
+                            "candidate_mad_histogram": {f"{lo}-{hi}": int(((mads > lo) & (mads <= hi)).sum())
+                                                        for lo, hi in ((-1, 1), (1, 2), (2, 3), (3, 4), (4, 6),
+                                                                       (6, 8), (8, 10), (10, 1e9))}},
+        "label_conflicts": label_conflicts[:500], "n_label_conflicts": len(label_conflicts),
+        "leaked": {s: sorted(v) for s, v in leaked.items()},
+        "leakage_free": {s: len([1 for it, r in zip(items, rel) if it[0] == s and r not in leaked[s]])
+                         for s in leaked if s in splits},
+    }
+    if out_dir:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report.write_json(out_dir / "audit.json", out)
+        report.write_text(out_dir / "audit.md", markdown(out))
+        _plot_pairs(near, items, rel, names, out_dir / "duplicate_pairs.png", root)
+    return out
+
+
+def _plot_pairs(near, items, rel, names, path: Path, root: Path, n: int = 6) -> None:
+    cross = [p for p in near if items[p[0]][0] != items[p[1]][0]]
+    cross.sort(key=lambda p: -p[2])  # the least similar confirmed pairs say most about the threshold
+    pick = cross[:n] if cross else near[:n]
+    if not pick:
+        return
+    plt = report._plt()
+    fig, axes = plt.subplots(len(pick), 2, figsize=(5, 2.5 * len(pick)))
+    axes = np.atleast_2d(axes)
+    for row, (i, j, m) in zip(axes, pick):
+        for ax, k in zip(row, (i, j)):
+            ax.imshow(preprocess.load_image(root / rel[k]))
+            ax.set_title(f"{items[k][0]}: {names[items[k][2]]}\n{Path(rel[k]).name} (MAD {m:.2f})", fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(out: dict) -> str:
+    names = out["class_names"]
+    rows = [[s, *[c.get(n, 0) for n in names], sum(c.values())] for s, c in out["counts"].items()]
+    nd = out["near_duplicates"]
+    parts = [f"# Data audit: `{out['data_dir']}`", "", report.md_table(["split", *names, "total"], rows), "",
+             f"Image sizes (top): {out['image_sizes']}. Modes: {out['modes']}. Formats: {out['formats']}.", "",
+             f"Corrupt or unreadable files: {len(out['corrupt'])}.", "",
+             f"## Exact duplicates (identical bytes)", "",
+             f"{out['exact_duplicates']['groups']} groups; pairs by split: {out['exact_duplicates']['pairs_by_split']}.", "",
+             "## Near duplicates", "", nd["method"] + ".", "",
+             report.md_table(["splits", "hash candidates", "confirmed", "of which byte-identical"],
+                             [[k, v["hash_candidates"], v["confirmed"], v["of_which_byte_identical"]]
+                              for k, v in nd["by_split_pair"].items()]), "",
+             f"Pixel MAD of hash candidates, quantiles: {nd['candidate_mad_quantiles']}; "
+             f"histogram (MAD range: pairs): {nd['candidate_mad_histogram']}.", "",
+             f"## Label conflicts: {out['n_label_conflicts']} pairs of (near-)copies filed under different classes", ""]
+    parts += [f"- `{c['a']}` ({c['label_a']}) vs `{c['b']}` ({c['label_b']}), {c['kind']}" for c in out["label_conflicts"][:15]]
+    parts += ["", "## Leakage", ""]
+    for s, v in out["leaked"].items():
+        total = sum(out["counts"].get(s, {}).values())
+        if total:
+            parts.append(f"- {s}: {len(v)} of {total} images have an exact or near copy in an earlier split; "
+                         f"leakage-free subset: {out['leakage_free'].get(s, 0)} images.")
+    parts += ["", "![example duplicate pairs](duplicate_pairs.png)", ""]
+    return "\n".join(parts)
+
+
+def leakage_free_mask(audit_json, paths) -> np.ndarray:
+    """True for evaluation images that have no exact or near copy in training/validation."""
+    try:
+        a = json.loads(Path(audit_json).read_text())
+        root = Path(a["data_dir"])
+        leaked = {str((root / r).resolve()) for s in a["leaked"].values() for r in s}
+    except (OSError, ValueError, KeyError) as e:
+        raise AuditError(f"--dedup {audit_json}: not an audit.json from `mri-edge data audit` ({e})") from None
+    mask = np.array([str(Path(p).resolve()) not in leaked for p in paths])
+    if not mask.any():
+        raise AuditError("--dedup: every test image has a copy in training; no leakage-free subset left")
+    return mask
