@@ -427,11 +427,14 @@ def _demo_downstream(run_dir: Path) -> None:
             continue
         params = {p.name: p.default for p in cmd.params}
         params.update(kwargs)
+        echo(f"\n== demo: mri-edge {name}")
         try:
             ctx.invoke(cmd, **params)
         except SystemExit as e:
-            if e.code:
+            if e.code and name != "verify":
                 raise
+            if e.code:
+                echo("demo: verify reported a parity failure (see parity.md); continuing")
 
 
 if __name__ == "__main__":

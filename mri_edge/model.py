@@ -135,14 +135,18 @@ def base_of(model):
     return model.get_layer(BASE_NAME)
 
 
-def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True) -> int:
+def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True, bn_momentum: float = 0.9) -> int:
     """Set trainable flags for a phase; returns the number of trainable base layers.
 
     phase "head": the whole base is frozen.
     phase "finetune": `unfreeze` is "all", a number N (the top N base layers) or a
     DenseNet block prefix such as "conv5" or "conv4_block16" (that block and above).
     With pretrained weights, batch-norm layers stay frozen (inference mode) so the
-    small fine-tuning batches do not wreck their ImageNet statistics.
+    small fine-tuning batches do not wreck their ImageNet statistics. Batch-norm
+    layers that do train get momentum `bn_momentum`: with Keras' default 0.99 the
+    moving statistics of a fast-changing from-scratch network lag ~100 steps behind
+    its weights, and validation accuracy swung wildly (measured here on the tumor
+    set at 64 px: 49% with the lagging statistics, 84% after re-estimating them).
     """
     base = base_of(model)
     layers = base.layers
@@ -167,8 +171,11 @@ def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True
     count = 0
     for i, layer in enumerate(layers):
         trainable = i >= cut
-        if freeze_bn and layer.__class__.__name__ == "BatchNormalization":
-            trainable = False
+        if layer.__class__.__name__ == "BatchNormalization":
+            if freeze_bn:
+                trainable = False
+            else:
+                layer.momentum = bn_momentum
         layer.trainable = trainable
         count += int(trainable and bool(layer.weights))
     return count

@@ -43,6 +43,8 @@ def test_trainable_layers_per_phase(net):
     assert model_lib.set_phase(net, "finetune", "10", freeze_bn=False) == sum(
         1 for layer in base.layers[-10:] if layer.weights)
     assert model_lib.set_phase(net, "finetune", "all", freeze_bn=False) == len(with_weights)
+    bns = [layer for layer in base.layers if layer.__class__.__name__ == "BatchNormalization"]
+    assert all(b.trainable and b.momentum == 0.9 for b in bns)  # from-scratch BN tracks fast-moving weights
     with pytest.raises(ValueError, match="matches no DenseNet121 layer"):
         model_lib.set_phase(net, "finetune", "conv9")
     # The head stays trainable throughout.

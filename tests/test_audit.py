@@ -1,0 +1,44 @@
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mri_edge.audit import leakage_free_mask
+from mri_edge.cli import main
+from mri_edge.synth import write_dataset
+
+
+@pytest.fixture(scope="module")
+def leaky(tmp_path_factory):
+    """Phantoms with planted leaks: a byte copy, a re-encoded copy and a copy under another label."""
+    root = write_dataset(tmp_path_factory.mktemp("leaky"), "tumor", n_train=8, n_test=3, size=96, seed=4)
+    tr = root / "Training"
+    shutil.copy(tr / "glioma" / "glioma_0000.jpg", root / "Testing" / "glioma" / "copy.jpg")
+    img = cv2.imread(str(tr / "meningioma" / "meningioma_0001.jpg"), cv2.IMREAD_GRAYSCALE)
+    brighter = np.clip(img.astype(np.float32) * 1.1 + 5, 0, 255).astype(np.uint8)
+    cv2.imwrite(str(root / "Testing" / "meningioma" / "reencoded.png"), brighter)
+    shutil.copy(tr / "pituitary" / "pituitary_0002.jpg", tr / "notumor" / "mislabeled.jpg")
+    (root / "Training" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8junk")
+    return root
+
+
+def test_audit_finds_planted_leaks(leaky, tmp_path):
+    res = CliRunner().invoke(main, ["data", "audit", str(leaky), "--task", "tumor", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    a = json.loads((tmp_path / "audit.json").read_text())
+    assert a["counts"]["test"]["Glioma"] == 4 and a["counts"]["train"]["No Tumor"] == 9
+    assert a["corrupt"] == ["Training/glioma/broken.jpg"]
+    assert a["exact_duplicates"]["pairs_by_split"].get("test-train") == 1
+    leaked = set(a["leaked"]["test"])
+    assert {"Testing/glioma/copy.jpg", "Testing/meningioma/reencoded.png"} <= leaked
+    assert len(leaked) == 2, leaked  # distinct phantoms are not confused with copies
+    conflicts = {(c["a"], c["b"]) for c in a["label_conflicts"]}
+    assert any("mislabeled.jpg" in x or "mislabeled.jpg" in y for x, y in conflicts)
+    assert a["leakage_free"]["test"] == 12
+    assert (tmp_path / "audit.md").is_file() and (tmp_path / "duplicate_pairs.png").is_file()
+    paths = [str(p) for p in sorted((leaky / "Testing").rglob("*.*"))]
+    mask = leakage_free_mask(tmp_path / "audit.json", paths)
+    assert mask.sum() == 12 and len(mask) == 14
