@@ -78,7 +78,7 @@ def _open(spec: dict):
     meta = runtime.read_metadata(path)
     if path.suffix == ".tflite":
         m = runtime.TFLiteModel(path, meta, threads, {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
-                                                     "tf.lite": "tensorflow"}[rt])
+                                                     "tf.lite": "tensorflow"}[rt], spec.get("xnnpack", "default"))
     else:
         providers = {"onnxruntime": ["CPUExecutionProvider"],
                      "onnxruntime-cuda": ["CUDAExecutionProvider"],

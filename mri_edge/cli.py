@@ -425,11 +425,9 @@ def _demo_downstream(run_dir: Path) -> None:
         cmd = main.commands.get(name)
         if cmd is None:
             continue
-        params = {p.name: p.default for p in cmd.params}
-        params.update(kwargs)
         echo(f"\n== demo: mri-edge {name}")
         try:
-            ctx.invoke(cmd, **params)
+            ctx.invoke(cmd, **kwargs)  # click fills in the other options' defaults
         except SystemExit as e:
             if e.code and name != "verify":
                 raise

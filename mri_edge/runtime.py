@@ -143,11 +143,25 @@ class Model:
 
 
 class TFLiteModel(Model):
-    def __init__(self, path: Path, meta: dict, threads: int | None = None, runtime: str | None = None):
+    """xnnpack: "default" (the interpreter's XNNPACK delegate), "latest" (XNNPACK with its
+    newest kernels enabled) or "off" (built-in kernels only; for comparison)."""
+
+    def __init__(self, path: Path, meta: dict, threads: int | None = None, runtime: str | None = None,
+                 xnnpack: str = "default"):
         super().__init__(path, meta)
         cls, self.runtime_name = load_interpreter_class(runtime)
+        kwargs = {}
+        if xnnpack == "off":
+            mod = __import__(cls.__module__, fromlist=["OpResolverType"])
+            kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        elif xnnpack == "latest":
+            kwargs["experimental_default_delegate_latest_features"] = True
+        elif xnnpack != "default":
+            raise RuntimeModelError(f"xnnpack must be default, latest or off, not {xnnpack!r}")
+        if xnnpack != "default":
+            self.runtime_name += f"[xnnpack={xnnpack}]"
         try:
-            self.interp = cls(model_path=str(path), num_threads=threads)
+            self.interp = cls(model_path=str(path), num_threads=threads, **kwargs)
         except Exception as e:
             raise RuntimeModelError(f"{path}: the interpreter cannot load it ({type(e).__name__}: {e})") from None
         self.in_det = self.interp.get_input_details()[0]

@@ -144,6 +144,10 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.task)
         if (run_dir / "model.keras").exists():
             raise TrainError(f"{run_dir} already holds a trained model; choose another --out")
+        # Build first: bad --weights must fail before anything is written.
+        keras.utils.set_random_seed(cfg.seed)
+        net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
+                                    cfg.dropout, cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.class_names = dataset.class_names
         cfg.phases, _ = resolve_phases(cfg)
@@ -165,11 +169,9 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
     weights = data.class_weights(dec["train"].labels, k)
     log("class weights: " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
 
-    keras.utils.set_random_seed(cfg.seed)
     if state:
+        keras.utils.set_random_seed(cfg.seed)
         net = model_lib.load_model(run_dir / "checkpoint.keras")
-    else:
-        net = model_lib.build_model(k, cfg.image_size, cfg.weights, cfg.dense_units, cfg.dropout, cfg.seed)
     aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
 
     history: list[dict] = state["history"] if state else []

@@ -63,3 +63,14 @@ def test_data_synth_layout(tmp_path):
     folders = sorted(p.name for p in (tmp_path / "s" / "Training").iterdir())
     assert folders == ["MildDemented", "ModerateDemented", "NonDemented", "VeryMildDemented"]
     assert len(list((tmp_path / "s" / "Testing").rglob("*.jpg"))) == 4
+
+
+def test_bad_weights_fail_before_anything_is_written(tmp_path):
+    from mri_edge.synth import write_dataset
+
+    root = write_dataset(tmp_path / "d", "tumor", n_train=2, n_test=1, size=32)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "--task", "tumor", "--data-dir", str(root), "--weights",
+                                    str(tmp_path / "missing.h5"), "--image-size", "32", "--out", str(out)])
+    assert res.exit_code == 1 and "--weights" in res.output and "Traceback" not in res.output
+    assert not out.exists()
