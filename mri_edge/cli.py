@@ -172,8 +172,10 @@ def train(task, data_dir, out, resume, **kw):
               help="Input/output type of int8 TFLite files (uint8 = feed decoded pixels directly).")
 @click.option("--calib-size", default=300, show_default=True, type=click.IntRange(1),
               help="Training images (stratified) used to calibrate int8.")
+@click.option("--calib-range", type=click.Choice(["percentile", "minmax"]), default="percentile", show_default=True,
+              help="int8 activation ranges: robust percentile (default) or plain min/max over calibration images.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
-def export(run_dir, formats, quantize, io_dtype, calib_size, opset):
+def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, opset):
     """Export a trained run to TFLite and ONNX files with embedded metadata.
 
     \b
@@ -184,7 +186,7 @@ def export(run_dir, formats, quantize, io_dtype, calib_size, opset):
     from . import export as export_lib  # noqa: PLC0415
 
     results, failures = run_guarded(export_lib.export_run, run_dir, formats, quantize, io_dtype, calib_size,
-                                     opset, log=echo)
+                                     opset, log=echo, calib_range=calib_range)
     if results:
         click.echo(export_lib.table(results))
     out = Path(run_dir) / "exports"
@@ -421,7 +423,7 @@ def _demo_downstream(run_dir: Path) -> None:
     ctx = click.get_current_context()
     for name, kwargs in (("export", {"run_dir": str(run_dir), "formats": ("all",)}),
                          ("verify", {"run_dir": str(run_dir)}),
-                         ("bench", {"targets": (str(run_dir),), "quick": True})):
+                         ("bench", {"targets": (str(run_dir),), "quick": True, "threads": (2,), "batches": (1,)})):
         cmd = main.commands.get(name)
         if cmd is None:
             continue

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Reproduces the README's results table on ../shared/data (2 CPU cores: about 2.5 hours).
+# Each step is the product's own command; run folders land in artifacts/runs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=../shared/data/brain-tumor-mri
+A=../shared/data/alzheimer-mri
+
+mri-edge data audit "$T" --task tumor
+mri-edge data audit "$A" --task alzheimer
+
+# Tumor, from scratch (ImageNet weights cannot be downloaded here).
+mri-edge train --task tumor --data-dir "$T" --weights none --image-size 64 --epochs-head 0 \
+    --epochs-finetune 10 --patience 4 --batch-size 32 --out artifacts/runs/tumor-64px \
+    --dedup artifacts/audit/brain-tumor-mri/audit.json
+
+# Alzheimer, two recipes side by side: from scratch, and the two-phase recipe on the
+# tumor model's trained DenseNet121 backbone (--weights PATH).
+mri-edge train --task alzheimer --data-dir "$A" --weights none --image-size 64 --epochs-head 0 \
+    --epochs-finetune 6 --patience 4 --batch-size 32 --out artifacts/runs/alzheimer-64px-scratch \
+    --dedup artifacts/audit/alzheimer-mri/audit.json
+mri-edge train --task alzheimer --data-dir "$A" --weights artifacts/runs/tumor-64px/model.keras \
+    --image-size 64 --epochs-head 2 --epochs-finetune 4 --unfreeze conv4_block13 --lr 1e-3 --lr-finetune 3e-4 \
+    --patience 4 --batch-size 32 --out artifacts/runs/alzheimer-64px-transfer \
+    --dedup artifacts/audit/alzheimer-mri/audit.json
+
+for run in artifacts/runs/tumor-64px artifacts/runs/alzheimer-64px-transfer; do
+    mri-edge export "$run" --format all
+    mri-edge verify "$run" --dedup "artifacts/audit/$( [[ $run == *tumor* ]] && echo brain-tumor-mri || echo alzheimer-mri )/audit.json"
+    mri-edge bench "$run" --threads 1,2 --batch 1,8
+done
