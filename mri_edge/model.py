@@ -181,6 +181,35 @@ def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True
     return count
 
 
+def adapt_batchnorm(model, images, batch_size: int = 64, max_batches: int = 40) -> int:
+    """Re-estimate every batch-norm layer's moving statistics on new-domain images (AdaBN).
+
+    A backbone trained on one dataset carries that dataset's activation statistics; on
+    another (tumor -> Alzheimer slices) the frozen statistics are off and the frozen
+    features degrade. Running the model in training mode with momentum k/(k+1) at batch k
+    makes the moving mean/variance the plain average over the batches. No weight changes.
+    Returns the number of images used.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    bns = [layer for layer in base_of(model).layers if layer.__class__.__name__ == "BatchNormalization"]
+    saved = [(b.momentum, b.trainable) for b in bns]
+    order = np.random.default_rng(0).permutation(len(images))
+    n_batches = min(max_batches, max(1, len(images) // batch_size))
+    try:
+        for b in bns:
+            b.trainable = True  # a frozen BN layer runs in inference mode and would not update
+        for k in range(n_batches):
+            for b in bns:
+                b.momentum = k / (k + 1)
+            idx = order[k * batch_size : (k + 1) * batch_size]
+            base_of(model)(model.get_layer(NORM_NAME)(images[idx].astype("float32")), training=True)
+    finally:
+        for b, (m, t) in zip(bns, saved):
+            b.momentum, b.trainable = m, t
+    return int(n_batches * batch_size)
+
+
 def load_model(path):
     """Load an mri-edge model.keras safely (no arbitrary code from lambda layers)."""
     keras = _keras()

@@ -44,6 +44,8 @@ class TrainConfig:
     # speeds up a CPU step, so it is off unless asked for.
     jit_compile: bool = False
     eager: bool = False
+    # Re-estimate batch-norm statistics of a backbone from another dataset (--weights PATH).
+    adapt_bn: bool = True
     # Filled in when resolved.
     class_names: list[str] = field(default_factory=list)
     phases: list[dict] = field(default_factory=list)
@@ -173,6 +175,10 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
         keras.utils.set_random_seed(cfg.seed)
         net = model_lib.load_model(run_dir / "checkpoint.keras")
     aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
+
+    if not state and cfg.weights not in ("none", "imagenet") and cfg.adapt_bn:
+        n = model_lib.adapt_batchnorm(net, dec["train"].images)
+        log(f"re-estimated batch-norm statistics of the {cfg.weights} backbone on {n} training images (AdaBN)")
 
     history: list[dict] = state["history"] if state else []
     train_batches = data.make_batches(dec["train"].images, dec["train"].labels, k, cfg.batch_size,

@@ -84,3 +84,17 @@ def test_backbone_from_an_earlier_model_and_weights_file(net, tmp_path):
     model_lib.base_of(net).save_weights(wfile)
     child2 = model_lib.build_model(2, SIZE, str(wfile), dense_units=8)
     assert np.array_equal(model_lib.base_of(child2).get_weights()[0], a[0])
+
+
+def test_adapt_batchnorm_re_estimates_statistics_without_touching_weights(net):
+    base = model_lib.base_of(net)
+    bn = next(layer for layer in base.layers if layer.__class__.__name__ == "BatchNormalization")
+    conv_before = [np.array(w) for w in base.get_layer("conv1_conv").get_weights()]
+    model_lib.set_phase(net, "head")
+    momentum = bn.momentum
+    x = np.random.default_rng(0).uniform(0, 255, (128, SIZE, SIZE, 3)).astype(np.float32)
+    before = np.array(bn.moving_mean)
+    assert model_lib.adapt_batchnorm(net, x, batch_size=32, max_batches=4) == 128
+    assert not np.allclose(np.array(bn.moving_mean), before)
+    assert bn.momentum == momentum and not bn.trainable  # restored
+    assert all(np.array_equal(a, b) for a, b in zip(conv_before, base.get_layer("conv1_conv").get_weights()))
