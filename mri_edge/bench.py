@@ -267,8 +267,9 @@ def run_row(spec: dict, timeout: float = 900) -> dict:
 
 
 def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None, out_dir=None,
-          log=print, ort_opt_level="all") -> dict:
-    rows, skipped, image = plan(list(targets))
+          log=print, ort_opt_level="all", image=None) -> dict:
+    rows, skipped, found_image = plan(list(targets))
+    image = str(image) if image else found_image
     results = []
     from .progress import Progress  # noqa: PLC0415
 

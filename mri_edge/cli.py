@@ -288,8 +288,10 @@ def _int_list(ctx, param, value):
               help="Report folder [default: RUN_DIR/bench, or ./bench for model files].")
 @click.option("--compare", "compare_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An older bench.json: print p50 ratios against it.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Image for the end-to-end (decode + resize + invoke) column [default: a test image of the run].")
 @click.option("--quick", is_flag=True, help="Batch 1, 2 warm-up and 10 timed runs (smoke test).")
-def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_dir, compare_path, quick):
+def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_dir, compare_path, image, quick):
     """Measure latency, throughput, size and memory of every artifact on every runtime.
 
     TARGETS are run folders (model.keras + exports/) and/or model files.
@@ -308,7 +310,7 @@ def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_d
         first = Path(targets[0])
         out_dir = first / "bench" if first.is_dir() else Path("bench")
     out = run_guarded(bench_lib.bench, targets, threads, batches, warmup, runs, seconds, out_dir, log=echo,
-                      ort_opt_level=ort_opt_level)
+                      ort_opt_level=ort_opt_level, image=image)
     click.echo(bench_lib.table(out))
     for s in out["skipped"]:
         click.echo(f"skipped: {s['model']} on {s['runtime']} ({s['reason']})")
