@@ -175,15 +175,19 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
                 f"({n_exact} byte-identical)")
     # Which evaluation images have a copy (exact or near) in training or validation?
     leaked = {"test": set(), "val": set()}
+
+    def leaks(a: int, b: int) -> bool:
+        """Image a (val or test) has its copy b in a split the model learned or was selected on."""
+        sa, sb = items[a][0], items[b][0]
+        return sa in leaked and (sb == "train" or (sa == "test" and sb == "val"))
+
     for i, j, _ in near:
         for a, b in ((i, j), (j, i)):
-            if items[a][0] in leaked and items[b][0] != items[a][0] and \
-               (items[b][0] == "train" or (items[a][0] == "test" and items[b][0] == "val")):
+            if leaks(a, b):
                 leaked[items[a][0]].add(rel[a])
     for g in exact_groups:
         for a in g:
-            if items[a][0] in leaked and any(items[b][0] == "train" or (items[a][0] == "test" and items[b][0] == "val")
-                                             for b in g if b != a):
+            if any(leaks(a, b) for b in g if b != a):
                 leaked[items[a][0]].add(rel[a])
     mads = np.concatenate(all_mads) if all_mads else np.zeros(0)
     out = {

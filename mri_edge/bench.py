@@ -61,12 +61,11 @@ def _open(spec: dict):
 
         net = keras.saving.load_model(path, compile=False, safe_mode=True)
         size = int(net.input_shape[1])
-        fn = net.__call__ if spec.get("eager") else None
-        if fn is None and keras.backend.backend() == "tensorflow":
+        if keras.backend.backend() == "tensorflow":
             import tensorflow as tf  # noqa: PLC0415
 
             fn = tf.function(lambda x: net(x, training=False), reduce_retracing=True)
-        elif fn is None:
+        else:
             fn = lambda x: net(x, training=False)  # noqa: E731
 
         def run(batch):
@@ -137,8 +136,6 @@ def machine_info() -> dict:
     cpu, flags = platform.processor() or "", []
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not cpu.strip(" x86_64"):
-                cpu = line.split(":", 1)[1].strip()
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
             if line.startswith("flags"):

@@ -33,7 +33,6 @@ def _user_errors():
 
 def _quiet_tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_HOME", os.environ.get("KERAS_HOME", str(Path.home() / ".keras")))
 
 
 def run_guarded(fn, *args, **kwargs):

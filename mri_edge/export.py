@@ -161,17 +161,16 @@ def _tighten_ranges(calibrated: bytes, calib: np.ndarray, quantile: float) -> by
     """
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
 
-    from .runtime import load_interpreter_class  # noqa: PLC0415
+    from .runtime import load_interpreter_class, no_delegate_resolver  # noqa: PLC0415
 
     model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
     tensors = model.subgraphs[0].tensors
     idx = [i for i, t in enumerate(tensors)
            if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1]
     cls = load_interpreter_class()[0]
-    mod = __import__(cls.__module__, fromlist=["OpResolverType"])
     # Built-in kernels only: a delegate would fuse ops and leave intermediate tensors unwritten.
     interp = cls(model_content=calibrated, experimental_preserve_all_tensors=True,
-                 experimental_op_resolver_type=mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+                 experimental_op_resolver_type=no_delegate_resolver(cls))
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]["index"]
     lo = np.zeros((len(calib), len(idx)), np.float32)

@@ -52,6 +52,12 @@ def load_interpreter_class(prefer: str | None = None):
     raise RuntimeModelError("no TFLite interpreter installed: pip install ai-edge-litert (or tflite-runtime)")
 
 
+def no_delegate_resolver(interpreter_cls):
+    """The op-resolver value that runs built-in kernels only (no XNNPACK), for this interpreter's module."""
+    mod = __import__(interpreter_cls.__module__, fromlist=["OpResolverType"])
+    return mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+
+
 def read_metadata(path: str | Path) -> dict:
     """The metadata that `mri-edge export` embedded in a .tflite or .onnx file."""
     path = Path(path)
@@ -152,8 +158,7 @@ class TFLiteModel(Model):
         cls, self.runtime_name = load_interpreter_class(runtime)
         kwargs = {}
         if xnnpack == "off":
-            mod = __import__(cls.__module__, fromlist=["OpResolverType"])
-            kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            kwargs["experimental_op_resolver_type"] = no_delegate_resolver(cls)
         elif xnnpack == "latest":
             kwargs["experimental_default_delegate_latest_features"] = True
         elif xnnpack != "default":

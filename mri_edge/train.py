@@ -146,8 +146,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.task)
         if (run_dir / "model.keras").exists():
             raise TrainError(f"{run_dir} already holds a trained model; choose another --out")
-        # Build first: bad --weights must fail before anything is written.
-        keras.utils.set_random_seed(cfg.seed)
+        # Build first: bad --weights must fail before anything is written (build_model seeds itself).
         net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
                                     cfg.dropout, cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
