@@ -174,7 +174,9 @@ def train(task, data_dir, out, resume, **kw):
 @click.option("--calib-range", type=click.Choice(["percentile", "minmax"]), default="percentile", show_default=True,
               help="int8 activation ranges: robust percentile (default) or plain min/max over calibration images.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
-def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, opset):
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Conversions run side by side in this many processes [default: cores, at most 2].")
+def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, opset, workers):
     """Export a trained run to TFLite and ONNX files with embedded metadata.
 
     \b
@@ -185,7 +187,7 @@ def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, opset)
     from . import export as export_lib  # noqa: PLC0415
 
     results, failures = run_guarded(export_lib.export_run, run_dir, formats, quantize, io_dtype, calib_size,
-                                     opset, log=echo, calib_range=calib_range)
+                                     opset, log=echo, calib_range=calib_range, workers=workers)
     if results:
         click.echo(export_lib.table(results))
     out = Path(run_dir) / "exports"

@@ -114,3 +114,45 @@ def test_tflite_metadata_is_an_appended_zip(exported_run):
     path = exported_run / "exports" / "model_int8.tflite"
     with zipfile.ZipFile(path) as z:
         assert runtime.METADATA_NAME in z.namelist()
+
+
+def test_deployment_graph_turns_unfoldable_batchnorms_into_depthwise_convs(tiny_run):
+    import keras
+
+    from mri_edge.model import load_model
+
+    net = load_model(tiny_run / "model.keras")
+    bns = export_lib._affine_batchnorms(net)
+    # DenseNet121: 58 dense layers + 3 transitions + the final BN follow a concatenation or pooling
+    assert len(bns) == 62 and "conv2_block1_0_bn" in bns and "conv2_block1_1_bn" not in bns
+    dep = export_lib.deployment_graph(net)
+    layers = []
+    stack = [dep]
+    while stack:
+        for layer in stack.pop().layers:
+            (stack if hasattr(layer, "layers") else layers).append(layer)
+    assert sum(isinstance(x, keras.layers.DepthwiseConv2D) for x in layers) == 62
+    x = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
+    assert np.abs(np.asarray(dep(x, training=False)) - np.asarray(net(x, training=False))).max() < 1e-5
+
+
+def test_int8_files_use_the_fast_kernels(exported_run):
+    """int8 TFLite: no MUL/ADD pairs left from batch norms; int8 ONNX: uint8 activations (U8S8)."""
+    import onnx
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    m = flatbuffer_utils.read_model(str(exported_run / "exports" / "model_int8.tflite"))
+    ops = [names[max(m.operatorCodes[o.opcodeIndex].builtinCode, m.operatorCodes[o.opcodeIndex].deprecatedBuiltinCode)]
+           for o in m.subgraphs[0].operators]
+    assert ops.count("DEPTHWISE_CONV_2D") == 62 and ops.count("MUL") <= 1 and ops.count("ADD") == 0
+    sg = m.subgraphs[0]
+    dw_weights = [sg.tensors[o.inputs[1]] for o, name in zip(sg.operators, ops) if name == "DEPTHWISE_CONV_2D"]
+    # one scale per tensor (file size), and no buffer shared between layers (each was rescaled)
+    assert all(len(t.quantization.scale) == 1 for t in dw_weights)
+    assert len({t.buffer for t in dw_weights}) == len(dw_weights)
+    proto = onnx.load(str(exported_run / "exports" / "model_int8.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    zps = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zps and all(z.data_type == onnx.TensorProto.UINT8 for z in zps)
