@@ -8,7 +8,7 @@
    AVX-512 VNNI and for AMX) and measured (onnxruntime int8 GEMM), and how far the
    best int8 artifact is from it (goal: within 2.5x). DenseNet121 = 2.87 GMAC at 224 px.
 
-    python benchmarks/edge_goals.py                 # trains a 1-step 224 px run on phantoms
+    python benchmarks/edge_goals.py                 # trains a 1-epoch 224 px run on phantoms
     python benchmarks/edge_goals.py --run RUN_DIR   # an existing 224 px run (exports are redone)
 """
 
@@ -32,7 +32,9 @@ def make_run(tmp: Path) -> Path:
     from mri_edge.synth import write_dataset
     from mri_edge.train import TrainConfig, train
 
-    data = write_dataset(tmp / "data", "tumor", n_train=8, n_test=2, size=224)
+    # 84 per class: after the 10% validation carve the training split still holds the
+    # 300 images that int8 calibration reads, so export does the same work as on real data.
+    data = write_dataset(tmp / "data", "tumor", n_train=84, n_test=2, size=224)
     cfg = TrainConfig(task="tumor", data_dir=str(data), out=str(tmp / "run"), weights="none", image_size=224,
                       batch_size=8, epochs_head=0, epochs_finetune=1, eager=True, cache_dir=str(tmp / "cache"))
     return train(cfg, log=lambda *_: None)
@@ -92,10 +94,12 @@ def main():
     export_s = time.perf_counter() - t
     assert not failures, failures
     sizes = {r["file"]: r["size_mb"] for r in results}
+    workers = json.loads((run / "exports" / "exports.json").read_text())["last_export"]["workers"]
     print("== export (all six files, one 224 px model)")
     for r in results:
         print(f"  {r['file']:24s} {r['size_mb']:7.2f} MB {r['seconds']:6.1f} s")
-    print(f"  total export time {export_s:.0f} s (goal <= 180 s: {'MET' if export_s <= 180 else 'MISSED'})")
+    print(f"  total export time {export_s:.0f} s with {workers} worker processes "
+          f"(goal <= 180 s: {'MET' if export_s <= 180 else 'MISSED'})")
     print(f"  int8 TFLite {sizes['model_int8.tflite']:.2f} MB (goal <= 8: {'MET' if sizes['model_int8.tflite'] <= 8 else 'MISSED'}); "
           f"fp16 TFLite {sizes['model_fp16.tflite']:.2f} MB (goal <= 15: {'MET' if sizes['model_fp16.tflite'] <= 15 else 'MISSED'})")
 
