@@ -401,7 +401,9 @@ def _onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path
         for m, a, b in zip(mins, new_lo, new_hi)}), cache)
 
 
-def _onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile") -> None:
+def _onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
+               activations: str = "uint8", quant_format: str = "qdq") -> None:
+    """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py)."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
@@ -442,8 +444,10 @@ def _onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: 
         # uint8 activations x int8 weights (U8S8) is the pairing onnxruntime's x86 VNNI
         # kernels run natively: 224 px, 2 threads, p50 32.8 ms with int8 activations,
         # 15.8 ms with uint8 (QOperator format: 20.2 ms).
-        quantize_static(str(src), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantize_static(str(src), str(out_path), reader, per_channel=True,
+                        quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format],
+                        activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations],
+                        weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, extra_options=options, **kwargs)
 
 
