@@ -156,3 +156,15 @@ def test_int8_files_use_the_fast_kernels(exported_run):
     inits = {t.name: t for t in proto.graph.initializer}
     zps = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
     assert zps and all(z.data_type == onnx.TensorProto.UINT8 for z in zps)
+
+
+def test_robust_ranges_ignore_one_outlier_image_and_keep_zero():
+    rng = np.random.default_rng(0)
+    hi = rng.uniform(5, 6, (300, 2)).astype(np.float32)
+    lo = np.zeros((300, 2), np.float32)
+    lo[:, 1] = rng.uniform(-2, -1, 300)
+    hi[7, 0] = 500.0  # one unusual calibration image
+    new_lo, new_hi = export_lib.robust_ranges(lo, hi, 0.99)
+    assert 5 < new_hi[0] < 6.1  # min/max would have given 500
+    assert new_lo[0] == 0.0 and -2 <= new_lo[1] < -1.9
+    assert np.all(new_hi > new_lo)
