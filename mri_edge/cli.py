@@ -98,6 +98,9 @@ def train_options(fn):
         click.option("--dense-units", default=256, show_default=True, type=click.IntRange(1)),
         click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
         click.option("--no-augment", is_flag=True, help="Disable training augmentation."),
+        click.option("--train-bn", is_flag=True,
+                     help="Phase 2 with pretrained weights: batch-norm layers train too (for a weak or "
+                          "from-scratch backbone; frozen is right for ImageNet-quality weights)."),
         click.option("--strict", is_flag=True, help="Fail on unreadable images instead of skipping them."),
         click.option("--limit-per-class", type=click.IntRange(1), default=None,
                      help="Use at most N images per class in each split (quick runs)."),
@@ -123,7 +126,7 @@ def _train_config(task, data_dir, out, **kw):
         unfreeze=kw["unfreeze"], patience=kw["patience"], warmup_epochs=kw["warmup_epochs"],
         val_fraction=kw["val_fraction"], seed=kw["seed"], dense_units=kw["dense_units"], dropout=kw["dropout"],
         augment=not kw["no_augment"], strict=kw["strict"], limit_per_class=kw["limit_per_class"],
-        cache_dir=kw["cache_dir"], dedup=kw["dedup"], eager=kw["eager"],
+        cache_dir=kw["cache_dir"], dedup=kw["dedup"], eager=kw["eager"], train_bn=kw["train_bn"],
     )
 
 

@@ -36,6 +36,9 @@ def test_phase_plan():
     phases, notes = resolve_phases(TrainConfig("tumor", ".", weights="none", epochs_head=2, epochs_finetune=3))
     assert [p["name"] for p in phases] == ["scratch"] and phases[0]["epochs"] == 5
     assert "phase 1" in notes[0] and "skipped" in notes[0]
+    assert resolve_phases(TrainConfig("tumor", ".", weights="imagenet"))[0][1]["freeze_bn"] is True
+    phases, _ = resolve_phases(TrainConfig("tumor", ".", weights="model.keras", train_bn=True))
+    assert phases[0]["freeze_bn"] is True and phases[1]["freeze_bn"] is False  # the head phase keeps BN frozen
 
 
 def test_lr_schedule_warms_up_then_decays():
