@@ -116,7 +116,7 @@ def test_tflite_metadata_is_an_appended_zip(exported_run):
         assert runtime.METADATA_NAME in z.namelist()
 
 
-def test_deployment_graph_turns_unfoldable_batchnorms_into_depthwise_convs(tiny_run):
+def test_deployment_graph_is_the_same_function(tiny_run):
     import keras
 
     from mri_edge.model import load_model
@@ -132,6 +132,8 @@ def test_deployment_graph_turns_unfoldable_batchnorms_into_depthwise_convs(tiny_
         for layer in stack.pop().layers:
             (stack if hasattr(layer, "layers") else layers).append(layer)
     assert sum(isinstance(x, keras.layers.DepthwiseConv2D) for x in layers) == 62
+    assert sorted(export_lib._pooled_linear_convs(net)) == ["pool2_conv", "pool3_conv", "pool4_conv"]
+    assert sum(type(x).__name__ == "PoolThenConv" for x in layers) == 3
     x = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
     assert np.abs(np.asarray(dep(x, training=False)) - np.asarray(net(x, training=False))).max() < 1e-5
 
@@ -146,9 +148,13 @@ def test_int8_files_use_the_fast_kernels(exported_run):
     m = flatbuffer_utils.read_model(str(exported_run / "exports" / "model_int8.tflite"))
     ops = [names[max(m.operatorCodes[o.opcodeIndex].builtinCode, m.operatorCodes[o.opcodeIndex].deprecatedBuiltinCode)]
            for o in m.subgraphs[0].operators]
-    assert ops.count("DEPTHWISE_CONV_2D") == 62 and ops.count("MUL") <= 1 and ops.count("ADD") == 0
+    # 62 batch norms + 3 transition poolings as depthwise convs; no int8 op XNNPACK lacks
+    assert ops.count("DEPTHWISE_CONV_2D") == 65 and ops.count("MUL") <= 1 and ops.count("ADD") == 0
+    assert "AVERAGE_POOL_2D" not in ops
     sg = m.subgraphs[0]
-    dw_weights = [sg.tensors[o.inputs[1]] for o, name in zip(sg.operators, ops) if name == "DEPTHWISE_CONV_2D"]
+    dw_weights = [sg.tensors[o.inputs[1]] for o, name in zip(sg.operators, ops)
+                  if name == "DEPTHWISE_CONV_2D" and list(sg.tensors[o.inputs[1]].shape[:3]) == [1, 1, 1]]
+    assert len(dw_weights) == 62
     # one scale per tensor (file size), and no buffer shared between layers (each was rescaled)
     assert all(len(t.quantization.scale) == 1 for t in dw_weights)
     assert len({t.buffer for t in dw_weights}) == len(dw_weights)
