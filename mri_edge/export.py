@@ -437,13 +437,14 @@ def _onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path
     """Per-image activation extremes through onnxruntime's min/max-augmented graph (each
     tensor gets a ReduceMin/ReduceMax output), reduced by `robust_ranges` - the same rule
     as the TFLite file - and written as an onnxruntime calibration cache."""
-    from onnxruntime.quantization.calibrate import (  # noqa: PLC0415
-        CalibrationMethod, TensorData, TensorsData, create_calibrator, save_tensors_data)
-
-    cal = create_calibrator(model_path, None, augmented_model_path=str(workdir / "augmented.onnx"),
-                            calibrate_method=CalibrationMethod.MinMax)
     import onnxruntime as ort  # noqa: PLC0415
+    from onnxruntime.quantization.calibrate import (  # noqa: PLC0415
+        CalibrationMethod, MinMaxCalibrater, TensorData, TensorsData, save_tensors_data)
 
+    # Only the augmented graph is taken from onnxruntime (create_calibrator would also open a
+    # session with default, spinning threads, to be replaced by this one).
+    cal = MinMaxCalibrater(model_path, None, str(workdir / "augmented.onnx"))
+    cal.augment_graph()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator
     so.intra_op_num_threads = CALIB_THREADS
@@ -690,8 +691,7 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
             calib_meta = {"calibration_manifest_sha256": hashlib.sha256(json.dumps(manifest).encode()).hexdigest(),
                           "calibration_images": len(used),
                           "calibration_range": "min/max over all images" if calib_range == "minmax" else
-                          f"TFLite: {CALIB_QUANTILE:.0%} quantile of per-image activation extremes; "
-                          "ONNX: onnxruntime percentile calibration"}
+                          f"{CALIB_QUANTILE:.0%} quantile of per-image activation extremes (TFLite and ONNX)"}
             log(f"calibration: {len(used)} training images ({time.time() - t:.1f} s)")
 
         def spec(group: list[ExportJob]) -> dict:
