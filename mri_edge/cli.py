@@ -98,9 +98,15 @@ def train_options(fn):
         click.option("--dense-units", default=256, show_default=True, type=click.IntRange(1)),
         click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
         click.option("--no-augment", is_flag=True, help="Disable training augmentation."),
+        click.option("--class-weight", type=click.Choice(["balanced", "sqrt", "none"]), default="balanced",
+                     show_default=True, help="Loss weight per class: scikit-learn's balanced weights, their "
+                                             "square root (milder, for a heavy imbalance), or none."),
         click.option("--train-bn", is_flag=True,
                      help="Phase 2 with pretrained weights: batch-norm layers train too (for a weak or "
                           "from-scratch backbone; frozen is right for ImageNet-quality weights)."),
+        click.option("--time-budget", type=click.FloatRange(0, min_open=True), default=None, metavar="MINUTES",
+                     help="Fit all phases into this wall time: the cosine schedule runs over time, epochs "
+                          "become upper bounds (split over phases by their epochs; counted per invocation)."),
         click.option("--strict", is_flag=True, help="Fail on unreadable images instead of skipping them."),
         click.option("--limit-per-class", type=click.IntRange(1), default=None,
                      help="Use at most N images per class in each split (quick runs)."),
@@ -127,6 +133,7 @@ def _train_config(task, data_dir, out, **kw):
         val_fraction=kw["val_fraction"], seed=kw["seed"], dense_units=kw["dense_units"], dropout=kw["dropout"],
         augment=not kw["no_augment"], strict=kw["strict"], limit_per_class=kw["limit_per_class"],
         cache_dir=kw["cache_dir"], dedup=kw["dedup"], eager=kw["eager"], train_bn=kw["train_bn"],
+        time_budget_s=kw["time_budget"] * 60 if kw["time_budget"] else None, class_weight=kw["class_weight"],
     )
 
 
@@ -161,6 +168,26 @@ def train(task, data_dir, out, resume, **kw):
                                        "`mri-edge train --task ... --resume RUN_DIR`") from None
         raise
     click.echo(f"run folder: {run_dir}")
+    click.echo(f"next: mri-edge export {run_dir} --format all")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Where the run's data is on this machine (re-roots its split manifest).")
+@click.option("--dedup", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An audit.json: also report the leakage-free test subset.")
+def evaluate(run_dir, data_dir, dedup):
+    """Re-run a finished run's test evaluation on this machine.
+
+    \b
+    Example (a model trained on a GPU machine, data in another place here):
+      mri-edge evaluate artifacts/runs/alzheimer-gpu --data-dir ../shared/data/alzheimer-mri
+    """
+    _quiet_tf()
+    from . import train as train_lib  # noqa: PLC0415
+
+    run_guarded(train_lib.evaluate, run_dir, data_dir=data_dir, dedup=dedup, log=echo)
     click.echo(f"next: mri-edge export {run_dir} --format all")
 
 
@@ -295,7 +322,10 @@ def _int_list(ctx, param, value):
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image for the end-to-end (decode + resize + invoke) column [default: a test image of the run].")
 @click.option("--quick", is_flag=True, help="Batch 1, 2 warm-up and 10 timed runs (smoke test).")
-def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_dir, compare_path, image, quick):
+@click.option("--device", type=click.Choice(["all", "cpu", "gpu"]), default="all", show_default=True,
+              help="Only the rows of CPU or of GPU runtimes.")
+def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_dir, compare_path, image, quick,
+          device):
     """Measure latency, throughput, size and memory of every artifact on every runtime.
 
     TARGETS are run folders (model.keras + exports/) and/or model files.
@@ -314,7 +344,7 @@ def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_d
         first = Path(targets[0])
         out_dir = first / "bench" if first.is_dir() else Path("bench")
     out = run_guarded(bench_lib.bench, targets, threads, batches, warmup, runs, seconds, out_dir, log=echo,
-                      ort_opt_level=ort_opt_level, image=image)
+                      ort_opt_level=ort_opt_level, image=image, device=device)
     click.echo(bench_lib.table(out))
     for s in out["skipped"]:
         click.echo(f"skipped: {s['model']} on {s['runtime']} ({s['reason']})")

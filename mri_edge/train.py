@@ -50,6 +50,12 @@ class TrainConfig:
     # suit a strong backbone; a weak from-scratch one whose features must still move
     # collapsed with them frozen (Alzheimer, measured: validation accuracy 47% -> 1-15%).
     train_bn: bool = False
+    # Wall-clock budget (seconds) for all training phases: the cosine schedule runs over
+    # time instead of epochs and a phase stops when its next epoch would overrun its
+    # share. For a fixed session (a lent GPU machine, a CI job) whose speed is not known
+    # in advance; the epoch counts become upper bounds.
+    time_budget_s: float | None = None
+    class_weight: str = "balanced"
     # Filled in when resolved.
     class_names: list[str] = field(default_factory=list)
     phases: list[dict] = field(default_factory=list)
@@ -86,13 +92,59 @@ def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
     return phases, notes
 
 
-def lr_at(epoch: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 1% of the base rate."""
+def lr_at(epoch: int, total: int, base: float, warmup: int, progress: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to 1% of the base rate.
+
+    `progress` (0-1, the share of a time budget used) replaces the epoch count as the
+    position on the cosine once warm-up is over.
+    """
     if warmup and epoch < warmup:
         return base * (epoch + 1) / (warmup + 1)
-    span = max(1, total - warmup)
-    t = min(1.0, (epoch - warmup) / span)
+    if progress is not None:
+        t = min(1.0, max(0.0, progress))
+    else:
+        span = max(1, total - warmup)
+        t = min(1.0, (epoch - warmup) / span)
     return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def phase_budgets(phases: list[dict], budget_s: float | None) -> list[float | None]:
+    """Split a time budget over the phases in proportion to their epochs."""
+    if not budget_s:
+        return [None] * len(phases)
+    total = sum(p["epochs"] for p in phases) or 1
+    return [budget_s * p["epochs"] / total for p in phases]
+
+
+class PhaseClock:
+    """Time-budget bookkeeping of one phase: progress for the schedule, when to stop."""
+
+    def __init__(self, budget_s: float | None, now=time.time):
+        self.budget_s = budget_s
+        self.now = now
+        self.start = now()
+        self.epoch_times: list[float] = []
+        self._epoch_start = self.start
+
+    def progress(self) -> float | None:
+        if not self.budget_s:
+            return None
+        return (self.now() - self.start) / self.budget_s
+
+    def epoch_started(self) -> None:
+        self._epoch_start = self.now()
+
+    def epoch_ended(self) -> bool:
+        """Record the epoch; True when another epoch would overrun the budget."""
+        t = self.now()
+        self.epoch_times.append(t - self._epoch_start)
+        if not self.budget_s:
+            return False
+        # The slowest of the last epochs, leaving out the first (graph tracing, warm-up)
+        # once there are others: measured 180 s first vs 110-144 s later on 2 cores.
+        recent = self.epoch_times[1:] or self.epoch_times
+        typical = max(recent[-3:])
+        return (t - self.start) + typical > self.budget_s
 
 
 def _save_model_atomic(model, path: Path) -> None:
@@ -171,8 +223,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
     for s, d in dec.items():
         if d.skipped:
             log(f"{s}: skipped {len(d.skipped)} unreadable file(s), e.g. {d.skipped[0]['reason']}")
-    weights = data.class_weights(dec["train"].labels, k)
-    log("class weights: " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
+    weights = data.class_weights(dec["train"].labels, k, cfg.class_weight)
+    log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
 
     if state:
         keras.utils.set_random_seed(cfg.seed)
@@ -189,9 +241,11 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
     val_batches = data.make_batches(dec["val"].images, dec["val"].labels, k, cfg.batch_size, shuffle=False)
     first_phase = state["phase"] if state else 0
 
+    budgets = phase_budgets(cfg.phases, cfg.time_budget_s)
     for pi, phase in enumerate(cfg.phases):
         if pi < first_phase:
             continue
+        clock = PhaseClock(budgets[pi])
         start_epoch = state["epoch"] if state and pi == first_phase else 0
         best = {"val_loss": state.get("best_val_loss", float("inf")) if state and pi == first_phase else float("inf")}
         n_trainable = model_lib.set_phase(net, "head" if phase["name"] == "head" else "finetune",
@@ -209,6 +263,11 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
         class Keeper(keras.callbacks.Callback):
             """Per-epoch checkpoint, best-weights file, history and resumable state."""
 
+            def on_epoch_begin(self, epoch, logs=None):
+                clock.epoch_started()
+                self.model.optimizer.learning_rate = lr_at(epoch, phase["epochs"], phase["lr"],
+                                                           cfg.warmup_epochs, clock.progress())
+
             def on_epoch_end(self, epoch, logs=None):
                 logs = dict(logs or {})
                 row = {"phase": phase["name"], "epoch": epoch + 1,
@@ -222,10 +281,12 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
                 report.write_json(run_dir / "state.json", {
                     "phase": pi, "epoch": epoch + 1, "best_val_loss": best["val_loss"], "history": history,
                     "elapsed_s": time.time() - t_start, "finished": False})
+                if clock.epoch_ended() and epoch + 1 < phase["epochs"]:
+                    log(f"phase '{phase['name']}': time budget of {clock.budget_s:.0f} s reached after "
+                        f"epoch {epoch + 1}")
+                    self.model.stop_training = True
 
         cbs = [
-            keras.callbacks.LearningRateScheduler(
-                lambda e, _lr, p=phase: lr_at(e, p["epochs"], p["lr"], cfg.warmup_epochs)),
             Keeper(),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
             *callbacks,
@@ -252,6 +313,54 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
     log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f}; "
         f"wall time {wall:.0f} s; run folder {run_dir}")
     return run_dir
+
+
+def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print) -> dict:
+    """Re-run the test evaluation of a finished run, e.g. one trained on another machine.
+
+    `data_dir` re-roots the run's split manifest (the data sits elsewhere here): every
+    file must be found under it before anything is rewritten, and export/verify then
+    read from there too. The Keras test report becomes this machine's numbers, which
+    is what verify compares exported files against.
+    """
+    from . import model as model_lib  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        manifest = json.loads((run_dir / "split_manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{run_dir}: not a run folder of `mri-edge train` ({e})") from None
+    if not (run_dir / "model.keras").is_file():
+        raise TrainError(f"{run_dir} has no model.keras (unfinished run? continue it with --resume)")
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    if data_dir:
+        root = Path(data_dir)
+        missing = [rel for rows in manifest["splits"].values() for rel, _ in rows if not (root / rel).is_file()]
+        if missing:
+            raise TrainError(f"--data-dir {data_dir}: {len(missing)} file(s) of the run's splits are not there, "
+                             f"e.g. {missing[0]}")
+        manifest["root"] = str(root.resolve())
+        cfg.data_dir = str(data_dir)
+    if dedup:
+        cfg.dedup = dedup
+    elif cfg.dedup and not Path(cfg.dedup).is_file():
+        log(f"the run's --dedup file {cfg.dedup} is not here; leakage-free subset not reported (pass --dedup)")
+        cfg.dedup = None
+    dataset = data.dataset_from_manifest(manifest)
+    net = model_lib.load_model(run_dir / "model.keras")
+    dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, Path(cfg.cache_dir) if cfg.cache_dir else None)
+           for s in ("train", "val", "test")}
+    if data_dir:
+        report.write_json(run_dir / "split_manifest.json", manifest)
+    _, notes = resolve_phases(cfg)
+    result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes)
+    summary = json.loads((run_dir / "config.json").read_text())
+    summary.update({"data_dir": cfg.data_dir, "dedup": cfg.dedup,
+                    "evaluated": {"versions": _versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+    report.write_json(run_dir / "config.json", summary)
+    log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f} ({run_dir})")
+    return result
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:

@@ -74,3 +74,32 @@ def test_bad_weights_fail_before_anything_is_written(tmp_path):
                                     str(tmp_path / "missing.h5"), "--image-size", "32", "--out", str(out)])
     assert res.exit_code == 1 and "--weights" in res.output and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_data, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    moved = tmp_path / "data-elsewhere"
+    shutil.copytree(synth_data, moved)
+    before = json.loads((run / "test_report.json").read_text())
+    manifest_before = (run / "split_manifest.json").read_text()
+
+    wrong = tmp_path / "wrong"
+    (wrong / "Training" / "glioma").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--data-dir", str(wrong)])
+    assert res.exit_code == 1 and "file(s) of the run's splits are not there" in res.output
+    assert (run / "split_manifest.json").read_text() == manifest_before
+
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--data-dir", str(moved)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "split_manifest.json").read_text())["root"] == str(moved.resolve())
+    after = json.loads((run / "test_report.json").read_text())
+    assert after["accuracy"] == before["accuracy"] and after["confusion_matrix"] == before["confusion_matrix"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data_dir"] == str(moved) and cfg["evaluated"]["versions"]["backend"]
+
+    (run / "model.keras").unlink()
+    res = CliRunner().invoke(main, ["evaluate", str(run)])
+    assert res.exit_code == 1 and "has no model.keras" in res.output

@@ -135,3 +135,13 @@ def test_class_weights_are_balanced():
     labels = np.array([0] * 30 + [1] * 10)
     w = data.class_weights(labels, 3)
     assert w[0] == pytest.approx(40 / (2 * 30)) and w[1] == pytest.approx(40 / (2 * 10)) and w[2] == 1.0
+
+
+def test_class_weight_modes():
+    labels = np.array([0] * 98 + [1] * 2)
+    assert data.class_weights(labels, 3)[1] == pytest.approx(25.0)
+    sq = data.class_weights(labels, 3, "sqrt")
+    assert sq[1] == pytest.approx(5.0) and sq[0] == pytest.approx((100 / 196) ** 0.5) and sq[2] == 1.0
+    assert data.class_weights(labels, 3, "none") == {0: 1.0, 1: 1.0, 2: 1.0}
+    with pytest.raises(data.DataError, match="balanced, sqrt, none"):
+        data.class_weights(labels, 3, "inverse")

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from mri_edge.train import TrainConfig, lr_at, resolve_phases, train
+from mri_edge.train import PhaseClock, TrainConfig, lr_at, phase_budgets, resolve_phases, train
 
 OUTPUTS = ["model.keras", "config.json", "labels.json", "split_manifest.json", "history.csv",
            "training_curves.png", "test_report.json", "test_predictions.json", "confusion_matrix.png",
@@ -45,6 +45,39 @@ def test_lr_schedule_warms_up_then_decays():
     lrs = [lr_at(e, 10, 1e-3, 1) for e in range(10)]
     assert lrs[0] < lrs[1] and lrs[1] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] >= 1e-5
+
+
+def test_time_budget_drives_schedule_and_stop():
+    assert phase_budgets([{"epochs": 1}, {"epochs": 3}], 400) == [100, 300]
+    assert phase_budgets([{"epochs": 2}], None) == [None]
+    t = [0.0]
+    clock = PhaseClock(100, now=lambda: t[0])
+    clock.epoch_started()
+    t[0] = 30
+    assert not clock.epoch_ended() and clock.progress() == pytest.approx(0.3)
+    clock.epoch_started()
+    t[0] = 60
+    assert not clock.epoch_ended()  # 60 s used + a 30 s epoch fits in 100
+    clock.epoch_started()
+    t[0] = 75
+    assert clock.epoch_ended()  # 75 + 30 would overrun
+    assert not PhaseClock(None).epoch_ended()
+    # Past warm-up the cosine follows the share of the budget used, whatever the epoch count.
+    assert lr_at(5, 200, 1e-3, 1, progress=0.0) == pytest.approx(1e-3)
+    assert lr_at(5, 200, 1e-3, 1, progress=0.5) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    assert lr_at(5, 200, 1e-3, 1, progress=1.5) == pytest.approx(1e-5)
+    assert lr_at(0, 200, 1e-3, 1, progress=0.9) == pytest.approx(5e-4)  # warm-up epoch first
+
+
+def test_time_budget_stops_a_run_and_it_still_finishes(synth_data, cache_dir, tmp_path):
+    logs = []
+    cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), weights="none",
+                      image_size=32, batch_size=16, epochs_head=0, epochs_finetune=4, dense_units=8,
+                      cache_dir=str(cache_dir), eager=True, limit_per_class=4, time_budget_s=0.01)
+    run = train(cfg, log=logs.append)
+    assert len((run / "history.csv").read_text().splitlines()) == 2  # header + the one epoch that fitted
+    assert any("time budget of 0 s reached after epoch 1" in m for m in logs), logs
+    assert (run / "model.keras").is_file() and (run / "test_report.json").is_file()
 
 
 def test_interrupt_keeps_checkpoint_and_resume_finishes(synth_data, cache_dir, tmp_path):
