@@ -66,7 +66,11 @@ def _open(spec: dict):
 
             fn = tf.function(lambda x: net(x, training=False), reduce_retracing=True)
         else:
-            fn = lambda x: net(x, training=False)  # noqa: E731
+            from .model import no_grad  # noqa: PLC0415
+
+            def fn(x):
+                with no_grad():
+                    return net(x, training=False)
 
         def run(batch):
             return keras.ops.convert_to_numpy(fn(batch.astype(np.float32)))
@@ -127,7 +131,17 @@ def worker(spec: dict) -> dict:
         "throughput_img_s": float(batch * 1e3 / np.median(lat_a)),
         "e2e_p50_ms": float(np.median(e2e)) if e2e else None,
         "peak_rss_added_mb": max(0, _rss_kb("VmHWM") - base_rss) / 1024,
+        **_gpu_memory(spec),
     }
+
+
+def _gpu_memory(spec: dict) -> dict:
+    """Peak GPU memory of a Keras-on-torch GPU row (CPU memory alone says little there)."""
+    if spec.get("device") != "gpu" or spec.get("keras_backend") != "torch":
+        return {}
+    import torch  # noqa: PLC0415
+
+    return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 1e6, "gpu_name": torch.cuda.get_device_name(0)}
 
 
 # ---------------------------------------------------------------- planning and driving
@@ -264,8 +278,14 @@ def run_row(spec: dict, timeout: float = 900) -> dict:
 
 
 def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None, out_dir=None,
-          log=print, ort_opt_level="all", image=None) -> dict:
+          log=print, ort_opt_level="all", image=None, device="all") -> dict:
     rows, skipped, found_image = plan(list(targets))
+    if device != "all":
+        skipped += [{"model": Path(r["model"]).name, "runtime": r["runtime"], "reason": f"--device {device}"}
+                    for r in rows if r["device"] != device]
+        rows = [r for r in rows if r["device"] == device]
+        if not rows:
+            raise BenchError(f"no {device} runtime for these targets")
     image = str(image) if image else found_image
     results = []
     from .progress import Progress  # noqa: PLC0415
@@ -287,7 +307,7 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
     out = {"schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "machine": machine_info(), "settings": {"threads": list(threads), "batches": list(batches),
                                                     "warmup": warmup, "runs": runs, "seconds": seconds,
-                                                    "ort_opt_level": ort_opt_level},
+                                                    "ort_opt_level": ort_opt_level, "device": device},
            "rows": ok, "errors": [r for r in results if "error" in r], "skipped": skipped}
     if out_dir:
         write_outputs(out, Path(out_dir))
@@ -300,10 +320,11 @@ def table(out: dict) -> str:
     return md_table(
         ["model", "runtime", "thr", "batch", "size MB", "load s", "first ms", "p50 ms", "p90 ms", "p99 ms",
          "mean±std ms", "img/s", "e2e p50 ms", "+RSS MB"],
-        [[r["model"], r["runtime_label"], r["threads"], r["batch"], f"{r['size_mb']:.1f}", f"{r['load_s']:.2f}",
+        [[r["model"], r["runtime_label"] + (" GPU" if r["device"] == "gpu" else ""), r["threads"], r["batch"], f"{r['size_mb']:.1f}", f"{r['load_s']:.2f}",
           f"{r['first_inference_ms']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
           f"{r['mean_ms']:.2f}±{r['std_ms']:.2f}", f"{r['throughput_img_s']:.1f}",
-          "" if r["e2e_p50_ms"] is None else f"{r['e2e_p50_ms']:.2f}", f"{r['peak_rss_added_mb']:.0f}"]
+          "" if r["e2e_p50_ms"] is None else f"{r['e2e_p50_ms']:.2f}",
+          f"{r['peak_rss_added_mb']:.0f}" + (f" (GPU {r['gpu_peak_mb']:.0f})" if r.get("gpu_peak_mb") else "")]
          for r in out["rows"]])
 
 

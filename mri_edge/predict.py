@@ -36,7 +36,12 @@ class KerasModel(runtime.Model):
         self.runtime_name = "keras"
 
     def run(self, batch_uint8: np.ndarray) -> np.ndarray:
-        return np.asarray(self.net(batch_uint8.astype(np.float32), training=False))
+        import keras  # noqa: PLC0415
+
+        from .model import no_grad  # noqa: PLC0415
+
+        with no_grad():  # torch: no autograd graph (np.asarray refuses a tensor that needs grad)
+            return keras.ops.convert_to_numpy(self.net(batch_uint8.astype(np.float32), training=False))
 
 
 def open_model(path, threads=None) -> runtime.Model:
