@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Train the two Alzheimer models of the results table on a lent GPU machine.
+#
+# That machine has PyTorch but no TensorFlow, so Keras 3 runs with KERAS_BACKEND=torch
+# (the training code is backend-neutral); keras, namex and optree travel as wheels in
+# .whl/. The data cannot be reached from there: .gpu/ carries a copy of
+# ../shared/data/alzheimer-mri (ignored by git, removed afterwards), the Alzheimer audit
+# and the tumor model's DenseNet121 backbone (fp16 weights file: an initialisation only).
+# Both runs share the GPU at once (each is bound by Python dispatch, not by the GPU)
+# and each fits its training into --time-budget minutes.
+#
+# Prepare here:  benchmarks/gpu_alzheimer.sh --prepare
+# Run there:     bash benchmarks/gpu_alzheimer.sh   (writes $OUT/runs.tgz.* and logs)
+# Back here:     cat runs.tgz.* | tar xzf - -C artifacts/runs, then
+#                mri-edge evaluate artifacts/runs/<run> --data-dir ../shared/data/alzheimer-mri \
+#                    --dedup artifacts/audit/alzheimer-mri/audit.json
+set -uo pipefail
+
+SIZE=${SIZE:-176}
+# ~0.24 GB of GPU memory per image at 176 px (Keras on torch keeps every DenseNet
+# activation): two runs of 96 need ~50 GB of an H100's 80.
+BATCH=${BATCH:-96}
+BUDGET=${BUDGET:-7.5}        # minutes of training per run
+LIMIT=${LIMIT:-570}          # seconds before every training is killed (packaging must still run)
+EXTRA=${EXTRA:-}             # more train options, e.g. "--limit-per-class 20" for a dry run on a CPU
+
+if [ "${1:-}" = "--prepare" ]; then
+    set -e
+    mkdir -p .gpu/data
+    rm -rf .gpu/data/alzheimer-mri && cp -a ../shared/data/alzheimer-mri .gpu/data/
+    cp artifacts/audit/alzheimer-mri/audit.json .gpu/audit.json
+    python - <<'EOF'
+import h5py, numpy as np
+from mri_edge import model as M
+base = M.load_model("artifacts/runs/tumor-64px-ft/model.keras").get_layer(M.BASE_NAME)
+base.save_weights(".gpu/tumor_backbone.weights.h5")
+src, dst = h5py.File(".gpu/tumor_backbone.weights.h5"), h5py.File(".gpu/tumor_backbone_fp16.weights.h5", "w")
+for k, v in src.attrs.items():
+    dst.attrs[k] = v
+def copy(name, obj):
+    if isinstance(obj, h5py.Dataset):
+        a = obj[()]
+        dst.create_dataset(name, data=a.astype(np.float16) if a.dtype == np.float32 else a)
+    else:
+        for k, v in obj.attrs.items():
+            dst.require_group(name).attrs[k] = v
+src.visititems(copy)
+dst.close()
+EOF
+    rm .gpu/tumor_backbone.weights.h5
+    du -sh .gpu .whl
+    exit 0
+fi
+
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT" .gpu/runs
+T0=$(date +%s)
+export KERAS_BACKEND=torch PYTHONUNBUFFERED=1
+if ! python3 -c "import keras" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+DATA=$PWD/.gpu/data/alzheimer-mri
+# The audit names its data folder; point it at the copy (relative paths are the same).
+python3 -c "
+import json, sys; a = json.load(open('.gpu/audit.json')); a['data_dir'] = sys.argv[1]
+json.dump(a, open('.gpu/audit.json', 'w'))" "$DATA"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, keras, numpy; print('torch', torch.__version__, 'keras', keras.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
+
+COMMON="--task alzheimer --data-dir $DATA --image-size $SIZE --batch-size $BATCH --patience 1000 \
+  --time-budget $BUDGET --dedup .gpu/audit.json --cache-dir /tmp/mri-edge-cache $EXTRA"
+timeout "$LIMIT" python3 -m mri_edge.cli train $COMMON --weights none --epochs-head 0 --epochs-finetune 200 \
+    --lr 1e-3 --out .gpu/runs/alzheimer-${SIZE}px-gpu-scratch > "$OUT/scratch.log" 2>&1 &
+timeout "$LIMIT" python3 -m mri_edge.cli train $COMMON --weights .gpu/tumor_backbone_fp16.weights.h5 \
+    --epochs-head 1 --epochs-finetune 200 --unfreeze all --train-bn --lr 1e-3 --lr-finetune 5e-4 \
+    --out .gpu/runs/alzheimer-${SIZE}px-gpu-transfer > "$OUT/transfer.log" 2>&1 &
+while sleep 30; do
+    jobs -r | grep -q . || break
+    echo "$(( $(date +%s) - T0 )) s: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+done
+wait
+echo "training done after $(( $(date +%s) - T0 )) s"
+tail -n 3 "$OUT"/scratch.log "$OUT"/transfer.log
+# model.keras of both runs is ~61 MB: split into parts under the 16 MiB a file may come back with.
+tar czf - --exclude best.keras -C .gpu runs | split -b 15m - "$OUT/runs.tgz."
+ls -la "$OUT"
