@@ -174,7 +174,7 @@ def _per_image_extremes(a: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full(n, a.min()), np.full(n, a.max())  # not batched (a constant): same for every image
 
 
-def _tighten_ranges(calibrated: bytes, calib: np.ndarray, quantile: float) -> bytes:
+def _tighten_ranges(calibrated: bytes, calib: np.ndarray, quantile: float, delegate: bool = True) -> bytes:
     """Replace TFLite's global min/max activation ranges by `robust_ranges`.
 
     TFLite calibrates each activation to the min and max over *all* calibration images,
@@ -188,13 +188,27 @@ def _tighten_ranges(calibrated: bytes, calib: np.ndarray, quantile: float) -> by
     from .runtime import load_interpreter_class, no_delegate_resolver  # noqa: PLC0415
 
     model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
-    tensors = model.subgraphs[0].tensors
+    graph = model.subgraphs[0]
+    tensors = graph.tensors
     idx = [i for i, t in enumerate(tensors)
            if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1]
     cls = load_interpreter_class()[0]
-    # Built-in kernels only: a delegate would fuse ops and leave intermediate tensors unwritten.
-    interp = cls(model_content=calibrated, experimental_preserve_all_tensors=True, num_threads=os.cpu_count(),
-                 experimental_op_resolver_type=no_delegate_resolver(cls))
+    # Every tensor whose range is wanted becomes a graph output, so XNNPACK must write it:
+    # its float kernels ran a 224 px batch of 10 in 0.35 s, TFLite's built-in ones (the
+    # only way to keep intermediates otherwise) in 1.9 s; 60 of the int8 job's 89 s went
+    # there. Same ranges (relative difference 2e-6). Built-in kernels remain the fallback.
+    known = {int(i) for i in graph.inputs} | {int(o) for o in graph.outputs}
+    probe = flatbuffer_utils.convert_bytearray_to_object(calibrated)
+    probe.subgraphs[0].outputs = np.array([int(o) for o in graph.outputs] + [i for i in idx if i not in known],
+                                          dtype=np.int32)
+    try:
+        if not delegate:
+            raise RuntimeError("built-in kernels asked for")
+        interp = cls(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(probe)),
+                     num_threads=os.cpu_count())
+    except (RuntimeError, ValueError):
+        interp = cls(model_content=calibrated, experimental_preserve_all_tensors=True, num_threads=os.cpu_count(),
+                     experimental_op_resolver_type=no_delegate_resolver(cls))
     inp = interp.get_input_details()[0]
     lo = np.zeros((len(calib), len(idx)), np.float32)
     hi = np.zeros((len(calib), len(idx)), np.float32)

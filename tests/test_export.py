@@ -174,3 +174,33 @@ def test_robust_ranges_ignore_one_outlier_image_and_keep_zero():
     assert 5 < new_hi[0] < 6.1  # min/max would have given 500
     assert new_lo[0] == 0.0 and -2 <= new_lo[1] < -1.9
     assert np.all(new_hi > new_lo)
+
+
+def test_range_pass_through_xnnpack_matches_builtin_kernels(tiny_run, tmp_path):
+    """The range pass marks every calibrated tensor as an output so XNNPACK must write it;
+    its ranges must be those of TFLite's built-in kernels (which keep all intermediates)."""
+    import tensorflow as tf
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = export_lib.deployment_graph(export_lib.load_run(tiny_run)[0])
+    model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False,
+                 input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+    images = np.random.default_rng(3).integers(0, 256, (23, 32, 32, 3)).astype(np.float32)
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"))
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([im[None]] for im in images[:2])
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv._experimental_calibrate_only = True
+    calibrated = conv.convert()
+
+    def ranges(blob):
+        m = flatbuffer_utils.convert_bytearray_to_object(blob)
+        return m.subgraphs[0].outputs.tolist(), np.array(
+            [[t.quantization.min[0], t.quantization.max[0]] for t in m.subgraphs[0].tensors
+             if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1])
+
+    fast_outputs, fast = ranges(export_lib._tighten_ranges(calibrated, images, 0.99))
+    slow_outputs, slow = ranges(export_lib._tighten_ranges(calibrated, images, 0.99, delegate=False))
+    assert len(fast) > 100 and fast_outputs == slow_outputs == ranges(calibrated)[0]  # outputs left as they were
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(fast, ranges(calibrated)[1])  # ranges were recomputed from all 23 images
