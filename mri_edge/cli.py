@@ -106,7 +106,7 @@ def train_options(fn):
                           "from-scratch backbone; frozen is right for ImageNet-quality weights)."),
         click.option("--time-budget", type=click.FloatRange(0, min_open=True), default=None, metavar="MINUTES",
                      help="Fit all phases into this wall time: the cosine schedule runs over time, epochs "
-                          "become upper bounds (split over phases by their epochs; counted per invocation)."),
+                          "become upper bounds (split over phases by their epochs; --resume continues the schedule)."),
         click.option("--strict", is_flag=True, help="Fail on unreadable images instead of skipping them."),
         click.option("--limit-per-class", type=click.IntRange(1), default=None,
                      help="Use at most N images per class in each split (quick runs)."),

@@ -119,10 +119,11 @@ def phase_budgets(phases: list[dict], budget_s: float | None) -> list[float | No
 class PhaseClock:
     """Time-budget bookkeeping of one phase: progress for the schedule, when to stop."""
 
-    def __init__(self, budget_s: float | None, now=time.time):
+    def __init__(self, budget_s: float | None, now=time.time, elapsed_s: float = 0.0):
         self.budget_s = budget_s
         self.now = now
-        self.start = now()
+        # A resumed phase continues its cosine where the interrupted run left it.
+        self.start = now() - elapsed_s
         self.epoch_times: list[float] = []
         self._epoch_start = self.start
 
@@ -245,8 +246,9 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
     for pi, phase in enumerate(cfg.phases):
         if pi < first_phase:
             continue
-        clock = PhaseClock(budgets[pi])
-        start_epoch = state["epoch"] if state and pi == first_phase else 0
+        resumed = bool(state) and pi == first_phase
+        clock = PhaseClock(budgets[pi], elapsed_s=state.get("phase_elapsed_s", 0.0) if resumed else 0.0)
+        start_epoch = state["epoch"] if resumed else 0
         best = {"val_loss": state.get("best_val_loss", float("inf")) if state and pi == first_phase else float("inf")}
         n_trainable = model_lib.set_phase(net, "head" if phase["name"] == "head" else "finetune",
                                           phase["unfreeze"], phase["freeze_bn"])
@@ -280,7 +282,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
                 _save_model_atomic(net, run_dir / "checkpoint.keras")
                 report.write_json(run_dir / "state.json", {
                     "phase": pi, "epoch": epoch + 1, "best_val_loss": best["val_loss"], "history": history,
-                    "elapsed_s": time.time() - t_start, "finished": False})
+                    "elapsed_s": time.time() - t_start, "phase_elapsed_s": clock.now() - clock.start,
+                    "finished": False})
                 if clock.epoch_ended() and epoch + 1 < phase["epochs"]:
                     log(f"phase '{phase['name']}': time budget of {clock.budget_s:.0f} s reached after "
                         f"epoch {epoch + 1}")

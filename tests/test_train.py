@@ -62,6 +62,7 @@ def test_time_budget_drives_schedule_and_stop():
     t[0] = 75
     assert clock.epoch_ended()  # 75 + 30 would overrun
     assert not PhaseClock(None).epoch_ended()
+    assert PhaseClock(100, now=lambda: 500.0, elapsed_s=40).progress() == pytest.approx(0.4)  # resumed
     # Past warm-up the cosine follows the share of the budget used, whatever the epoch count.
     assert lr_at(5, 200, 1e-3, 1, progress=0.0) == pytest.approx(1e-3)
     assert lr_at(5, 200, 1e-3, 1, progress=0.5) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
