@@ -9,9 +9,10 @@
 # Both runs share the GPU at once (each is bound by Python dispatch, not by the GPU)
 # and each fits its training into --time-budget minutes.
 #
-# Prepare here:  benchmarks/gpu_alzheimer.sh --prepare
+# Prepare here:  bash benchmarks/gpu_alzheimer.sh --prepare   (.gpu/ is ~50 MB; where at most 64 MiB may
+#                travel, move the shipped .tflite/.onnx files, 45 MB, aside for the call)
 # Run there:     bash benchmarks/gpu_alzheimer.sh   (writes $OUT/runs.tgz.* and logs)
-# Back here:     cat runs.tgz.* | tar xzf - -C artifacts/runs, then
+# Back here:     cat runs.tgz.* | tar xzf - -C artifacts   (-> artifacts/runs/<run>), then
 #                mri-edge evaluate artifacts/runs/<run> --data-dir ../shared/data/alzheimer-mri \
 #                    --dedup artifacts/audit/alzheimer-mri/audit.json
 set -uo pipefail
