@@ -201,12 +201,14 @@ def _tighten_ranges(calibrated: bytes, calib: np.ndarray, quantile: float, deleg
     probe = flatbuffer_utils.convert_bytearray_to_object(calibrated)
     probe.subgraphs[0].outputs = np.array([int(o) for o in graph.outputs] + [i for i in idx if i not in known],
                                           dtype=np.int32)
-    try:
-        if not delegate:
-            raise RuntimeError("built-in kernels asked for")
-        interp = cls(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(probe)),
-                     num_threads=os.cpu_count())
-    except (RuntimeError, ValueError):
+    interp = None
+    if delegate:
+        try:
+            interp = cls(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(probe)),
+                         num_threads=os.cpu_count())
+        except (RuntimeError, ValueError):
+            pass
+    if interp is None:
         interp = cls(model_content=calibrated, experimental_preserve_all_tensors=True, num_threads=os.cpu_count(),
                      experimental_op_resolver_type=no_delegate_resolver(cls))
     inp = interp.get_input_details()[0]

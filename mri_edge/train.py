@@ -249,7 +249,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
         resumed = bool(state) and pi == first_phase
         clock = PhaseClock(budgets[pi], elapsed_s=state.get("phase_elapsed_s", 0.0) if resumed else 0.0)
         start_epoch = state["epoch"] if resumed else 0
-        best = {"val_loss": state.get("best_val_loss", float("inf")) if state and pi == first_phase else float("inf")}
+        best = {"val_loss": state.get("best_val_loss", float("inf")) if resumed else float("inf")}
         n_trainable = model_lib.set_phase(net, "head" if phase["name"] == "head" else "finetune",
                                           phase["unfreeze"], phase["freeze_bn"])
         log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
