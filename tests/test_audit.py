@@ -38,7 +38,28 @@ def test_audit_finds_planted_leaks(leaky, tmp_path):
     conflicts = {(c["a"], c["b"]) for c in a["label_conflicts"]}
     assert any("mislabeled.jpg" in x or "mislabeled.jpg" in y for x, y in conflicts)
     assert a["leakage_free"]["test"] == 12
+    nn = a["nearest_neighbour_probe"]
+    assert nn["n_test"] == 14 and nn["n_reference"] == 33 and 0 <= nn["accuracy"] <= 1
+    assert set(nn["recall_by_class"]) == {"Glioma", "Meningioma", "No Tumor", "Pituitary"}
     assert (tmp_path / "audit.md").is_file() and (tmp_path / "duplicate_pairs.png").is_file()
     paths = [str(p) for p in sorted((leaky / "Testing").rglob("*.*"))]
     mask = leakage_free_mask(tmp_path / "audit.json", paths)
     assert mask.sum() == 12 and len(mask) == 14
+
+
+def test_nearest_neighbour_probe_tells_copies_from_new_images():
+    from mri_edge.audit import _normalise, nearest_neighbour_probe
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(128, 40, (40, 64 * 64)).astype(np.float32)
+    labels_train = np.arange(40) % 4
+    copies = train[:20] + rng.normal(0, 5, (20, 64 * 64)).astype(np.float32)  # seen images, slightly changed
+    unseen = rng.normal(128, 40, (20, 64 * 64)).astype(np.float32)
+    thumbs = _normalise(np.concatenate([train, copies, unseen]))
+    labels = np.concatenate([labels_train, labels_train[:20], (np.arange(20) + 1) % 4])
+    ref = np.arange(40)
+    seen = nearest_neighbour_probe(thumbs, labels, np.arange(40, 60), ref, np.ones(20, bool), 4)
+    new = nearest_neighbour_probe(thumbs, labels, np.arange(60, 80), ref, np.zeros(20, bool), 4)
+    assert seen["accuracy"] == 1.0 and seen["median_best_correlation"] > 0.9
+    assert new["accuracy"] < 0.6 and new["median_best_correlation"] < 0.2
+    assert new["leakage_free_accuracy"] is None and seen["majority_class_rate"] == 0.25
