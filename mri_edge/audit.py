@@ -100,20 +100,20 @@ def nearest_neighbour_probe(thumbs: np.ndarray, labels: np.ndarray, query: np.nd
                             clean: np.ndarray, n_classes: int) -> dict:
     """Label each test image with the class of its most correlated training thumbnail.
 
-    Where test and training share no subjects, this raw-pixel classifier stays near the
-    majority-class rate on brain MRI. Far above it, the test split rewards recognising
-    images (or subjects) seen in training, which a check for copies does not reveal.
+    This classifier learns nothing, so a rate far above the majority class suggests that
+    the test split rewards recognising images or subjects seen in training, which a
+    check for copies does not reveal (or that the classes differ in plain pixel layout).
     `query`/`reference` index test/training rows of `thumbs`; `clean` marks the queries
     with no exact or near copy in training.
     """
-    ref = thumbs[reference]
+    ref, ref_labels = thumbs[reference], labels[reference]
     best = np.empty(len(query), np.float32)
     pred = np.empty(len(query), np.int64)
     for s in range(0, len(query), 512):
         sim = thumbs[query[s:s + 512]] @ ref.T  # contrast-normalised rows: a scaled correlation
         j = sim.argmax(1)
         best[s:s + 512] = sim[np.arange(len(j)), j] / (thumbs.shape[1] * 50.0**2)
-        pred[s:s + 512] = labels[reference][j]
+        pred[s:s + 512] = ref_labels[j]
     truth = labels[query]
     hit = pred == truth
     recall = {int(c): float(hit[truth == c].mean()) for c in range(n_classes) if (truth == c).any()}
