@@ -162,15 +162,16 @@ def main():
     for _ in range(args.rounds):
         for name, rt in targets:
             r = bench.run_row(row_spec(run / name, rt, args.threads, 1, args.runs))
-            if "p50_ms" in r:
-                p50s[(name, rt)].append(r["p50_ms"])
-            else:
+            # None keeps a failed round in its place, so rounds stay paired across rows.
+            p50s[(name, rt)].append(r.get("p50_ms"))
+            if "p50_ms" not in r:
                 errors[(name, rt)] = r.get("error", "failed")
     rows = {}
     for t in targets:
-        if p50s[t]:
-            rows[t] = float(np.median(p50s[t]))
-            print(f"  {t[0]:28s} {t[1]:12s} p50 {rows[t]:8.2f} ms  (rounds: {', '.join(f'{v:.2f}' for v in p50s[t])})")
+        done = [v for v in p50s[t] if v is not None]
+        if done:
+            rows[t] = float(np.median(done))
+            print(f"  {t[0]:28s} {t[1]:12s} p50 {rows[t]:8.2f} ms  (rounds: {', '.join(f'{v:.2f}' for v in done)})")
         else:
             print(f"  {t[0]:28s} {t[1]:12s} {errors.get(t)}")
     keras_key = ("model.keras", "keras")
@@ -181,7 +182,7 @@ def main():
     best = rows[best_key]
     # Keras and the int8 file of the same round ran seconds apart, so their ratio is
     # less exposed to the host's drift than the ratio of two medians.
-    paired = [k / i for k, i in zip(p50s[keras_key], p50s[best_key])]
+    paired = [k / i for k, i in zip(p50s[keras_key], p50s[best_key]) if k is not None and i is not None]
     print(f"  best int8 ({best_key[0]}, {best_key[1]}): {keras_p50 / best:.2f}x faster than Keras "
           f"(goal >= 6x: {'MET' if keras_p50 / best >= 6 else 'MISSED'}); per round: "
           f"{', '.join(f'{r:.2f}x' for r in paired)}, {sum(r >= 6 for r in paired)} of {len(paired)} rounds >= 6x")
