@@ -60,6 +60,11 @@ class TrainConfig:
     class_names: list[str] = field(default_factory=list)
     phases: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainConfig":
+        """The config of a run folder's config.json (which also holds versions and the like)."""
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
 
 class TrainError(RuntimeError):
     pass
@@ -191,7 +196,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
             raise TrainError(f"--resume {resume}: not a resumable run folder ({e})") from None
         if state.get("finished"):
             raise TrainError(f"--resume {resume}: that run already finished")
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+        cfg = TrainConfig.from_saved(saved)
         dataset = data.dataset_from_manifest(json.loads((run_dir / "split_manifest.json").read_text()))
         t_start -= state.get("elapsed_s", 0.0)
         log(f"resuming {run_dir} at phase {state['phase']} epoch {state['epoch']}")
@@ -336,7 +341,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
         raise TrainError(f"{run_dir}: not a run folder of `mri-edge train` ({e})") from None
     if not (run_dir / "model.keras").is_file():
         raise TrainError(f"{run_dir} has no model.keras (unfinished run? continue it with --resume)")
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    cfg = TrainConfig.from_saved(saved)
     if data_dir:
         root = Path(data_dir)
         missing = [rel for rows in manifest["splits"].values() for rel, _ in rows if not (root / rel).is_file()]
@@ -357,11 +362,9 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     if data_dir:
         report.write_json(run_dir / "split_manifest.json", manifest)
     _, notes = resolve_phases(cfg)
-    result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes)
-    summary = json.loads((run_dir / "config.json").read_text())
-    summary.update({"data_dir": cfg.data_dir, "dedup": cfg.dedup,
-                    "evaluated": {"versions": _versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
-    report.write_json(run_dir / "config.json", summary)
+    result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes, config_update={
+        "data_dir": cfg.data_dir, "dedup": cfg.dedup,
+        "evaluated": {"versions": _versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
     log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f} ({run_dir})")
     return result
 
@@ -383,7 +386,8 @@ def predict_arrays(net, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.asarray(net.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
 
 
-def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, notes: list[str]) -> dict:
+def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, notes: list[str],
+                 config_update: dict | None = None) -> dict:
     """Test-set report: metrics, bootstrap CI, per-image predictions, plots and report.md."""
     names = cfg.class_names
     test = dec["test"]
@@ -416,6 +420,6 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     }
     report.write_text(run_dir / "report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
     summary = json.loads((run_dir / "config.json").read_text())
-    summary["wall_time_s"] = wall
+    summary.update({"wall_time_s": wall, **(config_update or {})})
     report.write_json(run_dir / "config.json", summary)
     return m
