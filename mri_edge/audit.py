@@ -97,7 +97,7 @@ def near_pairs(hashes_a, thumbs_a, hashes_b, thumbs_b, same: bool, max_dist: int
 
 
 def nearest_neighbour_probe(thumbs: np.ndarray, labels: np.ndarray, query: np.ndarray, reference: np.ndarray,
-                            clean: np.ndarray, n_classes: int) -> dict:
+                            clean: np.ndarray, names: list[str]) -> dict:
     """Label each test image with the class of its most correlated training thumbnail.
 
     This classifier learns nothing, so a rate far above the majority class suggests that
@@ -116,10 +116,10 @@ def nearest_neighbour_probe(thumbs: np.ndarray, labels: np.ndarray, query: np.nd
         pred[s:s + 512] = ref_labels[j]
     truth = labels[query]
     hit = pred == truth
-    recall = {int(c): float(hit[truth == c].mean()) for c in range(n_classes) if (truth == c).any()}
+    recall = {n: float(hit[truth == c].mean()) for c, n in enumerate(names) if (truth == c).any()}
     return {"accuracy": float(hit.mean()),
             "leakage_free_accuracy": float(hit[clean].mean()) if clean.any() else None,
-            "majority_class_rate": float(np.bincount(truth, minlength=n_classes).max() / len(truth)),
+            "majority_class_rate": float(np.bincount(truth, minlength=len(names)).max() / len(truth)),
             "recall_by_class": recall, "median_best_correlation": float(np.median(best)),
             "n_test": int(len(query)), "n_reference": int(len(reference))}
 
@@ -223,8 +223,7 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
     if len(query) and len(reference):
         labels = np.array([items[i][2] for i in idx])
         clean = np.array([rel[idx[k]] not in leaked["test"] for k in query])
-        probe = nearest_neighbour_probe(thumbs, labels, query, reference, clean, len(names))
-        probe["recall_by_class"] = {names[c]: r for c, r in probe["recall_by_class"].items()}
+        probe = nearest_neighbour_probe(thumbs, labels, query, reference, clean, names)
         log(f"  nearest-neighbour probe: a raw-pixel 1-NN classifier gets {probe['accuracy']:.1%} of test images "
             f"right (majority class {probe['majority_class_rate']:.1%})")
     out = {

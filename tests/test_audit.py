@@ -58,8 +58,9 @@ def test_nearest_neighbour_probe_tells_copies_from_new_images():
     thumbs = _normalise(np.concatenate([train, copies, unseen]))
     labels = np.concatenate([labels_train, labels_train[:20], (np.arange(20) + 1) % 4])
     ref = np.arange(40)
-    seen = nearest_neighbour_probe(thumbs, labels, np.arange(40, 60), ref, np.ones(20, bool), 4)
-    new = nearest_neighbour_probe(thumbs, labels, np.arange(60, 80), ref, np.zeros(20, bool), 4)
+    names = ["a", "b", "c", "d"]
+    seen = nearest_neighbour_probe(thumbs, labels, np.arange(40, 60), ref, np.ones(20, bool), names)
+    new = nearest_neighbour_probe(thumbs, labels, np.arange(60, 80), ref, np.zeros(20, bool), names)
     assert seen["accuracy"] == 1.0 and seen["median_best_correlation"] > 0.9
     assert new["accuracy"] < 0.6 and new["median_best_correlation"] < 0.2
     assert new["leakage_free_accuracy"] is None and seen["majority_class_rate"] == 0.25
