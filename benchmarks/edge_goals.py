@@ -1,7 +1,8 @@
 """Export and latency goals of a 224 px DenseNet121, measured side by side in one run.
 
-1. Export all six files (TFLite fp32/fp16/dynamic/int8, ONNX fp32/int8): total time
-   <= 180 s on 2 cores; int8 TFLite <= 8 MB; fp16 TFLite <= 15 MB.
+1. Export every file (TFLite fp32/fp16/dynamic/int8, ONNX fp32/int8, and OpenVINO
+   fp32/int8 where OpenVINO is installed): total time <= 180 s on 2 cores; int8 TFLite
+   <= 8 MB; fp16 TFLite <= 15 MB.
 2. Batch-1 latency at 2 threads, each row in a fresh process: the best int8
    artifact >= 6x faster than Keras.
 3. The machine's int8 compute limit: theoretical (cores x clock x MACs/cycle for
@@ -144,7 +145,7 @@ def main():
         assert not failures, failures
         sizes = {r["file"]: r["size_mb"] for r in results}
         workers = json.loads((run / "exports" / "exports.json").read_text())["last_export"]["workers"]
-        print("== export (all six files, one 224 px model)")
+        print(f"== export (all {len(results)} files, one 224 px model)")
         for r in results:
             print(f"  {r['file']:24s} {r['size_mb']:7.2f} MB {r['seconds']:6.1f} s")
         print(f"  total export time {export_s:.0f} s with {workers} worker processes "
@@ -157,6 +158,7 @@ def main():
     targets = (("model.keras", "keras"), ("exports/model_fp32.tflite", "litert"),
                ("exports/model_int8.tflite", "litert"), ("exports/model_fp32.onnx", "onnxruntime"),
                ("exports/model_int8.onnx", "onnxruntime"))
+    targets += tuple((f"exports/{n}", "openvino") for n in ("model_fp32.xml", "model_int8.xml") if (run / "exports" / n).is_file())
     p50s = {t: [] for t in targets}
     errors = {}
     for _ in range(args.rounds):
@@ -199,6 +201,7 @@ def main():
     rates = {t: max(probes[shape][t] for shape in PROBE_CONVS) for t in (1, args.threads)}
     uses_amx = rates[1] > vnni_core
     measured = int8_gemm_peak(args.threads)
+    ov_kernels = openvino_int8_kernels(run / "exports" / "model_int8.xml", args.threads)
     print("== int8 compute limit")
     print(f"  CPU {info['cpu']}, {cores} cores used at {ghz:.2f} GHz (nominal), "
           f"flags {[f for f in info['cpu_flags'] if 'vnni' in f or 'amx' in f]}")
@@ -213,6 +216,10 @@ def main():
     for (h, cin, cout, k), r in probes.items():
         print(f"    probe {h}x{h}x{cin}->{cout} k{k}: " + ", ".join(f"{v:.0f} GMAC/s on {t} thr" for t, v in r.items()))
     print(f"  onnxruntime MLAS int8 GEMM (2048^3): {measured:.0f} GMAC/s")
+    if ov_kernels:
+        amx = sum(n for k, n in ov_kernels.items() if "amx" in k)
+        print(f"  OpenVINO int8 file, compiled: {amx} of {sum(ov_kernels.values())} int8 convolutions on AMX kernels "
+              f"({', '.join(f'{n} {k}' for k, n in sorted(ov_kernels.items(), key=lambda kv: -kv[1]))})")
     limit_name, limit = ("AMX", cores * amx_core) if uses_amx else ("AVX-512 VNNI", cores * vnni_core)
     print(f"  the machine's int8 limit for this runtime: {limit_name} theoretical, {limit:.0f} GMAC/s")
     achieved = {"batch 1": DENSENET121_GMAC_224 / (best / 1e3)}
@@ -223,6 +230,25 @@ def main():
         print(f"  best int8 artifact, {label}: {ms:.2f} ms per image = {rate:.0f} GMAC/s -> "
               f"{limit / rate:.2f}x from the {limit_name} limit (goal <= 2.5x: {'MET' if limit / rate <= 2.5 else 'MISSED'}), "
               f"{rates[args.threads] / rate:.2f}x from LiteRT's own large-convolution rate")
+
+
+def openvino_int8_kernels(path: Path, threads: int) -> dict[str, int]:
+    """Kernel name -> count over the int8 convolutions of the compiled OpenVINO model (empty without one)."""
+    if not path.is_file():
+        return {}
+    import openvino as ov
+
+    core = ov.Core()
+    net = core.read_model(str(path))
+    net.reshape([1, 224, 224, 3])
+    compiled = core.compile_model(net, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    out: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kernel = info["primitiveType"].astype(str)
+        if info["layerType"].astype(str) == "Convolution" and kernel.lower().endswith("_i8"):
+            out[kernel] = out.get(kernel, 0) + 1
+    return out
 
 
 def row_spec(model: Path, runtime: str, threads: int, batch: int, runs: int) -> dict:

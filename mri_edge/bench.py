@@ -78,6 +78,11 @@ def _open(spec: dict):
         return run, size, f"keras[{keras.backend.backend()}]"
     from . import runtime  # noqa: PLC0415
 
+    if rt.startswith("openvino"):
+        from . import ov  # noqa: PLC0415
+
+        m = ov.OpenVINOModel(path, threads, spec.get("ov_precision", "f32"))
+        return m.run, m.image_size, m.runtime_name
     meta = runtime.read_metadata(path)
     if path.suffix == ".tflite":
         m = runtime.TFLiteModel(path, meta, threads, {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
@@ -159,7 +164,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     versions = {}
-    for mod in ("numpy", "tensorflow", "keras", "ai_edge_litert", "tflite_runtime", "onnxruntime", "torch", "cv2"):
+    for mod in ("numpy", "tensorflow", "keras", "ai_edge_litert", "tflite_runtime", "onnxruntime", "openvino", "torch", "cv2"):
         if importlib.util.find_spec(mod) is None:
             continue
         try:
@@ -175,6 +180,12 @@ def machine_info() -> dict:
             versions[mod] = "?"
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "versions": versions}
+
+
+def _size(path: Path) -> int:
+    """Bytes on disk; an OpenVINO model counts its .bin too."""
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return path.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)
 
 
 def _has(mod: str) -> bool:
@@ -211,9 +222,9 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
             if (p / "model.keras").is_file():
                 files.append(p / "model.keras")
             for sub in (p / "exports", p):
-                files += sorted([*sub.glob("*.tflite"), *sub.glob("*.onnx")])
+                files += sorted([*sub.glob("*.tflite"), *sub.glob("*.onnx"), *sub.glob("*.xml")])
             if not files:
-                raise BenchError(f"{p}: no model.keras, .tflite or .onnx files")
+                raise BenchError(f"{p}: no model.keras, .tflite, .onnx or OpenVINO .xml files")
             manifest = p / "split_manifest.json"
             if manifest.is_file() and image is None:
                 m = json.loads(manifest.read_text())
@@ -222,8 +233,8 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
                 image = str(cand) if cand.is_file() else None
             artifacts += files
         elif p.is_file():
-            if p.suffix not in (".keras", ".tflite", ".onnx"):
-                raise BenchError(f"{p}: not a model file (.keras, .tflite or .onnx)")
+            if p.suffix not in (".keras", ".tflite", ".onnx", ".xml"):
+                raise BenchError(f"{p}: not a model file (.keras, .tflite, .onnx or OpenVINO .xml)")
             artifacts.append(p)
         else:
             raise BenchError(f"{p}: no such file or folder")
@@ -250,6 +261,11 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
                     rows.append({"model": str(a), "runtime": rt, "device": "cpu"})
                 else:
                     skipped.append({"model": a.name, "runtime": rt, "reason": f"{mod} not installed"})
+        elif a.suffix == ".xml":
+            if _has("openvino"):
+                rows.append({"model": str(a), "runtime": "openvino", "device": "cpu"})
+            else:
+                skipped.append({"model": a.name, "runtime": "openvino", "reason": "openvino not installed"})
         else:
             if "CPUExecutionProvider" in providers:
                 rows.append({"model": str(a), "runtime": "onnxruntime", "device": "cpu"})
@@ -298,7 +314,7 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
             res = run_row(s)
             path = Path(s["model"])
             row = {"model": path.name, "path": str(path), "runtime": s["runtime"], "device": s["device"],
-                   "threads": s["threads"], "batch": s["batch"], "size_mb": path.stat().st_size / 1e6, **res}
+                   "threads": s["threads"], "batch": s["batch"], "size_mb": _size(path) / 1e6, **res}
             if "error" in res:
                 log(f"  {path.name} [{s['runtime']}] t={s['threads']} b={s['batch']}: ERROR {res['error']}")
             results.append(row)

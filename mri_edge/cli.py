@@ -193,8 +193,9 @@ def evaluate(run_dir, data_dir, dedup):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--format", "formats", multiple=True, type=click.Choice(["tflite", "onnx", "all"]),
-              default=("all",), show_default=True, help="Repeatable.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["tflite", "onnx", "openvino", "all"]),
+              default=("all",), show_default=True,
+              help="Repeatable. all = tflite, onnx, and openvino where OpenVINO is installed.")
 @click.option("--quantize", multiple=True, type=click.Choice(["none", "fp16", "dynamic", "int8"]),
               help="Repeatable [default: every quantization the format supports].")
 @click.option("--io-dtype", type=click.Choice(["uint8", "int8", "float32"]), default="uint8", show_default=True,
@@ -207,7 +208,7 @@ def evaluate(run_dir, data_dir, dedup):
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Conversions run side by side in this many processes [default: cores, at most 2].")
 def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, opset, workers):
-    """Export a trained run to TFLite and ONNX files with embedded metadata.
+    """Export a trained run to TFLite, ONNX and OpenVINO files with embedded metadata.
 
     \b
     Example:
@@ -275,7 +276,7 @@ def verify(run_dir, files, min_agreement_float, max_drop_float, min_agreement_qu
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 @click.option("--threads", type=click.IntRange(1), default=None)
 def predict(model_path, images, top_k, as_json, threads):
-    """Classify images with a .tflite, .onnx or .keras model (or a run folder).
+    """Classify images with a .tflite, .onnx, OpenVINO .xml or .keras model (or a run folder).
 
     IMAGES may be files, folders or glob patterns. Unreadable images are reported
     and skipped; the exit status is 1 if any image failed.

@@ -1,9 +1,11 @@
-"""Export a trained run to TFLite (fp32, fp16, dynamic-range, full-integer int8) and ONNX (fp32, int8).
+"""Export a trained run to TFLite (fp32, fp16, dynamic-range, full-integer int8), ONNX (fp32, int8)
+and, where OpenVINO is installed, OpenVINO IR (fp32, int8).
 
 Every file carries its own metadata (class names, preprocessing contract, quantization
 parameters, source model hash, calibration manifest hash): TFLite files get a ZIP
 appended after the flatbuffer (the interpreter ignores trailing bytes, the same
-mechanism TFLite's "associated files" use); ONNX files get `metadata_props`.
+mechanism TFLite's "associated files" use); ONNX files get `metadata_props`, OpenVINO
+files an `rt_info` entry.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .runtime import METADATA_KEY, METADATA_NAME
 FORMATS = {
     "tflite": {"suffix": ".tflite", "quantize": ("none", "fp16", "dynamic", "int8")},
     "onnx": {"suffix": ".onnx", "quantize": ("none", "int8")},
+    "openvino": {"suffix": ".xml", "quantize": ("none", "int8")},
 }
 IO_DTYPES = ("uint8", "int8", "float32")
 CALIB_RANGES = ("percentile", "minmax")
@@ -56,10 +59,17 @@ def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str) -> 
     """Expand --format/--quantize into jobs; unsupported combinations are refused up front."""
     if io_dtype not in IO_DTYPES:
         raise ExportError(f"--io-dtype must be one of {', '.join(IO_DTYPES)}")
-    fmts = list(FORMATS) if (not formats or "all" in formats) else list(dict.fromkeys(formats))
+    from . import ov  # noqa: PLC0415
+
+    if not formats or "all" in formats:  # "all" means every format whose converter is installed
+        fmts = [f for f in FORMATS if f != "openvino" or ov.available(for_export=True)]
+    else:
+        fmts = list(dict.fromkeys(formats))
     for f in fmts:
         if f not in FORMATS:
-            raise ExportError(f"unknown --format {f!r}; choose tflite, onnx or all")
+            raise ExportError(f"unknown --format {f!r}; choose {', '.join(FORMATS)} or all")
+        if f == "openvino" and not ov.available(for_export=True):
+            raise ExportError("--format openvino needs OpenVINO and NNCF (pip install 'mri-edge[full]')")
     jobs = []
     for f in fmts:
         qs = FORMATS[f]["quantize"] if not quantize else quantize
@@ -565,7 +575,8 @@ def _tflite_job(job: ExportJob, saved_model: str, calib, calib_range: str, meta:
 
 def _onnx_jobs(jobs: list[ExportJob], model, size: int, opset: int, calib, calib_range: str, metas: list[dict],
                targets: list[Path], workdir: Path, outcome) -> None:
-    """fp32 first (int8 is quantized from it), then the requested files, each reported through outcome()."""
+    """fp32 ONNX first (ONNX int8 and the OpenVINO files are made from it), then the requested
+    files, each reported through outcome()."""
     import onnx  # noqa: PLC0415
 
     fp32_path = workdir / "fp32.onnx"
@@ -574,6 +585,16 @@ def _onnx_jobs(jobs: list[ExportJob], model, size: int, opset: int, calib, calib
         try:
             if not fp32_path.exists():
                 fp32_path.write_bytes(_onnx_fp32(model, size, opset).SerializeToString())
+            if job.fmt == "openvino":
+                from . import ov  # noqa: PLC0415
+
+                net = ov.quantize_int8(fp32_path, calib) if job.quantize == "int8" else ov.from_onnx(fp32_path)
+                meta.update(ov.io_details(net))
+                if job.quantize == "int8":
+                    meta["calibration_range"] = "NNCF post-training quantization, its default ranges"
+                ov.save(net, target, meta)
+                outcome(job, meta, target, t, None)
+                continue
             if job.quantize == "int8":
                 q_path = workdir / "int8.onnx"
                 _onnx_int8(fp32_path, q_path, calib, calib_range)
@@ -594,9 +615,12 @@ def _record(job: ExportJob, meta: dict, target: Path, started: float, error: Exc
     if error is not None:
         msg = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:300]
         return {"file": job.filename, "format": job.fmt, "quantization": job.quantize, "error": msg}
+    # An OpenVINO model is two files: its size counts both, its hash is that of the weights.
+    data = target.with_suffix(".bin") if job.fmt == "openvino" else target
+    size = target.stat().st_size + (data.stat().st_size if data != target else 0)
     return {"file": job.filename, "format": job.fmt, "quantization": job.quantize,
-            "io_dtype": meta["input"]["dtype"], "size_mb": target.stat().st_size / 1e6,
-            "seconds": time.time() - started, "sha256": sha256_file(target)}
+            "io_dtype": meta["input"]["dtype"], "size_mb": size / 1e6,
+            "seconds": time.time() - started, "sha256": sha256_file(data)}
 
 
 def _run_group(group: dict, model=None) -> list[dict]:
@@ -616,7 +640,7 @@ def _run_group(group: dict, model=None) -> list[dict]:
     def outcome(job, meta, target, started, error):
         out.append(_record(job, meta, target, started, error))
 
-    if jobs[0].fmt == "tflite":
+    if jobs[0].fmt == "tflite":  # else the ONNX chain (ONNX and OpenVINO files)
         for job, meta, target in zip(jobs, group["metas"], targets):
             t = time.time()
             try:
@@ -641,13 +665,13 @@ def _run_group(group: dict, model=None) -> list[dict]:
 def _groups(jobs: list[ExportJob]) -> list[list[ExportJob]]:
     """Independent units of work, longest first: full-integer TFLite and the ONNX chain
     (conversion + int8 calibration) take the longest, the float TFLite files least."""
-    onnx_jobs = [j for j in jobs if j.fmt == "onnx"]
+    onnx_jobs = [j for j in jobs if j.fmt in ("onnx", "openvino")]
     tfl = [j for j in jobs if j.fmt == "tflite"]
     cost = {"int8": 0, "none": 1, "fp16": 2, "dynamic": 3}
     groups = [[j] for j in sorted(tfl, key=lambda j: cost[j.quantize])]
     if onnx_jobs:
         groups.insert(1 if tfl and tfl[0].quantize == "int8" else 0,
-                      sorted(onnx_jobs, key=lambda j: j.quantize != "none"))
+                      sorted(onnx_jobs, key=lambda j: (j.fmt != "onnx", j.quantize != "none")))
     return groups
 
 
@@ -749,7 +773,7 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
             # spawn, not fork: forking a process that has TensorFlow loaded is unsafe.
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
                 # The ONNX chain needs only model.keras: start it while the SavedModel is written.
-                futures = {pool.submit(_run_group, spec(g)): g for g in groups if g[0].fmt == "onnx"}
+                futures = {pool.submit(_run_group, spec(g)): g for g in groups if g[0].fmt != "tflite"}
                 if has_tflite:
                     saved_model()
                 futures.update({pool.submit(_run_group, spec(g)): g for g in groups if g[0].fmt == "tflite"})

@@ -52,6 +52,10 @@ def open_model(path, threads=None) -> runtime.Model:
         if not p.is_file():
             raise runtime.RuntimeModelError(f"{p}: not found")
         return KerasModel(p)
+    if p.suffix == ".xml":
+        from . import ov  # noqa: PLC0415
+
+        return ov.OpenVINOModel(p, threads=threads)
     return runtime.load(p, threads=threads)
 
 

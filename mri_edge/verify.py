@@ -1,7 +1,7 @@
 """Accuracy parity of every exported file against the Keras test-set report.
 
 Each exported file runs on the whole test split through `mri_edge.runtime` (the
-code a device runs) and is compared image by image with the Keras predictions
+code a device runs; OpenVINO files through `mri_edge.ov`) and is compared image by image with the Keras predictions
 stored by `mri-edge train` in test_predictions.json.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report, runtime
+from . import report
+from .predict import open_model
 from .progress import Progress
 
 
@@ -54,7 +55,7 @@ def paired_delta_ci(keras_ok: np.ndarray, file_ok: np.ndarray, seed: int = 0, n_
 
 def find_exports(run_dir: Path) -> list[Path]:
     ex = run_dir / "exports"
-    files = sorted([*ex.glob("*.tflite"), *ex.glob("*.onnx")]) if ex.is_dir() else []
+    files = sorted([*ex.glob("*.tflite"), *ex.glob("*.onnx"), *ex.glob("*.xml")]) if ex.is_dir() else []
     return files
 
 
@@ -121,7 +122,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     out_dir = run_dir / "verify"
     out_dir.mkdir(exist_ok=True)
     for f in files:
-        model = runtime.load(f, threads=threads)
+        model = open_model(f, threads=threads)
         if model.class_names != names:
             raise VerifyError(f"{f.name}: class names {model.class_names} differ from the run's {names}")
         size = model.image_size
@@ -196,7 +197,8 @@ def markdown(out: dict) -> str:
         "# Export parity",
         "",
         f"Keras reference: accuracy {out['keras']['accuracy']:.4f}, macro-F1 {out['keras']['macro_f1']:.4f} "
-        f"on {out['n_test']} test images. Every file below ran through `mri_edge.runtime`.",
+        f"on {out['n_test']} test images. Every TFLite and ONNX file below ran through `mri_edge.runtime`, "
+        "OpenVINO files through `mri_edge.ov`.",
         "",
         summary_table(out),
         "",

@@ -44,7 +44,7 @@ def tiny_run(synth_data, cache_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported_run(tiny_run):
-    """tiny_run with all six exports, converted by two worker processes."""
+    """tiny_run with every export (`--format all`), converted by two worker processes."""
     from mri_edge.export import export_run
 
     results, failures = export_run(tiny_run, ("all",), (), "uint8", calib_size=16, log=lambda *_: None, workers=2)

@@ -7,28 +7,36 @@ import numpy as np
 import pytest
 
 from mri_edge import export as export_lib
-from mri_edge import runtime
+from mri_edge import ov, runtime
+from mri_edge.predict import open_model
 
 pytestmark = pytest.mark.slow
 
 SIX = ["model_fp32.tflite", "model_fp16.tflite", "model_dynamic.tflite", "model_int8.tflite",
        "model_fp32.onnx", "model_int8.onnx"]
+# `--format all` adds the OpenVINO pair where OpenVINO is installed (it is in the [full] extra).
+OPENVINO = ["model_fp32.xml", "model_int8.xml"] if ov.available(for_export=True) else []
+ALL = SIX + OPENVINO
+
+
+def read_meta(path):
+    return ov.read_metadata(path) if path.suffix == ".xml" else runtime.read_metadata(path)
 
 
 def test_plan_rejects_unsupported_combinations():
     with pytest.raises(export_lib.ExportError, match="does not support"):
         export_lib.plan(("onnx",), ("fp16",), "uint8")
     jobs = export_lib.plan(("all",), (), "uint8")
-    assert [j.filename for j in jobs] == SIX
+    assert [j.filename for j in jobs] == ALL
     assert [j.filename for j in export_lib.plan(("tflite",), ("int8",), "float32")] == ["model_int8_float32io.tflite"]
 
 
-def test_all_six_files_exist_load_and_run(exported_run):
+def test_all_files_exist_load_and_run(exported_run):
     index = json.loads((exported_run / "exports" / "exports.json").read_text())
-    assert sorted(r["file"] for r in index["exports"]) == sorted(SIX)
+    assert sorted(r["file"] for r in index["exports"]) == sorted(ALL)
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    for name in SIX:
-        m = runtime.load(exported_run / "exports" / name)
+    for name in ALL:
+        m = open_model(exported_run / "exports" / name)
         p = m.run(x)
         assert p.shape == (2, 4) and np.allclose(p.sum(1), 1, atol=0.05), name
 
@@ -39,8 +47,8 @@ def test_fp32_files_match_keras(exported_run):
     net = load_model(exported_run / "model.keras")
     x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
     ref = np.asarray(net(x.astype(np.float32), training=False))
-    for name in ("model_fp32.tflite", "model_fp32.onnx"):
-        got = runtime.load(exported_run / "exports" / name).run(x)
+    for name in ["model_fp32.tflite", "model_fp32.onnx"] + OPENVINO[:1]:
+        got = open_model(exported_run / "exports" / name).run(x)
         assert np.abs(got - ref).max() < 1e-4, name
 
 
@@ -57,8 +65,8 @@ def test_int8_tflite_is_full_integer_with_uint8_io(exported_run):
 
 def test_metadata_round_trips(exported_run, tiny_run):
     sha = export_lib.sha256_file(tiny_run / "model.keras")
-    for name in SIX:
-        meta = runtime.read_metadata(exported_run / "exports" / name)
+    for name in ALL:
+        meta = read_meta(exported_run / "exports" / name)
         assert meta["class_names"] == ["Glioma", "Meningioma", "No Tumor", "Pituitary"]
         assert meta["input_size"] == [32, 32] and meta["task"] == "tumor"
         assert meta["source_model_sha256"] == sha
@@ -107,7 +115,7 @@ def test_failed_format_leaves_earlier_files_untouched(exported_run, monkeypatch)
     assert target.read_bytes() == before
     assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
     index = json.loads((exported_run / "exports" / "exports.json").read_text())
-    assert len(index["exports"]) == 6
+    assert len(index["exports"]) == len(ALL)
 
 
 def test_tflite_metadata_is_an_appended_zip(exported_run):
@@ -204,3 +212,21 @@ def test_range_pass_through_xnnpack_matches_builtin_kernels(tiny_run, tmp_path):
     assert len(fast) > 100 and fast_outputs == slow_outputs == ranges(calibrated)[0]  # outputs left as they were
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
     assert not np.allclose(fast, ranges(calibrated)[1])  # ranges were recomputed from all 23 images
+
+
+@pytest.mark.skipif(not OPENVINO, reason="OpenVINO or NNCF not installed")
+def test_openvino_int8_is_quantized_and_a_missing_weights_file_fails_cleanly(exported_run, tmp_path):
+    import shutil
+
+    import openvino
+
+    net = openvino.Core().read_model(str(exported_run / "exports" / "model_int8.xml"))
+    fake_quant = [op for op in net.get_ops() if op.get_type_name() == "FakeQuantize"]
+    assert len(fake_quant) > 100  # every convolution's input and weights
+    lone = tmp_path / "model_int8.xml"
+    shutil.copy(exported_run / "exports" / "model_int8.xml", lone)
+    with pytest.raises(runtime.RuntimeModelError, match="weights file model_int8.bin is missing"):
+        open_model(lone)
+    (tmp_path / "model_int8.bin").write_bytes(b"garbage")
+    with pytest.raises(runtime.RuntimeModelError, match="not a loadable OpenVINO IR"):
+        open_model(lone)

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from mri_edge import export as export_lib
+from mri_edge import ov
 from mri_edge.cli import main
 from mri_edge.verify import Thresholds, mcnemar_exact, verify_run
 
@@ -24,7 +25,9 @@ def test_verify_passes_good_exports(exported_run):
     # model would; the float files must still agree exactly.
     out = verify_run(exported_run, thresholds=Thresholds(quant_agreement=0.0, quant_max_drop=1.0), log=lambda *_: None)
     assert out["passed"], out["failures"]
-    for name in ("model_fp32.tflite", "model_fp32.onnx", "model_fp16.tflite"):
+    floats = ["model_fp32.tflite", "model_fp32.onnx", "model_fp16.tflite"]
+    floats += ["model_fp32.xml"] if ov.available(for_export=True) else []
+    for name in floats:
         r = out["files"][name]
         assert r["agreement"] == 1.0 and r["accuracy_delta"] == 0 and r["prob_abs_diff"]["max"] < 1e-2
         assert r["mcnemar"]["p_value"] == 1.0
@@ -87,6 +90,13 @@ def test_bench_quick_has_consistent_statistics(exported_run, tmp_path):
             assert key in r
     runtimes = {s["runtime"] for s in out["skipped"]}
     assert "onnxruntime-cuda" in runtimes  # no GPU here: listed as skipped, not an error
+    if ov.available(for_export=True):
+        res = CliRunner().invoke(main, ["bench", str(exported_run / "exports" / "model_int8.xml"), "--batch", "1,2",
+                                        "--threads", "1", "--warmup", "1", "--runs", "4", "--out", str(tmp_path / "o")])
+        assert res.exit_code == 0, res.output
+        rows = json.loads((tmp_path / "o" / "bench.json").read_text())["rows"]
+        assert sorted((r["runtime_label"], r["batch"]) for r in rows) == [("openvino", 1), ("openvino", 2)]
+        assert rows[0]["size_mb"] > (exported_run / "exports" / "model_int8.xml").stat().st_size / 1e6  # .bin counted
     assert (tmp_path / "b" / "bench.md").is_file() and (tmp_path / "b" / "bench.png").is_file()
     res = CliRunner().invoke(main, ["bench", str(model), "--batch", "1", "--threads", "1", "--runs", "3", "--warmup", "0",
                                     "--out", str(tmp_path / "c"), "--compare", str(tmp_path / "b" / "bench.json")])
