@@ -247,11 +247,16 @@ def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, opset,
 @click.option("--threads", type=click.IntRange(1), default=None)
 @click.option("--dedup", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An audit.json: also report parity on the leakage-free test subset.")
-def verify(run_dir, files, min_agreement_float, max_drop_float, min_agreement_quant, max_drop_quant, threads, dedup):
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="val: gate on the validation split instead (for choosing export settings).")
+def verify(run_dir, files, min_agreement_float, max_drop_float, min_agreement_quant, max_drop_quant, threads, dedup,
+           split):
     """Check that every exported file is as accurate as the Keras model.
 
     Runs each file on the test split through the on-device runtime and compares
     with the Keras test predictions. Exits 1 if any file fails its gate.
+    --split val does the same on the validation split (reports in RUN_DIR/verify/val),
+    to compare export settings without looking at the test set.
 
     \b
     Example:
@@ -260,9 +265,9 @@ def verify(run_dir, files, min_agreement_float, max_drop_float, min_agreement_qu
     from . import verify as verify_lib  # noqa: PLC0415
 
     th = verify_lib.Thresholds(min_agreement_float, max_drop_float / 100, min_agreement_quant, max_drop_quant / 100)
-    out = run_guarded(verify_lib.verify_run, run_dir, files or None, th, threads, dedup=dedup, log=echo)
+    out = run_guarded(verify_lib.verify_run, run_dir, files or None, th, threads, dedup=dedup, log=echo, split=split)
     click.echo(verify_lib.summary_table(out))
-    click.echo(f"\nwrote {Path(run_dir) / 'parity.json'} and parity.md")
+    click.echo(f"\nwrote {Path(out['report_dir']) / 'parity.json'} and parity.md")
     if not out["passed"]:
         click.echo("PARITY FAILED:\n  " + "\n  ".join(out["failures"]), err=True)
         sys.exit(1)

@@ -94,16 +94,57 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
     }
 
 
+def _val_reference(run_dir: Path, manifest: dict, out_dir: Path, log) -> dict:
+    """Keras predictions on the validation split, computed once per model.keras and cached."""
+    from .export import sha256_file  # noqa: PLC0415
+    from .predict import open_model  # noqa: PLC0415
+
+    sha = sha256_file(run_dir / "model.keras")
+    cache = out_dir / "keras_predictions.json"
+    if cache.is_file():
+        ref = json.loads(cache.read_text())
+        if ref.get("source_model_sha256") == sha:
+            return ref
+    rows = manifest["splits"].get("val") or []
+    if not rows:
+        raise VerifyError(f"{run_dir}: the split manifest has no validation split")
+    net = open_model(run_dir / "model.keras")
+    root = Path(manifest["root"])
+    probs = []
+    with Progress(len(rows), "Keras reference on the validation split") as bar:
+        for i in range(0, len(rows), 32):
+            try:
+                batch = np.stack([net.preprocess(root / rel) for rel, _ in rows[i : i + 32]])
+            except Exception as e:
+                raise VerifyError(f"validation image cannot be read now ({e}); was the dataset moved?") from None
+            probs.append(net.run(batch))
+            bar.update(len(batch))
+    ref = {"class_names": manifest["class_names"], "paths": [rel for rel, _ in rows],
+           "labels": [int(k) for _, k in rows], "probs": np.concatenate(probs).tolist(), "source_model_sha256": sha}
+    report.write_json(cache, ref)
+    log(f"Keras reference on {len(rows)} validation images written to {cache}")
+    return ref
+
+
 def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, threads: int | None = None,
-               batch_size: int = 16, dedup: str | None = None, log=print) -> dict:
+               batch_size: int = 16, dedup: str | None = None, log=print, split: str = "test") -> dict:
+    """Gate every exported file on the test split (the report of record: run_dir/parity.json),
+    or on the validation split (run_dir/verify/val/), where export settings can be compared
+    without looking at the test set."""
     run_dir = Path(run_dir)
     thresholds = thresholds or Thresholds()
+    if split not in ("test", "val"):
+        raise VerifyError("--split must be test or val")
+    if split == "val" and dedup:
+        raise VerifyError("--dedup describes the test split; leave it out with --split val")
     pred_path = run_dir / "test_predictions.json"
     if not pred_path.is_file():
         raise VerifyError(f"{run_dir} has no test_predictions.json (is it a finished `mri-edge train` run?)")
-    ref = json.loads(pred_path.read_text())
     manifest = json.loads((run_dir / "split_manifest.json").read_text())
     root = Path(manifest["root"])
+    out_dir = run_dir / "verify" / ("val" if split == "val" else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref = json.loads(pred_path.read_text()) if split == "test" else _val_reference(run_dir, manifest, out_dir, log)
     names = ref["class_names"]
     labels = np.asarray(ref["labels"])
     keras_probs = np.asarray(ref["probs"], np.float32)
@@ -119,8 +160,6 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     decoded: dict[int, np.ndarray] = {}
     results = {}
     failures = []
-    out_dir = run_dir / "verify"
-    out_dir.mkdir(exist_ok=True)
     for f in files:
         model = open_model(f, threads=threads)
         if model.class_names != names:
@@ -128,12 +167,12 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         size = model.image_size
         if size not in decoded:
             imgs = np.zeros((len(ref["paths"]), size, size, 3), np.uint8)
-            with Progress(len(imgs), f"decoding test images ({size} px)") as bar:
+            with Progress(len(imgs), f"decoding {split} images ({size} px)") as bar:
                 for i, rel in enumerate(ref["paths"]):
                     try:
                         imgs[i] = model.preprocess(root / rel)
                     except Exception as e:
-                        raise VerifyError(f"test image {root / rel} cannot be read now ({e}); "
+                        raise VerifyError(f"{split} image {root / rel} cannot be read now ({e}); "
                                           "was the dataset moved?") from None
                     bar.update()
             decoded[size] = imgs
@@ -171,11 +210,13 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         if reasons:
             failures.append(f"{f.name}: " + "; ".join(reasons))
     keras_m = report.classification_metrics(labels, keras_probs.argmax(1), names)
-    out = {"run_dir": str(run_dir), "n_test": int(len(labels)), "class_names": names,
+    out = {"run_dir": str(run_dir), "split": split, "n_test": int(len(labels)), "class_names": names,
            "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},
            "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures}
-    report.write_json(run_dir / "parity.json", out)
-    report.write_text(run_dir / "parity.md", markdown(out))
+    report_dir = run_dir if split == "test" else out_dir
+    report.write_json(report_dir / "parity.json", out)
+    report.write_text(report_dir / "parity.md", markdown(out))
+    out["report_dir"] = str(report_dir)
     return out
 
 
@@ -197,7 +238,7 @@ def markdown(out: dict) -> str:
         "# Export parity",
         "",
         f"Keras reference: accuracy {out['keras']['accuracy']:.4f}, macro-F1 {out['keras']['macro_f1']:.4f} "
-        f"on {out['n_test']} test images. Every TFLite and ONNX file below ran through `mri_edge.runtime`, "
+        f"on {out['n_test']} {'validation' if out.get('split') == 'val' else 'test'} images. Every TFLite and ONNX file below ran through `mri_edge.runtime`, "
         "OpenVINO files through `mri_edge.ov`.",
         "",
         summary_table(out),

@@ -101,3 +101,21 @@ def test_bench_quick_has_consistent_statistics(exported_run, tmp_path):
     res = CliRunner().invoke(main, ["bench", str(model), "--batch", "1", "--threads", "1", "--runs", "3", "--warmup", "0",
                                     "--out", str(tmp_path / "c"), "--compare", str(tmp_path / "b" / "bench.json")])
     assert res.exit_code == 0 and "speed-up" in res.output
+
+
+def test_verify_on_the_validation_split_leaves_the_test_report_alone(exported_run):
+    before = (exported_run / "parity.json").read_bytes() if (exported_run / "parity.json").exists() else None
+    fp32 = exported_run / "exports" / "model_fp32.tflite"
+    out = verify_run(exported_run, files=[fp32], split="val", log=lambda *_: None)
+    val_dir = exported_run / "verify" / "val"
+    assert out["split"] == "val" and out["passed"] and out["files"]["model_fp32.tflite"]["agreement"] == 1.0
+    manifest = json.loads((exported_run / "split_manifest.json").read_text())
+    assert out["n_test"] == len(manifest["splits"]["val"]) > 0
+    assert (val_dir / "parity.json").is_file() and "validation images" in (val_dir / "parity.md").read_text()
+    ref = json.loads((val_dir / "keras_predictions.json").read_text())
+    assert ref["paths"] == [p for p, _ in manifest["splits"]["val"]]
+    after = (exported_run / "parity.json").read_bytes() if (exported_run / "parity.json").exists() else None
+    assert after == before
+    res = CliRunner().invoke(main, ["verify", str(exported_run), "--split", "val", "--dedup",
+                                    str(exported_run / "split_manifest.json")])
+    assert res.exit_code == 1 and "leave it out with --split val" in res.output
