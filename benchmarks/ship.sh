@@ -12,7 +12,8 @@ if [ "$size" -lt 10000000 ]; then cp "$run"/exports/model_int8.onnx "$dst"/; fi
 cp "$run"/labels.json "$run"/report.md "$run"/parity.md "$run"/training_curves.png "$run"/confusion_matrix.png \
    "$run"/examples.png "$run"/test_report.json "$run"/parity.json "$run"/config.json "$dst"/
 mkdir -p "$dst/verify"
-cp "$run"/verify/confusion_model_int8*.png "$dst/verify/"
+rm -f "$dst"/verify/confusion_*.png
+cp "$run"/verify/confusion_model_int8_*.png "$dst/verify/"
 cp "artifacts/audit/$audit/audit.md" "artifacts/audit/$audit/duplicate_pairs.png" "$dst"/
 sed -i 's#(duplicate_pairs.png)#(duplicate_pairs.png)#' "$dst/audit.md"
 if [ -d "$run/bench" ]; then cp "$run"/bench/bench.md "$run"/bench/bench.png "$run"/bench/bench.json "$dst"/; fi

@@ -201,7 +201,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
                           [p for p, k in zip(ref["paths"], clean) if k])
             r["dedup"] = {k: sub[k] for k in ("n", "accuracy", "keras_accuracy", "accuracy_delta", "agreement",
                                               "macro_f1", "accuracy_delta_ci95")}
-        report.plot_confusion(r["confusion_matrix"], names, out_dir / f"confusion_{f.stem}.png",
+        report.plot_confusion(r["confusion_matrix"], names, out_dir / f"confusion_{f.name.replace('.', '_')}.png",
                               f"{f.name}: accuracy {r['accuracy']:.3f}")
         results[f.name] = r
         status = "PASS" if r["passed"] else "FAIL"

@@ -32,7 +32,9 @@ def test_verify_passes_good_exports(exported_run):
         assert r["agreement"] == 1.0 and r["accuracy_delta"] == 0 and r["prob_abs_diff"]["max"] < 1e-2
         assert r["mcnemar"]["p_value"] == 1.0
     assert (exported_run / "parity.json").is_file() and "Clinical parity" in (exported_run / "parity.md").read_text()
-    assert (exported_run / "verify" / "confusion_model_int8.png").is_file()
+    # one plot per file, though model_int8.tflite, .onnx and .xml share a stem
+    assert (exported_run / "verify" / "confusion_model_int8_tflite.png").is_file()
+    assert (exported_run / "verify" / "confusion_model_int8_onnx.png").is_file()
 
 
 def test_verify_fails_on_a_sabotaged_int8_export(exported_run, tmp_path, monkeypatch):
