@@ -164,7 +164,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     versions = {}
-    for mod in ("numpy", "tensorflow", "keras", "ai_edge_litert", "tflite_runtime", "onnxruntime", "openvino", "torch", "cv2"):
+    for mod in ("numpy", "tensorflow", "keras", "ai_edge_litert", "tflite_runtime", "onnxruntime", "openvino", "torch",
+                "cv2"):
         if importlib.util.find_spec(mod) is None:
             continue
         try:

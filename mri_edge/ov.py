@@ -51,7 +51,7 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def from_onnx(onnx_path: Path):
-    ov, core = _core()
+    _, core = _core()
     return core.read_model(str(onnx_path))
 
 
@@ -85,12 +85,12 @@ def save(model, target: Path, meta: dict) -> None:
 
 
 def io_details(model) -> dict:
-    i, o = model.inputs[0], model.outputs[0]
-    return {"input": {"name": i.get_any_name(), "dtype": "float32", "shape": [-1, *[d.get_length() for d in
-                                                                                    list(i.get_partial_shape())[1:]]],
-                      "scale": 0.0, "zero_point": 0},
-            "output": {"name": o.get_any_name(), "dtype": "float32", "shape": [-1, o.get_partial_shape()[1].get_length()],
-                       "scale": 0.0, "zero_point": 0}}
+    """Input/output records in the same shape as the TFLite and ONNX files' (batch dimension -1)."""
+    def record(port) -> dict:
+        dims = [d.get_length() for d in list(port.get_partial_shape())[1:]]
+        return {"name": port.get_any_name(), "dtype": "float32", "shape": [-1, *dims], "scale": 0.0, "zero_point": 0}
+
+    return {"input": record(model.inputs[0]), "output": record(model.outputs[0])}
 
 
 class OpenVINOModel(runtime.Model):
