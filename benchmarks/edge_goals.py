@@ -158,7 +158,8 @@ def main():
     targets = (("model.keras", "keras"), ("exports/model_fp32.tflite", "litert"),
                ("exports/model_int8.tflite", "litert"), ("exports/model_fp32.onnx", "onnxruntime"),
                ("exports/model_int8.onnx", "onnxruntime"))
-    targets += tuple((f"exports/{n}", "openvino") for n in ("model_fp32.xml", "model_int8.xml") if (run / "exports" / n).is_file())
+    targets += tuple((f"exports/{n}", "openvino") for n in ("model_fp32.xml", "model_int8.xml")
+                     if (run / "exports" / n).is_file())
     p50s = {t: [] for t in targets}
     errors = {}
     for _ in range(args.rounds):

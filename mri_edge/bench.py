@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import ov
+
 SCHEMA_VERSION = 1
 
 
@@ -78,10 +80,8 @@ def _open(spec: dict):
         return run, size, f"keras[{keras.backend.backend()}]"
     from . import runtime  # noqa: PLC0415
 
-    if rt.startswith("openvino"):
-        from . import ov  # noqa: PLC0415
-
-        m = ov.OpenVINOModel(path, threads, spec.get("ov_precision", "f32"))
+    if rt == "openvino":
+        m = ov.OpenVINOModel(path, threads)
         return m.run, m.image_size, m.runtime_name
     meta = runtime.read_metadata(path)
     if path.suffix == ".tflite":
@@ -181,12 +181,6 @@ def machine_info() -> dict:
             versions[mod] = "?"
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "versions": versions}
-
-
-def _size(path: Path) -> int:
-    """Bytes on disk; an OpenVINO model counts its .bin too."""
-    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
-    return path.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)
 
 
 def _has(mod: str) -> bool:
@@ -315,7 +309,7 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
             res = run_row(s)
             path = Path(s["model"])
             row = {"model": path.name, "path": str(path), "runtime": s["runtime"], "device": s["device"],
-                   "threads": s["threads"], "batch": s["batch"], "size_mb": _size(path) / 1e6, **res}
+                   "threads": s["threads"], "batch": s["batch"], "size_mb": ov.size_on_disk(path) / 1e6, **res}
             if "error" in res:
                 log(f"  {path.name} [{s['runtime']}] t={s['threads']} b={s['batch']}: ERROR {res['error']}")
             results.append(row)

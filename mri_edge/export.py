@@ -615,11 +615,12 @@ def _record(job: ExportJob, meta: dict, target: Path, started: float, error: Exc
     if error is not None:
         msg = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:300]
         return {"file": job.filename, "format": job.fmt, "quantization": job.quantize, "error": msg}
+    from .ov import size_on_disk  # noqa: PLC0415
+
     # An OpenVINO model is two files: its size counts both, its hash is that of the weights.
     data = target.with_suffix(".bin") if job.fmt == "openvino" else target
-    size = target.stat().st_size + (data.stat().st_size if data != target else 0)
     return {"file": job.filename, "format": job.fmt, "quantization": job.quantize,
-            "io_dtype": meta["input"]["dtype"], "size_mb": size / 1e6,
+            "io_dtype": meta["input"]["dtype"], "size_mb": size_on_disk(target) / 1e6,
             "seconds": time.time() - started, "sha256": sha256_file(data)}
 
 

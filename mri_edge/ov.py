@@ -34,6 +34,13 @@ def _core():
     return ov, ov.Core()
 
 
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of a model file; an OpenVINO .xml counts its .bin too."""
+    path = Path(path)
+    weights = path.with_suffix(".bin")
+    return path.stat().st_size + (weights.stat().st_size if path.suffix == ".xml" and weights.is_file() else 0)
+
+
 def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -98,14 +105,14 @@ class OpenVINOModel(runtime.Model):
     as the precision of every op that is not int8: on AMX machines OpenVINO would otherwise
     run them in bf16 and the file would not compute what verify checked."""
 
-    def __init__(self, path: Path, threads: int | None = None, precision: str = "f32"):
+    def __init__(self, path: Path, threads: int | None = None):
         super().__init__(path, read_metadata(path))
         _, self.core = _core()
         self.net = self.core.read_model(str(path))
-        self.config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": precision}
+        self.config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        self.runtime_name = "openvino" + ("" if precision == "f32" else f"[{precision}]")
+        self.runtime_name = "openvino"
         self._batch = None
         self._request = None
 

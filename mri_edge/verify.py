@@ -1,8 +1,8 @@
 """Accuracy parity of every exported file against the Keras test-set report.
 
 Each exported file runs on the whole test split through `mri_edge.runtime` (the
-code a device runs; OpenVINO files through `mri_edge.ov`) and is compared image by image with the Keras predictions
-stored by `mri-edge train` in test_predictions.json.
+code a device runs; OpenVINO files through `mri_edge.ov`) and is compared image by
+image with the Keras predictions stored by `mri-edge train` in test_predictions.json.
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
 def _val_reference(run_dir: Path, manifest: dict, out_dir: Path, log) -> dict:
     """Keras predictions on the validation split, computed once per model.keras and cached."""
     from .export import sha256_file  # noqa: PLC0415
-    from .predict import open_model  # noqa: PLC0415
 
     sha = sha256_file(run_dir / "model.keras")
     cache = out_dir / "keras_predictions.json"
@@ -238,8 +237,8 @@ def markdown(out: dict) -> str:
         "# Export parity",
         "",
         f"Keras reference: accuracy {out['keras']['accuracy']:.4f}, macro-F1 {out['keras']['macro_f1']:.4f} "
-        f"on {out['n_test']} {'validation' if out.get('split') == 'val' else 'test'} images. Every TFLite and ONNX file below ran through `mri_edge.runtime`, "
-        "OpenVINO files through `mri_edge.ov`.",
+        f"on {out['n_test']} {'validation' if out.get('split') == 'val' else 'test'} images. "
+        "Every TFLite and ONNX file below ran through `mri_edge.runtime`, OpenVINO files through `mri_edge.ov`.",
         "",
         summary_table(out),
         "",
