@@ -172,6 +172,38 @@ def test_int8_files_use_the_fast_kernels(exported_run):
     assert zps and all(z.data_type == onnx.TensorProto.UINT8 for z in zps)
 
 
+def _bn_depthwise_weights(path):
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    m = flatbuffer_utils.read_model(str(path))
+    sg = m.subgraphs[0]
+    dw = [o for o in sg.operators if max(m.operatorCodes[o.opcodeIndex].builtinCode,
+                                         m.operatorCodes[o.opcodeIndex].deprecatedBuiltinCode)
+          == schema.BuiltinOperator.DEPTHWISE_CONV_2D]
+    return [sg.tensors[o.inputs[1]] for o in dw if list(sg.tensors[o.inputs[1]].shape[:3]) == [1, 1, 1]]
+
+
+def test_bn_scales_per_channel_keeps_one_scale_per_channel(exported_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("exports", "verify", "bench"))
+    results, failures = export_lib.export_run(run, ("tflite",), ("int8",), "uint8", calib_size=16,
+                                              log=lambda *_: None, bn_scales="per-channel")
+    assert not failures and [r["file"] for r in results] == ["model_int8.tflite"]
+    per_channel, per_tensor = run / "exports" / "model_int8.tflite", exported_run / "exports" / "model_int8.tflite"
+    weights = _bn_depthwise_weights(per_channel)
+    assert len(weights) == 62 and all(len(t.quantization.scale) == t.shape[3] > 1 for t in weights)
+    assert runtime.read_metadata(per_channel)["bn_scales"] == "per-channel"
+    assert runtime.read_metadata(per_tensor)["bn_scales"] == "per-tensor"
+    assert per_channel.stat().st_size > per_tensor.stat().st_size  # a float scale and zero point per channel
+    x = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert open_model(per_channel).run(x).shape == (2, 4)
+    with pytest.raises(export_lib.ExportError, match="--bn-scales"):
+        export_lib.export_run(run, ("tflite",), ("int8",), "uint8", log=lambda *_: None, bn_scales="per-layer")
+
+
 def test_robust_ranges_ignore_one_outlier_image_and_keep_zero():
     rng = np.random.default_rng(0)
     hi = rng.uniform(5, 6, (300, 2)).astype(np.float32)
