@@ -367,7 +367,8 @@ def _per_tensor_depthwise(flatbuffer: bytes) -> bytes:
     layers replaced had) keeps the file at its old size; the int32 biases stay exact.
     The price is precision where channel scales differ widely: on the 128 px Alzheimer model
     the worst validation |dp| fell from 0.31 to 0.17 with per-channel scales, at the same
-    latency, so `--bn-scales per-channel` skips this step.
+    latency (on its 176 px sibling agreement got worse instead), so `--bn-scales per-channel`
+    skips this step, to be chosen per model on validation.
     """
     from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
