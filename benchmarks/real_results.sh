@@ -50,12 +50,9 @@ if [ -f "$GPU_RUN/model.keras" ]; then
 fi
 
 for run in $RUNS; do
-    mri-edge export "$run" --format all
-    # The shipped Alzheimer model's int8 TFLite file needs per-channel batch-norm scales to
-    # pass its gate (chosen on validation: python benchmarks/int8_variants.py --run "$SHIP_RUN").
-    if [ "$run" = "$SHIP_RUN" ]; then
-        mri-edge export "$run" --format tflite --quantize int8 --bn-scales per-channel
-    fi
+    # --bn-scales auto: int8 TFLite batch-norm scales chosen on validation (per channel for the
+    # shipped Alzheimer model, per tensor for the others)
+    mri-edge export "$run" --format all --bn-scales auto
     # Some Alzheimer int8 files fail the parity gate (exit 1); keep going to bench them.
     mri-edge verify "$run" --dedup "artifacts/audit/$( [[ $run == *tumor* ]] && echo brain-tumor-mri || echo alzheimer-mri )/audit.json" || true
     mri-edge bench "$run" --threads 1,2 --batch 1,8

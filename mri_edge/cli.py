@@ -204,10 +204,11 @@ def evaluate(run_dir, data_dir, dedup):
               help="Training images (stratified) used to calibrate int8.")
 @click.option("--calib-range", type=click.Choice(["percentile", "minmax"]), default="percentile", show_default=True,
               help="int8 activation ranges: robust percentile (default) or plain min/max over calibration images.")
-@click.option("--bn-scales", type=click.Choice(["per-tensor", "per-channel"]), default="per-tensor",
+@click.option("--bn-scales", type=click.Choice(["per-tensor", "per-channel", "auto"]), default="per-tensor",
               show_default=True,
               help="int8 TFLite: weights of the batch norms after DenseNet's concatenations get one scale "
-                   "(smaller file) or one per channel (+0.8 MB on DenseNet121, less int8 error).")
+                   "(smaller file) or one per channel (+0.8 MB on DenseNet121; less int8 error on some models); "
+                   "auto keeps whichever is closer to Keras on the validation split.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Conversions run side by side in this many processes [default: cores, at most 2].")

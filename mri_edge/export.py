@@ -35,7 +35,8 @@ FORMATS = {
 }
 IO_DTYPES = ("uint8", "int8", "float32")
 CALIB_RANGES = ("percentile", "minmax")
-BN_SCALES = ("per-tensor", "per-channel")
+BN_SCALES = ("per-tensor", "per-channel", "auto")
+VAL_CHOICE_IMAGES = 512
 CALIB_QUANTILE = 0.99
 
 
@@ -159,6 +160,27 @@ def calibration_set(run_dir: Path, cfg: dict, n: int, seed: int = 0) -> tuple[np
     if not images:
         raise ExportError("no readable training image for int8 calibration")
     return np.stack(images), used
+
+
+def validation_reference(run_dir: Path, model, size: int, n: int = VAL_CHOICE_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """Up to n validation images and the Keras model's probabilities on them, for choosing
+    between int8 variants (`--bn-scales auto`), as training chooses its epoch: the test split
+    is never read."""
+    manifest = json.loads((Path(run_dir) / "split_manifest.json").read_text())
+    rows = manifest["splits"].get("val") or []
+    if not rows:
+        raise ExportError("--bn-scales auto needs the run's validation split, and its manifest has none")
+    root = Path(manifest["root"])
+    images = []
+    for i in sorted(np.random.default_rng(0).permutation(len(rows))[:n]):
+        try:
+            images.append(preprocess.load_image(root / rows[i][0], size))
+        except preprocess.ImageError:
+            continue
+    if not images:
+        raise ExportError("--bn-scales auto: no validation image can be read (was the dataset moved?)")
+    x = np.stack(images)
+    return x, np.asarray(model.predict(x.astype(np.float32), batch_size=32, verbose=0), np.float32)
 
 
 CALIB_BATCH = 10
@@ -367,8 +389,9 @@ def _per_tensor_depthwise(flatbuffer: bytes) -> bytes:
     layers replaced had) keeps the file at its old size; the int32 biases stay exact.
     The price is precision where channel scales differ widely: on the 128 px Alzheimer model
     the worst validation |dp| fell from 0.31 to 0.17 with per-channel scales, at the same
-    latency (on its 176 px sibling agreement got worse instead), so `--bn-scales per-channel`
-    skips this step, to be chosen per model on validation.
+    latency, while its 176 px sibling got worse. `--bn-scales auto` writes both and keeps the
+    one closer to Keras on the validation split; per tensor stays the default because it
+    keeps DenseNet121's int8 file under 8 MB.
     """
     from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
@@ -574,9 +597,32 @@ def append_tflite_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     return flatbuffer + buf.getvalue()
 
 
+def _distance_to_keras(fb: bytes, meta: dict, val: tuple[np.ndarray, np.ndarray], workdir: Path) -> dict:
+    from .runtime import TFLiteModel  # noqa: PLC0415
+
+    x, ref = val
+    with tempfile.TemporaryDirectory(dir=workdir) as td:
+        path = Path(td) / "candidate.tflite"
+        path.write_bytes(fb)
+        net = TFLiteModel(path, {**meta, "input": {}, "output": {}}, threads=CALIB_THREADS)
+        probs = np.concatenate([net.run(x[i:i + 32]) for i in range(0, len(x), 32)])
+    return {"mean_abs_dp": float(np.abs(probs - ref).mean()), "flips": int((probs.argmax(1) != ref.argmax(1)).sum())}
+
+
 def _tflite_job(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dict, target: Path,
-                bn_scales: str = "per-tensor") -> None:
-    fb = _tflite_bytes(saved_model, job, calib, calib_range, bn_scales)
+                bn_scales: str = "per-tensor", val=None, workdir: Path | None = None) -> None:
+    if job.quantize == "int8" and bn_scales == "auto":
+        # Which batch-norm scales suit a model differs (the 128 px Alzheimer model wants per
+        # channel, its 176 px sibling per tensor): keep the file closer to Keras on validation.
+        per_channel = _tflite_bytes(saved_model, job, calib, calib_range, "per-channel")
+        candidates = {"per-tensor": _per_tensor_depthwise(per_channel), "per-channel": per_channel}
+        scores = {k: _distance_to_keras(fb, meta, val, workdir) for k, fb in candidates.items()}
+        meta["bn_scales"] = min(scores, key=lambda k: scores[k]["mean_abs_dp"])
+        meta["bn_scales_choice"] = {"rule": "lower mean |dp| against Keras on the validation split",
+                                    "images": len(val[0]), **scores}
+        fb = candidates[meta["bn_scales"]]
+    else:
+        fb = _tflite_bytes(saved_model, job, calib, calib_range, bn_scales)
     meta.update(_tflite_io(fb))
     _atomic_write_bytes(target, append_tflite_metadata(fb, meta))
 
@@ -629,7 +675,8 @@ def _record(job: ExportJob, meta: dict, target: Path, started: float, error: Exc
     data = target.with_suffix(".bin") if job.fmt == "openvino" else target
     return {"file": job.filename, "format": job.fmt, "quantization": job.quantize,
             "io_dtype": meta["input"]["dtype"], "size_mb": size_on_disk(target) / 1e6,
-            "seconds": time.time() - started, "sha256": sha256_file(data)}
+            "seconds": time.time() - started, "sha256": sha256_file(data),
+            **({"bn_scales": meta["bn_scales"]} if "bn_scales" in meta else {})}
 
 
 def _run_group(group: dict, model=None) -> list[dict]:
@@ -643,6 +690,10 @@ def _run_group(group: dict, model=None) -> list[dict]:
         CALIB_THREADS = group["threads"]
     jobs = [ExportJob(**j) for j in group["jobs"]]
     calib = np.load(group["calib"]) if group.get("calib") else None
+    val = None
+    if group.get("val"):
+        with np.load(group["val"]) as z:
+            val = (z["x"], z["ref"])
     targets = [Path(t) for t in group["targets"]]
     out = []
 
@@ -654,7 +705,7 @@ def _run_group(group: dict, model=None) -> list[dict]:
             t = time.time()
             try:
                 _tflite_job(job, group["saved_model"], calib, group["calib_range"], meta, target,
-                            group.get("bn_scales", "per-tensor"))
+                            group["bn_scales"], val, Path(group["workdir"]))
                 outcome(job, meta, target, t, None)
             except Exception as e:
                 outcome(job, meta, target, t, e)
@@ -746,6 +797,13 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
                           "calibration_range": "min/max over all images" if calib_range == "minmax" else
                           f"{CALIB_QUANTILE:.0%} quantile of per-image activation extremes (TFLite and ONNX)"}
             log(f"calibration: {len(used)} training images ({time.time() - t:.1f} s)")
+        val_path = None
+        if bn_scales == "auto" and any(j.fmt == "tflite" and j.quantize == "int8" for j in jobs):
+            t = time.time()
+            x_val, ref = validation_reference(run_dir, model, size)
+            val_path = str(workdir / "val.npz")
+            np.savez(val_path, x=x_val, ref=ref)
+            log(f"Keras reference on {len(x_val)} validation images, to choose batch-norm scales ({time.time() - t:.1f} s)")
 
         def spec(group: list[ExportJob]) -> dict:
             return {"jobs": [vars(j) for j in group], "targets": [str(out_dir / j.filename) for j in group],
@@ -753,7 +811,7 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
                                **(calib_meta if j.quantize == "int8" else {}),
                                **({"bn_scales": bn_scales} if j.quantize == "int8" and j.fmt == "tflite" else {})}
                               for j in group],
-                    "calib": calib_path if any(j.quantize == "int8" for j in group) else None,
+                    "calib": calib_path if any(j.quantize == "int8" for j in group) else None, "val": val_path,
                     "calib_range": calib_range, "bn_scales": bn_scales, "saved_model": str(workdir / "saved_model"),
                     "run_dir": str(run_dir), "workdir": str(workdir), "size": size, "opset": opset,
                     "threads": max(1, (os.cpu_count() or 1) // workers)}
@@ -771,7 +829,8 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
                     log(f"  {r['file']} FAILED: {r['error']}")
                 else:
                     results.append(r)
-                    log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s")
+                    scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
+                    log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")
 
         has_tflite = any(j.fmt == "tflite" for j in jobs)
         if workers == 1:

@@ -163,7 +163,8 @@ def test_int8_files_use_the_fast_kernels(exported_run):
     dw_weights = [sg.tensors[o.inputs[1]] for o, name in zip(sg.operators, ops)
                   if name == "DEPTHWISE_CONV_2D" and list(sg.tensors[o.inputs[1]].shape[:3]) == [1, 1, 1]]
     assert len(dw_weights) == 62
-    # one scale per tensor (file size), and no buffer shared between layers (each was rescaled)
+    # one scale per tensor (the default, for file size), and no buffer shared between layers
+    # (each was rescaled)
     assert all(len(t.quantization.scale) == 1 for t in dw_weights)
     assert len({t.buffer for t in dw_weights}) == len(dw_weights)
     proto = onnx.load(str(exported_run / "exports" / "model_int8.onnx"))
@@ -196,12 +197,33 @@ def test_bn_scales_per_channel_keeps_one_scale_per_channel(exported_run, tmp_pat
     weights = _bn_depthwise_weights(per_channel)
     assert len(weights) == 62 and all(len(t.quantization.scale) == t.shape[3] > 1 for t in weights)
     assert runtime.read_metadata(per_channel)["bn_scales"] == "per-channel"
-    assert runtime.read_metadata(per_tensor)["bn_scales"] == "per-tensor"
+    assert runtime.read_metadata(per_tensor)["bn_scales"] == "per-tensor"  # the default
     assert per_channel.stat().st_size > per_tensor.stat().st_size  # a float scale and zero point per channel
     x = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     assert open_model(per_channel).run(x).shape == (2, 4)
     with pytest.raises(export_lib.ExportError, match="--bn-scales"):
         export_lib.export_run(run, ("tflite",), ("int8",), "uint8", log=lambda *_: None, bn_scales="per-layer")
+
+
+def test_bn_scales_auto_keeps_the_variant_closer_to_keras_on_validation(exported_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("exports", "verify", "bench"))
+    lines = []
+    results, failures = export_lib.export_run(run, ("tflite",), ("int8",), "uint8", calib_size=16,
+                                              log=lines.append, bn_scales="auto")
+    assert not failures and any("validation images" in line for line in lines)
+    path = run / "exports" / "model_int8.tflite"
+    meta = runtime.read_metadata(path)
+    choice = meta["bn_scales_choice"]
+    n_val = len(json.loads((run / "split_manifest.json").read_text())["splits"]["val"])
+    assert choice["images"] == n_val and {"per-tensor", "per-channel"} <= set(choice)
+    assert meta["bn_scales"] == min(("per-tensor", "per-channel"), key=lambda k: choice[k]["mean_abs_dp"])
+    assert results[0]["bn_scales"] == meta["bn_scales"]
+    # the file is the variant it names
+    scales = [len(t.quantization.scale) for t in _bn_depthwise_weights(path)]
+    assert all(n == 1 for n in scales) == (meta["bn_scales"] == "per-tensor")
 
 
 def test_robust_ranges_ignore_one_outlier_image_and_keep_zero():
