@@ -45,12 +45,7 @@ def calibrated_model(run: Path, work: Path, calib: np.ndarray):
     size = int(cfg["image_size"])
     export.deployment_graph(model).export(str(work / "sm"), format="tf_saved_model", verbose=False,
                                           input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(work / "sm"))
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([im[None].astype(np.float32)] for im in calib[:4])
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv._experimental_calibrate_only = True
-    return export._tighten_ranges(conv.convert(), calib, export.CALIB_QUANTILE), str(work / "sm")
+    return export.calibrated_graph(str(work / "sm"), calib), str(work / "sm")
 
 
 def quantize(calibrated: bytes, denylist=None, per_tensor_bn=True) -> bytes:

@@ -214,7 +214,7 @@ def _tighten_ranges(calibrated: bytes, calib: np.ndarray, quantile: float, deleg
     so one unusual image stretches a range and costs every other image resolution.
     Measured on the demo model: top-1 agreement with Keras 95.0% with min/max, 98.75% with
     this. Every range is recomputed here, so the converter's own calibration pass only
-    needs a few images (`_tflite_bytes`).
+    needs a few images (`calibrated_graph`).
     """
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
 
@@ -430,41 +430,51 @@ def _per_tensor_depthwise(flatbuffer: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def _int8_converter(saved_model: str, images: np.ndarray, io_dtype: str = "uint8"):
+    import tensorflow as tf  # noqa: PLC0415
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+
+    def representative():
+        for img in images:
+            yield [img[None].astype(np.float32)]
+
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = conv.inference_output_type = getattr(tf, io_dtype)  # one of IO_DTYPES
+    return conv
+
+
+def calibrated_graph(saved_model: str, calib: np.ndarray, io_dtype: str = "uint8") -> bytes:
+    """The float graph with its int8 activation ranges (`robust_ranges` over every calibration
+    image), before quantization: what the int8 TFLite file is quantized from."""
+    # Every range is recomputed from all images afterwards, so the converter's own (slow, one
+    # image at a time) calibration pass needs only a few.
+    conv = _int8_converter(saved_model, calib[:4], io_dtype)
+    conv._experimental_calibrate_only = True  # stop after calibration, before quantizing
+    return _tighten_ranges(conv.convert(), calib, CALIB_QUANTILE)
+
+
 def _tflite_bytes(saved_model: str, job: ExportJob, calib: np.ndarray | None, calib_range: str = "percentile",
                   bn_scales: str = "per-tensor") -> bytes:
     import tensorflow as tf  # noqa: PLC0415
 
-    conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-    if job.quantize == "fp16":
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.target_spec.supported_types = [tf.float16]
-    elif job.quantize == "dynamic":
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif job.quantize == "int8":
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-
-        # With percentile ranges every range is recomputed from all images afterwards, so the
-        # converter's own (slow, one image at a time) calibration pass needs only a few.
-        images = calib[:4] if calib_range == "percentile" else calib
-
-        def representative():
-            for img in images:
-                yield [img[None].astype(np.float32)]
-
-        conv.representative_dataset = representative
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        io = {"uint8": tf.uint8, "int8": tf.int8, "float32": tf.float32}[job.io_dtype]
-        conv.inference_input_type = io
-        conv.inference_output_type = io
+    if job.quantize == "int8":
         if calib_range == "percentile":
             from tensorflow.lite.python import convert as tfl_convert  # noqa: PLC0415
 
-            conv._experimental_calibrate_only = True  # stop after calibration, before quantizing
-            calibrated = _tighten_ranges(conv.convert(), calib, CALIB_QUANTILE)
-            fb = tfl_convert.mlir_quantize(calibrated, False, input_data_type=io, output_data_type=io)
+            io = getattr(tf, job.io_dtype)
+            fb = tfl_convert.mlir_quantize(calibrated_graph(saved_model, calib, job.io_dtype), False,
+                                           input_data_type=io, output_data_type=io)
         else:
-            fb = conv.convert()
+            fb = _int8_converter(saved_model, calib, job.io_dtype).convert()
         return _per_tensor_depthwise(fb) if bn_scales == "per-tensor" else fb
+    conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+    if job.quantize in ("fp16", "dynamic"):
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if job.quantize == "fp16":
+        conv.target_spec.supported_types = [tf.float16]
     return conv.convert()
 
 
