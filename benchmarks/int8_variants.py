@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mri_edge import export, runtime, verify  # noqa: E402
-from mri_edge.predict import open_model  # noqa: E402
+from mri_edge.runtime import open_model  # noqa: E402
 
 
 def calibrated_model(run: Path, work: Path, calib: np.ndarray):

@@ -10,7 +10,6 @@ absolute difference is below a threshold (reported in audit.json).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import preprocess, report
+from .errors import MriEdgeError
 from .data import discover
 from .progress import Progress
 
@@ -26,18 +26,30 @@ HASH_MAX_DISTANCE = 10  # candidate finder only
 PIXEL_MAD_THRESHOLD = 3.0  # grey levels (0-255) on 64x64 thumbnails, after per-image contrast normalisation
 
 
-class AuditError(RuntimeError):
+class AuditError(MriEdgeError):
     pass
 
 
 def _image_info(path: str):
     """(sha256, format, mode, (w, h), thumbnail) or an error string."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return "", "unreadable", None, None, None
     sha = hashlib.sha256(raw).hexdigest()
     fmt = "png" if raw[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if raw[:2] == b"\xff\xd8" else Path(path).suffix.lstrip(".").lower()
     import cv2  # noqa: PLC0415
 
-    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED) if raw else None
+    try:
+        # the same pixel cap as every other reader: a decompression bomb is refused undecoded
+        header = preprocess.header_size(raw)
+        if header:
+            preprocess.check_size(*header, str(path))
+        arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED) if raw else None
+        if arr is not None:
+            preprocess.check_size(arr.shape[1], arr.shape[0], str(path))
+    except preprocess.ImageError:
+        arr = None
     if arr is None:
         return sha, fmt, None, None, None
     mode = {2: "L"}.get(arr.ndim, {3: "RGB", 4: "RGBA", 1: "L"}.get(arr.shape[2] if arr.ndim == 3 else 1, "?"))
@@ -173,6 +185,8 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
                 if items[i][2] != items[j][2]:
                     label_conflicts.append({"a": rel[i], "b": rel[j], "label_a": names[items[i][2]],
                                             "label_b": names[items[j][2]], "kind": "exact"})
+    if not ok_idx:
+        raise AuditError(f"{root}: none of its {len(items)} image files can be decoded (all corrupt or unsupported)")
     # Near duplicates, checked across every pair of splits and within each split.
     idx = np.array(ok_idx)
     thumbs = _normalise(np.stack([infos[i][4] for i in idx]))
@@ -314,14 +328,25 @@ def markdown(out: dict) -> str:
     return "\n".join(parts)
 
 
+def read_audit(audit_json) -> dict:
+    """An audit.json of `mri-edge data audit`, checked before anything uses it (one-line errors)."""
+    from .files import read_json  # noqa: PLC0415
+
+    try:
+        a = read_json(audit_json, "--dedup", ("data_dir", "leaked"))
+    except MriEdgeError as e:
+        raise AuditError(f"{e} (expected an audit.json from `mri-edge data audit`)") from None
+    if not isinstance(a["leaked"], dict) or not all(isinstance(v, list) for v in a["leaked"].values()):
+        raise AuditError(f"--dedup {audit_json}: its 'leaked' entry is not a mapping of file lists; "
+                         "expected an audit.json from `mri-edge data audit`")
+    return a
+
+
 def leakage_free_mask(audit_json, paths) -> np.ndarray:
     """True for evaluation images that have no exact or near copy in training/validation."""
-    try:
-        a = json.loads(Path(audit_json).read_text())
-        root = Path(a["data_dir"])
-        leaked = {str((root / r).resolve()) for s in a["leaked"].values() for r in s}
-    except (OSError, ValueError, KeyError) as e:
-        raise AuditError(f"--dedup {audit_json}: not an audit.json from `mri-edge data audit` ({e})") from None
+    a = read_audit(audit_json)
+    root = Path(a["data_dir"])
+    leaked = {str((root / r).resolve()) for s in a["leaked"].values() for r in s}
     mask = np.array([str(Path(p).resolve()) not in leaked for p in paths])
     if not mask.any():
         raise AuditError("--dedup: every test image has a copy in training; no leakage-free subset left")

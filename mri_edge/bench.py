@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from . import ov
+from .errors import MriEdgeError
+from .run import RunFolder
+from .runtime import EXPORT_SUFFIXES, MODEL_SUFFIXES
 
 SCHEMA_VERSION = 1
 
 
-class BenchError(RuntimeError):
+class BenchError(MriEdgeError):
     pass
 
 
@@ -93,6 +96,17 @@ def _open(spec: dict):
                      "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[rt]
         m = runtime.OnnxModel(path, meta, threads, providers, spec.get("ort_opt_level", "all"))
     return m.run, m.image_size, m.runtime_name
+
+
+def read_bench(path) -> dict:
+    """An earlier bench.json for --compare, checked before anything is timed."""
+    from .files import read_json  # noqa: PLC0415
+
+    old = read_json(path, "--compare", ("rows",))
+    if not isinstance(old["rows"], list) or not all(isinstance(r, dict) and {"model", "threads", "batch", "p50_ms"}
+                                                    <= set(r) for r in old["rows"]):
+        raise BenchError(f"--compare {path}: its rows are not those of a bench.json of `mri-edge bench`")
+    return old
 
 
 def worker(spec: dict) -> dict:
@@ -217,18 +231,17 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
             if (p / "model.keras").is_file():
                 files.append(p / "model.keras")
             for sub in (p / "exports", p):
-                files += sorted([*sub.glob("*.tflite"), *sub.glob("*.onnx"), *sub.glob("*.xml")])
+                files += sorted(f for f in sub.glob("*") if f.suffix in EXPORT_SUFFIXES)
             if not files:
                 raise BenchError(f"{p}: no model.keras, .tflite, .onnx or OpenVINO .xml files")
-            manifest = p / "split_manifest.json"
-            if manifest.is_file() and image is None:
-                m = json.loads(manifest.read_text())
-                rows = m["splits"].get("test") or m["splits"]["train"]
-                cand = Path(m["root"]) / rows[0][0]
-                image = str(cand) if cand.is_file() else None
+            if (p / "split_manifest.json").is_file() and image is None:
+                m = RunFolder(p).manifest()
+                rows = m["splits"].get("test") or m["splits"].get("train") or []
+                cand = Path(m["root"]) / rows[0][0] if rows else None
+                image = str(cand) if cand is not None and cand.is_file() else None
             artifacts += files
         elif p.is_file():
-            if p.suffix not in (".keras", ".tflite", ".onnx", ".xml"):
+            if p.suffix not in MODEL_SUFFIXES:
                 raise BenchError(f"{p}: not a model file (.keras, .tflite, .onnx or OpenVINO .xml)")
             artifacts.append(p)
         else:
@@ -278,14 +291,25 @@ def run_row(spec: dict, timeout: float = 900) -> dict:
     cmd = [sys.executable, "-m", "mri_edge.bench", json.dumps(spec)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     try:
+        # subprocess.run kills the child when this process is interrupted (Ctrl-C, SIGTERM)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), None)
-    if out.returncode != 0 or line is None:
-        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": err[:300]}
+    if line is None:  # the worker died without a word (a crash in native code)
+        return {"error": f"the runtime crashed (exit status {out.returncode}): {cause_line(out.stderr)}"}
     return json.loads(line)
+
+
+def cause_line(stderr: str) -> str:
+    """The line of a dead process's stderr that names the cause: the last 'XxxError: ...' line,
+    else the last line with more than punctuation on it."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return ln[:300]
+    return next((ln[:300] for ln in reversed(lines) if sum(c.isalnum() for c in ln) > 3), "no output")
 
 
 def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None, out_dir=None,
@@ -311,7 +335,7 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
             row = {"model": path.name, "path": str(path), "runtime": s["runtime"], "device": s["device"],
                    "threads": s["threads"], "batch": s["batch"], "size_mb": ov.size_on_disk(path) / 1e6, **res}
             if "error" in res:
-                log(f"  {path.name} [{s['runtime']}] t={s['threads']} b={s['batch']}: ERROR {res['error']}")
+                log(f"  {path.name} [{s['runtime']}] t={s['threads']} b={s['batch']}: cannot run: {res['error']}")
             results.append(row)
             bar.update()
     ok = sorted((r for r in results if "error" not in r), key=lambda r: (r["batch"], r["p50_ms"]))
@@ -370,7 +394,9 @@ def write_outputs(out: dict, out_dir: Path) -> None:
         md += ["Skipped (runtime not available here):", ""]
         md += [f"- {s['model']} on {s['runtime']}: {s['reason']}" for s in out["skipped"]] + [""]
     if out["errors"]:
-        md += ["Errors:", ""] + [f"- {e['model']} on {e['runtime']}: {e['error']}" for e in out["errors"]] + [""]
+        md += ["Rows that could not run (skipped):", ""]
+        md += [f"- {e['model']} on {e['runtime']} (threads {e['threads']}, batch {e['batch']}): {e['error']}"
+               for e in out["errors"]] + [""]
     md += ["![p50 latency](bench.png)", ""]
     report.write_text(out_dir / "bench.md", "\n".join(md))
     plt = report._plt()
@@ -385,7 +411,21 @@ def write_outputs(out: dict, out_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / "bench.png", dpi=110)
         plt.close(fig)
+    if out_dir.name == "bench" and (out_dir.parent / "config.json").is_file():
+        RunFolder(out_dir.parent).write_index()
+
+
+def _main(arg: str) -> None:
+    from .quiet import orphan_proof_child  # noqa: PLC0415
+    from .runtime import first_line  # noqa: PLC0415
+
+    orphan_proof_child()
+    try:
+        result = worker(json.loads(arg))
+    except Exception as e:  # a runtime that cannot run this file: its own words, one line
+        result = {"error": f"{type(e).__name__}: {first_line(e)}"}
+    sys.stdout.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker(json.loads(sys.argv[1]))))
+    _main(sys.argv[1])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import preprocess
+from .errors import MriEdgeError
 from .progress import Progress
 from .tasks import resolve_classes
 
@@ -23,7 +24,7 @@ SPLIT_NAMES = {
 }
 
 
-class DataError(ValueError):
+class DataError(MriEdgeError, ValueError):
     """The dataset folder is missing, empty or inconsistent."""
 
 
@@ -73,7 +74,7 @@ def find_splits(data_dir: str | Path) -> dict[str, Path]:
         raise DataError(f"data folder not found: {root}")
     found: dict[str, Path] = {}
     for child in sorted(root.iterdir()):
-        if not child.is_dir():
+        if not child.is_dir() or child.name.startswith("."):
             continue
         n = child.name.lower().replace("-", "").replace("_", "").replace(" ", "")
         for split, names in SPLIT_NAMES.items():
@@ -86,16 +87,26 @@ def find_splits(data_dir: str | Path) -> dict[str, Path]:
     return found
 
 
+# Files and folders that are never images of a dataset: OS and tool debris.
+JUNK_NAMES = {"__macosx", "thumbs.db", "desktop.ini", ".ds_store", "__pycache__"}
+
+
+def is_junk(rel: Path) -> bool:
+    """A hidden path component (.ipynb_checkpoints/, .DS_Store, ._x.jpg), OS debris, or a file
+    that is not an image by its suffix."""
+    return (any(part.startswith(".") or part.lower() in JUNK_NAMES for part in rel.parts)
+            or rel.suffix.lower() not in preprocess.IMAGE_SUFFIXES)
+
+
 def list_images(class_dir: Path) -> list[Path]:
-    return sorted(
-        p for p in class_dir.rglob("*")
-        if p.is_file() and not p.name.startswith(".")
-    )
+    """Image files under a class folder, at any depth; junk (see is_junk) is ignored."""
+    return sorted(p for p in class_dir.rglob("*") if p.is_file() and not is_junk(p.relative_to(class_dir)))
 
 
 def scan_split(split_dir: Path, task: str) -> tuple[list[str], list[str], list[str], list[int]]:
     """(class keys, class names, paths, labels) for one split folder."""
-    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in split_dir.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in JUNK_NAMES)
     if not folders:
         raise DataError(f"{split_dir} has no class folders")
     keys, names, mapping = resolve_classes(task, [f.name for f in folders])
@@ -221,10 +232,10 @@ def decode_split(split: Split, image_size: int, cache_dir: Path | None = None,
             if strict and out.skipped:
                 raise DataError(f"{len(out.skipped)} unreadable file(s), e.g. {out.skipped[0]['reason']}")
             return out
-        except (OSError, KeyError, ValueError) as e:
-            if isinstance(e, DataError):
-                raise
-            # A damaged cache file is rebuilt, never trusted.
+        except DataError:
+            raise
+        except Exception:  # zipfile.BadZipFile, EOFError, a short read...: damaged files are rebuilt
+            pass
     n = len(split.paths)
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
     ok = np.zeros(n, bool)

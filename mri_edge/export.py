@@ -24,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, preprocess, report
-from .runtime import METADATA_KEY, METADATA_NAME
+from . import __version__, preprocess, quiet, report
+from .errors import MriEdgeError
+from .files import atomic_write_bytes, sha256_bytes, sha256_file
+from .run import RunFolder
+from .runtime import METADATA_KEY, METADATA_NAME, first_line, onnx_content_sha256, sniff
 
 # One table for every format: suffix and the quantizations it supports.
 FORMATS = {
@@ -40,7 +43,7 @@ VAL_CHOICE_IMAGES = 512
 CALIB_QUANTILE = 0.99
 
 
-class ExportError(RuntimeError):
+class ExportError(MriEdgeError):
     pass
 
 
@@ -87,45 +90,22 @@ def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str) -> 
     return jobs
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_run(run_dir: Path):
     """(keras model, config dict, labels dict); one-line errors for missing or corrupt files."""
-    run_dir = Path(run_dir)
-    model_path = run_dir / "model.keras"
-    if not run_dir.is_dir():
-        raise ExportError(f"run folder not found: {run_dir}")
-    if not model_path.is_file():
-        raise ExportError(f"{run_dir} has no model.keras (is it a finished `mri-edge train` run?)")
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-        labels = json.loads((run_dir / "labels.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{run_dir}: missing or unreadable config.json/labels.json ({e})") from None
+    run = RunFolder(run_dir)
+    model_path = run.require_model()
+    cfg, labels = run.config(), run.labels()
+    run.manifest()  # calibration and the validation choice read it: damage is reported before any conversion
+    quiet.import_tensorflow()
     from .model import load_model  # noqa: PLC0415
 
+    if sniff(model_path) != "keras":
+        raise ExportError(f"{model_path}: not a Keras model file (damaged, truncated or renamed)")
     try:
-        model = load_model(model_path)
+        with quiet.native_stderr():
+            model = load_model(model_path)
     except Exception as e:
-        raise ExportError(f"{model_path}: not a loadable Keras model ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ExportError(f"{model_path}: not a loadable Keras model ({type(e).__name__}: {first_line(e)})") from None
     return model, cfg, labels
 
 
@@ -135,9 +115,11 @@ def calibration_set(run_dir: Path, cfg: dict, n: int, seed: int = 0) -> tuple[np
     Only the training split of the run's manifest is read: calibrating on validation
     or test images would leak them into the deployed file.
     """
-    manifest = json.loads((Path(run_dir) / "split_manifest.json").read_text())
+    manifest = RunFolder(run_dir).manifest()
     root = Path(manifest["root"])
-    rows = manifest["splits"]["train"]
+    rows = manifest["splits"].get("train") or []
+    if not rows:
+        raise ExportError("int8 calibration needs the run's training split, and its manifest has none")
     labels = np.array([y for _, y in rows])
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
@@ -166,7 +148,7 @@ def validation_reference(run_dir: Path, model, size: int, n: int = VAL_CHOICE_IM
     """Up to n validation images and the Keras model's probabilities on them, for choosing
     between int8 variants (`--bn-scales auto`), as training chooses its epoch: the test split
     is never read."""
-    manifest = json.loads((Path(run_dir) / "split_manifest.json").read_text())
+    manifest = RunFolder(run_dir).manifest()
     rows = manifest["splits"].get("val") or []
     if not rows:
         raise ExportError("--bn-scales auto needs the run's validation split, and its manifest has none")
@@ -595,12 +577,25 @@ def _set_onnx_metadata(proto, meta: dict) -> None:
     for p in list(proto.metadata_props):
         if p.key == METADATA_KEY:
             proto.metadata_props.remove(p)
+    meta["model_sha256"] = onnx_content_sha256(proto.SerializeToString())
     entry = proto.metadata_props.add()
     entry.key = METADATA_KEY
     entry.value = json.dumps(meta)
 
 
+def onnx_bytes(proto) -> bytes:
+    """The serialised file; refuses to write one whose recorded hash would not match."""
+    data = proto.SerializeToString()
+    meta = json.loads(next(p.value for p in proto.metadata_props if p.key == METADATA_KEY))
+    if onnx_content_sha256(data) != meta["model_sha256"]:
+        raise ExportError("the ONNX serialisation changed when its metadata was added; the hash would not match")
+    return data
+
+
 def append_tflite_metadata(flatbuffer: bytes, meta: dict) -> bytes:
+    """The flatbuffer with a ZIP of the metadata after it; the metadata records the flatbuffer's
+    length and hash, so the runtime can tell a modified or damaged file."""
+    meta.update({"model_bytes": len(flatbuffer), "model_sha256": sha256_bytes(flatbuffer)})
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr(METADATA_NAME, json.dumps(meta, indent=1))
@@ -634,7 +629,7 @@ def _tflite_job(job: ExportJob, saved_model: str, calib, calib_range: str, meta:
     else:
         fb = _tflite_bytes(saved_model, job, calib, calib_range, bn_scales)
     meta.update(_tflite_io(fb))
-    _atomic_write_bytes(target, append_tflite_metadata(fb, meta))
+    atomic_write_bytes(target, append_tflite_metadata(fb, meta))
 
 
 def _onnx_jobs(jobs: list[ExportJob], model, size: int, opset: int, calib, calib_range: str, metas: list[dict],
@@ -669,7 +664,7 @@ def _onnx_jobs(jobs: list[ExportJob], model, size: int, opset: int, calib, calib
             meta.update(_onnx_io(proto.SerializeToString()))
             meta["opset"] = opset
             _set_onnx_metadata(proto, meta)
-            _atomic_write_bytes(target, proto.SerializeToString())
+            atomic_write_bytes(target, onnx_bytes(proto))
             outcome(job, meta, target, t, None)
         except Exception as e:
             outcome(job, meta, target, t, e)
@@ -714,8 +709,9 @@ def _run_group(group: dict, model=None) -> list[dict]:
         for job, meta, target in zip(jobs, group["metas"], targets):
             t = time.time()
             try:
-                _tflite_job(job, group["saved_model"], calib, group["calib_range"], meta, target,
-                            group["bn_scales"], val, Path(group["workdir"]))
+                with quiet.native_stderr():  # the converter's debug lines
+                    _tflite_job(job, group["saved_model"], calib, group["calib_range"], meta, target,
+                                group["bn_scales"], val, Path(group["workdir"]))
                 outcome(job, meta, target, t, None)
             except Exception as e:
                 outcome(job, meta, target, t, e)
@@ -728,8 +724,9 @@ def _run_group(group: dict, model=None) -> list[dict]:
         return [_record(job, {}, target, t, e) for job, target in zip(jobs, targets)]
     workdir = Path(group["workdir"]) / "onnx"
     workdir.mkdir(exist_ok=True)
-    _onnx_jobs(jobs, model, group["size"], group["opset"], calib, group["calib_range"], group["metas"],
-               targets, workdir, outcome)
+    with quiet.native_stderr():  # tf2onnx, onnxruntime and NNCF log freely
+        _onnx_jobs(jobs, model, group["size"], group["opset"], calib, group["calib_range"], group["metas"],
+                   targets, workdir, outcome)
     return out
 
 
@@ -752,15 +749,46 @@ def default_workers(n_groups: int) -> int:
     return max(1, min(2, os.cpu_count() or 1, n_groups))
 
 
+def _kill_pool(pool) -> None:
+    """Stop a process pool now: its workers would otherwise finish (or, after a SIGTERM to the
+    parent, outlive it) while the run's index no longer describes what they write."""
+    for p in list(getattr(pool, "_processes", {}).values()):
+        if p.is_alive():
+            p.kill()
+    for p in list(getattr(pool, "_processes", {}).values()):
+        p.join(5)
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _land(staged: Path, out_dir: Path, fmt: str) -> None:
+    """Move a finished file from the work folder into exports/ (an OpenVINO pair: .bin first, so
+    the .xml that names it never appears without it)."""
+    if fmt == "openvino":
+        os.replace(staged.with_suffix(".bin"), out_dir / staged.with_suffix(".bin").name)
+    os.replace(staged, out_dir / staged.name)
+
+
+def _write_index(run: RunFolder, previous: dict, model_sha: str, failures: list[dict], started: float,
+                 workers: int) -> None:
+    report.write_json(run.exports_index_path, {
+        "run_dir": str(run.path), "source_model_sha256": model_sha,
+        "exports": sorted(previous.values(), key=lambda r: r["file"]), "last_failures": failures,
+        "last_export": {"seconds": round(time.time() - started, 1), "workers": workers}})
+
+
 def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_size=300, opset=17,
                log=print, calib_range: str = "percentile", workers: int | None = None,
                bn_scales: str = "per-tensor") -> tuple[list[dict], list[dict]]:
     """Run every export job; returns (successes, failures). Earlier files survive a failure.
 
     With workers > 1 the independent conversions (each TFLite file; the ONNX chain) run in
-    that many fresh processes, since each TensorFlow converter uses about one core.
+    that many fresh processes, since each TensorFlow converter uses about one core. Files are
+    written in a work folder and moved into exports/ one by one, each move followed by an
+    update of exports.json, so an interrupt (Ctrl-C, SIGTERM) leaves the index matching the
+    files: each file is either the old one with its old record or the new one with its new.
     """
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
+    run_dir = run.path
     jobs = plan(tuple(formats), tuple(quantize), io_dtype)
     if calib_size < 1:
         raise ExportError("--calib-size must be at least 1")
@@ -776,12 +804,12 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
     model, cfg, labels = load_run(run_dir)
     model = deployment_graph(model)
     size = int(cfg["image_size"])
-    out_dir = run_dir / "exports"
+    out_dir = run.exports_dir
     out_dir.mkdir(exist_ok=True)
-    model_sha = sha256_file(run_dir / "model.keras")
+    model_sha = sha256_file(run.model_path)
     base_meta = {
         "mri_edge_version": __version__,
-        "task": labels["task"],
+        "task": labels.get("task", cfg["task"]),
         "class_names": labels["class_names"],
         "input_size": [size, size],
         "preprocessing": cfg.get("preprocessing") or preprocess.contract(size),
@@ -791,6 +819,9 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
     groups = _groups(jobs)
     workers = default_workers(len(groups)) if workers is None else min(workers, len(groups))
     workdir = Path(tempfile.mkdtemp(prefix="mri-edge-export-"))
+    staging = workdir / "out"
+    staging.mkdir()
+    previous = {r["file"]: r for r in run.exports_index().get("exports", []) if isinstance(r, dict) and "file" in r}
     results, failures = [], []
     try:
         calib_path = None
@@ -801,7 +832,8 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
             calib_path = str(workdir / "calib.npy")
             np.save(calib_path, calib)
             manifest = {"split": "train", "n": len(used), "image_size": size, "files": used}
-            report.write_json(out_dir / "calibration_manifest.json", manifest)
+            # lands in exports/ with the first int8 file it describes
+            report.write_json(staging / "calibration_manifest.json", manifest)
             calib_meta = {"calibration_manifest_sha256": hashlib.sha256(json.dumps(manifest).encode()).hexdigest(),
                           "calibration_images": len(used),
                           "calibration_range": "min/max over all images" if calib_range == "minmax" else
@@ -816,7 +848,7 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
             log(f"Keras reference on {len(x_val)} validation images, to choose batch-norm scales ({time.time() - t:.1f} s)")
 
         def spec(group: list[ExportJob]) -> dict:
-            return {"jobs": [vars(j) for j in group], "targets": [str(out_dir / j.filename) for j in group],
+            return {"jobs": [vars(j) for j in group], "targets": [str(staging / j.filename) for j in group],
                     "metas": [{**base_meta, "format": j.fmt, "quantization": j.quantize,
                                **(calib_meta if j.quantize == "int8" else {}),
                                **({"bn_scales": bn_scales} if j.quantize == "int8" and j.fmt == "tflite" else {})}
@@ -829,18 +861,24 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
         def saved_model() -> None:
             import tensorflow as tf  # noqa: PLC0415
 
-            model.export(str(workdir / "saved_model"), format="tf_saved_model", verbose=False, input_signature=[
-                tf.TensorSpec([None, size, size, 3], tf.float32, name="image")])
+            with quiet.native_stderr():
+                model.export(str(workdir / "saved_model"), format="tf_saved_model", verbose=False, input_signature=[
+                    tf.TensorSpec([None, size, size, 3], tf.float32, name="image")])
 
         def collect(outcomes: list[dict]) -> None:
             for r in outcomes:
                 if "error" in r:
                     failures.append(r)
                     log(f"  {r['file']} FAILED: {r['error']}")
-                else:
-                    results.append(r)
-                    scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
-                    log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")
+                    continue
+                if r["quantization"] == "int8" and (staging / "calibration_manifest.json").exists():
+                    os.replace(staging / "calibration_manifest.json", out_dir / "calibration_manifest.json")
+                _land(staging / r["file"], out_dir, r["format"])
+                previous[r["file"]] = r
+                _write_index(run, previous, model_sha, failures, started, workers)
+                results.append(r)
+                scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
+                log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")
 
         has_tflite = any(j.fmt == "tflite" for j in jobs)
         if workers == 1:
@@ -855,7 +893,8 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
 
             log(f"exporting {len(jobs)} files with {workers} worker processes ...")
             # spawn, not fork: forking a process that has TensorFlow loaded is unsafe.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=quiet.quiet_worker)
+            try:
                 # The ONNX chain needs only model.keras: start it while the SavedModel is written.
                 futures = {pool.submit(_run_group, spec(g)): g for g in groups if g[0].fmt != "tflite"}
                 if has_tflite:
@@ -865,7 +904,11 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
                     try:
                         collect(fut.result())
                     except Exception as e:  # e.g. BrokenProcessPool: a converter crashed its process
-                        collect([_record(j, {}, out_dir / j.filename, 0.0, e) for j in futures[fut]])
+                        collect([_record(j, {}, staging / j.filename, 0.0, e) for j in futures[fut]])
+            except BaseException:
+                _kill_pool(pool)
+                raise
+            pool.shutdown()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     order = {j.filename: i for i, j in enumerate(jobs)}
@@ -873,19 +916,8 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
     failures.sort(key=lambda r: order[r["file"]])
     total_s = time.time() - started
     log(f"{len(results)} file(s) in {total_s:.0f} s ({workers} worker{'s' if workers > 1 else ''})")
-
-    index_path = out_dir / "exports.json"
-    previous = {}
-    if index_path.exists():
-        try:
-            previous = {r["file"]: r for r in json.loads(index_path.read_text()).get("exports", [])}
-        except (OSError, ValueError, KeyError):
-            previous = {}
-    previous.update({r["file"]: r for r in results})
-    report.write_json(index_path, {"run_dir": str(run_dir), "source_model_sha256": model_sha,
-                                   "exports": sorted(previous.values(), key=lambda r: r["file"]),
-                                   "last_failures": failures,
-                                   "last_export": {"seconds": round(total_s, 1), "workers": workers}})
+    _write_index(run, previous, model_sha, failures, started, workers)
+    run.write_index()
     return results, failures
 
 

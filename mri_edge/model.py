@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MriEdgeError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 BASE_NAME = "densenet121"
 NORM_NAME = "imagenet_normalization"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(MriEdgeError):
     """Backbone weights could not be obtained or do not fit."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runtime
+from .files import sha256_file
 
 RT_INFO_KEY = ["mri_edge", "metadata"]
 
@@ -47,6 +48,7 @@ def read_metadata(path: str | Path) -> dict:
         raise runtime.RuntimeModelError(f"model file not found: {path}")
     if not path.with_suffix(".bin").is_file():
         raise runtime.RuntimeModelError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
+    runtime._check_kind(path)
     _, core = _core()
     try:
         model = core.read_model(str(path))
@@ -79,11 +81,18 @@ def quantize_int8(onnx_path: Path, calib: np.ndarray):
 def save(model, target: Path, meta: dict) -> None:
     """Write target (.xml) and its .bin; the new pair replaces an old one only once both are complete."""
     ov, _ = _core()
-    model.set_rt_info(json.dumps(meta), RT_INFO_KEY)
     target = Path(target)
     tmp = target.with_name(f".{target.stem}.tmp.xml")
     try:
+        # Saved twice: the weights' hash goes into the .xml's metadata, and the .bin does not
+        # depend on the metadata (checked).
+        model.set_rt_info(json.dumps(meta), RT_INFO_KEY)
         ov.save_model(model, str(tmp), compress_to_fp16=False)  # fp32 means fp32; int8 weights stay int8
+        meta["model_sha256"] = sha256_file(tmp.with_suffix(".bin"))
+        model.set_rt_info(json.dumps(meta), RT_INFO_KEY)
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        if sha256_file(tmp.with_suffix(".bin")) != meta["model_sha256"]:
+            raise runtime.RuntimeModelError("OpenVINO wrote different weights for the same model twice")
         os.replace(tmp.with_suffix(".bin"), target.with_suffix(".bin"))
         os.replace(tmp, target)
     finally:

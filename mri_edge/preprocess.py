@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MriEdgeError
+
 # ImageNet statistics used by keras.applications.densenet ("torch" mode).
 # They live here so the model layer and the metadata quote the same numbers.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,7 +33,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 CONTRACT_VERSION = 1
 
 
-class ImageError(ValueError):
+class ImageError(MriEdgeError, ValueError):
     """An input could not be turned into an image (corrupt, truncated, too large, not an image)."""
 
 
@@ -93,7 +95,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_size(w: int, h: int, where: str) -> None:
+def check_size(w: int, h: int, where: str) -> None:
     if w * h > MAX_PIXELS:
         raise ImageError(f"{where}: {w}x{h} pixels exceeds the {MAX_PIXELS:,}-pixel cap (decompression bomb?)")
     if w < 1 or h < 1:
@@ -135,7 +137,7 @@ def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
         raise ImageError(f"{where}: empty file")
     size = header_size(data)
     if size:
-        _check_size(*size, where)
+        check_size(*size, where)
     cv2 = _cv2()
     if cv2 is not None:
         buf = np.frombuffer(data, np.uint8)
@@ -145,14 +147,14 @@ def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
             img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
         if img is None:
             raise ImageError(f"{where}: not a readable image (corrupt, truncated or unsupported format)")
-        _check_size(img.shape[1], img.shape[0], where)
+        check_size(img.shape[1], img.shape[0], where)
         return to_rgb_uint8(img, bgr=img.ndim == 3)
     Image = _pil()
     if Image is None:
         raise ImageError("no image decoder installed: pip install opencv-python-headless (or Pillow)")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            _check_size(im.width, im.height, where)
+            check_size(im.width, im.height, where)
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 return to_rgb_uint8(np.asarray(im).astype(np.uint16))
@@ -185,7 +187,7 @@ def load_image(source, size: int | None = None) -> np.ndarray:
     """Path, bytes or array -> RGB uint8 (resized to size x size when size is given)."""
     if isinstance(source, np.ndarray):
         img = to_rgb_uint8(source)
-        _check_size(img.shape[1], img.shape[0], "<array>")
+        check_size(img.shape[1], img.shape[0], "<array>")
     elif isinstance(source, (bytes, bytearray, memoryview)):
         img = decode_bytes(bytes(source))
     elif isinstance(source, (str, Path)):

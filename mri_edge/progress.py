@@ -1,13 +1,15 @@
-"""A dependency-free progress line for long loops (decoding, conversion, bench)."""
+"""Dependency-free progress output for long work: a counter for loops, a heartbeat for steps
+that cannot count (graph building, a conversion)."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 
 class Progress:
-    """Prints `label  n/total  rate  eta` to stderr; on a non-TTY only every ~10%."""
+    """Prints `label  n/total  rate  eta` to stderr; on a non-TTY at the start and then every ~10%."""
 
     def __init__(self, total: int, label: str, stream=None):
         self.total = max(int(total), 0)
@@ -16,7 +18,16 @@ class Progress:
         self.start = time.perf_counter()
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self._last_pct = -10
+        self._last_pct = 0
+        if self.total:
+            self._write(f"{self.label}: 0/{self.total}", "\r" if self.tty else "\n")
+
+    def _write(self, text: str, end: str) -> None:
+        try:
+            self.stream.write(text + end)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe must not stop the work it reports on
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -27,12 +38,55 @@ class Progress:
             rate = self.n / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.n) / rate if rate > 0 else 0.0
             end = "\r" if self.tty and self.n < self.total else "\n"
-            self.stream.write(f"{self.label}: {self.n}/{self.total} ({pct}%) {rate:.1f}/s eta {eta:.0f}s{end}")
-            self.stream.flush()
+            self._write(f"{self.label}: {self.n}/{self.total} ({pct}%) {rate:.1f}/s eta {eta:.0f}s", end)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         if self.tty and self.n < self.total:
-            self.stream.write("\n")
+            self._write("", "\n")
+
+
+class Heartbeat:
+    """Says what is running at once, then how long it has run every `every` seconds until stopped.
+
+    For steps with no count to show: tracing a training graph, a TFLite conversion.
+    """
+
+    def __init__(self, label: str, every: float = 15.0, stream=None):
+        self.label = label
+        self.every = every
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _say(self, text: str) -> None:
+        try:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            self._say(f"{self.label}: still running ({time.perf_counter() - self.start:.0f} s)")
+
+    def begin(self) -> "Heartbeat":
+        self._say(f"{self.label} ...")
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1)
+        return time.perf_counter() - self.start
+
+    def __enter__(self):
+        return self.begin()
+
+    def __exit__(self, *exc):
+        self.stop()

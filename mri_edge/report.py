@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write_text
+
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temp file + rename) so a crash never leaves half a report."""
-    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _json_default(o):
@@ -159,12 +153,12 @@ def plot_examples(images, y_true, y_pred, probs, class_names, path: Path, n: int
 # ---------------------------------------------------------------- markdown
 
 def md_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-style Markdown table; a literal | inside a cell is escaped so columns stay aligned."""
     def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return text.replace("\\|", "|").replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines = ["| " + " | ".join(fmt(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -221,4 +215,54 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
     if test.get("skipped"):
         parts += ["### Skipped test files", ""] + [f"- `{s['path']}`: {s['reason']}" for s in test["skipped"][:50]] + [""]
     parts += ["## Example predictions", "", "![examples](examples.png)", ""]
+    return "\n".join(parts)
+
+
+def run_index_markdown(run) -> str:
+    """report.md of a run folder: what each command produced, with links (run: a RunFolder)."""
+    from .errors import MriEdgeError  # noqa: PLC0415
+    from .files import read_json  # noqa: PLC0415
+
+    def load(path):
+        try:
+            return read_json(path)
+        except MriEdgeError:
+            return None
+
+    root = run.path
+    parts = [f"# mri-edge run `{root.name}`", ""]
+    cfg = load(run.config_path) or {}
+    test = load(run.test_report_path)
+    if test:
+        ci = test.get("accuracy_ci95", [0, 0])
+        parts += [f"Task **{cfg.get('task', '?')}**, DenseNet121 at {cfg.get('image_size', '?')} px, weights "
+                  f"`{cfg.get('weights', '?')}`. Test accuracy **{test['accuracy']:.4f}** (95% CI {ci[0]:.4f}-"
+                  f"{ci[1]:.4f}), macro-F1 {test['macro']['f1']:.4f} on {test['n']} images.", ""]
+        if test.get("dedup"):
+            parts += [f"Leakage-free test subset: accuracy {test['dedup']['accuracy']:.4f} on "
+                      f"{test['dedup']['n']} images.", ""]
+        parts += ["- [Training report](train_report.md): data, phases, curves, per-class metrics, confusion matrix", ""]
+    elif run.state_path.is_file():
+        parts += ["Training has not finished (`mri-edge train --resume` continues it).", ""]
+    index = load(run.exports_index_path)
+    if index and index.get("exports"):
+        parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"],
+                                             [[f"[{r['file']}](exports/{r['file']})", r["format"], r["quantization"],
+                                               f"{r['size_mb']:.2f}"] for r in index["exports"]]), ""]
+    for label, path, link in (("Parity on the test split", root / "parity.json", "parity.md"),
+                              ("Parity on the validation split", root / "verify" / "val" / "parity.json",
+                               "verify/val/parity.md")):
+        parity = load(path)
+        if parity and isinstance(parity.get("files"), dict):
+            passed = sum(1 for r in parity["files"].values() if r.get("passed"))
+            verdict = "every file passes its gate" if parity.get("passed") else \
+                "FAILED: " + "; ".join(parity.get("failures", []))
+            parts += [f"## {label}", "", f"{passed} of {len(parity['files'])} files pass: {verdict}. "
+                                         f"[Details]({link}).", ""]
+    bench = load(root / "bench" / "bench.json")
+    if bench and bench.get("rows"):
+        best = min(bench["rows"], key=lambda r: r["p50_ms"])
+        parts += ["## Benchmark", "", f"{len(bench['rows'])} rows on {bench['machine'].get('cpu', '?')}; fastest: "
+                                      f"{best['model']} on {best['runtime_label']}, p50 {best['p50_ms']:.2f} ms at "
+                                      f"batch {best['batch']}. [Details](bench/bench.md).", ""]
     return "\n".join(parts)

@@ -13,6 +13,8 @@ checks `sys.modules` after use.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import time
 import zipfile
@@ -21,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import preprocess
+from . import preprocess, quiet
+from .errors import MriEdgeError
+from .files import sha256_file
 
 METADATA_NAME = "mri_edge_metadata.json"  # file inside the ZIP appended to .tflite files
 METADATA_KEY = "mri_edge"  # ONNX metadata_props key
 
 
-class RuntimeModelError(ValueError):
+class RuntimeModelError(MriEdgeError, ValueError):
     """The file is not an mri-edge model this runtime can run."""
 
 
@@ -58,29 +62,148 @@ def no_delegate_resolver(interpreter_cls):
     return mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
 
 
+# What a model file's first bytes say it is (a renamed file gets a message that says so).
+def sniff(path: str | Path) -> str:
+    """"tflite", "onnx", "keras", "openvino", "image", "empty" or "unknown", from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "empty"
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    if head[:4] == b"PK\x03\x04":
+        return "keras"
+    if head.lstrip().startswith(b"<?xml") or head.lstrip().startswith(b"<net"):
+        return "openvino"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:2] == b"\xff\xd8":
+        return "image"
+    if head[0] == 0x08:  # ModelProto field 1 (ir_version), a varint
+        return "onnx"
+    return "unknown"
+
+
+KIND_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx", ".xml": "openvino", ".keras": "keras"}
+SUFFIX_BY_KIND = {v: k for k, v in KIND_BY_SUFFIX.items()}
+
+
+def _check_kind(path: Path) -> None:
+    expected = KIND_BY_SUFFIX.get(path.suffix)
+    kind = sniff(path)
+    if kind == "empty":
+        raise RuntimeModelError(f"{path}: the file is empty (an interrupted copy?)")
+    if expected and kind != expected and kind != "unknown":
+        hint = f"; rename it to {path.stem}{SUFFIX_BY_KIND[kind]}" if kind in SUFFIX_BY_KIND else ""
+        raise RuntimeModelError(f"{path}: not a {expected} file: its bytes are those of a {kind} file{hint}")
+    if expected and kind == "unknown":
+        raise RuntimeModelError(f"{path}: not a {expected} file (unrecognised bytes; damaged or not a model)")
+
+
+def onnx_content_sha256(data: bytes) -> str:
+    """SHA-256 of an ONNX file's bytes without its metadata_props (field 14 of ModelProto).
+
+    The metadata (which holds this very hash) is left out; every other top-level field (the
+    graph, its weights, the opsets) is hashed as stored. Reads the protobuf wire format
+    directly, so the device needs no onnx package.
+    """
+    h = hashlib.sha256()
+    i, n = 0, len(data)
+
+    def varint(j):
+        shift = value = 0
+        while True:
+            if j >= n:
+                raise RuntimeModelError("truncated ONNX file (a field runs past the end)")
+            b = data[j]
+            value |= (b & 0x7F) << shift
+            j += 1
+            if not b & 0x80:
+                return value, j
+            shift += 7
+
+    while i < n:
+        start = i
+        tag, i = varint(i)
+        wire = tag & 7
+        if wire == 0:
+            _, i = varint(i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            length, i = varint(i)
+            i += length
+        elif wire == 5:
+            i += 4
+        else:
+            raise RuntimeModelError(f"not an ONNX file (protobuf wire type {wire})")
+        if i > n:
+            raise RuntimeModelError("truncated ONNX file (a field runs past the end)")
+        if tag >> 3 != 14:
+            h.update(data[start:i])
+    return h.hexdigest()
+
+
+def content_sha256(path: str | Path, meta: dict) -> str | None:
+    """The hash of a file's model bytes as export recorded them (None: nothing recorded)."""
+    path = Path(path)
+    if path.suffix == ".tflite" and "model_bytes" in meta:
+        return sha256_file(path, limit=int(meta["model_bytes"]))
+    if path.suffix == ".onnx":
+        return onnx_content_sha256(path.read_bytes())
+    if path.suffix == ".xml":
+        return sha256_file(path.with_suffix(".bin"))
+    return None
+
+
+def check_integrity(path: str | Path, meta: dict) -> None:
+    """Refuse a file whose model bytes differ from the hash export embedded in it.
+
+    Files exported before the hash existed carry none and are not checked.
+    """
+    want = meta.get("model_sha256")
+    if not want:
+        return
+    got = content_sha256(path, meta)
+    if got is not None and got != want:
+        raise RuntimeModelError(f"{path}: its model bytes differ from what `mri-edge export` recorded (sha256 "
+                                f"{got[:12]}... != {want[:12]}...): the file was modified or damaged; re-export it")
+
+
 def read_metadata(path: str | Path) -> dict:
     """The metadata that `mri-edge export` embedded in a .tflite or .onnx file."""
     path = Path(path)
     if not path.is_file():
         raise RuntimeModelError(f"model file not found: {path}")
+    if path.suffix not in (".tflite", ".onnx"):
+        raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} (expected .tflite or .onnx)")
+    _check_kind(path)
     if path.suffix == ".tflite":
         try:
             with zipfile.ZipFile(path) as z:
                 return json.loads(z.read(METADATA_NAME))
         except (zipfile.BadZipFile, KeyError, ValueError):
-            raise RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)") from None
-    if path.suffix == ".onnx":
-        import onnxruntime as ort  # noqa: PLC0415
-
+            pass
         try:
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise RuntimeModelError(f"{path}: not a loadable ONNX model ({type(e).__name__})") from None
-        raw = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if not raw:
-            raise RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)")
-        return json.loads(raw)
-    raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} (expected .tflite or .onnx)")
+            cls = load_interpreter_class()[0]
+            with quiet.native_stderr():
+                cls(model_path=str(path))
+        except Exception:
+            raise RuntimeModelError(f"{path}: a damaged or truncated TFLite file (the interpreter cannot read it)") \
+                from None
+        raise RuntimeModelError(f"{path}: no mri-edge metadata at its end: an incomplete (truncated) copy, or a "
+                                "file not exported by `mri-edge export`") from None
+    try:
+        import onnxruntime as ort  # noqa: PLC0415
+    except ImportError:
+        raise RuntimeModelError(f"{path}: .onnx files need onnxruntime (pip install onnxruntime)") from None
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise RuntimeModelError(f"{path}: not a loadable ONNX model, damaged or truncated ({type(e).__name__})") \
+            from None
+    raw = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if not raw:
+        raise RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)")
+    return json.loads(raw)
 
 
 @dataclass
@@ -119,6 +242,7 @@ class Model:
 
     def __init__(self, path: Path, meta: dict):
         self.path = Path(path)
+        check_integrity(self.path, meta)
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.image_size = int(meta["input_size"][0])
@@ -168,21 +292,25 @@ class TFLiteModel(Model):
         if xnnpack != "default":
             self.runtime_name += f"[xnnpack={xnnpack}]"
         try:
-            self.interp = cls(model_path=str(path), num_threads=threads, **kwargs)
+            with quiet.native_stderr():  # XNNPACK announces itself on stderr
+                self.interp = cls(model_path=str(path), num_threads=threads, **kwargs)
+                self.interp.allocate_tensors()
         except Exception as e:
-            raise RuntimeModelError(f"{path}: the interpreter cannot load it ({type(e).__name__}: {e})") from None
+            raise RuntimeModelError(f"{path}: the interpreter cannot load it ({type(e).__name__}: "
+                                    f"{first_line(e)})") from None
         self.in_det = self.interp.get_input_details()[0]
         self.out_det = self.interp.get_output_details()[0]
         self._batch = None
 
     def _ensure_batch(self, n: int) -> None:
         if self._batch is None and int(self.in_det["shape"][0]) == n:
-            # resizing to the shape it already has still re-plans the delegate (slower)
-            self.interp.allocate_tensors()
+            # resizing to the shape it already has still re-plans the delegate (slower);
+            # the tensors were allocated when the file was opened
             self._batch = n
         if self._batch != n:
             self.interp.resize_tensor_input(self.in_det["index"], [n, self.image_size, self.image_size, 3])
-            self.interp.allocate_tensors()
+            with quiet.native_stderr():
+                self.interp.allocate_tensors()
             self.in_det = self.interp.get_input_details()[0]
             self.out_det = self.interp.get_output_details()[0]
             self._batch = n
@@ -202,7 +330,10 @@ class OnnxModel(Model):
     def __init__(self, path: Path, meta: dict, threads: int | None = None, providers: list[str] | None = None,
                  opt_level: str = "all"):
         super().__init__(path, meta)
-        import onnxruntime as ort  # noqa: PLC0415
+        try:
+            import onnxruntime as ort  # noqa: PLC0415
+        except ImportError:
+            raise RuntimeModelError(f"{path}: .onnx files need onnxruntime (pip install onnxruntime)") from None
 
         so = ort.SessionOptions()
         if threads:
@@ -223,10 +354,43 @@ class OnnxModel(Model):
         return self.sess.run(None, {self.in_name: batch_uint8.astype(np.float32)})[0]
 
 
+def first_line(e: BaseException) -> str:
+    """The line of an exception's message that names the cause (its first non-empty one)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+
+
 def load(path: str | Path, threads: int | None = None, runtime: str | None = None) -> Model:
-    """Open an exported model with its embedded metadata."""
+    """Open an exported .tflite or .onnx file with its embedded metadata (the device path)."""
     path = Path(path)
     meta = read_metadata(path)
     if path.suffix == ".tflite":
         return TFLiteModel(path, meta, threads, runtime)
     return OnnxModel(path, meta, threads)
+
+
+# The one suffix -> backend registry: (module, class, what to install). Backends other than
+# the TFLite interpreter are imported only when a file of theirs is opened, so a device with
+# just ai-edge-litert never imports Keras, OpenVINO or onnxruntime.
+BACKENDS = {
+    ".tflite": ("mri_edge.runtime", "TFLiteModel", "pip install ai-edge-litert"),
+    ".onnx": ("mri_edge.runtime", "OnnxModel", "pip install onnxruntime"),
+    ".xml": ("mri_edge.ov", "OpenVINOModel", "pip install 'mri-edge[openvino]'"),
+    ".keras": ("mri_edge.keras_model", "KerasModel", "pip install 'mri-edge[full]'"),
+}
+MODEL_SUFFIXES = tuple(BACKENDS)
+EXPORT_SUFFIXES = (".tflite", ".onnx", ".xml")
+
+
+def open_model(path: str | Path, threads: int | None = None) -> Model:
+    """Any mri-edge model (.tflite, .onnx, OpenVINO .xml, .keras, or a run folder's model.keras)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.keras"
+    if p.suffix not in BACKENDS:
+        raise RuntimeModelError(f"{p}: unsupported model type {p.suffix!r} (expected {', '.join(MODEL_SUFFIXES)})")
+    if not p.is_file():
+        raise RuntimeModelError(f"model file not found: {p}")
+    if p.suffix in (".tflite", ".onnx"):
+        return load(p, threads)
+    module, cls, _ = BACKENDS[p.suffix]
+    return getattr(importlib.import_module(module), cls)(p, threads=threads)

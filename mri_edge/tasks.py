@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import MriEdgeError
+
 # Each task lists (canonical key, display label, folder aliases) in output order.
 # Alzheimer classes are in severity order so confusion matrices read naturally.
 TASKS: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
@@ -22,7 +24,7 @@ TASKS: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(MriEdgeError, ValueError):
     """A dataset's class folders do not fit the chosen task."""
 
 

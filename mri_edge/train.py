@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import platform
@@ -13,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, preprocess, report
+from . import __version__, data, preprocess, quiet, report
+from .errors import MriEdgeError
+from .progress import Heartbeat, Progress
+from .run import RunFolder
 
 
 @dataclass
@@ -66,7 +68,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
 
-class TrainError(RuntimeError):
+class TrainError(MriEdgeError):
     pass
 
 
@@ -153,6 +155,55 @@ class PhaseClock:
         return (t - self.start) + typical > self.budget_s
 
 
+def _progress_callback_class():
+    import keras  # noqa: PLC0415
+
+    class EpochProgress(keras.callbacks.Callback):
+        """A progress line per epoch (steps, then loss and accuracy), and a heartbeat while the
+        first step traces the graph (about a minute for DenseNet121 on 2 cores, silent otherwise)."""
+
+        def __init__(self, phase: str, epochs: int, steps: int, log, traced: bool):
+            super().__init__()
+            self.phase, self.epochs, self.steps, self.log = phase, epochs, steps, log
+            self.beat = None if traced else Heartbeat("building the training graph (first step)")
+            self.bar = None
+
+        def on_train_begin(self, logs=None):
+            if self.beat:
+                self.beat.begin()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0, self.epoch = time.time(), epoch
+            if not self.beat:
+                self.bar = Progress(self.steps, f"{self.phase} epoch {epoch + 1}/{self.epochs}")
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.beat:
+                self.log(f"training graph built in {self.beat.stop():.0f} s")
+                self.beat = None
+                self.bar = Progress(self.steps, f"{self.phase} epoch {self.epoch + 1}/{self.epochs}")
+                self.bar.update(batch + 1)
+                return
+            if self.bar:
+                self.bar.update()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            shown = ", ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                              if k in logs)
+            self.log(f"{self.phase} epoch {epoch + 1}/{self.epochs}: {shown} ({time.time() - self.t0:.0f} s)")
+
+        def on_train_end(self, logs=None):
+            if self.beat:
+                self.beat.stop()
+
+    return EpochProgress
+
+
+def EpochProgress(*args, **kwargs):  # noqa: N802 - built lazily: keras is imported inside train()
+    return _progress_callback_class()(*args, **kwargs)
+
+
 def _save_model_atomic(model, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.keras")
     model.save(tmp)
@@ -179,46 +230,77 @@ def _limit(split: data.Split, n: int | None, seed: int) -> data.Split:
     return data.Split(split.name, [split.paths[i] for i in keep], [split.labels[i] for i in keep])
 
 
-def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) -> Path:
-    """Run both phases, evaluate on the test split and write the run folder. Returns it."""
-    import keras  # noqa: PLC0415
+def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset) -> None:
+    """What a run folder holds from its start: the split manifest, the config and the labels."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    cfg.class_names = dataset.class_names
+    cfg.phases, _ = resolve_phases(cfg)
+    report.write_json(run.manifest_path, dataset.manifest())
+    report.write_json(run.config_path, {**asdict(cfg), "versions": _versions(),
+                                        "preprocessing": preprocess.contract(cfg.image_size)})
+    report.write_json(run.labels_path, {"task": cfg.task, "class_names": cfg.class_names,
+                                        "class_keys": dataset.class_keys})
 
-    from . import model as model_lib  # noqa: PLC0415
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """Every input path and value that training would otherwise trip over hours later."""
+    if cfg.dedup:
+        from . import audit  # noqa: PLC0415
+
+        audit.read_audit(cfg.dedup)
+    if cfg.weights not in ("none", "imagenet") and not Path(cfg.weights).is_file():
+        from .model import WeightsError  # noqa: PLC0415
+
+        raise WeightsError(f"--weights {cfg.weights}: no such file (use imagenet, none or a weights file path)")
+    if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
+        raise TrainError(f"--cache-dir {cfg.cache_dir} is a file, not a folder")
+
+
+def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), force: bool = False) -> Path:
+    """Run both phases, evaluate on the test split and write the run folder. Returns it.
+
+    `force` lets --out be a folder that holds other files (never a finished or resumable run).
+    """
     t_start = time.time()
     state = None
     if resume:
-        run_dir = Path(resume)
-        try:
-            saved = json.loads((run_dir / "config.json").read_text())
-            state = json.loads((run_dir / "state.json").read_text())
-        except (OSError, ValueError) as e:
-            raise TrainError(f"--resume {resume}: not a resumable run folder ({e})") from None
+        run = RunFolder(resume)
+        if not run.path.is_dir():
+            raise TrainError(f"--resume {resume}: no such folder")
+        if not run.state_path.is_file() or not run.checkpoint_path.is_file():
+            done = run.model_path.is_file()
+            raise TrainError(f"--resume {resume}: " + ("that run already finished" if done else
+                             "no finished epoch to resume from (interrupted before the first one ended); "
+                             "start it again with the same command"))
+        saved, state = run.config(), run.state()
         if state.get("finished"):
             raise TrainError(f"--resume {resume}: that run already finished")
         cfg = TrainConfig.from_saved(saved)
-        dataset = data.dataset_from_manifest(json.loads((run_dir / "split_manifest.json").read_text()))
+        check_inputs(cfg)
+        dataset = data.dataset_from_manifest(run.manifest())
         t_start -= state.get("elapsed_s", 0.0)
+        run_dir = run.path
         log(f"resuming {run_dir} at phase {state['phase']} epoch {state['epoch']}")
     else:
+        check_inputs(cfg)
+        run = RunFolder(cfg.out if cfg.out else default_run_dir(cfg.task))
+        run.check_new_run(force)
         dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed)
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
         dataset.splits = {k: _limit(s, cfg.limit_per_class, cfg.seed) for k, s in dataset.splits.items()}
-        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.task)
-        if (run_dir / "model.keras").exists():
-            raise TrainError(f"{run_dir} already holds a trained model; choose another --out")
+        run_dir = run.path
+    quiet.import_tensorflow()
+    import keras  # noqa: PLC0415
+
+    from . import model as model_lib  # noqa: PLC0415
+
+    if not resume:
         # Build first: bad --weights must fail before anything is written (build_model seeds itself).
-        net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
-                                    cfg.dropout, cfg.seed)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.class_names = dataset.class_names
-        cfg.phases, _ = resolve_phases(cfg)
-        report.write_json(run_dir / "split_manifest.json", dataset.manifest())
-        report.write_json(run_dir / "config.json", {**asdict(cfg), "versions": _versions(),
-                                                    "preprocessing": preprocess.contract(cfg.image_size)})
-        report.write_json(run_dir / "labels.json", {"task": cfg.task, "class_names": cfg.class_names,
-                                                    "class_keys": dataset.class_keys})
+        with Heartbeat(f"building DenseNet121 ({cfg.image_size} px, weights {cfg.weights})", every=10):
+            net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
+                                        cfg.dropout, cfg.seed)
+        write_run_header(run, cfg, dataset)
     _, notes = resolve_phases(cfg)
     for n in notes:
         log(n)
@@ -295,12 +377,14 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=()) 
                     self.model.stop_training = True
 
         cbs = [
+            EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
+                          traced=cfg.eager or pi > first_phase),
             Keeper(),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
             *callbacks,
         ]
         trainer.fit(train_batches, validation_data=val_batches, epochs=phase["epochs"],
-                    initial_epoch=start_epoch, callbacks=cbs, verbose=1 if os.isatty(2) else 2)
+                    initial_epoch=start_epoch, callbacks=cbs, verbose=0)
         if (run_dir / "best.keras").exists():
             # Keep the best epoch of this phase (restore_best_weights does not survive a resume).
             net.set_weights(model_lib.load_model(run_dir / "best.keras").get_weights())
@@ -333,14 +417,10 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     """
     from . import model as model_lib  # noqa: PLC0415
 
-    run_dir = Path(run_dir)
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        manifest = json.loads((run_dir / "split_manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise TrainError(f"{run_dir}: not a run folder of `mri-edge train` ({e})") from None
-    if not (run_dir / "model.keras").is_file():
-        raise TrainError(f"{run_dir} has no model.keras (unfinished run? continue it with --resume)")
+    run = RunFolder(run_dir)
+    run_dir = run.path
+    run.require_model()
+    saved, manifest = run.config(), run.manifest()
     cfg = TrainConfig.from_saved(saved)
     if data_dir:
         root = Path(data_dir)
@@ -351,11 +431,15 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
         manifest["root"] = str(root.resolve())
         cfg.data_dir = str(data_dir)
     if dedup:
+        from . import audit  # noqa: PLC0415
+
+        audit.read_audit(dedup)
         cfg.dedup = dedup
     elif cfg.dedup and not Path(cfg.dedup).is_file():
         log(f"the run's --dedup file {cfg.dedup} is not here; leakage-free subset not reported (pass --dedup)")
         cfg.dedup = None
     dataset = data.dataset_from_manifest(manifest)
+    quiet.import_tensorflow()
     net = model_lib.load_model(run_dir / "model.keras")
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, Path(cfg.cache_dir) if cfg.cache_dir else None)
            for s in ("train", "val", "test")}
@@ -382,8 +466,16 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     report.plot_history(history, run_dir / "training_curves.png")
 
 
-def predict_arrays(net, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    return np.asarray(net.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
+def predict_arrays(net, images: np.ndarray, batch_size: int = 32, label: str | None = None) -> np.ndarray:
+    """Keras probabilities for uint8 images, in chunks, with a progress line when labelled."""
+    chunk = batch_size * 4
+    out = []
+    bar = Progress(len(images), label) if label else None
+    for i in range(0, len(images), chunk):
+        out.append(np.asarray(net.predict(images[i:i + chunk].astype(np.float32), batch_size=batch_size, verbose=0)))
+        if bar:
+            bar.update(len(out[-1]))
+    return np.concatenate(out) if out else np.zeros((0, net.output_shape[-1]), np.float32)
 
 
 def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, notes: list[str],
@@ -391,7 +483,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     """Test-set report: metrics, bootstrap CI, per-image predictions, plots and report.md."""
     names = cfg.class_names
     test = dec["test"]
-    probs = predict_arrays(net, test.images)
+    probs = predict_arrays(net, test.images, label="Keras on the test split")
     pred = probs.argmax(1)
     m = report.classification_metrics(test.labels, pred, names)
     m["accuracy_ci95"] = report.bootstrap_ci(pred == test.labels, seed=cfg.seed)
@@ -418,8 +510,10 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
                                 f"unfreeze {p['unfreeze']}" for p in cfg.phases],
         "splits": {s: {"n": len(d.labels), "skipped": len(d.skipped)} for s, d in dec.items()},
     }
-    report.write_text(run_dir / "report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
-    summary = json.loads((run_dir / "config.json").read_text())
+    report.write_text(run_dir / "train_report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
+    run = RunFolder(run_dir)
+    summary = run.config()
     summary.update({"wall_time_s": wall, **(config_update or {})})
-    report.write_json(run_dir / "config.json", summary)
+    report.write_json(run.config_path, summary)
+    run.write_index()
     return m

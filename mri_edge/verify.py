@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from . import report
-from .predict import open_model
+from .errors import MriEdgeError
+from .files import sha256_file
+from .run import RunFolder
+from .runtime import EXPORT_SUFFIXES, open_model
 from .progress import Progress
 
 
-class VerifyError(RuntimeError):
+class VerifyError(MriEdgeError):
     pass
 
 
@@ -54,9 +57,8 @@ def paired_delta_ci(keras_ok: np.ndarray, file_ok: np.ndarray, seed: int = 0, n_
 
 
 def find_exports(run_dir: Path) -> list[Path]:
-    ex = run_dir / "exports"
-    files = sorted([*ex.glob("*.tflite"), *ex.glob("*.onnx"), *ex.glob("*.xml")]) if ex.is_dir() else []
-    return files
+    ex = Path(run_dir) / "exports"
+    return sorted(p for p in ex.iterdir() if p.suffix in EXPORT_SUFFIXES) if ex.is_dir() else []
 
 
 def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_probs: np.ndarray,
@@ -96,8 +98,6 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
 
 def _val_reference(run_dir: Path, manifest: dict, out_dir: Path, log) -> dict:
     """Keras predictions on the validation split, computed once per model.keras and cached."""
-    from .export import sha256_file  # noqa: PLC0415
-
     sha = sha256_file(run_dir / "model.keras")
     cache = out_dir / "keras_predictions.json"
     if cache.is_file():
@@ -125,25 +125,85 @@ def _val_reference(run_dir: Path, manifest: dict, out_dir: Path, log) -> dict:
     return ref
 
 
+def _decode(model, root: Path, paths: list[str], split: str) -> np.ndarray:
+    size = model.image_size
+    imgs = np.zeros((len(paths), size, size, 3), np.uint8)
+    with Progress(len(imgs), f"decoding {split} images ({size} px)") as bar:
+        for i, rel in enumerate(paths):
+            try:
+                imgs[i] = model.preprocess(root / rel)
+            except Exception as e:
+                raise VerifyError(f"{split} image {root / rel} cannot be read now ({e}); was the dataset moved?") \
+                    from None
+            bar.update()
+    return imgs
+
+
+def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
+                batch_size) -> dict:
+    """Every parity number and the gate of one exported file."""
+    model = open_model(f, threads=threads)
+    if model.class_names != names:
+        raise VerifyError(f"class names {model.class_names} differ from the run's {names}")
+    if model.image_size not in decoded:
+        decoded[model.image_size] = _decode(model, root, ref["paths"], split)
+    imgs = decoded[model.image_size]
+    probs = []
+    with Progress(len(imgs), f"running {f.name} [{model.runtime_name}]") as bar:
+        for i in range(0, len(imgs), batch_size):
+            probs.append(model.run(imgs[i : i + batch_size]))
+            bar.update(len(probs[-1]))
+    probs = np.concatenate(probs)
+    meta = model.meta
+    r = compare(names, labels, keras_probs, probs, ref["paths"])
+    q = meta.get("quantization", "none")
+    min_agree, max_drop = thresholds.for_quantization(q)
+    r.update({"file": f.name, "quantization": q, "format": meta.get("format"), "runtime": model.runtime_name,
+              "size_mb": f.stat().st_size / 1e6,
+              "thresholds": {"min_agreement": min_agree, "max_accuracy_drop": max_drop}})
+    reasons = []
+    if r["agreement"] < min_agree:
+        reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
+    if -r["accuracy_delta"] > max_drop + 1e-12:
+        reasons.append(f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop * 100:.2f}")
+    r["passed"] = not reasons
+    r["fail_reasons"] = reasons
+    if clean is not None:
+        sub = compare(names, labels[clean], keras_probs[clean], probs[clean],
+                      [p for p, k in zip(ref["paths"], clean) if k])
+        r["dedup"] = {k: sub[k] for k in ("n", "accuracy", "keras_accuracy", "accuracy_delta", "agreement",
+                                          "macro_f1", "accuracy_delta_ci95")}
+    return r
+
+
 def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, threads: int | None = None,
                batch_size: int = 16, dedup: str | None = None, log=print, split: str = "test") -> dict:
     """Gate every exported file on the test split (the report of record: run_dir/parity.json),
     or on the validation split (run_dir/verify/val/), where export settings can be compared
-    without looking at the test set."""
-    run_dir = Path(run_dir)
+    without looking at the test set.
+
+    `files` checks only those files; their report goes to run_dir/verify/selected/ (or
+    verify/val/selected/), so the run's full report is never replaced by a shorter one. A
+    file that cannot be opened or run is a FAIL row; the others are still checked.
+    """
+    run = RunFolder(run_dir)
+    run_dir = run.path
     thresholds = thresholds or Thresholds()
     if split not in ("test", "val"):
         raise VerifyError("--split must be test or val")
     if split == "val" and dedup:
         raise VerifyError("--dedup describes the test split; leave it out with --split val")
-    pred_path = run_dir / "test_predictions.json"
-    if not pred_path.is_file():
-        raise VerifyError(f"{run_dir} has no test_predictions.json (is it a finished `mri-edge train` run?)")
-    manifest = json.loads((run_dir / "split_manifest.json").read_text())
+    if not run_dir.is_dir():
+        raise VerifyError(f"run folder not found: {run_dir}")
+    test_ref = run.test_predictions()
+    manifest = run.manifest()
     root = Path(manifest["root"])
-    out_dir = run_dir / "verify" / ("val" if split == "val" else "")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ref = json.loads(pred_path.read_text()) if split == "test" else _val_reference(run_dir, manifest, out_dir, log)
+    split_dir = run_dir / "verify" / ("val" if split == "val" else "")
+    selected = bool(files)
+    report_dir = (split_dir / "selected") if selected else (run_dir if split == "test" else split_dir)
+    plot_dir = report_dir if selected else split_dir
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    ref = test_ref if split == "test" else _val_reference(run_dir, manifest, split_dir, log)
     names = ref["class_names"]
     labels = np.asarray(ref["labels"])
     keras_probs = np.asarray(ref["probs"], np.float32)
@@ -160,61 +220,38 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     results = {}
     failures = []
     for f in files:
-        model = open_model(f, threads=threads)
-        if model.class_names != names:
-            raise VerifyError(f"{f.name}: class names {model.class_names} differ from the run's {names}")
-        size = model.image_size
-        if size not in decoded:
-            imgs = np.zeros((len(ref["paths"]), size, size, 3), np.uint8)
-            with Progress(len(imgs), f"decoding {split} images ({size} px)") as bar:
-                for i, rel in enumerate(ref["paths"]):
-                    try:
-                        imgs[i] = model.preprocess(root / rel)
-                    except Exception as e:
-                        raise VerifyError(f"{split} image {root / rel} cannot be read now ({e}); "
-                                          "was the dataset moved?") from None
-                    bar.update()
-            decoded[size] = imgs
-        imgs = decoded[size]
-        probs = []
-        with Progress(len(imgs), f"running {f.name} [{model.runtime_name}]") as bar:
-            for i in range(0, len(imgs), batch_size):
-                probs.append(model.run(imgs[i : i + batch_size]))
-                bar.update(len(probs[-1]))
-        probs = np.concatenate(probs)
-        meta = model.meta
-        r = compare(names, labels, keras_probs, probs, ref["paths"])
-        q = meta.get("quantization", "none")
-        min_agree, max_drop = thresholds.for_quantization(q)
-        r.update({"file": f.name, "quantization": q, "format": meta.get("format"), "runtime": model.runtime_name,
-                  "size_mb": f.stat().st_size / 1e6, "thresholds": {"min_agreement": min_agree, "max_accuracy_drop": max_drop}})
-        reasons = []
-        if r["agreement"] < min_agree:
-            reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
-        if -r["accuracy_delta"] > max_drop + 1e-12:
-            reasons.append(f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop * 100:.2f}")
-        r["passed"] = not reasons
-        r["fail_reasons"] = reasons
-        if clean is not None:
-            sub = compare(names, labels[clean], keras_probs[clean], probs[clean],
-                          [p for p, k in zip(ref["paths"], clean) if k])
-            r["dedup"] = {k: sub[k] for k in ("n", "accuracy", "keras_accuracy", "accuracy_delta", "agreement",
-                                              "macro_f1", "accuracy_delta_ci95")}
-        report.plot_confusion(r["confusion_matrix"], names, out_dir / f"confusion_{f.name.replace('.', '_')}.png",
+        try:
+            r = _check_file(f, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
+                            batch_size)
+        except VerifyError as e:
+            if "cannot be read now" in str(e):
+                raise  # the data moved: no file can be checked
+            r = {"file": f.name, "error": str(e)}
+        except MriEdgeError as e:
+            r = {"file": f.name, "error": str(e)}
+        except Exception as e:  # a runtime that crashes on this file: a FAIL row, not the end of verify
+            r = {"file": f.name, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+        if "error" in r:
+            r.update({"passed": False, "fail_reasons": [f"cannot be checked: {r['error']}"]})
+            results[f.name] = r
+            failures.append(f"{f.name}: cannot be checked: {r['error']}")
+            log(f"FAIL {f.name}: {r['error']}")
+            continue
+        report.plot_confusion(r["confusion_matrix"], names, plot_dir / f"confusion_{f.name.replace('.', '_')}.png",
                               f"{f.name}: accuracy {r['accuracy']:.3f}")
         results[f.name] = r
-        status = "PASS" if r["passed"] else "FAIL"
-        log(f"{status} {f.name}: accuracy {r['accuracy']:.4f} (delta {r['accuracy_delta'] * 100:+.2f} pts), "
-            f"agreement {r['agreement']:.4f}")
-        if reasons:
-            failures.append(f"{f.name}: " + "; ".join(reasons))
+        log(f"{'PASS' if r['passed'] else 'FAIL'} {f.name}: accuracy {r['accuracy']:.4f} "
+            f"(delta {r['accuracy_delta'] * 100:+.2f} pts), agreement {r['agreement']:.4f}")
+        if r["fail_reasons"]:
+            failures.append(f"{f.name}: " + "; ".join(r["fail_reasons"]))
     keras_m = report.classification_metrics(labels, keras_probs.argmax(1), names)
     out = {"run_dir": str(run_dir), "split": split, "n_test": int(len(labels)), "class_names": names,
            "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},
-           "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures}
-    report_dir = run_dir if split == "test" else out_dir
+           "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures,
+           "selected_files_only": selected}
     report.write_json(report_dir / "parity.json", out)
     report.write_text(report_dir / "parity.md", markdown(out))
+    run.write_index()
     out["report_dir"] = str(report_dir)
     return out
 
@@ -222,6 +259,9 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
 def summary_table(out: dict) -> str:
     rows = []
     for name, r in out["files"].items():
+        if "error" in r:
+            rows.append([name, "", "", "", "", "", "", "", "", "", "FAIL: " + r["fail_reasons"][0]])
+            continue
         rows.append([name, r["runtime"], f"{r['accuracy']:.4f}", f"{r['accuracy_delta'] * 100:+.2f}",
                      f"[{r['accuracy_delta_ci95'][0] * 100:+.2f}, {r['accuracy_delta_ci95'][1] * 100:+.2f}]",
                      f"{r['macro_f1_delta']:+.4f}", f"{r['agreement'] * 100:.2f}%", len(r["flips"]),
@@ -251,6 +291,8 @@ def markdown(out: dict) -> str:
     ]
     rows = []
     for name, r in out["files"].items():
+        if "error" in r:
+            continue
         rows.append([name] + [f"{r['per_class_delta'][c]['sensitivity'] * 100:+.2f} / "
                               f"{r['per_class_delta'][c]['specificity'] * 100:+.2f}" for c in names])
     parts += [report.md_table(["file", *names], rows), ""]
@@ -261,7 +303,7 @@ def markdown(out: dict) -> str:
         parts += ["## Leakage-free test subset", "",
                   report.md_table(["file", "images", "Keras acc", "export acc", "Δacc (pts)", "agreement"], rows), ""]
     for name, r in out["files"].items():
-        if r["flips"]:
+        if r.get("flips"):
             parts += [f"### Flipped predictions: {name} ({len(r['flips'])})", ""]
             parts += [report.md_table(["image", "true", "Keras", "export"],
                                       [[f"`{x['path']}`", x["true"], f"{x['keras']} ({x['keras_p']:.2f})",

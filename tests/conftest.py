@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny synthetic dataset, a tiny trained run and its exports.
+"""Shared fixtures.
 
-Everything is built once per session at 32 px so the whole suite stays within a
-few minutes on 2 cores.
+Fast tier (`-m "not slow"`): `micro_run`, a run folder around a 5-layer Keras model whose
+weights are constructed (no SGD), exported to TFLite and ONNX in-process in seconds.
+Full suite: `tiny_run`, a 32 px DenseNet121 trained from scratch for 2 epochs, and its
+exports in every format.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -16,6 +19,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MRI_EDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
 TINY = 32
+
+
+SLOW_FIXTURES = {"tiny_run", "exported_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the trained DenseNet121 run is in the slow tier."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +41,73 @@ def synth_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+def micro_model(test_images: np.ndarray, k: int = 4):
+    """A 5-layer classifier whose predictions vary and sit far from every decision boundary.
+
+    Its one feature is the mean normalised brightness s of an image (a 1x1 convolution and
+    global pooling). The logits are lines in s with slopes 0, a, 2a, 3a, so class c wins on
+    one interval of s; the boundaries are put in the three widest gaps between the test
+    images' values of s (each class keeps at least two images), and a makes the smallest
+    top-2 logit margin 2. No training, nothing random: the same model on every CPU, and int8
+    parity gates that can pass or fail for the right reason.
+    """
+    import keras
+
+    from mri_edge.model import NORM_NAME
+    from mri_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    size = test_images.shape[1]
+    inp = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Normalization(mean=[m * 255 for m in IMAGENET_MEAN],
+                                   variance=[(s * 255) ** 2 for s in IMAGENET_STD], name=NORM_NAME)(inp)
+    conv = keras.layers.Conv2D(1, 1, name="brightness")
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(conv(x))
+    head = keras.layers.Dense(k, name="logits")
+    net = keras.Model(inp, keras.layers.Softmax(name="probabilities")(head(x)), name="micro")
+    conv.set_weights([np.full((1, 1, 3, 1), 1 / 3, np.float32), np.zeros(1, np.float32)])
+    s = np.sort(np.asarray(keras.Model(inp, x)(test_images.astype(np.float32)), np.float64)[:, 0])
+    gaps = [(s[i + 1] - s[i], i) for i in range(1, len(s) - 2)]  # >= 2 images at each end
+    cuts = []
+    for gap, i in sorted(gaps, reverse=True):
+        if all(abs(i - j) >= 2 for j in cuts):
+            cuts.append(i)
+        if len(cuts) == k - 1:
+            break
+    cuts.sort()
+    t = [(s[i] + s[i + 1]) / 2 for i in cuts]
+    a = 2.0 / (min(s[i + 1] - s[i] for i in cuts) / 2)
+    bias = [0.0]
+    for c in range(1, k):
+        bias.append(bias[-1] - a * t[c - 1])  # lines c-1 and c cross at t[c-1]
+    head.set_weights([np.arange(k, dtype=np.float32)[None] * a, np.asarray(bias, np.float32)])
+    return net
+
+
+@pytest.fixture(scope="session")
+def micro_run(synth_data, cache_dir, tmp_path_factory):
+    """A finished run folder (config, labels, manifest, model.keras, test report) around
+    `micro_model` at 32 px, exported to fp32/int8 TFLite and fp32/int8 ONNX in-process."""
+    from mri_edge import data
+    from mri_edge.export import export_run
+    from mri_edge.run import RunFolder
+    from mri_edge.train import TrainConfig, evaluate_run, write_run_header
+
+    out = tmp_path_factory.mktemp("runs") / "micro"
+    cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(out), weights="none", image_size=TINY,
+                      epochs_head=0, epochs_finetune=1, cache_dir=str(cache_dir))
+    ds = data.discover(synth_data, "tumor", seed=cfg.seed)
+    run = RunFolder(out)
+    write_run_header(run, cfg, ds)
+    dec = {s: data.decode_split(ds.splits[s], TINY, cache_dir) for s in ("train", "val", "test")}
+    net = micro_model(dec["test"].images)
+    net.save(run.model_path)
+    evaluate_run(out, net, dec, cfg, 0.0, [])
+    results, failures = export_run(out, ("tflite", "onnx"), ("none", "int8"), "uint8", calib_size=16,
+                                   log=lambda *_: None, workers=1)
+    assert not failures, failures
+    return out
 
 
 @pytest.fixture(scope="session")

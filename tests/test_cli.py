@@ -36,7 +36,7 @@ def test_help_does_not_import_heavy_libraries():
     (["train", "--task", "tumor", "--data-dir", "/nonexistent"], "data folder not found"),
     (["train", "--task", "tumor"], "--data-dir is required"),
     (["export", "/nonexistent"], "run folder not found"),
-    (["verify", "/nonexistent"], "no test_predictions.json"),
+    (["verify", "/nonexistent"], "run folder not found"),
     (["bench", "/nonexistent"], "no such file or folder"),
     (["bench", "x", "--threads", "a"], "comma-separated"),
 ])

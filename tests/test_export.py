@@ -8,9 +8,8 @@ import pytest
 
 from mri_edge import export as export_lib
 from mri_edge import ov, runtime
-from mri_edge.predict import open_model
-
-pytestmark = pytest.mark.slow
+from mri_edge.files import sha256_file
+from mri_edge.runtime import open_model
 
 SIX = ["model_fp32.tflite", "model_fp16.tflite", "model_dynamic.tflite", "model_int8.tflite",
        "model_fp32.onnx", "model_int8.onnx"]
@@ -64,7 +63,7 @@ def test_int8_tflite_is_full_integer_with_uint8_io(exported_run):
 
 
 def test_metadata_round_trips(exported_run, tiny_run):
-    sha = export_lib.sha256_file(tiny_run / "model.keras")
+    sha = sha256_file(tiny_run / "model.keras")
     for name in ALL:
         meta = read_meta(exported_run / "exports" / name)
         assert meta["class_names"] == ["Glioma", "Meningioma", "No Tumor", "Pituitary"]

@@ -28,23 +28,72 @@ def test_unsupported_and_foreign_files(tmp_path):
     with pytest.raises(runtime.RuntimeModelError, match="unsupported model type"):
         runtime.read_metadata(bad)
     plain = tmp_path / "plain.tflite"
-    plain.write_bytes(b"TFL3 not ours")
-    with pytest.raises(runtime.RuntimeModelError, match="no mri-edge metadata"):
+    plain.write_bytes(b"\x1c\x00\x00\x00TFL3 not ours")
+    with pytest.raises(runtime.RuntimeModelError, match="damaged or truncated TFLite file"):
         runtime.read_metadata(plain)
     with pytest.raises(runtime.RuntimeModelError, match="not found"):
         runtime.load(tmp_path / "missing.tflite")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(runtime.RuntimeModelError, match="the file is empty"):
+        runtime.read_metadata(empty)
 
 
-@pytest.mark.slow
-def test_runtime_imports_no_training_stack(exported_run, synth_data):
+def test_renamed_and_truncated_files_say_so(micro_run, tmp_path):
+    ex = micro_run / "exports"
+    renamed = tmp_path / "model.tflite"
+    renamed.write_bytes((ex / "model_fp32.onnx").read_bytes())
+    with pytest.raises(runtime.RuntimeModelError, match="bytes are those of a onnx file; rename it to model.onnx"):
+        runtime.load(renamed)
+    renamed = tmp_path / "model.onnx"
+    renamed.write_bytes((ex / "model_int8.tflite").read_bytes())
+    with pytest.raises(runtime.RuntimeModelError, match="a tflite file; rename it to model.tflite"):
+        runtime.load(renamed)
+    data = (ex / "model_int8.tflite").read_bytes()
+    for cut, message in ((len(data) - 40, "truncated"), (len(data) // 3, "truncated")):
+        short = tmp_path / f"cut{cut}.tflite"
+        short.write_bytes(data[:cut])
+        with pytest.raises(runtime.RuntimeModelError, match=message):
+            runtime.load(short)
+    onnx = (ex / "model_fp32.onnx").read_bytes()
+    short = tmp_path / "cut.onnx"
+    short.write_bytes(onnx[: len(onnx) // 2])
+    with pytest.raises(runtime.RuntimeModelError, match="truncated"):
+        runtime.load(short)
+
+
+def test_modified_model_bytes_are_refused(micro_run, tmp_path):
+    """Export records a hash of each file's model bytes; a changed weight is caught on load."""
+    for name in ("model_int8.tflite", "model_fp32.onnx", "model_int8.onnx"):
+        src = micro_run / "exports" / name
+        meta = runtime.read_metadata(src)
+        assert len(meta["model_sha256"]) == 64
+        runtime.load(src)  # the untouched file loads
+        data = bytearray(src.read_bytes())
+        if name.endswith(".onnx"):  # the lowest byte of a float weight: the file still parses and runs
+            import onnx
+
+            floats = [t for t in onnx.load(str(src)).graph.initializer if t.data_type == 1 and len(t.raw_data) >= 16]
+            i = bytes(data).find(max(floats, key=lambda t: len(t.raw_data)).raw_data)
+        else:  # the middle of the flatbuffer, before the metadata
+            i = meta["model_bytes"] // 2
+        data[i] ^= 0x01
+        bad = tmp_path / name
+        bad.write_bytes(bytes(data))
+        with pytest.raises(runtime.RuntimeModelError, match="differ from what `mri-edge export` recorded"):
+            runtime.open_model(bad)
+
+
+def test_runtime_imports_no_training_stack(micro_run, synth_data):
     """The on-device module must not pull TensorFlow, Keras, click or scikit-learn."""
     img = next((synth_data / "Testing" / "glioma").glob("*.jpg"))
     code = f"""
 import json, sys
 from mri_edge import runtime
-m = runtime.load({str(exported_run / 'exports' / 'model_int8.tflite')!r})
+m = runtime.load({str(micro_run / 'exports' / 'model_int8.tflite')!r})
 r = m.predict({str(img)!r})
-banned = [mod for mod in ("tensorflow", "keras", "click", "sklearn", "matplotlib", "tf2onnx", "onnx")
+banned = [mod for mod in ("tensorflow", "keras", "click", "sklearn", "matplotlib", "tf2onnx", "onnx",
+                          "onnxruntime", "openvino")
           if mod in sys.modules]
 print(json.dumps({{"label": r.label, "banned": banned, "runtime": m.runtime_name}}))
 """
@@ -54,10 +103,9 @@ print(json.dumps({{"label": r.label, "banned": banned, "runtime": m.runtime_name
     assert res["label"] in ("Glioma", "Meningioma", "No Tumor", "Pituitary")
 
 
-@pytest.mark.slow
-def test_predict_accepts_path_bytes_and_array(exported_run, synth_data):
+def test_predict_accepts_path_bytes_and_array(micro_run, synth_data):
     img = next((synth_data / "Testing" / "pituitary").glob("*.jpg"))
-    m = runtime.load(exported_run / "exports" / "model_int8.tflite")
+    m = runtime.load(micro_run / "exports" / "model_int8.tflite")
     a = m.predict(img)
     b = m.predict(img.read_bytes())
     from mri_edge.preprocess import load_image

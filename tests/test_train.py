@@ -7,7 +7,7 @@ from mri_edge.train import PhaseClock, TrainConfig, lr_at, phase_budgets, resolv
 
 OUTPUTS = ["model.keras", "config.json", "labels.json", "split_manifest.json", "history.csv",
            "training_curves.png", "test_report.json", "test_predictions.json", "confusion_matrix.png",
-           "examples.png", "report.md"]
+           "examples.png", "train_report.md", "report.md"]
 
 
 def test_tiny_end_to_end_run_writes_full_report(tiny_run):
@@ -23,8 +23,9 @@ def test_tiny_end_to_end_run_writes_full_report(tiny_run):
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["image_size"] == 32 and cfg["weights"] == "none" and cfg["phases"][0]["name"] == "scratch"
     assert cfg["preprocessing"]["normalization"]["where"] == "inside the model graph"
-    md = (tiny_run / "report.md").read_text()
+    md = (tiny_run / "train_report.md").read_text()
     assert "macro avg" in md and "confusion_matrix.png" in md
+    assert "(train_report.md)" in (tiny_run / "report.md").read_text()
     assert len((tiny_run / "history.csv").read_text().splitlines()) == 3
 
 
@@ -70,6 +71,7 @@ def test_time_budget_drives_schedule_and_stop():
     assert lr_at(0, 200, 1e-3, 1, progress=0.9) == pytest.approx(5e-4)  # warm-up epoch first
 
 
+@pytest.mark.slow
 def test_time_budget_stops_a_run_and_it_still_finishes(synth_data, cache_dir, tmp_path):
     logs = []
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), weights="none",
@@ -81,6 +83,7 @@ def test_time_budget_stops_a_run_and_it_still_finishes(synth_data, cache_dir, tm
     assert (run / "model.keras").is_file() and (run / "test_report.json").is_file()
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_checkpoint_and_resume_finishes(synth_data, cache_dir, tmp_path):
     import keras
 

@@ -1,0 +1,76 @@
+"""File helpers written once: atomic writes, hashing and JSON reads with one-line errors.
+
+Standard library only (the on-device runtime uses them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import FileFormatError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename, so a
+    crash, a full disk or a kill never leaves half a file where a whole one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)  # mkstemp creates 0600; reports and models are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    """SHA-256 of a file (of its first `limit` bytes when given), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: str | Path, what: str | None = None, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object from `path`, or FileFormatError with one line that names the file and
+    the problem (missing, unreadable, not JSON, not an object, missing keys)."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileFormatError(f"{label}: not found") from None
+    except OSError as e:
+        raise FileFormatError(f"{label}: cannot read ({e.strerror or e})") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise FileFormatError(f"{label}: not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(obj, dict):
+        raise FileFormatError(f"{label}: expected a JSON object, found {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise FileFormatError(f"{label}: missing {', '.join(missing)}")
+    return obj

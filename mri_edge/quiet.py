@@ -1,0 +1,109 @@
+"""Quiet by default: third-party log noise hidden unless `--verbose`, and child processes
+that never outlive their command.
+
+TensorFlow, absl, oneDNN, the TFLite converter and XNNPACK write straight to file
+descriptor 2 from C++, where Python's logging cannot reach them, so the noisy calls run
+with descriptor 2 pointed at a temporary file. What was captured is replayed when the
+block raises (the cause of a failure is never hidden) or when MRI_EDGE_VERBOSE is set.
+
+Standard library only: the on-device runtime uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+
+VERBOSE_ENV = "MRI_EDGE_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def set_verbose(on: bool) -> None:
+    """Also reaches worker processes, which inherit the environment."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+        os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    else:
+        os.environ.pop(VERBOSE_ENV, None)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def native_stderr():
+    """Run the block with fd 2 captured; replay the capture if it raises or when verbose."""
+    if verbose():
+        yield
+        return
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # no real stderr (an embedding app, CliRunner)
+        fd = 2
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as cap:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(cap.fileno(), fd)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            if failed:
+                cap.seek(0)
+                text = cap.read().decode("utf-8", "replace").strip()
+                if text:
+                    sys.stderr.write(text[-4000:] + "\n")
+
+
+def import_tensorflow():
+    """Import TensorFlow (and Keras on it) once, without its start-up banner; TensorFlow's and
+    absl's Python loggers keep to errors unless verbose."""
+    import logging  # noqa: PLC0415
+
+    with native_stderr():
+        import keras  # noqa: F401, PLC0415
+    if not verbose():
+        for name in ("tensorflow", "absl", "tf2onnx", "nncf", "openvino"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def orphan_proof_child() -> None:
+    """In a child process: die with the parent, and leave Ctrl-C to the parent.
+
+    Ctrl-C reaches every process of the terminal's group; the parent then stops its
+    children itself, so they must not race it with tracebacks of their own. On Linux the
+    kernel also sends SIGTERM to the child if the parent dies without cleaning up (SIGKILL).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes  # noqa: PLC0415
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def quiet_worker() -> None:
+    """Initializer of worker processes: orphan-proof, and their native log noise dropped unless verbose."""
+    orphan_proof_child()
+    if not verbose():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)

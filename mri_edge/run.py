@@ -1,0 +1,125 @@
+"""The run folder: one owner for its layout and for reading and writing its files.
+
+    RUN/
+      config.json          TrainConfig + versions + preprocessing contract (train)
+      labels.json          task, class names and keys (train)
+      split_manifest.json  which file went to which split (train)
+      state.json           resumable progress (train; finished=true at the end)
+      checkpoint.keras     last epoch while training; best.keras best epoch of a phase
+      model.keras          the trained model (train)
+      history.csv, training_curves.png, test_report.json, test_predictions.json,
+      confusion_matrix.png, examples.png, train_report.md       (train / evaluate)
+      exports/             exported files + exports.json + calibration_manifest.json (export)
+      parity.json, parity.md, verify/                           (verify)
+      bench/                                                    (bench)
+      report.md            index page linking all of the above (rewritten by each command)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import MriEdgeError
+from .files import atomic_write_text, read_json
+
+
+class RunError(MriEdgeError, ValueError):
+    """A folder is not (or not yet) the run folder a command needs."""
+
+
+# What `mri-edge train` may find in --out and still call the folder its own.
+TRAIN_OUTPUTS = ("config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras", "best.keras",
+                 "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
+                 "confusion_matrix.png", "examples.png", "train_report.md", "report.md")
+LATER_OUTPUTS = ("exports", "verify", "bench", "parity.json", "parity.md")
+
+
+class RunFolder:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ------------------------------------------------------------ paths
+    config_path = property(lambda self: self.path / "config.json")
+    labels_path = property(lambda self: self.path / "labels.json")
+    manifest_path = property(lambda self: self.path / "split_manifest.json")
+    state_path = property(lambda self: self.path / "state.json")
+    model_path = property(lambda self: self.path / "model.keras")
+    checkpoint_path = property(lambda self: self.path / "checkpoint.keras")
+    best_path = property(lambda self: self.path / "best.keras")
+    predictions_path = property(lambda self: self.path / "test_predictions.json")
+    test_report_path = property(lambda self: self.path / "test_report.json")
+    exports_dir = property(lambda self: self.path / "exports")
+    exports_index_path = property(lambda self: self.path / "exports" / "exports.json")
+
+    # ------------------------------------------------------------ reads (one-line errors)
+    def config(self) -> dict:
+        return read_json(self.config_path, "run config", ("task", "image_size"))
+
+    def labels(self) -> dict:
+        return read_json(self.labels_path, "run labels", ("class_names",))
+
+    def manifest(self) -> dict:
+        m = read_json(self.manifest_path, "split manifest", ("root", "splits", "class_names"))
+        if not isinstance(m["splits"], dict) or not all(isinstance(v, list) for v in m["splits"].values()):
+            raise RunError(f"split manifest {self.manifest_path}: 'splits' is not a mapping of lists; the file is damaged")
+        return m
+
+    def state(self) -> dict:
+        return read_json(self.state_path, "training state", ("phase", "epoch"))
+
+    def test_predictions(self) -> dict:
+        if not self.predictions_path.is_file():
+            raise RunError(f"{self.path} has no test_predictions.json (is it a finished `mri-edge train` run?)")
+        return read_json(self.predictions_path, "test predictions", ("class_names", "paths", "labels", "probs"))
+
+    def exports_index(self) -> dict:
+        """exports.json, or an empty index when there is none or it is damaged (it is rebuilt)."""
+        try:
+            return read_json(self.exports_index_path)
+        except MriEdgeError:
+            return {}
+
+    def require_model(self) -> Path:
+        if not self.path.is_dir():
+            raise RunError(f"run folder not found: {self.path}")
+        if not self.model_path.is_file():
+            hint = " (unfinished run? continue it with `mri-edge train --resume`)" if self.state_path.is_file() else \
+                " (is it a finished `mri-edge train` run?)"
+            raise RunError(f"{self.path} has no model.keras{hint}")
+        return self.model_path
+
+    # ------------------------------------------------------------ train's --out check
+    def check_new_run(self, force: bool = False) -> None:
+        """Refuse an --out folder that holds anything but the start of this run.
+
+        A finished run and a resumable one are never overwritten; a folder with other files
+        (a copy of a shipped model, a dataset) is refused unless force, because writing a new
+        report beside old model files would leave a folder that contradicts itself.
+        """
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise RunError(f"--out {self.path} is a file, not a folder")
+        if self.model_path.exists():
+            raise RunError(f"{self.path} already holds a trained model; choose another --out")
+        if self.checkpoint_path.exists() and self.state_path.exists():
+            raise RunError(f"{self.path} holds an unfinished run; continue it with `mri-edge train --resume "
+                           f"{self.path}` or choose another --out")
+        foreign = sorted(p.name for p in self.path.iterdir() if p.name not in TRAIN_OUTPUTS)
+        if foreign and not force:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise RunError(f"--out {self.path} is not empty and not a run of `mri-edge train` (it holds {shown}); "
+                           "choose an empty or new folder, or pass --force to write the run there anyway")
+
+    # ------------------------------------------------------------ the index page
+    def write_index(self) -> Path:
+        from .report import run_index_markdown  # noqa: PLC0415
+
+        atomic_write_text(self.path / "report.md", run_index_markdown(self))
+        return self.path / "report.md"

@@ -1,0 +1,194 @@
+"""Bad input and interruptions: a one-line error, a non-zero exit, nothing lost or left inconsistent."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mri_edge import data
+from mri_edge.cli import main
+from mri_edge.run import RunFolder
+
+
+def invoke(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+def test_train_refuses_a_folder_that_is_not_its_run(synth_data, tmp_path):
+    shipped = tmp_path / "copy-of-artifacts-tumor"
+    shipped.mkdir()
+    (shipped / "model_int8.tflite").write_bytes(b"x")
+    (shipped / "report.md").write_text("# old report\n")
+    res = invoke("train", "--task", "tumor", "--data-dir", synth_data, "--weights", "none", "--out", shipped)
+    assert res.exit_code == 1 and "not empty and not a run of `mri-edge train`" in res.output
+    assert "model_int8.tflite" in res.output and "--force" in res.output
+    assert (shipped / "report.md").read_text() == "# old report\n"
+    file_out = tmp_path / "a-file"
+    file_out.write_text("")
+    res = invoke("train", "--task", "tumor", "--data-dir", synth_data, "--weights", "none", "--out", file_out)
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    # the start of a run interrupted before its first epoch is its own: it may be restarted
+    header_only = RunFolder(tmp_path / "restart")
+    header_only.path.mkdir()
+    for name in ("config.json", "labels.json", "split_manifest.json"):
+        (header_only.path / name).write_text("{}")
+    header_only.check_new_run()
+    (header_only.path / "checkpoint.keras").write_bytes(b"x")
+    (header_only.path / "state.json").write_text("{}")
+    with pytest.raises(Exception, match="unfinished run; continue it with"):
+        header_only.check_new_run(force=True)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"data_dir": "/x"}', '{"data_dir": "/x", "leaked": 3}'])
+def test_a_malformed_dedup_file_is_refused_before_training(synth_data, tmp_path, content):
+    bad = tmp_path / "audit.json"
+    bad.write_text(content)
+    out = tmp_path / "run"
+    res = invoke("train", "--task", "tumor", "--data-dir", synth_data, "--weights", "none", "--out", out,
+                 "--dedup", bad)
+    assert res.exit_code == 1 and "--dedup" in res.output and "audit.json" in res.output
+    assert not out.exists()  # refused before anything was written
+
+
+def test_resume_checks_the_saved_dedup_path_first(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": "tumor", "data_dir": "x", "image_size": 32,
+                                                 "dedup": str(tmp_path / "gone.json")}))
+    (run / "state.json").write_text(json.dumps({"phase": 0, "epoch": 1}))
+    (run / "checkpoint.keras").write_bytes(b"x")
+    res = invoke("train", "--task", "tumor", "--resume", run)
+    assert res.exit_code == 1 and "--dedup" in res.output and "not found" in res.output
+
+
+def test_resume_without_a_finished_epoch_says_start_again(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    res = invoke("train", "--task", "tumor", "--resume", run)
+    assert res.exit_code == 1 and "no finished epoch to resume from" in res.output
+
+
+def test_an_interrupt_before_the_first_epoch_does_not_suggest_resume(synth_data, tmp_path, monkeypatch):
+    from mri_edge import train as train_lib
+
+    def interrupted(cfg, **kw):
+        RunFolder(cfg.out).path.mkdir(parents=True)
+        (RunFolder(cfg.out).path / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_lib, "train", interrupted)
+    res = invoke("train", "--task", "tumor", "--data-dir", synth_data, "--out", tmp_path / "r")
+    assert res.exit_code == 130 and "nothing to resume" in res.output and "--resume" not in res.output
+
+
+def test_a_damaged_cache_file_is_rebuilt(synth_data, tmp_path):
+    split = data.discover(synth_data, "tumor").splits["test"]
+    first = data.decode_split(split, 32, tmp_path)
+    (npz,) = tmp_path.glob("*.npz")
+    npz.write_bytes(b"PK\x03\x04 this is not a zip any more")
+    again = data.decode_split(split, 32, tmp_path)
+    assert np.array_equal(first.images, again.images)
+    with np.load(npz) as z:  # rewritten whole
+        assert z["images"].shape == first.images.shape
+
+
+def test_data_discovery_ignores_hidden_folders_and_os_junk(tmp_path):
+    from mri_edge.synth import write_dataset
+
+    root = write_dataset(tmp_path / "d", "tumor", n_train=3, n_test=2, size=32)
+    before = {s: list(v.paths) for s, v in data.discover(root, "tumor").splits.items()}
+    glioma = root / "Testing" / "glioma"
+    (glioma / ".ipynb_checkpoints").mkdir()
+    shutil.copy(next(glioma.glob("*.jpg")), glioma / ".ipynb_checkpoints" / "x-checkpoint.jpg")
+    (glioma / ".DS_Store").write_bytes(b"\x00")
+    (glioma / "Thumbs.db").write_bytes(b"\x00")
+    (glioma / "notes.txt").write_text("scanner log")
+    (root / "Training" / "__MACOSX").mkdir()
+    (root / ".hidden-split").mkdir()
+    after = {s: list(v.paths) for s, v in data.discover(root, "tumor").splits.items()}
+    assert after == before
+
+
+def test_data_synth_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "real" / "Training" / "glioma").mkdir(parents=True)
+    res = invoke("data", "synth", "--out", tmp_path / "real", "--n-train", "2", "--n-test", "1")
+    assert res.exit_code == 1 and "not empty" in res.output
+    assert not list((tmp_path / "real").rglob("*.jpg"))
+
+
+def test_audit_caps_pixels_and_handles_an_all_corrupt_folder(tmp_path, monkeypatch):
+    from mri_edge import audit, preprocess
+    from mri_edge.synth import write_dataset
+
+    root = write_dataset(tmp_path / "d", "tumor", n_train=3, n_test=2, size=48)
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 40 * 40)  # every 48x48 phantom is now "too large"
+    with pytest.raises(audit.AuditError, match="none of its 20 image files can be decoded"):
+        audit.audit(root, "tumor", None, log=lambda *_: None)
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 50_000_000)
+    for p in root.rglob("*.jpg"):
+        p.write_bytes(b"\xff\xd8 broken")
+    res = invoke("data", "audit", root, "--task", "tumor", "--out", tmp_path / "a")
+    assert res.exit_code == 1 and "can be decoded" in res.output
+
+
+def test_corrupt_run_files_are_one_line_errors(micro_run, synth_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    (run / "split_manifest.json").write_text('{"root": "/x", "splits": ')
+    res = invoke("verify", run)
+    assert res.exit_code == 1 and "split manifest" in res.output and "not valid JSON" in res.output
+    shutil.copy(micro_run / "split_manifest.json", run / "split_manifest.json")
+    (run / "labels.json").write_text("[]")
+    res = invoke("predict", run, next(synth_data.rglob("*.jpg")))
+    assert res.exit_code == 1 and "run labels" in res.output and "expected a JSON object" in res.output
+    (run / "test_predictions.json").write_text("")
+    res = invoke("verify", run)
+    assert res.exit_code == 1 and "test predictions" in res.output
+
+
+def test_verify_file_writes_its_own_report_and_a_broken_file_is_a_fail_row(micro_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    res = invoke("verify", run)
+    assert res.exit_code == 0, res.output
+    full = (run / "parity.json").read_bytes()
+    res = invoke("verify", run, "--file", run / "exports" / "model_fp32.tflite")
+    assert res.exit_code == 0 and "only the files named by --file" in res.output
+    assert (run / "parity.json").read_bytes() == full
+    selected = json.loads((run / "verify" / "selected" / "parity.json").read_text())
+    assert list(selected["files"]) == ["model_fp32.tflite"] and selected["selected_files_only"]
+    data_ = (run / "exports" / "model_int8.onnx").read_bytes()
+    (run / "exports" / "model_int8.onnx").write_bytes(data_[: len(data_) // 2])
+    res = invoke("verify", run)
+    assert res.exit_code == 1
+    parity = json.loads((run / "parity.json").read_text())
+    assert set(parity["files"]) == {"model_fp32.tflite", "model_int8.tflite", "model_fp32.onnx", "model_int8.onnx"}
+    assert not parity["files"]["model_int8.onnx"]["passed"] and "truncated" in parity["files"]["model_int8.onnx"]["error"]
+    assert all(parity["files"][f]["passed"] for f in ("model_fp32.tflite", "model_int8.tflite", "model_fp32.onnx"))
+
+
+def test_bench_skips_a_row_that_cannot_run_and_checks_compare_first(micro_run, tmp_path):
+    good = micro_run / "exports" / "model_int8.tflite"
+    tampered = tmp_path / "model_int8.tflite"
+    data_ = bytearray(good.read_bytes())
+    data_[len(data_) // 3] ^= 0x33
+    tampered.write_bytes(bytes(data_))
+    args = ["--batch", "1", "--threads", "1", "--warmup", "0", "--runs", "2"]
+    res = invoke("bench", good, tampered, *args, "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    assert "skipped (failed)" in res.output and "differ from what `mri-edge export` recorded" in res.output
+    out = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert len(out["rows"]) == 1 and len(out["errors"]) == 1
+    res = invoke("bench", good, tampered, *args, "--out", tmp_path / "b", "--strict")
+    assert res.exit_code == 1
+    res = invoke("bench", tampered, *args, "--out", tmp_path / "c")
+    assert res.exit_code == 1 and "every row" in res.output
+    bad = tmp_path / "old.json"
+    bad.write_text('{"rows": [{"model": 1}]}')
+    res = invoke("bench", good, *args, "--compare", bad, "--out", tmp_path / "d")
+    assert res.exit_code == 1 and "--compare" in res.output and not (tmp_path / "d").exists()

@@ -1,0 +1,93 @@
+"""Every Markdown file the project writes or ships renders: each table keeps its columns."""
+
+import re
+
+import pytest
+from markdown_it import MarkdownIt
+
+from conftest import REPO
+
+
+def table_problems(text: str) -> list[str]:
+    """Rows whose cell count differs from their table's header, per markdown-it-py's tables."""
+    md = MarkdownIt("commonmark").enable("table")
+    lines = text.splitlines()
+    problems = []
+    tokens = md.parse(text)
+    covered = set()
+    for tok in tokens:
+        if tok.type in ("table_open", "fence", "code_block") and tok.map:
+            covered.update(range(*tok.map))
+    problems += [f"line {i + 1} looks like a table row but is not part of a rendered table: {ln[:80]}"
+                 for i, ln in enumerate(lines) if ln.lstrip().startswith("|") and i not in covered]
+    for tok in tokens:
+        if tok.type != "table_open" or tok.map is None:
+            continue
+        start, end = tok.map
+        rows = [ln for ln in lines[start:end] if ln.strip()]
+
+        def cells(line):
+            body = line.strip()
+            body = body[1:] if body.startswith("|") else body
+            body = body[:-1] if body.endswith("|") and not body.endswith("\\|") else body
+            return len(re.split(r"(?<!\\)\|", body))
+
+        width = cells(rows[0])
+        for ln in rows[2:]:
+            if cells(ln) != width:
+                problems.append(f"line {lines.index(ln) + 1}: {cells(ln)} cells, header has {width}: {ln[:80]}")
+    return problems
+
+
+def check(path):
+    text = path.read_text()
+    assert not table_problems(text), f"{path}: {table_problems(text)}"
+    return text
+
+
+def test_the_checker_catches_a_broken_table():
+    assert table_problems("| a | b |\n|---|---|\n| 1 | 2 |\n") == []
+    assert table_problems("| a | |dp| |\n|---|---|\n| 1 | 2 |\n")  # an unescaped | shifts the columns
+    assert table_problems("| a | b | c |\n|---|---|---|\n| 1 | 2 |\n")
+    assert table_problems("| a | \\|dp\\| |\n|---|---|\n| 1 | 2 |\n") == []
+
+
+def test_reports_of_a_run_render(micro_run):
+    from mri_edge.verify import verify_run
+
+    verify_run(micro_run, log=lambda *_: None)
+    names = {p.name for p in micro_run.rglob("*.md")}
+    assert {"report.md", "train_report.md", "parity.md"} <= names
+    for path in micro_run.rglob("*.md"):
+        check(path)
+    index = (micro_run / "report.md").read_text()
+    for link in ("train_report.md", "exports/model_int8.tflite", "parity.md"):
+        assert f"({link})" in index
+
+
+def test_audit_report_renders(tmp_path):
+    from mri_edge import audit
+    from mri_edge.synth import write_dataset
+
+    root = write_dataset(tmp_path / "d", "tumor", n_train=4, n_test=2, size=48)
+    audit.audit(root, "tumor", tmp_path / "a", log=lambda *_: None)
+    check(tmp_path / "a" / "audit.md")
+
+
+@pytest.mark.parametrize("path", sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"),
+                                         *(REPO / "artifacts").rglob("*.md")]), ids=lambda p: p.name)
+def test_shipped_markdown_renders(path):
+    check(path)
+
+
+def test_readme_is_a_users_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert 'pip install -e ".[full,dev]"' in readme
+
+
+def test_cli_reference_is_generated_from_the_code():
+    from mri_edge.clidoc import reference
+
+    assert (REPO / "docs" / "cli.md").read_text() == reference(), \
+        "docs/cli.md is stale: python -m mri_edge.clidoc > docs/cli.md"
