@@ -7,65 +7,16 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, data, preprocess, quiet, report
+from .config import TrainConfig
 from .errors import MriEdgeError
 from .progress import Heartbeat, Progress
 from .run import RunFolder
-
-
-@dataclass
-class TrainConfig:
-    task: str
-    data_dir: str
-    out: str | None = None
-    weights: str = "imagenet"
-    image_size: int = 224
-    batch_size: int = 32
-    epochs_head: int = 5
-    epochs_finetune: int = 10
-    lr: float = 1e-3
-    lr_finetune: float | None = None
-    unfreeze: str = "conv5"
-    warmup_epochs: int = 1
-    patience: int = 5
-    val_fraction: float = 0.1
-    seed: int = 42
-    dense_units: int = 256
-    dropout: float = 0.5
-    augment: bool = True
-    strict: bool = False
-    limit_per_class: int | None = None
-    cache_dir: str | None = None
-    dedup: str | None = None
-    # XLA compilation of DenseNet121 costs over a minute on 2 cores and barely
-    # speeds up a CPU step, so it is off unless asked for.
-    jit_compile: bool = False
-    eager: bool = False
-    # Re-estimate batch-norm statistics of a backbone from another dataset (--weights PATH).
-    adapt_bn: bool = True
-    # Phase 2 with pretrained weights: let batch-norm layers train too. Frozen statistics
-    # suit a strong backbone; a weak from-scratch one whose features must still move
-    # collapsed with them frozen (Alzheimer, measured: validation accuracy 47% -> 1-15%).
-    train_bn: bool = False
-    # Wall-clock budget (seconds) for all training phases: the cosine schedule runs over
-    # time instead of epochs and a phase stops when its next epoch would overrun its
-    # share. For a fixed session (a lent GPU machine, a CI job) whose speed is not known
-    # in advance; the epoch counts become upper bounds.
-    time_budget_s: float | None = None
-    class_weight: str = "balanced"
-    # Filled in when resolved.
-    class_names: list[str] = field(default_factory=list)
-    phases: list[dict] = field(default_factory=list)
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> "TrainConfig":
-        """The config of a run folder's config.json (which also holds versions and the like)."""
-        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
 
 class TrainError(MriEdgeError):

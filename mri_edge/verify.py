@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import report
+from .config import Thresholds
 from .errors import MriEdgeError
 from .files import sha256_file
 from .run import RunFolder
@@ -24,21 +24,6 @@ from .progress import Progress
 
 class VerifyError(MriEdgeError):
     pass
-
-
-@dataclass
-class Thresholds:
-    """Gate per quantization family; accuracy drops are in fractions (0.002 = 0.2 points)."""
-
-    float_agreement: float = 0.995
-    float_max_drop: float = 0.002
-    quant_agreement: float = 0.98
-    quant_max_drop: float = 0.010
-
-    def for_quantization(self, q: str) -> tuple[float, float]:
-        if q in ("none", "fp16"):
-            return self.float_agreement, self.float_max_drop
-        return self.quant_agreement, self.quant_max_drop
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -160,12 +145,12 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     min_agree, max_drop = thresholds.for_quantization(q)
     r.update({"file": f.name, "quantization": q, "format": meta.get("format"), "runtime": model.runtime_name,
               "size_mb": f.stat().st_size / 1e6,
-              "thresholds": {"min_agreement": min_agree, "max_accuracy_drop": max_drop}})
+              "thresholds": {"min_agreement": min_agree, "max_accuracy_drop_pts": max_drop}})
     reasons = []
     if r["agreement"] < min_agree:
         reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
-    if -r["accuracy_delta"] > max_drop + 1e-12:
-        reasons.append(f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop * 100:.2f}")
+    if -r["accuracy_delta"] * 100 > max_drop + 1e-9:
+        reasons.append(f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop:.2f}")
     r["passed"] = not reasons
     r["fail_reasons"] = reasons
     if clean is not None:
@@ -273,6 +258,10 @@ def summary_table(out: dict) -> str:
 
 def markdown(out: dict) -> str:
     names = out["class_names"]
+    th = dict(out["thresholds"])
+    for key in ("float", "quant"):  # reports written before the drops were kept in points
+        if f"{key}_max_drop" in th:
+            th[f"{key}_max_drop_pts"] = th.pop(f"{key}_max_drop") * 100
     parts = [
         "# Export parity",
         "",
@@ -282,9 +271,9 @@ def markdown(out: dict) -> str:
         "",
         summary_table(out),
         "",
-        f"Gates: fp32/fp16 agreement >= {out['thresholds']['float_agreement']:.3f} and accuracy drop <= "
-        f"{out['thresholds']['float_max_drop'] * 100:.1f} pts; dynamic/int8 agreement >= "
-        f"{out['thresholds']['quant_agreement']:.3f} and drop <= {out['thresholds']['quant_max_drop'] * 100:.1f} pts.",
+        f"Gates: fp32/fp16 agreement >= {th['float_agreement']:.3f} and accuracy drop <= "
+        f"{th['float_max_drop_pts']:.1f} pts; dynamic/int8 agreement >= "
+        f"{th['quant_agreement']:.3f} and drop <= {th['quant_max_drop_pts']:.1f} pts.",
         "",
         "## Clinical parity: per-class sensitivity / specificity deltas (points)",
         "",

@@ -1,0 +1,100 @@
+"""The typed configs: each field's default and help live here once; the command line's
+options are generated from them (`cli.options_from`), and run folders save them as JSON.
+
+Field metadata: `help` makes a field a command-line option; `flag` overrides its name,
+`choices` limits its values, `minimum`/`maximum` bound it, `negate` turns a default-True
+boolean into a `--no-...` switch, `scale` converts the option's unit into the field's
+(minutes -> seconds) and `metavar` names the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def option(default, help: str, **cli):
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    data_dir: str
+    out: str | None = None
+    weights: str = option("imagenet", "imagenet, none, or a path (DenseNet121 no-top weights file, or an mri-edge "
+                                      "model.keras).")
+    image_size: int = option(224, "Square input size in pixels.", minimum=32, maximum=1024)
+    batch_size: int = option(32, "Training batch size.", minimum=1, maximum=4096)
+    epochs_head: int = option(5, "Phase 1: base frozen, head trained.", minimum=0)
+    epochs_finetune: int = option(10, "Phase 2: top of the base unfrozen.", minimum=0)
+    lr: float = option(1e-3, "Phase 1 learning rate (and the from-scratch rate with --weights none).",
+                       minimum=0, min_open=True)
+    lr_finetune: float | None = option(None, "Phase 2 learning rate [default: --lr / 10; --lr with --weights none].",
+                                       minimum=0, min_open=True, type=float)
+    unfreeze: str = option("conv5", "Phase 2: 'all', a number N of top base layers, or a block prefix (conv5, "
+                                    "conv4_block16).")
+    warmup_epochs: int = option(1, "Epochs of linear learning-rate warm-up.", minimum=0)
+    patience: int = option(5, "Early stopping patience (epochs without val_loss improvement).", minimum=1)
+    val_fraction: float = option(0.1, "Share of training carved out (stratified) when there is no validation "
+                                      "folder.", minimum=0, maximum=1, min_open=True, max_open=True)
+    seed: int = option(42, "Seed of the split, the initial weights and the augmentation.")
+    dense_units: int = option(256, "Units of the head's hidden layer.", minimum=1)
+    dropout: float = option(0.5, "Dropout before the output layer.", minimum=0, maximum=1, max_open=True)
+    augment: bool = option(True, "Disable training augmentation.", negate=True)
+    class_weight: str = option("balanced", "Loss weight per class: scikit-learn's balanced weights, their square "
+                                           "root (milder, for a heavy imbalance), or none.",
+                               choices=("balanced", "sqrt", "none"))
+    # Phase 2 with pretrained weights: let batch-norm layers train too. Frozen statistics
+    # suit a strong backbone; a weak from-scratch one whose features must still move
+    # collapsed with them frozen (Alzheimer, measured: validation accuracy 47% -> 1-15%).
+    train_bn: bool = option(False, "Phase 2 with pretrained weights: batch-norm layers train too (for a weak or "
+                                   "from-scratch backbone; frozen is right for ImageNet-quality weights).")
+    # Wall-clock budget for all training phases: the cosine schedule runs over time instead
+    # of epochs and a phase stops when its next epoch would overrun its share. For a fixed
+    # session (a lent GPU machine, a CI job) whose speed is not known in advance.
+    time_budget_s: float | None = option(None, "Fit all phases into this wall time: the cosine schedule runs over "
+                                               "time, epochs become upper bounds (split over phases by their "
+                                               "epochs; --resume continues the schedule).",
+                                         flag="--time-budget", scale=60, metavar="MINUTES", minimum=0,
+                                         min_open=True, type=float)
+    strict: bool = option(False, "Fail on unreadable images instead of skipping them.")
+    limit_per_class: int | None = option(None, "Use at most N images per class in each split (quick runs).",
+                                         minimum=1, type=int)
+    cache_dir: str | None = option(None, "Where decoded image arrays are cached [default: ~/.cache/mri-edge].",
+                                   path="dir", type=str)
+    eager: bool = option(False, "Run Keras eagerly: faster for tiny smoke runs (tracing DenseNet121 takes ~1 min).")
+    dedup: str | None = option(None, "An audit.json from `mri-edge data audit`: also report the leakage-free test "
+                                     "subset.", path="file", type=str)
+    # XLA compilation of DenseNet121 costs over a minute on 2 cores and barely speeds up
+    # a CPU step, so it is off (and not an option).
+    jit_compile: bool = False
+    # Re-estimate batch-norm statistics of a backbone from another dataset (--weights PATH).
+    adapt_bn: bool = True
+    # Filled in when resolved.
+    class_names: list[str] = field(default_factory=list)
+    phases: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainConfig":
+        """The config of a run folder's config.json (which also holds versions and the like)."""
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Thresholds:
+    """verify's gate per quantization family; every accuracy drop in percentage points."""
+
+    float_agreement: float = option(0.995, "Minimum top-1 agreement of fp32/fp16 files with Keras (0-1).",
+                                    flag="--min-agreement-float", minimum=0, maximum=1)
+    float_max_drop_pts: float = option(0.2, "Allowed accuracy drop of fp32/fp16 files, in percentage points.",
+                                       flag="--max-drop-float", minimum=0, maximum=100)
+    quant_agreement: float = option(0.98, "Minimum top-1 agreement of dynamic/int8 files with Keras (0-1).",
+                                    flag="--min-agreement-quant", minimum=0, maximum=1)
+    quant_max_drop_pts: float = option(1.0, "Allowed accuracy drop of dynamic/int8 files, in percentage points.",
+                                       flag="--max-drop-quant", minimum=0, maximum=100)
+
+    def for_quantization(self, q: str) -> tuple[float, float]:
+        """(minimum agreement, maximum accuracy drop in points) for a file's quantization."""
+        if q in ("none", "fp16"):
+            return self.float_agreement, self.float_max_drop_pts
+        return self.quant_agreement, self.quant_max_drop_pts

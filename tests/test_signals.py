@@ -1,0 +1,87 @@
+"""No process outlives a SIGTERM or SIGINT to a command, and the run folder stays consistent."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mri_edge.files import sha256_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below pid (from /proc/*/stat)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == p}
+        out |= kids
+        todo += list(kids)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def interrupt_when(cmd, ready, sig, timeout=120):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids: set[int] = set()
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        kids |= descendants(proc.pid)
+        if ready(kids):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the command ended before it could be interrupted"
+    time.sleep(2)
+    kids |= descendants(proc.pid)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    time.sleep(1)
+    return proc.returncode, err, kids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_export_leaves_no_worker_and_a_matching_index(micro_run, tmp_path, sig):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    cmd = [sys.executable, "-m", "mri_edge.cli", "export", str(run), "--format", "tflite", "--format", "onnx",
+           "--workers", "2"]
+    code, err, kids = interrupt_when(cmd, lambda k: len(k) >= 2, sig)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err, err
+    survivors = [p for p in kids if alive(p)]
+    assert not survivors, f"processes outlived the command: {survivors}"
+    index = json.loads((run / "exports" / "exports.json").read_text())
+    listed = {r["file"]: r for r in index["exports"]}
+    on_disk = {p.name for p in (run / "exports").iterdir() if p.suffix in (".tflite", ".onnx")}
+    assert on_disk == set(listed)
+    for name in on_disk:
+        assert sha256_file(run / "exports" / name) == listed[name]["sha256"], name
+    assert not [p for p in (run / "exports").iterdir() if p.name.startswith(".")]
+
+
+def test_an_interrupted_bench_leaves_no_row_process(micro_run, tmp_path):
+    cmd = [sys.executable, "-m", "mri_edge.cli", "bench", str(micro_run / "exports" / "model_int8.tflite"),
+           "--batch", "1", "--threads", "1", "--seconds", "60", "--out", str(tmp_path / "b")]
+    code, err, kids = interrupt_when(cmd, lambda k: len(k) >= 1, signal.SIGTERM)
+    assert code == 130 and "Traceback" not in err, err
+    assert not [p for p in kids if alive(p)]
