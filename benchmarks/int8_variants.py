@@ -54,7 +54,7 @@ def quantize(calibrated: bytes, denylist=None, per_tensor_bn=True) -> bytes:
 
     fb = tfl_convert.mlir_quantize(calibrated, False, input_data_type=tf.uint8, output_data_type=tf.uint8,
                                    denylisted_nodes=denylist or None)
-    return export._per_tensor_depthwise(fb) if per_tensor_bn else fb
+    return export.per_tensor_depthwise(fb) if per_tensor_bn else fb
 
 
 def ranked_layers(calibrated: bytes, images: np.ndarray) -> list[str]:
@@ -148,7 +148,7 @@ def main() -> None:
     _, cfg, _ = export.load_run(run)
     calib, _ = export.calibration_set(run, cfg, 300)
     manifest = json.loads((run / "split_manifest.json").read_text())
-    ref = verify._val_reference(run, manifest, run / "verify" / "val", print)
+    ref = verify.val_reference(run, manifest, run / "verify" / "val", print)
     keras = np.asarray(ref["probs"], np.float32)
     reader = open_model(run / "model.keras")
     root = Path(manifest["root"])
@@ -171,7 +171,7 @@ def main() -> None:
         for name, fb in variants.items():
             path = work / f"{name}.tflite"
             m = {k: v for k, v in meta.items() if k not in ("input", "output")}
-            m.update(export._tflite_io(fb))
+            m.update(export.tflite_io(fb))
             path.write_bytes(export.append_tflite_metadata(fb, m))
             models[name] = runtime.load(path, threads=args.threads)
         for name, net in models.items():

@@ -31,9 +31,9 @@ def int8_variants(run_dir: Path, out: Path) -> list[tuple[Path, str]]:
     made = []
     for acts, fmt in (("uint8", "qdq"), ("int8", "qdq"), ("uint8", "qoperator")):
         path = out / f"int8_{acts}_{fmt}.onnx"
-        export._onnx_int8(run_dir / "exports" / "model_fp32.onnx", path, calib, activations=acts, quant_format=fmt)
+        export.onnx_int8(run_dir / "exports" / "model_fp32.onnx", path, calib, activations=acts, quant_format=fmt)
         proto = onnx.load(str(path))
-        export._set_onnx_metadata(proto, json.loads(meta[METADATA_KEY]))
+        export.set_onnx_metadata(proto, json.loads(meta[METADATA_KEY]))
         onnx.save(proto, str(path))
         made.append((path, f"int8 ONNX activations={acts} format={fmt}"))
     return made

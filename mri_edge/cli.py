@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .config import Thresholds, TrainConfig
+from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, QUANTIZATIONS
 
 class Interrupted(click.ClickException):
     exit_code = 130
@@ -190,19 +191,18 @@ def evaluate(run_dir, data_dir, dedup):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--format", "formats", multiple=True, type=click.Choice(["tflite", "onnx", "openvino", "all"]),
+@click.option("--format", "formats", multiple=True, type=click.Choice([*FORMATS, "all"]),
               default=("all",), show_default=True,
               help="Repeatable. all = tflite, onnx, and openvino where OpenVINO is installed.")
-@click.option("--quantize", multiple=True, type=click.Choice(["none", "fp16", "dynamic", "int8"]),
+@click.option("--quantize", multiple=True, type=click.Choice(QUANTIZATIONS),
               help="Repeatable [default: every quantization the format supports].")
-@click.option("--io-dtype", type=click.Choice(["uint8", "int8", "float32"]), default="uint8", show_default=True,
+@click.option("--io-dtype", type=click.Choice(IO_DTYPES), default="uint8", show_default=True,
               help="Input/output type of int8 TFLite files (uint8 = feed decoded pixels directly).")
 @click.option("--calib-size", default=300, show_default=True, type=click.IntRange(1),
               help="Training images (stratified) used to calibrate int8.")
-@click.option("--calib-range", type=click.Choice(["percentile", "minmax"]), default="percentile", show_default=True,
+@click.option("--calib-range", type=click.Choice(CALIB_RANGES), default="percentile", show_default=True,
               help="int8 activation ranges: robust percentile (default) or plain min/max over calibration images.")
-@click.option("--bn-scales", type=click.Choice(["per-tensor", "per-channel", "auto"]), default="per-tensor",
-              show_default=True,
+@click.option("--bn-scales", type=click.Choice(BN_SCALES), default="per-tensor", show_default=True,
               help="int8 TFLite: weights of the batch norms after DenseNet's concatenations get one scale "
                    "(smaller file) or one per channel (+0.8 MB on DenseNet121; less int8 error on some models); "
                    "auto keeps whichever is closer to Keras on the validation split.")
@@ -212,15 +212,22 @@ def evaluate(run_dir, data_dir, dedup):
 def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, bn_scales, opset, workers):
     """Export a trained run to TFLite, ONNX and OpenVINO files with embedded metadata.
 
+    An option that no planned file uses (say --bn-scales with --format onnx) is refused.
+
     \b
     Example:
       mri-edge export artifacts/runs/tumor-20260101-120000 --format tflite --quantize int8
     """
+    from click.core import ParameterSource  # noqa: PLC0415
+
     from . import export as export_lib  # noqa: PLC0415
 
+    ctx = click.get_current_context()
+    given = tuple(n for n in ("io_dtype", "calib_size", "calib_range", "bn_scales", "opset")
+                  if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE)
     results, failures = run_guarded(export_lib.export_run, run_dir, formats, quantize, io_dtype, calib_size,
                                      opset, log=echo, calib_range=calib_range, workers=workers,
-                                     bn_scales=bn_scales)
+                                     bn_scales=bn_scales, given=given)
     if results:
         click.echo(export_lib.table(results))
     out = Path(run_dir) / "exports"

@@ -24,12 +24,14 @@ def reference() -> str:
     parts = ["# Command-line reference", "",
              "Generated from each command's `--help` by `python -m mri_edge.clidoc > docs/cli.md`; a test "
              "checks that this page matches the code.", ""]
-    with click.Context(main, info_name="mri-edge", terminal_width=WIDTH, max_content_width=WIDTH) as ctx:
-        parts += ["## mri-edge", "", "```text", main.get_help(ctx).rstrip(), "```", ""]
-    for path, cmd in _commands(main):
-        name = " ".join(("mri-edge", *path))
-        with click.Context(cmd, info_name=name, terminal_width=WIDTH, max_content_width=WIDTH) as ctx:
-            parts += [f"## {name}", "", "```text", cmd.get_help(ctx).rstrip(), "```", ""]
+    # make_context applies each command's context settings (-h as well as --help), as a real run does
+    opts = {"resilient_parsing": True, "terminal_width": WIDTH, "max_content_width": WIDTH}
+    with main.make_context("mri-edge", [], **opts) as root:
+        parts += ["## mri-edge", "", "```text", main.get_help(root).rstrip(), "```", ""]
+        for path, cmd in _commands(main):
+            name = " ".join(("mri-edge", *path))
+            with cmd.make_context(name, [], parent=root, **opts) as ctx:
+                parts += [f"## {name}", "", "```text", cmd.get_help(ctx).rstrip(), "```", ""]
     return "\n".join(parts)
 
 

@@ -120,16 +120,23 @@ def scan_split(split_dir: Path, task: str) -> tuple[list[str], list[str], list[s
     return keys, names, paths, labels
 
 
+def per_class_indices(labels, seed: int) -> tuple[dict[int, np.ndarray], np.random.Generator]:
+    """Each class's indices in a seeded random order, and the generator for further draws.
+
+    The one stratified sampler: the validation carve, --limit-per-class and the int8
+    calibration set each take slices of these orders.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    return {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}, rng
+
+
 def stratified_carve(paths: list[str], labels: list[int], fraction: float, seed: int):
     """Split off `fraction` of each class (at least one image per class), reproducibly."""
     if not 0 < fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
-    rng = np.random.default_rng(seed)
-    labels_arr = np.asarray(labels)
     keep, carve = [], []
-    for c in np.unique(labels_arr):
-        idx = np.flatnonzero(labels_arr == c)
-        idx = idx[rng.permutation(len(idx))]
+    for c, idx in per_class_indices(labels, seed)[0].items():
         if len(idx) < 2:
             raise DataError(f"class {c} has {len(idx)} training image(s); cannot carve a validation split")
         k = max(1, int(round(fraction * len(idx))))

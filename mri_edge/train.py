@@ -171,13 +171,7 @@ def _versions() -> dict:
 def _limit(split: data.Split, n: int | None, seed: int) -> data.Split:
     if not n:
         return split
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(split.labels)
-    keep = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        keep += sorted(rng.permutation(idx)[:n].tolist())
-    keep.sort()
+    keep = sorted(i for idx in data.per_class_indices(split.labels, seed)[0].values() for i in idx[:n].tolist())
     return data.Split(split.name, [split.paths[i] for i in keep], [split.labels[i] for i in keep])
 
 

@@ -81,7 +81,7 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
     }
 
 
-def _val_reference(run_dir: Path, manifest: dict, out_dir: Path, log) -> dict:
+def val_reference(run_dir: Path, manifest: dict, out_dir: Path, log) -> dict:
     """Keras predictions on the validation split, computed once per model.keras and cached."""
     sha = sha256_file(run_dir / "model.keras")
     cache = out_dir / "keras_predictions.json"
@@ -188,7 +188,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     report_dir = (split_dir / "selected") if selected else (run_dir if split == "test" else split_dir)
     plot_dir = report_dir if selected else split_dir
     plot_dir.mkdir(parents=True, exist_ok=True)
-    ref = test_ref if split == "test" else _val_reference(run_dir, manifest, split_dir, log)
+    ref = test_ref if split == "test" else val_reference(run_dir, manifest, split_dir, log)
     names = ref["class_names"]
     labels = np.asarray(ref["labels"])
     keras_probs = np.asarray(ref["probs"], np.float32)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from mri_edge import export as export_lib
+from mri_edge.export import graph, tflite
+from mri_edge.export import onnx as onnx_backend
 from mri_edge import ov, runtime
 from mri_edge.files import sha256_file
 from mri_edge.runtime import open_model
@@ -92,7 +94,7 @@ def test_broken_or_missing_model_fails_cleanly(tiny_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("exports"))
     (broken / "model.keras").write_bytes(b"garbage")
-    with pytest.raises(export_lib.ExportError, match="not a loadable Keras model"):
+    with pytest.raises(export_lib.ExportError, match="not a Keras model file"):
         export_lib.export_run(broken, ("tflite",), ("none",), log=lambda *_: None)
     (broken / "model.keras").unlink()
     with pytest.raises(export_lib.ExportError, match="no model.keras"):
@@ -108,7 +110,7 @@ def test_failed_format_leaves_earlier_files_untouched(exported_run, monkeypatch)
     def boom(*a, **k):
         raise RuntimeError("converter exploded")
 
-    monkeypatch.setattr(export_lib, "_onnx_fp32", boom)
+    monkeypatch.setattr(onnx_backend, "onnx_fp32", boom)
     results, failures = export_lib.export_run(exported_run, ("onnx",), ("none",), log=lambda *_: None)
     assert not results and failures[0]["file"] == "model_fp32.onnx" and "exploded" in failures[0]["error"]
     assert target.read_bytes() == before
@@ -129,7 +131,7 @@ def test_deployment_graph_is_the_same_function(tiny_run):
     from mri_edge.model import load_model
 
     net = load_model(tiny_run / "model.keras")
-    bns = export_lib._affine_batchnorms(net)
+    bns = graph.affine_batchnorms(net)
     # DenseNet121: 58 dense layers + 3 transitions + the final BN follow a concatenation or pooling
     assert len(bns) == 62 and "conv2_block1_0_bn" in bns and "conv2_block1_1_bn" not in bns
     dep = export_lib.deployment_graph(net)
@@ -139,7 +141,7 @@ def test_deployment_graph_is_the_same_function(tiny_run):
         for layer in stack.pop().layers:
             (stack if hasattr(layer, "layers") else layers).append(layer)
     assert sum(isinstance(x, keras.layers.DepthwiseConv2D) for x in layers) == 62
-    assert sorted(export_lib._pooled_linear_convs(net)) == ["pool2_conv", "pool3_conv", "pool4_conv"]
+    assert sorted(graph.pooled_linear_convs(net)) == ["pool2_conv", "pool3_conv", "pool4_conv"]
     assert sum(type(x).__name__ == "PoolThenConv" for x in layers) == 3
     x = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
     assert np.abs(np.asarray(dep(x, training=False)) - np.asarray(net(x, training=False))).max() < 1e-5
@@ -260,8 +262,8 @@ def test_range_pass_through_xnnpack_matches_builtin_kernels(tiny_run, tmp_path):
             [[t.quantization.min[0], t.quantization.max[0]] for t in m.subgraphs[0].tensors
              if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1])
 
-    fast_outputs, fast = ranges(export_lib._tighten_ranges(calibrated, images, 0.99))
-    slow_outputs, slow = ranges(export_lib._tighten_ranges(calibrated, images, 0.99, delegate=False))
+    fast_outputs, fast = ranges(tflite.tighten_ranges(calibrated, images, 0.99))
+    slow_outputs, slow = ranges(tflite.tighten_ranges(calibrated, images, 0.99, delegate=False))
     assert len(fast) > 100 and fast_outputs == slow_outputs == ranges(calibrated)[0]  # outputs left as they were
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
     assert not np.allclose(fast, ranges(calibrated)[1])  # ranges were recomputed from all 23 images

@@ -53,8 +53,10 @@ def test_verify_fails_on_a_sabotaged_int8_export(micro_run, tmp_path, monkeypatc
     assert share <= 0.75, "the reference must not be (nearly) constant, or sabotage could go unnoticed"
     run = tmp_path / "sabotage"
     shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("exports", "verify", "bench"))
+    from mri_edge.export import pipeline
+
     real = export_lib.calibration_set
-    monkeypatch.setattr(export_lib, "calibration_set",
+    monkeypatch.setattr(pipeline, "calibration_set",
                         lambda *a, **k: ((real(*a, **k)[0] / 255.0).astype(np.float32), real(*a, **k)[1]))
     results, failures = export_lib.export_run(run, ("tflite",), ("int8",), calib_size=16, log=lambda *_: None,
                                               workers=1)
@@ -126,7 +128,9 @@ def test_verify_on_the_validation_split_leaves_the_test_report_alone(exported_ru
     assert out["split"] == "val" and out["passed"] and out["files"]["model_fp32.tflite"]["agreement"] == 1.0
     manifest = json.loads((exported_run / "split_manifest.json").read_text())
     assert out["n_test"] == len(manifest["splits"]["val"]) > 0
-    assert (val_dir / "parity.json").is_file() and "validation images" in (val_dir / "parity.md").read_text()
+    # --file: the report of just that file goes to verify/val/selected/
+    assert (val_dir / "selected" / "parity.json").is_file()
+    assert "validation images" in (val_dir / "selected" / "parity.md").read_text()
     ref = json.loads((val_dir / "keras_predictions.json").read_text())
     assert ref["paths"] == [p for p, _ in manifest["splits"]["val"]]
     after = (exported_run / "parity.json").read_bytes() if (exported_run / "parity.json").exists() else None

@@ -1,0 +1,94 @@
+"""The format table: every export format, its suffix, its quantizations, the options it
+accepts, the runtime that runs it and what installs that runtime. Planning expands
+--format/--quantize into jobs and rejects, up front, combinations and options that no
+planned file would use.
+
+Standard library only: the command line reads this table for its choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MriEdgeError
+
+
+class ExportError(MriEdgeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    suffix: str
+    quantizations: tuple[str, ...]
+    options: tuple[str, ...]  # export options that apply to the format's files
+    runtime: str
+    install: str
+
+
+# Options that shape only int8 files (the others apply to every file of the format).
+INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales")
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("tflite", ".tflite", ("none", "fp16", "dynamic", "int8"), ("io_dtype", "calib_size", "calib_range",
+                                                                       "bn_scales"),
+           "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
+    Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range"), "onnxruntime",
+           "pip install onnxruntime"),
+    Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size"), "OpenVINO",
+           "pip install 'mri-edge[openvino]'"),
+)}
+QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")
+IO_DTYPES = ("uint8", "int8", "float32")
+CALIB_RANGES = ("percentile", "minmax")
+BN_SCALES = ("per-tensor", "per-channel", "auto")
+
+
+@dataclass
+class ExportJob:
+    fmt: str
+    quantize: str
+    io_dtype: str
+
+    @property
+    def filename(self) -> str:
+        q = {"none": "fp32"}.get(self.quantize, self.quantize)
+        tail = f"_{self.io_dtype}io" if self.quantize == "int8" and self.fmt == "tflite" and self.io_dtype != "uint8" else ""
+        return f"model_{q}{tail}{FORMATS[self.fmt].suffix}"
+
+
+def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, openvino_available: bool = True,
+         given: tuple[str, ...] = ()) -> list[ExportJob]:
+    """Expand --format/--quantize into jobs; unsupported combinations are refused up front, and
+    so is an option in `given` (the ones the user set) that no planned file accepts."""
+    if io_dtype not in IO_DTYPES:
+        raise ExportError(f"--io-dtype must be one of {', '.join(IO_DTYPES)}")
+    if not formats or "all" in formats:  # "all" means every format whose converter is installed
+        fmts = [f for f in FORMATS if f != "openvino" or openvino_available]
+    else:
+        fmts = list(dict.fromkeys(formats))
+    for f in fmts:
+        if f not in FORMATS:
+            raise ExportError(f"unknown --format {f!r}; choose {', '.join(FORMATS)} or all")
+        if f == "openvino" and not openvino_available:
+            raise ExportError("--format openvino needs OpenVINO and NNCF (pip install 'mri-edge[full]')")
+    jobs = []
+    for f in fmts:
+        supported = FORMATS[f].quantizations
+        for q in dict.fromkeys(quantize or supported):
+            if q not in supported:
+                if quantize and len(fmts) > 1:
+                    continue  # e.g. --format all --quantize fp16 means "wherever fp16 exists"
+                raise ExportError(f"--format {f} does not support --quantize {q} (supported: {', '.join(supported)})")
+            jobs.append(ExportJob(f, q, io_dtype if q == "int8" else "float32"))
+    if not jobs:
+        raise ExportError("nothing to export for that --format/--quantize combination")
+    for opt in given:
+        users = [j for j in jobs if opt in FORMATS[j.fmt].options and (opt not in INT8_OPTIONS or j.quantize == "int8")]
+        if not users:
+            takers = [f.name for f in FORMATS.values() if opt in f.options]
+            kind = "int8 " if opt in INT8_OPTIONS else ""
+            raise ExportError(f"--{opt.replace('_', '-')} applies to {kind}{'/'.join(takers)} files, and none is "
+                              f"planned ({', '.join(j.filename for j in jobs)})")
+    return jobs

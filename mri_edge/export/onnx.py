@@ -1,0 +1,172 @@
+"""ONNX files: fp32 through tf2onnx, int8 through onnxruntime's static quantizer with the same
+robust ranges as TFLite, I/O details and metadata_props (with the content hash)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_write_bytes
+from ..runtime import METADATA_KEY, onnx_content_sha256
+from .calibration import robust_ranges
+from .formats import ExportError, ExportJob
+
+
+def onnx_fp32(model, size: int, opset: int):
+    import tensorflow as tf  # noqa: PLC0415
+    import tf2onnx  # noqa: PLC0415
+
+    spec = [tf.TensorSpec([None, size, size, 3], tf.float32, name="image")]
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    return proto
+
+def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path, threads: int | None = None) -> None:
+    """Per-image activation extremes through onnxruntime's min/max-augmented graph (each
+    tensor gets a ReduceMin/ReduceMax output), reduced by `robust_ranges` - the same rule
+    as the TFLite file - and written as an onnxruntime calibration cache."""
+    import onnxruntime as ort  # noqa: PLC0415
+    from onnxruntime.quantization.calibrate import (  # noqa: PLC0415
+        CalibrationMethod, MinMaxCalibrater, TensorData, TensorsData, save_tensors_data)
+
+    # Only the augmented graph is taken from onnxruntime (create_calibrator would also open a
+    # session with default, spinning threads, to be replaced by this one).
+    cal = MinMaxCalibrater(model_path, None, str(workdir / "augmented.onnx"))
+    cal.augment_graph()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator
+    # Worker processes pass cores / workers (and no spin-waiting): onnxruntime's spinning
+    # 2-thread pool slowed the TFLite worker beside it (ONNX int8 84-92 s -> 63 s at 224 px).
+    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    cal.infer_session = ort.InferenceSession(cal.augmented_model_path, so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in cal.infer_session.get_outputs()][cal.num_model_outputs:]
+    mins, maxs = names[0::2], names[1::2]
+    assert all(a.endswith("_ReduceMin") for a in mins) and all(b.endswith("_ReduceMax") for b in maxs)
+    lo = np.zeros((len(calib), len(mins)), np.float32)
+    hi = np.zeros((len(calib), len(mins)), np.float32)
+    for n, img in enumerate(calib):
+        out = cal.infer_session.run(names, {"image": img[None].astype(np.float32)})
+        lo[n], hi[n] = np.ravel(out[0::2]), np.ravel(out[1::2])
+    new_lo, new_hi = robust_ranges(lo, hi)
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+        m.rpartition("_")[0]: TensorData(lowest=np.float32(a), highest=np.float32(b))
+        for m, a, b in zip(mins, new_lo, new_hi)}), cache)
+
+def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
+              activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None) -> None:
+    """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py)."""
+    from onnxruntime.quantization import (  # noqa: PLC0415
+        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.set_range(0, len(calib))
+
+        def __len__(self):
+            return len(calib)
+
+        def set_range(self, start_index, end_index):
+            self.it = iter(calib[start_index:end_index])
+
+        def get_next(self):
+            img = next(self.it, None)
+            return None if img is None else {"image": img[None].astype(np.float32)}
+
+    with tempfile.TemporaryDirectory() as td:
+        pre = Path(td) / "pre.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            src = pre
+        except Exception:
+            src = fp32_path  # pre-processing is an optimisation only
+        options = {}
+        if calib_range == "percentile":
+            # Robust ranges (demo model: 91% top-1 agreement with plain min/max, 100% robust).
+            # onnxruntime's own percentile calibrator kept every activation of every image
+            # (over 20 GB at 224 px: OOM-killed) and its histograms took 176 s.
+            cache = Path(td) / "ranges.json"
+            onnx_ranges(src, calib, cache, Path(td), threads)
+            reader, kwargs = None, {"calibration_cache_path": str(cache)}
+        else:
+            # fed a slice at a time, for the same memory reason
+            reader, kwargs = Reader(), {}
+            options["CalibStridedMinMax"] = max(d for d in range(1, min(10, len(calib)) + 1) if len(calib) % d == 0)
+        # uint8 activations x int8 weights (U8S8) is the pairing onnxruntime's x86 VNNI
+        # kernels run natively: 224 px, 2 threads, p50 32.8 ms with int8 activations,
+        # 15.8 ms with uint8 (QOperator format: 20.2 ms).
+        quantize_static(str(src), str(out_path), reader, per_channel=True,
+                        quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format],
+                        activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations],
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, extra_options=options, **kwargs)
+
+def onnx_io(path_or_bytes) -> dict:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    s = ort.InferenceSession(path_or_bytes, providers=["CPUExecutionProvider"])
+    i, o = s.get_inputs()[0], s.get_outputs()[0]
+    return {"input": {"name": i.name, "dtype": "float32", "shape": [d if isinstance(d, int) else -1 for d in i.shape],
+                      "scale": 0.0, "zero_point": 0},
+            "output": {"name": o.name, "dtype": "float32", "shape": [d if isinstance(d, int) else -1 for d in o.shape],
+                       "scale": 0.0, "zero_point": 0}}
+
+def set_onnx_metadata(proto, meta: dict) -> None:
+    for p in list(proto.metadata_props):
+        if p.key == METADATA_KEY:
+            proto.metadata_props.remove(p)
+    meta["model_sha256"] = onnx_content_sha256(proto.SerializeToString())
+    entry = proto.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(meta)
+
+def onnx_bytes(proto) -> bytes:
+    """The serialised file; refuses to write one whose recorded hash would not match."""
+    data = proto.SerializeToString()
+    meta = json.loads(next(p.value for p in proto.metadata_props if p.key == METADATA_KEY))
+    if onnx_content_sha256(data) != meta["model_sha256"]:
+        raise ExportError("the ONNX serialisation changed when its metadata was added; the hash would not match")
+    return data
+
+def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, calib_range: str, metas: list[dict],
+                  targets: list[Path], workdir: Path, outcome, threads: int | None = None) -> None:
+    """fp32 ONNX first (ONNX int8 and the OpenVINO files are made from it), then the requested
+    files, each reported through outcome()."""
+    import onnx  # noqa: PLC0415
+
+    fp32_path = workdir / "fp32.onnx"
+    for job, meta, target in zip(jobs, metas, targets):
+        t = time.time()
+        try:
+            if not fp32_path.exists():
+                fp32_path.write_bytes(onnx_fp32(model, size, opset).SerializeToString())
+            if job.fmt == "openvino":
+                from . import openvino  # noqa: PLC0415
+
+                net = openvino.quantize_int8(fp32_path, calib) if job.quantize == "int8" else \
+                    openvino.from_onnx(fp32_path)
+                meta.update(openvino.io_details(net))
+                if job.quantize == "int8":
+                    meta["calibration_range"] = "NNCF post-training quantization, its default ranges"
+                openvino.save(net, target, meta)
+                outcome(job, meta, target, t, None)
+                continue
+            if job.quantize == "int8":
+                q_path = workdir / "int8.onnx"
+                onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads)
+                proto = onnx.load(str(q_path))
+            else:
+                proto = onnx.load(str(fp32_path))
+            onnx.checker.check_model(proto)
+            meta.update(onnx_io(proto.SerializeToString()))
+            meta["opset"] = opset
+            set_onnx_metadata(proto, meta)
+            atomic_write_bytes(target, onnx_bytes(proto))
+            outcome(job, meta, target, t, None)
+        except Exception as e:
+            outcome(job, meta, target, t, e)

@@ -1,0 +1,64 @@
+"""OpenVINO IR files from the fp32 ONNX file: fp32 as it is, int8 through NNCF; saved with the
+metadata (and the weights' hash) in rt_info."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import runtime
+from ..files import sha256_file
+from ..ov import RT_INFO_KEY, core
+
+
+def from_onnx(onnx_path: Path):
+    _, ie = core()
+    return ie.read_model(str(onnx_path))
+
+
+def quantize_int8(onnx_path: Path, calib: np.ndarray):
+    """Post-training int8 (NNCF, its default ranges) from the fp32 ONNX file, calibrated on
+    the same training images as the TFLite and ONNX int8 files."""
+    import nncf  # noqa: PLC0415
+
+    model = from_onnx(onnx_path)
+    size = int(calib.shape[1])
+    model.reshape([1, size, size, 3])  # statistics are collected one image at a time
+    data = nncf.Dataset(list(calib), lambda img: img[None].astype(np.float32))
+    q = nncf.quantize(model, data, subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE)
+    q.reshape([-1, size, size, 3])
+    return q
+
+
+def save(model, target: Path, meta: dict) -> None:
+    """Write target (.xml) and its .bin; the new pair replaces an old one only once both are complete."""
+    ov, _ = core()
+    target = Path(target)
+    tmp = target.with_name(f".{target.stem}.tmp.xml")
+    try:
+        # Saved twice: the weights' hash goes into the .xml's metadata, and the .bin does not
+        # depend on the metadata (checked).
+        model.set_rt_info(json.dumps(meta), RT_INFO_KEY)
+        ov.save_model(model, str(tmp), compress_to_fp16=False)  # fp32 means fp32; int8 weights stay int8
+        meta["model_sha256"] = sha256_file(tmp.with_suffix(".bin"))
+        model.set_rt_info(json.dumps(meta), RT_INFO_KEY)
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        if sha256_file(tmp.with_suffix(".bin")) != meta["model_sha256"]:
+            raise runtime.RuntimeModelError("OpenVINO wrote different weights for the same model twice")
+        os.replace(tmp.with_suffix(".bin"), target.with_suffix(".bin"))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def io_details(model) -> dict:
+    """Input/output records in the same shape as the TFLite and ONNX files' (batch dimension -1)."""
+    def record(port) -> dict:
+        dims = [d.get_length() for d in list(port.get_partial_shape())[1:]]
+        return {"name": port.get_any_name(), "dtype": "float32", "shape": [-1, *dims], "scale": 0.0, "zero_point": 0}
+
+    return {"input": record(model.inputs[0]), "output": record(model.outputs[0])}

@@ -1,0 +1,210 @@
+"""export_run: plan the files, prepare calibration, run the units of work (pool.py) and land
+each finished file in exports/ with exports.json updated after every one."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, preprocess, quiet, report
+from ..files import sha256_file
+from ..run import RunFolder
+from ..runtime import first_line, sniff
+from . import pool
+from .calibration import calibration_manifest, calibration_set, validation_reference
+from .formats import BN_SCALES, CALIB_RANGES, ExportError, ExportJob, plan
+from .graph import deployment_graph
+
+
+def load_run(run_dir: Path):
+    """(keras model, config dict, labels dict); one-line errors for missing or corrupt files."""
+    run = RunFolder(run_dir)
+    model_path = run.require_model()
+    cfg, labels = run.config(), run.labels()
+    run.manifest()  # calibration and the validation choice read it: damage is reported before any conversion
+    quiet.import_tensorflow()
+    from ..model import load_model  # noqa: PLC0415
+
+    if sniff(model_path) != "keras":
+        raise ExportError(f"{model_path}: not a Keras model file (damaged, truncated or renamed)")
+    try:
+        with quiet.native_stderr():
+            model = load_model(model_path)
+    except Exception as e:
+        raise ExportError(f"{model_path}: not a loadable Keras model ({type(e).__name__}: {first_line(e)})") from None
+    return model, cfg, labels
+
+
+def _land(staged: Path, out_dir: Path, fmt: str) -> None:
+    """Move a finished file from the work folder into exports/ (an OpenVINO pair: .bin first, so
+    the .xml that names it never appears without it)."""
+    if fmt == "openvino":
+        os.replace(staged.with_suffix(".bin"), out_dir / staged.with_suffix(".bin").name)
+    os.replace(staged, out_dir / staged.name)
+
+
+def _write_index(run: RunFolder, records: dict, model_sha: str, failures: list[dict], started: float,
+                 workers: int) -> None:
+    report.write_json(run.exports_index_path, {
+        "run_dir": str(run.path), "source_model_sha256": model_sha,
+        "exports": sorted(records.values(), key=lambda r: r["file"]), "last_failures": failures,
+        "last_export": {"seconds": round(time.time() - started, 1), "workers": workers}})
+
+
+def _check(calib_size: int, calib_range: str, bn_scales: str, opset: int, workers: int | None) -> None:
+    if calib_size < 1:
+        raise ExportError("--calib-size must be at least 1")
+    if calib_range not in CALIB_RANGES:
+        raise ExportError(f"--calib-range must be one of {', '.join(CALIB_RANGES)}")
+    if bn_scales not in BN_SCALES:
+        raise ExportError(f"--bn-scales must be one of {', '.join(BN_SCALES)}")
+    if not 13 <= opset <= 21:
+        raise ExportError("--opset must be between 13 and 21")
+    if workers is not None and workers < 1:
+        raise ExportError("--workers must be at least 1")
+
+
+def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_size=300, opset=17,
+               log=print, calib_range: str = "percentile", workers: int | None = None,
+               bn_scales: str = "per-tensor", given: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
+    """Run every export job; returns (successes, failures). Earlier files survive a failure.
+
+    `given` names the options the user set explicitly: one that no planned file accepts is
+    refused before anything runs. With workers > 1 the independent conversions (each TFLite
+    file; the ONNX chain) run in that many fresh processes, since each TensorFlow converter
+    uses about one core. Files are written in a work folder and moved into exports/ one by
+    one, each move followed by an update of exports.json, so an interrupt (Ctrl-C, SIGTERM)
+    leaves the index matching the files: each file is either the old one with its old record
+    or the new one with its new.
+    """
+    from .. import ov  # noqa: PLC0415
+
+    run = RunFolder(run_dir)
+    run_dir = run.path
+    jobs = plan(tuple(formats), tuple(quantize), io_dtype, ov.available(for_export=True), tuple(given))
+    _check(calib_size, calib_range, bn_scales, opset, workers)
+    started = time.time()
+    model, cfg, labels = load_run(run_dir)
+    model = deployment_graph(model)
+    size = int(cfg["image_size"])
+    out_dir = run.exports_dir
+    out_dir.mkdir(exist_ok=True)
+    model_sha = sha256_file(run.model_path)
+    base_meta = {
+        "mri_edge_version": __version__,
+        "task": labels.get("task", cfg["task"]),
+        "class_names": labels["class_names"],
+        "input_size": [size, size],
+        "preprocessing": cfg.get("preprocessing") or preprocess.contract(size),
+        "source_model_sha256": model_sha,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    units = pool.units(jobs)
+    workers = pool.default_workers(len(units)) if workers is None else min(workers, len(units))
+    workdir = Path(tempfile.mkdtemp(prefix="mri-edge-export-"))
+    staging = workdir / "out"
+    staging.mkdir()
+    records = {r["file"]: r for r in run.exports_index().get("exports", []) if isinstance(r, dict) and "file" in r}
+    results, failures = [], []
+    try:
+        calib_path, calib_meta = None, {}
+        if any(j.quantize == "int8" for j in jobs):
+            t = time.time()
+            calib, used = calibration_set(run_dir, cfg, calib_size)
+            calib_path = str(workdir / "calib.npy")
+            np.save(calib_path, calib)
+            manifest, calib_meta = calibration_manifest(used, size, calib_range)
+            # lands in exports/ with the first int8 file it describes
+            report.write_json(staging / "calibration_manifest.json", manifest)
+            log(f"calibration: {len(used)} training images ({time.time() - t:.1f} s)")
+        val_path = None
+        if bn_scales == "auto" and any(j.fmt == "tflite" and j.quantize == "int8" for j in jobs):
+            t = time.time()
+            x_val, ref = validation_reference(run_dir, model, size)
+            val_path = str(workdir / "val.npz")
+            np.savez(val_path, x=x_val, ref=ref)
+            log(f"Keras reference on {len(x_val)} validation images, to choose batch-norm scales ({time.time() - t:.1f} s)")
+
+        def context(unit: list[ExportJob]) -> pool.WorkerContext:
+            return pool.WorkerContext(
+                jobs=unit, targets=[str(staging / j.filename) for j in unit],
+                metas=[{**base_meta, "format": j.fmt, "quantization": j.quantize,
+                        **(calib_meta if j.quantize == "int8" else {}),
+                        **({"bn_scales": bn_scales} if j.quantize == "int8" and j.fmt == "tflite" else {})}
+                       for j in unit],
+                run_dir=str(run_dir), workdir=str(workdir), saved_model=str(workdir / "saved_model"), size=size,
+                opset=opset, calib_range=calib_range, bn_scales=bn_scales,
+                threads=max(1, (os.cpu_count() or 1) // workers),
+                calib=calib_path if any(j.quantize == "int8" for j in unit) else None, val=val_path)
+
+        def collect(outcomes: list[dict]) -> None:
+            for r in outcomes:
+                if "error" in r:
+                    failures.append(r)
+                    log(f"  {r['file']} FAILED: {r['error']}")
+                    continue
+                if r["quantization"] == "int8" and (staging / "calibration_manifest.json").exists():
+                    os.replace(staging / "calibration_manifest.json", out_dir / "calibration_manifest.json")
+                _land(staging / r["file"], out_dir, r["format"])
+                records[r["file"]] = r
+                _write_index(run, records, model_sha, failures, started, workers)
+                results.append(r)
+                scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
+                log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")
+
+        _run_units(units, context, collect, model, size, workdir, workers, log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    order = {j.filename: i for i, j in enumerate(jobs)}
+    results.sort(key=lambda r: order[r["file"]])
+    failures.sort(key=lambda r: order[r["file"]])
+    log(f"{len(results)} file(s) in {time.time() - started:.0f} s ({workers} worker{'s' if workers > 1 else ''})")
+    _write_index(run, records, model_sha, failures, started, workers)
+    run.write_index()
+    return results, failures
+
+
+def _run_units(units, context, collect, model, size: int, workdir: Path, workers: int, log) -> None:
+    """In-process with one worker, else in a pool that is killed on any interrupt."""
+    from . import tflite  # noqa: PLC0415
+
+    has_tflite = any(u[0].fmt == "tflite" for u in units)
+    if workers == 1:
+        if has_tflite:
+            tflite.write_saved_model(model, str(workdir / "saved_model"), size)
+        for u in units:
+            log(f"exporting {', '.join(j.filename for j in u)} ...")
+            collect(pool.run_unit(context(u), model))
+        return
+    from concurrent.futures import as_completed  # noqa: PLC0415
+
+    log(f"exporting {sum(len(u) for u in units)} files with {workers} worker processes ...")
+    executor = pool.start_pool(workers)
+    try:
+        # The ONNX chain needs only model.keras: start it while the SavedModel is written.
+        futures = {executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt != "tflite"}
+        if has_tflite:
+            tflite.write_saved_model(model, str(workdir / "saved_model"), size)
+        futures.update({executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt == "tflite"})
+        for fut in as_completed(futures):
+            try:
+                collect(fut.result())
+            except Exception as e:  # e.g. BrokenProcessPool: a converter crashed its process
+                collect([pool.record(j, {}, workdir / "out" / j.filename, 0.0, e) for j in futures[fut]])
+    except BaseException:
+        pool.kill_pool(executor)
+        raise
+    executor.shutdown()
+
+
+def table(results: list[dict]) -> str:
+    return report.md_table(
+        ["file", "format", "quantization", "I/O dtype", "size MB", "seconds"],
+        [[r["file"], r["format"], r["quantization"], r["io_dtype"], round(r["size_mb"], 2), round(r["seconds"], 1)]
+         for r in results])

@@ -1,0 +1,143 @@
+"""Units of export work and the processes that run them.
+
+A unit is one TFLite file, or the ONNX chain (fp32 ONNX, then int8 ONNX and the OpenVINO
+files made from it). Units run side by side in spawned worker processes, each described by
+a typed, picklable WorkerContext; or in-process when one worker is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import quiet
+from ..files import sha256_file
+from ..ov import size_on_disk
+from .formats import ExportJob
+
+
+@dataclass
+class WorkerContext:
+    """Everything one unit of work needs, in plain values (it crosses a process boundary)."""
+
+    jobs: list[ExportJob]
+    targets: list[str]  # where each file is written (the work folder; export_run moves it)
+    metas: list[dict]  # each file's metadata so far (the converters add I/O details)
+    run_dir: str
+    workdir: str
+    saved_model: str
+    size: int
+    opset: int
+    calib_range: str
+    bn_scales: str
+    # Threads of a calibration session: cores / workers (see onnx.onnx_ranges).
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    calib: str | None = None  # .npy of the calibration images
+    val: str | None = None  # .npz of validation images and Keras probabilities (--bn-scales auto)
+
+    def calibration(self) -> np.ndarray | None:
+        return np.load(self.calib) if self.calib else None
+
+    def validation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if not self.val:
+            return None
+        with np.load(self.val) as z:
+            return z["x"], z["ref"]
+
+
+def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exception | None) -> dict:
+    """One row of exports.json (or of the failures)."""
+    if error is not None:
+        msg = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:300]
+        return {"file": job.filename, "format": job.fmt, "quantization": job.quantize, "error": msg}
+    # An OpenVINO model is two files: its size counts both, its hash is that of the weights.
+    data = target.with_suffix(".bin") if job.fmt == "openvino" else target
+    return {"file": job.filename, "format": job.fmt, "quantization": job.quantize,
+            "io_dtype": meta["input"]["dtype"], "size_mb": size_on_disk(target) / 1e6,
+            "seconds": time.time() - started, "sha256": sha256_file(data),
+            **({"bn_scales": meta["bn_scales"]} if "bn_scales" in meta else {})}
+
+
+def run_unit(ctx: WorkerContext, model=None) -> list[dict]:
+    """Run one unit; every failure is caught and returned, so one broken format never stops
+    the others. In a worker process model is None and model.keras is loaded here."""
+    from . import onnx as onnx_backend  # noqa: PLC0415
+    from . import tflite as tflite_backend  # noqa: PLC0415
+
+    calib = ctx.calibration()
+    targets = [Path(t) for t in ctx.targets]
+    out = []
+
+    def outcome(job, meta, target, started, error):
+        out.append(record(job, meta, target, started, error))
+
+    if ctx.jobs[0].fmt == "tflite":
+        val = ctx.validation()
+        for job, meta, target in zip(ctx.jobs, ctx.metas, targets):
+            t = time.time()
+            try:
+                with quiet.native_stderr():  # the converter's debug lines
+                    tflite_backend.convert(job, ctx.saved_model, calib, ctx.calib_range, meta, target, ctx.bn_scales,
+                                           val, Path(ctx.workdir), ctx.threads)
+                outcome(job, meta, target, t, None)
+            except Exception as e:
+                outcome(job, meta, target, t, e)
+        return out
+    t = time.time()
+    try:
+        if model is None:
+            from .graph import deployment_graph  # noqa: PLC0415
+            from .pipeline import load_run  # noqa: PLC0415
+
+            model = deployment_graph(load_run(Path(ctx.run_dir))[0])
+    except Exception as e:
+        return [record(job, {}, target, t, e) for job, target in zip(ctx.jobs, targets)]
+    workdir = Path(ctx.workdir) / "onnx"
+    workdir.mkdir(exist_ok=True)
+    with quiet.native_stderr():  # tf2onnx, onnxruntime and NNCF log freely
+        onnx_backend.convert_chain(ctx.jobs, model, ctx.size, ctx.opset, calib, ctx.calib_range, ctx.metas, targets,
+                                   workdir, outcome, ctx.threads)
+    return out
+
+
+def units(jobs: list[ExportJob]) -> list[list[ExportJob]]:
+    """Independent units of work, longest first: full-integer TFLite and the ONNX chain
+    (conversion + int8 calibration) take the longest, the float TFLite files least."""
+    onnx_jobs = [j for j in jobs if j.fmt in ("onnx", "openvino")]
+    tfl = [j for j in jobs if j.fmt == "tflite"]
+    cost = {"int8": 0, "none": 1, "fp16": 2, "dynamic": 3}
+    groups = [[j] for j in sorted(tfl, key=lambda j: cost[j.quantize])]
+    if onnx_jobs:
+        groups.insert(1 if tfl and tfl[0].quantize == "int8" else 0,
+                      sorted(onnx_jobs, key=lambda j: (j.fmt != "onnx", j.quantize != "none")))
+    return groups
+
+
+def default_workers(n_units: int) -> int:
+    """Each converter keeps about one core busy, so run as many as there are cores (at most 2:
+    beyond that the memory of several TensorFlow processes outweighs the gain)."""
+    return max(1, min(2, os.cpu_count() or 1, n_units))
+
+
+def start_pool(workers: int):
+    """Spawned (not forked: forking a process that has TensorFlow loaded is unsafe) workers that
+    die with their parent, ignore Ctrl-C (the parent stops them) and keep quiet unless verbose."""
+    import multiprocessing as mp  # noqa: PLC0415
+    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
+
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=quiet.quiet_worker)
+
+
+def kill_pool(pool) -> None:
+    """Stop a process pool now: its workers would otherwise finish (or, after a SIGTERM to the
+    parent, outlive it) while the run's index no longer describes what they write."""
+    for p in list(getattr(pool, "_processes", {}).values()):
+        if p.is_alive():
+            p.kill()
+    for p in list(getattr(pool, "_processes", {}).values()):
+        p.join(5)
+    pool.shutdown(wait=False, cancel_futures=True)
