@@ -9,7 +9,6 @@ absolute difference is below a threshold (reported in audit.json).
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from . import preprocess, report
 from .errors import MriEdgeError
+from .files import sha256_bytes
 from .data import discover
 from .progress import Progress
 
@@ -36,7 +36,7 @@ def _image_info(path: str):
         raw = Path(path).read_bytes()
     except OSError:
         return "", "unreadable", None, None, None
-    sha = hashlib.sha256(raw).hexdigest()
+    sha = sha256_bytes(raw)
     fmt = "png" if raw[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if raw[:2] == b"\xff\xd8" else Path(path).suffix.lstrip(".").lower()
     import cv2  # noqa: PLC0415
 

@@ -6,7 +6,6 @@ Heavy libraries (TensorFlow, Keras, onnx) are imported inside commands so that
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 import threading
@@ -15,34 +14,10 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .clitools import Interrupted, config_from, echo, int_list, options_from, run_guarded, terminate
 from .config import Thresholds, TrainConfig
+from .demo import RECIPE
 from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, QUANTIZATIONS
-
-class Interrupted(click.ClickException):
-    exit_code = 130
-
-
-def _terminate(signum, frame):
-    # SIGTERM (kill, docker stop, a job supervisor) takes the same way out as Ctrl-C, so every
-    # command stops its child processes and leaves its folders consistent.
-    raise KeyboardInterrupt
-
-
-def run_guarded(fn, *args, **kwargs):
-    """Call fn, turning input errors (MriEdgeError) into a one-line message and exit 1."""
-    from .errors import MriEdgeError  # noqa: PLC0415
-
-    try:
-        return fn(*args, **kwargs)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted") from None
-    except (MriEdgeError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
-
-
-def echo(msg: str) -> None:
-    click.echo(msg, err=True)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mri-edge")
@@ -62,74 +37,10 @@ def main(verbose):
 
     set_verbose(verbose)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, terminate)
 
 
 TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
-
-
-class DEMO:
-    """The demo's recipe: small enough for a few minutes on 2 cores, trained well enough that
-    its int8 files pass the same parity gates as a real model's."""
-
-    image_size = 64
-    epochs = 12  # 6 epochs left the model unsure of many phantoms (test 87.5%), and int8 flipped them
-    n_train = 100
-    n_test = 50  # per class: the 98% agreement gate then allows 4 flips, not 1
-    lr = 1e-3
-    dense_units = 256
-    calib_size = 300
-
-
-def _click_type(f):
-    m = f.metadata
-    if "choices" in m:
-        return click.Choice(list(m["choices"]))
-    if m.get("path") == "file":
-        return click.Path(exists=True, dir_okay=False)
-    if m.get("path") == "dir":
-        return click.Path(file_okay=False)
-    base = m.get("type") or (type(f.default) if f.default is not None else str)
-    if base in (int, float) and ("minimum" in m or "maximum" in m):
-        rng = click.IntRange if base is int else click.FloatRange
-        kw = {"min_open": m.get("min_open", False), "max_open": m.get("max_open", False)} if base is float else {}
-        return rng(m.get("minimum"), m.get("maximum"), **kw)
-    return base
-
-
-def options_from(cls):
-    """click options for every field of a typed config that has help text (config.py), so
-    defaults and help are written once."""
-    def deco(fn):
-        for f in reversed(dataclasses.fields(cls)):
-            m = f.metadata
-            if "help" not in m:
-                continue
-            name = m.get("flag") or "--" + f.name.replace("_", "-")
-            if m.get("negate"):
-                fn = click.option("--no-" + f.name.replace("_", "-"), f.name, is_flag=True, help=m["help"])(fn)
-            elif isinstance(f.default, bool):
-                fn = click.option(name, f.name, is_flag=True, help=m["help"])(fn)
-            else:
-                fn = click.option(name, f.name, default=f.default, type=_click_type(f), metavar=m.get("metavar"),
-                                  show_default=f.default is not None, help=m["help"])(fn)
-        return fn
-    return deco
-
-
-def config_from(cls, values: dict, **fixed):
-    """The typed config from the options' values (negated switches and unit scales undone)."""
-    kw = dict(fixed)
-    for f in dataclasses.fields(cls):
-        if "help" not in f.metadata or f.name not in values:
-            continue
-        v = values[f.name]
-        if f.metadata.get("negate"):
-            v = not v
-        if f.metadata.get("scale") and v is not None:
-            v = v * f.metadata["scale"]
-        kw[f.name] = v
-    return cls(**kw)
 
 
 @main.command()
@@ -286,7 +197,9 @@ def verify(run_dir, files, threads, dedup, split, **gates):
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 @click.option("--threads", type=click.IntRange(1), default=None)
-def predict(model_path, images, top_k, as_json, threads):
+@click.option("--allow-other-resize", is_flag=True,
+              help="Run even if this machine cannot resize images the way the model's preprocessing record says.")
+def predict(model_path, images, top_k, as_json, threads, allow_other_resize):
     """Classify images with a .tflite, .onnx, OpenVINO .xml or .keras model (or a run folder).
 
     IMAGES may be files, folders or glob patterns. Unreadable images are reported
@@ -299,7 +212,7 @@ def predict(model_path, images, top_k, as_json, threads):
     from . import predict as predict_lib  # noqa: PLC0415
     from .runtime import open_model  # noqa: PLC0415
 
-    model = run_guarded(open_model, model_path, threads)
+    model = run_guarded(open_model, model_path, threads, allow_other_resize)
     paths = predict_lib.expand_inputs(images)
     if not paths:
         raise click.ClickException("no image files matched")
@@ -309,20 +222,10 @@ def predict(model_path, images, top_k, as_json, threads):
         sys.exit(1)
 
 
-def _int_list(ctx, param, value):
-    try:
-        out = tuple(int(v) for v in str(value).split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter("expected a comma-separated list of integers, e.g. 1,2") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter("values must be >= 1")
-    return out
-
-
 @main.command()
 @click.argument("targets", nargs=-1, required=True)
-@click.option("--threads", default="2", show_default=True, callback=_int_list, help="Comma list, e.g. 1,2.")
-@click.option("--batch", "batches", default="1,8", show_default=True, callback=_int_list, help="Comma list.")
+@click.option("--threads", default="2", show_default=True, callback=int_list, help="Comma list, e.g. 1,2.")
+@click.option("--batch", "batches", default="1,8", show_default=True, callback=int_list, help="Comma list.")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(0))
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--seconds", default=None, type=click.FloatRange(0), help="Time each row at least this long.")
@@ -434,15 +337,12 @@ def data_synth(out, task, n_train, n_test, size, seed):
     click.echo(f"wrote {root}")
 
 
-DEMO_MARKER = ".mri-edge-demo"
-
-
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts/runs/demo", show_default=True)
 @click.option("--task", type=click.Choice(["tumor", "alzheimer"]), default="tumor", show_default=True)
-@click.option("--image-size", default=DEMO.image_size, show_default=True, type=click.IntRange(32, 256))
-@click.option("--epochs", default=DEMO.epochs, show_default=True, type=click.IntRange(1))
-@click.option("--n-train", default=DEMO.n_train, show_default=True, type=click.IntRange(4),
+@click.option("--image-size", default=RECIPE.image_size, show_default=True, type=click.IntRange(32, 256))
+@click.option("--epochs", default=RECIPE.epochs, show_default=True, type=click.IntRange(1))
+@click.option("--n-train", default=RECIPE.n_train, show_default=True, type=click.IntRange(4),
               help="Phantoms per class in Training.")
 @click.option("--skip-export", is_flag=True, help="Only train and report.")
 def demo(out, task, image_size, epochs, n_train, skip_export):
@@ -456,32 +356,11 @@ def demo(out, task, image_size, epochs, n_train, skip_export):
     Example:
       mri-edge demo --out /tmp/demo
     """
-    import shutil  # noqa: PLC0415
+    from .demo import run_demo  # noqa: PLC0415
 
-    from . import train as train_lib  # noqa: PLC0415
-    from .synth import write_dataset  # noqa: PLC0415
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / DEMO_MARKER).is_file():
-            raise click.ClickException(f"--out {out} is not empty and not a demo folder; choose another --out")
-        if (out / "run").exists():
-            raise click.ClickException(f"{out} already holds a demo run; remove it or pass another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("made by `mri-edge demo`\n")
-    data_dir = out / "data"
-    if data_dir.exists():
-        shutil.rmtree(data_dir)  # phantoms of an interrupted demo (the marker says the folder is ours)
-    echo(f"demo 1/4: generating a synthetic {task} dataset in {data_dir}")
-    write_dataset(data_dir, task, n_train=n_train, n_test=DEMO.n_test, size=128, seed=0)
-    cfg = TrainConfig(task=task, data_dir=str(data_dir), out=str(out / "run"), weights="none",
-                                image_size=image_size, batch_size=16, epochs_head=0, epochs_finetune=epochs,
-                                lr=DEMO.lr, patience=epochs, dense_units=DEMO.dense_units,
-                                cache_dir=str(out / "cache"))
-    echo(f"demo 2/4: training DenseNet121 from scratch at {image_size} px for {epochs} epochs")
-    run_dir = run_guarded(train_lib.train, cfg, log=echo)
-    problems = [] if skip_export else _demo_downstream(run_dir)
-    click.echo(f"\nproduced: {run_dir} (index page {run_dir / 'report.md'}; data in {data_dir})")
+    run_dir, problems = run_guarded(run_demo, out, task, image_size, epochs, n_train, skip_export, log=echo,
+                                    show=click.echo)
+    click.echo(f"\nproduced: {run_dir} (index page {run_dir / 'report.md'}; data in {Path(out) / 'data'})")
     click.echo("next, on real data:\n"
                "  mri-edge data audit ../shared/data/brain-tumor-mri --task tumor\n"
                "  mri-edge train --task tumor --data-dir ../shared/data/brain-tumor-mri --out artifacts/runs/tumor\n"
@@ -490,28 +369,6 @@ def demo(out, task, image_size, epochs, n_train, skip_export):
         raise click.ClickException("demo FAILED: " + "; ".join(problems))
     click.echo("demo finished: every exported file passed its parity gate" if not skip_export else
                "demo finished: trained and reported (export skipped)")
-
-
-def _demo_downstream(run_dir: Path) -> list[str]:
-    """Export, verify and bench the demo run; returns what failed, for the last line."""
-    from . import bench as bench_lib  # noqa: PLC0415
-    from . import export as export_lib  # noqa: PLC0415
-    from . import verify as verify_lib  # noqa: PLC0415
-
-    echo("\ndemo 3/4: mri-edge export (every format) and mri-edge verify")
-    results, failures = run_guarded(export_lib.export_run, run_dir, ("all",), (), "uint8", DEMO.calib_size,
-                                    log=echo)
-    problems = [f"export of {f['file']} failed ({f['error']})" for f in failures]
-    click.echo(export_lib.table(results))
-    parity = run_guarded(verify_lib.verify_run, run_dir, log=echo)
-    click.echo(verify_lib.summary_table(parity))
-    problems += [f"parity: {f}" for f in parity["failures"]]
-    echo("\ndemo 4/4: mri-edge bench --quick")
-    timing = run_guarded(bench_lib.bench, [str(run_dir)], (2,), (1,), 2, 10, None, run_dir / "bench", log=echo)
-    click.echo(bench_lib.table(timing))
-    if not timing["rows"]:
-        problems.append("bench: no row could run")
-    return problems
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from . import preprocess
 from .errors import MriEdgeError
+from .files import atomic_path
 from .progress import Progress
 from .tasks import resolve_classes
 
@@ -198,7 +198,7 @@ def default_cache_dir() -> Path:
 
 def _cache_key(paths: list[str], image_size: int) -> str:
     h = hashlib.sha256()
-    h.update(f"v{preprocess.CONTRACT_VERSION}|{image_size}|".encode())
+    h.update(f"v{preprocess.CONTRACT_VERSION}|{preprocess.resize_method()}|{image_size}|".encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -262,13 +262,9 @@ def decode_split(split: Split, image_size: int, cache_dir: Path | None = None,
         raise DataError(f"no readable image in the {split.name} split")
     out = Decoded(images[ok], np.asarray(split.labels)[ok], [p for p, k in zip(split.paths, ok) if k], skipped)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(npz) as tmp, open(tmp, "wb") as f:
             np.savez(f, images=out.images, labels=out.labels,
                      meta=np.array(json.dumps({"paths": out.paths, "skipped": out.skipped})))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, npz)
     except OSError:
         pass  # caching is an optimisation; a read-only home must not stop training
     return out

@@ -5,6 +5,7 @@ Standard library only (the on-device runtime uses them).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,20 +15,28 @@ from pathlib import Path
 from .errors import FileFormatError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename, so a
-    crash, a full disk or a kill never leaves half a file where a whole one was."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int = 0o644):
+    """A temporary path beside `path` for the block to write; it replaces `path` (one rename)
+    only when the block succeeds, so a crash, a full disk or a kill never leaves half a file
+    where a whole one was. `suffix` keeps the extension a writer insists on (.keras, .npz)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield Path(tmp)
         os.chmod(tmp, mode)  # mkstemp creates 0600; reports and models are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` whole or not at all (see atomic_path)."""
+    with atomic_path(path, mode=mode) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -12,7 +12,7 @@ from .run import RunFolder
 
 
 class KerasModel(runtime.Model):
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, allow_other_resize: bool = False):
         path = Path(path)
         if importlib.util.find_spec("keras") is None:
             raise runtime.RuntimeModelError(f"{path}: .keras files need Keras and TensorFlow "
@@ -34,9 +34,12 @@ class KerasModel(runtime.Model):
             raise runtime.RuntimeModelError(f"{path}: not a loadable Keras model, damaged or truncated "
                                             f"({type(e).__name__}: {runtime.first_line(e)})") from None
         size = int(self.net.input_shape[1])
+        contract = RunFolder(path.parent).config().get("preprocessing") if (path.parent / "config.json").is_file() \
+            else None
         meta = {"class_names": labels["class_names"], "input_size": [size, size], "format": "keras",
+                **({"preprocessing": contract} if contract else {}),
                 "quantization": "none", "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
-        super().__init__(path, meta)
+        super().__init__(path, meta, allow_other_resize)
         self.runtime_name = "keras"
 
     def run(self, batch_uint8: np.ndarray) -> np.ndarray:

@@ -63,8 +63,8 @@ class OpenVINOModel(runtime.Model):
     as the precision of every op that is not int8: on AMX machines OpenVINO would otherwise
     run them in bf16 and the file would not compute what verify checked."""
 
-    def __init__(self, path: Path, threads: int | None = None):
-        super().__init__(path, read_metadata(path))
+    def __init__(self, path: Path, threads: int | None = None, allow_other_resize: bool = False):
+        super().__init__(path, read_metadata(path), allow_other_resize)
         _, self.core = core()
         self.net = self.core.read_model(str(path))
         self.config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}

@@ -33,6 +33,14 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 CONTRACT_VERSION = 1
 
 
+# The resize implementations, by preference. A model file records the one it was trained and
+# checked with; the runtime refuses another unless told to accept it.
+OPENCV, PILLOW, NEAREST = "opencv-area-linear", "pillow-box-bilinear", "nearest"
+RESIZE_TEXT = {OPENCV: "stretch to square, OpenCV INTER_AREA (downscale) / INTER_LINEAR (upscale)",
+               PILLOW: "stretch to square, Pillow BOX (downscale) / BILINEAR (upscale)",
+               NEAREST: "stretch to square, nearest neighbour"}
+
+
 class ImageError(MriEdgeError, ValueError):
     """An input could not be turned into an image (corrupt, truncated, too large, not an image)."""
 
@@ -43,7 +51,8 @@ def contract(image_size: int) -> dict:
         "image_size": [int(image_size), int(image_size)],
         "channels": 3,
         "color": "RGB; grayscale is replicated to 3 channels, alpha dropped, 16-bit scaled by 1/257",
-        "resize": "stretch to square, OpenCV INTER_AREA (downscale) / INTER_LINEAR (upscale)",
+        "resize": RESIZE_TEXT[resize_method()],
+        "resize_method": resize_method(),
         "input_dtype": "float32 or uint8 raw pixels",
         "input_range": [0, 255],
         "normalization": {
@@ -165,26 +174,41 @@ def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
         raise ImageError(f"{where}: not a readable image ({type(e).__name__})") from None
 
 
-def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Stretch to size x size with the contract's interpolation."""
+def resize_method() -> str:
+    """The resize this machine can run: OpenCV's, else Pillow's, else nearest-neighbour."""
+    return OPENCV if _cv2() is not None else PILLOW if _pil() is not None else NEAREST
+
+
+def recorded_resize(contract: dict) -> str:
+    """The resize a preprocessing record names (records before `resize_method` existed named OpenCV)."""
+    return contract.get("resize_method") or (OPENCV if "OpenCV" in contract.get("resize", "OpenCV") else NEAREST)
+
+
+def resize(img: np.ndarray, size: int, method: str | None = None) -> np.ndarray:
+    """Stretch to size x size with `method` (default: the best this machine has)."""
     h, w = img.shape[:2]
     if (h, w) == (size, size):
         return img
-    cv2 = _cv2()
-    if cv2 is not None:
+    method = method or resize_method()
+    if method == OPENCV:
+        cv2 = _cv2()
+        if cv2 is None:
+            raise ImageError("this model's preprocessing resizes with OpenCV: pip install opencv-python-headless")
         interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
         return cv2.resize(img, (size, size), interpolation=interp)
-    Image = _pil()
-    if Image is not None:
-        method = Image.BOX if size < min(h, w) else Image.BILINEAR
-        return np.asarray(Image.fromarray(img).resize((size, size), method))
+    if method == PILLOW:
+        Image = _pil()
+        if Image is None:
+            raise ImageError("this model's preprocessing resizes with Pillow: pip install Pillow")
+        pil_method = Image.BOX if size < min(h, w) else Image.BILINEAR
+        return np.asarray(Image.fromarray(img).resize((size, size), pil_method))
     ys = np.clip(((np.arange(size) + 0.5) * h / size).astype(int), 0, h - 1)
     xs = np.clip(((np.arange(size) + 0.5) * w / size).astype(int), 0, w - 1)
     return img[ys][:, xs]
 
 
-def load_image(source, size: int | None = None) -> np.ndarray:
-    """Path, bytes or array -> RGB uint8 (resized to size x size when size is given)."""
+def load_image(source, size: int | None = None, method: str | None = None) -> np.ndarray:
+    """Path, bytes or array -> RGB uint8 (resized to size x size with `method` when size is given)."""
     if isinstance(source, np.ndarray):
         img = to_rgb_uint8(source)
         check_size(img.shape[1], img.shape[0], "<array>")
@@ -199,4 +223,4 @@ def load_image(source, size: int | None = None) -> np.ndarray:
         img = decode_bytes(data, str(p))
     else:
         raise ImageError(f"cannot read an image from {type(source).__name__}")
-    return resize(img, size) if size else img
+    return resize(img, size, method) if size else img

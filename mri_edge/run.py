@@ -94,6 +94,15 @@ class RunFolder:
             raise RunError(f"{self.path} has no model.keras{hint}")
         return self.model_path
 
+    def write_state(self, phase: int, epoch: int, history: list, elapsed_s: float, finished: bool = False,
+                    best_val_loss: float = float("inf"), phase_elapsed_s: float = 0.0) -> None:
+        """state.json: where training stands (phase index, epochs done in it), for --resume."""
+        from .report import write_json  # noqa: PLC0415
+
+        write_json(self.state_path, {"phase": phase, "epoch": epoch, "best_val_loss": best_val_loss,
+                                     "history": history, "elapsed_s": elapsed_s, "phase_elapsed_s": phase_elapsed_s,
+                                     "finished": finished})
+
     # ------------------------------------------------------------ train's --out check
     def check_new_run(self, force: bool = False) -> None:
         """Refuse an --out folder that holds anything but the start of this run.

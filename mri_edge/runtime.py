@@ -237,22 +237,46 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (q.astype(np.float32) - zero_point) * scale
 
 
+def check_contract(path: Path, meta: dict, allow_other_resize: bool = False) -> str:
+    """The resize method to use for this file, after checking its preprocessing record: the
+    contract version this runtime implements, the input size, and a resize this machine can
+    run exactly (another one only when `allow_other_resize`)."""
+    contract = meta.get("preprocessing")
+    if not contract:  # a .keras model read from its run folder, or a file from before the record
+        return preprocess.resize_method()
+    version = contract.get("contract_version")
+    if version != preprocess.CONTRACT_VERSION:
+        raise RuntimeModelError(f"{path}: made for preprocessing contract v{version}, this runtime implements "
+                                f"v{preprocess.CONTRACT_VERSION}; re-export it, or use mri-edge "
+                                f"{meta.get('mri_edge_version', '?')}")
+    if [int(v) for v in contract.get("image_size", meta["input_size"])] != [int(v) for v in meta["input_size"]]:
+        raise RuntimeModelError(f"{path}: its preprocessing record says {contract['image_size']} px, its input "
+                                f"is {meta['input_size']}; the file is inconsistent")
+    recorded, here = preprocess.recorded_resize(contract), preprocess.resize_method()
+    if recorded != here and not allow_other_resize:
+        raise RuntimeModelError(f"{path}: its preprocessing resizes with {recorded}, this machine only has {here} "
+                                "(pip install opencv-python-headless), or accept the difference with "
+                                "--allow-other-resize")
+    return here
+
+
 class Model:
     """Common front of the TFLite and ONNX back ends."""
 
-    def __init__(self, path: Path, meta: dict):
+    def __init__(self, path: Path, meta: dict, allow_other_resize: bool = False):
         self.path = Path(path)
         check_integrity(self.path, meta)
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.image_size = int(meta["input_size"][0])
+        self.resize_method = check_contract(self.path, meta, allow_other_resize)
         self.input = meta["input"]
         self.output = meta["output"]
         self.runtime_name = ""
 
     def preprocess(self, source) -> np.ndarray:
-        """Path, bytes or array -> (S, S, 3) uint8 under the shared contract."""
-        return preprocess.load_image(source, self.image_size)
+        """Path, bytes or array -> (S, S, 3) uint8 under the file's preprocessing contract."""
+        return preprocess.load_image(source, self.image_size, self.resize_method)
 
     def run(self, batch_uint8: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 raw pixels -> (N, K) float32 probabilities."""
@@ -279,8 +303,8 @@ class TFLiteModel(Model):
     newest kernels enabled) or "off" (built-in kernels only; for comparison)."""
 
     def __init__(self, path: Path, meta: dict, threads: int | None = None, runtime: str | None = None,
-                 xnnpack: str = "default"):
-        super().__init__(path, meta)
+                 xnnpack: str = "default", allow_other_resize: bool = False):
+        super().__init__(path, meta, allow_other_resize)
         cls, self.runtime_name = load_interpreter_class(runtime)
         kwargs = {}
         if xnnpack == "off":
@@ -300,6 +324,9 @@ class TFLiteModel(Model):
                                     f"{first_line(e)})") from None
         self.in_det = self.interp.get_input_details()[0]
         self.out_det = self.interp.get_output_details()[0]
+        if list(self.in_det["shape"][1:3]) != [self.image_size, self.image_size]:
+            raise RuntimeModelError(f"{path}: its graph takes {list(self.in_det['shape'][1:3])} px, its metadata "
+                                    f"says {self.image_size}; the file is inconsistent")
         self._batch = None
 
     def _ensure_batch(self, n: int) -> None:
@@ -328,8 +355,8 @@ class TFLiteModel(Model):
 
 class OnnxModel(Model):
     def __init__(self, path: Path, meta: dict, threads: int | None = None, providers: list[str] | None = None,
-                 opt_level: str = "all"):
-        super().__init__(path, meta)
+                 opt_level: str = "all", allow_other_resize: bool = False):
+        super().__init__(path, meta, allow_other_resize)
         try:
             import onnxruntime as ort  # noqa: PLC0415
         except ImportError:
@@ -359,13 +386,14 @@ def first_line(e: BaseException) -> str:
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
 
 
-def load(path: str | Path, threads: int | None = None, runtime: str | None = None) -> Model:
+def load(path: str | Path, threads: int | None = None, runtime: str | None = None,
+         allow_other_resize: bool = False) -> Model:
     """Open an exported .tflite or .onnx file with its embedded metadata (the device path)."""
     path = Path(path)
     meta = read_metadata(path)
     if path.suffix == ".tflite":
-        return TFLiteModel(path, meta, threads, runtime)
-    return OnnxModel(path, meta, threads)
+        return TFLiteModel(path, meta, threads, runtime, allow_other_resize=allow_other_resize)
+    return OnnxModel(path, meta, threads, allow_other_resize=allow_other_resize)
 
 
 # The one suffix -> backend registry: (module, class, what to install). Backends other than
@@ -381,7 +409,7 @@ MODEL_SUFFIXES = tuple(BACKENDS)
 EXPORT_SUFFIXES = (".tflite", ".onnx", ".xml")
 
 
-def open_model(path: str | Path, threads: int | None = None) -> Model:
+def open_model(path: str | Path, threads: int | None = None, allow_other_resize: bool = False) -> Model:
     """Any mri-edge model (.tflite, .onnx, OpenVINO .xml, .keras, or a run folder's model.keras)."""
     p = Path(path)
     if p.is_dir():
@@ -391,6 +419,6 @@ def open_model(path: str | Path, threads: int | None = None) -> Model:
     if not p.is_file():
         raise RuntimeModelError(f"model file not found: {p}")
     if p.suffix in (".tflite", ".onnx"):
-        return load(p, threads)
+        return load(p, threads, allow_other_resize=allow_other_resize)
     module, cls, _ = BACKENDS[p.suffix]
-    return getattr(importlib.import_module(module), cls)(p, threads=threads)
+    return getattr(importlib.import_module(module), cls)(p, threads=threads, allow_other_resize=allow_other_resize)

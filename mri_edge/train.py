@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import math
-import os
 import platform
 import time
 from dataclasses import asdict
@@ -15,8 +13,10 @@ import numpy as np
 from . import __version__, data, preprocess, quiet, report
 from .config import TrainConfig
 from .errors import MriEdgeError
+from .files import atomic_path
 from .progress import Heartbeat, Progress
 from .run import RunFolder
+from .schedule import PhaseClock, phase_budgets
 
 
 class TrainError(MriEdgeError):
@@ -50,115 +50,9 @@ def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
     return phases, notes
 
 
-def lr_at(epoch: int, total: int, base: float, warmup: int, progress: float | None = None) -> float:
-    """Linear warm-up, then cosine decay to 1% of the base rate.
-
-    `progress` (0-1, the share of a time budget used) replaces the epoch count as the
-    position on the cosine once warm-up is over.
-    """
-    if warmup and epoch < warmup:
-        return base * (epoch + 1) / (warmup + 1)
-    if progress is not None:
-        t = min(1.0, max(0.0, progress))
-    else:
-        span = max(1, total - warmup)
-        t = min(1.0, (epoch - warmup) / span)
-    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def phase_budgets(phases: list[dict], budget_s: float | None) -> list[float | None]:
-    """Split a time budget over the phases in proportion to their epochs."""
-    if not budget_s:
-        return [None] * len(phases)
-    total = sum(p["epochs"] for p in phases) or 1
-    return [budget_s * p["epochs"] / total for p in phases]
-
-
-class PhaseClock:
-    """Time-budget bookkeeping of one phase: progress for the schedule, when to stop."""
-
-    def __init__(self, budget_s: float | None, now=time.time, elapsed_s: float = 0.0):
-        self.budget_s = budget_s
-        self.now = now
-        # A resumed phase continues its cosine where the interrupted run left it.
-        self.start = now() - elapsed_s
-        self.epoch_times: list[float] = []
-        self._epoch_start = self.start
-
-    def progress(self) -> float | None:
-        if not self.budget_s:
-            return None
-        return (self.now() - self.start) / self.budget_s
-
-    def epoch_started(self) -> None:
-        self._epoch_start = self.now()
-
-    def epoch_ended(self) -> bool:
-        """Record the epoch; True when another epoch would overrun the budget."""
-        t = self.now()
-        self.epoch_times.append(t - self._epoch_start)
-        if not self.budget_s:
-            return False
-        # The slowest of the last epochs, leaving out the first (graph tracing, warm-up)
-        # once there are others: measured 180 s first vs 110-144 s later on 2 cores.
-        recent = self.epoch_times[1:] or self.epoch_times
-        typical = max(recent[-3:])
-        return (t - self.start) + typical > self.budget_s
-
-
-def _progress_callback_class():
-    import keras  # noqa: PLC0415
-
-    class EpochProgress(keras.callbacks.Callback):
-        """A progress line per epoch (steps, then loss and accuracy), and a heartbeat while the
-        first step traces the graph (about a minute for DenseNet121 on 2 cores, silent otherwise)."""
-
-        def __init__(self, phase: str, epochs: int, steps: int, log, traced: bool):
-            super().__init__()
-            self.phase, self.epochs, self.steps, self.log = phase, epochs, steps, log
-            self.beat = None if traced else Heartbeat("building the training graph (first step)")
-            self.bar = None
-
-        def on_train_begin(self, logs=None):
-            if self.beat:
-                self.beat.begin()
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0, self.epoch = time.time(), epoch
-            if not self.beat:
-                self.bar = Progress(self.steps, f"{self.phase} epoch {epoch + 1}/{self.epochs}")
-
-        def on_train_batch_end(self, batch, logs=None):
-            if self.beat:
-                self.log(f"training graph built in {self.beat.stop():.0f} s")
-                self.beat = None
-                self.bar = Progress(self.steps, f"{self.phase} epoch {self.epoch + 1}/{self.epochs}")
-                self.bar.update(batch + 1)
-                return
-            if self.bar:
-                self.bar.update()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            shown = ", ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
-                              if k in logs)
-            self.log(f"{self.phase} epoch {epoch + 1}/{self.epochs}: {shown} ({time.time() - self.t0:.0f} s)")
-
-        def on_train_end(self, logs=None):
-            if self.beat:
-                self.beat.stop()
-
-    return EpochProgress
-
-
-def EpochProgress(*args, **kwargs):  # noqa: N802 - built lazily: keras is imported inside train()
-    return _progress_callback_class()(*args, **kwargs)
-
-
 def _save_model_atomic(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the extension
+        model.save(tmp)
 
 
 def _versions() -> dict:
@@ -201,32 +95,10 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise TrainError(f"--cache-dir {cfg.cache_dir} is a file, not a folder")
 
 
-def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), force: bool = False) -> Path:
-    """Run both phases, evaluate on the test split and write the run folder. Returns it.
-
-    `force` lets --out be a folder that holds other files (never a finished or resumable run).
-    """
-    t_start = time.time()
-    state = None
-    if resume:
-        run = RunFolder(resume)
-        if not run.path.is_dir():
-            raise TrainError(f"--resume {resume}: no such folder")
-        if not run.state_path.is_file() or not run.checkpoint_path.is_file():
-            done = run.model_path.is_file()
-            raise TrainError(f"--resume {resume}: " + ("that run already finished" if done else
-                             "no finished epoch to resume from (interrupted before the first one ended); "
-                             "start it again with the same command"))
-        saved, state = run.config(), run.state()
-        if state.get("finished"):
-            raise TrainError(f"--resume {resume}: that run already finished")
-        cfg = TrainConfig.from_saved(saved)
-        check_inputs(cfg)
-        dataset = data.dataset_from_manifest(run.manifest())
-        t_start -= state.get("elapsed_s", 0.0)
-        run_dir = run.path
-        log(f"resuming {run_dir} at phase {state['phase']} epoch {state['epoch']}")
-    else:
+def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log):
+    """(run folder, config, dataset, saved state or None) of a new or resumed run; every input
+    is checked here, before anything is written or trained."""
+    if not resume:
         check_inputs(cfg)
         run = RunFolder(cfg.out if cfg.out else default_run_dir(cfg.task))
         run.check_new_run(force)
@@ -234,13 +106,41 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
         dataset.splits = {k: _limit(s, cfg.limit_per_class, cfg.seed) for k, s in dataset.splits.items()}
-        run_dir = run.path
+        return run, cfg, dataset, None
+    run = RunFolder(resume)
+    if not run.path.is_dir():
+        raise TrainError(f"--resume {resume}: no such folder")
+    if not run.state_path.is_file() or not run.checkpoint_path.is_file():
+        done = run.model_path.is_file()
+        raise TrainError(f"--resume {resume}: " + ("that run already finished" if done else
+                         "no finished epoch to resume from (interrupted before the first one ended); "
+                         "start it again with the same command"))
+    saved, state = run.config(), run.state()
+    if state.get("finished"):
+        raise TrainError(f"--resume {resume}: that run already finished")
+    cfg = TrainConfig.from_saved(saved)
+    check_inputs(cfg)
+    dataset = data.dataset_from_manifest(run.manifest())
+    log(f"resuming {run.path} at phase {state['phase']} epoch {state['epoch']}")
+    return run, cfg, dataset, state
+
+
+def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), force: bool = False) -> Path:
+    """Run both phases, evaluate on the test split and write the run folder. Returns it.
+
+    `force` lets --out be a folder that holds other files (never a finished or resumable run).
+    """
+    run, cfg, dataset, state = _open_run(cfg, resume, force, log)
+    t_start = time.time() - (state.get("elapsed_s", 0.0) if state else 0.0)
     quiet.import_tensorflow()
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
 
-    if not resume:
+    if state:
+        keras.utils.set_random_seed(cfg.seed)
+        net = model_lib.load_model(run.checkpoint_path)
+    else:
         # Build first: bad --weights must fail before anything is written (build_model seeds itself).
         with Heartbeat(f"building DenseNet121 ({cfg.image_size} px, weights {cfg.weights})", every=10):
             net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
@@ -249,107 +149,84 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     _, notes = resolve_phases(cfg)
     for n in notes:
         log(n)
-    names = cfg.class_names
-    k = len(names)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache, cfg.strict) for s in ("train", "val", "test")}
     for s, d in dec.items():
         if d.skipped:
             log(f"{s}: skipped {len(d.skipped)} unreadable file(s), e.g. {d.skipped[0]['reason']}")
-    weights = data.class_weights(dec["train"].labels, k, cfg.class_weight)
-    log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
-
-    if state:
-        keras.utils.set_random_seed(cfg.seed)
-        net = model_lib.load_model(run_dir / "checkpoint.keras")
-    aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
-
     if not state and cfg.weights not in ("none", "imagenet") and cfg.adapt_bn:
         n = model_lib.adapt_batchnorm(net, dec["train"].images)
         log(f"re-estimated batch-norm statistics of the {cfg.weights} backbone on {n} training images (AdaBN)")
 
     history: list[dict] = state["history"] if state else []
-    train_batches = data.make_batches(dec["train"].images, dec["train"].labels, k, cfg.batch_size,
-                                      shuffle=True, seed=cfg.seed, sample_weights=weights)
-    val_batches = data.make_batches(dec["val"].images, dec["val"].labels, k, cfg.batch_size, shuffle=False)
     first_phase = state["phase"] if state else 0
-
     budgets = phase_budgets(cfg.phases, cfg.time_budget_s)
+    batches = _batches(cfg, dec, log)
     for pi, phase in enumerate(cfg.phases):
         if pi < first_phase:
             continue
-        resumed = bool(state) and pi == first_phase
-        clock = PhaseClock(budgets[pi], elapsed_s=state.get("phase_elapsed_s", 0.0) if resumed else 0.0)
-        start_epoch = state["epoch"] if resumed else 0
-        best = {"val_loss": state.get("best_val_loss", float("inf")) if resumed else float("inf")}
-        n_trainable = model_lib.set_phase(net, "head" if phase["name"] == "head" else "finetune",
-                                          phase["unfreeze"], phase["freeze_bn"])
-        log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
-            f"{n_trainable} trainable DenseNet121 layers with weights")
-        if start_epoch >= phase["epochs"]:
-            continue
-        inp = keras.Input((cfg.image_size, cfg.image_size, 3))
-        trainer = keras.Model(inp, net(aug(inp) if aug is not None else inp))
-        trainer.compile(optimizer=keras.optimizers.Adam(phase["lr"]), loss="categorical_crossentropy",
-                        metrics=["accuracy"], jit_compile=cfg.jit_compile,
-                        run_eagerly=cfg.eager)
+        resumed = state if pi == first_phase else None
+        _train_phase(run, net, cfg, pi, phase, batches, budgets[pi], resumed, history,
+                     lambda: time.time() - t_start, traced=cfg.eager or pi > first_phase, log=log,
+                     callbacks=callbacks)
+        run.write_state(phase=pi + 1, epoch=0, history=history, elapsed_s=time.time() - t_start)
+        run.best_path.unlink(missing_ok=True)
 
-        class Keeper(keras.callbacks.Callback):
-            """Per-epoch checkpoint, best-weights file, history and resumable state."""
-
-            def on_epoch_begin(self, epoch, logs=None):
-                clock.epoch_started()
-                self.model.optimizer.learning_rate = lr_at(epoch, phase["epochs"], phase["lr"],
-                                                           cfg.warmup_epochs, clock.progress())
-
-            def on_epoch_end(self, epoch, logs=None):
-                logs = dict(logs or {})
-                row = {"phase": phase["name"], "epoch": epoch + 1,
-                       "lr": float(keras.ops.convert_to_numpy(trainer.optimizer.learning_rate)),
-                       **{k2: float(v) for k2, v in logs.items() if k2 != "learning_rate"}}
-                history.append(row)
-                if logs.get("val_loss", float("inf")) < best["val_loss"]:
-                    best["val_loss"] = logs["val_loss"]
-                    _save_model_atomic(net, run_dir / "best.keras")
-                _save_model_atomic(net, run_dir / "checkpoint.keras")
-                report.write_json(run_dir / "state.json", {
-                    "phase": pi, "epoch": epoch + 1, "best_val_loss": best["val_loss"], "history": history,
-                    "elapsed_s": time.time() - t_start, "phase_elapsed_s": clock.now() - clock.start,
-                    "finished": False})
-                if clock.epoch_ended() and epoch + 1 < phase["epochs"]:
-                    log(f"phase '{phase['name']}': time budget of {clock.budget_s:.0f} s reached after "
-                        f"epoch {epoch + 1}")
-                    self.model.stop_training = True
-
-        cbs = [
-            EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
-                          traced=cfg.eager or pi > first_phase),
-            Keeper(),
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
-            *callbacks,
-        ]
-        trainer.fit(train_batches, validation_data=val_batches, epochs=phase["epochs"],
-                    initial_epoch=start_epoch, callbacks=cbs, verbose=0)
-        if (run_dir / "best.keras").exists():
-            # Keep the best epoch of this phase (restore_best_weights does not survive a resume).
-            net.set_weights(model_lib.load_model(run_dir / "best.keras").get_weights())
-            log(f"phase '{phase['name']}': restored best epoch (val_loss {best['val_loss']:.4f})")
-        state = None
-        report.write_json(run_dir / "state.json", {"phase": pi + 1, "epoch": 0, "best_val_loss": float("inf"),
-                                                   "history": history, "elapsed_s": time.time() - t_start,
-                                                   "finished": False})
-        (run_dir / "best.keras").unlink(missing_ok=True)
-
-    _save_model_atomic(net, run_dir / "model.keras")
+    _save_model_atomic(net, run.model_path)
     wall = time.time() - t_start
-    _write_history(run_dir, history)
-    result = evaluate_run(run_dir, net, dec, cfg, wall, notes)
-    report.write_json(run_dir / "state.json", {"phase": len(cfg.phases), "epoch": 0, "history": history,
-                                               "elapsed_s": wall, "finished": True})
-    (run_dir / "checkpoint.keras").unlink(missing_ok=True)
+    _write_history(run.path, history)
+    result = evaluate_run(run.path, net, dec, cfg, wall, notes)
+    run.write_state(phase=len(cfg.phases), epoch=0, history=history, elapsed_s=wall, finished=True)
+    run.checkpoint_path.unlink(missing_ok=True)
     log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f}; "
-        f"wall time {wall:.0f} s; run folder {run_dir}")
-    return run_dir
+        f"wall time {wall:.0f} s; run folder {run.path}")
+    return run.path
+
+
+def _batches(cfg: TrainConfig, dec: dict, log):
+    """(training batches with class weights, validation batches)."""
+    names = cfg.class_names
+    weights = data.class_weights(dec["train"].labels, len(names), cfg.class_weight)
+    log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
+    return (data.make_batches(dec["train"].images, dec["train"].labels, len(names), cfg.batch_size, shuffle=True,
+                              seed=cfg.seed, sample_weights=weights),
+            data.make_batches(dec["val"].images, dec["val"].labels, len(names), cfg.batch_size, shuffle=False))
+
+
+def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, batches, budget_s, state, history,
+                 elapsed, traced: bool, log, callbacks=()) -> None:
+    """One phase: trainable layers, a fresh optimizer, fit with the callbacks, then the phase's
+    best epoch restored. `state` is the saved state when the phase resumes."""
+    import keras  # noqa: PLC0415
+
+    from . import model as model_lib  # noqa: PLC0415
+    from .callbacks import EpochProgress, Keeper  # noqa: PLC0415
+
+    clock = PhaseClock(budget_s, elapsed_s=state.get("phase_elapsed_s", 0.0) if state else 0.0)
+    start_epoch = state["epoch"] if state else 0
+    n_trainable = model_lib.set_phase(net, "head" if phase["name"] == "head" else "finetune", phase["unfreeze"],
+                                      phase["freeze_bn"])
+    log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
+        f"{n_trainable} trainable DenseNet121 layers with weights")
+    if start_epoch >= phase["epochs"]:
+        return
+    aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
+    inp = keras.Input((cfg.image_size, cfg.image_size, 3))
+    trainer = keras.Model(inp, net(aug(inp) if aug is not None else inp))
+    trainer.compile(optimizer=keras.optimizers.Adam(phase["lr"]), loss="categorical_crossentropy",
+                    metrics=["accuracy"], jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
+    keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history,
+                    state.get("best_val_loss", float("inf")) if state else float("inf"), elapsed,
+                    _save_model_atomic, log)
+    train_batches, val_batches = batches
+    cbs = [EpochProgress(phase["name"], phase["epochs"], len(train_batches), log, traced=traced), keeper,
+           keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience), *callbacks]
+    trainer.fit(train_batches, validation_data=val_batches, epochs=phase["epochs"], initial_epoch=start_epoch,
+                callbacks=cbs, verbose=0)
+    if run.best_path.exists():
+        # Keep the best epoch of this phase (restore_best_weights does not survive a resume).
+        net.set_weights(model_lib.load_model(run.best_path).get_weights())
+        log(f"phase '{phase['name']}': restored best epoch (val_loss {keeper.best_val_loss:.4f})")
 
 
 def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print) -> dict:
@@ -402,12 +279,10 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     if not history:
         return
     cols = ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy"]
-    tmp = run_dir / ".history.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(run_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, run_dir / "history.csv")
     report.plot_history(history, run_dir / "training_curves.png")
 
 

@@ -114,3 +114,26 @@ def test_predict_accepts_path_bytes_and_array(micro_run, synth_data):
     assert a.probabilities == b.probabilities == c.probabilities
     assert set(a.timing_ms) == {"preprocess", "invoke", "total"}
     assert abs(sum(a.probabilities.values()) - 1) < 0.05
+
+
+def test_the_runtime_checks_the_preprocessing_contract(micro_run, synth_data, monkeypatch):
+    from mri_edge import preprocess
+
+    path = micro_run / "exports" / "model_int8.tflite"
+    meta = runtime.read_metadata(path)
+    assert meta["preprocessing"]["resize_method"] == preprocess.OPENCV
+    assert meta["preprocessing"]["contract_version"] == preprocess.CONTRACT_VERSION
+    newer = {**meta, "preprocessing": {**meta["preprocessing"], "contract_version": 2}}
+    with pytest.raises(runtime.RuntimeModelError, match="preprocessing contract v2, this runtime implements v1"):
+        runtime.check_contract(path, newer)
+    bad_size = {**meta, "preprocessing": {**meta["preprocessing"], "image_size": [64, 64]}}
+    with pytest.raises(runtime.RuntimeModelError, match="inconsistent"):
+        runtime.check_contract(path, bad_size)
+    # a device without OpenCV would resize differently from what was trained and verified
+    monkeypatch.setattr(preprocess, "_cv2", lambda: None)
+    with pytest.raises(runtime.RuntimeModelError, match="resizes with opencv-area-linear, this machine only has "
+                                                       "pillow-box-bilinear"):
+        runtime.load(path)
+    m = runtime.load(path, allow_other_resize=True)
+    assert m.resize_method == preprocess.PILLOW
+    assert m.predict(next(synth_data.rglob("*.jpg"))).label in m.class_names

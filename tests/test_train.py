@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from mri_edge.train import PhaseClock, TrainConfig, lr_at, phase_budgets, resolve_phases, train
+from mri_edge.schedule import PhaseClock, lr_at, phase_budgets
+from mri_edge.train import TrainConfig, resolve_phases, train
 
 OUTPUTS = ["model.keras", "config.json", "labels.json", "split_manifest.json", "history.csv",
            "training_curves.png", "test_report.json", "test_predictions.json", "confusion_matrix.png",

@@ -3,13 +3,13 @@ reference for choosing between int8 variants, and the robust range rule every in
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import preprocess
+from ..files import sha256_bytes
 from ..data import per_class_indices
 from ..run import RunFolder
 from .formats import ExportError
@@ -51,7 +51,7 @@ def calibration_set(run_dir: Path, cfg: dict, n: int, seed: int = 0) -> tuple[np
 def calibration_manifest(used: list[str], size: int, calib_range: str) -> tuple[dict, dict]:
     """(calibration_manifest.json, the calibration entries of each int8 file's metadata)."""
     manifest = {"split": "train", "n": len(used), "image_size": size, "files": used}
-    meta = {"calibration_manifest_sha256": hashlib.sha256(json.dumps(manifest).encode()).hexdigest(),
+    meta = {"calibration_manifest_sha256": sha256_bytes(json.dumps(manifest).encode()),
             "calibration_images": len(used),
             "calibration_range": "min/max over all images" if calib_range == "minmax" else
             f"{CALIB_QUANTILE:.0%} quantile of per-image activation extremes (TFLite and ONNX)"}

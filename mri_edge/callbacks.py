@@ -1,0 +1,85 @@
+"""Keras callbacks of `mri-edge train`: progress lines, and the per-epoch checkpoint, best
+weights, history and resumable state. Imported only once training starts (it imports Keras)."""
+
+from __future__ import annotations
+
+import time
+
+import keras
+
+from .progress import Heartbeat, Progress
+from .schedule import PhaseClock, lr_at
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """A progress line per epoch (steps, then loss and accuracy), and a heartbeat while the
+    first step traces the graph (about a minute for DenseNet121 on 2 cores, silent otherwise)."""
+
+    def __init__(self, phase: str, epochs: int, steps: int, log, traced: bool):
+        super().__init__()
+        self.phase, self.epochs, self.steps, self.log = phase, epochs, steps, log
+        self.beat = None if traced else Heartbeat("building the training graph (first step)")
+        self.bar = None
+        self.t0, self.epoch = time.time(), 0
+
+    def on_train_begin(self, logs=None):
+        if self.beat:
+            self.beat.begin()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0, self.epoch = time.time(), epoch
+        if not self.beat:
+            self.bar = Progress(self.steps, f"{self.phase} epoch {epoch + 1}/{self.epochs}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.beat:
+            self.log(f"training graph built in {self.beat.stop():.0f} s")
+            self.beat = None
+            self.bar = Progress(self.steps, f"{self.phase} epoch {self.epoch + 1}/{self.epochs}")
+            self.bar.update(batch + 1)
+        elif self.bar:
+            self.bar.update()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        shown = ", ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs)
+        self.log(f"{self.phase} epoch {epoch + 1}/{self.epochs}: {shown} ({time.time() - self.t0:.0f} s)")
+
+    def on_train_end(self, logs=None):
+        if self.beat:
+            self.beat.stop()
+
+
+class Keeper(keras.callbacks.Callback):
+    """Per epoch: the learning rate from the schedule, a checkpoint, the best weights of the
+    phase, the history row and the resumable state (RunFolder.write_state); stops the phase
+    when the next epoch would overrun its time budget."""
+
+    def __init__(self, run, net, phase: dict, phase_index: int, warmup: int, clock: PhaseClock, history: list,
+                 best_val_loss: float, elapsed, save, log):
+        super().__init__()
+        self.run, self.net, self.phase, self.phase_index = run, net, phase, phase_index
+        self.warmup, self.clock, self.history, self.best_val_loss = warmup, clock, history, best_val_loss
+        self.elapsed, self.save, self.log = elapsed, save, log
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.clock.epoch_started()
+        self.model.optimizer.learning_rate = lr_at(epoch, self.phase["epochs"], self.phase["lr"], self.warmup,
+                                                   self.clock.progress())
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        self.history.append({"phase": self.phase["name"], "epoch": epoch + 1,
+                             "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                             **{k: float(v) for k, v in logs.items() if k != "learning_rate"}})
+        if logs.get("val_loss", float("inf")) < self.best_val_loss:
+            self.best_val_loss = logs["val_loss"]
+            self.save(self.net, self.run.best_path)
+        self.save(self.net, self.run.checkpoint_path)
+        self.run.write_state(phase=self.phase_index, epoch=epoch + 1, best_val_loss=self.best_val_loss,
+                             history=self.history, elapsed_s=self.elapsed(),
+                             phase_elapsed_s=self.clock.now() - self.clock.start)
+        if self.clock.epoch_ended() and epoch + 1 < self.phase["epochs"]:
+            self.log(f"phase '{self.phase['name']}': time budget of {self.clock.budget_s:.0f} s reached after "
+                     f"epoch {epoch + 1}")
+            self.model.stop_training = True

@@ -1,0 +1,95 @@
+"""What every command shares: options generated from the typed configs (config.py, so each
+option's default, range and help are written once), one-line errors and clean interrupts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+
+def _click_type(f):
+    m = f.metadata
+    if "choices" in m:
+        return click.Choice(list(m["choices"]))
+    if m.get("path") == "file":
+        return click.Path(exists=True, dir_okay=False)
+    if m.get("path") == "dir":
+        return click.Path(file_okay=False)
+    base = m.get("type") or (type(f.default) if f.default is not None else str)
+    if base in (int, float) and ("minimum" in m or "maximum" in m):
+        rng = click.IntRange if base is int else click.FloatRange
+        kw = {"min_open": m.get("min_open", False), "max_open": m.get("max_open", False)} if base is float else {}
+        return rng(m.get("minimum"), m.get("maximum"), **kw)
+    return base
+
+
+def options_from(cls):
+    """click options for every field of a typed config that has help text (config.py), so
+    defaults and help are written once."""
+    def deco(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            m = f.metadata
+            if "help" not in m:
+                continue
+            name = m.get("flag") or "--" + f.name.replace("_", "-")
+            if m.get("negate"):
+                fn = click.option("--no-" + f.name.replace("_", "-"), f.name, is_flag=True, help=m["help"])(fn)
+            elif isinstance(f.default, bool):
+                fn = click.option(name, f.name, is_flag=True, help=m["help"])(fn)
+            else:
+                fn = click.option(name, f.name, default=f.default, type=_click_type(f), metavar=m.get("metavar"),
+                                  show_default=f.default is not None, help=m["help"])(fn)
+        return fn
+    return deco
+
+
+def config_from(cls, values: dict, **fixed):
+    """The typed config from the options' values (negated switches and unit scales undone)."""
+    kw = dict(fixed)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata or f.name not in values:
+            continue
+        v = values[f.name]
+        if f.metadata.get("negate"):
+            v = not v
+        if f.metadata.get("scale") and v is not None:
+            v = v * f.metadata["scale"]
+        kw[f.name] = v
+    return cls(**kw)
+
+
+class Interrupted(click.ClickException):
+    exit_code = 130
+
+
+def terminate(signum, frame):
+    # SIGTERM (kill, docker stop, a job supervisor) takes the same way out as Ctrl-C, so every
+    # command stops its child processes and leaves its folders consistent.
+    raise KeyboardInterrupt
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Call fn, turning input errors (MriEdgeError) into a one-line message and exit 1."""
+    from .errors import MriEdgeError  # noqa: PLC0415
+
+    try:
+        return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted") from None
+    except (MriEdgeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def int_list(ctx, param, value):
+    try:
+        out = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected a comma-separated list of integers, e.g. 1,2") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("values must be >= 1")
+    return out
