@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import quiet, runtime
+from .integrity import sniff
 from .run import RunFolder
 
 
@@ -25,7 +26,7 @@ class KerasModel(runtime.Model):
         quiet.import_tensorflow()
         from .model import load_model  # noqa: PLC0415
 
-        if runtime.sniff(path) != "keras":
+        if sniff(path) != "keras":
             raise runtime.RuntimeModelError(f"{path}: not a Keras model file (damaged, truncated or renamed)")
         try:
             with quiet.native_stderr():

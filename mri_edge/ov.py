@@ -47,7 +47,7 @@ def read_metadata(path: str | Path) -> dict:
         raise runtime.RuntimeModelError(f"model file not found: {path}")
     if not path.with_suffix(".bin").is_file():
         raise runtime.RuntimeModelError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
-    runtime._check_kind(path)
+    runtime.check_kind(path)
     _, ie = core()
     try:
         model = ie.read_model(str(path))

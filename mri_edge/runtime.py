@@ -13,7 +13,6 @@ checks `sys.modules` after use.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import time
@@ -24,15 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from . import preprocess, quiet
-from .errors import MriEdgeError
-from .files import sha256_file
+from .integrity import RuntimeModelError, check_integrity, check_kind
 
 METADATA_NAME = "mri_edge_metadata.json"  # file inside the ZIP appended to .tflite files
 METADATA_KEY = "mri_edge"  # ONNX metadata_props key
-
-
-class RuntimeModelError(MriEdgeError, ValueError):
-    """The file is not an mri-edge model this runtime can run."""
 
 
 def load_interpreter_class(prefer: str | None = None):
@@ -62,112 +56,6 @@ def no_delegate_resolver(interpreter_cls):
     return mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
 
 
-# What a model file's first bytes say it is (a renamed file gets a message that says so).
-def sniff(path: str | Path) -> str:
-    """"tflite", "onnx", "keras", "openvino", "image", "empty" or "unknown", from the first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head:
-        return "empty"
-    if head[4:8] == b"TFL3":
-        return "tflite"
-    if head[:4] == b"PK\x03\x04":
-        return "keras"
-    if head.lstrip().startswith(b"<?xml") or head.lstrip().startswith(b"<net"):
-        return "openvino"
-    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:2] == b"\xff\xd8":
-        return "image"
-    if head[0] == 0x08:  # ModelProto field 1 (ir_version), a varint
-        return "onnx"
-    return "unknown"
-
-
-KIND_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx", ".xml": "openvino", ".keras": "keras"}
-SUFFIX_BY_KIND = {v: k for k, v in KIND_BY_SUFFIX.items()}
-
-
-def _check_kind(path: Path) -> None:
-    expected = KIND_BY_SUFFIX.get(path.suffix)
-    kind = sniff(path)
-    if kind == "empty":
-        raise RuntimeModelError(f"{path}: the file is empty (an interrupted copy?)")
-    if expected and kind != expected and kind != "unknown":
-        hint = f"; rename it to {path.stem}{SUFFIX_BY_KIND[kind]}" if kind in SUFFIX_BY_KIND else ""
-        raise RuntimeModelError(f"{path}: not a {expected} file: its bytes are those of a {kind} file{hint}")
-    if expected and kind == "unknown":
-        raise RuntimeModelError(f"{path}: not a {expected} file (unrecognised bytes; damaged or not a model)")
-
-
-def onnx_content_sha256(data: bytes) -> str:
-    """SHA-256 of an ONNX file's bytes without its metadata_props (field 14 of ModelProto).
-
-    The metadata (which holds this very hash) is left out; every other top-level field (the
-    graph, its weights, the opsets) is hashed as stored. Reads the protobuf wire format
-    directly, so the device needs no onnx package.
-    """
-    h = hashlib.sha256()
-    i, n = 0, len(data)
-
-    def varint(j):
-        shift = value = 0
-        while True:
-            if j >= n:
-                raise RuntimeModelError("truncated ONNX file (a field runs past the end)")
-            b = data[j]
-            value |= (b & 0x7F) << shift
-            j += 1
-            if not b & 0x80:
-                return value, j
-            shift += 7
-
-    while i < n:
-        start = i
-        tag, i = varint(i)
-        wire = tag & 7
-        if wire == 0:
-            _, i = varint(i)
-        elif wire == 1:
-            i += 8
-        elif wire == 2:
-            length, i = varint(i)
-            i += length
-        elif wire == 5:
-            i += 4
-        else:
-            raise RuntimeModelError(f"not an ONNX file (protobuf wire type {wire})")
-        if i > n:
-            raise RuntimeModelError("truncated ONNX file (a field runs past the end)")
-        if tag >> 3 != 14:
-            h.update(data[start:i])
-    return h.hexdigest()
-
-
-def content_sha256(path: str | Path, meta: dict) -> str | None:
-    """The hash of a file's model bytes as export recorded them (None: nothing recorded)."""
-    path = Path(path)
-    if path.suffix == ".tflite" and "model_bytes" in meta:
-        return sha256_file(path, limit=int(meta["model_bytes"]))
-    if path.suffix == ".onnx":
-        return onnx_content_sha256(path.read_bytes())
-    if path.suffix == ".xml":
-        return sha256_file(path.with_suffix(".bin"))
-    return None
-
-
-def check_integrity(path: str | Path, meta: dict) -> None:
-    """Refuse a file whose model bytes differ from the hash export embedded in it.
-
-    Files exported before the hash existed carry none and are not checked.
-    """
-    want = meta.get("model_sha256")
-    if not want:
-        return
-    got = content_sha256(path, meta)
-    if got is not None and got != want:
-        raise RuntimeModelError(f"{path}: its model bytes differ from what `mri-edge export` recorded (sha256 "
-                                f"{got[:12]}... != {want[:12]}...): the file was modified or damaged; re-export it")
-
-
 def read_metadata(path: str | Path) -> dict:
     """The metadata that `mri-edge export` embedded in a .tflite or .onnx file."""
     path = Path(path)
@@ -175,7 +63,7 @@ def read_metadata(path: str | Path) -> dict:
         raise RuntimeModelError(f"model file not found: {path}")
     if path.suffix not in (".tflite", ".onnx"):
         raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} (expected .tflite or .onnx)")
-    _check_kind(path)
+    check_kind(path)
     if path.suffix == ".tflite":
         try:
             with zipfile.ZipFile(path) as z:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_bytes
-from ..runtime import METADATA_KEY, onnx_content_sha256
+from ..integrity import onnx_content_sha256
+from ..runtime import METADATA_KEY
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
 

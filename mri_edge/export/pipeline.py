@@ -15,7 +15,8 @@ import numpy as np
 from .. import __version__, preprocess, quiet, report
 from ..files import sha256_file
 from ..run import RunFolder
-from ..runtime import first_line, sniff
+from ..integrity import sniff
+from ..runtime import first_line
 from . import pool
 from .calibration import calibration_manifest, calibration_set, validation_reference
 from .formats import BN_SCALES, CALIB_RANGES, ExportError, ExportJob, plan
