@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mri_edge import export, runtime, verify  # noqa: E402
+from mri_edge import export, keras_model, runtime  # noqa: E402
 from mri_edge.runtime import open_model  # noqa: E402
 
 
@@ -148,7 +148,7 @@ def main() -> None:
     _, cfg, _ = export.load_run(run)
     calib, _ = export.calibration_set(run, cfg, 300)
     manifest = json.loads((run / "split_manifest.json").read_text())
-    ref = verify.val_reference(run, manifest, run / "verify" / "val", print)
+    ref = keras_model.validation_reference(run)[0]
     keras = np.asarray(ref["probs"], np.float32)
     reader = open_model(run / "model.keras")
     root = Path(manifest["root"])

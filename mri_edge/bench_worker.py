@@ -50,7 +50,9 @@ def _open(spec: dict):
             torch.set_num_threads(threads)
         import keras  # noqa: PLC0415
 
-        net = keras.saving.load_model(path, compile=False, safe_mode=True)
+        from .model import load_model  # noqa: PLC0415
+
+        net = load_model(path)
         size = int(net.input_shape[1])
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf  # noqa: PLC0415

@@ -50,3 +50,49 @@ class KerasModel(runtime.Model):
 
         with no_grad():  # torch: no autograd graph (np.asarray refuses a tensor that needs grad)
             return keras.ops.convert_to_numpy(self.net(batch_uint8.astype(np.float32), training=False))
+
+
+def validation_reference(run_dir, log=print, with_images: bool = False) -> tuple[dict, np.ndarray | None]:
+    """Keras probabilities on the run's whole validation split, computed once per model.keras
+    and cached in verify/val/keras_predictions.json; with the decoded images when asked.
+
+    The one Keras reference outside the test split: verify --split val gates on it, and
+    export --bn-scales auto chooses between int8 variants with it, so the test split is
+    never read to choose anything.
+    """
+    from .files import read_json, sha256_file  # noqa: PLC0415
+    from .progress import Progress  # noqa: PLC0415
+    from .report import write_json  # noqa: PLC0415
+
+    run = RunFolder(run_dir)
+    manifest = run.manifest()
+    rows = manifest["splits"].get("val") or []
+    if not rows:
+        raise runtime.RuntimeModelError(f"{run.path}: the split manifest has no validation split")
+    sha = sha256_file(run.model_path)
+    cache = run.path / "verify" / "val" / "keras_predictions.json"
+    ref = read_json(cache) if cache.is_file() else {}
+    if ref.get("source_model_sha256") == sha and not with_images:
+        return ref, None
+    net = KerasModel(run.model_path)
+    root = Path(manifest["root"])
+    images = np.zeros((len(rows), net.image_size, net.image_size, 3), np.uint8)
+    with Progress(len(rows), "decoding the validation split") as bar:
+        for i, (rel, _) in enumerate(rows):
+            try:
+                images[i] = net.preprocess(root / rel)
+            except Exception as e:
+                raise runtime.RuntimeModelError(f"validation image {root / rel} cannot be read now ({e}); was the "
+                                                "dataset moved?") from None
+            bar.update()
+    if ref.get("source_model_sha256") != sha:
+        with Progress(len(rows), "Keras reference on the validation split") as bar:
+            probs = []
+            for i in range(0, len(rows), 32):
+                probs.append(net.run(images[i:i + 32]))
+                bar.update(len(probs[-1]))
+        ref = {"class_names": manifest["class_names"], "paths": [rel for rel, _ in rows],
+               "labels": [int(k) for _, k in rows], "probs": np.concatenate(probs).tolist(), "source_model_sha256": sha}
+        write_json(cache, ref)
+        log(f"Keras reference on {len(rows)} validation images written to {cache}")
+    return ref, images

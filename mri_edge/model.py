@@ -99,7 +99,7 @@ def _backbone(image_size: int, weights: str):
     try:
         if path.suffix == ".keras":
             # An earlier mri-edge run: reuse its trained DenseNet121 backbone.
-            donor = keras.saving.load_model(path, compile=False, safe_mode=True)
+            donor = load_model(path)
             donor_base = donor.get_layer(BASE_NAME)
             base.set_weights(donor_base.get_weights())
         else:

@@ -18,6 +18,7 @@ from .config import Thresholds
 from .errors import MriEdgeError
 from .files import sha256_file
 from .run import RunFolder
+from .keras_model import validation_reference
 from .runtime import EXPORT_SUFFIXES, open_model
 from .progress import Progress
 
@@ -79,35 +80,6 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
         "confusion_matrix": fm["confusion_matrix"],
         "flips": flips,
     }
-
-
-def val_reference(run_dir: Path, manifest: dict, out_dir: Path, log) -> dict:
-    """Keras predictions on the validation split, computed once per model.keras and cached."""
-    sha = sha256_file(run_dir / "model.keras")
-    cache = out_dir / "keras_predictions.json"
-    if cache.is_file():
-        ref = json.loads(cache.read_text())
-        if ref.get("source_model_sha256") == sha:
-            return ref
-    rows = manifest["splits"].get("val") or []
-    if not rows:
-        raise VerifyError(f"{run_dir}: the split manifest has no validation split")
-    net = open_model(run_dir / "model.keras")
-    root = Path(manifest["root"])
-    probs = []
-    with Progress(len(rows), "Keras reference on the validation split") as bar:
-        for i in range(0, len(rows), 32):
-            try:
-                batch = np.stack([net.preprocess(root / rel) for rel, _ in rows[i : i + 32]])
-            except Exception as e:
-                raise VerifyError(f"validation image cannot be read now ({e}); was the dataset moved?") from None
-            probs.append(net.run(batch))
-            bar.update(len(batch))
-    ref = {"class_names": manifest["class_names"], "paths": [rel for rel, _ in rows],
-           "labels": [int(k) for _, k in rows], "probs": np.concatenate(probs).tolist(), "source_model_sha256": sha}
-    report.write_json(cache, ref)
-    log(f"Keras reference on {len(rows)} validation images written to {cache}")
-    return ref
 
 
 def _decode(model, root: Path, paths: list[str], split: str) -> np.ndarray:
@@ -188,7 +160,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     report_dir = (split_dir / "selected") if selected else (run_dir if split == "test" else split_dir)
     plot_dir = report_dir if selected else split_dir
     plot_dir.mkdir(parents=True, exist_ok=True)
-    ref = test_ref if split == "test" else val_reference(run_dir, manifest, split_dir, log)
+    ref = test_ref if split == "test" else validation_reference(run_dir, log)[0]
     names = ref["class_names"]
     labels = np.asarray(ref["labels"])
     keras_probs = np.asarray(ref["probs"], np.float32)

@@ -20,7 +20,7 @@ import importlib
 # The public names and their modules, imported on first use (PEP 562): the command line reads
 # the format table without loading numpy or any converter.
 _WHERE = {
-    "calibration": ("CALIB_QUANTILE", "calibration_set", "robust_ranges", "validation_reference"),
+    "calibration": ("CALIB_QUANTILE", "calibration_set", "robust_ranges"),
     "formats": ("BN_SCALES", "CALIB_RANGES", "FORMATS", "IO_DTYPES", "QUANTIZATIONS", "ExportError", "ExportJob",
                 "plan"),
     "graph": ("deployment_graph",),

@@ -14,7 +14,6 @@ from ..data import per_class_indices
 from ..run import RunFolder
 from .formats import ExportError
 
-VAL_CHOICE_IMAGES = 512
 CALIB_QUANTILE = 0.99
 
 
@@ -57,26 +56,6 @@ def calibration_manifest(used: list[str], size: int, calib_range: str) -> tuple[
             f"{CALIB_QUANTILE:.0%} quantile of per-image activation extremes (TFLite and ONNX)"}
     return manifest, meta
 
-
-def validation_reference(run_dir: Path, model, size: int, n: int = VAL_CHOICE_IMAGES) -> tuple[np.ndarray, np.ndarray]:
-    """Up to n validation images and the Keras model's probabilities on them, for choosing
-    between int8 variants (`--bn-scales auto`), as training chooses its epoch: the test split
-    is never read."""
-    manifest = RunFolder(run_dir).manifest()
-    rows = manifest["splits"].get("val") or []
-    if not rows:
-        raise ExportError("--bn-scales auto needs the run's validation split, and its manifest has none")
-    root = Path(manifest["root"])
-    images = []
-    for i in sorted(np.random.default_rng(0).permutation(len(rows))[:n]):
-        try:
-            images.append(preprocess.load_image(root / rows[i][0], size))
-        except preprocess.ImageError:
-            continue
-    if not images:
-        raise ExportError("--bn-scales auto: no validation image can be read (was the dataset moved?)")
-    x = np.stack(images)
-    return x, np.asarray(model.predict(x.astype(np.float32), batch_size=32, verbose=0), np.float32)
 
 def robust_ranges(lo: np.ndarray, hi: np.ndarray, quantile: float = CALIB_QUANTILE) -> tuple[np.ndarray, np.ndarray]:
     """Activation ranges from per-image extremes (images x tensors): the `quantile` of the

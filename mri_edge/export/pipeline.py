@@ -18,7 +18,8 @@ from ..run import RunFolder
 from ..integrity import sniff
 from ..runtime import first_line
 from . import pool
-from .calibration import calibration_manifest, calibration_set, validation_reference
+from ..keras_model import validation_reference
+from .calibration import calibration_manifest, calibration_set
 from .formats import BN_SCALES, CALIB_RANGES, ExportError, ExportJob, plan
 from .graph import deployment_graph
 
@@ -127,9 +128,9 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
         val_path = None
         if bn_scales == "auto" and any(j.fmt == "tflite" and j.quantize == "int8" for j in jobs):
             t = time.time()
-            x_val, ref = validation_reference(run_dir, model, size)
+            ref, x_val = validation_reference(run_dir, log, with_images=True)
             val_path = str(workdir / "val.npz")
-            np.savez(val_path, x=x_val, ref=ref)
+            np.savez(val_path, x=x_val, ref=np.asarray(ref["probs"], np.float32))
             log(f"Keras reference on {len(x_val)} validation images, to choose batch-norm scales ({time.time() - t:.1f} s)")
 
         def context(unit: list[ExportJob]) -> pool.WorkerContext:
