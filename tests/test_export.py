@@ -10,6 +10,7 @@ from mri_edge import export as export_lib
 from mri_edge.export import graph, tflite
 from mri_edge.export import onnx as onnx_backend
 from mri_edge import ov, runtime
+from mri_edge.errors import MriEdgeError
 from mri_edge.files import sha256_file
 from mri_edge.runtime import open_model
 
@@ -97,7 +98,7 @@ def test_broken_or_missing_model_fails_cleanly(tiny_run, tmp_path):
     with pytest.raises(export_lib.ExportError, match="not a Keras model file"):
         export_lib.export_run(broken, ("tflite",), ("none",), log=lambda *_: None)
     (broken / "model.keras").unlink()
-    with pytest.raises(export_lib.ExportError, match="no model.keras"):
+    with pytest.raises(MriEdgeError, match="no model.keras"):
         export_lib.export_run(broken, ("tflite",), ("none",), log=lambda *_: None)
     out = subprocess.run([sys.executable, "-m", "mri_edge.cli", "export", str(broken)], capture_output=True, text=True)
     assert out.returncode == 1 and "Error: " in out.stderr and "Traceback" not in out.stderr
