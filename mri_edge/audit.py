@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import preprocess, report
+from . import groups, preprocess, report
 from .errors import MriEdgeError
 from .files import sha256_bytes
 from .data import discover
 from .progress import Progress
 
-THUMB = 64
 HASH_MAX_DISTANCE = 10  # candidate finder only
 PIXEL_MAD_THRESHOLD = 3.0  # grey levels (0-255) on 64x64 thumbnails, after per-image contrast normalisation
 
@@ -57,9 +56,7 @@ def _image_info(path: str):
         mode = "RGB (grey content)"
     if arr.dtype == np.uint16:
         mode += " 16-bit"
-    rgb = preprocess.to_rgb_uint8(arr, bgr=arr.ndim == 3)
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    thumb = cv2.resize(grey, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
+    thumb = groups.thumbnail(preprocess.to_rgb_uint8(arr, bgr=arr.ndim == 3))
     return sha, fmt, mode, (arr.shape[1], arr.shape[0]), thumb
 
 
@@ -76,14 +73,6 @@ def _popcount64(x: np.ndarray) -> np.ndarray:
     x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
     x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
     return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
-
-
-def _normalise(thumbs: np.ndarray) -> np.ndarray:
-    """Per-image contrast normalisation, so a re-encode with shifted levels still matches."""
-    t = thumbs.reshape(len(thumbs), -1)
-    mu = t.mean(1, keepdims=True)
-    sd = t.std(1, keepdims=True) + 1e-6
-    return ((t - mu) / sd * 50.0).astype(np.float32)  # 50 grey levels per standard deviation
 
 
 def near_pairs(hashes_a, thumbs_a, hashes_b, thumbs_b, same: bool, max_dist: int, mad_thr: float):
@@ -122,9 +111,9 @@ def nearest_neighbour_probe(thumbs: np.ndarray, labels: np.ndarray, query: np.nd
     best = np.empty(len(query), np.float32)
     pred = np.empty(len(query), np.int64)
     for s in range(0, len(query), 512):
-        sim = thumbs[query[s:s + 512]] @ ref.T  # contrast-normalised rows: a scaled correlation
+        sim = groups.correlation(thumbs[query[s:s + 512]], ref)
         j = sim.argmax(1)
-        best[s:s + 512] = sim[np.arange(len(j)), j] / (thumbs.shape[1] * 50.0**2)
+        best[s:s + 512] = sim[np.arange(len(j)), j]
         pred[s:s + 512] = ref_labels[j]
     truth = labels[query]
     hit = pred == truth
@@ -136,8 +125,34 @@ def nearest_neighbour_probe(thumbs: np.ndarray, labels: np.ndarray, query: np.nd
             "n_test": int(len(query)), "n_reference": int(len(reference))}
 
 
+def _holdout_probes(thumbs, split_of, labels, threshold: float, log, fraction: float = 0.1, seed: int = 42) -> dict:
+    """1-NN probe of a validation split carved from training at random and one carved by
+    whole groups (`--val-split grouped`), beside the test split's: the split whose probe is
+    near the test's is the one that can select models for the test's kind of images."""
+    from .data import per_class_indices  # noqa: PLC0415
+
+    train = np.flatnonzero(split_of == "train")
+    if len(train) < 10:
+        return {}
+    t_thumbs, t_labels = thumbs[train], labels[train]
+    random_held = np.array(sorted(i for idx in per_class_indices(t_labels, seed)[0].values()
+                                  for i in idx[:max(1, int(round(fraction * len(idx))))].tolist()))
+    ids = groups.components(t_thumbs, threshold)
+    grouped_held, info = groups.grouped_indices(ids, t_labels, fraction, seed)
+    out = {"random": groups.holdout_probe(t_thumbs, t_labels, random_held),
+           "grouped": {**groups.holdout_probe(t_thumbs, t_labels, grouped_held), **info, "threshold": threshold}}
+    test = np.flatnonzero(split_of == "test")
+    if len(test):
+        sim = groups.correlation(thumbs[test], t_thumbs)
+        out["test"] = {"nn_accuracy": float((t_labels[sim.argmax(1)] == labels[test]).mean()),
+                       "median_best_correlation": float(np.median(sim.max(1))), "n": int(len(test))}
+    shown = ", ".join(f"{k} {v['nn_accuracy']:.1%}" for k, v in out.items() if v.get("nn_accuracy") is not None)
+    log(f"  1-NN probe of validation carved at random / by groups (threshold {threshold}) / test: {shown}")
+    return out
+
+
 def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX_DISTANCE,
-          mad_thr: float = PIXEL_MAD_THRESHOLD, log=print) -> dict:
+          mad_thr: float = PIXEL_MAD_THRESHOLD, log=print, group_threshold: float = 0.99) -> dict:
     root = Path(data_dir)
     ds = discover(root, task, val_fraction=0.1)
     # Audit the folders as they are on disk: a carved validation split is part of training.
@@ -189,7 +204,7 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
         raise AuditError(f"{root}: none of its {len(items)} image files can be decoded (all corrupt or unsupported)")
     # Near duplicates, checked across every pair of splits and within each split.
     idx = np.array(ok_idx)
-    thumbs = _normalise(np.stack([infos[i][4] for i in idx]))
+    thumbs = groups.normalise(np.stack([infos[i][4] for i in idx]))
     hashes = np.array([dhash(infos[i][4]) for i in idx], dtype=np.uint64)
     split_of = np.array([items[i][0] for i in idx])
     near = []
@@ -240,6 +255,7 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
         probe = nearest_neighbour_probe(thumbs, labels, query, reference, clean, names)
         log(f"  nearest-neighbour probe: a raw-pixel 1-NN classifier gets {probe['accuracy']:.1%} of test images "
             f"right (majority class {probe['majority_class_rate']:.1%})")
+    holdout = _holdout_probes(thumbs, split_of, np.array([items[i][2] for i in idx]), group_threshold, log)
     out = {
         "data_dir": str(root.resolve()), "task": task, "class_names": names,
         "counts": {s: dict(c) for s, c in counts.items()},
@@ -257,6 +273,7 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
                                                                        (6, 8), (8, 10), (10, 1e9))}},
         "label_conflicts": label_conflicts[:500], "n_label_conflicts": len(label_conflicts),
         "nearest_neighbour_probe": probe,
+        "validation_probes": holdout,
         "leaked": {s: sorted(v) for s, v in leaked.items()},
         "leakage_free": {s: len([1 for it, r in zip(items, rel) if it[0] == s and r not in leaked[s]])
                          for s in leaked if s in splits},
@@ -324,6 +341,19 @@ def markdown(out: dict) -> str:
                   "A raw-pixel classifier far above the majority rate suggests that the test split shares images "
                   "or subjects with training (or that the classes differ in plain pixel layout): a model's accuracy "
                   "there measures recognition as much as generalisation."]
+    vp = out.get("validation_probes")
+    if vp:
+        g = vp["grouped"]
+        parts += ["", "## Which validation split behaves like the test split", "",
+                  f"A 1-NN probe (training images as references) on a validation split carved at random, on one "
+                  f"carved by whole groups of near-identical images (`--val-split grouped`: thumbnail correlation "
+                  f">= {g['threshold']}, {g['groups']} groups, the largest {g['largest_group']} images), and on the "
+                  "test split. A validation split whose probe is far above the test's has twins of its images in "
+                  "training: its accuracy cannot select models for the test's kind of images.", "",
+                  report.md_table(["held out", "images", "1-NN accuracy", "median best correlation"],
+                                  [[k, v["n"], "" if v["nn_accuracy"] is None else f"{v['nn_accuracy']:.1%}",
+                                    "" if v["median_best_correlation"] is None else
+                                    f"{v['median_best_correlation']:.3f}"] for k, v in vp.items()])]
     parts += ["", "![example duplicate pairs](duplicate_pairs.png)", ""]
     return "\n".join(parts)
 

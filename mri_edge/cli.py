@@ -288,7 +288,9 @@ def data():
               help="dHash Hamming distance that makes a near-duplicate candidate.")
 @click.option("--pixel-threshold", default=3.0, show_default=True, type=click.FloatRange(0),
               help="Mean absolute grey-level difference that confirms a candidate.")
-def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold):
+@click.option("--group-threshold", default=0.99, show_default=True, type=click.FloatRange(0, 1),
+              help="Thumbnail correlation that makes near twins, for the grouped validation probe.")
+def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_threshold):
     """Audit a dataset: counts, image kinds, corrupt files, exact and near duplicates, leakage.
 
     \b
@@ -299,7 +301,8 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold):
     from . import audit as audit_lib  # noqa: PLC0415
 
     out_dir = Path(out_dir or Path("artifacts") / "runs" / "audit" / Path(data_dir).resolve().name)
-    out = run_guarded(audit_lib.audit, data_dir, task, out_dir, hash_distance, pixel_threshold, log=echo)
+    out = run_guarded(audit_lib.audit, data_dir, task, out_dir, hash_distance, pixel_threshold, log=echo,
+                      group_threshold=group_threshold)
     for s, v in out["leaked"].items():
         total = sum(out["counts"].get(s, {}).values())
         if total:

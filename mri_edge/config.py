@@ -37,6 +37,12 @@ class TrainConfig:
     patience: int = option(5, "Early stopping patience (epochs without val_loss improvement).", minimum=1)
     val_fraction: float = option(0.1, "Share of training carved out (stratified) when there is no validation "
                                       "folder.", minimum=0, maximum=1, min_open=True, max_open=True)
+    val_split: str = option("random", "How validation is carved from training when there is no validation "
+                                      "folder: random images (stratified), or grouped: whole groups of near-identical "
+                                      "images, so no validation image has a twin in training (docs/data.md).",
+                            choices=("random", "grouped"))
+    group_threshold: float = option(0.99, "--val-split grouped: thumbnail correlation that makes two images "
+                                          "near twins (one group).", minimum=0, maximum=1)
     seed: int = option(42, "Seed of the split, the initial weights and the augmentation.")
     dense_units: int = option(256, "Units of the head's hidden layer.", minimum=1)
     dropout: float = option(0.5, "Dropout before the output layer.", minimum=0, maximum=1, max_open=True)

@@ -44,6 +44,7 @@ class Dataset:
     splits: dict[str, Split]
     val_carved: bool = False
     notes: list[str] = field(default_factory=list)
+    val_split: dict = field(default_factory=dict)  # how validation was carved (method, grouping, probe)
 
     def manifest(self) -> dict:
         """Which file went to which split, relative to the data root."""
@@ -53,6 +54,7 @@ class Dataset:
             "task": self.task,
             "class_names": self.class_names,
             "val_carved_from_train": self.val_carved,
+            **({"val_split": self.val_split} if self.val_split else {}),
             "splits": {
                 name: [[_rel(p, root), int(y)] for p, y in zip(s.paths, s.labels)]
                 for name, s in self.splits.items()
@@ -150,7 +152,38 @@ def stratified_carve(paths: list[str], labels: list[int], fraction: float, seed:
     )
 
 
-def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: int = 42) -> Dataset:
+VAL_SPLITS = ("random", "grouped")
+
+
+def grouped_carve(paths: list[str], labels: list[int], fraction: float, seed: int,
+                  threshold: float) -> tuple[Split, Split, dict]:
+    """Hold out whole groups of near-identical images (groups.py), stratified by class; the
+    record says how many groups there were and what a 1-NN probe gets on the held-out part."""
+    from . import groups  # noqa: PLC0415
+
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    thumbs, ok = groups.read_thumbnails(paths, "grouping training images")
+    ids = groups.components(thumbs, threshold, ok)
+    held, info = groups.grouped_indices(ids, labels, fraction, seed)
+    if not len(held):
+        raise DataError("--val-split grouped: every group of near-identical images is more than twice the "
+                        "validation share; a higher --group-threshold makes smaller groups")
+    mask = np.zeros(len(paths), bool)
+    mask[held] = True
+    info.update({"method": "grouped", "threshold": threshold, "fraction": fraction,
+                 "probe": groups.holdout_probe(thumbs, labels, held)})
+    pick = lambda m: ([p for p, k in zip(paths, m) if k], [y for y, k in zip(labels, m) if k])  # noqa: E731
+    return Split("train", *pick(~mask)), Split("val", *pick(mask)), info
+
+
+def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: int = 42,
+             val_split: str = "random", group_threshold: float = 0.99) -> Dataset:
+    """The dataset's splits. Without a validation folder, validation is carved from training:
+    `random` takes a stratified share of images, `grouped` whole groups of near-identical
+    images (so that validation behaves like new subjects, not like twins of training)."""
+    if val_split not in VAL_SPLITS:
+        raise DataError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, not {val_split!r}")
     found = find_splits(data_dir)
     per_split = {}
     reference = None
@@ -167,17 +200,21 @@ def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: i
     # Check train first so its classes are the reference everywhere.
     keys, names = reference
     splits = {"train": per_split["train"]}
-    carved = False
+    carved, how = False, {}
     if "val" in per_split:
         splits["val"] = per_split["val"]
+    elif val_split == "grouped":
+        splits["train"], splits["val"], how = grouped_carve(per_split["train"].paths, per_split["train"].labels,
+                                                            val_fraction, seed, group_threshold)
+        carved = True
     else:
         splits["train"], splits["val"] = stratified_carve(
             per_split["train"].paths, per_split["train"].labels, val_fraction, seed
         )
-        carved = True
+        carved, how = True, {"method": "random", "fraction": val_fraction}
     if "test" in per_split:
         splits["test"] = per_split["test"]
-    return Dataset(str(data_dir), task, keys, names, splits, carved)
+    return Dataset(str(data_dir), task, keys, names, splits, carved, val_split=how)
 
 
 def dataset_from_manifest(manifest: dict) -> Dataset:
@@ -187,7 +224,7 @@ def dataset_from_manifest(manifest: dict) -> Dataset:
         for name, rows in manifest["splits"].items()
     }
     return Dataset(str(root), manifest["task"], [], manifest["class_names"], splits,
-                   manifest.get("val_carved_from_train", False))
+                   manifest.get("val_carved_from_train", False), val_split=manifest.get("val_split", {}))
 
 
 # ---------------------------------------------------------------- decoding + cache

@@ -102,7 +102,12 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log):
         check_inputs(cfg)
         run = RunFolder(cfg.out if cfg.out else default_run_dir(cfg.task))
         run.check_new_run(force)
-        dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed)
+        dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed, cfg.val_split,
+                                cfg.group_threshold)
+        if dataset.val_split.get("method") == "grouped":
+            g, probe = dataset.val_split, dataset.val_split["probe"]
+            log(f"validation: {g['held_out_groups']} of {g['groups']} groups of near-identical images held out "
+                f"whole ({probe['n']} images; a 1-NN probe gets {probe['nn_accuracy']:.1%} of them)")
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
         dataset.splits = {k: _limit(s, cfg.limit_per_class, cfg.seed) for k, s in dataset.splits.items()}

@@ -48,14 +48,15 @@ def test_audit_finds_planted_leaks(leaky, tmp_path):
 
 
 def test_nearest_neighbour_probe_tells_copies_from_new_images():
-    from mri_edge.audit import _normalise, nearest_neighbour_probe
+    from mri_edge.audit import nearest_neighbour_probe
+    from mri_edge.groups import normalise
 
     rng = np.random.default_rng(0)
     train = rng.normal(128, 40, (40, 64 * 64)).astype(np.float32)
     labels_train = np.arange(40) % 4
     copies = train[:20] + rng.normal(0, 5, (20, 64 * 64)).astype(np.float32)  # seen images, slightly changed
     unseen = rng.normal(128, 40, (20, 64 * 64)).astype(np.float32)
-    thumbs = _normalise(np.concatenate([train, copies, unseen]))
+    thumbs = normalise(np.concatenate([train, copies, unseen]))
     labels = np.concatenate([labels_train, labels_train[:20], (np.arange(20) + 1) % 4])
     ref = np.arange(40)
     names = ["a", "b", "c", "d"]

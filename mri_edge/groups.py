@@ -1,0 +1,130 @@
+"""Groups of near-identical images, and a validation split that holds out whole groups.
+
+Two images are near twins when their 64x64 grey thumbnails, each contrast-normalised, have
+a correlation of at least `threshold`; groups are the connected components of that graph
+(the same thumbnails and correlation as the audit's nearest-neighbour probe). A randomly
+carved validation split of a dataset with several slices per subject puts a near twin of
+almost every validation image into training, so validation accuracy measures recognition;
+holding out whole groups removes the twins (docs/data.md has the measurements).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import preprocess
+from .progress import Progress
+
+THUMB = 64
+LEVELS = 50.0  # grey levels per standard deviation of a normalised thumbnail
+GROUP_THRESHOLD = 0.99
+
+
+def thumbnail(rgb: np.ndarray) -> np.ndarray:
+    """(64, 64) float32 grey thumbnail of an RGB uint8 image (area interpolation)."""
+    import cv2  # noqa: PLC0415
+
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return cv2.resize(grey, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def normalise(thumbs: np.ndarray) -> np.ndarray:
+    """Per-image contrast normalisation (rows), so a re-encode with shifted levels still matches."""
+    t = thumbs.reshape(len(thumbs), -1)
+    mu = t.mean(1, keepdims=True)
+    sd = t.std(1, keepdims=True) + 1e-6
+    return ((t - mu) / sd * LEVELS).astype(np.float32)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of every row of a with every row of b (normalised thumbnails)."""
+    return (a @ b.T) / (a.shape[1] * LEVELS**2)
+
+
+def read_thumbnails(paths: list[str], label: str = "reading thumbnails") -> tuple[np.ndarray, np.ndarray]:
+    """(normalised thumbnails, readable mask); unreadable files get a zero row."""
+    def one(p):
+        try:
+            return thumbnail(preprocess.load_image(p))
+        except preprocess.ImageError:
+            return None
+
+    out = np.zeros((len(paths), THUMB * THUMB), np.float32)
+    ok = np.zeros(len(paths), bool)
+    with Progress(len(paths), label) as bar, ThreadPoolExecutor(8) as pool:
+        for i, t in enumerate(pool.map(one, paths, chunksize=16)):
+            if t is not None:
+                out[i], ok[i] = normalise(t[None])[0], True
+            bar.update()
+    return out, ok
+
+
+def components(thumbs: np.ndarray, threshold: float, ok: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
+    """Group id of each row: connected components of the graph of pairs with correlation >=
+    threshold (blockwise, so memory stays at block x N). Unreadable rows stay alone."""
+    n = len(thumbs)
+    parent = np.arange(n)
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    ok = np.ones(n, bool) if ok is None else ok
+    for s in range(0, n, block):
+        sim = correlation(thumbs[s:s + block], thumbs)
+        ii, jj = np.nonzero(sim >= threshold)
+        for a, b in zip(ii + s, jj):
+            if a < b and ok[a] and ok[b]:
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[ra] = rb
+    return np.array([find(i) for i in range(n)])
+
+
+def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int) -> tuple[np.ndarray, dict]:
+    """Indices to hold out: whole groups, class by class (a group counts for its majority
+    class) until each class has about `fraction` of its images held out. A group more than
+    twice the share still missing is skipped (it would take too much of a small class)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    ids, first = np.unique(groups, return_index=True)
+    members = {g: np.flatnonzero(groups == g) for g in ids}
+    majority = {g: int(np.bincount(labels[m]).argmax()) for g, m in members.items()}
+    held = []
+    for c in np.unique(labels):
+        need = fraction * (labels == c).sum()
+        for g in rng.permutation([g for g in ids if majority[g] == c]):
+            if need <= 0:
+                break
+            if len(members[g]) > max(2 * need, 1):
+                continue
+            held += members[g].tolist()
+            need -= len(members[g])
+    sizes = np.array([len(m) for m in members.values()])
+    info = {"groups": int(len(ids)), "largest_group": int(sizes.max()), "singletons": int((sizes == 1).sum()),
+            "held_out_groups": int(len(set(groups[held].tolist()))) if held else 0}
+    return np.array(sorted(held), dtype=int), info
+
+
+def holdout_probe(thumbs: np.ndarray, labels, held: np.ndarray) -> dict:
+    """1-NN accuracy of held-out rows against the rest, and their median best correlation:
+    near 100% means the held-out images have twins in what remains."""
+    labels = np.asarray(labels)
+    mask = np.zeros(len(labels), bool)
+    mask[held] = True
+    if not mask.any() or mask.all():
+        return {"nn_accuracy": None, "median_best_correlation": None, "n": int(mask.sum())}
+    best = np.empty(mask.sum(), np.float32)
+    pred = np.empty(mask.sum(), int)
+    rest = np.flatnonzero(~mask)
+    q = np.flatnonzero(mask)
+    for s in range(0, len(q), 512):
+        sim = correlation(thumbs[q[s:s + 512]], thumbs[rest])
+        j = sim.argmax(1)
+        best[s:s + 512], pred[s:s + 512] = sim[np.arange(len(j)), j], labels[rest][j]
+    return {"nn_accuracy": float((pred == labels[q]).mean()), "median_best_correlation": float(np.median(best)),
+            "n": int(len(q))}

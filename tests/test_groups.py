@@ -1,0 +1,61 @@
+"""The grouped validation split: whole groups of near-identical images held out together."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from mri_edge import data, groups
+
+
+def make_subjects(root, n_subjects=6, slices=4, seed=0):
+    """Each 'subject' is a few near-identical slices (one phantom plus noise), two classes."""
+    from mri_edge.synth import phantom
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("Training", n_subjects), ("Testing", 2)):
+        for cls, name in enumerate(("glioma", "meningioma", "notumor", "pituitary")):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for s in range(n):
+                base = phantom(rng, "tumor", cls, 64).astype(np.float32)
+                for k in range(slices):
+                    img = np.clip(base + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8)
+                    Image.fromarray(img).save(d / f"s{s:02d}_{k}.png")
+    return root
+
+
+def test_grouped_split_keeps_every_group_on_one_side(tmp_path):
+    root = make_subjects(tmp_path / "d")
+    ds = data.discover(root, "tumor", val_fraction=0.2, val_split="grouped", group_threshold=0.95)
+    subject = lambda p: p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1].split("_")[0]  # noqa: E731
+    train = {subject(p) for p in ds.splits["train"].paths}
+    val = {subject(p) for p in ds.splits["val"].paths}
+    assert val and not train & val  # no subject on both sides
+    assert len(ds.splits["val"].paths) == 4 * len(val)  # all 4 slices of each held-out subject
+    assert set(ds.splits["val"].labels) == {0, 1, 2, 3}  # stratified by class
+    how = ds.val_split
+    assert how["method"] == "grouped" and how["groups"] == 24 and how["largest_group"] == 4
+    # held out whole, the validation images have no twin left in training; carved at random they do
+    assert how["probe"]["median_best_correlation"] < 0.95
+    rnd = data.discover(root, "tumor", val_fraction=0.2)
+    thumbs, _ = groups.read_thumbnails(rnd.splits["train"].paths + rnd.splits["val"].paths)
+    labels = rnd.splits["train"].labels + rnd.splits["val"].labels
+    held = np.arange(len(rnd.splits["train"].paths), len(labels))
+    assert groups.holdout_probe(thumbs, labels, held)["median_best_correlation"] > 0.95
+    json.dumps(ds.manifest())  # the record travels in split_manifest.json
+    assert ds.manifest()["val_split"]["method"] == "grouped"
+    again = data.discover(root, "tumor", val_fraction=0.2, val_split="grouped", group_threshold=0.95)
+    assert again.splits["val"].paths == ds.splits["val"].paths  # seeded
+
+
+def test_components_join_chains_and_leave_unreadable_rows_alone():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1, 64))
+    rows = np.concatenate([a, a + 0.05 * rng.normal(size=(1, 64)), rng.normal(size=(2, 64))])
+    thumbs = groups.normalise(rows)
+    ids = groups.components(thumbs, 0.9)
+    assert ids[0] == ids[1] and len({ids[1], ids[2], ids[3]}) == 3
+    ok = np.array([True, False, True, True])
+    ids = groups.components(thumbs, 0.9, ok)
+    assert ids[0] != ids[1]
