@@ -52,7 +52,6 @@ def interrupt_when(cmd, ready, sig, timeout=120):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the command ended before it could be interrupted"
-    time.sleep(2)
     kids |= descendants(proc.pid)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
@@ -61,17 +60,21 @@ def interrupt_when(cmd, ready, sig, timeout=120):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_an_interrupted_export_leaves_no_worker_and_a_matching_index(micro_run, tmp_path, sig):
+def test_an_interrupted_export_leaves_no_worker_and_a_matching_index(tiny_run, tmp_path, sig):
+    """Interrupted once the first new file has landed, while the workers convert the others
+    (the DenseNet121 export takes about a minute, so the signal arrives mid-way)."""
     run = tmp_path / "run"
-    shutil.copytree(micro_run, run)
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("exports"))
+    index = run / "exports" / "exports.json"
     cmd = [sys.executable, "-m", "mri_edge.cli", "export", str(run), "--format", "tflite", "--format", "onnx",
-           "--workers", "2"]
-    code, err, kids = interrupt_when(cmd, lambda k: len(k) >= 2, sig)
+           "--workers", "2", "--calib-size", "16"]
+    code, err, kids = interrupt_when(cmd, lambda k: len(k) >= 2 and index.is_file(), sig, timeout=300)
     assert code == 130 and "interrupted" in err and "Traceback" not in err, err
     survivors = [p for p in kids if alive(p)]
     assert not survivors, f"processes outlived the command: {survivors}"
-    index = json.loads((run / "exports" / "exports.json").read_text())
+    index = json.loads(index.read_text())
     listed = {r["file"]: r for r in index["exports"]}
+    assert 1 <= len(listed) < 6, "the interrupt should have come mid-way"
     on_disk = {p.name for p in (run / "exports").iterdir() if p.suffix in (".tflite", ".onnx")}
     assert on_disk == set(listed)
     for name in on_disk:
