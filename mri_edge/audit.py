@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,143 +126,135 @@ def nearest_neighbour_probe(thumbs: np.ndarray, labels: np.ndarray, query: np.nd
             "n_test": int(len(query)), "n_reference": int(len(reference))}
 
 
-def _holdout_probes(thumbs, split_of, labels, threshold: float, log, fraction: float = 0.1, seed: int = 42) -> dict:
-    """1-NN probe of a validation split carved from training at random and one carved by
-    whole groups (`--val-split grouped`), beside the test split's: the split whose probe is
-    near the test's is the one that can select models for the test's kind of images."""
-    from .data import per_class_indices  # noqa: PLC0415
+@dataclass
+class Item:
+    """One image file of the dataset and what reading it told."""
 
-    train = np.flatnonzero(split_of == "train")
-    if len(train) < 10:
-        return {}
-    t_thumbs, t_labels = thumbs[train], labels[train]
-    random_held = np.array(sorted(i for idx in per_class_indices(t_labels, seed)[0].values()
-                                  for i in idx[:max(1, int(round(fraction * len(idx))))].tolist()))
-    ids = groups.components(t_thumbs, threshold)
-    grouped_held, info = groups.grouped_indices(ids, t_labels, fraction, seed)
-    out = {"random": groups.holdout_probe(t_thumbs, t_labels, random_held),
-           "grouped": {**groups.holdout_probe(t_thumbs, t_labels, grouped_held), **info, "threshold": threshold}}
-    test = np.flatnonzero(split_of == "test")
-    if len(test):
-        sim = groups.correlation(thumbs[test], t_thumbs)
-        out["test"] = {"nn_accuracy": float((t_labels[sim.argmax(1)] == labels[test]).mean()),
-                       "median_best_correlation": float(np.median(sim.max(1))), "n": int(len(test))}
-    shown = ", ".join(f"{k} {v['nn_accuracy']:.1%}" for k, v in out.items() if v.get("nn_accuracy") is not None)
-    log(f"  1-NN probe of validation carved at random / by groups (threshold {threshold}) / test: {shown}")
-    return out
+    split: str
+    path: str
+    label: int
+    rel: str
+    sha: str = ""
+    fmt: str = ""
+    mode: str | None = None
+    size: tuple | None = None
+    thumb: np.ndarray | None = None
 
 
-def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX_DISTANCE,
-          mad_thr: float = PIXEL_MAD_THRESHOLD, log=print, group_threshold: float = 0.99) -> dict:
-    root = Path(data_dir)
+def _read(root: Path, task: str) -> tuple[list[Item], list[str], list[str]]:
+    """(items, class names, split names) of the folders as they are on disk: a carved
+    validation split is part of training."""
     ds = discover(root, task, val_fraction=0.1)
-    # Audit the folders as they are on disk: a carved validation split is part of training.
-    splits = {}
-    for name, s in ds.splits.items():
-        key = "train" if (name == "val" and ds.val_carved) else name
-        sp = splits.setdefault(key, ([], []))
-        sp[0].extend(s.paths)
-        sp[1].extend(s.labels)
-    names = ds.class_names
-    items = [(split, p, y) for split, (ps, ys) in splits.items() for p, y in zip(ps, ys)]
-    infos = [None] * len(items)
+    items = [Item("train" if (name == "val" and ds.val_carved) else name, p, y,
+                  str(Path(p).resolve().relative_to(root.resolve())))
+             for name, s in ds.splits.items() for p, y in zip(s.paths, s.labels)]
     with Progress(len(items), "reading images") as bar, ThreadPoolExecutor(8) as pool:
-        for i, info in enumerate(pool.map(lambda it: _image_info(it[1]), items, chunksize=32)):
-            infos[i] = info
+        for it, info in zip(items, pool.map(lambda it: _image_info(it.path), items, chunksize=32)):
+            it.sha, it.fmt, it.mode, it.size, it.thumb = info
             bar.update()
-    rel = [str(Path(p).resolve().relative_to(root.resolve())) for _, p, _ in items]
-    counts = defaultdict(Counter)
-    sizes, modes, formats = Counter(), Counter(), Counter()
-    corrupt = []
-    ok_idx = []
-    for i, ((split, _, y), info) in enumerate(zip(items, infos)):
-        counts[split][names[y]] += 1
-        sha, fmt, mode, size, thumb = info
-        formats[fmt] += 1
-        if thumb is None:
-            corrupt.append(rel[i])
-            continue
-        modes[mode] += 1
-        sizes[f"{size[0]}x{size[1]}"] += 1
-        ok_idx.append(i)
-    # Exact duplicates.
+    return items, ds.class_names, list(dict.fromkeys(it.split for it in items))
+
+
+def _conflict(a: Item, b: Item, names: list[str], kind: str, **extra) -> dict:
+    return {"a": a.rel, "b": b.rel, "label_a": names[a.label], "label_b": names[b.label], "kind": kind, **extra}
+
+
+def _exact_duplicates(items: list[Item], names: list[str]) -> tuple[list[list[int]], Counter, list[dict]]:
+    """(groups of identical files, pairs by split pair, label conflicts)."""
     by_sha = defaultdict(list)
-    for i in ok_idx:
-        by_sha[infos[i][0]].append(i)
+    for i, it in enumerate(items):
+        if it.thumb is not None:
+            by_sha[it.sha].append(i)
     exact_groups = [g for g in by_sha.values() if len(g) > 1]
-    exact_summary = Counter()
-    label_conflicts = []
+    pairs, conflicts = Counter(), []
     for g in exact_groups:
-        for a in range(len(g)):
-            for b in range(a + 1, len(g)):
-                i, j = g[a], g[b]
-                pair = "-".join(sorted((items[i][0], items[j][0])))
-                exact_summary[pair] += 1
-                if items[i][2] != items[j][2]:
-                    label_conflicts.append({"a": rel[i], "b": rel[j], "label_a": names[items[i][2]],
-                                            "label_b": names[items[j][2]], "kind": "exact"})
-    if not ok_idx:
-        raise AuditError(f"{root}: none of its {len(items)} image files can be decoded (all corrupt or unsupported)")
-    # Near duplicates, checked across every pair of splits and within each split.
-    idx = np.array(ok_idx)
-    thumbs = groups.normalise(np.stack([infos[i][4] for i in idx]))
-    hashes = np.array([dhash(infos[i][4]) for i in idx], dtype=np.uint64)
-    split_of = np.array([items[i][0] for i in idx])
-    near = []
-    stats = {}
-    all_mads = []
-    split_names = list(splits)
+        for x in range(len(g)):
+            for y in range(x + 1, len(g)):
+                a, b = items[g[x]], items[g[y]]
+                pairs["-".join(sorted((a.split, b.split)))] += 1
+                if a.label != b.label:
+                    conflicts.append(_conflict(a, b, names, "exact"))
+    return exact_groups, pairs, conflicts
+
+
+def _near_duplicates(items: list[Item], idx: np.ndarray, thumbs: np.ndarray, split_names: list[str], names,
+                     max_dist: int, mad_thr: float, log):
+    """(pairs (i, j, mad) of item indices, stats by split pair, every candidate's MAD, label conflicts),
+    checked across every pair of splits and within each split."""
+    hashes = np.array([dhash(items[i].thumb) for i in idx], dtype=np.uint64)
+    split_of = np.array([items[i].split for i in idx])
+    near, stats, all_mads, conflicts = [], {}, [], []
     for ai, sa in enumerate(split_names):
         for sb in split_names[ai:]:
             ma, mb = np.flatnonzero(split_of == sa), np.flatnonzero(split_of == sb)
             pairs, cand, mads = near_pairs(hashes[ma], thumbs[ma], hashes[mb], thumbs[mb], sa == sb, max_dist, mad_thr)
             all_mads.append(mads)
-            sha_a = [infos[idx[k]][0] for k in ma]
-            sha_b = [infos[idx[k]][0] for k in mb]
-            keyname = f"{sa}-{sb}"
-            confirmed = [(ma[x], mb[y], m) for x, y, m in pairs]
-            n_exact = sum(1 for x, y, _ in pairs if sha_a[x] == sha_b[y])
-            stats[keyname] = {"hash_candidates": cand, "confirmed": len(confirmed), "of_which_byte_identical": n_exact}
-            for x, y, m in confirmed:
-                i, j = idx[x], idx[y]
+            confirmed = [(idx[ma[x]], idx[mb[y]], m) for x, y, m in pairs]
+            n_exact = sum(1 for i, j, _ in confirmed if items[i].sha == items[j].sha)
+            stats[f"{sa}-{sb}"] = {"hash_candidates": cand, "confirmed": len(confirmed),
+                                   "of_which_byte_identical": n_exact}
+            for i, j, m in confirmed:
                 near.append((i, j, m))
-                if items[i][2] != items[j][2] and infos[i][0] != infos[j][0]:
-                    label_conflicts.append({"a": rel[i], "b": rel[j], "label_a": names[items[i][2]],
-                                            "label_b": names[items[j][2]], "kind": "near", "mad": m})
-            log(f"  {keyname}: {cand} hash candidates, {len(confirmed)} confirmed near duplicates "
+                if items[i].label != items[j].label and items[i].sha != items[j].sha:
+                    conflicts.append(_conflict(items[i], items[j], names, "near", mad=m))
+            log(f"  {sa}-{sb}: {cand} hash candidates, {len(confirmed)} confirmed near duplicates "
                 f"({n_exact} byte-identical)")
-    # Which evaluation images have a copy (exact or near) in training or validation?
+    return near, stats, (np.concatenate(all_mads) if all_mads else np.zeros(0)), conflicts
+
+
+def _leaked(items: list[Item], near, exact_groups) -> dict[str, set]:
+    """Evaluation images (val or test) with an exact or near copy in a split the model learned
+    or was selected on (training; validation too, for test images)."""
     leaked = {"test": set(), "val": set()}
 
     def leaks(a: int, b: int) -> bool:
-        """Image a (val or test) has its copy b in a split the model learned or was selected on."""
-        sa, sb = items[a][0], items[b][0]
+        sa, sb = items[a].split, items[b].split
         return sa in leaked and (sb == "train" or (sa == "test" and sb == "val"))
 
     for i, j, _ in near:
         for a, b in ((i, j), (j, i)):
             if leaks(a, b):
-                leaked[items[a][0]].add(rel[a])
+                leaked[items[a].split].add(items[a].rel)
     for g in exact_groups:
         for a in g:
             if any(leaks(a, b) for b in g if b != a):
-                leaked[items[a][0]].add(rel[a])
-    mads = np.concatenate(all_mads) if all_mads else np.zeros(0)
+                leaked[items[a].split].add(items[a].rel)
+    return leaked
+
+
+def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX_DISTANCE,
+          mad_thr: float = PIXEL_MAD_THRESHOLD, log=print, group_threshold: float = 0.99) -> dict:
+    root = Path(data_dir)
+    items, names, split_names = _read(root, task)
+    counts = defaultdict(Counter)
+    for it in items:
+        counts[it.split][names[it.label]] += 1
+    ok = [it for it in items if it.thumb is not None]
+    if not ok:
+        raise AuditError(f"{root}: none of its {len(items)} image files can be decoded (all corrupt or unsupported)")
+    exact_groups, exact_pairs, conflicts = _exact_duplicates(items, names)
+    idx = np.array([i for i, it in enumerate(items) if it.thumb is not None])
+    thumbs = groups.normalise(np.stack([items[i].thumb for i in idx]))
+    near, stats, mads, near_conflicts = _near_duplicates(items, idx, thumbs, split_names, names, max_dist, mad_thr,
+                                                         log)
+    conflicts += near_conflicts
+    leaked = _leaked(items, near, exact_groups)
+    split_of = np.array([items[i].split for i in idx])
+    labels = np.array([items[i].label for i in idx])
     probe = None
     query, reference = np.flatnonzero(split_of == "test"), np.flatnonzero(split_of != "test")
     if len(query) and len(reference):
-        labels = np.array([items[i][2] for i in idx])
-        clean = np.array([rel[idx[k]] not in leaked["test"] for k in query])
+        clean = np.array([items[idx[k]].rel not in leaked["test"] for k in query])
         probe = nearest_neighbour_probe(thumbs, labels, query, reference, clean, names)
         log(f"  nearest-neighbour probe: a raw-pixel 1-NN classifier gets {probe['accuracy']:.1%} of test images "
             f"right (majority class {probe['majority_class_rate']:.1%})")
-    holdout = _holdout_probes(thumbs, split_of, np.array([items[i][2] for i in idx]), group_threshold, log)
     out = {
         "data_dir": str(root.resolve()), "task": task, "class_names": names,
         "counts": {s: dict(c) for s, c in counts.items()},
-        "image_sizes": dict(sizes.most_common(20)), "modes": dict(modes), "formats": dict(formats),
-        "corrupt": corrupt,
-        "exact_duplicates": {"groups": len(exact_groups), "pairs_by_split": dict(exact_summary)},
+        "image_sizes": dict(Counter(f"{it.size[0]}x{it.size[1]}" for it in ok).most_common(20)),
+        "modes": dict(Counter(it.mode for it in ok)), "formats": dict(Counter(it.fmt for it in items)),
+        "corrupt": [it.rel for it in items if it.thumb is None],
+        "exact_duplicates": {"groups": len(exact_groups), "pairs_by_split": dict(exact_pairs)},
         "near_duplicates": {"method": f"dHash-64 Hamming <= {max_dist} proposes; confirmed when the mean absolute "
                                       f"difference of contrast-normalised 64x64 grey thumbnails <= {mad_thr}",
                             "hash_max_distance": max_dist, "pixel_mad_threshold": mad_thr, "by_split_pair": stats,
@@ -271,24 +264,24 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
                             "candidate_mad_histogram": {f"{lo}-{hi}": int(((mads > lo) & (mads <= hi)).sum())
                                                         for lo, hi in ((-1, 1), (1, 2), (2, 3), (3, 4), (4, 6),
                                                                        (6, 8), (8, 10), (10, 1e9))}},
-        "label_conflicts": label_conflicts[:500], "n_label_conflicts": len(label_conflicts),
+        "label_conflicts": conflicts[:500], "n_label_conflicts": len(conflicts),
         "nearest_neighbour_probe": probe,
-        "validation_probes": holdout,
+        "validation_probes": groups.validation_probes(thumbs, split_of, labels, group_threshold, log),
         "leaked": {s: sorted(v) for s, v in leaked.items()},
-        "leakage_free": {s: len([1 for it, r in zip(items, rel) if it[0] == s and r not in leaked[s]])
-                         for s in leaked if s in splits},
+        "leakage_free": {s: sum(1 for it in items if it.split == s and it.rel not in leaked[s])
+                         for s in leaked if s in split_names},
     }
     if out_dir:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         report.write_json(out_dir / "audit.json", out)
         report.write_text(out_dir / "audit.md", markdown(out))
-        _plot_pairs(near, items, rel, names, out_dir / "duplicate_pairs.png", root)
+        _plot_pairs(near, items, names, out_dir / "duplicate_pairs.png", root)
     return out
 
 
-def _plot_pairs(near, items, rel, names, path: Path, root: Path, n: int = 6) -> None:
-    cross = [p for p in near if items[p[0]][0] != items[p[1]][0]]
+def _plot_pairs(near, items: list[Item], names, path: Path, root: Path, n: int = 6) -> None:
+    cross = [p for p in near if items[p[0]].split != items[p[1]].split]
     cross.sort(key=lambda p: -p[2])  # the least similar confirmed pairs say most about the threshold
     pick = cross[:n] if cross else near[:n]
     if not pick:
@@ -298,8 +291,9 @@ def _plot_pairs(near, items, rel, names, path: Path, root: Path, n: int = 6) -> 
     axes = np.atleast_2d(axes)
     for row, (i, j, m) in zip(axes, pick):
         for ax, k in zip(row, (i, j)):
-            ax.imshow(preprocess.load_image(root / rel[k]))
-            ax.set_title(f"{items[k][0]}: {names[items[k][2]]}\n{Path(rel[k]).name} (MAD {m:.2f})", fontsize=7)
+            ax.imshow(preprocess.load_image(root / items[k].rel))
+            ax.set_title(f"{items[k].split}: {names[items[k].label]}\n{Path(items[k].rel).name} (MAD {m:.2f})",
+                         fontsize=7)
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

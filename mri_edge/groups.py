@@ -128,3 +128,29 @@ def holdout_probe(thumbs: np.ndarray, labels, held: np.ndarray) -> dict:
         best[s:s + 512], pred[s:s + 512] = sim[np.arange(len(j)), j], labels[rest][j]
     return {"nn_accuracy": float((pred == labels[q]).mean()), "median_best_correlation": float(np.median(best)),
             "n": int(len(q))}
+
+
+def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction: float = 0.1, seed: int = 42) -> dict:
+    """1-NN probe of a validation split carved from training at random and one carved by
+    whole groups (`--val-split grouped`), beside the test split's: the split whose probe is
+    near the test's is the one that can select models for the test's kind of images."""
+    from .data import per_class_indices  # noqa: PLC0415
+
+    train = np.flatnonzero(split_of == "train")
+    if len(train) < 10:
+        return {}
+    t_thumbs, t_labels = thumbs[train], labels[train]
+    random_held = np.array(sorted(i for idx in per_class_indices(t_labels, seed)[0].values()
+                                  for i in idx[:max(1, int(round(fraction * len(idx))))].tolist()))
+    ids = components(t_thumbs, threshold)
+    grouped_held, info = grouped_indices(ids, t_labels, fraction, seed)
+    out = {"random": holdout_probe(t_thumbs, t_labels, random_held),
+           "grouped": {**holdout_probe(t_thumbs, t_labels, grouped_held), **info, "threshold": threshold}}
+    test = np.flatnonzero(split_of == "test")
+    if len(test):
+        sim = correlation(thumbs[test], t_thumbs)
+        out["test"] = {"nn_accuracy": float((t_labels[sim.argmax(1)] == labels[test]).mean()),
+                       "median_best_correlation": float(np.median(sim.max(1))), "n": int(len(test))}
+    shown = ", ".join(f"{k} {v['nn_accuracy']:.1%}" for k, v in out.items() if v.get("nn_accuracy") is not None)
+    log(f"  1-NN probe of validation carved at random / by groups (threshold {threshold}) / test: {shown}")
+    return out

@@ -137,3 +137,16 @@ def test_the_runtime_checks_the_preprocessing_contract(micro_run, synth_data, mo
     m = runtime.load(path, allow_other_resize=True)
     assert m.resize_method == preprocess.PILLOW
     assert m.predict(next(synth_data.rglob("*.jpg"))).label in m.class_names
+
+
+def test_a_device_without_onnxruntime_or_keras_gets_a_clear_message(micro_run, monkeypatch):
+    import importlib.util
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails, as on a device without it
+    with pytest.raises(runtime.RuntimeModelError, match=r"\.onnx files need onnxruntime \(pip install onnxruntime\)"):
+        runtime.open_model(micro_run / "exports" / "model_int8.onnx")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "keras" else real(name, *a))
+    with pytest.raises(runtime.RuntimeModelError, match=r"need Keras and TensorFlow \(pip install 'mri-edge\[full\]'\)"):
+        runtime.open_model(micro_run)
