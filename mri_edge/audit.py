@@ -296,8 +296,7 @@ def _plot_pairs(near, items: list[Item], names, path: Path, root: Path, n: int =
                          fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, 100)
 
 
 def markdown(out: dict) -> str:

@@ -284,8 +284,7 @@ def write_outputs(out: dict, out_dir: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel(f"p50 latency, ms (batch {rows[0]['batch']})")
         fig.tight_layout()
-        fig.savefig(out_dir / "bench.png", dpi=110)
-        plt.close(fig)
+        report.save_figure(fig, out_dir / "bench.png", 110)
     if out_dir.name == "bench" and (out_dir.parent / "config.json").is_file():
         RunFolder(out_dir.parent).write_index()
 

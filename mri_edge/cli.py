@@ -6,6 +6,7 @@ Heavy libraries (TensorFlow, Keras, onnx) are imported inside commands so that
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -15,9 +16,8 @@ import click
 
 from . import __version__
 from .clitools import Interrupted, config_from, echo, int_list, options_from, run_guarded, terminate
-from .config import Thresholds, TrainConfig
+from .config import ExportConfig, Thresholds, TrainConfig
 from .demo import RECIPE
-from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, QUANTIZATIONS
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mri-edge")
@@ -102,25 +102,8 @@ def evaluate(run_dir, data_dir, dedup):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--format", "formats", multiple=True, type=click.Choice([*FORMATS, "all"]),
-              default=("all",), show_default=True,
-              help="Repeatable. all = tflite, onnx, and openvino where OpenVINO is installed.")
-@click.option("--quantize", multiple=True, type=click.Choice(QUANTIZATIONS),
-              help="Repeatable [default: every quantization the format supports].")
-@click.option("--io-dtype", type=click.Choice(IO_DTYPES), default="uint8", show_default=True,
-              help="Input/output type of int8 TFLite files (uint8 = feed decoded pixels directly).")
-@click.option("--calib-size", default=300, show_default=True, type=click.IntRange(1),
-              help="Training images (stratified) used to calibrate int8.")
-@click.option("--calib-range", type=click.Choice(CALIB_RANGES), default="percentile", show_default=True,
-              help="int8 activation ranges: robust percentile (default) or plain min/max over calibration images.")
-@click.option("--bn-scales", type=click.Choice(BN_SCALES), default="per-tensor", show_default=True,
-              help="int8 TFLite: weights of the batch norms after DenseNet's concatenations get one scale "
-                   "(smaller file) or one per channel (+0.8 MB on DenseNet121; less int8 error on some models); "
-                   "auto keeps whichever is closer to Keras on the validation split.")
-@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
-@click.option("--workers", type=click.IntRange(1), default=None,
-              help="Conversions run side by side in this many processes [default: cores, at most 2].")
-def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, bn_scales, opset, workers):
+@options_from(ExportConfig)
+def export(run_dir, **options):
     """Export a trained run to TFLite, ONNX and OpenVINO files with embedded metadata.
 
     An option that no planned file uses (say --bn-scales with --format onnx) is refused.
@@ -136,9 +119,8 @@ def export(run_dir, formats, quantize, io_dtype, calib_size, calib_range, bn_sca
     ctx = click.get_current_context()
     given = tuple(n for n in ("io_dtype", "calib_size", "calib_range", "bn_scales", "opset")
                   if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE)
-    results, failures = run_guarded(export_lib.export_run, run_dir, formats, quantize, io_dtype, calib_size,
-                                     opset, log=echo, calib_range=calib_range, workers=workers,
-                                     bn_scales=bn_scales, given=given)
+    cfg = config_from(ExportConfig, options)
+    results, failures = run_guarded(export_lib.export_run, run_dir, **dataclasses.asdict(cfg), log=echo, given=given)
     if results:
         click.echo(export_lib.table(results))
     out = Path(run_dir) / "exports"

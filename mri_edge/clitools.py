@@ -37,6 +37,9 @@ def options_from(cls):
                 fn = click.option("--no-" + f.name.replace("_", "-"), f.name, is_flag=True, help=m["help"])(fn)
             elif isinstance(f.default, bool):
                 fn = click.option(name, f.name, is_flag=True, help=m["help"])(fn)
+            elif m.get("multiple"):
+                fn = click.option(name, f.name, multiple=True, default=f.default, type=_click_type(f),
+                                  show_default=bool(f.default), help=m["help"])(fn)
             else:
                 fn = click.option(name, f.name, default=f.default, type=_click_type(f), metavar=m.get("metavar"),
                                   show_default=f.default is not None, help=m["help"])(fn)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, QUANTIZATIONS
+
 
 def option(default, help: str, **cli):
     return field(default=default, metadata={"help": help, **cli})
@@ -84,6 +86,30 @@ class TrainConfig:
     def from_saved(cls, saved: dict) -> "TrainConfig":
         """The config of a run folder's config.json (which also holds versions and the like)."""
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class ExportConfig:
+    """What `mri-edge export` makes; the format table (export/formats.py) says which option
+    applies to which format."""
+
+    formats: tuple[str, ...] = option(("all",), "Repeatable. all = tflite, onnx, and openvino where OpenVINO is "
+                                                "installed.", flag="--format", multiple=True,
+                                      choices=(*FORMATS, "all"))
+    quantize: tuple[str, ...] = option((), "Repeatable [default: every quantization the format supports].",
+                                       multiple=True, choices=QUANTIZATIONS)
+    io_dtype: str = option("uint8", "Input/output type of int8 TFLite files (uint8 = feed decoded pixels directly).",
+                           choices=IO_DTYPES)
+    calib_size: int = option(300, "Training images (stratified) used to calibrate int8.", minimum=1)
+    calib_range: str = option("percentile", "int8 activation ranges: robust percentile or plain min/max over the "
+                                            "calibration images.", choices=CALIB_RANGES)
+    bn_scales: str = option("per-tensor", "int8 TFLite: weights of the batch norms after DenseNet's concatenations "
+                                          "get one scale (smaller file) or one per channel (+0.8 MB on DenseNet121; "
+                                          "less int8 error on some models); auto keeps whichever is closer to Keras "
+                                          "on the validation split.", choices=BN_SCALES)
+    opset: int = option(17, "ONNX opset.", minimum=13, maximum=21)
+    workers: int | None = option(None, "Conversions run side by side in this many processes [default: cores, at "
+                                       "most 2].", minimum=1, type=int)
 
 
 @dataclass

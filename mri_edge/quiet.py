@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 
 VERBOSE_ENV = "MRI_EDGE_VERBOSE"
 
@@ -69,6 +70,35 @@ def native_stderr():
                 text = cap.read().decode("utf-8", "replace").strip()
                 if text:
                     sys.stderr.write(text[-4000:] + "\n")
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM wait until the block is done, then take effect as usual: for steps
+    that must not stop halfway, such as moving a file and updating the index that records it.
+
+    Python runs signal handlers in the main thread whichever thread the kernel picked, so the
+    handlers are swapped for one that only takes note (a thread signal mask would not do).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+    pending = []
+    for s in sigs:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if pending:
+            handler = old[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)  # e.g. raises KeyboardInterrupt
+            elif handler != signal.SIG_IGN:
+                os.kill(os.getpid(), pending[0])  # the default action
 
 
 def import_tensorflow():

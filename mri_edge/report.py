@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_text
+from .files import atomic_path, atomic_write_text
 
 
 def write_json(path: Path, obj) -> None:
@@ -82,6 +82,13 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Write a figure whole or not at all, and close it."""
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:  # matplotlib picks the format from the suffix
+        fig.savefig(tmp, dpi=dpi)
+    _plt().close(fig)
+
+
 def plot_confusion(cm, class_names, path: Path, title: str = "Confusion matrix") -> None:
     plt = _plt()
     cm = np.asarray(cm)
@@ -98,8 +105,7 @@ def plot_confusion(cm, class_names, path: Path, title: str = "Confusion matrix")
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, 110)
 
 
 def plot_history(rows: list[dict], path: Path) -> None:
@@ -120,8 +126,7 @@ def plot_history(rows: list[dict], path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, 110)
 
 
 def plot_examples(images, y_true, y_pred, probs, class_names, path: Path, n: int = 16, seed: int = 0) -> None:
@@ -146,8 +151,7 @@ def plot_examples(images, y_true, y_pred, probs, class_names, path: Path, n: int
         ax.set_title(f"true: {class_names[y_true[i]]}\npred: {class_names[y_pred[i]]} ({probs[i, y_pred[i]]:.0%})",
                      fontsize=8, color="green" if ok else "red")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, 100)
 
 
 # ---------------------------------------------------------------- markdown

@@ -213,25 +213,27 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
                                       phase["freeze_bn"])
     log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
         f"{n_trainable} trainable DenseNet121 layers with weights")
-    if start_epoch >= phase["epochs"]:
-        return
-    aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
-    inp = keras.Input((cfg.image_size, cfg.image_size, 3))
-    trainer = keras.Model(inp, net(aug(inp) if aug is not None else inp))
-    trainer.compile(optimizer=keras.optimizers.Adam(phase["lr"]), loss="categorical_crossentropy",
-                    metrics=["accuracy"], jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
-    keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history,
-                    state.get("best_val_loss", float("inf")) if state else float("inf"), elapsed,
-                    _save_model_atomic, log)
-    train_batches, val_batches = batches
-    cbs = [EpochProgress(phase["name"], phase["epochs"], len(train_batches), log, traced=traced), keeper,
-           keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience), *callbacks]
-    trainer.fit(train_batches, validation_data=val_batches, epochs=phase["epochs"], initial_epoch=start_epoch,
-                callbacks=cbs, verbose=0)
+    best_val_loss = state.get("best_val_loss", float("inf")) if state else float("inf")
+    if start_epoch < phase["epochs"]:  # else interrupted after the phase's last epoch: only the restore is left
+        aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
+        inp = keras.Input((cfg.image_size, cfg.image_size, 3))
+        trainer = keras.Model(inp, net(aug(inp) if aug is not None else inp))
+        trainer.compile(optimizer=keras.optimizers.Adam(phase["lr"]), loss="categorical_crossentropy",
+                        metrics=["accuracy"], jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
+        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, best_val_loss, elapsed,
+                        _save_model_atomic, log)
+        train_batches, val_batches = batches
+        cbs = [EpochProgress(phase["name"], phase["epochs"], len(train_batches), log, traced=traced), keeper,
+               keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience), *callbacks]
+        trainer.fit(train_batches, validation_data=val_batches, epochs=phase["epochs"], initial_epoch=start_epoch,
+                    callbacks=cbs, verbose=0)
+        best_val_loss = keeper.best_val_loss
     if run.best_path.exists():
-        # Keep the best epoch of this phase (restore_best_weights does not survive a resume).
+        # Keep the best epoch of this phase (restore_best_weights does not survive a resume), and
+        # checkpoint it, so an interrupt early in the next phase resumes from these weights.
         net.set_weights(model_lib.load_model(run.best_path).get_weights())
-        log(f"phase '{phase['name']}': restored best epoch (val_loss {keeper.best_val_loss:.4f})")
+        _save_model_atomic(net, run.checkpoint_path)
+        log(f"phase '{phase['name']}': restored best epoch (val_loss {best_val_loss:.4f})")
 
 
 def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print) -> dict:

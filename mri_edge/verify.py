@@ -19,7 +19,8 @@ from .errors import MriEdgeError
 from .files import sha256_file
 from .run import RunFolder
 from .keras_model import validation_reference
-from .runtime import EXPORT_SUFFIXES, open_model
+from .ov import size_on_disk
+from .runtime import EXPORT_SUFFIXES, first_line, open_model
 from .progress import Progress
 
 
@@ -116,7 +117,7 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     q = meta.get("quantization", "none")
     min_agree, max_drop = thresholds.for_quantization(q)
     r.update({"file": f.name, "quantization": q, "format": meta.get("format"), "runtime": model.runtime_name,
-              "size_mb": f.stat().st_size / 1e6,
+              "size_mb": size_on_disk(f) / 1e6,
               "thresholds": {"min_agreement": min_agree, "max_accuracy_drop_pts": max_drop}})
     reasons = []
     if r["agreement"] < min_agree:
@@ -187,7 +188,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         except MriEdgeError as e:
             r = {"file": f.name, "error": str(e)}
         except Exception as e:  # a runtime that crashes on this file: a FAIL row, not the end of verify
-            r = {"file": f.name, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+            r = {"file": f.name, "error": f"{type(e).__name__}: {first_line(e)}"}
         if "error" in r:
             r.update({"passed": False, "fail_reasons": [f"cannot be checked: {r['error']}"]})
             results[f.name] = r

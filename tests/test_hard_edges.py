@@ -192,3 +192,12 @@ def test_bench_skips_a_row_that_cannot_run_and_checks_compare_first(micro_run, t
     bad.write_text('{"rows": [{"model": 1}]}')
     res = invoke("bench", good, *args, "--compare", bad, "--out", tmp_path / "d")
     assert res.exit_code == 1 and "--compare" in res.output and not (tmp_path / "d").exists()
+
+
+def test_export_refuses_an_option_no_planned_file_uses(micro_run):
+    res = invoke("export", micro_run, "--format", "onnx", "--bn-scales", "per-channel")
+    assert res.exit_code == 1 and "--bn-scales applies to int8 tflite files" in res.output
+    res = invoke("export", micro_run, "--format", "tflite", "--quantize", "fp16", "--calib-size", "10")
+    assert res.exit_code == 1 and "--calib-size applies to int8" in res.output
+    res = invoke("export", micro_run, "--format", "tflite", "--opset", "15")
+    assert res.exit_code == 1 and "--opset applies to onnx/openvino files" in res.output

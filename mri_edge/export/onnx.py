@@ -59,7 +59,8 @@ def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path,
         for m, a, b in zip(mins, new_lo, new_hi)}), cache)
 
 def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
-              activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None) -> None:
+              activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None,
+              workdir: Path | None = None) -> None:
     """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py)."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static)
@@ -79,7 +80,8 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
             img = next(self.it, None)
             return None if img is None else {"image": img[None].astype(np.float32)}
 
-    with tempfile.TemporaryDirectory() as td:
+    # in the export's work folder (when given), which the parent removes even if it kills this worker
+    with tempfile.TemporaryDirectory(dir=workdir) as td:
         pre = Path(td) / "pre.onnx"
         try:
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
@@ -145,7 +147,7 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
         t = time.time()
         try:
             if not fp32_path.exists():
-                fp32_path.write_bytes(onnx_fp32(model, size, opset).SerializeToString())
+                atomic_write_bytes(fp32_path, onnx_fp32(model, size, opset).SerializeToString())
             if job.fmt == "openvino":
                 from . import openvino  # noqa: PLC0415
 
@@ -159,7 +161,7 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                 continue
             if job.quantize == "int8":
                 q_path = workdir / "int8.onnx"
-                onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads)
+                onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir)
                 proto = onnx.load(str(q_path))
             else:
                 proto = onnx.load(str(fp32_path))

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, preprocess, quiet, report
-from ..files import sha256_file
+from ..config import ExportConfig
+from ..files import atomic_write_bytes, sha256_file
 from ..run import RunFolder
 from ..integrity import sniff
 from ..runtime import first_line
@@ -72,9 +73,10 @@ def _check(calib_size: int, calib_range: str, bn_scales: str, opset: int, worker
         raise ExportError("--workers must be at least 1")
 
 
-def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_size=300, opset=17,
-               log=print, calib_range: str = "percentile", workers: int | None = None,
-               bn_scales: str = "per-tensor", given: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
+def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quantize, io_dtype=ExportConfig.io_dtype,
+               calib_size=ExportConfig.calib_size, opset=ExportConfig.opset, log=print,
+               calib_range: str = ExportConfig.calib_range, workers: int | None = ExportConfig.workers,
+               bn_scales: str = ExportConfig.bn_scales, given: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
     """Run every export job; returns (successes, failures). Earlier files survive a failure.
 
     `given` names the options the user set explicitly: one that no planned file accepts is
@@ -151,11 +153,17 @@ def export_run(run_dir, formats=("all",), quantize=(), io_dtype="uint8", calib_s
                     failures.append(r)
                     log(f"  {r['file']} FAILED: {r['error']}")
                     continue
-                if r["quantization"] == "int8" and (staging / "calibration_manifest.json").exists():
-                    os.replace(staging / "calibration_manifest.json", out_dir / "calibration_manifest.json")
-                _land(staging / r["file"], out_dir, r["format"])
-                records[r["file"]] = r
-                _write_index(run, records, model_sha, failures, started, workers)
+                with quiet.signals_deferred():  # the file and its record change together or not at all
+                    if r["quantization"] == "int8" and (staging / "calibration_manifest.json").exists():
+                        # every calibration an int8 file of exports/ was made with stays, named by its hash
+                        # (the one each file's metadata records); calibration_manifest.json is the latest
+                        sha = calib_meta["calibration_manifest_sha256"]
+                        atomic_write_bytes(out_dir / "calibration" / f"{sha[:16]}.json",
+                                           (staging / "calibration_manifest.json").read_bytes())
+                        os.replace(staging / "calibration_manifest.json", out_dir / "calibration_manifest.json")
+                    _land(staging / r["file"], out_dir, r["format"])
+                    records[r["file"]] = r
+                    _write_index(run, records, model_sha, failures, started, workers)
                 results.append(r)
                 scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
                 log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")
@@ -196,9 +204,10 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
         futures.update({executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt == "tflite"})
         for fut in as_completed(futures):
             try:
-                collect(fut.result())
+                outcomes = fut.result()
             except Exception as e:  # e.g. BrokenProcessPool: a converter crashed its process
-                collect([pool.record(j, {}, workdir / "out" / j.filename, 0.0, e) for j in futures[fut]])
+                outcomes = [pool.record(j, {}, workdir / "out" / j.filename, 0.0, e) for j in futures[fut]]
+            collect(outcomes)
     except BaseException:
         pool.kill_pool(executor)
         raise

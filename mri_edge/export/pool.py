@@ -112,7 +112,7 @@ def units(jobs: list[ExportJob]) -> list[list[ExportJob]]:
     cost = {"int8": 0, "none": 1, "fp16": 2, "dynamic": 3}
     groups = [[j] for j in sorted(tfl, key=lambda j: cost[j.quantize])]
     if onnx_jobs:
-        groups.insert(1 if tfl and tfl[0].quantize == "int8" else 0,
+        groups.insert(1 if groups and groups[0][0].quantize == "int8" else 0,
                       sorted(onnx_jobs, key=lambda j: (j.fmt != "onnx", j.quantize != "none")))
     return groups
 
