@@ -61,6 +61,36 @@ def classification_metrics(y_true, y_pred, class_names: list[str]) -> dict:
     return out
 
 
+ECE_BINS = 15
+
+
+def calibration_metrics(y_true, probs, bins: int = ECE_BINS) -> dict:
+    """How far confidence matches accuracy: expected calibration error (top-1 confidence in
+    `bins` equal-width bins, weighted by their share of images), maximum calibration error,
+    multi-class Brier score and negative log-likelihood, and the reliability-diagram bins."""
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, np.float64)
+    conf = probs.max(1)
+    hit = (probs.argmax(1) == y_true).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    rows, ece, mce = [], 0.0, 0.0
+    for b in range(bins):
+        m = which == b
+        if not m.any():
+            continue
+        gap = abs(hit[m].mean() - conf[m].mean())
+        ece += m.mean() * gap
+        mce = max(mce, gap)
+        rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
+                     "confidence": float(conf[m].mean()), "accuracy": float(hit[m].mean())})
+    onehot = np.eye(probs.shape[1])[y_true]
+    return {"ece": float(ece), "mce": float(mce), "brier": float(((probs - onehot) ** 2).sum(1).mean()),
+            "nll": float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1)).mean()),
+            "mean_confidence": float(conf.mean()), "accuracy": float(hit.mean()), "bins": bins,
+            "reliability": rows}
+
+
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> list[float]:
     """Percentile bootstrap CI of the mean of per-sample values (e.g. correctness or paired deltas)."""
     values = np.asarray(values, float)
@@ -104,6 +134,27 @@ def plot_confusion(cm, class_names, path: Path, title: str = "Confusion matrix")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path, 110)
+
+
+def plot_reliability(cal: dict, path: Path, title: str) -> None:
+    """Reliability diagram: accuracy against confidence per bin (bar width = bin, shade = share)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    n = sum(r["n"] for r in cal["reliability"]) or 1
+    for r in cal["reliability"]:
+        ax.bar((r["lo"] + r["hi"]) / 2, r["accuracy"], width=r["hi"] - r["lo"], color="tab:blue",
+               alpha=0.25 + 0.75 * r["n"] / n, edgecolor="tab:blue")
+    ax.plot([r["confidence"] for r in cal["reliability"]], [r["accuracy"] for r in cal["reliability"]], "o-",
+            color="tab:red", ms=3, label="accuracy at mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {cal['ece']:.3f}, Brier {cal['brier']:.3f}, NLL {cal['nll']:.3f}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path, 110)
 
@@ -205,6 +256,13 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
         "![confusion matrix](confusion_matrix.png)",
         "",
     ]
+    if test.get("calibration"):
+        c = test["calibration"]
+        parts += ["### Calibration", "",
+                  f"Mean confidence {c['mean_confidence']:.4f} against accuracy {c['accuracy']:.4f}: expected "
+                  f"calibration error (ECE, {c['bins']} bins) **{c['ece']:.4f}**, maximum calibration error "
+                  f"{c['mce']:.4f}, Brier score {c['brier']:.4f}, negative log-likelihood {c['nll']:.4f}.", "",
+                  "![reliability diagram](reliability.png)", ""]
     if test.get("dedup"):
         d = test["dedup"]
         parts += [

@@ -314,6 +314,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     pred = probs.argmax(1)
     m = report.classification_metrics(test.labels, pred, names)
     m["accuracy_ci95"] = report.bootstrap_ci(pred == test.labels, seed=cfg.seed)
+    m["calibration"] = report.calibration_metrics(test.labels, probs)
     m["skipped"] = test.skipped
     root = Path(cfg.data_dir)
     rel = [data._rel(p, root) for p in test.paths]
@@ -331,6 +332,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     report.plot_confusion(m["confusion_matrix"], names, run_dir / "confusion_matrix.png",
                           f"{cfg.task} test, accuracy {m['accuracy']:.3f}")
     report.plot_examples(test.images, test.labels, pred, probs, names, run_dir / "examples.png", seed=cfg.seed)
+    report.plot_reliability(m["calibration"], run_dir / "reliability.png", f"{cfg.task} test, Keras")
     extra = {
         "wall_time_s": wall,
         "phase_notes": notes + [f"phase '{p['name']}': up to {p['epochs']} epochs, lr {p['lr']:g}, "

@@ -60,6 +60,8 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
     b = int((k_ok & ~f_ok).sum())
     c = int((~k_ok & f_ok).sum())
     diff = np.abs(keras_probs - file_probs)
+    k_cal = report.calibration_metrics(labels, keras_probs)
+    f_cal = report.calibration_metrics(labels, file_probs)
     flips = [{"path": paths[i], "true": names[labels[i]], "keras": names[kp[i]], "export": names[fp[i]],
               "keras_p": float(keras_probs[i, kp[i]]), "export_p": float(file_probs[i, fp[i]])}
              for i in np.flatnonzero(kp != fp)]
@@ -76,6 +78,9 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
         "agreement": float((kp == fp).mean()),
         "mcnemar": {"keras_right_export_wrong": b, "keras_wrong_export_right": c, "p_value": mcnemar_exact(b, c)},
         "prob_abs_diff": {"mean": float(diff.mean()), "max": float(diff.max())},
+        "calibration": {**{k: f_cal[k] for k in ("ece", "mce", "brier", "nll", "mean_confidence")},
+                        "keras": {k: k_cal[k] for k in ("ece", "mce", "brier", "nll", "mean_confidence")},
+                        "ece_delta": f_cal["ece"] - k_cal["ece"], "reliability": f_cal["reliability"]},
         "per_class_delta": per_class,
         "per_class": fm["per_class"],
         "confusion_matrix": fm["confusion_matrix"],
@@ -118,12 +123,16 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     min_agree, max_drop = thresholds.for_quantization(q)
     r.update({"file": f.name, "quantization": q, "format": meta.get("format"), "runtime": model.runtime_name,
               "size_mb": size_on_disk(f) / 1e6,
-              "thresholds": {"min_agreement": min_agree, "max_accuracy_drop_pts": max_drop}})
+              "thresholds": {"min_agreement": min_agree, "max_accuracy_drop_pts": max_drop,
+                             "max_ece_change": thresholds.max_ece_change}})
     reasons = []
     if r["agreement"] < min_agree:
         reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
     if -r["accuracy_delta"] * 100 > max_drop + 1e-9:
         reasons.append(f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop:.2f}")
+    if abs(r["calibration"]["ece_delta"]) > thresholds.max_ece_change + 1e-12:
+        reasons.append(f"calibration changed: |ΔECE| {abs(r['calibration']['ece_delta']):.4f} > "
+                       f"{thresholds.max_ece_change}")
     r["passed"] = not reasons
     r["fail_reasons"] = reasons
     if clean is not None:
@@ -197,6 +206,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
             continue
         report.plot_confusion(r["confusion_matrix"], names, plot_dir / f"confusion_{f.name.replace('.', '_')}.png",
                               f"{f.name}: accuracy {r['accuracy']:.3f}")
+        report.plot_reliability({**r["calibration"], "bins": report.ECE_BINS}, plot_dir /
+                                f"reliability_{f.name.replace('.', '_')}.png", f.name)
         results[f.name] = r
         log(f"{'PASS' if r['passed'] else 'FAIL'} {f.name}: accuracy {r['accuracy']:.4f} "
             f"(delta {r['accuracy_delta'] * 100:+.2f} pts), agreement {r['agreement']:.4f}")
@@ -218,15 +229,17 @@ def summary_table(out: dict) -> str:
     rows = []
     for name, r in out["files"].items():
         if "error" in r:
-            rows.append([name, "", "", "", "", "", "", "", "", "", "FAIL: " + r["fail_reasons"][0]])
+            rows.append([name, "", "", "", "", "", "", "", "", "", "", "FAIL: " + r["fail_reasons"][0]])
             continue
         rows.append([name, r["runtime"], f"{r['accuracy']:.4f}", f"{r['accuracy_delta'] * 100:+.2f}",
                      f"[{r['accuracy_delta_ci95'][0] * 100:+.2f}, {r['accuracy_delta_ci95'][1] * 100:+.2f}]",
                      f"{r['macro_f1_delta']:+.4f}", f"{r['agreement'] * 100:.2f}%", len(r["flips"]),
                      f"{r['mcnemar']['p_value']:.3g}", f"{r['prob_abs_diff']['mean']:.2e} / {r['prob_abs_diff']['max']:.2e}",
+                     (f"{r['calibration']['ece']:.4f} ({r['calibration']['ece_delta']:+.4f})"
+                      if "calibration" in r else ""),
                      "PASS" if r["passed"] else "FAIL: " + "; ".join(r["fail_reasons"])])
     return report.md_table(["file", "runtime", "accuracy", "Δacc (pts)", "Δacc 95% CI", "Δmacro-F1", "agreement",
-                            "flips", "McNemar p", "|Δp| mean / max", "gate"], rows)
+                            "flips", "McNemar p", "|Δp| mean / max", "ECE (Δ)", "gate"], rows)
 
 
 def markdown(out: dict) -> str:
@@ -246,7 +259,8 @@ def markdown(out: dict) -> str:
         "",
         f"Gates: fp32/fp16 agreement >= {th['float_agreement']:.3f} and accuracy drop <= "
         f"{th['float_max_drop_pts']:.1f} pts; dynamic/int8 agreement >= "
-        f"{th['quant_agreement']:.3f} and drop <= {th['quant_max_drop_pts']:.1f} pts.",
+        f"{th['quant_agreement']:.3f} and drop <= {th['quant_max_drop_pts']:.1f} pts"
+        + (f"; every file: |ΔECE| <= {th['max_ece_change']}." if "max_ece_change" in th else "."),
         "",
         "## Clinical parity: per-class sensitivity / specificity deltas (points)",
         "",
@@ -258,6 +272,14 @@ def markdown(out: dict) -> str:
         rows.append([name] + [f"{r['per_class_delta'][c]['sensitivity'] * 100:+.2f} / "
                               f"{r['per_class_delta'][c]['specificity'] * 100:+.2f}" for c in names])
     parts += [report.md_table(["file", *names], rows), ""]
+    cal = [(n, r["calibration"]) for n, r in out["files"].items() if "calibration" in r]
+    if cal:
+        parts += ["## Calibration (expected calibration error, 15 bins)", "",
+                  report.md_table(["file", "ECE", "Keras ECE", "ΔECE", "Brier", "NLL", "mean confidence"],
+                                  [[n, f"{c['ece']:.4f}", f"{c['keras']['ece']:.4f}", f"{c['ece_delta']:+.4f}",
+                                    f"{c['brier']:.4f}", f"{c['nll']:.4f}", f"{c['mean_confidence']:.4f}"]
+                                   for n, c in cal]), "",
+                  "Reliability diagrams per file: `verify/reliability_<file>.png`.", ""]
     if any("dedup" in r for r in out["files"].values()):
         rows = [[n, r["dedup"]["n"], f"{r['dedup']['keras_accuracy']:.4f}", f"{r['dedup']['accuracy']:.4f}",
                  f"{r['dedup']['accuracy_delta'] * 100:+.2f}", f"{r['dedup']['agreement'] * 100:.2f}%"]

@@ -91,3 +91,32 @@ def test_cli_reference_is_generated_from_the_code():
 
     assert (REPO / "docs" / "cli.md").read_text() == reference(), \
         "docs/cli.md is stale: python -m mri_edge.clidoc > docs/cli.md"
+
+
+def test_calibration_metrics_on_known_cases():
+    import numpy as np
+
+    from mri_edge.report import calibration_metrics
+
+    y = np.array([0, 1, 0, 1])
+    perfect = calibration_metrics(y, np.eye(2)[y])
+    assert perfect["ece"] == 0 and perfect["brier"] == 0 and perfect["nll"] < 1e-9
+    # always 90% sure, right half of the time: ECE 0.4
+    over = calibration_metrics(y, np.array([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]]))
+    assert abs(over["ece"] - 0.4) < 1e-9 and abs(over["mean_confidence"] - 0.9) < 1e-9
+    assert over["reliability"] == [{"lo": over["reliability"][0]["lo"], "hi": over["reliability"][0]["hi"],
+                                    "n": 4, "confidence": 0.9, "accuracy": 0.5}]
+    assert abs(over["brier"] - (0.01 + 0.01 + 0.81 + 0.81) / 2) < 1e-9
+
+
+def test_verify_reports_calibration_of_every_file(micro_run):
+    from mri_edge.verify import verify_run
+
+    out = verify_run(micro_run, log=lambda *_: None)
+    for name, r in out["files"].items():
+        c = r["calibration"]
+        assert abs(c["ece_delta"]) <= r["thresholds"]["max_ece_change"], name
+        assert (micro_run / "verify" / f"reliability_{name.replace('.', '_')}.png").is_file()
+    assert "Calibration (expected calibration error" in (micro_run / "parity.md").read_text()
+    test = __import__("json").loads((micro_run / "test_report.json").read_text())
+    assert 0 <= test["calibration"]["ece"] <= 1 and (micro_run / "reliability.png").is_file()
