@@ -19,15 +19,16 @@ def test_mcnemar_exact_values():
 
 def test_verify_passes_good_exports(exported_run):
     # The tiny model is barely trained, so near-tied probabilities make int8 flip more than a real
-    # model would; the float files must still agree exactly.
-    out = verify_run(exported_run, thresholds=Thresholds(quant_agreement=0.0, quant_max_drop_pts=100.0), log=lambda *_: None)
+    # model would (and moves their ECE); the float files must still agree exactly.
+    loose = Thresholds(quant_agreement=0.0, quant_max_drop_pts=100.0, max_ece_change=1.0)
+    out = verify_run(exported_run, thresholds=loose, log=lambda *_: None)
     assert out["passed"], out["failures"]
     floats = ["model_fp32.tflite", "model_fp32.onnx", "model_fp16.tflite"]
     floats += ["model_fp32.xml"] if ov.available(for_export=True) else []
     for name in floats:
         r = out["files"][name]
         assert r["agreement"] == 1.0 and r["accuracy_delta"] == 0 and r["prob_abs_diff"]["max"] < 1e-2
-        assert r["mcnemar"]["p_value"] == 1.0
+        assert r["mcnemar"]["p_value"] == 1.0 and abs(r["calibration"]["ece_delta"]) < 1e-3
     assert (exported_run / "parity.json").is_file() and "Clinical parity" in (exported_run / "parity.md").read_text()
     # one plot per file, though model_int8.tflite, .onnx and .xml share a stem
     assert (exported_run / "verify" / "confusion_model_int8_tflite.png").is_file()
