@@ -91,7 +91,7 @@ def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int) -> t
     twice the share still missing is skipped (it would take too much of a small class)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    ids, first = np.unique(groups, return_index=True)
+    ids = np.unique(groups)
     members = {g: np.flatnonzero(groups == g) for g in ids}
     majority = {g: int(np.bincount(labels[m]).argmax()) for g, m in members.items()}
     held = []
@@ -134,14 +134,17 @@ def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction:
     """1-NN probe of a validation split carved from training at random and one carved by
     whole groups (`--val-split grouped`), beside the test split's: the split whose probe is
     near the test's is the one that can select models for the test's kind of images."""
-    from .data import per_class_indices  # noqa: PLC0415
+    from .data import DataError, stratified_carve  # noqa: PLC0415
 
     train = np.flatnonzero(split_of == "train")
     if len(train) < 10:
         return {}
     t_thumbs, t_labels = thumbs[train], labels[train]
-    random_held = np.array(sorted(i for idx in per_class_indices(t_labels, seed)[0].values()
-                                  for i in idx[:max(1, int(round(fraction * len(idx))))].tolist()))
+    # the carve `--val-split random` makes, on row numbers instead of paths
+    try:
+        random_held = np.array(stratified_carve(list(range(len(train))), t_labels.tolist(), fraction, seed)[1].paths)
+    except DataError:  # a class with a single training image cannot be carved: no random probe
+        random_held = np.zeros(0, int)
     ids = components(t_thumbs, threshold)
     grouped_held, info = grouped_indices(ids, t_labels, fraction, seed)
     out = {"random": holdout_probe(t_thumbs, t_labels, random_held),

@@ -7,7 +7,6 @@ image with the Keras predictions stored by `mri-edge train` in test_predictions.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import numpy as np
 from . import report
 from .config import Thresholds
 from .errors import MriEdgeError
-from .files import sha256_file
 from .run import RunFolder
 from .keras_model import validation_reference
 from .ov import size_on_disk
@@ -26,6 +24,10 @@ from .progress import Progress
 
 class VerifyError(MriEdgeError):
     pass
+
+
+class DataMovedError(VerifyError):
+    """An image of the split cannot be read: no file can be checked, so verify stops."""
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -96,7 +98,7 @@ def _decode(model, root: Path, paths: list[str], split: str) -> np.ndarray:
             try:
                 imgs[i] = model.preprocess(root / rel)
             except Exception as e:
-                raise VerifyError(f"{split} image {root / rel} cannot be read now ({e}); was the dataset moved?") \
+                raise DataMovedError(f"{split} image {root / rel} cannot be read now ({e}); was the dataset moved?") \
                     from None
             bar.update()
     return imgs
@@ -190,10 +192,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         try:
             r = _check_file(f, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
                             batch_size)
-        except VerifyError as e:
-            if "cannot be read now" in str(e):
-                raise  # the data moved: no file can be checked
-            r = {"file": f.name, "error": str(e)}
+        except DataMovedError:
+            raise
         except MriEdgeError as e:
             r = {"file": f.name, "error": str(e)}
         except Exception as e:  # a runtime that crashes on this file: a FAIL row, not the end of verify

@@ -1,7 +1,6 @@
 """No process outlives a SIGTERM or SIGINT to a command, and the run folder stays consistent."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
