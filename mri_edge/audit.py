@@ -306,7 +306,7 @@ def markdown(out: dict) -> str:
     parts = [f"# Data audit: `{out['data_dir']}`", "", report.md_table(["split", *names, "total"], rows), "",
              f"Image sizes (top): {out['image_sizes']}. Modes: {out['modes']}. Formats: {out['formats']}.", "",
              f"Corrupt or unreadable files: {len(out['corrupt'])}.", "",
-             f"## Exact duplicates (identical bytes)", "",
+             "## Exact duplicates (identical bytes)", "",
              f"{out['exact_duplicates']['groups']} groups; pairs by split: {out['exact_duplicates']['pairs_by_split']}.", "",
              "## Near duplicates", "", nd["method"] + ".", "",
              report.md_table(["splits", "hash candidates", "confirmed", "of which byte-identical"],

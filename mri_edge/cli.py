@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .clitools import Interrupted, config_from, echo, int_list, options_from, run_guarded, terminate
-from .config import ExportConfig, Thresholds, TrainConfig
+from .config import CalibrateConfig, ExportConfig, Thresholds, TrainConfig
 from .demo import RECIPE
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,6 +171,35 @@ def verify(run_dir, files, threads, dedup, split, **gates):
         click.echo("PARITY FAILED:\n  " + "\n  ".join(out["failures"]), err=True)
         sys.exit(1)
     click.echo("parity OK: every exported file is within its gate")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@options_from(CalibrateConfig)
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Model to fit on [default: model.keras, else the most precise exported file].")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Where the run's dataset is now (rebuilds a missing split manifest from config.json).")
+@click.option("--threads", type=click.IntRange(1), default=None)
+def calibrate(run_dir, reference, data_dir, threads, **kw):
+    """Fit temperature, abstention threshold and conformal sets on held-out data.
+
+    The record goes into RUN_DIR/trust.json and into every exported file's metadata
+    (their model bytes are unchanged); predict then prints calibrated probabilities,
+    marks answers below the threshold for review, and shows prediction sets. The test
+    split is reported, never fitted on. Report: RUN_DIR/calibration/calibrate.md.
+
+    \b
+    Example:
+      mri-edge calibrate artifacts/tumor --max-risk 0.01
+    """
+    from . import calibrate as calibrate_lib  # noqa: PLC0415
+
+    cfg = run_guarded(config_from, CalibrateConfig, kw)
+    out = run_guarded(calibrate_lib.calibrate_run, run_dir, cfg, reference, threads, data_dir, log=echo)
+    click.echo(calibrate_lib.summary_table(out))
+    click.echo(f"\nstored in {len(out['updated_files'])} file(s) and {Path(run_dir) / 'trust.json'}; report "
+               f"{Path(run_dir) / 'calibration' / 'calibrate.md'}")
 
 
 @main.command()

@@ -113,6 +113,35 @@ class ExportConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """What `mri-edge calibrate` fits on held-out data (docs/trust.md)."""
+
+    max_risk: float | None = option(None, "Abstain below the confidence whose accepted answers have at most this "
+                                          "error on held-out data [default: 0.05 unless --coverage].",
+                                    minimum=0, maximum=1, type=float)
+    coverage: float | None = option(None, "Abstain below the confidence that answers this share of held-out "
+                                          "images instead.", minimum=0, maximum=1, min_open=True, type=float)
+    alpha: float = option(0.05, "Conformal prediction sets miss the true class at most this often (0.05: sets "
+                                "at 95% coverage).", minimum=0, maximum=1, min_open=True, max_open=True)
+    group_threshold: float = option(0.99, "Thumbnail correlation that makes a validation image a near twin of a "
+                                          "training image (such images are not held out like new subjects).",
+                                    minimum=0, maximum=1)
+    # A temperature fitted on twins of training images stays overconfident on new subjects
+    # (Alzheimer: 97% accurate and confident on its random validation split, 70% on test).
+    allow_twins: bool = option(False, "Fit on validation images with near twins in training when too few have "
+                                      "none (the fit is then marked as such; it will be overconfident).")
+    min_images: int = option(50, "Fewest held-out images to fit on.", minimum=10)
+
+    def __post_init__(self):
+        if self.max_risk is not None and self.coverage is not None:
+            from .errors import MriEdgeError  # noqa: PLC0415
+
+            raise MriEdgeError("give --max-risk or --coverage, not both")
+        if self.max_risk is None and self.coverage is None:
+            self.max_risk = 0.05
+
+
+@dataclass
 class Thresholds:
     """verify's gate per quantization family; every accuracy drop in percentage points."""
 

@@ -28,6 +28,25 @@ class DataError(MriEdgeError, ValueError):
     """The dataset folder is missing, empty or inconsistent."""
 
 
+class DataMovedError(DataError):
+    """An image a run's split manifest lists cannot be read now: nothing can be checked on it."""
+
+
+def decode_images(model, root: Path, paths: list[str], what: str) -> np.ndarray:
+    """(N, S, S, 3) uint8: the manifest's images under `model`'s preprocessing contract."""
+    size = model.image_size
+    imgs = np.zeros((len(paths), size, size, 3), np.uint8)
+    with Progress(len(imgs), f"decoding {what} ({size} px)") as bar:
+        for i, rel in enumerate(paths):
+            try:
+                imgs[i] = model.preprocess(Path(root) / rel)
+            except Exception as e:
+                raise DataMovedError(f"{what[:-1] if what.endswith('s') else what} {Path(root) / rel} cannot be "
+                                     f"read now ({e}); was the dataset moved?") from None
+            bar.update()
+    return imgs
+
+
 @dataclass
 class Split:
     name: str

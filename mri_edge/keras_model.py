@@ -37,8 +37,9 @@ class KerasModel(runtime.Model):
         size = int(self.net.input_shape[1])
         contract = RunFolder(path.parent).config().get("preprocessing") if (path.parent / "config.json").is_file() \
             else None
+        record = RunFolder(path.parent).trust()  # what `mri-edge calibrate` fitted for this run
         meta = {"class_names": labels["class_names"], "input_size": [size, size], "format": "keras",
-                **({"preprocessing": contract} if contract else {}),
+                **({"preprocessing": contract} if contract else {}), **({"trust": record} if record else {}),
                 "quantization": "none", "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
         super().__init__(path, meta, allow_other_resize)
         self.runtime_name = "keras"

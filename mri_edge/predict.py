@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from . import preprocess, runtime
+from . import preprocess, runtime, trust
 
 
 def expand_inputs(items) -> list[Path]:
@@ -43,6 +43,14 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
     failed = 0
     if not as_json:
         emit(f"model: {model.path.name} [{model.runtime_name}], classes: {', '.join(model.class_names)}")
+        if model.trust:
+            t = model.trust
+            emit(f"calibrated: temperature {t.temperature:.3f}"
+                 + (f"; answers below p {t.threshold:.3f} are marked '{trust.REVIEW}'" if t.threshold is not None
+                    else "")
+                 + (f"; prediction sets at {1 - t.alpha:.0%} coverage" if t.conformal_q is not None else ""))
+        else:
+            emit("not calibrated: probabilities are the model's raw softmax (run `mri-edge calibrate`)")
         emit(f"{'image':50s} {'prediction':22s} {'p':>6s}  top-{top_k}")
     t0 = time.perf_counter()
     for p in paths:
@@ -58,10 +66,17 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
         top = r.top(top_k)
         if as_json:
             emit(json.dumps({"image": str(p), "label": r.label, "index": r.index, "probabilities": r.probabilities,
-                             "top_k": top, "timing_ms": {k: round(v, 3) for k, v in r.timing_ms.items()}}))
+                             "top_k": top, "calibrated": r.calibrated, "uncertain": r.uncertain,
+                             "prediction_set": r.prediction_set, "set_coverage": r.set_coverage,
+                             "timing_ms": {k: round(v, 3) for k, v in r.timing_ms.items()}}))
         else:
+            extra = ""
+            if r.prediction_set is not None:
+                extra += f"  set ({r.set_coverage:.0%}): {' or '.join(r.prediction_set)}"
+            if r.uncertain:
+                extra += f"  [{trust.REVIEW}]"
             emit(f"{short_path(p):50s} {r.label:22s} {r.probabilities[r.label]:6.3f}  "
-                 + ", ".join(f"{n} {v:.3f}" for n, v in top) + f"  ({r.timing_ms['total']:.1f} ms)")
+                 + ", ".join(f"{n} {v:.3f}" for n, v in top) + f"  ({r.timing_ms['total']:.1f} ms){extra}")
     if not as_json:
         emit(f"{len(paths) - failed} classified, {failed} failed, {time.perf_counter() - t0:.2f} s")
     return failed

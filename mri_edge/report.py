@@ -311,6 +311,16 @@ def run_index_markdown(run) -> str:
         parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"],
                                              [[f"[{r['file']}](exports/{r['file']})", r["format"], r["quantization"],
                                                f"{r['size_mb']:.2f}"] for r in index["exports"]]), ""]
+    cal = load(run.calibration_dir / "calibrate.json")
+    if cal and isinstance(cal.get("trust"), dict):
+        t = cal["trust"]
+        parts += ["## Calibration and abstention", "",
+                  f"Temperature {t['temperature']:.3f}, abstain below {t['threshold']:.3f}, prediction sets at "
+                  f"{1 - t['alpha']:.0%}; fitted on {cal['held_out']['n']} held-out images. "
+                  "[Details](calibration/calibrate.md).", ""]
+    card = load(root / "model_card.json")
+    if card:
+        parts += ["## Model card", "", "[model_card.md](model_card.md)", ""]
     for label, path, link in (("Parity on the test split", root / "parity.json", "parity.md"),
                               ("Parity on the validation split", root / "verify" / "val" / "parity.json",
                                "verify/val/parity.md")):

@@ -12,7 +12,12 @@
       exports/             exported files + exports.json + calibration_manifest.json (export)
       parity.json, parity.md, verify/                           (verify)
       bench/                                                    (bench)
+      trust.json           temperature, abstention threshold, conformal quantile (calibrate)
+      calibration/         calibrate.json, calibrate.md, reliability and coverage-risk plots (calibrate)
       report.md            index page linking all of the above (rewritten by each command)
+
+A shipped folder (artifacts/<task>) is the same layout with the exported files at its top
+level instead of in exports/ and without model.keras.
 """
 
 from __future__ import annotations
@@ -56,6 +61,23 @@ class RunFolder:
     test_report_path = property(lambda self: self.path / "test_report.json")
     exports_dir = property(lambda self: self.path / "exports")
     exports_index_path = property(lambda self: self.path / "exports" / "exports.json")
+    trust_path = property(lambda self: self.path / "trust.json")
+    calibration_dir = property(lambda self: self.path / "calibration")
+
+    def export_files(self) -> list[Path]:
+        """The exported model files: exports/, or the top level of a shipped folder."""
+        from .runtime import EXPORT_SUFFIXES  # noqa: PLC0415
+
+        for folder in (self.exports_dir, self.path):
+            if folder.is_dir():
+                found = sorted(p for p in folder.iterdir() if p.suffix in EXPORT_SUFFIXES and p.is_file())
+                if found:
+                    return found
+        return []
+
+    def trust(self) -> dict | None:
+        """trust.json (what `mri-edge calibrate` fitted), or None before calibration."""
+        return read_json(self.trust_path, "trust record", ("temperature",)) if self.trust_path.is_file() else None
 
     # ------------------------------------------------------------ reads (one-line errors)
     def config(self) -> dict:

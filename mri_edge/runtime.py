@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import preprocess, quiet
+from . import preprocess, quiet, trust
 from .integrity import RuntimeModelError, check_integrity, check_kind
 
 METADATA_NAME = "mri_edge_metadata.json"  # file inside the ZIP appended to .tflite files
@@ -101,6 +101,10 @@ class Prediction:
     probabilities: dict[str, float]
     timing_ms: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    calibrated: bool = False  # probabilities went through the file's stored temperature
+    uncertain: bool = False  # below the file's abstention threshold: refer for review
+    prediction_set: list[str] | None = None  # conformal set at the file's stored coverage
+    set_coverage: float | None = None  # 1 - alpha of that set
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
@@ -161,29 +165,44 @@ class Model:
         self.input = meta["input"]
         self.output = meta["output"]
         self.runtime_name = ""
+        self.trust = trust.Trust.from_meta(meta)  # None: the file was never calibrated
 
     def preprocess(self, source) -> np.ndarray:
         """Path, bytes or array -> (S, S, 3) uint8 under the file's preprocessing contract."""
         return preprocess.load_image(source, self.image_size, self.resize_method)
 
     def run(self, batch_uint8: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 raw pixels -> (N, K) float32 probabilities."""
+        """(N, S, S, 3) uint8 raw pixels -> (N, K) float32 probabilities as the graph computes
+        them (before the stored temperature; `calibrated` applies it)."""
         raise NotImplementedError
+
+    def calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """The graph's probabilities under the file's stored temperature (unchanged if none)."""
+        return self.trust.apply(probs) if self.trust else np.asarray(probs, np.float32)
 
     def predict(self, source) -> Prediction:
         t0 = time.perf_counter()
         img = self.preprocess(source)
         t1 = time.perf_counter()
-        probs = self.run(img[None])[0]
+        probs = self.calibrated(self.run(img[None]))
         t2 = time.perf_counter()
-        i = int(np.argmax(probs))
-        return Prediction(self.class_names[i], i, {n: float(p) for n, p in zip(self.class_names, probs)},
-                          {"preprocess": (t1 - t0) * 1e3, "invoke": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3},
-                          str(source) if isinstance(source, (str, Path)) else "")
+        i = int(np.argmax(probs[0]))
+        out = Prediction(self.class_names[i], i, {n: float(p) for n, p in zip(self.class_names, probs[0])},
+                         {"preprocess": (t1 - t0) * 1e3, "invoke": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3},
+                         str(source) if isinstance(source, (str, Path)) else "", calibrated=self.trust is not None)
+        if self.trust:
+            out.uncertain = bool(self.trust.uncertain(probs)[0])
+            sets = self.trust.sets(probs)
+            if sets is not None:
+                out.prediction_set = [self.class_names[k] for k in sets[0]]
+                out.set_coverage = 1 - self.trust.alpha
+        return out
 
-    def predict_arrays(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 1, calibrated: bool = True) -> np.ndarray:
+        """(N, K) probabilities of decoded images, under the stored temperature unless calibrated=False."""
         out = [self.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+        probs = np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+        return self.calibrated(probs) if calibrated else probs
 
 
 class TFLiteModel(Model):

@@ -15,19 +15,20 @@ import numpy as np
 from . import report
 from .config import Thresholds
 from .errors import MriEdgeError
+from .data import DataMovedError, decode_images
 from .run import RunFolder
 from .keras_model import validation_reference
 from .ov import size_on_disk
-from .runtime import EXPORT_SUFFIXES, first_line, open_model
+from .runtime import first_line, open_model
 from .progress import Progress
+
+__all__ = ["DataMovedError", "VerifyError", "verify_run"]
 
 
 class VerifyError(MriEdgeError):
     pass
 
 
-class DataMovedError(VerifyError):
-    """An image of the split cannot be read: no file can be checked, so verify stops."""
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -46,8 +47,7 @@ def paired_delta_ci(keras_ok: np.ndarray, file_ok: np.ndarray, seed: int = 0, n_
 
 
 def find_exports(run_dir: Path) -> list[Path]:
-    ex = Path(run_dir) / "exports"
-    return sorted(p for p in ex.iterdir() if p.suffix in EXPORT_SUFFIXES) if ex.is_dir() else []
+    return RunFolder(run_dir).export_files()
 
 
 def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_probs: np.ndarray,
@@ -90,20 +90,6 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
     }
 
 
-def _decode(model, root: Path, paths: list[str], split: str) -> np.ndarray:
-    size = model.image_size
-    imgs = np.zeros((len(paths), size, size, 3), np.uint8)
-    with Progress(len(imgs), f"decoding {split} images ({size} px)") as bar:
-        for i, rel in enumerate(paths):
-            try:
-                imgs[i] = model.preprocess(root / rel)
-            except Exception as e:
-                raise DataMovedError(f"{split} image {root / rel} cannot be read now ({e}); was the dataset moved?") \
-                    from None
-            bar.update()
-    return imgs
-
-
 def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
                 batch_size) -> dict:
     """Every parity number and the gate of one exported file."""
@@ -111,7 +97,7 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     if model.class_names != names:
         raise VerifyError(f"class names {model.class_names} differ from the run's {names}")
     if model.image_size not in decoded:
-        decoded[model.image_size] = _decode(model, root, ref["paths"], split)
+        decoded[model.image_size] = decode_images(model, root, ref["paths"], f"{split} images")
     imgs = decoded[model.image_size]
     probs = []
     with Progress(len(imgs), f"running {f.name} [{model.runtime_name}]") as bar:

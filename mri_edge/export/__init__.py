@@ -25,7 +25,7 @@ _WHERE = {
                 "plan"),
     "graph": ("deployment_graph",),
     "onnx": ("onnx_fp32", "onnx_int8", "set_onnx_metadata"),
-    "pipeline": ("export_run", "load_run", "table"),
+    "pipeline": ("export_run", "load_run", "rewrite_metadata", "table"),
     "pool": ("default_workers",),
     "tflite": ("append_tflite_metadata", "calibrated_graph", "per_tensor_depthwise", "tflite_io"),
 }

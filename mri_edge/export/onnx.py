@@ -128,6 +128,19 @@ def set_onnx_metadata(proto, meta: dict) -> None:
     entry.key = METADATA_KEY
     entry.value = json.dumps(meta)
 
+def rewrite_onnx_metadata(path: Path, meta: dict) -> None:
+    """Replace an exported file's metadata_props entry; every other field is kept as stored."""
+    import onnx  # noqa: PLC0415
+
+    proto = onnx.load(str(path))
+    want = meta.get("model_sha256")
+    meta = dict(meta)
+    set_onnx_metadata(proto, meta)
+    if want and meta["model_sha256"] != want:
+        raise ExportError(f"{path}: its model bytes differ from its recorded hash; re-export it")
+    atomic_write_bytes(path, onnx_bytes(proto))
+
+
 def onnx_bytes(proto) -> bytes:
     """The serialised file; refuses to write one whose recorded hash would not match."""
     data = proto.SerializeToString()

@@ -55,6 +55,16 @@ def save(model, target: Path, meta: dict) -> None:
         tmp.with_suffix(".bin").unlink(missing_ok=True)
 
 
+def rewrite_openvino_metadata(path: Path, meta: dict) -> None:
+    """Replace an IR's metadata; save() rewrites the pair and checks the weights are unchanged."""
+    ov, ie = core()
+    want = meta.get("model_sha256")
+    meta = dict(meta)
+    save(ie.read_model(str(path)), path, meta)
+    if want and meta["model_sha256"] != want:
+        raise runtime.RuntimeModelError(f"{path}: OpenVINO wrote different weights when its metadata changed")
+
+
 def io_details(model) -> dict:
     """Input/output records in the same shape as the TFLite and ONNX files' (batch dimension -1)."""
     def record(port) -> dict:

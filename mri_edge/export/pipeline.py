@@ -219,3 +219,18 @@ def table(results: list[dict]) -> str:
         ["file", "format", "quantization", "I/O dtype", "size MB", "seconds"],
         [[r["file"], r["format"], r["quantization"], r["io_dtype"], round(r["size_mb"], 2), round(r["seconds"], 1)]
          for r in results])
+
+
+def rewrite_metadata(path: Path, meta: dict) -> None:
+    """Give an exported file new metadata without touching its model bytes (their recorded
+    hash is checked): how `mri-edge calibrate` stores its record in every file."""
+    path = Path(path)
+    if path.suffix == ".tflite":
+        from .tflite import rewrite_tflite_metadata as rewrite  # noqa: PLC0415
+    elif path.suffix == ".onnx":
+        from .onnx import rewrite_onnx_metadata as rewrite  # noqa: PLC0415
+    elif path.suffix == ".xml":
+        from .openvino import rewrite_openvino_metadata as rewrite  # noqa: PLC0415
+    else:
+        raise ExportError(f"{path}: not an exported model file")
+    rewrite(path, meta)

@@ -16,7 +16,7 @@ from .. import quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import METADATA_NAME
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
-from .formats import ExportJob
+from .formats import ExportError, ExportJob
 
 CALIB_BATCH = 10
 
@@ -201,6 +201,15 @@ def append_tflite_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr(METADATA_NAME, json.dumps(meta, indent=1))
     return flatbuffer + buf.getvalue()
+
+def rewrite_tflite_metadata(path: Path, meta: dict) -> None:
+    """Replace the metadata ZIP of an exported file; the flatbuffer before it is kept byte for byte."""
+    data = Path(path).read_bytes()
+    fb = data[: int(meta["model_bytes"])]
+    if sha256_bytes(fb) != meta.get("model_sha256", sha256_bytes(fb)):
+        raise ExportError(f"{path}: its model bytes differ from its recorded hash; re-export it")
+    atomic_write_bytes(path, append_tflite_metadata(fb, dict(meta)))
+
 
 def distance_to_keras(fb: bytes, meta: dict, val: tuple[np.ndarray, np.ndarray], workdir: Path,
                       threads: int | None = None) -> dict:

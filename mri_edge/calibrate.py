@@ -1,0 +1,329 @@
+"""`mri-edge calibrate`: fit a temperature, an abstention threshold and conformal prediction
+sets on held-out images that look like new subjects to the model, store the record in the
+run (trust.json) and in every exported file's metadata, and report what it gives on test.
+
+Held-out images: the run's validation split when it was carved by whole groups of
+near-identical images (`train --val-split grouped`); otherwise only those validation images
+with no near twin in training (thumbnail correlation below --group-threshold, the measure
+of `groups.py`). A temperature fitted on twins of training stays overconfident on new
+subjects, so too few twin-free images is an error unless --allow-twins. The test split is
+only ever reported, never fitted on.
+
+The fit uses the most precise model of the run (model.keras, else the fp32, fp16, dynamic,
+int8 file in that order, or --reference); one record serves every file, so all runtimes
+apply the same temperature and threshold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import groups, report, trust
+from .config import CalibrateConfig
+from .data import decode_images
+from .errors import MriEdgeError
+from .progress import Progress
+from .run import RunFolder
+from .runtime import open_model
+
+
+class CalibrateError(MriEdgeError):
+    pass
+
+
+PRECISION_ORDER = ("none", "fp16", "dynamic", "int8")
+
+
+def reference_model(run: RunFolder, files: list[Path], reference: str | None) -> Path:
+    if reference:
+        return Path(reference)
+    if run.model_path.is_file():
+        return run.model_path
+    if not files:
+        raise CalibrateError(f"{run.path}: no model.keras and no exported files to calibrate")
+    from .runtime import read_metadata  # noqa: PLC0415
+
+    def rank(p: Path):
+        if p.suffix == ".xml":
+            return (9, 9)
+        q = read_metadata(p).get("quantization", "int8")
+        return (PRECISION_ORDER.index(q) if q in PRECISION_ORDER else 9, 0 if p.suffix == ".tflite" else 1)
+
+    return min(files, key=rank)
+
+
+def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int], dict]:
+    """Indices into the validation split of the images to fit on, and how they were chosen
+    (with a 1-NN probe of them and of the test split against training)."""
+    root = Path(manifest["root"])
+    val = manifest["splits"].get("val") or []
+    train = manifest["splits"].get("train") or []
+    test = manifest["splits"].get("test") or []
+    if not val:
+        raise CalibrateError("the run has no validation split to calibrate on")
+    method = (manifest.get("val_split") or {}).get("method", "random")
+    paths = [str(root / rel) for rel, _ in train + val + test]
+    thumbs, _ = groups.read_thumbnails(paths, "thumbnails of train, validation and test")
+    labels = np.array([y for _, y in train + val + test])
+    nt, nv = len(train), len(val)
+    t_th, v_th, x_th = thumbs[:nt], thumbs[nt:nt + nv], thumbs[nt + nv:]
+    best_v = np.empty(nv, np.float32)
+    nn_v = np.empty(nv, int)
+    for s in range(0, nv, 512):
+        sim = groups.correlation(v_th[s:s + 512], t_th)
+        nn_v[s:s + 512], best_v[s:s + 512] = sim.argmax(1), sim.max(1)
+    if method == "grouped":
+        keep = np.arange(nv)
+        rule = "the run's grouped validation split (whole groups of near-identical images held out)"
+    else:
+        keep = np.flatnonzero(best_v < cfg.group_threshold)
+        rule = (f"validation images with no near twin in training (thumbnail correlation < {cfg.group_threshold}); "
+                f"{nv - len(keep)} of {nv} have one")
+    twins = False
+    if len(keep) < cfg.min_images:
+        if not cfg.allow_twins:
+            raise CalibrateError(
+                f"only {len(keep)} of {nv} validation images have no near twin in training (correlation >= "
+                f"{cfg.group_threshold}), fewer than {cfg.min_images}: a fit on twins of training stays "
+                "overconfident on new subjects. Retrain with `--val-split grouped`, or pass --allow-twins to fit on "
+                "the whole validation split anyway")
+        keep, twins = np.arange(nv), True
+        rule = f"the whole validation split, near twins of training included (--allow-twins; {len(keep)} images)"
+    y_val, y_train = labels[nt:nt + nv], labels[:nt]
+    info = {"rule": rule, "method": method, "twins_included": twins, "n": int(len(keep)), "of": nv,
+            "group_threshold": cfg.group_threshold,
+            "nn_probe_accuracy": float((y_train[nn_v[keep]] == y_val[keep]).mean()) if len(keep) else None,
+            "median_best_correlation": float(np.median(best_v[keep])) if len(keep) else None}
+    if test:
+        sim = np.concatenate([groups.correlation(x_th[s:s + 512], t_th).argmax(1) for s in range(0, len(test), 512)])
+        info["test_nn_probe_accuracy"] = float((y_train[sim] == labels[nt + nv:]).mean())
+    log(f"held out: {info['n']} images ({rule}); 1-NN probe {info['nn_probe_accuracy']:.1%} vs test "
+        f"{info.get('test_nn_probe_accuracy', float('nan')):.1%}")
+    return keep.tolist(), info
+
+
+def _probs(model, images: np.ndarray, what: str) -> np.ndarray:
+    out = []
+    with Progress(len(images), f"{model.path.name} on {what}") as bar:
+        for i in range(0, len(images), 32):
+            out.append(model.run(images[i:i + 32]))
+            bar.update(len(out[-1]))
+    return np.concatenate(out) if out else np.zeros((0, len(model.class_names)), np.float32)
+
+
+def evaluate(probs: np.ndarray, labels: np.ndarray, record: trust.Trust) -> dict:
+    """Calibration before and after the temperature, abstention at the threshold and the
+    conformal sets' coverage, for one model on one split."""
+    cal = record.apply(probs)
+    keys = ("ece", "mce", "brier", "nll", "mean_confidence", "accuracy")
+    before, after = report.calibration_metrics(labels, probs), report.calibration_metrics(labels, cal)
+    out = {"n": int(len(labels)), "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
+           "reliability_before": before["reliability"], "reliability_after": after["reliability"],
+           "coverage_risk": trust.coverage_risk(cal, labels)}
+    if record.threshold is not None:
+        out["abstention"] = trust.at_threshold(cal, labels, record.threshold)
+    if record.conformal_q is not None:
+        out["sets"] = trust.set_coverage(cal, labels, record.conformal_q)
+    return out
+
+
+def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
+    """The run's split manifest, read from data_dir when given. A shipped folder without one
+    gets it rebuilt from its config (same discovery, seed and carve as its training) and
+    checked against its test report's image count."""
+    if run.manifest_path.is_file():
+        manifest = run.manifest()
+        if data_dir:
+            manifest["root"] = str(Path(data_dir).resolve())
+        return manifest
+    if not data_dir:
+        raise CalibrateError(f"{run.path} has no split_manifest.json; pass --data-dir to rebuild it from the run's "
+                             "config.json")
+    from . import data  # noqa: PLC0415
+    from .files import read_json  # noqa: PLC0415
+
+    cfg = run.config()
+    ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), cfg.get("seed", 42),
+                       cfg.get("val_split", "random"), cfg.get("group_threshold", 0.99))
+    manifest = ds.manifest()
+    n_test = len(manifest["splits"].get("test", []))
+    if run.test_report_path.is_file():
+        want = read_json(run.test_report_path, "test report").get("n")
+        if want is not None and int(want) != n_test:
+            raise CalibrateError(f"{data_dir} gives {n_test} test images, the run's test report {want}: not the "
+                                 "dataset this run was trained on")
+    manifest["rebuilt_from_config"] = True
+    report.write_json(run.manifest_path, manifest)
+    log(f"rebuilt {run.manifest_path} from config.json (seed {cfg.get('seed', 42)}, "
+        f"{len(manifest['splits']['val'])} validation images)")
+    return manifest
+
+
+def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | None = None,
+                  threads: int | None = None, data_dir: str | None = None, log=print) -> dict:
+    cfg = cfg or CalibrateConfig()
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise CalibrateError(f"run folder not found: {run.path}")
+    manifest = split_manifest(run, data_dir, log)
+    root = Path(manifest["root"])
+    names = manifest["class_names"]
+    files = run.export_files()
+    ref_path = reference_model(run, files, reference)
+    keep, held = held_out_rows(manifest, cfg, log)
+    val_rows = [manifest["splits"]["val"][i] for i in keep]
+    test_rows = manifest["splits"].get("test") or []
+    y_val = np.array([y for _, y in val_rows])
+    y_test = np.array([y for _, y in test_rows])
+
+    decoded: dict[tuple[int, str], np.ndarray] = {}
+
+    def images(model, rows, what):
+        key = (model.image_size, what)
+        if key not in decoded:
+            decoded[key] = decode_images(model, root, [rel for rel, _ in rows], what)
+        return decoded[key]
+
+    def run_on(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+        model = open_model(path, threads=threads)
+        if model.class_names != names:
+            raise CalibrateError(f"{path}: class names {model.class_names} differ from the run's {names}")
+        if path == run.model_path and run.predictions_path.is_file():
+            from .keras_model import validation_reference  # noqa: PLC0415
+
+            ref = validation_reference(run.path, log)[0]
+            val = np.asarray(ref["probs"], np.float32)[keep]
+            tp = run.test_predictions()
+            if tp["paths"] != [rel for rel, _ in test_rows]:
+                raise CalibrateError(f"{run.predictions_path} does not list the split manifest's test images")
+            test = np.asarray(tp["probs"], np.float32)
+        else:
+            val = _probs(model, images(model, val_rows, "held-out images"), "held-out images")
+            test = _probs(model, images(model, test_rows, "test images"), "test images") if test_rows else None
+        return val, test, model.runtime_name
+
+    ref_val, ref_test, ref_runtime = run_on(ref_path)
+    temperature = trust.fit_temperature(ref_val, y_val)
+    cal_val = trust.scale(ref_val, temperature)
+    threshold = trust.choose_threshold(cal_val, y_val, cfg.max_risk, cfg.coverage)
+    q = trust.conformal_quantile(cal_val, y_val, cfg.alpha)
+    record = trust.Trust(temperature, threshold, cfg.alpha, q, fitted_on={
+        "model": ref_path.name, "runtime": ref_runtime, "images": held["n"], "rule": held["rule"],
+        "twins_included": held["twins_included"],
+        "target": {"max_risk": cfg.max_risk} if cfg.max_risk is not None else {"coverage": cfg.coverage}})
+    log(f"temperature {temperature:.3f}, abstain below {threshold:.3f}, conformal q {q:.3f} (alpha {cfg.alpha}), "
+        f"fitted on {held['n']} held-out images with {ref_path.name}")
+
+    results = {ref_path.name: {"held_out": evaluate(ref_val, y_val, record),
+                               **({"test": evaluate(ref_test, y_test, record)} if ref_test is not None else {}),
+                               "reference": True}}
+    for f in files:
+        if f == ref_path:
+            continue
+        val, test, _ = run_on(f)
+        results[f.name] = {"held_out": evaluate(val, y_val, record),
+                           **({"test": evaluate(test, y_test, record)} if test is not None else {})}
+
+    # Store: the run's record first, then each file (its model bytes untouched, their hash checked).
+    report.write_json(run.trust_path, record.to_dict())
+    from .export import rewrite_metadata  # noqa: PLC0415
+    from .ov import read_metadata as ov_metadata  # noqa: PLC0415
+    from .runtime import read_metadata  # noqa: PLC0415
+
+    for f in files:
+        meta = ov_metadata(f) if f.suffix == ".xml" else read_metadata(f)
+        rewrite_metadata(f, {**meta, "trust": record.to_dict()})
+        stored = open_model(f).trust  # reopened: hash checked, record read back
+        if stored is None or abs(stored.temperature - temperature) > 1e-12:
+            raise CalibrateError(f"{f}: the trust record did not read back")
+    out = {"run_dir": str(run.path), "class_names": names, "trust": record.to_dict(), "held_out": held,
+           "files": results, "updated_files": [f.name for f in files]}
+    write_reports(run, out)
+    return out
+
+
+def write_reports(run: RunFolder, out: dict) -> None:
+    d = run.calibration_dir
+    d.mkdir(parents=True, exist_ok=True)
+    slim = {**out, "files": {n: {s: {k: v for k, v in r.items() if k != "coverage_risk"} if isinstance(r, dict) else r
+                                     for s, r in res.items()} for n, res in out["files"].items()}}
+    report.write_json(d / "calibrate.json", slim)
+    ref_name = next(n for n, r in out["files"].items() if r.get("reference"))
+    ref = out["files"][ref_name]
+    for split in ("held_out", "test"):
+        if split in ref:
+            for when in ("before", "after"):
+                cal = {**ref[split][when], "reliability": ref[split][f"reliability_{when}"], "bins": report.ECE_BINS}
+                report.plot_reliability(cal, d / f"reliability_{split}_{when}.png",
+                                        f"{ref_name}, {split.replace('_', '-')}, {when} temperature")
+    plot_coverage_risk(out, d / "coverage_risk.png")
+    report.write_text(d / "calibrate.md", markdown(out))
+    run.write_index()
+
+
+def plot_coverage_risk(out: dict, path: Path) -> None:
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, res in out["files"].items():
+        for split, style in (("held_out", "--"), ("test", "-")):
+            if split in res:
+                c = res[split]["coverage_risk"]
+                ax.plot(c["coverage"], c["risk"], style, label=f"{name} ({split.replace('_', '-')})", lw=1)
+    thr = out["trust"]["threshold"]
+    ax.set_xlabel("coverage (share answered)")
+    ax.set_ylabel("risk (error among answered)")
+    ax.set_title(f"Coverage-risk; stored threshold {thr:.3f}")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    report.save_figure(fig, path)
+
+
+SUMMARY_HEADERS = ["file", "split", "images", "accuracy", "ECE before", "ECE after", "NLL before", "NLL after",
+                   "coverage at threshold", "risk at threshold", "set coverage / size"]
+
+
+def summary_table(out: dict) -> str:
+    return report.md_table(SUMMARY_HEADERS, summary_rows(out))
+
+
+def summary_rows(out: dict) -> list[list]:
+    rows = []
+    for name, res in out["files"].items():
+        for split in ("held_out", "test"):
+            if split not in res:
+                continue
+            r = res[split]
+            a = r.get("abstention", {})
+            s = r.get("sets", {})
+            rows.append([name, split.replace("_", "-"), r["n"], f"{r['before']['accuracy']:.4f}",
+                         f"{r['before']['ece']:.4f}", f"{r['after']['ece']:.4f}", f"{r['before']['nll']:.3f}",
+                         f"{r['after']['nll']:.3f}",
+                         f"{a['coverage']:.3f}" if a else "", f"{a['risk']:.4f}" if a else "",
+                         f"{s['coverage']:.3f} / {s['mean_size']:.2f}" if s else ""])
+    return rows
+
+
+def markdown(out: dict) -> str:
+    t = out["trust"]
+    h = out["held_out"]
+    target = ", ".join(f"{k} {v}" for k, v in t["fitted_on"]["target"].items())
+    return "\n".join([
+        "# Calibration, abstention and conformal sets", "",
+        f"Fitted on **{h['n']} held-out images**: {h['rule']}. 1-NN probe of them against training: "
+        f"{h['nn_probe_accuracy']:.1%} (test split: {h.get('test_nn_probe_accuracy', float('nan')):.1%}; close "
+        "values mean the held-out images are as new to the model as test images)."
+        + (" **They include near twins of training: expect the fit to be overconfident on new subjects.**"
+           if h["twins_included"] else ""), "",
+        f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`, minimum NLL)",
+        f"- abstention: answers with calibrated confidence below **{t['threshold']:.3f}** are marked "
+        f"\"{trust.REVIEW}\" (target: {target})",
+        f"- conformal prediction sets at {1 - t['alpha']:.0%} coverage: a class is in the set when its calibrated "
+        f"probability is at least {1 - t['conformal_q']:.3f} (the top class always is)", "",
+        "Every file below carries this record in its metadata; every runtime applies it.", "",
+        summary_table(out), "",
+        "The test rows are reported only; nothing was fitted on them.", "",
+        "![coverage-risk](coverage_risk.png)", "",
+        "Reliability before and after: `reliability_held_out_before.png`, `reliability_held_out_after.png`, "
+        "`reliability_test_before.png`, `reliability_test_after.png`.", ""])

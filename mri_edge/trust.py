@@ -1,0 +1,178 @@
+"""How far to trust one answer: temperature-scaled probabilities, an abstention threshold and
+conformal prediction sets. The record (`Trust`) travels in every exported file's metadata
+(and in a run folder's trust.json for its model.keras), and every runtime applies it through
+`Trust.apply`, so the same image gets the same calibrated answer from each file.
+
+Standard library and numpy only: the on-device runtime imports it. The fitting functions
+(`fit_temperature`, `choose_threshold`, `conformal_quantile`) run on a workstation in
+`mri-edge calibrate`; they are here beside `apply` so fit and use cannot drift apart.
+
+Temperature is applied to the files' probability outputs (every mri-edge graph ends in a
+softmax): softmax(log p / T) equals softmax(z / T) for the logits z, because log p differs
+from z by a constant per image. Probabilities are floored at `FLOOR` first: an int8 softmax
+output rounds small probabilities to 0, and log 0 has no temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+FLOOR = 1e-6
+REVIEW = "uncertain - refer for review"
+
+
+def scale(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """(N, K) probabilities -> temperature-scaled probabilities (float32; T = 1 is exact)."""
+    probs = np.asarray(probs, np.float32)
+    if temperature == 1.0:
+        return probs
+    z = np.log(np.clip(probs.astype(np.float64), FLOOR, 1.0)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    p = np.asarray(probs, np.float64)[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean())
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> float:
+    """The temperature that minimises the negative log-likelihood of `labels` (golden-section
+    search over log T; NLL is unimodal in T for temperature scaling)."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        raise ValueError("no held-out images to fit a temperature on")
+    f = lambda log_t: nll(scale(probs, math.exp(log_t)), labels)  # noqa: E731
+    a, b = math.log(lo), math.log(hi)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return float(math.exp((a + b) / 2))
+
+
+def coverage_risk(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """The coverage-risk curve of answering only above a confidence threshold: for each
+    threshold (the images' own confidences, highest first), the share answered and the error
+    among them. Lists of equal length, ordered by falling threshold."""
+    probs = np.asarray(probs)
+    conf = probs.max(1)
+    wrong = (probs.argmax(1) != np.asarray(labels)).astype(float)
+    order = np.argsort(-conf, kind="stable")
+    k = np.arange(1, len(conf) + 1)
+    return {"threshold": conf[order].tolist(), "coverage": (k / len(conf)).tolist(),
+            "risk": (np.cumsum(wrong[order]) / k).tolist()}
+
+
+def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    """Coverage, risk (error among accepted answers) and accepted-answer accuracy at a threshold."""
+    probs = np.asarray(probs)
+    accept = probs.max(1) >= threshold
+    right = probs.argmax(1) == np.asarray(labels)
+    n_acc = int(accept.sum())
+    risk = float((~right[accept]).mean()) if n_acc else 0.0
+    return {"threshold": float(threshold), "n": int(len(accept)), "accepted": n_acc,
+            "coverage": float(accept.mean()) if len(accept) else 0.0, "risk": risk,
+            "accepted_accuracy": 1.0 - risk if n_acc else None}
+
+
+def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | None = None,
+                     coverage: float | None = None) -> float:
+    """The abstention threshold on (calibrated) top-1 confidence, from held-out data.
+
+    max_risk: the lowest threshold whose accepted answers have an error of at most max_risk,
+    counting one error more than observed ((errors + 1) / (accepted + 1)), so that a small
+    held-out set does not promise a risk it never measured. coverage: the threshold that
+    accepts that share of the held-out images. No threshold meets max_risk -> 1.0 (refer all).
+    """
+    if (max_risk is None) == (coverage is None):
+        raise ValueError("give exactly one of max_risk and coverage")
+    conf = np.asarray(probs).max(1)
+    if coverage is not None:
+        if coverage >= 1:
+            return 0.0
+        return float(np.quantile(conf, 1 - coverage, method="higher"))
+    curve = coverage_risk(probs, labels)
+    thr = np.asarray(curve["threshold"])
+    k = np.arange(1, len(thr) + 1)
+    errors = np.asarray(curve["risk"]) * k
+    ok = (errors + 1) / (k + 1) <= max_risk
+    ok &= np.append(thr[1:] < thr[:-1], True)  # only cut between distinct confidences
+    return float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else 1.0
+
+
+def conformal_quantile(probs: np.ndarray, labels: np.ndarray, alpha: float) -> float:
+    """Split-conformal quantile of the score 1 - p(true class) (the LAC score): sets
+    {k : 1 - p_k <= q} then hold the true class with probability >= 1 - alpha on new
+    images exchangeable with the held-out ones (Vovk et al.; Angelopoulos & Bates 2021)."""
+    scores = 1.0 - np.asarray(probs, np.float64)[np.arange(len(labels)), np.asarray(labels)]
+    n = len(scores)
+    level = math.ceil((n + 1) * (1 - alpha)) / n
+    if level > 1:
+        return 1.0  # too few held-out images for this alpha: every class is in every set
+    return float(np.quantile(scores, level, method="higher"))
+
+
+def prediction_sets(probs: np.ndarray, q: float) -> list[list[int]]:
+    """The conformal set of each row (classes by falling probability); the top class is always
+    in it, so a set is never empty (which only raises the coverage)."""
+    probs = np.asarray(probs)
+    out = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")
+        out.append([int(k) for i, k in enumerate(order) if i == 0 or 1.0 - row[k] <= q])
+    return out
+
+
+def set_coverage(probs: np.ndarray, labels: np.ndarray, q: float) -> dict:
+    sets = prediction_sets(probs, q)
+    hit = [int(y) in s for s, y in zip(sets, np.asarray(labels))]
+    sizes = np.array([len(s) for s in sets])
+    return {"coverage": float(np.mean(hit)) if hit else 0.0, "mean_size": float(sizes.mean()) if len(sizes) else 0.0,
+            "singletons": float((sizes == 1).mean()) if len(sizes) else 0.0}
+
+
+@dataclass
+class Trust:
+    """What `mri-edge calibrate` stores: temperature, abstention threshold (on calibrated top-1
+    probability) and the conformal quantile, with where they were fitted."""
+
+    temperature: float = 1.0
+    threshold: float | None = None
+    alpha: float | None = None
+    conformal_q: float | None = None
+    fitted_on: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Trust | None":
+        record = meta.get("trust")
+        if not record:
+            return None
+        return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        return scale(probs, self.temperature)
+
+    def uncertain(self, calibrated: np.ndarray) -> np.ndarray:
+        """(N,) bool: answers below the abstention threshold (none without a threshold)."""
+        if self.threshold is None:
+            return np.zeros(len(calibrated), bool)
+        return np.asarray(calibrated).max(1) < self.threshold
+
+    def sets(self, calibrated: np.ndarray) -> list[list[int]] | None:
+        return None if self.conformal_q is None else prediction_sets(calibrated, self.conformal_q)

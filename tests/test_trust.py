@@ -1,0 +1,150 @@
+"""Temperature scaling, abstention and conformal sets: the numbers (trust.py) and their trip
+through `mri-edge calibrate` into every exported file and back out of every runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mri_edge import trust
+
+
+def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def overconfident(n, t_true=2.5, k=4, seed=0):
+    """Probabilities softmax(z) whose labels were drawn from softmax(z / t_true)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, (n, k))
+    p_true = softmax(z / t_true)
+    labels = np.array([rng.choice(k, p=p) for p in p_true])
+    return softmax(z).astype(np.float32), labels
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
+    probs, labels = overconfident(6000)
+    t = trust.fit_temperature(probs, labels)
+    assert 2.2 < t < 2.8, t
+    assert trust.nll(trust.scale(probs, t), labels) < trust.nll(probs, labels)
+    # an already calibrated model keeps T near 1
+    p, y = overconfident(6000, t_true=1.0, seed=1)
+    assert 0.9 < trust.fit_temperature(p, y) < 1.1
+
+
+def test_scale_keeps_the_ranking_and_is_exact_at_one():
+    probs, _ = overconfident(50)
+    assert trust.scale(probs, 1.0) is not None and np.array_equal(trust.scale(probs, 1.0), probs)
+    s = trust.scale(probs, 3.0)
+    assert np.array_equal(s.argmax(1), probs.argmax(1))
+    assert np.allclose(s.sum(1), 1, atol=1e-6)
+    assert (s.max(1) <= probs.max(1) + 1e-6).all()  # T > 1 softens
+    # an int8 output with exact zeros still gets a finite answer
+    q = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
+    assert np.isfinite(trust.scale(q, 2.0)).all()
+
+
+def test_the_threshold_meets_its_risk_on_the_data_it_was_chosen_on_and_coverage_mode():
+    probs, labels = overconfident(2000, t_true=1.0)
+    thr = trust.choose_threshold(probs, labels, max_risk=0.1)
+    at = trust.at_threshold(probs, labels, thr)
+    assert at["risk"] <= 0.1 and at["coverage"] > 0.2
+    # one fewer threshold step would break the (errors + 1) / (accepted + 1) rule or add nothing
+    thr90 = trust.choose_threshold(probs, labels, coverage=0.9)
+    assert abs(trust.at_threshold(probs, labels, thr90)["coverage"] - 0.9) < 0.01
+    # an impossible target refers everything
+    assert trust.choose_threshold(probs, labels, max_risk=0.0) == 1.0
+    with pytest.raises(ValueError):
+        trust.choose_threshold(probs, labels)
+
+
+def test_conformal_sets_reach_their_coverage_on_new_exchangeable_data():
+    probs, labels = overconfident(8000, t_true=1.0, seed=3)
+    covers = []
+    for s in range(10):  # ten random calibration / test splits
+        idx = np.random.default_rng(s).permutation(len(labels))
+        cal, new = idx[:1000], idx[1000:]
+        q = trust.conformal_quantile(probs[cal], labels[cal], 0.1)
+        covers.append(trust.set_coverage(probs[new], labels[new], q)["coverage"])
+    assert 0.88 <= np.mean(covers) <= 0.93, covers
+    sets = trust.prediction_sets(probs[:20], 0.0)
+    assert all(len(s) == 1 and s[0] == int(p.argmax()) for s, p in zip(sets, probs[:20]))  # never empty
+    assert trust.conformal_quantile(probs[:5], labels[:5], 0.05) == 1.0  # too few images: every class
+
+
+@pytest.fixture
+def calibrated_run(micro_run, tmp_path):
+    """A copy of micro_run calibrated with a coverage target (so some answers abstain)."""
+    from mri_edge.calibrate import calibrate_run
+    from mri_edge.config import CalibrateConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    out = calibrate_run(run, CalibrateConfig(coverage=0.5, alpha=0.2, min_images=4), log=lambda *_: None)
+    return run, out
+
+
+def test_calibrate_stores_one_record_that_every_runtime_applies_identically(calibrated_run):
+    from mri_edge import data
+    from mri_edge.run import RunFolder
+    from mri_edge.runtime import open_model
+
+    run, out = calibrated_run
+    record = json.loads((run / "trust.json").read_text())
+    assert out["trust"] == record and record["fitted_on"]["model"] == "model.keras"
+    assert record["threshold"] is not None and record["conformal_q"] is not None
+    files = RunFolder(run).export_files()
+    assert sorted(out["updated_files"]) == sorted(f.name for f in files) and len(files) == 4
+    manifest = RunFolder(run).manifest()
+    keras = open_model(run / "model.keras")
+    assert keras.trust.to_dict() == record
+    imgs = data.decode_images(keras, manifest["root"], [r for r, _ in manifest["splits"]["test"]], "test images")
+    ref = keras.predict_arrays(imgs, 8)
+    assert not np.allclose(ref, keras.predict_arrays(imgs, 8, calibrated=False))  # the temperature does something
+    for f in files:
+        m = open_model(f)  # the model-byte hash still matches: only the metadata changed
+        assert m.trust.to_dict() == record, f.name
+        probs = m.predict_arrays(imgs, 8)
+        if m.meta["quantization"] == "none":
+            assert np.abs(probs - ref).max() < 1e-4, f.name
+        else:
+            assert np.array_equal(probs, trust.scale(m.predict_arrays(imgs, 8, calibrated=False), record["temperature"]))
+    assert (run / "calibration" / "calibrate.md").is_file() and (run / "calibration" / "coverage_risk.png").is_file()
+    assert "calibrate.md" in (run / "report.md").read_text()
+
+
+def test_predict_marks_answers_below_the_threshold_for_review(calibrated_run):
+    from mri_edge.cli import main
+    from mri_edge.run import RunFolder
+
+    run, out = calibrated_run
+    manifest = RunFolder(run).manifest()
+    images = [f"{manifest['root']}/{rel}" for rel, _ in manifest["splits"]["test"]]
+    model = RunFolder(run).export_files()[0]
+    res = CliRunner().invoke(main, ["predict", str(model), *images, "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    thr = out["trust"]["threshold"]
+    assert {r["uncertain"] for r in rows} == {True, False}  # coverage 0.5 on held-out: both kinds
+    for r in rows:
+        assert r["calibrated"] and r["uncertain"] == (r["probabilities"][r["label"]] < thr)
+        assert r["prediction_set"][0] == r["label"] and r["set_coverage"] == pytest.approx(0.8)
+    text = CliRunner().invoke(main, ["predict", str(model), *images])
+    assert trust.REVIEW in text.output and "set (80%)" in text.output
+
+
+def test_calibrate_refuses_twins_and_too_few_images(micro_run, tmp_path):
+    from mri_edge.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    res = CliRunner().invoke(main, ["calibrate", str(run)])  # 4 validation images < 50
+    assert res.exit_code == 1 and "Retrain with `--val-split grouped`" in res.output
+    assert not (run / "trust.json").exists()
+    res = CliRunner().invoke(main, ["calibrate", str(run), "--max-risk", "0.1", "--coverage", "0.9"])
+    assert res.exit_code == 1 and "not both" in res.output
