@@ -101,6 +101,21 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
         info["test_nn_probe_accuracy"] = float((y_train[sim] == labels[nt + nv:]).mean())
     log(f"held out: {info['n']} images ({rule}); 1-NN probe {info['nn_probe_accuracy']:.1%} vs test "
         f"{info.get('test_nn_probe_accuracy', float('nan')):.1%}")
+    gap = (info["nn_probe_accuracy"] or 0) - info.get("test_nn_probe_accuracy", 1.0)
+    # two standard errors of the gap (at the test's rate): a handful of held-out images
+    # cannot show that they are twins
+    p_t = info.get("test_nn_probe_accuracy", 1.0)
+    noise = 2 * np.sqrt(p_t * (1 - p_t) * (1 / max(len(keep), 1) + 1 / max(len(test), 1)))
+    info["probe_gap"], info["probe_gap_noise"] = float(gap), float(noise)
+    if gap > cfg.max_probe_gap + noise and not twins:
+        if not cfg.allow_twins:
+            raise CalibrateError(
+                f"the {info['n']} held-out images are not new to the model: a raw-pixel 1-NN against training gets "
+                f"{info['nn_probe_accuracy']:.1%} of them and {info['test_nn_probe_accuracy']:.1%} of test (gap "
+                f"{gap:.1%} > {cfg.max_probe_gap:.0%} + {noise:.1%} noise); a fit on them stays overconfident on new subjects. Retrain "
+                "with `--val-split grouped`, or pass --allow-twins to fit on them anyway")
+        info["twins_included"] = True
+        info["rule"] += f" (--allow-twins: their 1-NN probe beats the test's by {gap:.1%})"
     return keep.tolist(), info
 
 
@@ -152,8 +167,9 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
     if run.test_report_path.is_file():
         want = read_json(run.test_report_path, "test report").get("n")
         if want is not None and int(want) != n_test:
-            raise CalibrateError(f"{data_dir} gives {n_test} test images, the run's test report {want}: not the "
-                                 "dataset this run was trained on")
+            # the fit reads validation only; a test split that differs (a junk file now ignored) is reported
+            log(f"warning: {data_dir} gives {n_test} test images, the run's test report {want}")
+            manifest["test_count_at_training"] = int(want)
     manifest["rebuilt_from_config"] = True
     report.write_json(run.manifest_path, manifest)
     log(f"rebuilt {run.manifest_path} from config.json (seed {cfg.get('seed', 42)}, "
@@ -226,18 +242,24 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         results[f.name] = {"held_out": evaluate(val, y_val, record),
                            **({"test": evaluate(test, y_test, record)} if test is not None else {})}
 
-    # Store: the run's record first, then each file (its model bytes untouched, their hash checked).
-    report.write_json(run.trust_path, record.to_dict())
+    # Store in each file (its model bytes untouched, their hash checked), then the run's record.
     from .export import rewrite_metadata  # noqa: PLC0415
     from .ov import read_metadata as ov_metadata  # noqa: PLC0415
     from .runtime import read_metadata  # noqa: PLC0415
 
+    done = []
     for f in files:
-        meta = ov_metadata(f) if f.suffix == ".xml" else read_metadata(f)
-        rewrite_metadata(f, {**meta, "trust": record.to_dict()})
-        stored = open_model(f).trust  # reopened: hash checked, record read back
-        if stored is None or abs(stored.temperature - temperature) > 1e-12:
-            raise CalibrateError(f"{f}: the trust record did not read back")
+        try:
+            meta = ov_metadata(f) if f.suffix == ".xml" else read_metadata(f)
+            rewrite_metadata(f, {**meta, "trust": record.to_dict()})
+            stored = open_model(f).trust  # reopened: hash checked, record read back
+            if stored is None or stored.to_dict() != record.to_dict():
+                raise CalibrateError("the record did not read back")
+        except Exception as e:
+            raise CalibrateError(f"{f}: cannot store the calibration ({e}); updated so far: "
+                                 f"{', '.join(done) or 'none'}; fix it and run calibrate again") from None
+        done.append(f.name)
+    report.write_json(run.trust_path, record.to_dict())
     out = {"run_dir": str(run.path), "class_names": names, "trust": record.to_dict(), "held_out": held,
            "files": results, "updated_files": [f.name for f in files]}
     write_reports(run, out)

@@ -146,7 +146,9 @@ def export(run_dir, **options):
               help="An audit.json: also report parity on the leakage-free test subset.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
               help="val: gate on the validation split instead (for choosing export settings).")
-def verify(run_dir, files, threads, dedup, split, **gates):
+@click.option("--explain-images", type=click.IntRange(0), default=64, show_default=True,
+              help="Compare occlusion maps of each file with the Keras model's on this many images (0: skip).")
+def verify(run_dir, files, threads, dedup, split, explain_images, **gates):
     """Check that every exported file is as accurate as the Keras model.
 
     Runs each file on the test split through the on-device runtime and compares
@@ -161,7 +163,7 @@ def verify(run_dir, files, threads, dedup, split, **gates):
     from . import verify as verify_lib  # noqa: PLC0415
 
     out = run_guarded(verify_lib.verify_run, run_dir, files or None, config_from(Thresholds, gates), threads,
-                      dedup=dedup, log=echo, split=split)
+                      dedup=dedup, log=echo, split=split, explain_images=explain_images)
     click.echo(verify_lib.summary_table(out))
     click.echo(f"\nwrote {Path(out['report_dir']) / 'parity.json'} and parity.md")
     if out["selected_files_only"]:
@@ -230,6 +232,39 @@ def predict(model_path, images, top_k, as_json, threads, allow_other_resize):
     failed = predict_lib.run(model, paths, top_k, as_json, click.echo)
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be read", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="explain", show_default=True,
+              help="Folder for the overlay PNGs, explain.json and explain.md.")
+@click.option("--method", type=click.Choice(["occlusion", "gradcam"]), default="occlusion", show_default=True,
+              help="occlusion runs through any file's own runtime (int8 included); gradcam needs a .keras model.")
+@click.option("--grid", type=click.IntRange(2, 32), default=8, show_default=True,
+              help="Occlusion: cells per side blacked out in turn.")
+@click.option("--threads", type=click.IntRange(1), default=None)
+def explain(model_path, images, out_dir, method, grid, threads):
+    """Show where a model looked: one overlay PNG per image.
+
+    \b
+    Example:
+      mri-edge explain artifacts/tumor/model_int8.tflite scan.jpg --out explain/
+    """
+    from . import explain as explain_lib  # noqa: PLC0415
+    from . import predict as predict_lib  # noqa: PLC0415
+
+    paths = predict_lib.expand_inputs(images)
+    if not paths:
+        raise click.ClickException("no image files matched")
+    out = run_guarded(explain_lib.explain_images, model_path, paths, out_dir, method, grid, threads, log=echo)
+    for r in out["images"]:
+        click.echo(f"{predict_lib.short_path(r['image']):50s} {r['class']:22s} {r['probability']:6.3f}  -> "
+                   f"{Path(out_dir) / r['png']}")
+    click.echo(f"wrote {len(out['images'])} overlay(s), {Path(out_dir) / 'explain.md'}")
+    if out["failed"]:
+        click.echo(f"{len(out['failed'])} of {len(paths)} image(s) could not be read", err=True)
         sys.exit(1)
 
 

@@ -131,6 +131,12 @@ class CalibrateConfig:
     allow_twins: bool = option(False, "Fit on validation images with near twins in training when too few have "
                                       "none (the fit is then marked as such; it will be overconfident).")
     min_images: int = option(50, "Fewest held-out images to fit on.", minimum=10)
+    # Correlation under the threshold is not enough on a dataset of slice stacks: the random
+    # carve's twin-free Alzheimer images still have a same-subject neighbour (1-NN 100%, test
+    # 73%). The probe gap is the measured test of "looks like new subjects".
+    max_probe_gap: float = option(0.1, "Refuse held-out images whose raw-pixel 1-NN accuracy against training beats "
+                                       "the test split's by more than this (they are not new to the model).",
+                                  minimum=0, maximum=1)
 
     def __post_init__(self):
         if self.max_risk is not None and self.coverage is not None:
@@ -159,6 +165,11 @@ class Thresholds:
     # OpenVINO 0.0062 (one flip in 200 images): a flip moves ECE by about 1/n.
     max_ece_change: float = option(0.01, "Allowed change of the expected calibration error (15 bins) of any "
                                          "exported file against Keras.", minimum=0, maximum=1)
+
+    # Report-only by default (0): the goal is a median of 0.9 between int8 and Keras, measured
+    # per run in parity.md; a user who relies on explanations sets the gate.
+    min_explanation_corr: float = option(0.0, "Minimum median rank correlation of a file's occlusion maps with the "
+                                              "Keras model's (0 = report only).", minimum=-1, maximum=1)
 
     def for_quantization(self, q: str) -> tuple[float, float]:
         """(minimum agreement, maximum accuracy drop in points) for a file's quantization."""

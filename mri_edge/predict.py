@@ -15,7 +15,9 @@ def expand_inputs(items) -> list[Path]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in preprocess.IMAGE_SUFFIXES)
+            # hidden folders (.ipynb_checkpoints copies and the like) are not scans to classify
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in preprocess.IMAGE_SUFFIXES
+                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
         elif p.exists():
             out.append(p)
         else:

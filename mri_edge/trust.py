@@ -113,11 +113,24 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | No
     return float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else 1.0
 
 
+def aps_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The score of each row's label: the probability mass of the classes ranked above it.
+    This is the adaptive-prediction-set score of Romano et al. (2020) with its random share
+    of the label's own mass fixed at 0, so the same image always gets the same set; the
+    coverage guarantee holds for any score, and the ties at 0 (correct top-1 answers) only
+    raise the coverage."""
+    probs = np.asarray(probs, np.float64)
+    p_true = probs[np.arange(len(labels)), np.asarray(labels)]
+    return (probs * (probs > p_true[:, None])).sum(1)
+
+
 def conformal_quantile(probs: np.ndarray, labels: np.ndarray, alpha: float) -> float:
-    """Split-conformal quantile of the score 1 - p(true class) (the LAC score): sets
-    {k : 1 - p_k <= q} then hold the true class with probability >= 1 - alpha on new
-    images exchangeable with the held-out ones (Vovk et al.; Angelopoulos & Bates 2021)."""
-    scores = 1.0 - np.asarray(probs, np.float64)[np.arange(len(labels)), np.asarray(labels)]
+    """Split-conformal quantile of the APS score: a set that takes classes by falling
+    probability until their mass reaches it holds the true class with probability >= 1 -
+    alpha on new images exchangeable with the held-out ones (Vovk et al.; Angelopoulos &
+    Bates 2021). APS rather than the 1 - p(true) score: its sets grow on uncertain images
+    instead of shrinking to nothing."""
+    scores = aps_scores(probs, labels)
     n = len(scores)
     level = math.ceil((n + 1) * (1 - alpha)) / n
     if level > 1:
@@ -126,13 +139,14 @@ def conformal_quantile(probs: np.ndarray, labels: np.ndarray, alpha: float) -> f
 
 
 def prediction_sets(probs: np.ndarray, q: float) -> list[list[int]]:
-    """The conformal set of each row (classes by falling probability); the top class is always
-    in it, so a set is never empty (which only raises the coverage)."""
-    probs = np.asarray(probs)
+    """The conformal set of each row: classes by falling probability while the mass before
+    them is at most q (so the top class is always in it)."""
+    probs = np.asarray(probs, np.float64)
     out = []
     for row in probs:
         order = np.argsort(-row, kind="stable")
-        out.append([int(k) for i, k in enumerate(order) if i == 0 or 1.0 - row[k] <= q])
+        before = np.concatenate([[0.0], np.cumsum(row[order])[:-1]])
+        out.append([int(k) for i, k in enumerate(order) if i == 0 or before[i] <= q + 1e-9])
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
+from . import explain, report, trust
 from .config import Thresholds
 from .errors import MriEdgeError
 from .data import DataMovedError, decode_images
@@ -90,8 +90,29 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
     }
 
 
+def trust_metrics(record: trust.Trust, labels: np.ndarray, keras_probs: np.ndarray, file_probs: np.ndarray) -> dict:
+    """The file's stored calibration applied to it and to the Keras model: ECE after the
+    temperature, abstention at the stored threshold and the conformal sets' coverage."""
+    out = {"temperature": record.temperature}
+    for who, probs in (("file", file_probs), ("keras", keras_probs)):
+        cal = record.apply(probs)
+        m = {"ece": report.calibration_metrics(labels, cal)["ece"]}
+        if record.threshold is not None:
+            m["abstention"] = trust.at_threshold(cal, labels, record.threshold)
+        if record.conformal_q is not None:
+            m["sets"] = trust.set_coverage(cal, labels, record.conformal_q)
+        out[who] = m
+    out["ece_delta"] = out["file"]["ece"] - out["keras"]["ece"]
+    return out
+
+
+def explanation_sample(labels: np.ndarray, n: int) -> np.ndarray:
+    """The test images whose explanations are compared: a fixed random sample of n."""
+    return np.sort(np.random.default_rng(0).permutation(len(labels))[:n])
+
+
 def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                batch_size) -> dict:
+                batch_size, keras_maps=None) -> dict:
     """Every parity number and the gate of one exported file."""
     model = open_model(f, threads=threads)
     if model.class_names != names:
@@ -113,6 +134,14 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
               "size_mb": size_on_disk(f) / 1e6,
               "thresholds": {"min_agreement": min_agree, "max_accuracy_drop_pts": max_drop,
                              "max_ece_change": thresholds.max_ece_change}})
+    if model.trust:
+        r["trust"] = trust_metrics(model.trust, labels, keras_probs, probs)
+    if keras_maps is not None:
+        idx, targets, ref_maps = keras_maps
+        maps = [explain.occlusion(model, imgs[i], t)[0] for i, t in zip(idx, targets)]
+        r["explanation"] = {"method": f"occlusion {explain.GRID}x{explain.GRID}",
+                            **explain.parity(ref_maps, maps, model.image_size)}
+        r["thresholds"]["min_explanation_corr"] = thresholds.min_explanation_corr
     reasons = []
     if r["agreement"] < min_agree:
         reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
@@ -121,6 +150,12 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     if abs(r["calibration"]["ece_delta"]) > thresholds.max_ece_change + 1e-12:
         reasons.append(f"calibration changed: |ΔECE| {abs(r['calibration']['ece_delta']):.4f} > "
                        f"{thresholds.max_ece_change}")
+    if "trust" in r and abs(r["trust"]["ece_delta"]) > thresholds.max_ece_change + 1e-12:
+        reasons.append(f"calibrated probabilities changed: |ΔECE| after the stored temperature "
+                       f"{abs(r['trust']['ece_delta']):.4f} > {thresholds.max_ece_change}")
+    if "explanation" in r and r["explanation"]["rank_correlation"]["median"] < thresholds.min_explanation_corr:
+        reasons.append(f"explanations moved: median rank correlation {r['explanation']['rank_correlation']['median']:.3f}"
+                       f" < {thresholds.min_explanation_corr}")
     r["passed"] = not reasons
     r["fail_reasons"] = reasons
     if clean is not None:
@@ -131,8 +166,25 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     return r
 
 
+def keras_explanations(run: RunFolder, root: Path, ref: dict, labels: np.ndarray, keras_probs: np.ndarray,
+                       decoded: dict, n: int, split: str):
+    """(image indices, explained classes, Keras occlusion maps) on n images of the split."""
+    net = open_model(run.model_path)
+    if net.image_size not in decoded:
+        decoded[net.image_size] = decode_images(net, root, ref["paths"], f"{split} images")
+    idx = explanation_sample(labels, n)
+    targets = keras_probs[idx].argmax(1)
+    maps = []
+    with Progress(len(idx), f"Keras occlusion maps ({explain.GRID}x{explain.GRID}) on {len(idx)} images") as bar:
+        for i, t in zip(idx, targets):
+            maps.append(explain.occlusion(net, decoded[net.image_size][i], int(t))[0])
+            bar.update()
+    return idx, targets.tolist(), maps
+
+
 def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, threads: int | None = None,
-               batch_size: int = 16, dedup: str | None = None, log=print, split: str = "test") -> dict:
+               batch_size: int = 16, dedup: str | None = None, log=print, split: str = "test",
+               explain_images: int = 64) -> dict:
     """Gate every exported file on the test split (the report of record: run_dir/parity.json),
     or on the validation split (run_dir/verify/val/), where export settings can be compared
     without looking at the test set.
@@ -172,12 +224,15 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         clean = audit.leakage_free_mask(dedup, [str(root / p) for p in ref["paths"]])
 
     decoded: dict[int, np.ndarray] = {}
+    keras_maps = None
+    if explain_images and run.model_path.is_file():
+        keras_maps = keras_explanations(run, root, ref, labels, keras_probs, decoded, explain_images, split)
     results = {}
     failures = []
     for f in files:
         try:
             r = _check_file(f, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                            batch_size)
+                            batch_size, keras_maps)
         except DataMovedError:
             raise
         except MriEdgeError as e:
@@ -215,7 +270,7 @@ def summary_table(out: dict) -> str:
     rows = []
     for name, r in out["files"].items():
         if "error" in r:
-            rows.append([name, "", "", "", "", "", "", "", "", "", "", "FAIL: " + r["fail_reasons"][0]])
+            rows.append([name, "", "", "", "", "", "", "", "", "", "", "", "FAIL: " + r["fail_reasons"][0]])
             continue
         rows.append([name, r["runtime"], f"{r['accuracy']:.4f}", f"{r['accuracy_delta'] * 100:+.2f}",
                      f"[{r['accuracy_delta_ci95'][0] * 100:+.2f}, {r['accuracy_delta_ci95'][1] * 100:+.2f}]",
@@ -223,9 +278,10 @@ def summary_table(out: dict) -> str:
                      f"{r['mcnemar']['p_value']:.3g}", f"{r['prob_abs_diff']['mean']:.2e} / {r['prob_abs_diff']['max']:.2e}",
                      (f"{r['calibration']['ece']:.4f} ({r['calibration']['ece_delta']:+.4f})"
                       if "calibration" in r else ""),
+                     (f"{r['explanation']['rank_correlation']['median']:.3f}" if "explanation" in r else ""),
                      "PASS" if r["passed"] else "FAIL: " + "; ".join(r["fail_reasons"])])
     return report.md_table(["file", "runtime", "accuracy", "Δacc (pts)", "Δacc 95% CI", "Δmacro-F1", "agreement",
-                            "flips", "McNemar p", "|Δp| mean / max", "ECE (Δ)", "gate"], rows)
+                            "flips", "McNemar p", "|Δp| mean / max", "ECE (Δ)", "expl. ρ", "gate"], rows)
 
 
 def markdown(out: dict) -> str:
@@ -266,6 +322,33 @@ def markdown(out: dict) -> str:
                                     f"{c['brier']:.4f}", f"{c['nll']:.4f}", f"{c['mean_confidence']:.4f}"]
                                    for n, c in cal]), "",
                   "Reliability diagrams per file: `verify/reliability_<file>.png`.", ""]
+    tr = [(n, r["trust"]) for n, r in out["files"].items() if "trust" in r]
+    if tr:
+        def ab(m):
+            a = m.get("abstention")
+            return f"{a['coverage']:.3f} / {a['risk']:.4f}" if a else ""
+
+        def sets(m):
+            c = m.get("sets")
+            return f"{c['coverage']:.3f} / {c['mean_size']:.2f}" if c else ""
+
+        parts += ["## Stored calibration (temperature, abstention, conformal sets)", "",
+                  report.md_table(["file", "T", "ECE after T (Keras)", "ΔECE", "coverage / risk at threshold",
+                                   "Keras coverage / risk", "set coverage / size", "Keras set coverage / size"],
+                                  [[n, f"{t['temperature']:.3f}", f"{t['file']['ece']:.4f} ({t['keras']['ece']:.4f})",
+                                    f"{t['ece_delta']:+.4f}", ab(t["file"]), ab(t["keras"]), sets(t["file"]),
+                                    sets(t["keras"])] for n, t in tr]), ""]
+    ex = [(n, r["explanation"]) for n, r in out["files"].items() if "explanation" in r]
+    if ex:
+        parts += ["## Explanation parity (occlusion maps, file vs Keras)", "",
+                  report.md_table(["file", "images", "rank correlation median / p10 / min", "top-10% overlap median / p10"],
+                                  [[n, e["images"], f"{e['rank_correlation']['median']:.3f} / "
+                                    f"{e['rank_correlation']['p10']:.3f} / {e['rank_correlation']['min']:.3f}",
+                                    f"{e['top10_overlap']['median']:.3f} / {e['top10_overlap']['p10']:.3f}"]
+                                   for n, e in ex]), "",
+                  f"Each image's {explain.GRID}x{explain.GRID} occlusion map of the class Keras predicts, through the "
+                  "file's own runtime, against the Keras model's map (Spearman rank correlation over cells; "
+                  "intersection over union of the top 10% of pixels).", ""]
     if any("dedup" in r for r in out["files"].values()):
         rows = [[n, r["dedup"]["n"], f"{r['dedup']['keras_accuracy']:.4f}", f"{r['dedup']['accuracy']:.4f}",
                  f"{r['dedup']['accuracy_delta'] * 100:+.2f}", f"{r['dedup']['agreement'] * 100:.2f}%"]

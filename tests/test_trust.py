@@ -71,9 +71,13 @@ def test_conformal_sets_reach_their_coverage_on_new_exchangeable_data():
         cal, new = idx[:1000], idx[1000:]
         q = trust.conformal_quantile(probs[cal], labels[cal], 0.1)
         covers.append(trust.set_coverage(probs[new], labels[new], q)["coverage"])
-    assert 0.88 <= np.mean(covers) <= 0.93, covers
+    assert 0.89 <= np.mean(covers) <= 0.93, covers
+    assert np.mean([trust.set_coverage(probs, labels, trust.conformal_quantile(probs, labels, a))['mean_size']
+                    for a in (0.05, 0.2)]) > 1  # sets grow where the model is unsure
     sets = trust.prediction_sets(probs[:20], 0.0)
     assert all(len(s) == 1 and s[0] == int(p.argmax()) for s, p in zip(sets, probs[:20]))  # never empty
+    unsure = np.array([[0.4, 0.35, 0.2, 0.05]])
+    assert trust.prediction_sets(unsure, 0.9) == [[0, 1, 2]]  # mass before the 4th class is 0.95 > 0.9
     assert trust.conformal_quantile(probs[:5], labels[:5], 0.05) == 1.0  # too few images: every class
 
 

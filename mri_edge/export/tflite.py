@@ -205,7 +205,16 @@ def append_tflite_metadata(flatbuffer: bytes, meta: dict) -> bytes:
 def rewrite_tflite_metadata(path: Path, meta: dict) -> None:
     """Replace the metadata ZIP of an exported file; the flatbuffer before it is kept byte for byte."""
     data = Path(path).read_bytes()
-    fb = data[: int(meta["model_bytes"])]
+    if "model_bytes" in meta:
+        fb = data[: int(meta["model_bytes"])]
+    else:  # a file exported before the length was recorded: the flatbuffer ends where the ZIP begins
+        name = METADATA_NAME.encode()
+        i = data.rfind(b"PK\x03\x04")
+        while i >= 0 and data[i + 30:i + 30 + len(name)] != name:
+            i = data.rfind(b"PK\x03\x04", 0, i)
+        if i < 0:
+            raise ExportError(f"{path}: no mri-edge metadata to replace")
+        fb = data[:i]
     if sha256_bytes(fb) != meta.get("model_sha256", sha256_bytes(fb)):
         raise ExportError(f"{path}: its model bytes differ from its recorded hash; re-export it")
     atomic_write_bytes(path, append_tflite_metadata(fb, dict(meta)))

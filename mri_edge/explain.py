@@ -1,0 +1,173 @@
+"""Where a model looked: occlusion maps through any runtime, Grad-CAM for .keras, overlay PNGs,
+and the parity of explanations between a model and its exported files.
+
+Occlusion is gradient-free: each cell of a grid x grid partition of the image is set to black
+(the background of these scans) in turn and the drop of the explained class's probability
+is that cell's importance. It needs only forward passes, so the same code explains a .keras
+model, an int8 .tflite file and an OpenVINO .xml through the runtime a device uses, and the
+maps of two files can be compared cell by cell. Grad-CAM (Selvaraju et al. 2017) needs
+gradients, so it is offered for .keras files only (TensorFlow backend).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MriEdgeError
+
+GRID = 8
+TOP_SHARE = 0.1  # "top 10% of pixels" of the overlap measure
+
+
+class ExplainError(MriEdgeError):
+    pass
+
+
+def occlusion_batch(image: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """(grid*grid + 1, S, S, 3) uint8: the image itself, then one copy per blacked-out cell."""
+    s = image.shape[0]
+    edges = np.linspace(0, s, grid + 1).round().astype(int)
+    out = np.repeat(image[None], grid * grid + 1, axis=0)
+    for i in range(grid):
+        for j in range(grid):
+            out[1 + i * grid + j, edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = 0
+    return out
+
+
+def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = GRID) -> tuple[np.ndarray, int]:
+    """((grid, grid) importance map, explained class): probability drop of `target` (default:
+    the model's own top class) when each cell is blacked out. Raw graph probabilities, so a
+    stored temperature does not change the map's ranking."""
+    probs = model.run(occlusion_batch(image, grid))
+    if target is None:
+        target = int(probs[0].argmax())
+    return (probs[0, target] - probs[1:, target]).reshape(grid, grid).astype(np.float32), target
+
+
+def gradcam(model, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int]:
+    """((h, w) Grad-CAM map at DenseNet121's last feature map, explained class) for a .keras model."""
+    import keras  # noqa: PLC0415
+
+    if keras.backend.backend() != "tensorflow":
+        raise ExplainError("Grad-CAM needs KERAS_BACKEND=tensorflow; use --method occlusion")
+    import tensorflow as tf  # noqa: PLC0415
+
+    from .model import BASE_NAME  # noqa: PLC0415
+
+    net = model.net
+    base = net.get_layer(BASE_NAME)
+    x = tf.convert_to_tensor(image[None].astype(np.float32))
+    with tf.GradientTape() as tape:
+        h = x
+        features = None
+        for layer in net.layers[1:]:  # input -> normalisation -> base -> head, one layer at a time
+            h = layer(h, training=False)
+            if layer is base:
+                features = h
+                tape.watch(features)
+        probs = h
+        if target is None:
+            target = int(tf.argmax(probs[0]))
+        score = probs[0, target]
+    grads = tape.gradient(score, features)
+    if features is None or grads is None:
+        raise ExplainError(f"{model.path}: no DenseNet121 base layer to take Grad-CAM at; use --method occlusion")
+    weights = tf.reduce_mean(grads, axis=(1, 2))[0]
+    cam = tf.nn.relu(tf.reduce_sum(features[0] * weights, axis=-1))
+    return np.asarray(cam, np.float32), target
+
+
+def upsample(heat: np.ndarray, size: int) -> np.ndarray:
+    import cv2  # noqa: PLC0415
+
+    return cv2.resize(heat.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8: the image with the map (scaled to its own range) in a jet colour map on top."""
+    import cv2  # noqa: PLC0415
+
+    h = upsample(heat, image.shape[0])
+    lo, hi = float(h.min()), float(h.max())
+    h = np.zeros_like(h) if hi - lo < 1e-12 else (h - lo) / (hi - lo)
+    colour = cv2.cvtColor(cv2.applyColorMap((h * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).clip(0, 255).astype(np.uint8)
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two maps (ties ranked by their average); 1.0 for two constant maps."""
+    from scipy.stats import spearmanr  # noqa: PLC0415
+
+    a, b = np.ravel(a), np.ravel(b)
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return 1.0
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, size: int, share: float = TOP_SHARE) -> float:
+    """Intersection over union of the top `share` of pixels of two maps upsampled to size x size."""
+    ua, ub = upsample(a, size).ravel(), upsample(b, size).ravel()
+    k = max(1, int(round(share * ua.size)))
+    ta, tb = np.argsort(-ua, kind="stable")[:k], np.argsort(-ub, kind="stable")[:k]
+    inter = len(np.intersect1d(ta, tb))
+    return inter / (2 * k - inter)
+
+
+def parity(reference_maps: list[np.ndarray], maps: list[np.ndarray], size: int) -> dict:
+    """Rank correlation and top-10% overlap of each image's map against the reference's."""
+    rho = np.array([rank_correlation(a, b) for a, b in zip(reference_maps, maps)])
+    iou = np.array([top_overlap(a, b, size) for a, b in zip(reference_maps, maps)])
+    return {"images": int(len(rho)), "rank_correlation": {"median": float(np.median(rho)), "p10": float(
+        np.percentile(rho, 10)), "min": float(rho.min())}, "top10_overlap": {"median": float(np.median(iou)),
+                                                                             "p10": float(np.percentile(iou, 10))},
+            "per_image_rank_correlation": rho.round(4).tolist()}
+
+
+def explain_images(model_path, images: list, out_dir, method: str = "occlusion", grid: int = GRID,
+                   threads: int | None = None, log=print) -> dict:
+    """Overlay PNGs (image | map) for each image into out_dir, with explain.json and explain.md."""
+    import cv2  # noqa: PLC0415
+
+    from . import report  # noqa: PLC0415
+    from .runtime import open_model  # noqa: PLC0415
+
+    model = open_model(model_path, threads=threads)
+    if method == "gradcam" and Path(model.path).suffix != ".keras":
+        raise ExplainError(f"{model.path}: Grad-CAM needs gradients, which exported files do not have; use "
+                           "--method occlusion (the same method verify compares across files)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], []
+    for src in images:
+        try:
+            img = model.preprocess(src)
+        except Exception as e:
+            failed.append({"image": str(src), "error": str(e)})
+            log(f"skipped {src}: {e}")
+            continue
+        heat, target = gradcam(model, img) if method == "gradcam" else occlusion(model, img, grid=grid)
+        probs = model.calibrated(model.run(img[None]))[0]
+        name = f"{Path(src).stem}_{method}.png"
+        label = f"{model.class_names[target]} {probs[target]:.2f}"
+        pair = np.concatenate([img, overlay(img, heat)], axis=1)
+        scale = max(1, 256 // img.shape[0])
+        pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
+        cv2.putText(pair, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.imwrite(str(out_dir / name), cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
+        rows.append({"image": str(src), "png": name, "class": model.class_names[target],
+                     "probability": float(probs[target]), "map": heat.round(5).tolist()})
+    out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,
+           "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
+    report.write_json(out_dir / "explain.json", out)
+    md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
+          + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
+             if method == "occlusion" else " (gradients at DenseNet121's last feature map)"),
+          "", report.md_table(["image", "class", "p"], [[f"[{Path(r['image']).name}]({r['png']})", r["class"],
+                                                          f"{r['probability']:.3f}"] for r in rows]), ""]
+    md += [f"![{r['png']}]({r['png']})" for r in rows[:16]] + [""]
+    report.write_text(out_dir / "explain.md", "\n".join(md))
+    return out
