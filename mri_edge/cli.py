@@ -269,6 +269,22 @@ def explain(model_path, images, out_dir, method, grid, threads):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def card(run_dir):
+    """Write RUN_DIR/model_card.md and model_card.json from the run's own reports.
+
+    Intended use, data and leakage audit, recipe, results with 95% CIs (official and
+    leakage-free), calibration and abstention, parity, latency, file hashes, versions
+    and known limitations; what no command has produced yet is listed as missing.
+    """
+    from . import card as card_lib  # noqa: PLC0415
+
+    out = run_guarded(card_lib.write_card, run_dir)
+    click.echo(f"wrote {Path(run_dir) / 'model_card.md'} and model_card.json"
+               + (f" (not yet recorded: {', '.join(out['missing'])})" if out["missing"] else ""))
+
+
+@main.command()
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--threads", default="2", show_default=True, callback=int_list, help="Comma list, e.g. 1,2.")
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=int_list, help="Comma list.")

@@ -82,3 +82,10 @@ def resolve_classes(task: str, folder_names: list[str]) -> tuple[list[str], list
     if missing:
         raise TaskError(f"task {task!r} has no folder for class(es): {', '.join(missing)}")
     return [k for k, _, _ in spec], [lab for _, lab, _ in spec], mapping
+
+
+# Where the built-in tasks' public datasets come from (model cards cite them).
+DATASETS = {
+    "tumor": {"name": "Brain Tumor MRI Dataset", "source": "Masoud Nickparvar, Kaggle", "licence": "CC0-1.0"},
+    "alzheimer": {"name": "Alzheimer's Dataset (4 class of Images)", "source": "Kaggle", "licence": "ODbL-1.0"},
+}

@@ -1,0 +1,217 @@
+"""`mri-edge card`: a model card (model_card.md and model_card.json) from what a run folder's
+commands recorded: config, split manifest, test report, audit, calibration, parity, bench.
+Nothing in it is typed by hand except the intended-use statement; a fact a command has not
+produced yet is listed as missing rather than guessed."""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+
+from . import __version__, report
+from .errors import MriEdgeError
+from .files import read_json, sha256_file
+from .run import RunFolder
+from .tasks import DATASETS
+
+INTENDED_USE = (
+    "Research and engineering use: evaluating how a brain-MRI classifier behaves when deployed on an edge device "
+    "(accuracy, calibration, abstention and explanations of the deployed file against the trained model). "
+    "It is **not a medical device** and not a diagnostic tool: it was trained on public slice-level datasets "
+    "without clinical validation, and no clinical decision may rest on its output.")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return [0.0, 0.0]
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, c - h), min(1.0, c + h)]
+
+
+def per_class_ci(cm: list[list[int]], names: list[str]) -> list[dict]:
+    """Sensitivity and specificity of each class with 95% Wilson intervals, from a confusion matrix."""
+    total = sum(map(sum, cm))
+    out = []
+    for i, n in enumerate(names):
+        tp = cm[i][i]
+        pos = sum(cm[i])
+        fp = sum(cm[r][i] for r in range(len(names))) - tp
+        neg = total - pos
+        out.append({"class": n, "support": pos, "sensitivity": tp / pos if pos else None,
+                    "sensitivity_ci95": wilson(tp, pos), "specificity": (neg - fp) / neg if neg else None,
+                    "specificity_ci95": wilson(neg - fp, neg)})
+    return out
+
+
+def _load(path: Path):
+    try:
+        return read_json(path) if Path(path).is_file() else None
+    except MriEdgeError:
+        return None
+
+
+def build(run_dir) -> dict:
+    run = RunFolder(run_dir)
+    cfg = run.config()
+    names = run.labels()["class_names"]
+    test = _load(run.test_report_path)
+    manifest = _load(run.manifest_path)
+    cal = _load(run.calibration_dir / "calibrate.json")
+    parity = _load(run.path / "parity.json")
+    bench = _load(run.path / "bench" / "bench.json") or _load(run.path / "bench.json")
+    audit = _load(Path(cfg["dedup"])) if cfg.get("dedup") else None
+    missing = []
+    card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
+                      "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
+                      "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},
+            "intended_use": INTENDED_USE,
+            "data": {**DATASETS.get(cfg["task"], {"name": "user-supplied", "source": cfg.get("data_dir"),
+                                                  "licence": "unknown"})},
+            "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment",
+                                                "class_weight", "val_split", "val_fraction", "seed",
+                                                "time_budget_s", "wall_time_s")},
+            "versions": {"trained_with": cfg.get("versions"), "card_written_with": {
+                "mri_edge": __version__, "python": platform.python_version()}}}
+    if manifest:
+        card["data"]["counts"] = {s: len(rows) for s, rows in manifest["splits"].items()}
+        card["data"]["validation"] = manifest.get("val_split") or {"method": "random"}
+    else:
+        missing.append("split manifest")
+    if audit:
+        card["data"]["audit"] = {"exact_duplicate_pairs": audit["exact_duplicates"]["pairs_by_split"],
+                                 "leakage_free_test_images": audit["leakage_free"].get("test"),
+                                 "nearest_neighbour_probe_test_accuracy": audit["nearest_neighbour_probe"]["accuracy"]}
+    else:
+        missing.append("leakage audit (train --dedup)")
+    if test:
+        card["results"] = {"official": {"n": test["n"], "accuracy": test["accuracy"],
+                                        "accuracy_ci95": test.get("accuracy_ci95"), "macro_f1": test["macro"]["f1"],
+                                        "per_class": per_class_ci(test["confusion_matrix"], names)}}
+        if test.get("dedup"):
+            d = test["dedup"]
+            card["results"]["leakage_free"] = {"n": d["n"], "accuracy": d["accuracy"],
+                                               "accuracy_ci95": d.get("accuracy_ci95"), "macro_f1": d["macro"]["f1"],
+                                               "per_class": per_class_ci(d["confusion_matrix"], names)}
+    else:
+        missing.append("test report")
+    if cal:
+        ref = next(r for r in cal["files"].values() if r.get("reference"))
+        card["calibration"] = {"trust": cal["trust"], "held_out": cal["held_out"],
+                               "per_file": {n: {s: {"ece_before": r[s]["before"]["ece"], "ece_after": r[s]["after"]["ece"],
+                                                    **({"abstention": r[s]["abstention"]} if "abstention" in r[s] else {}),
+                                                    **({"sets": r[s]["sets"]} if "sets" in r[s] else {})}
+                                                for s in ("held_out", "test") if s in r}
+                                            for n, r in cal["files"].items()},
+                               "reference_model": next(n for n, r in cal["files"].items() if r is ref)}
+    else:
+        missing.append("calibration (mri-edge calibrate)")
+    if parity:
+        card["parity"] = {n: {k: r.get(k) for k in ("quantization", "runtime", "accuracy", "agreement", "passed")}
+                          | {"flips": len(r.get("flips", []))} for n, r in parity["files"].items()}
+    else:
+        missing.append("parity (mri-edge verify)")
+    if bench:
+        card["latency"] = {"machine": bench["machine"].get("cpu"), "rows": [
+            {k: r[k] for k in ("model", "runtime_label", "threads", "batch", "p50_ms")} for r in bench["rows"]
+            if r["batch"] == 1]}
+    else:
+        missing.append("latency (mri-edge bench)")
+    files = run.export_files()
+    card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
+    small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
+    limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",
+              "Trained and tested on single 2-D slices from public datasets; not validated on other scanners, "
+              "protocols or populations."]
+    if small:
+        limits.append(f"Few test images for {', '.join(small)} (under 30): their sensitivity intervals are wide.")
+    held = (cal or {}).get("held_out", {})
+    if held.get("twins_included"):
+        limits.append("The calibration was fitted on held-out images with near twins in training: it is "
+                      "overconfident on new subjects.")
+    if manifest and (manifest.get("val_split") or {}).get("method", "random") == "random":
+        limits.append("Validation was carved at random: on datasets with several slices per subject its images "
+                      "have near twins in training, so validation accuracy overstates accuracy on new subjects.")
+    card["limitations"] = limits
+    card["missing"] = missing
+    return card
+
+
+def ci(v) -> str:
+    return f"[{v[0] * 100:.1f}, {v[1] * 100:.1f}]" if v else ""
+
+
+def markdown(card: dict) -> str:
+    m, d = card["model"], card["data"]
+    parts = [f"# Model card: mri-edge {m['task']} classifier", "", "## Intended use", "", card["intended_use"], "",
+             "## Model", "", f"{m['architecture']}; classes: {', '.join(m['classes'])}; input {m['input']}.", "",
+             "## Data", "", f"{d.get('name')} ({d.get('source')}; licence {d.get('licence')}).", ""]
+    if "counts" in d:
+        parts += [report.md_table(["split", "images"], [[s, n] for s, n in d["counts"].items()]), "",
+                  f"Validation: {d['validation'].get('method', 'random')} carve.", ""]
+    if "audit" in d:
+        a = d["audit"]
+        parts += [f"Leakage audit: exact duplicate pairs by split {a['exact_duplicate_pairs']}; "
+                  f"{a['leakage_free_test_images']} test images have no copy in training; a raw-pixel nearest "
+                  f"neighbour gets {a['nearest_neighbour_probe_test_accuracy']:.1%} of test.", ""]
+    r = card["recipe"]
+    parts += ["## Training recipe", "", f"Weights `{r['weights']}`, {r['image_size']} px, batch {r['batch_size']}, "
+              f"augmentation {'on' if r['augment'] else 'off'}, class weights {r['class_weight'] or 'not recorded'}, seed {r['seed']}; "
+              "phases: " + "; ".join(f"{p['name']} {p['epochs']} epochs at lr {p['lr']} (unfreeze {p['unfreeze']})"
+                                     for p in r.get("phases") or []) + ".", ""]
+    for key, title in (("official", "official test split"), ("leakage_free", "leakage-free test subset")):
+        res = card.get("results", {}).get(key)
+        if not res:
+            continue
+        parts += [f"## Results: {title} ({res['n']} images)", "",
+                  f"Accuracy **{res['accuracy']:.2%}** {ci(res.get('accuracy_ci95'))}, macro-F1 {res['macro_f1']:.3f}.",
+                  "", report.md_table(["class", "images", "sensitivity [95% CI]", "specificity [95% CI]"],
+                                      [[c["class"], c["support"], f"{c['sensitivity']:.1%} {ci(c['sensitivity_ci95'])}",
+                                        f"{c['specificity']:.1%} {ci(c['specificity_ci95'])}"]
+                                       for c in res["per_class"]]), ""]
+    if "calibration" in card:
+        c = card["calibration"]
+        t = c["trust"]
+        parts += ["## Calibration and abstention", "",
+                  f"Temperature {t['temperature']:.3f} fitted with `{c['reference_model']}` on {c['held_out']['n']} "
+                  f"held-out images ({c['held_out']['rule']}). Answers below calibrated confidence "
+                  f"{t['threshold']:.3f} are marked for review; prediction sets at {1 - t['alpha']:.0%} coverage.", "",
+                  report.md_table(["file", "split", "ECE before", "ECE after", "coverage / risk at threshold",
+                                   "set coverage / size"],
+                                  [[n, s.replace("_", "-"), f"{v['ece_before']:.4f}", f"{v['ece_after']:.4f}",
+                                    f"{v['abstention']['coverage']:.3f} / {v['abstention']['risk']:.4f}"
+                                    if "abstention" in v else "",
+                                    f"{v['sets']['coverage']:.3f} / {v['sets']['mean_size']:.2f}" if "sets" in v else ""]
+                                   for n, res in c["per_file"].items() for s, v in res.items()]), ""]
+    if "parity" in card:
+        parts += ["## Parity of the exported files (test split)", "",
+                  report.md_table(["file", "quantization", "accuracy", "agreement", "flips", "gate"],
+                                  [[n, p["quantization"], f"{p['accuracy']:.4f}" if p["accuracy"] is not None else "",
+                                    f"{p['agreement']:.2%}" if p["agreement"] is not None else "", p["flips"],
+                                    "PASS" if p["passed"] else "FAIL"] for n, p in card["parity"].items()]), ""]
+    if "latency" in card:
+        parts += [f"## Latency (batch 1, {card['latency']['machine']})", "",
+                  report.md_table(["file", "runtime", "threads", "p50 ms"],
+                                  [[x["model"], x["runtime_label"], x["threads"], f"{x['p50_ms']:.2f}"]
+                                   for x in card["latency"]["rows"]]), ""]
+    parts += ["## Files", "", report.md_table(["file", "bytes", "sha256"], [[f["file"], f["bytes"], f"`{f['sha256']}`"]
+                                                                            for f in card["files"]]), "",
+              "## Versions", "", f"Trained with {card['versions']['trained_with']}; card written with "
+              f"{card['versions']['card_written_with']}.", "",
+              "## Known limitations", "", *[f"- {x}" for x in card["limitations"]], ""]
+    if card["missing"]:
+        parts += ["## Not yet recorded", "", *[f"- {x}" for x in card["missing"]], ""]
+    return "\n".join(parts)
+
+
+def write_card(run_dir) -> dict:
+    run = RunFolder(run_dir)
+    card = build(run.path)
+    report.write_json(run.path / "model_card.json", card)
+    report.write_text(run.path / "model_card.md", markdown(card))
+    run.write_index()
+    return card
