@@ -57,7 +57,11 @@ def gradcam(model, image: np.ndarray, target: int | None = None) -> tuple[np.nda
     from .model import BASE_NAME  # noqa: PLC0415
 
     net = model.net
-    base = net.get_layer(BASE_NAME)
+    try:
+        base = net.get_layer(BASE_NAME)
+    except ValueError:
+        raise ExplainError(f"{model.path}: no DenseNet121 base layer to take Grad-CAM at; use --method occlusion") \
+            from None
     x = tf.convert_to_tensor(image[None].astype(np.float32))
     with tf.GradientTape() as tape:
         h = x
@@ -72,8 +76,6 @@ def gradcam(model, image: np.ndarray, target: int | None = None) -> tuple[np.nda
             target = int(tf.argmax(probs[0]))
         score = probs[0, target]
     grads = tape.gradient(score, features)
-    if features is None or grads is None:
-        raise ExplainError(f"{model.path}: no DenseNet121 base layer to take Grad-CAM at; use --method occlusion")
     weights = tf.reduce_mean(grads, axis=(1, 2))[0]
     cam = tf.nn.relu(tf.reduce_sum(features[0] * weights, axis=-1))
     return np.asarray(cam, np.float32), target

@@ -152,3 +152,108 @@ def test_calibrate_refuses_twins_and_too_few_images(micro_run, tmp_path):
     assert not (run / "trust.json").exists()
     res = CliRunner().invoke(main, ["calibrate", str(run), "--max-risk", "0.1", "--coverage", "0.9"])
     assert res.exit_code == 1 and "not both" in res.output
+
+
+def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run):
+    from mri_edge.config import Thresholds
+    from mri_edge.verify import verify_run
+
+    run, cal = calibrated_run
+    out = verify_run(run, log=lambda *_: None)
+    for name, r in out["files"].items():
+        t = r["trust"]
+        assert t["temperature"] == cal["trust"]["temperature"]
+        assert {"abstention", "sets"} <= set(t["file"]) and 0 < t["file"]["abstention"]["coverage"] <= 1
+        e = r["explanation"]
+        assert e["images"] == 16 and len(e["per_image_rank_correlation"]) == 16
+        if r["quantization"] == "none":  # the same graph in float: the same maps
+            assert e["rank_correlation"]["median"] > 0.99, name
+    text = (run / "parity.md").read_text()
+    assert "## Stored calibration" in text and "## Explanation parity" in text
+    # the gate: a file whose maps correlate less than asked fails for that reason
+    name, worst = min(((n, r["explanation"]["rank_correlation"]["median"]) for n, r in out["files"].items()),
+                      key=lambda x: x[1])
+    gated = verify_run(run, files=[run / "exports" / name], thresholds=Thresholds(min_explanation_corr=1.0),
+                       log=lambda *_: None)
+    reasons = gated["files"][name]["fail_reasons"]
+    assert (worst < 1.0) == any("explanations moved" in x for x in reasons), (worst, reasons)
+
+
+def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
+    from mri_edge.cli import main
+    from mri_edge.run import RunFolder
+
+    run, _ = calibrated_run
+    manifest = RunFolder(run).manifest()
+    images = [f"{manifest['root']}/{rel}" for rel, _ in manifest["splits"]["test"][:3]]
+    for model in (run / "exports" / "model_int8.tflite", run / "model.keras"):
+        out = tmp_path / model.stem
+        res = CliRunner().invoke(main, ["explain", str(model), *images, "--out", str(out), "--grid", "4"])
+        assert res.exit_code == 0, res.output
+        record = json.loads((out / "explain.json").read_text())
+        assert len(record["images"]) == 3 and all(np.shape(r["map"]) == (4, 4) for r in record["images"])
+        assert all((out / r["png"]).is_file() for r in record["images"])
+        assert any(np.ptp(r["map"]) > 0 for r in record["images"])  # occlusion moved the probability
+    res = CliRunner().invoke(main, ["explain", str(run / "exports" / "model_int8.tflite"), images[0],
+                                    "--method", "gradcam", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 1 and "Grad-CAM needs gradients" in res.output
+    res = CliRunner().invoke(main, ["explain", str(run / "model.keras"), images[0], "--method", "gradcam",
+                                    "--out", str(tmp_path / "g")])
+    assert res.exit_code == 1 and "no DenseNet121 base layer" in res.output  # the micro model has none
+
+
+def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_run):
+    from mri_edge.cli import main
+    from tests.test_reports import check
+
+    run, cal = calibrated_run
+    res = CliRunner().invoke(main, ["card", str(run)])
+    assert res.exit_code == 0, res.output
+    card = json.loads((run / "model_card.json").read_text())
+    text = check(run / "model_card.md")
+    assert "not a medical device" in text
+    assert card["calibration"]["trust"] == cal["trust"]
+    assert {f["file"] for f in card["files"]} == set(cal["updated_files"])
+    assert "latency (mri-edge bench)" in card["missing"]  # no bench yet: said, not invented
+    per_class = card["results"]["official"]["per_class"]
+    assert all(lo <= c["sensitivity"] <= hi for c in per_class for lo, hi in [c["sensitivity_ci95"]])
+    assert "model_card.md" in (run / "report.md").read_text()
+
+
+def test_gradcam_on_a_densenet121(tiny_run, tmp_path):
+    from mri_edge import explain
+    from mri_edge.runtime import open_model
+
+    net = open_model(tiny_run / "model.keras")
+    img = np.random.default_rng(0).integers(0, 255, (net.image_size, net.image_size, 3), dtype=np.uint8)
+    heat, target = explain.gradcam(net, img)
+    assert heat.ndim == 2 and np.isfinite(heat).all() and 0 <= target < 4
+    assert explain.overlay(img, heat).shape == img.shape
+
+
+def test_shipped_files_carry_their_folders_trust_record():
+    from tests.conftest import REPO
+
+    from mri_edge.run import RunFolder
+    from mri_edge.runtime import open_model
+
+    for folder in (REPO / "artifacts" / "tumor", REPO / "artifacts" / "alzheimer"):
+        run = RunFolder(folder)
+        record = run.trust()
+        for f in run.export_files():
+            if f.suffix == ".xml":
+                continue
+            stored = open_model(f).trust
+            assert (stored.to_dict() if stored else None) == record, f
+
+
+@pytest.mark.slow
+def test_calibrate_refuses_the_twins_of_the_shipped_alzheimer_validation_split(shared_data, tmp_path):
+    from tests.conftest import REPO
+
+    from mri_edge.calibrate import CalibrateError, calibrate_run
+
+    run = tmp_path / "alz"
+    shutil.copytree(REPO / "artifacts" / "alzheimer", run, ignore=shutil.ignore_patterns("*.tflite"))
+    with pytest.raises(CalibrateError, match="not new to the model"):
+        calibrate_run(run, data_dir=str(shared_data / "alzheimer-mri"), log=lambda *_: None)
