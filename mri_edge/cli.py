@@ -276,6 +276,10 @@ def card(run_dir):
     Intended use, data and leakage audit, recipe, results with 95% CIs (official and
     leakage-free), calibration and abstention, parity, latency, file hashes, versions
     and known limitations; what no command has produced yet is listed as missing.
+
+    \b
+    Example:
+      mri-edge card artifacts/tumor
     """
     from . import card as card_lib  # noqa: PLC0415
 

@@ -29,6 +29,8 @@ class Recipe:
     lr: float = 1e-3
     dense_units: int = 256
     calib_size: int = 300
+    held_out_min: int = 40  # the phantoms' validation split: 10 per class (no subjects, no twins)
+    explain_images: int = 32
 
 
 RECIPE = Recipe()
@@ -73,11 +75,20 @@ def downstream(run_dir: Path, log=print, show=print) -> list[str]:
     from . import export as export_lib  # noqa: PLC0415
     from . import verify as verify_lib  # noqa: PLC0415
 
-    log("\ndemo 3/4: mri-edge export (every format) and mri-edge verify")
+    log("\ndemo 3/4: mri-edge export (every format), calibrate and verify")
     results, failures = export_lib.export_run(run_dir, ("all",), (), "uint8", RECIPE.calib_size, log=log)
     problems = [f"export of {f['file']} failed ({f['error']})" for f in failures]
     show(export_lib.table(results))
-    parity = verify_lib.verify_run(run_dir, log=log)
+    from . import calibrate as calibrate_lib  # noqa: PLC0415
+    from .config import CalibrateConfig  # noqa: PLC0415
+
+    log("\nmri-edge calibrate: temperature, abstention threshold and prediction sets on held-out phantoms")
+    try:
+        cal = calibrate_lib.calibrate_run(run_dir, CalibrateConfig(min_images=RECIPE.held_out_min), log=log)
+        show(calibrate_lib.summary_table(cal))
+    except MriEdgeError as e:
+        problems.append(f"calibrate: {e}")
+    parity = verify_lib.verify_run(run_dir, log=log, explain_images=RECIPE.explain_images)
     show(verify_lib.summary_table(parity))
     problems += [f"parity: {f}" for f in parity["failures"]]
     log("\ndemo 4/4: mri-edge bench --quick")
@@ -85,4 +96,8 @@ def downstream(run_dir: Path, log=print, show=print) -> list[str]:
     show(bench_lib.table(timing))
     if not timing["rows"]:
         problems.append("bench: no row could run")
+    from .card import write_card  # noqa: PLC0415
+
+    write_card(run_dir)
+    log(f"model card: {run_dir / 'model_card.md'}")
     return problems
