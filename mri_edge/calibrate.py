@@ -229,6 +229,9 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         "model": ref_path.name, "runtime": ref_runtime, "images": held["n"], "rule": held["rule"],
         "twins_included": held["twins_included"],
         "target": {"max_risk": cfg.max_risk} if cfg.max_risk is not None else {"coverage": cfg.coverage}})
+    if cfg.max_risk is not None and threshold >= 1.0:
+        log(f"warning: no confidence threshold keeps the held-out error at or below {cfg.max_risk}: every answer "
+            "will be marked for review (a better model, or a looser --max-risk / --coverage)")
     log(f"temperature {temperature:.3f}, abstain below {threshold:.3f}, conformal q {q:.3f} (alpha {cfg.alpha}), "
         f"fitted on {held['n']} held-out images with {ref_path.name}")
 
