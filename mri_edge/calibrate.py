@@ -228,7 +228,11 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     record = trust.Trust(temperature, threshold, cfg.alpha, q, fitted_on={
         "model": ref_path.name, "runtime": ref_runtime, "images": held["n"], "rule": held["rule"],
         "twins_included": held["twins_included"],
+        "temperature_at_bound": bool(min(abs(temperature - b) / b for b in trust.T_RANGE) < 0.01),
         "target": {"max_risk": cfg.max_risk} if cfg.max_risk is not None else {"coverage": cfg.coverage}})
+    if record.fitted_on["temperature_at_bound"]:
+        log(f"warning: the temperature stopped at the end of its range {trust.T_RANGE} (held-out accuracy "
+            f"{(ref_val.argmax(1) == y_val).mean():.1%}: too few errors to fit it)")
     if cfg.max_risk is not None and threshold >= 1.0:
         log(f"warning: no confidence threshold keeps the held-out error at or below {cfg.max_risk}: every answer "
             "will be marked for review (a better model, or a looser --max-risk / --coverage)")

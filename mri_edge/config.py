@@ -107,6 +107,10 @@ class ExportConfig:
                                           "get one scale (smaller file) or one per channel (+0.8 MB on DenseNet121; "
                                           "less int8 error on some models); auto keeps whichever is closer to Keras "
                                           "on the validation split.", choices=BN_SCALES)
+    max_drop: float | None = option(None, "int8 ONNX and OpenVINO: accuracy-aware quantization; keep the parts that "
+                                          "move decisions most in float until top-1 agreement with Keras on the "
+                                          "validation split drops by at most this many points (docs/int8.md).",
+                                    minimum=0, maximum=100, type=float, metavar="PTS")
     opset: int = option(17, "ONNX opset.", minimum=13, maximum=21)
     workers: int | None = option(None, "Conversions run side by side in this many processes [default: cores, at "
                                        "most 2].", minimum=1, type=int)

@@ -113,6 +113,22 @@ def import_tensorflow():
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def nncf_quiet():
+    """NNCF without its INFO lines and progress bars (rich, on stdout) unless verbose."""
+    if verbose():
+        yield
+        return
+    import io  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    import nncf  # noqa: PLC0415
+
+    nncf.set_log_level(logging.ERROR)  # NNCF sets its own level when imported
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
 def orphan_proof_child() -> None:
     """In a child process: die with the parent, and leave Ctrl-C to the parent.
 
@@ -136,4 +152,5 @@ def quiet_worker() -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
+        os.dup2(devnull, 1)  # a worker's results travel by pickle; its stdout is only converter noise
         os.close(devnull)

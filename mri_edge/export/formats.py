@@ -28,15 +28,15 @@ class Format:
 
 
 # Options that shape only int8 files (the others apply to every file of the format).
-INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales")
+INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", ".tflite", ("none", "fp16", "dynamic", "int8"), ("io_dtype", "calib_size", "calib_range",
                                                                        "bn_scales"),
            "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
-    Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range"), "onnxruntime",
+    Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop"), "onnxruntime",
            "pip install onnxruntime"),
-    Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size"), "OpenVINO",
+    Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size", "max_drop"), "OpenVINO",
            "pip install 'mri-edge[openvino]'"),
 )}
 QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")

@@ -60,8 +60,9 @@ def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path,
 
 def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
               activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None,
-              workdir: Path | None = None) -> None:
-    """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py)."""
+              workdir: Path | None = None, nodes_to_exclude: list[str] | None = None) -> None:
+    """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py).
+    nodes_to_exclude: nodes of the pre-processed graph that stay in float (accuracy-aware export)."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
@@ -107,7 +108,8 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
                         quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format],
                         activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations],
                         weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, extra_options=options, **kwargs)
+                        calibrate_method=CalibrationMethod.MinMax, extra_options=options,
+                        nodes_to_exclude=list(nodes_to_exclude or []), **kwargs)
 
 def onnx_io(path_or_bytes) -> dict:
     import onnxruntime as ort  # noqa: PLC0415
@@ -150,7 +152,8 @@ def onnx_bytes(proto) -> bytes:
     return data
 
 def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, calib_range: str, metas: list[dict],
-                  targets: list[Path], workdir: Path, outcome, threads: int | None = None) -> None:
+                  targets: list[Path], workdir: Path, outcome, threads: int | None = None, val=None,
+                  max_drop: float | None = None) -> None:
     """fp32 ONNX first (ONNX int8 and the OpenVINO files are made from it), then the requested
     files, each reported through outcome()."""
     import onnx  # noqa: PLC0415
@@ -164,8 +167,13 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
             if job.fmt == "openvino":
                 from . import openvino  # noqa: PLC0415
 
-                net = openvino.quantize_int8(fp32_path, calib) if job.quantize == "int8" else \
-                    openvino.from_onnx(fp32_path)
+                if job.quantize == "int8" and max_drop is not None:
+                    from .accuracy import openvino_accuracy_aware  # noqa: PLC0415
+
+                    net, meta["accuracy_aware"] = openvino_accuracy_aware(fp32_path, calib, val, max_drop)
+                else:
+                    net = openvino.quantize_int8(fp32_path, calib) if job.quantize == "int8" else \
+                        openvino.from_onnx(fp32_path)
                 meta.update(openvino.io_details(net))
                 if job.quantize == "int8":
                     meta["calibration_range"] = "NNCF post-training quantization, its default ranges"
@@ -174,7 +182,13 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                 continue
             if job.quantize == "int8":
                 q_path = workdir / "int8.onnx"
-                onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir)
+                if max_drop is not None:
+                    from .accuracy import onnx_accuracy_aware  # noqa: PLC0415
+
+                    meta["accuracy_aware"] = onnx_accuracy_aware(fp32_path, q_path, calib, val, max_drop, calib_range,
+                                                                 threads, workdir)
+                else:
+                    onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir)
                 proto = onnx.load(str(q_path))
             else:
                 proto = onnx.load(str(fp32_path))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import runtime
+from .. import quiet, runtime
 from ..files import sha256_file
 from ..ov import RT_INFO_KEY, core
 
@@ -28,7 +28,8 @@ def quantize_int8(onnx_path: Path, calib: np.ndarray):
     size = int(calib.shape[1])
     model.reshape([1, size, size, 3])  # statistics are collected one image at a time
     data = nncf.Dataset(list(calib), lambda img: img[None].astype(np.float32))
-    q = nncf.quantize(model, data, subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE)
+    with quiet.nncf_quiet():
+        q = nncf.quantize(model, data, subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE)
     q.reshape([-1, size, size, 3])
     return q
 

@@ -76,7 +76,8 @@ def _check(calib_size: int, calib_range: str, bn_scales: str, opset: int, worker
 def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quantize, io_dtype=ExportConfig.io_dtype,
                calib_size=ExportConfig.calib_size, opset=ExportConfig.opset, log=print,
                calib_range: str = ExportConfig.calib_range, workers: int | None = ExportConfig.workers,
-               bn_scales: str = ExportConfig.bn_scales, given: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
+               bn_scales: str = ExportConfig.bn_scales, given: tuple[str, ...] = (),
+               max_drop: float | None = ExportConfig.max_drop) -> tuple[list[dict], list[dict]]:
     """Run every export job; returns (successes, failures). Earlier files survive a failure.
 
     `given` names the options the user set explicitly: one that no planned file accepts is
@@ -128,12 +129,16 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
             report.write_json(staging / "calibration_manifest.json", manifest)
             log(f"calibration: {len(used)} training images ({time.time() - t:.1f} s)")
         val_path = None
-        if bn_scales == "auto" and any(j.fmt == "tflite" and j.quantize == "int8" for j in jobs):
+        auto_bn = bn_scales == "auto" and any(j.fmt == "tflite" and j.quantize == "int8" for j in jobs)
+        aware = max_drop is not None and any(j.fmt in ("onnx", "openvino") and j.quantize == "int8" for j in jobs)
+        if auto_bn or aware:
             t = time.time()
             ref, x_val = validation_reference(run_dir, log, with_images=True)
             val_path = str(workdir / "val.npz")
             np.savez(val_path, x=x_val, ref=np.asarray(ref["probs"], np.float32))
-            log(f"Keras reference on {len(x_val)} validation images, to choose batch-norm scales ({time.time() - t:.1f} s)")
+            why = " and ".join([w for w, on in (("choose batch-norm scales", auto_bn),
+                                                 (f"keep int8 within {max_drop} points", aware)) if on])
+            log(f"Keras reference on {len(x_val)} validation images, to {why} ({time.time() - t:.1f} s)")
 
         def context(unit: list[ExportJob]) -> pool.WorkerContext:
             return pool.WorkerContext(
@@ -145,7 +150,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                 run_dir=str(run_dir), workdir=str(workdir), saved_model=str(workdir / "saved_model"), size=size,
                 opset=opset, calib_range=calib_range, bn_scales=bn_scales,
                 threads=max(1, (os.cpu_count() or 1) // workers),
-                calib=calib_path if any(j.quantize == "int8" for j in unit) else None, val=val_path)
+                calib=calib_path if any(j.quantize == "int8" for j in unit) else None, val=val_path,
+                max_drop=max_drop)
 
         def collect(outcomes: list[dict]) -> None:
             for r in outcomes:
@@ -166,6 +172,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                     _write_index(run, records, model_sha, failures, started, workers)
                 results.append(r)
                 scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
+                if "float_parts" in r:
+                    scales += f", kept in float: {r['float_parts']}"
                 log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")
 
         _run_units(units, context, collect, model, size, workdir, workers, log)
@@ -215,10 +223,12 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
 
 
 def table(results: list[dict]) -> str:
+    aware = any("float_parts" in r for r in results)
     return report.md_table(
-        ["file", "format", "quantization", "I/O dtype", "size MB", "seconds"],
+        ["file", "format", "quantization", "I/O dtype", "size MB", "seconds"] + (["kept in float (held-out agreement)"]
+                                                                                 if aware else []),
         [[r["file"], r["format"], r["quantization"], r["io_dtype"], round(r["size_mb"], 2), round(r["seconds"], 1)]
-         for r in results])
+         + ([r.get("float_parts", "")] if aware else []) for r in results])
 
 
 def rewrite_metadata(path: Path, meta: dict) -> None:

@@ -37,7 +37,8 @@ class WorkerContext:
     # Threads of a calibration session: cores / workers (see onnx.onnx_ranges).
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     calib: str | None = None  # .npy of the calibration images
-    val: str | None = None  # .npz of validation images and Keras probabilities (--bn-scales auto)
+    val: str | None = None  # .npz of validation images and Keras probabilities (--bn-scales auto, --max-drop)
+    max_drop: float | None = None  # accuracy-aware int8 ONNX / OpenVINO (points of held-out agreement)
 
     def calibration(self) -> np.ndarray | None:
         return np.load(self.calib) if self.calib else None
@@ -59,7 +60,14 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
     return {"file": job.filename, "format": job.fmt, "quantization": job.quantize,
             "io_dtype": meta["input"]["dtype"], "size_mb": size_on_disk(target) / 1e6,
             "seconds": time.time() - started, "sha256": sha256_file(data),
-            **({"bn_scales": meta["bn_scales"]} if "bn_scales" in meta else {})}
+            **({"bn_scales": meta["bn_scales"]} if "bn_scales" in meta else {}),
+            **({"float_parts": float_parts(meta["accuracy_aware"])} if "accuracy_aware" in meta else {})}
+
+
+def float_parts(recipe: dict) -> str:
+    """One line of what an accuracy-aware file keeps in float."""
+    what = ", ".join(recipe["float_stages"]) if "float_stages" in recipe else f"{recipe['float_nodes']} operations"
+    return f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{'' if recipe['within_budget'] else ', over budget'})"
 
 
 def run_unit(ctx: WorkerContext, model=None) -> list[dict]:
@@ -100,7 +108,8 @@ def run_unit(ctx: WorkerContext, model=None) -> list[dict]:
     workdir.mkdir(exist_ok=True)
     with quiet.native_stderr():  # tf2onnx, onnxruntime and NNCF log freely
         onnx_backend.convert_chain(ctx.jobs, model, ctx.size, ctx.opset, calib, ctx.calib_range, ctx.metas, targets,
-                                   workdir, outcome, ctx.threads)
+                                   workdir, outcome, ctx.threads, val=ctx.validation() if ctx.max_drop is not None
+                                   else None, max_drop=ctx.max_drop)
     return out
 
 
