@@ -148,7 +148,9 @@ def export(run_dir, **options):
               help="val: gate on the validation split instead (for choosing export settings).")
 @click.option("--explain-images", type=click.IntRange(0), default=64, show_default=True,
               help="Compare occlusion maps of each file with the Keras model's on this many images (0: skip).")
-def verify(run_dir, files, threads, dedup, split, explain_images, **gates):
+@click.option("--debug-quant", is_flag=True,
+              help="Also write verify/quant_debug.md: per-layer error of the int8 ONNX file against the fp32 one.")
+def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, **gates):
     """Check that every exported file is as accurate as the Keras model.
 
     Runs each file on the test split through the on-device runtime and compares
@@ -163,7 +165,7 @@ def verify(run_dir, files, threads, dedup, split, explain_images, **gates):
     from . import verify as verify_lib  # noqa: PLC0415
 
     out = run_guarded(verify_lib.verify_run, run_dir, files or None, config_from(Thresholds, gates), threads,
-                      dedup=dedup, log=echo, split=split, explain_images=explain_images)
+                      dedup=dedup, log=echo, split=split, explain_images=explain_images, debug_quant=debug_quant)
     click.echo(verify_lib.summary_table(out))
     click.echo(f"\nwrote {Path(out['report_dir']) / 'parity.json'} and parity.md")
     if out["selected_files_only"]:

@@ -55,3 +55,21 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
     assert recipe["max_drop_pts"] == 0 and recipe["held_out_images"] == 4
     assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 1.0)
     assert "kept in float" in res.output
+
+
+def test_debug_quant_writes_a_per_layer_report(micro_run, tmp_path):
+    import json
+
+    from mri_edge.cli import main
+    from tests.test_reports import check
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    res = CliRunner().invoke(main, ["verify", str(run), "--debug-quant", "--explain-images", "0"])
+    assert res.exit_code == 0, res.output
+    out = json.loads((run / "verify" / "quant_debug.json").read_text())
+    assert out["images"] == 4 and len(out["tensors"]) >= 3
+    depths = [r["depth"] for r in out["tensors"]]
+    assert depths == sorted(depths) and all(r["relative_error"] >= 0 for r in out["tensors"])
+    assert "Per-layer int8 error" in check(run / "verify" / "quant_debug.md")
+    assert (run / "verify" / "quant_debug.png").is_file()
