@@ -133,6 +133,10 @@ def build(run_dir) -> dict:
     if held.get("twins_included"):
         limits.append("The calibration was fitted on held-out images with near twins in training: it is "
                       "overconfident on new subjects.")
+    if not cal:
+        limits.append("Its probabilities are the raw softmax, not calibrated, and it has no abstention threshold "
+                      "(`mri-edge calibrate` fits them on held-out images without near twins in training, and refuses "
+                      "when the run has none).")
     if manifest and (manifest.get("val_split") or {}).get("method", "random") == "random":
         limits.append("Validation was carved at random: on datasets with several slices per subject its images "
                       "have near twins in training, so validation accuracy overstates accuracy on new subjects.")
