@@ -117,7 +117,8 @@ def export(run_dir, **options):
     from . import export as export_lib  # noqa: PLC0415
 
     ctx = click.get_current_context()
-    given = tuple(n for n in ("io_dtype", "calib_size", "calib_range", "bn_scales", "opset", "max_drop")
+    given = tuple(n for n in ("io_dtype", "calib_size", "calib_range", "bn_scales", "opset", "max_drop",
+                                 "float_head")
                   if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE)
     cfg = config_from(ExportConfig, options)
     results, failures = run_guarded(export_lib.export_run, run_dir, **dataclasses.asdict(cfg), log=echo, given=given)

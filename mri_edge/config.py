@@ -111,6 +111,9 @@ class ExportConfig:
                                           "move decisions most in float until top-1 agreement with Keras on the "
                                           "validation split drops by at most this many points (docs/int8.md).",
                                     minimum=0, maximum=100, type=float, metavar="PTS")
+    float_head: bool = option(False, "int8 TFLite and ONNX: keep the head (global pooling, dense layers, softmax) in "
+                                     "float with float32 probabilities out, so calibrated probabilities and "
+                                     "explanations keep their resolution (docs/int8.md).")
     opset: int = option(17, "ONNX opset.", minimum=13, maximum=21)
     workers: int | None = option(None, "Conversions run side by side in this many processes [default: cores, at "
                                        "most 2].", minimum=1, type=int)

@@ -73,3 +73,30 @@ def test_debug_quant_writes_a_per_layer_report(micro_run, tmp_path):
     assert depths == sorted(depths) and all(r["relative_error"] >= 0 for r in out["tensors"])
     assert "Per-layer int8 error" in check(run / "verify" / "quant_debug.md")
     assert (run / "verify" / "quant_debug.png").is_file()
+
+
+def test_float_head_keeps_float_probabilities_out_of_int8_files(micro_run, tmp_path):
+    from mri_edge.cli import main
+    from mri_edge.runtime import open_model
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "tflite", "--format", "onnx", "--quantize", "int8",
+                                    "--float-head", "--calib-size", "16"])
+    assert res.exit_code == 0, res.output
+    keras = open_model(run / "model.keras")
+    from mri_edge import data
+    from mri_edge.run import RunFolder
+
+    m = RunFolder(run).manifest()
+    imgs = data.decode_images(keras, m["root"], [r for r, _ in m["splits"]["test"]], "test images")
+    ref = keras.run(imgs)
+    for name in ("model_int8.tflite", "model_int8.onnx"):
+        f = open_model(run / "exports" / name)
+        assert f.meta["float_head"] is True and f.meta["output"]["dtype"] == "float32", name
+        probs = f.run(imgs)
+        # not on the 1/256 grid of a uint8 softmax
+        assert np.abs(probs * 256 - np.round(probs * 256)).max() > 1e-3, name
+        assert (probs.argmax(1) == ref.argmax(1)).all(), name
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--float-head"])
+    assert res.exit_code == 1 and "--float-head applies to int8" in res.output

@@ -79,8 +79,10 @@ def onnx_stages(model_path: Path) -> dict[str, dict]:
 
 
 def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, val: tuple[np.ndarray, np.ndarray],
-                        max_drop_pts: float, calib_range: str, threads: int | None, workdir: Path) -> dict:
-    """Write the cheapest int8 file found within the budget to out_path; returns its recipe."""
+                        max_drop_pts: float, calib_range: str, threads: int | None, workdir: Path,
+                        float_head: bool = False) -> dict:
+    """Write the cheapest int8 file found within the budget to out_path; returns its recipe.
+    float_head: the head is in float in every candidate (`--float-head`)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
     from .onnx import onnx_int8  # noqa: PLC0415
@@ -92,33 +94,38 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, val:
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)  # node names as the quantizer sees them
     stages = onnx_stages(pre)
 
-    def attempt(kept: list[str], tag: str) -> float:
-        nodes = [n for s in kept for n in stages[s]["nodes"]]
-        path = workdir / f"aware_{tag}.onnx"
+    base = ["head"] if float_head and "head" in stages else []
+
+    def file_of(kept: list[str]) -> Path:
+        return workdir / f"aware_{'_'.join(dict.fromkeys(base + kept)) or 'plain'}.onnx"
+
+    def attempt(kept: list[str]) -> float:
+        nodes = [n for s in dict.fromkeys(base + kept) for n in stages[s]["nodes"]]
+        path = file_of(kept)
         onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir, nodes_to_exclude=nodes)
         return onnx_agreement(path, x, top, threads)
 
-    steps = [{"float_stages": [], "agreement": attempt([], "plain"), "float_mac_share": 0.0}]
+    steps = [{"float_stages": list(base), "agreement": attempt([]),
+              "float_mac_share": sum(stages[k]["mac_share"] for k in base)}]
     chosen = steps[0]
     if steps[0]["agreement"] < budget:
-        alone = {s: attempt([s], s) - steps[0]["agreement"] for s in stages}
+        alone = {s: attempt([s]) - steps[0]["agreement"] for s in stages if s not in base}
         # agreement gained per share of the compute given back to float (the head costs ~nothing)
-        order = sorted((s for s in stages if alone[s] > 0),
+        order = sorted((s for s in stages if alone[s] > 0 and s not in base),
                        key=lambda s: -alone[s] / max(stages[s]["mac_share"], 1e-4))
-        kept: list[str] = []
+        kept: list[str] = list(base)
         for s in order:
             kept.append(s)
-            step = {"float_stages": list(kept), "agreement": attempt(kept, "_".join(kept)),
-                    "float_mac_share": sum(stages[k]["mac_share"] for k in kept)}
+            step = {"float_stages": list(kept), "agreement": attempt(kept),
+                    "float_mac_share": sum(stages[k]["mac_share"] for k in dict.fromkeys(kept))}
             steps.append(step)
             if step["agreement"] >= budget:
                 break
         chosen = max(steps, key=lambda st: (st["agreement"] >= budget, -st["float_mac_share"] if
                                              st["agreement"] >= budget else st["agreement"]))
         for st in steps:
-            st["alone_gain"] = {s: alone[s] for s in st["float_stages"]}
-    tag = "_".join(chosen["float_stages"]) or "plain"
-    (workdir / f"aware_{tag}.onnx").replace(out_path)
+            st["alone_gain"] = {s: alone[s] for s in st["float_stages"] if s in alone}
+    file_of(chosen["float_stages"]).replace(out_path)
     return {"method": "onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images",
             "max_drop_pts": max_drop_pts, "held_out_images": int(len(x)),
             "metric": "top-1 agreement with Keras on the validation split",

@@ -28,13 +28,13 @@ class Format:
 
 
 # Options that shape only int8 files (the others apply to every file of the format).
-INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop")
+INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop", "float_head")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", ".tflite", ("none", "fp16", "dynamic", "int8"), ("io_dtype", "calib_size", "calib_range",
-                                                                       "bn_scales"),
+                                                                       "bn_scales", "float_head"),
            "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
-    Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop"), "onnxruntime",
+    Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop", "float_head"), "onnxruntime",
            "pip install onnxruntime"),
     Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size", "max_drop"), "OpenVINO",
            "pip install 'mri-edge[openvino]'"),
@@ -50,6 +50,7 @@ class ExportJob:
     fmt: str
     quantize: str
     io_dtype: str
+    float_head: bool = False  # int8: global pooling, dense layers and softmax stay in float
 
     @property
     def filename(self) -> str:
@@ -59,7 +60,7 @@ class ExportJob:
 
 
 def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, openvino_available: bool = True,
-         given: tuple[str, ...] = ()) -> list[ExportJob]:
+         given: tuple[str, ...] = (), float_head: bool = False) -> list[ExportJob]:
     """Expand --format/--quantize into jobs; unsupported combinations are refused up front, and
     so is an option in `given` (the ones the user set) that no planned file accepts."""
     if io_dtype not in IO_DTYPES:
@@ -81,7 +82,8 @@ def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, ope
                 if quantize and len(fmts) > 1:
                     continue  # e.g. --format all --quantize fp16 means "wherever fp16 exists"
                 raise ExportError(f"--format {f} does not support --quantize {q} (supported: {', '.join(supported)})")
-            jobs.append(ExportJob(f, q, io_dtype if q == "int8" else "float32"))
+            jobs.append(ExportJob(f, q, io_dtype if q == "int8" else "float32",
+                                  float_head and q == "int8" and "float_head" in FORMATS[f].options))
     if not jobs:
         raise ExportError("nothing to export for that --format/--quantize combination")
     for opt in given:

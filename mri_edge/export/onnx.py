@@ -60,7 +60,8 @@ def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path,
 
 def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
               activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None,
-              workdir: Path | None = None, nodes_to_exclude: list[str] | None = None) -> None:
+              workdir: Path | None = None, nodes_to_exclude: list[str] | None = None,
+              float_head: bool = False) -> None:
     """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py).
     nodes_to_exclude: nodes of the pre-processed graph that stay in float (accuracy-aware export)."""
     from onnxruntime.quantization import (  # noqa: PLC0415
@@ -89,6 +90,13 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
             src = pre
         except Exception:
             src = fp32_path  # pre-processing is an optimisation only
+        if float_head:
+            from .accuracy import onnx_stages  # noqa: PLC0415
+
+            head = onnx_stages(src).get("head")
+            if not head:
+                raise ExportError("--float-head: no global pooling in the graph to start the head at")
+            nodes_to_exclude = list(nodes_to_exclude or []) + head["nodes"]
         options = {}
         if calib_range == "percentile":
             # Robust ranges (demo model: 91% top-1 agreement with plain min/max, 100% robust).
@@ -186,9 +194,10 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     from .accuracy import onnx_accuracy_aware  # noqa: PLC0415
 
                     meta["accuracy_aware"] = onnx_accuracy_aware(fp32_path, q_path, calib, val, max_drop, calib_range,
-                                                                 threads, workdir)
+                                                                 threads, workdir, job.float_head)
                 else:
-                    onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir)
+                    onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir,
+                              float_head=job.float_head)
                 proto = onnx.load(str(q_path))
             else:
                 proto = onnx.load(str(fp32_path))

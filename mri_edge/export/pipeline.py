@@ -77,7 +77,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                calib_size=ExportConfig.calib_size, opset=ExportConfig.opset, log=print,
                calib_range: str = ExportConfig.calib_range, workers: int | None = ExportConfig.workers,
                bn_scales: str = ExportConfig.bn_scales, given: tuple[str, ...] = (),
-               max_drop: float | None = ExportConfig.max_drop) -> tuple[list[dict], list[dict]]:
+               max_drop: float | None = ExportConfig.max_drop,
+               float_head: bool = ExportConfig.float_head) -> tuple[list[dict], list[dict]]:
     """Run every export job; returns (successes, failures). Earlier files survive a failure.
 
     `given` names the options the user set explicitly: one that no planned file accepts is
@@ -92,7 +93,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
 
     run = RunFolder(run_dir)
     run_dir = run.path
-    jobs = plan(tuple(formats), tuple(quantize), io_dtype, ov.available(for_export=True), tuple(given))
+    jobs = plan(tuple(formats), tuple(quantize), io_dtype, ov.available(for_export=True), tuple(given), float_head)
     _check(calib_size, calib_range, bn_scales, opset, workers)
     started = time.time()
     model, cfg, labels = load_run(run_dir)
@@ -144,6 +145,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
             return pool.WorkerContext(
                 jobs=unit, targets=[str(staging / j.filename) for j in unit],
                 metas=[{**base_meta, "format": j.fmt, "quantization": j.quantize,
+                        **({"float_head": True} if j.float_head else {}),
                         **(calib_meta if j.quantize == "int8" else {}),
                         **({"bn_scales": bn_scales} if j.quantize == "int8" and j.fmt == "tflite" else {})}
                        for j in unit],

@@ -161,17 +161,40 @@ def calibrated_graph(saved_model: str, calib: np.ndarray, io_dtype: str = "uint8
     conv._experimental_calibrate_only = True  # stop after calibration, before quantizing
     return tighten_ranges(conv.convert(), calib, CALIB_QUANTILE)
 
+def head_tensors(calibrated: bytes) -> list[str]:
+    """Output tensors of every operation from the global pooling (the first MEAN) on: the head
+    that `--float-head` keeps in float. Its softmax in uint8 moves in steps of 1/256, too
+    coarse for an occlusion map or a calibrated probability of a confident answer."""
+    from ..runtime import load_interpreter_class  # noqa: PLC0415
+
+    interp = load_interpreter_class()[0](model_content=calibrated)
+    ops = interp._get_ops_details()
+    start = next((i for i, op in enumerate(ops) if op["op_name"] == "MEAN"), None)
+    if start is None:
+        raise ExportError("--float-head: no global pooling (MEAN) in the graph to start the head at")
+    details = {d["index"]: d["name"] for d in interp.get_tensor_details()}
+    return sorted({details[t] for op in ops[start:] for t in op["outputs"] if t in details})
+
+
 def tflite_bytes(saved_model: str, job: ExportJob, calib: np.ndarray | None, calib_range: str = "percentile",
                   bn_scales: str = "per-tensor") -> bytes:
     import tensorflow as tf  # noqa: PLC0415
 
     if job.quantize == "int8":
-        if calib_range == "percentile":
+        if calib_range == "percentile" or job.float_head:
             from tensorflow.lite.python import convert as tfl_convert  # noqa: PLC0415
 
             io = getattr(tf, job.io_dtype)
-            fb = tfl_convert.mlir_quantize(calibrated_graph(saved_model, calib, job.io_dtype), False,
-                                           input_data_type=io, output_data_type=io)
+            if calib_range == "percentile":
+                calibrated = calibrated_graph(saved_model, calib, job.io_dtype)
+            else:
+                conv = int8_converter(saved_model, calib, job.io_dtype)
+                conv._experimental_calibrate_only = True
+                calibrated = conv.convert()
+            head = head_tensors(calibrated) if job.float_head else None
+            fb = tfl_convert.mlir_quantize(calibrated, False, input_data_type=io,
+                                           output_data_type=tf.float32 if job.float_head else io,
+                                           denylisted_nodes=head)
         else:
             fb = int8_converter(saved_model, calib, job.io_dtype).convert()
         return per_tensor_depthwise(fb) if bn_scales == "per-tensor" else fb
