@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..quiet import nncf_quiet
+from .formats import ExportError
 
 STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
 
@@ -238,3 +239,50 @@ def onnx_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, ref_top: 
                      "relative_error_flipped": float(rel[flips].mean()) if flips.any() else None,
                      "relative_error_kept": float(rel[~flips].mean()) if (~flips).any() else None})
     return {"images": int(len(idx)), "flipped": int(flips.sum()), "tensors": rows}
+
+
+def layer_report(run, log=print) -> dict:
+    """Per-layer error report of the run's int8 ONNX file against its fp32 ONNX file on the
+    validation split (verify/quant_debug.md, .json, .png)."""
+    import tempfile  # noqa: PLC0415
+
+    from .. import report  # noqa: PLC0415
+    from ..keras_model import validation_reference  # noqa: PLC0415
+
+    fp32, int8 = run.exports_dir / "model_fp32.onnx", run.exports_dir / "model_int8.onnx"
+    if not (fp32.is_file() and int8.is_file()):
+        raise ExportError("--debug-quant compares exports/model_int8.onnx with exports/model_fp32.onnx; export both "
+                          "(mri-edge export RUN --format onnx)")
+    ref, x = validation_reference(run.path, log, with_images=True)
+    with tempfile.TemporaryDirectory() as td:
+        out = onnx_layer_errors(fp32, int8, x, np.asarray(ref["probs"]).argmax(1), Path(td))
+    d = run.path / "verify"
+    d.mkdir(exist_ok=True)
+    report.write_json(d / "quant_debug.json", out)
+    rows = out["tensors"]
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot([r["depth"] for r in rows], [r["relative_error"] for r in rows], lw=1, label="all images")
+    if out["flipped"]:
+        ax.plot([r["depth"] for r in rows], [r["relative_error_flipped"] for r in rows], lw=1,
+                label=f"the {out['flipped']} flipped images")
+    ax.set_xlabel("tensor (graph order)")
+    ax.set_ylabel("relative error ||q - f|| / ||f||")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_title("int8 ONNX against fp32 ONNX, validation images")
+    report.save_figure(fig, d / "quant_debug.png")
+    worst = sorted(rows, key=lambda r: -r["relative_error"])[:15]
+    report.write_text(d / "quant_debug.md", "\n".join([
+        "# Per-layer int8 error (ONNX)", "",
+        f"{out['images']} validation images, {out['flipped']} of them flip their top-1 class under int8. Relative "
+        "error of each tensor of `model_int8.onnx` against the same tensor of `model_fp32.onnx`, in graph order.", "",
+        "![relative error by depth](quant_debug.png)", "", "Largest errors:", "",
+        report.md_table(["depth", "tensor", "SQNR dB", "relative error", "on flipped images", "on the others"],
+                        [[r["depth"], f"`{r['tensor']}`", f"{r['sqnr_db']:.1f}", f"{r['relative_error']:.4f}",
+                          "" if r["relative_error_flipped"] is None else f"{r['relative_error_flipped']:.4f}",
+                          "" if r["relative_error_kept"] is None else f"{r['relative_error_kept']:.4f}"]
+                         for r in worst]), ""]))
+    log(f"per-layer int8 error: {d / 'quant_debug.md'}")
+    return out
