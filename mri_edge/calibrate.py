@@ -54,6 +54,22 @@ def reference_model(run: RunFolder, files: list[Path], reference: str | None) ->
     return min(files, key=rank)
 
 
+def source_model_sha256(run: RunFolder, ref_path: Path) -> str | None:
+    """SHA-256 of the trained model the files come from: model.keras, or what the reference
+    file's metadata records (a shipped folder has no model.keras)."""
+    from .files import sha256_file  # noqa: PLC0415
+
+    if run.model_path.is_file():
+        return sha256_file(run.model_path)
+    if ref_path.suffix == ".xml":
+        from .ov import read_metadata as ov_metadata  # noqa: PLC0415
+
+        return ov_metadata(ref_path).get("source_model_sha256")
+    from .runtime import read_metadata  # noqa: PLC0415
+
+    return read_metadata(ref_path).get("source_model_sha256")
+
+
 def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int], dict]:
     """Indices into the validation split of the images to fit on, and how they were chosen
     (with a 1-NN probe of them and of the test split against training)."""
@@ -189,6 +205,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     files = run.export_files()
     keep, held = held_out_rows(manifest, cfg, log)
     ref_path = reference_model(run, files, reference)
+    source_sha = source_model_sha256(run, ref_path)
     val_rows = [manifest["splits"]["val"][i] for i in keep]
     test_rows = manifest["splits"].get("test") or []
     y_val = np.array([y for _, y in val_rows])
@@ -210,6 +227,9 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
             from .keras_model import validation_reference  # noqa: PLC0415
 
             ref = validation_reference(run.path, log)[0]
+            if ref["paths"] != [rel for rel, _ in manifest["splits"]["val"]]:
+                raise CalibrateError(f"{run.path}: the cached Keras validation predictions do not list the split "
+                                     "manifest's validation images; remove verify/val/keras_predictions.json")
             val = np.asarray(ref["probs"], np.float32)[keep]
             tp = run.test_predictions()
             if tp["paths"] != [rel for rel, _ in test_rows]:
@@ -227,6 +247,8 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     q = trust.conformal_quantile(cal_val, y_val, cfg.alpha)
     record = trust.Trust(temperature, threshold, cfg.alpha, q, fitted_on={
         "model": ref_path.name, "runtime": ref_runtime, "images": held["n"], "rule": held["rule"],
+        # which trained model the record belongs to: verify and the .keras back end refuse it elsewhere
+        "source_model_sha256": source_sha,
         "twins_included": held["twins_included"],
         "temperature_at_bound": bool(min(abs(temperature - b) / b for b in trust.T_RANGE) < 0.01),
         "target": {"max_risk": cfg.max_risk} if cfg.max_risk is not None else {"coverage": cfg.coverage}})
@@ -243,8 +265,10 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
                                **({"test": evaluate(ref_test, y_test, record)} if ref_test is not None else {}),
                                "reference": True}}
     for f in files:
-        if f == ref_path:
+        if f.resolve() == ref_path.resolve():
             continue
+        if f.name in results:
+            raise CalibrateError(f"--reference {ref_path} has the name of the run's own {f}; pass that file instead")
         val, test, _ = run_on(f)
         results[f.name] = {"held_out": evaluate(val, y_val, record),
                            **({"test": evaluate(test, y_test, record)} if test is not None else {})}
@@ -348,8 +372,9 @@ def markdown(out: dict) -> str:
         f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`, minimum NLL)",
         f"- abstention: answers with calibrated confidence below **{t['threshold']:.3f}** are marked "
         f"\"{trust.REVIEW}\" (target: {target})",
-        f"- conformal prediction sets at {1 - t['alpha']:.0%} coverage: a class is in the set when its calibrated "
-        f"probability is at least {1 - t['conformal_q']:.3f} (the top class always is)", "",
+        f"- conformal prediction sets at {1 - t['alpha']:.0%} coverage: classes join the set by falling calibrated "
+        f"probability while the probability mass before them is at most {t['conformal_q']:.3f} (the top class "
+        "always is in it)", "",
         "Every file below carries this record in its metadata; every runtime applies it.", "",
         summary_table(out), "",
         "The test rows are reported only; nothing was fitted on them.", "",

@@ -149,6 +149,10 @@ def ci(v) -> str:
     return f"[{v[0] * 100:.1f}, {v[1] * 100:.1f}]" if v else ""
 
 
+def pct(value, interval) -> str:
+    return "n/a (no images)" if value is None else f"{value:.1%} {ci(interval)}"
+
+
 def markdown(card: dict) -> str:
     m, d = card["model"], card["data"]
     parts = [f"# Model card: mri-edge {m['task']} classifier", "", "## Intended use", "", card["intended_use"], "",
@@ -174,8 +178,8 @@ def markdown(card: dict) -> str:
         parts += [f"## Results: {title} ({res['n']} images)", "",
                   f"Accuracy **{res['accuracy']:.2%}** {ci(res.get('accuracy_ci95'))}, macro-F1 {res['macro_f1']:.3f}.",
                   "", report.md_table(["class", "images", "sensitivity [95% CI]", "specificity [95% CI]"],
-                                      [[c["class"], c["support"], f"{c['sensitivity']:.1%} {ci(c['sensitivity_ci95'])}",
-                                        f"{c['specificity']:.1%} {ci(c['specificity_ci95'])}"]
+                                      [[c["class"], c["support"], pct(c["sensitivity"], c["sensitivity_ci95"]),
+                                        pct(c["specificity"], c["specificity_ci95"])]
                                        for c in res["per_class"]]), ""]
     if "calibration" in card:
         c = card["calibration"]

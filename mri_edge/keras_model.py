@@ -9,6 +9,7 @@ import numpy as np
 
 from . import quiet, runtime
 from .integrity import sniff
+from .files import sha256_file
 from .run import RunFolder
 
 
@@ -38,6 +39,9 @@ class KerasModel(runtime.Model):
         contract = RunFolder(path.parent).config().get("preprocessing") if (path.parent / "config.json").is_file() \
             else None
         record = RunFolder(path.parent).trust()  # what `mri-edge calibrate` fitted for this run
+        fitted_for = (record or {}).get("fitted_on", {}).get("source_model_sha256")
+        if fitted_for and fitted_for != sha256_file(path):
+            record = None  # fitted for another model.keras (retrained since): not applied
         meta = {"class_names": labels["class_names"], "input_size": [size, size], "format": "keras",
                 **({"preprocessing": contract} if contract else {}), **({"trust": record} if record else {}),
                 "quantization": "none", "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}

@@ -22,6 +22,7 @@ import numpy as np
 
 FLOOR = 1e-6
 REVIEW = "uncertain - refer for review"
+REFER_ALL = float(np.nextafter(1.0, 2.0))  # a threshold above every probability: every answer is referred
 
 
 def scale(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -100,7 +101,7 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | No
     max_risk: the lowest threshold whose accepted answers have an error of at most max_risk,
     counting one error more than observed ((errors + 1) / (accepted + 1)), so that a small
     held-out set does not promise a risk it never measured. coverage: the threshold that
-    accepts that share of the held-out images. No threshold meets max_risk -> 1.0 (refer all).
+    accepts that share of the held-out images. No threshold meets max_risk -> REFER_ALL.
     """
     if (max_risk is None) == (coverage is None):
         raise ValueError("give exactly one of max_risk and coverage")
@@ -115,7 +116,7 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | No
     errors = np.asarray(curve["risk"]) * k
     ok = (errors + 1) / (k + 1) <= max_risk
     ok &= np.append(thr[1:] < thr[:-1], True)  # only cut between distinct confidences
-    return float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else 1.0
+    return float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else REFER_ALL
 
 
 def aps_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -106,13 +106,26 @@ def trust_metrics(record: trust.Trust, labels: np.ndarray, keras_probs: np.ndarr
     return out
 
 
+def trust_mismatch(model, run_record: dict | None) -> str | None:
+    """Why a file's stored calibration cannot be trusted, or None: it was fitted for another
+    model, or it is not the run's current record (a file exported again after calibrate)."""
+    record = model.trust.to_dict() if model.trust else None
+    fitted_for = (record or {}).get("fitted_on", {}).get("source_model_sha256")
+    if fitted_for and model.meta.get("source_model_sha256") and fitted_for != model.meta["source_model_sha256"]:
+        return "its calibration was fitted for another model: run mri-edge calibrate again"
+    if run_record is not None and record != run_record:
+        return "its calibration record is not the run's trust.json (exported again after calibrate?): run " \
+               "mri-edge calibrate again"
+    return None
+
+
 def explanation_sample(labels: np.ndarray, n: int) -> np.ndarray:
     """The test images whose explanations are compared: a fixed random sample of n."""
     return np.sort(np.random.default_rng(0).permutation(len(labels))[:n])
 
 
 def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                batch_size, keras_maps=None) -> dict:
+                batch_size, keras_maps=None, root_run: Path | None = None) -> dict:
     """Every parity number and the gate of one exported file."""
     model = open_model(f, threads=threads)
     if model.class_names != names:
@@ -136,13 +149,15 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
                              "max_ece_change": thresholds.max_ece_change}})
     if model.trust:
         r["trust"] = trust_metrics(model.trust, labels, keras_probs, probs)
+    run_record = RunFolder(root_run).trust() if root_run else None
+    stale = trust_mismatch(model, run_record)
     if keras_maps is not None:
         idx, targets, ref_maps = keras_maps
         maps = [explain.occlusion(model, imgs[i], t)[0] for i, t in zip(idx, targets)]
         r["explanation"] = {"method": f"occlusion {explain.GRID}x{explain.GRID}",
                             **explain.parity(ref_maps, maps, model.image_size)}
         r["thresholds"]["min_explanation_corr"] = thresholds.min_explanation_corr
-    reasons = []
+    reasons = [stale] if stale else []
     if r["agreement"] < min_agree:
         reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
     if -r["accuracy_delta"] * 100 > max_drop + 1e-9:
@@ -153,7 +168,8 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     if "trust" in r and abs(r["trust"]["ece_delta"]) > thresholds.max_ece_change + 1e-12:
         reasons.append(f"calibrated probabilities changed: |ΔECE| after the stored temperature "
                        f"{abs(r['trust']['ece_delta']):.4f} > {thresholds.max_ece_change}")
-    if "explanation" in r and r["explanation"]["rank_correlation"]["median"] < thresholds.min_explanation_corr:
+    if ("explanation" in r and thresholds.min_explanation_corr
+            and r["explanation"]["rank_correlation"]["median"] < thresholds.min_explanation_corr):
         reasons.append(f"explanations moved: median rank correlation {r['explanation']['rank_correlation']['median']:.3f}"
                        f" < {thresholds.min_explanation_corr}")
     r["passed"] = not reasons
@@ -230,13 +246,18 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     decoded: dict[int, np.ndarray] = {}
     keras_maps = None
     if explain_images and run.model_path.is_file():
-        keras_maps = keras_explanations(run, root, ref, labels, keras_probs, decoded, explain_images, split)
+        try:
+            keras_maps = keras_explanations(run, root, ref, labels, keras_probs, decoded, explain_images, split)
+        except DataMovedError:
+            raise
+        except MriEdgeError as e:  # e.g. a machine with the runtimes but not Keras
+            log(f"explanation parity skipped: {e}")
     results = {}
     failures = []
     for f in files:
         try:
             r = _check_file(f, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                            batch_size, keras_maps)
+                            batch_size, keras_maps, run_dir)
         except DataMovedError:
             raise
         except MriEdgeError as e:

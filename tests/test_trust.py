@@ -58,7 +58,8 @@ def test_the_threshold_meets_its_risk_on_the_data_it_was_chosen_on_and_coverage_
     thr90 = trust.choose_threshold(probs, labels, coverage=0.9)
     assert abs(trust.at_threshold(probs, labels, thr90)["coverage"] - 0.9) < 0.01
     # an impossible target refers everything
-    assert trust.choose_threshold(probs, labels, max_risk=0.0) == 1.0
+    assert trust.choose_threshold(probs, labels, max_risk=0.0) == trust.REFER_ALL > 1.0
+    assert trust.at_threshold(probs, labels, trust.REFER_ALL)["accepted"] == 0
     with pytest.raises(ValueError):
         trust.choose_threshold(probs, labels)
 
@@ -257,3 +258,15 @@ def test_calibrate_refuses_the_twins_of_the_shipped_alzheimer_validation_split(s
     shutil.copytree(REPO / "artifacts" / "alzheimer", run, ignore=shutil.ignore_patterns("*.tflite"))
     with pytest.raises(CalibrateError, match="not new to the model"):
         calibrate_run(run, data_dir=str(shared_data / "alzheimer-mri"), log=lambda *_: None)
+
+
+def test_verify_flags_a_file_whose_calibration_is_not_the_runs(calibrated_run):
+    from mri_edge.export import export_run
+    from mri_edge.verify import verify_run
+
+    run, _ = calibrated_run
+    # exported again after calibrate: the new file carries no record, the run's trust.json still exists
+    export_run(run, ("tflite",), ("none",), "uint8", log=lambda *_: None, workers=1)
+    out = verify_run(run, files=[run / "exports" / "model_fp32.tflite"], explain_images=0, log=lambda *_: None)
+    reasons = out["files"]["model_fp32.tflite"]["fail_reasons"]
+    assert any("not the run's trust.json" in x for x in reasons), reasons

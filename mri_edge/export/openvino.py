@@ -34,8 +34,9 @@ def quantize_int8(onnx_path: Path, calib: np.ndarray):
     return q
 
 
-def save(model, target: Path, meta: dict) -> None:
-    """Write target (.xml) and its .bin; the new pair replaces an old one only once both are complete."""
+def save(model, target: Path, meta: dict, expect_sha256: str | None = None) -> None:
+    """Write target (.xml) and its .bin; the new pair replaces an old one only once both are
+    complete (and, with expect_sha256, only if its weights hash to that)."""
     ov, _ = core()
     target = Path(target)
     tmp = target.with_name(f".{target.stem}.tmp.xml")
@@ -49,6 +50,9 @@ def save(model, target: Path, meta: dict) -> None:
         ov.save_model(model, str(tmp), compress_to_fp16=False)
         if sha256_file(tmp.with_suffix(".bin")) != meta["model_sha256"]:
             raise runtime.RuntimeModelError("OpenVINO wrote different weights for the same model twice")
+        if expect_sha256 and meta["model_sha256"] != expect_sha256:
+            raise runtime.RuntimeModelError(f"{target}: OpenVINO wrote different weights when its metadata changed; "
+                                            "the file was left as it was")
         os.replace(tmp.with_suffix(".bin"), target.with_suffix(".bin"))
         os.replace(tmp, target)
     finally:
@@ -58,12 +62,8 @@ def save(model, target: Path, meta: dict) -> None:
 
 def rewrite_openvino_metadata(path: Path, meta: dict) -> None:
     """Replace an IR's metadata; save() rewrites the pair and checks the weights are unchanged."""
-    ov, ie = core()
-    want = meta.get("model_sha256")
-    meta = dict(meta)
-    save(ie.read_model(str(path)), path, meta)
-    if want and meta["model_sha256"] != want:
-        raise runtime.RuntimeModelError(f"{path}: OpenVINO wrote different weights when its metadata changed")
+    _, ie = core()
+    save(ie.read_model(str(path)), path, dict(meta), expect_sha256=meta.get("model_sha256"))
 
 
 def io_details(model) -> dict:
