@@ -260,13 +260,21 @@ def test_calibrate_refuses_the_twins_of_the_shipped_alzheimer_validation_split(s
         calibrate_run(run, data_dir=str(shared_data / "alzheimer-mri"), log=lambda *_: None)
 
 
-def test_verify_flags_a_file_whose_calibration_is_not_the_runs(calibrated_run):
+def test_a_file_exported_again_keeps_the_runs_calibration_and_a_stale_one_is_flagged(calibrated_run):
     from mri_edge.export import export_run
+    from mri_edge.runtime import open_model
     from mri_edge.verify import verify_run
 
-    run, _ = calibrated_run
-    # exported again after calibrate: the new file carries no record, the run's trust.json still exists
+    run, cal = calibrated_run
+    f = run / "exports" / "model_fp32.tflite"
     export_run(run, ("tflite",), ("none",), "uint8", log=lambda *_: None, workers=1)
-    out = verify_run(run, files=[run / "exports" / "model_fp32.tflite"], explain_images=0, log=lambda *_: None)
-    reasons = out["files"]["model_fp32.tflite"]["fail_reasons"]
+    assert open_model(f).trust.to_dict() == cal["trust"]  # fitted for this model.keras: carried over
+    assert not verify_run(run, files=[f], explain_images=0, log=lambda *_: None)["files"][f.name]["fail_reasons"]
+    # a trust.json fitted for another model is not carried, and the file no longer matches the run's record
+    record = json.loads((run / "trust.json").read_text())
+    record["fitted_on"]["source_model_sha256"] = "0" * 64
+    (run / "trust.json").write_text(json.dumps(record))
+    export_run(run, ("tflite",), ("none",), "uint8", log=lambda *_: None, workers=1)
+    assert open_model(f).trust is None
+    reasons = verify_run(run, files=[f], explain_images=0, log=lambda *_: None)["files"][f.name]["fail_reasons"]
     assert any("not the run's trust.json" in x for x in reasons), reasons

@@ -109,6 +109,9 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
         "input_size": [size, size],
         "preprocessing": cfg.get("preprocessing") or preprocess.contract(size),
         "source_model_sha256": model_sha,
+        # the run's calibration travels into files exported after it, when it was fitted for this model.keras
+        **({"trust": record} if (record := run.trust()) and
+           record.get("fitted_on", {}).get("source_model_sha256") == model_sha else {}),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     units = pool.units(jobs)
