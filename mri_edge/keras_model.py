@@ -65,7 +65,8 @@ def validation_reference(run_dir, log=print, with_images: bool = False) -> tuple
     export --bn-scales auto chooses between int8 variants with it, so the test split is
     never read to choose anything.
     """
-    from .files import read_json, sha256_file  # noqa: PLC0415
+    from .data import decode_images  # noqa: PLC0415
+    from .files import read_json  # noqa: PLC0415
     from .progress import Progress  # noqa: PLC0415
     from .report import write_json  # noqa: PLC0415
 
@@ -80,16 +81,7 @@ def validation_reference(run_dir, log=print, with_images: bool = False) -> tuple
     if ref.get("source_model_sha256") == sha and not with_images:
         return ref, None
     net = KerasModel(run.model_path)
-    root = Path(manifest["root"])
-    images = np.zeros((len(rows), net.image_size, net.image_size, 3), np.uint8)
-    with Progress(len(rows), "decoding the validation split") as bar:
-        for i, (rel, _) in enumerate(rows):
-            try:
-                images[i] = net.preprocess(root / rel)
-            except Exception as e:
-                raise runtime.RuntimeModelError(f"validation image {root / rel} cannot be read now ({e}); was the "
-                                                "dataset moved?") from None
-            bar.update()
+    images = decode_images(net, Path(manifest["root"]), [rel for rel, _ in rows], "validation images")
     if ref.get("source_model_sha256") != sha:
         with Progress(len(rows), "Keras reference on the validation split") as bar:
             probs = []
