@@ -36,14 +36,17 @@ def occlusion_batch(image: np.ndarray, grid: int = GRID) -> np.ndarray:
     return out
 
 
-def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = GRID) -> tuple[np.ndarray, int]:
+def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = GRID,
+              with_probs: bool = False):
     """((grid, grid) importance map, explained class): probability drop of `target` (default:
     the model's own top class) when each cell is blacked out. Raw graph probabilities, so a
-    stored temperature does not change the map's ranking."""
+    stored temperature does not change the map's ranking. with_probs: also the image's own
+    raw probabilities."""
     probs = model.run(occlusion_batch(image, grid))
     if target is None:
         target = int(probs[0].argmax())
-    return (probs[0, target] - probs[1:, target]).reshape(grid, grid).astype(np.float32), target
+    heat = (probs[0, target] - probs[1:, target]).reshape(grid, grid).astype(np.float32)
+    return (heat, target, probs[0]) if with_probs else (heat, target)
 
 
 def gradcam(model, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int]:
@@ -162,8 +165,12 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
             failed.append({"image": str(src), "error": str(e)})
             log(f"skipped {src}: {e}")
             continue
-        heat, target = gradcam(model, img) if method == "gradcam" else occlusion(model, img, grid=grid)
-        probs = model.calibrated(model.run(img[None]))[0]
+        if method == "gradcam":
+            heat, target = gradcam(model, img)
+            raw = model.run(img[None])[0]
+        else:
+            heat, target, raw = occlusion(model, img, grid=grid, with_probs=True)
+        probs = model.calibrated(raw[None])[0]
         name = f"{Path(src).stem}_{method}.png"
         label = f"{model.class_names[target]} {probs[target]:.2f}"
         pair = np.concatenate([img, overlay(img, heat)], axis=1)

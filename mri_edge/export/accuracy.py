@@ -157,6 +157,8 @@ def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, val: tuple[np.nd
         return float(np.mean(per)), per
 
     with nncf_quiet():
+        # the plain quantization of the same fixed-batch model, to name what accuracy control reverted
+        # (openvino.quantize_int8 returns a dynamic-batch model, whose shape ops would count as reverted)
         plain = quantized_ops(nncf.quantize(model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)),
                                             subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE))
         q = nncf.quantize_with_accuracy_control(
