@@ -24,7 +24,6 @@ from . import groups, report, trust
 from .config import CalibrateConfig
 from .data import decode_images
 from .errors import MriEdgeError
-from .progress import Progress
 from .run import RunFolder
 from .runtime import open_model
 
@@ -128,20 +127,11 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
             raise CalibrateError(
                 f"the {info['n']} held-out images are not new to the model: a raw-pixel 1-NN against training gets "
                 f"{info['nn_probe_accuracy']:.1%} of them and {info['test_nn_probe_accuracy']:.1%} of test (gap "
-                f"{gap:.1%} > {cfg.max_probe_gap:.0%} + {noise:.1%} noise); a fit on them stays overconfident on new subjects. Retrain "
-                "with `--val-split grouped`, or pass --allow-twins to fit on them anyway")
+                f"{gap:.1%} > {cfg.max_probe_gap:.0%} + {noise:.1%} noise); a fit on them stays overconfident on new "
+                "subjects. Retrain with `--val-split grouped`, or pass --allow-twins to fit on them anyway")
         info["twins_included"] = True
         info["rule"] += f" (--allow-twins: their 1-NN probe beats the test's by {gap:.1%})"
     return keep.tolist(), info
-
-
-def _probs(model, images: np.ndarray, what: str) -> np.ndarray:
-    out = []
-    with Progress(len(images), f"{model.path.name} on {what}") as bar:
-        for i in range(0, len(images), 32):
-            out.append(model.run(images[i:i + 32]))
-            bar.update(len(out[-1]))
-    return np.concatenate(out) if out else np.zeros((0, len(model.class_names)), np.float32)
 
 
 def evaluate(probs: np.ndarray, labels: np.ndarray, record: trust.Trust) -> dict:
@@ -152,11 +142,7 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, record: trust.Trust) -> dict
     before, after = report.calibration_metrics(labels, probs), report.calibration_metrics(labels, cal)
     out = {"n": int(len(labels)), "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
            "reliability_before": before["reliability"], "reliability_after": after["reliability"],
-           "coverage_risk": trust.coverage_risk(cal, labels)}
-    if record.threshold is not None:
-        out["abstention"] = trust.at_threshold(cal, labels, record.threshold)
-    if record.conformal_q is not None:
-        out["sets"] = trust.set_coverage(cal, labels, record.conformal_q)
+           "coverage_risk": trust.coverage_risk(cal, labels), **record.decision_metrics(cal, labels)}
     return out
 
 
@@ -236,8 +222,10 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
                 raise CalibrateError(f"{run.predictions_path} does not list the split manifest's test images")
             test = np.asarray(tp["probs"], np.float32)
         else:
-            val = _probs(model, images(model, val_rows, "held-out images"), "held-out images")
-            test = _probs(model, images(model, test_rows, "test images"), "test images") if test_rows else None
+            val = model.predict_arrays(images(model, val_rows, "held-out images"), 32, calibrated=False,
+                                       label=f"{model.path.name} on held-out images")
+            test = model.predict_arrays(images(model, test_rows, "test images"), 32, calibrated=False,
+                                        label=f"{model.path.name} on test images") if test_rows else None
         return val, test, model.runtime_name
 
     ref_val, ref_test, ref_runtime = run_on(ref_path)

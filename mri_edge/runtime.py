@@ -13,6 +13,7 @@ checks `sys.modules` after use.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import time
@@ -198,9 +199,18 @@ class Model:
                 out.set_coverage = 1 - self.trust.alpha
         return out
 
-    def predict_arrays(self, images: np.ndarray, batch_size: int = 1, calibrated: bool = True) -> np.ndarray:
-        """(N, K) probabilities of decoded images, under the stored temperature unless calibrated=False."""
-        out = [self.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 1, calibrated: bool = True,
+                       label: str | None = None) -> np.ndarray:
+        """(N, K) probabilities of decoded images, under the stored temperature unless
+        calibrated=False; with a label, a progress line on stderr."""
+        from .progress import Progress  # noqa: PLC0415
+
+        out = []
+        with Progress(len(images), label) if label else contextlib.nullcontext() as bar:
+            for i in range(0, len(images), batch_size):
+                out.append(self.run(images[i : i + batch_size]))
+                if bar is not None:
+                    bar.update(len(out[-1]))
         probs = np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
         return self.calibrated(probs) if calibrated else probs
 

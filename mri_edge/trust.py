@@ -194,5 +194,14 @@ class Trust:
             return np.zeros(len(calibrated), bool)
         return np.asarray(calibrated).max(1) < self.threshold
 
+    def decision_metrics(self, calibrated: np.ndarray, labels: np.ndarray) -> dict:
+        """Abstention at the stored threshold and the conformal sets' coverage on labelled images."""
+        out = {}
+        if self.threshold is not None:
+            out["abstention"] = at_threshold(calibrated, labels, self.threshold)
+        if self.conformal_q is not None:
+            out["sets"] = set_coverage(calibrated, labels, self.conformal_q)
+        return out
+
     def sets(self, calibrated: np.ndarray) -> list[list[int]] | None:
         return None if self.conformal_q is None else prediction_sets(calibrated, self.conformal_q)

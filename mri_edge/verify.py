@@ -96,12 +96,7 @@ def trust_metrics(record: trust.Trust, labels: np.ndarray, keras_probs: np.ndarr
     out = {"temperature": record.temperature}
     for who, probs in (("file", file_probs), ("keras", keras_probs)):
         cal = record.apply(probs)
-        m = {"ece": report.calibration_metrics(labels, cal)["ece"]}
-        if record.threshold is not None:
-            m["abstention"] = trust.at_threshold(cal, labels, record.threshold)
-        if record.conformal_q is not None:
-            m["sets"] = trust.set_coverage(cal, labels, record.conformal_q)
-        out[who] = m
+        out[who] = {"ece": report.calibration_metrics(labels, cal)["ece"], **record.decision_metrics(cal, labels)}
     out["ece_delta"] = out["file"]["ece"] - out["keras"]["ece"]
     return out
 
@@ -133,12 +128,7 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     if model.image_size not in decoded:
         decoded[model.image_size] = decode_images(model, root, ref["paths"], f"{split} images")
     imgs = decoded[model.image_size]
-    probs = []
-    with Progress(len(imgs), f"running {f.name} [{model.runtime_name}]") as bar:
-        for i in range(0, len(imgs), batch_size):
-            probs.append(model.run(imgs[i : i + batch_size]))
-            bar.update(len(probs[-1]))
-    probs = np.concatenate(probs)
+    probs = model.predict_arrays(imgs, batch_size, calibrated=False, label=f"running {f.name} [{model.runtime_name}]")
     meta = model.meta
     r = compare(names, labels, keras_probs, probs, ref["paths"])
     q = meta.get("quantization", "none")
