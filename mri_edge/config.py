@@ -107,9 +107,10 @@ class ExportConfig:
                                           "get one scale (smaller file) or one per channel (+0.8 MB on DenseNet121; "
                                           "less int8 error on some models); auto keeps whichever is closer to Keras "
                                           "on the validation split.", choices=BN_SCALES)
-    max_drop: float | None = option(None, "int8 ONNX and OpenVINO: accuracy-aware quantization; keep the parts that "
-                                          "move decisions most in float until top-1 agreement with Keras on the "
-                                          "validation split drops by at most this many points (docs/int8.md).",
+    max_drop: float | None = option(None, "int8 files: accuracy-aware quantization; keep the parts that move "
+                                          "decisions most in float until top-1 agreement with Keras and accuracy on "
+                                          "the validation split each drop by at most this many points "
+                                          "(docs/int8.md).",
                                     minimum=0, maximum=100, type=float, metavar="PTS")
     float_head: bool = option(False, "int8 TFLite and ONNX: keep the head (global pooling, dense layers, softmax) in "
                                      "float with float32 probabilities out, so calibrated probabilities and "

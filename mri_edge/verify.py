@@ -230,7 +230,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         clean = audit.leakage_free_mask(dedup, [str(root / p) for p in ref["paths"]])
 
     if debug_quant:
-        from .export.accuracy import layer_report  # noqa: PLC0415
+        from .export.debug import layer_report  # noqa: PLC0415
 
         layer_report(run, log)
     decoded: dict[int, np.ndarray] = {}

@@ -10,34 +10,65 @@ import numpy as np
 from click.testing import CliRunner
 
 
-def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget(monkeypatch, tmp_path):
-    from mri_edge.export import accuracy, onnx as onnx_backend
-    import onnxruntime.quantization.shape_inference as si
+def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
+    from mri_edge.export.accuracy import stage_search
 
     stages = {"conv2": {"nodes": ["a"], "mac_share": 0.6}, "conv5": {"nodes": ["b"], "mac_share": 0.05},
               "head": {"nodes": ["c"], "mac_share": 0.001}}
-    gain = {"a": 0.05, "b": 0.02, "c": 0.03}
-    made = {}
+    gain = {"conv2": 0.05, "conv5": 0.02, "head": 0.03}
+    tried = []
 
-    def fake_int8(src, path, *a, nodes_to_exclude=(), **k):
-        Path(path).write_bytes(b"x")
-        made[str(path)] = 0.94 + sum(gain[n] for n in nodes_to_exclude)
+    def attempt(kept):
+        tried.append(tuple(kept))
+        return {"agreement": 0.94 + sum(gain[s] for s in kept), "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
 
-    monkeypatch.setattr(si, "quant_pre_process", lambda *a, **k: None)
-    monkeypatch.setattr(accuracy, "onnx_stages", lambda path: stages)
-    monkeypatch.setattr(onnx_backend, "onnx_int8", fake_int8)
-    monkeypatch.setattr(accuracy, "onnx_agreement", lambda path, *a: made[str(path)])
-    val = (np.zeros((10, 4, 4, 3), np.uint8), np.eye(4)[np.arange(10) % 4])
-    out = tmp_path / "out.onnx"
-    recipe = accuracy.onnx_accuracy_aware(tmp_path / "fp32.onnx", out, None, val, 2.0, "percentile", 1, tmp_path)
+    chosen, cand, steps = stage_search(stages, attempt, 2.0, [])
     # budget 0.98: head (+0.03 for 0.1% of the compute) then conv5 (+0.02) reach 0.99; conv2 is never needed
-    assert recipe["float_stages"] == ["head", "conv5"] and recipe["within_budget"]
-    assert abs(recipe["held_out_agreement"] - 0.99) < 1e-9 and recipe["plain_agreement"] == 0.94
-    assert abs(recipe["float_mac_share"] - 0.051) < 1e-9 and out.is_file()
-    # an unreachable budget keeps the best agreement found and says it is over budget
-    gain.update(a=0.01, b=0.005, c=0.005)
-    recipe = accuracy.onnx_accuracy_aware(tmp_path / "fp32.onnx", out, None, val, 0.0, "percentile", 1, tmp_path)
-    assert not recipe["within_budget"] and recipe["held_out_agreement"] == max(s["agreement"] for s in recipe["steps"])
+    assert chosen["float_stages"] == ["head", "conv5"] and cand == ["head", "conv5"]
+    assert abs(chosen["agreement"] - 0.99) < 1e-9 and steps[0]["agreement"] == 0.94
+    assert abs(chosen["float_mac_share"] - 0.051) < 1e-9
+    assert len(tried) == len(set(tried))  # a candidate measured alone is not built again
+    # an unreachable budget keeps the best candidate found, which is not within it
+    gain.update(conv2=0.01, conv5=0.005, head=0.005)
+    chosen, _, steps = stage_search(stages, attempt, 0.0, [])
+    assert chosen["agreement"] < 1 and chosen["agreement"] == max(s["agreement"] for s in steps)
+
+
+def test_the_budget_bounds_accuracy_as_well_as_agreement():
+    from mri_edge.export.accuracy import HeldOut, stage_search, within
+
+    labels = np.arange(100) % 4
+    held = HeldOut(np.zeros((100, 2, 2, 3), np.uint8), np.eye(4)[labels], labels)  # Keras is right on every image
+    wrong = np.eye(4)[(labels + 1) % 4]
+    probs = np.eye(4)[labels].copy()
+    probs[:2] = wrong[:2]  # 2 flips, both errors: 98% agreement, accuracy -2 points
+    s = held.score(probs)
+    assert s["agreement"] == 0.98 and abs(s["accuracy_drop_pts"] - 2.0) < 1e-9
+    assert within(s, 2.0) and not within(s, 1.0)
+    ref2 = np.eye(4)[labels].copy()
+    ref2[2:4] = wrong[2:4]  # Keras wrong on two images that the candidate gets right: flips that gain accuracy
+    s2 = HeldOut(held.x, ref2, labels).score(np.eye(4)[labels])
+    assert s2["agreement"] == 0.98 and abs(s2["accuracy_drop_pts"] + 2.0) < 1e-9 and within(s2, 2.0)
+
+    def attempt(kept):  # agreement within budget from the start, but accuracy only with conv5 in float
+        drop = 0.0 if "conv5" in kept else 1.5
+        return {"agreement": 0.995, "accuracy": 0.9, "accuracy_drop_pts": drop}, kept
+
+    stages = {"conv4": {"nodes": ["a"], "mac_share": 0.2}, "conv5": {"nodes": ["b"], "mac_share": 0.1}}
+    chosen, _, _ = stage_search(stages, attempt, 1.0, [])
+    assert chosen["float_stages"] == ["conv5"]
+
+
+def test_densenet_stages_from_tflite_and_onnx_names():
+    from mri_edge.export.accuracy import stage_names
+
+    names = [("PAD", "m/densenet121/zero_padding2d/Pad"), ("CONV_2D", "m/densenet121/conv1_relu/Relu;m/conv1_bn"),
+             ("MAX_POOL_2D", "m/densenet121/pool1/MaxPool2d"), ("CONV_2D", "m/densenet121/conv2_block1_1_relu/Relu"),
+             ("CONV_2D", "m/densenet121/conv2_block1_2_conv/convolution1"), ("AVG", "m/densenet121/pool2_pool/AvgPool"),
+             ("CONV_2D", "m/densenet121/conv3_block1_1_relu/Relu"), ("DEPTHWISE_CONV_2D", "m/densenet121/relu/Relu;bn"),
+             ("MEAN", "m/avg_pool/Mean"), ("FULLY_CONNECTED", "m/head_dense/MatMul")]
+    assert stage_names(names, ("MEAN",)) == ["body", "conv1", "conv1", "conv2", "conv2", "conv2", "conv3", "conv3",
+                                              "head", "head"]
 
 
 def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_path):
@@ -46,14 +77,17 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
 
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)
-    res = CliRunner().invoke(main, ["export", str(run), "--format", "tflite", "--max-drop", "1"])
-    assert res.exit_code == 1 and "--max-drop applies to int8 onnx/openvino files" in res.output
-    res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--quantize", "int8", "--max-drop", "0",
-                                    "--calib-size", "16"])
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "tflite", "--quantize", "fp16", "--max-drop", "1"])
+    assert res.exit_code == 1 and "--max-drop applies to int8 tflite/onnx/openvino files" in res.output
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--format", "tflite", "--quantize", "int8",
+                                    "--max-drop", "0", "--calib-size", "16"])
     assert res.exit_code == 0, res.output
-    recipe = read_metadata(run / "exports" / "model_int8.onnx")["accuracy_aware"]
-    assert recipe["max_drop_pts"] == 0 and recipe["held_out_images"] == 4
-    assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 1.0)
+    for name in ("model_int8.onnx", "model_int8.tflite"):
+        recipe = read_metadata(run / "exports" / name)["accuracy_aware"]
+        assert recipe["max_drop_pts"] == 0 and recipe["held_out_images"] == 4, name
+        assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 1.0 and
+                                           recipe["held_out_accuracy_drop_pts"] <= 0), name
+        assert set(recipe["stages"]) == {"body", "head"} and recipe["steps"][0]["float_stages"] == [], name
     assert "kept in float" in res.output
 
 

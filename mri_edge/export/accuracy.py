@@ -1,35 +1,156 @@
 """Accuracy-aware int8 (`export --max-drop PTS`): keep the parts of the graph that move
-decisions most in float until the int8 file agrees with the Keras model on held-out images
-within the budget. The recipe (what stayed in float, why, what it cost) goes into the file's
+decisions most in float until the int8 file stays within the budget on held-out images: top-1
+agreement with the Keras model at least 1 - PTS/100, and accuracy at most PTS points below the
+Keras model's. The recipe (what stayed in float, why, what it cost) goes into the file's
 metadata.
 
 - OpenVINO: NNCF's `quantize_with_accuracy_control`, which ranks quantized operations by
   their effect on the metric and reverts them one by one (the maintained tool for this).
-- ONNX: NNCF's ONNX path writes per-channel activation zero points on this graph's
-  pooling-as-depthwise convolutions, which onnxruntime cannot run, so the search is done
-  here over onnxruntime's own quantizer (`nodes_to_exclude`): stages of the graph (stem,
-  dense blocks, head) are measured one at a time, then kept in float in order of agreement
-  gained per multiply-accumulate given up, until the budget holds.
+- TFLite and ONNX: one stage search (`stage_search`) over each converter's own way of keeping
+  operations in float (the MLIR quantizer's `denylisted_nodes`; onnxruntime's
+  `nodes_to_exclude`). Stages of the graph (stem, dense blocks, head) are measured one at a
+  time, then kept in float in order of agreement gained per multiply-accumulate given up,
+  until the budget holds. NNCF's ONNX path is not used: it writes per-channel activation zero
+  points on this graph's pooling-as-depthwise convolutions, which onnxruntime cannot run.
 
-Held-out images: the run's validation split with its Keras probabilities (the grouped split
-when the run was trained with `--val-split grouped`, so that they behave like new subjects).
+Held-out images: the run's validation split with its Keras probabilities and true labels (the
+grouped split when the run was trained with `--val-split grouped`, so that they behave like
+new subjects).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..quiet import nncf_quiet
-from .formats import ExportError
 
 STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
+METRIC = "top-1 agreement with Keras and accuracy drop, validation split"
 
 
-def onnx_agreement(path: Path, x: np.ndarray, ref_top: np.ndarray, threads: int | None = None) -> float:
-    """Top-1 agreement of an ONNX file with the reference classes on the held-out images."""
+@dataclass
+class HeldOut:
+    """Validation images (uint8), the Keras model's probabilities on them and their labels."""
+
+    x: np.ndarray
+    ref: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def top(self) -> np.ndarray:
+        return self.ref.argmax(1)
+
+    def score(self, probs: np.ndarray) -> dict:
+        pred = np.asarray(probs).argmax(1)
+        acc, ref_acc = float((pred == self.labels).mean()), float((self.top == self.labels).mean())
+        return {"agreement": float((pred == self.top).mean()), "accuracy": acc,
+                "accuracy_drop_pts": 100 * (ref_acc - acc)}
+
+
+def within(score: dict, max_drop_pts: float) -> bool:
+    """Inside the budget: agreement and accuracy each lose at most max_drop_pts points."""
+    return score["agreement"] >= 1 - max_drop_pts / 100 - 1e-12 and score["accuracy_drop_pts"] <= max_drop_pts + 1e-9
+
+
+def quality(score: dict) -> float:
+    """One number for ranking candidates: the worse of agreement and 1 - accuracy drop."""
+    return min(score["agreement"], 1 - max(0.0, score["accuracy_drop_pts"]) / 100)
+
+
+def stage_names(nodes: list[tuple[str, str]], pooling_ops: tuple[str, ...]) -> list[str]:
+    """The stage of each (op type, name) in graph order: DenseNet's conv1-conv5 with each
+    transition counted in the block before it, and 'head' from the global pooling on; other
+    graphs get 'body' and 'head'."""
+    out, current, in_head = [], "body", False
+    for op_type, name in nodes:
+        in_head = in_head or op_type in pooling_ops
+        if not in_head:
+            m = STAGE.search(name)
+            if m:
+                current = {"pool1": "conv1", "pool2": "conv2", "pool3": "conv3", "pool4": "conv4"}.get(m.group(1),
+                                                                                                   m.group(1))
+        out.append("head" if in_head else current)
+    return out
+
+
+def stages_from(nodes: list[tuple[str, str, int]], pooling_ops: tuple[str, ...]) -> dict[str, dict]:
+    """{stage: {"nodes": [names], "macs": n, "mac_share": f}} from (op type, name, MACs) in graph order."""
+    stages: dict[str, dict] = {}
+    for (op_type, name, macs), stage in zip(nodes, stage_names([(t, n) for t, n, _ in nodes], pooling_ops)):
+        s = stages.setdefault(stage, {"nodes": [], "macs": 0})
+        s["nodes"].append(name)
+        s["macs"] += int(macs)
+    total = sum(s["macs"] for s in stages.values()) or 1
+    for s in stages.values():
+        s["mac_share"] = s["macs"] / total
+    return stages
+
+
+def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[dict, object]], max_drop_pts: float,
+                 base: list[str]) -> tuple[dict, object, list[dict]]:
+    """The cheapest set of stages kept in float whose candidate is within the budget.
+
+    attempt(kept) builds the candidate with those stages in float and returns (score, candidate).
+    `base` stays in float in every candidate (the head with --float-head). Each other stage is
+    first measured alone; then stages are added in order of quality gained per share of the
+    compute (MACs) given back to float until the budget holds. Over budget, the best candidate
+    found is kept. Returns (chosen step, its candidate, every step)."""
+    tried: dict[tuple, tuple[dict, object]] = {}
+
+    def step(kept: list[str]) -> tuple[dict, object]:
+        if tuple(kept) not in tried:
+            score, cand = attempt(kept)
+            tried[tuple(kept)] = ({"float_stages": list(kept), **score,
+                                   "float_mac_share": sum(stages[k]["mac_share"] for k in kept)}, cand)
+        st, cand = tried[tuple(kept)]
+        return dict(st), cand
+
+    first, cand = step(list(base))
+    steps, candidates = [first], [cand]
+    if not within(first, max_drop_pts):
+        alone = {}
+        for s in stages:
+            if s not in base:
+                alone[s] = quality(step(base + [s])[0]) - quality(first)
+        order = sorted((s for s in alone if alone[s] > 0), key=lambda s: -alone[s] / max(stages[s]["mac_share"], 1e-4))
+        kept = list(base)
+        for s in order:
+            kept.append(s)
+            st, cand = step(kept)
+            st["alone_gain"] = {k: alone[k] for k in kept if k in alone}
+            steps.append(st)
+            candidates.append(cand)
+            if within(st, max_drop_pts):
+                break
+    ok = [i for i, st in enumerate(steps) if within(st, max_drop_pts)]
+    best = min(ok, key=lambda i: steps[i]["float_mac_share"]) if ok else max(range(len(steps)),
+                                                                             key=lambda i: quality(steps[i]))
+    return steps[best], candidates[best], steps
+
+
+def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict], held: HeldOut,
+           max_drop_pts: float) -> dict:
+    """What goes into the file's metadata (`accuracy_aware`) and export's table."""
+    return {"method": method, "max_drop_pts": max_drop_pts, "held_out_images": int(len(held.x)), "metric": METRIC,
+            "float_stages": chosen["float_stages"],
+            "float_nodes": sum(len(stages[s]["nodes"]) for s in chosen["float_stages"]),
+            "float_mac_share": chosen["float_mac_share"], "held_out_agreement": chosen["agreement"],
+            "held_out_accuracy_drop_pts": chosen["accuracy_drop_pts"], "plain_agreement": steps[0]["agreement"],
+            "plain_accuracy_drop_pts": steps[0]["accuracy_drop_pts"], "within_budget": within(chosen, max_drop_pts),
+            "steps": steps, "stages": {s: {"nodes": len(v["nodes"]), "mac_share": v["mac_share"]}
+                                       for s, v in stages.items()}}
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def onnx_probs(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Probabilities of an ONNX file on uint8 images."""
     import onnxruntime as ort  # noqa: PLC0415
 
     so = ort.SessionOptions()
@@ -37,14 +158,12 @@ def onnx_agreement(path: Path, x: np.ndarray, ref_top: np.ndarray, threads: int 
         so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    probs = np.concatenate([sess.run(None, {name: x[i:i + 64].astype(np.float32)})[0] for i in range(0, len(x), 64)])
-    return float((probs.argmax(1) == ref_top).mean())
+    return np.concatenate([sess.run(None, {name: x[i:i + 64].astype(np.float32)})[0] for i in range(0, len(x), 64)])
 
 
 def onnx_stages(model_path: Path) -> dict[str, dict]:
-    """The graph's nodes grouped by stage (DenseNet's conv1-conv5 and transitions, then the
-    head after global pooling; other graphs get 'body' and 'head'), with each stage's share
-    of the convolution multiply-accumulates."""
+    """The graph's nodes grouped by stage (`stage_names`), with each stage's share of the
+    multiply-accumulates of convolutions and dense layers."""
     import onnx  # noqa: PLC0415
     from onnx import numpy_helper, shape_inference  # noqa: PLC0415
 
@@ -52,109 +171,110 @@ def onnx_stages(model_path: Path) -> dict[str, dict]:
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(model.graph.value_info) + list(model.graph.output)}
     weights = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
-    stages: dict[str, dict] = {}
-    current, in_head = "body", False
+    nodes = []
     for node in model.graph.node:
-        if node.op_type in ("GlobalAveragePool", "ReduceMean"):
-            in_head = True
-        if in_head:
-            stage = "head"
-        else:
-            m = STAGE.search(node.name)
-            if m:
-                current = {"pool2": "conv2", "pool3": "conv3", "pool4": "conv4", "pool1": "conv1"}.get(m.group(1),
-                                                                                                   m.group(1))
-            stage = current
-        s = stages.setdefault(stage, {"nodes": [], "macs": 0})
-        s["nodes"].append(node.name)
+        macs = 0
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in weights:
             out = shapes.get(node.output[0]) or []
             spatial = int(np.prod(out[2:])) if len(out) > 2 and all(out[2:]) else 1
-            s["macs"] += int(np.prod(weights[node.input[1]])) * spatial
+            macs = int(np.prod(weights[node.input[1]])) * spatial
         elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in weights:
-            s["macs"] += int(np.prod(weights[node.input[1]]))
-    total = sum(s["macs"] for s in stages.values()) or 1
-    for s in stages.values():
-        s["mac_share"] = s["macs"] / total
-    return stages
+            macs = int(np.prod(weights[node.input[1]]))
+        nodes.append((node.op_type, node.name, macs))
+    return stages_from(nodes, ("GlobalAveragePool", "ReduceMean"))
 
 
-def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, val: tuple[np.ndarray, np.ndarray],
-                        max_drop_pts: float, calib_range: str, threads: int | None, workdir: Path,
-                        float_head: bool = False) -> dict:
+def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float,
+                        calib_range: str, threads: int | None, workdir: Path, float_head: bool = False) -> dict:
     """Write the cheapest int8 file found within the budget to out_path; returns its recipe.
     float_head: the head is in float in every candidate (`--float-head`)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
     from .onnx import onnx_int8  # noqa: PLC0415
 
-    x, ref = val
-    top = ref.argmax(1)
-    budget = 1 - max_drop_pts / 100
     pre = workdir / "aware_pre.onnx"
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)  # node names as the quantizer sees them
     stages = onnx_stages(pre)
 
-    base = ["head"] if float_head and "head" in stages else []
+    def attempt(kept: list[str]) -> tuple[dict, Path]:
+        path = workdir / f"aware_{'_'.join(kept) or 'plain'}.onnx"
+        onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
+                  nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]])
+        return held.score(onnx_probs(path, held.x, threads)), path
 
-    def file_of(kept: list[str]) -> Path:
-        return workdir / f"aware_{'_'.join(dict.fromkeys(base + kept)) or 'plain'}.onnx"
-
-    def attempt(kept: list[str]) -> float:
-        nodes = [n for s in dict.fromkeys(base + kept) for n in stages[s]["nodes"]]
-        path = file_of(kept)
-        onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir, nodes_to_exclude=nodes)
-        return onnx_agreement(path, x, top, threads)
-
-    steps = [{"float_stages": list(base), "agreement": attempt([]),
-              "float_mac_share": sum(stages[k]["mac_share"] for k in base)}]
-    chosen = steps[0]
-    if steps[0]["agreement"] < budget:
-        alone = {s: attempt([s]) - steps[0]["agreement"] for s in stages if s not in base}
-        # agreement gained per share of the compute given back to float (the head costs ~nothing)
-        order = sorted((s for s in stages if alone[s] > 0 and s not in base),
-                       key=lambda s: -alone[s] / max(stages[s]["mac_share"], 1e-4))
-        kept: list[str] = list(base)
-        for s in order:
-            kept.append(s)
-            step = {"float_stages": list(kept), "agreement": attempt(kept),
-                    "float_mac_share": sum(stages[k]["mac_share"] for k in dict.fromkeys(kept))}
-            steps.append(step)
-            if step["agreement"] >= budget:
-                break
-        chosen = max(steps, key=lambda st: (st["agreement"] >= budget, -st["float_mac_share"] if
-                                             st["agreement"] >= budget else st["agreement"]))
-        for st in steps:
-            st["alone_gain"] = {s: alone[s] for s in st["float_stages"] if s in alone}
-    file_of(chosen["float_stages"]).replace(out_path)
-    return {"method": "onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images",
-            "max_drop_pts": max_drop_pts, "held_out_images": int(len(x)),
-            "metric": "top-1 agreement with Keras on the validation split",
-            "float_stages": chosen["float_stages"],
-            "float_nodes": sum(len(stages[s]["nodes"]) for s in chosen["float_stages"]),
-            "float_mac_share": chosen["float_mac_share"], "held_out_agreement": chosen["agreement"],
-            "plain_agreement": steps[0]["agreement"], "within_budget": chosen["agreement"] >= budget,
-            "steps": steps, "stages": {s: {"nodes": len(v["nodes"]), "mac_share": v["mac_share"]}
-                                       for s, v in stages.items()}}
+    chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
+                                       ["head"] if float_head and "head" in stages else [])
+    Path(path).replace(out_path)
+    return recipe("onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images", chosen,
+                  steps, stages, held, max_drop_pts)
 
 
-def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, val: tuple[np.ndarray, np.ndarray],
-                            max_drop_pts: float):
-    """(int8 OpenVINO model, recipe) from NNCF's quantization with accuracy control."""
+# ---------------------------------------------------------------- TFLite
+
+
+def tflite_stages(calibrated: bytes) -> dict[str, dict]:
+    """The calibrated float graph's operations by stage, each named by its output tensor (what
+    the MLIR quantizer's denylisted_nodes takes), with MACs of convolutions and dense layers."""
+    from ..runtime import load_interpreter_class  # noqa: PLC0415
+
+    interp = load_interpreter_class()[0](model_content=calibrated)
+    tensors = {d["index"]: d for d in interp.get_tensor_details()}
+    nodes = []
+    for op in interp._get_ops_details():
+        outs = [tensors[t] for t in op["outputs"] if t in tensors]
+        if not outs:
+            continue
+        macs = 0
+        ins = [tensors[t]["shape"] for t in op["inputs"] if t in tensors]
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(ins) > 1:
+            macs = int(np.prod(ins[1])) * int(np.prod(outs[0]["shape"][1:3]))
+        elif op["op_name"] == "FULLY_CONNECTED" and len(ins) > 1:
+            macs = int(np.prod(ins[1]))
+        nodes.append((op["op_name"], outs[0]["name"], macs))
+    return stages_from(nodes, ("MEAN",))
+
+
+def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], bytes], held: HeldOut,
+                          max_drop_pts: float, probs: Callable[[bytes], np.ndarray],
+                          float_head: bool = False) -> tuple[bytes, dict]:
+    """(int8 flatbuffer, recipe): the cheapest file found within the budget. quantize(nodes)
+    quantizes the calibrated graph with those nodes kept in float; probs(fb) runs a candidate."""
+    stages = tflite_stages(calibrated)
+
+    def attempt(kept: list[str]) -> tuple[dict, bytes]:
+        fb = quantize([n for s in kept for n in stages[s]["nodes"]])
+        return held.score(probs(fb)), fb
+
+    chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [])
+    return fb, recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
+                      stages, held, max_drop_pts)
+
+
+# ---------------------------------------------------------------- OpenVINO
+
+
+def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float):
+    """(int8 OpenVINO model, recipe) from NNCF's quantization with accuracy control. Its metric
+    is `quality`, so a drop of at most max_drop_pts bounds agreement and accuracy alike."""
     import nncf  # noqa: PLC0415
 
     from .openvino import from_onnx  # noqa: PLC0415
 
-    x, ref = val
-    top = ref.argmax(1)
     model = from_onnx(fp32_onnx)
     size = int(calib.shape[1])
     model.reshape([1, size, size, 3])
+    items = [(held.x[i][None].astype(np.float32), i) for i in range(len(held.x))]
 
-    def validate(compiled, items) -> tuple[float, list[float]]:
+    def probs_of(compiled, data) -> np.ndarray:
         out = compiled.outputs[0]
-        per = [float(compiled(img)[out].argmax() == k) for img, k in items]
-        return float(np.mean(per)), per
+        return np.concatenate([np.asarray(compiled(img)[out]) for img, _ in data])
+
+    def validate(compiled, data) -> tuple[float, list[float]]:
+        data = list(data)
+        p = probs_of(compiled, data)
+        idx = np.array([i for _, i in data])
+        sub = HeldOut(held.x[idx], held.ref[idx], held.labels[idx])
+        return quality(sub.score(p)), [float(a == b) for a, b in zip(p.argmax(1), sub.top)]
 
     with nncf_quiet():
         # the plain quantization of the same fixed-batch model, to name what accuracy control reverted
@@ -162,20 +282,18 @@ def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, val: tuple[np.nd
         plain = quantized_ops(nncf.quantize(model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)),
                                             subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE))
         q = nncf.quantize_with_accuracy_control(
-            model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)),
-            nncf.Dataset([(x[i][None].astype(np.float32), int(top[i])) for i in range(len(x))]), validate,
+            model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)), nncf.Dataset(items), validate,
             max_drop=max_drop_pts / 100, drop_type=nncf.DropType.ABSOLUTE,
             preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(calib))
     kept = quantized_ops(q)
-    compiled = _compile(q)
-    agreement = validate(compiled, [(x[i][None].astype(np.float32), int(top[i])) for i in range(len(x))])[0]
+    score = held.score(probs_of(_compile(q), items))
     q.reshape([-1, size, size, 3])
     reverted = sorted(plain - kept)
     return q, {"method": "NNCF quantize_with_accuracy_control (operations reverted to float by their effect on "
-                         "held-out agreement)", "max_drop_pts": max_drop_pts, "held_out_images": int(len(x)),
-               "metric": "top-1 agreement with Keras on the validation split", "float_ops": reverted,
-               "float_nodes": len(reverted), "held_out_agreement": agreement,
-               "within_budget": agreement >= 1 - max_drop_pts / 100}
+                         "held-out agreement and accuracy)", "max_drop_pts": max_drop_pts,
+               "held_out_images": int(len(held.x)), "metric": METRIC, "float_ops": reverted,
+               "float_nodes": len(reverted), "held_out_agreement": score["agreement"],
+               "held_out_accuracy_drop_pts": score["accuracy_drop_pts"], "within_budget": within(score, max_drop_pts)}
 
 
 def quantized_ops(model) -> set[str]:
@@ -193,98 +311,3 @@ def _compile(model):
 
     _, ie = core()
     return ie.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-
-def onnx_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, ref_top: np.ndarray, workdir: Path,
-                      n: int = 64) -> dict:
-    """Per-tensor error of an int8 ONNX file against its fp32 source on n held-out images, in
-    graph order: SQNR (dB) and relative error ||q - f|| / ||f||, on all images and on those
-    whose top-1 class flips, through onnxruntime's QDQ debugger (qdq_loss_debug).
-
-    The debugger's own per-tensor "qdq" error is left out: where the quantizer folds a Relu
-    into the quantization of a convolution's output, it compares the value before the Relu
-    with the one after it (about 3 dB on every Relu of DenseNet), which is not an error."""
-    import onnx  # noqa: PLC0415
-    from onnxruntime.quantization import CalibrationDataReader  # noqa: PLC0415
-    from onnxruntime.quantization.qdq_loss_debug import (  # noqa: PLC0415
-        collect_activations, modify_model_output_intermediate_tensors)
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, imgs):
-            self.it = iter(imgs)
-
-        def get_next(self):
-            v = next(self.it, None)
-            return None if v is None else {"image": v[None].astype(np.float32)}
-
-    idx = np.sort(np.random.default_rng(0).permutation(len(x))[:n])
-    pre = workdir / "debug_pre.onnx"
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-    modify_model_output_intermediate_tensors(pre, workdir / "debug_f.onnx")
-    modify_model_output_intermediate_tensors(int8_path, workdir / "debug_q.onnx")
-    fa = collect_activations(str(workdir / "debug_f.onnx"), Reader(x[idx]))
-    qa = collect_activations(str(workdir / "debug_q.onnx"), Reader(x[idx]))
-    out_name = onnx.load(str(pre)).graph.output[0].name
-    flips = np.array([q.argmax() != r for q, r in zip(qa[out_name], ref_top[idx])]) if out_name in qa else \
-        np.zeros(len(idx), bool)
-    order = [o for node in onnx.load(str(pre)).graph.node for o in node.output]
-    rows = []
-    for depth, name in enumerate(t for t in order if t in fa and t in qa):
-        f = np.stack([np.ravel(a) for a in fa[name]]).astype(np.float64)
-        q = np.stack([np.ravel(a) for a in qa[name]]).astype(np.float64)
-        if f.shape != q.shape:
-            continue
-        rel = np.linalg.norm(q - f, axis=1) / np.maximum(np.linalg.norm(f, axis=1), 1e-12)
-        rows.append({"depth": depth, "tensor": name, "sqnr_db": float(-20 * np.log10(max(np.median(rel), 1e-12))),
-                     "relative_error": float(rel.mean()),
-                     "relative_error_flipped": float(rel[flips].mean()) if flips.any() else None,
-                     "relative_error_kept": float(rel[~flips].mean()) if (~flips).any() else None})
-    return {"images": int(len(idx)), "flipped": int(flips.sum()), "tensors": rows}
-
-
-def layer_report(run, log=print) -> dict:
-    """Per-layer error report of the run's int8 ONNX file against its fp32 ONNX file on the
-    validation split (verify/quant_debug.md, .json, .png)."""
-    import tempfile  # noqa: PLC0415
-
-    from .. import report  # noqa: PLC0415
-    from ..keras_model import validation_reference  # noqa: PLC0415
-
-    fp32, int8 = run.exports_dir / "model_fp32.onnx", run.exports_dir / "model_int8.onnx"
-    if not (fp32.is_file() and int8.is_file()):
-        raise ExportError("--debug-quant compares exports/model_int8.onnx with exports/model_fp32.onnx; export both "
-                          "(mri-edge export RUN --format onnx)")
-    ref, x = validation_reference(run.path, log, with_images=True)
-    with tempfile.TemporaryDirectory() as td:
-        out = onnx_layer_errors(fp32, int8, x, np.asarray(ref["probs"]).argmax(1), Path(td))
-    d = run.path / "verify"
-    d.mkdir(exist_ok=True)
-    report.write_json(d / "quant_debug.json", out)
-    rows = out["tensors"]
-    plt = report._plt()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot([r["depth"] for r in rows], [r["relative_error"] for r in rows], lw=1, label="all images")
-    if out["flipped"]:
-        ax.plot([r["depth"] for r in rows], [r["relative_error_flipped"] for r in rows], lw=1,
-                label=f"the {out['flipped']} flipped images")
-    ax.set_xlabel("tensor (graph order)")
-    ax.set_ylabel("relative error ||q - f|| / ||f||")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax.set_title("int8 ONNX against fp32 ONNX, validation images")
-    report.save_figure(fig, d / "quant_debug.png")
-    worst = sorted(rows, key=lambda r: -r["relative_error"])[:15]
-    report.write_text(d / "quant_debug.md", "\n".join([
-        "# Per-layer int8 error (ONNX)", "",
-        f"{out['images']} validation images, {out['flipped']} of them flip their top-1 class under int8. Relative "
-        "error of each tensor of `model_int8.onnx` against the same tensor of `model_fp32.onnx`, in graph order.", "",
-        "![relative error by depth](quant_debug.png)", "", "Largest errors:", "",
-        report.md_table(["depth", "tensor", "SQNR dB", "relative error", "on flipped images", "on the others"],
-                        [[r["depth"], f"`{r['tensor']}`", f"{r['sqnr_db']:.1f}", f"{r['relative_error']:.4f}",
-                          "" if r["relative_error_flipped"] is None else f"{r['relative_error_flipped']:.4f}",
-                          "" if r["relative_error_kept"] is None else f"{r['relative_error_kept']:.4f}"]
-                         for r in worst]), ""]))
-    log(f"per-layer int8 error: {d / 'quant_debug.md'}")
-    return out

@@ -32,7 +32,7 @@ INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop"
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", ".tflite", ("none", "fp16", "dynamic", "int8"), ("io_dtype", "calib_size", "calib_range",
-                                                                       "bn_scales", "float_head"),
+                                                                       "bn_scales", "max_drop", "float_head"),
            "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
     Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop", "float_head"), "onnxruntime",
            "pip install onnxruntime"),

@@ -134,12 +134,12 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
             log(f"calibration: {len(used)} training images ({time.time() - t:.1f} s)")
         val_path = None
         auto_bn = bn_scales == "auto" and any(j.fmt == "tflite" and j.quantize == "int8" for j in jobs)
-        aware = max_drop is not None and any(j.fmt in ("onnx", "openvino") and j.quantize == "int8" for j in jobs)
+        aware = max_drop is not None and any(j.quantize == "int8" for j in jobs)
         if auto_bn or aware:
             t = time.time()
             ref, x_val = validation_reference(run_dir, log, with_images=True)
             val_path = str(workdir / "val.npz")
-            np.savez(val_path, x=x_val, ref=np.asarray(ref["probs"], np.float32))
+            np.savez(val_path, x=x_val, ref=np.asarray(ref["probs"], np.float32), labels=np.asarray(ref["labels"]))
             why = " and ".join([w for w, on in (("choose batch-norm scales", auto_bn),
                                                  (f"keep int8 within {max_drop} points", aware)) if on])
             log(f"Keras reference on {len(x_val)} validation images, to {why} ({time.time() - t:.1f} s)")

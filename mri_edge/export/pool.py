@@ -37,17 +37,20 @@ class WorkerContext:
     # Threads of a calibration session: cores / workers (see onnx.onnx_ranges).
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     calib: str | None = None  # .npy of the calibration images
-    val: str | None = None  # .npz of validation images and Keras probabilities (--bn-scales auto, --max-drop)
-    max_drop: float | None = None  # accuracy-aware int8 ONNX / OpenVINO (points of held-out agreement)
+    val: str | None = None  # .npz of validation images, Keras probabilities, labels (--bn-scales auto, --max-drop)
+    max_drop: float | None = None  # accuracy-aware int8 (points of held-out agreement and accuracy)
 
     def calibration(self) -> np.ndarray | None:
         return np.load(self.calib) if self.calib else None
 
-    def validation(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def validation(self):
+        """The held-out images (accuracy.HeldOut), or None."""
+        from .accuracy import HeldOut  # noqa: PLC0415
+
         if not self.val:
             return None
         with np.load(self.val) as z:
-            return z["x"], z["ref"]
+            return HeldOut(z["x"], z["ref"], z["labels"])
 
 
 def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exception | None) -> dict:
@@ -67,7 +70,9 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
 def float_parts(recipe: dict) -> str:
     """One line of what an accuracy-aware file keeps in float."""
     what = ", ".join(recipe["float_stages"]) if "float_stages" in recipe else f"{recipe['float_nodes']} operations"
-    return f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{'' if recipe['within_budget'] else ', over budget'})"
+    drop = recipe.get("held_out_accuracy_drop_pts")
+    acc = "" if drop is None else f", accuracy {-drop:+.2f} pts"
+    return f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{acc}{'' if recipe['within_budget'] else ', over budget'})"
 
 
 def run_unit(ctx: WorkerContext, model=None) -> list[dict]:
@@ -90,7 +95,7 @@ def run_unit(ctx: WorkerContext, model=None) -> list[dict]:
             try:
                 with quiet.native_stderr():  # the converter's debug lines
                     tflite_backend.convert(job, ctx.saved_model, calib, ctx.calib_range, meta, target, ctx.bn_scales,
-                                           val, Path(ctx.workdir), ctx.threads)
+                                           val, Path(ctx.workdir), ctx.threads, ctx.max_drop)
                 outcome(job, meta, target, t, None)
             except Exception as e:
                 outcome(job, meta, target, t, e)
@@ -108,7 +113,7 @@ def run_unit(ctx: WorkerContext, model=None) -> list[dict]:
     workdir.mkdir(exist_ok=True)
     with quiet.native_stderr():  # tf2onnx, onnxruntime and NNCF log freely
         onnx_backend.convert_chain(ctx.jobs, model, ctx.size, ctx.opset, calib, ctx.calib_range, ctx.metas, targets,
-                                   workdir, outcome, ctx.threads, val=ctx.validation() if ctx.max_drop is not None
+                                   workdir, outcome, ctx.threads, held=ctx.validation() if ctx.max_drop is not None
                                    else None, max_drop=ctx.max_drop)
     return out
 

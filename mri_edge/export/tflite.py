@@ -176,27 +176,37 @@ def head_tensors(calibrated: bytes) -> list[str]:
     return sorted({details[t] for op in ops[start:] for t in op["outputs"] if t in details})
 
 
+def calibrated_for(saved_model: str, calib: np.ndarray, calib_range: str, io_dtype: str) -> bytes:
+    """The calibrated float graph for either range rule (what `quantize_calibrated` quantizes)."""
+    if calib_range == "percentile":
+        return calibrated_graph(saved_model, calib, io_dtype)
+    conv = int8_converter(saved_model, calib, io_dtype)
+    conv._experimental_calibrate_only = True
+    return conv.convert()
+
+
+def quantize_calibrated(calibrated: bytes, job: ExportJob, bn_scales: str, float_nodes: list[str] = ()) -> bytes:
+    """The int8 flatbuffer of a calibrated graph; the head (--float-head) and float_nodes (the
+    accuracy-aware search) stay in float through the MLIR quantizer's denylist."""
+    import tensorflow as tf  # noqa: PLC0415
+    from tensorflow.lite.python import convert as tfl_convert  # noqa: PLC0415
+
+    io = getattr(tf, job.io_dtype)
+    denied = (head_tensors(calibrated) if job.float_head else []) + list(float_nodes)
+    fb = tfl_convert.mlir_quantize(calibrated, False, input_data_type=io,
+                                   output_data_type=tf.float32 if job.float_head else io,
+                                   denylisted_nodes=denied or None)
+    return per_tensor_depthwise(fb) if bn_scales == "per-tensor" else fb
+
+
 def tflite_bytes(saved_model: str, job: ExportJob, calib: np.ndarray | None, calib_range: str = "percentile",
                   bn_scales: str = "per-tensor") -> bytes:
     import tensorflow as tf  # noqa: PLC0415
 
     if job.quantize == "int8":
         if calib_range == "percentile" or job.float_head:
-            from tensorflow.lite.python import convert as tfl_convert  # noqa: PLC0415
-
-            io = getattr(tf, job.io_dtype)
-            if calib_range == "percentile":
-                calibrated = calibrated_graph(saved_model, calib, job.io_dtype)
-            else:
-                conv = int8_converter(saved_model, calib, job.io_dtype)
-                conv._experimental_calibrate_only = True
-                calibrated = conv.convert()
-            head = head_tensors(calibrated) if job.float_head else None
-            fb = tfl_convert.mlir_quantize(calibrated, False, input_data_type=io,
-                                           output_data_type=tf.float32 if job.float_head else io,
-                                           denylisted_nodes=head)
-        else:
-            fb = int8_converter(saved_model, calib, job.io_dtype).convert()
+            return quantize_calibrated(calibrated_for(saved_model, calib, calib_range, job.io_dtype), job, bn_scales)
+        fb = int8_converter(saved_model, calib, job.io_dtype).convert()
         return per_tensor_depthwise(fb) if bn_scales == "per-tensor" else fb
     conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     if job.quantize in ("fp16", "dynamic"):
@@ -243,33 +253,48 @@ def rewrite_tflite_metadata(path: Path, meta: dict) -> None:
     atomic_write_bytes(path, append_tflite_metadata(fb, dict(meta)))
 
 
-def distance_to_keras(fb: bytes, meta: dict, val: tuple[np.ndarray, np.ndarray], workdir: Path,
-                      threads: int | None = None) -> dict:
-    """Mean |dp| and flips of a candidate int8 flatbuffer against Keras on validation images."""
+def tflite_probs(fb: bytes, meta: dict, x: np.ndarray, workdir: Path, threads: int | None = None) -> np.ndarray:
+    """Probabilities of a candidate flatbuffer on uint8 images, through the device runtime."""
     from ..runtime import TFLiteModel  # noqa: PLC0415
 
-    x, ref = val
     with tempfile.TemporaryDirectory(dir=workdir) as td:
         path = Path(td) / "candidate.tflite"
         path.write_bytes(fb)
         net = TFLiteModel(path, {**meta, "input": {}, "output": {}}, threads=threads)
-        probs = np.concatenate([net.run(x[i:i + 32]) for i in range(0, len(x), 32)])
-    return {"mean_abs_dp": float(np.abs(probs - ref).mean()), "flips": int((probs.argmax(1) != ref.argmax(1)).sum())}
+        return np.concatenate([net.run(x[i:i + 32]) for i in range(0, len(x), 32)])
+
 
 def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dict, target: Path,
-            bn_scales: str = "per-tensor", val=None, workdir: Path | None = None, threads: int | None = None) -> None:
-    """Write one TFLite file (flatbuffer + metadata ZIP) to target."""
+            bn_scales: str = "per-tensor", held=None, workdir: Path | None = None, threads: int | None = None,
+            max_drop: float | None = None) -> None:
+    """Write one TFLite file (flatbuffer + metadata ZIP) to target. held: the validation
+    images with their Keras probabilities and labels (accuracy.HeldOut), for --bn-scales auto
+    and --max-drop."""
+    def probs(fb: bytes) -> np.ndarray:
+        return tflite_probs(fb, meta, held.x, workdir, threads)
+
     if job.quantize == "int8" and bn_scales == "auto":
         # Which batch-norm scales suit a model differs (the 128 px Alzheimer model wants per
         # channel, its 176 px sibling per tensor): keep the file closer to Keras on validation.
         per_channel = tflite_bytes(saved_model, job, calib, calib_range, "per-channel")
         candidates = {"per-tensor": per_tensor_depthwise(per_channel), "per-channel": per_channel}
-        scores = {k: distance_to_keras(fb, meta, val, workdir, threads) for k, fb in candidates.items()}
+        scores = {}
+        for k, fb in candidates.items():
+            p = probs(fb)
+            scores[k] = {"mean_abs_dp": float(np.abs(p - held.ref).mean()), "flips": int((p.argmax(1) != held.top).sum())}
         meta["bn_scales"] = min(scores, key=lambda k: scores[k]["mean_abs_dp"])
         meta["bn_scales_choice"] = {"rule": "lower mean |dp| against Keras on the validation split",
-                                    "images": len(val[0]), **scores}
+                                    "images": len(held.x), **scores}
         fb = candidates[meta["bn_scales"]]
-    else:
+    elif job.quantize != "int8" or max_drop is None:
         fb = tflite_bytes(saved_model, job, calib, calib_range, bn_scales)
+    if job.quantize == "int8" and max_drop is not None:
+        from .accuracy import tflite_accuracy_aware  # noqa: PLC0415
+
+        scales = meta.get("bn_scales", bn_scales)
+        calibrated = calibrated_for(saved_model, calib, calib_range, job.io_dtype)
+        fb, meta["accuracy_aware"] = tflite_accuracy_aware(
+            calibrated, lambda nodes: quantize_calibrated(calibrated, job, scales, nodes), held, max_drop, probs,
+            job.float_head)
     meta.update(tflite_io(fb))
     atomic_write_bytes(target, append_tflite_metadata(fb, meta))
