@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,12 +291,30 @@ class OnnxModel(Model):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[opt_level]
         providers = providers or ["CPUExecutionProvider"]
+        if meta.get("quantization") == "int8" and meta.get("weight_bits", 8) > 7 and cpu_has_vnni() is False:
+            warnings.warn(f"{path}: its int8 weights use the full 8-bit range, which onnxruntime's kernels "
+                          "saturate on this CPU (x86 without VNNI): its answers can differ from those verify "
+                          "checked; export it again with this mri-edge (7-bit weights)", RuntimeWarning, stacklevel=2)
         self.sess = ort.InferenceSession(str(path), so, providers=providers)
         self.runtime_name = f"onnxruntime[{self.sess.get_providers()[0]}]"
         self.in_name = self.sess.get_inputs()[0].name
 
     def run(self, batch_uint8: np.ndarray) -> np.ndarray:
         return self.sess.run(None, {self.in_name: batch_uint8.astype(np.float32)})[0]
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (int8 dot products without int16 saturation); None where
+    it cannot be told (not Linux, not x86)."""
+    import platform  # noqa: PLC0415
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return None
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()))
 
 
 def first_line(e: BaseException) -> str:

@@ -194,6 +194,7 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                 outcome(job, meta, target, t, None)
                 continue
             if job.quantize == "int8":
+                meta["weight_bits"] = 7  # reduce_range (onnx_int8): the runtime checks for it on CPUs without VNNI
                 q_path = workdir / "int8.onnx"
                 if max_drop is not None:
                     from .accuracy import onnx_accuracy_aware  # noqa: PLC0415
