@@ -93,7 +93,10 @@ def train(task, data_dir, out, resume, force, **kw):
               help="Where the run's data is on this machine (re-roots its split manifest).")
 @click.option("--dedup", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An audit.json: also report the leakage-free test subset.")
-def evaluate(run_dir, data_dir, dedup):
+@click.option("--fp16-weights", is_flag=True,
+              help="Store model.keras with its kernels rounded to float16 (half the size; the trained file stays "
+                   "as model_fp32.keras) and report on the rounded model. Before export.")
+def evaluate(run_dir, data_dir, dedup, fp16_weights):
     """Re-run a finished run's test evaluation on this machine.
 
     \b
@@ -102,7 +105,7 @@ def evaluate(run_dir, data_dir, dedup):
     """
     from . import train as train_lib  # noqa: PLC0415
 
-    run_guarded(train_lib.evaluate, run_dir, data_dir=data_dir, dedup=dedup, log=echo)
+    run_guarded(train_lib.evaluate, run_dir, data_dir=data_dir, dedup=dedup, log=echo, fp16_weights=fp16_weights)
     click.echo(f"next: mri-edge export {run_dir} --format all")
 
 

@@ -6,7 +6,8 @@
       split_manifest.json  which file went to which split (train)
       state.json           resumable progress (train; finished=true at the end)
       checkpoint.keras     last epoch while training; best.keras best epoch of a phase
-      model.keras          the trained model (train)
+      model.keras          the trained model (train); kernels in float16 after `evaluate --fp16-weights`,
+                           which keeps the trained file as model_fp32.keras
       history.csv, training_curves.png, test_report.json, test_predictions.json,
       confusion_matrix.png, examples.png, train_report.md       (train / evaluate)
       exports/             exported files + exports.json + calibration_manifest.json (export)
@@ -17,7 +18,7 @@
       report.md            index page linking all of the above (rewritten by each command)
 
 A shipped folder (artifacts/<task>) is the same layout with the exported files at its top
-level instead of in exports/ and without model.keras.
+level instead of in exports/ (its model.keras, kernels in float16, is what they were exported from).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class RunError(MriEdgeError, ValueError):
 TRAIN_OUTPUTS = ("config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras", "best.keras",
                  "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
                  "confusion_matrix.png", "examples.png", "train_report.md", "report.md")
-LATER_OUTPUTS = ("exports", "verify", "bench", "parity.json", "parity.md")
+LATER_OUTPUTS = ("exports", "verify", "bench", "parity.json", "parity.md", "model_fp32.keras")
 
 
 class RunFolder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -13,7 +14,7 @@ import numpy as np
 from . import __version__, data, preprocess, quiet, report
 from .config import TrainConfig
 from .errors import MriEdgeError
-from .files import atomic_path
+from .files import atomic_path, sha256_file
 from .progress import Heartbeat, Progress
 from .run import RunFolder
 from .schedule import PhaseClock, phase_budgets
@@ -236,13 +237,19 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         log(f"phase '{phase['name']}': restored best epoch (val_loss {best_val_loss:.4f})")
 
 
-def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print) -> dict:
+def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print,
+             fp16_weights: bool = False) -> dict:
     """Re-run the test evaluation of a finished run, e.g. one trained on another machine.
 
     `data_dir` re-roots the run's split manifest (the data sits elsewhere here): every
     file must be found under it before anything is rewritten, and export/verify then
     read from there too. The Keras test report becomes this machine's numbers, which
     is what verify compares exported files against.
+
+    `fp16_weights` stores model.keras with its kernels rounded to float16 (DenseNet121: 28 ->
+    15 MB, a size a repository can hold; the trained file stays as model_fp32.keras), and the
+    test report is that of the rounded model, so every later export and check compares
+    against the model that is stored.
     """
     from . import model as model_lib  # noqa: PLC0415
 
@@ -269,14 +276,24 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
         cfg.dedup = None
     dataset = data.dataset_from_manifest(manifest)
     quiet.import_tensorflow()
-    net = model_lib.load_model(run_dir / "model.keras")
+    original = run_dir / "model_fp32.keras"
+    net = model_lib.load_model(original if fp16_weights and original.is_file() else run.model_path)
+    stored = {}
+    if fp16_weights:
+        changed = model_lib.round_kernels_fp16(net)
+        if not original.is_file():
+            os.link(run.model_path, original)  # the trained file stays, under its new name
+        model_lib.save_compact(net, run.model_path)
+        stored = {"weights_stored": {"kernels": "float16", "rounded_values": changed,
+                                     "from": {"file": original.name, "sha256": sha256_file(original)}}}
+        log(f"model.keras: kernels stored as float16 ({changed} values rounded; the trained file is {original})")
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, Path(cfg.cache_dir) if cfg.cache_dir else None)
            for s in ("train", "val", "test")}
     if data_dir:
         report.write_json(run_dir / "split_manifest.json", manifest)
     _, notes = resolve_phases(cfg)
     result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes, config_update={
-        "data_dir": cfg.data_dir, "dedup": cfg.dedup,
+        "data_dir": cfg.data_dir, "dedup": cfg.dedup, **stored,
         "evaluated": {"versions": _versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
     log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f} ({run_dir})")
     return result

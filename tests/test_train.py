@@ -129,3 +129,36 @@ def test_real_tumor_subset_trains(shared_data, tmp_path, cache_dir):
     assert rep["n"] == 32 and 0 <= rep["accuracy"] <= 1
     manifest = json.loads((run / "split_manifest.json").read_text())
     assert manifest["val_carved_from_train"] and len(manifest["splits"]["val"]) == 32
+
+
+def test_evaluate_fp16_weights_halves_the_stored_model_and_reports_on_it(micro_run, tmp_path):
+    """`evaluate --fp16-weights`: model.keras with float16 kernels (what a repository can
+    hold), the trained file kept, the test report made on the rounded model."""
+    import json
+    import shutil
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from mri_edge.cli import main
+    from mri_edge.model import load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    before = load_model(run / "model.keras")
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--fp16-weights"])
+    assert res.exit_code == 0, res.output
+    after = load_model(run / "model.keras")  # a plain Keras load: float32 variables
+    trained = load_model(run / "model_fp32.keras")
+    for b, a, t in zip(before.weights, after.weights, trained.weights):
+        b, a, t = (np.asarray(v.numpy()) for v in (b, a, t))
+        assert a.dtype == np.float32 and np.array_equal(b, t)
+        assert np.array_equal(a, b.astype(np.float16).astype(np.float32) if b.ndim >= 2 else b)
+    stored = json.loads((run / "config.json").read_text())["weights_stored"]
+    assert stored["kernels"] == "float16" and stored["from"]["file"] == "model_fp32.keras"
+    # again: rounds from the trained file, not from the rounded one, and gives the same file
+    sha = (run / "model.keras").read_bytes()
+    assert CliRunner().invoke(main, ["evaluate", str(run), "--fp16-weights"]).exit_code == 0
+    assert np.array_equal(np.asarray(load_model(run / "model.keras").weights[-2].numpy()),
+                          np.asarray(after.weights[-2].numpy()))
+    assert len((run / "model.keras").read_bytes()) == len(sha)
