@@ -13,8 +13,9 @@ from click.testing import CliRunner
 def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
     from mri_edge.export.accuracy import stage_search
 
-    stages = {"conv2": {"nodes": ["a"], "mac_share": 0.6}, "conv5": {"nodes": ["b"], "mac_share": 0.05},
-              "head": {"nodes": ["c"], "mac_share": 0.001}}
+    stages = {"conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.05, "cost": 0.6},
+              "conv5": {"nodes": ["b"], "mac_share": 0.05, "param_share": 0.03, "cost": 0.05},
+              "head": {"nodes": ["c"], "mac_share": 0.001, "param_share": 0.001, "cost": 0.001}}
     gain = {"conv2": 0.05, "conv5": 0.02, "head": 0.03}
     tried = []
 
@@ -54,9 +55,17 @@ def test_the_budget_bounds_accuracy_as_well_as_agreement():
         drop = 0.0 if "conv5" in kept else 1.5
         return {"agreement": 0.995, "accuracy": 0.9, "accuracy_drop_pts": drop}, kept
 
-    stages = {"conv4": {"nodes": ["a"], "mac_share": 0.2}, "conv5": {"nodes": ["b"], "mac_share": 0.1}}
+    stages = {"conv4": {"nodes": ["a"], "mac_share": 0.2, "param_share": 0.1, "cost": 0.2},
+              "conv5": {"nodes": ["b"], "mac_share": 0.02, "param_share": 0.3, "cost": 0.3}}
     chosen, _, _ = stage_search(stages, attempt, 1.0, [])
     assert chosen["float_stages"] == ["conv5"]
+
+    def attempt2(kept):  # either stage alone restores accuracy: the one with fewer weights wins
+        drop = 0.0 if kept else 1.5
+        return {"agreement": 0.995, "accuracy": 0.9, "accuracy_drop_pts": drop}, kept
+
+    chosen, _, _ = stage_search(stages, attempt2, 1.0, [])
+    assert chosen["float_stages"] == ["conv4"]  # conv5 costs 2% of the compute but 30% of the weights
 
 
 def test_densenet_stages_from_tflite_and_onnx_names():
