@@ -19,7 +19,9 @@ fi
 "$FULL"/bin/mri-edge export "$WORK/run" --format tflite --quantize int8 --calib-size 64
 MODEL="$WORK/run/exports/model_int8.tflite"
 IMAGES=$(find "$DATA"/Testing -name '*.jpg' | sort | awk 'NR % 25 == 1' | head -n 40)
+# Both kernel paths of the full environment's interpreter (compare_predictions.py says why).
 "$FULL"/bin/mri-edge predict "$MODEL" $IMAGES --json > "$WORK/full.jsonl"
+"$FULL"/bin/mri-edge predict "$MODEL" $IMAGES --json --xnnpack off > "$WORK/full-builtin.jsonl"
 
 check_env() {  # name, pip requirement(s) for the device extra
     local name=$1; shift
@@ -32,7 +34,8 @@ check_env() {  # name, pip requirement(s) for the device extra
     fi
     "$WORK/venv-$name/bin/python" -c "import numpy; print('device check [$name]: numpy', numpy.__version__)"
     "$WORK/venv-$name/bin/mri-edge" predict "$MODEL" $IMAGES --json > "$WORK/$name.jsonl"
-    "$FULL"/bin/python .ci/compare_predictions.py "$WORK/full.jsonl" "$WORK/$name.jsonl" "$name"
+    "$FULL"/bin/python .ci/compare_predictions.py "$name" "$WORK/$name.jsonl" "$WORK/full.jsonl" \
+        "$WORK/full-builtin.jsonl"
 }
 
 check_env tflite-runtime -e ".[device-tflite]"

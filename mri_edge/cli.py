@@ -195,7 +195,10 @@ def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, *
 @click.option("--threads", type=click.IntRange(1), default=None)
 @click.option("--allow-other-resize", is_flag=True,
               help="Run even if this machine cannot resize images the way the model's preprocessing record says.")
-def predict(model_path, images, top_k, as_json, threads, allow_other_resize):
+@click.option("--xnnpack", type=click.Choice(["default", "latest", "off"]), default="default", show_default=True,
+              help=".tflite only: the interpreter's XNNPACK kernels, or off for its built-in kernels "
+                   "(which round int8 differently).")
+def predict(model_path, images, top_k, as_json, threads, allow_other_resize, xnnpack):
     """Classify images with a .tflite, .onnx, OpenVINO .xml or .keras model (or a run folder).
 
     IMAGES may be files, folders or glob patterns. Unreadable images are reported
@@ -208,7 +211,7 @@ def predict(model_path, images, top_k, as_json, threads, allow_other_resize):
     from . import predict as predict_lib  # noqa: PLC0415
     from .runtime import open_model  # noqa: PLC0415
 
-    model = run_guarded(open_model, model_path, threads, allow_other_resize)
+    model = run_guarded(open_model, model_path, threads, allow_other_resize, xnnpack)
     paths = predict_lib.expand_inputs(images)
     if not paths:
         raise click.ClickException("no image files matched")

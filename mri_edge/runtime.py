@@ -323,12 +323,12 @@ def first_line(e: BaseException) -> str:
 
 
 def load(path: str | Path, threads: int | None = None, runtime: str | None = None,
-         allow_other_resize: bool = False) -> Model:
+         allow_other_resize: bool = False, xnnpack: str = "default") -> Model:
     """Open an exported .tflite or .onnx file with its embedded metadata (the device path)."""
     path = Path(path)
     meta = read_metadata(path)
     if path.suffix == ".tflite":
-        return TFLiteModel(path, meta, threads, runtime, allow_other_resize=allow_other_resize)
+        return TFLiteModel(path, meta, threads, runtime, xnnpack, allow_other_resize=allow_other_resize)
     return OnnxModel(path, meta, threads, allow_other_resize=allow_other_resize)
 
 
@@ -345,8 +345,10 @@ MODEL_SUFFIXES = tuple(BACKENDS)
 EXPORT_SUFFIXES = (".tflite", ".onnx", ".xml")
 
 
-def open_model(path: str | Path, threads: int | None = None, allow_other_resize: bool = False) -> Model:
-    """Any mri-edge model (.tflite, .onnx, OpenVINO .xml, .keras, or a run folder's model.keras)."""
+def open_model(path: str | Path, threads: int | None = None, allow_other_resize: bool = False,
+               xnnpack: str = "default") -> Model:
+    """Any mri-edge model (.tflite, .onnx, OpenVINO .xml, .keras, or a run folder's model.keras);
+    xnnpack chooses the kernels of a .tflite file (`TFLiteModel`)."""
     p = Path(path)
     if p.is_dir():
         p = p / "model.keras"
@@ -354,7 +356,9 @@ def open_model(path: str | Path, threads: int | None = None, allow_other_resize:
         raise RuntimeModelError(f"{p}: unsupported model type {p.suffix!r} (expected {', '.join(MODEL_SUFFIXES)})")
     if not p.is_file():
         raise RuntimeModelError(f"model file not found: {p}")
+    if xnnpack != "default" and p.suffix != ".tflite":
+        raise RuntimeModelError(f"{p}: xnnpack={xnnpack} applies to .tflite files only")
     if p.suffix in (".tflite", ".onnx"):
-        return load(p, threads, allow_other_resize=allow_other_resize)
+        return load(p, threads, allow_other_resize=allow_other_resize, xnnpack=xnnpack)
     module, cls, _ = BACKENDS[p.suffix]
     return getattr(importlib.import_module(module), cls)(p, threads=threads, allow_other_resize=allow_other_resize)

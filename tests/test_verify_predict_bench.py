@@ -90,6 +90,15 @@ def test_predict_cli_on_odd_and_corrupt_images(exported_run, synth_data, tmp_pat
         assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["predict", str(tmp_path / "nope.tflite"), str(good)])
     assert res.exit_code != 0
+    # The interpreter's built-in kernels (--xnnpack off) round int8 otherwise but answer alike;
+    # the option means nothing to other runtimes and says so.
+    res = CliRunner().invoke(main, ["predict", str(model), str(good), "--json", "--xnnpack", "off"])
+    assert res.exit_code == 0, res.output
+    builtin = json.loads(res.output.strip().splitlines()[-1])
+    assert max(abs(builtin["probabilities"][k] - v) for k, v in rec["probabilities"].items()) < 0.05
+    res = CliRunner().invoke(main, ["predict", str(exported_run / "exports" / "model_fp32.onnx"), str(good),
+                                    "--xnnpack", "off"])
+    assert res.exit_code != 0 and "applies to .tflite files only" in res.output
 
 
 def test_bench_quick_has_consistent_statistics(exported_run, tmp_path):
