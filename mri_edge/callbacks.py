@@ -83,3 +83,14 @@ class Keeper(keras.callbacks.Callback):
             self.log(f"phase '{self.phase['name']}': time budget of {self.clock.budget_s:.0f} s reached after "
                      f"epoch {epoch + 1}")
             self.model.stop_training = True
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Gives the training batches the epoch number before each epoch (data.make_batches)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.set_epoch(epoch)

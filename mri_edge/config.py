@@ -65,6 +65,9 @@ class TrainConfig:
                                                "epochs; --resume continues the schedule).",
                                          flag="--time-budget", scale=60, metavar="MINUTES", minimum=0,
                                          min_open=True, type=float)
+    devices: str | None = option(None, "Data-parallel training: N devices or all (GPUs; without a GPU, N logical CPU "
+                                       "devices). --batch-size stays the global batch. Several hosts: TF_CONFIG "
+                                       "(docs/distributed.md).", metavar="N|all", type=str)
     strict: bool = option(False, "Fail on unreadable images instead of skipping them.")
     limit_per_class: int | None = option(None, "Use at most N images per class in each split (quick runs).",
                                          minimum=1, type=int)

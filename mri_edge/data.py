@@ -352,34 +352,43 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
 
 
 def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
-                 shuffle: bool, seed: int = 0, sample_weights: dict[int, float] | None = None):
-    """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels."""
+                 shuffle: bool, seed: int = 0, sample_weights: dict[int, float] | None = None,
+                 shard: tuple[int, int] = (0, 1)):
+    """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels.
+
+    shard (k, n): worker k of n takes the k-th of n parts of each global batch of batch_size
+    (every worker shuffles with the same seed), so the n parts make up the batch one device
+    would see (distribute.py)."""
     import keras  # noqa: PLC0415
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
             # Two threads assemble the next batches while the current step runs.
             super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
-            self.rng = np.random.default_rng(seed)
+            self.eye = np.eye(num_classes, dtype=np.float32)
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:
+            """The order of an epoch depends on (seed, epoch) alone: the same on every worker, after
+            a resume, and however often Keras restarts an iteration (under tf.distribute its symbolic
+            build reads a first batch and starts over, which reshuffled a running generator and gave
+            two devices other batches than one). Set by callbacks.EpochOrder before each epoch."""
             self.order = np.arange(len(images))
             if shuffle:
-                self.rng.shuffle(self.order)
-            self.eye = np.eye(num_classes, dtype=np.float32)
+                np.random.default_rng([seed, epoch]).shuffle(self.order)
 
         def __len__(self):
             return int(np.ceil(len(images) / batch_size))
 
         def __getitem__(self, i):
             idx = self.order[i * batch_size : (i + 1) * batch_size]
+            if shard[1] > 1:
+                idx = np.array_split(idx, shard[1])[shard[0]]
             x = images[idx].astype(np.float32)
             y = self.eye[labels[idx]]
             if sample_weights is not None:
                 w = np.asarray([sample_weights[int(c)] for c in labels[idx]], np.float32)
                 return x, y, w
             return x, y
-
-        def on_epoch_end(self):
-            if shuffle:
-                self.rng.shuffle(self.order)
 
     return Batches()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, preprocess, quiet, report
+from . import __version__, data, distribute, preprocess, quiet, report
 from .config import TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_path, sha256_file
@@ -70,14 +70,15 @@ def _limit(split: data.Split, n: int | None, seed: int) -> data.Split:
     return data.Split(split.name, [split.paths[i] for i in keep], [split.labels[i] for i in keep])
 
 
-def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset) -> None:
+def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, distribution: dict | None = None) -> None:
     """What a run folder holds from its start: the split manifest, the config and the labels."""
     run.path.mkdir(parents=True, exist_ok=True)
     cfg.class_names = dataset.class_names
     cfg.phases, _ = resolve_phases(cfg)
     report.write_json(run.manifest_path, dataset.manifest())
     report.write_json(run.config_path, {**asdict(cfg), "versions": _versions(),
-                                        "preprocessing": preprocess.contract(cfg.image_size)})
+                                        "preprocessing": preprocess.contract(cfg.image_size),
+                                        **({"distribution": distribution} if distribution else {})})
     report.write_json(run.labels_path, {"task": cfg.task, "class_names": cfg.class_names,
                                         "class_keys": dataset.class_keys})
 
@@ -96,13 +97,14 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise TrainError(f"--cache-dir {cfg.cache_dir} is a file, not a folder")
 
 
-def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log):
+def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: bool = True):
     """(run folder, config, dataset, saved state or None) of a new or resumed run; every input
-    is checked here, before anything is written or trained."""
+    is checked here, before anything is written or trained (the folder by the chief alone)."""
     if not resume:
         check_inputs(cfg)
         run = RunFolder(cfg.out if cfg.out else default_run_dir(cfg.task))
-        run.check_new_run(force)
+        if chief:
+            run.check_new_run(force)
         dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed, cfg.val_split,
                                 cfg.group_threshold)
         if dataset.val_split.get("method") == "grouped":
@@ -112,6 +114,8 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log):
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
         dataset.splits = {k: _limit(s, cfg.limit_per_class, cfg.seed) for k, s in dataset.splits.items()}
+        cfg.class_names = dataset.class_names
+        cfg.phases, _ = resolve_phases(cfg)
         return run, cfg, dataset, None
     run = RunFolder(resume)
     if not run.path.is_dir():
@@ -136,22 +140,37 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
 
     `force` lets --out be a folder that holds other files (never a finished or resumable run).
     """
-    run, cfg, dataset, state = _open_run(cfg, resume, force, log)
+    run, cfg, dataset, state = _open_run(cfg, resume, force, log,
+                                         chief=distribute.plan(None if resume else cfg.devices).is_chief)
+    dist = distribute.plan(cfg.devices)
+    if dist.multi_worker and cfg.time_budget_s:
+        raise TrainError("--time-budget with several workers: each would stop on its own clock; give epochs instead")
     t_start = time.time() - (state.get("elapsed_s", 0.0) if state else 0.0)
     quiet.import_tensorflow()
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
 
-    if state:
-        keras.utils.set_random_seed(cfg.seed)
-        net = model_lib.load_model(run.checkpoint_path)
-    else:
-        # Build first: bad --weights must fail before anything is written (build_model seeds itself).
-        with Heartbeat(f"building DenseNet121 ({cfg.image_size} px, weights {cfg.weights})", every=10):
-            net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
-                                        cfg.dropout, cfg.seed)
-        write_run_header(run, cfg, dataset)
+    dist.start(log)
+    dist.check_batch(cfg.batch_size)
+    # where this process writes: the run folder, or for a worker other than the chief a folder of its own
+    work = run if dist.is_chief else distribute.worker_folder(run, dist)
+    with dist.scope():
+        if state:
+            keras.utils.set_random_seed(cfg.seed)
+            net = model_lib.load_model(run.checkpoint_path)
+        else:
+            # Build first: bad --weights must fail before anything is written (build_model seeds itself).
+            with Heartbeat(f"building DenseNet121 ({cfg.image_size} px, weights {cfg.weights})", every=10):
+                net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
+                                            cfg.dropout, cfg.seed)
+    if dist.replicas > 1:
+        n_bn = distribute.synchronise_batchnorm(net)
+        log(f"{dist.kind} training on {dist.replicas} replicas ({', '.join(dist.device_names)}), worker "
+            f"{dist.worker_index + 1} of {dist.workers}; global batch {cfg.batch_size}, "
+            f"{cfg.batch_size // dist.replicas} per replica; {n_bn} batch-norm layers synchronised")
+    if not state and dist.is_chief:
+        write_run_header(run, cfg, dataset, dist.record() if dist.replicas > 1 else None)
     _, notes = resolve_phases(cfg)
     for n in notes:
         log(n)
@@ -167,46 +186,58 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     history: list[dict] = state["history"] if state else []
     first_phase = state["phase"] if state else 0
     budgets = phase_budgets(cfg.phases, cfg.time_budget_s)
-    batches = _batches(cfg, dec, log)
+    batches = _batches(cfg, dec, log, dist)
     for pi, phase in enumerate(cfg.phases):
         if pi < first_phase:
             continue
         resumed = state if pi == first_phase else None
-        _train_phase(run, net, cfg, pi, phase, batches, budgets[pi], resumed, history,
+        _train_phase(work, net, cfg, pi, phase, batches, budgets[pi], resumed, history,
                      lambda: time.time() - t_start, traced=cfg.eager or pi > first_phase, log=log,
-                     callbacks=callbacks)
-        run.write_state(phase=pi + 1, epoch=0, history=history, elapsed_s=time.time() - t_start)
-        run.best_path.unlink(missing_ok=True)
+                     callbacks=callbacks, dist=dist)
+        work.write_state(phase=pi + 1, epoch=0, history=history, elapsed_s=time.time() - t_start)
+        work.best_path.unlink(missing_ok=True)
 
-    _save_model_atomic(net, run.model_path)
+    _save_model_atomic(net, work.model_path)  # every worker: saving reads variables synchronised across them
+    if not dist.is_chief:
+        distribute.remove_worker_folder(work)
+        log(f"worker {dist.worker_index + 1} of {dist.workers}: trained; the chief writes {run.path}")
+        dist.barrier()
+        log(f"worker {dist.worker_index + 1} of {dist.workers}: done")
+        dist.leave_quietly()
+        return run.path
+    if dist.replicas > 1:
+        net = model_lib.load_model(run.model_path)  # the test report on one device, as every later check runs
     wall = time.time() - t_start
     _write_history(run.path, history)
     result = evaluate_run(run.path, net, dec, cfg, wall, notes)
     run.write_state(phase=len(cfg.phases), epoch=0, history=history, elapsed_s=wall, finished=True)
     run.checkpoint_path.unlink(missing_ok=True)
+    dist.barrier()
     log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f}; "
         f"wall time {wall:.0f} s; run folder {run.path}")
     return run.path
 
 
-def _batches(cfg: TrainConfig, dec: dict, log):
-    """(training batches with class weights, validation batches)."""
+def _batches(cfg: TrainConfig, dec: dict, log, dist=None):
+    """(training batches with class weights, validation batches): this worker's part of each."""
     names = cfg.class_names
     weights = data.class_weights(dec["train"].labels, len(names), cfg.class_weight)
     log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
+    shard = (dist.worker_index, dist.workers) if dist else (0, 1)
     return (data.make_batches(dec["train"].images, dec["train"].labels, len(names), cfg.batch_size, shuffle=True,
-                              seed=cfg.seed, sample_weights=weights),
-            data.make_batches(dec["val"].images, dec["val"].labels, len(names), cfg.batch_size, shuffle=False))
+                              seed=cfg.seed, sample_weights=weights, shard=shard),
+            data.make_batches(dec["val"].images, dec["val"].labels, len(names), cfg.batch_size, shuffle=False,
+                              shard=shard))
 
 
 def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, batches, budget_s, state, history,
-                 elapsed, traced: bool, log, callbacks=()) -> None:
+                 elapsed, traced: bool, log, callbacks=(), dist=None) -> None:
     """One phase: trainable layers, a fresh optimizer, fit with the callbacks, then the phase's
     best epoch restored. `state` is the saved state when the phase resumes."""
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
-    from .callbacks import EpochProgress, Keeper  # noqa: PLC0415
+    from .callbacks import EpochOrder, EpochProgress, Keeper  # noqa: PLC0415
 
     clock = PhaseClock(budget_s, elapsed_s=state.get("phase_elapsed_s", 0.0) if state else 0.0)
     start_epoch = state["epoch"] if state else 0
@@ -216,17 +247,21 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         f"{n_trainable} trainable DenseNet121 layers with weights")
     best_val_loss = state.get("best_val_loss", float("inf")) if state else float("inf")
     if start_epoch < phase["epochs"]:  # else interrupted after the phase's last epoch: only the restore is left
-        aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
-        inp = keras.Input((cfg.image_size, cfg.image_size, 3))
-        trainer = keras.Model(inp, net(aug(inp) if aug is not None else inp))
-        trainer.compile(optimizer=keras.optimizers.Adam(phase["lr"]), loss="categorical_crossentropy",
-                        metrics=["accuracy"], jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
+        dist = dist or distribute.Distribution()
+        with dist.scope():
+            aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
+            inp = keras.Input((cfg.image_size, cfg.image_size, 3))
+            trainer = distribute.trainer_class(dist)(inp, net(aug(inp) if aug is not None else inp))
+            trainer.compile(optimizer=keras.optimizers.Adam(phase["lr"]), loss="categorical_crossentropy",
+                            metrics=["accuracy"], jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
         keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, best_val_loss, elapsed,
                         _save_model_atomic, log)
         train_batches, val_batches = batches
-        cbs = [EpochProgress(phase["name"], phase["epochs"], len(train_batches), log, traced=traced), keeper,
+        cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
+                                                         traced=traced), keeper,
                keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience), *callbacks]
-        trainer.fit(train_batches, validation_data=val_batches, epochs=phase["epochs"], initial_epoch=start_epoch,
+        trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
+                    epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)
         best_val_loss = keeper.best_val_loss
     if run.best_path.exists():
