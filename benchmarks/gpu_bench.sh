@@ -7,7 +7,7 @@
 # of artifacts/runs/tumor-64px-ft/model.keras) and DenseNet121 at 224 px built there with
 # untrained weights (latency does not depend on the weight values).
 #
-# Prepare here:  mkdir -p .gpu && cp artifacts/runs/tumor-64px-ft/model.keras .gpu/tumor-64px.keras
+# Prepare here:  mkdir -p .gpu && cp artifacts/tumor/model.keras .gpu/tumor-64px.keras
 # Run there:     bash benchmarks/gpu_bench.sh      (writes $OUT/bench/bench.{json,md,png})
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench}

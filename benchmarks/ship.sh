@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Copy a finished, exported, verified and benchmarked run into artifacts/<task>/ for shipping:
-# the deployable files and the reports, never model.keras. A model file ships only if
+# Copy a finished, exported, calibrated, verified, benchmarked and carded run into
+# artifacts/<task>/ for shipping: the deployable files, the model they were exported from
+# (model.keras, only when stored compact by `evaluate --fp16-weights`, so explain, calibrate
+# and card work on the shipped folder), and the reports. A model file ships only if
 # `mri-edge verify` passed it (the run's parity.json), the ONNX int8 file only if under 10 MB.
-#   bash benchmarks/ship.sh artifacts/runs/tumor-64px tumor brain-tumor-mri
+#   bash benchmarks/ship.sh artifacts/runs/tumor-64px-grouped-ft2 tumor brain-tumor-mri
 set -euo pipefail
 run=$1; task=$2; audit=$3
 dst="artifacts/$task"
@@ -11,16 +13,35 @@ passed() {  # passed FILE: did verify pass this file of the run?
   python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))["files"].get(sys.argv[2]); sys.exit(0 if r and r["passed"] else 1)' \
     "$run/parity.json" "$1"
 }
-rm -f "$dst"/model_*.tflite "$dst"/model_*.onnx
+rm -f "$dst"/model_*.tflite "$dst"/model_*.onnx "$dst"/model.keras
 for f in model_int8.tflite model_fp16.tflite model_int8.onnx; do
   if [ "$f" = model_int8.onnx ] && [ "$(stat -c %s "$run/exports/$f")" -ge 10000000 ]; then continue; fi
   if passed "$f"; then cp "$run/exports/$f" "$dst"/; else echo "not shipped: $f failed its parity gate" >&2; fi
 done
-cp "$run"/labels.json "$run"/report.md "$run"/parity.md "$run"/training_curves.png "$run"/confusion_matrix.png \
-   "$run"/examples.png "$run"/test_report.json "$run"/parity.json "$run"/config.json "$dst"/
+if python3 -c 'import json, sys; sys.exit((json.load(open(sys.argv[1])).get("weights_stored") or {}).get("kernels") != "float16")' \
+    "$run/config.json"; then
+  cp "$run/model.keras" "$dst"/
+else
+  echo "not shipped: model.keras (run mri-edge evaluate $run --fp16-weights to store it compact)" >&2
+fi
+cp "$run"/labels.json "$run"/report.md "$run"/train_report.md "$run"/parity.md "$run"/training_curves.png "$run"/confusion_matrix.png \
+   "$run"/examples.png "$run"/test_report.json "$run"/parity.json "$run"/config.json "$run"/split_manifest.json "$dst"/
+for f in trust.json model_card.md model_card.json reliability.png; do
+  if [ -f "$run/$f" ]; then cp "$run/$f" "$dst"/; else echo "not shipped: $f (absent from the run)" >&2; fi
+done
+rm -rf "$dst/calibration" "$dst/verify"
+if [ -d "$run/calibration" ]; then cp -r "$run/calibration" "$dst"/; fi
 mkdir -p "$dst/verify"
-rm -f "$dst"/verify/confusion_*.png
-cp "$run"/verify/confusion_model_int8_*.png "$dst/verify/"
+cp "$run"/verify/confusion_model_int8_*.png "$run"/verify/reliability_model_int8_*.png "$dst/verify/"
 cp "artifacts/audit/$audit/audit.md" "artifacts/audit/$audit/duplicate_pairs.png" "$dst"/
 if [ -d "$run/bench" ]; then cp "$run"/bench/bench.md "$run"/bench/bench.png "$run"/bench/bench.json "$dst"/; fi
+# The run's index page, its links pointed at this folder's layout; lines that name a file not
+# shipped (the other exports) are left out.
+python3 - "$dst" <<'PY'
+import pathlib, re, sys
+d = pathlib.Path(sys.argv[1])
+text = (d / "report.md").read_text().replace("](exports/", "](").replace("](bench/bench.md)", "](bench.md)")
+keep = [line for line in text.splitlines() if all((d / m).exists() for m in re.findall(r"\]\(([^)#]+)\)", line))]
+(d / "report.md").write_text("\n".join(keep) + "\n")
+PY
 ls -la "$dst"
