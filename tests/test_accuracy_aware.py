@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 
@@ -143,3 +144,25 @@ def test_float_head_keeps_float_probabilities_out_of_int8_files(micro_run, tmp_p
         assert (probs.argmax(1) == ref.argmax(1)).all(), name
     res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--float-head"])
     assert res.exit_code == 1 and "--float-head applies to int8" in res.output
+
+
+def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
+    pytest.importorskip("openvino")
+    from mri_edge.cli import main
+    from mri_edge.runtime import open_model
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--quantize", "int8",
+                                    "--openvino-int8", "onnx"])
+    assert res.exit_code == 1 and "plan it too (--format onnx --quantize int8)" in res.output
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--format", "openvino", "--quantize",
+                                    "int8", "--openvino-int8", "onnx", "--float-head", "--calib-size", "16"])
+    assert res.exit_code == 0, res.output
+    onnx_file, ov_file = (open_model(run / "exports" / n) for n in ("model_int8.onnx", "model_int8.xml"))
+    assert ov_file.meta["int8_from"].startswith("model_int8.onnx") and ov_file.meta["float_head"] is True
+    assert ov_file.meta["weight_bits"] == 7 and "calibration_range" in onnx_file.meta
+    x = np.random.default_rng(0).integers(0, 256, (6, *onnx_file.meta["input_size"], 3)).astype(np.float32)
+    # the same int8 graph on two runtimes: the same answers, probabilities within int8 rounding
+    a, b = onnx_file.run(x), ov_file.run(x)
+    assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 0.05

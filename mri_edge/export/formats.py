@@ -28,7 +28,7 @@ class Format:
 
 
 # Options that shape only int8 files (the others apply to every file of the format).
-INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop", "float_head")
+INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop", "float_head", "openvino_int8")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", ".tflite", ("none", "fp16", "dynamic", "int8"), ("io_dtype", "calib_size", "calib_range",
@@ -36,11 +36,12 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
     Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop", "float_head"), "onnxruntime",
            "pip install onnxruntime"),
-    Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size", "max_drop"), "OpenVINO",
+    Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size", "max_drop", "openvino_int8"), "OpenVINO",
            "pip install 'mri-edge[openvino]'"),
 )}
 QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")
 IO_DTYPES = ("uint8", "int8", "float32")
+OPENVINO_INT8 = ("nncf", "onnx")
 CALIB_RANGES = ("percentile", "minmax")
 BN_SCALES = ("per-tensor", "per-channel", "auto")
 
@@ -51,6 +52,7 @@ class ExportJob:
     quantize: str
     io_dtype: str
     float_head: bool = False  # int8: global pooling, dense layers and softmax stay in float
+    from_onnx: bool = False  # OpenVINO int8: converted from this export's int8 ONNX file, not quantized by NNCF
 
     @property
     def filename(self) -> str:
@@ -60,11 +62,13 @@ class ExportJob:
 
 
 def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, openvino_available: bool = True,
-         given: tuple[str, ...] = (), float_head: bool = False) -> list[ExportJob]:
+         given: tuple[str, ...] = (), float_head: bool = False, openvino_int8: str = "nncf") -> list[ExportJob]:
     """Expand --format/--quantize into jobs; unsupported combinations are refused up front, and
     so is an option in `given` (the ones the user set) that no planned file accepts."""
     if io_dtype not in IO_DTYPES:
         raise ExportError(f"--io-dtype must be one of {', '.join(IO_DTYPES)}")
+    if openvino_int8 not in OPENVINO_INT8:
+        raise ExportError(f"--openvino-int8 must be one of {', '.join(OPENVINO_INT8)}")
     if not formats or "all" in formats:  # "all" means every format whose converter is installed
         fmts = [f for f in FORMATS if f != "openvino" or openvino_available]
     else:
@@ -83,9 +87,13 @@ def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, ope
                     continue  # e.g. --format all --quantize fp16 means "wherever fp16 exists"
                 raise ExportError(f"--format {f} does not support --quantize {q} (supported: {', '.join(supported)})")
             jobs.append(ExportJob(f, q, io_dtype if q == "int8" else "float32",
-                                  float_head and q == "int8" and "float_head" in FORMATS[f].options))
+                                  float_head and q == "int8" and "float_head" in FORMATS[f].options,
+                                  from_onnx=openvino_int8 == "onnx" and f == "openvino" and q == "int8"))
     if not jobs:
         raise ExportError("nothing to export for that --format/--quantize combination")
+    if any(j.from_onnx for j in jobs) and not any(j.fmt == "onnx" and j.quantize == "int8" for j in jobs):
+        raise ExportError("--openvino-int8 onnx converts this export's int8 ONNX file: plan it too "
+                          "(--format onnx --quantize int8)")
     for opt in given:
         users = [j for j in jobs if opt in FORMATS[j.fmt].options and (opt not in INT8_OPTIONS or j.quantize == "int8")]
         if not users:

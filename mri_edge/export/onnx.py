@@ -171,7 +171,8 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
     files, each reported through outcome()."""
     import onnx  # noqa: PLC0415
 
-    fp32_path = workdir / "fp32.onnx"
+    fp32_path, q_path = workdir / "fp32.onnx", workdir / "int8.onnx"
+    int8_onnx_meta: dict = {}  # the int8 ONNX file's metadata, once it is made (--openvino-int8 onnx reuses it)
     for job, meta, target in zip(jobs, metas, targets):
         t = time.time()
         try:
@@ -180,7 +181,15 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
             if job.fmt == "openvino":
                 from . import openvino  # noqa: PLC0415
 
-                if job.quantize == "int8" and max_drop is not None:
+                if job.from_onnx:
+                    if not int8_onnx_meta:
+                        raise ExportError("the int8 ONNX file failed, so there is nothing to convert")
+                    # OpenVINO runs the QDQ graph in int8: the ONNX file's ranges, float parts and weights
+                    net = openvino.from_int8_onnx(q_path)
+                    meta.update({k: int8_onnx_meta[k] for k in ("accuracy_aware", "float_head", "weight_bits")
+                                 if k in int8_onnx_meta})
+                    meta["int8_from"] = "model_int8.onnx (its QDQ graph, converted by OpenVINO)"
+                elif job.quantize == "int8" and max_drop is not None:
                     from .accuracy import openvino_accuracy_aware  # noqa: PLC0415
 
                     net, meta["accuracy_aware"] = openvino_accuracy_aware(fp32_path, calib, held, max_drop)
@@ -188,14 +197,13 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     net = openvino.quantize_int8(fp32_path, calib) if job.quantize == "int8" else \
                         openvino.from_onnx(fp32_path)
                 meta.update(openvino.io_details(net))
-                if job.quantize == "int8":
+                if job.quantize == "int8" and not job.from_onnx:
                     meta["calibration_range"] = "NNCF post-training quantization, its default ranges"
                 openvino.save(net, target, meta)
                 outcome(job, meta, target, t, None)
                 continue
             if job.quantize == "int8":
                 meta["weight_bits"] = 7  # reduce_range (onnx_int8): the runtime checks for it on CPUs without VNNI
-                q_path = workdir / "int8.onnx"
                 if max_drop is not None:
                     from .accuracy import onnx_accuracy_aware  # noqa: PLC0415
 
@@ -212,6 +220,8 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
             meta["opset"] = opset
             set_onnx_metadata(proto, meta)
             atomic_write_bytes(target, onnx_bytes(proto))
+            if job.quantize == "int8":
+                int8_onnx_meta = dict(meta)
             outcome(job, meta, target, t, None)
         except Exception as e:
             outcome(job, meta, target, t, e)

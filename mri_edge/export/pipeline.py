@@ -78,7 +78,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                calib_range: str = ExportConfig.calib_range, workers: int | None = ExportConfig.workers,
                bn_scales: str = ExportConfig.bn_scales, given: tuple[str, ...] = (),
                max_drop: float | None = ExportConfig.max_drop,
-               float_head: bool = ExportConfig.float_head) -> tuple[list[dict], list[dict]]:
+               float_head: bool = ExportConfig.float_head,
+               openvino_int8: str = ExportConfig.openvino_int8) -> tuple[list[dict], list[dict]]:
     """Run every export job; returns (successes, failures). Earlier files survive a failure.
 
     `given` names the options the user set explicitly: one that no planned file accepts is
@@ -93,7 +94,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
 
     run = RunFolder(run_dir)
     run_dir = run.path
-    jobs = plan(tuple(formats), tuple(quantize), io_dtype, ov.available(for_export=True), tuple(given), float_head)
+    jobs = plan(tuple(formats), tuple(quantize), io_dtype, ov.available(for_export=True), tuple(given), float_head,
+                openvino_int8)
     _check(calib_size, calib_range, bn_scales, opset, workers)
     started = time.time()
     model, cfg, labels = load_run(run_dir)
