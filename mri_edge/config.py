@@ -118,9 +118,10 @@ class ExportConfig:
     float_head: bool = option(False, "int8 TFLite and ONNX: keep the head (global pooling, dense layers, softmax) in "
                                      "float with float32 probabilities out, so calibrated probabilities and "
                                      "explanations keep their resolution (docs/int8.md).")
-    openvino_int8: str = option("nncf", "int8 OpenVINO file: quantized by NNCF from the fp32 graph, or converted from "
-                                        "this export's int8 ONNX file (its ranges, --max-drop and --float-head "
-                                        "choices and 7-bit weights; docs/int8.md).", choices=OPENVINO_INT8)
+    openvino_int8: str = option("auto", "int8 OpenVINO file: converted from this export's int8 ONNX file (its ranges, "
+                                        "--max-drop and --float-head choices and 7-bit weights), or quantized by "
+                                        "NNCF from the fp32 graph; auto = from the ONNX file when this export makes "
+                                        "one (docs/int8.md).", choices=OPENVINO_INT8)
     opset: int = option(17, "ONNX opset.", minimum=13, maximum=21)
     workers: int | None = option(None, "Conversions run side by side in this many processes [default: cores, at "
                                        "most 2].", minimum=1, type=int)

@@ -156,8 +156,9 @@ def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
     res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--quantize", "int8",
                                     "--openvino-int8", "onnx"])
     assert res.exit_code == 1 and "plan it too (--format onnx --quantize int8)" in res.output
+    # auto (the default): from the int8 ONNX file, as it is planned too
     res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--format", "openvino", "--quantize",
-                                    "int8", "--openvino-int8", "onnx", "--float-head", "--calib-size", "16"])
+                                    "int8", "--float-head", "--calib-size", "16"])
     assert res.exit_code == 0, res.output
     onnx_file, ov_file = (open_model(run / "exports" / n) for n in ("model_int8.onnx", "model_int8.xml"))
     assert ov_file.meta["int8_from"].startswith("model_int8.onnx") and ov_file.meta["float_head"] is True
@@ -166,3 +167,7 @@ def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
     # the same int8 graph on two runtimes: the same answers, probabilities within int8 rounding
     a, b = onnx_file.run(x), ov_file.run(x)
     assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 0.05
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--quantize", "int8",
+                                    "--calib-size", "16"])  # auto without an int8 ONNX file: NNCF
+    assert res.exit_code == 0, res.output
+    assert "int8_from" not in open_model(run / "exports" / "model_int8.xml").meta

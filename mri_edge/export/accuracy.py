@@ -264,7 +264,7 @@ def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, m
     is `quality`, so a drop of at most max_drop_pts bounds agreement and accuracy alike."""
     import nncf  # noqa: PLC0415
 
-    from .openvino import from_onnx  # noqa: PLC0415
+    from .openvino import from_onnx, nncf_options  # noqa: PLC0415
 
     model = from_onnx(fp32_onnx)
     size = int(calib.shape[1])
@@ -286,11 +286,11 @@ def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, m
         # the plain quantization of the same fixed-batch model, to name what accuracy control reverted
         # (openvino.quantize_int8 returns a dynamic-batch model, whose shape ops would count as reverted)
         plain = quantized_ops(nncf.quantize(model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)),
-                                            subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE))
+                                            subset_size=len(calib), **nncf_options()))
         q = nncf.quantize_with_accuracy_control(
             model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)), nncf.Dataset(items), validate,
-            max_drop=max_drop_pts / 100, drop_type=nncf.DropType.ABSOLUTE,
-            preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(calib))
+            max_drop=max_drop_pts / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
+            **nncf_options(accuracy_control=True))
     kept = quantized_ops(q)
     score = held.score(probs_of(_compile(q), items))
     q.reshape([-1, size, size, 3])

@@ -41,7 +41,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 )}
 QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")
 IO_DTYPES = ("uint8", "int8", "float32")
-OPENVINO_INT8 = ("nncf", "onnx")
+OPENVINO_INT8 = ("auto", "nncf", "onnx")
 CALIB_RANGES = ("percentile", "minmax")
 BN_SCALES = ("per-tensor", "per-channel", "auto")
 
@@ -62,7 +62,7 @@ class ExportJob:
 
 
 def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, openvino_available: bool = True,
-         given: tuple[str, ...] = (), float_head: bool = False, openvino_int8: str = "nncf") -> list[ExportJob]:
+         given: tuple[str, ...] = (), float_head: bool = False, openvino_int8: str = "auto") -> list[ExportJob]:
     """Expand --format/--quantize into jobs; unsupported combinations are refused up front, and
     so is an option in `given` (the ones the user set) that no planned file accepts."""
     if io_dtype not in IO_DTYPES:
@@ -87,13 +87,17 @@ def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, ope
                     continue  # e.g. --format all --quantize fp16 means "wherever fp16 exists"
                 raise ExportError(f"--format {f} does not support --quantize {q} (supported: {', '.join(supported)})")
             jobs.append(ExportJob(f, q, io_dtype if q == "int8" else "float32",
-                                  float_head and q == "int8" and "float_head" in FORMATS[f].options,
-                                  from_onnx=openvino_int8 == "onnx" and f == "openvino" and q == "int8"))
+                                  float_head and q == "int8" and "float_head" in FORMATS[f].options))
     if not jobs:
         raise ExportError("nothing to export for that --format/--quantize combination")
-    if any(j.from_onnx for j in jobs) and not any(j.fmt == "onnx" and j.quantize == "int8" for j in jobs):
+    # auto: the OpenVINO int8 file from the int8 ONNX file when this export makes one, else NNCF
+    onnx_int8 = any(j.fmt == "onnx" and j.quantize == "int8" for j in jobs)
+    if openvino_int8 == "onnx" and not onnx_int8:
         raise ExportError("--openvino-int8 onnx converts this export's int8 ONNX file: plan it too "
                           "(--format onnx --quantize int8)")
+    for j in jobs:
+        j.from_onnx = j.fmt == "openvino" and j.quantize == "int8" and (
+            openvino_int8 == "onnx" or (openvino_int8 == "auto" and onnx_int8))
     for opt in given:
         users = [j for j in jobs if opt in FORMATS[j.fmt].options and (opt not in INT8_OPTIONS or j.quantize == "int8")]
         if not users:
