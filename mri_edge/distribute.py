@@ -262,9 +262,9 @@ def dataset(batches, dist: Distribution):
 
     def generate():
         for i in range(len(batches)):
-            item = batches[i]
+            pieces = [np.array_split(a, local) for a in batches[i]]
             for j in range(local):
-                yield tuple(np.array_split(a, local)[j] for a in item)
+                yield tuple(p[j] for p in pieces)
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -92,8 +92,13 @@ def stages_from(nodes: list[tuple[str, str, int, int]], pooling_ops: tuple[str, 
     macs, params = (sum(s[k] for s in stages.values()) or 1 for k in ("macs", "params"))
     for s in stages.values():
         s["mac_share"], s["param_share"] = s["macs"] / macs, s["params"] / params
-        s["cost"] = max(s["mac_share"], s["param_share"])
+        s["cost"] = float_cost(s["mac_share"], s["param_share"])
     return stages
+
+
+def float_cost(mac_share: float, param_share: float) -> float:
+    """What keeping a part in float costs: the larger of its compute and weight shares."""
+    return max(mac_share, param_share)
 
 
 def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[dict, object]], max_drop_pts: float,
@@ -134,7 +139,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
             if within(st, max_drop_pts):
                 break
     ok = [i for i, st in enumerate(steps) if within(st, max_drop_pts)]
-    cost = [max(st["float_mac_share"], st["float_param_share"]) for st in steps]
+    cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
     best = min(ok, key=cost.__getitem__) if ok else max(range(len(steps)), key=lambda i: quality(steps[i]))
     return steps[best], candidates[best], steps
 
