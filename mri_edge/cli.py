@@ -50,7 +50,8 @@ for _command in (calibrate, explain, card):
 
 
 @main.command()
-@click.option("--task", type=TASK_CHOICE, required=True, help="Built-in task, or custom (classes from folders).")
+@click.option("--task", type=TASK_CHOICE, default=None,
+              help="Built-in task, or custom (classes from folders). Required unless --resume.")
 @click.option("--data-dir", type=click.Path(), required=False,
               help="Folder with Training/[Validation/]Testing class folders (any common spelling).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -67,20 +68,20 @@ def train(task, data_dir, out, resume, force, **kw):
       mri-edge train --task tumor --data-dir ../shared/data/brain-tumor-mri \\
           --weights none --image-size 64 --epochs-finetune 4
     """
-    if not resume and not data_dir:
-        raise click.UsageError("--data-dir is required (unless --resume)")
+    if not resume and not (task and data_dir):
+        raise click.UsageError("--task and --data-dir are required (unless --resume, which reads them from the run)")
     from . import train as train_lib  # noqa: PLC0415
     from .run import RunFolder  # noqa: PLC0415
 
     out = resume or out or str(train_lib.default_run_dir(task))
-    cfg = config_from(TrainConfig, kw, task=task, data_dir=str(data_dir or ""), out=str(out))
+    cfg = config_from(TrainConfig, kw, task=task or "custom", data_dir=str(data_dir or ""), out=str(out))
     try:
         run_dir = run_guarded(train_lib.train, cfg, resume=resume, log=echo, force=force)
     except Interrupted:
         run = RunFolder(out)
         if run.checkpoint_path.is_file() and run.state_path.is_file():
             raise Interrupted(f"interrupted; the last finished epoch is saved: continue with "
-                              f"`mri-edge train --task {task} --resume {out}`") from None
+                              f"`mri-edge train --resume {out}`") from None
         raise Interrupted("interrupted before the first epoch finished: nothing to resume; run the same "
                           "command again") from None
     click.echo(f"run folder: {run_dir}")

@@ -69,8 +69,14 @@ def test_resume_without_a_finished_epoch_says_start_again(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    res = invoke("train", "--task", "tumor", "--resume", run)
+    res = invoke("train", "--resume", run)  # the task comes from the run
     assert res.exit_code == 1 and "no finished epoch to resume from" in res.output
+
+
+def test_train_needs_task_and_data_without_resume(synth_data):
+    for args in (["--task", "tumor"], ["--data-dir", synth_data]):
+        res = invoke("train", *args)
+        assert res.exit_code == 2 and "--task and --data-dir are required" in res.output
 
 
 def test_an_interrupt_before_the_first_epoch_does_not_suggest_resume(synth_data, tmp_path, monkeypatch):
