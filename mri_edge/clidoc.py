@@ -30,7 +30,8 @@ def reference() -> str:
         parts += ["## mri-edge", "", "```text", main.get_help(root).rstrip(), "```", ""]
         for path, cmd in _commands(main):
             name = " ".join(("mri-edge", *path))
-            with cmd.make_context(name, [], parent=root, **opts) as ctx:
+            # the usage line is the parent's name followed by this info name
+            with cmd.make_context(" ".join(path), [], parent=root, **opts) as ctx:
                 parts += [f"## {name}", "", "```text", cmd.get_help(ctx).rstrip(), "```", ""]
     return "\n".join(parts)
 

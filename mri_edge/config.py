@@ -96,8 +96,8 @@ class ExportConfig:
     """What `mri-edge export` makes; the format table (export/formats.py) says which option
     applies to which format."""
 
-    formats: tuple[str, ...] = option(("all",), "Repeatable. all = tflite, onnx, and openvino where OpenVINO is "
-                                                "installed.", flag="--format", multiple=True,
+    formats: tuple[str, ...] = option(("all",), "Repeatable. all = tflite, onnx, and openvino where OpenVINO "
+                                                "and NNCF are installed.", flag="--format", multiple=True,
                                       choices=(*FORMATS, "all"))
     quantize: tuple[str, ...] = option((), "Repeatable [default: every quantization the format supports].",
                                        multiple=True, choices=QUANTIZATIONS)

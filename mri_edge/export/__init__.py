@@ -1,5 +1,5 @@
 """Export a trained run to TFLite (fp32, fp16, dynamic-range, full-integer int8), ONNX (fp32,
-int8) and, where OpenVINO is installed, OpenVINO IR (fp32, int8).
+int8) and, where OpenVINO and NNCF are installed, OpenVINO IR (fp32, int8).
 
 Every file carries its own metadata (class names, preprocessing contract, quantization
 parameters, source model hash, calibration manifest hash, the hash of its own model bytes):
