@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Train the two Alzheimer models of the results table on a lent GPU machine.
+# Train Alzheimer models side by side on a lent GPU machine: the two of the results table
+# (RUNS=default), or the regularisers compared at equal wall time (RUNS=levers).
 #
 # That machine has PyTorch but no TensorFlow, so Keras 3 runs with KERAS_BACKEND=torch
 # (the training code is backend-neutral); keras, namex and optree travel as wheels in
 # .whl/. The data cannot be reached from there: .gpu/ carries a copy of
 # ../shared/data/alzheimer-mri (ignored by git, removed afterwards), the Alzheimer audit
 # and the tumor model's DenseNet121 backbone (fp16 weights file: an initialisation only).
-# Both runs share the GPU at once (each is bound by Python dispatch, not by the GPU)
-# and each fits its training into --time-budget minutes.
+# The runs share the GPU at once (each is bound by Python dispatch, not by the GPU), each
+# fits its training into --time-budget minutes, and all hold out the same grouped split.
 #
 # Prepare here:  bash benchmarks/gpu_alzheimer.sh --prepare   (.gpu/ is ~50 MB; where at most 64 MiB may
 #                travel, move the shipped .tflite/.onnx files, 45 MB, aside for the call)
@@ -19,7 +20,7 @@ set -uo pipefail
 
 SIZE=${SIZE:-176}
 # ~0.24 GB of GPU memory per image at 176 px (Keras on torch keeps every DenseNet
-# activation): two runs of 96 need ~50 GB of an H100's 80.
+# activation): two runs of 96 need ~50 GB of an H100's 80, four ~100 GB of an H200's 139.
 BATCH=${BATCH:-96}
 BUDGET=${BUDGET:-7.5}        # minutes of training per run
 LIMIT=${LIMIT:-570}          # seconds before every training is killed (packaging must still run)
@@ -33,7 +34,7 @@ if [ "${1:-}" = "--prepare" ]; then
     python - <<'EOF'
 import h5py, numpy as np
 from mri_edge import model as M
-base = M.load_model("artifacts/runs/tumor-64px-ft/model.keras").get_layer(M.BASE_NAME)
+base = M.load_model("artifacts/tumor/model.keras").get_layer(M.BASE_NAME)  # the shipped tumor model
 base.save_weights(".gpu/tumor_backbone.weights.h5")
 src, dst = h5py.File(".gpu/tumor_backbone.weights.h5"), h5py.File(".gpu/tumor_backbone_fp16.weights.h5", "w")
 for k, v in src.attrs.items():
@@ -71,19 +72,33 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, keras, numpy; print('torch', torch.__version__, 'keras', keras.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
 
 COMMON="--task alzheimer --data-dir $DATA --image-size $SIZE --batch-size $BATCH --patience 1000 \
-  --time-budget $BUDGET --dedup .gpu/audit.json --cache-dir /tmp/mri-edge-cache $EXTRA"
-timeout "$LIMIT" python3 -m mri_edge.cli train $COMMON --weights none --epochs-head 0 --epochs-finetune 200 \
-    --lr 1e-3 --out .gpu/runs/alzheimer-${SIZE}px-gpu-scratch > "$OUT/scratch.log" 2>&1 &
-timeout "$LIMIT" python3 -m mri_edge.cli train $COMMON --weights .gpu/tumor_backbone_fp16.weights.h5 \
-    --epochs-head 1 --epochs-finetune 200 --unfreeze all --train-bn --lr 1e-3 --lr-finetune 5e-4 \
-    --out .gpu/runs/alzheimer-${SIZE}px-gpu-transfer > "$OUT/transfer.log" 2>&1 &
+  --time-budget $BUDGET --val-split grouped --dedup .gpu/audit.json --cache-dir /tmp/mri-edge-cache $EXTRA"
+SCRATCH="--weights none --epochs-head 0 --epochs-finetune 200 --lr 1e-3"
+# One run per line, "name options": all share the GPU at once, at the same --time-budget, and
+# hold out the same grouped validation split, so their held-out accuracies rank them.
+# RUNS=levers compares the regularisers (--label-smoothing, --mixup, --weight-decay) from scratch.
+case "${RUNS:-default}" in
+default) RUNS="scratch $SCRATCH
+transfer --weights .gpu/tumor_backbone_fp16.weights.h5 --epochs-head 1 --epochs-finetune 200 --unfreeze all \
+ --train-bn --lr 1e-3 --lr-finetune 5e-4" ;;
+levers) RUNS="scratch $SCRATCH
+smooth $SCRATCH --label-smoothing 0.1
+mixup $SCRATCH --mixup 0.4
+decay $SCRATCH --weight-decay 0.05" ;;
+esac
+while read -r name opts; do
+    [ -n "$name" ] || continue
+    # shellcheck disable=SC2086  # options are words
+    timeout "$LIMIT" python3 -m mri_edge.cli train $COMMON $opts --out ".gpu/runs/alzheimer-${SIZE}px-gpu-$name" \
+        > "$OUT/$name.log" 2>&1 &
+done <<< "$RUNS"
 while sleep 30; do
     jobs -r | grep -q . || break
     echo "$(( $(date +%s) - T0 )) s: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
 done
 wait
 echo "training done after $(( $(date +%s) - T0 )) s"
-tail -n 3 "$OUT"/scratch.log "$OUT"/transfer.log
-# model.keras of both runs is ~61 MB: split into parts under the 16 MiB a file may come back with.
+tail -n 3 "$OUT"/*.log
+# model.keras is ~31 MB a run: split into parts under the 16 MiB a file may come back with.
 tar czf - --exclude best.keras -C .gpu runs | split -b 15m - "$OUT/runs.tgz."
 ls -la "$OUT"

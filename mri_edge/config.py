@@ -52,6 +52,13 @@ class TrainConfig:
     class_weight: str = option("balanced", "Loss weight per class: scikit-learn's balanced weights, their square "
                                            "root (milder, for a heavy imbalance), or none.",
                                choices=("balanced", "sqrt", "none"))
+    # Regularisers against memorising subjects (Alzheimer: several slices of one brain in
+    # training, other slices of it in test); all off by default, the recipe of the seed.
+    label_smoothing: float = option(0.0, "Share of each one-hot target spread evenly over all classes (0: off).",
+                                    minimum=0, maximum=1, max_open=True)
+    mixup: float = option(0.0, "Mixup: each training batch blended with a shuffled copy of itself, the weight "
+                               "drawn from Beta(a, a) per batch (0: off; 0.2-0.4 is usual).", minimum=0, metavar="A")
+    weight_decay: float = option(0.0, "Decoupled weight decay (AdamW; 0: plain Adam).", minimum=0)
     # Phase 2 with pretrained weights: let batch-norm layers train too. Frozen statistics
     # suit a strong backbone; a weak from-scratch one whose features must still move
     # collapsed with them frozen (Alzheimer, measured: validation accuracy 47% -> 1-15%).

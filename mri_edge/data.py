@@ -13,6 +13,7 @@ import numpy as np
 
 from . import preprocess
 from .errors import MriEdgeError
+from .mixup import partners
 from .files import atomic_path
 from .progress import Progress
 from .tasks import resolve_classes
@@ -353,8 +354,9 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
 
 def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
                  shuffle: bool, seed: int = 0, sample_weights: dict[int, float] | None = None,
-                 shard: tuple[int, int] = (0, 1)):
-    """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels.
+                 shard: tuple[int, int] = (0, 1), mixup: float = 0.0):
+    """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels; with
+    mixup > 0 each global batch blended with a permutation of itself (mixup.partners).
 
     shard (k, n): worker k of n takes the k-th of n parts of each global batch of batch_size
     (every worker shuffles with the same seed), so the n parts make up the batch one device
@@ -366,6 +368,7 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
             # Two threads assemble the next batches while the current step runs.
             super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
             self.eye = np.eye(num_classes, dtype=np.float32)
+            self.w = None if sample_weights is None else np.array([sample_weights[int(c)] for c in labels], np.float32)
             self.set_epoch(0)
 
         def set_epoch(self, epoch: int) -> None:
@@ -373,7 +376,7 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
             a resume, and however often Keras restarts an iteration (under tf.distribute its symbolic
             build reads a first batch and starts over, which reshuffled a running generator and gave
             two devices other batches than one). Set by callbacks.EpochOrder before each epoch."""
-            self.order = np.arange(len(images))
+            self.order, self.epoch = np.arange(len(images)), epoch
             if shuffle:
                 np.random.default_rng([seed, epoch]).shuffle(self.order)
 
@@ -382,13 +385,15 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
 
         def __getitem__(self, i):
             idx = self.order[i * batch_size : (i + 1) * batch_size]
-            if shard[1] > 1:
-                idx = np.array_split(idx, shard[1])[shard[0]]
+            other, lam = partners(idx, mixup, (seed, self.epoch, i)) if mixup else (idx, 1.0)
+            if shard[1] > 1:  # the same cut of both: the workers' parts make up the one-device batch
+                idx, other = (np.array_split(v, shard[1])[shard[0]] for v in (idx, other))
             x = images[idx].astype(np.float32)
             y = self.eye[labels[idx]]
-            if sample_weights is not None:
-                w = np.asarray([sample_weights[int(c)] for c in labels[idx]], np.float32)
-                return x, y, w
-            return x, y
+            w = None if self.w is None else self.w[idx]
+            if mixup:
+                x, y = lam * x + (1 - lam) * images[other], lam * y + (1 - lam) * self.eye[labels[other]]
+                w = None if w is None else lam * w + (1 - lam) * self.w[other]
+            return (x, y) if w is None else (x, y, w)
 
     return Batches()

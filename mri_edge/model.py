@@ -136,6 +136,15 @@ def base_of(model):
     return model.get_layer(BASE_NAME)
 
 
+def objective(lr: float, weight_decay: float = 0.0, label_smoothing: float = 0.0) -> dict:
+    """compile() arguments of a training phase: Adam, or AdamW with decoupled weight decay,
+    and cross-entropy on the (optionally smoothed) one-hot targets."""
+    import keras  # noqa: PLC0415
+
+    opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay) if weight_decay else keras.optimizers.Adam(lr)
+    return {"optimizer": opt, "loss": keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)}
+
+
 def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True, bn_momentum: float = 0.9) -> int:
     """Set trainable flags for a phase; returns the number of trainable base layers.
 

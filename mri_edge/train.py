@@ -225,7 +225,7 @@ def _batches(cfg: TrainConfig, dec: dict, log, dist=None):
     log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
     shard = (dist.worker_index, dist.workers) if dist else (0, 1)
     return (data.make_batches(dec["train"].images, dec["train"].labels, len(names), cfg.batch_size, shuffle=True,
-                              seed=cfg.seed, sample_weights=weights, shard=shard),
+                              seed=cfg.seed, sample_weights=weights, shard=shard, mixup=cfg.mixup),
             data.make_batches(dec["val"].images, dec["val"].labels, len(names), cfg.batch_size, shuffle=False,
                               shard=shard))
 
@@ -252,7 +252,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
             aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
             inp = keras.Input((cfg.image_size, cfg.image_size, 3))
             trainer = distribute.trainer_class(dist)(inp, net(aug(inp) if aug is not None else inp))
-            trainer.compile(optimizer=keras.optimizers.Adam(phase["lr"]), loss="categorical_crossentropy",
+            trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing),
                             metrics=["accuracy"], jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
         keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, best_val_loss, elapsed,
                         _save_model_atomic, log)

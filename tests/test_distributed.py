@@ -51,17 +51,21 @@ def test_devices_and_tf_config_are_read(monkeypatch):
         distribute.plan(None)
 
 
-def test_worker_parts_make_up_the_global_batch_in_an_order_set_by_the_epoch():
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_worker_parts_make_up_the_global_batch_in_an_order_set_by_the_epoch(mixup):
     images = np.arange(22, dtype=np.uint8).reshape(22, 1, 1, 1).repeat(3, axis=3)
     labels = np.arange(22) % 4
-    whole = make_batches(images, labels, 4, 8, shuffle=True, seed=3)
-    parts = [make_batches(images, labels, 4, 8, shuffle=True, seed=3, shard=(k, 2)) for k in range(2)]
+    weights = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    whole = make_batches(images, labels, 4, 8, shuffle=True, seed=3, sample_weights=weights, mixup=mixup)
+    parts = [make_batches(images, labels, 4, 8, shuffle=True, seed=3, sample_weights=weights, shard=(k, 2),
+                          mixup=mixup) for k in range(2)]
     for epoch in (0, 1, 5):
         for b in (whole, *parts):
             b.set_epoch(epoch)
         for i in range(len(whole)):
-            joined = np.concatenate([p[i][0] for p in parts])
-            assert np.array_equal(joined, whole[i][0])  # the last batch (6 images) too: 3 + 3
+            for j in range(3):  # images, labels and sample weights (blended alike under mixup)
+                joined = np.concatenate([p[i][j] for p in parts])
+                assert np.array_equal(joined, whole[i][j])  # the last batch (6 images) too: 3 + 3
     whole.set_epoch(0)
     first = whole[0][0].copy()
     whole.set_epoch(1)

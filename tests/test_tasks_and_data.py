@@ -146,3 +146,46 @@ def test_class_weight_modes():
     assert data.class_weights(labels, 3, "none") == {0: 1.0, 1: 1.0, 2: 1.0}
     with pytest.raises(data.DataError, match="balanced, sqrt, none"):
         data.class_weights(labels, 3, "inverse")
+
+
+def test_mixup_blends_images_labels_and_weights_with_one_weight_per_batch():
+    from mri_edge.data import make_batches
+
+    images = (np.arange(16, dtype=np.uint8) * 10).reshape(16, 1, 1, 1).repeat(3, axis=3)
+    labels = np.arange(16) % 4
+    weights = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    plain = make_batches(images, labels, 4, 8, shuffle=True, seed=1, sample_weights=weights)
+    mixed = make_batches(images, labels, 4, 8, shuffle=True, seed=1, sample_weights=weights, mixup=0.4)
+    blends = set()
+    for i in range(len(mixed)):
+        (x0, y0, w0), (x, y, w) = plain[i], mixed[i]
+        np.testing.assert_allclose(y.sum(1), 1.0, rtol=1e-6)
+        own = y[np.arange(len(y)), y0.argmax(1)]  # weight of the image's own class
+        lam = own.min()
+        assert 0.5 <= lam <= 1.0 and np.allclose(own[own < 1.0 - 1e-6], lam)  # one weight for the batch
+        # each image is lam * itself + (1 - lam) * another image of the same batch
+        other = (x[:, 0, 0, 0] - lam * x0[:, 0, 0, 0]) / max(1.0 - lam, 1e-6)
+        assert lam == 1.0 or set(np.round(other).astype(int)) <= set(x0[:, 0, 0, 0].astype(int))
+        classes = (other / 10).round().astype(int) % 4
+        np.testing.assert_allclose(w, lam * w0 + (1 - lam) * np.array([weights[c] for c in classes]), rtol=1e-5)
+        blends.add(round(float(lam), 4))
+    assert len(blends) == len(mixed) and min(blends) < 1.0  # a fresh weight per batch, and blended
+    mixed.set_epoch(0)
+    again = mixed[0][0].copy()
+    mixed.set_epoch(0)
+    assert np.array_equal(mixed[0][0], again)  # the same blend after a restart of the epoch
+
+
+def test_training_objective_smooths_labels_and_decays_weights():
+    import keras
+
+    from mri_edge.model import objective
+
+    plain, smooth = objective(1e-3), objective(1e-3, weight_decay=0.05, label_smoothing=0.2)
+    assert type(plain["optimizer"]).__name__ == "Adam" and type(smooth["optimizer"]).__name__ == "AdamW"
+    assert smooth["optimizer"].weight_decay == pytest.approx(0.05)
+    y, p = np.array([[0.0, 1.0, 0.0, 0.0]]), np.array([[0.1, 0.7, 0.1, 0.1]])
+    target = np.array([[0.05, 0.85, 0.05, 0.05]])  # 0.2 spread over 4 classes
+    expected = -(target * np.log(p)).sum()
+    assert float(keras.ops.convert_to_numpy(smooth["loss"](y, p))) == pytest.approx(expected, rel=1e-5)
+    assert float(keras.ops.convert_to_numpy(plain["loss"](y, p))) == pytest.approx(-np.log(0.7), rel=1e-5)

@@ -95,7 +95,7 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(synth_data, cache_dir, t
     out = tmp_path / "run"
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(out), weights="none", image_size=32,
                       batch_size=16, epochs_head=0, epochs_finetune=2, dense_units=8, cache_dir=str(cache_dir),
-                      eager=True, limit_per_class=6)
+                      eager=True, limit_per_class=6, label_smoothing=0.1, mixup=0.2, weight_decay=1e-4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=lambda *_: None, callbacks=[Interrupt()])
     assert (out / "checkpoint.keras").is_file() and not (out / "model.keras").exists()
@@ -104,6 +104,8 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(synth_data, cache_dir, t
     assert (out / "model.keras").is_file()
     hist = (out / "history.csv").read_text().splitlines()
     assert len(hist) == 3  # header + epoch 1 (before the interrupt) + epoch 2 (after resume)
+    saved = json.loads((out / "config.json").read_text())  # the regularisers carry over into the resumed phase
+    assert (saved["label_smoothing"], saved["mixup"], saved["weight_decay"]) == (0.1, 0.2, 1e-4)
 
 
 def test_same_seed_same_split_and_initial_weights(synth_data):
