@@ -34,7 +34,7 @@ def test_help_does_not_import_heavy_libraries():
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--task", "tumor", "--data-dir", "/nonexistent"], "data folder not found"),
-    (["train", "--task", "tumor"], "--data-dir is required"),
+    (["train", "--task", "tumor"], "--task and --data-dir are required"),
     (["export", "/nonexistent"], "run folder not found"),
     (["verify", "/nonexistent"], "run folder not found"),
     (["bench", "/nonexistent"], "no such file or folder"),
