@@ -42,12 +42,18 @@ class EpochProgress(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        shown = ", ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs)
+        shown = ", ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1")
+                          if k in logs)
         self.log(f"{self.phase} epoch {epoch + 1}/{self.epochs}: {shown} ({time.time() - self.t0:.0f} s)")
 
     def on_train_end(self, logs=None):
         if self.beat:
             self.beat.stop()
+
+
+def monitor_mode(monitor: str) -> str:
+    """'min' for a loss, 'max' for accuracy and macro-F1 (TrainConfig.select_by)."""
+    return "min" if monitor.endswith("loss") else "max"
 
 
 class Keeper(keras.callbacks.Callback):
@@ -56,11 +62,19 @@ class Keeper(keras.callbacks.Callback):
     when the next epoch would overrun its time budget."""
 
     def __init__(self, run, net, phase: dict, phase_index: int, warmup: int, clock: PhaseClock, history: list,
-                 best_val_loss: float, elapsed, save, log):
+                 monitor: str, best: float | None, elapsed, save, log):
         super().__init__()
         self.run, self.net, self.phase, self.phase_index = run, net, phase, phase_index
-        self.warmup, self.clock, self.history, self.best_val_loss = warmup, clock, history, best_val_loss
+        self.warmup, self.clock, self.history = warmup, clock, history
+        self.monitor, self.best = monitor, best  # best: the monitored value of the kept epoch (None: none yet)
         self.elapsed, self.save, self.log = elapsed, save, log
+
+    def improved(self, value: float | None) -> bool:
+        if value is None or value != value:  # missing or NaN never counts as better
+            return False
+        if self.best is None:
+            return True
+        return value < self.best if monitor_mode(self.monitor) == "min" else value > self.best
 
     def on_epoch_begin(self, epoch, logs=None):
         self.clock.epoch_started()
@@ -72,11 +86,11 @@ class Keeper(keras.callbacks.Callback):
         self.history.append({"phase": self.phase["name"], "epoch": epoch + 1,
                              "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
                              **{k: float(v) for k, v in logs.items() if k != "learning_rate"}})
-        if logs.get("val_loss", float("inf")) < self.best_val_loss:
-            self.best_val_loss = logs["val_loss"]
+        if self.improved(logs.get(self.monitor)):
+            self.best = float(logs[self.monitor])
             self.save(self.net, self.run.best_path)
         self.save(self.net, self.run.checkpoint_path)
-        self.run.write_state(phase=self.phase_index, epoch=epoch + 1, best_val_loss=self.best_val_loss,
+        self.run.write_state(phase=self.phase_index, epoch=epoch + 1, best={self.monitor: self.best},
                              history=self.history, elapsed_s=self.elapsed(),
                              phase_elapsed_s=self.clock.now() - self.clock.start)
         if self.clock.epoch_ended() and epoch + 1 < self.phase["epochs"]:

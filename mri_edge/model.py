@@ -145,6 +145,16 @@ def objective(lr: float, weight_decay: float = 0.0, label_smoothing: float = 0.0
     return {"optimizer": opt, "loss": keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)}
 
 
+def metrics(select_by: str = "loss") -> list:
+    """compile() metrics: accuracy, and macro-F1 when it selects the kept epoch (its name,
+    macro_f1, gives the history's val_macro_f1 column)."""
+    import keras  # noqa: PLC0415
+
+    if select_by != "macro_f1":
+        return ["accuracy"]
+    return ["accuracy", keras.metrics.F1Score(average="macro", name="macro_f1")]
+
+
 def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True, bn_momentum: float = 0.9) -> int:
     """Set trainable flags for a phase; returns the number of trainable base layers.
 

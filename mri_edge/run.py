@@ -118,11 +118,12 @@ class RunFolder:
         return self.model_path
 
     def write_state(self, phase: int, epoch: int, history: list, elapsed_s: float, finished: bool = False,
-                    best_val_loss: float = float("inf"), phase_elapsed_s: float = 0.0) -> None:
-        """state.json: where training stands (phase index, epochs done in it), for --resume."""
+                    best: dict | None = None, phase_elapsed_s: float = 0.0) -> None:
+        """state.json: where training stands (phase index, epochs done in it, the monitored
+        value of the phase's best epoch so far, e.g. {"val_loss": 0.41}), for --resume."""
         from .report import write_json  # noqa: PLC0415
 
-        write_json(self.state_path, {"phase": phase, "epoch": epoch, "best_val_loss": best_val_loss,
+        write_json(self.state_path, {"phase": phase, "epoch": epoch, "best": best or {},
                                      "history": history, "elapsed_s": elapsed_s, "phase_elapsed_s": phase_elapsed_s,
                                      "finished": finished})
 

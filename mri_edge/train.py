@@ -237,7 +237,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
-    from .callbacks import EpochOrder, EpochProgress, Keeper  # noqa: PLC0415
+    from .callbacks import EpochOrder, EpochProgress, Keeper, monitor_mode  # noqa: PLC0415
 
     clock = PhaseClock(budget_s, elapsed_s=state.get("phase_elapsed_s", 0.0) if state else 0.0)
     start_epoch = state["epoch"] if state else 0
@@ -245,7 +245,8 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
                                       phase["freeze_bn"])
     log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
         f"{n_trainable} trainable DenseNet121 layers with weights")
-    best_val_loss = state.get("best_val_loss", float("inf")) if state else float("inf")
+    monitor = "val_" + cfg.select_by
+    best = (state.get("best") or {}).get(monitor) if state else None
     if start_epoch < phase["epochs"]:  # else interrupted after the phase's last epoch: only the restore is left
         dist = dist or distribute.Distribution()
         with dist.scope():
@@ -253,23 +254,26 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
             inp = keras.Input((cfg.image_size, cfg.image_size, 3))
             trainer = distribute.trainer_class(dist)(inp, net(aug(inp) if aug is not None else inp))
             trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing),
-                            metrics=["accuracy"], jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
-        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, best_val_loss, elapsed,
+                            metrics=model_lib.metrics(cfg.select_by), jit_compile=cfg.jit_compile,
+                            run_eagerly=cfg.eager)
+        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, monitor, best, elapsed,
                         _save_model_atomic, log)
         train_batches, val_batches = batches
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
                                                          traced=traced), keeper,
-               keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience), *callbacks]
+               keras.callbacks.EarlyStopping(monitor=monitor, mode=monitor_mode(monitor), patience=cfg.patience),
+               *callbacks]
         trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)
-        best_val_loss = keeper.best_val_loss
+        best = keeper.best
     if run.best_path.exists():
         # Keep the best epoch of this phase (restore_best_weights does not survive a resume), and
         # checkpoint it, so an interrupt early in the next phase resumes from these weights.
         net.set_weights(model_lib.load_model(run.best_path).get_weights())
         _save_model_atomic(net, run.checkpoint_path)
-        log(f"phase '{phase['name']}': restored best epoch (val_loss {best_val_loss:.4f})")
+        shown = "?" if best is None else f"{best:.4f}"
+        log(f"phase '{phase['name']}': restored best epoch ({monitor} {shown})")
 
 
 def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print,
@@ -337,7 +341,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
 def _write_history(run_dir: Path, history: list[dict]) -> None:
     if not history:
         return
-    cols = ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy"]
+    cols = ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1"]
     with atomic_path(run_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

@@ -77,10 +77,15 @@ def test_time_budget_stops_a_run_and_it_still_finishes(synth_data, cache_dir, tm
     logs = []
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), weights="none",
                       image_size=32, batch_size=16, epochs_head=0, epochs_finetune=4, dense_units=8,
-                      cache_dir=str(cache_dir), eager=True, limit_per_class=4, time_budget_s=0.01)
+                      cache_dir=str(cache_dir), eager=True, limit_per_class=4, time_budget_s=0.01,
+                      select_by="macro_f1")
     run = train(cfg, log=logs.append)
-    assert len((run / "history.csv").read_text().splitlines()) == 2  # header + the one epoch that fitted
+    rows = (run / "history.csv").read_text().splitlines()
+    assert len(rows) == 2  # header + the one epoch that fitted
+    f1 = float(rows[1].split(",")[rows[0].split(",").index("val_macro_f1")])  # the metric that kept the epoch
+    assert 0.0 <= f1 <= 1.0
     assert any("time budget of 0 s reached after epoch 1" in m for m in logs), logs
+    assert any(f"restored best epoch (val_macro_f1 {f1:.4f})" in m for m in logs), logs
     assert (run / "model.keras").is_file() and (run / "test_report.json").is_file()
 
 
@@ -95,17 +100,48 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(synth_data, cache_dir, t
     out = tmp_path / "run"
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(out), weights="none", image_size=32,
                       batch_size=16, epochs_head=0, epochs_finetune=2, dense_units=8, cache_dir=str(cache_dir),
-                      eager=True, limit_per_class=6, label_smoothing=0.1, mixup=0.2, weight_decay=1e-4)
+                      eager=True, limit_per_class=6, label_smoothing=0.1, mixup=0.2, weight_decay=1e-4,
+                      select_by="accuracy")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=lambda *_: None, callbacks=[Interrupt()])
     assert (out / "checkpoint.keras").is_file() and not (out / "model.keras").exists()
-    assert json.loads((out / "state.json").read_text())["epoch"] == 1
+    state = json.loads((out / "state.json").read_text())
+    assert state["epoch"] == 1 and list(state["best"]) == ["val_accuracy"]
     train(TrainConfig("tumor", ""), resume=str(out), log=lambda *_: None)
     assert (out / "model.keras").is_file()
     hist = (out / "history.csv").read_text().splitlines()
     assert len(hist) == 3  # header + epoch 1 (before the interrupt) + epoch 2 (after resume)
     saved = json.loads((out / "config.json").read_text())  # the regularisers carry over into the resumed phase
     assert (saved["label_smoothing"], saved["mixup"], saved["weight_decay"]) == (0.1, 0.2, 1e-4)
+
+
+@pytest.mark.parametrize("select_by, kept", [("loss", 3), ("accuracy", 2), ("macro_f1", 1)])
+def test_keeper_keeps_the_epoch_the_rule_selects(tmp_path, select_by, kept):
+    from mri_edge.callbacks import Keeper
+    from mri_edge.run import RunFolder
+
+    class Net:  # what Keeper's save callback receives; the epoch it carries is what was kept
+        epoch = 0
+
+    class Opt:
+        learning_rate = 1e-3
+
+    saved = {}
+    net, run = Net(), RunFolder(tmp_path)
+    keeper = Keeper(run, net, {"name": "finetune", "epochs": 3, "lr": 1e-3}, 0, 0, PhaseClock(None), [],
+                    "val_" + select_by, None, lambda *_: 0.0, lambda n, path: saved.__setitem__(path.name, n.epoch),
+                    print)
+    keeper.set_model(type("Model", (), {"optimizer": Opt(), "stop_training": False})())
+    # loss and accuracy disagree, as on a grouped split of new subjects
+    for epoch, logs in enumerate([{"val_loss": 0.9, "val_accuracy": 0.50, "val_macro_f1": 0.45},
+                                  {"val_loss": 1.1, "val_accuracy": 0.62, "val_macro_f1": 0.40},
+                                  {"val_loss": 0.8, "val_accuracy": 0.55, "val_macro_f1": float("nan")}]):
+        net.epoch = epoch + 1
+        keeper.on_epoch_begin(epoch)
+        keeper.on_epoch_end(epoch, logs)
+    assert saved["best.keras"] == kept and saved["checkpoint.keras"] == 3
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["best"] == {"val_" + select_by: [0.8, 0.62, 0.45][["loss", "accuracy", "macro_f1"].index(select_by)]}
 
 
 def test_same_seed_same_split_and_initial_weights(synth_data):
