@@ -72,10 +72,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, keras, numpy; print('torch', torch.__version__, 'keras', keras.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
 
 COMMON="--task alzheimer --data-dir $DATA --image-size $SIZE --batch-size $BATCH --patience 1000 \
-  --time-budget $BUDGET --val-split grouped --dedup .gpu/audit.json --cache-dir /tmp/mri-edge-cache $EXTRA"
+  --time-budget $BUDGET --val-split grouped --select-by accuracy --dedup .gpu/audit.json \
+  --cache-dir /tmp/mri-edge-cache $EXTRA"
 SCRATCH="--weights none --epochs-head 0 --epochs-finetune 200 --lr 1e-3"
 # One run per line, "name options": all share the GPU at once, at the same --time-budget, and
-# hold out the same grouped validation split, so their held-out accuracies rank them.
+# hold out the same grouped validation split, so their held-out accuracies rank them; each
+# keeps its epoch of best held-out accuracy (on this split the lowest loss comes early).
 # RUNS=levers compares the regularisers (--label-smoothing, --mixup, --weight-decay) from scratch.
 case "${RUNS:-default}" in
 default) RUNS="scratch $SCRATCH
