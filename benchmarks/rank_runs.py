@@ -1,0 +1,109 @@
+"""Rank candidate runs by the grouped held-out rule, next to their test ranking.
+
+The held-out split of the first run (a grouped one: whole groups of near-identical training
+images held out, docs/data.md) is the rule: every candidate's model.keras is scored on those
+images, and candidates are ranked by held-out accuracy (or --by macro_f1). The test
+columns come from each run's own test report and are shown beside the rule, never used by
+it. A run that trained on any of the held-out images (a random carve, another seed or
+threshold) cannot be ranked by the rule and is listed apart, with its test numbers.
+
+    python benchmarks/rank_runs.py artifacts/runs/alzheimer-96px-grouped \\
+        artifacts/runs/alzheimer-96px-grouped-reg [--by accuracy] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tta import probabilities, scores  # noqa: E402
+
+from mri_edge import report  # noqa: E402
+from mri_edge.data import decode_images  # noqa: E402
+from mri_edge.keras_model import KerasModel  # noqa: E402
+from mri_edge.run import RunFolder  # noqa: E402
+
+
+def test_scores(run: RunFolder, names: list[str]) -> dict:
+    rep = json.loads(run.test_report_path.read_text())
+    free = rep.get("dedup") or {}
+    smallest = min(names, key=lambda c: rep["per_class"][c]["support"])
+    return {"accuracy": rep["accuracy"], "ci": rep["accuracy_ci95"], "macro_f1": rep["macro"]["f1"],
+            "leakage_free": free.get("accuracy"), "smallest": smallest,
+            "smallest_hits": round(rep["per_class"][smallest]["recall"] * rep["per_class"][smallest]["support"]),
+            "smallest_n": rep["per_class"][smallest]["support"]}
+
+
+def ranks(values: list[float]) -> list[int]:
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    out = [0] * len(values)
+    for r, i in enumerate(order):
+        out[i] = r + 1
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--by", choices=("accuracy", "macro_f1"), default="accuracy")
+    ap.add_argument("--out", default=None, help="write rank.json and rank.md here")
+    args = ap.parse_args()
+    runs = [RunFolder(r) for r in args.runs]
+    ref = runs[0].manifest()
+    if (ref.get("val_split") or {}).get("method") != "grouped":
+        sys.exit(f"{runs[0].path}: its validation split is not grouped; the rule needs one (--val-split grouped)")
+    held = ref["splits"]["val"]
+    held_paths = {rel for rel, _ in held}
+    labels = np.array([k for _, k in held])
+    names = ref["class_names"]
+    ranked, apart = [], []
+    for run in runs:
+        manifest = run.manifest()
+        if manifest["class_names"] != names:
+            sys.exit(f"{run.path}: classes {manifest['class_names']} are not {names}: another task")
+        seen = held_paths & {rel for rel, _ in manifest["splits"]["train"]}
+        entry = {"run": str(run.path), "test": test_scores(run, names)}
+        if seen:
+            apart.append({**entry, "why": f"trained on {len(seen)} of the {len(held)} held-out images"})
+            continue
+        net = KerasModel(run.model_path)
+        images = decode_images(net, Path(ref["root"]), [rel for rel, _ in held], f"{run.path.name}: held-out images")
+        probs, _ = probabilities(net, images, lambda x: [x])
+        ranked.append({**entry, "held_out": scores(probs, labels, names)})
+    by_rule = ranks([r["held_out"][args.by] for r in ranked])
+    by_test = ranks([r["test"][args.by] for r in ranked])
+    rows = []
+    for r, a, b in sorted(zip(ranked, by_rule, by_test), key=lambda t: t[1]):
+        h, t = r["held_out"], r["test"]
+        rows.append([a, Path(r["run"]).name, f"{h['accuracy']:.2%}", f"{h['macro_f1']:.3f}",
+                     f"{t['accuracy']:.2%} [{t['ci'][0]:.2%}, {t['ci'][1]:.2%}]",
+                     "-" if t["leakage_free"] is None else f"{t['leakage_free']:.2%}", f"{t['macro_f1']:.3f}",
+                     f"{t['smallest_hits']}/{t['smallest_n']}", b])
+    text = (f"# Candidates ranked by the grouped held-out rule ({args.by})\n\n"
+            f"Held-out split: {len(held)} images of {runs[0].path.name}'s grouped carve.\n\n"
+            + report.md_table(["rule rank", "run", "held-out accuracy", "held-out macro-F1", "test accuracy [95% CI]",
+                               "leakage-free", "test macro-F1", f"test {ranked[0]['test']['smallest'] if ranked else ''}",
+                               "test rank"], rows))
+    if apart:
+        text += "\n\nNot rankable by the rule:\n\n" + "\n".join(
+            f"- {Path(r['run']).name}: {r['why']}; test {r['test']['accuracy']:.2%}, macro-F1 "
+            f"{r['test']['macro_f1']:.3f}" for r in apart)
+    text += "\n"
+    print(text)
+    if args.out:
+        dest = Path(args.out)
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "rank.json").write_text(json.dumps({"by": args.by, "ranked": ranked, "apart": apart}, indent=1))
+        (dest / "rank.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
