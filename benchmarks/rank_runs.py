@@ -5,7 +5,12 @@ images held out, docs/data.md) is the rule: every candidate's model.keras is sco
 images, and candidates are ranked by held-out accuracy (or --by macro_f1). The test
 columns come from each run's own test report and are shown beside the rule, never used by
 it. A run that trained on any of the held-out images (a random carve, another seed or
-threshold) cannot be ranked by the rule and is listed apart, with its test numbers.
+threshold), or started from the weights of a run that did, cannot be ranked by the rule and
+is listed apart, with its test numbers.
+
+The held-out figures are a little optimistic when candidates chose their own epochs on the
+same images (`train --select-by accuracy`): each is the best point of a noisy curve. The
+test columns beside them show how far that carries.
 
     python benchmarks/rank_runs.py artifacts/runs/alzheimer-96px-grouped \\
         artifacts/runs/alzheimer-96px-grouped-reg [--by accuracy] [--out DIR]
@@ -41,14 +46,28 @@ def test_scores(run: RunFolder, names: list[str]) -> dict:
             "smallest_n": rep["per_class"][smallest]["support"]}
 
 
-def ensemble(member_probs: list, held_labels, test_labels, names: list[str], like: dict) -> dict:
+def images_seen(run: RunFolder, held_out: bool = False) -> set[Path]:
+    """Images a run's weights have been fitted or selected on: its training split, the
+    validation split too when it is an ancestor (held_out=True), and the same for the run
+    whose model.keras it started from (config.json `weights`), and so on up the line."""
+    manifest = run.manifest()
+    root = Path(manifest["root"])
+    splits = ("train", "val") if held_out else ("train",)
+    seen = {(root / rel).resolve() for s in splits for rel, _ in manifest["splits"].get(s, [])}
+    start = Path(str(run.config().get("weights", "none")))
+    if start.suffix == ".keras" and (start.parent / "split_manifest.json").is_file():
+        seen |= images_seen(RunFolder(start.parent), held_out=True)
+    return seen
+
+
+def ensemble(member_probs: list, held_labels, test_labels, names: list[str], like: dict, seed: int) -> dict:
     """The ensemble lever measured, not built: the mean of the rankable candidates'
     probabilities (one exported graph averaging them would give the same numbers)."""
     held_p, test_p = (np.mean([m[i] for m in member_probs], axis=0) for i in (0, 1))
     t = scores(test_p, test_labels, names)
     return {"run": "mean of the candidates above", "held_out": scores(held_p, held_labels, names),
             "test": {"accuracy": t["accuracy"], "macro_f1": t["macro_f1"], "leakage_free": None,
-                     "ci": report.bootstrap_ci((test_p.argmax(1) == test_labels).astype(float)),
+                     "ci": report.bootstrap_ci((test_p.argmax(1) == test_labels).astype(float), seed=seed),
                      "smallest": like["smallest"], "smallest_hits": t["hits"][like["smallest"]],
                      "smallest_n": like["smallest_n"]}}
 
@@ -72,7 +91,7 @@ def main() -> int:
     if (ref.get("val_split") or {}).get("method") != "grouped":
         sys.exit(f"{runs[0].path}: its validation split is not grouped; the rule needs one (--val-split grouped)")
     held = ref["splits"]["val"]
-    held_paths = {rel for rel, _ in held}
+    held_paths = {(Path(ref["root"]) / rel).resolve() for rel, _ in held}
     labels = np.array([k for _, k in held])
     names = ref["class_names"]
     ranked, apart, member_probs = [], [], []
@@ -81,21 +100,23 @@ def main() -> int:
         manifest = run.manifest()
         if manifest["class_names"] != names:
             sys.exit(f"{run.path}: classes {manifest['class_names']} are not {names}: another task")
-        seen = held_paths & {rel for rel, _ in manifest["splits"]["train"]}
+        seen = held_paths & images_seen(run)
         entry = {"run": str(run.path), "test": test_scores(run, names)}
         if seen:
-            apart.append({**entry, "why": f"trained on {len(seen)} of the {len(held)} held-out images"})
+            apart.append({**entry, "why": f"its weights were fitted on {len(seen)} of the {len(held)} held-out "
+                                          f"images"})
             continue
+        preds = run.test_predictions()
+        if preds["paths"] != ref_preds["paths"]:
+            sys.exit(f"{run.path}: its test predictions are not over {runs[0].path.name}'s test images")
         net = KerasModel(run.model_path)
         images = decode_images(net, Path(ref["root"]), [rel for rel, _ in held], f"{run.path.name}: held-out images")
         probs, _ = probabilities(net, images, lambda x: [x])
         ranked.append({**entry, "held_out": scores(probs, labels, names)})
-        preds = run.test_predictions()
-        if preds["paths"] != ref_preds["paths"]:
-            sys.exit(f"{run.path}: its test predictions are not over {runs[0].path.name}'s test images")
         member_probs.append((probs, np.asarray(preds["probs"], np.float32)))
     if len(member_probs) > 1:
-        ranked.append(ensemble(member_probs, labels, np.asarray(ref_preds["labels"]), names, ranked[0]["test"]))
+        ranked.append(ensemble(member_probs, labels, np.asarray(ref_preds["labels"]), names, ranked[0]["test"],
+                               seed=runs[0].config().get("seed", 42)))
     by_rule = ranks([r["held_out"][args.by] for r in ranked])
     by_test = ranks([r["test"][args.by] for r in ranked])
     rows = []

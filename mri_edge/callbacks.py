@@ -3,6 +3,7 @@ weights, history and resumable state. Imported only once training starts (it imp
 
 from __future__ import annotations
 
+import math
 import time
 
 import keras
@@ -69,8 +70,11 @@ class Keeper(keras.callbacks.Callback):
         self.monitor, self.best = monitor, best  # best: the monitored value of the kept epoch (None: none yet)
         self.elapsed, self.save, self.log = elapsed, save, log
 
-    def improved(self, value: float | None) -> bool:
-        if value is None or value != value:  # missing or NaN never counts as better
+    def improved(self, logs: dict) -> bool:
+        value = logs.get(self.monitor)
+        # Missing or NaN never counts as better, nor does any epoch whose loss diverged: the
+        # argmax of NaN probabilities is a constant class, which still scores an accuracy.
+        if value is None or not math.isfinite(value) or not math.isfinite(logs.get("val_loss", 0.0)):
             return False
         if self.best is None:
             return True
@@ -86,7 +90,7 @@ class Keeper(keras.callbacks.Callback):
         self.history.append({"phase": self.phase["name"], "epoch": epoch + 1,
                              "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
                              **{k: float(v) for k, v in logs.items() if k != "learning_rate"}})
-        if self.improved(logs.get(self.monitor)):
+        if self.improved(logs):
             self.best = float(logs[self.monitor])
             self.save(self.net, self.run.best_path)
         self.save(self.net, self.run.checkpoint_path)

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS
 
 
+SELECT_BY = ("loss", "accuracy", "macro_f1")  # validation metrics that can keep an epoch (loss: lowest)
+
+
 def option(default, help: str, **cli):
     return field(default=default, metadata={"help": help, **cli})
 
@@ -37,12 +40,12 @@ class TrainConfig:
                                     "conv4_block16).")
     warmup_epochs: int = option(1, "Epochs of linear learning-rate warm-up.", minimum=0)
     patience: int = option(5, "Early stopping patience (epochs without improvement of --select-by).", minimum=1)
-    # On a random split loss and accuracy agree; on a grouped one (new subjects) they can
+    # On a random split loss and accuracy usually agree; on a grouped one (new subjects) they can
     # part: Alzheimer at 96 px had its lowest held-out loss at fine-tune epoch 1 (47% right)
     # and its best held-out accuracy at epoch 9 (62%), so the rule is a choice.
     select_by: str = option("loss", "Validation metric that keeps each phase's best epoch and drives early "
                                     "stopping: lowest loss, highest accuracy, or highest macro-F1 (imbalanced "
-                                    "classes).", choices=("loss", "accuracy", "macro_f1"))
+                                    "classes).", choices=SELECT_BY)
     val_fraction: float = option(0.1, "Share of training carved out (stratified) when there is no validation "
                                       "folder.", minimum=0, maximum=1, min_open=True, max_open=True)
     val_split: str = option("random", "How validation is carved from training when there is no validation "

@@ -23,6 +23,7 @@ level instead of in exports/ (its model.keras, kernels in float16, is what they 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .errors import MriEdgeError
@@ -116,6 +117,17 @@ class RunFolder:
                 " (is it a finished `mri-edge train` run?)"
             raise RunError(f"{self.path} has no model.keras{hint}")
         return self.model_path
+
+    @staticmethod
+    def saved_best(state: dict | None, monitor: str) -> float | None:
+        """The monitored value of the kept epoch in a saved state, None when there is none;
+        states written before --select-by existed kept only best_val_loss."""
+        if not state:
+            return None
+        best = (state.get("best") or {}).get(monitor)
+        if best is None and monitor == "val_loss":
+            best = state.get("best_val_loss")
+        return best if best is not None and math.isfinite(best) else None
 
     def write_state(self, phase: int, epoch: int, history: list, elapsed_s: float, finished: bool = False,
                     best: dict | None = None, phase_elapsed_s: float = 0.0) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, data, distribute, preprocess, quiet, report
-from .config import TrainConfig
+from .config import SELECT_BY, TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_path, sha256_file
 from .progress import Heartbeat, Progress
@@ -93,6 +93,8 @@ def check_inputs(cfg: TrainConfig) -> None:
         from .model import WeightsError  # noqa: PLC0415
 
         raise WeightsError(f"--weights {cfg.weights}: no such file (use imagenet, none or a weights file path)")
+    if cfg.select_by not in SELECT_BY:  # the command line checks it; Python callers get the same message
+        raise TrainError(f"--select-by {cfg.select_by}: choose one of {', '.join(SELECT_BY)}")
     if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
         raise TrainError(f"--cache-dir {cfg.cache_dir} is a file, not a folder")
 
@@ -246,7 +248,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
     log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
         f"{n_trainable} trainable DenseNet121 layers with weights")
     monitor = "val_" + cfg.select_by
-    best = (state.get("best") or {}).get(monitor) if state else None
+    best = run.saved_best(state, monitor)
     if start_epoch < phase["epochs"]:  # else interrupted after the phase's last epoch: only the restore is left
         dist = dist or distribute.Distribution()
         with dist.scope():

@@ -24,7 +24,8 @@ from mri_edge.data import make_batches
 # more than these few steps), no dropout or augmentation: randomness that differs per replica.
 RECIPE = ["--weights", "none", "--image-size", "32", "--epochs-head", "0", "--epochs-finetune", "2",
           "--batch-size", "8", "--limit-per-class", "2", "--dropout", "0", "--no-augment", "--dense-units", "16",
-          "--warmup-epochs", "0", "--patience", "10", "--eager"]
+          "--warmup-epochs", "0", "--patience", "10", "--eager",
+          "--select-by", "macro_f1"]  # a metric with state of its own, summed across replicas
 
 
 def test_devices_and_tf_config_are_read(monkeypatch):

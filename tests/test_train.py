@@ -128,20 +128,43 @@ def test_keeper_keeps_the_epoch_the_rule_selects(tmp_path, select_by, kept):
 
     saved = {}
     net, run = Net(), RunFolder(tmp_path)
-    keeper = Keeper(run, net, {"name": "finetune", "epochs": 3, "lr": 1e-3}, 0, 0, PhaseClock(None), [],
+    keeper = Keeper(run, net, {"name": "finetune", "epochs": 4, "lr": 1e-3}, 0, 0, PhaseClock(None), [],
                     "val_" + select_by, None, lambda *_: 0.0, lambda n, path: saved.__setitem__(path.name, n.epoch),
                     print)
     keeper.set_model(type("Model", (), {"optimizer": Opt(), "stop_training": False})())
     # loss and accuracy disagree, as on a grouped split of new subjects
     for epoch, logs in enumerate([{"val_loss": 0.9, "val_accuracy": 0.50, "val_macro_f1": 0.45},
                                   {"val_loss": 1.1, "val_accuracy": 0.62, "val_macro_f1": 0.40},
-                                  {"val_loss": 0.8, "val_accuracy": 0.55, "val_macro_f1": float("nan")}]):
+                                  {"val_loss": 0.8, "val_accuracy": 0.55, "val_macro_f1": float("nan")},
+                                  # diverged: NaN probabilities still score the accuracy of one class
+                                  {"val_loss": float("nan"), "val_accuracy": 0.9, "val_macro_f1": 0.9}]):
         net.epoch = epoch + 1
         keeper.on_epoch_begin(epoch)
         keeper.on_epoch_end(epoch, logs)
-    assert saved["best.keras"] == kept and saved["checkpoint.keras"] == 3
+    assert saved["best.keras"] == kept and saved["checkpoint.keras"] == 4
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state["best"] == {"val_" + select_by: [0.8, 0.62, 0.45][["loss", "accuracy", "macro_f1"].index(select_by)]}
+    best = [0.8, 0.62, 0.45][["loss", "accuracy", "macro_f1"].index(select_by)]
+    assert state["best"] == {"val_" + select_by: best}
+    assert RunFolder.saved_best(state, "val_" + select_by) == best  # what --resume continues from
+
+
+def test_resume_reads_the_best_of_states_saved_before_select_by():
+    from mri_edge.run import RunFolder
+
+    assert RunFolder.saved_best({"best_val_loss": 0.41}, "val_loss") == 0.41
+    assert RunFolder.saved_best({"best_val_loss": float("inf")}, "val_loss") is None
+    assert RunFolder.saved_best({"best_val_loss": 0.41}, "val_accuracy") is None
+    assert RunFolder.saved_best({"best": {"val_accuracy": 0.6}}, "val_accuracy") == 0.6
+    assert RunFolder.saved_best(None, "val_loss") is None
+
+
+def test_unknown_select_by_is_refused_before_training(synth_data, tmp_path):
+    from mri_edge.errors import MriEdgeError
+    from mri_edge.train import check_inputs
+
+    cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), select_by="val_accuracy")
+    with pytest.raises(MriEdgeError, match="--select-by val_accuracy: choose one of loss, accuracy, macro_f1"):
+        check_inputs(cfg)
 
 
 def test_same_seed_same_split_and_initial_weights(synth_data):

@@ -1,0 +1,54 @@
+"""The logic of the benchmark scripts that choose between Alzheimer candidates
+(benchmarks/rank_runs.py, benchmarks/knn_blend.py), on tiny inputs."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import knn_blend  # noqa: E402
+import rank_runs  # noqa: E402
+
+from mri_edge.groups import normalise  # noqa: E402
+from mri_edge.run import RunFolder  # noqa: E402
+
+
+def test_vote_weighs_neighbours_by_correlation():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=64 * 64).astype(np.float32)
+    noise = rng.normal(size=(6, 64 * 64)).astype(np.float32)
+    # two class-1 thumbnails at correlation ~0.9988 with the query, four class-0 ones at ~0.995
+    ref = normalise(base + noise * np.array([[0.1], [0.1], [0.1], [0.1], [0.05], [0.05]], np.float32))
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    query = normalise(base[None])
+    p1 = knn_blend.vote(query, ref, labels, 1, 2)
+    assert p1[0].tolist() == [0.0, 1.0]  # the nearest alone
+    p6 = knn_blend.vote(query, ref, labels, 6, 2)
+    assert p6[0].argmax() == 0 and 0.5 < p6[0, 0] < 4 / 6  # four slightly farther outvote two, by less than a count
+    assert np.isclose(p6.sum(), 1.0)
+
+
+def test_ranks_put_the_highest_first():
+    assert rank_runs.ranks([0.5, 0.7, 0.6]) == [3, 1, 2]
+
+
+def _run(path: Path, train: list[str], val: list[str], weights: str = "none") -> RunFolder:
+    path.mkdir()
+    (path / "split_manifest.json").write_text(json.dumps({
+        "root": str(path.parent / "data"), "class_names": ["a", "b"],
+        "splits": {"train": [[r, 0] for r in train], "val": [[r, 0] for r in val], "test": []}}))
+    (path / "config.json").write_text(json.dumps({"task": "custom", "image_size": 32, "weights": weights}))
+    return RunFolder(path)
+
+
+def test_a_candidate_started_from_a_run_that_saw_the_held_out_images_is_not_rankable(tmp_path):
+    held = {(tmp_path / "data" / r).resolve() for r in ("x1.png", "x2.png")}
+    # the ancestor chose its epochs on x1 (its validation split), then trained nothing on x2
+    ancestor = _run(tmp_path / "ancestor", ["t1.png"], ["x1.png"])
+    fresh = _run(tmp_path / "fresh", ["t1.png", "t2.png"], ["x1.png", "x2.png"])
+    child = _run(tmp_path / "child", ["t1.png"], ["x1.png", "x2.png"], weights=str(ancestor.path / "model.keras"))
+    assert not held & rank_runs.images_seen(fresh)
+    assert held & rank_runs.images_seen(child) == {(tmp_path / "data" / "x1.png").resolve()}
