@@ -57,6 +57,11 @@ def monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
+def early_stopping(monitor: str, patience: int):
+    """Keras' early stopping on the --select-by metric, in the direction Keeper keeps epochs."""
+    return keras.callbacks.EarlyStopping(monitor=monitor, mode=monitor_mode(monitor), patience=patience)
+
+
 class Keeper(keras.callbacks.Callback):
     """Per epoch: the learning rate from the schedule, a checkpoint, the best weights of the
     phase, the history row and the resumable state (RunFolder.write_state); stops the phase

@@ -101,6 +101,17 @@ class TrainConfig:
     class_names: list[str] = field(default_factory=list)
     phases: list[dict] = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.select_by not in SELECT_BY:  # the command line checks it; Python callers get the same message
+            from .errors import MriEdgeError  # noqa: PLC0415
+
+            raise MriEdgeError(f"--select-by {self.select_by}: choose one of {', '.join(SELECT_BY)}")
+
+    @property
+    def monitor(self) -> str:
+        """The Keras log key of --select-by (val_loss, val_accuracy, val_macro_f1)."""
+        return "val_" + self.select_by
+
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainConfig":
         """The config of a run folder's config.json (which also holds versions and the like)."""

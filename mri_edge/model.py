@@ -136,23 +136,18 @@ def base_of(model):
     return model.get_layer(BASE_NAME)
 
 
-def objective(lr: float, weight_decay: float = 0.0, label_smoothing: float = 0.0) -> dict:
+def objective(lr: float, weight_decay: float = 0.0, label_smoothing: float = 0.0, select_by: str = "loss") -> dict:
     """compile() arguments of a training phase: Adam, or AdamW with decoupled weight decay,
-    and cross-entropy on the (optionally smoothed) one-hot targets."""
+    cross-entropy on the (optionally smoothed) one-hot targets, and the metrics: accuracy,
+    and macro-F1 when it selects the kept epoch (named macro_f1: history's val_macro_f1)."""
     import keras  # noqa: PLC0415
 
     opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay) if weight_decay else keras.optimizers.Adam(lr)
-    return {"optimizer": opt, "loss": keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)}
-
-
-def metrics(select_by: str = "loss") -> list:
-    """compile() metrics: accuracy, and macro-F1 when it selects the kept epoch (its name,
-    macro_f1, gives the history's val_macro_f1 column)."""
-    import keras  # noqa: PLC0415
-
-    if select_by != "macro_f1":
-        return ["accuracy"]
-    return ["accuracy", keras.metrics.F1Score(average="macro", name="macro_f1")]
+    metrics = ["accuracy"]
+    if select_by == "macro_f1":
+        metrics.append(keras.metrics.F1Score(average="macro", name="macro_f1"))
+    return {"optimizer": opt, "loss": keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+            "metrics": metrics}
 
 
 def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True, bn_momentum: float = 0.9) -> int:

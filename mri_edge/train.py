@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, data, distribute, preprocess, quiet, report
-from .config import SELECT_BY, TrainConfig
+from .config import TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_path, sha256_file
 from .progress import Heartbeat, Progress
@@ -93,8 +93,6 @@ def check_inputs(cfg: TrainConfig) -> None:
         from .model import WeightsError  # noqa: PLC0415
 
         raise WeightsError(f"--weights {cfg.weights}: no such file (use imagenet, none or a weights file path)")
-    if cfg.select_by not in SELECT_BY:  # the command line checks it; Python callers get the same message
-        raise TrainError(f"--select-by {cfg.select_by}: choose one of {', '.join(SELECT_BY)}")
     if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
         raise TrainError(f"--cache-dir {cfg.cache_dir} is a file, not a folder")
 
@@ -239,7 +237,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
-    from .callbacks import EpochOrder, EpochProgress, Keeper, monitor_mode  # noqa: PLC0415
+    from .callbacks import EpochOrder, EpochProgress, Keeper, early_stopping  # noqa: PLC0415
 
     clock = PhaseClock(budget_s, elapsed_s=state.get("phase_elapsed_s", 0.0) if state else 0.0)
     start_epoch = state["epoch"] if state else 0
@@ -247,24 +245,21 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
                                       phase["freeze_bn"])
     log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
         f"{n_trainable} trainable DenseNet121 layers with weights")
-    monitor = "val_" + cfg.select_by
-    best = run.saved_best(state, monitor)
+    best = run.saved_best(state, cfg.monitor)
     if start_epoch < phase["epochs"]:  # else interrupted after the phase's last epoch: only the restore is left
         dist = dist or distribute.Distribution()
         with dist.scope():
             aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
             inp = keras.Input((cfg.image_size, cfg.image_size, 3))
             trainer = distribute.trainer_class(dist)(inp, net(aug(inp) if aug is not None else inp))
-            trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing),
-                            metrics=model_lib.metrics(cfg.select_by), jit_compile=cfg.jit_compile,
-                            run_eagerly=cfg.eager)
-        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, monitor, best, elapsed,
+            trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing, cfg.select_by),
+                            jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
+        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
                         _save_model_atomic, log)
         train_batches, val_batches = batches
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
                                                          traced=traced), keeper,
-               keras.callbacks.EarlyStopping(monitor=monitor, mode=monitor_mode(monitor), patience=cfg.patience),
-               *callbacks]
+               early_stopping(cfg.monitor, cfg.patience), *callbacks]
         trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)
@@ -274,8 +269,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         # checkpoint it, so an interrupt early in the next phase resumes from these weights.
         net.set_weights(model_lib.load_model(run.best_path).get_weights())
         _save_model_atomic(net, run.checkpoint_path)
-        shown = "?" if best is None else f"{best:.4f}"
-        log(f"phase '{phase['name']}': restored best epoch ({monitor} {shown})")
+        log(f"phase '{phase['name']}': restored best epoch ({cfg.monitor} {'?' if best is None else f'{best:.4f}'})")
 
 
 def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print,

@@ -160,11 +160,9 @@ def test_resume_reads_the_best_of_states_saved_before_select_by():
 
 def test_unknown_select_by_is_refused_before_training(synth_data, tmp_path):
     from mri_edge.errors import MriEdgeError
-    from mri_edge.train import check_inputs
 
-    cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), select_by="val_accuracy")
     with pytest.raises(MriEdgeError, match="--select-by val_accuracy: choose one of loss, accuracy, macro_f1"):
-        check_inputs(cfg)
+        TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), select_by="val_accuracy")
 
 
 def test_same_seed_same_split_and_initial_weights(synth_data):
