@@ -24,11 +24,15 @@ TINY = 32
 SLOW_FIXTURES = {"tiny_run", "exported_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the group marks
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs the trained DenseNet121 run is in the slow tier."""
+    """Every test that needs the trained DenseNet121 run is in the slow tier, and in one
+    pytest-xdist group: with `-n 2 --dist loadgroup` one worker trains and exports it once
+    while the other runs everything else."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("densenet121_run"))
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +111,36 @@ def micro_run(synth_data, cache_dir, tmp_path_factory):
     results, failures = export_run(out, ("tflite", "onnx"), ("none", "int8"), "uint8", calib_size=16,
                                    log=lambda *_: None, workers=1)
     assert not failures, failures
+    return out
+
+
+def small_densenet(size: int = TINY, k: int = 4, seed: int = 3):
+    """A DenseNet with one layer per dense block (Keras' DenseNet builder, blocks [1, 1, 1, 1]),
+    behind mri-edge's input normalisation: every kind of layer DenseNet121 has (8 batch
+    norms after a concatenation or pooling instead of 62), untrained, converted in seconds."""
+    import keras
+    from keras.src.applications.densenet import DenseNet
+
+    from mri_edge.model import NORM_NAME
+    from mri_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Normalization(mean=[m * 255 for m in IMAGENET_MEAN],
+                                   variance=[(s * 255) ** 2 for s in IMAGENET_STD], name=NORM_NAME)(inp)
+    x = DenseNet([1, 1, 1, 1], include_top=False, weights=None, input_shape=(size, size, 3))(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(inp, keras.layers.Dense(k, activation="softmax", name="probabilities")(x), name="small")
+
+
+@pytest.fixture(scope="session")
+def small_densenet_run(micro_run, tmp_path_factory):
+    """micro_run's folder (splits, labels, config) around `small_densenet` instead."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("runs") / "small_densenet"
+    shutil.copytree(micro_run, out, ignore=shutil.ignore_patterns("exports", "verify", "bench"))
+    small_densenet().save(out / "model.keras")
     return out
 
 
