@@ -249,6 +249,14 @@ def load_model(path):
     return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
+def save_model(model, path) -> None:
+    """model.save to `path` atomically: a reader never sees half a file."""
+    from .files import atomic_path  # noqa: PLC0415
+
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the extension
+        model.save(tmp)
+
+
 def round_kernels_fp16(model) -> int:
     """Round every kernel (weights of rank 2 and more: convolutions, dense layers) to the
     nearest float16 value, in place; returns how many values changed. Vectors (biases,

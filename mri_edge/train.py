@@ -51,11 +51,6 @@ def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
     return phases, notes
 
 
-def _save_model_atomic(model, path: Path) -> None:
-    with atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the extension
-        model.save(tmp)
-
-
 def _versions() -> dict:
     import keras  # noqa: PLC0415
 
@@ -197,7 +192,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
         work.write_state(phase=pi + 1, epoch=0, history=history, elapsed_s=time.time() - t_start)
         work.best_path.unlink(missing_ok=True)
 
-    _save_model_atomic(net, work.model_path)  # every worker: saving reads variables synchronised across them
+    model_lib.save_model(net, work.model_path)  # every worker: saving reads variables synchronised across them
     if not dist.is_chief:
         distribute.remove_worker_folder(work)
         log(f"worker {dist.worker_index + 1} of {dist.workers}: trained; the chief writes {run.path}")
@@ -255,7 +250,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
             trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing, cfg.select_by),
                             jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
         keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
-                        _save_model_atomic, log)
+                        model_lib.save_model, log)
         train_batches, val_batches = batches
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
                                                          traced=traced), keeper,
@@ -268,7 +263,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         # Keep the best epoch of this phase (restore_best_weights does not survive a resume), and
         # checkpoint it, so an interrupt early in the next phase resumes from these weights.
         net.set_weights(model_lib.load_model(run.best_path).get_weights())
-        _save_model_atomic(net, run.checkpoint_path)
+        model_lib.save_model(net, run.checkpoint_path)
         log(f"phase '{phase['name']}': restored best epoch ({cfg.monitor} {'?' if best is None else f'{best:.4f}'})")
 
 

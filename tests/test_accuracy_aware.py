@@ -79,6 +79,12 @@ def test_densenet_stages_from_tflite_and_onnx_names():
              ("MEAN", "m/avg_pool/Mean"), ("FULLY_CONNECTED", "m/head_dense/MatMul")]
     assert stage_names(names, ("MEAN",)) == ["body", "conv1", "conv1", "conv2", "conv2", "conv2", "conv3", "conv3",
                                               "head", "head"]
+    # an ensemble: the second member's blocks follow the first member's head
+    two = [("CONV_2D", "e/member_1/densenet121/conv1_relu/Relu"), ("MEAN", "e/member_1/avg_pool/Mean"),
+           ("FULLY_CONNECTED", "e/member_1/head_dense/MatMul"), ("CONV_2D", "e/member_2/densenet121/conv1_relu/Relu"),
+           ("CONV_2D", "e/member_2/densenet121/conv2_block1_1_relu/Relu"), ("MEAN", "e/member_2/avg_pool/Mean"),
+           ("ADD", "e/probabilities/add")]
+    assert stage_names(two, ("MEAN",)) == ["conv1", "head", "head", "conv1", "conv2", "head", "head"]
 
 
 def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_path):

@@ -65,12 +65,14 @@ def quality(score: dict) -> float:
 def stage_names(nodes: list[tuple[str, str]], pooling_ops: tuple[str, ...]) -> list[str]:
     """The stage of each (op type, name) in graph order: DenseNet's conv1-conv5 with each
     transition counted in the block before it, and 'head' from the global pooling on; other
-    graphs get 'body' and 'head'."""
+    graphs get 'body' and 'head'. In an ensemble (`mri-edge ensemble`) a member's blocks can
+    follow another member's head: a block's name leaves the head, and each stage holds that
+    block of every member."""
     out, current, in_head = [], "body", False
     for op_type, name in nodes:
-        in_head = in_head or op_type in pooling_ops
+        m = STAGE.search(name)
+        in_head = op_type in pooling_ops or (in_head and not m)
         if not in_head:
-            m = STAGE.search(name)
             if m:
                 current = {"pool1": "conv1", "pool2": "conv2", "pool3": "conv3", "pool4": "conv4"}.get(m.group(1),
                                                                                                    m.group(1))

@@ -1,0 +1,128 @@
+"""`mri-edge ensemble`: finished runs combined into one model that averages their probabilities.
+
+The result is a run folder like any other (config, labels, split manifest, model.keras, test
+report), so calibrate, export, verify, bench, card and predict work on it unchanged: the
+exported file is one graph that runs every member on the image and returns the mean of
+their probabilities. Members must share the class names, the input size and preprocessing,
+and the validation and test splits: the validation split is what calibration and the
+accuracy-aware export hold out, and no member may have trained on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import data, quiet, report
+from .errors import MriEdgeError
+from .files import sha256_file
+from .run import RunFolder
+
+
+class EnsembleError(MriEdgeError, ValueError):
+    """Runs that cannot be averaged into one model."""
+
+
+MODEL_NAME = "mri_edge_ensemble"
+
+
+def check_members(run_dirs: list) -> list[dict]:
+    """Each member's folder, config, labels and split manifest; one-line errors for runs
+    that are missing, unfinished or not comparable."""
+    runs = [RunFolder(p) for p in run_dirs]
+    if len(runs) < 2:
+        raise EnsembleError("an ensemble needs at least two runs")
+    seen = set()
+    members = []
+    for run in runs:
+        run.require_model()
+        key = run.path.resolve()
+        if key in seen:
+            raise EnsembleError(f"{run.path} is given twice; an ensemble averages different runs")
+        seen.add(key)
+        members.append({"run": run, "config": run.config(), "labels": run.labels(), "manifest": run.manifest()})
+    first = members[0]
+    for m in members[1:]:
+        where = f"{m['run'].path} and {first['run'].path}"
+        if m["labels"]["class_names"] != first["labels"]["class_names"]:
+            raise EnsembleError(f"{where} have different classes")
+        if m["config"]["image_size"] != first["config"]["image_size"]:
+            raise EnsembleError(f"{where} have different input sizes ({m['config']['image_size']} vs "
+                                f"{first['config']['image_size']} px); train them at one size")
+        if m["config"].get("preprocessing") != first["config"].get("preprocessing"):
+            raise EnsembleError(f"{where} record different preprocessing contracts")
+        for split in ("val", "test"):
+            if m["manifest"]["splits"].get(split) != first["manifest"]["splits"].get(split):
+                raise EnsembleError(
+                    f"{where} have different {split} splits; members must share them (train each with the same "
+                    "--val-split and --seed), or a member may have trained on the images the ensemble is judged on")
+    return members
+
+
+def ensemble_model(nets: list, image_size: int):
+    """One Keras model: raw 0-255 RGB in, the mean of the members' probabilities out. Each
+    member keeps its own normalisation layer, so the preprocessing contract is unchanged."""
+    import keras  # noqa: PLC0415
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    outs = [keras.Model(net.inputs[0], net.outputs[0], name=f"member_{i + 1}")(inputs) for i, net in enumerate(nets)]
+    probs = keras.layers.Average(name="probabilities", dtype="float32")(outs)
+    return keras.Model(inputs, probs, name=MODEL_NAME)
+
+
+def build(run_dirs: list, out, force: bool = False, log=print) -> dict:
+    """Write the ensemble's run folder at `out` and its test report; returns the test metrics."""
+    from . import model as model_lib  # noqa: PLC0415
+    from .config import TrainConfig  # noqa: PLC0415
+    from .train import evaluate_run  # noqa: PLC0415
+
+    members = check_members(run_dirs)
+    run = RunFolder(out)
+    if any(run.path.resolve() == m["run"].path.resolve() for m in members):
+        raise EnsembleError(f"--out {run.path} is one of the members; choose a new folder")
+    run.check_new_run(force)
+    first = members[0]
+    record = {"combine": "mean of the members' probabilities", "members": [
+        {"run": str(m["run"].path), "model_sha256": sha256_file(m["run"].model_path),
+         "weights": m["config"].get("weights"), "test_accuracy": _test_accuracy(m["run"])} for m in members]}
+    config = {**first["config"], "out": str(run.path), "phases": [], "ensemble": record,
+              "wall_time_s": sum(float(m["config"].get("wall_time_s", 0.0)) for m in members)}
+    config.pop("distribution", None)
+    cfg = TrainConfig.from_saved(config)
+    if cfg.dedup and not Path(cfg.dedup).is_file():
+        log(f"the members' --dedup file {cfg.dedup} is not here; leakage-free subset not reported")
+        cfg.dedup = config["dedup"] = None
+    manifest = first["manifest"]
+    dataset = data.dataset_from_manifest(manifest)
+    missing = [p for s in ("val", "test") for p in dataset.splits[s].paths if not Path(p).is_file()]
+    if missing:
+        raise EnsembleError(f"the members' data is not at {manifest['root']} ({len(missing)} file(s) missing, e.g. "
+                            f"{missing[0]}); re-root the first member with `mri-edge evaluate --data-dir`")
+    quiet.import_tensorflow()
+    nets = []
+    for i, m in enumerate(members, 1):
+        log(f"member {i}/{len(members)}: {m['run'].path}")
+        with quiet.native_stderr():
+            nets.append(model_lib.load_model(m["run"].model_path))
+    net = ensemble_model(nets, int(cfg.image_size))
+    run.path.mkdir(parents=True, exist_ok=True)
+    report.write_json(run.manifest_path, manifest)
+    report.write_json(run.labels_path, first["labels"])
+    report.write_json(run.config_path, config)
+    model_lib.save_model(net, run.model_path)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache) for s in ("train", "val", "test")}
+    notes = [f"ensemble: the mean of the probabilities of {len(members)} runs (no training of its own)"] + [
+        f"member {i}: {m['run'].path} (test accuracy {_fmt(_test_accuracy(m['run']))})" for i, m in enumerate(members, 1)]
+    return evaluate_run(run.path, net, dec, cfg, config["wall_time_s"], notes)
+
+
+def _test_accuracy(run: RunFolder) -> float | None:
+    if not run.test_report_path.is_file():
+        return None
+    from .files import read_json  # noqa: PLC0415
+
+    return read_json(run.test_report_path).get("accuracy")
+
+
+def _fmt(acc: float | None) -> str:
+    return "not recorded" if acc is None else f"{acc:.4f}"

@@ -1,0 +1,83 @@
+"""`mri-edge ensemble`: runs averaged into one model that is a run folder of its own, so its
+exported file is one graph giving the mean of the members' probabilities."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mri_edge.cli import main
+
+
+@pytest.fixture
+def two_runs(micro_run, tmp_path):
+    """micro_run and a copy whose classifier is another one (same splits, other answers)."""
+    from mri_edge.model import load_model
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("exports", "verify", "bench"))
+    net = load_model(b / "model.keras")
+    head = net.get_layer("logits")
+    w, bias = head.get_weights()
+    head.set_weights([w[:, ::-1].copy(), bias[::-1].copy()])  # the classes' lines in the other order
+    net.save(b / "model.keras")
+    return a, b
+
+
+def test_the_ensemble_is_the_mean_of_its_members_through_keras_and_tflite(two_runs, tmp_path):
+    from mri_edge.model import load_model
+    from mri_edge.runtime import open_model
+    from mri_edge.export import export_run
+
+    a, b = two_runs
+    out = tmp_path / "ens"
+    res = CliRunner().invoke(main, ["ensemble", str(a), str(b), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "test accuracy" in res.output and f"mri-edge export {out}" in res.output
+    x = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    member = [np.asarray(load_model(r / "model.keras")(x.astype(np.float32))) for r in (a, b)]
+    assert np.abs(member[0] - member[1]).max() > 0.1  # two different models, or the check below is empty
+    mean = (member[0] + member[1]) / 2
+    ens = load_model(out / "model.keras")
+    assert np.abs(np.asarray(ens(x.astype(np.float32))) - mean).max() < 1e-6
+    config = json.loads((out / "config.json").read_text())
+    assert [m["run"] for m in config["ensemble"]["members"]] == [str(a), str(b)]
+    assert config["preprocessing"] == json.loads((a / "config.json").read_text())["preprocessing"]
+    report = json.loads((out / "test_report.json").read_text())
+    preds = json.loads((out / "test_predictions.json").read_text())
+    assert report["accuracy"] == pytest.approx(float(np.mean(np.argmax(preds["probs"], 1) == preds["labels"])))
+    assert "ensemble: the mean of the probabilities of 2 runs" in (out / "train_report.md").read_text()
+    results, failures = export_run(out, ("tflite",), ("none",), "uint8", log=lambda *_: None, workers=1)
+    assert not failures
+    got = open_model(out / "exports" / "model_fp32.tflite").run(x)
+    assert np.abs(got - mean).max() < 1e-4  # one file, every member inside
+
+
+def test_runs_that_cannot_be_averaged_are_refused(two_runs, tmp_path):
+    a, b = two_runs
+    runner = CliRunner()
+
+    def refused(*args):
+        res = runner.invoke(main, ["ensemble", *map(str, args)])
+        assert res.exit_code == 1 and res.output.startswith("Error: ") and len(res.output.splitlines()) == 1, \
+            res.output
+        return res.output
+
+    assert "at least two runs" in refused(a, "--out", tmp_path / "x")
+    assert "given twice" in refused(a, a, "--out", tmp_path / "x")
+    assert "one of the members" in refused(a, b, "--out", b)
+    manifest = json.loads((b / "split_manifest.json").read_text())
+    manifest["splits"]["val"] = manifest["splits"]["val"][1:]
+    (b / "split_manifest.json").write_text(json.dumps(manifest))
+    assert "different val splits" in refused(a, b, "--out", tmp_path / "x")
+    config = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**config, "image_size": 64}))
+    assert "different input sizes" in refused(a, b, "--out", tmp_path / "x")
+    (b / "model.keras").unlink()
+    assert "has no model.keras" in refused(a, b, "--out", tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # nothing written for a refused ensemble
