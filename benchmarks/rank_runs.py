@@ -49,13 +49,18 @@ def test_scores(run: RunFolder, names: list[str]) -> dict:
 def images_seen(run: RunFolder, held_out: bool = False) -> set[Path]:
     """Images a run's weights have been fitted or selected on: its training split, the
     validation split too when it is an ancestor (held_out=True), and the same for the run
-    whose model.keras it started from (config.json `weights`), and so on up the line."""
+    whose model.keras it started from (config.json `weights`), and so on up the line; for an
+    ensemble (`mri-edge ensemble`), what each member has seen."""
     manifest = run.manifest()
     root = Path(manifest["root"])
     splits = ("train", "val") if held_out else ("train",)
     seen = {(root / rel).resolve() for s in splits for rel, _ in manifest["splits"].get(s, [])}
-    start = Path(str(run.config().get("weights", "none")))
-    if start.suffix == ".keras" and (start.parent / "split_manifest.json").is_file():
+    config = run.config()
+    members = [Path(m["run"]) for m in (config.get("ensemble") or {}).get("members", [])]
+    for member in members:
+        seen |= images_seen(RunFolder(member), held_out)
+    start = Path(str(config.get("weights", "none")))
+    if not members and start.suffix == ".keras" and (start.parent / "split_manifest.json").is_file():
         seen |= images_seen(RunFolder(start.parent), held_out=True)
     return seen
 

@@ -52,3 +52,9 @@ def test_a_candidate_started_from_a_run_that_saw_the_held_out_images_is_not_rank
     child = _run(tmp_path / "child", ["t1.png"], ["x1.png", "x2.png"], weights=str(ancestor.path / "model.keras"))
     assert not held & rank_runs.images_seen(fresh)
     assert held & rank_runs.images_seen(child) == {(tmp_path / "data" / "x1.png").resolve()}
+    # an ensemble has seen what any member has seen, whatever its own config's `weights` says
+    both = _run(tmp_path / "both", ["t1.png"], ["x1.png", "x2.png"])
+    config = json.loads(both.config_path.read_text())
+    config["ensemble"] = {"members": [{"run": str(fresh.path)}, {"run": str(child.path)}]}
+    both.config_path.write_text(json.dumps(config))
+    assert held & rank_runs.images_seen(both) == {(tmp_path / "data" / "x1.png").resolve()}
