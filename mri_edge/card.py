@@ -74,7 +74,7 @@ def build(run_dir) -> dict:
                                                   "licence": "unknown"})},
             "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment",
                                                 "class_weight", "val_split", "val_fraction", "seed",
-                                                "time_budget_s", "wall_time_s")},
+                                                "time_budget_s", "wall_time_s", "ensemble")},
             "versions": {"trained_with": cfg.get("versions"), "card_written_with": {
                 "mri_edge": __version__, "python": platform.python_version()}}}
     if manifest:
@@ -167,10 +167,18 @@ def markdown(card: dict) -> str:
                   f"{a['leakage_free_test_images']} test images have no copy in training; a raw-pixel nearest "
                   f"neighbour gets {a['nearest_neighbour_probe_test_accuracy']:.1%} of test.", ""]
     r = card["recipe"]
-    parts += ["## Training recipe", "", f"Weights `{r['weights']}`, {r['image_size']} px, batch {r['batch_size']}, "
-              f"augmentation {'on' if r['augment'] else 'off'}, class weights {r['class_weight'] or 'not recorded'}, seed {r['seed']}; "
-              "phases: " + "; ".join(f"{p['name']} {p['epochs']} epochs at lr {p['lr']} (unfreeze {p['unfreeze']})"
-                                     for p in r.get("phases") or []) + ".", ""]
+    if r.get("ensemble"):  # `mri-edge ensemble`: no training of its own; each member's recipe is in its folder
+        members = [f"`{m['run']}` (test accuracy " + ("not recorded" if m.get("test_accuracy") is None
+                                                       else f"{m['test_accuracy']:.2%}") + ")"
+                   for m in r["ensemble"]["members"]]
+        parts += ["## Training recipe", "", f"Ensemble, {r['image_size']} px: the mean of the probabilities of "
+                  f"{len(members)} runs, {'; '.join(members)}. Each member's recipe is in its run folder's "
+                  "config.json.", ""]
+    else:
+        parts += ["## Training recipe", "", f"Weights `{r['weights']}`, {r['image_size']} px, batch {r['batch_size']}, "
+                  f"augmentation {'on' if r['augment'] else 'off'}, class weights {r['class_weight'] or 'not recorded'}, "
+                  f"seed {r['seed']}; phases: " + "; ".join(f"{p['name']} {p['epochs']} epochs at lr {p['lr']} (unfreeze "
+                                                          f"{p['unfreeze']})" for p in r.get("phases") or []) + ".", ""]
     for key, title in (("official", "official test split"), ("leakage_free", "leakage-free test subset")):
         res = card.get("results", {}).get(key)
         if not res:

@@ -52,6 +52,8 @@ def test_the_ensemble_is_the_mean_of_its_members_through_keras_and_tflite(two_ru
     preds = json.loads((out / "test_predictions.json").read_text())
     assert report["accuracy"] == pytest.approx(float(np.mean(np.argmax(preds["probs"], 1) == preds["labels"])))
     assert "ensemble: the mean of the probabilities of 2 runs" in (out / "train_report.md").read_text()
+    assert CliRunner().invoke(main, ["card", str(out)]).exit_code == 0
+    assert f"the mean of the probabilities of 2 runs, `{a}`" in (out / "model_card.md").read_text()
     results, failures = export_run(out, ("tflite",), ("none",), "uint8", log=lambda *_: None, workers=1)
     assert not failures
     got = open_model(out / "exports" / "model_fp32.tflite").run(x)
