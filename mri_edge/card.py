@@ -175,10 +175,11 @@ def markdown(card: dict) -> str:
                   f"{len(members)} runs, {'; '.join(members)}. Each member's recipe is in its run folder's "
                   "config.json.", ""]
     else:
+        phases = "; ".join(f"{p['name']} {p['epochs']} epochs at lr {p['lr']} (unfreeze {p['unfreeze']})"
+                           for p in r.get("phases") or [])
         parts += ["## Training recipe", "", f"Weights `{r['weights']}`, {r['image_size']} px, batch {r['batch_size']}, "
-                  f"augmentation {'on' if r['augment'] else 'off'}, class weights {r['class_weight'] or 'not recorded'}, "
-                  f"seed {r['seed']}; phases: " + "; ".join(f"{p['name']} {p['epochs']} epochs at lr {p['lr']} (unfreeze "
-                                                          f"{p['unfreeze']})" for p in r.get("phases") or []) + ".", ""]
+                  f"augmentation {'on' if r['augment'] else 'off'}, class weights "
+                  f"{r['class_weight'] or 'not recorded'}, seed {r['seed']}; phases: {phases}.", ""]
     for key, title in (("official", "official test split"), ("leakage_free", "leakage-free test subset")):
         res = card.get("results", {}).get(key)
         if not res:

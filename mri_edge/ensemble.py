@@ -69,29 +69,54 @@ def ensemble_model(nets: list, image_size: int):
     return keras.Model(inputs, probs, name=MODEL_NAME)
 
 
+def member_models(config: dict, sha: str) -> set[str]:
+    """The model files a run's probabilities come from: its own, or, for an ensemble, its members'."""
+    members = (config.get("ensemble") or {}).get("members") or []
+    return {m["model_sha256"] for m in members if m.get("model_sha256")} or {sha}
+
+
 def build(run_dirs: list, out, force: bool = False, log=print) -> dict:
-    """Write the ensemble's run folder at `out` and its test report; returns the test metrics."""
+    """Write the ensemble's run folder at `out` and its test report; returns the test metrics.
+
+    model.keras is written last: a folder left by an interrupted or failed build has no
+    model, so no later command takes it for a finished run and the same --out can be retried.
+    """
     from . import model as model_lib  # noqa: PLC0415
     from .config import TrainConfig  # noqa: PLC0415
-    from .train import evaluate_run  # noqa: PLC0415
+    from .train import evaluate_run, versions  # noqa: PLC0415
 
     members = check_members(run_dirs)
     run = RunFolder(out)
     if any(run.path.resolve() == m["run"].path.resolve() for m in members):
         raise EnsembleError(f"--out {run.path} is one of the members; choose a new folder")
     run.check_new_run(force)
+    seen: set[str] = set()
+    for m in members:
+        m["sha256"] = sha256_file(m["run"].model_path)
+        inner = member_models(m["config"], m["sha256"])
+        if inner & seen:
+            raise EnsembleError(f"{m['run'].path} holds a model another member holds too (an ensemble and one of its "
+                                "members?); it would count twice")
+        seen |= inner
+        m["test_accuracy"] = _test_accuracy(m["run"])
     first = members[0]
+    manifest = first["manifest"]
     record = {"combine": "mean of the members' probabilities", "members": [
-        {"run": str(m["run"].path), "model_sha256": sha256_file(m["run"].model_path),
-         "weights": m["config"].get("weights"), "test_accuracy": _test_accuracy(m["run"])} for m in members]}
-    config = {**first["config"], "out": str(run.path), "phases": [], "ensemble": record,
-              "wall_time_s": sum(float(m["config"].get("wall_time_s", 0.0)) for m in members)}
-    config.pop("distribution", None)
-    cfg = TrainConfig.from_saved(config)
+        {"run": str(m["run"].path.resolve()), "model_sha256": m["sha256"], "weights": m["config"].get("weights"),
+         "test_accuracy": m["test_accuracy"]} for m in members]}
+    # The first member's config gives the shared facts (task, classes, size, preprocessing, splits,
+    # seed); what described its own training or files goes, so nothing here speaks for one member.
+    config = {k: v for k, v in first["config"].items() if k not in ("distribution", "weights_stored", "evaluated")}
+    config.update({"out": str(run.path), "data_dir": manifest["root"], "weights": "ensemble", "phases": [],
+                   "ensemble": record, "versions": versions(),
+                   "wall_time_s": sum(float(m["config"].get("wall_time_s") or 0.0) for m in members)})
+    try:
+        cfg = TrainConfig.from_saved(config)
+    except (TypeError, ValueError) as e:
+        raise EnsembleError(f"{first['run'].path}/config.json is not a config of `mri-edge train` ({e})") from None
     if cfg.dedup and not Path(cfg.dedup).is_file():
         log(f"the members' --dedup file {cfg.dedup} is not here; leakage-free subset not reported")
         cfg.dedup = config["dedup"] = None
-    manifest = first["manifest"]
     dataset = data.dataset_from_manifest(manifest)
     missing = [p for s in ("val", "test") for p in dataset.splits[s].paths if not Path(p).is_file()]
     if missing:
@@ -104,16 +129,18 @@ def build(run_dirs: list, out, force: bool = False, log=print) -> dict:
         with quiet.native_stderr():
             nets.append(model_lib.load_model(m["run"].model_path))
     net = ensemble_model(nets, int(cfg.image_size))
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache) for s in ("val", "test")}
     run.path.mkdir(parents=True, exist_ok=True)
     report.write_json(run.manifest_path, manifest)
     report.write_json(run.labels_path, first["labels"])
     report.write_json(run.config_path, config)
-    model_lib.save_model(net, run.model_path)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache) for s in ("train", "val", "test")}
     notes = [f"ensemble: the mean of the probabilities of {len(members)} runs (no training of its own)"] + [
-        f"member {i}: {m['run'].path} (test accuracy {_fmt(_test_accuracy(m['run']))})" for i, m in enumerate(members, 1)]
-    return evaluate_run(run.path, net, dec, cfg, config["wall_time_s"], notes)
+        f"member {i}: {m['run'].path} (test accuracy {_fmt(m['test_accuracy'])})" for i, m in enumerate(members, 1)]
+    metrics = evaluate_run(run.path, net, dec, cfg, config["wall_time_s"], notes)
+    model_lib.save_model(net, run.model_path)
+    run.write_index()
+    return metrics
 
 
 def _test_accuracy(run: RunFolder) -> float | None:

@@ -51,7 +51,7 @@ def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
     return phases, notes
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import keras  # noqa: PLC0415
 
     return {"mri_edge": __version__, "keras": keras.__version__, "backend": keras.backend.backend(),
@@ -71,7 +71,7 @@ def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, di
     cfg.class_names = dataset.class_names
     cfg.phases, _ = resolve_phases(cfg)
     report.write_json(run.manifest_path, dataset.manifest())
-    report.write_json(run.config_path, {**asdict(cfg), "versions": _versions(),
+    report.write_json(run.config_path, {**asdict(cfg), "versions": versions(),
                                         "preprocessing": preprocess.contract(cfg.image_size),
                                         **({"distribution": distribution} if distribution else {})})
     report.write_json(run.labels_path, {"task": cfg.task, "class_names": cfg.class_names,
@@ -324,7 +324,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     _, notes = resolve_phases(cfg)
     result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes, config_update={
         "data_dir": cfg.data_dir, "dedup": cfg.dedup, **stored,
-        "evaluated": {"versions": _versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+        "evaluated": {"versions": versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
     log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f} ({run_dir})")
     return result
 

@@ -85,6 +85,13 @@ def test_densenet_stages_from_tflite_and_onnx_names():
            ("CONV_2D", "e/member_2/densenet121/conv2_block1_1_relu/Relu"), ("MEAN", "e/member_2/avg_pool/Mean"),
            ("ADD", "e/probabilities/add")]
     assert stage_names(two, ("MEAN",)) == ["conv1", "head", "head", "conv1", "conv2", "head", "head"]
+    # members interleaved, an unnamed op with the member before it, the final mean with the last member's head
+    mixed = [("SUB", "e/member_2/imagenet_normalization/Sub"), ("CONV_2D", "e/member_1/densenet121/conv1_relu/Relu"),
+             ("CONV_2D", "Conv__7"), ("CONV_2D", "e/member_2/densenet121/conv1_relu/Relu"),
+             ("MEAN", "e/member_1/avg_pool/Mean"), ("CONV_2D", "e/member_2/densenet121/conv2_block1_1_relu/Relu"),
+             ("CONV_2D", "Conv__9"), ("MEAN", "e/member_2/avg_pool/Mean"), ("ADD", "e/probabilities/add")]
+    assert stage_names(mixed, ("MEAN",)) == ["body", "conv1", "conv1", "conv1", "head", "conv2", "conv2", "head",
+                                              "head"]
 
 
 def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_path):

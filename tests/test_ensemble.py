@@ -52,6 +52,11 @@ def test_the_ensemble_is_the_mean_of_its_members_through_keras_and_tflite(two_ru
     preds = json.loads((out / "test_predictions.json").read_text())
     assert report["accuracy"] == pytest.approx(float(np.mean(np.argmax(preds["probs"], 1) == preds["labels"])))
     assert "ensemble: the mean of the probabilities of 2 runs" in (out / "train_report.md").read_text()
+    assert config["weights"] == "ensemble" and "weights_stored" not in config  # nothing speaks for one member
+    res = CliRunner().invoke(main, ["ensemble", str(out), str(a), "--out", str(tmp_path / "again")])
+    assert res.exit_code == 1 and "would count twice" in res.output  # a member inside an ensemble, given again
+    res = CliRunner().invoke(main, ["ensemble", str(a), str(b), "--out", str(out)])
+    assert res.exit_code == 1 and "already holds a trained model" in res.output
     assert CliRunner().invoke(main, ["card", str(out)]).exit_code == 0
     assert f"the mean of the probabilities of 2 runs, `{a}`" in (out / "model_card.md").read_text()
     results, failures = export_run(out, ("tflite",), ("none",), "uint8", log=lambda *_: None, workers=1)
@@ -80,6 +85,9 @@ def test_runs_that_cannot_be_averaged_are_refused(two_runs, tmp_path):
     config = json.loads((b / "config.json").read_text())
     (b / "config.json").write_text(json.dumps({**config, "image_size": 64}))
     assert "different input sizes" in refused(a, b, "--out", tmp_path / "x")
+    labels = json.loads((b / "labels.json").read_text())
+    (b / "labels.json").write_text(json.dumps({**labels, "class_names": labels["class_names"][::-1]}))
+    assert "different classes" in refused(a, b, "--out", tmp_path / "x")
     (b / "model.keras").unlink()
     assert "has no model.keras" in refused(a, b, "--out", tmp_path / "x")
     assert not (tmp_path / "x").exists()  # nothing written for a refused ensemble

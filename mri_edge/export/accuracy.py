@@ -30,6 +30,7 @@ import numpy as np
 from ..quiet import nncf_quiet
 
 STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
+MEMBER = re.compile(r"member_\d+")
 METRIC = "top-1 agreement with Keras and accuracy drop, validation split"
 
 
@@ -65,17 +66,22 @@ def quality(score: dict) -> float:
 def stage_names(nodes: list[tuple[str, str]], pooling_ops: tuple[str, ...]) -> list[str]:
     """The stage of each (op type, name) in graph order: DenseNet's conv1-conv5 with each
     transition counted in the block before it, and 'head' from the global pooling on; other
-    graphs get 'body' and 'head'. In an ensemble (`mri-edge ensemble`) a member's blocks can
-    follow another member's head: a block's name leaves the head, and each stage holds that
-    block of every member."""
-    out, current, in_head = [], "body", False
+    graphs get 'body' and 'head'. In an ensemble (`mri-edge ensemble`) each member
+    (`member_N` in the names) is followed on its own, so a member's blocks stay blocks when
+    they come after another member's head, and each stage holds that block of every member.
+    An op without a name of its own (ONNX's `Conv__123`) belongs with the op before it."""
+    out, state, member = [], {}, None
     for op_type, name in nodes:
-        m = STAGE.search(name)
-        in_head = op_type in pooling_ops or (in_head and not m)
+        found = MEMBER.search(name)
+        member = found.group(0) if found else member
+        current, in_head = state.get(member, ("body", False))
+        in_head = in_head or op_type in pooling_ops
         if not in_head:
+            m = STAGE.search(name)
             if m:
                 current = {"pool1": "conv1", "pool2": "conv2", "pool3": "conv3", "pool4": "conv4"}.get(m.group(1),
                                                                                                    m.group(1))
+        state[member] = (current, in_head)
         out.append("head" if in_head else current)
     return out
 
