@@ -36,6 +36,25 @@ def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
     assert chosen["agreement"] < 1 and chosen["agreement"] == max(s["agreement"] for s in steps)
 
 
+def test_a_stage_whose_error_others_hide_is_tried_after_them():
+    """The input normalisation alone gains nothing while the blocks are int8, yet its error is
+    all that is left once they are in float: the search must still try it."""
+    from mri_edge.export.accuracy import stage_search
+
+    stages = {"body": {"nodes": ["n"], "mac_share": 0.0, "param_share": 0.0, "cost": 0.0},
+              "conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
+              "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
+
+    def attempt(kept):
+        blocks = sum(s in kept for s in ("conv2", "conv3"))
+        agreement = 0.95 + 0.02 * blocks + (0.01 if blocks == 2 and "body" in kept else 0.0)
+        return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
+
+    chosen, _, steps = stage_search(stages, attempt, 0.5, [])
+    assert chosen["float_stages"] == ["conv2", "conv3", "body"] and abs(chosen["agreement"] - 1.0) < 1e-9
+    assert [st["float_stages"] for st in steps][-2] == ["conv2", "conv3"]  # 0.99: over the budget without it
+
+
 def test_the_budget_bounds_accuracy_as_well_as_agreement():
     from mri_edge.export.accuracy import HeldOut, stage_search, within
 

@@ -116,8 +116,11 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
     attempt(kept) builds the candidate with those stages in float and returns (score, candidate).
     `base` stays in float in every candidate (the head with --float-head). Each other stage is
     first measured alone; then stages are added in order of quality gained per share of the
-    compute or weights given back to float (`stages_from`) until the budget holds. Over budget,
-    the best candidate found is kept. Returns (chosen step, its candidate, every step)."""
+    compute or weights given back to float (`stages_from`) until the budget holds. Stages that
+    gained nothing alone come last, cheapest first: their error can be hidden by the others'
+    and be all that is left once those are in float (the input normalisation of a low-margin
+    model flipped 1.6% of answers by itself). Over budget, the best candidate found is kept.
+    Returns (chosen step, its candidate, every step)."""
     tried: dict[tuple, tuple[dict, object]] = {}
 
     def step(kept: list[str]) -> tuple[dict, object]:
@@ -137,6 +140,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
             if s not in base:
                 alone[s] = quality(step(base + [s])[0]) - quality(first)
         order = sorted((s for s in alone if alone[s] > 0), key=lambda s: -alone[s] / max(stages[s]["cost"], 1e-4))
+        order += sorted((s for s in alone if alone[s] <= 0), key=lambda s: stages[s]["cost"])
         kept = list(base)
         for s in order:
             kept.append(s)
