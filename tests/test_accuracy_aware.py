@@ -52,7 +52,25 @@ def test_a_stage_whose_error_others_hide_is_tried_after_them():
 
     chosen, _, steps = stage_search(stages, attempt, 0.5, [])
     assert chosen["float_stages"] == ["conv2", "conv3", "body"] and abs(chosen["agreement"] - 1.0) < 1e-9
-    assert [st["float_stages"] for st in steps][-2] == ["conv2", "conv3"]  # 0.99: over the budget without it
+    without = [st for st in steps if st["float_stages"] == ["conv2", "conv3"]]
+    assert without and abs(without[0]["agreement"] - 0.99) < 1e-9  # over the budget without it
+
+
+def test_a_stage_a_later_one_made_unnecessary_goes_back_to_int8():
+    from mri_edge.export.accuracy import stage_search
+
+    stages = {"body": {"nodes": ["n"], "mac_share": 0.0, "param_share": 0.0, "cost": 0.0},
+              "conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
+              "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
+
+    def attempt(kept):  # body only helps with conv2 in float; conv3 helps a little alone
+        agreement = 0.95 + 0.02 * ("conv2" in kept) + 0.01 * ("conv3" in kept) + \
+            0.03 * ("body" in kept and "conv2" in kept)
+        return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
+
+    chosen, _, steps = stage_search(stages, attempt, 0.5, [])
+    assert ["conv2", "conv3", "body"] in [st["float_stages"] for st in steps]  # the greedy order
+    assert chosen["float_stages"] == ["conv2", "body"]  # conv3 was not needed once body was in float
 
 
 def test_the_budget_bounds_accuracy_as_well_as_agreement():

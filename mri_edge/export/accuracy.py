@@ -119,8 +119,10 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
     compute or weights given back to float (`stages_from`) until the budget holds. Stages that
     gained nothing alone come last, cheapest first: their error can be hidden by the others'
     and be all that is left once those are in float (the input normalisation of a low-margin
-    model flipped 1.6% of answers by itself). Over budget, the best candidate found is kept.
-    Returns (chosen step, its candidate, every step)."""
+    model flipped 1.6% of answers by itself). Once within the budget, each kept stage is put
+    back to int8 in turn, the most expensive first, and stays there if the budget still holds.
+    Over budget, the best candidate found is kept. Returns (chosen step, its candidate, every
+    step)."""
     tried: dict[tuple, tuple[dict, object]] = {}
 
     def step(kept: list[str]) -> tuple[dict, object]:
@@ -150,6 +152,14 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
             candidates.append(cand)
             if within(st, max_drop_pts):
                 break
+        if within(steps[-1], max_drop_pts):  # what a later stage made unnecessary goes back to int8
+            for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
+                fewer = [k for k in kept if k != s]
+                st, cand = step(fewer)
+                steps.append(st)
+                candidates.append(cand)
+                if within(st, max_drop_pts):
+                    kept = fewer
     ok = [i for i, st in enumerate(steps) if within(st, max_drop_pts)]
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
     best = min(ok, key=cost.__getitem__) if ok else max(range(len(steps)), key=lambda i: quality(steps[i]))
