@@ -48,9 +48,10 @@ mri-edge calibrate $E --max-risk 0.15
 mri-edge export $E --format all --float-head --max-drop 0.5     # 686 s
 mri-edge verify $E                                              # 1156 s; passes every file
 # lower resolution, more epochs: the reg recipe at 64 px in 55 minutes (63.3% on test), then all four ranked
+ALZ64=${ALZ/--image-size 96/--image-size 64}
 # shellcheck disable=SC2086
-mri-edge train ${ALZ/--image-size 96/--image-size 64} --time-budget 55 --mixup 0.2 --label-smoothing 0.1 \
-    --select-by accuracy --out artifacts/runs/alzheimer-64px-grouped-reg
+mri-edge train ${ALZ64/--time-budget 100/--time-budget 55} --mixup 0.2 --label-smoothing 0.1 --select-by accuracy \
+    --out artifacts/runs/alzheimer-64px-grouped-reg
 python benchmarks/rank_runs.py artifacts/runs/alzheimer-96px-grouped-reg artifacts/runs/alzheimer-64px-grouped-reg \
     artifacts/runs/alzheimer-96px-grouped $E --out artifacts/runs/alzheimer-ranking2
 

@@ -47,6 +47,19 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+def normalised_input(size: int):
+    """(input, its normalised tensor): mri-edge's input layer and ImageNet normalisation, as
+    `model.build_model` puts them in front of every model."""
+    import keras
+
+    from mri_edge.model import NORM_NAME
+    from mri_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    inp = keras.Input((size, size, 3), name="image")
+    return inp, keras.layers.Normalization(mean=[m * 255 for m in IMAGENET_MEAN],
+                                           variance=[(s * 255) ** 2 for s in IMAGENET_STD], name=NORM_NAME)(inp)
+
+
 def micro_model(test_images: np.ndarray, k: int = 4):
     """A 5-layer classifier whose predictions vary and sit far from every decision boundary.
 
@@ -59,13 +72,7 @@ def micro_model(test_images: np.ndarray, k: int = 4):
     """
     import keras
 
-    from mri_edge.model import NORM_NAME
-    from mri_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
-
-    size = test_images.shape[1]
-    inp = keras.Input((size, size, 3), name="image")
-    x = keras.layers.Normalization(mean=[m * 255 for m in IMAGENET_MEAN],
-                                   variance=[(s * 255) ** 2 for s in IMAGENET_STD], name=NORM_NAME)(inp)
+    inp, x = normalised_input(test_images.shape[1])
     conv = keras.layers.Conv2D(1, 1, name="brightness")
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(conv(x))
     head = keras.layers.Dense(k, name="logits")
@@ -119,15 +126,10 @@ def small_densenet(size: int = TINY, k: int = 4, seed: int = 3):
     behind mri-edge's input normalisation: every kind of layer DenseNet121 has (8 batch
     norms after a concatenation or pooling instead of 62), untrained, converted in seconds."""
     import keras
-    from keras.src.applications.densenet import DenseNet
-
-    from mri_edge.model import NORM_NAME
-    from mri_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from keras.src.applications.densenet import DenseNet  # the public API has only DenseNet121/169/201
 
     keras.utils.set_random_seed(seed)
-    inp = keras.Input((size, size, 3), name="image")
-    x = keras.layers.Normalization(mean=[m * 255 for m in IMAGENET_MEAN],
-                                   variance=[(s * 255) ** 2 for s in IMAGENET_STD], name=NORM_NAME)(inp)
+    inp, x = normalised_input(size)
     x = DenseNet([1, 1, 1, 1], include_top=False, weights=None, input_shape=(size, size, 3))(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.Model(inp, keras.layers.Dense(k, activation="softmax", name="probabilities")(x), name="small")
