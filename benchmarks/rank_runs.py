@@ -37,7 +37,9 @@ from mri_edge.run import RunFolder  # noqa: E402
 
 
 def test_scores(run: RunFolder, names: list[str]) -> dict:
-    rep = json.loads(run.test_report_path.read_text())
+    rep = run.test_report()
+    if rep is None:
+        raise SystemExit(f"{run.path}: no test_report.json (evaluate the run first)")
     free = rep.get("dedup") or {}
     smallest = min(names, key=lambda c: rep["per_class"][c]["support"])
     return {"accuracy": rep["accuracy"], "ci": rep["accuracy_ci95"], "macro_f1": rep["macro"]["f1"],

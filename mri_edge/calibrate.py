@@ -159,19 +159,16 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
         raise CalibrateError(f"{run.path} has no split_manifest.json; pass --data-dir to rebuild it from the run's "
                              "config.json")
     from . import data  # noqa: PLC0415
-    from .files import read_json  # noqa: PLC0415
-
     cfg = run.config()
     ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), cfg.get("seed", 42),
                        cfg.get("val_split", "random"), cfg.get("group_threshold", 0.99))
     manifest = ds.manifest()
     n_test = len(manifest["splits"].get("test", []))
-    if run.test_report_path.is_file():
-        want = read_json(run.test_report_path, "test report").get("n")
-        if want is not None and int(want) != n_test:
-            # the fit reads validation only; a test split that differs (a junk file now ignored) is reported
-            log(f"warning: {data_dir} gives {n_test} test images, the run's test report {want}")
-            manifest["test_count_at_training"] = int(want)
+    want = (run.test_report() or {}).get("n")
+    if want is not None and int(want) != n_test:
+        # the fit reads validation only; a test split that differs (a junk file now ignored) is reported
+        log(f"warning: {data_dir} gives {n_test} test images, the run's test report {want}")
+        manifest["test_count_at_training"] = int(want)
     manifest["rebuilt_from_config"] = True
     report.write_json(run.manifest_path, manifest)
     log(f"rebuilt {run.manifest_path} from config.json (seed {cfg.get('seed', 42)}, "

@@ -59,7 +59,7 @@ def build(run_dir) -> dict:
     run = RunFolder(run_dir)
     cfg = run.config()
     names = run.labels()["class_names"]
-    test = _load(run.test_report_path)
+    test = run.test_report()
     manifest = _load(run.manifest_path)
     cal = _load(run.calibration_dir / "calibrate.json")
     parity = _load(run.path / "parity.json")

@@ -144,11 +144,7 @@ def build(run_dirs: list, out, force: bool = False, log=print) -> dict:
 
 
 def _test_accuracy(run: RunFolder) -> float | None:
-    if not run.test_report_path.is_file():
-        return None
-    from .files import read_json  # noqa: PLC0415
-
-    return read_json(run.test_report_path).get("accuracy")
+    return (run.test_report() or {}).get("accuracy")
 
 
 def _fmt(acc: float | None) -> str:

@@ -97,6 +97,12 @@ class RunFolder:
     def state(self) -> dict:
         return read_json(self.state_path, "training state", ("phase", "epoch"))
 
+    def test_report(self) -> dict | None:
+        """test_report.json (accuracy, per-class, CIs), or None before the run was evaluated."""
+        if not self.test_report_path.is_file():
+            return None
+        return read_json(self.test_report_path, "test report", ("accuracy", "n"))
+
     def test_predictions(self) -> dict:
         if not self.predictions_path.is_file():
             raise RunError(f"{self.path} has no test_predictions.json (is it a finished `mri-edge train` run?)")

@@ -320,7 +320,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, Path(cfg.cache_dir) if cfg.cache_dir else None)
            for s in ("train", "val", "test")}
     if data_dir:
-        report.write_json(run_dir / "split_manifest.json", manifest)
+        report.write_json(run.manifest_path, manifest)
     _, notes = resolve_phases(cfg)
     result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes, config_update={
         "data_dir": cfg.data_dir, "dedup": cfg.dedup, **stored,
@@ -355,6 +355,7 @@ def predict_arrays(net, images: np.ndarray, batch_size: int = 32, label: str | N
 def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, notes: list[str],
                  config_update: dict | None = None) -> dict:
     """Test-set report: metrics, bootstrap CI, per-image predictions, plots and report.md."""
+    run = RunFolder(run_dir)
     names = cfg.class_names
     test = dec["test"]
     probs = predict_arrays(net, test.images, label="Keras on the test split")
@@ -372,8 +373,8 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
         dm = report.classification_metrics(test.labels[clean], pred[clean], names)
         dm["accuracy_ci95"] = report.bootstrap_ci(pred[clean] == test.labels[clean], seed=cfg.seed)
         m["dedup"] = dm
-    report.write_json(run_dir / "test_report.json", m)
-    report.write_json(run_dir / "test_predictions.json", {
+    report.write_json(run.test_report_path, m)
+    report.write_json(run.predictions_path, {
         "class_names": names, "paths": rel, "labels": test.labels.tolist(), "pred": pred.tolist(),
         "probs": np.round(probs, 6).tolist()})
     report.plot_confusion(m["confusion_matrix"], names, run_dir / "confusion_matrix.png",
@@ -387,7 +388,6 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
         "splits": {s: {"n": len(d.labels), "skipped": len(d.skipped)} for s, d in dec.items()},
     }
     report.write_text(run_dir / "train_report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
-    run = RunFolder(run_dir)
     summary = run.config()
     summary.update({"wall_time_s": wall, **(config_update or {})})
     report.write_json(run.config_path, summary)
