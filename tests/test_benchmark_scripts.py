@@ -58,3 +58,22 @@ def test_a_candidate_started_from_a_run_that_saw_the_held_out_images_is_not_rank
     config["ensemble"] = {"members": [{"run": str(fresh.path)}, {"run": str(child.path)}]}
     both.config_path.write_text(json.dumps(config))
     assert held & rank_runs.images_seen(both) == {(tmp_path / "data" / "x1.png").resolve()}
+
+
+def test_test_images_are_matched_to_their_nearest_training_or_held_out_image(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    data.mkdir()
+    faces = {name: rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for name in ("t1", "t2", "h1")}
+    for name, px in faces.items():
+        Image.fromarray(px).save(data / f"{name}.png")
+    # each test image is a slightly noisy copy of one training or held-out image
+    for name, twin in (("q1", "t2"), ("q2", "h1"), ("q3", "t1")):
+        noisy = np.clip(faces[twin].astype(int) + rng.integers(-8, 9, (48, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(data / f"{name}.png")
+    manifest = {"root": str(data), "class_names": ["a", "b"],
+                "splits": {"train": [["t1.png", 0], ["t2.png", 1]], "val": [["h1.png", 0]],
+                           "test": [["q1.png", 1], ["q2.png", 0], ["q3.png", 0]]}}
+    assert rank_runs.nearest_is_held_out(manifest).tolist() == [False, True, False]
