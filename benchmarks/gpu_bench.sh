@@ -4,8 +4,8 @@
 # That machine has PyTorch but no TensorFlow, LiteRT or a CUDA onnxruntime, so the GPU
 # runtime there is Keras with KERAS_BACKEND=torch (keras, namex and optree travel as
 # wheels in .whl/). Rows: the shipped tumor model (64 px; .gpu/tumor-64px.keras, a copy
-# of artifacts/runs/tumor-64px-ft/model.keras) and DenseNet121 at 224 px built there with
-# untrained weights (latency does not depend on the weight values).
+# of artifacts/tumor/model.keras) and DenseNet121 at 224 px built there with untrained
+# weights (latency does not depend on the weight values).
 #
 # Prepare here:  mkdir -p .gpu && cp artifacts/tumor/model.keras .gpu/tumor-64px.keras
 # Run there:     bash benchmarks/gpu_bench.sh      (writes $OUT/bench/bench.{json,md,png})

@@ -303,7 +303,9 @@ def run_index_markdown(run) -> str:
         if test.get("dedup"):
             parts += [f"Leakage-free test subset: accuracy {test['dedup']['accuracy']:.4f} on "
                       f"{test['dedup']['n']} images.", ""]
-        parts += ["- [Training report](train_report.md): data, phases, curves, per-class metrics, confusion matrix", ""]
+        if (root / "train_report.md").is_file():  # a shipped folder may carry the test report without it
+            parts += ["- [Training report](train_report.md): data, phases, curves, per-class metrics, "
+                      "confusion matrix", ""]
     elif run.state_path.is_file():
         parts += ["Training has not finished (`mri-edge train --resume` continues it).", ""]
     index = load(run.exports_index_path)
