@@ -44,20 +44,26 @@ def _run(path: Path, train: list[str], val: list[str], weights: str = "none") ->
     return RunFolder(path)
 
 
-def test_a_candidate_started_from_a_run_that_saw_the_held_out_images_is_not_rankable(tmp_path):
-    held = {(tmp_path / "data" / r).resolve() for r in ("x1.png", "x2.png")}
-    # the ancestor chose its epochs on x1 (its validation split), then trained nothing on x2
+def test_a_candidate_started_from_a_run_that_saw_the_held_out_images_is_marked_or_not_rankable(tmp_path):
+    data = tmp_path / "data"
+    held = {(data / r).resolve() for r in ("x1.png", "x2.png")}
+    # the ancestor kept its epoch on x1 (its validation split) and trained on t1 only
     ancestor = _run(tmp_path / "ancestor", ["t1.png"], ["x1.png"])
     fresh = _run(tmp_path / "fresh", ["t1.png", "t2.png"], ["x1.png", "x2.png"])
     child = _run(tmp_path / "child", ["t1.png"], ["x1.png", "x2.png"], weights=str(ancestor.path / "model.keras"))
-    assert not held & rank_runs.images_seen(fresh)
-    assert held & rank_runs.images_seen(child) == {(tmp_path / "data" / "x1.png").resolve()}
+    assert [held & s for s in rank_runs.images_seen(fresh)] == [set(), set()]
+    # chosen on x1 through its start, fitted on none of the held-out images: ranked, marked
+    assert [held & s for s in rank_runs.images_seen(child)] == [set(), {(data / "x1.png").resolve()}]
+    # a start that trained on x2 makes its descendants unrankable
+    carve = _run(tmp_path / "carve", ["t1.png", "x2.png"], ["t2.png"])
+    grandchild = _run(tmp_path / "grandchild", ["t1.png"], ["x1.png", "x2.png"], weights=str(carve.path / "model.keras"))
+    assert [held & s for s in rank_runs.images_seen(grandchild)] == [{(data / "x2.png").resolve()}, set()]
     # an ensemble has seen what any member has seen, whatever its own config's `weights` says
     both = _run(tmp_path / "both", ["t1.png"], ["x1.png", "x2.png"])
     config = json.loads(both.config_path.read_text())
-    config["ensemble"] = {"members": [{"run": str(fresh.path)}, {"run": str(child.path)}]}
+    config["ensemble"] = {"members": [{"run": str(fresh.path)}, {"run": str(grandchild.path)}]}
     both.config_path.write_text(json.dumps(config))
-    assert held & rank_runs.images_seen(both) == {(tmp_path / "data" / "x1.png").resolve()}
+    assert [held & s for s in rank_runs.images_seen(both)] == [{(data / "x2.png").resolve()}, set()]
 
 
 def test_test_images_are_matched_to_their_nearest_training_or_held_out_image(tmp_path):
