@@ -57,8 +57,7 @@ python benchmarks/rank_runs.py artifacts/runs/alzheimer-96px-grouped-reg artifac
 
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one
     mri-edge evaluate "$1" --fp16-weights                      # model.keras stored compact (ships)
-    # as shipped: NNCF's OpenVINO int8 file (the default, auto, converts the int8 ONNX file instead; docs/int8.md)
-    mri-edge export "$1" --format all --float-head --max-drop 0.5 --openvino-int8 nncf
+    mri-edge export "$1" --format all --float-head --max-drop 0.5
     mri-edge calibrate "$1" --max-risk "$4" --alpha 0.02
     mri-edge verify "$1" --dedup "$2" || true                   # exit 1 names a failed file; ship.sh skips it
     mri-edge bench "$1" --threads 1,2 --batch 1,8 --image "$3"
