@@ -41,13 +41,13 @@ python benchmarks/rank_runs.py artifacts/runs/alzheimer-96px-grouped artifacts/r
 python benchmarks/knn_blend.py --run artifacts/runs/alzheimer-96px-grouped
 mri-edge calibrate artifacts/runs/alzheimer-96px-grouped-reg --max-risk 0.15
 mri-edge export artifacts/runs/alzheimer-96px-grouped-reg --format all --float-head --max-drop 0.5
-mri-edge verify artifacts/runs/alzheimer-96px-grouped-reg --dedup "$AA" || true   # int8 fails: docs/int8.md
+mri-edge verify artifacts/runs/alzheimer-96px-grouped-reg --dedup "$AA" || true   # which int8 files pass: docs/int8.md
 E=artifacts/runs/alzheimer-96px-ensemble   # both runs as one graph: 60.8%, every trust goal met through int8
 mri-edge ensemble artifacts/runs/alzheimer-96px-grouped-reg artifacts/runs/alzheimer-96px-grouped --out $E
 mri-edge calibrate $E --max-risk 0.15
 mri-edge export $E --format all --float-head --max-drop 0.5     # 686 s
 mri-edge verify $E                                              # 1156 s; passes every file
-# lower resolution, more epochs: the reg recipe at 64 px in 55 minutes (63.3% on test), then all four ranked
+# lower resolution, more epochs: the reg recipe at 64 px in 55 minutes (63.3% on test)
 ALZ64=${ALZ/--image-size 96/--image-size 64}
 # shellcheck disable=SC2086
 mri-edge train ${ALZ64/--time-budget 100/--time-budget 55} --mixup 0.2 --label-smoothing 0.1 --select-by accuracy \

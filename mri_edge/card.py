@@ -59,7 +59,7 @@ def build(run_dir) -> dict:
     run = RunFolder(run_dir)
     cfg = run.config()
     names = run.labels()["class_names"]
-    test = run.test_report()
+    test = _load(run.test_report_path)  # a damaged report is listed as missing, like the other inputs
     manifest = _load(run.manifest_path)
     cal = _load(run.calibration_dir / "calibrate.json")
     parity = _load(run.path / "parity.json")
