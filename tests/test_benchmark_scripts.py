@@ -82,4 +82,6 @@ def test_test_images_are_matched_to_their_nearest_training_or_held_out_image(tmp
     manifest = {"root": str(data), "class_names": ["a", "b"],
                 "splits": {"train": [["t1.png", 0], ["t2.png", 1]], "val": [["h1.png", 0]],
                            "test": [["q1.png", 1], ["q2.png", 0], ["q3.png", 0]]}}
-    assert rank_runs.nearest_is_held_out(manifest).tolist() == [False, True, False]
+    held, vote = rank_runs.nearest_is_held_out(manifest)
+    assert held.tolist() == [False, True, False]
+    assert vote.tolist() == [1, 0, 0]  # the labels of t2, h1, t1
