@@ -65,6 +65,14 @@ mri-edge calibrate $R2 --max-risk 0.15
 mri-edge export $R2 --format all --float-head --max-drop 0.5
 mri-edge verify $R2 --dedup "$AA" || true
 mri-edge card $R2
+# a third cycle from -reg2 (67.7% on test, 2 held-out images behind it), then all six ranked
+ALZ64C=${ALZ64B/alzheimer-64px-grouped-reg\/model/alzheimer-64px-grouped-reg2\/model}
+ALZ64C=${ALZ64C/--lr-finetune 1.5e-4/--lr-finetune 1e-4}
+# shellcheck disable=SC2086
+mri-edge train ${ALZ64C/--time-budget 100/--time-budget 35} --mixup 0.2 --label-smoothing 0.1 --select-by accuracy \
+    --out artifacts/runs/alzheimer-64px-grouped-reg3
+python benchmarks/rank_runs.py artifacts/runs/alzheimer-96px-grouped-reg artifacts/runs/alzheimer-64px-grouped-reg3 $R2 \
+    artifacts/runs/alzheimer-64px-grouped-reg artifacts/runs/alzheimer-96px-grouped $E --out artifacts/runs/alzheimer-ranking4
 
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one
     mri-edge evaluate "$1" --fp16-weights                      # model.keras stored compact (ships)
