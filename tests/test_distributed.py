@@ -139,6 +139,7 @@ def _small(devices: str, batchnorm: str):
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
 
 
+@pytest.mark.slow  # three TensorFlow processes at once: about 30 s of the fast tier on 2 cores
 def test_two_logical_devices_train_a_small_network_like_one_device():
     """Plain SGD on a small network (no near-zero gradients that Adam would turn into full
     steps): two replicas with synchronised batch norm give the one-device losses to float
