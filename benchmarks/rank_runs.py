@@ -100,7 +100,7 @@ def nearest_is_held_out(manifest: dict) -> tuple[np.ndarray, np.ndarray]:
     thumbs, _ = groups.read_thumbnails([str(root / rel) for rel, _ in train + held + test],
                                        "thumbnails of training, held-out and test")
     ref, query = thumbs[:len(train) + len(held)], thumbs[len(train) + len(held):]
-    nearest = np.concatenate([groups.correlation(query[i:i + 512], ref).argmax(1) for i in range(0, len(query), 512)])
+    nearest, _ = groups.nearest(query, ref)
     labels = np.array([y for _, y in train + held])
     return nearest >= len(train), labels[nearest]
 
@@ -180,7 +180,7 @@ def main() -> int:
         # a run that started from one which kept its epoch on these images was chosen on them twice
         rows.append([a, Path(r["run"]).name + (" (*)" if r.get("chosen_before") else ""), f"{h['accuracy']:.2%}", f"{h['macro_f1']:.3f}",
                      f"{t['accuracy']:.2%} [{t['ci'][0]:.2%}, {t['ci'][1]:.2%}]",
-                     "-" if t["leakage_free"] is None else f"{t['leakage_free']:.2%}", f"{t['macro_f1']:.3f}",
+                     _pct(t["leakage_free"]), f"{t['macro_f1']:.3f}",
                      f"{t['smallest_hits']}/{t['smallest_n']}", _pct(t["near_held_out"]), _pct(t["rest"]), b])
     text = (f"# Candidates ranked by the grouped held-out rule ({args.by})\n\n"
             f"Held-out split: {len(held)} images of {runs[0].path.name}'s grouped carve.\n\n"

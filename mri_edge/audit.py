@@ -109,13 +109,8 @@ def nearest_neighbour_probe(thumbs: np.ndarray, labels: np.ndarray, query: np.nd
     with no exact or near copy in training.
     """
     ref, ref_labels = thumbs[reference], labels[reference]
-    best = np.empty(len(query), np.float32)
-    pred = np.empty(len(query), np.int64)
-    for s in range(0, len(query), 512):
-        sim = groups.correlation(thumbs[query[s:s + 512]], ref)
-        j = sim.argmax(1)
-        best[s:s + 512] = sim[np.arange(len(j)), j]
-        pred[s:s + 512] = ref_labels[j]
+    j, best = groups.nearest(thumbs[query], ref)
+    pred = ref_labels[j]
     truth = labels[query]
     hit = pred == truth
     recall = {n: float(hit[truth == c].mean()) for c, n in enumerate(names) if (truth == c).any()}

@@ -84,11 +84,7 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
     labels = np.array([y for _, y in train + val + test])
     nt, nv = len(train), len(val)
     t_th, v_th, x_th = thumbs[:nt], thumbs[nt:nt + nv], thumbs[nt + nv:]
-    best_v = np.empty(nv, np.float32)
-    nn_v = np.empty(nv, int)
-    for s in range(0, nv, 512):
-        sim = groups.correlation(v_th[s:s + 512], t_th)
-        nn_v[s:s + 512], best_v[s:s + 512] = sim.argmax(1), sim.max(1)
+    nn_v, best_v = groups.nearest(v_th, t_th)
     if method == "grouped":
         keep = np.arange(nv)
         rule = "the run's grouped validation split (whole groups of near-identical images held out)"
@@ -112,8 +108,8 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
             "nn_probe_accuracy": float((y_train[nn_v[keep]] == y_val[keep]).mean()) if len(keep) else None,
             "median_best_correlation": float(np.median(best_v[keep])) if len(keep) else None}
     if test:
-        sim = np.concatenate([groups.correlation(x_th[s:s + 512], t_th).argmax(1) for s in range(0, len(test), 512)])
-        info["test_nn_probe_accuracy"] = float((y_train[sim] == labels[nt + nv:]).mean())
+        nn_x, _ = groups.nearest(x_th, t_th)
+        info["test_nn_probe_accuracy"] = float((y_train[nn_x] == labels[nt + nv:]).mean())
     log(f"held out: {info['n']} images ({rule}); 1-NN probe {info['nn_probe_accuracy']:.1%} vs test "
         f"{info.get('test_nn_probe_accuracy', float('nan')):.1%}")
     gap = (info["nn_probe_accuracy"] or 0) - info.get("test_nn_probe_accuracy", 1.0)

@@ -43,6 +43,18 @@ def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a @ b.T) / (a.shape[1] * LEVELS**2)
 
 
+def nearest(query: np.ndarray, ref: np.ndarray, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(row of `ref` most correlated with each row of `query`, that correlation), computed
+    `block` queries at a time so memory stays at block x len(ref)."""
+    index = np.empty(len(query), np.int64)
+    best = np.empty(len(query), np.float32)
+    for s in range(0, len(query), block):
+        sim = correlation(query[s:s + block], ref)
+        j = sim.argmax(1)
+        index[s:s + block], best[s:s + block] = j, sim[np.arange(len(j)), j]
+    return index, best
+
+
 def read_thumbnails(paths: list[str], label: str = "reading thumbnails") -> tuple[np.ndarray, np.ndarray]:
     """(normalised thumbnails, readable mask); unreadable files get a zero row."""
     def one(p):
@@ -118,14 +130,10 @@ def holdout_probe(thumbs: np.ndarray, labels, held: np.ndarray) -> dict:
     mask[held] = True
     if not mask.any() or mask.all():
         return {"nn_accuracy": None, "median_best_correlation": None, "n": int(mask.sum())}
-    best = np.empty(mask.sum(), np.float32)
-    pred = np.empty(mask.sum(), int)
     rest = np.flatnonzero(~mask)
     q = np.flatnonzero(mask)
-    for s in range(0, len(q), 512):
-        sim = correlation(thumbs[q[s:s + 512]], thumbs[rest])
-        j = sim.argmax(1)
-        best[s:s + 512], pred[s:s + 512] = sim[np.arange(len(j)), j], labels[rest][j]
+    j, best = nearest(thumbs[q], thumbs[rest])
+    pred = labels[rest][j]
     return {"nn_accuracy": float((pred == labels[q]).mean()), "median_best_correlation": float(np.median(best)),
             "n": int(len(q))}
 
@@ -151,9 +159,9 @@ def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction:
            "grouped": {**holdout_probe(t_thumbs, t_labels, grouped_held), **info, "threshold": threshold}}
     test = np.flatnonzero(split_of == "test")
     if len(test):
-        sim = correlation(thumbs[test], t_thumbs)
-        out["test"] = {"nn_accuracy": float((t_labels[sim.argmax(1)] == labels[test]).mean()),
-                       "median_best_correlation": float(np.median(sim.max(1))), "n": int(len(test))}
+        j, best = nearest(thumbs[test], t_thumbs)
+        out["test"] = {"nn_accuracy": float((t_labels[j] == labels[test]).mean()),
+                       "median_best_correlation": float(np.median(best)), "n": int(len(test))}
     shown = ", ".join(f"{k} {v['nn_accuracy']:.1%}" for k, v in out.items() if v.get("nn_accuracy") is not None)
     log(f"  1-NN probe of validation carved at random / by groups (threshold {threshold}) / test: {shown}")
     return out
