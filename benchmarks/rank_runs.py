@@ -137,13 +137,16 @@ def main() -> int:
     # test predictions leave out unreadable images: match the manifest's test split by path
     is_held, vote = nearest_is_held_out(ref)
     near = {rel: (h, v) for (rel, _), h, v in zip(ref["splits"]["test"], is_held.tolist(), vote.tolist())}
-    near_held = np.array([near.get(rel, (False, -1))[0] for rel in ref_preds["paths"]], bool)
-    nn_vote = np.array([near.get(rel, (False, -1))[1] for rel in ref_preds["paths"]])
+    matched = [near.get(rel, (False, -1)) for rel in ref_preds["paths"]]  # -1: no vote, never right
+    near_held = np.array([h for h, _ in matched], bool)
+    nn_vote = np.array([v for _, v in matched])
 
-    def split_accuracy(test_probs) -> dict:
-        hit = np.asarray(test_probs).argmax(1) == test_labels
+    def split_hits(hit: np.ndarray) -> dict:
         return {"near_held_out": float(hit[near_held].mean()) if near_held.any() else None,
                 "rest": float(hit[~near_held].mean()) if (~near_held).any() else None}
+
+    def split_accuracy(test_probs) -> dict:
+        return split_hits(np.asarray(test_probs).argmax(1) == test_labels)
 
     for run in runs:
         manifest = run.manifest()
@@ -188,7 +191,7 @@ def main() -> int:
                                "leakage-free", "test macro-F1", f"test {ranked[0]['test']['smallest'] if ranked else ''}",
                                f"test, nearest image held out ({int(near_held.sum())})",
                                f"test, the rest ({int((~near_held).sum())})", "test rank"], rows))
-    nn = split_accuracy(np.eye(len(names))[nn_vote])
+    nn = split_hits(nn_vote == test_labels)
     text += (f"\n\nA 1-NN vote over training + held-out thumbnails gets {_pct(nn['near_held_out'])} of the test images "
              f"whose nearest image is held out and {_pct(nn['rest'])} of the rest.")
     if any(r.get("chosen_before") for r in ranked):
