@@ -57,6 +57,29 @@ def monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
+def counts(logs: dict, monitor: str) -> bool:
+    """Whether an epoch can be kept: missing or NaN never counts, nor does any epoch whose loss
+    diverged (the argmax of NaN probabilities is a constant class, which still scores an accuracy)."""
+    value = logs.get(monitor)
+    return value is not None and math.isfinite(value) and math.isfinite(logs.get("val_loss", 0.0))
+
+
+def best_phase(history: list[dict], monitor: str, names: list[str]) -> int | None:
+    """Index into `names` of the phase whose kept epoch is the run's best by `monitor` (a tie
+    goes to the later phase: more training, and the phase that ran last); None when no epoch
+    counts."""
+    best, value = None, None
+    sign = -1.0 if monitor_mode(monitor) == "min" else 1.0
+    for i, name in enumerate(names):
+        for row in history:
+            if row.get("phase") != name or not counts(row, monitor):
+                continue
+            v = row[monitor]
+            if value is None or sign * v >= sign * value:  # names in order: equal means a later phase
+                best, value = i, v
+    return best
+
+
 def early_stopping(monitor: str, patience: int):
     """Keras' early stopping on the --select-by metric, in the direction Keeper keeps epochs."""
     return keras.callbacks.EarlyStopping(monitor=monitor, mode=monitor_mode(monitor), patience=patience)
@@ -76,11 +99,9 @@ class Keeper(keras.callbacks.Callback):
         self.elapsed, self.save, self.log = elapsed, save, log
 
     def improved(self, logs: dict) -> bool:
-        value = logs.get(self.monitor)
-        # Missing or NaN never counts as better, nor does any epoch whose loss diverged: the
-        # argmax of NaN probabilities is a constant class, which still scores an accuracy.
-        if value is None or not math.isfinite(value) or not math.isfinite(logs.get("val_loss", 0.0)):
+        if not counts(logs, self.monitor):
             return False
+        value = logs[self.monitor]
         if self.best is None:
             return True
         return value < self.best if monitor_mode(self.monitor) == "min" else value > self.best

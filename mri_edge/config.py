@@ -43,8 +43,8 @@ class TrainConfig:
     # On a random split loss and accuracy usually agree; on a grouped one (new subjects) they can
     # part: Alzheimer at 96 px had its lowest held-out loss at fine-tune epoch 1 (47% right)
     # and its best held-out accuracy at epoch 9 (62%), so the rule is a choice.
-    select_by: str = option("loss", "Validation metric that keeps each phase's best epoch and drives early "
-                                    "stopping: lowest loss, highest accuracy, or highest macro-F1 (imbalanced "
+    select_by: str = option("loss", "Validation metric that keeps each phase's best epoch, then the best of "
+                                    "the phases, and drives early stopping: lowest loss, highest accuracy, or highest macro-F1 (imbalanced "
                                     "classes).", choices=SELECT_BY)
     val_fraction: float = option(0.1, "Share of training carved out (stratified) when there is no validation "
                                       "folder.", minimum=0, maximum=1, min_open=True, max_open=True)
@@ -68,6 +68,10 @@ class TrainConfig:
     mixup: float = option(0.0, "Mixup: each training batch blended with a shuffled copy of itself, the weight "
                                "drawn from Beta(a, a) per batch (0: off; 0.2-0.4 is usual).", minimum=0, metavar="A")
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW; 0: plain Adam).", minimum=0)
+    # int8 files of weak, narrow-margin models flip answers however the quantizer is tuned
+    # (docs/int8.md): train them to tolerate the rounding instead (qat.py).
+    quant_aware: bool = option(False, "Simulate int8 rounding of the activations while training (quantization-aware "
+                                      "fine-tuning), so the int8 exports keep the float model's answers.")
     # Phase 2 with pretrained weights: let batch-norm layers train too. Frozen statistics
     # suit a strong backbone; a weak from-scratch one whose features must still move
     # collapsed with them frozen (Alzheimer, measured: validation accuracy 47% -> 1-15%).

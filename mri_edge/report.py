@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -157,6 +158,18 @@ def plot_reliability(cal: dict, path: Path, title: str) -> None:
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path, 110)
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """history.csv and training_curves.png of a run's epochs."""
+    if not history:
+        return
+    cols = ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1"]
+    with atomic_path(run_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+    plot_history(history, run_dir / "training_curves.png")
 
 
 def plot_history(rows: list[dict], path: Path) -> None:

@@ -5,7 +5,8 @@
       labels.json          task, class names and keys (train)
       split_manifest.json  which file went to which split (train)
       state.json           resumable progress (train; finished=true at the end)
-      checkpoint.keras     last epoch while training; best.keras best epoch of a phase
+      checkpoint.keras     last epoch while training; best.keras best epoch of a phase;
+                           best_of_phases.keras the best earlier phase's, until the last phase ends
       model.keras          the trained model (train); kernels in float16 after `evaluate --fp16-weights`,
                            which keeps the trained file as model_fp32.keras
       history.csv, training_curves.png, test_report.json, test_predictions.json,
@@ -36,7 +37,7 @@ class RunError(MriEdgeError, ValueError):
 
 # What `mri-edge train` may find in --out and still call the folder its own.
 TRAIN_OUTPUTS = ("config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras", "best.keras",
-                 "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
+                 "best_of_phases.keras", "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
                  "confusion_matrix.png", "examples.png", "reliability.png", "train_report.md", "report.md")
 LATER_OUTPUTS = ("exports", "verify", "bench", "parity.json", "parity.md", "model_fp32.keras")
 
@@ -59,6 +60,7 @@ class RunFolder:
     model_path = property(lambda self: self.path / "model.keras")
     checkpoint_path = property(lambda self: self.path / "checkpoint.keras")
     best_path = property(lambda self: self.path / "best.keras")
+    best_of_phases_path = property(lambda self: self.path / "best_of_phases.keras")
     predictions_path = property(lambda self: self.path / "test_predictions.json")
     test_report_path = property(lambda self: self.path / "test_report.json")
     exports_dir = property(lambda self: self.path / "exports")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import platform
 import time
@@ -11,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, distribute, preprocess, quiet, report
+from . import __version__, data, distribute, preprocess, qat, quiet, report
 from .config import TrainConfig
 from .errors import MriEdgeError
-from .files import atomic_path, sha256_file
+from .files import sha256_file
 from .progress import Heartbeat, Progress
 from .run import RunFolder
 from .schedule import PhaseClock, phase_budgets
@@ -145,6 +144,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
+    from .callbacks import best_phase  # noqa: PLC0415
 
     dist.start(log)
     dist.check_batch(cfg.batch_size)
@@ -181,16 +181,25 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     history: list[dict] = state["history"] if state else []
     first_phase = state["phase"] if state else 0
     budgets = phase_budgets(cfg.phases, cfg.time_budget_s)
+    names = [p["name"] for p in cfg.phases]
     batches = _batches(cfg, dec, log, dist)
+    qat_setup = qat.phase_setup(model_lib.BASE_NAME, dec["train"], cfg.seed, log) if cfg.quant_aware else None
     for pi, phase in enumerate(cfg.phases):
         if pi < first_phase:
             continue
         resumed = state if pi == first_phase else None
         _train_phase(work, net, cfg, pi, phase, batches, budgets[pi], resumed, history,
                      lambda: time.time() - t_start, traced=cfg.eager or pi > first_phase, log=log,
-                     callbacks=callbacks, dist=dist)
+                     callbacks=callbacks, dist=dist, qat_setup=qat_setup)
+        if pi + 1 < len(cfg.phases) and best_phase(history, cfg.monitor, names[:pi + 1]) == pi:
+            model_lib.save_model(net, work.best_of_phases_path)  # the run's best so far: this phase's
         work.write_state(phase=pi + 1, epoch=0, history=history, elapsed_s=time.time() - t_start)
         work.best_path.unlink(missing_ok=True)
+    best = best_phase(history, cfg.monitor, names)
+    if best is not None and best < len(names) - 1 and work.best_of_phases_path.is_file():
+        net.set_weights(model_lib.load_model(work.best_of_phases_path).get_weights())
+        log(f"kept the best epoch of phase '{names[best]}': by {cfg.monitor}, no later phase beat it")
+    work.best_of_phases_path.unlink(missing_ok=True)
 
     model_lib.save_model(net, work.model_path)  # every worker: saving reads variables synchronised across them
     if not dist.is_chief:
@@ -203,7 +212,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     if dist.replicas > 1:
         net = model_lib.load_model(run.model_path)  # the test report on one device, as every later check runs
     wall = time.time() - t_start
-    _write_history(run.path, history)
+    report.write_history(run.path, history)
     result = evaluate_run(run.path, net, dec, cfg, wall, notes)
     run.write_state(phase=len(cfg.phases), epoch=0, history=history, elapsed_s=wall, finished=True)
     run.checkpoint_path.unlink(missing_ok=True)
@@ -226,9 +235,10 @@ def _batches(cfg: TrainConfig, dec: dict, log, dist=None):
 
 
 def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, batches, budget_s, state, history,
-                 elapsed, traced: bool, log, callbacks=(), dist=None) -> None:
+                 elapsed, traced: bool, log, callbacks=(), dist=None, qat_setup=None) -> None:
     """One phase: trainable layers, a fresh optimizer, fit with the callbacks, then the phase's
-    best epoch restored. `state` is the saved state when the phase resumes."""
+    best epoch restored. `state` is the saved state when the phase resumes; `qat_setup(net)`
+    gives the model to train in its place and a callback (--quant-aware)."""
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
@@ -246,7 +256,8 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         with dist.scope():
             aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
             inp = keras.Input((cfg.image_size, cfg.image_size, 3))
-            trainer = distribute.trainer_class(dist)(inp, net(aug(inp) if aug is not None else inp))
+            body, ranges = qat_setup(net) if qat_setup else (net, None)  # quant-aware: trains `net` in place
+            trainer = distribute.trainer_class(dist)(inp, body(aug(inp) if aug is not None else inp))
             trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing, cfg.select_by),
                             jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
         keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
@@ -254,7 +265,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         train_batches, val_batches = batches
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
                                                          traced=traced), keeper,
-               early_stopping(cfg.monitor, cfg.patience), *callbacks]
+               early_stopping(cfg.monitor, cfg.patience), *callbacks, *([ranges] if ranges else [])]
         trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)
@@ -327,17 +338,6 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
         "evaluated": {"versions": versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
     log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f} ({run_dir})")
     return result
-
-
-def _write_history(run_dir: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    cols = ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1"]
-    with atomic_path(run_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(history)
-    report.plot_history(history, run_dir / "training_curves.png")
 
 
 def predict_arrays(net, images: np.ndarray, batch_size: int = 32, label: str | None = None) -> np.ndarray:

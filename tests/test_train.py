@@ -148,6 +148,42 @@ def test_keeper_keeps_the_epoch_the_rule_selects(tmp_path, select_by, kept):
     assert RunFolder.saved_best(state, "val_" + select_by) == best  # what --resume continues from
 
 
+def test_best_phase_is_the_phase_whose_kept_epoch_wins_ties_to_the_later():
+    from mri_edge.callbacks import best_phase
+
+    nan = float("nan")
+    history = [{"phase": "head", "val_loss": 0.7, "val_accuracy": 0.63},
+               {"phase": "finetune", "val_loss": 0.9, "val_accuracy": 0.60},
+               {"phase": "finetune", "val_loss": 0.8, "val_accuracy": 0.626},
+               {"phase": "finetune", "val_loss": nan, "val_accuracy": 0.9}]  # diverged: never counts
+    names = ["head", "finetune"]
+    assert best_phase(history, "val_accuracy", names) == 0  # the head epoch beat every fine-tune epoch
+    assert best_phase(history, "val_loss", names) == 0
+    assert best_phase(history[1:], "val_accuracy", names) == 1
+    history.append({"phase": "finetune", "val_loss": 0.7, "val_accuracy": 0.63})
+    assert best_phase(history, "val_accuracy", names) == 1 and best_phase(history, "val_loss", names) == 1
+    assert best_phase(history, "val_accuracy", names[:1]) == 0  # only the phases run so far
+    assert best_phase([{"phase": "head", "val_loss": nan, "val_accuracy": 0.5}], "val_accuracy", names) is None
+
+
+@pytest.mark.slow
+def test_a_run_keeps_an_earlier_phase_when_no_later_epoch_beats_it(tiny_run, synth_data, cache_dir, tmp_path):
+    from mri_edge import model
+
+    logs = []
+    # a fine-tune rate this large wrecks the fine-tuned network: the head epoch must be what is kept
+    cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), image_size=32,
+                      weights=str(tiny_run / "model.keras"), batch_size=8, epochs_head=1, epochs_finetune=1,
+                      lr_finetune=1e4, unfreeze="all", dense_units=16, cache_dir=str(cache_dir), eager=True,
+                      limit_per_class=4)
+    run = train(cfg, log=logs.append)
+    assert any("kept the best epoch of phase 'head'" in m for m in logs), logs
+    assert not (run / "best_of_phases.keras").exists()
+    kept = model.load_model(run / "model.keras").get_layer("densenet121").get_layer("conv1_conv").get_weights()
+    donor = model.load_model(tiny_run / "model.keras").get_layer("densenet121").get_layer("conv1_conv").get_weights()
+    np.testing.assert_array_equal(kept[0], donor[0])  # the base was frozen in the head phase
+
+
 def test_resume_reads_the_best_of_states_saved_before_select_by():
     from mri_edge.run import RunFolder
 
