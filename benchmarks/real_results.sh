@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped tumor model and the grouped Alzheimer runs of docs/results.md on
-# ../shared/data with the product's own commands (2 CPU cores, AMD EPYC: about 11 hours). Run folders land in artifacts/runs/;
+# ../shared/data with the product's own commands (2 CPU cores, AMD EPYC: about 12 hours). Run folders land in artifacts/runs/;
 # SHIP=1 also copies the finished tumor run into artifacts/tumor
 # (benchmarks/ship.sh), replacing the tumor files shipped there.
 set -euo pipefail
@@ -73,6 +73,18 @@ mri-edge train ${ALZ64C/--time-budget 100/--time-budget 35} --mixup 0.2 --label-
     --out artifacts/runs/alzheimer-64px-grouped-reg3
 python benchmarks/rank_runs.py artifacts/runs/alzheimer-96px-grouped-reg artifacts/runs/alzheimer-64px-grouped-reg3 $R2 \
     artifacts/runs/alzheimer-64px-grouped-reg artifacts/runs/alzheimer-96px-grouped $E --out artifacts/runs/alzheimer-ranking4
+# quantization-aware fine-tuning of -reg2 (docs/int8.md), then the plain int8 files (no --max-drop)
+# of it and of -reg2, each made and verified on a copy of the run so the run's own files stay
+ALZ64Q=${ALZ64C/--lr-finetune 1e-4/--lr-finetune 5e-5}
+# shellcheck disable=SC2086
+mri-edge train ${ALZ64Q/--time-budget 100/--time-budget 33} --mixup 0.2 --label-smoothing 0.1 --select-by accuracy \
+    --quant-aware --out artifacts/runs/alzheimer-64px-grouped-qat2
+for R in $R2 artifacts/runs/alzheimer-64px-grouped-qat2; do
+    P=$(mktemp -d)
+    cp "$R"/{model.keras,config.json,labels.json,split_manifest.json,test_report.json,test_predictions.json,state.json} "$P"/
+    mri-edge export "$P" --format tflite --format onnx --quantize int8 --float-head
+    mri-edge verify "$P" --dedup "$AA" --explain-images 0 || true
+done
 
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one
     mri-edge evaluate "$1" --fp16-weights                      # model.keras stored compact (ships)
