@@ -7,7 +7,7 @@ quantization-aware training is for PyTorch and OpenVINO models, and Keras 3's ow
 `model.quantize("int8")` quantizes weights only. What is simulated here is per-tensor
 asymmetric 8-bit rounding of every stored activation, zero exactly representable, ranges by
 the exporter's robust rule (export/calibration.py: the 99% quantile of per-image extremes)
-over up to as many stratified training images; weights are not simulated. Measured before
+over the training images export calibrates on; weights are not simulated. Measured before
 training, that is the int8 ONNX file's error (97% top-1 agreement with it), not the TFLite
 file's, whose converter rounds less; and fine-tuning under it did not bring either file to
 99% agreement with the float model (docs/int8.md, "Quantization-aware fine-tuning").
@@ -115,22 +115,20 @@ def set_ranges(qnet, points, images: np.ndarray, batch_size: int = 32) -> dict:
             "max_range": float(widths.max())}
 
 
-def calibration_images(images: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
-    """Up to as many training images as export calibrates on by default, the same number from
-    each class (fewer from a class that has fewer)."""
+def calibration_images(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The training images export calibrates on by default: its count and its pick
+    (export/calibration.py), so the simulated ranges are measured where export measures them
+    (the same images whenever every training image decodes)."""
     from .config import ExportConfig  # noqa: PLC0415
-    from .data import per_class_indices  # noqa: PLC0415
+    from .export.calibration import calibration_indices  # noqa: PLC0415
 
-    n = ExportConfig.__dataclass_fields__["calib_size"].default
-    orders, _ = per_class_indices(labels, seed)
-    per = max(1, n // len(orders))
-    return images[np.sort(np.concatenate([idx[:per] for idx in orders.values()]))]
+    return images[calibration_indices(labels, ExportConfig.__dataclass_fields__["calib_size"].default)]
 
 
 def phase_setup(base_name: str, train_split, seed: int, log):
     """For each training phase: net -> (the fake-quant model to train in its place, the
     callback that keeps its ranges)."""
-    calib = calibration_images(train_split.images, train_split.labels, seed)
+    calib = calibration_images(train_split.images, train_split.labels)
 
     def setup(net):
         qnet, points = quant_aware(net, base_name)

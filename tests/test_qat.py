@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mri_edge import qat
 
@@ -77,15 +78,25 @@ def test_quant_aware_model_trains_the_float_model_in_place(net):
     assert changed > 0.9 * len(before)  # the float model's own weights moved
 
 
-def test_calibration_images_are_stratified_and_as_many_as_export_uses():
+def test_calibration_images_are_the_ones_export_calibrates_on(tmp_path):
     from mri_edge.config import ExportConfig
+    from mri_edge.export.calibration import calibration_set
 
-    labels = np.repeat(np.arange(4), [500, 500, 500, 40])
-    images = np.arange(len(labels))[:, None]
-    picked = qat.calibration_images(images, labels, seed=0)[:, 0]
-    counts = np.bincount(labels[picked], minlength=4)
-    per = ExportConfig.__dataclass_fields__["calib_size"].default // 4
-    assert counts.tolist() == [per, per, per, 40]
+    n = ExportConfig.__dataclass_fields__["calib_size"].default
+    labels = np.repeat(np.arange(4), [150, 150, 150, 40])
+    rows = []
+    for i, y in enumerate(labels):
+        rel = f"c{y}/{i}.png"
+        (tmp_path / f"c{y}").mkdir(exist_ok=True)
+        Image.fromarray(np.full((8, 8), i % 256, np.uint8)).save(tmp_path / rel)
+        rows.append([rel, int(y)])
+    (tmp_path / "split_manifest.json").write_text(json.dumps({"root": str(tmp_path), "class_names": list("abcd"),
+                                                                       "splits": {"train": rows}}))
+    _, used = calibration_set(tmp_path, {"image_size": 8}, n)
+    picked = qat.calibration_images(np.array([r for r, _ in rows]), labels)
+    assert picked.tolist() == used
+    counts = np.bincount(labels[np.isin([r for r, _ in rows], used)], minlength=4)
+    assert counts.sum() == n and counts[3] == 40 and min(counts[:3]) >= (n - 40) // 4  # stratified, topped up
 
 
 @pytest.mark.slow

@@ -28,14 +28,9 @@ def calibration_set(run_dir: Path, cfg: dict, n: int, seed: int = 0) -> tuple[np
     rows = manifest["splits"].get("train") or []
     if not rows:
         raise ExportError("int8 calibration needs the run's training split, and its manifest has none")
-    orders, rng = per_class_indices([y for _, y in rows], seed)
-    per = max(1, n // len(orders))
-    pick = [i for idx in orders.values() for i in idx[:per].tolist()]
-    rest = np.setdiff1d(np.arange(len(rows)), pick)
-    pick += rng.permutation(rest)[: max(0, n - len(pick))].tolist()
     size = int(cfg["image_size"])
     images, used = [], []
-    for i in sorted(pick):
+    for i in calibration_indices([y for _, y in rows], n, seed):
         rel = rows[i][0]
         try:
             images.append(preprocess.load_image(root / rel, size))
@@ -45,6 +40,18 @@ def calibration_set(run_dir: Path, cfg: dict, n: int, seed: int = 0) -> tuple[np
     if not images:
         raise ExportError("no readable training image for int8 calibration")
     return np.stack(images), used
+
+
+def calibration_indices(labels, n: int, seed: int = 0) -> list[int]:
+    """Sorted indices of up to n images: the same number from each class (all of a smaller
+    class), topped up at random to n. Export calibrates on these; `train --quant-aware`
+    measures its simulated ranges on them too."""
+    orders, rng = per_class_indices(labels, seed)
+    per = max(1, n // len(orders))
+    pick = [i for idx in orders.values() for i in idx[:per].tolist()]
+    rest = np.setdiff1d(np.arange(len(labels)), pick)
+    pick += rng.permutation(rest)[: max(0, n - len(pick))].tolist()
+    return sorted(pick)
 
 
 def calibration_manifest(used: list[str], size: int, calib_range: str) -> tuple[dict, dict]:
