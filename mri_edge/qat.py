@@ -125,7 +125,7 @@ def calibration_images(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return images[calibration_indices(labels, ExportConfig.__dataclass_fields__["calib_size"].default)]
 
 
-def phase_setup(base_name: str, train_split, seed: int, log):
+def phase_setup(base_name: str, train_split, log):
     """For each training phase: net -> (the fake-quant model to train in its place, the
     callback that keeps its ranges)."""
     calib = calibration_images(train_split.images, train_split.labels)

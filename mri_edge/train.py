@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     budgets = phase_budgets(cfg.phases, cfg.time_budget_s)
     names = [p["name"] for p in cfg.phases]
     batches = _batches(cfg, dec, log, dist)
-    qat_setup = qat.phase_setup(model_lib.BASE_NAME, dec["train"], cfg.seed, log) if cfg.quant_aware else None
+    qat_setup = qat.phase_setup(model_lib.BASE_NAME, dec["train"], log) if cfg.quant_aware else None
     for pi, phase in enumerate(cfg.phases):
         if pi < first_phase:
             continue
