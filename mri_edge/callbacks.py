@@ -97,6 +97,7 @@ class Keeper(keras.callbacks.Callback):
         self.warmup, self.clock, self.history = warmup, clock, history
         self.monitor, self.best = monitor, best  # best: the monitored value of the kept epoch (None: none yet)
         self.elapsed, self.save, self.log = elapsed, save, log
+        self.last_kept = False  # whether the last epoch run is the kept one (the network holds its weights)
 
     def improved(self, logs: dict) -> bool:
         if not counts(logs, self.monitor):
@@ -116,10 +117,12 @@ class Keeper(keras.callbacks.Callback):
         self.history.append({"phase": self.phase["name"], "epoch": epoch + 1,
                              "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
                              **{k: float(v) for k, v in logs.items() if k != "learning_rate"}})
-        if self.improved(logs):
+        self.last_kept = self.improved(logs)
+        if self.last_kept:
             self.best = float(logs[self.monitor])
-            self.save(self.net, self.run.best_path)
-        self.save(self.net, self.run.checkpoint_path)
+            self.save(self.net, self.run.best_path, self.run.checkpoint_path)
+        else:
+            self.save(self.net, self.run.checkpoint_path)
         self.run.write_state(phase=self.phase_index, epoch=epoch + 1, best={self.monitor: self.best},
                              history=self.history, elapsed_s=self.elapsed(),
                              phase_elapsed_s=self.clock.now() - self.clock.start)

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy `src` to `dst` whole or not at all (see atomic_path)."""
+    with atomic_path(dst, suffix=Path(dst).suffix) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__, data, distribute, preprocess, qat, quiet, report
 from .config import TrainConfig
 from .errors import MriEdgeError
-from .files import sha256_file
+from .files import atomic_copy, sha256_file
 from .progress import Heartbeat, Progress
 from .run import RunFolder
 from .schedule import PhaseClock, phase_budgets
@@ -192,16 +192,17 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
                      lambda: time.time() - t_start, traced=cfg.eager or pi > first_phase, log=log,
                      callbacks=callbacks, dist=dist, qat_setup=qat_setup)
         if pi + 1 < len(cfg.phases) and best_phase(history, cfg.monitor, names[:pi + 1]) == pi:
-            model_lib.save_model(net, work.best_of_phases_path)  # the run's best so far: this phase's
+            atomic_copy(work.checkpoint_path, work.best_of_phases_path)  # the run's best so far: this phase's
         work.write_state(phase=pi + 1, epoch=0, history=history, elapsed_s=time.time() - t_start)
         work.best_path.unlink(missing_ok=True)
     best = best_phase(history, cfg.monitor, names)
+    kept = work.checkpoint_path  # the last phase's best epoch, which the network holds
     if best is not None and best < len(names) - 1 and work.best_of_phases_path.is_file():
         net.set_weights(model_lib.load_model(work.best_of_phases_path).get_weights())
         log(f"kept the best epoch of phase '{names[best]}': by {cfg.monitor}, no later phase beat it")
+        kept = work.best_of_phases_path
+    atomic_copy(kept, work.model_path)  # the file of the network's weights: a copy, not a second serialisation
     work.best_of_phases_path.unlink(missing_ok=True)
-
-    model_lib.save_model(net, work.model_path)  # every worker: saving reads variables synchronised across them
     if not dist.is_chief:
         distribute.remove_worker_folder(work)
         log(f"worker {dist.worker_index + 1} of {dist.workers}: trained; the chief writes {run.path}")
@@ -250,7 +251,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
                                       phase["freeze_bn"])
     log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
         f"{n_trainable} trainable DenseNet121 layers with weights")
-    best = run.saved_best(state, cfg.monitor)
+    best, holds_best = run.saved_best(state, cfg.monitor), False  # holds_best: the network holds the kept epoch
     if start_epoch < phase["epochs"]:  # else interrupted after the phase's last epoch: only the restore is left
         dist = dist or distribute.Distribution()
         with dist.scope():
@@ -269,12 +270,13 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)
-        best = keeper.best
+        best, holds_best = keeper.best, keeper.last_kept
     if run.best_path.exists():
         # Keep the best epoch of this phase (restore_best_weights does not survive a resume), and
         # checkpoint it, so an interrupt early in the next phase resumes from these weights.
-        net.set_weights(model_lib.load_model(run.best_path).get_weights())
-        model_lib.save_model(net, run.checkpoint_path)
+        if not holds_best:  # else the network and the checkpoint hold it already
+            net.set_weights(model_lib.load_model(run.best_path).get_weights())
+            atomic_copy(run.best_path, run.checkpoint_path)
         log(f"phase '{phase['name']}': restored best epoch ({cfg.monitor} {'?' if best is None else f'{best:.4f}'})")
 
 

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -84,6 +85,7 @@ def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_da
     moved = tmp_path / "data-elsewhere"
     shutil.copytree(synth_data, moved)
     before = json.loads((run / "test_report.json").read_text())
+    probs_before = json.loads((run / "test_predictions.json").read_text())["probs"]
     manifest_before = (run / "split_manifest.json").read_text()
 
     wrong = tmp_path / "wrong"
@@ -97,6 +99,9 @@ def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_da
     assert json.loads((run / "split_manifest.json").read_text())["root"] == str(moved.resolve())
     after = json.loads((run / "test_report.json").read_text())
     assert after["accuracy"] == before["accuracy"] and after["confusion_matrix"] == before["confusion_matrix"]
+    # model.keras is the network train reported on (a copy of its kept epoch's file, not saved again)
+    probs_after = json.loads((run / "test_predictions.json").read_text())["probs"]
+    assert np.allclose(probs_after, probs_before, rtol=0, atol=1e-5)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data_dir"] == str(moved) and cfg["evaluated"]["versions"]["backend"]
 

@@ -99,7 +99,7 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(synth_data, cache_dir, t
 
     out = tmp_path / "run"
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(out), weights="none", image_size=32,
-                      batch_size=16, epochs_head=0, epochs_finetune=2, dense_units=8, cache_dir=str(cache_dir),
+                      batch_size=32, epochs_head=0, epochs_finetune=2, dense_units=8, cache_dir=str(cache_dir),
                       eager=True, limit_per_class=6, label_smoothing=0.1, mixup=0.2, weight_decay=1e-4,
                       select_by="accuracy")
     with pytest.raises(KeyboardInterrupt):
@@ -129,7 +129,8 @@ def test_keeper_keeps_the_epoch_the_rule_selects(tmp_path, select_by, kept):
     saved = {}
     net, run = Net(), RunFolder(tmp_path)
     keeper = Keeper(run, net, {"name": "finetune", "epochs": 4, "lr": 1e-3}, 0, 0, PhaseClock(None), [],
-                    "val_" + select_by, None, lambda *_: 0.0, lambda n, path: saved.__setitem__(path.name, n.epoch),
+                    "val_" + select_by, None, lambda *_: 0.0,
+                    lambda n, *paths: saved.update({path.name: n.epoch for path in paths}),
                     print)
     keeper.set_model(type("Model", (), {"optimizer": Opt(), "stop_training": False})())
     # loss and accuracy disagree, as on a grouped split of new subjects
@@ -173,7 +174,7 @@ def test_a_run_keeps_an_earlier_phase_when_no_later_epoch_beats_it(tiny_run, syn
     logs = []
     # a fine-tune rate this large wrecks the fine-tuned network: the head epoch must be what is kept
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), image_size=32,
-                      weights=str(tiny_run / "model.keras"), batch_size=8, epochs_head=1, epochs_finetune=1,
+                      weights=str(tiny_run / "model.keras"), batch_size=16, epochs_head=1, epochs_finetune=1,
                       lr_finetune=1e4, unfreeze="all", dense_units=16, cache_dir=str(cache_dir), eager=True,
                       limit_per_class=4)
     run = train(cfg, log=logs.append)
@@ -217,7 +218,7 @@ def test_same_seed_same_split_and_initial_weights(synth_data):
 @pytest.mark.slow
 def test_real_tumor_subset_trains(shared_data, tmp_path, cache_dir):
     cfg = TrainConfig(task="tumor", data_dir=str(shared_data / "brain-tumor-mri"), out=str(tmp_path / "r"),
-                      weights="none", image_size=32, batch_size=16, epochs_head=0, epochs_finetune=1,
+                      weights="none", image_size=32, batch_size=32, epochs_head=0, epochs_finetune=1,
                       dense_units=16, limit_per_class=8, cache_dir=str(cache_dir), eager=True)
     run = train(cfg, log=lambda *_: None)
     rep = json.loads((run / "test_report.json").read_text())
