@@ -106,7 +106,7 @@ def test_train_quant_aware_keeps_ranges_each_epoch_and_saves_a_float_model(synth
 
     logs = []
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "q"), weights="none",
-                      image_size=TINY, batch_size=8, epochs_head=0, epochs_finetune=2, dense_units=8,
+                      image_size=TINY, batch_size=16, epochs_head=0, epochs_finetune=2, dense_units=8,
                       cache_dir=str(cache_dir), eager=True, limit_per_class=4, quant_aware=True)
     run = train(cfg, log=logs.append)
     assert sum("quant-aware: ranges of" in m for m in logs) == 2, logs  # before each epoch

@@ -58,12 +58,13 @@ def interrupt_when(cmd, ready, sig, timeout=120):
     return proc.returncode, err, kids
 
 
-def test_an_interrupted_export_leaves_no_worker_and_a_matching_index(tiny_run, tmp_path, sig=signal.SIGTERM):
+def test_an_interrupted_export_leaves_no_worker_and_a_matching_index(micro_run, tmp_path, sig=signal.SIGTERM):
     """Interrupted once the first new file has landed, while the workers convert the others
-    (the DenseNet121 export takes about a minute, so the signal arrives mid-way). SIGINT takes
-    the same way out (`clitools.terminate`); the bench test below sends both."""
+    (each worker starts TensorFlow and converts three files, a second or more each, so the
+    signal, sent within 0.2 s, arrives mid-way). SIGINT takes the same way out
+    (`clitools.terminate`); the bench test below sends both."""
     run = tmp_path / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("exports"))
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("exports"))
     index = run / "exports" / "exports.json"
     cmd = [sys.executable, "-m", "mri_edge.cli", "export", str(run), "--format", "tflite", "--format", "onnx",
            "--workers", "2", "--calib-size", "16"]
