@@ -196,12 +196,11 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
         work.write_state(phase=pi + 1, epoch=0, history=history, elapsed_s=time.time() - t_start)
         work.best_path.unlink(missing_ok=True)
     best = best_phase(history, cfg.monitor, names)
-    kept = work.checkpoint_path  # the last phase's best epoch, which the network holds
     if best is not None and best < len(names) - 1 and work.best_of_phases_path.is_file():
         net.set_weights(model_lib.load_model(work.best_of_phases_path).get_weights())
         log(f"kept the best epoch of phase '{names[best]}': by {cfg.monitor}, no later phase beat it")
-        kept = work.best_of_phases_path
-    atomic_copy(kept, work.model_path)  # the file of the network's weights: a copy, not a second serialisation
+        atomic_copy(work.best_of_phases_path, work.checkpoint_path)  # an interrupt from here on resumes with it
+    atomic_copy(work.checkpoint_path, work.model_path)  # the network's weights: a copy, not a second serialisation
     work.best_of_phases_path.unlink(missing_ok=True)
     if not dist.is_chief:
         distribute.remove_worker_folder(work)
