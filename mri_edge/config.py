@@ -15,6 +15,8 @@ from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, OPENVIN
 
 
 SELECT_BY = ("loss", "accuracy", "macro_f1")  # validation metrics that can keep an epoch (loss: lowest)
+# TrainConfig fields that regularise one run's training: model cards list them, ensembles drop them.
+REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "quant_aware")
 
 
 def option(default, help: str, **cli):
@@ -67,6 +69,12 @@ class TrainConfig:
                                     minimum=0, maximum=1, max_open=True)
     mixup: float = option(0.0, "Mixup: each training batch blended with a shuffled copy of itself, the weight "
                                "drawn from Beta(a, a) per batch (0: off; 0.2-0.4 is usual).", minimum=0, metavar="A")
+    cutmix: float = option(0.0, "CutMix: a box of a shuffled copy of each training batch pasted into it, its share "
+                                "of the area min(l, 1 - l) for l drawn from Beta(a, a) per batch (0: off; 1.0 is "
+                                "usual). With --mixup, each batch takes one of the two.", minimum=0, metavar="A")
+    drop_path: float = option(0.0, "Stochastic depth: each dense layer's new features dropped per image while "
+                                   "training, at a rate rising with depth to this one (0: off; 0.1-0.2 is usual).",
+                              minimum=0, maximum=1, max_open=True)
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW; 0: plain Adam).", minimum=0)
     # int8 files of weak, narrow-margin models flip answers however the quantizer is tuned
     # (docs/int8.md): train them to tolerate the rounding instead (qat.py).

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import preprocess
 from .errors import MriEdgeError
-from .mixup import partners
+from . import mixup as mixing
 from .files import atomic_path
 from .progress import Progress
 from .tasks import resolve_classes
@@ -354,9 +354,9 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
 
 def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
                  shuffle: bool, seed: int = 0, sample_weights: dict[int, float] | None = None,
-                 shard: tuple[int, int] = (0, 1), mixup: float = 0.0):
+                 shard: tuple[int, int] = (0, 1), mixup: float = 0.0, cutmix: float = 0.0):
     """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels; with
-    mixup > 0 each global batch blended with a permutation of itself (mixup.partners).
+    mixup or cutmix > 0 each global batch blended with a permutation of itself (mixup.py).
 
     shard (k, n): worker k of n takes the k-th of n parts of each global batch of batch_size
     (every worker shuffles with the same seed), so the n parts make up the batch one device
@@ -385,14 +385,15 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
 
         def __getitem__(self, i):
             idx = self.order[i * batch_size : (i + 1) * batch_size]
-            other, lam = partners(idx, mixup, (seed, self.epoch, i)) if mixup else (idx, 1.0)
+            blends = mixup > 0 or cutmix > 0
+            other, lam, box = (mixing.plan(idx, mixup, cutmix, (seed, self.epoch, i), images.shape[1:3])
+                               if blends else (idx, 1.0, None))
             if shard[1] > 1:  # the same cut of both: the workers' parts make up the one-device batch
                 idx, other = (np.array_split(v, shard[1])[shard[0]] for v in (idx, other))
-            x = images[idx].astype(np.float32)
-            y = self.eye[labels[idx]]
+            x, y = images[idx].astype(np.float32), self.eye[labels[idx]]
             w = None if self.w is None else self.w[idx]
-            if mixup:
-                x, y = lam * x + (1 - lam) * images[other], lam * y + (1 - lam) * self.eye[labels[other]]
+            if blends:
+                x, y = mixing.blend(x, images[other], lam, box), lam * y + (1 - lam) * self.eye[labels[other]]
                 w = None if w is None else lam * w + (1 - lam) * self.w[other]
             return (x, y) if w is None else (x, y, w)
 

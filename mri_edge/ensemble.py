@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import data, quiet, report
+from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import sha256_file
 from .run import RunFolder
@@ -106,7 +107,8 @@ def build(run_dirs: list, out, force: bool = False, log=print) -> dict:
          "test_accuracy": m["test_accuracy"]} for m in members]}
     # The first member's config gives the shared facts (task, classes, size, preprocessing, splits,
     # seed); what described its own training or files goes, so nothing here speaks for one member.
-    config = {k: v for k, v in first["config"].items() if k not in ("distribution", "weights_stored", "evaluated")}
+    config = {k: v for k, v in first["config"].items()
+              if k not in ("distribution", "weights_stored", "evaluated", *REGULARISERS)}
     config.update({"out": str(run.path), "data_dir": manifest["root"], "weights": "ensemble", "phases": [],
                    "ensemble": record, "versions": versions(),
                    "wall_time_s": sum(float(m["config"].get("wall_time_s") or 0.0) for m in members)})

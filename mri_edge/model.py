@@ -109,8 +109,30 @@ def _backbone(image_size: int, weights: str):
     return base
 
 
+def with_stochastic_depth(base, rate: float):
+    """The backbone with each dense layer's new feature maps dropped per image while training
+    (stochastic depth, Huang et al. 2016: a dense layer's output is its residual branch), at a
+    rate rising linearly with depth to `rate`. Dropout layers with one draw per image do it, so
+    inference and every export are the plain DenseNet121."""
+    keras = _keras()
+    convs = [layer.name for layer in base.layers if layer.name.endswith("_2_conv") and "_block" in layer.name]
+    rates = {name: rate * (i + 1) / len(convs) for i, name in enumerate(convs)}
+
+    def call(layer, *args, **kwargs):
+        out = layer(*args, **kwargs)
+        if layer.name not in rates:
+            return out
+        drop = keras.layers.Dropout(rates[layer.name], noise_shape=(None, 1, 1, 1),
+                                    name=layer.name.replace("_2_conv", "_drop_path"))
+        return drop(out)
+
+    deep = keras.models.clone_model(base, call_function=call)
+    deep.set_weights(base.get_weights())  # no weights added: the donor's list fits as it is
+    return deep
+
+
 def build_model(num_classes: int, image_size: int = 224, weights: str = "imagenet",
-                dense_units: int = 256, dropout: float = 0.5, seed: int = 42):
+                dense_units: int = 256, dropout: float = 0.5, seed: int = 42, drop_path: float = 0.0):
     """Raw 0-255 RGB in, class probabilities out.
 
     Normalisation (DenseNet's ImageNet mean/std) is a layer of the model, so the
@@ -124,6 +146,8 @@ def build_model(num_classes: int, image_size: int = 224, weights: str = "imagene
     var = [(s * 255.0) ** 2 for s in IMAGENET_STD]
     x = L.Normalization(mean=mean, variance=var, name=NORM_NAME)(inputs)
     base = _backbone(image_size, weights)
+    if drop_path:
+        base = with_stochastic_depth(base, drop_path)
     x = base(x)
     x = L.GlobalAveragePooling2D(name="avg_pool")(x)
     x = L.Dense(dense_units, activation="relu", name="head_dense")(x)
@@ -164,7 +188,8 @@ def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True
     set at 64 px: 49% with the lagging statistics, 84% after re-estimating them).
     """
     base = base_of(model)
-    layers = base.layers
+    # --drop-path's Dropout layers hold no weights: "the top N layers" counts DenseNet121's own.
+    layers = [layer for layer in base.layers if layer.__class__.__name__ != "Dropout"]
     if phase == "head":
         base.trainable = False
         return 0
@@ -208,12 +233,15 @@ def adapt_batchnorm(model, images, batch_size: int = 64, max_batches: int = 40) 
     import numpy as np  # noqa: PLC0415
 
     bns = [layer for layer in base_of(model).layers if layer.__class__.__name__ == "BatchNormalization"]
-    saved = [(b.momentum, b.trainable) for b in bns]
+    drops = [layer for layer in base_of(model).layers if layer.__class__.__name__ == "Dropout"]
+    saved, rates = [(b.momentum, b.trainable) for b in bns], [d.rate for d in drops]
     order = np.random.default_rng(0).permutation(len(images))
     n_batches = min(max_batches, max(1, len(images) // batch_size))
     try:
         for b in bns:
             b.trainable = True  # a frozen BN layer runs in inference mode and would not update
+        for d in drops:  # stochastic depth (--drop-path) off: the statistics are those inference sees
+            d.rate = 0.0
         with no_grad():
             for k in range(n_batches):
                 for b in bns:
@@ -223,6 +251,8 @@ def adapt_batchnorm(model, images, batch_size: int = 64, max_batches: int = 40) 
     finally:
         for b, (m, t) in zip(bns, saved):
             b.momentum, b.trainable = m, t
+        for d, r in zip(drops, rates):
+            d.rate = r
     return int(n_batches * batch_size)
 
 

@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
             # Build first: bad --weights must fail before anything is written (build_model seeds itself).
             with Heartbeat(f"building DenseNet121 ({cfg.image_size} px, weights {cfg.weights})", every=10):
                 net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
-                                            cfg.dropout, cfg.seed)
+                                            cfg.dropout, cfg.seed, cfg.drop_path)
     if dist.replicas > 1:
         n_bn = distribute.synchronise_batchnorm(net)
         log(f"{dist.kind} training on {dist.replicas} replicas ({', '.join(dist.device_names)}), worker "
@@ -229,7 +229,7 @@ def _batches(cfg: TrainConfig, dec: dict, log, dist=None):
     log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
     shard = (dist.worker_index, dist.workers) if dist else (0, 1)
     return (data.make_batches(dec["train"].images, dec["train"].labels, len(names), cfg.batch_size, shuffle=True,
-                              seed=cfg.seed, sample_weights=weights, shard=shard, mixup=cfg.mixup),
+                              seed=cfg.seed, sample_weights=weights, shard=shard, mixup=cfg.mixup, cutmix=cfg.cutmix),
             data.make_batches(dec["val"].images, dec["val"].labels, len(names), cfg.batch_size, shuffle=False,
                               shard=shard))
 

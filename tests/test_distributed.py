@@ -52,19 +52,20 @@ def test_devices_and_tf_config_are_read(monkeypatch):
         distribute.plan(None)
 
 
-@pytest.mark.parametrize("mixup", [0.0, 0.4])
-def test_worker_parts_make_up_the_global_batch_in_an_order_set_by_the_epoch(mixup):
-    images = np.arange(22, dtype=np.uint8).reshape(22, 1, 1, 1).repeat(3, axis=3)
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.0, 0.0), (0.4, 0.0), (0.0, 1.0)])
+def test_worker_parts_make_up_the_global_batch_in_an_order_set_by_the_epoch(mixup, cutmix):
+    images = np.arange(22, dtype=np.uint8)[:, None, None, None].repeat(6, 1).repeat(6, 2).repeat(3, 3)
     labels = np.arange(22) % 4
     weights = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
-    whole = make_batches(images, labels, 4, 8, shuffle=True, seed=3, sample_weights=weights, mixup=mixup)
+    whole = make_batches(images, labels, 4, 8, shuffle=True, seed=3, sample_weights=weights, mixup=mixup,
+                         cutmix=cutmix)
     parts = [make_batches(images, labels, 4, 8, shuffle=True, seed=3, sample_weights=weights, shard=(k, 2),
-                          mixup=mixup) for k in range(2)]
+                          mixup=mixup, cutmix=cutmix) for k in range(2)]
     for epoch in (0, 1, 5):
         for b in (whole, *parts):
             b.set_epoch(epoch)
         for i in range(len(whole)):
-            for j in range(3):  # images, labels and sample weights (blended alike under mixup)
+            for j in range(3):  # images, labels and sample weights (blended alike)
                 joined = np.concatenate([p[i][j] for p in parts])
                 assert np.array_equal(joined, whole[i][j])  # the last batch (6 images) too: 3 + 3
     whole.set_epoch(0)

@@ -36,7 +36,12 @@ def test_the_ensemble_is_the_mean_of_its_members_through_keras_and_tflite(two_ru
 
     a, b = two_runs
     out = tmp_path / "ens"
-    res = CliRunner().invoke(main, ["ensemble", str(a), str(b), "--out", str(out)])
+    saved = (a / "config.json").read_text()
+    (a / "config.json").write_text(json.dumps({**json.loads(saved), "mixup": 0.3}))  # one member's regulariser
+    try:
+        res = CliRunner().invoke(main, ["ensemble", str(a), str(b), "--out", str(out)])
+    finally:
+        (a / "config.json").write_text(saved)
     assert res.exit_code == 0, res.output
     assert "test accuracy" in res.output and f"mri-edge export {out}" in res.output
     x = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
@@ -53,6 +58,7 @@ def test_the_ensemble_is_the_mean_of_its_members_through_keras_and_tflite(two_ru
     assert report["accuracy"] == pytest.approx(float(np.mean(np.argmax(preds["probs"], 1) == preds["labels"])))
     assert "ensemble: the mean of the probabilities of 2 runs" in (out / "train_report.md").read_text()
     assert config["weights"] == "ensemble" and "weights_stored" not in config  # nothing speaks for one member
+    assert config.get("mixup", 0.0) == 0.0  # the first member's recipe is not the ensemble's
     res = CliRunner().invoke(main, ["ensemble", str(out), str(a), "--out", str(tmp_path / "again")])
     assert res.exit_code == 1 and "would count twice" in res.output  # a member inside an ensemble, given again
     res = CliRunner().invoke(main, ["ensemble", str(a), str(b), "--out", str(out)])

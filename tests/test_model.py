@@ -86,6 +86,36 @@ def test_backbone_from_an_earlier_model_and_weights_file(net, tmp_path):
     assert np.array_equal(model_lib.base_of(child2).get_weights()[0], a[0])
 
 
+def test_stochastic_depth_drops_whole_dense_layers_in_training_only(tmp_path):
+    import keras
+
+    net = model_lib.build_model(4, SIZE, "none", dense_units=8, seed=5)  # its own: phases and AdaBN change it
+    path = tmp_path / "donor.keras"
+    net.save(path)
+    deep = model_lib.build_model(4, SIZE, str(path), dense_units=8, dropout=0.0, drop_path=0.2)
+    base = model_lib.base_of(deep)
+    drops = [layer for layer in base.layers if isinstance(layer, keras.layers.Dropout)]
+    assert len(drops) == 58 and drops[-1].rate == pytest.approx(0.2)  # one per dense layer of DenseNet121
+    assert np.allclose(np.diff([d.rate for d in drops]), 0.2 / 58)  # rising linearly with depth
+    assert all(d.noise_shape == (None, 1, 1, 1) for d in drops)  # one draw per image: the whole layer
+    assert all(np.array_equal(a, b) for a, b in zip(model_lib.base_of(net).get_weights(), base.get_weights()))
+    deep.set_weights(net.get_weights())  # same weights, so inference is the plain network's
+    x = np.random.default_rng(1).uniform(0, 255, (8, SIZE, SIZE, 3)).astype(np.float32)
+    assert np.allclose(np.asarray(deep(x, training=False)), np.asarray(net(x, training=False)), atol=1e-5)
+    assert model_lib.set_phase(deep, "finetune", "20", freeze_bn=False) == model_lib.set_phase(
+        net, "finetune", "20", freeze_bn=False)  # --unfreeze N counts DenseNet121's layers, not the Dropouts
+    model_lib.adapt_batchnorm(deep, x, batch_size=4)  # AdaBN sees what inference sees: no layer dropped
+    model_lib.adapt_batchnorm(net, x, batch_size=4)
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(model_lib.base_of(net).get_weights(), base.get_weights()))
+    assert [d.rate for d in drops][-1] == pytest.approx(0.2)  # and the rates are back
+    deep.save(tmp_path / "deep.keras")
+    again = model_lib.load_model(tmp_path / "deep.keras")
+    assert np.allclose(np.asarray(again(x, training=False)), np.asarray(net(x, training=False)), atol=1e-5)
+    keras.utils.set_random_seed(0)
+    a, b = (np.asarray(again(x, training=True)) for _ in range(2))  # (updates its batch-norm statistics)
+    assert not np.allclose(a, b, atol=1e-4)  # a fresh draw per step; head dropout is off here
+
+
 def test_adapt_batchnorm_re_estimates_statistics_without_touching_weights(net):
     base = model_lib.base_of(net)
     bn = next(layer for layer in base.layers if layer.__class__.__name__ == "BatchNormalization")

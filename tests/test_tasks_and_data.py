@@ -176,6 +176,43 @@ def test_mixup_blends_images_labels_and_weights_with_one_weight_per_batch():
     assert np.array_equal(mixed[0][0], again)  # the same blend after a restart of the epoch
 
 
+def test_cutmix_pastes_one_box_per_batch_and_weighs_labels_by_its_area():
+    from mri_edge.data import make_batches
+
+    images = (np.arange(32, dtype=np.uint8) * 7)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)
+    labels = np.arange(32) % 4
+    weights = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    plain = make_batches(images, labels, 4, 8, shuffle=True, seed=1, sample_weights=weights)
+    kinds = set()
+    for mixup in (0.0, 0.4):
+        mixed = make_batches(images, labels, 4, 8, shuffle=True, seed=1, sample_weights=weights, mixup=mixup,
+                             cutmix=1.0)
+        for i in range(len(mixed)):
+            (x0, y0, w0), (x, y, w) = plain[i], mixed[i]
+            assert x.dtype == y.dtype == w.dtype == np.float32  # whichever blend the batch drew
+            own = y[np.arange(len(y)), y0.argmax(1)]
+            lam = own.min()
+            kept = x == x0[:, :1, :1, :1]  # pixels that are still the image's own
+            pasted = ~kept.all(axis=(0, 3))  # the box: where some image took its partner's pixels
+            if not (x % 7 == 0).all():  # a convex blend: mixup's batch, when both are on
+                kinds.add("mixup")
+                continue
+            kinds.add("cutmix")
+            rows, cols = np.nonzero(pasted)
+            if len(rows):  # one rectangle, the same for the whole batch, the rest untouched
+                box = np.zeros_like(pasted)
+                box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+                assert np.array_equal(box, pasted)
+                assert kept[:, ~box].all()
+            other = x[:, rows.min(), cols.min(), 0] if len(rows) else x0[:, 0, 0, 0]
+            area = box.sum() / 64 if len(rows) else 0.0
+            assert 0.5 <= lam <= 1.0 and lam == pytest.approx(1.0 - area)  # the label weight is the area kept
+            classes = (other / 7).round().astype(int) % 4
+            assert np.allclose(own[classes != y0.argmax(1)], lam)  # partners of another class share the label
+            np.testing.assert_allclose(w, lam * w0 + (1 - lam) * np.array([weights[c] for c in classes]), rtol=1e-5)
+    assert kinds == {"mixup", "cutmix"}
+
+
 def test_training_objective_smooths_labels_and_decays_weights():
     import keras
 

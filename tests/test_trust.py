@@ -208,11 +208,14 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     from tests.test_reports import check
 
     run, cal = calibrated_run
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "mixup": 0.2, "drop_path": 0.1, "cutmix": 0.0}))
     res = CliRunner().invoke(main, ["card", str(run)])
     assert res.exit_code == 0, res.output
     card = json.loads((run / "model_card.json").read_text())
     text = check(run / "model_card.md")
     assert "not a medical device" in text
+    assert "regularisers: mixup 0.2, drop_path 0.1; phases:" in text and card["recipe"]["drop_path"] == 0.1
     assert card["calibration"]["trust"] == cal["trust"]
     assert {f["file"] for f in card["files"]} == set(cal["updated_files"])
     assert "latency (mri-edge bench)" in card["missing"]  # no bench yet: said, not invented
