@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped tumor model and the grouped Alzheimer runs of docs/results.md on
-# ../shared/data with the product's own commands (2 CPU cores, AMD EPYC: about 14.5 hours). Run folders land in artifacts/runs/;
+# ../shared/data with the product's own commands (2 CPU cores, AMD EPYC: about 16.5 hours). Run folders land in artifacts/runs/;
 # SHIP=1 also copies the finished tumor run into artifacts/tumor
 # (benchmarks/ship.sh), replacing the tumor files shipped there.
 set -euo pipefail
@@ -74,6 +74,13 @@ python benchmarks/tta.py --run artifacts/runs/alzheimer-64px-grouped-long   # th
 # shellcheck disable=SC2086
 mri-edge train ${ALZ64/--time-budget 100/--time-budget 55} --mixup 0.2 --label-smoothing 0.1 --select-by accuracy \
     --weight-decay 0.05 --out artifacts/runs/alzheimer-64px-grouped-wd
+# CutMix in place of mixup, then stochastic depth on the -grouped-reg recipe, each at 55 minutes
+# shellcheck disable=SC2086
+mri-edge train ${ALZ64/--time-budget 100/--time-budget 55} --cutmix 1.0 --label-smoothing 0.1 --select-by accuracy \
+    --out artifacts/runs/alzheimer-64px-grouped-cutmix   # 56.9% on test, held-out 57.0%
+# shellcheck disable=SC2086
+mri-edge train ${ALZ64/--time-budget 100/--time-budget 55} --mixup 0.2 --label-smoothing 0.1 --select-by accuracy \
+    --drop-path 0.2 --out artifacts/runs/alzheimer-64px-grouped-droppath
 # a third cycle from -reg2 (67.7% on test, 2 held-out images behind it), then all six ranked
 ALZ64C=${ALZ64B/alzheimer-64px-grouped-reg\/model/alzheimer-64px-grouped-reg2\/model}
 ALZ64C=${ALZ64C/--lr-finetune 1.5e-4/--lr-finetune 1e-4}
