@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import mixup as mixing
 from . import preprocess
 from .errors import MriEdgeError
-from . import mixup as mixing
 from .files import atomic_path
 from .progress import Progress
 from .tasks import resolve_classes

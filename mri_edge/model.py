@@ -11,6 +11,7 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 BASE_NAME = "densenet121"
 NORM_NAME = "imagenet_normalization"
+DROP_PATH = "_drop_path"  # name suffix of --drop-path's Dropout layers inside the backbone
 
 
 class WeightsError(MriEdgeError):
@@ -123,7 +124,7 @@ def with_stochastic_depth(base, rate: float):
         if layer.name not in rates:
             return out
         drop = keras.layers.Dropout(rates[layer.name], noise_shape=(None, 1, 1, 1),
-                                    name=layer.name.replace("_2_conv", "_drop_path"))
+                                    name=layer.name.replace("_2_conv", DROP_PATH))
         return drop(out)
 
     deep = keras.models.clone_model(base, call_function=call)
@@ -189,7 +190,7 @@ def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True
     """
     base = base_of(model)
     # --drop-path's Dropout layers hold no weights: "the top N layers" counts DenseNet121's own.
-    layers = [layer for layer in base.layers if layer.__class__.__name__ != "Dropout"]
+    layers = [layer for layer in base.layers if not layer.name.endswith(DROP_PATH)]
     if phase == "head":
         base.trainable = False
         return 0
@@ -233,7 +234,7 @@ def adapt_batchnorm(model, images, batch_size: int = 64, max_batches: int = 40) 
     import numpy as np  # noqa: PLC0415
 
     bns = [layer for layer in base_of(model).layers if layer.__class__.__name__ == "BatchNormalization"]
-    drops = [layer for layer in base_of(model).layers if layer.__class__.__name__ == "Dropout"]
+    drops = [layer for layer in base_of(model).layers if layer.name.endswith(DROP_PATH)]
     saved, rates = [(b.momentum, b.trainable) for b in bns], [d.rate for d in drops]
     order = np.random.default_rng(0).permutation(len(images))
     n_batches = min(max_batches, max(1, len(images) // batch_size))
