@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped tumor model and the grouped Alzheimer runs of docs/results.md on
-# ../shared/data with the product's own commands (2 CPU cores, AMD EPYC: about 16.5 hours). Run folders land in artifacts/runs/;
+# ../shared/data with the product's own commands (2 CPU cores, AMD EPYC: about 17 hours). Run folders land in artifacts/runs/;
 # SHIP=1 also copies the finished tumor run into artifacts/tumor
 # (benchmarks/ship.sh), replacing the tumor files shipped there.
 set -euo pipefail
@@ -100,6 +100,18 @@ for R in $R2 artifacts/runs/alzheimer-64px-grouped-qat2; do
     cp "$R"/{model.keras,config.json,labels.json,split_manifest.json,test_report.json,test_predictions.json,state.json} "$P"/
     mri-edge export "$P" --format tflite --format onnx --quantize int8 --float-head
     mri-edge verify "$P" --dedup "$AA" --explain-images 0 || true
+done
+
+# the shipped Alzheimer model, whose run folder is not kept: its Keras model back from the
+# shipped fp16 file, then plain and accuracy-aware int8 files of it (docs/int8.md)
+RS=artifacts/runs/alzheimer-128px-noaug
+python benchmarks/recover_run.py artifacts/alzheimer --out $RS
+mri-edge evaluate $RS --dedup "$AA"
+for D in none 1 0.2; do
+    # shellcheck disable=SC2046
+    mri-edge export $RS --format all --quantize int8 --bn-scales per-channel --float-head \
+        $( [ "$D" = none ] || echo --max-drop "$D" )
+    mri-edge verify $RS --dedup "$AA" || true
 done
 
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,30 @@ def test_openvino_int8_is_quantized_and_a_missing_weights_file_fails_cleanly(exp
     (tmp_path / "model_int8.bin").write_bytes(b"garbage")
     with pytest.raises(runtime.RuntimeModelError, match="not a loadable OpenVINO IR"):
         open_model(lone)
+
+
+def test_recover_rebuilds_the_keras_model_from_a_float_tflite_file(exported_run, tmp_path):
+    """benchmarks/recover_run.py: a shipped folder that lost its model.keras gets it back from
+    its float TFLite file (every batch norm folded or turned into a depthwise convolution)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import recover_run
+
+    from mri_edge.model import load_model, round_kernels_fp16
+
+    out = tmp_path / "recovered"
+    with pytest.raises(MriEdgeError, match="recover needs a float"):
+        recover_run.recover(exported_run, out, "exports/model_int8.tflite")
+    assert not out.exists()  # nothing written for a refused file
+    r = recover_run.recover(exported_run, out, "exports/model_fp32.tflite")
+    assert r["max_abs_diff"] < 1e-4
+    x = np.random.default_rng(5).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
+    trained, recovered = load_model(exported_run / "model.keras"), load_model(out / "model.keras")
+    assert r["rounded_values"] > 0  # the fp32 file's kernels, stored as float16 like a shipped model.keras
+    round_kernels_fp16(trained)
+    assert np.abs(np.asarray(recovered(x, training=False)) - np.asarray(trained(x, training=False))).max() < 1e-4
+    assert [w.shape for w in recovered.weights] == [w.shape for w in trained.weights]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["weights_stored"]["from"]["sha256"] == sha256_file(exported_run / "exports" / "model_fp32.tflite")
+    assert json.loads((out / "labels.json").read_text()) == json.loads((exported_run / "labels.json").read_text())
+    with pytest.raises(MriEdgeError, match="exists"):
+        recover_run.recover(exported_run, out, "exports/model_fp32.tflite")

@@ -13,6 +13,7 @@ OpenVINO files an `rt_info` entry.
     tflite, onnx, openvino   one module per backend: convert, I/O details, metadata
     pool         units of work and the worker processes (typed WorkerContext)
     pipeline     export_run: plan -> calibrate -> run units -> land files + exports.json
+    recover      the inverse: a Keras model back from a float TFLite file of the deployment graph
 """
 
 import importlib
