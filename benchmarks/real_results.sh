@@ -106,13 +106,15 @@ done
 # shipped fp16 file, then plain and accuracy-aware int8 files of it (docs/int8.md)
 RS=artifacts/runs/alzheimer-128px-noaug
 python benchmarks/recover_run.py artifacts/alzheimer --out $RS
-mri-edge evaluate $RS --dedup "$AA"
+mri-edge evaluate $RS --data-dir "$A" --dedup "$AA"
 for D in none 1 0.2; do
     # shellcheck disable=SC2046
     mri-edge export $RS --format all --quantize int8 --bn-scales per-channel --float-head \
         $( [ "$D" = none ] || echo --max-drop "$D" )
     mri-edge verify $RS --dedup "$AA" || true
 done
+mri-edge export $RS --format tflite --quantize int8 --bn-scales per-channel --float-head --max-drop 0  # over budget
+mri-edge verify $RS --dedup "$AA" --file $RS/exports/model_int8.tflite || true
 
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one
     mri-edge evaluate "$1" --fp16-weights                      # model.keras stored compact (ships)

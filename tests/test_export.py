@@ -294,28 +294,50 @@ def test_openvino_int8_is_quantized_and_a_missing_weights_file_fails_cleanly(exp
         open_model(lone)
 
 
-def test_recover_rebuilds_the_keras_model_from_a_float_tflite_file(exported_run, tmp_path):
+def test_recover_rebuilds_the_keras_model_from_a_float_tflite_file(exported_run, tmp_path, monkeypatch):
     """benchmarks/recover_run.py: a shipped folder that lost its model.keras gets it back from
     its float TFLite file (every batch norm folded or turned into a depthwise convolution)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import shutil
+
+    import keras
+
+    from mri_edge.model import base_of, load_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import recover_run
 
-    from mri_edge.model import load_model, round_kernels_fp16
-
-    out = tmp_path / "recovered"
     with pytest.raises(MriEdgeError, match="recover needs a float"):
-        recover_run.recover(exported_run, out, "exports/model_int8.tflite")
-    assert not out.exists()  # nothing written for a refused file
-    r = recover_run.recover(exported_run, out, "exports/model_fp32.tflite")
-    assert r["max_abs_diff"] < 1e-4
+        recover_run.recover(exported_run, tmp_path / "refused", "exports/model_int8.tflite")
+    r = recover_run.recover(exported_run, tmp_path / "fp16", "exports/model_fp16.tflite")
+    assert r["max_abs_diff"] < 1e-4 and r["kernels"] == "float16"
+    cfg = json.loads((tmp_path / "fp16" / "config.json").read_text())
+    assert cfg["weights_stored"]["from"]["sha256"] == sha256_file(exported_run / "exports" / "model_fp16.tflite")
+    with pytest.raises(MriEdgeError, match="already holds a trained model"):
+        recover_run.recover(exported_run, tmp_path / "fp16", "exports/model_fp16.tflite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16"]  # nothing half-written beside it
+
+    # Two training steps leave the batch norms near identity, which would hide a wrong mapping
+    # of their scale and offset: give every one random statistics, export fp32, recover.
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for f in ("config.json", "labels.json", "split_manifest.json"):
+        shutil.copy(exported_run / f, shipped / f)
+    net = load_model(exported_run / "model.keras")
+    rng = np.random.default_rng(3)
+    for layer in base_of(net).layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c),
+                               rng.uniform(0.5, 2.0, c)])
+    net.save(shipped / "model.keras")
+    _, failures = export_lib.export_run(shipped, ("tflite",), ("none",), "uint8", calib_size=4, log=lambda *_: None,
+                                        workers=1)
+    assert not failures
+    r = recover_run.recover(shipped, tmp_path / "fp32", "exports/model_fp32.tflite")
+    assert r["kernels"] == "float32"
+    recovered = load_model(tmp_path / "fp32" / "model.keras")
     x = np.random.default_rng(5).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
-    trained, recovered = load_model(exported_run / "model.keras"), load_model(out / "model.keras")
-    assert r["rounded_values"] > 0  # the fp32 file's kernels, stored as float16 like a shipped model.keras
-    round_kernels_fp16(trained)
-    assert np.abs(np.asarray(recovered(x, training=False)) - np.asarray(trained(x, training=False))).max() < 1e-4
-    assert [w.shape for w in recovered.weights] == [w.shape for w in trained.weights]
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["weights_stored"]["from"]["sha256"] == sha256_file(exported_run / "exports" / "model_fp32.tflite")
-    assert json.loads((out / "labels.json").read_text()) == json.loads((exported_run / "labels.json").read_text())
-    with pytest.raises(MriEdgeError, match="exists"):
-        recover_run.recover(exported_run, out, "exports/model_fp32.tflite")
+    normalised = net.get_layer("imagenet_normalization")(x)
+    want = np.asarray(base_of(net)(normalised, training=False))
+    got = np.asarray(base_of(recovered)(normalised, training=False))
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())

@@ -5,6 +5,25 @@ from __future__ import annotations
 import numpy as np
 
 
+POOL_SUFFIX, CONV_SUFFIX = "_avgpool", "_1x1"  # names of a swapped transition's two parts
+
+
+def _batchnorms(net, after_conv: bool) -> dict:
+    """{BN name: (BN, its convolution or None)} for the BNs that do (or do not) follow a convolution."""
+    import keras  # noqa: PLC0415
+
+    found = {}
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            parents = [n.operation for n in layer._inbound_nodes[0].parent_nodes]
+            convs = [p for p in parents if isinstance(p, keras.layers.Conv2D)]
+            if bool(convs) == after_conv:
+                found[layer.name] = (layer, convs[0] if convs else None)
+        elif hasattr(layer, "layers"):
+            found.update(_batchnorms(layer, after_conv))
+    return found
+
+
 def affine_batchnorms(net) -> dict:
     """BatchNormalization layers whose input is not a convolution's output.
 
@@ -12,17 +31,12 @@ def affine_batchnorms(net) -> dict:
     pre-activation BNs follow a concatenation, and each became a MUL and an ADD: two int8
     passes with requantization over the whole concatenated feature map, 62 times.
     """
-    import keras  # noqa: PLC0415
+    return {name: bn for name, (bn, _) in _batchnorms(net, after_conv=False).items()}
 
-    found = {}
-    for layer in net.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            parents = [n.operation for n in layer._inbound_nodes[0].parent_nodes]
-            if not any(isinstance(p, keras.layers.Conv2D) for p in parents):
-                found[layer.name] = layer
-        elif hasattr(layer, "layers"):
-            found.update(affine_batchnorms(layer))
-    return found
+
+def folded_batchnorms(net) -> dict:
+    """{convolution name: the BatchNormalization after it} (the BNs the converters fold)."""
+    return {conv.name: bn for bn, conv in _batchnorms(net, after_conv=True).values()}
 
 def pooled_linear_convs(net) -> dict:
     """{1x1 linear Conv2D name: the AveragePooling2D right after it} (DenseNet's transitions)."""
@@ -71,8 +85,8 @@ def deployment_graph(model):
         def __init__(self, conv_config: dict, pool_size, **kwargs):
             super().__init__(name=conv_config["name"], **kwargs)
             self.pool = keras.layers.DepthwiseConv2D(pool_size, strides=pool_size, use_bias=False,
-                                                     name=conv_config["name"] + "_avgpool")
-            self.conv = keras.layers.Conv2D.from_config({**conv_config, "name": conv_config["name"] + "_1x1"})
+                                                     name=conv_config["name"] + POOL_SUFFIX)
+            self.conv = keras.layers.Conv2D.from_config({**conv_config, "name": conv_config["name"] + CONV_SUFFIX})
 
         def build(self, input_shape):
             self.pool.build(input_shape)

@@ -12,7 +12,7 @@ the deployment graph (`graph.deployment_graph`) with every batch norm folded awa
   pooling's fixed 1/4 weights are checked and dropped;
 - dense layers keep their kernel (transposed) and bias.
 
-Every weighted layer of the Keras model must be set exactly once, or nothing is returned.
+Every weighted layer of the Keras model must be set exactly once, or none is set.
 The weights are those of the file (float16 in an fp16 file), so the model is the file's
 function in float32, not the trained model's; it differs from it by the fp16 rounding.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import ExportError
+from .graph import CONV_SUFFIX, folded_batchnorms
 
 _TF_SUFFIX = re.compile(r"_\d+$")  # TensorFlow's tracing suffix: conv1_conv_1 -> conv1_conv
 
@@ -37,19 +38,6 @@ def _weighted_layers(net) -> dict:
         elif layer.weights:
             out[layer.name] = layer
     return out
-
-
-def _bn_after(layers: dict) -> dict:
-    """{convolution name: the BatchNormalization that follows it}."""
-    import keras  # noqa: PLC0415
-
-    found = {}
-    for layer in layers.values():
-        if isinstance(layer, keras.layers.BatchNormalization):
-            parents = [n.operation for n in layer._inbound_nodes[0].parent_nodes]
-            if len(parents) == 1 and isinstance(parents[0], keras.layers.Conv2D):
-                found[parents[0].name] = layer
-    return found
 
 
 def _tflite_weighted_ops(path: Path):
@@ -84,52 +72,62 @@ def _tflite_weighted_ops(path: Path):
 
 def keras_from_tflite(path, net) -> int:
     """Set the weights of `net` (built by `model.build_model` with the run's config) from the
-    float TFLite file at `path`; returns the number of layers set."""
+    float TFLite file at `path`; returns the number of layers set. On any mismatch it raises
+    ExportError before a single layer is set."""
+    import keras  # noqa: PLC0415
+
     path = Path(path)
     layers = _weighted_layers(net)
-    bn_after = _bn_after(layers)
+    bn_after = folded_batchnorms(net)
     weights: dict[str, list[np.ndarray]] = {}
 
-    def layer(name):
-        if name not in layers:
-            raise ExportError(f"{path.name}: layer {name!r} is not in the model built from the run's config")
-        return layers[name]
+    def layer(name, kind):
+        found = layers.get(name)
+        if not isinstance(found, kind):
+            raise ExportError(f"{path.name}: no {kind.__name__} layer {name!r} in the model built from the run's "
+                              "config; not an mri-edge export of it")
+        return found
 
     def put(name, values):
         if name in weights:
             raise ExportError(f"{path.name}: layer {name!r} appears twice")
         weights[name] = values
 
+    def zeros(n):
+        return np.zeros(n, np.float32)
+
     def bn_weights(bn, scale, bias):  # a BN computing scale * x + bias
         c = scale.shape[0]
-        bias = np.zeros(c, np.float32) if bias is None else bias
-        return [scale, bias, np.zeros(c, np.float32), np.full(c, 1.0 - bn.epsilon, np.float32)]
+        return [scale, zeros(c) if bias is None else bias, zeros(c), np.full(c, 1.0 - bn.epsilon, np.float32)]
 
     for op, name, kernel, bias in _tflite_weighted_ops(path):
         if op == "DEPTHWISE_CONV_2D" and kernel.shape[1:3] != (1, 1):  # a transition's average pooling
             if not np.allclose(kernel, 1.0 / (kernel.shape[1] * kernel.shape[2])) or (bias is not None and bias.any()):
                 raise ExportError(f"{path.name}: {name} is not an average pooling; not an mri-edge export")
         elif op == "DEPTHWISE_CONV_2D":
-            put(name, bn_weights(layer(name), kernel.reshape(-1), bias))
+            put(name, bn_weights(layer(name, keras.layers.BatchNormalization), kernel.reshape(-1), bias))
         elif op == "CONV_2D":
-            name = name.removesuffix("_1x1")  # a transition's convolution, run after its pooling
-            conv = layer(name)
-            put(name, [kernel.transpose(1, 2, 3, 0)] + ([bias] if conv.use_bias else []))
-            if name in bn_after:
+            name = name.removesuffix(CONV_SUFFIX)  # a transition's convolution, run after its pooling
+            conv = layer(name, keras.layers.Conv2D)
+            n = kernel.shape[0]
+            if name in bn_after:  # the file's bias is the folded BN's: it goes there, once
                 bn = bn_after[name]
-                put(bn.name, bn_weights(bn, np.ones(kernel.shape[0], np.float32), bias))
+                put(bn.name, bn_weights(bn, np.ones(n, np.float32), bias))
+                bias = None
             elif not conv.use_bias and bias is not None and bias.any():
                 raise ExportError(f"{path.name}: {name} has a bias that the model's layer cannot hold")
+            put(name, [kernel.transpose(1, 2, 3, 0)] + ([zeros(n) if bias is None else bias] if conv.use_bias else []))
         else:
-            put(layer(name).name, [kernel.T, bias])
+            dense = layer(name, keras.layers.Dense)
+            put(name, [kernel.T] + ([zeros(kernel.shape[0]) if bias is None else bias] if dense.use_bias else []))
     missing = sorted(set(layers) - set(weights))
     if missing:
         raise ExportError(f"{path.name}: no weights for {len(missing)} layer(s) of the model, e.g. {missing[0]}")
     for name, values in weights.items():
-        layer = layers[name]
-        shapes = [tuple(w.shape) for w in layer.get_weights()]
+        shapes = [tuple(w.shape) for w in layers[name].get_weights()]
         if [v.shape for v in values] != shapes:
             raise ExportError(f"{path.name}: {name} holds {[v.shape for v in values]}, the model's layer {shapes}; "
                               "built with another config?")
-        layer.set_weights(values)
+    for name, values in weights.items():
+        layers[name].set_weights(values)
     return len(weights)
