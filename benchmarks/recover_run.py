@@ -70,6 +70,7 @@ def recover(shipped_dir: Path, out: Path, tflite: str) -> dict:
                                 drop_path=cfg.drop_path)
     layers = keras_from_tflite(source, net)
     compact = meta["quantization"] == "fp16"
+    kernels = "float16" if compact else "float32"
     if compact and model_lib.round_kernels_fp16(net):
         raise MriEdgeError(f"{source.name}: kernels that are not float16 in an fp16 file")
     x = check_images(shipped, cfg.image_size)
@@ -87,13 +88,13 @@ def recover(shipped_dir: Path, out: Path, tflite: str) -> dict:
             atomic_copy(shipped / f, tmp / f)
         (model_lib.save_compact if compact else model_lib.save_model)(net, tmp / "model.keras")
         write_json(tmp / "config.json", {**saved, "weights_stored": {
-            "kernels": "float16" if compact else "float32",
+            "kernels": kernels,
             "from": {"file": source.name, "sha256": sha256_file(source), "recovered_layers": layers,
                      "shipped_folder": str(shipped_dir)}}})
         if out.exists():
             out.rmdir()  # empty (checked above); the rename needs the name free
         tmp.rename(out)
-    return {"layers": layers, "max_abs_diff": diff, "images": len(x), "kernels": "float16" if compact else "float32"}
+    return {"layers": layers, "max_abs_diff": diff, "images": len(x), "kernels": kernels}
 
 
 def main() -> None:

@@ -31,13 +31,9 @@ _TF_SUFFIX = re.compile(r"_\d+$")  # TensorFlow's tracing suffix: conv1_conv_1 -
 
 
 def _weighted_layers(net) -> dict:
-    out = {}
-    for layer in net.layers:
-        if hasattr(layer, "layers"):
-            out.update(_weighted_layers(layer))
-        elif layer.weights:
-            out[layer.name] = layer
-    return out
+    """{name: layer} of the layers that hold weights, nested models walked (as distribute.py does)."""
+    return {layer.name: layer for layer in net._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001
+            if layer.weights and not hasattr(layer, "layers")}
 
 
 def _tflite_weighted_ops(path: Path):
