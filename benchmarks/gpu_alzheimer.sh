@@ -7,11 +7,11 @@
 # (the training code is backend-neutral); keras, namex and optree travel as wheels in
 # .whl/. The data cannot be reached from there: .gpu/ carries a copy of
 # ../shared/data/alzheimer-mri (ignored by git, removed afterwards), the Alzheimer audit
-# and the tumor model's DenseNet121 backbone (int8 kernels: an initialisation only).
+# and the tumor model's DenseNet121 backbone (fp16 weights file: an initialisation only).
 # The runs share the GPU at once (each is bound by Python dispatch, not by the GPU), each
 # fits its training into --time-budget minutes, and all hold out the same grouped split.
 #
-# Prepare here:  bash benchmarks/gpu_alzheimer.sh --prepare   (.gpu/ is ~58 MB; where at most 64 MiB may
+# Prepare here:  bash benchmarks/gpu_alzheimer.sh --prepare   (.gpu/ is ~50 MB; where at most 64 MiB may
 #                travel, move artifacts/ aside for the call: its tracked model files are 72 MB)
 # Run there:     bash benchmarks/gpu_alzheimer.sh   (writes $OUT/runs.tgz.* and logs)
 # Back here:     cat runs.tgz.* | tar xzf - -C artifacts   (-> artifacts/runs/<run>), then
@@ -32,24 +32,25 @@ if [ "${1:-}" = "--prepare" ]; then
     mkdir -p .gpu/data
     rm -rf .gpu/data/alzheimer-mri && cp -a ../shared/data/alzheimer-mri .gpu/data/
     cp artifacts/audit/alzheimer-mri/audit.json .gpu/audit.json
-    # The tumor backbone goes as int8 kernels (per output channel) and float32 vectors: 7 MB
-    # instead of 15 MB as fp16, so that data, backbone and wheels fit the 64 MiB that may
-    # travel. It is an initialisation only (rounding error at most 0.4% of each channel's
-    # largest weight); the machine there turns it back into a .weights.h5 file.
     python - <<'EOF'
-import numpy as np
+import h5py, numpy as np
 from mri_edge import model as M
 base = M.load_model("artifacts/tumor/model.keras").get_layer(M.BASE_NAME)  # the shipped tumor model
-arrays = {}
-for i, w in enumerate(base.get_weights()):
-    if w.ndim >= 2:
-        scale = np.abs(w).max(axis=tuple(range(w.ndim - 1)), keepdims=True) / 127
-        scale[scale == 0] = 1
-        arrays[f"q{i}"], arrays[f"s{i}"] = np.round(w / scale).astype(np.int8), scale.astype(np.float32)
+base.save_weights(".gpu/tumor_backbone.weights.h5")
+src, dst = h5py.File(".gpu/tumor_backbone.weights.h5"), h5py.File(".gpu/tumor_backbone_fp16.weights.h5", "w")
+for k, v in src.attrs.items():
+    dst.attrs[k] = v
+def copy(name, obj):
+    if isinstance(obj, h5py.Dataset):
+        a = obj[()]
+        dst.create_dataset(name, data=a.astype(np.float16) if a.dtype == np.float32 else a)
     else:
-        arrays[f"v{i}"] = w
-np.savez_compressed(".gpu/tumor_backbone_int8.npz", **arrays)
+        for k, v in obj.attrs.items():
+            dst.require_group(name).attrs[k] = v
+src.visititems(copy)
+dst.close()
 EOF
+    rm .gpu/tumor_backbone.weights.h5
     du -sh .gpu .whl
     exit 0
 fi
@@ -72,22 +73,12 @@ import json, sys; a = json.load(open('.gpu/audit.json')); a['data_dir'] = sys.ar
 json.dump(a, open('.gpu/audit.json', 'w'))" "$DATA"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, keras, numpy; print('torch', torch.__version__, 'keras', keras.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
-# The tumor backbone back from int8 (see --prepare) as a weights file that --weights reads.
-python3 - <<'EOF' || exit 1
-import keras, numpy as np
-z = np.load(".gpu/tumor_backbone_int8.npz")
-n = len({k[1:] for k in z.files})
-ws = [z[f"q{i}"].astype(np.float32) * z[f"s{i}"] if f"q{i}" in z.files else z[f"v{i}"] for i in range(n)]
-base = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(64, 64, 3))
-base.set_weights(ws)
-base.save_weights(".gpu/tumor_backbone.weights.h5")
-EOF
 
 COMMON="--task alzheimer --data-dir $DATA --image-size $SIZE --batch-size $BATCH --patience 1000 \
   --time-budget $BUDGET --val-split grouped --select-by accuracy --dedup .gpu/audit.json \
   --cache-dir /tmp/mri-edge-cache $EXTRA"
 SCRATCH="--weights none --epochs-head 0 --epochs-finetune 200 --lr 1e-3"
-TRANSFER="--weights .gpu/tumor_backbone.weights.h5 --epochs-head 1 --epochs-finetune 200 --unfreeze all --train-bn \
+TRANSFER="--weights .gpu/tumor_backbone_fp16.weights.h5 --epochs-head 1 --epochs-finetune 200 --unfreeze all --train-bn \
  --lr 1e-3"
 # One run per line, "name options": all share the GPU at once, at the same --time-budget, and
 # hold out the same grouped validation split, so their held-out accuracies rank them; each
