@@ -13,8 +13,8 @@
 #
 # Prepare here:  bash benchmarks/gpu_alzheimer.sh --prepare   (.gpu/ is ~50 MB; where at most 64 MiB may
 #                travel, move artifacts/ aside for the call: its tracked model files are 72 MB)
-# Run there:     bash benchmarks/gpu_alzheimer.sh   (writes $OUT/runs.tgz.* and logs)
-# Back here:     cat runs.tgz.* | tar xzf - -C artifacts   (-> artifacts/runs/<run>), then
+# Run there:     bash benchmarks/gpu_alzheimer.sh   (writes $OUT/<run>.tgz and $OUT/logs.tgz)
+# Back here:     for f in *px-gpu-*.tgz; do tar xzf $f -C artifacts/runs; done, then
 #                mri-edge evaluate artifacts/runs/<run> --data-dir ../shared/data/alzheimer-mri \
 #                    --dedup artifacts/audit/alzheimer-mri/audit.json
 set -uo pipefail
@@ -113,7 +113,8 @@ wait
 echo "training done after $(( $(date +%s) - T0 )) s"
 tail -n 3 "$OUT"/*.log
 # model.keras is ~31 MB a run: its kernels are stored as float16 (16 MB; `evaluate` here then
-# reports the stored model), and the runs go back as parts under the 16 MiB a file may have.
+# reports the stored model), and each run goes back as one archive (~14 MB, under the 16 MiB a
+# file may have; at most 8 files come back, so the logs go in one archive too).
 python3 - .gpu/runs/* <<'EOF'
 import sys
 from pathlib import Path
@@ -124,5 +125,9 @@ for run in map(Path, sys.argv[1:]):
         print(run.name, M.round_kernels_fp16(net), "values rounded to float16")
         M.save_compact(net, run / "model.keras")
 EOF
-tar czf - --exclude best.keras --exclude checkpoint.keras --exclude best_of_phases.keras -C .gpu runs | split -b 15m - "$OUT/runs.tgz."
+for run in .gpu/runs/*; do
+    tar czf "$OUT/$(basename "$run").tgz" --exclude best.keras --exclude checkpoint.keras \
+        --exclude best_of_phases.keras -C .gpu/runs "$(basename "$run")"
+done
+(cd "$OUT" && tar czf logs.tgz ./*.log gpu.txt && rm ./*.log gpu.txt)
 ls -la "$OUT"
