@@ -10,6 +10,7 @@ holding out whole groups removes the twins (docs/data.md has the measurements).
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -100,16 +101,24 @@ def components(thumbs: np.ndarray, threshold: float, ok: np.ndarray | None = Non
 def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int) -> tuple[np.ndarray, dict]:
     """Indices to hold out: whole groups, class by class (a group counts for its majority
     class) until each class has about `fraction` of its images held out. A group more than
-    twice the share still missing is skipped (it would take too much of a small class)."""
+    twice the share still missing is skipped (it would take too much of a small class).
+
+    Groups are taken in the order of a seeded hash of their first member, not of a random
+    permutation of the group list: another machine's decoder can put one pair on the other
+    side of the threshold, and a permutation of a list one group shorter differs everywhere,
+    while a hash order moves only the groups that pair joins."""
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
     ids = np.unique(groups)
     members = {g: np.flatnonzero(groups == g) for g in ids}
     majority = {g: int(np.bincount(labels[m]).argmax()) for g, m in members.items()}
+
+    def order(g) -> bytes:
+        return hashlib.blake2b(f"{seed}:{members[g][0]}".encode(), digest_size=8).digest()
+
     held = []
     for c in np.unique(labels):
         need = fraction * (labels == c).sum()
-        for g in rng.permutation([g for g in ids if majority[g] == c]):
+        for g in sorted((g for g in ids if majority[g] == c), key=order):
             if need <= 0:
                 break
             if len(members[g]) > max(2 * need, 1):

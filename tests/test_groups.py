@@ -59,3 +59,22 @@ def test_components_join_chains_and_leave_unreadable_rows_alone():
     ok = np.array([True, False, True, True])
     ids = groups.components(thumbs, 0.9, ok)
     assert ids[0] != ids[1]
+
+
+def test_one_pair_joined_elsewhere_moves_only_its_own_groups():
+    # Another machine's decoder can put one pair on the other side of the threshold: the two
+    # groups it joins may change sides, every other group must stay where it was.
+    rng = np.random.default_rng(1)
+    n = 400
+    labels = rng.integers(0, 3, n)
+    ids = np.arange(n)  # every image its own group
+    held, _ = groups.grouped_indices(ids, labels, 0.1, seed=42)
+    a, b = next((i, j) for i in range(n) for j in range(i + 1, n) if labels[i] == labels[j])
+    joined = ids.copy()
+    joined[b] = joined[a]
+    held2, info = groups.grouped_indices(joined, labels, 0.1, seed=42)
+    assert info["groups"] == n - 1
+    moved = set(held.tolist()) ^ set(held2.tolist())
+    # the joined group, and where its class's quota ends: a few images of that class alone
+    assert len(moved) <= 4 and {int(labels[i]) for i in moved} <= {int(labels[a])}
+    assert len(held) and not np.array_equal(held, groups.grouped_indices(ids, labels, 0.1, seed=7)[0])
