@@ -116,6 +116,24 @@ done
 mri-edge export $RS --format tflite --quantize int8 --bn-scales per-channel --float-head --max-drop 0  # over budget
 mri-edge verify $RS --dedup "$AA" --file $RS/exports/model_int8.tflite || true
 
+# the shipped recipe on the grouped split, four runs on a lent GPU machine (docs/gpu.md; not
+# run by this script): SIZE=128 BATCH=128 BUDGET=6.5 LIMIT=555 RUNS=shipped bash
+# benchmarks/gpu_alzheimer.sh there, the archives unpacked into artifacts/runs here. Then:
+if [ -d artifacts/runs/alzheimer-128px-gpu-reg-lr2 ]; then
+    G=artifacts/runs/alzheimer-128px-gpu
+    for R in "$G-noaug" "$G-reg" "$G-aug" "$G-reg-lr2"; do
+        mri-edge evaluate "$R" --data-dir "$A" --dedup "$AA"
+    done
+    mri-edge ensemble "$G-reg-lr2" "$G-reg" "$G-noaug" --out "$G-ensemble"     # 74.43% on test
+    python benchmarks/rank_runs.py "$G-reg-lr2" "$G-reg" "$G-noaug" "$G-aug" "$G-ensemble" $RS \
+        --out artifacts/runs/alzheimer-ranking-gpu128                         # the rule's first: -reg-lr2
+    mri-edge evaluate "$G-reg-lr2" --fp16-weights
+    mri-edge export "$G-reg-lr2" --format all --float-head --max-drop 0.5     # every stage in float
+    mri-edge export "$G-reg-lr2" --format all --float-head
+    mri-edge calibrate "$G-reg-lr2" --max-risk 0.30 --alpha 0.02
+    mri-edge verify "$G-reg-lr2" --dedup "$AA" || true                       # fp16, dynamic, int8 fail
+fi
+
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one
     mri-edge evaluate "$1" --fp16-weights                      # model.keras stored compact (ships)
     mri-edge export "$1" --format all --float-head --max-drop 0.5
