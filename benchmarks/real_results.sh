@@ -132,6 +132,7 @@ if [ -d artifacts/runs/alzheimer-128px-gpu-reg-lr2 ]; then
     mri-edge export "$G-reg-lr2" --format all --float-head
     mri-edge calibrate "$G-reg-lr2" --max-risk 0.30 --alpha 0.02
     mri-edge verify "$G-reg-lr2" --dedup "$AA" || true                       # fp16, dynamic, int8 fail
+    python benchmarks/input_noise.py "$G-reg-lr2" "$G-noaug" $RS               # 13, 8, 3 flips
 fi
 
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one
