@@ -103,7 +103,7 @@ while read -r name opts; do
     [ -n "$name" ] || continue
     # shellcheck disable=SC2086  # options are words
     timeout "$LIMIT" python3 -m mri_edge.cli train $COMMON $opts --out ".gpu/runs/alzheimer-${SIZE}px-gpu-$name" \
-        > "$OUT/$name.log" 2>&1 &
+        > "$OUT/run-$name.log" 2>&1 &
 done <<< "$RUNS"
 while sleep 30; do
     jobs -r | grep -q . || break
@@ -111,11 +111,14 @@ while sleep 30; do
 done
 wait
 echo "training done after $(( $(date +%s) - T0 )) s"
-tail -n 3 "$OUT"/*.log
+tail -n 3 "$OUT"/run-*.log
+MADE=$(while read -r name _; do [ -n "$name" ] && echo ".gpu/runs/alzheimer-${SIZE}px-gpu-$name"; done <<< "$RUNS")
 # model.keras is ~31 MB a run: its kernels are stored as float16 (16 MB; `evaluate` here then
 # reports the stored model), and each run goes back as one archive (~14 MB, under the 16 MiB a
-# file may have; at most 8 files come back, so the logs go in one archive too).
-python3 - .gpu/runs/* <<'EOF'
+# file may have; at most 8 files come back, so the logs go in one archive too). A run killed at
+# LIMIT comes back without model.keras and without its checkpoint (31 MB): it cannot be resumed here.
+# shellcheck disable=SC2086  # one folder per line
+python3 - $MADE <<'EOF' || echo "float16 storage failed: the archives hold the float32 files (~30 MB, over 16 MiB)"
 import sys
 from pathlib import Path
 from mri_edge import model as M
@@ -125,9 +128,10 @@ for run in map(Path, sys.argv[1:]):
         print(run.name, M.round_kernels_fp16(net), "values rounded to float16")
         M.save_compact(net, run / "model.keras")
 EOF
-for run in .gpu/runs/*; do
+for run in $MADE; do  # this call's runs only (a dry run here may have left others in .gpu/runs)
+    [ -d "$run" ] || continue
     tar czf "$OUT/$(basename "$run").tgz" --exclude best.keras --exclude checkpoint.keras \
         --exclude best_of_phases.keras -C .gpu/runs "$(basename "$run")"
 done
-(cd "$OUT" && tar czf logs.tgz ./*.log gpu.txt && rm ./*.log gpu.txt)
+(cd "$OUT" && tar czf logs.tgz run-*.log gpu.txt && rm run-*.log gpu.txt)
 ls -la "$OUT"

@@ -6,6 +6,9 @@ mean and largest change of any class probability. A model that moves far under t
 moves under fp16 or int8 rounding, whatever the quantizer does (docs/int8.md).
 
     python benchmarks/input_noise.py artifacts/runs/alzheimer-128px-gpu-reg-lr2 artifacts/runs/alzheimer-128px-noaug
+
+The test images are read from where the run's split manifest points (`mri-edge evaluate RUN
+--data-dir DIR` re-roots a run trained elsewhere).
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def main() -> None:
         x = data.decode_split(data.dataset_from_manifest(run.manifest()).splits["test"],
                               int(run.config()["image_size"])).images
         net = model_lib.load_model(run.model_path)
-        noise = np.random.default_rng(args.seed).uniform(-0.5, 0.5, x.shape)
+        noise = np.random.default_rng(args.seed).uniform(-0.5, 0.5, x.shape).astype(np.float32)
         before = predict_arrays(net, x)
-        after = predict_arrays(net, np.clip(x + noise, 0, 255).astype(np.float32))
+        after = predict_arrays(net, np.clip(x + noise, 0, 255))
         dp = np.abs(before - after)
         flips = int((before.argmax(1) != after.argmax(1)).sum())
         print(f"{run.path.name}: {flips} of {len(x)} test answers flip; |dp| mean {dp.mean():.2e}, max {dp.max():.3f}")

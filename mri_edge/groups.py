@@ -127,6 +127,7 @@ def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int) -> t
             need -= len(members[g])
     sizes = np.array([len(m) for m in members.values()])
     info = {"groups": int(len(ids)), "largest_group": int(sizes.max()), "singletons": int((sizes == 1).sum()),
+            "order": "blake2b(seed:first row)",
             "held_out_groups": int(len(set(groups[held].tolist()))) if held else 0}
     return np.array(sorted(held), dtype=int), info
 
