@@ -261,7 +261,8 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
                                                                        (6, 8), (8, 10), (10, 1e9))}},
         "label_conflicts": conflicts[:500], "n_label_conflicts": len(conflicts),
         "nearest_neighbour_probe": probe,
-        "validation_probes": groups.validation_probes(thumbs, split_of, labels, group_threshold, log),
+        "validation_probes": groups.validation_probes(thumbs, split_of, labels, group_threshold, log,
+                                                      names=[items[i].rel for i in idx]),
         "leaked": {s: sorted(v) for s, v in leaked.items()},
         "leakage_free": {s: sum(1 for it in items if it.split == s and it.rel not in leaked[s])
                          for s in leaked if s in split_names},

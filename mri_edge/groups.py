@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -98,22 +99,26 @@ def components(thumbs: np.ndarray, threshold: float, ok: np.ndarray | None = Non
     return np.array([find(i) for i in range(n)])
 
 
-def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int) -> tuple[np.ndarray, dict]:
+def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int,
+                    names: list[str] | None = None) -> tuple[np.ndarray, dict]:
     """Indices to hold out: whole groups, class by class (a group counts for its majority
     class) until each class has about `fraction` of its images held out. A group more than
     twice the share still missing is skipped (it would take too much of a small class).
 
-    Groups are taken in the order of a seeded hash of their first member, not of a random
-    permutation of the group list: another machine's decoder can put one pair on the other
-    side of the threshold, and a permutation of a list one group shorter differs everywhere,
-    while a hash order moves only the groups that pair joins."""
+    Groups are taken in the order of a seeded hash of their first member's name (its class
+    folder and file name; its row without `names`), not of a random permutation of the group
+    list: another machine's decoder can put one pair on the other side of the threshold, and
+    a permutation of a list one group shorter differs everywhere, while a hash order moves
+    only the groups that pair touches; names also keep the order when a file is added."""
     labels = np.asarray(labels)
     ids = np.unique(groups)
     members = {g: np.flatnonzero(groups == g) for g in ids}
     majority = {g: int(np.bincount(labels[m]).argmax()) for g, m in members.items()}
 
     def order(g) -> bytes:
-        return hashlib.blake2b(f"{seed}:{members[g][0]}".encode(), digest_size=8).digest()
+        first = members[g][0]
+        key = "/".join(Path(names[first]).parts[-2:]) if names is not None else str(first)
+        return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
 
     held = []
     for c in np.unique(labels):
@@ -127,7 +132,8 @@ def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int) -> t
             need -= len(members[g])
     sizes = np.array([len(m) for m in members.values()])
     info = {"groups": int(len(ids)), "largest_group": int(sizes.max()), "singletons": int((sizes == 1).sum()),
-            "order": "blake2b(seed:first row)",
+            "order": "blake2b(seed:first member's class folder/file name)" if names is not None
+                     else "blake2b(seed:first row)",
             "held_out_groups": int(len(set(groups[held].tolist()))) if held else 0}
     return np.array(sorted(held), dtype=int), info
 
@@ -148,7 +154,8 @@ def holdout_probe(thumbs: np.ndarray, labels, held: np.ndarray) -> dict:
             "n": int(len(q))}
 
 
-def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction: float = 0.1, seed: int = 42) -> dict:
+def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction: float = 0.1, seed: int = 42,
+                      names: list[str] | None = None) -> dict:
     """1-NN probe of a validation split carved from training at random and one carved by
     whole groups (`--val-split grouped`), beside the test split's: the split whose probe is
     near the test's is the one that can select models for the test's kind of images."""
@@ -164,7 +171,8 @@ def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction:
     except DataError:  # a class with a single training image cannot be carved: no random probe
         random_held = np.zeros(0, int)
     ids = components(t_thumbs, threshold)
-    grouped_held, info = grouped_indices(ids, t_labels, fraction, seed)
+    grouped_held, info = grouped_indices(ids, t_labels, fraction, seed,
+                                         [names[i] for i in train] if names is not None else None)
     out = {"random": holdout_probe(t_thumbs, t_labels, random_held),
            "grouped": {**holdout_probe(t_thumbs, t_labels, grouped_held), **info, "threshold": threshold}}
     test = np.flatnonzero(split_of == "test")

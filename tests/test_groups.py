@@ -78,3 +78,18 @@ def test_one_pair_joined_elsewhere_moves_only_its_own_groups():
     # the joined group, and where its class's quota ends: a few images of that class alone
     assert len(moved) <= 4 and {int(labels[i]) for i in moved} <= {int(labels[a])}
     assert len(held) and not np.array_equal(held, groups.grouped_indices(ids, labels, 0.1, seed=7)[0])
+
+
+def test_names_keep_the_carve_when_a_file_is_added():
+    rng = np.random.default_rng(2)
+    n = 300
+    labels = rng.integers(0, 3, n)
+    names = [f"/data/train/c{y}/img{i:04d}.jpg" for i, y in enumerate(labels)]
+    held, info = groups.grouped_indices(np.arange(n), labels, 0.1, 42, names)
+    # one more file sorted first: every row shifts by one, the chosen names do not
+    names2 = ["/elsewhere/train/c0/aaa.jpg"] + [n_.replace("/data/", "/elsewhere/") for n_ in names]
+    labels2 = np.concatenate([[0], labels])
+    held2, _ = groups.grouped_indices(np.arange(n + 1), labels2, 0.1, 42, names2)
+    chosen = {"/".join(names[i].split("/")[-2:]) for i in held}
+    chosen2 = {"/".join(names2[i].split("/")[-2:]) for i in held2}
+    assert len(chosen ^ chosen2) <= 3 and "class folder" in info["order"]
