@@ -174,7 +174,9 @@ def plan(devices: str | None) -> Distribution:
 def synchronise_batchnorm(model) -> int:
     """Make every batch-norm layer of the model compute its statistics over the global batch."""
     n = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    from .model import nested_layers  # noqa: PLC0415
+
+    for layer in nested_layers(model):
         if layer.__class__.__name__ == "BatchNormalization":
             layer.synchronized = True
             n += 1

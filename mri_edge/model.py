@@ -274,6 +274,12 @@ def no_grad():
     return contextlib.nullcontext()
 
 
+def nested_layers(net):
+    """Every layer inside `net`, nested models and sublayers walked depth-first (Keras's own
+    walk, which has no public name)."""
+    return net._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001
+
+
 def load_model(path):
     """Load an mri-edge model.keras safely (no arbitrary code from lambda layers)."""
     keras = _keras()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..model import nested_layers
+
 
 POOL_SUFFIX, CONV_SUFFIX = "_avgpool", "_1x1"  # names of a swapped transition's two parts
 
@@ -13,14 +15,12 @@ def _batchnorms(net, after_conv: bool) -> dict:
     import keras  # noqa: PLC0415
 
     found = {}
-    for layer in net.layers:
+    for layer in nested_layers(net):
         if isinstance(layer, keras.layers.BatchNormalization):
             parents = [n.operation for n in layer._inbound_nodes[0].parent_nodes]
             convs = [p for p in parents if isinstance(p, keras.layers.Conv2D)]
             if bool(convs) == after_conv:
                 found[layer.name] = (layer, convs[0] if convs else None)
-        elif hasattr(layer, "layers"):
-            found.update(_batchnorms(layer, after_conv))
     return found
 
 
@@ -43,7 +43,7 @@ def pooled_linear_convs(net) -> dict:
     import keras  # noqa: PLC0415
 
     found = {}
-    for layer in net.layers:
+    for layer in nested_layers(net):
         if isinstance(layer, keras.layers.AveragePooling2D) and layer.padding == "valid" \
                 and tuple(layer.pool_size) == tuple(layer.strides):
             parents = [n.operation for n in layer._inbound_nodes[0].parent_nodes]
@@ -52,8 +52,6 @@ def pooled_linear_convs(net) -> dict:
                     and tuple(conv.kernel_size) == (1, 1) and tuple(conv.strides) == (1, 1)
                     and conv.activation is keras.activations.linear and len(conv._outbound_nodes) == 1):
                 found[conv.name] = layer
-        elif hasattr(layer, "layers"):
-            found.update(pooled_linear_convs(layer))
     return found
 
 def deployment_graph(model):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model import nested_layers
 from .formats import ExportError
 from .graph import CONV_SUFFIX, folded_batchnorms
 
@@ -31,9 +32,8 @@ _TF_SUFFIX = re.compile(r"_\d+$")  # TensorFlow's tracing suffix: conv1_conv_1 -
 
 
 def _weighted_layers(net) -> dict:
-    """{name: layer} of the layers that hold weights, nested models walked (as distribute.py does)."""
-    return {layer.name: layer for layer in net._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001
-            if layer.weights and not hasattr(layer, "layers")}
+    """{name: layer} of the layers that hold weights, nested models walked."""
+    return {layer.name: layer for layer in nested_layers(net) if layer.weights and not hasattr(layer, "layers")}
 
 
 def _tflite_weighted_ops(path: Path):
