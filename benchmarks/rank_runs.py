@@ -14,6 +14,10 @@ subjects (the Alzheimer data does): the test images whose nearest training image
 thumbnail correlation) is a held-out one are shown apart, with each candidate's accuracy on
 them and on the rest; a final fit on training + held-out would give those subjects back.
 
+Held-out intervals resample whole groups (the cluster bootstrap: near twins are one answer,
+not many), and each candidate's difference from the rule's first is given with its interval:
+where it holds 0, this split cannot tell the two apart.
+
 The held-out figures are a little optimistic when candidates chose their own epochs on the
 same images (`train --select-by accuracy`): each is the best point of a noisy curve. The
 test columns beside them show how far that carries.
@@ -105,6 +109,16 @@ def nearest_is_held_out(manifest: dict) -> tuple[np.ndarray, np.ndarray]:
     return nearest >= len(train), labels[nearest]
 
 
+def held_out_groups(manifest: dict) -> np.ndarray:
+    """Group id of each held-out image: its groups of near twins (the carve's measure and
+    threshold). The carve holds out whole groups, so the groups found among the held-out images
+    alone are the carve's own."""
+    root = Path(manifest["root"])
+    thumbs, ok = groups.read_thumbnails([str(root / rel) for rel, _ in manifest["splits"]["val"]],
+                                        "thumbnails of the held-out images")
+    return groups.components(thumbs, float(manifest["val_split"]["threshold"]), ok)
+
+
 def ranks(values: list[float]) -> list[int]:
     order = sorted(range(len(values)), key=lambda i: -values[i])
     out = [0] * len(values)
@@ -131,7 +145,7 @@ def main() -> int:
     held_paths = {(Path(ref["root"]) / rel).resolve() for rel, _ in held}
     labels = np.array([k for _, k in held])
     names = ref["class_names"]
-    ranked, apart, member_probs = [], [], []
+    ranked, apart, member_probs, held_hits = [], [], [], []
     ref_preds = runs[0].test_predictions()
     test_labels = np.asarray(ref_preds["labels"])
     # test predictions leave out unreadable images: match the manifest's test split by path
@@ -169,28 +183,47 @@ def main() -> int:
         probs, _ = probabilities(net, images, lambda x: [x])
         ranked.append({**entry, "held_out": scores(probs, labels, names)})
         member_probs.append((probs, np.asarray(preds["probs"], np.float32)))
+        held_hits.append(probs.argmax(1) == labels)
     if len(member_probs) > 1:
         mean = ensemble(member_probs, labels, test_labels, names, ranked[0]["test"],
                         seed=runs[0].config().get("seed", 42))
         mean["test"].update(split_accuracy(np.mean([m[1] for m in member_probs], axis=0)))
         mean["chosen_before"] = sum(r.get("chosen_before", 0) for r in ranked)
         ranked.append(mean)
+        held_hits.append(np.mean([m[0] for m in member_probs], axis=0).argmax(1) == labels)
     by_rule = ranks([r["held_out"][args.by] for r in ranked])
+    group_ids = held_out_groups(ref)
+    first = by_rule.index(1) if ranked else 0
+    for r, hits in zip(ranked, held_hits):
+        r["held_out"]["ci_by_group"] = report.bootstrap_ci(hits, groups=group_ids)
+        r["held_out"]["minus_first"] = float(hits.mean() - held_hits[first].mean())
+        r["held_out"]["minus_first_ci"] = report.bootstrap_ci(hits.astype(float) - held_hits[first], groups=group_ids)
     by_test = ranks([r["test"][args.by] for r in ranked])
     rows = []
     for r, a, b in sorted(zip(ranked, by_rule, by_test), key=lambda t: t[1]):
         h, t = r["held_out"], r["test"]
         # a run that started from one which kept its epoch on these images was chosen on them twice
-        rows.append([a, Path(r["run"]).name + (" (*)" if r.get("chosen_before") else ""), f"{h['accuracy']:.2%}", f"{h['macro_f1']:.3f}",
+        lo, hi = h["ci_by_group"]
+        d_lo, d_hi = h["minus_first_ci"]
+        rows.append([a, Path(r["run"]).name + (" (*)" if r.get("chosen_before") else ""),
+                     f"{h['accuracy']:.2%} [{lo:.2%}, {hi:.2%}]",
+                     "-" if a == 1 else f"{h['minus_first']:+.2%} [{d_lo:+.2%}, {d_hi:+.2%}]", f"{h['macro_f1']:.3f}",
                      f"{t['accuracy']:.2%} [{t['ci'][0]:.2%}, {t['ci'][1]:.2%}]",
                      _pct(t["leakage_free"]), f"{t['macro_f1']:.3f}",
                      f"{t['smallest_hits']}/{t['smallest_n']}", _pct(t["near_held_out"]), _pct(t["rest"]), b])
     text = (f"# Candidates ranked by the grouped held-out rule ({args.by})\n\n"
-            f"Held-out split: {len(held)} images of {runs[0].path.name}'s grouped carve.\n\n"
-            + report.md_table(["rule rank", "run", "held-out accuracy", "held-out macro-F1", "test accuracy [95% CI]",
+            f"Held-out split: {len(held)} images in {len(set(group_ids.tolist()))} groups of near twins, "
+            f"{runs[0].path.name}'s grouped carve. Held-out intervals resample whole groups.\n\n"
+            + report.md_table(["rule rank", "run", "held-out accuracy [95% CI]", "minus the first [95% CI]",
+                               "held-out macro-F1", "test accuracy [95% CI]",
                                "leakage-free", "test macro-F1", f"test {ranked[0]['test']['smallest'] if ranked else ''}",
                                f"test, nearest image held out ({int(near_held.sum())})",
                                f"test, the rest ({int((~near_held).sum())})", "test rank"], rows))
+    tied = [Path(r["run"]).name for r, a in zip(ranked, by_rule)
+            if a != 1 and r["held_out"]["minus_first_ci"][1] >= 0]
+    if tied:
+        text += (f"\n\nNot told apart from the rule's first by this split (the difference's interval holds 0): "
+                 f"{', '.join(tied)}.")
     nn = split_hits(nn_vote == test_labels)
     text += (f"\n\nA 1-NN vote over training + held-out thumbnails gets {_pct(nn['near_held_out'])} of the test images "
              f"whose nearest image is held out and {_pct(nn['rest'])} of the rest.")

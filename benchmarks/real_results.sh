@@ -133,6 +133,20 @@ if [ -d artifacts/runs/alzheimer-128px-gpu-reg-lr2 ]; then
     mri-edge calibrate "$G-reg-lr2" --max-risk 0.30 --alpha 0.02
     mri-edge verify "$G-reg-lr2" --dedup "$AA" || true                       # fp16, dynamic, int8 fail
     python benchmarks/input_noise.py "$G-reg-lr2" "$G-noaug" $RS               # 13, 8, 3 flips
+    # per-layer int8 error against the shipped model's (docs/int8.md), its files made in a copy
+    mri-edge verify "$G-reg-lr2" --debug-quant --file "$G-reg-lr2/exports/model_int8.onnx" || true
+    C=$(mktemp -d)/shipped && cp -a $RS "$C" && rm -f "$C"/exports/model_*
+    mri-edge export "$C" --format onnx --quantize none
+    mri-edge export "$C" --format onnx --quantize int8 --float-head
+    mri-edge verify "$C" --debug-quant --file "$C/exports/model_int8.onnx" || true
+fi
+# batch size and weight decay: RUNS=batch (same settings) there, unpacked here, then:
+if [ -d artifacts/runs/alzheimer-128px-gpu-reg-lr2-b128 ]; then
+    B="artifacts/runs/alzheimer-128px-gpu-reg-lr2-b128 artifacts/runs/alzheimer-128px-gpu-reg-lr2-wd
+       artifacts/runs/alzheimer-128px-gpu-reg-lr2-b32 artifacts/runs/alzheimer-128px-gpu-noaug-b32"
+    for R in $B; do mri-edge evaluate "$R" --data-dir "$A" --dedup "$AA"; done
+    python benchmarks/rank_runs.py $B --out artifacts/runs/alzheimer-ranking-batch   # the rule's first: -b128
+    python benchmarks/input_noise.py $B                                          # 13, 8, 14, 10 flips
 fi
 
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one

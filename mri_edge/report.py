@@ -92,13 +92,22 @@ def calibration_metrics(y_true, probs, bins: int = ECE_BINS) -> dict:
             "reliability": rows}
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> list[float]:
-    """Percentile bootstrap CI of the mean of per-sample values (e.g. correctness or paired deltas)."""
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+                 groups=None) -> list[float]:
+    """Percentile bootstrap CI of the mean of per-sample values (e.g. correctness or paired deltas).
+    With `groups` (one id per value) whole groups are resampled, not samples: the cluster
+    bootstrap, for samples that are not independent (near-identical slices of one subject)."""
     values = np.asarray(values, float)
     if len(values) == 0:
         return [0.0, 0.0]
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    if groups is None:
+        means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    else:
+        _, ids = np.unique(np.asarray(groups), return_inverse=True)
+        sums, sizes = np.bincount(ids, weights=values), np.bincount(ids)
+        picks = rng.integers(0, len(sizes), (n_boot, len(sizes)))
+        means = sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
     return [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))]
 
 

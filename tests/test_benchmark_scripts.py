@@ -85,3 +85,19 @@ def test_test_images_are_matched_to_their_nearest_training_or_held_out_image(tmp
     held, vote = rank_runs.nearest_is_held_out(manifest)
     assert held.tolist() == [False, True, False]
     assert vote.tolist() == [1, 0, 0]  # the labels of t2, h1, t1
+
+
+def test_held_out_images_are_grouped_with_their_twins(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "data"
+    data.mkdir()
+    a, b = (rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(2))
+    twin = np.clip(a.astype(int) + rng.integers(-4, 5, a.shape), 0, 255).astype(np.uint8)
+    for name, px in (("h1", a), ("h2", b), ("h3", twin)):
+        Image.fromarray(px).save(data / f"{name}.png")
+    manifest = {"root": str(data), "val_split": {"method": "grouped", "threshold": 0.99},
+                "splits": {"val": [["h1.png", 0], ["h2.png", 1], ["h3.png", 0]]}}
+    ids = rank_runs.held_out_groups(manifest).tolist()
+    assert ids[0] == ids[2] != ids[1]

@@ -109,6 +109,24 @@ def test_calibration_metrics_on_known_cases():
     assert abs(over["brier"] - (0.01 + 0.01 + 0.81 + 0.81) / 2) < 1e-9
 
 
+def test_group_bootstrap_resamples_whole_groups():
+    import numpy as np
+
+    from mri_edge.report import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    hits = rng.random(300) < 0.7
+    # one image a group: the same draws as the per-image bootstrap
+    assert bootstrap_ci(hits, groups=np.arange(300)) == bootstrap_ci(hits)
+    # 30 groups of 10 twins, each group all right or all wrong: 30 independent answers, not 300
+    clustered = np.repeat(rng.random(30) < 0.7, 10)
+    ids = np.repeat(np.arange(30), 10)
+    lo, hi = bootstrap_ci(clustered, groups=ids)
+    lo_i, hi_i = bootstrap_ci(clustered)
+    assert hi - lo > 2.5 * (hi_i - lo_i)
+    assert lo <= clustered.mean() <= hi
+
+
 def test_verify_reports_calibration_of_every_file(micro_run):
     from mri_edge.verify import verify_run
 
