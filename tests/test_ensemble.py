@@ -97,3 +97,29 @@ def test_runs_that_cannot_be_averaged_are_refused(two_runs, tmp_path):
     (b / "model.keras").unlink()
     assert "has no model.keras" in refused(a, b, "--out", tmp_path / "x")
     assert not (tmp_path / "x").exists()  # nothing written for a refused ensemble
+
+
+def test_float_head_keeps_only_the_heads_of_an_ensemble_in_float(two_runs, tmp_path):
+    """--float-head on an ensemble: each member's head stays float, every member's body int8
+    (the head once began at the first global pooling, so later members were left in float)."""
+    from mri_edge.export import export_run
+    from mri_edge.model import load_model
+    from mri_edge.runtime import load_interpreter_class
+
+    a, b = two_runs
+    net = load_model(b / "model.keras")
+    conv = net.get_layer("brightness")
+    conv.set_weights([w * 1.05 for w in conv.get_weights()])  # or the converter merges the two bodies
+    net.save(b / "model.keras")
+    out = tmp_path / "ens"
+    assert CliRunner().invoke(main, ["ensemble", str(a), str(b), "--out", str(out)]).exit_code == 0
+    results, failures = export_run(out, ("tflite",), ("int8",), "uint8", calib_size=16, float_head=True,
+                                   log=lambda *_: None, workers=1)
+    assert not failures, failures
+    interp = load_interpreter_class()[0](model_path=str(out / "exports" / "model_int8.tflite"))
+    dtypes = {d["index"]: np.dtype(d["dtype"]) for d in interp.get_tensor_details()}
+    convs = [op for op in interp._get_ops_details() if op["op_name"] == "CONV_2D"]
+    dense = [op for op in interp._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
+    assert len(convs) == 2 and len(dense) == 2  # one of each a member
+    assert [dtypes[op["inputs"][1]] for op in convs] == [np.int8, np.int8]
+    assert [dtypes[op["inputs"][1]] for op in dense] == [np.float32, np.float32]

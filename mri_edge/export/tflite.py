@@ -162,18 +162,16 @@ def calibrated_graph(saved_model: str, calib: np.ndarray, io_dtype: str = "uint8
     return tighten_ranges(conv.convert(), calib, CALIB_QUANTILE)
 
 def head_tensors(calibrated: bytes) -> list[str]:
-    """Output tensors of every operation from the global pooling (the first MEAN) on: the head
-    that `--float-head` keeps in float. Its softmax in uint8 moves in steps of 1/256, too
-    coarse for an occlusion map or a calibrated probability of a confident answer."""
-    from ..runtime import load_interpreter_class  # noqa: PLC0415
+    """Output tensors of the head that `--float-head` keeps in float: every operation from a
+    global pooling (MEAN) on, each member's own in an ensemble (the accuracy-aware search's
+    stages). Its softmax in uint8 moves in steps of 1/256, too coarse for an occlusion map or a
+    calibrated probability of a confident answer."""
+    from .accuracy import tflite_stages  # noqa: PLC0415
 
-    interp = load_interpreter_class()[0](model_content=calibrated)
-    ops = interp._get_ops_details()
-    start = next((i for i, op in enumerate(ops) if op["op_name"] == "MEAN"), None)
-    if start is None:
+    head = tflite_stages(calibrated).get("head")
+    if not head:
         raise ExportError("--float-head: no global pooling (MEAN) in the graph to start the head at")
-    details = {d["index"]: d["name"] for d in interp.get_tensor_details()}
-    return sorted({details[t] for op in ops[start:] for t in op["outputs"] if t in details})
+    return sorted(head["nodes"])
 
 
 def calibrated_for(saved_model: str, calib: np.ndarray, calib_range: str, io_dtype: str) -> bytes:
