@@ -125,6 +125,10 @@ if [ -d artifacts/runs/alzheimer-128px-gpu-reg-lr2 ]; then
         mri-edge evaluate "$R" --data-dir "$A" --dedup "$AA"
     done
     mri-edge ensemble "$G-reg-lr2" "$G-reg" "$G-noaug" --out "$G-ensemble"     # 74.43% on test
+    mri-edge calibrate "$G-ensemble" --max-risk 0.30 --alpha 0.02
+    mri-edge export "$G-ensemble" --format tflite --quantize int8              # 23.41 MB
+    mri-edge verify "$G-ensemble" --file "$G-ensemble/exports/model_int8.tflite" --explain-images 0 \
+        --dedup "$AA" || true                                                # 73.96%, 41 flips: fails
     python benchmarks/rank_runs.py "$G-reg-lr2" "$G-reg" "$G-noaug" "$G-aug" "$G-ensemble" $RS \
         --out artifacts/runs/alzheimer-ranking-gpu128                         # the rule's first: -reg-lr2
     mri-edge evaluate "$G-reg-lr2" --fp16-weights

@@ -15,7 +15,8 @@ from mri_edge.cli import main
 
 @pytest.fixture
 def two_runs(micro_run, tmp_path):
-    """micro_run and a copy whose classifier is another one (same splits, other answers)."""
+    """micro_run and a copy whose classifier is another one (same splits, other answers; its
+    feature scaled too, or the TFLite converter merges the two identical bodies into one)."""
     from mri_edge.model import load_model
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -25,14 +26,16 @@ def two_runs(micro_run, tmp_path):
     head = net.get_layer("logits")
     w, bias = head.get_weights()
     head.set_weights([w[:, ::-1].copy(), bias[::-1].copy()])  # the classes' lines in the other order
+    conv = net.get_layer("brightness")
+    conv.set_weights([v * 1.05 for v in conv.get_weights()])
     net.save(b / "model.keras")
     return a, b
 
 
 def test_the_ensemble_is_the_mean_of_its_members_through_keras_and_tflite(two_runs, tmp_path):
     from mri_edge.model import load_model
-    from mri_edge.runtime import open_model
     from mri_edge.export import export_run
+    from mri_edge.runtime import load_interpreter_class, open_model
 
     a, b = two_runs
     out = tmp_path / "ens"
@@ -65,10 +68,18 @@ def test_the_ensemble_is_the_mean_of_its_members_through_keras_and_tflite(two_ru
     assert res.exit_code == 1 and "already holds a trained model" in res.output
     assert CliRunner().invoke(main, ["card", str(out)]).exit_code == 0
     assert f"the mean of the probabilities of 2 runs, `{a}`" in (out / "model_card.md").read_text()
-    results, failures = export_run(out, ("tflite",), ("none",), "uint8", log=lambda *_: None, workers=1)
-    assert not failures
+    results, failures = export_run(out, ("tflite",), ("none", "int8"), "uint8", calib_size=16, float_head=True,
+                                   log=lambda *_: None, workers=1)
+    assert not failures, failures
     got = open_model(out / "exports" / "model_fp32.tflite").run(x)
     assert np.abs(got - mean).max() < 1e-4  # one file, every member inside
+    # --float-head: each member's head in float, every member's body int8 (the head once began
+    # at the first global pooling, leaving the members after the first in float)
+    interp = load_interpreter_class()[0](model_path=str(out / "exports" / "model_int8.tflite"))
+    dtypes = {d["index"]: np.dtype(d["dtype"]) for d in interp.get_tensor_details()}
+    weights = {kind: [dtypes[op["inputs"][1]] for op in interp._get_ops_details() if op["op_name"] == kind]
+               for kind in ("CONV_2D", "FULLY_CONNECTED")}
+    assert weights == {"CONV_2D": [np.int8, np.int8], "FULLY_CONNECTED": [np.float32, np.float32]}
 
 
 def test_runs_that_cannot_be_averaged_are_refused(two_runs, tmp_path):
@@ -98,28 +109,3 @@ def test_runs_that_cannot_be_averaged_are_refused(two_runs, tmp_path):
     assert "has no model.keras" in refused(a, b, "--out", tmp_path / "x")
     assert not (tmp_path / "x").exists()  # nothing written for a refused ensemble
 
-
-def test_float_head_keeps_only_the_heads_of_an_ensemble_in_float(two_runs, tmp_path):
-    """--float-head on an ensemble: each member's head stays float, every member's body int8
-    (the head once began at the first global pooling, so later members were left in float)."""
-    from mri_edge.export import export_run
-    from mri_edge.model import load_model
-    from mri_edge.runtime import load_interpreter_class
-
-    a, b = two_runs
-    net = load_model(b / "model.keras")
-    conv = net.get_layer("brightness")
-    conv.set_weights([w * 1.05 for w in conv.get_weights()])  # or the converter merges the two bodies
-    net.save(b / "model.keras")
-    out = tmp_path / "ens"
-    assert CliRunner().invoke(main, ["ensemble", str(a), str(b), "--out", str(out)]).exit_code == 0
-    results, failures = export_run(out, ("tflite",), ("int8",), "uint8", calib_size=16, float_head=True,
-                                   log=lambda *_: None, workers=1)
-    assert not failures, failures
-    interp = load_interpreter_class()[0](model_path=str(out / "exports" / "model_int8.tflite"))
-    dtypes = {d["index"]: np.dtype(d["dtype"]) for d in interp.get_tensor_details()}
-    convs = [op for op in interp._get_ops_details() if op["op_name"] == "CONV_2D"]
-    dense = [op for op in interp._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
-    assert len(convs) == 2 and len(dense) == 2  # one of each a member
-    assert [dtypes[op["inputs"][1]] for op in convs] == [np.int8, np.int8]
-    assert [dtypes[op["inputs"][1]] for op in dense] == [np.float32, np.float32]
