@@ -108,4 +108,3 @@ def test_runs_that_cannot_be_averaged_are_refused(two_runs, tmp_path):
     (b / "model.keras").unlink()
     assert "has no model.keras" in refused(a, b, "--out", tmp_path / "x")
     assert not (tmp_path / "x").exists()  # nothing written for a refused ensemble
-

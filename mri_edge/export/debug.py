@@ -42,10 +42,10 @@ def onnx_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, ref_top: 
     modify_model_output_intermediate_tensors(int8_path, workdir / "debug_q.onnx")
     fa = collect_activations(str(workdir / "debug_f.onnx"), Reader(x[idx]))
     qa = collect_activations(str(workdir / "debug_q.onnx"), Reader(x[idx]))
-    out_name = onnx.load(str(pre)).graph.output[0].name
+    pre_graph = onnx.load(str(pre)).graph
+    out_name = pre_graph.output[0].name
     flips = np.array([q.argmax() != r for q, r in zip(qa[out_name], ref_top[idx])]) if out_name in qa else \
         np.zeros(len(idx), bool)
-    pre_graph = onnx.load(str(pre)).graph
     order = [o for node in pre_graph.node for o in node.output]
     relu_f = {o for node in pre_graph.node if node.op_type == "Relu" for o in node.output}
     relu_q = {o for node in onnx.load(str(int8_path)).graph.node if node.op_type == "Relu" for o in node.output}
