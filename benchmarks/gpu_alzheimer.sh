@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train Alzheimer models side by side on a lent GPU machine: the two of the results table
-# (RUNS=default), the regularisers compared at equal wall time (RUNS=levers), or the shipped
-# model's recipe with and without them (RUNS=shipped, with SIZE=128).
+# (RUNS=default), the regularisers compared at equal wall time (RUNS=levers), the shipped
+# model's recipe with and without them (RUNS=shipped, with SIZE=128), or three of those and then
+# one student distilled from their ensemble (RUNS=distill; RUNS=student when the members are
+# already in .gpu/runs from an earlier call on the same machine).
 #
 # That machine has PyTorch but no TensorFlow, so Keras 3 runs with KERAS_BACKEND=torch
 # (the training code is backend-neutral); keras, namex and optree travel as wheels in
@@ -89,7 +91,18 @@ TRANSFER="--weights .gpu/tumor_backbone_fp16.weights.h5 --epochs-head 1 --epochs
 # with augmentation; RUNS=batch the same recipe at the CPU's batch of 32 (the shipped model was
 # fine-tuned at 32 and moves ~5x less under input noise than these runs at 128) and with
 # decoupled weight decay, against a control at 128.
-case "${RUNS:-default}" in
+# RUNS=distill trains the three members of the best GPU ensemble (reg-lr2, reg, noaug), averages
+# them (`mri-edge ensemble`) and trains a student with reg-lr2's recipe and the ensemble as its
+# --teacher for as long as each member trained: the members are its equal-time controls.
+MEMBERS="reg-lr2 $TRANSFER --lr-finetune 2e-4 --no-augment --mixup 0.2 --label-smoothing 0.1
+reg $TRANSFER --lr-finetune 4e-4 --no-augment --mixup 0.2 --label-smoothing 0.1
+noaug $TRANSFER --lr-finetune 4e-4 --no-augment"
+TEACHER=.gpu/runs/alzheimer-${SIZE}px-gpu-teacher
+STUDENT="student $TRANSFER --lr-finetune 2e-4 --no-augment --mixup 0.2 --label-smoothing 0.1 --teacher $TEACHER"
+PRESET=${RUNS:-default}
+case "$PRESET" in
+distill) RUNS="$MEMBERS" ;;
+student) RUNS="$STUDENT" ;;
 default) RUNS="scratch $SCRATCH
 transfer $TRANSFER --lr-finetune 5e-4" ;;
 levers) RUNS="scratch $SCRATCH
@@ -105,18 +118,36 @@ reg-lr2-b32 $TRANSFER --lr-finetune 2e-4 --no-augment --mixup 0.2 --label-smooth
 noaug-b32 $TRANSFER --lr-finetune 4e-4 --no-augment --batch-size 32
 reg-lr2-wd $TRANSFER --lr-finetune 2e-4 --no-augment --mixup 0.2 --label-smoothing 0.1 --weight-decay 0.05" ;;
 esac
-while read -r name opts; do
-    [ -n "$name" ] || continue
-    # shellcheck disable=SC2086  # options are words
-    timeout "$LIMIT" python3 -m mri_edge.cli train $COMMON $opts --out ".gpu/runs/alzheimer-${SIZE}px-gpu-$name" \
-        > "$OUT/run-$name.log" 2>&1 &
-done <<< "$RUNS"
-while sleep 30; do
-    jobs -r | grep -q . || break
-    echo "$(( $(date +%s) - T0 )) s: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
-done
-wait
-echo "training done after $(( $(date +%s) - T0 )) s"
+train_all() {  # one run per line of $1, all at once; returns when every one has ended
+    while read -r name opts; do
+        [ -n "$name" ] || continue
+        # shellcheck disable=SC2086  # options are words
+        timeout "$LIMIT" python3 -m mri_edge.cli train $COMMON $opts --out ".gpu/runs/alzheimer-${SIZE}px-gpu-$name" \
+            > "$OUT/run-$name.log" 2>&1 &
+    done <<< "$1"
+    while sleep 30; do
+        jobs -r | grep -q . || break
+        echo "$(( $(date +%s) - T0 )) s: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+    done
+    wait
+    echo "training done after $(( $(date +%s) - T0 )) s"
+}
+make_teacher() {  # the members' ensemble, made afresh (not sent back: it is rebuilt here from the members)
+    local members
+    members=$(while read -r name _; do echo ".gpu/runs/alzheimer-${SIZE}px-gpu-$name"; done <<< "$MEMBERS")
+    rm -rf "$TEACHER"
+    # shellcheck disable=SC2086  # one folder per line
+    python3 -m mri_edge.cli ensemble $members --out "$TEACHER" > "$OUT/run-teacher.log" 2>&1 \
+        || { echo "ensemble failed: $(tail -n 1 "$OUT/run-teacher.log")"; return 1; }
+    tail -n 1 "$OUT/run-teacher.log"
+}
+[ "$PRESET" = student ] && { make_teacher || exit 1; }
+train_all "$RUNS"
+if [ "$PRESET" = distill ]; then
+    LIMIT=$(( LIMIT - ($(date +%s) - T0) ))  # what is left of the call for the student
+    make_teacher && train_all "$STUDENT" && RUNS="$RUNS
+$STUDENT"
+fi
 tail -n 3 "$OUT"/run-*.log
 MADE=$(while read -r name _; do [ -n "$name" ] && echo ".gpu/runs/alzheimer-${SIZE}px-gpu-$name"; done <<< "$RUNS")
 # model.keras is ~31 MB a run: its kernels are stored as float16 (16 MB; `evaluate` here then

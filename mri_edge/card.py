@@ -75,7 +75,8 @@ def build(run_dir) -> dict:
                                                   "licence": "unknown"})},
             "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment",
                                                 "class_weight", "val_split", "val_fraction", "seed",
-                                                "time_budget_s", "wall_time_s", "ensemble", *REGULARISERS)},
+                                                "time_budget_s", "wall_time_s", "ensemble", *REGULARISERS,
+                                                "distill_weight", "distillation")},
             "versions": {"trained_with": cfg.get("versions"), "card_written_with": {
                 "mri_edge": __version__, "python": platform.python_version()}}}
     if manifest:
@@ -181,7 +182,9 @@ def markdown(card: dict) -> str:
         parts += ["## Training recipe", "", f"Weights `{r['weights']}`, {r['image_size']} px, batch {r['batch_size']}, "
                   f"augmentation {'on' if r['augment'] else 'off'}, class weights "
                   f"{r['class_weight'] or 'not recorded'}, seed {r['seed']}; regularisers: "
-                  f"{', '.join(f'{k} {r[k]}' for k in REGULARISERS if r.get(k)) or 'none'}; phases: {phases}.", ""]
+                  f"{', '.join(f'{k} {r[k]}' for k in REGULARISERS if r.get(k)) or 'none'}"
+                  f"{' (distill weight ' + str(r['distill_weight']) + ')' if r.get('teacher') else ''}; "
+                  f"phases: {phases}.", ""]
     for key, title in (("official", "official test split"), ("leakage_free", "leakage-free test subset")):
         res = card.get("results", {}).get(key)
         if not res:

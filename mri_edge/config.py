@@ -16,7 +16,7 @@ from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, OPENVIN
 
 SELECT_BY = ("loss", "accuracy", "macro_f1")  # validation metrics that can keep an epoch (loss: lowest)
 # TrainConfig fields that regularise one run's training: model cards list them, ensembles drop them.
-REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "quant_aware")
+REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "quant_aware", "teacher")
 
 
 def option(default, help: str, **cli):
@@ -76,6 +76,14 @@ class TrainConfig:
                                    "training, at a rate rising with depth to this one (0: off; 0.1-0.2 is usual).",
                               minimum=0, maximum=1, max_open=True)
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW; 0: plain Adam).", minimum=0)
+    # An ensemble is more accurate than its members and costs as many times the compute to run:
+    # distilled, one network carries much of it (distill.py).
+    teacher: str | None = option(None, "Knowledge distillation: a finished run folder (an ensemble's too) whose "
+                                       "probabilities on each training batch, blends included, become part of the "
+                                       "target. It must hold out the same images as this run.", path="dir", type=str,
+                                 metavar="RUN")
+    distill_weight: float = option(0.8, "--teacher: share of each target that is the teacher's probabilities (the "
+                                        "rest is the label).", minimum=0, maximum=1, min_open=True)
     # int8 files of weak, narrow-margin models flip answers however the quantizer is tuned
     # (docs/int8.md): train them to tolerate the rounding instead (qat.py).
     quant_aware: bool = option(False, "Simulate int8 rounding of the activations while training (quantization-aware "

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import mixup as mixing
-from . import preprocess
+from . import distill, preprocess
 from .errors import MriEdgeError
 from .files import atomic_path
 from .progress import Progress
@@ -280,9 +280,7 @@ def _decode_one(path: str, size: int):
 def decode_split(split: Split, image_size: int, cache_dir: Path | None = None,
                  strict: bool = False, label: str | None = None, workers: int | None = None) -> Decoded:
     """Decode and resize every image of a split once; later runs reuse the cached arrays.
-
-    Unreadable files are skipped and listed (or raise DataError with strict=True).
-    """
+    Unreadable files are skipped and listed (or raise DataError with strict=True)."""
     if not split.paths:
         raise DataError(f"the {split.name} split has no images")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -354,13 +352,14 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
 
 def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
                  shuffle: bool, seed: int = 0, sample_weights: dict[int, float] | None = None,
-                 shard: tuple[int, int] = (0, 1), mixup: float = 0.0, cutmix: float = 0.0):
+                 shard: tuple[int, int] = (0, 1), mixup: float = 0.0, cutmix: float = 0.0, teacher=None,
+                 distill_weight: float = 0.0):
     """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels; with
-    mixup or cutmix > 0 each global batch blended with a permutation of itself (mixup.py).
+    mixup or cutmix > 0 each global batch blended with a permutation of itself (mixup.py);
+    with a teacher, its probabilities on the (blended) batch mixed into the targets (distill.py).
 
-    shard (k, n): worker k of n takes the k-th of n parts of each global batch of batch_size
-    (every worker shuffles with the same seed), so the n parts make up the batch one device
-    would see (distribute.py)."""
+    shard (k, n): worker k of n takes the k-th of n parts of each global batch (all shuffle with
+    one seed), so the n parts make up the batch one device would see (distribute.py)."""
     import keras  # noqa: PLC0415
 
     class Batches(keras.utils.PyDataset):
@@ -372,10 +371,9 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
             self.set_epoch(0)
 
         def set_epoch(self, epoch: int) -> None:
-            """The order of an epoch depends on (seed, epoch) alone: the same on every worker, after
-            a resume, and however often Keras restarts an iteration (under tf.distribute its symbolic
-            build reads a first batch and starts over, which reshuffled a running generator and gave
-            two devices other batches than one). Set by callbacks.EpochOrder before each epoch."""
+            """The order of an epoch depends on (seed, epoch) alone: the same on every worker, after a
+            resume, and however often Keras restarts an iteration (tf.distribute reads a first batch and
+            starts over). Set by callbacks.EpochOrder before each epoch."""
             self.order, self.epoch = np.arange(len(images)), epoch
             if shuffle:
                 np.random.default_rng([seed, epoch]).shuffle(self.order)
@@ -395,6 +393,7 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
             if blends:
                 x, y = mixing.blend(x, images[other], lam, box), lam * y + (1 - lam) * self.eye[labels[other]]
                 w = None if w is None else lam * w + (1 - lam) * self.w[other]
+            y = y if teacher is None else distill.targets(y, teacher(x), distill_weight)
             return (x, y) if w is None else (x, y, w)
 
     return Batches()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, distribute, preprocess, qat, quiet, report
+from . import __version__, data, distill, distribute, preprocess, qat, quiet, report
 from .config import TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_copy, sha256_file
@@ -64,7 +64,8 @@ def _limit(split: data.Split, n: int | None, seed: int) -> data.Split:
     return data.Split(split.name, [split.paths[i] for i in keep], [split.labels[i] for i in keep])
 
 
-def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, distribution: dict | None = None) -> None:
+def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, distribution: dict | None = None,
+                     teacher: dict | None = None) -> None:
     """What a run folder holds from its start: the split manifest, the config and the labels."""
     run.path.mkdir(parents=True, exist_ok=True)
     cfg.class_names = dataset.class_names
@@ -72,7 +73,8 @@ def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, di
     report.write_json(run.manifest_path, dataset.manifest())
     report.write_json(run.config_path, {**asdict(cfg), "versions": versions(),
                                         "preprocessing": preprocess.contract(cfg.image_size),
-                                        **({"distribution": distribution} if distribution else {})})
+                                        **({"distribution": distribution} if distribution else {}),
+                                        **({"distillation": teacher} if teacher else {})})
     report.write_json(run.labels_path, {"task": cfg.task, "class_names": cfg.class_names,
                                         "class_keys": dataset.class_keys})
 
@@ -148,6 +150,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
 
     dist.start(log)
     dist.check_batch(cfg.batch_size)
+    teacher = distill.load(cfg, dataset, log)  # checked before anything is built or written
     # where this process writes: the run folder, or for a worker other than the chief a folder of its own
     work = run if dist.is_chief else distribute.worker_folder(run, dist)
     with dist.scope():
@@ -165,7 +168,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
             f"{dist.worker_index + 1} of {dist.workers}; global batch {cfg.batch_size}, "
             f"{cfg.batch_size // dist.replicas} per replica; {n_bn} batch-norm layers synchronised")
     if not state and dist.is_chief:
-        write_run_header(run, cfg, dataset, dist.record() if dist.replicas > 1 else None)
+        write_run_header(run, cfg, dataset, dist.record() if dist.replicas > 1 else None,
+                         teacher.record if teacher else None)
     _, notes = resolve_phases(cfg)
     for n in notes:
         log(n)
@@ -182,7 +186,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     first_phase = state["phase"] if state else 0
     budgets = phase_budgets(cfg.phases, cfg.time_budget_s)
     names = [p["name"] for p in cfg.phases]
-    batches = _batches(cfg, dec, log, dist)
+    batches = _batches(cfg, dec, log, dist, teacher)
     qat_setup = qat.phase_setup(model_lib.BASE_NAME, dec["train"], log) if cfg.quant_aware else None
     for pi, phase in enumerate(cfg.phases):
         if pi < first_phase:
@@ -222,14 +226,15 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     return run.path
 
 
-def _batches(cfg: TrainConfig, dec: dict, log, dist=None):
-    """(training batches with class weights, validation batches): this worker's part of each."""
+def _batches(cfg: TrainConfig, dec: dict, log, dist=None, teacher=None):
+    """(training batches: class weights, the teacher's targets; validation batches: labels alone), this worker's part."""
     names = cfg.class_names
     weights = data.class_weights(dec["train"].labels, len(names), cfg.class_weight)
     log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
     shard = (dist.worker_index, dist.workers) if dist else (0, 1)
     return (data.make_batches(dec["train"].images, dec["train"].labels, len(names), cfg.batch_size, shuffle=True,
-                              seed=cfg.seed, sample_weights=weights, shard=shard, mixup=cfg.mixup, cutmix=cfg.cutmix),
+                              seed=cfg.seed, sample_weights=weights, shard=shard, mixup=cfg.mixup, cutmix=cfg.cutmix,
+                              teacher=teacher, distill_weight=cfg.distill_weight),
             data.make_batches(dec["val"].images, dec["val"].labels, len(names), cfg.batch_size, shuffle=False,
                               shard=shard))
 
@@ -282,7 +287,6 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
 def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print,
              fp16_weights: bool = False) -> dict:
     """Re-run the test evaluation of a finished run, e.g. one trained on another machine.
-
     `data_dir` re-roots the run's split manifest (the data sits elsewhere here): every
     file must be found under it before anything is rewritten, and export/verify then
     read from there too. The Keras test report becomes this machine's numbers, which
