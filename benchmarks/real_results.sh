@@ -152,6 +152,17 @@ if [ -d artifacts/runs/alzheimer-128px-gpu-reg-lr2-b128 ]; then
     python benchmarks/rank_runs.py $B --out artifacts/runs/alzheimer-ranking-batch   # the rule's first: -b128
     python benchmarks/input_noise.py $B                                          # 13, 8, 14, 10 flips
 fi
+# distillation: SIZE=128 BATCH=128 BUDGET=3 LIMIT=570 RUNS=distill there (three members and a
+# student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
+if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then
+    M="artifacts/runs/alzheimer-128px-gpu-reg-lr2 artifacts/runs/alzheimer-128px-gpu-reg
+       artifacts/runs/alzheimer-128px-gpu-noaug"
+    for R in $M artifacts/runs/alzheimer-128px-gpu-student; do mri-edge evaluate "$R" --data-dir "$A" --dedup "$AA"; done
+    mri-edge ensemble $M --out artifacts/runs/alzheimer-128px-gpu-teacher
+    python benchmarks/rank_runs.py $M artifacts/runs/alzheimer-128px-gpu-teacher artifacts/runs/alzheimer-128px-gpu-student \
+        --out artifacts/runs/alzheimer-ranking-distill
+    python benchmarks/input_noise.py artifacts/runs/alzheimer-128px-gpu-student
+fi
 
 finish() {  # finish RUN AUDIT IMAGE MAX_RISK: the steps from a trained run to a shippable one
     mri-edge evaluate "$1" --fp16-weights                      # model.keras stored compact (ships)
