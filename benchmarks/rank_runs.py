@@ -7,7 +7,8 @@ columns come from each run's own test report and are shown beside the rule, neve
 it. A run that trained on any of the held-out images (a random carve, another seed or
 threshold), or started from the weights of a run that did, cannot be ranked by the rule and
 is listed apart, with its test numbers. A run that started from one which only kept its
-epoch on them (the same grouped split, one run continued by another) is ranked and marked.
+epoch on them (the same grouped split, one run continued by another), or learned from such a
+run (`train --teacher`), is ranked and marked.
 
 The held-out split also costs on test when the test split holds other slices of the training
 subjects (the Alzheimer data does): the test images whose nearest training image (raw-pixel
@@ -76,6 +77,11 @@ def images_seen(run: RunFolder, ancestor: bool = False) -> tuple[set[Path], set[
     lineage = [(RunFolder(m), ancestor) for m in members]
     if not members and start.suffix == ".keras" and (start.parent / "split_manifest.json").is_file():
         lineage.append((RunFolder(start.parent), True))
+    teacher = config.get("teacher")  # a distilled run learned from a run that kept its epochs on these images
+    if teacher and (Path(teacher) / "split_manifest.json").is_file():
+        lineage.append((RunFolder(teacher), True))
+    elif teacher:  # trained elsewhere: train refused a teacher fitted on them, so it chose on them at most
+        chosen |= split("val")
     for other, as_ancestor in lineage:
         f, c = images_seen(other, as_ancestor)
         fitted |= f
@@ -95,28 +101,22 @@ def ensemble(member_probs: list, held_labels, test_labels, names: list[str], lik
                      "smallest_n": like["smallest_n"]}}
 
 
-def nearest_is_held_out(manifest: dict) -> tuple[np.ndarray, np.ndarray]:
-    """For each test image of the manifest, in its order: whether its nearest image among
-    training + held-out (thumbnail correlation, the audit's measure) is a held-out one, and
-    that image's label (the 1-NN vote)."""
+def near_twins(manifest: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From one read of the thumbnails (the audit's measure): for each test image of the manifest,
+    in its order, whether its nearest image among training + held-out is a held-out one, and that
+    image's label (the 1-NN vote); and the group id of each held-out image (its groups of near
+    twins at the carve's threshold: the carve holds out whole groups, so the groups found among
+    the held-out images alone are the carve's own)."""
     root = Path(manifest["root"])
     train, held, test = (manifest["splits"][s] for s in ("train", "val", "test"))
-    thumbs, _ = groups.read_thumbnails([str(root / rel) for rel, _ in train + held + test],
-                                       "thumbnails of training, held-out and test")
-    ref, query = thumbs[:len(train) + len(held)], thumbs[len(train) + len(held):]
-    nearest, _ = groups.nearest(query, ref)
+    thumbs, ok = groups.read_thumbnails([str(root / rel) for rel, _ in train + held + test],
+                                        "thumbnails of training, held-out and test")
+    n_ref = len(train) + len(held)
+    nearest, _ = groups.nearest(thumbs[n_ref:], thumbs[:n_ref])
     labels = np.array([y for _, y in train + held])
-    return nearest >= len(train), labels[nearest]
-
-
-def held_out_groups(manifest: dict) -> np.ndarray:
-    """Group id of each held-out image: its groups of near twins (the carve's measure and
-    threshold). The carve holds out whole groups, so the groups found among the held-out images
-    alone are the carve's own."""
-    root = Path(manifest["root"])
-    thumbs, ok = groups.read_thumbnails([str(root / rel) for rel, _ in manifest["splits"]["val"]],
-                                        "thumbnails of the held-out images")
-    return groups.components(thumbs, float(manifest["val_split"]["threshold"]), ok)
+    group_ids = groups.components(thumbs[len(train):n_ref], float(manifest["val_split"]["threshold"]),
+                                  ok[len(train):n_ref])
+    return nearest >= len(train), labels[nearest], group_ids
 
 
 def ranks(values: list[float]) -> list[int]:
@@ -149,7 +149,7 @@ def main() -> int:
     ref_preds = runs[0].test_predictions()
     test_labels = np.asarray(ref_preds["labels"])
     # test predictions leave out unreadable images: match the manifest's test split by path
-    is_held, vote = nearest_is_held_out(ref)
+    is_held, vote, group_ids = near_twins(ref)
     near = {rel: (h, v) for (rel, _), h, v in zip(ref["splits"]["test"], is_held.tolist(), vote.tolist())}
     matched = [near.get(rel, (False, -1)) for rel in ref_preds["paths"]]  # -1: no vote, never right
     near_held = np.array([h for h, _ in matched], bool)
@@ -192,7 +192,6 @@ def main() -> int:
         ranked.append(mean)
         held_hits.append(np.mean([m[0] for m in member_probs], axis=0).argmax(1) == labels)
     by_rule = ranks([r["held_out"][args.by] for r in ranked])
-    group_ids = held_out_groups(ref)
     first = by_rule.index(1) if ranked else 0
     for r, hits in zip(ranked, held_hits):
         r["held_out"]["ci_by_group"] = report.bootstrap_ci(hits, groups=group_ids)

@@ -64,6 +64,14 @@ def test_a_candidate_started_from_a_run_that_saw_the_held_out_images_is_marked_o
     config["ensemble"] = {"members": [{"run": str(fresh.path)}, {"run": str(grandchild.path)}]}
     both.config_path.write_text(json.dumps(config))
     assert [held & s for s in rank_runs.images_seen(both)] == [{(data / "x2.png").resolve()}, set()]
+    # a student learned from a teacher that kept its epoch on x1: marked; one whose teacher is
+    # not on this machine (trained elsewhere) counts as chosen on all the held-out images
+    for name, teacher in (("student", ancestor.path), ("student2", tmp_path / "elsewhere")):
+        student = _run(tmp_path / name, ["t1.png"], ["x1.png", "x2.png"])
+        config = json.loads(student.config_path.read_text())
+        student.config_path.write_text(json.dumps({**config, "teacher": str(teacher)}))
+        chosen = {data / "x1.png"} if name == "student" else {data / "x1.png", data / "x2.png"}
+        assert [held & s for s in rank_runs.images_seen(student)] == [set(), {c.resolve() for c in chosen}]
 
 
 def test_test_images_are_matched_to_their_nearest_training_or_held_out_image(tmp_path):
@@ -79,10 +87,10 @@ def test_test_images_are_matched_to_their_nearest_training_or_held_out_image(tmp
     for name, twin in (("q1", "t2"), ("q2", "h1"), ("q3", "t1")):
         noisy = np.clip(faces[twin].astype(int) + rng.integers(-8, 9, (48, 48, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(data / f"{name}.png")
-    manifest = {"root": str(data), "class_names": ["a", "b"],
+    manifest = {"root": str(data), "class_names": ["a", "b"], "val_split": {"method": "grouped", "threshold": 0.99},
                 "splits": {"train": [["t1.png", 0], ["t2.png", 1]], "val": [["h1.png", 0]],
                            "test": [["q1.png", 1], ["q2.png", 0], ["q3.png", 0]]}}
-    held, vote = rank_runs.nearest_is_held_out(manifest)
+    held, vote, _ = rank_runs.near_twins(manifest)
     assert held.tolist() == [False, True, False]
     assert vote.tolist() == [1, 0, 0]  # the labels of t2, h1, t1
 
@@ -98,6 +106,7 @@ def test_held_out_images_are_grouped_with_their_twins(tmp_path):
     for name, px in (("h1", a), ("h2", b), ("h3", twin)):
         Image.fromarray(px).save(data / f"{name}.png")
     manifest = {"root": str(data), "val_split": {"method": "grouped", "threshold": 0.99},
-                "splits": {"val": [["h1.png", 0], ["h2.png", 1], ["h3.png", 0]]}}
-    ids = rank_runs.held_out_groups(manifest).tolist()
+                "splits": {"train": [], "val": [["h1.png", 0], ["h2.png", 1], ["h3.png", 0]], "test": [["h2.png", 1]]}}
+    _, _, ids = rank_runs.near_twins(manifest)
+    ids = ids.tolist()
     assert ids[0] == ids[2] != ids[1]
