@@ -364,9 +364,14 @@ def read_audit(audit_json) -> dict:
 def leakage_free_mask(audit_json, paths) -> np.ndarray:
     """True for evaluation images that have no exact or near copy in training/validation."""
     a = read_audit(audit_json)
-    root = Path(a["data_dir"])
+    root = Path(a["data_dir"]).resolve()
+    resolved = [Path(p).resolve() for p in paths]
+    outside = [p for p in resolved if not p.is_relative_to(root)]
+    if outside:  # an audit of another dataset would call every image leakage-free
+        raise AuditError(f"--dedup {audit_json}: it audits {root}, but {len(outside)} of the {len(paths)} test images "
+                         f"are elsewhere (e.g. {outside[0]}); audit this dataset with `mri-edge data audit`")
     leaked = {str((root / r).resolve()) for s in a["leaked"].values() for r in s}
-    mask = np.array([str(Path(p).resolve()) not in leaked for p in paths])
+    mask = np.array([str(p) not in leaked for p in resolved])
     if not mask.any():
         raise AuditError("--dedup: every test image has a copy in training; no leakage-free subset left")
     return mask

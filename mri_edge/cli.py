@@ -71,6 +71,8 @@ def train(task, data_dir, out, resume, force, **kw):
     """
     if not resume and not (task and data_dir):
         raise click.UsageError("--task and --data-dir are required (unless --resume, which reads them from the run)")
+    if not kw.get("teacher") and click.get_current_context().get_parameter_source("distill_weight").name == "COMMANDLINE":
+        raise click.UsageError("--distill-weight is the share of a teacher's answers: give --teacher RUN too")
     from . import train as train_lib  # noqa: PLC0415
     from .run import RunFolder  # noqa: PLC0415
 

@@ -32,8 +32,9 @@ class TrainConfig:
                                       "model.keras).")
     image_size: int = option(224, "Square input size in pixels.", minimum=32, maximum=1024)
     batch_size: int = option(32, "Training batch size.", minimum=1, maximum=4096)
-    epochs_head: int = option(5, "Phase 1: base frozen, head trained.", minimum=0)
-    epochs_finetune: int = option(10, "Phase 2: top of the base unfrozen.", minimum=0)
+    epochs_head: int = option(5, "Phase 1: base frozen, head trained (skipped with --weights none).", minimum=0)
+    epochs_finetune: int = option(10, "Phase 2: top of the base unfrozen (with --weights none: the epochs from "
+                                      "scratch).", minimum=0)
     lr: float = option(1e-3, "Phase 1 learning rate (and the from-scratch rate with --weights none).",
                        minimum=0, min_open=True)
     lr_finetune: float | None = option(None, "Phase 2 learning rate [default: --lr / 10; --lr with --weights none].",

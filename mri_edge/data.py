@@ -93,7 +93,7 @@ def find_splits(data_dir: str | Path) -> dict[str, Path]:
     """Locate train/val/test folders under data_dir, whatever their spelling and case."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+        raise DataError(f"data folder {'is a file, not a folder' if root.exists() else 'not found'}: {root}")
     found: dict[str, Path] = {}
     for child in sorted(root.iterdir()):
         if not child.is_dir() or child.name.startswith("."):

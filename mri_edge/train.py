@@ -29,8 +29,7 @@ def default_run_dir(task: str) -> Path:
 
 def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
     """The phase plan (name, epochs, lr, unfreeze, freeze_bn) and human notes about it."""
-    notes = []
-    phases = []
+    notes, phases = [], []
     pretrained = cfg.weights != "none"
     if pretrained:
         if cfg.epochs_head > 0:
@@ -40,13 +39,15 @@ def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
             phases.append({"name": "finetune", "epochs": cfg.epochs_finetune, "lr": lr_ft,
                            "unfreeze": cfg.unfreeze, "freeze_bn": not cfg.train_bn})
     else:
-        notes.append("--weights none: phase 1 (frozen base) skipped, a frozen random base learns nothing; "
-                     "the whole network trains from scratch with batch-norm layers training.")
-        epochs = cfg.epochs_head + cfg.epochs_finetune
-        lr = cfg.lr_finetune if cfg.lr_finetune is not None else cfg.lr
-        phases.append({"name": "scratch", "epochs": epochs, "lr": lr, "unfreeze": "all", "freeze_bn": False})
+        notes.append("--weights none: phase 1 (frozen base) skipped, a frozen random base learns nothing"
+                     f"{f' (--epochs-head {cfg.epochs_head} unused)' if cfg.epochs_head else ''}; the whole network "
+                     f"trains from scratch for --epochs-finetune {cfg.epochs_finetune} epochs, batch norms training.")
+        if cfg.epochs_finetune > 0:
+            phases.append({"name": "scratch", "epochs": cfg.epochs_finetune, "unfreeze": "all", "freeze_bn": False,
+                           "lr": cfg.lr_finetune if cfg.lr_finetune is not None else cfg.lr})
     if not phases:
-        raise TrainError("nothing to train: --epochs-head and --epochs-finetune are both 0")
+        raise TrainError("nothing to train: " + ("--epochs-head and --epochs-finetune are both 0" if pretrained else
+                         "--epochs-finetune is 0 (with --weights none it counts the epochs from scratch)"))
     return phases, notes
 
 
@@ -133,9 +134,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
 
 def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), force: bool = False) -> Path:
     """Run both phases, evaluate on the test split and write the run folder. Returns it.
-
-    `force` lets --out be a folder that holds other files (never a finished or resumable run).
-    """
+    `force` lets --out be a folder that holds other files (never a finished or resumable run)."""
     run, cfg, dataset, state = _open_run(cfg, resume, force, log,
                                          chief=distribute.plan(None if resume else cfg.devices).is_chief)
     dist = distribute.plan(cfg.devices)
@@ -170,7 +169,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     if not state and dist.is_chief:
         write_run_header(run, cfg, dataset, dist.record() if dist.replicas > 1 else None,
                          teacher.record if teacher else None)
-    _, notes = resolve_phases(cfg)
+    notes = resolve_phases(cfg)[1]
     for n in notes:
         log(n)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None

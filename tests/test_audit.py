@@ -65,3 +65,18 @@ def test_nearest_neighbour_probe_tells_copies_from_new_images():
     assert seen["accuracy"] == 1.0 and seen["median_best_correlation"] > 0.9
     assert new["accuracy"] < 0.6 and new["median_best_correlation"] < 0.2
     assert new["leakage_free_accuracy"] is None and seen["majority_class_rate"] == 0.25
+
+
+def test_an_audit_of_another_dataset_is_refused_not_read_as_leakage_free(tmp_path):
+    from mri_edge.audit import AuditError, leakage_free_mask
+
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    for d in (ours, other):
+        (d / "test" / "a").mkdir(parents=True)
+    tests = [str(ours / "test" / "a" / f"{i}.png") for i in range(3)]
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps({"data_dir": str(ours), "leaked": {"test": ["test/a/1.png"]}}))
+    assert leakage_free_mask(audit, tests).tolist() == [True, False, True]
+    audit.write_text(json.dumps({"data_dir": str(other), "leaked": {"test": ["test/a/1.png"]}}))
+    with pytest.raises(AuditError, match="3 of the 3 test images are elsewhere"):
+        leakage_free_mask(audit, tests)

@@ -76,6 +76,8 @@ def test_train_with_a_teacher_records_it_and_a_bad_teacher_fails_before_anything
     res = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "bad"), "--teacher", str(tmp_path / "nothing")])
     assert res.exit_code == 1 and "--teacher" in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "bad"), "--distill-weight", "0.5"])
+    assert res.exit_code == 2 and "give --teacher RUN too" in res.output and not (tmp_path / "bad").exists()
     res = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "student"), "--teacher", str(micro_run),
                                     "--distill-weight", "0.6", "--mixup", "0.2"])
     assert res.exit_code == 0, res.output

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mri_edge.schedule import PhaseClock, lr_at, phase_budgets
-from mri_edge.train import TrainConfig, resolve_phases, train
+from mri_edge.train import TrainConfig, TrainError, resolve_phases, train
 
 OUTPUTS = ["model.keras", "config.json", "labels.json", "split_manifest.json", "history.csv",
            "training_curves.png", "test_report.json", "test_predictions.json", "confusion_matrix.png",
@@ -36,8 +36,10 @@ def test_phase_plan():
     assert [p["name"] for p in phases] == ["head", "finetune"]
     assert phases[1]["lr"] == pytest.approx(1e-4) and not notes
     phases, notes = resolve_phases(TrainConfig("tumor", ".", weights="none", epochs_head=2, epochs_finetune=3))
-    assert [p["name"] for p in phases] == ["scratch"] and phases[0]["epochs"] == 5
-    assert "phase 1" in notes[0] and "skipped" in notes[0]
+    assert [p["name"] for p in phases] == ["scratch"] and phases[0]["epochs"] == 3  # as --epochs-finetune reads
+    assert "phase 1" in notes[0] and "skipped" in notes[0] and "--epochs-head 2 unused" in notes[0]
+    with pytest.raises(TrainError, match=r"--epochs-finetune is 0 \(with --weights none"):
+        resolve_phases(TrainConfig("tumor", ".", weights="none", epochs_head=2, epochs_finetune=0))
     assert resolve_phases(TrainConfig("tumor", ".", weights="imagenet"))[0][1]["freeze_bn"] is True
     phases, _ = resolve_phases(TrainConfig("tumor", ".", weights="model.keras", train_bn=True))
     assert phases[0]["freeze_bn"] is True and phases[1]["freeze_bn"] is False  # the head phase keeps BN frozen
