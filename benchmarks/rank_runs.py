@@ -227,8 +227,9 @@ def main() -> int:
     text += (f"\n\nA 1-NN vote over training + held-out thumbnails gets {_pct(nn['near_held_out'])} of the test images "
              f"whose nearest image is held out and {_pct(nn['rest'])} of the rest.")
     if any(r.get("chosen_before") for r in ranked):
-        text += ("\n\n(*) started from a run that kept its epoch on these held-out images (never trained on them): "
-                 "chosen on them twice, so its held-out figure is a little more optimistic than the others'.")
+        text += ("\n\n(*) started from, learned from (`train --teacher`) or averages a run that kept its epoch on "
+                 "these held-out images (never trained on them): chosen on them twice, so its held-out figure is a "
+                 "little more optimistic than the others'.")
     if apart:
         text += "\n\nNot rankable by the rule:\n\n" + "\n".join(
             f"- {Path(r['run']).name}: {r['why']}; test {r['test']['accuracy']:.2%}, macro-F1 "

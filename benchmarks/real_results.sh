@@ -152,6 +152,22 @@ if [ -d artifacts/runs/alzheimer-128px-gpu-reg-lr2-b128 ]; then
     python benchmarks/rank_runs.py $B --out artifacts/runs/alzheimer-ranking-batch   # the rule's first: -b128
     python benchmarks/input_noise.py $B                                          # 13, 8, 14, 10 flips
 fi
+# distillation on the CPU, equal epochs (1 + 6 at 64 px): two members, their ensemble as the
+# teacher, a student with each member's recipe (about 10, 10, 1 and 21 + 21 minutes)
+KD="--task alzheimer --data-dir $A --weights artifacts/tumor/model.keras --image-size 64 --batch-size 32
+    --epochs-head 1 --epochs-finetune 6 --unfreeze all --train-bn --no-augment --lr 1e-3 --lr-finetune 3e-4
+    --val-split grouped --patience 100 --select-by accuracy --dedup $AA"
+K=artifacts/runs/alzheimer-64px-kd6
+# shellcheck disable=SC2086
+mri-edge train $KD --mixup 0.2 --label-smoothing 0.1 --out $K-reg
+# shellcheck disable=SC2086
+mri-edge train $KD --out $K-noaug
+mri-edge ensemble $K-reg $K-noaug --out $K-teacher
+# shellcheck disable=SC2086
+mri-edge train $KD --mixup 0.2 --label-smoothing 0.1 --teacher $K-teacher --out $K-student
+# shellcheck disable=SC2086
+mri-edge train $KD --teacher $K-teacher --out $K-student-noaug
+python benchmarks/rank_runs.py $K-noaug $K-reg $K-teacher $K-student $K-student-noaug --out artifacts/runs/alzheimer-ranking-kd
 # distillation: SIZE=128 BATCH=128 BUDGET=3 LIMIT=570 RUNS=distill there (three members and a
 # student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
 if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then
