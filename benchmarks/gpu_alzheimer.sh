@@ -141,12 +141,20 @@ make_teacher() {  # the members' ensemble, made afresh (not sent back: it is reb
         || { echo "ensemble failed: $(tail -n 1 "$OUT/run-teacher.log")"; return 1; }
     tail -n 1 "$OUT/run-teacher.log"
 }
-[ "$PRESET" = student ] && { make_teacher || exit 1; }
+if [ "$PRESET" = student ]; then  # a student cut short by an earlier call left a folder train refuses
+    rm -rf ".gpu/runs/alzheimer-${SIZE}px-gpu-student"
+    make_teacher || exit 1
+fi
 train_all "$RUNS"
-if [ "$PRESET" = distill ]; then
+if [ "$PRESET" = distill ] && make_teacher; then
     LIMIT=$(( LIMIT - ($(date +%s) - T0) ))  # what is left of the call for the student
-    make_teacher && train_all "$STUDENT" && RUNS="$RUNS
+    NEED=$(python3 -c "print(int(float('$BUDGET') * 60) + 90)")  # its training, decoding and test report
+    if [ "$LIMIT" -ge "$NEED" ]; then
+        train_all "$STUDENT" && RUNS="$RUNS
 $STUDENT"
+    else
+        echo "no student: ${LIMIT} s left of LIMIT, it needs ${NEED} s (lower BUDGET, or RUNS=student in a second call)"
+    fi
 fi
 tail -n 3 "$OUT"/run-*.log
 MADE=$(while read -r name _; do [ -n "$name" ] && echo ".gpu/runs/alzheimer-${SIZE}px-gpu-$name"; done <<< "$RUNS")

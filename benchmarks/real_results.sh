@@ -168,7 +168,7 @@ mri-edge train $KD --mixup 0.2 --label-smoothing 0.1 --teacher $K-teacher --out 
 # shellcheck disable=SC2086
 mri-edge train $KD --teacher $K-teacher --out $K-student-noaug
 python benchmarks/rank_runs.py $K-noaug $K-reg $K-teacher $K-student $K-student-noaug --out artifacts/runs/alzheimer-ranking-kd
-# distillation: SIZE=128 BATCH=128 BUDGET=3 LIMIT=570 RUNS=distill there (three members and a
+# distillation: SIZE=128 BATCH=128 BUDGET=2.5 LIMIT=570 RUNS=distill there (three members and a
 # student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
 if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then
     M="artifacts/runs/alzheimer-128px-gpu-reg-lr2 artifacts/runs/alzheimer-128px-gpu-reg

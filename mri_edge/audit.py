@@ -361,17 +361,25 @@ def read_audit(audit_json) -> dict:
     return a
 
 
-def leakage_free_mask(audit_json, paths) -> np.ndarray:
-    """True for evaluation images that have no exact or near copy in training/validation."""
+def leakage_free_mask(audit_json, paths, root=None) -> np.ndarray:
+    """True for evaluation images that have no exact or near copy in training/validation.
+
+    Images are matched by their path relative to the data folder (`root`, the audit's own by
+    default), so a moved, copied or symlinked copy of the audited dataset matches too. An audit
+    whose leaked test files are not in that folder is of another dataset: refused, since it
+    would call every image leakage-free."""
+    import os  # noqa: PLC0415
+
     a = read_audit(audit_json)
-    root = Path(a["data_dir"]).resolve()
-    resolved = [Path(p).resolve() for p in paths]
-    outside = [p for p in resolved if not p.is_relative_to(root)]
-    if outside:  # an audit of another dataset would call every image leakage-free
-        raise AuditError(f"--dedup {audit_json}: it audits {root}, but {len(outside)} of the {len(paths)} test images "
-                         f"are elsewhere (e.g. {outside[0]}); audit this dataset with `mri-edge data audit`")
-    leaked = {str((root / r).resolve()) for s in a["leaked"].values() for r in s}
-    mask = np.array([str(p) not in leaked for p in resolved])
+    root = os.path.abspath(root if root is not None else a["data_dir"])
+    leaked_test = a["leaked"].get("test", [])
+    missing = [r for r in leaked_test if not os.path.exists(os.path.join(root, r))]
+    if missing:
+        raise AuditError(f"--dedup {audit_json}: {len(missing)} of the {len(leaked_test)} test files it lists as "
+                         f"leaked are not in {root} (e.g. {missing[0]}): an audit of another dataset? Audit this "
+                         "one with `mri-edge data audit`")
+    leaked = {Path(r).as_posix() for rows in a["leaked"].values() for r in rows}
+    mask = np.array([Path(os.path.relpath(os.path.abspath(p), root)).as_posix() not in leaked for p in paths])
     if not mask.any():
         raise AuditError("--dedup: every test image has a copy in training; no leakage-free subset left")
     return mask

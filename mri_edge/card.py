@@ -76,7 +76,7 @@ def build(run_dir) -> dict:
             "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment",
                                                 "class_weight", "val_split", "val_fraction", "seed",
                                                 "time_budget_s", "wall_time_s", "ensemble", *REGULARISERS,
-                                                "distill_weight", "distillation")},
+                                                *(("distill_weight", "distillation") if cfg.get("teacher") else ()))},
             "versions": {"trained_with": cfg.get("versions"), "card_written_with": {
                 "mri_edge": __version__, "python": platform.python_version()}}}
     if manifest:

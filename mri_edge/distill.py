@@ -31,11 +31,24 @@ class TeacherError(MriEdgeError, ValueError):
     """A --teacher that cannot teach this run."""
 
 
-def overlap(teacher_manifest: dict, student_manifest: dict) -> dict[str, int]:
-    """How many of the student's validation and test images are in the teacher's training split
-    (relative paths; the two runs may have read the data from different folders)."""
-    trained = {rel for rel, _ in teacher_manifest["splits"].get("train", [])}
+def overlap(trained: set[str], student_manifest: dict) -> dict[str, int]:
+    """How many of the student's validation and test images are among `trained` (relative paths;
+    the runs may have read the data from different folders)."""
     return {s: sum(rel in trained for rel, _ in student_manifest["splits"].get(s, [])) for s in ("val", "test")}
+
+
+def trained_on(run: RunFolder) -> set[str]:
+    """The images a run's weights were fitted on: its training split, and for an ensemble each
+    member's (members share validation and test, not necessarily training). Not followed: the
+    runs a member started from (--weights), whose own splits may differ."""
+    rows = list(run.manifest()["splits"].get("train", []))
+    for m in (run.config().get("ensemble") or {}).get("members", []):
+        member = RunFolder(m["run"])
+        if not member.manifest_path.is_file():
+            raise TeacherError(f"--teacher {run.path}: its member {m['run']} is not here, so what it trained on "
+                               "cannot be checked")
+        rows += member.manifest()["splits"].get("train", [])
+    return {rel for rel, _ in rows}
 
 
 class Teacher:
@@ -56,7 +69,7 @@ class Teacher:
         if int(config["image_size"]) != int(image_size):
             raise TeacherError(f"--teacher {path}: it takes {config['image_size']} px images, this run "
                                f"{image_size} px; train the student at the teacher's size")
-        seen = overlap(run.manifest(), student_manifest)
+        seen = overlap(trained_on(run), student_manifest)
         if any(seen.values()):
             raise TeacherError(f"--teacher {path}: it trained on {seen['val']} of this run's validation and "
                                f"{seen['test']} of its test images; train the student with the teacher's --val-split, "
@@ -77,13 +90,17 @@ def targets(labels: np.ndarray, teacher_probs: np.ndarray, weight: float) -> np.
     return ((1.0 - weight) * labels + weight * np.asarray(teacher_probs, np.float32)).astype(np.float32)
 
 
-def load(cfg, dataset, log=print) -> Teacher | None:
-    """The run's teacher (None without --teacher), announced in the log."""
+def load(cfg, dataset, log=print, recorded: dict | None = None) -> Teacher | None:
+    """The run's teacher (None without --teacher), announced in the log; `recorded`: the teacher
+    a resumed run started with (config.json's "distillation"), which it must still be."""
     if not cfg.teacher:
         return None
     if not 0.0 < cfg.distill_weight <= 1.0:
         raise TeacherError(f"--distill-weight {cfg.distill_weight}: give a share in (0, 1]")
     teacher = Teacher(Path(cfg.teacher), dataset.class_names, cfg.image_size, dataset.manifest())
+    if recorded and recorded.get("model_sha256") != teacher.record["model_sha256"]:
+        raise TeacherError(f"--resume: the teacher {cfg.teacher} is not the model this run started with (its "
+                           "model.keras changed); a student of two teachers would be recorded as one's")
     teacher(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32))  # built here, not in a loader thread
     acc = teacher.record["test_accuracy"]
     log(f"distilling from {cfg.teacher} ({teacher.record['members']} model(s)"

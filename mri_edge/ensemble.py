@@ -108,7 +108,8 @@ def build(run_dirs: list, out, force: bool = False, log=print) -> dict:
     # The first member's config gives the shared facts (task, classes, size, preprocessing, splits,
     # seed); what described its own training or files goes, so nothing here speaks for one member.
     config = {k: v for k, v in first["config"].items()
-              if k not in ("distribution", "weights_stored", "evaluated", "distillation", *REGULARISERS)}
+              if k not in ("distribution", "weights_stored", "evaluated", "distillation", "distill_weight",
+                            *REGULARISERS)}
     config.update({"out": str(run.path), "data_dir": manifest["root"], "weights": "ensemble", "phases": [],
                    "ensemble": record, "versions": versions(),
                    "wall_time_s": sum(float(m["config"].get("wall_time_s") or 0.0) for m in members)})

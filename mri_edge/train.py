@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
 
     dist.start(log)
     dist.check_batch(cfg.batch_size)
-    teacher = distill.load(cfg, dataset, log)  # checked before anything is built or written
+    teacher = distill.load(cfg, dataset, log, run.config().get("distillation") if state else None)  # before anything is built
     # where this process writes: the run folder, or for a worker other than the chief a folder of its own
     work = run if dist.is_chief else distribute.worker_folder(run, dist)
     with dist.scope():
@@ -373,7 +373,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     if cfg.dedup:
         from . import audit  # noqa: PLC0415
 
-        clean = audit.leakage_free_mask(cfg.dedup, test.paths)
+        clean = audit.leakage_free_mask(cfg.dedup, test.paths, root)
         dm = report.classification_metrics(test.labels[clean], pred[clean], names)
         dm["accuracy_ci95"] = report.bootstrap_ci(pred[clean] == test.labels[clean], seed=cfg.seed)
         m["dedup"] = dm

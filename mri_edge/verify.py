@@ -227,7 +227,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     if dedup:
         from . import audit  # noqa: PLC0415
 
-        clean = audit.leakage_free_mask(dedup, [str(root / p) for p in ref["paths"]])
+        clean = audit.leakage_free_mask(dedup, [str(root / p) for p in ref["paths"]], root)
 
     if debug_quant:
         from .export.debug import layer_report  # noqa: PLC0415

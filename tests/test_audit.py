@@ -67,16 +67,25 @@ def test_nearest_neighbour_probe_tells_copies_from_new_images():
     assert new["leakage_free_accuracy"] is None and seen["majority_class_rate"] == 0.25
 
 
-def test_an_audit_of_another_dataset_is_refused_not_read_as_leakage_free(tmp_path):
+def test_an_audit_matches_moved_or_symlinked_copies_and_refuses_another_dataset(tmp_path):
+    import os
+
     from mri_edge.audit import AuditError, leakage_free_mask
 
     ours, other = tmp_path / "ours", tmp_path / "other"
     for d in (ours, other):
         (d / "test" / "a").mkdir(parents=True)
-    tests = [str(ours / "test" / "a" / f"{i}.png") for i in range(3)]
+    for i in range(3):
+        (ours / "test" / "a" / f"{i}.png").write_bytes(b"x")
     audit = tmp_path / "audit.json"
     audit.write_text(json.dumps({"data_dir": str(ours), "leaked": {"test": ["test/a/1.png"]}}))
+    tests = [str(ours / "test" / "a" / f"{i}.png") for i in range(3)]
     assert leakage_free_mask(audit, tests).tolist() == [True, False, True]
-    audit.write_text(json.dumps({"data_dir": str(other), "leaked": {"test": ["test/a/1.png"]}}))
-    with pytest.raises(AuditError, match="3 of the 3 test images are elsewhere"):
-        leakage_free_mask(audit, tests)
+    moved = tmp_path / "moved"  # a copy elsewhere whose images are symlinks into the original
+    (moved / "test" / "a").mkdir(parents=True)
+    for i in range(3):
+        os.symlink(ours / "test" / "a" / f"{i}.png", moved / "test" / "a" / f"{i}.png")
+    assert leakage_free_mask(audit, [str(moved / "test" / "a" / f"{i}.png") for i in range(3)], moved).tolist() == \
+        [True, False, True]
+    with pytest.raises(AuditError, match="1 of the 1 test files it lists as leaked are not in"):
+        leakage_free_mask(audit, [str(other / "test" / "a" / "0.png")], other)

@@ -66,9 +66,14 @@ def test_a_teacher_must_hold_out_the_students_images_and_match_its_classes_and_s
 
 
 def test_train_with_a_teacher_records_it_and_a_bad_teacher_fails_before_anything_is_written(
-        micro_run, synth_data, cache_dir, tmp_path):
+        micro_run, synth_data, cache_dir, tmp_path, monkeypatch):
+    from mri_edge import distill
     from mri_edge.cli import main
     from mri_edge.files import sha256_file
+
+    mixed = []  # the targets training got: (labels, teacher's answers, targets)
+    original = distill.targets
+    monkeypatch.setattr(distill, "targets", lambda y, t, w: mixed.append((y, t, original(y, t, w))) or mixed[-1][2])
 
     common = ["train", "--task", "tumor", "--data-dir", str(synth_data), "--weights", "none", "--image-size",
               str(TINY), "--epochs-head", "0", "--epochs-finetune", "1", "--dense-units", "8", "--batch-size", "64",
@@ -82,6 +87,8 @@ def test_train_with_a_teacher_records_it_and_a_bad_teacher_fails_before_anything
                                     "--distill-weight", "0.6", "--mixup", "0.2"])
     assert res.exit_code == 0, res.output
     assert f"distilling from {micro_run} (1 model(s), test accuracy" in res.output
+    assert mixed and all(np.allclose(out, 0.4 * y + 0.6 * t) for y, t, out in mixed)
+    assert not np.allclose(mixed[0][2], mixed[0][0])  # the teacher moved the targets off the labels
     cfg = json.loads((tmp_path / "student" / "config.json").read_text())
     assert (cfg["teacher"], cfg["distill_weight"]) == (str(micro_run), 0.6)
     assert cfg["distillation"]["model_sha256"] == sha256_file(micro_run / "model.keras")
@@ -89,3 +96,16 @@ def test_train_with_a_teacher_records_it_and_a_bad_teacher_fails_before_anything
 
     write_card(tmp_path / "student")
     assert f"teacher {micro_run} (distill weight 0.6)" in (tmp_path / "student" / "model_card.md").read_text()
+
+
+def test_a_resumed_student_refuses_a_teacher_that_changed(micro_run):
+    from mri_edge import distill
+    from mri_edge.config import TrainConfig
+    from mri_edge.data import dataset_from_manifest
+
+    cfg = TrainConfig("tumor", ".", image_size=TINY, teacher=str(micro_run))
+    dataset = dataset_from_manifest(_manifest(micro_run))
+    sha = distill.load(cfg, dataset, log=lambda *_: None).record["model_sha256"]
+    assert distill.load(cfg, dataset, lambda *_: None, {"model_sha256": sha}) is not None
+    with pytest.raises(distill.TeacherError, match="not the model this run started with"):
+        distill.load(cfg, dataset, lambda *_: None, {"model_sha256": "0" * 64})
