@@ -89,10 +89,10 @@ def images_seen(run: RunFolder, ancestor: bool = False) -> tuple[set[Path], set[
     return fitted, chosen - fitted
 
 
-def ensemble(member_probs: list, held_labels, test_labels, names: list[str], like: dict, seed: int) -> dict:
+def ensemble(held_p, test_p, held_labels, test_labels, names: list[str], like: dict, seed: int) -> dict:
     """The ensemble lever measured, not built: the mean of the rankable candidates'
-    probabilities (one exported graph averaging them would give the same numbers)."""
-    held_p, test_p = (np.mean([m[i] for m in member_probs], axis=0) for i in (0, 1))
+    probabilities, `held_p` and `test_p` (one exported graph averaging them would give the same
+    numbers)."""
     t = scores(test_p, test_labels, names)
     return {"run": "mean of the candidates above", "held_out": scores(held_p, held_labels, names),
             "test": {"accuracy": t["accuracy"], "macro_f1": t["macro_f1"], "leakage_free": None,
@@ -145,7 +145,7 @@ def main() -> int:
     held_paths = {(Path(ref["root"]) / rel).resolve() for rel, _ in held}
     labels = np.array([k for _, k in held])
     names = ref["class_names"]
-    ranked, apart, member_probs, held_hits = [], [], [], []
+    ranked, apart, member_probs = [], [], []  # member_probs: (held-out, test) probabilities of each ranked run
     ref_preds = runs[0].test_predictions()
     test_labels = np.asarray(ref_preds["labels"])
     # test predictions leave out unreadable images: match the manifest's test split by path
@@ -183,14 +183,15 @@ def main() -> int:
         probs, _ = probabilities(net, images, lambda x: [x])
         ranked.append({**entry, "held_out": scores(probs, labels, names)})
         member_probs.append((probs, np.asarray(preds["probs"], np.float32)))
-        held_hits.append(probs.argmax(1) == labels)
     if len(member_probs) > 1:
-        mean = ensemble(member_probs, labels, test_labels, names, ranked[0]["test"],
+        held_mean, test_mean = (np.mean([m[i] for m in member_probs], axis=0) for i in (0, 1))
+        mean = ensemble(held_mean, test_mean, labels, test_labels, names, ranked[0]["test"],
                         seed=runs[0].config().get("seed", 42))
-        mean["test"].update(split_accuracy(np.mean([m[1] for m in member_probs], axis=0)))
+        mean["test"].update(split_accuracy(test_mean))
         mean["chosen_before"] = sum(r.get("chosen_before", 0) for r in ranked)
         ranked.append(mean)
-        held_hits.append(np.mean([m[0] for m in member_probs], axis=0).argmax(1) == labels)
+        member_probs.append((held_mean, test_mean))
+    held_hits = [held.argmax(1) == labels for held, _ in member_probs]  # one per ranked row
     by_rule = ranks([r["held_out"][args.by] for r in ranked])
     first = by_rule.index(1) if ranked else 0
     for r, hits in zip(ranked, held_hits):

@@ -9,6 +9,7 @@ absolute difference is below a threshold (reported in audit.json).
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -368,8 +369,6 @@ def leakage_free_mask(audit_json, paths, root=None) -> np.ndarray:
     default), so a moved, copied or symlinked copy of the audited dataset matches too. An audit
     whose leaked test files are not in that folder is of another dataset: refused, since it
     would call every image leakage-free."""
-    import os  # noqa: PLC0415
-
     a = read_audit(audit_json)
     root = os.path.abspath(root if root is not None else a["data_dir"])
     leaked_test = a["leaked"].get("test", [])

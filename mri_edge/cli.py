@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .clitools import Interrupted, config_from, echo, int_list, options_from, run_guarded, terminate
@@ -71,7 +72,8 @@ def train(task, data_dir, out, resume, force, **kw):
     """
     if not resume and not (task and data_dir):
         raise click.UsageError("--task and --data-dir are required (unless --resume, which reads them from the run)")
-    if not kw.get("teacher") and click.get_current_context().get_parameter_source("distill_weight").name == "COMMANDLINE":
+    if not kw.get("teacher") and \
+            click.get_current_context().get_parameter_source("distill_weight") == ParameterSource.COMMANDLINE:
         raise click.UsageError("--distill-weight is the share of a teacher's answers: give --teacher RUN too")
     from . import train as train_lib  # noqa: PLC0415
     from .run import RunFolder  # noqa: PLC0415
