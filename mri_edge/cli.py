@@ -45,9 +45,10 @@ TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
 
 # calibrate, explain, card and ensemble live in their own modules (this one would pass 400 lines)
 from .cli_ensemble import ensemble  # noqa: E402
+from .cli_pretrain import pretrain  # noqa: E402
 from .cli_trust import calibrate, card, explain  # noqa: E402
 
-for _command in (calibrate, explain, card, ensemble):
+for _command in (calibrate, explain, card, ensemble, pretrain):
     main.add_command(_command)
 
 

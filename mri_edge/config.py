@@ -139,6 +139,44 @@ class TrainConfig:
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
 
+def like(name: str, **override):
+    """A TrainConfig field's default and help for another config: one definition where the two must agree
+    (pretrain reads the training split that train will carve with the same values)."""
+    f = TrainConfig.__dataclass_fields__[name]
+    default = override.pop("default", f.default)
+    return field(default=default, metadata={**f.metadata, **override})
+
+
+@dataclass
+class PretrainConfig:
+    """What `mri-edge pretrain` does: SimCLR on the training split's images, no labels (pretrain.py)."""
+
+    task: str
+    data_dir: str
+    out: str
+    weights: str = like("weights", default="none",
+                        help="Backbone to start from: none, imagenet, or a path (as train --weights).")
+    image_size: int = like("image_size")
+    batch_size: int = like("batch_size", default=64, minimum=2, help="Images per step; each gives two views, so "
+                                                                     "the loss compares 2 x this many.")
+    epochs: int = option(20, "Epochs over the training split (upper bound with --time-budget).", minimum=1)
+    lr: float = like("lr", help="Peak learning rate (Adam; warm-up, then cosine).")
+    warmup_epochs: int = like("warmup_epochs")
+    temperature: float = option(0.2, "NT-Xent temperature of the contrastive loss.", minimum=0, min_open=True)
+    projection_dim: int = option(128, "Output size of the projection head (dropped after pretraining).", minimum=2)
+    time_budget_s: float | None = like("time_budget_s", help="Fit the epochs, probes included, into this wall "
+                                                             "time (cosine over time; epochs become an upper bound; "
+                                                             "decoding and building come on top).")
+    # train's carve with the same four values holds out the same images: they stay unseen here too.
+    val_fraction: float = like("val_fraction")
+    val_split: str = like("val_split")
+    group_threshold: float = like("group_threshold")
+    seed: int = like("seed")
+    limit_per_class: int | None = like("limit_per_class")
+    cache_dir: str | None = like("cache_dir")
+    eager: bool = like("eager")
+
+
 @dataclass
 class ExportConfig:
     """What `mri-edge export` makes; the format table (export/formats.py) says which option

@@ -37,18 +37,42 @@ def overlap(trained: set[str], student_manifest: dict) -> dict[str, int]:
     return {s: sum(rel in trained for rel, _ in student_manifest["splits"].get(s, [])) for s in ("val", "test")}
 
 
-def trained_on(run: RunFolder) -> set[str]:
-    """The images a run's weights were fitted on: its training split, and for an ensemble each
-    member's (members share validation and test, not necessarily training). Not followed: the
-    runs a member started from (--weights), whose own splits may differ."""
+def trained_on(run: RunFolder, _seen: frozenset = frozenset()) -> set[str]:
+    """The images a run's weights were fitted on: its training split, for an ensemble each member's
+    (members share validation and test, not necessarily training), and those of the run or pretrain
+    folder it started from (config.json `weights`, a .keras file beside a split manifest), and so on
+    up the line. A start whose folder is not on this machine (or not where its path says) ends the line."""
     rows = list(run.manifest()["splits"].get("train", []))
-    for m in (run.config().get("ensemble") or {}).get("members", []):
+    config = run.config() if run.config_path.is_file() else {}
+    for m in (config.get("ensemble") or {}).get("members", []):
         member = RunFolder(m["run"])
         if not member.manifest_path.is_file():
             raise TeacherError(f"--teacher {run.path}: its member {m['run']} is not here, so what it trained on "
                                "cannot be checked")
-        rows += member.manifest()["splits"].get("train", [])
+        rows += [[rel, 0] for rel in trained_on(member, _seen | {run.path.resolve()})]
+    start = Path(str(config.get("weights", "none")))
+    if start.suffix == ".keras" and (start.parent / "split_manifest.json").is_file() \
+            and start.parent.resolve() not in _seen | {run.path.resolve()}:
+        rows += [[rel, 0] for rel in trained_on(RunFolder(start.parent), _seen | {run.path.resolve()})]
     return {rel for rel, _ in rows}
+
+
+def weights_seen(weights: str, manifest: dict) -> list[str]:
+    """A note (a list of at most one) when --weights is a .keras file whose folder records what it was
+    fitted on (a run, a pretrain folder) and that includes this run's validation or test images:
+    the held-out rule and the test report would then flatter the run."""
+    folder = Path(weights).parent
+    if Path(weights).suffix != ".keras" or not (folder / "split_manifest.json").is_file():
+        return []
+    try:
+        seen = overlap(trained_on(RunFolder(folder)), manifest)
+    except MriEdgeError as e:
+        return [f"warning: what --weights {weights} was fitted on cannot be checked ({e})"]
+    if not any(seen.values()):
+        return []
+    return [f"warning: --weights {weights} was fitted on {seen['val']} of this run's validation and {seen['test']} of "
+            "its test images, so both are optimistic for this run (carve with the same --val-split, --val-fraction, "
+            "--seed and --group-threshold as the run or pretraining that made it)"]
 
 
 class Teacher:

@@ -80,7 +80,9 @@ def augmentation(seed: int = 42, rotation: float = 15.0, shift: float = 0.1, zoo
     return RandomAffine()
 
 
-def _backbone(image_size: int, weights: str):
+def backbone(image_size: int, weights: str):
+    """DenseNet121 without its top: from scratch, ImageNet's, a weights file's, or the backbone
+    (the layer named densenet121) of an mri-edge .keras file: a run's model or a pretrain encoder."""
     keras = _keras()
     shape = (image_size, image_size, 3)
     if weights == "none":
@@ -132,6 +134,13 @@ def with_stochastic_depth(base, rate: float):
     return deep
 
 
+def normalization():
+    """Raw 0-255 pixels to DenseNet's ImageNet mean/std: the first layer of every mri-edge model."""
+    mean = [m * 255.0 for m in IMAGENET_MEAN]
+    var = [(s * 255.0) ** 2 for s in IMAGENET_STD]
+    return _keras().layers.Normalization(mean=mean, variance=var, name=NORM_NAME)
+
+
 def build_model(num_classes: int, image_size: int = 224, weights: str = "imagenet",
                 dense_units: int = 256, dropout: float = 0.5, seed: int = 42, drop_path: float = 0.0):
     """Raw 0-255 RGB in, class probabilities out.
@@ -143,10 +152,8 @@ def build_model(num_classes: int, image_size: int = 224, weights: str = "imagene
     keras.utils.set_random_seed(seed)
     L = keras.layers
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    mean = [m * 255.0 for m in IMAGENET_MEAN]
-    var = [(s * 255.0) ** 2 for s in IMAGENET_STD]
-    x = L.Normalization(mean=mean, variance=var, name=NORM_NAME)(inputs)
-    base = _backbone(image_size, weights)
+    x = normalization()(inputs)
+    base = backbone(image_size, weights)
     if drop_path:
         base = with_stochastic_depth(base, drop_path)
     x = base(x)

@@ -58,7 +58,7 @@ def versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _limit(split: data.Split, n: int | None, seed: int) -> data.Split:
+def limit_split(split: data.Split, n: int | None, seed: int) -> data.Split:
     if not n:
         return split
     keep = sorted(i for idx in data.per_class_indices(split.labels, seed)[0].values() for i in idx[:n].tolist())
@@ -110,7 +110,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
                 f"whole ({probe['n']} images; a 1-NN probe gets {probe['nn_accuracy']:.1%} of them)")
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
-        dataset.splits = {k: _limit(s, cfg.limit_per_class, cfg.seed) for k, s in dataset.splits.items()}
+        dataset.splits = {k: limit_split(s, cfg.limit_per_class, cfg.seed) for k, s in dataset.splits.items()}
         cfg.class_names = dataset.class_names
         cfg.phases, _ = resolve_phases(cfg)
         return run, cfg, dataset, None
@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     if not state and dist.is_chief:
         write_run_header(run, cfg, dataset, dist.record() if dist.replicas > 1 else None,
                          teacher.record if teacher else None)
-    notes = resolve_phases(cfg)[1]
+    notes = resolve_phases(cfg)[1] + distill.weights_seen(cfg.weights, dataset.manifest())
     for n in notes:
         log(n)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
@@ -336,7 +336,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
            for s in ("train", "val", "test")}
     if data_dir:
         report.write_json(run.manifest_path, manifest)
-    _, notes = resolve_phases(cfg)
+    notes = resolve_phases(cfg)[1] + distill.weights_seen(cfg.weights, manifest)
     result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes, config_update={
         "data_dir": cfg.data_dir, "dedup": cfg.dedup, **stored,
         "evaluated": {"versions": versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})

@@ -60,7 +60,7 @@ def test_imagenet_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(keras.applications, "DenseNet121", lambda *a, weights=None, **k:
                         offline() if weights == "imagenet" else None)
     with pytest.raises(model_lib.WeightsError, match="--weights PATH") as e:
-        model_lib._backbone(SIZE, "imagenet")
+        model_lib.backbone(SIZE, "imagenet")
     assert "--weights none" in str(e.value) and "\n" not in str(e.value)
 
 
