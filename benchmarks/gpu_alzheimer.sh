@@ -3,7 +3,9 @@
 # (RUNS=default), the regularisers compared at equal wall time (RUNS=levers), the shipped
 # model's recipe with and without them (RUNS=shipped, with SIZE=128), or three of those and then
 # one student distilled from their ensemble (RUNS=distill; RUNS=student when the members are
-# already in .gpu/runs from an earlier call on the same machine).
+# already in .gpu/runs from an earlier call on the same machine), or self-supervised pretraining
+# of the tumor backbone on the training slices with two recipes started from it, against the same
+# recipes from the tumor backbone for as long in all (RUNS=ssl).
 #
 # That machine has PyTorch but no TensorFlow, so Keras 3 runs with KERAS_BACKEND=torch
 # (the training code is backend-neutral); keras, namex and optree travel as wheels in
@@ -27,7 +29,9 @@ SIZE=${SIZE:-176}
 BATCH=${BATCH:-96}
 BUDGET=${BUDGET:-7.5}        # minutes of training per run
 LIMIT=${LIMIT:-570}          # seconds before every training is killed (packaging must still run)
-EXTRA=${EXTRA:-}             # more train options, e.g. "--limit-per-class 20" for a dry run on a CPU
+EXTRA=${EXTRA:-}             # more train options, e.g. "--limit-per-class 20" for a dry run on a CPU (RUNS=ssl:
+                             # pretrain gets them too)
+SSL_BUDGET=${SSL_BUDGET:-2}  # RUNS=ssl: minutes of self-supervised pretraining
 
 if [ "${1:-}" = "--prepare" ]; then
     set -e
@@ -99,10 +103,20 @@ reg $TRANSFER --lr-finetune 4e-4 --no-augment --mixup 0.2 --label-smoothing 0.1
 noaug $TRANSFER --lr-finetune 4e-4 --no-augment"
 TEACHER=.gpu/runs/alzheimer-${SIZE}px-gpu-teacher
 STUDENT="student $TRANSFER --lr-finetune 2e-4 --no-augment --mixup 0.2 --label-smoothing 0.1 --teacher $TEACHER"
+# RUNS=ssl: `mri-edge pretrain` (SimCLR, SSL_BUDGET minutes) from the tumor backbone, then noaug's and
+# reg-lr2's recipes from its encoder for BUDGET minutes; the same recipes from the tumor backbone
+# train for BUDGET + SSL_BUDGET minutes beside them, the equal-time controls.
+SSL=.gpu/runs/alzheimer-${SIZE}px-gpu-ssl
+SSL_TRANSFER="--weights $SSL/encoder.keras --epochs-head 1 --epochs-finetune 200 --unfreeze all --train-bn --lr 1e-3"
+SSL_RUNS="ssl-noaug $SSL_TRANSFER --lr-finetune 4e-4 --no-augment
+ssl-reg-lr2 $SSL_TRANSFER --lr-finetune 2e-4 --no-augment --mixup 0.2 --label-smoothing 0.1"
+LONG=$(python3 -c "print(float('$BUDGET') + float('$SSL_BUDGET'))")
 PRESET=${RUNS:-default}
 case "$PRESET" in
 distill) RUNS="$MEMBERS" ;;
 student) RUNS="$STUDENT" ;;
+ssl) RUNS="noaug-long $TRANSFER --lr-finetune 4e-4 --no-augment --time-budget $LONG
+reg-lr2-long $TRANSFER --lr-finetune 2e-4 --no-augment --mixup 0.2 --label-smoothing 0.1 --time-budget $LONG" ;;
 default) RUNS="scratch $SCRATCH
 transfer $TRANSFER --lr-finetune 5e-4" ;;
 levers) RUNS="scratch $SCRATCH
@@ -145,7 +159,27 @@ if [ "$PRESET" = student ]; then  # a student cut short by an earlier call left 
     rm -rf ".gpu/runs/alzheimer-${SIZE}px-gpu-student"
     make_teacher || exit 1
 fi
+if [ "$PRESET" = ssl ]; then  # pretraining, then its two runs, beside the controls (train_all waits for all)
+    NEED=$(python3 -c "print(int(float('$LONG') * 60) + 90)")  # the controls' training, decoding and test report
+    [ "$LIMIT" -ge "$NEED" ] || { echo "RUNS=ssl: the controls need (BUDGET + SSL_BUDGET) min + 90 s = $NEED s, more \
+than LIMIT ($LIMIT s): lower BUDGET or SSL_BUDGET"; exit 1; }
+    NEED=$(python3 -c "print(int(float('$BUDGET') * 60) + 90)")  # each run from the encoder
+    rm -rf "$SSL"
+    # shellcheck disable=SC2086  # options are words
+    (timeout "$LIMIT" python3 -m mri_edge.cli pretrain --task alzheimer --data-dir "$DATA" --image-size "$SIZE" \
+        --batch-size "$BATCH" --val-split grouped --weights .gpu/tumor_backbone_fp16.weights.h5 --lr 3e-4 \
+        --epochs 1000 --time-budget "$SSL_BUDGET" --cache-dir /tmp/mri-edge-cache $EXTRA --out "$SSL" \
+        > "$OUT/run-pretrain.log" 2>&1 || { echo "pretrain failed: $(tail -n 1 "$OUT/run-pretrain.log")"; exit 1; }
+     LEFT=$(( LIMIT - ($(date +%s) - T0) ))
+     if [ "$LEFT" -ge "$NEED" ]; then LIMIT=$LEFT train_all "$SSL_RUNS"
+     else echo "no runs from the encoder: $LEFT s left of LIMIT, each needs $NEED s (lower SSL_BUDGET)"; fi) &
+fi
 train_all "$RUNS"
+if [ "$PRESET" = ssl ]; then  # what goes back: the pretrain folder (reports; not its encoder) and both pairs of runs
+    RUNS="$RUNS
+$SSL_RUNS
+ssl"
+fi
 if [ "$PRESET" = distill ] && make_teacher; then
     LIMIT=$(( LIMIT - ($(date +%s) - T0) ))  # what is left of the call for the student
     NEED=$(python3 -c "print(int(float('$BUDGET') * 60) + 90)")  # its training, decoding and test report
@@ -176,7 +210,7 @@ EOF
 for run in $MADE; do  # this call's runs only (a dry run here may have left others in .gpu/runs)
     [ -d "$run" ] || continue
     tar czf "$OUT/$(basename "$run").tgz" --exclude best.keras --exclude checkpoint.keras \
-        --exclude best_of_phases.keras -C .gpu/runs "$(basename "$run")"
+        --exclude best_of_phases.keras --exclude encoder.keras -C .gpu/runs "$(basename "$run")"
 done
 (cd "$OUT" && tar czf logs.tgz run-*.log gpu.txt && rm run-*.log gpu.txt)
 ls -la "$OUT"

@@ -168,6 +168,17 @@ mri-edge train $KD --mixup 0.2 --label-smoothing 0.1 --teacher $K-teacher --out 
 # shellcheck disable=SC2086
 mri-edge train $KD --teacher $K-teacher --out $K-student-noaug
 python benchmarks/rank_runs.py $K-noaug $K-reg $K-teacher $K-student $K-student-noaug --out artifacts/runs/alzheimer-ranking-kd
+# self-supervised pretraining on the CPU: SimCLR from the tumor backbone for 20 minutes (the grouped
+# held-out images only probed), noaug's recipe from its encoder (1 + 6 epochs), and noaug's recipe from
+# the tumor backbone for the same 29 minutes in all, the equal-time control (about 20, 10 and 29 minutes)
+S=artifacts/runs/alzheimer-64px-ssl
+mri-edge pretrain --task alzheimer --data-dir $A --val-split grouped --weights artifacts/tumor/model.keras \
+    --image-size 64 --batch-size 64 --lr 3e-4 --epochs 40 --time-budget 20 --out $S
+# shellcheck disable=SC2086
+mri-edge train $KD --weights $S/encoder.keras --out $K-ssl
+# shellcheck disable=SC2086
+mri-edge train $KD --epochs-finetune 40 --time-budget 29 --out artifacts/runs/alzheimer-64px-noaug-29min
+python benchmarks/rank_runs.py $K-noaug $K-ssl artifacts/runs/alzheimer-64px-noaug-29min --out artifacts/runs/alzheimer-ranking-ssl
 # distillation: SIZE=128 BATCH=128 BUDGET=2.5 LIMIT=570 RUNS=distill there (three members and a
 # student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
 if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then

@@ -95,9 +95,10 @@ class Teacher:
                                f"{image_size} px; train the student at the teacher's size")
         seen = overlap(trained_on(run), student_manifest)
         if any(seen.values()):
-            raise TeacherError(f"--teacher {path}: it trained on {seen['val']} of this run's validation and "
-                               f"{seen['test']} of its test images; train the student with the teacher's --val-split, "
-                               "--seed and --group-threshold, so that both hold out the same images")
+            raise TeacherError(f"--teacher {path}: it (with the runs it started from) trained on {seen['val']} of "
+                               f"this run's validation and {seen['test']} of its test images; train the student with "
+                               "the teacher's --val-split, --seed and --group-threshold, so that both hold out the "
+                               "same images (if they do, one of the runs it started from held out others)")
         self.model = KerasModel(run.model_path)  # checks the preprocessing contract the file records
         report = run.test_report() or {}
         self.record = {"run": str(path), "model_sha256": sha256_file(run.model_path),
