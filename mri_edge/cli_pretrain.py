@@ -12,7 +12,8 @@ from .config import PretrainConfig
 @click.option("--task", type=click.Choice(["tumor", "alzheimer", "custom"]), required=True,
               help="Built-in task, or custom (classes from folders).")
 @click.option("--data-dir", type=click.Path(), required=True,
-              help="Folder with Training/[Validation/]Testing class folders (only training images are read).")
+              help="Folder with Training/[Validation/]Testing class folders (any common spelling; only training "
+                   "images are trained on).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="The pretrain folder (new or empty).")
 @click.option("--force", is_flag=True, help="Write into an --out folder that holds other files.")
 @options_from(PretrainConfig)

@@ -70,8 +70,9 @@ def weights_seen(weights: str, manifest: dict) -> list[str]:
         return [f"warning: what --weights {weights} was fitted on cannot be checked ({e})"]
     if not any(seen.values()):
         return []
+    which = " and ".join(w for w, n in (("validation", seen["val"]), ("test", seen["test"])) if n)
     return [f"warning: --weights {weights} was fitted on {seen['val']} of this run's validation and {seen['test']} of "
-            "its test images, so both are optimistic for this run (carve with the same --val-split, --val-fraction, "
+            f"its test images, so its {which} results are optimistic (carve with the same --val-split, --val-fraction, "
             "--seed and --group-threshold as the run or pretraining that made it)"]
 
 

@@ -98,6 +98,10 @@ def backbone(image_size: int, weights: str):
     path = Path(weights)
     if not path.is_file():
         raise WeightsError(f"--weights {weights}: no such file (use imagenet, none or a weights file path)")
+    import zipfile  # noqa: PLC0415
+
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise WeightsError(f"--weights {weights}: not a .keras model file (not a zip archive)")
     base = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=shape)
     try:
         if path.suffix == ".keras":

@@ -280,9 +280,9 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
 
 
 def same_carve(cfg: PretrainConfig) -> str:
-    """The train options that carve the validation split this pretraining left out."""
-    return (f"--val-split {cfg.val_split} --val-fraction {cfg.val_fraction:g} --seed {cfg.seed} "
-            f"--group-threshold {cfg.group_threshold:g}")
+    """The train options that carve the validation split this pretraining left out, and its input size."""
+    return (f"--image-size {cfg.image_size} --val-split {cfg.val_split} --val-fraction {cfg.val_fraction:g} "
+            f"--seed {cfg.seed} --group-threshold {cfg.group_threshold:g}")
 
 
 def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
@@ -301,6 +301,8 @@ def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot([r["epoch"] for r in rows[1:]], [r["loss"] for r in rows[1:]], "o-")
     a.set(xlabel="epoch", title="contrastive loss (NT-Xent)")
+    for ax in (a, b):
+        ax.xaxis.get_major_locator().set_params(integer=True)
     for key in ("nn1", f"knn{PROBE_K}"):
         b.plot([r["epoch"] for r in rows], [r[key] for r in rows], "o-", label=key)
     b.set(xlabel="epoch (0: before)", title="k-NN probe, held-out accuracy")
@@ -322,7 +324,9 @@ def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
              *[f"**{n}**" for n in result.get("notes", [])], "",
              "The probe: each held-out image gets the label of its most similar training image (1-NN) or a "
              f"similarity-weighted vote of the {PROBE_K} most similar (cosine of the pooled backbone features).",
-             *([f"A raw-pixel 1-NN gets {raw['nn_accuracy']:.2%} of these held-out images."]
+             *([f"A raw-pixel 1-NN over all training thumbnails gets {raw['nn_accuracy']:.2%} of the carve's "
+                f"{raw.get('n', '?')} held-out images (measured when the split was carved, before any "
+                "--limit-per-class)."]
                if raw.get("nn_accuracy") is not None else []), "",
              table, "", "![curves](pretrain_curves.png)", "",
              f"Next: `mri-edge train ... --weights {out / 'encoder.keras'} {same_carve(cfg)}` (the carve of this "

@@ -161,6 +161,8 @@ class RunFolder:
             raise RunError(f"--out {self.path} is a file, not a folder")
         if self.model_path.exists():
             raise RunError(f"{self.path} already holds a trained model; choose another --out")
+        if (self.path / "encoder.keras").exists():  # its manifest says what the encoder was fitted on: keep it
+            raise RunError(f"{self.path} is a pretrain folder (`mri-edge pretrain`); choose another --out")
         if self.checkpoint_path.exists() and self.state_path.exists():
             raise RunError(f"{self.path} holds an unfinished run; continue it with `mri-edge train --resume "
                            f"{self.path}` or choose another --out")

@@ -71,6 +71,10 @@ def test_weights_path_errors(tmp_path):
     bad.write_bytes(b"not hdf5")
     with pytest.raises(model_lib.WeightsError, match="not DenseNet121 backbone weights"):
         model_lib.build_model(4, SIZE, str(bad))
+    text = tmp_path / "notes.keras"
+    text.write_text("not a model")
+    with pytest.raises(model_lib.WeightsError, match="not a .keras model file"):
+        model_lib.build_model(4, SIZE, str(text))
 
 
 def test_backbone_from_an_earlier_model_and_weights_file(net, tmp_path):

@@ -85,7 +85,8 @@ def test_pretrain_reads_only_training_images_and_train_starts_from_its_encoder(
     assert res.exit_code == 0, res.output
     assert sorted(set(decoded)) == ["train", "val"]
     monkeypatch.setattr(data, "decode_split", original)
-    assert "held-out k-NN probe" in res.output and "--val-split random --val-fraction 0.1 --seed 42" in res.output
+    assert "held-out k-NN probe" in res.output
+    assert f"--image-size {TINY} --val-split random --val-fraction 0.1 --seed 42" in res.output
     result = json.loads((out / "pretrain.json").read_text())
     assert result["epochs"] == 2 and len(result["history"]) == 3  # before, and after each epoch
     assert all(np.isfinite(r["loss"]) for r in result["history"][1:])
@@ -111,7 +112,10 @@ def test_pretrain_reads_only_training_images_and_train_starts_from_its_encoder(
                                     "--epochs-finetune", "0", "--dense-units", "8", "--seed", "7",
                                     "--out", str(tmp_path / "other")])
     assert res.exit_code == 0, res.output
-    assert "was fitted on" in res.output and "of this run's validation" in res.output
+    assert "was fitted on" in res.output and "so its validation results are optimistic" in res.output
+    res = CliRunner().invoke(main, ["train", *common, "--weights", "none", "--epochs-finetune", "1", "--force",
+                                    "--out", str(out)])  # a pretrain folder keeps what its encoder was fitted on
+    assert res.exit_code == 1 and "is a pretrain folder" in res.output
     assert "was fitted on" in (tmp_path / "other" / "train_report.md").read_text()
     res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "other")])
     assert res.exit_code == 0, res.output
