@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .clitools import Interrupted, config_from, echo, int_list, options_from, run_guarded, terminate
+from .clitools import TASK_CHOICE, Interrupted, config_from, echo, int_list, options_from, run_guarded, terminate
 from .config import ExportConfig, Thresholds, TrainConfig
 from .demo import RECIPE
 
@@ -41,9 +41,7 @@ def main(verbose):
         signal.signal(signal.SIGTERM, terminate)
 
 
-TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
-
-# calibrate, explain, card and ensemble live in their own modules (this one would pass 400 lines)
+# calibrate, explain, card, ensemble and pretrain live in their own modules (this one would pass 400 lines)
 from .cli_ensemble import ensemble  # noqa: E402
 from .cli_pretrain import pretrain  # noqa: E402
 from .cli_trust import calibrate, card, explain  # noqa: E402

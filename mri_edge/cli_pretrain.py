@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from .clitools import config_from, echo, options_from, run_guarded
+from .clitools import TASK_CHOICE, config_from, echo, options_from, run_guarded
 from .config import PretrainConfig
 
 
 @click.command()
-@click.option("--task", type=click.Choice(["tumor", "alzheimer", "custom"]), required=True,
+@click.option("--task", type=TASK_CHOICE, required=True,
               help="Built-in task, or custom (classes from folders).")
 @click.option("--data-dir", type=click.Path(), required=True,
               help="Folder with Training/[Validation/]Testing class folders (any common spelling; only training "

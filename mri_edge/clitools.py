@@ -8,6 +8,9 @@ import dataclasses
 import click
 
 
+TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
+
+
 def _click_type(f):
     m = f.metadata
     if "choices" in m:

@@ -42,19 +42,20 @@ def trained_on(run: RunFolder, _seen: frozenset = frozenset()) -> set[str]:
     (members share validation and test, not necessarily training), and those of the run or pretrain
     folder it started from (config.json `weights`, a .keras file beside a split manifest), and so on
     up the line. A start whose folder is not on this machine (or not where its path says) ends the line."""
-    rows = list(run.manifest()["splits"].get("train", []))
+    fitted = {rel for rel, _ in run.manifest()["splits"].get("train", [])}
     config = run.config() if run.config_path.is_file() else {}
+    seen = _seen | {run.path.resolve()}  # folders on this line already counted (a start may loop back)
     for m in (config.get("ensemble") or {}).get("members", []):
         member = RunFolder(m["run"])
         if not member.manifest_path.is_file():
             raise TeacherError(f"--teacher {run.path}: its member {m['run']} is not here, so what it trained on "
                                "cannot be checked")
-        rows += [[rel, 0] for rel in trained_on(member, _seen | {run.path.resolve()})]
+        fitted |= trained_on(member, seen)
     start = Path(str(config.get("weights", "none")))
     if start.suffix == ".keras" and (start.parent / "split_manifest.json").is_file() \
-            and start.parent.resolve() not in _seen | {run.path.resolve()}:
-        rows += [[rel, 0] for rel in trained_on(RunFolder(start.parent), _seen | {run.path.resolve()})]
-    return {rel for rel, _ in rows}
+            and start.parent.resolve() not in seen:
+        fitted |= trained_on(RunFolder(start.parent), seen)
+    return fitted
 
 
 def weights_seen(weights: str, manifest: dict) -> list[str]:

@@ -80,6 +80,13 @@ def augmentation(seed: int = 42, rotation: float = 15.0, shift: float = 0.1, zoo
     return RandomAffine()
 
 
+def check_weights(weights: str) -> None:
+    """A --weights value that can be built from: none, imagenet or an existing file (checked before any
+    data is read or anything written; whether the file holds a DenseNet121 shows when it is loaded)."""
+    if weights not in ("none", "imagenet") and not Path(weights).is_file():
+        raise WeightsError(f"--weights {weights}: no such file (use imagenet, none or a weights file path)")
+
+
 def backbone(image_size: int, weights: str):
     """DenseNet121 without its top: from scratch, ImageNet's, a weights file's, or the backbone
     (the layer named densenet121) of an mri-edge .keras file: a run's model or a pretrain encoder."""
@@ -95,9 +102,8 @@ def backbone(image_size: int, weights: str):
                 f"could not download ImageNet weights ({type(e).__name__}); pass --weights PATH "
                 "(a DenseNet121 no-top .h5/.weights.h5 file or an mri-edge model.keras) or --weights none"
             ) from None
+    check_weights(weights)
     path = Path(weights)
-    if not path.is_file():
-        raise WeightsError(f"--weights {weights}: no such file (use imagenet, none or a weights file path)")
     import zipfile  # noqa: PLC0415
 
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would say "File not found"

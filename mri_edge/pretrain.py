@@ -201,8 +201,9 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
     from .quiet import import_tensorflow  # noqa: PLC0415
     from .train import limit_split, predict_arrays, versions  # noqa: PLC0415
 
-    if cfg.weights not in ("none", "imagenet") and not Path(cfg.weights).is_file():
-        raise PretrainError(f"--weights {cfg.weights}: no such file (use imagenet, none or a weights file path)")
+    from .model import base_of, check_weights  # noqa: PLC0415
+
+    check_weights(cfg.weights)
     dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed, cfg.val_split, cfg.group_threshold)
     notes = weights_seen(cfg.weights, dataset.manifest())  # a start fitted on the held-out images flatters the probe
     for n in notes:
@@ -223,7 +224,7 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
 
     with Heartbeat(f"building DenseNet121 ({cfg.image_size} px, weights {cfg.weights})", every=10):
         encoder, features, model = build(cfg.image_size, cfg.weights, cfg.projection_dim, cfg.seed)
-    for layer in encoder.get_layer("densenet121").layers:
+    for layer in base_of(encoder).layers:
         if layer.__class__.__name__ == "BatchNormalization":
             layer.momentum = 0.9  # as train's from-scratch phases: statistics that keep up with moving weights
 
@@ -263,7 +264,7 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
     model.fit(batches, epochs=cfg.epochs, verbose=0, shuffle=False,  # batches keep their own order
               callbacks=[EpochOrder(batches), Epochs(), keras.callbacks.TerminateOnNaN(),
                          EpochProgress("pretrain", cfg.epochs, len(batches), log, traced=cfg.eager)])
-    if not all(np.isfinite(r["loss"]) for r in history[1:]) or len(history) < 2:
+    if not all(np.isfinite(r["loss"]) for r in history[1:]):
         raise PretrainError(f"the contrastive loss diverged (not finite) in epoch {len(history) - 1}; no encoder "
                             "saved: lower --lr or raise --temperature")
     from .model import save_model  # noqa: PLC0415

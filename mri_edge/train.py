@@ -86,10 +86,9 @@ def check_inputs(cfg: TrainConfig) -> None:
         from . import audit  # noqa: PLC0415
 
         audit.read_audit(cfg.dedup)
-    if cfg.weights not in ("none", "imagenet") and not Path(cfg.weights).is_file():
-        from .model import WeightsError  # noqa: PLC0415
+    from .model import check_weights  # noqa: PLC0415
 
-        raise WeightsError(f"--weights {cfg.weights}: no such file (use imagenet, none or a weights file path)")
+    check_weights(cfg.weights)
     if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
         raise TrainError(f"--cache-dir {cfg.cache_dir} is a file, not a folder")
 
