@@ -141,3 +141,24 @@ class EpochOrder(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.batches.set_epoch(epoch)
+
+
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """--ema: validation, the checkpoints and the kept epoch see the optimizer's moving average
+    of the weights (`use_ema`), training continues from the raw ones. Keras averages only the
+    trainable variables, while the batch-norm statistics followed the raw weights (momentum
+    0.9, the last ~10 steps), so before each validation they are re-estimated for the average
+    on clean training images (640 of them: a few seconds). Placed before Keeper, which then
+    saves the average."""
+
+    def __init__(self, net, images):
+        super().__init__(swap_on_epoch=True)
+        self.net, self.images = net, images
+
+    def on_test_begin(self, logs=None):
+        from .model import adapt_batchnorm  # noqa: PLC0415
+
+        swapping = not self._ema_weights_in_model
+        super().on_test_begin(logs)
+        if swapping:
+            adapt_batchnorm(self.net, self.images, max_batches=10, training_only=True)

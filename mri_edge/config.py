@@ -16,7 +16,7 @@ from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, OPENVIN
 
 SELECT_BY = ("loss", "accuracy", "macro_f1")  # validation metrics that can keep an epoch (loss: lowest)
 # TrainConfig fields that regularise one run's training: model cards list them, ensembles drop them.
-REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "quant_aware", "teacher")
+REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "ema", "quant_aware", "teacher")
 
 
 def option(default, help: str, **cli):
@@ -77,6 +77,12 @@ class TrainConfig:
                                    "training, at a rate rising with depth to this one (0: off; 0.1-0.2 is usual).",
                               minimum=0, maximum=1, max_open=True)
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW; 0: plain Adam).", minimum=0)
+    # A short, noisy fine-tune ends wherever its last steps threw it; the average of the recent
+    # weights sits nearer the middle of that region (Polyak averaging, timm's --model-ema).
+    ema: float = option(0.0, "Validate, keep and ship an exponential moving average of the weights, updated each "
+                             "step with this momentum (0: off; 0.99-0.999 is usual). Batch-norm statistics are "
+                             "re-estimated for the averaged weights.", minimum=0, maximum=1, max_open=True,
+                        metavar="MOMENTUM")
     # An ensemble is more accurate than its members and costs as many times the compute to run:
     # distilled, one network carries much of it (distill.py).
     teacher: str | None = option(None, "Knowledge distillation: a finished run folder (an ensemble's too) whose "
@@ -123,10 +129,12 @@ class TrainConfig:
     phases: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.select_by not in SELECT_BY:  # the command line checks it; Python callers get the same message
-            from .errors import MriEdgeError  # noqa: PLC0415
+        from .errors import MriEdgeError  # noqa: PLC0415
 
+        if self.select_by not in SELECT_BY:  # the command line checks it; Python callers get the same message
             raise MriEdgeError(f"--select-by {self.select_by}: choose one of {', '.join(SELECT_BY)}")
+        if self.ema and self.devices:  # the statistics are re-estimated by an eager pass on one device
+            raise MriEdgeError("--ema with --devices is not supported: train on one device, or drop --ema")
 
     @property
     def monitor(self) -> str:

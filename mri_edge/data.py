@@ -366,7 +366,7 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
         def __init__(self):
             # Two threads assemble the next batches while the current step runs.
             super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
-            self.eye = np.eye(num_classes, dtype=np.float32)
+            self.eye, self.images = np.eye(num_classes, dtype=np.float32), images  # images: clean, for --ema
             self.w = None if sample_weights is None else np.array([sample_weights[int(c)] for c in labels], np.float32)
             self.set_epoch(0)
 

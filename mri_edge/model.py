@@ -178,13 +178,17 @@ def base_of(model):
     return model.get_layer(BASE_NAME)
 
 
-def objective(lr: float, weight_decay: float = 0.0, label_smoothing: float = 0.0, select_by: str = "loss") -> dict:
-    """compile() arguments of a training phase: Adam, or AdamW with decoupled weight decay,
-    cross-entropy on the (optionally smoothed) one-hot targets, and the metrics: accuracy,
-    and macro-F1 when it selects the kept epoch (named macro_f1: history's val_macro_f1)."""
+def objective(lr: float, weight_decay: float = 0.0, label_smoothing: float = 0.0, select_by: str = "loss",
+              ema: float = 0.0) -> dict:
+    """compile() arguments of a training phase: Adam, or AdamW with decoupled weight decay (either
+    keeping a moving average of the weights with momentum `ema` > 0), cross-entropy on the
+    (optionally smoothed) one-hot targets, and the metrics: accuracy, and macro-F1 when it
+    selects the kept epoch (named macro_f1: history's val_macro_f1)."""
     import keras  # noqa: PLC0415
 
-    opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay) if weight_decay else keras.optimizers.Adam(lr)
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    opt = (keras.optimizers.AdamW(lr, weight_decay=weight_decay, **averaging) if weight_decay
+           else keras.optimizers.Adam(lr, **averaging))
     metrics = ["accuracy"]
     if select_by == "macro_f1":
         metrics.append(keras.metrics.F1Score(average="macro", name="macro_f1"))
@@ -239,8 +243,9 @@ def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True
     return count
 
 
-def adapt_batchnorm(model, images, batch_size: int = 64, max_batches: int = 40) -> int:
-    """Re-estimate every batch-norm layer's moving statistics on new-domain images (AdaBN).
+def adapt_batchnorm(model, images, batch_size: int = 64, max_batches: int = 40, training_only: bool = False) -> int:
+    """Re-estimate every batch-norm layer's moving statistics on new-domain images (AdaBN), or
+    with `training_only` those of the layers that train (for averaged weights, --ema).
 
     A backbone trained on one dataset carries that dataset's activation statistics; on
     another (tumor -> Alzheimer slices) the frozen statistics are off and the frozen
@@ -250,14 +255,18 @@ def adapt_batchnorm(model, images, batch_size: int = 64, max_batches: int = 40) 
     """
     import numpy as np  # noqa: PLC0415
 
-    bns = [layer for layer in base_of(model).layers if layer.__class__.__name__ == "BatchNormalization"]
+    bns = [layer for layer in base_of(model).layers if layer.__class__.__name__ == "BatchNormalization"
+           and (layer.trainable or not training_only)]
+    if not bns:
+        return 0
     drops = [layer for layer in base_of(model).layers if layer.name.endswith(DROP_PATH)]
     saved, rates = [(b.momentum, b.trainable) for b in bns], [d.rate for d in drops]
     order = np.random.default_rng(0).permutation(len(images))
     n_batches = min(max_batches, max(1, len(images) // batch_size))
     try:
         for b in bns:
-            b.trainable = True  # a frozen BN layer runs in inference mode and would not update
+            if not b.trainable:
+                b.trainable = True  # a frozen BN layer runs in inference mode and would not update
         for d in drops:  # stochastic depth (--drop-path) off: the statistics are those inference sees
             d.rate = 0.0
         with no_grad():

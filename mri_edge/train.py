@@ -245,7 +245,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
-    from .callbacks import EpochOrder, EpochProgress, Keeper, early_stopping  # noqa: PLC0415
+    from .callbacks import AveragedWeights, EpochOrder, EpochProgress, Keeper, early_stopping  # noqa: PLC0415
 
     clock = PhaseClock(budget_s, elapsed_s=state.get("phase_elapsed_s", 0.0) if state else 0.0)
     start_epoch = state["epoch"] if state else 0
@@ -261,18 +261,20 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
             inp = keras.Input((cfg.image_size, cfg.image_size, 3))
             body, ranges = qat_setup(net) if qat_setup else (net, None)  # quant-aware: trains `net` in place
             trainer = distribute.trainer_class(dist)(inp, body(aug(inp) if aug is not None else inp))
-            trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing, cfg.select_by),
-                            jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
+            trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing, cfg.select_by,
+                                                  cfg.ema), jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
         keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
                         model_lib.save_model, log)
         train_batches, val_batches = batches
+        average = [AveragedWeights(net, train_batches.images)] if cfg.ema else []
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
-                                                         traced=traced), keeper,
+                                                         traced=traced), *average, keeper,
                early_stopping(cfg.monitor, cfg.patience), *callbacks, *([ranges] if ranges else [])]
         trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)
-        best, holds_best = keeper.best, keeper.last_kept
+        # --ema: a fit stopped early ends with the raw weights written back (Keras' finalize)
+        best, holds_best = keeper.best, keeper.last_kept and not cfg.ema
     if run.best_path.exists():
         # Keep the best epoch of this phase (restore_best_weights does not survive a resume), and
         # checkpoint it, so an interrupt early in the next phase resumes from these weights.

@@ -175,3 +175,18 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def small_backbone(monkeypatch):
+    """DenseNet121's place taken by a DenseNet with one layer per block (same layer kinds, built in
+    a second), so pretraining and training run in the fast tier."""
+    import keras
+    from keras.src.applications.densenet import DenseNet  # the public API has only DenseNet121/169/201
+
+    def small(include_top=False, weights=None, input_shape=None):
+        assert weights is None
+        return DenseNet([1, 1, 1, 1], include_top=include_top, weights=None, input_shape=input_shape,
+                        name="densenet121")
+
+    monkeypatch.setattr(keras.applications, "DenseNet121", small)

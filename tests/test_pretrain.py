@@ -53,21 +53,6 @@ def test_knn_probe_counts_neighbours_by_cosine_similarity():
     assert r["knn3"] == pytest.approx(2 / 3)
 
 
-@pytest.fixture
-def small_backbone(monkeypatch):
-    """DenseNet121's place taken by a DenseNet with one layer per block (same layer kinds, built in
-    a second), so pretraining and the training that starts from it run in the fast tier."""
-    import keras
-    from keras.src.applications.densenet import DenseNet  # the public API has only DenseNet121/169/201
-
-    def small(include_top=False, weights=None, input_shape=None):
-        assert weights is None
-        return DenseNet([1, 1, 1, 1], include_top=include_top, weights=None, input_shape=input_shape,
-                        name="densenet121")
-
-    monkeypatch.setattr(keras.applications, "DenseNet121", small)
-
-
 def test_pretrain_reads_only_training_images_and_train_starts_from_its_encoder(
         small_backbone, synth_data, cache_dir, tmp_path, monkeypatch):
     from mri_edge import data

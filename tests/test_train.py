@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import TINY
+from mri_edge.errors import MriEdgeError
 from mri_edge.schedule import PhaseClock, lr_at, phase_budgets
 from mri_edge.train import TrainConfig, TrainError, resolve_phases, train
 
@@ -260,3 +262,45 @@ def test_evaluate_fp16_weights_halves_the_stored_model_and_reports_on_it(micro_r
     assert np.array_equal(np.asarray(load_model(run / "model.keras").weights[-2].numpy()),
                           np.asarray(after.weights[-2].numpy()))
     assert len((run / "model.keras").read_bytes()) == len(sha)
+
+
+def test_ema_validates_keeps_and_ships_the_averaged_weights(small_backbone, synth_data, cache_dir, tmp_path):
+    """--ema: each validation, the kept checkpoint and model.keras are one model, the optimizer's
+    average of the weights (not the raw ones training continues from), with batch-norm
+    statistics re-estimated for it."""
+    import keras
+
+    from mri_edge import data
+    from mri_edge.model import adapt_batchnorm, load_model
+
+    ds = data.discover(synth_data, "tumor", seed=42)
+    dec = {s: data.decode_split(ds.splits[s], TINY, cache_dir) for s in ("train", "val")}
+    seen = []
+
+    class Record(keras.callbacks.Callback):  # runs after Keeper: sees what it saved
+        def on_epoch_end(self, epoch, logs=None):
+            probs = keras.ops.convert_to_numpy(self.model.layers[-1](dec["val"].images, training=False))
+            onehot = np.eye(4)[dec["val"].labels]
+            loss = float(-np.mean(np.sum(onehot * np.log(np.clip(probs, 1e-7, 1)), axis=1)))
+            raw = [keras.ops.convert_to_numpy(v) for v in self.model.optimizer._model_variables_moving_average]
+            seen.append((logs["val_loss"], loss, self.model.layers[-1].get_weights(), raw))
+
+    cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), weights="none",
+                      image_size=TINY, batch_size=8, epochs_head=0, epochs_finetune=3, dense_units=8, lr=3e-3,
+                      cache_dir=str(cache_dir), eager=True, ema=0.6, select_by="loss", patience=5)
+    run = train(cfg, log=lambda *_: None, callbacks=[Record()])
+    assert len(seen) == 3
+    for val_loss, recomputed, _, _ in seen:  # validation saw the model the callbacks after it see
+        assert recomputed == pytest.approx(val_loss, rel=1e-3)
+    kernels = [w for w in seen[1][2] if w.ndim == 4]  # epoch 2 (after the last, Keras makes the two one)
+    raw_kernels = [w for w in seen[1][3] if w.ndim == 4]
+    assert len(kernels) == len(raw_kernels) and not all(np.allclose(a, b) for a, b in zip(kernels, raw_kernels))
+    kept = int(np.argmin([s[0] for s in seen]))
+    shipped = load_model(run / "model.keras")
+    assert all(np.array_equal(a, b) for a, b in zip(shipped.get_weights(), seen[kept][2]))
+    stats = [w.copy() for w in shipped.get_weights()]
+    adapt_batchnorm(shipped, dec["train"].images, max_batches=10)  # the same images, the same order
+    assert all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(stats, shipped.get_weights()))
+    assert json.loads((run / "config.json").read_text())["ema"] == 0.6
+    with pytest.raises(MriEdgeError, match="--ema with --devices"):
+        TrainConfig(task="tumor", data_dir=".", ema=0.9, devices="2")
