@@ -252,15 +252,21 @@ def test_shipped_files_carry_their_folders_trust_record():
 
 
 @pytest.mark.slow
-def test_calibrate_refuses_the_twins_of_the_shipped_alzheimer_validation_split(shared_data, tmp_path):
-    from tests.conftest import REPO
+def test_calibrate_refuses_a_random_alzheimer_carve_and_takes_a_grouped_one(shared_data):
+    """A random carve of the Alzheimer training split holds other slices of training subjects:
+    the images without a near twin still are (their 1-NN probe beats the test's), so they are
+    refused; a grouped carve of the same data is taken whole."""
+    from mri_edge import data
+    from mri_edge.calibrate import CalibrateError, held_out_rows
+    from mri_edge.config import CalibrateConfig
 
-    from mri_edge.calibrate import CalibrateError, calibrate_run
-
-    run = tmp_path / "alz"
-    shutil.copytree(REPO / "artifacts" / "alzheimer", run, ignore=shutil.ignore_patterns("*.tflite"))
+    root = shared_data / "alzheimer-mri"
     with pytest.raises(CalibrateError, match="not new to the model"):
-        calibrate_run(run, data_dir=str(shared_data / "alzheimer-mri"), log=lambda *_: None)
+        held_out_rows(data.discover(root, "alzheimer").manifest(), CalibrateConfig(), log=lambda *_: None)
+    grouped = data.discover(root, "alzheimer", val_split="grouped").manifest()
+    keep, info = held_out_rows(grouped, CalibrateConfig(), log=lambda *_: None)
+    assert len(keep) == len(grouped["splits"]["val"]) and not info["twins_included"]
+    assert info["probe_gap"] <= CalibrateConfig().max_probe_gap + info["probe_gap_noise"]
 
 
 def test_a_file_exported_again_keeps_the_runs_calibration_and_a_stale_one_is_flagged(calibrated_run):
