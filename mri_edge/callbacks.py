@@ -149,11 +149,11 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
     trainable variables, while the batch-norm statistics followed the raw weights (momentum
     0.9, the last ~10 steps), so before each validation they are re-estimated for the average
     on clean training images (640 of them: a few seconds). Placed before Keeper, which then
-    saves the average."""
+    saves the average. When the fit ends, the network holds the last epoch's average."""
 
     def __init__(self, net, images):
         super().__init__(swap_on_epoch=True)
-        self.net, self.images = net, images
+        self.net, self.images, self.average = net, images, None
 
     def on_test_begin(self, logs=None):
         from .model import adapt_batchnorm  # noqa: PLC0415
@@ -162,3 +162,19 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
         super().on_test_begin(logs)
         if swapping:
             adapt_batchnorm(self.net, self.images, max_batches=10, training_only=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self.average = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_weights]
+
+    def on_train_end(self, logs=None):
+        # A fit stopped before its last epoch (time budget, patience) ends with Keras' finalize
+        # writing the optimizer's copies, the raw weights after the swap, into the network.
+        if self.average is not None:
+            for v, a in zip(self.model.trainable_weights, self.average):
+                v.assign(a)
+
+    def on_predict_end(self, logs=None):  # Keras' own tests the flag the wrong way round
+        if self._ema_weights_in_model:
+            self._swap_variables()
+            self._ema_weights_in_model = False

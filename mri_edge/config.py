@@ -9,6 +9,8 @@ boolean into a `--no-...` switch, `scale` converts the option's unit into the fi
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 
 from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS
@@ -133,8 +135,10 @@ class TrainConfig:
 
         if self.select_by not in SELECT_BY:  # the command line checks it; Python callers get the same message
             raise MriEdgeError(f"--select-by {self.select_by}: choose one of {', '.join(SELECT_BY)}")
-        if self.ema and self.devices:  # the statistics are re-estimated by an eager pass on one device
-            raise MriEdgeError("--ema with --devices is not supported: train on one device, or drop --ema")
+        # --ema re-estimates batch-norm statistics in one eager pass on one device
+        if self.ema and ((self.devices or "1") != "1" or os.environ.get("TF_CONFIG")):
+            raise MriEdgeError("--ema with several devices (--devices, TF_CONFIG) is not supported: train on "
+                               "one device, or drop --ema")
 
     @property
     def monitor(self) -> str:

@@ -273,8 +273,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)
-        # --ema: a fit stopped early ends with the raw weights written back (Keras' finalize)
-        best, holds_best = keeper.best, keeper.last_kept and not cfg.ema
+        best, holds_best = keeper.best, keeper.last_kept
     if run.best_path.exists():
         # Keep the best epoch of this phase (restore_best_weights does not survive a resume), and
         # checkpoint it, so an interrupt early in the next phase resumes from these weights.

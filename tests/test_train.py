@@ -266,35 +266,44 @@ def test_evaluate_fp16_weights_halves_the_stored_model_and_reports_on_it(micro_r
 
 def test_ema_validates_keeps_and_ships_the_averaged_weights(small_backbone, synth_data, cache_dir, tmp_path):
     """--ema: each validation, the kept checkpoint and model.keras are one model, the optimizer's
-    average of the weights (not the raw ones training continues from), with batch-norm
-    statistics re-estimated for it."""
+    average of the weights (training continues from the raw ones), with batch-norm statistics
+    re-estimated for it; a run its time budget stops early keeps the average too."""
     import keras
 
     from mri_edge import data
     from mri_edge.model import adapt_batchnorm, load_model
 
     ds = data.discover(synth_data, "tumor", seed=42)
-    dec = {s: data.decode_split(ds.splits[s], TINY, cache_dir) for s in ("train", "val")}
-    seen = []
+    dec = {s: data.decode_split(ds.splits[s], TINY, cache_dir) for s in ("train", "val", "test")}
+    seen, resumed = [], {}
+
+    def kernels(ws):
+        return [keras.ops.convert_to_numpy(w) for w in ws if len(w.shape) == 4]
 
     class Record(keras.callbacks.Callback):  # runs after Keeper: sees what it saved
         def on_epoch_end(self, epoch, logs=None):
             probs = keras.ops.convert_to_numpy(self.model.layers[-1](dec["val"].images, training=False))
             onehot = np.eye(4)[dec["val"].labels]
             loss = float(-np.mean(np.sum(onehot * np.log(np.clip(probs, 1e-7, 1)), axis=1)))
-            raw = [keras.ops.convert_to_numpy(v) for v in self.model.optimizer._model_variables_moving_average]
-            seen.append((logs["val_loss"], loss, self.model.layers[-1].get_weights(), raw))
+            seen.append((logs["val_loss"], loss, self.model.layers[-1].get_weights()))
+
+        def on_epoch_begin(self, epoch, logs=None):  # after the swap back: (raw weights, the optimizer's average)
+            if epoch:  # the optimizer is built by the first step
+                resumed[epoch] = (kernels(self.model.trainable_weights),
+                                  kernels(self.model.optimizer._model_variables_moving_average))
 
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), weights="none",
                       image_size=TINY, batch_size=8, epochs_head=0, epochs_finetune=3, dense_units=8, lr=3e-3,
                       cache_dir=str(cache_dir), eager=True, ema=0.6, select_by="loss", patience=5)
     run = train(cfg, log=lambda *_: None, callbacks=[Record()])
-    assert len(seen) == 3
-    for val_loss, recomputed, _, _ in seen:  # validation saw the model the callbacks after it see
+    assert len(seen) == 3 and sorted(resumed) == [1, 2]
+    for val_loss, recomputed, _ in seen:  # validation saw the model the callbacks after it see
         assert recomputed == pytest.approx(val_loss, rel=1e-3)
-    kernels = [w for w in seen[1][2] if w.ndim == 4]  # epoch 2 (after the last, Keras makes the two one)
-    raw_kernels = [w for w in seen[1][3] if w.ndim == 4]
-    assert len(kernels) == len(raw_kernels) and not all(np.allclose(a, b) for a, b in zip(kernels, raw_kernels))
+    for epoch in (0, 1):  # what was validated and saved is the optimizer's average, not what training resumed
+        saved = [w for w in seen[epoch][2] if w.ndim == 4]
+        raw, average = resumed[epoch + 1]
+        assert all(np.array_equal(a, b) for a, b in zip(saved, average))
+        assert not all(np.allclose(a, b) for a, b in zip(saved, raw))
     kept = int(np.argmin([s[0] for s in seen]))
     shipped = load_model(run / "model.keras")
     assert all(np.array_equal(a, b) for a, b in zip(shipped.get_weights(), seen[kept][2]))
@@ -302,5 +311,13 @@ def test_ema_validates_keeps_and_ships_the_averaged_weights(small_backbone, synt
     adapt_batchnorm(shipped, dec["train"].images, max_batches=10)  # the same images, the same order
     assert all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(stats, shipped.get_weights()))
     assert json.loads((run / "config.json").read_text())["ema"] == 0.6
-    with pytest.raises(MriEdgeError, match="--ema with --devices"):
+
+    # stopped by its time budget after one of three epochs: the test report is model.keras's, the average
+    stopped = train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "s"), "time_budget_s": 0.01,
+                                   "class_names": [], "phases": []}), log=lambda *_: None)
+    assert len((stopped / "history.csv").read_text().splitlines()) == 2
+    reported = np.array(json.loads((stopped / "test_predictions.json").read_text())["probs"])
+    probs = keras.ops.convert_to_numpy(load_model(stopped / "model.keras")(dec["test"].images, training=False))
+    np.testing.assert_allclose(probs, reported, atol=1e-4)
+    with pytest.raises(MriEdgeError, match="--ema with several devices"):
         TrainConfig(task="tumor", data_dir=".", ema=0.9, devices="2")
