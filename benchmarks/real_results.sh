@@ -191,6 +191,8 @@ E29=artifacts/runs/alzheimer-64px-noaug-29min-ema
 mri-edge train $KD --epochs-finetune 40 --time-budget 29 --ema 0.995 --out $E29
 # shellcheck disable=SC2086
 mri-edge train $KD --ema 0.995 --out $K-ema
+# shellcheck disable=SC2086
+mri-edge train $KD --epochs-finetune 40 --time-budget 29 --ema 0.995 --seed 7 --out $E29-s7   # a replicate, another carve
 python benchmarks/rank_runs.py artifacts/runs/alzheimer-64px-noaug-29min $E29 $K-noaug $K-ema \
     --out artifacts/runs/alzheimer-ranking-ema
 python benchmarks/input_noise.py artifacts/runs/alzheimer-64px-noaug-29min $E29
