@@ -10,7 +10,6 @@ boolean into a `--no-...` switch, `scale` converts the option's unit into the fi
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 
 from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS

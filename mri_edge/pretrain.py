@@ -288,16 +288,9 @@ def same_carve(cfg: PretrainConfig) -> str:
 
 def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
     """pretrain.json, history.csv, pretrain.md and pretrain_curves.png."""
-    import csv  # noqa: PLC0415
-
-    from .files import atomic_path  # noqa: PLC0415
-
     report.write_json(out / "pretrain.json", result)
     rows = result["history"]
-    with atomic_path(out / "history.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[-1]), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    report.write_csv(out / "history.csv", rows, list(rows[-1]))
     plt = report._plt()  # noqa: SLF001
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot([r["epoch"] for r in rows[1:]], [r["loss"] for r in rows[1:]], "o-")

@@ -169,15 +169,20 @@ def plot_reliability(cal: dict, path: Path, title: str) -> None:
     save_figure(fig, path, 110)
 
 
+def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
+    """A CSV of rows (dicts; keys outside `cols` are left out), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_history(run_dir: Path, history: list[dict]) -> None:
     """history.csv and training_curves.png of a run's epochs."""
     if not history:
         return
-    cols = ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1"]
-    with atomic_path(run_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(history)
+    write_csv(run_dir / "history.csv", history,
+              ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1"])
     plot_history(history, run_dir / "training_curves.png")
 
 
