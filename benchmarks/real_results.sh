@@ -220,6 +220,9 @@ finish artifacts/runs/tumor-64px-grouped-ft2 "$AT" "$T/Testing/glioma/Te-glTr_00
 python benchmarks/tta.py --run artifacts/runs/tumor-64px-grouped-ft2   # the flip against none (results.md)
 # Alzheimer: 0.25 is the lowest held-out risk a threshold holds (0.15 and 0.20 hold none)
 finish $E29 "$AA" "$A/test/MildDemented/26 (19).jpg" 0.25 0.05
+# the float stages' weight storage and what the float stages cost in latency (int8.md), 53 s
+python benchmarks/float_weights.py $E29 --split test --float-stages head,body,conv1,conv2 \
+    --float-stages head,body,conv1,conv2,conv3
 
 if [ "${SHIP:-0}" = 1 ]; then
     bash benchmarks/ship.sh artifacts/runs/tumor-64px-grouped-ft2 tumor brain-tumor-mri

@@ -132,7 +132,7 @@ def export(run_dir, **options):
 
     ctx = click.get_current_context()
     given = tuple(n for n in ("io_dtype", "calib_size", "calib_range", "bn_scales", "opset", "max_drop",
-                                 "float_head", "openvino_int8")
+                                 "float_head", "float_weights", "openvino_int8")
                   if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE)
     cfg = config_from(ExportConfig, options)
     results, failures = run_guarded(export_lib.export_run, run_dir, **dataclasses.asdict(cfg), log=echo, given=given)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .export.formats import BN_SCALES, CALIB_RANGES, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS
+from .export.formats import BN_SCALES, CALIB_RANGES, FLOAT_WEIGHTS, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS
 
 
 SELECT_BY = ("loss", "accuracy", "macro_f1")  # validation metrics that can keep an epoch (loss: lowest)
@@ -215,6 +215,10 @@ class ExportConfig:
     float_head: bool = option(False, "int8 TFLite and ONNX: keep the head (global pooling, dense layers, softmax) in "
                                      "float with float32 probabilities out, so calibrated probabilities and "
                                      "explanations keep their resolution (docs/int8.md).")
+    float_weights: str = option("fp16", "int8 TFLite: how the weights of operations kept in float (--float-head, "
+                                        "--max-drop) are stored: fp16 (half of fp32, same answers), int8 per "
+                                        "channel (a quarter; moves low-margin answers) or fp32. Activations stay "
+                                        "float32 (docs/int8.md).", choices=FLOAT_WEIGHTS)
     openvino_int8: str = option("auto", "int8 OpenVINO file: converted from this export's int8 ONNX file (its ranges, "
                                         "--max-drop and --float-head choices and 7-bit weights), or quantized by "
                                         "NNCF from the fp32 graph; auto = from the ONNX file when this export makes "

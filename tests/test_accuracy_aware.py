@@ -231,8 +231,14 @@ def test_float_head_keeps_float_probabilities_out_of_int8_files(micro_run, tmp_p
         # not on the 1/256 grid of a uint8 softmax
         assert np.abs(probs * 256 - np.round(probs * 256)).max() > 1e-3, name
         assert (probs.argmax(1) == ref.argmax(1)).all(), name
+    # the head's dense weights are stored as float16 behind a DEQUANTIZE (--float-weights fp16)
+    tfl = open_model(run / "exports" / "model_int8.tflite")
+    assert tfl.meta["float_weights"] == "fp16"
+    assert [d["shape"][0] for d in tfl.interp.get_tensor_details() if d["dtype"] == np.float16] == [4]
     res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--float-head"])
     assert res.exit_code == 1 and "--float-head applies to int8" in res.output
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "tflite", "--float-weights", "int8"])
+    assert res.exit_code == 1 and "add --float-head or --max-drop" in res.output
 
 
 def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
@@ -260,3 +266,79 @@ def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
                                     "--calib-size", "16"])  # auto without an int8 ONNX file: NNCF
     assert res.exit_code == 0, res.output
     assert "int8_from" not in open_model(run / "exports" / "model_int8.xml").meta
+
+
+def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same():
+    """store_float_weights: each float conv/dense weight behind a DEQUANTIZE, the graph's
+    answers within the storage's rounding, under XNNPACK and the built-in kernels alike."""
+    import keras
+    import tensorflow as tf
+
+    from mri_edge.export.formats import ExportError
+    from mri_edge.export.tflite import store_float_weights
+    from mri_edge.runtime import load_interpreter_class, no_delegate_resolver
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3), batch_size=1)
+    x = keras.layers.Conv2D(32, 3, activation="relu")(inp)
+    x = keras.layers.DepthwiseConv2D(1)(x)  # one value per channel: stays float32 as int8
+    x = keras.layers.Conv2D(32, 3, activation="relu")(x)
+    out = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x))
+    fb = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inp, out)).convert()
+    xs = np.random.default_rng(0).normal(size=(5, 16, 16, 3)).astype(np.float32)
+    cls = load_interpreter_class()[0]
+
+    def run(model: bytes, **kw) -> tuple[np.ndarray, list[str]]:
+        interp = cls(model_content=model, **kw)
+        interp.allocate_tensors()
+        i, o = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
+        ys = []
+        for v in xs:
+            interp.set_tensor(i, v[None])
+            interp.invoke()
+            ys.append(interp.get_tensor(o)[0].copy())
+        return np.array(ys), [op["op_name"] for op in interp._get_ops_details()]
+
+    ref, ops = run(fb)
+    assert "DEQUANTIZE" not in ops
+    fp16, int8 = store_float_weights(fb, "fp16"), store_float_weights(fb, "int8")
+    assert len(int8) < len(fp16) < len(fb) - 4000  # 10.5 kB of float32 conv weights
+    scale = np.abs(ref).max()
+    for model, dequantized, tol in ((fp16, 4, 2e-3), (int8, 3, 3e-2)):  # int8: the 1x32 depthwise stays float32
+        for kw in ({}, {"experimental_op_resolver_type": no_delegate_resolver(cls)}):
+            y, ops = run(model, **kw)
+            assert np.abs(y - ref).max() < tol * scale, (tol, kw)
+            assert np.abs(y - ref).max() > 0  # the weights were rounded: not the float32 graph
+        assert ops.count("DEQUANTIZE") == dequantized
+    assert np.abs(run(int8)[0] - ref).max() > np.abs(run(fp16)[0] - ref).max()
+    with pytest.raises(ExportError, match="fp16 or int8"):
+        store_float_weights(fb, "int4")
+
+
+@pytest.mark.parametrize("fp16_flips, stored", [(0, "fp16"), (1, "fp32")])
+def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_budget(monkeypatch, fp16_flips, stored):
+    """The search never sees rounded weights; the chosen file keeps fp16 weights only if that
+    file is still within the budget on held-out images."""
+    from mri_edge.export import accuracy
+
+    stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
+              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
+    monkeypatch.setattr(accuracy, "tflite_stages", lambda calibrated: stages)
+    labels = np.arange(10) % 2
+    held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+    built = []
+
+    def quantize(nodes, weights):
+        built.append((tuple(nodes), weights))
+        return (tuple(nodes), weights)
+
+    def probs(candidate):
+        nodes, weights = candidate
+        wrong = 0 if "c1" in nodes else 3  # conv1 in float is all it takes
+        wrong += fp16_flips if weights == "fp16" else 0
+        return np.eye(2)[(labels + (np.arange(10) < wrong)) % 2]
+
+    fb, recipe = accuracy.tflite_accuracy_aware(b"", quantize, held, 5.0, probs, float_weights="fp16")
+    assert all(w == "fp32" for _, w in built[:-1]) and built[-1] == (("c1",), "fp16")
+    assert recipe["float_stages"] == ["conv1"] and recipe["float_weights"] == stored
+    assert fb == (("c1",), stored) and recipe["float_weights_check"]["within_budget"] == (stored == "fp16")

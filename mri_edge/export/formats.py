@@ -28,11 +28,13 @@ class Format:
 
 
 # Options that shape only int8 files (the others apply to every file of the format).
-INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop", "float_head", "openvino_int8")
+INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop", "float_head", "float_weights",
+                "openvino_int8")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", ".tflite", ("none", "fp16", "dynamic", "int8"), ("io_dtype", "calib_size", "calib_range",
-                                                                       "bn_scales", "max_drop", "float_head"),
+                                                                       "bn_scales", "max_drop", "float_head",
+                                                                       "float_weights"),
            "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
     Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop", "float_head"), "onnxruntime",
            "pip install onnxruntime"),
@@ -44,6 +46,7 @@ IO_DTYPES = ("uint8", "int8", "float32")
 OPENVINO_INT8 = ("auto", "nncf", "onnx")
 CALIB_RANGES = ("percentile", "minmax")
 BN_SCALES = ("per-tensor", "per-channel", "auto")
+FLOAT_WEIGHTS = ("fp16", "int8", "fp32")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ExportJob:
     quantize: str
     io_dtype: str
     float_head: bool = False  # int8: global pooling, dense layers and softmax stay in float
+    float_weights: str = "fp16"  # int8 TFLite: how the weights of operations kept in float are stored
     from_onnx: bool = False  # OpenVINO int8: converted from this export's int8 ONNX file, not quantized by NNCF
 
     @property
@@ -62,11 +66,14 @@ class ExportJob:
 
 
 def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, openvino_available: bool = True,
-         given: tuple[str, ...] = (), float_head: bool = False, openvino_int8: str = "auto") -> list[ExportJob]:
+         given: tuple[str, ...] = (), float_head: bool = False, openvino_int8: str = "auto",
+         float_weights: str = "fp16") -> list[ExportJob]:
     """Expand --format/--quantize into jobs; unsupported combinations are refused up front, and
     so is an option in `given` (the ones the user set) that no planned file accepts."""
     if io_dtype not in IO_DTYPES:
         raise ExportError(f"--io-dtype must be one of {', '.join(IO_DTYPES)}")
+    if float_weights not in FLOAT_WEIGHTS:
+        raise ExportError(f"--float-weights must be one of {', '.join(FLOAT_WEIGHTS)}")
     if openvino_int8 not in OPENVINO_INT8:
         raise ExportError(f"--openvino-int8 must be one of {', '.join(OPENVINO_INT8)}")
     if not formats or "all" in formats:  # "all" means every format whose converter is installed
@@ -87,7 +94,8 @@ def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, ope
                     continue  # e.g. --format all --quantize fp16 means "wherever fp16 exists"
                 raise ExportError(f"--format {f} does not support --quantize {q} (supported: {', '.join(supported)})")
             jobs.append(ExportJob(f, q, io_dtype if q == "int8" else "float32",
-                                  float_head and q == "int8" and "float_head" in FORMATS[f].options))
+                                  float_head and q == "int8" and "float_head" in FORMATS[f].options,
+                                  float_weights=float_weights))
     if not jobs:
         raise ExportError("nothing to export for that --format/--quantize combination")
     # auto: the OpenVINO int8 file from the int8 ONNX file when this export makes one, else NNCF

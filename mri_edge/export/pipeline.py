@@ -79,6 +79,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                bn_scales: str = ExportConfig.bn_scales, given: tuple[str, ...] = (),
                max_drop: float | None = ExportConfig.max_drop,
                float_head: bool = ExportConfig.float_head,
+               float_weights: str = ExportConfig.float_weights,
                openvino_int8: str = ExportConfig.openvino_int8) -> tuple[list[dict], list[dict]]:
     """Run every export job; returns (successes, failures). Earlier files survive a failure.
 
@@ -95,7 +96,10 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     run = RunFolder(run_dir)
     run_dir = run.path
     jobs = plan(tuple(formats), tuple(quantize), io_dtype, ov.available(for_export=True), tuple(given), float_head,
-                openvino_int8)
+                openvino_int8, float_weights)
+    if "float_weights" in given and not float_head and max_drop is None:
+        raise ExportError("--float-weights sets how operations kept in float store their weights: "
+                          "add --float-head or --max-drop")
     _check(calib_size, calib_range, bn_scales, opset, workers)
     started = time.time()
     model, cfg, labels = load_run(run_dir)
@@ -181,6 +185,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                 scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
                 if "float_parts" in r:
                     scales += f", kept in float: {r['float_parts']}"
+                elif "float_weights" in r:
+                    scales += f", the head's weights {r['float_weights']}"
                 log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")
 
         _run_units(units, context, collect, model, size, workdir, workers, log)

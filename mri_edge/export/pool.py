@@ -64,6 +64,7 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
             "io_dtype": meta["input"]["dtype"], "size_mb": size_on_disk(target) / 1e6,
             "seconds": time.time() - started, "sha256": sha256_file(data),
             **({"bn_scales": meta["bn_scales"]} if "bn_scales" in meta else {}),
+            **({"float_weights": meta["float_weights"]} if "float_weights" in meta else {}),
             **({"float_parts": float_parts(meta["accuracy_aware"])} if "accuracy_aware" in meta else {})}
 
 
@@ -72,7 +73,9 @@ def float_parts(recipe: dict) -> str:
     what = ", ".join(recipe["float_stages"]) if "float_stages" in recipe else f"{recipe['float_nodes']} operations"
     drop = recipe.get("held_out_accuracy_drop_pts")
     acc = "" if drop is None else f", accuracy {-drop:+.2f} pts"
-    return f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{acc}{'' if recipe['within_budget'] else ', over budget'})"
+    weights = f", weights {recipe['float_weights']}" if "float_weights" in recipe else ""
+    return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{acc}"
+            f"{'' if recipe['within_budget'] else ', over budget'}{weights})")
 
 
 def run_unit(ctx: WorkerContext, model=None) -> list[dict]:

@@ -1,0 +1,127 @@
+"""How the weights of the operations an int8 TFLite file keeps in float are stored: size,
+agreement with Keras and latency, side by side on one run.
+
+From one calibrated graph (as `mri-edge export` makes it) it quantizes four files: the plain
+int8 file (the head in float, as `--float-head`), and the file with the float stages of the
+run's accuracy-aware export (its `model_int8.tflite` metadata) with their weights stored as
+fp32, fp16 and int8 (`--float-weights`). Per file: size, flips against Keras on the chosen
+split, and p50 latency at batch 1 (the files timed in turn, round by round, in one process),
+each as a ratio to the plain file.
+
+    python benchmarks/float_weights.py artifacts/runs/alzheimer-64px-noaug-29min-ema --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mri_edge import data, export, keras_model  # noqa: E402
+from mri_edge.export.accuracy import tflite_stages  # noqa: E402
+from mri_edge.export.calibration import calibration_set  # noqa: E402
+from mri_edge.export.formats import ExportJob  # noqa: E402
+from mri_edge.export.tflite import calibrated_for, quantize_calibrated, write_saved_model  # noqa: E402
+from mri_edge.run import RunFolder  # noqa: E402
+from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--split", choices=("val", "test"), default="val")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--calib-size", type=int, default=300)
+    ap.add_argument("--float-stages", action="append", default=[],
+                    help="Comma-separated stages kept in float, instead of the exported recipe's (repeatable: "
+                         "one set of files per value)")
+    args = ap.parse_args()
+
+    shipped = open_model(args.run / "exports" / "model_int8.tflite")
+    recipe = shipped.meta.get("accuracy_aware")
+    if not recipe and not args.float_stages:
+        sys.exit(f"{args.run}/exports/model_int8.tflite has no accuracy-aware recipe: export it with --max-drop "
+                 "or name --float-stages")
+    sets = [v.split(",") for v in args.float_stages] or [recipe["float_stages"]]
+    run = RunFolder(args.run)
+    if args.split == "val":
+        ref, x = keras_model.validation_reference(args.run, print, with_images=True)
+        probs, labels = np.asarray(ref["probs"]), np.asarray(ref["labels"])
+    else:
+        pred = json.loads((args.run / "test_predictions.json").read_text())
+        x = data.decode_images(shipped, run.manifest()["root"], pred["paths"], "test images")
+        probs, labels = np.asarray(pred["probs"]), np.asarray(pred["labels"])
+    top = probs.argmax(1)
+
+    with tempfile.TemporaryDirectory() as td:
+        work = Path(td)
+        model, cfg, _ = export.load_run(args.run)
+        write_saved_model(export.deployment_graph(model), str(work / "sm"), int(cfg["image_size"]))
+        calib, _ = calibration_set(args.run, cfg, args.calib_size)
+        t = time.time()
+        minmax = shipped.meta.get("calibration_range", "").startswith("min/max")
+        calibrated = calibrated_for(str(work / "sm"), calib, "minmax" if minmax else "percentile", "uint8")
+        stages = tflite_stages(calibrated)
+        scales = shipped.meta.get("bn_scales", "per-tensor")
+        files = {"plain (head in float)": quantize_calibrated(calibrated, ExportJob("tflite", "int8", "uint8", True,
+                                                                                   float_weights="fp32"), scales)}
+        for kept in sets:
+            unknown = [s for s in kept if s not in stages]
+            if unknown:
+                sys.exit(f"no stage {unknown[0]!r} in this graph (stages: {', '.join(stages)})")
+            nodes = [n for s in kept if s != "head" for n in stages[s]["nodes"]]
+            for w in ("fp32", "fp16", "int8"):
+                job = ExportJob("tflite", "int8", "uint8", True, float_weights=w)
+                files[f"{'+'.join(kept)} in float, weights {w}"] = quantize_calibrated(calibrated, job, scales, nodes)
+        print(f"quantized {len(files)} files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
+        meta = {**shipped.meta, "input": {}, "output": {}}
+        meta.pop("model_bytes", None)
+        meta.pop("model_sha256", None)
+        nets, rows = {}, []
+        for name, fb in files.items():
+            path = work / f"{len(nets)}.tflite"
+            path.write_bytes(fb)
+            nets[name] = TFLiteModel(path, meta, threads=args.threads)
+            p = np.concatenate([nets[name].run(x[i:i + 32]) for i in range(0, len(x), 32)])
+            rows.append({"file": name, "size_mb": len(fb) / 1e6, "flips": int((p.argmax(1) != top).sum()),
+                         "agreement": float((p.argmax(1) == top).mean()),
+                         "accuracy": float((p.argmax(1) == labels).mean()), "times": []})
+        one = x[:1]
+        for net in nets.values():
+            net.run(one)  # warm-up
+        for _ in range(args.rounds):
+            for row, net in zip(rows, nets.values()):
+                for _ in range(10):
+                    t = time.perf_counter()
+                    net.run(one)
+                    row["times"].append((time.perf_counter() - t) * 1000)
+    base = rows[0]
+    base_p50 = float(np.median(base["times"]))
+    print(f"\n{cpu_name()}, {args.threads} threads, batch 1, {args.rounds * 10} runs per file; {args.split} split, "
+          f"{len(x)} images")
+    print("| file | size MB | x plain | agreement (flips) | accuracy | p50 ms | x plain |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        p50 = float(np.median(r["times"]))
+        print(f"| {r['file']} | {r['size_mb']:.2f} | {r['size_mb'] / base['size_mb']:.2f} | {r['agreement']:.2%} "
+              f"({r['flips']}) | {r['accuracy']:.2%} | {p50:.2f} | {p50 / base_p50:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
