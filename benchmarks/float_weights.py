@@ -87,7 +87,7 @@ def main() -> None:
                 sys.exit(f"no stage {unknown[0]!r} in this graph (stages: {', '.join(stages)})")
             nodes = [n for s in kept if s != "head" for n in stages[s]["nodes"]]
             for w in ("fp32", "fp16", "int8"):
-                job = ExportJob("tflite", "int8", "uint8", True, float_weights=w)
+                job = ExportJob("tflite", "int8", "uint8", "head" in kept, float_weights=w)
                 files[f"{'+'.join(kept)} in float, weights {w}"] = quantize_calibrated(calibrated, job, scales, nodes)
         print(f"quantized {len(files)} files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
         meta = {**shipped.meta, "input": {}, "output": {}}

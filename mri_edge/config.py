@@ -216,9 +216,10 @@ class ExportConfig:
                                      "float with float32 probabilities out, so calibrated probabilities and "
                                      "explanations keep their resolution (docs/int8.md).")
     float_weights: str = option("fp16", "int8 TFLite: how the weights of operations kept in float (--float-head, "
-                                        "--max-drop) are stored: fp16 (half of fp32, same answers), int8 per "
-                                        "channel (a quarter; moves low-margin answers) or fp32. Activations stay "
-                                        "float32 (docs/int8.md).", choices=FLOAT_WEIGHTS)
+                                        "--max-drop) are stored: fp16 (half of fp32), int8 per channel (a "
+                                        "quarter; moves more low-margin answers) or fp32. Activations stay float32; "
+                                        "with --max-drop the smaller storage is kept only if the file stays within "
+                                        "budget (docs/int8.md).", choices=FLOAT_WEIGHTS)
     openvino_int8: str = option("auto", "int8 OpenVINO file: converted from this export's int8 ONNX file (its ranges, "
                                         "--max-drop and --float-head choices and 7-bit weights), or quantized by "
                                         "NNCF from the fp32 graph; auto = from the ONNX file when this export makes "

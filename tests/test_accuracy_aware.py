@@ -143,7 +143,12 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
                                     "--max-drop", "0", "--calib-size", "16"])
     assert res.exit_code == 0, res.output
     for name in ("model_int8.onnx", "model_int8.tflite"):
-        recipe = read_metadata(run / "exports" / name)["accuracy_aware"]
+        meta = read_metadata(run / "exports" / name)
+        recipe = meta["accuracy_aware"]
+        if name.endswith(".tflite"):  # what the metadata says is stored is what the search kept
+            stored = "fp16" if recipe.get("float_weights_check", {}).get("within_budget") else "fp32"
+            assert meta.get("float_weights") == recipe.get("float_weights") == (
+                stored if recipe["float_stages"] else None), recipe
         assert recipe["max_drop_pts"] == 0 and recipe["held_out_images"] == 4, name
         assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 1.0 and
                                            recipe["held_out_accuracy_drop_pts"] <= 0), name
@@ -282,6 +287,7 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
     inp = keras.Input((16, 16, 3), batch_size=1)
     x = keras.layers.Conv2D(32, 3, activation="relu")(inp)
     x = keras.layers.DepthwiseConv2D(1)(x)  # one value per channel: stays float32 as int8
+    x = keras.layers.DepthwiseConv2D(5, padding="same")(x)  # 25 per channel: int8 along axis 3
     x = keras.layers.Conv2D(32, 3, activation="relu")(x)
     out = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x))
     fb = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inp, out)).convert()
@@ -302,9 +308,9 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
     ref, ops = run(fb)
     assert "DEQUANTIZE" not in ops
     fp16, int8 = store_float_weights(fb, "fp16"), store_float_weights(fb, "int8")
-    assert len(int8) < len(fp16) < len(fb) - 4000  # 10.5 kB of float32 conv weights
+    assert len(int8) < len(fp16) < len(fb) - 4000  # 13.7 kB of float32 conv weights
     scale = np.abs(ref).max()
-    for model, dequantized, tol in ((fp16, 4, 2e-3), (int8, 3, 3e-2)):  # int8: the 1x32 depthwise stays float32
+    for model, dequantized, tol in ((fp16, 5, 2e-3), (int8, 4, 3e-2)):  # int8: the 1x32 depthwise stays float32
         for kw in ({}, {"experimental_op_resolver_type": no_delegate_resolver(cls)}):
             y, ops = run(model, **kw)
             assert np.abs(y - ref).max() < tol * scale, (tol, kw)
@@ -313,6 +319,29 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
     assert np.abs(run(int8)[0] - ref).max() > np.abs(run(fp16)[0] - ref).max()
     with pytest.raises(ExportError, match="fp16 or int8"):
         store_float_weights(fb, "int4")
+
+    # a buffer shared by two weight tensors (the converter deduplicates constants) stays for
+    # the second after the first is rewritten; the conversion metadata buffers stay too
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    depthwise = [t for t in flatbuffer_utils.convert_bytearray_to_object(int8).subgraphs[0].tensors
+                 if t.name.endswith(b"/int8") and list(t.shape) == [1, 5, 5, 32]]
+    assert len(depthwise) == 1 and depthwise[0].quantization.quantizedDimension == 3
+    assert len(depthwise[0].quantization.scale) == 32
+    m = flatbuffer_utils.convert_bytearray_to_object(fb)
+    sg = m.subgraphs[0]
+    w = sg.tensors[sg.operators[-3].inputs[1]]  # the second Conv2D's weights
+    twin = flatbuffer_utils.convert_bytearray_to_object(fb).subgraphs[0].tensors[0]
+    twin.name, twin.shape, twin.type, twin.buffer, twin.quantization = b"twin", w.shape, w.type, w.buffer, None
+    sg.tensors.append(twin)  # an unused tensor on the same buffer
+    rewritten = flatbuffer_utils.convert_bytearray_to_object(
+        store_float_weights(bytes(flatbuffer_utils.convert_object_to_bytearray(m)), "fp16"))
+    assert len(rewritten.buffers[w.buffer].data) == 4 * int(np.prod(w.shape))
+    assert all(len(rewritten.buffers[e.buffer].data) for e in rewritten.metadata or [])
+    # DEQUANTIZE of per-channel int8 (version 5) needs LiteRT/TFLite 2.7.0: the file says so
+    version = {e.name: bytes(m.buffers[e.buffer].data).rstrip(b"\0") for m in
+               [flatbuffer_utils.convert_bytearray_to_object(int8)] for e in m.metadata}[b"min_runtime_version"]
+    assert version == b"2.7.0"
 
 
 @pytest.mark.parametrize("fp16_flips, stored", [(0, "fp16"), (1, "fp32")])

@@ -288,13 +288,16 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str], str]
     chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [])
     out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
                  stages, held, max_drop_pts)
+    if not chosen["float_stages"]:
+        return fb, out  # nothing in float: no weights to store
     out["float_weights"] = "fp32"
-    if float_weights != "fp32":
+    if float_weights != "fp32" and out["within_budget"]:
         stored = quantize([n for s in chosen["float_stages"] for n in stages[s]["nodes"]], float_weights)
         score = held.score(probs(stored))
         out["float_weights_check"] = {"weights": float_weights, **score, "within_budget": within(score, max_drop_pts)}
-        if within(score, max_drop_pts):
+        if within(score, max_drop_pts):  # the recipe then describes the file written
             fb, out["float_weights"] = stored, float_weights
+            out["held_out_agreement"], out["held_out_accuracy_drop_pts"] = score["agreement"], score["accuracy_drop_pts"]
     return fb, out
 
 

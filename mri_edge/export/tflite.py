@@ -108,6 +108,7 @@ def per_tensor_depthwise(flatbuffer: bytes) -> bytes:
     model = flatbuffer_utils.convert_bytearray_to_object(flatbuffer)
     depthwise = [i for i, c in enumerate(model.operatorCodes)
                  if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.DEPTHWISE_CONV_2D]
+    replaced = set()
     for sg in model.subgraphs:
         for op in sg.operators:
             if op.opcodeIndex not in depthwise or len(op.inputs) < 3 or op.inputs[2] < 0:
@@ -126,32 +127,51 @@ def per_tensor_depthwise(flatbuffer: bytes) -> bytes:
             # deduplicated those buffers and several layers may share one.
             for t, data, sc in ((w, np.clip(np.round(weights / scale), -127, 127).astype(np.int8), scale),
                                 (b, np.clip(np.round(bias / b_scale), -2**31, 2**31 - 1).astype(np.int32), b_scale)):
+                replaced.add(t.buffer)
                 buf = schema.BufferT()
                 buf.data = data.view(np.uint8)
                 model.buffers.append(buf)
                 t.buffer = len(model.buffers) - 1
                 t.quantization.scale, t.quantization.zeroPoint = [float(sc)], [0]
                 t.quantization.quantizedDimension = 0
-    used = {t.buffer for sg in model.subgraphs for t in sg.tensors}
-    for i, buf in enumerate(model.buffers):
-        if i and i not in used:
-            buf.data = None  # orphaned by the rewrite; indices stay valid
+    release_unused(model, replaced)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
-def store_float_weights(flatbuffer: bytes, dtype: str, nodes=None, min_per_channel: int = 16) -> bytes:
+
+def raise_min_runtime_version(model, version: str) -> None:
+    """Raise the file's `min_runtime_version` metadata (set by the converter for the operator
+    versions it wrote) to at least `version`, for an operator added after conversion."""
+    for entry in model.metadata or []:
+        buf = model.buffers[entry.buffer]
+        if entry.name != b"min_runtime_version" or buf.data is None:
+            continue
+        old = bytes(buf.data).rstrip(b"\0").decode()
+        if tuple(map(int, version.split("."))) > tuple(int(v) for v in old.split(".") if v.isdigit()):
+            buf.data = np.frombuffer(version.encode().ljust(max(len(buf.data), len(version)), b"\0"), np.uint8)
+
+
+def release_unused(model, replaced: set[int]) -> None:
+    """Empty the buffers in `replaced` that no tensor and no metadata entry uses any more (the
+    converter may share one buffer between tensors, and `min_runtime_version` lives in one);
+    buffer indices stay valid."""
+    used = {t.buffer for sg in model.subgraphs for t in sg.tensors} | {m.buffer for m in model.metadata or []}
+    for i in replaced - used - {0}:
+        model.buffers[i].data = None
+
+def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16) -> bytes:
     """Store the weights of the operations left in float (by --float-head or --max-drop) as
     float16 (fp16) or as int8 per output channel, each behind a DEQUANTIZE that turns it back into
     float32 once, when the interpreter is prepared (XNNPACK unpacks such constants into static
-    weights, as in an fp16 file). Their activations stay float32. nodes: only the operations
-    with these output tensor names (all float operations when None).
+    weights, as in an fp16 file). Their activations stay float32.
 
     The float32 weights of the float stages are what make an accuracy-aware file large (the
     shipped Alzheimer model: 6.8 of 12.8 MB, for stages holding 23% of the weights). The MLIR
     quantizer has no weight-only mode for denylisted operations, and the LiteRT quantizer
     would redo the static quantization that the range pass tunes, hence this rewrite of the
     flatbuffer. int8 weights with fewer than min_per_channel values per channel (the 1x1
-    depthwise convolutions that stand for batch norms) stay float32: a per-channel scale and
-    zero point would take more room than the weight.
+    depthwise convolutions that stand for batch norms, the 2x2 average pooling of DenseNet's
+    transitions, depthwise kernels up to 3x3) stay float32: a per-channel scale and zero point
+    would take more room than the weight. So does a weight outside float16's range.
     """
     from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
@@ -172,11 +192,11 @@ def store_float_weights(flatbuffer: bytes, dtype: str, nodes=None, min_per_chann
     code.version = 5 if dtype == "int8" else 3  # per-channel int8, or float16 input
     model.operatorCodes.append(code)
     dequantize = len(model.operatorCodes) - 1
+    replaced = set()
     for sg in model.subgraphs:
         added, done = [], set()
         for op in sg.operators:
-            if (op.opcodeIndex not in axis or len(op.inputs) < 2 or op.inputs[1] in done
-                    or (nodes is not None and sg.tensors[op.outputs[0]].name.decode() not in nodes)):
+            if op.opcodeIndex not in axis or len(op.inputs) < 2 or op.inputs[1] in done:
                 continue
             w = sg.tensors[op.inputs[1]]
             data = model.buffers[w.buffer].data if w.buffer else None
@@ -188,6 +208,8 @@ def store_float_weights(flatbuffer: bytes, dtype: str, nodes=None, min_per_chann
             t.name, t.shape = w.name + f"/{dtype}".encode(), np.array(w.shape)
             if dtype == "fp16":
                 t.type, stored = schema.TensorType.FLOAT16, values.astype(np.float16)
+                if not np.isfinite(stored).all():
+                    continue
             else:
                 channels = np.moveaxis(values, axis[op.opcodeIndex], 0).reshape(w.shape[axis[op.opcodeIndex]], -1)
                 if channels.shape[1] < min_per_channel:
@@ -207,12 +229,15 @@ def store_float_weights(flatbuffer: bytes, dtype: str, nodes=None, min_per_chann
             deq = schema.OperatorT()
             deq.opcodeIndex, deq.inputs, deq.outputs = dequantize, [len(sg.tensors) - 1], [op.inputs[1]]
             added.append(deq)
-            model.buffers[w.buffer].data = None  # the float32 copy goes; buffer indices stay valid
+            replaced.add(w.buffer)  # the float32 copy goes, unless another tensor shares it
             w.buffer = 0
             done.add(op.inputs[1])
         sg.operators = added + list(sg.operators)  # they read constants only, so they may run first
     if not any(op.opcodeIndex == dequantize for sg in model.subgraphs for op in sg.operators):
         model.operatorCodes.pop()
+    else:  # the converter's runtime_version.cc table: DEQUANTIZE 3 needs 1.15.0, 5 needs 2.7.0
+        raise_min_runtime_version(model, "2.7.0" if dtype == "int8" else "1.15.0")
+    release_unused(model, replaced)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
@@ -376,7 +401,11 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
             calibrated, lambda nodes, weights: quantize_calibrated(calibrated, replace(job, float_weights=weights),
                                                                    scales, nodes),
             held, max_drop, probs, job.float_head, job.float_weights)
-    if job.quantize == "int8" and (job.float_head or max_drop is not None):
-        meta["float_weights"] = meta.get("accuracy_aware", {}).get("float_weights", job.float_weights)
+    if "accuracy_aware" in meta:  # what the written file stores; absent when nothing stayed float
+        meta.pop("float_weights", None)
+        if meta["accuracy_aware"].get("float_weights"):
+            meta["float_weights"] = meta["accuracy_aware"]["float_weights"]
+    elif job.quantize == "int8" and job.float_head:
+        meta["float_weights"] = job.float_weights
     meta.update(tflite_io(fb))
     atomic_write_bytes(target, append_tflite_metadata(fb, meta))
