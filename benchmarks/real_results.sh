@@ -196,6 +196,17 @@ mri-edge train $KD --epochs-finetune 40 --time-budget 29 --ema 0.995 --seed 7 --
 python benchmarks/rank_runs.py artifacts/runs/alzheimer-64px-noaug-29min $E29 $K-noaug $K-ema \
     --out artifacts/runs/alzheimer-ranking-ema
 python benchmarks/input_noise.py artifacts/runs/alzheimer-64px-noaug-29min $E29
+# the same recipe at 128 px (70 min), ranked against it; its int8 and calibration measured, not shipped
+# shellcheck disable=SC2086
+mri-edge train ${KD/--image-size 64/--image-size 128} --epochs-finetune 40 --time-budget 72 --ema 0.995 \
+    --out artifacts/runs/alzheimer-128px-noaug-72min-ema
+python benchmarks/rank_runs.py $E29 artifacts/runs/alzheimer-128px-noaug-72min-ema --out artifacts/runs/alzheimer-ranking-ema128
+E128=artifacts/runs/alzheimer-128px-noaug-72min-ema
+mri-edge evaluate $E128 --fp16-weights --dedup "$AA"
+mri-edge export $E128 --format tflite --float-head --max-drop 0.5
+mri-edge calibrate $E128 --max-risk 0.25
+mri-edge verify $E128 --dedup "$AA" || true
+python benchmarks/float_weights.py $E128 --split test
 # distillation: SIZE=128 BATCH=128 BUDGET=2.5 LIMIT=570 RUNS=distill there (three members and a
 # student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
 if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then
