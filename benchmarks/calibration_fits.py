@@ -36,16 +36,15 @@ def ece(labels: np.ndarray, probs: np.ndarray) -> float:
     return report.calibration_metrics(labels, probs)["ece"]
 
 
-def ece_temperature(logp: np.ndarray, labels: np.ndarray) -> float:
-    return float(GRID[int(np.argmin([ece(labels, softmax(logp / t)) for t in GRID]))])
+def ece_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(GRID[int(np.argmin([ece(labels, trust.scale(probs, t)) for t in GRID]))])
 
 
 def bias_fit(logp: np.ndarray, labels: np.ndarray, t0: float) -> np.ndarray:
     from scipy.optimize import minimize  # noqa: PLC0415
 
     def loss(v):
-        p = softmax(logp / v[0] + v[1:])
-        return -np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1)).mean() + 1e-3 * (v[1:] ** 2).sum()
+        return trust.nll(softmax(logp / v[0] + v[1:]), labels) + 1e-3 * (v[1:] ** 2).sum()
 
     return minimize(loss, np.r_[t0, np.zeros(logp.shape[1])], method="Nelder-Mead", options={"maxiter": 4000}).x
 
@@ -59,7 +58,7 @@ def main() -> None:
     ph, yh = np.asarray(ref["probs"], np.float64), np.asarray(ref["labels"])
     pred = json.loads((args.run / "test_predictions.json").read_text())
     pt, yt = np.asarray(pred["probs"], np.float64), np.asarray(pred["labels"])
-    lh, lt = np.log(np.clip(ph, 1e-12, 1)), np.log(np.clip(pt, 1e-12, 1))
+    lh, lt = np.log(np.clip(ph, trust.FLOOR, 1)), np.log(np.clip(pt, trust.FLOOR, 1))  # as trust.scale
 
     rng = np.random.default_rng(0)
     fold = {"nll": [], "ece": []}
@@ -68,18 +67,18 @@ def main() -> None:
         for k in range(5):
             tr = np.concatenate([parts[j] for j in range(5) if j != k])
             te = parts[k]
-            fold["nll"].append(ece(yh[te], softmax(lh[te] / trust.fit_temperature(ph[tr], yh[tr]))))
-            fold["ece"].append(ece(yh[te], softmax(lh[te] / ece_temperature(lh[tr], yh[tr]))))
+            fold["nll"].append(ece(yh[te], trust.scale(ph[te], trust.fit_temperature(ph[tr], yh[tr]))))
+            fold["ece"].append(ece(yh[te], trust.scale(ph[te], ece_temperature(ph[tr], yh[tr]))))
     d = np.array(fold["ece"]) - np.array(fold["nll"])
-    t_nll, t_ece = trust.fit_temperature(ph, yh), ece_temperature(lh, yh)
+    t_nll, t_ece = trust.fit_temperature(ph, yh), ece_temperature(ph, yh)
     v = bias_fit(lh, yh, t_nll)
     print(f"held-out: {len(yh)} images; 5-fold cross-validation x {args.repeats}, ECE of the left-out fold")
     print(f"  T by NLL: {np.mean(fold['nll']):.4f}   T by ECE: {np.mean(fold['ece']):.4f}   "
           f"difference {d.mean():+.4f} (standard error {d.std() / np.sqrt(len(d)):.4f})")
-    print(f"  in sample: T by NLL {t_nll:.3f} ECE {ece(yh, softmax(lh / t_nll)):.4f}; "
+    print(f"  in sample: T by NLL {t_nll:.3f} ECE {ece(yh, trust.scale(ph, t_nll)):.4f}; "
           f"T + class bias (T {v[0]:.3f}) ECE {ece(yh, softmax(lh / v[0] + v[1:])):.4f}")
-    print(f"test ({len(yt)} images, not used to decide): T by NLL {ece(yt, softmax(lt / t_nll)):.4f}, "
-          f"T by ECE ({t_ece:.2f}) {ece(yt, softmax(lt / t_ece)):.4f}, T + class bias {ece(yt, softmax(lt / v[0] + v[1:])):.4f}")
+    print(f"test ({len(yt)} images, not used to decide): T by NLL {ece(yt, trust.scale(pt, t_nll)):.4f}, "
+          f"T by ECE ({t_ece:.2f}) {ece(yt, trust.scale(pt, t_ece)):.4f}, T + class bias {ece(yt, softmax(lt / v[0] + v[1:])):.4f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -59,17 +58,9 @@ def worker(devices: str, size: int, batch: int, steps: int, epochs: int) -> dict
             "images_per_s": batch * steps * len(timed) / sum(timed)}
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
+    from mri_edge.bench import machine_info
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", default="1,2", help="comma list of device counts (or all)")
     ap.add_argument("--size", type=int, default=64)
@@ -91,7 +82,7 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]["images_per_s"]
     print(f"DenseNet121 training, {a.size} px, global batch {a.batch}, {a.steps} steps x {a.epochs - 1} timed epochs; "
-          f"{cpu_name()}, {os.cpu_count()} cores")
+          f"{machine_info()['cpu']}, {os.cpu_count()} cores")
     print("| devices | replicas | step s | images/s | vs first row | first epoch s (tracing) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -26,19 +25,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mri_edge import data, export, keras_model  # noqa: E402
+from mri_edge.bench import machine_info  # noqa: E402
 from mri_edge.export.accuracy import tflite_stages  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
 from mri_edge.export.formats import ExportJob  # noqa: E402
 from mri_edge.export.tflite import calibrated_for, quantize_calibrated, write_saved_model  # noqa: E402
 from mri_edge.run import RunFolder  # noqa: E402
 from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -113,7 +106,7 @@ def main() -> None:
                     row["times"].append((time.perf_counter() - t) * 1000)
     base = rows[0]
     base_p50 = float(np.median(base["times"]))
-    print(f"\n{cpu_name()}, {args.threads} threads, batch 1, {args.rounds * 10} runs per file; {args.split} split, "
+    print(f"\n{machine_info()['cpu']}, {args.threads} threads, batch 1, {args.rounds * 10} runs per file; {args.split} split, "
           f"{len(x)} images")
     print("| file | size MB | x plain | agreement (flips) | accuracy | p50 ms | x plain |")
     print("|---|---|---|---|---|---|---|")

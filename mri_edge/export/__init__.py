@@ -28,7 +28,8 @@ _WHERE = {
     "onnx": ("onnx_fp32", "onnx_int8", "set_onnx_metadata"),
     "pipeline": ("export_run", "load_run", "rewrite_metadata", "table"),
     "pool": ("default_workers",),
-    "tflite": ("append_tflite_metadata", "calibrated_graph", "per_tensor_depthwise", "tflite_io"),
+    "rewrite": ("per_tensor_depthwise", "store_float_weights"),
+    "tflite": ("append_tflite_metadata", "calibrated_graph", "tflite_io"),
 }
 _MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
 __all__ = sorted(_MODULE_OF)
