@@ -33,7 +33,8 @@ def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
     # an unreachable budget keeps the best candidate found, which is not within it
     gain.update(conv2=0.01, conv5=0.005, head=0.005)
     chosen, _, steps = stage_search(stages, attempt, 0.0, [])
-    assert chosen["agreement"] < 1 and chosen["agreement"] == max(s["agreement"] for s in steps)
+    partial = [s["agreement"] for s in steps if len(s["float_stages"]) < len(stages)]
+    assert chosen["agreement"] < 1 and chosen["agreement"] == max(partial) < max(s["agreement"] for s in steps)
 
 
 def test_a_stage_whose_error_others_hide_is_tried_after_them():
@@ -43,7 +44,8 @@ def test_a_stage_whose_error_others_hide_is_tried_after_them():
 
     stages = {"body": {"nodes": ["n"], "mac_share": 0.0, "param_share": 0.0, "cost": 0.0},
               "conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
-              "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
+              "conv3": {"nodes": ["b"], "mac_share": 0.3, "param_share": 0.4, "cost": 0.7},
+              "conv5": {"nodes": ["c"], "mac_share": 0.1, "param_share": 0.3, "cost": 0.3}}
 
     def attempt(kept):
         blocks = sum(s in kept for s in ("conv2", "conv3"))
@@ -54,6 +56,25 @@ def test_a_stage_whose_error_others_hide_is_tried_after_them():
     assert chosen["float_stages"] == ["conv2", "conv3", "body"] and abs(chosen["agreement"] - 1.0) < 1e-9
     without = [st for st in steps if st["float_stages"] == ["conv2", "conv3"]]
     assert without and abs(without[0]["agreement"] - 0.99) < 1e-9  # over the budget without it
+
+
+def test_a_file_with_every_stage_in_float_is_never_chosen():
+    """Keeping everything in float holds any budget, but that is a float file named int8: the
+    search keeps the best candidate that quantizes something, marked over budget."""
+    from mri_edge.export.accuracy import stage_search, within
+
+    stages = {"conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
+              "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
+
+    def attempt(kept):
+        return {"agreement": 0.95 + 0.02 * len(kept) + 0.01 * ("conv3" in kept), "accuracy": 0.9,
+                "accuracy_drop_pts": 0.0}, kept
+
+    chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
+    everything = [st for st in steps if set(st["float_stages"]) == {"conv2", "conv3"}]
+    assert everything and within(everything[0], 0.5)  # measured, and it holds the budget
+    assert chosen["float_stages"] == ["conv3"] and cand == ["conv3"]  # the best that quantizes something
+    assert not within(chosen, 0.5)
 
 
 def test_a_stage_a_later_one_made_unnecessary_goes_back_to_int8():

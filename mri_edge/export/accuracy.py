@@ -121,8 +121,9 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
     and be all that is left once those are in float (the input normalisation of a low-margin
     model flipped 1.6% of answers by itself). Once within the budget, each kept stage is put
     back to int8 in turn, the most expensive first, and stays there if the budget still holds.
-    Over budget, the best candidate found is kept. Returns (chosen step, its candidate, every
-    step)."""
+    A candidate with every stage in float is no int8 file (it holds any budget): it is measured
+    as the search's last resort, but never chosen. Over budget, the best candidate found that
+    quantizes something is kept. Returns (chosen step, its candidate, every step)."""
     tried: dict[tuple, tuple[dict, object]] = {}
 
     def step(kept: list[str]) -> tuple[dict, object]:
@@ -160,9 +161,10 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
                 candidates.append(cand)
                 if within(st, max_drop_pts):
                     kept = fewer
-    ok = [i for i, st in enumerate(steps) if within(st, max_drop_pts)]
+    int8 = [i for i, st in enumerate(steps) if len(st["float_stages"]) < len(stages)] or list(range(len(steps)))
+    ok = [i for i in int8 if within(steps[i], max_drop_pts)]
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
-    best = min(ok, key=cost.__getitem__) if ok else max(range(len(steps)), key=lambda i: quality(steps[i]))
+    best = min(ok, key=cost.__getitem__) if ok else max(int8, key=lambda i: quality(steps[i]))
     return steps[best], candidates[best], steps
 
 
