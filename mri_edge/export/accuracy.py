@@ -121,9 +121,11 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
     and be all that is left once those are in float (the input normalisation of a low-margin
     model flipped 1.6% of answers by itself). Once within the budget, each kept stage is put
     back to int8 in turn, the most expensive first, and stays there if the budget still holds.
-    A candidate with every stage in float is no int8 file (it holds any budget): it is measured
-    as the search's last resort, but never chosen. Over budget, the best candidate found that
-    quantizes something is kept. Returns (chosen step, its candidate, every step)."""
+    A candidate that keeps all compute and weights in float is no int8 file (it usually holds
+    the budget, since only the operations around the stages stay int8): it is measured, and
+    step 3 may start from it, but it is chosen only when nothing else was measured (the fixed
+    `base` covers the graph). Over budget, the best candidate found that quantizes some compute
+    or weights is kept. Returns (chosen step, its candidate, every step)."""
     tried: dict[tuple, tuple[dict, object]] = {}
 
     def step(kept: list[str]) -> tuple[dict, object]:
@@ -161,7 +163,9 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
                 candidates.append(cand)
                 if within(st, max_drop_pts):
                     kept = fewer
-    int8 = [i for i, st in enumerate(steps) if len(st["float_stages"]) < len(stages)] or list(range(len(steps)))
+    # a stage without MACs or weights (the input normalisation) left in int8 quantizes nothing that counts
+    int8 = [i for i, st in enumerate(steps)
+            if min(st["float_mac_share"], st["float_param_share"]) < 1 - 1e-9] or list(range(len(steps)))
     ok = [i for i in int8 if within(steps[i], max_drop_pts)]
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
     best = min(ok, key=cost.__getitem__) if ok else max(int8, key=lambda i: quality(steps[i]))
