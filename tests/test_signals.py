@@ -41,8 +41,16 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def as_from_a_terminal() -> None:
+    # A shell starts background jobs with SIGINT ignored, and children inherit that (Python
+    # then installs no Ctrl-C handler): the command must see SIGINT as a terminal sends it,
+    # whatever way the test session itself was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when(cmd, ready, sig, timeout=120):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_from_a_terminal)
     kids: set[int] = set()
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
