@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mri_edge import data, export, keras_model  # noqa: E402
+from mri_edge import data, export, keras_model, quiet  # noqa: E402
 from mri_edge.bench import machine_info  # noqa: E402
 from mri_edge.export.accuracy import tflite_stages  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--float-stages", action="append", default=[],
                     help="Comma-separated stages kept in float, instead of the exported recipe's (repeatable: "
                          "one set of files per value)")
+    ap.add_argument("--verbose", action="store_true", help="Show the converters' log lines")
     args = ap.parse_args()
+    quiet.set_verbose(args.verbose)
 
     shipped = open_model(args.run / "exports" / "model_int8.tflite")
     recipe = shipped.meta.get("accuracy_aware")
@@ -62,7 +64,7 @@ def main() -> None:
         probs, labels = np.asarray(pred["probs"]), np.asarray(pred["labels"])
     top = probs.argmax(1)
 
-    with tempfile.TemporaryDirectory() as td:
+    with tempfile.TemporaryDirectory() as td, quiet.native_stderr():  # the converters' log lines
         work = Path(td)
         model, cfg, _ = export.load_run(args.run)
         write_saved_model(export.deployment_graph(model), str(work / "sm"), int(cfg["image_size"]))
