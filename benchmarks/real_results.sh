@@ -202,6 +202,7 @@ E128=artifacts/runs/alzheimer-128px-noaug-72min-ema
 # shellcheck disable=SC2086
 mri-edge train ${KD/--image-size 64/--image-size 128} --epochs-finetune 40 --time-budget 72 --ema 0.995 --out $E128
 python benchmarks/rank_runs.py $E29 $E128 --out artifacts/runs/alzheimer-ranking-ema128
+python benchmarks/input_noise.py $E128                                       # 7 flips (int8.md)
 # distillation: SIZE=128 BATCH=128 BUDGET=2.5 LIMIT=570 RUNS=distill there (three members and a
 # student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
 if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then
