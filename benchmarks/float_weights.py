@@ -4,9 +4,10 @@ agreement with Keras and latency, side by side on one run.
 From one calibrated graph (as `mri-edge export` makes it) it quantizes four files: the plain
 int8 file (the head in float, as `--float-head`), and the file with the float stages of the
 run's accuracy-aware export (its `model_int8.tflite` metadata) with their weights stored as
-fp32, fp16 and int8 (`--float-weights`). Per file: size, flips against Keras on the chosen
-split, and p50 latency at batch 1 (the files timed in turn, round by round, in one process),
-each as a ratio to the plain file.
+fp32, fp16 and int8 (`--float-weights`), and the fp32 and fp16 files (no int8 at all). Per
+file: size, flips against Keras on the chosen split, and p50 latency at batch 1 (the files
+timed in turn, round by round, in one process), as ratios to the plain file and to the fp32
+file.
 
     python benchmarks/float_weights.py artifacts/runs/alzheimer-64px-noaug-29min-ema --split test
 """
@@ -29,7 +30,7 @@ from mri_edge.bench import machine_info  # noqa: E402
 from mri_edge.export.accuracy import tflite_stages  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
 from mri_edge.export.formats import ExportJob  # noqa: E402
-from mri_edge.export.tflite import calibrated_for, quantize_calibrated, write_saved_model  # noqa: E402
+from mri_edge.export.tflite import calibrated_for, quantize_calibrated, tflite_bytes, write_saved_model  # noqa: E402
 from mri_edge.run import RunFolder  # noqa: E402
 from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
 
@@ -84,7 +85,10 @@ def main() -> None:
             for w in ("fp32", "fp16", "int8"):
                 job = ExportJob("tflite", "int8", "uint8", "head" in kept, float_weights=w)
                 files[f"{'+'.join(kept)} in float, weights {w}"] = quantize_calibrated(calibrated, job, scales, nodes)
-        print(f"quantized {len(files)} files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
+        for q in ("none", "fp16"):  # the float files, timed beside them: what int8 buys over no int8
+            files[f"{'fp32' if q == 'none' else q} file"] = tflite_bytes(str(work / "sm"), ExportJob("tflite", q, "float32"),
+                                                                          None)
+        print(f"converted {len(files)} files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
         meta = {**shipped.meta, "input": {}, "output": {}}
         meta.pop("model_bytes", None)
         meta.pop("model_sha256", None)
@@ -110,12 +114,13 @@ def main() -> None:
     base_p50 = float(np.median(base["times"]))
     print(f"\n{machine_info()['cpu']}, {args.threads} threads, batch 1, {args.rounds * 10} runs per file; {args.split} split, "
           f"{len(x)} images")
-    print("| file | size MB | x plain | agreement (flips) | accuracy | p50 ms | x plain |")
-    print("|---|---|---|---|---|---|---|")
+    fp32_p50 = float(np.median(next(r for r in rows if r["file"] == "fp32 file")["times"]))
+    print("| file | size MB | x plain | agreement (flips) | accuracy | p50 ms | x plain | x fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         p50 = float(np.median(r["times"]))
         print(f"| {r['file']} | {r['size_mb']:.2f} | {r['size_mb'] / base['size_mb']:.2f} | {r['agreement']:.2%} "
-              f"({r['flips']}) | {r['accuracy']:.2%} | {p50:.2f} | {p50 / base_p50:.2f} |")
+              f"({r['flips']}) | {r['accuracy']:.2%} | {p50:.2f} | {p50 / base_p50:.2f} | {p50 / fp32_p50:.2f} |")
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ python benchmarks/tta.py --run artifacts/runs/tumor-64px-grouped-ft2   # the fli
 # float stages' weights as int8 (12.6 -> 7.8 MB, the same test answers)
 EXPORT_EXTRA="--float-weights int8" finish $E128 "$AA" "$A/test/MildDemented/26 (19).jpg" 0.15 0.05
 finish $E29 "$AA" "$A/test/MildDemented/26 (19).jpg" 0.25 0.05
-# the float stages' weight storage and what the float stages cost in latency (int8.md), 53 and 141 s
+# the float stages' weight storage and what the float stages cost in latency (int8.md), 53 and 187 s
 python benchmarks/float_weights.py $E29 --split test --float-stages head,body,conv1,conv2 \
     --float-stages head,body,conv1,conv2,conv3
 python benchmarks/float_weights.py $E128 --split test --float-stages head,body,conv1,conv2,conv3 \
