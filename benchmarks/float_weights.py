@@ -1,10 +1,11 @@
 """How the weights of the operations an int8 TFLite file keeps in float are stored: size,
 agreement with Keras and latency, side by side on one run.
 
-From one calibrated graph (as `mri-edge export` makes it) it quantizes four files: the plain
-int8 file (the head in float, as `--float-head`), and the file with the float stages of the
-run's accuracy-aware export (its `model_int8.tflite` metadata) with their weights stored as
-fp32, fp16 and int8 (`--float-weights`), and the fp32 and fp16 files (no int8 at all). Per
+From one calibrated graph (as `mri-edge export` makes it) it quantizes the plain int8 file
+(the head in float, as `--float-head`) and, for each set of float stages (those of the run's
+accuracy-aware export, from its `model_int8.tflite` metadata, or each `--float-stages`), the
+file with those stages in float and their weights stored as fp32, fp16 and int8
+(`--float-weights`); it also converts the fp32 and fp16 files (no int8 at all). Per
 file: size, flips against Keras on the chosen split, and p50 latency at batch 1 (the files
 timed in turn, round by round, in one process), as ratios to the plain file and to the fp32
 file.
@@ -115,7 +116,7 @@ def main() -> None:
     print(f"\n{machine_info()['cpu']}, {args.threads} threads, batch 1, {args.rounds * 10} runs per file; {args.split} split, "
           f"{len(x)} images")
     fp32_p50 = float(np.median(next(r for r in rows if r["file"] == "fp32 file")["times"]))
-    print("| file | size MB | x plain | agreement (flips) | accuracy | p50 ms | x plain | x fp32 |")
+    print("| file | size MB | size x plain | agreement (flips) | accuracy | p50 ms | p50 x plain | p50 x fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         p50 = float(np.median(r["times"]))

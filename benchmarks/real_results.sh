@@ -26,7 +26,7 @@ mri-edge train --task tumor --data-dir "$T" --weights artifacts/runs/tumor-64px-
     --batch-size 32 --val-split grouped --time-budget 26 --out artifacts/runs/tumor-64px-grouped-ft2 --dedup "$AT"
 
 # Alzheimer on the grouped validation split (docs/results.md; not shipped: artifacts/alzheimer
-# holds the 128 px model continued from a GPU run, see gpu_alzheimer.sh). The first run keeps
+# holds the 128 px --ema model of the EMA block below). The first run keeps
 # its epoch by held-out loss (54.6% on test), the second adds the regularisers and keeps its
 # epoch by held-out accuracy (60.5%); rank_runs.py ranks them by the held-out rule.
 ALZ="--task alzheimer --data-dir $A --weights artifacts/runs/tumor-64px-grouped-ft2/model.keras --image-size 96
@@ -102,10 +102,12 @@ for R in $R2 artifacts/runs/alzheimer-64px-grouped-qat2; do
     mri-edge verify "$P" --dedup "$AA" --explain-images 0 || true
 done
 
-# the shipped Alzheimer model, whose run folder is not kept: its Keras model back from the
-# shipped fp16 file, then plain and accuracy-aware int8 files of it (docs/int8.md)
+# the random-carve 128 px model, whose run folder is not kept: its Keras model back from its
+# fp16 file, shipped until the grouped models replaced it and kept in git at 4455ca7, then
+# plain and accuracy-aware int8 files of it (docs/int8.md)
 RS=artifacts/runs/alzheimer-128px-noaug
-python benchmarks/recover_run.py artifacts/alzheimer --out $RS
+git worktree add /tmp/alz128 4455ca7
+python benchmarks/recover_run.py /tmp/alz128/artifacts/alzheimer --out $RS
 mri-edge evaluate $RS --data-dir "$A" --dedup "$AA"
 for D in none 1 0.2; do
     # shellcheck disable=SC2046

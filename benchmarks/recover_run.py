@@ -77,7 +77,7 @@ def recover(shipped_dir: Path, out: Path, tflite: str) -> dict:
     diff = float(np.abs(runtime.load(source).run(x) - net.predict(x.astype(np.float32), verbose=0)).max())
     # An fp16 file also rounds the input normalisation's constants (mean 123.675 -> 123.6875);
     # the model keeps the contract's exact ones, as the trained model did: 2.1e-4 apart on
-    # the shipped Alzheimer model's validation images, whose test report comes back exactly.
+    # the random-carve 128 px Alzheimer model's validation images, whose test report comes back exactly.
     if diff > (1e-3 if compact else 1e-4):
         raise MriEdgeError(f"the recovered model differs from {source.name} by {diff:.2e} in probability; not written")
     out.parent.mkdir(parents=True, exist_ok=True)

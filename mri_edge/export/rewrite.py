@@ -87,7 +87,7 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
     weights, as in an fp16 file). Their activations stay float32.
 
     The float32 weights of the float stages are what make an accuracy-aware file large (the
-    shipped Alzheimer model: 6.8 of 12.8 MB, for stages holding 23% of the weights). The MLIR
+    64 px Alzheimer model: 6.8 of 12.8 MB, for stages holding 23% of the weights). The MLIR
     quantizer has no weight-only mode for denylisted operations, and the LiteRT quantizer
     would redo the static quantization that the range pass tunes, hence this rewrite of the
     flatbuffer. int8 weights with fewer than min_per_channel values per channel (the 1x1
