@@ -31,6 +31,7 @@ from mri_edge.bench import machine_info  # noqa: E402
 from mri_edge.export.accuracy import tflite_stages  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
 from mri_edge.export.formats import ExportJob  # noqa: E402
+from mri_edge.export.rewrite import store_float_weights  # noqa: E402
 from mri_edge.export.tflite import calibrated_for, quantize_calibrated, tflite_bytes, write_saved_model  # noqa: E402
 from mri_edge.run import RunFolder  # noqa: E402
 from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
@@ -83,9 +84,10 @@ def main() -> None:
             if unknown:
                 sys.exit(f"no stage {unknown[0]!r} in this graph (stages: {', '.join(stages)})")
             nodes = [n for s in kept if s != "head" for n in stages[s]["nodes"]]
-            for w in ("fp32", "fp16", "int8"):
-                job = ExportJob("tflite", "int8", "uint8", "head" in kept, float_weights=w)
-                files[f"{'+'.join(kept)} in float, weights {w}"] = quantize_calibrated(calibrated, job, scales, nodes)
+            job = ExportJob("tflite", "int8", "uint8", "head" in kept, float_weights="fp32")
+            fp32 = quantize_calibrated(calibrated, job, scales, nodes)
+            for w in ("fp32", "fp16", "int8"):  # storage is a rewrite of the quantized file, as in export
+                files[f"{'+'.join(kept)} in float, weights {w}"] = fp32 if w == "fp32" else store_float_weights(fp32, w)
         for q in ("none", "fp16"):  # the float files, timed beside them: what int8 buys over no int8
             files[f"{'fp32' if q == 'none' else q} file"] = tflite_bytes(str(work / "sm"), ExportJob("tflite", q, "float32"),
                                                                           None)
