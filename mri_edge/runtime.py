@@ -290,8 +290,14 @@ class OnnxModel(Model):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[opt_level]
+        if meta.get("weight_only"):
+            # Every operation is float, with int8 weights behind DequantizeLinear (export --max-drop
+            # --float-weights int8). With its QDQ fusions off onnxruntime folds them to float32 once, at
+            # load; with them on it dequantizes on every call (128 px: 20 ms, the fp32 file 12 ms).
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         providers = providers or ["CPUExecutionProvider"]
-        if meta.get("quantization") == "int8" and meta.get("weight_bits", 8) > 7 and cpu_has_vnni() is False:
+        if meta.get("quantization") == "int8" and meta.get("weight_bits", 8) > 7 and cpu_has_vnni() is False \
+                and not meta.get("weight_only"):
             warnings.warn(f"{path}: its int8 weights use the full 8-bit range, which onnxruntime's kernels "
                           "saturate on this CPU (x86 without VNNI): its answers can differ from those verify "
                           "checked; export it again with this mri-edge (7-bit weights)", RuntimeWarning, stacklevel=2)

@@ -396,3 +396,127 @@ def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_b
     assert all(w == "fp32" for _, w in built[:-1]) and built[-1] == (("c1",), "fp16")
     assert recipe["float_stages"] == ["conv1"] and recipe["float_weights"] == stored
     assert fb == (("c1",), stored) and recipe["float_weights_check"]["within_budget"] == (stored == "fp16")
+
+
+def test_weight_only_int8_is_the_last_resort_before_going_over_budget():
+    """With weight_only given, a search that finds no file with int8 compute inside the budget
+    tries every operation in float with int8 weights, and takes it if that holds; it is never
+    built when a cheaper candidate holds, and over budget it competes on quality alone."""
+    from mri_edge.export.accuracy import stage_search, within
+
+    stages = {"conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
+              "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
+    built = []
+
+    def attempt(kept):  # each block in float gains 0.02: only all-float (0.99) reaches 0.995 - never
+        return {"agreement": 0.95 + 0.02 * len(kept), "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
+
+    def weight_only(agreement):
+        def build():
+            built.append(agreement)
+            return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, "weight-only file"
+        return build
+
+    chosen, cand, steps = stage_search(stages, attempt, 0.5, [], weight_only(0.998))
+    assert cand == "weight-only file" and chosen["weight_only"] and within(chosen, 0.5)
+    assert chosen["float_param_share"] == 0.0 and abs(chosen["float_mac_share"] - 1.0) < 1e-9
+    assert steps[-1] == chosen and built == [0.998]  # measured once, last
+    # over budget: the weight-only file is kept only if its quality beats every other candidate's
+    chosen, cand, _ = stage_search(stages, attempt, 0.5, [], weight_only(0.96))
+    assert cand != "weight-only file" and not within(chosen, 0.5) and built[-1] == 0.96
+    # not needed: a file with int8 compute holds the budget, and no weight-only file is built
+    chosen, cand, _ = stage_search(stages, attempt, 3.0, [], weight_only(0.998))
+    assert cand != "weight-only file" and not chosen.get("weight_only") and built == [0.998, 0.96]
+
+
+def test_weight_only_onnx_stores_int8_weights_and_runs_like_the_float_file(tmp_path):
+    """onnx_weight_only: each Conv/Gemm/MatMul weight int8 per output channel behind a
+    DequantizeLinear, the same answers as the float file; the runtime folds them at load."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mri_edge.export.onnx import onnx_weight_only
+
+    rng = np.random.default_rng(0)
+    w_conv = rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32) * rng.uniform(0.01, 1, (6, 1, 1, 1)).astype(np.float32)
+    w_gemm = rng.normal(0, 0.3, (4, 6)).astype(np.float32)  # transB=1: rows are the outputs
+    w_mm = rng.normal(0, 0.3, (4, 3)).astype(np.float32)  # MatMul: columns are the outputs
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wc"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+         helper.make_node("Gemm", ["f", "wg"], ["h"], transB=1), helper.make_node("MatMul", ["h", "wm"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(w, n) for w, n in ((w_conv, "wc"), (w_gemm, "wg"), (w_mm, "wm"))])
+    src, dst = tmp_path / "float.onnx", tmp_path / "weight_only.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    assert onnx_weight_only(src, dst) == 3
+    proto = onnx.load(str(dst))
+    dq = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert {k: v.attribute[0].i for k, v in dq.items()} == {"wc": 0, "wg": 0, "wm": 1}
+    stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert all(stored[f"{k}_int8"].dtype == np.int8 for k in dq) and not {"wc", "wg", "wm"} & set(stored)
+    assert np.abs(stored["wc_int8"]).reshape(6, -1).max(1).tolist() == [127] * 6  # each channel its own scale
+    x = rng.normal(0, 1, (5, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")  # as runtime.OnnxModel runs such a file
+    for opts in (ort.SessionOptions(), so):  # folded at load or dequantized per call: the same numbers
+        out = ort.InferenceSession(str(dst), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.abs(out - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def test_an_export_that_only_weight_only_int8_holds_writes_that_file(micro_run, tmp_path, monkeypatch):
+    """End to end, in-process (--workers 1), with the budget made to hold for the weight-only
+    candidate alone: both files record it, the ONNX file runs with its weight dequantization
+    folded at load, and both answer as the Keras model does."""
+    from mri_edge import data
+    from mri_edge.cli import main
+    from mri_edge.export import accuracy
+    from mri_edge.run import RunFolder
+    from mri_edge.runtime import open_model
+
+    monkeypatch.setattr(accuracy, "within", lambda score, max_drop_pts: bool(score.get("weight_only")))
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--format", "tflite", "--quantize", "int8",
+                                    "--max-drop", "0.5", "--float-weights", "int8", "--calib-size", "16",
+                                    "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.output.splitlines() if line.startswith("| model_int8")]  # export's table
+    assert len(rows) == 2 and all("every operation (weight-only int8)" in r for r in rows), res.output
+    keras = open_model(run / "model.keras")
+    m = RunFolder(run).manifest()
+    imgs = data.decode_images(keras, m["root"], [r for r, _ in m["splits"]["test"]], "test images")
+    ref = keras.run(imgs)
+    for name in ("model_int8.onnx", "model_int8.tflite"):
+        f = open_model(run / "exports" / name)
+        recipe = f.meta["accuracy_aware"]
+        assert f.meta["weight_only"] is True and recipe["weight_only"] and recipe["float_param_share"] == 0.0, name
+        assert recipe["float_weights"] == "int8" if name.endswith(".tflite") else f.meta["weight_bits"] == 8
+        assert (f.run(imgs).argmax(1) == ref.argmax(1)).all(), name
+    onnx_file = open_model(run / "exports" / "model_int8.onnx")
+    assert onnx_file.sess.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    assert "QuantizeLinear" not in {n.op_type for n in __import__("onnx").load(
+        str(run / "exports" / "model_int8.onnx")).graph.node}  # no int8 activations anywhere
+
+
+def test_the_candidates_of_one_onnx_search_share_one_range_pass(micro_run, tmp_path, monkeypatch):
+    """The activation ranges do not depend on what stays in float: onnx_int8 computes them once
+    per `ranges` path, and a file made from the kept ranges is the file made from fresh ones."""
+    import onnx
+
+    from mri_edge.export import onnx as onnx_backend
+
+    calls = []
+    real = onnx_backend.onnx_ranges
+    monkeypatch.setattr(onnx_backend, "onnx_ranges", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calib = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+    src, ranges = micro_run / "exports" / "model_fp32.onnx", tmp_path / "ranges.json"
+    for name, kept in (("a", ranges), ("b", ranges), ("fresh", None)):
+        onnx_backend.onnx_int8(src, tmp_path / f"{name}.onnx", calib, workdir=tmp_path, ranges=kept)
+    assert len(calls) == 2 and ranges.is_file()  # "b" reused what "a" computed
+    init = [{t.name: t.SerializeToString() for t in onnx.load(str(tmp_path / f"{n}.onnx")).graph.initializer}
+            for n in ("b", "fresh")]
+    assert init[0] == init[1]

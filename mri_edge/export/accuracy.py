@@ -110,7 +110,8 @@ def float_cost(mac_share: float, param_share: float) -> float:
 
 
 def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[dict, object]], max_drop_pts: float,
-                 base: list[str]) -> tuple[dict, object, list[dict]]:
+                 base: list[str], weight_only: Callable[[], tuple[dict, object]] | None = None
+                 ) -> tuple[dict, object, list[dict]]:
     """The cheapest set of stages kept in float whose candidate is within the budget.
 
     attempt(kept) builds the candidate with those stages in float and returns (score, candidate).
@@ -125,7 +126,10 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
     the budget, since only the operations around the stages stay int8): it is measured, and
     step 3 may start from it, but it is chosen only when nothing else was measured (the fixed
     `base` covers the graph). Over budget, the best candidate found that quantizes some compute
-    or weights is kept. Returns (chosen step, its candidate, every step)."""
+    or weights is kept. Before that, when given, weight_only() builds the last resort: every
+    operation in float, every weight int8 (a quarter of the float file; no int8 compute, so the
+    latency of the float file), chosen if within the budget. Returns (chosen step, its
+    candidate, every step)."""
     tried: dict[tuple, tuple[dict, object]] = {}
 
     def step(kept: list[str]) -> tuple[dict, object]:
@@ -163,10 +167,20 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
                 candidates.append(cand)
                 if within(st, max_drop_pts):
                     kept = fewer
-    # a stage without MACs or weights (the input normalisation) left in int8 quantizes nothing that counts
-    int8 = [i for i, st in enumerate(steps)
-            if min(st["float_mac_share"], st["float_param_share"]) < 1 - 1e-9] or list(range(len(steps)))
-    ok = [i for i in int8 if within(steps[i], max_drop_pts)]
+
+    def eligible() -> tuple[list[int], list[int]]:
+        # a stage without MACs or weights (the input normalisation) left in int8 quantizes nothing that counts
+        int8 = [i for i, st in enumerate(steps)
+                if min(st["float_mac_share"], st["float_param_share"]) < 1 - 1e-9] or list(range(len(steps)))
+        return int8, [i for i in int8 if within(steps[i], max_drop_pts)]
+
+    int8, ok = eligible()
+    if not ok and weight_only is not None:
+        score, cand = weight_only()
+        steps.append({"float_stages": list(stages), **score, "weight_only": True,
+                      "float_mac_share": sum(s["mac_share"] for s in stages.values()), "float_param_share": 0.0})
+        candidates.append(cand)
+        int8, ok = eligible()
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
     best = min(ok, key=cost.__getitem__) if ok else max(int8, key=lambda i: quality(steps[i]))
     return steps[best], candidates[best], steps
@@ -179,6 +193,7 @@ def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict]
             "float_stages": chosen["float_stages"],
             "float_nodes": sum(len(stages[s]["nodes"]) for s in chosen["float_stages"]),
             "float_mac_share": chosen["float_mac_share"], "float_param_share": chosen["float_param_share"],
+            "weight_only": bool(chosen.get("weight_only")),
             "held_out_agreement": chosen["agreement"],
             "held_out_accuracy_drop_pts": chosen["accuracy_drop_pts"], "plain_agreement": steps[0]["agreement"],
             "plain_accuracy_drop_pts": steps[0]["accuracy_drop_pts"], "within_budget": within(chosen, max_drop_pts),
@@ -224,12 +239,16 @@ def onnx_stages(model_path: Path) -> dict[str, dict]:
 
 
 def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float,
-                        calib_range: str, threads: int | None, workdir: Path, float_head: bool = False) -> dict:
+                        calib_range: str, threads: int | None, workdir: Path, float_head: bool = False,
+                        float_weights: str = "fp32") -> dict:
     """Write the cheapest int8 file found within the budget to out_path; returns its recipe.
-    float_head: the head is in float in every candidate (`--float-head`)."""
+    float_head: the head is in float in every candidate (`--float-head`). float_weights "int8":
+    a weight-only int8 file is the last resort (`stage_search`). The float stages of a file
+    that also runs int8 operations keep float32 weights: onnxruntime would dequantize int8
+    ones on every call there (its QDQ fusions keep DequantizeLinear from being folded)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
-    from .onnx import onnx_int8  # noqa: PLC0415
+    from .onnx import onnx_int8, onnx_weight_only  # noqa: PLC0415
 
     pre = workdir / "aware_pre.onnx"
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)  # node names as the quantizer sees them
@@ -238,11 +257,17 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
     def attempt(kept: list[str]) -> tuple[dict, Path]:
         path = workdir / f"aware_{'_'.join(kept) or 'plain'}.onnx"
         onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
-                  nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]])
+                  nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]], ranges=workdir / "aware_ranges.json")
+        return held.score(onnx_probs(path, held.x, threads)), path
+
+    def weight_only() -> tuple[dict, Path]:
+        path = workdir / "aware_weight_only.onnx"
+        onnx_weight_only(pre, path)
         return held.score(onnx_probs(path, held.x, threads)), path
 
     chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
-                                       ["head"] if float_head and "head" in stages else [])
+                                       ["head"] if float_head and "head" in stages else [],
+                                       weight_only if float_weights == "int8" else None)
     Path(path).replace(out_path)
     return recipe("onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images", chosen,
                   steps, stages, held, max_drop_pts)
@@ -291,9 +316,17 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str], str]
         fb = quantize([n for s in kept for n in stages[s]["nodes"]], "fp32")
         return held.score(probs(fb)), fb
 
-    chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [])
+    def weight_only() -> tuple[dict, bytes]:
+        fb = quantize([n for s in stages.values() for n in s["nodes"]], "int8")
+        return held.score(probs(fb)), fb
+
+    chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
+                                     weight_only if float_weights == "int8" else None)
     out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
                  stages, held, max_drop_pts)
+    if out["weight_only"]:
+        out["float_weights"] = "int8"
+        return fb, out
     if not chosen["float_stages"]:
         return fb, out  # nothing in float: no weights to store
     out["float_weights"] = "fp32"

@@ -36,8 +36,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                                                                        "bn_scales", "max_drop", "float_head",
                                                                        "float_weights"),
            "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
-    Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop", "float_head"), "onnxruntime",
-           "pip install onnxruntime"),
+    Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop", "float_head",
+                                                "float_weights"), "onnxruntime", "pip install onnxruntime"),
     Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size", "max_drop", "openvino_int8"), "OpenVINO",
            "pip install 'mri-edge[openvino]'"),
 )}
@@ -55,7 +55,7 @@ class ExportJob:
     quantize: str
     io_dtype: str
     float_head: bool = False  # int8: global pooling, dense layers and softmax stay in float
-    float_weights: str = "fp16"  # int8 TFLite: how the weights of operations kept in float are stored
+    float_weights: str = "fp16"  # int8: how the weights of operations kept in float are stored (config.py)
     from_onnx: bool = False  # OpenVINO int8: converted from this export's int8 ONNX file, not quantized by NNCF
 
     @property

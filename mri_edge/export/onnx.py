@@ -61,9 +61,11 @@ def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path,
 def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
               activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None,
               workdir: Path | None = None, nodes_to_exclude: list[str] | None = None,
-              float_head: bool = False) -> None:
+              float_head: bool = False, ranges: Path | None = None) -> None:
     """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py).
-    nodes_to_exclude: nodes of the pre-processed graph that stay in float (accuracy-aware export)."""
+    nodes_to_exclude: nodes of the pre-processed graph that stay in float (accuracy-aware export).
+    ranges: where the robust ranges of this fp32 file and calibration set are kept, so that the
+    candidates of one search compute them once (they do not depend on what stays in float)."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
@@ -102,8 +104,9 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
             # Robust ranges (demo model: 91% top-1 agreement with plain min/max, 100% robust).
             # onnxruntime's own percentile calibrator kept every activation of every image
             # (over 20 GB at 224 px: OOM-killed) and its histograms took 176 s.
-            cache = Path(td) / "ranges.json"
-            onnx_ranges(src, calib, cache, Path(td), threads)
+            cache = ranges or Path(td) / "ranges.json"
+            if not cache.is_file():
+                onnx_ranges(src, calib, cache, Path(td), threads)
             reader, kwargs = None, {"calibration_cache_path": str(cache)}
         else:
             # fed a slice at a time, for the same memory reason
@@ -123,6 +126,47 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
                         weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, extra_options=options,
                         nodes_to_exclude=list(nodes_to_exclude or []), **kwargs)
+
+def onnx_weight_only(src: Path, dst: Path) -> int:
+    """Weight-only int8: every Conv/Gemm/MatMul weight stored as int8, symmetric per output
+    channel, behind a DequantizeLinear; activations and compute stay float32. Returns how many
+    weights were stored so.
+
+    Written here because onnxruntime's quantizers quantize the activations of every operation
+    they touch, and its weight-only tool (MatMulNBits) covers MatMul alone. Full 8-bit range:
+    no int8 kernel sees these weights (the runtime folds them back to float32 at load, see
+    `OnnxModel`), so the saturation that `onnx_int8`'s reduce_range avoids cannot happen."""
+    import onnx  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+
+    proto = onnx.load(str(src))
+    inputs = {i.name for i in proto.graph.input}  # an initializer listed as an input can be overridden: left as it is
+    init = {t.name: t for t in proto.graph.initializer if t.name not in inputs}
+    done: set[str] = set()
+    nodes = []
+    for node in proto.graph.node:
+        name = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
+        if name in init and name not in done:
+            w = numpy_helper.to_array(init[name]).astype(np.float32)
+            trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1  # the output channels
+            scale = np.maximum(np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)), 1e-12) / 127
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+            proto.graph.initializer.remove(init[name])
+            proto.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+                                            numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero")])
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
+                                          [name], name=f"{name}_dequantize", axis=axis))
+            done.add(name)
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(dst, proto.SerializeToString())
+    return len(done)
 
 def onnx_io(path_or_bytes) -> dict:
     import onnxruntime as ort  # noqa: PLC0415
@@ -186,7 +230,7 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                         raise ExportError("the int8 ONNX file failed, so there is nothing to convert")
                     # OpenVINO runs the QDQ graph in int8: the ONNX file's ranges, float parts and weights
                     net = openvino.from_int8_onnx(q_path)
-                    meta.update({k: int8_onnx_meta[k] for k in ("accuracy_aware", "float_head", "weight_bits")
+                    meta.update({k: int8_onnx_meta[k] for k in ("accuracy_aware", "float_head", "weight_bits", "weight_only")
                                  if k in int8_onnx_meta})
                     meta["int8_from"] = "model_int8.onnx (its QDQ graph, converted by OpenVINO)"
                 elif job.quantize == "int8" and max_drop is not None:
@@ -208,7 +252,10 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     from .accuracy import onnx_accuracy_aware  # noqa: PLC0415
 
                     meta["accuracy_aware"] = onnx_accuracy_aware(fp32_path, q_path, calib, held, max_drop, calib_range,
-                                                                 threads, workdir, job.float_head)
+                                                                 threads, workdir, job.float_head, job.float_weights)
+                    if meta["accuracy_aware"]["weight_only"]:
+                        # no int8 kernel: full 8-bit weights, folded to float32 at load (runtime.OnnxModel)
+                        meta.update(weight_only=True, weight_bits=8)
                 else:
                     onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir,
                               float_head=job.float_head)

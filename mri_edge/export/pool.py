@@ -71,6 +71,8 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
 def float_parts(recipe: dict) -> str:
     """One line of what an accuracy-aware file keeps in float."""
     what = ", ".join(recipe["float_stages"]) if "float_stages" in recipe else f"{recipe['float_nodes']} operations"
+    if recipe.get("weight_only"):
+        what = "every operation (weight-only int8)"
     drop = recipe.get("held_out_accuracy_drop_pts")
     acc = "" if drop is None else f", accuracy {-drop:+.2f} pts"
     weights = f", weights {recipe['float_weights']}" if "float_weights" in recipe else ""

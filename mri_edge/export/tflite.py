@@ -257,5 +257,7 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
     weights = recipe.get("float_weights") if recipe else job.float_weights if job.float_head else None
     if weights:
         meta["float_weights"] = weights
+    if recipe and recipe["weight_only"]:
+        meta["weight_only"] = True  # every operation in float, every weight int8
     meta.update(tflite_io(fb))
     atomic_write_bytes(target, append_tflite_metadata(fb, meta))
