@@ -18,7 +18,7 @@ def ensemble(run_dirs, out, force):
     returns the mean of their probabilities, with its test report. calibrate, export,
     verify, bench and predict then treat it like any trained run; its exported files are
     one graph. Members must share classes, input size, preprocessing and the validation and
-    test splits (train them with the same --val-split and --seed).
+    test splits (train them with the same --val-split and --split-seed).
 
     \b
     Example:

@@ -59,6 +59,8 @@ class TrainConfig:
     group_threshold: float = option(0.99, "--val-split grouped: thumbnail correlation that makes two images "
                                           "near twins (one group).", minimum=0, maximum=1)
     seed: int = option(42, "Seed of the split, the initial weights and the augmentation.")
+    split_seed: int | None = option(None, "Seed of the split alone [default: --seed]: members of an ensemble "
+                                          "share one validation carve and differ in --seed.", type=int)
     dense_units: int = option(256, "Units of the head's hidden layer.", minimum=1)
     dropout: float = option(0.5, "Dropout before the output layer.", minimum=0, maximum=1, max_open=True)
     augment: bool = option(True, "Disable training augmentation.", negate=True)

@@ -55,7 +55,7 @@ def check_members(run_dirs: list) -> list[dict]:
             if m["manifest"]["splits"].get(split) != first["manifest"]["splits"].get(split):
                 raise EnsembleError(
                     f"{where} have different {split} splits; members must share them (train each with the same "
-                    "--val-split and --seed), or a member may have trained on the images the ensemble is judged on")
+                    "--val-split and --split-seed), or a member may have trained on the images the ensemble is judged on")
     return members
 
 

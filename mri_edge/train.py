@@ -101,7 +101,8 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
         run = RunFolder(cfg.out if cfg.out else default_run_dir(cfg.task))
         if chief:
             run.check_new_run(force)
-        dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed, cfg.val_split,
+        split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+        dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, split_seed, cfg.val_split,
                                 cfg.group_threshold)
         if dataset.val_split.get("method") == "grouped":
             g, probe = dataset.val_split, dataset.val_split["probe"]
@@ -109,7 +110,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
                 f"whole ({probe['n']} images; a 1-NN probe gets {probe['nn_accuracy']:.1%} of them)")
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
-        dataset.splits = {k: limit_split(s, cfg.limit_per_class, cfg.seed) for k, s in dataset.splits.items()}
+        dataset.splits = {k: limit_split(s, cfg.limit_per_class, split_seed) for k, s in dataset.splits.items()}
         cfg.class_names = dataset.class_names
         cfg.phases, _ = resolve_phases(cfg)
         return run, cfg, dataset, None

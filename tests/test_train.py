@@ -218,6 +218,20 @@ def test_same_seed_same_split_and_initial_weights(synth_data):
     assert all(np.array_equal(x, y) for x, y in zip(w1, w2))
 
 
+def test_split_seed_gives_members_one_carve_and_their_own_seed(synth_data, tmp_path):
+    """--split-seed fixes the validation carve alone: two runs with other --seed values hold out
+    the same images (what `mri-edge ensemble` and rank_runs.py require); without it they differ."""
+    from mri_edge.train import _open_run
+
+    def val(seed, split_seed=None):
+        cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / f"r{seed}-{split_seed}"),
+                          weights="none", seed=seed, split_seed=split_seed)
+        return _open_run(cfg, None, False, lambda *_: None, chief=False)[2].splits["val"].paths
+
+    assert val(1, 5) == val(2, 5) == val(5)
+    assert val(1) != val(2)
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_tumor_subset_trains(shared_data, tmp_path, cache_dir):
