@@ -380,11 +380,15 @@ def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_b
     monkeypatch.setattr(accuracy, "tflite_stages", lambda calibrated: stages)
     labels = np.arange(10) % 2
     held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
-    built = []
+    built, stores = [], []
 
-    def quantize(nodes, weights):
-        built.append((tuple(nodes), weights))
-        return (tuple(nodes), weights)
+    def quantize(nodes):
+        built.append(tuple(nodes))
+        return (tuple(nodes), "fp32")
+
+    def store(candidate, weights):  # a rewrite of the file already built, not a new quantization
+        stores.append((candidate, weights))
+        return (candidate[0], weights)
 
     def probs(candidate):
         nodes, weights = candidate
@@ -392,8 +396,8 @@ def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_b
         wrong += fp16_flips if weights == "fp16" else 0
         return np.eye(2)[(labels + (np.arange(10) < wrong)) % 2]
 
-    fb, recipe = accuracy.tflite_accuracy_aware(b"", quantize, held, 5.0, probs, float_weights="fp16")
-    assert all(w == "fp32" for _, w in built[:-1]) and built[-1] == (("c1",), "fp16")
+    fb, recipe = accuracy.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="fp16")
+    assert len(built) == len(set(built)) and stores == [((("c1",), "fp32"), "fp16")]
     assert recipe["float_stages"] == ["conv1"] and recipe["float_weights"] == stored
     assert fb == (("c1",), stored) and recipe["float_weights_check"]["within_budget"] == (stored == "fp16")
 

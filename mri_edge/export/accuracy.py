@@ -298,26 +298,35 @@ def tflite_stages(calibrated: bytes) -> dict[str, dict]:
     return stages_from(nodes, ("MEAN",))
 
 
-def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str], str], bytes], held: HeldOut,
-                          max_drop_pts: float, probs: Callable[[bytes], np.ndarray],
-                          float_head: bool = False, float_weights: str = "fp32") -> tuple[bytes, dict]:
-    """(int8 flatbuffer, recipe): the cheapest file found within the budget. quantize(nodes,
-    weights) quantizes the calibrated graph with those nodes kept in float, their weights
-    stored as `weights`; probs(fb) runs a candidate.
+def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], bytes],
+                          store: Callable[[bytes, str], bytes], held: HeldOut, max_drop_pts: float,
+                          probs: Callable[[bytes], np.ndarray], float_head: bool = False,
+                          float_weights: str = "fp32") -> tuple[bytes, dict]:
+    """(int8 flatbuffer, recipe): the cheapest file found within the budget. quantize(nodes)
+    quantizes the calibrated graph with those nodes kept in float (float32 weights);
+    store(fb, weights) stores the weights of a file's float operations as `weights`
+    (`rewrite.store_float_weights`); probs(fb) runs a candidate.
 
     The stages are chosen with float32 weights, and the chosen file's float weights are then
     stored as float_weights if that file is within the budget too (else they stay float32,
     as they do when no candidate met the budget). Storage is
     a size decision: searched with rounded weights, the choice of stages moved with a single
-    held-out answer (523 images, one flip = 0.19 points) that the rounding had moved."""
+    held-out answer (523 images, one flip = 0.19 points) that the rounding had moved. The
+    weight-only candidate (`stage_search`) is the all-float candidate stored as int8."""
     stages = tflite_stages(calibrated)
+    built: dict[frozenset, bytes] = {}
+
+    def build(kept) -> bytes:
+        if frozenset(kept) not in built:
+            built[frozenset(kept)] = quantize([n for s in kept for n in stages[s]["nodes"]])
+        return built[frozenset(kept)]
 
     def attempt(kept: list[str]) -> tuple[dict, bytes]:
-        fb = quantize([n for s in kept for n in stages[s]["nodes"]], "fp32")
+        fb = build(kept)
         return held.score(probs(fb)), fb
 
     def weight_only() -> tuple[dict, bytes]:
-        fb = quantize([n for s in stages.values() for n in s["nodes"]], "int8")
+        fb = store(build(list(stages)), "int8")
         return held.score(probs(fb)), fb
 
     chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
@@ -331,7 +340,7 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str], str]
         return fb, out  # nothing in float: no weights to store
     out["float_weights"] = "fp32"
     if float_weights != "fp32" and out["within_budget"]:
-        stored = quantize([n for s in chosen["float_stages"] for n in stages[s]["nodes"]], float_weights)
+        stored = store(fb, float_weights)
         score = held.score(probs(stored))
         out["float_weights_check"] = {"weights": float_weights, **score, "within_budget": within(score, max_drop_pts)}
         if within(score, max_drop_pts):  # the recipe then describes the file written

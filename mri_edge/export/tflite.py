@@ -249,9 +249,8 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
         scales = meta.get("bn_scales", bn_scales)
         calibrated = calibrated_for(saved_model, calib, calib_range, job.io_dtype)
         fb, meta["accuracy_aware"] = tflite_accuracy_aware(
-            calibrated, lambda nodes, weights: quantize_calibrated(calibrated, replace(job, float_weights=weights),
-                                                                   scales, nodes),
-            held, max_drop, probs, job.float_head, job.float_weights)
+            calibrated, lambda nodes: quantize_calibrated(calibrated, replace(job, float_weights="fp32"), scales, nodes),
+            store_float_weights, held, max_drop, probs, job.float_head, job.float_weights)
     # what the written file stores; absent when nothing stayed in float
     recipe = meta.get("accuracy_aware")
     weights = recipe.get("float_weights") if recipe else job.float_weights if job.float_head else None
