@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import groups, report, trust
-from .config import CalibrateConfig
+from .config import CalibrateConfig, carve_seed
 from .data import decode_images
 from .errors import MriEdgeError
 from .run import RunFolder
@@ -156,7 +156,7 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
                              "config.json")
     from . import data  # noqa: PLC0415
     cfg = run.config()
-    ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), cfg.get("seed", 42),
+    ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), carve_seed(cfg),
                        cfg.get("val_split", "random"), cfg.get("group_threshold", 0.99))
     manifest = ds.manifest()
     n_test = len(manifest["splits"].get("test", []))
@@ -167,7 +167,7 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
         manifest["test_count_at_training"] = int(want)
     manifest["rebuilt_from_config"] = True
     report.write_json(run.manifest_path, manifest)
-    log(f"rebuilt {run.manifest_path} from config.json (seed {cfg.get('seed', 42)}, "
+    log(f"rebuilt {run.manifest_path} from config.json (split seed {carve_seed(cfg)}, "
         f"{len(manifest['splits']['val'])} validation images)")
     return manifest
 

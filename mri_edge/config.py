@@ -58,7 +58,8 @@ class TrainConfig:
                             choices=("random", "grouped"))
     group_threshold: float = option(0.99, "--val-split grouped: thumbnail correlation that makes two images "
                                           "near twins (one group).", minimum=0, maximum=1)
-    seed: int = option(42, "Seed of the split, the initial weights and the augmentation.")
+    seed: int = option(42, "Seed of the initial weights, the batches and the augmentation, and of the split "
+                           "unless --split-seed is given.")
     split_seed: int | None = option(None, "Seed of the split alone [default: --seed]: members of an ensemble "
                                           "share one validation carve and differ in --seed.", type=int)
     dense_units: int = option(256, "Units of the head's hidden layer.", minimum=1)
@@ -152,6 +153,14 @@ class TrainConfig:
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
 
+def carve_seed(cfg) -> int:
+    """The seed of a run's validation carve: --split-seed, else --seed (a TrainConfig or the
+    config.json it was written to)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
+    seed = get("split_seed")
+    return int(get("seed", 42) if seed is None else seed)
+
+
 def like(name: str, **override):
     """A TrainConfig field's default and help for another config: one definition where the two must agree
     (pretrain reads the training split that train will carve with the same values)."""
@@ -226,7 +235,7 @@ class ExportConfig:
                                         "tried last; ONNX files otherwise keep float32 weights in float operations "
                                         "(docs/int8.md).", choices=FLOAT_WEIGHTS)
     openvino_int8: str = option("auto", "int8 OpenVINO file: converted from this export's int8 ONNX file (its ranges, "
-                                        "--max-drop and --float-head choices and 7-bit weights), or quantized by "
+                                        "--max-drop and --float-head choices and weights), or quantized by "
                                         "NNCF from the fp32 graph; auto = from the ONNX file when this export makes "
                                         "one (docs/int8.md).", choices=OPENVINO_INT8)
     opset: int = option(17, "ONNX opset.", minimum=13, maximum=21)

@@ -74,7 +74,7 @@ def weights_seen(weights: str, manifest: dict) -> list[str]:
     which = " and ".join(w for w, n in (("validation", seen["val"]), ("test", seen["test"])) if n)
     return [f"warning: --weights {weights} was fitted on {seen['val']} of this run's validation and {seen['test']} of "
             f"its test images, so its {which} results are optimistic (carve with the same --val-split, --val-fraction, "
-            "--seed and --group-threshold as the run or pretraining that made it)"]
+            "--split-seed and --group-threshold as the run or pretraining that made it)"]
 
 
 class Teacher:
@@ -99,7 +99,7 @@ class Teacher:
         if any(seen.values()):
             raise TeacherError(f"--teacher {path}: it (with the runs it started from) trained on {seen['val']} of "
                                f"this run's validation and {seen['test']} of its test images; train the student with "
-                               "the teacher's --val-split, --seed and --group-threshold, so that both hold out the "
+                               "the teacher's --val-split, split seed and --group-threshold, so that both hold out the "
                                "same images (if they do, one of the runs it started from held out others)")
         self.model = KerasModel(run.model_path)  # checks the preprocessing contract the file records
         report = run.test_report() or {}

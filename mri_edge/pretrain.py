@@ -283,7 +283,7 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
 def same_carve(cfg: PretrainConfig) -> str:
     """The train options that carve the validation split this pretraining left out, and its input size."""
     return (f"--image-size {cfg.image_size} --val-split {cfg.val_split} --val-fraction {cfg.val_fraction:g} "
-            f"--seed {cfg.seed} --group-threshold {cfg.group_threshold:g}")
+            f"--split-seed {cfg.seed} --group-threshold {cfg.group_threshold:g}")
 
 
 def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:

@@ -256,11 +256,12 @@ def metrics_markdown(m: dict, class_names: list[str]) -> str:
 
 def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> str:
     names = cfg["class_names"]
+    split = "" if cfg.get("split_seed") is None else f" (split seed {cfg['split_seed']})"
     parts = [
         f"# mri-edge training report: {cfg['task']}",
         "",
         f"Run folder `{run_dir}`; DenseNet121, {cfg['image_size']} px, weights `{cfg['weights']}`, "
-        f"seed {cfg['seed']}; wall time {extra.get('wall_time_s', 0):.0f} s.",
+        f"seed {cfg['seed']}{split}; wall time {extra.get('wall_time_s', 0):.0f} s.",
         "",
         "## Data",
         "",

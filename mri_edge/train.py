@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, data, distill, distribute, preprocess, qat, quiet, report
-from .config import TrainConfig
+from .config import TrainConfig, carve_seed
 from .errors import MriEdgeError
 from .files import atomic_copy, sha256_file
 from .progress import Heartbeat, Progress
@@ -101,7 +101,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
         run = RunFolder(cfg.out if cfg.out else default_run_dir(cfg.task))
         if chief:
             run.check_new_run(force)
-        split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+        split_seed = carve_seed(cfg)
         dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, split_seed, cfg.val_split,
                                 cfg.group_threshold)
         if dataset.val_split.get("method") == "grouped":

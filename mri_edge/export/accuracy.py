@@ -128,7 +128,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
     `base` covers the graph). Over budget, the best candidate found that quantizes some compute
     or weights is kept. Before that, when given, weight_only() builds the last resort: every
     operation in float, every weight int8 (a quarter of the float file; no int8 compute, so the
-    latency of the float file), chosen if within the budget. Returns (chosen step, its
+    latency of the float file), chosen only if within the budget. Returns (chosen step, its
     candidate, every step)."""
     tried: dict[tuple, tuple[dict, object]] = {}
 
@@ -182,7 +182,9 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
         candidates.append(cand)
         int8, ok = eligible()
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
-    best = min(ok, key=cost.__getitem__) if ok else max(int8, key=lambda i: quality(steps[i]))
+    # over budget the weight-only file is no fallback (no int8 compute, and nothing it was asked to hold)
+    fallback = [i for i in int8 if not steps[i].get("weight_only")] or int8
+    best = min(ok, key=cost.__getitem__) if ok else max(fallback, key=lambda i: quality(steps[i]))
     return steps[best], candidates[best], steps
 
 
@@ -194,11 +196,21 @@ def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict]
             "float_nodes": sum(len(stages[s]["nodes"]) for s in chosen["float_stages"]),
             "float_mac_share": chosen["float_mac_share"], "float_param_share": chosen["float_param_share"],
             "weight_only": bool(chosen.get("weight_only")),
+            **({"float_weights": "int8"} if chosen.get("weight_only") else {}),
             "held_out_agreement": chosen["agreement"],
             "held_out_accuracy_drop_pts": chosen["accuracy_drop_pts"], "plain_agreement": steps[0]["agreement"],
             "plain_accuracy_drop_pts": steps[0]["accuracy_drop_pts"], "within_budget": within(chosen, max_drop_pts),
             "steps": steps, "stages": {s: {"nodes": len(v["nodes"]), "mac_share": v["mac_share"],
                                            "param_share": v["param_share"]} for s, v in stages.items()}}
+
+
+def mark_weight_only(meta: dict) -> None:
+    """The metadata of a weight-only int8 file, the same for TFLite, ONNX and OpenVINO: its
+    weights are int8 and no activation range went into it."""
+    for key in ("calibration_images", "calibration_manifest_sha256"):
+        meta.pop(key, None)
+    meta.update(weight_only=True, float_weights="int8",
+                calibration_range="none: weight-only int8, every activation float32")
 
 
 # ---------------------------------------------------------------- ONNX
@@ -262,8 +274,8 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
 
     def weight_only() -> tuple[dict, Path]:
         path = workdir / "aware_weight_only.onnx"
-        onnx_weight_only(pre, path)
-        return held.score(onnx_probs(path, held.x, threads)), path
+        stored = onnx_weight_only(pre, path)
+        return {**held.score(onnx_probs(path, held.x, threads)), "int8_weights": stored}, path
 
     chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
                                        ["head"] if float_head and "head" in stages else [],
@@ -334,8 +346,7 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
                  stages, held, max_drop_pts)
     if out["weight_only"]:
-        out["float_weights"] = "int8"
-        return fb, out
+        return fb, out  # its weights are int8 already
     if not chosen["float_stages"]:
         return fb, out  # nothing in float: no weights to store
     out["float_weights"] = "fp32"

@@ -128,9 +128,9 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
                         nodes_to_exclude=list(nodes_to_exclude or []), **kwargs)
 
 def onnx_weight_only(src: Path, dst: Path) -> int:
-    """Weight-only int8: every Conv/Gemm/MatMul weight stored as int8, symmetric per output
-    channel, behind a DequantizeLinear; activations and compute stay float32. Returns how many
-    weights were stored so.
+    """Weight-only int8: each Conv/Gemm/MatMul weight stored as int8 per output channel
+    (`rewrite.per_channel_int8`, as the TFLite files' float parts) behind a DequantizeLinear;
+    activations and compute stay float32. Returns how many weights were stored so.
 
     Written here because onnxruntime's quantizers quantize the activations of every operation
     they touch, and its weight-only tool (MatMulNBits) covers MatMul alone. Full 8-bit range:
@@ -139,34 +139,35 @@ def onnx_weight_only(src: Path, dst: Path) -> int:
     import onnx  # noqa: PLC0415
     from onnx import helper, numpy_helper  # noqa: PLC0415
 
+    from .rewrite import per_channel_int8  # noqa: PLC0415
+
     proto = onnx.load(str(src))
     inputs = {i.name for i in proto.graph.input}  # an initializer listed as an input can be overridden: left as it is
     init = {t.name: t for t in proto.graph.initializer if t.name not in inputs}
-    done: set[str] = set()
-    nodes = []
+    dequantize = {}
     for node in proto.graph.node:
         name = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
-        if name in init and name not in done:
-            w = numpy_helper.to_array(init[name]).astype(np.float32)
-            trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-            axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1  # the output channels
-            scale = np.maximum(np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)), 1e-12) / 127
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-            proto.graph.initializer.remove(init[name])
-            proto.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
-                                            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
-                                            numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero")])
-            nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
-                                          [name], name=f"{name}_dequantize", axis=axis))
-            done.add(name)
-        nodes.append(node)
+        if name not in init or name in dequantize:
+            continue
+        w = numpy_helper.to_array(init[name]).astype(np.float32)
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1  # the output channels
+        # every weight: a channel's scale and one-byte zero point cost 5 bytes here (TFLite: 12)
+        q = per_channel_int8(w, axis, min_per_channel=1)
+        proto.graph.initializer.remove(init[name])
+        proto.graph.initializer.extend([numpy_helper.from_array(q[0], f"{name}_int8"),
+                                        numpy_helper.from_array(q[1], f"{name}_scale"),
+                                        numpy_helper.from_array(np.zeros(len(q[1]), np.int8), f"{name}_zero")])
+        dequantize[name] = helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
+                                            [name], name=f"{name}_dequantize", axis=axis)
+    # first in the graph: they read initializers only, and any node may use the weights they make
+    nodes = list(dequantize.values()) + list(proto.graph.node)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     onnx.checker.check_model(proto)
     atomic_write_bytes(dst, proto.SerializeToString())
-    return len(done)
+    return len(dequantize)
+
 
 def onnx_io(path_or_bytes) -> dict:
     import onnxruntime as ort  # noqa: PLC0415
@@ -230,9 +231,14 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                         raise ExportError("the int8 ONNX file failed, so there is nothing to convert")
                     # OpenVINO runs the QDQ graph in int8: the ONNX file's ranges, float parts and weights
                     net = openvino.from_int8_onnx(q_path)
-                    meta.update({k: int8_onnx_meta[k] for k in ("accuracy_aware", "float_head", "weight_bits", "weight_only")
+                    meta.update({k: int8_onnx_meta[k] for k in ("accuracy_aware", "float_head", "weight_bits")
                                  if k in int8_onnx_meta})
                     meta["int8_from"] = "model_int8.onnx (its QDQ graph, converted by OpenVINO)"
+                    if int8_onnx_meta.get("weight_only"):
+                        from .accuracy import mark_weight_only  # noqa: PLC0415
+
+                        mark_weight_only(meta)
+                        meta["int8_from"] = "model_int8.onnx (its weight-only int8 graph, converted by OpenVINO)"
                 elif job.quantize == "int8" and max_drop is not None:
                     from .accuracy import openvino_accuracy_aware  # noqa: PLC0415
 
@@ -254,8 +260,10 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     meta["accuracy_aware"] = onnx_accuracy_aware(fp32_path, q_path, calib, held, max_drop, calib_range,
                                                                  threads, workdir, job.float_head, job.float_weights)
                     if meta["accuracy_aware"]["weight_only"]:
-                        # no int8 kernel: full 8-bit weights, folded to float32 at load (runtime.OnnxModel)
-                        meta.update(weight_only=True, weight_bits=8)
+                        from .accuracy import mark_weight_only  # noqa: PLC0415
+
+                        mark_weight_only(meta)
+                        meta["weight_bits"] = 8  # no int8 kernel: full range, folded to float32 at load
                 else:
                     onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir,
                               float_head=job.float_head)

@@ -80,6 +80,20 @@ def release_unused(model, replaced: set[int]) -> None:
         model.buffers[i].data = None
 
 
+def per_channel_int8(values: np.ndarray, axis: int, min_per_channel: int = 16):
+    """(int8 weights, float32 scales) of a float weight, symmetric per output channel (`axis`),
+    full 8-bit range; None for a weight with fewer than min_per_channel values per channel,
+    where a per-channel scale would take more room than the weight. The one rule for the float
+    parts' int8 weights of TFLite (`store_float_weights`) and ONNX (`onnx.onnx_weight_only`)."""
+    channels = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    if channels.shape[1] < min_per_channel:
+        return None
+    scale = np.maximum(np.abs(channels).max(1) / 127.0, 1e-12).astype(np.float32)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    return np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8), scale
+
+
 def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16) -> bytes:
     """Store the weights of the operations left in float (by --float-head or --max-drop) as
     float16 (fp16) or as int8 per output channel, each behind a DEQUANTIZE that turns it back into
@@ -133,13 +147,10 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
                 if not np.isfinite(stored).all():
                     continue
             else:
-                channels = np.moveaxis(values, axis[op.opcodeIndex], 0).reshape(w.shape[axis[op.opcodeIndex]], -1)
-                if channels.shape[1] < min_per_channel:
+                q = per_channel_int8(values, axis[op.opcodeIndex], min_per_channel)
+                if q is None:
                     continue
-                scale = np.maximum(np.abs(channels).max(1) / 127.0, 1e-12)
-                shape = [1] * values.ndim
-                shape[axis[op.opcodeIndex]] = -1
-                stored = np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8)
+                stored, scale = q
                 t.type, t.quantization = schema.TensorType.INT8, schema.QuantizationParametersT()
                 t.quantization.scale, t.quantization.zeroPoint = [float(v) for v in scale], [0] * len(scale)
                 t.quantization.quantizedDimension = axis[op.opcodeIndex]

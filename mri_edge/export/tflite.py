@@ -257,6 +257,8 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
     if weights:
         meta["float_weights"] = weights
     if recipe and recipe["weight_only"]:
-        meta["weight_only"] = True  # every operation in float, every weight int8
+        from .accuracy import mark_weight_only  # noqa: PLC0415
+
+        mark_weight_only(meta)
     meta.update(tflite_io(fb))
     atomic_write_bytes(target, append_tflite_metadata(fb, meta))
