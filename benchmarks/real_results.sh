@@ -205,6 +205,12 @@ E128=artifacts/runs/alzheimer-128px-noaug-72min-ema
 mri-edge train ${KD/--image-size 64/--image-size 128} --epochs-finetune 40 --time-budget 72 --ema 0.995 --out $E128
 python benchmarks/rank_runs.py $E29 $E128 --out artifacts/runs/alzheimer-ranking-ema128
 python benchmarks/input_noise.py $E128                                       # 7 flips (int8.md)
+# a second member on the same carve (--split-seed 42) with its own weights and batches, ranked
+# with the first and with their mean (results.md, "Two 128 px members")
+# shellcheck disable=SC2086
+mri-edge train ${KD/--image-size 64/--image-size 128} --epochs-finetune 40 --time-budget 72 --ema 0.995 \
+    --seed 7 --split-seed 42 --out $E128-s7
+python benchmarks/rank_runs.py $E128 $E128-s7 --out artifacts/runs/alzheimer-ranking-ema128-s7
 # distillation: SIZE=128 BATCH=128 BUDGET=2.5 LIMIT=570 RUNS=distill there (three members and a
 # student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
 if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then
