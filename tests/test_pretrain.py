@@ -71,7 +71,7 @@ def test_pretrain_reads_only_training_images_and_train_starts_from_its_encoder(
     assert sorted(set(decoded)) == ["train", "val"]
     monkeypatch.setattr(data, "decode_split", original)
     assert "held-out k-NN probe" in res.output
-    assert f"--image-size {TINY} --val-split random --val-fraction 0.1 --seed 42" in res.output
+    assert f"--image-size {TINY} --val-split random --val-fraction 0.1 --split-seed 42" in res.output
     result = json.loads((out / "pretrain.json").read_text())
     assert result["epochs"] == 2 and len(result["history"]) == 3  # before, and after each epoch
     assert all(np.isfinite(r["loss"]) for r in result["history"][1:])
