@@ -16,25 +16,22 @@ file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mri_edge import data, export, keras_model, quiet  # noqa: E402
-from mri_edge.bench import machine_info  # noqa: E402
+from mri_edge import export, quiet  # noqa: E402
 from mri_edge.export.accuracy import tflite_stages  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
 from mri_edge.export.formats import ExportJob  # noqa: E402
 from mri_edge.export.rewrite import store_float_weights  # noqa: E402
 from mri_edge.export.tflite import calibrated_for, quantize_calibrated, tflite_bytes, write_saved_model  # noqa: E402
-from mri_edge.run import RunFolder  # noqa: E402
 from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
+from side_by_side import compare, split_images  # noqa: E402
 
 
 def main() -> None:
@@ -57,15 +54,7 @@ def main() -> None:
         sys.exit(f"{args.run}/exports/model_int8.tflite has no accuracy-aware recipe: export it with --max-drop "
                  "or name --float-stages")
     sets = [v.split(",") for v in args.float_stages] or [recipe["float_stages"]]
-    run = RunFolder(args.run)
-    if args.split == "val":
-        ref, x = keras_model.validation_reference(args.run, print, with_images=True)
-        probs, labels = np.asarray(ref["probs"]), np.asarray(ref["labels"])
-    else:
-        pred = json.loads((args.run / "test_predictions.json").read_text())
-        x = data.decode_images(shipped, run.manifest()["root"], pred["paths"], "test images")
-        probs, labels = np.asarray(pred["probs"]), np.asarray(pred["labels"])
-    top = probs.argmax(1)
+    x, probs, labels = split_images(args.run, args.split, shipped)
 
     with tempfile.TemporaryDirectory() as td, quiet.native_stderr():  # the converters' log lines
         work = Path(td)
@@ -95,35 +84,13 @@ def main() -> None:
         meta = {**shipped.meta, "input": {}, "output": {}}
         meta.pop("model_bytes", None)
         meta.pop("model_sha256", None)
-        nets, rows = {}, []
+        nets = {}
         for name, fb in files.items():
             path = work / f"{len(nets)}.tflite"
             path.write_bytes(fb)
             nets[name] = TFLiteModel(path, meta, threads=args.threads)
-            p = np.concatenate([nets[name].run(x[i:i + 32]) for i in range(0, len(x), 32)])
-            rows.append({"file": name, "size_mb": len(fb) / 1e6, "flips": int((p.argmax(1) != top).sum()),
-                         "agreement": float((p.argmax(1) == top).mean()),
-                         "accuracy": float((p.argmax(1) == labels).mean()), "times": []})
-        one = x[:1]
-        for net in nets.values():
-            net.run(one)  # warm-up
-        for _ in range(args.rounds):
-            for row, net in zip(rows, nets.values()):
-                for _ in range(10):
-                    t = time.perf_counter()
-                    net.run(one)
-                    row["times"].append((time.perf_counter() - t) * 1000)
-    base = rows[0]
-    base_p50 = float(np.median(base["times"]))
-    print(f"\n{machine_info()['cpu']}, {args.threads} threads, batch 1, {args.rounds * 10} runs per file; {args.split} split, "
-          f"{len(x)} images")
-    fp32_p50 = float(np.median(next(r for r in rows if r["file"] == "fp32 file")["times"]))
-    print("| file | size MB | size x plain | agreement (flips) | accuracy | p50 ms | p50 x plain | p50 x fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        p50 = float(np.median(r["times"]))
-        print(f"| {r['file']} | {r['size_mb']:.2f} | {r['size_mb'] / base['size_mb']:.2f} | {r['agreement']:.2%} "
-              f"({r['flips']}) | {r['accuracy']:.2%} | {p50:.2f} | {p50 / base_p50:.2f} | {p50 / fp32_p50:.2f} |")
+        compare(nets, {name: len(fb) / 1e6 for name, fb in files.items()}, x, probs, labels, args.rounds,
+                args.threads, args.split, "fp32 file")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""What a weight-only int8 ONNX file costs and buys, side by side on one run: the plain int8
+file (the head in float, as `--float-head`), the weight-only file (`export --max-drop
+--float-weights int8`'s last resort: every operation float, every weight int8) and the fp32
+file, all made from the run's exports/model_fp32.onnx. Per file: size, flips against Keras on
+the chosen split and p50 latency at batch 1 (timed in turn, in one process, through
+`mri_edge.runtime` as verify and bench run them), as ratios to the plain file and the fp32 one.
+
+    python benchmarks/onnx_weight_only.py artifacts/runs/alzheimer-128px-noaug-72min-ema --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mri_edge import export, quiet  # noqa: E402
+from mri_edge.export.calibration import calibration_set  # noqa: E402
+from mri_edge.export.onnx import onnx_int8, onnx_weight_only  # noqa: E402
+from mri_edge.runtime import OnnxModel, open_model  # noqa: E402
+from side_by_side import compare, split_images  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--split", choices=("val", "test"), default="val")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--calib-size", type=int, default=300)
+    ap.add_argument("--verbose", action="store_true", help="Show the converters' log lines")
+    args = ap.parse_args()
+    quiet.set_verbose(args.verbose)
+
+    fp32_path = args.run / "exports" / "model_fp32.onnx"
+    if not fp32_path.is_file():
+        sys.exit(f"{fp32_path} not found: export the run with --format onnx first")
+    fp32 = open_model(fp32_path)
+    x, probs, labels = split_images(args.run, args.split, fp32)
+    with tempfile.TemporaryDirectory() as td, quiet.native_stderr():
+        work = Path(td)
+        _, cfg, _ = export.load_run(args.run)
+        calib, _ = calibration_set(args.run, cfg, args.calib_size)
+        t = time.time()
+        onnx_int8(fp32_path, work / "plain.onnx", calib, threads=args.threads, workdir=work, float_head=True)
+        onnx_weight_only(fp32_path, work / "weight_only.onnx")
+        print(f"made the plain and weight-only files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
+        meta = {k: v for k, v in fp32.meta.items() if k not in ("model_sha256", "trust")}
+        paths = {"plain int8 (head in float)": (work / "plain.onnx", {"quantization": "int8", "weight_bits": 7}),
+                 "weight-only int8": (work / "weight_only.onnx", {"quantization": "int8", "weight_only": True}),
+                 "fp32 file": (fp32_path, {})}
+        nets = {name: OnnxModel(path, {**meta, **extra}, threads=args.threads) for name, (path, extra) in paths.items()}
+        compare(nets, {name: path.stat().st_size / 1e6 for name, (path, _) in paths.items()}, x, probs, labels,
+                args.rounds, args.threads, args.split, "fp32 file")
+
+
+if __name__ == "__main__":
+    main()

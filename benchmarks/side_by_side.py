@@ -1,0 +1,59 @@
+"""Scoring and timing of several model files side by side in one process, for the benchmark
+scripts that compare variants of one run's files (float_weights.py, onnx_weight_only.py):
+agreement with Keras on a split, then p50 latency at batch 1 with the files timed in turn,
+round by round, so that they share the machine's state."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mri_edge import data, keras_model
+from mri_edge.bench import machine_info
+from mri_edge.run import RunFolder
+
+
+def split_images(run_dir: Path, split: str, net) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, Keras probabilities, labels) of the run's validation or test split."""
+    if split == "val":
+        ref, x = keras_model.validation_reference(run_dir, print, with_images=True)
+        return x, np.asarray(ref["probs"]), np.asarray(ref["labels"])
+    pred = json.loads((run_dir / "test_predictions.json").read_text())
+    x = data.decode_images(net, RunFolder(run_dir).manifest()["root"], pred["paths"], "test images")
+    return x, np.asarray(pred["probs"]), np.asarray(pred["labels"])
+
+
+def compare(nets: dict, sizes: dict, x: np.ndarray, probs: np.ndarray, labels: np.ndarray, rounds: int,
+            threads: int, split: str, fp32: str) -> None:
+    """Print one row per file (the first is the baseline): size, agreement with Keras, accuracy
+    and p50 latency, as ratios to the first file and to the `fp32` one."""
+    top = probs.argmax(1)
+    rows = []
+    for name, net in nets.items():
+        p = np.concatenate([net.run(x[i:i + 32]) for i in range(0, len(x), 32)])
+        rows.append({"file": name, "size_mb": sizes[name], "flips": int((p.argmax(1) != top).sum()),
+                     "agreement": float((p.argmax(1) == top).mean()),
+                     "accuracy": float((p.argmax(1) == labels).mean()), "times": []})
+    one = x[:1]
+    for net in nets.values():
+        net.run(one)  # warm-up
+    for _ in range(rounds):
+        for row, net in zip(rows, nets.values()):
+            for _ in range(10):
+                t = time.perf_counter()
+                net.run(one)
+                row["times"].append((time.perf_counter() - t) * 1000)
+    base = rows[0]
+    base_p50 = float(np.median(base["times"]))
+    fp32_p50 = float(np.median(next(r for r in rows if r["file"] == fp32)["times"]))
+    print(f"\n{machine_info()['cpu']}, {threads} threads, batch 1, {rounds * 10} runs per file; {split} split, "
+          f"{len(x)} images")
+    print("| file | size MB | size x plain | agreement (flips) | accuracy | p50 ms | p50 x plain | p50 x fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p50 = float(np.median(r["times"]))
+        print(f"| {r['file']} | {r['size_mb']:.2f} | {r['size_mb'] / base['size_mb']:.2f} | {r['agreement']:.2%} "
+              f"({r['flips']}) | {r['accuracy']:.2%} | {p50:.2f} | {p50 / base_p50:.2f} | {p50 / fp32_p50:.2f} |")
