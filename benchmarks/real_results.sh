@@ -245,6 +245,8 @@ python benchmarks/float_weights.py $E29 --split test --float-stages head,body,co
     --float-stages head,body,conv1,conv2,conv3
 python benchmarks/float_weights.py $E128 --split test --float-stages head,body,conv1,conv2,conv3 \
     --float-stages head,body,conv1,conv2,conv3,conv4
+# the 128 px ONNX search ends at its weight-only file: its cost beside the plain and fp32 files (64 s)
+python benchmarks/onnx_weight_only.py $E128 --split test
 
 if [ "${SHIP:-0}" = 1 ]; then
     bash benchmarks/ship.sh artifacts/runs/tumor-64px-grouped-ft2 tumor brain-tumor-mri
