@@ -15,7 +15,6 @@ file.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -31,20 +30,14 @@ from mri_edge.export.formats import ExportJob  # noqa: E402
 from mri_edge.export.rewrite import store_float_weights  # noqa: E402
 from mri_edge.export.tflite import calibrated_for, quantize_calibrated, tflite_bytes, write_saved_model  # noqa: E402
 from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
-from side_by_side import compare, split_images  # noqa: E402
+from side_by_side import arguments, compare, split_images  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
-    ap.add_argument("--split", choices=("val", "test"), default="val")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--calib-size", type=int, default=300)
+    ap = arguments(__doc__)
     ap.add_argument("--float-stages", action="append", default=[],
                     help="Comma-separated stages kept in float, instead of the exported recipe's (repeatable: "
                          "one set of files per value)")
-    ap.add_argument("--verbose", action="store_true", help="Show the converters' log lines")
     args = ap.parse_args()
     quiet.set_verbose(args.verbose)
 

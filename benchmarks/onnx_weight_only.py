@@ -10,7 +10,6 @@ the chosen split and p50 latency at batch 1 (timed in turn, in one process, thro
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -23,17 +22,11 @@ from mri_edge import export, quiet  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
 from mri_edge.export.onnx import onnx_int8, onnx_weight_only  # noqa: E402
 from mri_edge.runtime import OnnxModel, open_model  # noqa: E402
-from side_by_side import compare, split_images  # noqa: E402
+from side_by_side import arguments, compare, split_images  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
-    ap.add_argument("--split", choices=("val", "test"), default="val")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--calib-size", type=int, default=300)
-    ap.add_argument("--verbose", action="store_true", help="Show the converters' log lines")
+    ap = arguments(__doc__)
     args = ap.parse_args()
     quiet.set_verbose(args.verbose)
 

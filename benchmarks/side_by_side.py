@@ -5,6 +5,7 @@ round by round, so that they share the machine's state."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,19 @@ import numpy as np
 from mri_edge import data, keras_model
 from mri_edge.bench import machine_info
 from mri_edge.run import RunFolder
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every side-by-side script takes: the run, the split, threads, timing rounds,
+    calibration images and --verbose (the converters' log lines)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--split", choices=("val", "test"), default="val")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--calib-size", type=int, default=300)
+    ap.add_argument("--verbose", action="store_true", help="Show the converters' log lines")
+    return ap
 
 
 def split_images(run_dir: Path, split: str, net) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
