@@ -535,3 +535,22 @@ def test_the_candidates_of_one_onnx_search_share_one_range_pass(micro_run, tmp_p
     init = [{t.name: t.SerializeToString() for t in onnx.load(str(tmp_path / f"{n}.onnx")).graph.initializer}
             for n in ("b", "fresh")]
     assert init[0] == init[1]
+
+
+def test_openvino_max_drop_without_an_int8_onnx_file_uses_nncf_accuracy_control(micro_run, tmp_path):
+    """`--format openvino --max-drop` alone: NNCF's accuracy control, scored on the held-out
+    images as the other formats are, its recipe (operations reverted) in the file's metadata."""
+    pytest.importorskip("nncf")
+    from mri_edge.cli import main
+    from mri_edge.runtime import open_model
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--quantize", "int8",
+                                    "--max-drop", "1", "--calib-size", "16", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    meta = open_model(run / "exports" / "model_int8.xml").meta
+    recipe = meta["accuracy_aware"]
+    assert recipe["method"].startswith("NNCF quantize_with_accuracy_control") and "int8_from" not in meta
+    assert recipe["held_out_images"] == 4 and recipe["float_nodes"] == len(recipe["float_ops"])
+    assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 0.99 and recipe["held_out_accuracy_drop_pts"] <= 1)

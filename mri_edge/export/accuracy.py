@@ -5,7 +5,8 @@ Keras model's. The recipe (what stayed in float, why, what it cost) goes into th
 metadata.
 
 - OpenVINO: NNCF's `quantize_with_accuracy_control`, which ranks quantized operations by
-  their effect on the metric and reverts them one by one (the maintained tool for this).
+  their effect on the metric and reverts them one by one (the maintained tool for this;
+  `openvino.openvino_accuracy_aware`, scored with this module's `HeldOut` and `quality`).
 - TFLite and ONNX: one stage search (`stage_search`) over each converter's own way of keeping
   operations in float (the MLIR quantizer's `denylisted_nodes`; onnxruntime's
   `nodes_to_exclude`). Stages of the graph (stem, dense blocks, head) are measured one at a
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-from ..quiet import nncf_quiet
 
 STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
 MEMBER = re.compile(r"member_\d+")
@@ -359,65 +358,3 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
             out["held_out_agreement"], out["held_out_accuracy_drop_pts"] = score["agreement"], score["accuracy_drop_pts"]
     return fb, out
 
-
-# ---------------------------------------------------------------- OpenVINO
-
-
-def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float):
-    """(int8 OpenVINO model, recipe) from NNCF's quantization with accuracy control. Its metric
-    is `quality`, so a drop of at most max_drop_pts bounds agreement and accuracy alike."""
-    import nncf  # noqa: PLC0415
-
-    from .openvino import from_onnx, nncf_options  # noqa: PLC0415
-
-    model = from_onnx(fp32_onnx)
-    size = int(calib.shape[1])
-    model.reshape([1, size, size, 3])
-    items = [(held.x[i][None].astype(np.float32), i) for i in range(len(held.x))]
-
-    def probs_of(compiled, data) -> np.ndarray:
-        out = compiled.outputs[0]
-        return np.concatenate([np.asarray(compiled(img)[out]) for img, _ in data])
-
-    def validate(compiled, data) -> tuple[float, list[float]]:
-        data = list(data)
-        p = probs_of(compiled, data)
-        idx = np.array([i for _, i in data])
-        sub = HeldOut(held.x[idx], held.ref[idx], held.labels[idx])
-        return quality(sub.score(p)), [float(a == b) for a, b in zip(p.argmax(1), sub.top)]
-
-    with nncf_quiet():
-        # the plain quantization of the same fixed-batch model, to name what accuracy control reverted
-        # (openvino.quantize_int8 returns a dynamic-batch model, whose shape ops would count as reverted)
-        plain = quantized_ops(nncf.quantize(model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)),
-                                            subset_size=len(calib), **nncf_options()))
-        q = nncf.quantize_with_accuracy_control(
-            model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)), nncf.Dataset(items), validate,
-            max_drop=max_drop_pts / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
-            **nncf_options(accuracy_control=True))
-    kept = quantized_ops(q)
-    score = held.score(probs_of(_compile(q), items))
-    q.reshape([-1, size, size, 3])
-    reverted = sorted(plain - kept)
-    return q, {"method": "NNCF quantize_with_accuracy_control (operations reverted to float by their effect on "
-                         "held-out agreement and accuracy)", "max_drop_pts": max_drop_pts,
-               "held_out_images": int(len(held.x)), "metric": METRIC, "float_ops": reverted,
-               "float_nodes": len(reverted), "held_out_agreement": score["agreement"],
-               "held_out_accuracy_drop_pts": score["accuracy_drop_pts"], "within_budget": within(score, max_drop_pts)}
-
-
-def quantized_ops(model) -> set[str]:
-    """Names of the operations fed by a FakeQuantize (the ones that run in int8)."""
-    out = set()
-    for op in model.get_ops():
-        if op.get_type_name() == "FakeQuantize":
-            for target in op.output(0).get_target_inputs():
-                out.add(target.get_node().get_friendly_name())
-    return out
-
-
-def _compile(model):
-    from ..ov import core  # noqa: PLC0415
-
-    _, ie = core()
-    return ie.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

@@ -240,9 +240,7 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                         mark_weight_only(meta)
                         meta["int8_from"] = "model_int8.onnx (its weight-only int8 graph, converted by OpenVINO)"
                 elif job.quantize == "int8" and max_drop is not None:
-                    from .accuracy import openvino_accuracy_aware  # noqa: PLC0415
-
-                    net, meta["accuracy_aware"] = openvino_accuracy_aware(fp32_path, calib, held, max_drop)
+                    net, meta["accuracy_aware"] = openvino.openvino_accuracy_aware(fp32_path, calib, held, max_drop)
                 else:
                     net = openvino.quantize_int8(fp32_path, calib) if job.quantize == "int8" else \
                         openvino.from_onnx(fp32_path)

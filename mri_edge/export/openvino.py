@@ -1,4 +1,5 @@
-"""OpenVINO IR files from the fp32 ONNX file: fp32 as it is, int8 through NNCF; saved with the
+"""OpenVINO IR files from the fp32 ONNX file: fp32 as it is, int8 through NNCF (with accuracy
+control for `export --max-drop`, scored as `accuracy` scores every format); saved with the
 metadata (and the weights' hash) in rt_info."""
 
 from __future__ import annotations
@@ -6,12 +7,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import quiet, runtime
 from ..files import sha256_file
 from ..ov import RT_INFO_KEY, core
+
+if TYPE_CHECKING:
+    from .accuracy import HeldOut
 
 
 def from_onnx(onnx_path: Path):
@@ -97,3 +102,61 @@ def io_details(model) -> dict:
         return {"name": port.get_any_name(), "dtype": "float32", "shape": [-1, *dims], "scale": 0.0, "zero_point": 0}
 
     return {"input": record(model.inputs[0]), "output": record(model.outputs[0])}
+
+
+def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float):
+    """(int8 OpenVINO model, recipe) from NNCF's quantization with accuracy control. Its metric
+    is `quality`, so a drop of at most max_drop_pts bounds agreement and accuracy alike."""
+    import nncf  # noqa: PLC0415
+
+    from .accuracy import METRIC, HeldOut, quality, within  # noqa: PLC0415, F811
+
+    model = from_onnx(fp32_onnx)
+    size = int(calib.shape[1])
+    model.reshape([1, size, size, 3])
+    items = [(held.x[i][None].astype(np.float32), i) for i in range(len(held.x))]
+
+    def probs_of(compiled, data) -> np.ndarray:
+        out = compiled.outputs[0]
+        return np.concatenate([np.asarray(compiled(img)[out]) for img, _ in data])
+
+    def validate(compiled, data) -> tuple[float, list[float]]:
+        data = list(data)
+        p = probs_of(compiled, data)
+        idx = np.array([i for _, i in data])
+        sub = HeldOut(held.x[idx], held.ref[idx], held.labels[idx])
+        return quality(sub.score(p)), [float(a == b) for a, b in zip(p.argmax(1), sub.top)]
+
+    with quiet.nncf_quiet():
+        # the plain quantization of the same fixed-batch model, to name what accuracy control reverted
+        # (openvino.quantize_int8 returns a dynamic-batch model, whose shape ops would count as reverted)
+        plain = quantized_ops(nncf.quantize(model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)),
+                                            subset_size=len(calib), **nncf_options()))
+        q = nncf.quantize_with_accuracy_control(
+            model, nncf.Dataset(list(calib), lambda im: im[None].astype(np.float32)), nncf.Dataset(items), validate,
+            max_drop=max_drop_pts / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
+            **nncf_options(accuracy_control=True))
+    kept = quantized_ops(q)
+    score = held.score(probs_of(_compile(q), items))
+    q.reshape([-1, size, size, 3])
+    reverted = sorted(plain - kept)
+    return q, {"method": "NNCF quantize_with_accuracy_control (operations reverted to float by their effect on "
+                         "held-out agreement and accuracy)", "max_drop_pts": max_drop_pts,
+               "held_out_images": int(len(held.x)), "metric": METRIC, "float_ops": reverted,
+               "float_nodes": len(reverted), "held_out_agreement": score["agreement"],
+               "held_out_accuracy_drop_pts": score["accuracy_drop_pts"], "within_budget": within(score, max_drop_pts)}
+
+
+def quantized_ops(model) -> set[str]:
+    """Names of the operations fed by a FakeQuantize (the ones that run in int8)."""
+    out = set()
+    for op in model.get_ops():
+        if op.get_type_name() == "FakeQuantize":
+            for target in op.output(0).get_target_inputs():
+                out.add(target.get_node().get_friendly_name())
+    return out
+
+
+def _compile(model):
+    _, ie = core()
+    return ie.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
