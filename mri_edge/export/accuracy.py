@@ -257,12 +257,9 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
     a weight-only int8 file is the last resort (`stage_search`). The float stages of a file
     that also runs int8 operations keep float32 weights: onnxruntime would dequantize int8
     ones on every call there (its QDQ fusions keep DequantizeLinear from being folded)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+    from .onnx import onnx_int8, onnx_weight_only, pre_process  # noqa: PLC0415
 
-    from .onnx import onnx_int8, onnx_weight_only  # noqa: PLC0415
-
-    pre = workdir / "aware_pre.onnx"
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)  # node names as the quantizer sees them
+    pre = pre_process(fp32_path, workdir / "aware_pre.onnx")  # node names as the quantizer sees them
     stages = onnx_stages(pre)
 
     def attempt(kept: list[str]) -> tuple[dict, Path]:

@@ -25,7 +25,8 @@ def onnx_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, ref_top: 
     from onnxruntime.quantization import CalibrationDataReader  # noqa: PLC0415
     from onnxruntime.quantization.qdq_loss_debug import (  # noqa: PLC0415
         collect_activations, modify_model_output_intermediate_tensors)
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+
+    from .onnx import pre_process  # noqa: PLC0415
 
     class Reader(CalibrationDataReader):
         def __init__(self, imgs):
@@ -36,8 +37,7 @@ def onnx_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, ref_top: 
             return None if v is None else {"image": v[None].astype(np.float32)}
 
     idx = np.sort(np.random.default_rng(0).permutation(len(x))[:n])
-    pre = workdir / "debug_pre.onnx"
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    pre = pre_process(fp32_path, workdir / "debug_pre.onnx")  # the graph the int8 file was quantized from
     modify_model_output_intermediate_tensors(pre, workdir / "debug_f.onnx")
     modify_model_output_intermediate_tensors(int8_path, workdir / "debug_q.onnx")
     fa = collect_activations(str(workdir / "debug_f.onnx"), Reader(x[idx]))

@@ -58,6 +58,19 @@ def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path,
         m.rpartition("_")[0]: TensorData(lowest=np.float32(a), highest=np.float32(b))
         for m, a, b in zip(mins, new_lo, new_hi)}), cache)
 
+def pre_process(fp32_path: Path, dst: Path) -> Path:
+    """onnxruntime's quant_pre_process (shape inference, batch norms folded, MatMul + Add as
+    Gemm): the graph, and the node names, that its quantizer and the weight-only rewrite work
+    on. Returns dst, or fp32_path if it failed (pre-processing is an optimisation only)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+
+    try:
+        quant_pre_process(str(fp32_path), str(dst), skip_symbolic_shape=True)
+        return dst
+    except Exception:
+        return fp32_path
+
+
 def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
               activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None,
               workdir: Path | None = None, nodes_to_exclude: list[str] | None = None,
@@ -68,7 +81,6 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
     candidates of one search compute them once (they do not depend on what stays in float)."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -86,12 +98,7 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
 
     # in the export's work folder (when given), which the parent removes even if it kills this worker
     with tempfile.TemporaryDirectory(dir=workdir) as td:
-        pre = Path(td) / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-            src = pre
-        except Exception:
-            src = fp32_path  # pre-processing is an optimisation only
+        src = pre_process(fp32_path, Path(td) / "pre.onnx")
         if float_head:
             from .accuracy import onnx_stages  # noqa: PLC0415
 
