@@ -20,7 +20,7 @@ def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
     gain = {"conv2": 0.05, "conv5": 0.02, "head": 0.03}
     tried = []
 
-    def attempt(kept):
+    def attempt(kept, early=False):
         tried.append(tuple(kept))
         return {"agreement": 0.94 + sum(gain[s] for s in kept), "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
 
@@ -47,7 +47,7 @@ def test_a_stage_whose_error_others_hide_is_tried_after_them():
               "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.65, "cost": 0.65},
               "conv5": {"nodes": ["c"], "mac_share": 0.05, "param_share": 0.3, "cost": 0.3}}
 
-    def attempt(kept):
+    def attempt(kept, early=False):
         blocks = sum(s in kept for s in ("conv2", "conv3"))
         agreement = 0.95 + 0.02 * blocks + (0.01 if blocks == 2 and "body" in kept else 0.0)
         return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
@@ -69,7 +69,7 @@ def test_a_file_with_all_compute_in_float_is_never_chosen():
               "conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
               "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
 
-    def attempt(kept):
+    def attempt(kept, early=False):
         return {"agreement": 0.95 + 0.02 * ("conv2" in kept) + 0.03 * ("conv3" in kept) + 0.001 * ("body" in kept),
                 "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
 
@@ -88,7 +88,7 @@ def test_a_stage_a_later_one_made_unnecessary_goes_back_to_int8():
               "conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
               "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
 
-    def attempt(kept):  # body only helps with conv2 in float; conv3 helps a little alone
+    def attempt(kept, early=False):  # body only helps with conv2 in float; conv3 helps a little alone
         agreement = 0.95 + 0.02 * ("conv2" in kept) + 0.01 * ("conv3" in kept) + \
             0.03 * ("body" in kept and "conv2" in kept)
         return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
@@ -114,7 +114,7 @@ def test_the_budget_bounds_accuracy_as_well_as_agreement():
     s2 = HeldOut(held.x, ref2, labels).score(np.eye(4)[labels])
     assert s2["agreement"] == 0.98 and abs(s2["accuracy_drop_pts"] + 2.0) < 1e-9 and within(s2, 2.0)
 
-    def attempt(kept):  # agreement within budget from the start, but accuracy only with conv5 in float
+    def attempt(kept, early=False):  # agreement within budget from the start, but accuracy only with conv5 in float
         drop = 0.0 if "conv5" in kept else 1.5
         return {"agreement": 0.995, "accuracy": 0.9, "accuracy_drop_pts": drop}, kept
 
@@ -123,12 +123,70 @@ def test_the_budget_bounds_accuracy_as_well_as_agreement():
     chosen, _, _ = stage_search(stages, attempt, 1.0, [])
     assert chosen["float_stages"] == ["conv5"]
 
-    def attempt2(kept):  # either stage alone restores accuracy: the one with fewer weights wins
+    def attempt2(kept, early=False):  # either stage alone restores accuracy: the one with fewer weights wins
         drop = 0.0 if kept else 1.5
         return {"agreement": 0.995, "accuracy": 0.9, "accuracy_drop_pts": drop}, kept
 
     chosen, _, _ = stage_search(stages, attempt2, 1.0, [])
     assert chosen["float_stages"] == ["conv4"]  # conv5 costs 2% of the compute but 30% of the weights
+
+
+def test_a_score_stops_once_out_of_budget_starting_with_the_smallest_margins():
+    from mri_edge.export.accuracy import HeldOut, within
+
+    rng = np.random.default_rng(0)
+    n = 250  # each image is its own index (uint8)
+    labels = rng.integers(0, 4, n)
+    margin = rng.uniform(0.0, 0.9, n)
+    ref = np.full((n, 4), 0.0)
+    ref[np.arange(n), labels] = 0.5 + margin / 2
+    ref[np.arange(n), (labels + 1) % 4] = 0.5 - margin / 2  # top-2 margin = margin
+    held = HeldOut(np.arange(n)[:, None, None, None].astype(np.uint8).repeat(3, -1), ref, labels)
+    flipped = margin < 0.05  # a candidate that changes the answers of the closest calls
+    probs = ref.copy()
+    probs[flipped] = np.roll(ref[flipped], 1, axis=1)
+    seen = []
+
+    def run(x):
+        idx = x[:, 0, 0, 0].astype(int)
+        seen.extend(margin[idx])
+        return probs[idx]
+
+    full = held.score(probs)
+    assert held.max_flips(1.0) == 2 and flipped.sum() > 2 and not within(full, 1.0)
+    early = held.score_until(run, held.max_flips(1.0), chunk=32)
+    assert early["stopped_after"] == 32 and len(seen) == 32  # the first chunk held enough flips
+    assert max(seen) <= np.sort(margin)[31] + 1e-12  # and it was the 32 smallest margins
+    assert early["agreement"] >= full["agreement"] and not within(early, 1.0)
+    seen.clear()
+    assert held.score_until(run, 2 * int(flipped.sum())) == full and len(seen) == n  # within: every image is run
+    assert held.score_until(run) == full
+
+
+def test_greedy_steps_may_stop_early_but_ranked_scores_are_complete():
+    """The first candidate, each stage alone and the over-budget fallback are ranked by
+    quality, so their scores are complete; the greedy steps only need to know whether they
+    hold the budget."""
+    from mri_edge.export.accuracy import stage_search, within
+
+    stages = {s: {"nodes": [s], "mac_share": c, "param_share": c, "cost": c}
+              for s, c in (("conv2", 0.5), ("conv3", 0.3), ("conv4", 0.2))}
+    calls = []
+
+    def attempt(kept, early=False):
+        calls.append((tuple(kept), early))
+        agreement = 0.95 + 0.01 * len(kept)
+        if early:  # what score_until gives once out of budget: an upper bound on agreement
+            return {"agreement": agreement + 0.001, "accuracy": 0.9, "accuracy_drop_pts": 0.0,
+                    "stopped_after": 64}, list(kept)
+        return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
+
+    chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
+    assert not within(chosen, 0.5)
+    assert all(not early for kept, early in calls if len(kept) <= 1)  # first and alone: complete
+    assert any(early for _, early in calls)  # the greedy steps: may stop
+    assert "stopped_after" not in chosen and abs(chosen["agreement"] - 0.97) < 1e-9  # the fallback, completed
+    assert sorted(cand) == ["conv3", "conv4"]  # the cheapest of the best candidates with int8 compute
 
 
 def test_densenet_stages_from_tflite_and_onnx_names():
@@ -390,7 +448,7 @@ def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_b
         stores.append((candidate, weights))
         return (candidate[0], weights)
 
-    def probs(candidate):
+    def probs(candidate, x=None):
         nodes, weights = candidate
         wrong = 0 if "c1" in nodes else 3  # conv1 in float is all it takes
         wrong += fp16_flips if weights == "fp16" else 0
@@ -412,7 +470,7 @@ def test_weight_only_int8_is_the_last_resort_before_going_over_budget():
               "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
     built = []
 
-    def attempt(kept):  # each block in float gains 0.02: only all-float (0.99) reaches 0.995 - never
+    def attempt(kept, early=False):  # each block in float gains 0.02: only all-float (0.99) reaches 0.995 - never
         return {"agreement": 0.95 + 0.02 * len(kept), "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
 
     def weight_only(agreement):

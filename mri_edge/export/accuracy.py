@@ -51,6 +51,34 @@ class HeldOut:
         return {"agreement": float((pred == self.top).mean()), "accuracy": acc,
                 "accuracy_drop_pts": 100 * (ref_acc - acc)}
 
+    def max_flips(self, max_drop_pts: float) -> int:
+        """The most answers a candidate within the budget may change (`within`)."""
+        return int(np.floor(len(self.x) * max_drop_pts / 100 + 1e-9))
+
+    def score_until(self, run: Callable[[np.ndarray], np.ndarray], max_flips: int | None = None,
+                    chunk: int = 64) -> dict:
+        """score(run(x)), or, with max_flips, a score that stops early: the images go in chunks
+        in order of the Keras model's top-2 margin, smallest first (where int8 error changes
+        answers), and once more than max_flips answers have changed the candidate is out of
+        the budget whatever the rest do. Such a score has `stopped_after` (images run); its
+        agreement counts the flips found over all images, so it is at most that, and its
+        accuracy fields cover the images run."""
+        if max_flips is None:
+            return self.score(run(self.x))
+        srt = np.sort(self.ref, 1)
+        order = np.argsort(srt[:, -1] - srt[:, -2], kind="stable")
+        probs = np.empty(self.ref.shape, np.float32)
+        flips = 0
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            probs[idx] = run(self.x[idx])
+            flips += int((probs[idx].argmax(1) != self.top[idx]).sum())
+            if flips > max_flips and start + chunk < len(order):
+                seen = order[:start + chunk]
+                part = HeldOut(self.x[seen], self.ref[seen], self.labels[seen]).score(probs[seen])
+                return {**part, "agreement": 1 - flips / len(order), "stopped_after": int(len(seen))}
+        return self.score(probs)
+
 
 def within(score: dict, max_drop_pts: float) -> bool:
     """Inside the budget: agreement and accuracy each lose at most max_drop_pts points."""
@@ -108,12 +136,14 @@ def float_cost(mac_share: float, param_share: float) -> float:
     return max(mac_share, param_share)
 
 
-def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[dict, object]], max_drop_pts: float,
+def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], tuple[dict, object]], max_drop_pts: float,
                  base: list[str], weight_only: Callable[[], tuple[dict, object]] | None = None
                  ) -> tuple[dict, object, list[dict]]:
     """The cheapest set of stages kept in float whose candidate is within the budget.
 
-    attempt(kept) builds the candidate with those stages in float and returns (score, candidate).
+    attempt(kept, early) builds the candidate with those stages in float and returns (score,
+    candidate); with early=True its score may stop as soon as it is out of the budget
+    (`HeldOut.score_until`), since only whether it holds matters then.
     `base` stays in float in every candidate (the head with --float-head). Each other stage is
     first measured alone; then stages are added in order of quality gained per share of the
     compute or weights given back to float (`stages_from`) until the budget holds. Stages that
@@ -128,12 +158,16 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
     or weights is kept. Before that, when given, weight_only() builds the last resort: every
     operation in float, every weight int8 (a quarter of the float file; no int8 compute, so the
     latency of the float file), chosen only if within the budget. Returns (chosen step, its
-    candidate, every step)."""
+    candidate, every step).
+
+    Scores are complete where they rank (the first candidate and each stage alone) and for the
+    over-budget fallback; the greedy steps stop early once out of the budget, where most of
+    them are."""
     tried: dict[tuple, tuple[dict, object]] = {}
 
-    def step(kept: list[str]) -> tuple[dict, object]:
-        if tuple(kept) not in tried:
-            score, cand = attempt(kept)
+    def step(kept: list[str], early: bool = False) -> tuple[dict, object]:
+        if tuple(kept) not in tried or (not early and "stopped_after" in tried[tuple(kept)][0]):
+            score, cand = attempt(kept, early)
             tried[tuple(kept)] = ({"float_stages": list(kept), **score,
                                    "float_mac_share": sum(stages[k]["mac_share"] for k in kept),
                                    "float_param_share": sum(stages[k]["param_share"] for k in kept)}, cand)
@@ -152,7 +186,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
         kept = list(base)
         for s in order:
             kept.append(s)
-            st, cand = step(kept)
+            st, cand = step(kept, early=True)
             st["alone_gain"] = {k: alone[k] for k in kept if k in alone}
             steps.append(st)
             candidates.append(cand)
@@ -161,7 +195,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
         if within(steps[-1], max_drop_pts):  # what a later stage made unnecessary goes back to int8
             for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
                 fewer = [k for k in kept if k != s]
-                st, cand = step(fewer)
+                st, cand = step(fewer, early=True)
                 steps.append(st)
                 candidates.append(cand)
                 if within(st, max_drop_pts):
@@ -183,6 +217,12 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str]], tuple[d
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
     # over budget the weight-only file is no fallback (no int8 compute, and nothing it was asked to hold)
     fallback = [i for i in int8 if not steps[i].get("weight_only")] or int8
+    if not ok:  # the fallback is ranked by quality: complete the scores that stopped early
+        for i in fallback:
+            if "stopped_after" in steps[i]:
+                extra = {k: v for k, v in steps[i].items() if k == "alone_gain"}
+                steps[i], candidates[i] = step(steps[i]["float_stages"])
+                steps[i].update(extra)
     best = min(ok, key=cost.__getitem__) if ok else max(fallback, key=lambda i: quality(steps[i]))
     return steps[best], candidates[best], steps
 
@@ -215,8 +255,8 @@ def mark_weight_only(meta: dict) -> None:
 # ---------------------------------------------------------------- ONNX
 
 
-def onnx_probs(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """Probabilities of an ONNX file on uint8 images."""
+def onnx_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from uint8 images to an ONNX file's probabilities (one session)."""
     import onnxruntime as ort  # noqa: PLC0415
 
     so = ort.SessionOptions()
@@ -224,7 +264,8 @@ def onnx_probs(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndar
         so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + 64].astype(np.float32)})[0] for i in range(0, len(x), 64)])
+    return lambda x: np.concatenate([sess.run(None, {name: x[i:i + 64].astype(np.float32)})[0]
+                                     for i in range(0, len(x), 64)])
 
 
 def onnx_stages(model_path: Path) -> dict[str, dict]:
@@ -262,16 +303,19 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
     pre = pre_process(fp32_path, workdir / "aware_pre.onnx")  # node names as the quantizer sees them
     stages = onnx_stages(pre)
 
-    def attempt(kept: list[str]) -> tuple[dict, Path]:
+    def attempt(kept: list[str], early: bool) -> tuple[dict, Path]:
         path = workdir / f"aware_{'_'.join(kept) or 'plain'}.onnx"
-        onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
-                  nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]], ranges=workdir / "aware_ranges.json")
-        return held.score(onnx_probs(path, held.x, threads)), path
+        if not path.exists():  # a score completed later runs the file already built
+            onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
+                      nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]],
+                      ranges=workdir / "aware_ranges.json")
+        run = onnx_runner(path, threads)
+        return held.score_until(run, held.max_flips(max_drop_pts) if early else None), path
 
     def weight_only() -> tuple[dict, Path]:
         path = workdir / "aware_weight_only.onnx"
         stored = onnx_weight_only(pre, path)
-        return {**held.score(onnx_probs(path, held.x, threads)), "int8_weights": stored}, path
+        return {**held.score(onnx_runner(path, threads)(held.x)), "int8_weights": stored}, path
 
     chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
                                        ["head"] if float_head and "head" in stages else [],
@@ -308,12 +352,13 @@ def tflite_stages(calibrated: bytes) -> dict[str, dict]:
 
 def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], bytes],
                           store: Callable[[bytes, str], bytes], held: HeldOut, max_drop_pts: float,
-                          probs: Callable[[bytes], np.ndarray], float_head: bool = False,
+                          probs: Callable[..., np.ndarray], float_head: bool = False,
                           float_weights: str = "fp32") -> tuple[bytes, dict]:
     """(int8 flatbuffer, recipe): the cheapest file found within the budget. quantize(nodes)
     quantizes the calibrated graph with those nodes kept in float (float32 weights);
     store(fb, weights) stores the weights of a file's float operations as `weights`
-    (`rewrite.store_float_weights`); probs(fb) runs a candidate.
+    (`rewrite.store_float_weights`); probs(fb, x) runs a candidate on images x, by default
+    every held-out image.
 
     The stages are chosen with float32 weights, and the chosen file's float weights are then
     stored as float_weights if that file is within the budget too (else they stay float32,
@@ -329,9 +374,9 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
             built[frozenset(kept)] = quantize([n for s in kept for n in stages[s]["nodes"]])
         return built[frozenset(kept)]
 
-    def attempt(kept: list[str]) -> tuple[dict, bytes]:
+    def attempt(kept: list[str], early: bool) -> tuple[dict, bytes]:
         fb = build(kept)
-        return held.score(probs(fb)), fb
+        return held.score_until(lambda x: probs(fb, x), held.max_flips(max_drop_pts) if early else None), fb
 
     def weight_only() -> tuple[dict, bytes]:
         fb = store(build(list(stages)), "int8")

@@ -58,6 +58,7 @@ def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path,
         m.rpartition("_")[0]: TensorData(lowest=np.float32(a), highest=np.float32(b))
         for m, a, b in zip(mins, new_lo, new_hi)}), cache)
 
+
 def pre_process(fp32_path: Path, dst: Path) -> Path:
     """onnxruntime's quant_pre_process (shape inference, batch norms folded, MatMul + Add as
     Gemm): the graph, and the node names, that its quantizer and the weight-only rewrite work

@@ -225,8 +225,8 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
     """Write one TFLite file (flatbuffer + metadata ZIP) to target. held: the validation
     images with their Keras probabilities and labels (accuracy.HeldOut), for --bn-scales auto
     and --max-drop."""
-    def probs(fb: bytes) -> np.ndarray:
-        return tflite_probs(fb, meta, held.x, workdir, threads)
+    def probs(fb: bytes, x: np.ndarray | None = None) -> np.ndarray:
+        return tflite_probs(fb, meta, held.x if x is None else x, workdir, threads)
 
     if job.quantize == "int8" and bn_scales == "auto":
         # Which batch-norm scales suit a model differs (the 128 px Alzheimer model wants per
