@@ -57,12 +57,10 @@ class HeldOut:
 
     def score_until(self, run: Callable[[np.ndarray], np.ndarray], max_flips: int | None = None,
                     chunk: int = 64) -> dict:
-        """score(run(x)), or, with max_flips, a score that stops early: the images go in chunks
-        in order of the Keras model's top-2 margin, smallest first (where int8 error changes
-        answers), and once more than max_flips answers have changed the candidate is out of
-        the budget whatever the rest do. Such a score has `stopped_after` (images run); its
-        agreement counts the flips found over all images, so it is at most that, and its
-        accuracy fields cover the images run."""
+        """score(run(x)); with max_flips, it stops once more than max_flips answers changed
+        (out of budget whatever the rest do), running images in chunks by the Keras top-2
+        margin, smallest first, where int8 changes answers. Such a score has `stopped_after`
+        (images run), an agreement that is an upper bound, and accuracy over the images run."""
         if max_flips is None:
             return self.score(run(self.x))
         srt = np.sort(self.ref, 1)
@@ -160,9 +158,8 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], t
     latency of the float file), chosen only if within the budget. Returns (chosen step, its
     candidate, every step).
 
-    Scores are complete where they rank (the first candidate and each stage alone) and for the
-    over-budget fallback; the greedy steps stop early once out of the budget, where most of
-    them are."""
+    Scores that rank (the first candidate, each stage alone, the over-budget fallback) are
+    complete; the greedy steps stop early once out of the budget, as most are."""
     tried: dict[tuple, tuple[dict, object]] = {}
 
     def step(kept: list[str], early: bool = False) -> tuple[dict, object]:
