@@ -131,20 +131,33 @@ def test_the_budget_bounds_accuracy_as_well_as_agreement():
     assert chosen["float_stages"] == ["conv4"]  # conv5 costs 2% of the compute but 30% of the weights
 
 
-def test_a_score_stops_once_out_of_budget_starting_with_the_smallest_margins():
-    from mri_edge.export.accuracy import HeldOut, within
+def indexed_held_out(n: int, seed: int = 0):
+    """A HeldOut whose image i holds the value i (n <= 256), with Keras right on each image and
+    its top-2 margins, for candidates that answer by image index."""
+    from mri_edge.export.accuracy import HeldOut
 
-    rng = np.random.default_rng(0)
-    n = 250  # each image is its own index (uint8)
+    rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, n)
     margin = rng.uniform(0.0, 0.9, n)
-    ref = np.full((n, 4), 0.0)
+    ref = np.zeros((n, 4))
     ref[np.arange(n), labels] = 0.5 + margin / 2
     ref[np.arange(n), (labels + 1) % 4] = 0.5 - margin / 2  # top-2 margin = margin
-    held = HeldOut(np.arange(n)[:, None, None, None].astype(np.uint8).repeat(3, -1), ref, labels)
+    return HeldOut(np.arange(n)[:, None, None, None].astype(np.uint8).repeat(3, -1), ref, labels), margin
+
+
+def flip(held, which: np.ndarray) -> np.ndarray:
+    """The Keras probabilities with the answers of `which` changed."""
+    probs = held.ref.copy()
+    probs[which] = np.roll(held.ref[which], 1, axis=1)
+    return probs
+
+
+def test_a_score_stops_once_out_of_budget_starting_with_the_smallest_margins():
+    from mri_edge.export.accuracy import within
+
+    held, margin = indexed_held_out(250)
     flipped = margin < 0.05  # a candidate that changes the answers of the closest calls
-    probs = ref.copy()
-    probs[flipped] = np.roll(ref[flipped], 1, axis=1)
+    probs = flip(held, flipped)
     seen = []
 
     def run(x):
@@ -158,9 +171,29 @@ def test_a_score_stops_once_out_of_budget_starting_with_the_smallest_margins():
     assert early["stopped_after"] == 32 and len(seen) == 32  # the first chunk held enough flips
     assert max(seen) <= np.sort(margin)[31] + 1e-12  # and it was the 32 smallest margins
     assert early["agreement"] >= full["agreement"] and not within(early, 1.0)
+    assert not within({**early, "agreement": 1.0, "accuracy_drop_pts": 0.0}, 1.0)  # a stopped score never holds
     seen.clear()
-    assert held.score_until(run, 2 * int(flipped.sum())) == full and len(seen) == n  # within: every image is run
+    assert held.score_until(run, int(flipped.sum())) == full and len(seen) == 250  # exactly at the limit: all run
     assert held.score_until(run) == full
+
+
+def test_a_score_that_crosses_the_limit_in_its_last_chunk_is_complete():
+    held, margin = indexed_held_out(200, seed=1)
+    widest = np.argsort(margin)[-3:]  # flips only where the model is surest: the last chunk
+    probs = flip(held, widest)
+    score = held.score_until(lambda x: probs[x[:, 0, 0, 0].astype(int)], 2, chunk=64)
+    assert "stopped_after" not in score and score == held.score(probs)
+
+
+@pytest.mark.parametrize("n", [10, 100, 375, 523, 1279])
+def test_the_flips_allowed_are_those_within_allows(n):
+    from mri_edge.export.accuracy import HeldOut, within
+
+    held = HeldOut(np.zeros((n, 1, 1, 3), np.uint8), np.eye(2)[np.zeros(n, int)], np.zeros(n, int))
+    for pts in (0.0, 0.5, 1.0, 2.5, 18.4, 33.3):  # 375 x 18.4 / 100 is 68.99999999999999 in floats
+        k = held.max_flips(pts)
+        assert within({"agreement": 1 - k / n, "accuracy_drop_pts": 0.0}, pts)
+        assert k == n or not within({"agreement": 1 - (k + 1) / n, "accuracy_drop_pts": 0.0}, pts)
 
 
 def test_greedy_steps_may_stop_early_but_ranked_scores_are_complete():
@@ -171,22 +204,48 @@ def test_greedy_steps_may_stop_early_but_ranked_scores_are_complete():
 
     stages = {s: {"nodes": [s], "mac_share": c, "param_share": c, "cost": c}
               for s, c in (("conv2", 0.5), ("conv3", 0.3), ("conv4", 0.2))}
+    truth = {(): 0.95, ("conv2",): 0.96, ("conv3",): 0.962, ("conv4",): 0.961, ("conv3", "conv4"): 0.97,
+             ("conv2", "conv3", "conv4"): 1.0, ("conv2", "conv3"): 0.975, ("conv2", "conv4"): 0.965}
     calls = []
 
     def attempt(kept, early=False):
         calls.append((tuple(kept), early))
-        agreement = 0.95 + 0.01 * len(kept)
-        if early:  # what score_until gives once out of budget: an upper bound on agreement
-            return {"agreement": agreement + 0.001, "accuracy": 0.9, "accuracy_drop_pts": 0.0,
-                    "stopped_after": 64}, list(kept)
+        agreement = truth[tuple(sorted(kept))]
+        if early and agreement < 0.995:  # a stopped score: its upper bound can rank above the true best
+            return {"agreement": 0.994, "accuracy": 0.9, "accuracy_drop_pts": 0.0, "stopped_after": 64}, list(kept)
         return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
 
     chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
     assert not within(chosen, 0.5)
     assert all(not early for kept, early in calls if len(kept) <= 1)  # first and alone: complete
     assert any(early for _, early in calls)  # the greedy steps: may stop
-    assert "stopped_after" not in chosen and abs(chosen["agreement"] - 0.97) < 1e-9  # the fallback, completed
-    assert sorted(cand) == ["conv3", "conv4"]  # the cheapest of the best candidates with int8 compute
+    assert not any("stopped_after" in st for st in steps if len(st["float_stages"]) < 3)  # the fallbacks, completed
+    assert sorted(cand) == ["conv2", "conv3"] and abs(chosen["agreement"] - 0.975) < 1e-9  # the true best
+    # the first, three added (conv4, conv3, conv2 by gain per cost), three put back: completing keeps them all
+    assert [st["float_stages"] for st in steps] == [[], ["conv4"], ["conv4", "conv3"], ["conv4", "conv3", "conv2"],
+                                                    ["conv4", "conv3"], ["conv4", "conv2"], ["conv3", "conv2"]]
+    assert all("alone_gain" in st for st in steps[1:4])
+
+
+def test_the_tflite_search_scores_greedy_steps_in_chunks(monkeypatch):
+    """The wiring: tflite_accuracy_aware hands score_until a function of the images it is given."""
+    from mri_edge.export import accuracy
+
+    stages = {s: {"nodes": [s], "mac_share": c, "param_share": c, "cost": c}
+              for s, c in (("conv1", 0.1), ("conv2", 0.5), ("conv3", 0.4))}
+    monkeypatch.setattr(accuracy, "tflite_stages", lambda calibrated: stages)
+    held, margin = indexed_held_out(200, seed=2)
+    sizes = []
+
+    def probs(candidate, x=None):
+        idx = np.arange(200) if x is None else x[:, 0, 0, 0].astype(int)
+        sizes.append(len(idx))
+        wrong = np.zeros(200, bool) if set(candidate) >= {"conv1", "conv2"} else margin < 0.1
+        return flip(held, wrong)[idx]
+
+    fb, recipe = accuracy.tflite_accuracy_aware(b"", lambda nodes: tuple(nodes), lambda fb, w: fb, held, 0.5, probs)
+    assert set(fb) == {"conv1", "conv2"} and recipe["within_budget"]
+    assert 64 in sizes and any("stopped_after" in st for st in recipe["steps"])  # a greedy step stopped early
 
 
 def test_densenet_stages_from_tflite_and_onnx_names():

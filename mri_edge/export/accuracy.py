@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -41,9 +42,15 @@ class HeldOut:
     ref: np.ndarray
     labels: np.ndarray
 
-    @property
+    @cached_property
     def top(self) -> np.ndarray:
         return self.ref.argmax(1)
+
+    @cached_property
+    def order(self) -> np.ndarray:
+        """Images by the Keras model's top-2 margin, smallest first: where int8 changes answers."""
+        srt = np.sort(self.ref, 1)
+        return np.argsort(srt[:, -1] - srt[:, -2], kind="stable")
 
     def score(self, probs: np.ndarray) -> dict:
         pred = np.asarray(probs).argmax(1)
@@ -57,30 +64,28 @@ class HeldOut:
 
     def score_until(self, run: Callable[[np.ndarray], np.ndarray], max_flips: int | None = None,
                     chunk: int = 64) -> dict:
-        """score(run(x)); with max_flips, it stops once more than max_flips answers changed
-        (out of budget whatever the rest do), running images in chunks by the Keras top-2
-        margin, smallest first, where int8 changes answers. Such a score has `stopped_after`
-        (images run), an agreement that is an upper bound, and accuracy over the images run."""
+        """score(run(x)); with max_flips, images run in chunks in `order` and scoring stops
+        once more than max_flips answers changed: out of budget whatever the rest do. Such a
+        score counts the images not run as unchanged (its agreement is an upper bound) and
+        has `stopped_after`, the images run; `within` never holds for it."""
         if max_flips is None:
             return self.score(run(self.x))
-        srt = np.sort(self.ref, 1)
-        order = np.argsort(srt[:, -1] - srt[:, -2], kind="stable")
-        probs = np.empty(self.ref.shape, np.float32)
+        probs = self.ref.astype(np.float32)  # images not run count as unchanged
         flips = 0
-        for start in range(0, len(order), chunk):
-            idx = order[start:start + chunk]
+        for start in range(0, len(self.order), chunk):
+            idx = self.order[start:start + chunk]
             probs[idx] = run(self.x[idx])
             flips += int((probs[idx].argmax(1) != self.top[idx]).sum())
-            if flips > max_flips and start + chunk < len(order):
-                seen = order[:start + chunk]
-                part = HeldOut(self.x[seen], self.ref[seen], self.labels[seen]).score(probs[seen])
-                return {**part, "agreement": 1 - flips / len(order), "stopped_after": int(len(seen))}
+            if flips > max_flips and start + chunk < len(self.order):
+                return {**self.score(probs), "stopped_after": start + len(idx)}
         return self.score(probs)
 
 
 def within(score: dict, max_drop_pts: float) -> bool:
-    """Inside the budget: agreement and accuracy each lose at most max_drop_pts points."""
-    return score["agreement"] >= 1 - max_drop_pts / 100 - 1e-12 and score["accuracy_drop_pts"] <= max_drop_pts + 1e-9
+    """Inside the budget: agreement and accuracy each lose at most max_drop_pts points (never
+    a score that stopped early, `HeldOut.score_until`)."""
+    return ("stopped_after" not in score and score["agreement"] >= 1 - max_drop_pts / 100 - 1e-12
+            and score["accuracy_drop_pts"] <= max_drop_pts + 1e-9)
 
 
 def quality(score: dict) -> float:
@@ -247,79 +252,6 @@ def mark_weight_only(meta: dict) -> None:
         meta.pop(key, None)
     meta.update(weight_only=True, float_weights="int8",
                 calibration_range="none: weight-only int8, every activation float32")
-
-
-# ---------------------------------------------------------------- ONNX
-
-
-def onnx_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from uint8 images to an ONNX file's probabilities (one session)."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: np.concatenate([sess.run(None, {name: x[i:i + 64].astype(np.float32)})[0]
-                                     for i in range(0, len(x), 64)])
-
-
-def onnx_stages(model_path: Path) -> dict[str, dict]:
-    """The graph's nodes grouped by stage (`stage_names`), with each stage's share of the
-    multiply-accumulates of convolutions and dense layers."""
-    import onnx  # noqa: PLC0415
-    from onnx import numpy_helper, shape_inference  # noqa: PLC0415
-
-    model = shape_inference.infer_shapes(onnx.load(str(model_path)))
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(model.graph.value_info) + list(model.graph.output)}
-    weights = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        macs = params = 0
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in weights:
-            params = macs = int(np.prod(weights[node.input[1]]))
-            out = shapes.get(node.output[0]) or []
-            if node.op_type == "Conv" and len(out) > 2 and all(out[2:]):
-                macs *= int(np.prod(out[2:]))
-        nodes.append((node.op_type, node.name, macs, params))
-    return stages_from(nodes, ("GlobalAveragePool", "ReduceMean"))
-
-
-def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float,
-                        calib_range: str, threads: int | None, workdir: Path, float_head: bool = False,
-                        float_weights: str = "fp32") -> dict:
-    """Write the cheapest int8 file found within the budget to out_path; returns its recipe.
-    float_head: the head is in float in every candidate (`--float-head`). float_weights "int8":
-    a weight-only int8 file is the last resort (`stage_search`). The float stages of a file
-    that also runs int8 operations keep float32 weights: onnxruntime would dequantize int8
-    ones on every call there (its QDQ fusions keep DequantizeLinear from being folded)."""
-    from .onnx import onnx_int8, onnx_weight_only, pre_process  # noqa: PLC0415
-
-    pre = pre_process(fp32_path, workdir / "aware_pre.onnx")  # node names as the quantizer sees them
-    stages = onnx_stages(pre)
-
-    def attempt(kept: list[str], early: bool) -> tuple[dict, Path]:
-        path = workdir / f"aware_{'_'.join(kept) or 'plain'}.onnx"
-        if not path.exists():  # a score completed later runs the file already built
-            onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
-                      nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]],
-                      ranges=workdir / "aware_ranges.json")
-        run = onnx_runner(path, threads)
-        return held.score_until(run, held.max_flips(max_drop_pts) if early else None), path
-
-    def weight_only() -> tuple[dict, Path]:
-        path = workdir / "aware_weight_only.onnx"
-        stored = onnx_weight_only(pre, path)
-        return {**held.score(onnx_runner(path, threads)(held.x)), "int8_weights": stored}, path
-
-    chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
-                                       ["head"] if float_head and "head" in stages else [],
-                                       weight_only if float_weights == "int8" else None)
-    Path(path).replace(out_path)
-    return recipe("onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images", chosen,
-                  steps, stages, held, max_drop_pts)
 
 
 # ---------------------------------------------------------------- TFLite

@@ -1,5 +1,6 @@
 """ONNX files: fp32 through tf2onnx, int8 through onnxruntime's static quantizer with the same
-robust ranges as TFLite, I/O details and metadata_props (with the content hash)."""
+robust ranges as TFLite, I/O details and metadata_props (with the content hash); the ONNX
+side of the accuracy-aware search (`onnx_accuracy_aware`, over `accuracy.stage_search`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
 from ..runtime import METADATA_KEY
+from .accuracy import HeldOut, mark_weight_only, recipe, stage_search, stages_from
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
 
@@ -25,6 +28,7 @@ def onnx_fp32(model, size: int, opset: int):
     spec = [tf.TensorSpec([None, size, size, 3], tf.float32, name="image")]
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     return proto
+
 
 def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path, threads: int | None = None) -> None:
     """Per-image activation extremes through onnxruntime's min/max-augmented graph (each
@@ -101,8 +105,6 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
     with tempfile.TemporaryDirectory(dir=workdir) as td:
         src = pre_process(fp32_path, Path(td) / "pre.onnx")
         if float_head:
-            from .accuracy import onnx_stages  # noqa: PLC0415
-
             head = onnx_stages(src).get("head")
             if not head:
                 raise ExportError("--float-head: no global pooling in the graph to start the head at")
@@ -134,6 +136,7 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
                         weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, extra_options=options,
                         nodes_to_exclude=list(nodes_to_exclude or []), **kwargs)
+
 
 def onnx_weight_only(src: Path, dst: Path) -> int:
     """Weight-only int8: each Conv/Gemm/MatMul weight stored as int8 per output channel
@@ -187,6 +190,7 @@ def onnx_io(path_or_bytes) -> dict:
             "output": {"name": o.name, "dtype": "float32", "shape": [d if isinstance(d, int) else -1 for d in o.shape],
                        "scale": 0.0, "zero_point": 0}}
 
+
 def set_onnx_metadata(proto, meta: dict) -> None:
     for p in list(proto.metadata_props):
         if p.key == METADATA_KEY:
@@ -195,6 +199,7 @@ def set_onnx_metadata(proto, meta: dict) -> None:
     entry = proto.metadata_props.add()
     entry.key = METADATA_KEY
     entry.value = json.dumps(meta)
+
 
 def rewrite_onnx_metadata(path: Path, meta: dict) -> None:
     """Replace an exported file's metadata_props entry; every other field is kept as stored."""
@@ -216,6 +221,7 @@ def onnx_bytes(proto) -> bytes:
     if onnx_content_sha256(data) != meta["model_sha256"]:
         raise ExportError("the ONNX serialisation changed when its metadata was added; the hash would not match")
     return data
+
 
 def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, calib_range: str, metas: list[dict],
                   targets: list[Path], workdir: Path, outcome, threads: int | None = None, held=None,
@@ -243,8 +249,6 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                                  if k in int8_onnx_meta})
                     meta["int8_from"] = "model_int8.onnx (its QDQ graph, converted by OpenVINO)"
                     if int8_onnx_meta.get("weight_only"):
-                        from .accuracy import mark_weight_only  # noqa: PLC0415
-
                         mark_weight_only(meta)
                         meta["int8_from"] = "model_int8.onnx (its weight-only int8 graph, converted by OpenVINO)"
                 elif job.quantize == "int8" and max_drop is not None:
@@ -261,13 +265,9 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
             if job.quantize == "int8":
                 meta["weight_bits"] = 7  # reduce_range (onnx_int8): the runtime checks for it on CPUs without VNNI
                 if max_drop is not None:
-                    from .accuracy import onnx_accuracy_aware  # noqa: PLC0415
-
                     meta["accuracy_aware"] = onnx_accuracy_aware(fp32_path, q_path, calib, held, max_drop, calib_range,
                                                                  threads, workdir, job.float_head, job.float_weights)
                     if meta["accuracy_aware"]["weight_only"]:
-                        from .accuracy import mark_weight_only  # noqa: PLC0415
-
                         mark_weight_only(meta)
                         meta["weight_bits"] = 8  # no int8 kernel: full range, folded to float32 at load
                 else:
@@ -286,3 +286,76 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
             outcome(job, meta, target, t, None)
         except Exception as e:
             outcome(job, meta, target, t, e)
+
+
+# ---------------------------------------------------------------- accuracy-aware int8 (export --max-drop)
+
+
+def onnx_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from uint8 images to an ONNX file's probabilities (one session)."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: np.concatenate([sess.run(None, {name: x[i:i + 64].astype(np.float32)})[0]
+                                     for i in range(0, len(x), 64)])
+
+
+def onnx_stages(model_path: Path) -> dict[str, dict]:
+    """The graph's nodes grouped by stage (`stage_names`), with each stage's share of the
+    multiply-accumulates of convolutions and dense layers."""
+    import onnx  # noqa: PLC0415
+    from onnx import numpy_helper, shape_inference  # noqa: PLC0415
+
+    model = shape_inference.infer_shapes(onnx.load(str(model_path)))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.output)}
+    weights = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        macs = params = 0
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in weights:
+            params = macs = int(np.prod(weights[node.input[1]]))
+            out = shapes.get(node.output[0]) or []
+            if node.op_type == "Conv" and len(out) > 2 and all(out[2:]):
+                macs *= int(np.prod(out[2:]))
+        nodes.append((node.op_type, node.name, macs, params))
+    return stages_from(nodes, ("GlobalAveragePool", "ReduceMean"))
+
+
+def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float,
+                        calib_range: str, threads: int | None, workdir: Path, float_head: bool = False,
+                        float_weights: str = "fp32") -> dict:
+    """Write the cheapest int8 file found within the budget to out_path; returns its recipe.
+    float_head: the head is in float in every candidate (`--float-head`). float_weights "int8":
+    a weight-only int8 file is the last resort (`stage_search`). The float stages of a file
+    that also runs int8 operations keep float32 weights: onnxruntime would dequantize int8
+    ones on every call there (its QDQ fusions keep DequantizeLinear from being folded)."""
+    pre = pre_process(fp32_path, workdir / "aware_pre.onnx")  # node names as the quantizer sees them
+    stages = onnx_stages(pre)
+    built: set[Path] = set()
+
+    def attempt(kept: list[str], early: bool) -> tuple[dict, Path]:
+        path = workdir / f"aware_{'_'.join(kept) or 'plain'}.onnx"
+        if path not in built:  # a score completed later runs the file already built
+            built.add(path)
+            onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
+                      nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]],
+                      ranges=workdir / "aware_ranges.json")
+        run = onnx_runner(path, threads)
+        return held.score_until(run, held.max_flips(max_drop_pts) if early else None), path
+
+    def weight_only() -> tuple[dict, Path]:
+        path = workdir / "aware_weight_only.onnx"
+        stored = onnx_weight_only(pre, path)
+        return {**held.score(onnx_runner(path, threads)(held.x)), "int8_weights": stored}, path
+
+    chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
+                                       ["head"] if float_head and "head" in stages else [],
+                                       weight_only if float_weights == "int8" else None)
+    Path(path).replace(out_path)
+    return recipe("onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images", chosen,
+                  steps, stages, held, max_drop_pts)

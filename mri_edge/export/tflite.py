@@ -107,6 +107,7 @@ def int8_converter(saved_model: str, images: np.ndarray, io_dtype: str = "uint8"
     conv.inference_input_type = conv.inference_output_type = getattr(tf, io_dtype)  # one of IO_DTYPES
     return conv
 
+
 def calibrated_graph(saved_model: str, calib: np.ndarray, io_dtype: str = "uint8") -> bytes:
     """The float graph with its int8 activation ranges (`robust_ranges` over every calibration
     image), before quantization: what the int8 TFLite file is quantized from."""
@@ -115,6 +116,7 @@ def calibrated_graph(saved_model: str, calib: np.ndarray, io_dtype: str = "uint8
     conv = int8_converter(saved_model, calib[:4], io_dtype)
     conv._experimental_calibrate_only = True  # stop after calibration, before quantizing
     return tighten_ranges(conv.convert(), calib, CALIB_QUANTILE)
+
 
 def head_tensors(calibrated: bytes) -> list[str]:
     """Output tensors of the head that `--float-head` keeps in float: every operation from a
@@ -170,6 +172,7 @@ def tflite_bytes(saved_model: str, job: ExportJob, calib: np.ndarray | None, cal
         conv.target_spec.supported_types = [tf.float16]
     return conv.convert()
 
+
 def tflite_io(flatbuffer: bytes) -> dict:
     from ..runtime import load_interpreter_class  # noqa: PLC0415
 
@@ -181,6 +184,7 @@ def tflite_io(flatbuffer: bytes) -> dict:
                     "shape": [int(v) for v in det["shape_signature"]], "scale": float(scale), "zero_point": int(zp)}
     return out
 
+
 def append_tflite_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     """The flatbuffer with a ZIP of the metadata after it; the metadata records the flatbuffer's
     length and hash, so the runtime can tell a modified or damaged file."""
@@ -189,6 +193,7 @@ def append_tflite_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr(METADATA_NAME, json.dumps(meta, indent=1))
     return flatbuffer + buf.getvalue()
+
 
 def rewrite_tflite_metadata(path: Path, meta: dict) -> None:
     """Replace the metadata ZIP of an exported file; the flatbuffer before it is kept byte for byte."""
