@@ -90,3 +90,55 @@ class Heartbeat:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+_note_sink = None  # where note() sends its lines: the command's log, or a worker's parent (`notes_to`)
+
+
+def note(text: str) -> None:
+    """One line on the state of long work from code deep inside a step (each candidate of the
+    accuracy-aware int8 search), where no log was handed down; dropped when nobody listens."""
+    if _note_sink is not None:
+        try:
+            _note_sink(text)
+        except (OSError, ValueError, EOFError):
+            pass  # a closed pipe or queue must not stop the work it reports on
+
+
+def notes_to(sink) -> None:
+    """Send note()'s lines to sink (a callable taking one line), or nowhere with None."""
+    global _note_sink
+    _note_sink = sink
+
+
+class Relay:
+    """A thread that hands the lines worker processes put on a queue to log, as they come."""
+
+    def __init__(self, queue, log):
+        self.queue, self.log = queue, log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import queue as queue_module  # noqa: PLC0415
+
+        while not self._stop.is_set():
+            try:
+                self.log(self.queue.get(timeout=0.2))
+            except queue_module.Empty:
+                continue
+            except (OSError, ValueError, EOFError):
+                return  # the queue went away with the pool
+
+    def stop(self) -> None:
+        """Stop after handing on the lines still queued."""
+        import queue as queue_module  # noqa: PLC0415
+
+        self._stop.set()
+        self._thread.join(2)
+        try:
+            while True:
+                self.log(self.queue.get_nowait())
+        except (queue_module.Empty, OSError, ValueError, EOFError):
+            pass

@@ -296,6 +296,11 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
                                            recipe["held_out_accuracy_drop_pts"] <= 0), name
         assert set(recipe["stages"]) == {"body", "head"} and recipe["steps"][0]["float_stages"] == [], name
     assert "kept in float" in res.output
+    for fmt in ("ONNX", "TFLite"):  # each candidate, as the worker processes measure it
+        assert f"int8 {fmt} search: nothing in float: held-out agreement" in res.output, res.output
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--quantize", "int8", "--max-drop", "0",
+                                    "--calib-size", "16", "--workers", "1"])
+    assert res.exit_code == 0 and "int8 ONNX search: nothing in float: held-out agreement" in res.output, res.output
 
 
 def test_debug_quant_writes_a_per_layer_report(micro_run, tmp_path):

@@ -24,10 +24,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .. import progress
 
 STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
 MEMBER = re.compile(r"member_\d+")
@@ -140,8 +141,8 @@ def float_cost(mac_share: float, param_share: float) -> float:
 
 
 def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], tuple[dict, object]], max_drop_pts: float,
-                 base: list[str], weight_only: Callable[[], tuple[dict, object]] | None = None
-                 ) -> tuple[dict, object, list[dict]]:
+                 base: list[str], weight_only: Callable[[], tuple[dict, object]] | None = None,
+                 note: Callable[[str], None] = lambda line: None) -> tuple[dict, object, list[dict]]:
     """The cheapest set of stages kept in float whose candidate is within the budget.
 
     attempt(kept, early) builds the candidate with those stages in float and returns (score,
@@ -170,6 +171,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], t
     def step(kept: list[str], early: bool = False) -> tuple[dict, object]:
         if tuple(kept) not in tried or (not early and "stopped_after" in tried[tuple(kept)][0]):
             score, cand = attempt(kept, early)
+            note(describe(f"{', '.join(kept) or 'nothing'} in float", score, max_drop_pts))
             tried[tuple(kept)] = ({"float_stages": list(kept), **score,
                                    "float_mac_share": sum(stages[k]["mac_share"] for k in kept),
                                    "float_param_share": sum(stages[k]["param_share"] for k in kept)}, cand)
@@ -212,6 +214,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], t
     int8, ok = eligible()
     if not ok and weight_only is not None:
         score, cand = weight_only()
+        note(describe("weight-only int8 (every operation in float, weights int8)", score, max_drop_pts))
         steps.append({"float_stages": list(stages), **score, "weight_only": True,
                       "float_mac_share": sum(s["mac_share"] for s in stages.values()), "float_param_share": 0.0})
         candidates.append(cand)
@@ -227,6 +230,15 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], t
                 steps[i].update(extra)
     best = min(ok, key=cost.__getitem__) if ok else max(fallback, key=lambda i: quality(steps[i]))
     return steps[best], candidates[best], steps
+
+
+def describe(what: str, score: dict, max_drop_pts: float) -> str:
+    """One progress line per candidate of the search: what it keeps in float and its score."""
+    if "stopped_after" in score:
+        return (f"{what}: held-out agreement <= {score['agreement']:.2%} "
+                f"(stopped after {score['stopped_after']} images: over budget)")
+    return (f"{what}: held-out agreement {score['agreement']:.2%}, accuracy {0.0 - score['accuracy_drop_pts']:+.2f} "
+            f"pts, {'within' if within(score, max_drop_pts) else 'over'} budget")
 
 
 def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict], held: HeldOut,
@@ -312,7 +324,8 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         return held.score(probs(fb)), fb
 
     chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
-                                     weight_only if float_weights == "int8" else None)
+                                     weight_only if float_weights == "int8" else None,
+                                     lambda line: progress.note(f"  int8 TFLite search: {line}"))
     out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
                  stages, held, max_drop_pts)
     if out["weight_only"]:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import progress
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
 from ..runtime import METADATA_KEY
@@ -355,7 +356,8 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
 
     chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
                                        ["head"] if float_head and "head" in stages else [],
-                                       weight_only if float_weights == "int8" else None)
+                                       weight_only if float_weights == "int8" else None,
+                                       lambda line: progress.note(f"  int8 ONNX search: {line}"))
     Path(path).replace(out_path)
     return recipe("onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images", chosen,
                   steps, stages, held, max_drop_pts)

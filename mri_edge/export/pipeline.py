@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, preprocess, quiet, report
+from .. import __version__, preprocess, progress, quiet, report
 from ..config import ExportConfig
 from ..files import atomic_write_bytes, sha256_file
 from ..run import RunFolder
@@ -209,14 +209,21 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
     if workers == 1:
         if has_tflite:
             tflite.write_saved_model(model, str(workdir / "saved_model"), size)
-        for u in units:
-            log(f"exporting {', '.join(j.filename for j in u)} ...")
-            collect(pool.run_unit(context(u), model))
+        progress.notes_to(log)  # the accuracy-aware search's steps
+        try:
+            for u in units:
+                log(f"exporting {', '.join(j.filename for j in u)} ...")
+                collect(pool.run_unit(context(u), model))
+        finally:
+            progress.notes_to(None)
         return
+    import multiprocessing as mp  # noqa: PLC0415
     from concurrent.futures import as_completed  # noqa: PLC0415
 
     log(f"exporting {sum(len(u) for u in units)} files with {workers} worker processes ...")
-    executor = pool.start_pool(workers)
+    notes = mp.get_context("spawn").Queue()
+    executor = pool.start_pool(workers, notes)
+    relay = progress.Relay(notes, log)
     try:
         # The ONNX chain needs only model.keras: start it while the SavedModel is written.
         futures = {executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt != "tflite"}
@@ -232,6 +239,8 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
     except BaseException:
         pool.kill_pool(executor)
         raise
+    finally:
+        relay.stop()
     executor.shutdown()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import quiet
+from .. import progress, quiet
 from ..files import sha256_file
 from ..ov import size_on_disk
 from .formats import ExportJob
@@ -74,7 +74,7 @@ def float_parts(recipe: dict) -> str:
     if recipe.get("weight_only"):
         what = "every operation (weight-only int8)"
     drop = recipe.get("held_out_accuracy_drop_pts")
-    acc = "" if drop is None else f", accuracy {-drop:+.2f} pts"
+    acc = "" if drop is None else f", accuracy {0.0 - drop:+.2f} pts"  # 0.0 - 0.0 is +0.00, -0.0 would print -0.00
     weights = f", weights {recipe['float_weights']}" if "float_weights" in recipe else ""
     return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{acc}"
             f"{'' if recipe['within_budget'] else ', over budget'}{weights})")
@@ -142,13 +142,21 @@ def default_workers(n_units: int) -> int:
     return max(1, min(2, os.cpu_count() or 1, n_units))
 
 
-def start_pool(workers: int):
+def start_pool(workers: int, notes=None):
     """Spawned (not forked: forking a process that has TensorFlow loaded is unsafe) workers that
-    die with their parent, ignore Ctrl-C (the parent stops them) and keep quiet unless verbose."""
+    die with their parent, ignore Ctrl-C (the parent stops them) and keep quiet unless verbose;
+    their progress.note() lines go on `notes` (a queue of the spawn context) when given."""
     import multiprocessing as mp  # noqa: PLC0415
     from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
 
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=quiet.quiet_worker)
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                               initargs=(notes,))
+
+
+def _start_worker(notes) -> None:
+    quiet.quiet_worker()
+    if notes is not None:  # progress.note() lines go to the parent, which logs them (progress.Relay)
+        progress.notes_to(notes.put)
 
 
 def kill_pool(pool) -> None:
