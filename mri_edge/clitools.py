@@ -88,7 +88,10 @@ def run_guarded(fn, *args, **kwargs):
 
 
 def echo(msg: str) -> None:
-    click.echo(msg, err=True)
+    from . import quiet  # noqa: PLC0415
+
+    if not quiet.write_uncaptured(msg):  # a converter in this process has fd 2 captured
+        click.echo(msg, err=True)
 
 
 def int_list(ctx, param, value):

@@ -35,6 +35,21 @@ def set_verbose(on: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+_uncaptured: list[int] = []  # fd 2 as it was before each native_stderr block now running captured it
+
+
+def write_uncaptured(text: str) -> bool:
+    """Write our own line where fd 2 pointed before a native_stderr block captured it (an
+    export's progress while a converter runs in this process); False when nothing is captured."""
+    if not _uncaptured:
+        return False
+    try:
+        os.write(_uncaptured[-1], (text + "\n").encode("utf-8", "replace"))
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def native_stderr():
     """Run the block with fd 2 captured; replay the capture if it raises or when verbose."""
@@ -42,9 +57,9 @@ def native_stderr():
         yield
         return
     try:
-        fd = sys.stderr.fileno()
+        fd, ours = sys.stderr.fileno(), True  # sys.stderr writes to the fd captured: our lines need a way out
     except (AttributeError, ValueError, OSError):  # no real stderr (an embedding app, CliRunner)
-        fd = 2
+        fd, ours = 2, False
     try:
         saved = os.dup(fd)
     except OSError:
@@ -55,12 +70,16 @@ def native_stderr():
             sys.stderr.flush()
         os.dup2(cap.fileno(), fd)
         failed = False
+        if ours:
+            _uncaptured.append(saved)
         try:
             yield
         except BaseException:
             failed = True
             raise
         finally:
+            if ours:
+                _uncaptured.remove(saved)
             with contextlib.suppress(Exception):
                 sys.stderr.flush()
             os.dup2(saved, fd)
