@@ -90,8 +90,7 @@ def run_guarded(fn, *args, **kwargs):
 def echo(msg: str) -> None:
     from . import quiet  # noqa: PLC0415
 
-    if not quiet.write_uncaptured(msg):  # a converter in this process has fd 2 captured
-        click.echo(msg, err=True)
+    quiet.write_uncaptured(msg, lambda: click.echo(msg, err=True))  # past a converter's capture of fd 2
 
 
 def int_list(ctx, param, value):

@@ -3,6 +3,7 @@ that cannot count (graph building, a conversion)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -101,18 +102,31 @@ def note(text: str) -> None:
     if _note_sink is not None:
         try:
             _note_sink(text)
-        except (OSError, ValueError, EOFError):
-            pass  # a closed pipe or queue must not stop the work it reports on
+        except Exception:  # noqa: BLE001 - a closed pipe or queue must not stop the work it reports on
+            pass
 
 
 def notes_to(sink) -> None:
-    """Send note()'s lines to sink (a callable taking one line), or nowhere with None."""
+    """Send note()'s lines to sink (a callable taking one line), or nowhere with None: for a
+    worker process, which sends them to its parent for good."""
     global _note_sink
     _note_sink = sink
 
 
+@contextlib.contextmanager
+def notes_going_to(sink):
+    """note()'s lines go to sink for the block, then where they went before."""
+    before = _note_sink
+    notes_to(sink)
+    try:
+        yield
+    finally:
+        notes_to(before)
+
+
 class Relay:
-    """A thread that hands the lines worker processes put on a queue to log, as they come."""
+    """A thread that hands the lines worker processes put on a queue to log as they come
+    (log is called from that thread)."""
 
     def __init__(self, queue, log):
         self.queue, self.log = queue, log
@@ -120,16 +134,23 @@ class Relay:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _hand_on(self, line: str) -> None:
+        try:
+            self.log(line)
+        except Exception:  # noqa: BLE001 - a failing log must not end the relay or mask the export's own error
+            pass
+
     def _run(self) -> None:
         import queue as queue_module  # noqa: PLC0415
 
         while not self._stop.is_set():
             try:
-                self.log(self.queue.get(timeout=0.2))
+                line = self.queue.get(timeout=0.2)
             except queue_module.Empty:
                 continue
             except (OSError, ValueError, EOFError):
                 return  # the queue went away with the pool
+            self._hand_on(line)
 
     def stop(self) -> None:
         """Stop after handing on the lines still queued."""
@@ -139,6 +160,6 @@ class Relay:
         self._thread.join(2)
         try:
             while True:
-                self.log(self.queue.get_nowait())
+                self._hand_on(self.queue.get_nowait())
         except (queue_module.Empty, OSError, ValueError, EOFError):
             pass

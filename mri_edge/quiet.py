@@ -36,18 +36,21 @@ def set_verbose(on: bool) -> None:
 
 
 _uncaptured: list[int] = []  # fd 2 as it was before each native_stderr block now running captured it
+_capture_lock = threading.Lock()  # a capture starts and ends whole between two of our lines
 
 
-def write_uncaptured(text: str) -> bool:
-    """Write our own line where fd 2 pointed before a native_stderr block captured it (an
-    export's progress while a converter runs in this process); False when nothing is captured."""
-    if not _uncaptured:
-        return False
-    try:
-        os.write(_uncaptured[-1], (text + "\n").encode("utf-8", "replace"))
-        return True
-    except OSError:
-        return False
+def write_uncaptured(text: str, otherwise) -> None:
+    """Write our own line where fd 2 pointed before any native_stderr block captured it (an
+    export's progress, from any thread, while a converter runs in this process); with nothing
+    captured, call otherwise() instead."""
+    with _capture_lock:
+        if not _uncaptured:
+            otherwise()
+            return
+        try:  # the outermost block saved the real stderr; an inner one, the outer's capture file
+            os.write(_uncaptured[0], (text + "\n").encode(getattr(sys.stderr, "encoding", None) or "utf-8", "replace"))
+        except (OSError, LookupError):
+            pass
 
 
 @contextlib.contextmanager
@@ -68,22 +71,24 @@ def native_stderr():
     with tempfile.TemporaryFile() as cap:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
-        os.dup2(cap.fileno(), fd)
+        with _capture_lock:
+            os.dup2(cap.fileno(), fd)
+            if ours:
+                _uncaptured.append(saved)
         failed = False
-        if ours:
-            _uncaptured.append(saved)
         try:
             yield
         except BaseException:
             failed = True
             raise
         finally:
-            if ours:
-                _uncaptured.remove(saved)
             with contextlib.suppress(Exception):
                 sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
+            with _capture_lock:
+                if ours:
+                    _uncaptured.remove(saved)
+                os.dup2(saved, fd)
+                os.close(saved)
             if failed:
                 cap.seek(0)
                 text = cap.read().decode("utf-8", "replace").strip()

@@ -114,10 +114,15 @@ def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_da
 def test_our_log_lines_pass_while_a_converters_stderr_is_captured():
     """quiet.native_stderr hides what native code writes to fd 2; the command's own lines
     (export's search progress, logged while a converter runs in-process) still get out."""
-    code = ("import os; from mri_edge import quiet, clitools\n"
+    code = ("import os, threading; from mri_edge import quiet, clitools\n"
             "with quiet.native_stderr():\n"
             "    os.write(2, b'converter noise\\n'); clitools.echo('our line')\n"
+            "    with quiet.native_stderr():\n"  # nested: still the real stderr, not the outer capture
+            "        clitools.echo('nested line')\n"
+            "    t = threading.Thread(target=clitools.echo, args=('thread line',)); t.start(); t.join()\n"
             "clitools.echo('after')\n")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "MRI_EDGE_VERBOSE": ""}).stderr
-    assert "our line" in err and "after" in err and "converter noise" not in err, err
+    assert "converter noise" not in err, err
+    for line in ("our line", "nested line", "thread line", "after"):
+        assert err.count(line) == 1, (line, err)

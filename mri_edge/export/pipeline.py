@@ -209,22 +209,20 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
     if workers == 1:
         if has_tflite:
             tflite.write_saved_model(model, str(workdir / "saved_model"), size)
-        progress.notes_to(log)  # the accuracy-aware search's steps
-        try:
+        with progress.notes_going_to(log):  # the accuracy-aware search's steps
             for u in units:
                 log(f"exporting {', '.join(j.filename for j in u)} ...")
                 collect(pool.run_unit(context(u), model))
-        finally:
-            progress.notes_to(None)
         return
     import multiprocessing as mp  # noqa: PLC0415
     from concurrent.futures import as_completed  # noqa: PLC0415
 
     log(f"exporting {sum(len(u) for u in units)} files with {workers} worker processes ...")
-    notes = mp.get_context("spawn").Queue()
+    notes = mp.get_context("spawn").Queue()  # the workers' progress.note() lines
     executor = pool.start_pool(workers, notes)
-    relay = progress.Relay(notes, log)
+    relay = None
     try:
+        relay = progress.Relay(notes, log)
         # The ONNX chain needs only model.keras: start it while the SavedModel is written.
         futures = {executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt != "tflite"}
         if has_tflite:
@@ -236,12 +234,14 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
             except Exception as e:  # e.g. BrokenProcessPool: a converter crashed its process
                 outcomes = [pool.record(j, {}, workdir / "out" / j.filename, 0.0, e) for j in futures[fut]]
             collect(outcomes)
+        executor.shutdown()  # the workers send their last lines before they exit
     except BaseException:
         pool.kill_pool(executor)
         raise
     finally:
-        relay.stop()
-    executor.shutdown()
+        if relay is not None:
+            relay.stop()
+        notes.close()
 
 
 def table(results: list[dict]) -> str:
