@@ -230,7 +230,7 @@ class ExportConfig:
                                         "--max-drop) are stored: fp16 (half of fp32), int8 per channel (a "
                                         "quarter; moves more low-margin answers) or fp32. Activations stay float32; "
                                         "with --max-drop the smaller storage is kept only if the file stays within "
-                                        "budget. int8 with --max-drop, TFLite and ONNX: when no file with int8 "
+                                        "budget (int8 weights that do not give way to fp16). int8 with --max-drop, TFLite and ONNX: when no file with int8 "
                                         "compute holds the budget, a weight-only int8 file (all compute float) is "
                                         "tried last; ONNX files otherwise keep float32 weights in float operations "
                                         "(docs/int8.md).", choices=FLOAT_WEIGHTS)

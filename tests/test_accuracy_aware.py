@@ -527,6 +527,30 @@ def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_b
     assert fb == (("c1",), stored) and recipe["float_weights_check"]["within_budget"] == (stored == "fp16")
 
 
+@pytest.mark.parametrize("flips, stored", [({"int8": 0, "fp16": 0}, "int8"), ({"int8": 1, "fp16": 0}, "fp16"),
+                                           ({"int8": 1, "fp16": 1}, "fp32")])
+def test_int8_weights_that_leave_the_budget_give_way_to_fp16(monkeypatch, flips, stored):
+    from mri_edge.export import accuracy
+
+    stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
+              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
+    monkeypatch.setattr(accuracy, "tflite_stages", lambda calibrated: stages)
+    labels = np.arange(10) % 2
+    held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+
+    def probs(candidate, x=None):
+        nodes, weights = candidate
+        wrong = (0 if "c1" in nodes else 3) + flips.get(weights, 0)
+        return np.eye(2)[(labels + (np.arange(10) < wrong)) % 2]
+
+    fb, recipe = accuracy.tflite_accuracy_aware(b"", lambda nodes: (tuple(nodes), "fp32"),
+                                                lambda fb, w: (fb[0], w), held, 5.0, probs, float_weights="int8")
+    assert fb == (("c1",), stored) and recipe["float_weights"] == stored
+    check = recipe["float_weights_check"]
+    assert check["weights"] == ("int8" if stored == "int8" else "fp16")
+    assert check.get("instead_of", {}).get("weights") == (None if stored == "int8" else "int8")
+
+
 def test_weight_only_int8_is_the_last_resort_before_going_over_budget():
     """With weight_only given, a search that finds no file with int8 compute inside the budget
     tries every operation in float with int8 weights, and takes it if that holds; it is never
