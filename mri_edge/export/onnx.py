@@ -80,11 +80,13 @@ def pre_process(fp32_path: Path, dst: Path) -> Path:
 def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
               activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None,
               workdir: Path | None = None, nodes_to_exclude: list[str] | None = None,
-              float_head: bool = False, ranges: Path | None = None) -> None:
+              float_head: bool = False, ranges: Path | None = None, pre_processed: bool = False) -> None:
     """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py).
     nodes_to_exclude: nodes of the pre-processed graph that stay in float (accuracy-aware export).
     ranges: where the robust ranges of this fp32 file and calibration set are kept, so that the
-    candidates of one search compute them once (they do not depend on what stays in float)."""
+    candidates of one search compute them once (they do not depend on what stays in float).
+    pre_processed: fp32_path is `pre_process`'s output already (the search's candidates share
+    one; a second pass gives the same graph)."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static)
 
@@ -104,7 +106,7 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
 
     # in the export's work folder (when given), which the parent removes even if it kills this worker
     with tempfile.TemporaryDirectory(dir=workdir) as td:
-        src = pre_process(fp32_path, Path(td) / "pre.onnx")
+        src = fp32_path if pre_processed else pre_process(fp32_path, Path(td) / "pre.onnx")
         if float_head:
             head = onnx_stages(src).get("head")
             if not head:
@@ -345,7 +347,7 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
             built.add(path)
             onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
                       nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]],
-                      ranges=workdir / "aware_ranges.json")
+                      ranges=workdir / "aware_ranges.json", pre_processed=True)
         run = onnx_runner(path, threads)
         return held.score_until(run, held.max_flips(max_drop_pts) if early else None), path
 
