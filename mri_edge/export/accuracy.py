@@ -225,9 +225,10 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], t
     if not ok:  # the fallback is ranked by quality: complete the scores that stopped early
         for i in fallback:
             if "stopped_after" in steps[i]:
-                extra = {k: v for k, v in steps[i].items() if k == "alone_gain"}
+                gain = steps[i].get("alone_gain")
                 steps[i], candidates[i] = step(steps[i]["float_stages"])
-                steps[i].update(extra)
+                if gain is not None:
+                    steps[i]["alone_gain"] = gain
     best = min(ok, key=cost.__getitem__) if ok else max(fallback, key=lambda i: quality(steps[i]))
     return steps[best], candidates[best], steps
 
