@@ -230,9 +230,10 @@ class ExportConfig:
                                         "--max-drop) are stored: fp16 (half of fp32), int8 per channel (a "
                                         "quarter; moves more low-margin answers) or fp32. Activations stay float32; "
                                         "with --max-drop the smaller storage is kept only if the file stays within "
-                                        "budget (int8 weights that do not give way to fp16). int8 with --max-drop, TFLite and ONNX: when no file with int8 "
-                                        "compute holds the budget, a weight-only int8 file (all compute float) is "
-                                        "tried last; ONNX files otherwise keep float32 weights in float operations "
+                                        "budget (int8 weights that would leave it give way to fp16 first). int8 "
+                                        "with --max-drop, TFLite and ONNX: when no file with int8 compute holds "
+                                        "the budget, a weight-only int8 file (all compute float) is tried last; "
+                                        "ONNX files otherwise keep float32 weights in float operations "
                                         "(docs/int8.md).", choices=FLOAT_WEIGHTS)
     openvino_int8: str = option("auto", "int8 OpenVINO file: converted from this export's int8 ONNX file (its ranges, "
                                         "--max-drop and --float-head choices and weights), or quantized by "
