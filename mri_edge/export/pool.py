@@ -17,6 +17,7 @@ import numpy as np
 from .. import progress, quiet
 from ..files import sha256_file
 from ..ov import size_on_disk
+from .accuracy import accuracy_change
 from .formats import ExportJob
 
 
@@ -74,7 +75,7 @@ def float_parts(recipe: dict) -> str:
     if recipe.get("weight_only"):
         what = "every operation (weight-only int8)"
     drop = recipe.get("held_out_accuracy_drop_pts")
-    acc = "" if drop is None else f", accuracy {0.0 - drop:+.2f} pts"  # 0.0 - 0.0 is +0.00, -0.0 would print -0.00
+    acc = "" if drop is None else f", {accuracy_change(drop)}"
     weights = f", weights {recipe['float_weights']}" if "float_weights" in recipe else ""
     return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{acc}"
             f"{'' if recipe['within_budget'] else ', over budget'}{weights})")
