@@ -16,6 +16,7 @@ apply the same temperature and threshold.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +61,6 @@ def source_model_sha256(run: RunFolder, ref_path: Path) -> str | None:
 
     if run.model_path.is_file():
         return sha256_file(run.model_path)
-    if ref_path.suffix == ".xml":
-        from .ov import read_metadata as ov_metadata  # noqa: PLC0415
-
-        return ov_metadata(ref_path).get("source_model_sha256")
     from .runtime import read_metadata  # noqa: PLC0415
 
     return read_metadata(ref_path).get("source_model_sha256")
@@ -255,15 +252,18 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
                            **({"test": evaluate(test, y_test, record)} if test is not None else {})}
 
     # Store in each file (its model bytes untouched, their hash checked), then the run's record.
+    # A file that already holds this record is left as it is: calibrating again changes no bytes.
     from .export import rewrite_metadata  # noqa: PLC0415
-    from .ov import read_metadata as ov_metadata  # noqa: PLC0415
     from .runtime import read_metadata  # noqa: PLC0415
 
+    stored_form = json.loads(json.dumps(record.to_dict()))
     done = []
     for f in files:
         try:
-            meta = ov_metadata(f) if f.suffix == ".xml" else read_metadata(f)
-            rewrite_metadata(f, {**meta, "trust": record.to_dict()})
+            meta = read_metadata(f)
+            if meta.get("trust") != stored_form:
+                rewrite_metadata(f, {**meta, "trust": record.to_dict()})
+            results[f.name]["model_sha256"] = meta.get("model_sha256")  # which file the row measured (card checks)
             stored = open_model(f).trust  # reopened: hash checked, record read back
             if stored is None or stored.to_dict() != record.to_dict():
                 raise CalibrateError("the record did not read back")

@@ -56,6 +56,31 @@ def _load(path: Path):
         return None
 
 
+def recorded_hashes(files: list[Path]) -> dict[str, str | None]:
+    """Each exported file's model_sha256, the hash of its model bytes that export recorded in
+    its metadata (None where it cannot be read)."""
+    from .runtime import read_metadata  # noqa: PLC0415
+
+    out = {}
+    for f in files:
+        try:
+            out[f.name] = read_metadata(f).get("model_sha256")
+        except MriEdgeError:
+            out[f.name] = None
+    return out
+
+
+def current_rows(rows: dict, hashes: dict, what: str, command: str, missing: list) -> dict:
+    """The rows of a report whose file is still the one it measured. A file exported again after
+    the report (another model_sha256) would get the numbers of the file it replaced, so its row
+    is left out and listed as missing; rows that record no hash cannot be checked and are kept."""
+    stale = sorted(n for n, r in rows.items()
+                   if r.get("model_sha256") and hashes.get(n) and hashes[n] != r["model_sha256"])
+    if stale:
+        missing.append(f"{what} of {', '.join(stale)} (exported again since; run {command})")
+    return {n: r for n, r in rows.items() if n not in stale}
+
+
 def build(run_dir) -> dict:
     run = RunFolder(run_dir)
     cfg = run.config()
@@ -67,6 +92,8 @@ def build(run_dir) -> dict:
     bench = _load(run.path / "bench" / "bench.json") or _load(run.path / "bench.json")
     audit = _load(Path(cfg["dedup"])) if cfg.get("dedup") else None
     missing = []
+    files = run.export_files()
+    hashes = recorded_hashes(files)
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
                       "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},
@@ -102,19 +129,22 @@ def build(run_dir) -> dict:
     else:
         missing.append("test report")
     if cal:
-        ref = next(r for r in cal["files"].values() if r.get("reference"))
+        reference = next(n for n, r in cal["files"].items() if r.get("reference"))
+        cal["files"] = current_rows(cal["files"], hashes, "calibration", f"mri-edge calibrate {run.path}", missing)
         card["calibration"] = {"trust": cal["trust"], "held_out": cal["held_out"],
                                "per_file": {n: {s: {"ece_before": r[s]["before"]["ece"], "ece_after": r[s]["after"]["ece"],
                                                     **({"abstention": r[s]["abstention"]} if "abstention" in r[s] else {}),
                                                     **({"sets": r[s]["sets"]} if "sets" in r[s] else {})}
                                                 for s in ("held_out", "test") if s in r}
                                             for n, r in cal["files"].items()},
-                               "reference_model": next(n for n, r in cal["files"].items() if r is ref)}
+                               "reference_model": reference}
     else:
         missing.append("calibration (mri-edge calibrate)")
     if parity:
         card["parity"] = {n: {k: r.get(k) for k in ("quantization", "runtime", "accuracy", "agreement", "passed")}
-                          | {"flips": len(r.get("flips", []))} for n, r in parity["files"].items()}
+                          | {"flips": len(r.get("flips", []))} for n, r in
+                          current_rows(parity["files"], hashes, "parity", f"mri-edge verify {run.path}",
+                                       missing).items()}
     else:
         missing.append("parity (mri-edge verify)")
     if bench:
@@ -123,7 +153,6 @@ def build(run_dir) -> dict:
             if r["batch"] == 1]}
     else:
         missing.append("latency (mri-edge bench)")
-    files = run.export_files()
     card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
     small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",

@@ -59,12 +59,16 @@ def no_delegate_resolver(interpreter_cls):
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata that `mri-edge export` embedded in a .tflite or .onnx file."""
+    """The metadata that `mri-edge export` embedded in a .tflite, .onnx or OpenVINO .xml file
+    (an .xml is read by its backend module, which needs OpenVINO)."""
     path = Path(path)
     if not path.is_file():
         raise RuntimeModelError(f"model file not found: {path}")
-    if path.suffix not in (".tflite", ".onnx"):
-        raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} (expected .tflite or .onnx)")
+    if path.suffix not in EXPORT_SUFFIXES:
+        raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} (expected "
+                                f"{', '.join(EXPORT_SUFFIXES)})")
+    if path.suffix == ".xml":
+        return importlib.import_module(BACKENDS[".xml"][0]).read_metadata(path)
     check_kind(path)
     if path.suffix == ".tflite":
         try:

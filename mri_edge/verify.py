@@ -134,7 +134,7 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     q = meta.get("quantization", "none")
     min_agree, max_drop = thresholds.for_quantization(q)
     r.update({"file": f.name, "quantization": q, "format": meta.get("format"), "runtime": model.runtime_name,
-              "size_mb": size_on_disk(f) / 1e6,
+              "size_mb": size_on_disk(f) / 1e6, "model_sha256": meta.get("model_sha256"),
               "thresholds": {"min_agreement": min_agree, "max_accuracy_drop_pts": max_drop,
                              "max_ece_change": thresholds.max_ece_change}})
     if model.trust:

@@ -22,10 +22,6 @@ OPENVINO = ["model_fp32.xml", "model_int8.xml"] if ov.available(for_export=True)
 ALL = SIX + OPENVINO
 
 
-def read_meta(path):
-    return ov.read_metadata(path) if path.suffix == ".xml" else runtime.read_metadata(path)
-
-
 def test_plan_rejects_unsupported_combinations():
     with pytest.raises(export_lib.ExportError, match="does not support"):
         export_lib.plan(("onnx",), ("fp16",), "uint8")
@@ -69,7 +65,7 @@ def test_int8_tflite_is_full_integer_with_uint8_io(exported_run):
 def test_metadata_round_trips(exported_run, tiny_run):
     sha = sha256_file(tiny_run / "model.keras")
     for name in ALL:
-        meta = read_meta(exported_run / "exports" / name)
+        meta = runtime.read_metadata(exported_run / "exports" / name)
         assert meta["class_names"] == ["Glioma", "Meningioma", "No Tumor", "Pituitary"]
         assert meta["input_size"] == [32, 32] and meta["task"] == "tumor"
         assert meta["source_model_sha256"] == sha

@@ -121,6 +121,26 @@ def test_calibrate_stores_one_record_that_every_runtime_applies_identically(cali
             assert np.array_equal(probs, trust.scale(m.predict_arrays(imgs, 8, calibrated=False), record["temperature"]))
     assert (run / "calibration" / "calibrate.md").is_file() and (run / "calibration" / "coverage_risk.png").is_file()
     assert "calibrate.md" in (run / "report.md").read_text()
+    # Calibrating again with the same record leaves every file's bytes as they are (shipped
+    # files do not change for nothing), and the report names the same files.
+    from mri_edge.calibrate import calibrate_run
+    from mri_edge.config import CalibrateConfig
+    from mri_edge.files import sha256_file
+
+    before = {f.name: sha256_file(f) for f in files}
+    again = calibrate_run(run, CalibrateConfig(coverage=0.5, alpha=0.2, min_images=4), log=lambda *_: None)
+    assert again["trust"] == record and {f.name: sha256_file(f) for f in files} == before
+
+
+def test_tflite_metadata_bytes_do_not_depend_on_the_clock(monkeypatch):
+    import time
+
+    from mri_edge.export.tflite import append_tflite_metadata
+
+    monkeypatch.setattr(time, "time", lambda: 0.0)
+    first = append_tflite_metadata(b"flatbuffer", {"task": "tumor"})
+    monkeypatch.setattr(time, "time", lambda: 2e9)
+    assert append_tflite_metadata(b"flatbuffer", {"task": "tumor"}) == first
 
 
 def test_predict_marks_answers_below_the_threshold_for_review(calibrated_run):
@@ -222,6 +242,21 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     per_class = card["results"]["official"]["per_class"]
     assert all(lo <= c["sensitivity"] <= hi for c in per_class for lo, hi in [c["sensitivity_ci95"]])
     assert "model_card.md" in (run / "report.md").read_text()
+    # Each calibration row names the file it measured; a file exported again after calibrate
+    # (another model_sha256 in the row) has its row left out and named as missing, not misreported.
+    from mri_edge.runtime import read_metadata
+
+    report_path = run / "calibration" / "calibrate.json"
+    rows = json.loads(report_path.read_text())
+    for name in cal["updated_files"]:
+        assert rows["files"][name]["model_sha256"] == read_metadata(run / "exports" / name)["model_sha256"]
+    assert set(card["calibration"]["per_file"]) == set(rows["files"])
+    rows["files"]["model_int8.tflite"]["model_sha256"] = "0" * 64
+    report_path.write_text(json.dumps(rows))
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    card = json.loads((run / "model_card.json").read_text())
+    assert set(card["calibration"]["per_file"]) == set(rows["files"]) - {"model_int8.tflite"}
+    assert any(m.startswith("calibration of model_int8.tflite (exported again since") for m in card["missing"])
 
 
 def test_gradcam_on_a_densenet121(tiny_run, tmp_path):

@@ -190,8 +190,9 @@ def append_tflite_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     length and hash, so the runtime can tell a modified or damaged file."""
     meta.update({"model_bytes": len(flatbuffer), "model_sha256": sha256_bytes(flatbuffer)})
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(METADATA_NAME, json.dumps(meta, indent=1))
+    with zipfile.ZipFile(buf, "w") as z:  # a fixed entry date: the same metadata gives the same bytes
+        z.writestr(zipfile.ZipInfo(METADATA_NAME, date_time=(1980, 1, 1, 0, 0, 0)), json.dumps(meta, indent=1),
+                   compress_type=zipfile.ZIP_DEFLATED)
     return flatbuffer + buf.getvalue()
 
 
