@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Copy a finished, exported, calibrated, verified, benchmarked and carded run into
+# Copy a finished, exported, calibrated, verified and benchmarked run into
 # artifacts/<task>/ for shipping: the deployable files, the model they were exported from
 # (model.keras, only when stored compact by `evaluate --fp16-weights`, so explain, calibrate
-# and card work on the shipped folder), and the reports. A model file ships only if
+# and card work on the shipped folder), the reports, and a model card of the files shipped. A model file ships only if
 # `mri-edge verify` passed it (the run's parity.json), the ONNX int8 file only if under 10 MB.
 #   bash benchmarks/ship.sh artifacts/runs/tumor-64px-grouped-ft2 tumor brain-tumor-mri
 set -euo pipefail
@@ -24,9 +24,9 @@ if python3 -c 'import json, sys; sys.exit((json.load(open(sys.argv[1])).get("wei
 else
   echo "not shipped: model.keras (run mri-edge evaluate $run --fp16-weights to store it compact)" >&2
 fi
-cp "$run"/labels.json "$run"/report.md "$run"/train_report.md "$run"/parity.md "$run"/training_curves.png "$run"/confusion_matrix.png \
+cp "$run"/labels.json "$run"/train_report.md "$run"/parity.md "$run"/training_curves.png "$run"/confusion_matrix.png \
    "$run"/examples.png "$run"/test_report.json "$run"/parity.json "$run"/config.json "$run"/split_manifest.json "$dst"/
-for f in trust.json model_card.md model_card.json reliability.png; do
+for f in trust.json reliability.png; do
   if [ -f "$run/$f" ]; then cp "$run/$f" "$dst"/; else echo "not shipped: $f (absent from the run)" >&2; fi
 done
 rm -rf "$dst/calibration" "$dst/verify"
@@ -35,13 +35,6 @@ mkdir -p "$dst/verify"
 cp "$run"/verify/confusion_model_int8_*.png "$run"/verify/reliability_model_int8_*.png "$dst/verify/"
 cp "artifacts/audit/$audit/audit.md" "artifacts/audit/$audit/duplicate_pairs.png" "$dst"/
 if [ -d "$run/bench" ]; then cp "$run"/bench/bench.md "$run"/bench/bench.png "$run"/bench/bench.json "$dst"/; fi
-# The run's index page, its links pointed at this folder's layout; lines that name a file not
-# shipped (the other exports) are left out.
-python3 - "$dst" <<'PY'
-import pathlib, re, sys
-d = pathlib.Path(sys.argv[1])
-text = (d / "report.md").read_text().replace("](exports/", "](").replace("](bench/bench.md)", "](bench.md)")
-keep = [line for line in text.splitlines() if all((d / m).exists() for m in re.findall(r"\]\(([^)#]+)\)", line))]
-(d / "report.md").write_text("\n".join(keep) + "\n")
-PY
+# The model card (its file table: the files shipped here) and the index page of this folder.
+mri-edge card "$dst"
 ls -la "$dst"

@@ -320,8 +320,10 @@ def run_index_markdown(run) -> str:
             return None
 
     root = run.path
-    parts = [f"# mri-edge run `{root.name}`", ""]
     cfg = load(run.config_path) or {}
+    trained_as = Path(cfg["out"]).name if isinstance(cfg.get("out"), str) else root.name
+    # A shipped folder (artifacts/<task>) keeps the name of the run it was copied from.
+    parts = [f"# mri-edge run `{trained_as}`" + (f" (shipped as `{root.name}`)" if trained_as != root.name else ""), ""]
     test = load(run.test_report_path)
     if test:
         ci = test.get("accuracy_ci95", [0, 0])
@@ -338,9 +340,22 @@ def run_index_markdown(run) -> str:
         parts += ["Training has not finished (`mri-edge train --resume` continues it).", ""]
     index = load(run.exports_index_path)
     if index and index.get("exports"):
-        parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"],
-                                             [[f"[{r['file']}](exports/{r['file']})", r["format"], r["quantization"],
-                                               f"{r['size_mb']:.2f}"] for r in index["exports"]]), ""]
+        rows = [[f"[{r['file']}](exports/{r['file']})", r["format"], r["quantization"], f"{r['size_mb']:.2f}"]
+                for r in index["exports"]]
+    else:  # a shipped folder: its files at the top level, their facts in their metadata
+        from .ov import size_on_disk  # noqa: PLC0415
+        from .runtime import read_metadata  # noqa: PLC0415
+
+        rows = []
+        for f in run.export_files():
+            try:
+                meta = read_metadata(f)
+            except MriEdgeError:
+                meta = {}
+            rows.append([f"[{f.name}]({f.relative_to(root).as_posix()})", meta.get("format", "?"),
+                         meta.get("quantization", "?"), f"{size_on_disk(f) / 1e6:.2f}"])
+    if rows:
+        parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"], rows), ""]
     cal = load(run.calibration_dir / "calibrate.json")
     if cal and isinstance(cal.get("trust"), dict):
         t = cal["trust"]
@@ -361,10 +376,12 @@ def run_index_markdown(run) -> str:
                 "FAILED: " + "; ".join(parity.get("failures", []))
             parts += [f"## {label}", "", f"{passed} of {len(parity['files'])} files pass: {verdict}. "
                                          f"[Details]({link}).", ""]
-    bench = load(root / "bench" / "bench.json")
+    bench_dir = root / "bench" if (root / "bench" / "bench.json").is_file() else root  # shipped: top level
+    bench = load(bench_dir / "bench.json")
     if bench and bench.get("rows"):
         best = min(bench["rows"], key=lambda r: r["p50_ms"])
+        link = (bench_dir / "bench.md").relative_to(root).as_posix()
         parts += ["## Benchmark", "", f"{len(bench['rows'])} rows on {bench['machine'].get('cpu', '?')}; fastest: "
                                       f"{best['model']} on {best['runtime_label']}, p50 {best['p50_ms']:.2f} ms at "
-                                      f"batch {best['batch']}. [Details](bench/bench.md).", ""]
+                                      f"batch {best['batch']}. [Details]({link}).", ""]
     return "\n".join(parts)

@@ -172,7 +172,7 @@ def test_calibrate_refuses_twins_and_too_few_images(micro_run, tmp_path):
     assert res.exit_code == 1 and "Retrain with `--val-split grouped`" in res.output
     assert not (run / "trust.json").exists()
     res = CliRunner().invoke(main, ["calibrate", str(run), "--max-risk", "0.1", "--coverage", "0.9"])
-    assert res.exit_code == 1 and "not both" in res.output
+    assert res.exit_code == 2 and "not both" in res.output  # a usage error, before any work
 
 
 def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run):
@@ -284,6 +284,24 @@ def test_shipped_files_carry_their_folders_trust_record():
                 continue
             stored = open_model(f).trust
             assert (stored.to_dict() if stored else None) == record, f
+
+
+def test_card_on_a_shipped_folder_describes_that_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from mri_edge.cli import main
+    from tests.conftest import REPO
+
+    shipped = tmp_path / "tumor"
+    shutil.copytree(REPO / "artifacts" / "tumor", shipped)
+    res = CliRunner().invoke(main, ["card", str(shipped)])
+    assert res.exit_code == 0, res.output
+    index = (shipped / "report.md").read_text()
+    files = sorted(p.name for p in shipped.iterdir() if p.suffix in (".tflite", ".onnx"))
+    assert "## Exports" in index and all(f"[{f}]({f})" in index for f in files)
+    assert "## Benchmark" in index and "(bench.md)" in index and "(shipped as `tumor`)" in index
+    card = json.loads((shipped / "model_card.json").read_text())
+    assert sorted(f["file"] for f in card["files"]) == files
 
 
 @pytest.mark.slow
