@@ -20,7 +20,7 @@ import numpy as np
 from . import groups, preprocess, report
 from .errors import MriEdgeError
 from .files import sha256_bytes
-from .data import discover
+from .data import discover, rel_path
 from .progress import Progress
 
 HASH_MAX_DISTANCE = 10  # candidate finder only
@@ -142,7 +142,7 @@ def _read(root: Path, task: str) -> tuple[list[Item], list[str], list[str]]:
     validation split is part of training."""
     ds = discover(root, task, val_fraction=0.1)
     items = [Item("train" if (name == "val" and ds.val_carved) else name, p, y,
-                  str(Path(p).resolve().relative_to(root.resolve())))
+                  rel_path(p, root))
              for name, s in ds.splits.items() for p, y in zip(s.paths, s.labels)]
     with Progress(len(items), "reading images") as bar, ThreadPoolExecutor(8) as pool:
         for it, info in zip(items, pool.map(lambda it: _image_info(it.path), items, chunksize=32)):

@@ -196,6 +196,10 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
         rows = [r for r in rows if r["device"] == device]
         if not rows:
             raise BenchError(f"no {device} runtime for these targets")
+    if image:  # decoded once here: a bad --image is one error, not one per row
+        from .preprocess import load_image  # noqa: PLC0415
+
+        load_image(image)
     image = str(image) if image else found_image
     results = []
     from .progress import Progress  # noqa: PLC0415
@@ -219,7 +223,7 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
                                                     "warmup": warmup, "runs": runs, "seconds": seconds,
                                                     "ort_opt_level": ort_opt_level, "device": device},
            "rows": ok, "errors": [r for r in results if "error" in r], "skipped": skipped}
-    if out_dir:
+    if out_dir and ok:  # a bench where no row ran leaves the folder's earlier report as it was
         write_outputs(out, Path(out_dir))
     return out
 
@@ -272,17 +276,22 @@ def write_outputs(out: dict, out_dir: Path) -> None:
         md += ["Rows that could not run (skipped):", ""]
         md += [f"- {e['model']} on {e['runtime']} (threads {e['threads']}, batch {e['batch']}): {e['error']}"
                for e in out["errors"]] + [""]
-    md += ["![p50 latency](bench.png)", ""]
-    report.write_text(out_dir / "bench.md", "\n".join(md))
-    plt = report._plt()
     rows = [r for r in out["rows"] if r["batch"] == min(out["settings"]["batches"])]
     if rows:
+        md += ["![p50 latency](bench.png)", ""]
+    else:  # no plot of this bench: an older one must not pass for it
+        (out_dir / "bench.png").unlink(missing_ok=True)
+    report.write_text(out_dir / "bench.md", "\n".join(md))
+    if rows:
+        plt = report._plt()
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
         labels = [f"{r['model']} [{r['runtime_label']}] t{r['threads']}" for r in rows]
-        ax.barh(range(len(rows)), [r["p50_ms"] for r in rows], xerr=[r["std_ms"] for r in rows], color="tab:blue")
+        # whiskers from p50 to p90: latency is skewed (a mean ± std bar runs below 0 ms)
+        ax.barh(range(len(rows)), [r["p50_ms"] for r in rows], color="tab:blue",
+                xerr=[[0.0] * len(rows), [max(r["p90_ms"] - r["p50_ms"], 0.0) for r in rows]])
         ax.set_yticks(range(len(rows)), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"p50 latency, ms (batch {rows[0]['batch']})")
+        ax.set_xlabel(f"p50 latency, ms (batch {rows[0]['batch']}; whisker to p90)")
         fig.tight_layout()
         report.save_figure(fig, out_dir / "bench.png", 110)
     if out_dir.name == "bench" and (out_dir.parent / "config.json").is_file():

@@ -49,11 +49,22 @@ def per_class_ci(cm: list[list[int]], names: list[str]) -> list[dict]:
     return out
 
 
-def _load(path: Path):
+def _load(path: Path, damaged: list):
+    """A report, or None when it is not there; a damaged one is None and named in `damaged`."""
     try:
         return read_json(path) if Path(path).is_file() else None
-    except MriEdgeError:
+    except MriEdgeError as e:
+        damaged.append(str(e))
         return None
+
+
+def _found(path: str, run: RunFolder) -> Path:
+    """A path recorded relative to where train ran: as it is, else below a folder above the run
+    (card may run from elsewhere than the project root)."""
+    p = Path(path)
+    if p.is_absolute() or p.is_file():
+        return p
+    return next((base / p for base in run.path.resolve().parents if (base / p).is_file()), p)
 
 
 def recorded_hashes(files: list[Path]) -> dict[str, str | None]:
@@ -85,12 +96,16 @@ def build(run_dir) -> dict:
     run = RunFolder(run_dir)
     cfg = run.config()
     names = run.labels()["class_names"]
-    test = _load(run.test_report_path)  # a damaged report is listed as missing, like the other inputs
-    manifest = _load(run.manifest_path)
-    cal = _load(run.calibration_dir / "calibrate.json")
-    parity = _load(run.path / "parity.json")
-    bench = _load(run.path / "bench" / "bench.json") or _load(run.path / "bench.json")
-    audit = _load(Path(cfg["dedup"])) if cfg.get("dedup") else None
+    damaged = []  # reports that are there but cannot be read
+    test = _load(run.test_report_path, damaged)
+    manifest = _load(run.manifest_path, damaged)
+    cal = _load(run.calibration_dir / "calibrate.json", damaged)
+    parity = _load(run.path / "parity.json", damaged)
+    bench = _load(run.path / "bench" / "bench.json", damaged) or _load(run.path / "bench.json", damaged)
+    audit = _load(_found(cfg["dedup"], run), damaged) if cfg.get("dedup") else None
+    if damaged:  # a card without them would replace a complete one: refuse, and keep what is there
+        raise MriEdgeError("cannot write the model card: " + "; ".join(damaged) +
+                           " (run again the command that writes it)")
     missing = []
     files = run.export_files()
     hashes = recorded_hashes(files)
@@ -116,7 +131,7 @@ def build(run_dir) -> dict:
                                  "leakage_free_test_images": audit["leakage_free"].get("test"),
                                  "nearest_neighbour_probe_test_accuracy": audit["nearest_neighbour_probe"]["accuracy"]}
     else:
-        missing.append("leakage audit (train --dedup)")
+        missing.append(f"leakage audit ({cfg['dedup']} not found)" if cfg.get("dedup") else "leakage audit (train --dedup)")
     if test:
         card["results"] = {"official": {"n": test["n"], "accuracy": test["accuracy"],
                                         "accuracy_ci95": test.get("accuracy_ci95"), "macro_f1": test["macro"]["f1"],
@@ -256,6 +271,7 @@ def markdown(card: dict) -> str:
               "## Known limitations", "", *[f"- {x}" for x in card["limitations"]], ""]
     if card["missing"]:
         parts += ["## Not yet recorded", "", *[f"- {x}" for x in card["missing"]], ""]
+
     return "\n".join(parts)
 
 

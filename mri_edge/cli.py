@@ -16,7 +16,8 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .clitools import TASK_CHOICE, Interrupted, config_from, echo, int_list, options_from, run_guarded, terminate
+from .clitools import (OUT_DIR, TASK_CHOICE, Interrupted, config_from, echo, int_list, options_from, run_guarded,
+                       terminate)
 from .config import ExportConfig, Thresholds, TrainConfig
 from .demo import RECIPE
 
@@ -55,7 +56,7 @@ for _command in (calibrate, explain, card, ensemble, pretrain):
               help="Built-in task, or custom (classes from folders). Required unless --resume.")
 @click.option("--data-dir", type=click.Path(), required=False,
               help="Folder with Training/[Validation/]Testing class folders (any common spelling).")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
+@click.option("--out", type=OUT_DIR, default=None,
               help="Run folder [default: artifacts/runs/<task>-<timestamp>].")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue an interrupted run from its last checkpoint.")
@@ -217,7 +218,7 @@ def predict(model_path, images, top_k, as_json, threads, allow_other_resize, xnn
     from .runtime import open_model  # noqa: PLC0415
 
     model = run_guarded(open_model, model_path, threads, allow_other_resize, xnnpack)
-    paths = predict_lib.expand_inputs(images)
+    paths = run_guarded(predict_lib.expand_inputs, images)
     if not paths:
         raise click.ClickException("no image files matched")
     failed = predict_lib.run(model, paths, top_k, as_json, click.echo)
@@ -235,7 +236,7 @@ def predict(model_path, images, top_k, as_json, threads, allow_other_resize, xnn
 @click.option("--seconds", default=None, type=click.FloatRange(0), help="Time each row at least this long.")
 @click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="onnxruntime graph optimisation level.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=OUT_DIR, default=None,
               help="Report folder [default: RUN_DIR/bench, or ./bench for model files].")
 @click.option("--compare", "compare_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An older bench.json: print p50 ratios against it.")
@@ -272,7 +273,11 @@ def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_d
         click.echo(f"skipped (failed): {e['model']} on {e['runtime']} t={e['threads']} b={e['batch']}: {e['error']}")
     if old is not None:
         click.echo("\n" + bench_lib.compare(out, old))
-    click.echo(f"\nwrote {Path(out_dir) / 'bench.json'}, bench.md, bench.png")
+    if out["rows"]:
+        click.echo(f"\nwrote {Path(out_dir) / 'bench.json'} and bench.md"
+                   f"{', bench.png' if (Path(out_dir) / 'bench.png').is_file() else ''}")
+    else:
+        click.echo(f"\nno row ran: nothing written ({out_dir} keeps what it held)")
     if out["errors"] and (strict or not out["rows"]):
         raise click.ClickException(f"{len(out['errors'])} row(s) failed"
                                    f"{'' if out['rows'] else ' (every row)'}: {out['errors'][0]['error']}")
@@ -286,7 +291,7 @@ def data():
 @data.command("audit")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--task", type=TASK_CHOICE, default="custom", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=OUT_DIR, default=None,
               help="Report folder [default: artifacts/runs/audit/<data folder name>].")
 @click.option("--hash-distance", default=10, show_default=True, type=click.IntRange(0, 64),
               help="dHash Hamming distance that makes a near-duplicate candidate.")
@@ -319,7 +324,7 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_th
 
 
 @data.command("synth")
-@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--out", type=OUT_DIR, required=True)
 @click.option("--task", type=click.Choice(["tumor", "alzheimer"]), default="tumor", show_default=True)
 @click.option("--n-train", default=60, show_default=True, type=click.IntRange(2), help="Images per class in Training.")
 @click.option("--n-test", default=20, show_default=True, type=click.IntRange(1), help="Images per class in Testing.")
@@ -345,7 +350,7 @@ def data_synth(out, task, n_train, n_test, size, seed):
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False), default="artifacts/runs/demo", show_default=True)
+@click.option("--out", type=OUT_DIR, default="artifacts/runs/demo", show_default=True)
 @click.option("--task", type=click.Choice(["tumor", "alzheimer"]), default="tumor", show_default=True)
 @click.option("--image-size", default=RECIPE.image_size, show_default=True, type=click.IntRange(32, 256))
 @click.option("--epochs", default=RECIPE.epochs, show_default=True, type=click.IntRange(1))
@@ -370,8 +375,10 @@ def demo(out, task, image_size, epochs, n_train, skip_export):
     click.echo(f"\nproduced: {run_dir} (index page {run_dir / 'report.md'}; data in {Path(out) / 'data'})")
     click.echo("next, on real data:\n"
                "  mri-edge data audit ../shared/data/brain-tumor-mri --task tumor\n"
-               "  mri-edge train --task tumor --data-dir ../shared/data/brain-tumor-mri --out artifacts/runs/tumor\n"
-               "  mri-edge export artifacts/runs/tumor && mri-edge verify artifacts/runs/tumor")
+               "  mri-edge train --task tumor --data-dir ../shared/data/brain-tumor-mri --image-size 64 \\\n"
+               "      --dedup artifacts/runs/audit/brain-tumor-mri/audit.json --out artifacts/runs/tumor\n"
+               "  # --weights imagenet is the default; --weights none trains from scratch, as the demo did\n"
+               "  mri-edge export artifacts/runs/tumor --format all && mri-edge verify artifacts/runs/tumor")
     if problems:
         raise click.ClickException("demo FAILED: " + "; ".join(problems))
     click.echo("demo finished: every exported file passed its parity gate" if not skip_export else

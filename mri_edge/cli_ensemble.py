@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from .clitools import echo, run_guarded
+from .clitools import OUT_DIR, echo, run_guarded
 
 
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(), help="The ensemble's run folder (new or empty).")
+@click.option("--out", required=True, type=OUT_DIR, help="The ensemble's run folder (new or empty).")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out that is not a run folder.")
 def ensemble(run_dirs, out, force):
     """Average finished runs into one model (RUN_DIRS: two or more run folders).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .clitools import TASK_CHOICE, config_from, echo, options_from, run_guarded
+from .clitools import OUT_DIR, TASK_CHOICE, config_from, echo, options_from, run_guarded
 from .config import PretrainConfig
 
 
@@ -14,7 +14,7 @@ from .config import PretrainConfig
 @click.option("--data-dir", type=click.Path(), required=True,
               help="Folder with Training/[Validation/]Testing class folders (any common spelling; only training "
                    "images are trained on).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="The pretrain folder (new or empty).")
+@click.option("--out", type=OUT_DIR, required=True, help="The pretrain folder (new or empty).")
 @click.option("--force", is_flag=True, help="Write into an --out folder that holds other files.")
 @options_from(PretrainConfig)
 def pretrain(task, data_dir, out, force, **kw):

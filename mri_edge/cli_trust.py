@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .clitools import config_from, echo, options_from, run_guarded
+from .clitools import OUT_DIR, config_from, echo, options_from, run_guarded
 from .config import CalibrateConfig
 
 
@@ -44,7 +44,7 @@ def calibrate(run_dir, reference, data_dir, threads, **kw):
 @click.command()
 @click.argument("model_path", type=click.Path(exists=True))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="explain", show_default=True,
+@click.option("--out", "out_dir", type=OUT_DIR, default="explain", show_default=True,
               help="Folder for the overlay PNGs, explain.json and explain.md.")
 @click.option("--method", type=click.Choice(["occlusion", "gradcam"]), default="occlusion", show_default=True,
               help="occlusion runs through any file's own runtime (int8 included); gradcam needs a .keras model.")
@@ -61,7 +61,7 @@ def explain(model_path, images, out_dir, method, grid, threads):
     from . import explain as explain_lib  # noqa: PLC0415
     from . import predict as predict_lib  # noqa: PLC0415
 
-    paths = predict_lib.expand_inputs(images)
+    paths = run_guarded(predict_lib.expand_inputs, images)
     if not paths:
         raise click.ClickException("no image files matched")
     out = run_guarded(explain_lib.explain_images, model_path, paths, out_dir, method, grid, threads, log=echo)

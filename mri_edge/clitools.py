@@ -11,6 +11,33 @@ import click
 TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
 
 
+class OutDir(click.Path):
+    """An --out folder, new or existing, checked before any work starts: a command that would
+    fail to write its results after minutes of work fails at once instead."""
+
+    name = "directory"
+
+    def __init__(self):
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        import os  # noqa: PLC0415
+        from pathlib import Path  # noqa: PLC0415
+
+        value = super().convert(value, param, ctx)
+        nearest = Path(value).absolute()
+        while not nearest.exists() and nearest != nearest.parent:
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            self.fail(f"{value}: {nearest} is a file, not a folder", param, ctx)
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            self.fail(f"{value}: cannot write in {nearest} (read-only or no permission)", param, ctx)
+        return value
+
+
+OUT_DIR = OutDir()
+
+
 def _click_type(f):
     m = f.metadata
     if "choices" in m:
@@ -19,6 +46,8 @@ def _click_type(f):
         return click.Path(exists=True, dir_okay=False)
     if m.get("path") == "dir":
         return click.Path(file_okay=False)
+    if m.get("path") == "out":
+        return OUT_DIR
     base = m.get("type") or (type(f.default) if f.default is not None else str)
     if base in (int, float) and ("minimum" in m or "maximum" in m):
         rng = click.IntRange if base is int else click.FloatRange
@@ -62,7 +91,12 @@ def config_from(cls, values: dict, **fixed):
         if f.metadata.get("scale") and v is not None:
             v = v * f.metadata["scale"]
         kw[f.name] = v
-    return cls(**kw)
+    from .errors import MriEdgeError  # noqa: PLC0415
+
+    try:
+        return cls(**kw)
+    except MriEdgeError as e:  # options that contradict each other: a usage error, before any work
+        raise click.UsageError(str(e)) from None
 
 
 class Interrupted(click.ClickException):
@@ -76,15 +110,19 @@ def terminate(signum, frame):
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Call fn, turning input errors (MriEdgeError) into a one-line message and exit 1."""
+    """Call fn, turning input errors (MriEdgeError) and unreadable or unwritable files (OSError)
+    into a one-line message and exit 1."""
     from .errors import MriEdgeError  # noqa: PLC0415
 
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
         raise Interrupted("interrupted") from None
-    except (MriEdgeError, FileNotFoundError) as e:
+    except MriEdgeError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a file or folder that cannot be read or written: name it, no traceback
+        where = f"{e.filename2 or e.filename}: " if e.filename else ""  # a rename names its target second
+        raise click.ClickException(f"{where}{e.strerror or e}") from None
 
 
 def echo(msg: str) -> None:

@@ -76,17 +76,21 @@ class Dataset:
             "val_carved_from_train": self.val_carved,
             **({"val_split": self.val_split} if self.val_split else {}),
             "splits": {
-                name: [[_rel(p, root), int(y)] for p, y in zip(s.paths, s.labels)]
+                name: [[rel_path(p, root), int(y)] for p, y in zip(s.paths, s.labels)]
                 for name, s in self.splits.items()
             },
         }
 
 
-def _rel(p: str, root: Path) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(Path(p).resolve())
+def rel_path(p: str, root: Path) -> str:
+    """An image's path relative to its dataset folder; an image that is a link to a file
+    elsewhere keeps the path of the link (resolving it would leave the folder)."""
+    for path, base in ((Path(p).absolute(), root.absolute()), (Path(p).resolve(), root.resolve())):
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            pass
+    return str(Path(p).resolve())
 
 
 def find_splits(data_dir: str | Path) -> dict[str, Path]:

@@ -13,3 +13,8 @@ class MriEdgeError(Exception):
 
 class FileFormatError(MriEdgeError, ValueError):
     """A file that should hold JSON (or another known format) is missing, corrupt or of the wrong shape."""
+
+
+def first_line(e: BaseException) -> str:
+    """The line of an exception's message that names the cause (its first non-empty one)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]

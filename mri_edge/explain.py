@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MriEdgeError
+from .files import atomic_write_bytes
 
 GRID = 8
 TOP_SHARE = 0.1  # "top 10% of pixels" of the overlap measure
@@ -157,7 +158,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                            "--method occlusion (the same method verify compares across files)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, failed = [], []
+    rows, failed, used = [], [], set()
     for src in images:
         try:
             img = model.preprocess(src)
@@ -172,12 +173,21 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
             heat, target, raw = occlusion(model, img, grid=grid, with_probs=True)
         probs = model.calibrated(raw[None])[0]
         name = f"{Path(src).stem}_{method}.png"
+        if name in used:  # the same file name in another folder (the Alzheimer dataset reuses names across classes)
+            name = f"{Path(src).parent.name}_{name}"
+            stem, n = name[:-4], 2
+            while name in used:
+                name, n = f"{stem}_{n}.png", n + 1
+        used.add(name)
         label = f"{model.class_names[target]} {probs[target]:.2f}"
         pair = np.concatenate([img, overlay(img, heat)], axis=1)
         scale = max(1, 256 // img.shape[0])
         pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
         cv2.putText(pair, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-        cv2.imwrite(str(out_dir / name), cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
+        ok, png = cv2.imencode(".png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise ExplainError(f"{src}: the overlay could not be encoded as PNG")
+        atomic_write_bytes(out_dir / name, png.tobytes())
         rows.append({"image": str(src), "png": name, "class": model.class_names[target],
                      "probability": float(probs[target]), "map": heat.round(5).tolist()})
     out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,

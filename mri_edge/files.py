@@ -80,6 +80,8 @@ def read_json(path: str | Path, what: str | None = None, keys: tuple[str, ...] =
         raise FileFormatError(f"{label}: not found") from None
     except OSError as e:
         raise FileFormatError(f"{label}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{label}: not a JSON file (binary content)") from None
     try:
         obj = json.loads(text)
     except ValueError as e:

@@ -221,12 +221,12 @@ def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True
     elif str(unfreeze).isdigit():
         n = int(unfreeze)
         if n < 1:
-            raise ValueError("--unfreeze N needs N >= 1")
+            raise MriEdgeError("--unfreeze N needs N >= 1")
         cut = max(0, len(layers) - n)
     else:
         idx = [i for i, layer in enumerate(layers) if layer.name.startswith(str(unfreeze))]
         if not idx:
-            raise ValueError(
+            raise MriEdgeError(
                 f"--unfreeze {unfreeze!r} matches no DenseNet121 layer (try conv5, conv4_block16, a number or all)"
             )
         cut = idx[0]
@@ -307,9 +307,23 @@ def nested_layers(net):
 
 
 def load_model(path):
-    """Load an mri-edge model.keras safely (no arbitrary code from lambda layers)."""
+    """Load an mri-edge model.keras safely (no arbitrary code from lambda layers). A missing,
+    damaged, truncated or renamed file is a one-line RuntimeModelError (Keras itself says "File
+    not found" for a file that is there but not a whole archive)."""
+    from .errors import first_line  # noqa: PLC0415
+    from .integrity import RuntimeModelError, sniff  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise RuntimeModelError(f"model file not found: {path}")
+    if sniff(path) != "keras":
+        raise RuntimeModelError(f"{path}: not a Keras model file (damaged, truncated or renamed)")
     keras = _keras()
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:
+        raise RuntimeModelError(f"{path}: not a loadable Keras model, damaged or truncated "
+                                f"({type(e).__name__}: {first_line(e)})") from None
 
 
 def save_model(model, path, *copies) -> None:

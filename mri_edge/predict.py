@@ -8,6 +8,11 @@ import time
 from pathlib import Path
 
 from . import preprocess, runtime, trust
+from .errors import MriEdgeError
+
+
+class PredictError(MriEdgeError):
+    """Images to classify that cannot be found."""
 
 
 def expand_inputs(items) -> list[Path]:
@@ -22,6 +27,8 @@ def expand_inputs(items) -> list[Path]:
             out.append(p)
         else:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches and any(c in str(item) for c in "*?["):
+                raise PredictError(f"{item}: the pattern matches no file")
             out += [m for m in matches if m.is_file()] if matches else [p]
     return out
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import preprocess, quiet, trust
+from .errors import first_line
 from .integrity import RuntimeModelError, check_integrity, check_kind
 
 METADATA_NAME = "mri_edge_metadata.json"  # file inside the ZIP appended to .tflite files
@@ -325,11 +326,6 @@ def cpu_has_vnni() -> bool | None:
     except OSError:
         return None
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()))
-
-
-def first_line(e: BaseException) -> str:
-    """The line of an exception's message that names the cause (its first non-empty one)."""
-    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
 
 
 def load(path: str | Path, threads: int | None = None, runtime: str | None = None,

@@ -370,7 +370,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     m["calibration"] = report.calibration_metrics(test.labels, probs)
     m["skipped"] = test.skipped
     root = Path(cfg.data_dir)
-    rel = [data._rel(p, root) for p in test.paths]
+    rel = [data.rel_path(p, root) for p in test.paths]
     if cfg.dedup:
         from . import audit  # noqa: PLC0415
 

@@ -194,6 +194,10 @@ def test_bench_skips_a_row_that_cannot_run_and_checks_compare_first(micro_run, t
     assert res.exit_code == 1
     res = invoke("bench", tampered, *args, "--out", tmp_path / "c")
     assert res.exit_code == 1 and "every row" in res.output
+    earlier = (tmp_path / "b" / "bench.json").read_bytes()
+    res = invoke("bench", tampered, *args, "--out", tmp_path / "b")  # no row runs: the earlier report stays
+    assert res.exit_code == 1 and "nothing written" in res.output
+    assert (tmp_path / "b" / "bench.json").read_bytes() == earlier
     bad = tmp_path / "old.json"
     bad.write_text('{"rows": [{"model": 1}]}')
     res = invoke("bench", good, *args, "--compare", bad, "--out", tmp_path / "d")
@@ -207,3 +211,79 @@ def test_export_refuses_an_option_no_planned_file_uses(micro_run):
     assert res.exit_code == 1 and "--calib-size applies to int8" in res.output
     res = invoke("export", micro_run, "--format", "tflite", "--opset", "15")
     assert res.exit_code == 1 and "--opset applies to onnx/openvino files" in res.output
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "a_file").write_text("x")
+    res = invoke("demo", "--out", tmp_path / "a_file" / "demo")
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount (root ignores file modes)
+    res = invoke("data", "audit", tmp_path, "--out", tmp_path / "audit")
+    assert res.exit_code == 2 and "cannot write in" in res.output and not (tmp_path / "audit").exists()
+
+
+def test_a_report_that_cannot_be_written_is_one_line_and_the_card_refuses_damaged_reports(micro_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    (run / "model_card.md").mkdir()  # the card's place is taken by a folder: the write fails (OSError)
+    res = invoke("card", run)
+    assert res.exit_code == 1 and "model_card.md" in res.output and len(res.output.strip().splitlines()) == 1
+    (run / "model_card.md").rmdir()
+    assert invoke("card", run).exit_code == 0
+    card = (run / "model_card.md").read_bytes()
+    (run / "test_report.json").write_text('{"n": ')  # damaged: the card would lose its results
+    res = invoke("card", run)
+    assert res.exit_code == 1 and "cannot write the model card" in res.output and "not valid JSON" in res.output
+    assert (run / "model_card.md").read_bytes() == card
+
+
+def test_a_damaged_model_keras_and_a_binary_json_are_one_line_errors(micro_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    png = next((run).rglob("*.png"))
+    res = invoke("verify", run, "--dedup", png)
+    assert res.exit_code == 1 and "not a JSON file (binary content)" in res.output
+    model = run / "model.keras"
+    model.write_bytes(model.read_bytes()[:2000])  # still starts as a zip archive
+    res = invoke("evaluate", run)
+    assert res.exit_code == 1 and "not a loadable Keras model, damaged or truncated" in res.output
+
+
+def test_options_that_cannot_work_stop_train_before_it_writes(synth_data, tmp_path):
+    res = invoke("train", "--task", "tumor", "--data-dir", synth_data, "--unfreeze", "abc", "--out", tmp_path / "t")
+    assert res.exit_code == 2 and "--unfreeze abc" in res.output and not (tmp_path / "t").exists()
+
+
+def test_audit_reads_a_dataset_of_linked_images(tmp_path):
+    from mri_edge.synth import write_dataset
+
+    real = write_dataset(tmp_path / "real", "tumor", n_train=3, n_test=2, size=48)
+    linked = tmp_path / "linked"
+    for image in real.rglob("*.jpg"):
+        target = linked / image.relative_to(real)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(image)
+    res = invoke("data", "audit", linked, "--task", "tumor", "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "a" / "audit.json").read_text())["counts"]
+    one = next(linked.rglob("*.jpg"))  # a link keeps its own path, inside the folder
+    assert data.rel_path(str(one), linked) == one.relative_to(linked).as_posix()
+
+
+def test_explain_keeps_one_overlay_per_image_when_names_repeat_and_predict_names_an_empty_pattern(
+        micro_run, tmp_path):
+    manifest = RunFolder(micro_run).manifest()
+    src = f"{manifest['root']}/{manifest['splits']['test'][0][0]}"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(src, tmp_path / folder / "scan.jpg")
+    model = micro_run / "exports" / "model_int8.tflite"
+    out = tmp_path / "x"
+    res = invoke("explain", model, tmp_path / "a" / "scan.jpg", tmp_path / "b" / "scan.jpg", "--out", out, "--grid", "2")
+    assert res.exit_code == 0, res.output
+    pngs = [r["png"] for r in json.loads((out / "explain.json").read_text())["images"]]
+    assert len(set(pngs)) == 2 and all((out / p).is_file() for p in pngs)
+    res = invoke("predict", model, tmp_path / "c" / "*.jpg")
+    assert res.exit_code == 1 and "the pattern matches no file" in res.output

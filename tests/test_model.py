@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from mri_edge import model as model_lib
+from mri_edge.errors import MriEdgeError
 from mri_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 32
@@ -45,7 +46,7 @@ def test_trainable_layers_per_phase(net):
     assert model_lib.set_phase(net, "finetune", "all", freeze_bn=False) == len(with_weights)
     bns = [layer for layer in base.layers if layer.__class__.__name__ == "BatchNormalization"]
     assert all(b.trainable and b.momentum == 0.9 for b in bns)  # from-scratch BN tracks fast-moving weights
-    with pytest.raises(ValueError, match="matches no DenseNet121 layer"):
+    with pytest.raises(MriEdgeError, match="matches no DenseNet121 layer"):
         model_lib.set_phase(net, "finetune", "conv9")
     # The head stays trainable throughout.
     assert net.get_layer("head_dense").trainable

@@ -1,0 +1,5 @@
+"""`python -m mri_edge`: the mri-edge command."""
+
+from .cli import main
+
+main()
