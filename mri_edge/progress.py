@@ -8,9 +8,12 @@ import sys
 import threading
 import time
 
+LOG_EVERY_S = 5.0  # without a terminal, progress lines are at least this far apart
+
 
 class Progress:
-    """Prints `label  n/total  rate  eta` to stderr; on a non-TTY at the start and then every ~10%."""
+    """Prints `label  n/total  rate  eta` to stderr; on a non-TTY at the start, every 10% at most
+    every LOG_EVERY_S seconds, and at the end."""
 
     def __init__(self, total: int, label: str, stream=None):
         self.total = max(int(total), 0)
@@ -20,6 +23,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self._last_pct = 0
+        self._last_line = time.perf_counter()
         if self.total:
             self._write(f"{self.label}: 0/{self.total}", "\r" if self.tty else "\n")
 
@@ -33,9 +37,11 @@ class Progress:
     def update(self, k: int = 1) -> None:
         self.n += k
         pct = int(100 * self.n / self.total) if self.total else 100
-        if self.tty or pct >= self._last_pct + 10 or self.n == self.total:
-            self._last_pct = pct
-            elapsed = time.perf_counter() - self.start
+        now = time.perf_counter()
+        # A log file (no terminal) gets a line per 10% at most every LOG_EVERY_S seconds, and the last one.
+        if self.tty or self.n == self.total or (pct >= self._last_pct + 10 and now - self._last_line >= LOG_EVERY_S):
+            self._last_pct, self._last_line = pct, now
+            elapsed = now - self.start
             rate = self.n / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.n) / rate if rate > 0 else 0.0
             end = "\r" if self.tty and self.n < self.total else "\n"
