@@ -32,7 +32,8 @@ def main():
     import keras
 
     from mri_edge import data
-    from mri_edge.model import augmentation, build_model
+    from mri_edge.augment import augmentation
+    from mri_edge.model import build_model
     from mri_edge.synth import write_dataset
 
     data_dir = args.data_dir or write_dataset(tempfile.mkdtemp(), "tumor", n_train=150, n_test=2, size=128)

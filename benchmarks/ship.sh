@@ -13,7 +13,7 @@ passed() {  # passed FILE: did verify pass this file of the run?
   python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))["files"].get(sys.argv[2]); sys.exit(0 if r and r["passed"] else 1)' \
     "$run/parity.json" "$1"
 }
-rm -f "$dst"/model_*.tflite "$dst"/model_*.onnx "$dst"/model.keras
+rm -f "$dst"/model_*.tflite "$dst"/model_*.onnx "$dst"/model.keras "$dst"/model_card.* "$dst"/report.md
 for f in model_int8.tflite model_fp16.tflite model_int8.onnx; do
   if [ "$f" = model_int8.onnx ] && [ "$(stat -c %s "$run/exports/$f")" -ge 10000000 ]; then continue; fi
   if passed "$f"; then cp "$run/exports/$f" "$dst"/; else echo "not shipped: $f failed its parity gate" >&2; fi
@@ -36,5 +36,5 @@ cp "$run"/verify/confusion_model_int8_*.png "$run"/verify/reliability_model_int8
 cp "artifacts/audit/$audit/audit.md" "artifacts/audit/$audit/duplicate_pairs.png" "$dst"/
 if [ -d "$run/bench" ]; then cp "$run"/bench/bench.md "$run"/bench/bench.png "$run"/bench/bench.json "$dst"/; fi
 # The model card (its file table: the files shipped here) and the index page of this folder.
-mri-edge card "$dst"
+python3 -m mri_edge card "$dst"
 ls -la "$dst"

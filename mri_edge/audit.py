@@ -378,7 +378,7 @@ def leakage_free_mask(audit_json, paths, root=None) -> np.ndarray:
                          f"leaked are not in {root} (e.g. {missing[0]}): an audit of another dataset? Audit this "
                          "one with `mri-edge data audit`")
     leaked = {Path(r).as_posix() for rows in a["leaked"].values() for r in rows}
-    mask = np.array([Path(os.path.relpath(os.path.abspath(p), root)).as_posix() not in leaked for p in paths])
+    mask = np.array([Path(rel_path(p, Path(root))).as_posix() not in leaked for p in paths])
     if not mask.any():
         raise AuditError("--dedup: every test image has a copy in training; no leakage-free subset left")
     return mask

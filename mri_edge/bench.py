@@ -207,12 +207,18 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
     specs = [{**r, "threads": t, "batch": b, "warmup": warmup, "runs": runs, "seconds": seconds, "image": image,
               "ort_opt_level": ort_opt_level}
              for r in rows for t in threads for b in batches]
+    from .runtime import EXPORT_SUFFIXES, recorded_model_sha256  # noqa: PLC0415
+
+    hashes = {}  # which file each row measured (the model card leaves out rows of a file exported again)
     with Progress(len(specs), "bench rows") as bar:
         for s in specs:
             res = run_row(s)
             path = Path(s["model"])
+            if path not in hashes:
+                hashes[path] = recorded_model_sha256(path) if path.suffix in EXPORT_SUFFIXES else None
             row = {"model": path.name, "path": str(path), "runtime": s["runtime"], "device": s["device"],
-                   "threads": s["threads"], "batch": s["batch"], "size_mb": ov.size_on_disk(path) / 1e6, **res}
+                   "threads": s["threads"], "batch": s["batch"], "size_mb": ov.size_on_disk(path) / 1e6,
+                   "model_sha256": hashes[path], **res}
             if "error" in res:
                 log(f"  {path.name} [{s['runtime']}] t={s['threads']} b={s['batch']}: cannot run: {res['error']}")
             results.append(row)

@@ -142,7 +142,7 @@ def _gpu_memory(spec: dict) -> dict:
 
 def _main(arg: str) -> None:
     from .quiet import orphan_proof_child  # noqa: PLC0415
-    from .runtime import first_line  # noqa: PLC0415
+    from .errors import first_line  # noqa: PLC0415
 
     orphan_proof_child()
     try:

@@ -67,20 +67,6 @@ def _found(path: str, run: RunFolder) -> Path:
     return next((base / p for base in run.path.resolve().parents if (base / p).is_file()), p)
 
 
-def recorded_hashes(files: list[Path]) -> dict[str, str | None]:
-    """Each exported file's model_sha256, the hash of its model bytes that export recorded in
-    its metadata (None where it cannot be read)."""
-    from .runtime import read_metadata  # noqa: PLC0415
-
-    out = {}
-    for f in files:
-        try:
-            out[f.name] = read_metadata(f).get("model_sha256")
-        except MriEdgeError:
-            out[f.name] = None
-    return out
-
-
 def current_rows(rows: dict, hashes: dict, what: str, command: str, missing: list) -> dict:
     """The rows of a report whose file is still the one it measured. A file exported again after
     the report (another model_sha256) would get the numbers of the file it replaced, so its row
@@ -108,7 +94,9 @@ def build(run_dir) -> dict:
                            " (run again the command that writes it)")
     missing = []
     files = run.export_files()
-    hashes = recorded_hashes(files)
+    from .runtime import recorded_model_sha256  # noqa: PLC0415
+
+    hashes = {f.name: recorded_model_sha256(f) for f in files}
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
                       "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},
@@ -163,9 +151,11 @@ def build(run_dir) -> dict:
     else:
         missing.append("parity (mri-edge verify)")
     if bench:
+        current = current_rows({r["model"]: r for r in bench["rows"]}, hashes, "latency", f"mri-edge bench {run.path}",
+                               missing)
         card["latency"] = {"machine": bench["machine"].get("cpu"), "rows": [
             {k: r[k] for k in ("model", "runtime_label", "threads", "batch", "p50_ms")} for r in bench["rows"]
-            if r["batch"] == 1]}
+            if r["batch"] == 1 and r["model"] in current]}
     else:
         missing.append("latency (mri-edge bench)")
     card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
@@ -271,14 +261,14 @@ def markdown(card: dict) -> str:
               "## Known limitations", "", *[f"- {x}" for x in card["limitations"]], ""]
     if card["missing"]:
         parts += ["## Not yet recorded", "", *[f"- {x}" for x in card["missing"]], ""]
-
     return "\n".join(parts)
 
 
 def write_card(run_dir) -> dict:
     run = RunFolder(run_dir)
     card = build(run.path)
+    text = markdown(card)  # both made before either is written; the JSON (what the index reads) last
+    report.write_text(run.path / "model_card.md", text)
     report.write_json(run.path / "model_card.json", card)
-    report.write_text(run.path / "model_card.md", markdown(card))
     run.write_index()
     return card

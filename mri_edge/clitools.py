@@ -4,11 +4,18 @@ option's default, range and help are written once), one-line errors and clean in
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import click
 
 
 TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be made in `folder` (a read-only mount says no, even to root)."""
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 class OutDir(click.Path):
@@ -21,16 +28,17 @@ class OutDir(click.Path):
         super().__init__(file_okay=False)
 
     def convert(self, value, param, ctx):
-        import os  # noqa: PLC0415
-        from pathlib import Path  # noqa: PLC0415
-
         value = super().convert(value, param, ctx)
         nearest = Path(value).absolute()
-        while not nearest.exists() and nearest != nearest.parent:
+        while not os.path.lexists(nearest) and nearest != nearest.parent:  # lexists never raises
             nearest = nearest.parent
-        if not nearest.is_dir():
-            self.fail(f"{value}: {nearest} is a file, not a folder", param, ctx)
-        if not os.access(nearest, os.W_OK | os.X_OK):
+        try:
+            is_dir = nearest.is_dir()  # a dangling link or a folder we may not enter: False or OSError
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            self.fail(f"{value}: {nearest} is not a folder that can be entered", param, ctx)
+        if not writable(nearest):
             self.fail(f"{value}: cannot write in {nearest} (read-only or no permission)", param, ctx)
         return value
 
@@ -46,8 +54,6 @@ def _click_type(f):
         return click.Path(exists=True, dir_okay=False)
     if m.get("path") == "dir":
         return click.Path(file_okay=False)
-    if m.get("path") == "out":
-        return OUT_DIR
     base = m.get("type") or (type(f.default) if f.default is not None else str)
     if base in (int, float) and ("minimum" in m or "maximum" in m):
         rng = click.IntRange if base is int else click.FloatRange

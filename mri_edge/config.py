@@ -10,7 +10,6 @@ boolean into a `--no-...` switch, `scale` converts the option's unit into the fi
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from .export.formats import BN_SCALES, CALIB_RANGES, FLOAT_WEIGHTS, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS
@@ -138,10 +137,6 @@ class TrainConfig:
 
         if self.select_by not in SELECT_BY:  # the command line checks it; Python callers get the same message
             raise MriEdgeError(f"--select-by {self.select_by}: choose one of {', '.join(SELECT_BY)}")
-        # Checked before any data is read or folder written (set_phase checks it against the layers).
-        if not re.fullmatch(r"all|[1-9]\d*|(conv[1-5]|pool[1-4]|zero_padding2d)\w*|bn|relu", str(self.unfreeze)):
-            raise MriEdgeError(f"--unfreeze {self.unfreeze}: expected all, a number N >= 1 of top base layers, or "
-                               "the prefix of DenseNet121 layer names (conv5, conv4_block16)")
         # --ema re-estimates batch-norm statistics in one eager pass on one device
         if self.ema and ((self.devices or "1") != "1" or os.environ.get("TF_CONFIG")):
             raise MriEdgeError("--ema with several devices (--devices, TF_CONFIG) is not supported: train on "

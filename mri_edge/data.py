@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -83,13 +84,10 @@ class Dataset:
 
 
 def rel_path(p: str, root: Path) -> str:
-    """An image's path relative to its dataset folder; an image that is a link to a file
-    elsewhere keeps the path of the link (resolving it would leave the folder)."""
+    """An image's path inside its dataset folder (a link keeps its own: resolved, it may leave it)."""
     for path, base in ((Path(p).absolute(), root.absolute()), (Path(p).resolve(), root.resolve())):
-        try:
+        with contextlib.suppress(ValueError):
             return str(path.relative_to(base))
-        except ValueError:
-            pass
     return str(Path(p).resolve())
 
 
@@ -147,11 +145,9 @@ def scan_split(split_dir: Path, task: str) -> tuple[list[str], list[str], list[s
 
 
 def per_class_indices(labels, seed: int) -> tuple[dict[int, np.ndarray], np.random.Generator]:
-    """Each class's indices in a seeded random order, and the generator for further draws.
-
-    The one stratified sampler: the validation carve, --limit-per-class and the int8
-    calibration set each take slices of these orders.
-    """
+    """Each class's indices in a seeded random order, and the generator for further draws: the
+    one stratified sampler (the validation carve, --limit-per-class and the int8 calibration set
+    each take slices of these orders)."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     return {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}, rng

@@ -75,7 +75,7 @@ def read_json(path: str | Path, what: str | None = None, keys: tuple[str, ...] =
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileFormatError(f"{label}: not found") from None
     except OSError as e:

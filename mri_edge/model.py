@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,66 +19,25 @@ class WeightsError(MriEdgeError):
     """Backbone weights could not be obtained or do not fit."""
 
 
+class ModelError(MriEdgeError, ValueError):
+    """A model file that cannot be loaded, or a layer choice the model does not have."""
+
+
+# --unfreeze: all, N top base layers, or the start of DenseNet121 layer names (conv5, conv4_block16,
+# pool4, bn); set_phase checks the names against the built model, this the form before any work.
+UNFREEZE_FORM = re.compile(r"all|0*[1-9]\d*|(conv|pool|zero_padding2d)\w*|bn|relu")
+
+
+def check_unfreeze(unfreeze: str) -> None:
+    if not UNFREEZE_FORM.fullmatch(str(unfreeze)):
+        raise ModelError(f"--unfreeze {unfreeze}: expected all, a number N >= 1 of top base layers, or the start "
+                         "of DenseNet121 layer names (conv5, conv4_block16)")
+
+
 def _keras():
     import keras  # noqa: PLC0415
 
     return keras
-
-
-def augmentation(seed: int = 42, rotation: float = 15.0, shift: float = 0.1, zoom: float = 0.1,
-                 shear: float = 0.1, flip: bool = True, p: float = 0.8):
-    """Training-only augmentation (identity at inference, never exported).
-
-    Rotation, shifts, zoom, shear and horizontal flip are composed into one affine
-    matrix per image and applied with a single bilinear resample. Chaining Keras'
-    separate Random* layers resamples five times; the accumulated blur made the
-    network learn on images that looked unlike the sharp validation images (seen
-    here: 73% accuracy on augmented training images, 37% on the same images
-    un-augmented). A fraction 1-p of each batch passes through untouched.
-    """
-    keras = _keras()
-    ops = keras.ops
-
-    class RandomAffine(keras.layers.Layer):
-        def __init__(self, **kwargs):
-            super().__init__(name="augmentation", **kwargs)
-            self.gen = keras.random.SeedGenerator(seed)
-
-        def call(self, x, training=None):
-            if not training:
-                return x
-            n = ops.shape(x)[0]
-            h = ops.cast(ops.shape(x)[1], "float32")
-            w = ops.cast(ops.shape(x)[2], "float32")
-
-            def u(lo, hi):
-                return keras.random.uniform((n,), lo, hi, seed=self.gen)
-
-            on = ops.cast(u(0.0, 1.0) < p, "float32")
-            theta = u(-rotation, rotation) * (np.pi / 180.0) * on
-            sh = u(-shear, shear) * on
-            z = 1.0 + u(-zoom, zoom) * on
-            fx = ops.where(u(0.0, 1.0) < 0.5, -1.0, 1.0) if flip else ops.ones((n,))
-            fx = ops.where(on > 0, fx, 1.0)
-            tx = u(-shift, shift) * w * on
-            ty = u(-shift, shift) * h * on
-            c, s = ops.cos(theta), ops.sin(theta)
-            # Output pixel -> input pixel: A = R(theta) @ Shear(sh) @ diag(fx, 1) / z, about the centre.
-            a0 = c * fx / z
-            a1 = (c * sh - s) / z
-            b0 = s * fx / z
-            b1 = (s * sh + c) / z
-            cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-            a2 = cx - a0 * cx - a1 * cy + tx
-            b2 = cy - b0 * cx - b1 * cy + ty
-            zeros = ops.zeros_like(a0)
-            m = ops.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-            return ops.image.affine_transform(x, m, interpolation="bilinear", fill_mode="constant", fill_value=0)
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
-
-    return RandomAffine()
 
 
 def check_weights(weights: str) -> None:
@@ -221,12 +181,12 @@ def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True
     elif str(unfreeze).isdigit():
         n = int(unfreeze)
         if n < 1:
-            raise MriEdgeError("--unfreeze N needs N >= 1")
+            raise ModelError("--unfreeze N needs N >= 1")
         cut = max(0, len(layers) - n)
     else:
         idx = [i for i, layer in enumerate(layers) if layer.name.startswith(str(unfreeze))]
         if not idx:
-            raise MriEdgeError(
+            raise ModelError(
                 f"--unfreeze {unfreeze!r} matches no DenseNet121 layer (try conv5, conv4_block16, a number or all)"
             )
         cut = idx[0]
@@ -308,22 +268,20 @@ def nested_layers(net):
 
 def load_model(path):
     """Load an mri-edge model.keras safely (no arbitrary code from lambda layers). A missing,
-    damaged, truncated or renamed file is a one-line RuntimeModelError (Keras itself says "File
-    not found" for a file that is there but not a whole archive)."""
+    damaged, truncated or renamed file is a one-line error (Keras itself says "File not found" for a
+    file that is there but not a whole archive)."""
     from .errors import first_line  # noqa: PLC0415
-    from .integrity import RuntimeModelError, sniff  # noqa: PLC0415
+    from .integrity import check_kind  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():
-        raise RuntimeModelError(f"model file not found: {path}")
-    if sniff(path) != "keras":
-        raise RuntimeModelError(f"{path}: not a Keras model file (damaged, truncated or renamed)")
+        raise ModelError(f"model file not found: {path}")
+    check_kind(path)  # empty, renamed or not a zip archive: said so
     keras = _keras()
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:
-        raise RuntimeModelError(f"{path}: not a loadable Keras model, damaged or truncated "
-                                f"({type(e).__name__}: {first_line(e)})") from None
+        raise ModelError(f"{path}: cannot be loaded as a Keras model ({type(e).__name__}: {first_line(e)})") from None
 
 
 def save_model(model, path, *copies) -> None:

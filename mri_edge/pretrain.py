@@ -99,7 +99,7 @@ def _views(seed: int):
     always on) and a brightness and contrast change per image; training only."""
     import keras  # noqa: PLC0415
 
-    from .model import augmentation  # noqa: PLC0415
+    from .augment import augmentation  # noqa: PLC0415
 
     ops = keras.ops
     affine = augmentation(seed, rotation=20.0, shift=0.15, zoom=0.35, shear=0.15, flip=True, p=1.0)

@@ -321,9 +321,11 @@ def run_index_markdown(run) -> str:
 
     root = run.path
     cfg = load(run.config_path) or {}
-    trained_as = Path(cfg["out"]).name if isinstance(cfg.get("out"), str) else root.name
-    # A shipped folder (artifacts/<task>) keeps the name of the run it was copied from.
-    parts = [f"# mri-edge run `{trained_as}`" + (f" (shipped as `{root.name}`)" if trained_as != root.name else ""), ""]
+    # A shipped folder (artifacts/<task>: its files at the top level, no exports/) names the run it came from.
+    shipped = not run.exports_dir.is_dir() and bool(run.export_files())
+    trained_as = Path(cfg["out"]).name if shipped and isinstance(cfg.get("out"), str) else ""
+    parts = [f"# mri-edge run `{trained_as or root.name}`"
+             + (f" (shipped as `{root.name}`)" if trained_as and trained_as != root.name else ""), ""]
     test = load(run.test_report_path)
     if test:
         ci = test.get("accuracy_ci95", [0, 0])

@@ -101,6 +101,15 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(raw)
 
 
+def recorded_model_sha256(path: str | Path) -> str | None:
+    """The hash of its model bytes that export recorded in a file (None where none can be read):
+    which file a report's row measured."""
+    try:
+        return read_metadata(path).get("model_sha256")
+    except RuntimeModelError:
+        return None
+
+
 @dataclass
 class Prediction:
     label: str
@@ -332,6 +341,9 @@ def load(path: str | Path, threads: int | None = None, runtime: str | None = Non
          allow_other_resize: bool = False, xnnpack: str = "default") -> Model:
     """Open an exported .tflite or .onnx file with its embedded metadata (the device path)."""
     path = Path(path)
+    if path.suffix not in (".tflite", ".onnx"):
+        raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} here (expected .tflite or .onnx; "
+                                "open_model opens every kind)")
     meta = read_metadata(path)
     if path.suffix == ".tflite":
         return TFLiteModel(path, meta, threads, runtime, xnnpack, allow_other_resize=allow_other_resize)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, data, distill, distribute, preprocess, qat, quiet, report
+from . import __version__, augment, data, distill, distribute, preprocess, qat, quiet, report
 from .config import TrainConfig, carve_seed
 from .errors import MriEdgeError
 from .files import atomic_copy, sha256_file
@@ -86,9 +86,10 @@ def check_inputs(cfg: TrainConfig) -> None:
         from . import audit  # noqa: PLC0415
 
         audit.read_audit(cfg.dedup)
-    from .model import check_weights  # noqa: PLC0415
+    from .model import check_unfreeze, check_weights  # noqa: PLC0415
 
     check_weights(cfg.weights)
+    check_unfreeze(cfg.unfreeze)
     if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
         raise TrainError(f"--cache-dir {cfg.cache_dir} is a file, not a folder")
 
@@ -258,7 +259,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
     if start_epoch < phase["epochs"]:  # else interrupted after the phase's last epoch: only the restore is left
         dist = dist or distribute.Distribution()
         with dist.scope():
-            aug = model_lib.augmentation(cfg.seed) if cfg.augment else None
+            aug = augment.augmentation(cfg.seed) if cfg.augment else None
             inp = keras.Input((cfg.image_size, cfg.image_size, 3))
             body, ranges = qat_setup(net) if qat_setup else (net, None)  # quant-aware: trains `net` in place
             trainer = distribute.trainer_class(dist)(inp, body(aug(inp) if aug is not None else inp))
@@ -290,13 +291,10 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     `data_dir` re-roots the run's split manifest (the data sits elsewhere here): every
     file must be found under it before anything is rewritten, and export/verify then
     read from there too. The Keras test report becomes this machine's numbers, which
-    is what verify compares exported files against.
-
-    `fp16_weights` stores model.keras with its kernels rounded to float16 (DenseNet121: 28 ->
-    15 MB, a size a repository can hold; the trained file stays as model_fp32.keras), and the
-    test report is that of the rounded model, so every later export and check compares
-    against the model that is stored.
-    """
+    is what verify compares exported files against. `fp16_weights` stores model.keras with
+    its kernels rounded to float16 (DenseNet121: 28 -> 15 MB, a size a repository can hold; the
+    trained file stays as model_fp32.keras), and the test report is that of the rounded model,
+    so every later export and check compares against the model that is stored."""
     from . import model as model_lib  # noqa: PLC0415
 
     run = RunFolder(run_dir)

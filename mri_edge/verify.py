@@ -14,12 +14,12 @@ import numpy as np
 
 from . import explain, report, trust
 from .config import Thresholds
-from .errors import MriEdgeError
+from .errors import MriEdgeError, first_line
 from .data import DataMovedError, decode_images
 from .run import RunFolder
 from .keras_model import validation_reference
 from .ov import size_on_disk
-from .runtime import first_line, open_model
+from .runtime import open_model
 from .progress import Progress
 
 __all__ = ["DataMovedError", "VerifyError", "verify_run"]

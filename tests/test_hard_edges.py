@@ -214,12 +214,13 @@ def test_export_refuses_an_option_no_planned_file_uses(micro_run):
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
-    import os
+    from mri_edge import clitools
 
     (tmp_path / "a_file").write_text("x")
     res = invoke("demo", "--out", tmp_path / "a_file" / "demo")
-    assert res.exit_code == 2 and "is a file, not a folder" in res.output
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount (root ignores file modes)
+    assert res.exit_code == 2 and "is not a folder that can be entered" in res.output
+    assert clitools.writable(tmp_path)
+    monkeypatch.setattr(clitools, "writable", lambda folder: False)  # a read-only mount (root ignores modes)
     res = invoke("data", "audit", tmp_path, "--out", tmp_path / "audit")
     assert res.exit_code == 2 and "cannot write in" in res.output and not (tmp_path / "audit").exists()
 
@@ -248,12 +249,12 @@ def test_a_damaged_model_keras_and_a_binary_json_are_one_line_errors(micro_run, 
     model = run / "model.keras"
     model.write_bytes(model.read_bytes()[:2000])  # still starts as a zip archive
     res = invoke("evaluate", run)
-    assert res.exit_code == 1 and "not a loadable Keras model, damaged or truncated" in res.output
+    assert res.exit_code == 1 and "cannot be loaded as a Keras model" in res.output
 
 
 def test_options_that_cannot_work_stop_train_before_it_writes(synth_data, tmp_path):
     res = invoke("train", "--task", "tumor", "--data-dir", synth_data, "--unfreeze", "abc", "--out", tmp_path / "t")
-    assert res.exit_code == 2 and "--unfreeze abc" in res.output and not (tmp_path / "t").exists()
+    assert res.exit_code == 1 and "--unfreeze abc" in res.output and not (tmp_path / "t").exists()
 
 
 def test_audit_reads_a_dataset_of_linked_images(tmp_path):
@@ -264,7 +265,10 @@ def test_audit_reads_a_dataset_of_linked_images(tmp_path):
     for image in real.rglob("*.jpg"):
         target = linked / image.relative_to(real)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(image)
+        try:
+            target.symlink_to(image)
+        except OSError:
+            pytest.skip("this file system has no symbolic links")
     res = invoke("data", "audit", linked, "--task", "tumor", "--out", tmp_path / "a")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "a" / "audit.json").read_text())["counts"]

@@ -33,6 +33,10 @@ def test_unsupported_and_foreign_files(tmp_path):
         runtime.read_metadata(plain)
     with pytest.raises(runtime.RuntimeModelError, match="not found"):
         runtime.load(tmp_path / "missing.tflite")
+    xml = tmp_path / "model.xml"
+    xml.write_text("<net/>")
+    with pytest.raises(runtime.RuntimeModelError, match="unsupported model type '.xml' here"):
+        runtime.load(xml)  # OpenVINO files open through open_model, never as ONNX
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
     with pytest.raises(runtime.RuntimeModelError, match="the file is empty"):
@@ -171,3 +175,22 @@ def test_int8_onnx_files_have_7_bit_weights_and_older_ones_warn_without_vnni(mic
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         runtime.OnnxModel(path, old)
+
+
+def test_progress_in_a_log_writes_a_line_at_most_every_few_seconds(monkeypatch):
+    import io
+
+    from mri_edge import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    log = io.StringIO()
+    with progress.Progress(100, "decoding", stream=log) as bar:
+        for _ in range(50):  # half of the work in no time: no line until the end
+            bar.update()
+        clock[0] = progress.LOG_EVERY_S
+        bar.update()  # 51%, LOG_EVERY_S later: one line
+        for _ in range(49):
+            bar.update()
+    lines = log.getvalue().splitlines()
+    assert [ln.split(":")[1].split()[0] for ln in lines] == ["0/100", "51/100", "100/100"]

@@ -127,9 +127,10 @@ def test_calibrate_stores_one_record_that_every_runtime_applies_identically(cali
     from mri_edge.config import CalibrateConfig
     from mri_edge.files import sha256_file
 
-    before = {f.name: sha256_file(f) for f in files}
+    before = {f.name: (sha256_file(f), f.stat().st_mtime_ns) for f in files}
     again = calibrate_run(run, CalibrateConfig(coverage=0.5, alpha=0.2, min_images=4), log=lambda *_: None)
-    assert again["trust"] == record and {f.name: sha256_file(f) for f in files} == before
+    assert again["trust"] == record and sorted(again["updated_files"]) == sorted(before)
+    assert {f.name: (sha256_file(f), f.stat().st_mtime_ns) for f in files} == before  # not even rewritten
 
 
 def test_tflite_metadata_bytes_do_not_depend_on_the_clock(monkeypatch):
@@ -242,6 +243,7 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     per_class = card["results"]["official"]["per_class"]
     assert all(lo <= c["sensitivity"] <= hi for c in per_class for lo, hi in [c["sensitivity_ci95"]])
     assert "model_card.md" in (run / "report.md").read_text()
+    assert "shipped as" not in (run / "report.md").read_text()  # a copied run folder is not a shipped one
     # Each calibration row names the file it measured; a file exported again after calibrate
     # (another model_sha256 in the row) has its row left out and named as missing, not misreported.
     from mri_edge.runtime import read_metadata
