@@ -95,6 +95,19 @@ def _torch_cuda() -> bool:
     return out.stdout.strip() == "True"
 
 
+def first_readable(paths: list[Path]) -> str | None:
+    """The first image that decodes (the end-to-end timing needs one; a run may list a broken file)."""
+    from .preprocess import load_image  # noqa: PLC0415
+
+    for p in paths:
+        try:
+            load_image(p)
+            return str(p)
+        except MriEdgeError:
+            continue
+    return None
+
+
 def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
     """(artifacts, skipped rows, sample image) for run folders and/or model files."""
     artifacts = []
@@ -112,8 +125,7 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
             if (p / "split_manifest.json").is_file() and image is None:
                 m = RunFolder(p).manifest()
                 rows = m["splits"].get("test") or m["splits"].get("train") or []
-                cand = Path(m["root"]) / rows[0][0] if rows else None
-                image = str(cand) if cand is not None and cand.is_file() else None
+                image = first_readable([Path(m["root"]) / rel for rel, _ in rows[:20]])
             artifacts += files
         elif p.is_file():
             if p.suffix not in MODEL_SUFFIXES:

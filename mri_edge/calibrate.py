@@ -90,6 +90,10 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
         rule = (f"validation images with no near twin in training (thumbnail correlation < {cfg.group_threshold}); "
                 f"{nv - len(keep)} of {nv} have one")
     twins = False
+    more = (f"fewer than --min-images {cfg.min_images}: hold out more (a larger --val-fraction, or a Validation "
+            "folder) and retrain, or lower --min-images")
+    if len(keep) < cfg.min_images and method == "grouped":
+        raise CalibrateError(f"the grouped validation split holds {nv} images, {more}")
     if len(keep) < cfg.min_images:
         if not cfg.allow_twins:
             raise CalibrateError(
@@ -97,6 +101,8 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
                 f"{cfg.group_threshold}), fewer than {cfg.min_images}: a fit on twins of training stays "
                 "overconfident on new subjects. Retrain with `--val-split grouped`, or pass --allow-twins to fit on "
                 "the whole validation split anyway")
+        if nv < cfg.min_images:
+            raise CalibrateError(f"the validation split holds {nv} images, {more}")
         keep, twins = np.arange(nv), True
         rule = f"the whole validation split, near twins of training included (--allow-twins; {len(keep)} images)"
     y_val, y_train = labels[nt:nt + nv], labels[:nt]
@@ -231,8 +237,10 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         "temperature_at_bound": bool(min(abs(temperature - b) / b for b in trust.T_RANGE) < 0.01),
         "target": {"max_risk": cfg.max_risk} if cfg.max_risk is not None else {"coverage": cfg.coverage}})
     if record.fitted_on["temperature_at_bound"]:
+        why = ("too few errors to fit it" if temperature < 1 else
+               "its answers are little better than chance there, so every probability is flattened")
         log(f"warning: the temperature stopped at the end of its range {trust.T_RANGE} (held-out accuracy "
-            f"{(ref_val.argmax(1) == y_val).mean():.1%}: too few errors to fit it)")
+            f"{(ref_val.argmax(1) == y_val).mean():.1%}: {why})")
     if cfg.max_risk is not None and threshold >= 1.0:
         log(f"warning: no confidence threshold keeps the held-out error at or below {cfg.max_risk}: every answer "
             "will be marked for review (a better model, or a looser --max-risk / --coverage)")

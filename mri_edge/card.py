@@ -158,7 +158,8 @@ def build(run_dir) -> dict:
             if r["batch"] == 1 and r["model"] in current]}
     else:
         missing.append("latency (mri-edge bench)")
-    card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
+    stored = [p for f in files for p in (f, f.with_suffix(".bin")) if p == f or (f.suffix == ".xml" and p.is_file())]
+    card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in stored]
     small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",
               "Trained and tested on single 2-D slices from public datasets; not validated on other scanners, "

@@ -237,7 +237,7 @@ def predict(model_path, images, top_k, as_json, threads, allow_other_resize, xnn
 @click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="onnxruntime graph optimisation level.")
 @click.option("--out", "out_dir", type=OUT_DIR, default=None,
-              help="Report folder [default: RUN_DIR/bench, or ./bench for model files].")
+              help="Report folder [default: RUN_DIR/bench, or artifacts/runs/bench for model files].")
 @click.option("--compare", "compare_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An older bench.json: print p50 ratios against it.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -263,7 +263,7 @@ def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_d
         batches, warmup, runs = (1,), 2, 10
     if out_dir is None:
         first = Path(targets[0])
-        out_dir = first / "bench" if first.is_dir() else Path("bench")
+        out_dir = first / "bench" if first.is_dir() else Path("artifacts/runs/bench")
     out = run_guarded(bench_lib.bench, targets, threads, batches, warmup, runs, seconds, out_dir, log=echo,
                       ort_opt_level=ort_opt_level, image=image, device=device)
     click.echo(bench_lib.table(out))

@@ -44,7 +44,7 @@ def calibrate(run_dir, reference, data_dir, threads, **kw):
 @click.command()
 @click.argument("model_path", type=click.Path(exists=True))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--out", "out_dir", type=OUT_DIR, default="explain", show_default=True,
+@click.option("--out", "out_dir", type=OUT_DIR, default="artifacts/runs/explain", show_default=True,
               help="Folder for the overlay PNGs, explain.json and explain.md.")
 @click.option("--method", type=click.Choice(["occlusion", "gradcam"]), default="occlusion", show_default=True,
               help="occlusion runs through any file's own runtime (int8 included); gradcam needs a .keras model.")
@@ -56,7 +56,7 @@ def explain(model_path, images, out_dir, method, grid, threads):
 
     \b
     Example:
-      mri-edge explain artifacts/tumor/model_int8.tflite scan.jpg --out explain/
+      mri-edge explain artifacts/tumor/model_int8.tflite scan.jpg --out artifacts/runs/explain
     """
     from . import explain as explain_lib  # noqa: PLC0415
     from . import predict as predict_lib  # noqa: PLC0415

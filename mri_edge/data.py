@@ -138,7 +138,9 @@ def scan_split(split_dir: Path, task: str) -> tuple[list[str], list[str], list[s
     for f in folders:
         files = list_images(f)
         if not files:
-            raise DataError(f"class folder {f} is empty")
+            ignored = sum(1 for q in f.rglob("*") if q.is_file())
+            raise DataError(f"class folder {f} has no images" + (f" ({ignored} other file(s) ignored: hidden, "
+                            "checkpoint copies or not images by their suffix)" if ignored else ""))
         paths += [str(p) for p in files]
         labels += [mapping[f.name]] * len(files)
     return keys, names, paths, labels
@@ -207,17 +209,14 @@ def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: i
     found = find_splits(data_dir)
     per_split = {}
     reference = None
-    for name, folder in found.items():
-        keys, names, paths, labels = scan_split(folder, task)
+    for name in sorted(found, key=lambda n: n != "train"):  # train first: its classes (and spelling) are the reference
+        keys, names, paths, labels = scan_split(found[name], task)
         if reference is None:
             reference = (keys, names)
         elif keys != reference[0]:
-            raise DataError(
-                f"class folders differ between splits: {found['train'].name} has {reference[1]}, "
-                f"{folder.name} has {names}"
-            )
+            raise DataError(f"class folders differ between splits: {found['train'].name} has {reference[1]}, "
+                            f"{found[name].name} has {names}")
         per_split[name] = Split(name, paths, labels)
-    # Check train first so its classes are the reference everywhere.
     keys, names = reference
     splits = {"train": per_split["train"]}
     carved, how = False, {}

@@ -65,16 +65,17 @@ def classification_metrics(y_true, y_pred, class_names: list[str]) -> dict:
 ECE_BINS = 15
 
 
-def calibration_metrics(y_true, probs, bins: int = ECE_BINS) -> dict:
+def calibration_metrics(y_true, probs, bins: int = ECE_BINS, binned_by=None) -> dict:
     """How far confidence matches accuracy: expected calibration error (top-1 confidence in
     `bins` equal-width bins, weighted by their share of images), maximum calibration error,
-    multi-class Brier score and negative log-likelihood, and the reliability-diagram bins."""
+    multi-class Brier score and negative log-likelihood, and the reliability-diagram bins.
+    `binned_by` (another model's top-1 confidences) puts each image in that model's bin."""
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, np.float64)
     conf = probs.max(1)
     hit = (probs.argmax(1) == y_true).astype(float)
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    which = np.clip(np.digitize(conf if binned_by is None else binned_by, edges[1:-1], right=True), 0, bins - 1)
     rows, ece, mce = [], 0.0, 0.0
     for b in range(bins):
         m = which == b
@@ -269,6 +270,9 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
                  [[s, v["n"], v["skipped"]] for s, v in extra["splits"].items()]),
         "",
     ]
+    unreadable = [f"- {s}: {why}" for s, v in extra["splits"].items() for why in v.get("unreadable", [])]
+    if unreadable:  # left out of the run (and of its split manifest): named, so they can be fixed
+        parts += ["Unreadable files, left out:", "", *unreadable[:100], ""]
     if extra.get("phase_notes"):
         parts += ["## Training", ""] + [f"- {n}" for n in extra["phase_notes"]] + [""]
     parts += [
@@ -302,8 +306,6 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
             metrics_markdown(d, names),
             "",
         ]
-    if test.get("skipped"):
-        parts += ["### Skipped test files", ""] + [f"- `{s['path']}`: {s['reason']}" for s in test["skipped"][:50]] + [""]
     parts += ["## Example predictions", "", "![examples](examples.png)", ""]
     return "\n".join(parts)
 

@@ -147,6 +147,21 @@ class RunFolder:
                                      "history": history, "elapsed_s": elapsed_s, "phase_elapsed_s": phase_elapsed_s,
                                      "finished": finished})
 
+    def leave_out_unreadable(self, unreadable: dict[str, list[str]]) -> None:
+        """Take the images train could not decode out of the split manifest's splits (listed
+        under "unreadable"), so calibrate, export, verify and bench use the images the model
+        was trained and tested on."""
+        from .data import rel_path  # noqa: PLC0415
+        from .report import write_json  # noqa: PLC0415
+
+        m = self.manifest()
+        root = Path(m["root"])
+        gone = {s: {rel_path(p, root) for p in paths} for s, paths in unreadable.items() if paths}
+        m["splits"] = {s: [r for r in rows if r[0] not in gone.get(s, ())] for s, rows in m["splits"].items()}
+        m["unreadable"] = {s: sorted(set((m.get("unreadable") or {}).get(s, [])) | gone.get(s, set()))
+                           for s in set(gone) | set(m.get("unreadable") or {})}
+        write_json(self.manifest_path, m)
+
     # ------------------------------------------------------------ train's --out check
     def check_new_run(self, force: bool = False) -> None:
         """Refuse an --out folder that holds anything but the start of this run.

@@ -134,8 +134,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
 
 
 def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), force: bool = False) -> Path:
-    """Run both phases, evaluate on the test split and write the run folder. Returns it.
-    `force` lets --out be a folder that holds other files (never a finished or resumable run)."""
+    """Run both phases, evaluate on the test split, write the run folder and return it (`force`: --out may hold other files)."""
     run, cfg, dataset, state = _open_run(cfg, resume, force, log,
                                          chief=distribute.plan(None if resume else cfg.devices).is_chief)
     dist = distribute.plan(cfg.devices)
@@ -178,6 +177,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     for s, d in dec.items():
         if d.skipped:
             log(f"{s}: skipped {len(d.skipped)} unreadable file(s), e.g. {d.skipped[0]['reason']}")
+    if dist.is_chief and any(d.skipped for d in dec.values()):  # later commands use the images the run used
+        run.leave_out_unreadable({s: [x["path"] for x in d.skipped] for s, d in dec.items()})
     if not state and cfg.weights not in ("none", "imagenet") and cfg.adapt_bn:
         n = model_lib.adapt_batchnorm(net, dec["train"].images)
         log(f"re-estimated batch-norm statistics of the {cfg.weights} backbone on {n} training images (AdaBN)")
@@ -388,7 +389,8 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
         "wall_time_s": wall,
         "phase_notes": notes + [f"phase '{p['name']}': up to {p['epochs']} epochs, lr {p['lr']:g}, "
                                 f"unfreeze {p['unfreeze']}" for p in cfg.phases],
-        "splits": {s: {"n": len(d.labels), "skipped": len(d.skipped)} for s, d in dec.items()},
+        "splits": {s: {"n": len(d.labels), "skipped": len(d.skipped), "unreadable": [x["reason"] for x in d.skipped]}
+                   for s, d in dec.items()},
     }
     report.write_text(run_dir / "train_report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
     summary = run.config()

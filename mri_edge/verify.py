@@ -64,6 +64,7 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
     diff = np.abs(keras_probs - file_probs)
     k_cal = report.calibration_metrics(labels, keras_probs)
     f_cal = report.calibration_metrics(labels, file_probs)
+    f_in_k_bins = report.calibration_metrics(labels, file_probs, binned_by=keras_probs.max(1))["ece"]
     flips = [{"path": paths[i], "true": names[labels[i]], "keras": names[kp[i]], "export": names[fp[i]],
               "keras_p": float(keras_probs[i, kp[i]]), "export_p": float(file_probs[i, fp[i]])}
              for i in np.flatnonzero(kp != fp)]
@@ -82,12 +83,20 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
         "prob_abs_diff": {"mean": float(diff.mean()), "max": float(diff.max())},
         "calibration": {**{k: f_cal[k] for k in ("ece", "mce", "brier", "nll", "mean_confidence")},
                         "keras": {k: k_cal[k] for k in ("ece", "mce", "brier", "nll", "mean_confidence")},
-                        "ece_delta": f_cal["ece"] - k_cal["ece"], "reliability": f_cal["reliability"]},
+                        "ece_delta": f_cal["ece"] - k_cal["ece"], "ece_delta_keras_bins": f_in_k_bins - k_cal["ece"],
+                        "reliability": f_cal["reliability"]},
         "per_class_delta": per_class,
         "per_class": fm["per_class"],
         "confusion_matrix": fm["confusion_matrix"],
         "flips": flips,
     }
+
+
+def ece_moved(cal: dict, limit: float) -> bool:
+    """The ECE changed by more than `limit`, in the file's own bins and also with every image in
+    its Keras bin: on a small test set a confidence that crosses a bin edge by a hair moves the
+    first by up to 1/n with no change of calibration, never the second."""
+    return min(abs(cal["ece_delta"]), abs(cal.get("ece_delta_keras_bins", cal["ece_delta"]))) > limit + 1e-12
 
 
 def trust_metrics(record: trust.Trust, labels: np.ndarray, keras_probs: np.ndarray, file_probs: np.ndarray) -> dict:
@@ -98,6 +107,9 @@ def trust_metrics(record: trust.Trust, labels: np.ndarray, keras_probs: np.ndarr
         cal = record.apply(probs)
         out[who] = {"ece": report.calibration_metrics(labels, cal)["ece"], **record.decision_metrics(cal, labels)}
     out["ece_delta"] = out["file"]["ece"] - out["keras"]["ece"]
+    keras_conf = record.apply(keras_probs).max(1)
+    out["ece_delta_keras_bins"] = report.calibration_metrics(labels, record.apply(file_probs),
+                                                             binned_by=keras_conf)["ece"] - out["keras"]["ece"]
     return out
 
 
@@ -152,10 +164,10 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
         reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
     if -r["accuracy_delta"] * 100 > max_drop + 1e-9:
         reasons.append(f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop:.2f}")
-    if abs(r["calibration"]["ece_delta"]) > thresholds.max_ece_change + 1e-12:
+    if ece_moved(r["calibration"], thresholds.max_ece_change):
         reasons.append(f"calibration changed: |ΔECE| {abs(r['calibration']['ece_delta']):.4f} > "
                        f"{thresholds.max_ece_change}")
-    if "trust" in r and abs(r["trust"]["ece_delta"]) > thresholds.max_ece_change + 1e-12:
+    if "trust" in r and ece_moved(r["trust"], thresholds.max_ece_change):
         reasons.append(f"calibrated probabilities changed: |ΔECE| after the stored temperature "
                        f"{abs(r['trust']['ece_delta']):.4f} > {thresholds.max_ece_change}")
     if ("explanation" in r and thresholds.min_explanation_corr

@@ -76,15 +76,42 @@ def test_missing_train_and_missing_folder(tmp_path):
 def test_empty_class_folder(tmp_path):
     make_tree(tmp_path, ["Training"], ["x", "y"])
     (tmp_path / "Training" / "z").mkdir()
-    with pytest.raises(data.DataError, match="empty"):
+    with pytest.raises(data.DataError, match="has no images$"):
+        data.discover(tmp_path, "custom")
+    (tmp_path / "Training" / "z" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "Training" / "z" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(b"x")
+    (tmp_path / "Training" / "z" / "notes.txt").write_text("x")
+    with pytest.raises(data.DataError, match=r"has no images \(2 other file\(s\) ignored"):
         data.discover(tmp_path, "custom")
 
 
 def test_mismatched_classes_between_splits(tmp_path):
     make_tree(tmp_path, ["Training"], ["x", "y"])
-    make_tree(tmp_path, ["Testing"], ["x", "z"])
-    with pytest.raises(data.DataError, match="differ between splits"):
+    make_tree(tmp_path, ["Testing"], ["x", "y", "z"])  # Testing sorts first: train is still the reference
+    with pytest.raises(data.DataError, match=r"Training has \['x', 'y'\], Testing has \['x', 'y', 'z'\]"):
         data.discover(tmp_path, "custom")
+
+
+def test_train_spells_the_class_names(tmp_path):
+    make_tree(tmp_path, ["Training"], ["Healthy", "tumour"])
+    make_tree(tmp_path, ["Testing"], ["healthy", "tumour"])
+    assert data.discover(tmp_path, "custom").class_names == ["Healthy", "tumour"]
+
+
+def test_unreadable_images_leave_the_split_manifest(tmp_path):
+    from mri_edge.run import RunFolder
+
+    make_tree(tmp_path / "d", ["Training", "Testing"], ["a", "b"], n=4)
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    ds = data.discover(tmp_path / "d", "custom", val_fraction=0.25)
+    (run.path / "split_manifest.json").write_text(json.dumps(ds.manifest()))
+    broken = ds.splits["test"].paths[0]
+    run.leave_out_unreadable({"test": [broken], "train": []})
+    m = run.manifest()
+    assert len(m["splits"]["test"]) == 7 and m["unreadable"] == {"test": [data.rel_path(broken, tmp_path / "d")]}
+    run.leave_out_unreadable({"test": [broken]})  # a resumed run reports it again: nothing changes
+    assert run.manifest() == m
 
 
 def test_carved_validation_is_stratified_and_deterministic(tmp_path):

@@ -148,3 +148,35 @@ def test_verify_on_the_validation_split_leaves_the_test_report_alone(exported_ru
     res = CliRunner().invoke(main, ["verify", str(exported_run), "--split", "val", "--dedup",
                                     str(exported_run / "split_manifest.json")])
     assert res.exit_code == 1 and "leave it out with --split val" in res.output
+
+
+def test_the_ece_gate_ignores_confidences_that_cross_a_bin_edge_by_a_hair():
+    from mri_edge import report
+    from mri_edge.verify import compare, ece_moved
+
+    def probs(top):  # class 0 on top with probability `top`, the rest shared
+        return np.array([[t] + [(1 - t) / 3] * 3 for t in top])
+
+    # 20 wrong answers just above the 7/15 bin edge, 20 right ones in the bin below, 20 confident right ones
+    top = np.array([7 / 15 + 0.001] * 20 + [0.41] * 20 + [0.9] * 20)
+    labels = np.array([1] * 20 + [0] * 40)
+    keras = probs(top)
+    paths = [str(i) for i in range(60)]
+    nudged = compare(["a", "b", "c", "d"], labels, keras, probs(top - np.r_[[0.002] * 20, [0] * 40]), paths)
+    cal = nudged["calibration"]
+    assert cal["ece_delta"] < -0.1 and abs(cal["ece_delta_keras_bins"]) < 0.002  # the bins moved, calibration did not
+    assert not ece_moved(cal, 0.01)
+    shifted = compare(["a", "b", "c", "d"], labels, keras, probs(top + np.r_[[0.08] * 20, [0] * 40]), paths)
+    assert ece_moved(shifted["calibration"], 0.01)
+    assert report.calibration_metrics(labels, keras, binned_by=keras.max(1)) == report.calibration_metrics(labels, keras)
+
+
+def test_bench_times_end_to_end_on_the_first_image_that_decodes(tmp_path):
+    from mri_edge.bench import first_readable
+
+    broken, good = tmp_path / "0.jpg", tmp_path / "1.png"
+    broken.write_bytes(b"\xff\xd8 broken")
+    import cv2
+
+    cv2.imwrite(str(good), np.zeros((8, 8), np.uint8))
+    assert first_readable([broken, good]) == str(good) and first_readable([broken]) is None
