@@ -92,8 +92,8 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
     twins = False
     more = (f"fewer than --min-images {cfg.min_images}: hold out more (a larger --val-fraction, or a Validation "
             "folder) and retrain, or lower --min-images")
-    if len(keep) < cfg.min_images and method == "grouped":
-        raise CalibrateError(f"the grouped validation split holds {nv} images, {more}")
+    if nv < cfg.min_images or (len(keep) < cfg.min_images and method == "grouped"):
+        raise CalibrateError(f"the {'grouped ' if method == 'grouped' else ''}validation split holds {nv} images, {more}")
     if len(keep) < cfg.min_images:
         if not cfg.allow_twins:
             raise CalibrateError(
@@ -101,8 +101,6 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
                 f"{cfg.group_threshold}), fewer than {cfg.min_images}: a fit on twins of training stays "
                 "overconfident on new subjects. Retrain with `--val-split grouped`, or pass --allow-twins to fit on "
                 "the whole validation split anyway")
-        if nv < cfg.min_images:
-            raise CalibrateError(f"the validation split holds {nv} images, {more}")
         keep, twins = np.arange(nv), True
         rule = f"the whole validation split, near twins of training included (--allow-twins; {len(keep)} images)"
     y_val, y_train = labels[nt:nt + nv], labels[:nt]

@@ -53,9 +53,13 @@ def check_members(run_dirs: list) -> list[dict]:
             raise EnsembleError(f"{where} record different preprocessing contracts")
         for split in ("val", "test"):
             if m["manifest"]["splits"].get(split) != first["manifest"]["splits"].get(split):
+                left_out = (m["manifest"].get("unreadable") or {}).get(split) or \
+                    (first["manifest"].get("unreadable") or {}).get(split)
                 raise EnsembleError(
                     f"{where} have different {split} splits; members must share them (train each with the same "
-                    "--val-split and --split-seed), or a member may have trained on the images the ensemble is judged on")
+                    "--val-split and --split-seed), or a member may have trained on the images the ensemble is judged on"
+                    + (f"; one left out images it could not decode ({', '.join(left_out[:3])}): fix or remove them and "
+                       "train again" if left_out else ""))
     return members
 
 

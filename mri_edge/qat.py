@@ -118,7 +118,7 @@ def set_ranges(qnet, points, images: np.ndarray, batch_size: int = 32) -> dict:
 def calibration_images(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The training images export calibrates on by default: its count and its pick
     (export/calibration.py), so the simulated ranges are measured where export measures them
-    (the same images whenever every training image decodes)."""
+    (the same images: images that do not decode are out of the run's split manifest too)."""
     from .config import ExportConfig  # noqa: PLC0415
     from .export.calibration import calibration_indices  # noqa: PLC0415
 

@@ -147,20 +147,21 @@ class RunFolder:
                                      "history": history, "elapsed_s": elapsed_s, "phase_elapsed_s": phase_elapsed_s,
                                      "finished": finished})
 
-    def leave_out_unreadable(self, unreadable: dict[str, list[str]]) -> None:
-        """Take the images train could not decode out of the split manifest's splits (listed
-        under "unreadable"), so calibrate, export, verify and bench use the images the model
-        was trained and tested on."""
-        from .data import rel_path  # noqa: PLC0415
-        from .report import write_json  # noqa: PLC0415
-
+    def leave_out_unreadable(self, unreadable: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Take images that could not be decoded (paths relative to the data folder, by split)
+        out of the split manifest's splits, so calibrate, export, verify and bench use the images
+        the model was trained and tested on; returns every image left out so far, by split (the
+        manifest's "unreadable")."""
         m = self.manifest()
-        root = Path(m["root"])
-        gone = {s: {rel_path(p, root) for p in paths} for s, paths in unreadable.items() if paths}
-        m["splits"] = {s: [r for r in rows if r[0] not in gone.get(s, ())] for s, rows in m["splits"].items()}
-        m["unreadable"] = {s: sorted(set((m.get("unreadable") or {}).get(s, [])) | gone.get(s, set()))
-                           for s in set(gone) | set(m.get("unreadable") or {})}
-        write_json(self.manifest_path, m)
+        gone = {s: set(paths) for s, paths in unreadable.items() if paths}
+        before = m.get("unreadable") or {}
+        if gone:
+            from .report import write_json  # noqa: PLC0415
+
+            m["splits"] = {s: [r for r in rows if r[0] not in gone.get(s, ())] for s, rows in m["splits"].items()}
+            m["unreadable"] = {s: sorted(set(before.get(s, [])) | gone.get(s, set())) for s in set(gone) | set(before)}
+            write_json(self.manifest_path, m)
+        return m.get("unreadable") or {}
 
     # ------------------------------------------------------------ train's --out check
     def check_new_run(self, force: bool = False) -> None:

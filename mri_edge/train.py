@@ -177,8 +177,6 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     for s, d in dec.items():
         if d.skipped:
             log(f"{s}: skipped {len(d.skipped)} unreadable file(s), e.g. {d.skipped[0]['reason']}")
-    if dist.is_chief and any(d.skipped for d in dec.values()):  # later commands use the images the run used
-        run.leave_out_unreadable({s: [x["path"] for x in d.skipped] for s, d in dec.items()})
     if not state and cfg.weights not in ("none", "imagenet") and cfg.adapt_bn:
         n = model_lib.adapt_batchnorm(net, dec["train"].images)
         log(f"re-estimated batch-norm statistics of the {cfg.weights} backbone on {n} training images (AdaBN)")
@@ -370,6 +368,8 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     m["skipped"] = test.skipped
     root = Path(cfg.data_dir)
     rel = [data.rel_path(p, root) for p in test.paths]
+    # later commands use the images the run used; resumed or evaluated again, the names stay on record
+    unreadable = run.leave_out_unreadable({s: [data.rel_path(x["path"], root) for x in d.skipped] for s, d in dec.items()})
     if cfg.dedup:
         from . import audit  # noqa: PLC0415
 
@@ -389,7 +389,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
         "wall_time_s": wall,
         "phase_notes": notes + [f"phase '{p['name']}': up to {p['epochs']} epochs, lr {p['lr']:g}, "
                                 f"unfreeze {p['unfreeze']}" for p in cfg.phases],
-        "splits": {s: {"n": len(d.labels), "skipped": len(d.skipped), "unreadable": [x["reason"] for x in d.skipped]}
+        "splits": {s: {"n": len(d.labels), "skipped": len(unreadable.get(s, [])), "unreadable": unreadable.get(s, [])}
                    for s, d in dec.items()},
     }
     report.write_text(run_dir / "train_report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))

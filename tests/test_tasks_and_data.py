@@ -106,11 +106,11 @@ def test_unreadable_images_leave_the_split_manifest(tmp_path):
     run.path.mkdir()
     ds = data.discover(tmp_path / "d", "custom", val_fraction=0.25)
     (run.path / "split_manifest.json").write_text(json.dumps(ds.manifest()))
-    broken = ds.splits["test"].paths[0]
-    run.leave_out_unreadable({"test": [broken], "train": []})
+    broken = data.rel_path(ds.splits["test"].paths[0], tmp_path / "d")
+    assert run.leave_out_unreadable({"test": [broken], "train": []}) == {"test": [broken]}
     m = run.manifest()
-    assert len(m["splits"]["test"]) == 7 and m["unreadable"] == {"test": [data.rel_path(broken, tmp_path / "d")]}
-    run.leave_out_unreadable({"test": [broken]})  # a resumed run reports it again: nothing changes
+    assert len(m["splits"]["test"]) == 7 and m["unreadable"] == {"test": [broken]}
+    assert run.leave_out_unreadable({}) == {"test": [broken]}  # resumed or evaluated again: still on record
     assert run.manifest() == m
 
 

@@ -335,3 +335,28 @@ def test_ema_validates_keeps_and_ships_the_averaged_weights(small_backbone, synt
     np.testing.assert_allclose(probs, reported, atol=1e-4)
     with pytest.raises(MriEdgeError, match="--ema with several devices"):
         TrainConfig(task="tumor", data_dir=".", ema=0.9, devices="2")
+
+
+def test_an_unreadable_image_leaves_the_run_and_stays_named(small_backbone, synth_data, tmp_path):
+    """An image train cannot decode is out of the split manifest (so calibrate and verify find the
+    test rows of test_predictions.json there) and named in the training report, after an
+    evaluate too."""
+    import shutil
+
+    from mri_edge.run import RunFolder
+    from mri_edge.train import evaluate
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_data, root)
+    broken = sorted((root / "Testing").rglob("*.jpg"))[0]
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    cfg = TrainConfig(task="tumor", data_dir=str(root), out=str(tmp_path / "r"), weights="none", image_size=TINY,
+                      batch_size=16, epochs_head=0, epochs_finetune=1, dense_units=8, eager=True)
+    run = RunFolder(train(cfg, log=lambda *_: None))
+    rel = broken.relative_to(root).as_posix()
+    for _ in range(2):  # after train, then after evaluate
+        m = run.manifest()
+        assert m["unreadable"] == {"test": [rel]} and rel not in [r for r, _ in m["splits"]["test"]]
+        assert run.test_predictions()["paths"] == [r for r, _ in m["splits"]["test"]]
+        assert f"- test: {rel}" in (run.path / "train_report.md").read_text()
+        evaluate(run.path, log=lambda *_: None)

@@ -170,7 +170,7 @@ def test_calibrate_refuses_twins_and_too_few_images(micro_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)
     res = CliRunner().invoke(main, ["calibrate", str(run)])  # 4 validation images < 50
-    assert res.exit_code == 1 and "Retrain with `--val-split grouped`" in res.output
+    assert res.exit_code == 1 and "the validation split holds 4 images, fewer than --min-images 50" in res.output
     assert not (run / "trust.json").exists()
     res = CliRunner().invoke(main, ["calibrate", str(run), "--max-risk", "0.1", "--coverage", "0.9"])
     assert res.exit_code == 2 and "not both" in res.output  # a usage error, before any work
