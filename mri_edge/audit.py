@@ -20,7 +20,7 @@ import numpy as np
 from . import groups, preprocess, report
 from .errors import MriEdgeError
 from .files import sha256_bytes
-from .data import discover, rel_path
+from .data import discover, find_splits, is_junk, rel_path
 from .progress import Progress
 
 HASH_MAX_DISTANCE = 10  # candidate finder only
@@ -218,6 +218,13 @@ def _leaked(items: list[Item], near, exact_groups) -> dict[str, set]:
     return leaked
 
 
+def ignored_files(root: Path) -> list[str]:
+    """Files in the split folders that discovery passes over: hidden, checkpoint copies, OS
+    debris, not images by their suffix (data.is_junk)."""
+    return sorted(p.relative_to(root).as_posix() for folder in find_splits(root).values()
+                  for p in folder.rglob("*") if p.is_file() and is_junk(p.relative_to(folder)))
+
+
 def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX_DISTANCE,
           mad_thr: float = PIXEL_MAD_THRESHOLD, log=print, group_threshold: float = 0.99) -> dict:
     root = Path(data_dir)
@@ -250,6 +257,7 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
         "image_sizes": dict(Counter(f"{it.size[0]}x{it.size[1]}" for it in ok).most_common(20)),
         "modes": dict(Counter(it.mode for it in ok)), "formats": dict(Counter(it.fmt for it in items)),
         "corrupt": [it.rel for it in items if it.thumb is None],
+        "ignored": ignored_files(root),
         "exact_duplicates": {"groups": len(exact_groups), "pairs_by_split": dict(exact_pairs)},
         "near_duplicates": {"method": f"dHash-64 Hamming <= {max_dist} proposes; confirmed when the mean absolute "
                                       f"difference of contrast-normalised 64x64 grey thumbnails <= {mad_thr}",
@@ -296,13 +304,19 @@ def _plot_pairs(near, items: list[Item], names, path: Path, root: Path, n: int =
     report.save_figure(fig, path, 100)
 
 
+def first_ten(paths: list[str]) -> str:
+    return f" ({', '.join(paths[:10])}{', ...' if len(paths) > 10 else ''})." if paths else "."
+
+
 def markdown(out: dict) -> str:
     names = out["class_names"]
     rows = [[s, *[c.get(n, 0) for n in names], sum(c.values())] for s, c in out["counts"].items()]
     nd = out["near_duplicates"]
     parts = [f"# Data audit: `{out['data_dir']}`", "", report.md_table(["split", *names, "total"], rows), "",
              f"Image sizes (top): {out['image_sizes']}. Modes: {out['modes']}. Formats: {out['formats']}.", "",
-             f"Corrupt or unreadable files: {len(out['corrupt'])}.", "",
+             f"Corrupt or unreadable files: {len(out['corrupt'])}{first_ten(out['corrupt'])}", "",
+             "Ignored by discovery (hidden, checkpoint copies, OS debris, not images): "
+             f"{len(out.get('ignored', []))}{first_ten(out.get('ignored', []))}", "",
              "## Exact duplicates (identical bytes)", "",
              f"{out['exact_duplicates']['groups']} groups; pairs by split: {out['exact_duplicates']['pairs_by_split']}.", "",
              "## Near duplicates", "", nd["method"] + ".", "",

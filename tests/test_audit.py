@@ -22,6 +22,9 @@ def leaky(tmp_path_factory):
     cv2.imwrite(str(root / "Testing" / "meningioma" / "reencoded.png"), brighter)
     shutil.copy(tr / "pituitary" / "pituitary_0002.jpg", tr / "notumor" / "mislabeled.jpg")
     (root / "Training" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8junk")
+    (root / "Testing" / "glioma" / ".ipynb_checkpoints").mkdir()  # junk: passed over, and said so
+    shutil.copy(tr / "glioma" / "glioma_0000.jpg", root / "Testing" / "glioma" / ".ipynb_checkpoints" / "c.jpg")
+    (tr / "glioma" / "notes.txt").write_text("scanner settings")
     return root
 
 
@@ -31,6 +34,9 @@ def test_audit_finds_planted_leaks(leaky, tmp_path):
     a = json.loads((tmp_path / "audit.json").read_text())
     assert a["counts"]["test"]["Glioma"] == 4 and a["counts"]["train"]["No Tumor"] == 9
     assert a["corrupt"] == ["Training/glioma/broken.jpg"]
+    assert a["ignored"] == ["Testing/glioma/.ipynb_checkpoints/c.jpg", "Training/glioma/notes.txt"]
+    assert "Ignored by discovery (hidden, checkpoint copies, OS debris, not images): 2 (" in \
+        (tmp_path / "audit.md").read_text()
     assert a["exact_duplicates"]["pairs_by_split"].get("test-train") == 1
     leaked = set(a["leaked"]["test"])
     assert {"Testing/glioma/copy.jpg", "Testing/meningioma/reencoded.png"} <= leaked
@@ -42,7 +48,7 @@ def test_audit_finds_planted_leaks(leaky, tmp_path):
     assert nn["n_test"] == 14 and nn["n_reference"] == 33 and 0 <= nn["accuracy"] <= 1
     assert set(nn["recall_by_class"]) == {"Glioma", "Meningioma", "No Tumor", "Pituitary"}
     assert (tmp_path / "audit.md").is_file() and (tmp_path / "duplicate_pairs.png").is_file()
-    paths = [str(p) for p in sorted((leaky / "Testing").rglob("*.*"))]
+    paths = [str(p) for p in sorted((leaky / "Testing").rglob("*.*")) if ".ipynb_checkpoints" not in p.parts]
     mask = leakage_free_mask(tmp_path / "audit.json", paths)
     assert mask.sum() == 12 and len(mask) == 14
 
