@@ -70,20 +70,21 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
             if as_json:
                 emit(json.dumps({"image": str(p), "error": str(e)}))
             else:
-                emit(f"{short_path(p):50s} ERROR: {e}")
+                emit(f"{short_path(p):50s} ERROR: {str(e).removeprefix(f'{p}: ')}")
             continue
         top = r.top(top_k)
         if as_json:
             emit(json.dumps({"image": str(p), "label": r.label, "index": r.index, "probabilities": r.probabilities,
                              "top_k": top, "calibrated": r.calibrated, "uncertain": r.uncertain,
                              "prediction_set": r.prediction_set, "set_coverage": r.set_coverage,
+                             "warnings": r.warnings,
                              "timing_ms": {k: round(v, 3) for k, v in r.timing_ms.items()}}))
         else:
             extra = ""
             if r.prediction_set is not None:
                 extra += f"  set ({r.set_coverage:.0%}): {' or '.join(r.prediction_set)}"
             if r.uncertain:
-                extra += f"  [{trust.REVIEW}]"
+                extra += f"  [{trust.REVIEW}{': ' + '; '.join(r.warnings) if r.warnings else ''}]"
             emit(f"{short_path(p):50s} {r.label:22s} {r.probabilities[r.label]:6.3f}  "
                  + ", ".join(f"{n} {v:.3f}" for n, v in top) + f"  ({r.timing_ms['total']:.1f} ms){extra}")
     if not as_json:

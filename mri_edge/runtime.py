@@ -121,6 +121,7 @@ class Prediction:
     uncertain: bool = False  # below the file's abstention threshold: refer for review
     prediction_set: list[str] | None = None  # conformal set at the file's stored coverage
     set_coverage: float | None = None  # 1 - alpha of that set
+    warnings: list[str] = field(default_factory=list)  # an input the model was not made for: referred for review
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
@@ -198,7 +199,8 @@ class Model:
 
     def predict(self, source) -> Prediction:
         t0 = time.perf_counter()
-        img = self.preprocess(source)
+        raw = preprocess.load_image(source)  # as decoded, to check what the model is shown
+        img = preprocess.resize(raw, self.image_size, self.resize_method)
         t1 = time.perf_counter()
         probs = self.calibrated(self.run(img[None]))
         t2 = time.perf_counter()
@@ -212,6 +214,12 @@ class Model:
             if sets is not None:
                 out.prediction_set = [self.class_names[k] for k in sets[0]]
                 out.set_coverage = 1 - self.trust.alpha
+        # Any answer is confident-looking noise for these; a reviewer should see the image.
+        if min(raw.shape[:2]) * 4 < self.image_size:
+            out.warnings.append(f"small image ({raw.shape[1]}x{raw.shape[0]} px) enlarged to {self.image_size} px")
+        if float(img.std()) < 2.0:
+            out.warnings.append("blank image (no contrast)")
+        out.uncertain = out.uncertain or bool(out.warnings)
         return out
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 1, calibrated: bool = True,

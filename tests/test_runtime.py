@@ -194,3 +194,16 @@ def test_progress_in_a_log_writes_a_line_at_most_every_few_seconds(monkeypatch):
             bar.update()
     lines = log.getvalue().splitlines()
     assert [ln.split(":")[1].split()[0] for ln in lines] == ["0/100", "51/100", "100/100"]
+
+
+def test_images_the_model_was_not_made_for_are_referred_for_review():
+    from tests.conftest import REPO
+
+    model = runtime.load(REPO / "artifacts" / "tumor" / "model_int8.tflite")
+    rng = np.random.default_rng(0)
+    blank = model.predict(np.zeros((64, 64), np.uint8))
+    tiny = model.predict(rng.integers(0, 255, (4, 4), dtype=np.uint8))
+    scan = model.predict(rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    assert blank.uncertain and blank.warnings == ["blank image (no contrast)"]
+    assert tiny.uncertain and tiny.warnings == ["small image (4x4 px) enlarged to 64 px"]
+    assert scan.warnings == []
