@@ -20,7 +20,7 @@ import numpy as np
 from . import groups, preprocess, report
 from .errors import MriEdgeError
 from .files import sha256_bytes
-from .data import discover, find_splits, is_junk, rel_path
+from .data import discover, find_splits, rel_path
 from .progress import Progress
 
 HASH_MAX_DISTANCE = 10  # candidate finder only
@@ -218,11 +218,12 @@ def _leaked(items: list[Item], near, exact_groups) -> dict[str, set]:
     return leaked
 
 
-def ignored_files(root: Path) -> list[str]:
-    """Files in the split folders that discovery passes over: hidden, checkpoint copies, OS
-    debris, not images by their suffix (data.is_junk)."""
-    return sorted(p.relative_to(root).as_posix() for folder in find_splits(root).values()
-                  for p in folder.rglob("*") if p.is_file() and is_junk(p.relative_to(folder)))
+def ignored_files(root: Path, read: set[str]) -> list[str]:
+    """Files in the split folders that discovery passed over (`read`: those it took, relative
+    to root): hidden, checkpoint copies, OS debris, not images, files outside class folders,
+    links that lead nowhere."""
+    return sorted(rel for folder in find_splits(root).values() for p in folder.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and (rel := rel_path(str(p), root)) not in read)
 
 
 def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX_DISTANCE,
@@ -257,7 +258,7 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
         "image_sizes": dict(Counter(f"{it.size[0]}x{it.size[1]}" for it in ok).most_common(20)),
         "modes": dict(Counter(it.mode for it in ok)), "formats": dict(Counter(it.fmt for it in items)),
         "corrupt": [it.rel for it in items if it.thumb is None],
-        "ignored": ignored_files(root),
+        "ignored": ignored_files(root, {it.rel for it in items}),
         "exact_duplicates": {"groups": len(exact_groups), "pairs_by_split": dict(exact_pairs)},
         "near_duplicates": {"method": f"dHash-64 Hamming <= {max_dist} proposes; confirmed when the mean absolute "
                                       f"difference of contrast-normalised 64x64 grey thumbnails <= {mad_thr}",
@@ -315,7 +316,7 @@ def markdown(out: dict) -> str:
     parts = [f"# Data audit: `{out['data_dir']}`", "", report.md_table(["split", *names, "total"], rows), "",
              f"Image sizes (top): {out['image_sizes']}. Modes: {out['modes']}. Formats: {out['formats']}.", "",
              f"Corrupt or unreadable files: {len(out['corrupt'])}{first_ten(out['corrupt'])}", "",
-             "Ignored by discovery (hidden, checkpoint copies, OS debris, not images): "
+             "Ignored by discovery (hidden, checkpoint copies, OS debris, not images, outside class folders): "
              f"{len(out.get('ignored', []))}{first_ten(out.get('ignored', []))}", "",
              "## Exact duplicates (identical bytes)", "",
              f"{out['exact_duplicates']['groups']} groups; pairs by split: {out['exact_duplicates']['pairs_by_split']}.", "",

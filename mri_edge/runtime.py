@@ -118,7 +118,7 @@ class Prediction:
     timing_ms: dict[str, float] = field(default_factory=dict)
     source: str = ""
     calibrated: bool = False  # probabilities went through the file's stored temperature
-    uncertain: bool = False  # below the file's abstention threshold: refer for review
+    uncertain: bool = False  # refer for review: below the file's abstention threshold, or a `warnings` input
     prediction_set: list[str] | None = None  # conformal set at the file's stored coverage
     set_coverage: float | None = None  # 1 - alpha of that set
     warnings: list[str] = field(default_factory=list)  # an input the model was not made for: referred for review
@@ -200,7 +200,7 @@ class Model:
     def predict(self, source) -> Prediction:
         t0 = time.perf_counter()
         raw = preprocess.load_image(source)  # as decoded, to check what the model is shown
-        img = preprocess.resize(raw, self.image_size, self.resize_method)
+        img = self.preprocess(raw)
         t1 = time.perf_counter()
         probs = self.calibrated(self.run(img[None]))
         t2 = time.perf_counter()
@@ -217,7 +217,7 @@ class Model:
         # Any answer is confident-looking noise for these; a reviewer should see the image.
         if min(raw.shape[:2]) * 4 < self.image_size:
             out.warnings.append(f"small image ({raw.shape[1]}x{raw.shape[0]} px) enlarged to {self.image_size} px")
-        if float(img.std()) < 2.0:
+        if float(img.reshape(-1, img.shape[-1]).std(0).max()) < 2.0:  # per channel: a solid colour is blank too
             out.warnings.append("blank image (no contrast)")
         out.uncertain = out.uncertain or bool(out.warnings)
         return out

@@ -25,6 +25,7 @@ def leaky(tmp_path_factory):
     (root / "Testing" / "glioma" / ".ipynb_checkpoints").mkdir()  # junk: passed over, and said so
     shutil.copy(tr / "glioma" / "glioma_0000.jpg", root / "Testing" / "glioma" / ".ipynb_checkpoints" / "c.jpg")
     (tr / "glioma" / "notes.txt").write_text("scanner settings")
+    shutil.copy(tr / "glioma" / "glioma_0000.jpg", tr / "stray.jpg")  # outside any class folder
     return root
 
 
@@ -34,8 +35,8 @@ def test_audit_finds_planted_leaks(leaky, tmp_path):
     a = json.loads((tmp_path / "audit.json").read_text())
     assert a["counts"]["test"]["Glioma"] == 4 and a["counts"]["train"]["No Tumor"] == 9
     assert a["corrupt"] == ["Training/glioma/broken.jpg"]
-    assert a["ignored"] == ["Testing/glioma/.ipynb_checkpoints/c.jpg", "Training/glioma/notes.txt"]
-    assert "Ignored by discovery (hidden, checkpoint copies, OS debris, not images): 2 (" in \
+    assert a["ignored"] == ["Testing/glioma/.ipynb_checkpoints/c.jpg", "Training/glioma/notes.txt", "Training/stray.jpg"]
+    assert "Ignored by discovery (hidden, checkpoint copies, OS debris, not images, outside class folders): 3 (" in \
         (tmp_path / "audit.md").read_text()
     assert a["exact_duplicates"]["pairs_by_split"].get("test-train") == 1
     leaked = set(a["leaked"]["test"])

@@ -202,8 +202,9 @@ def test_images_the_model_was_not_made_for_are_referred_for_review():
     model = runtime.load(REPO / "artifacts" / "tumor" / "model_int8.tflite")
     rng = np.random.default_rng(0)
     blank = model.predict(np.zeros((64, 64), np.uint8))
+    red = model.predict(np.full((64, 64, 3), (200, 0, 0), np.uint8))  # one colour: blank too
     tiny = model.predict(rng.integers(0, 255, (4, 4), dtype=np.uint8))
     scan = model.predict(rng.integers(0, 255, (64, 64), dtype=np.uint8))
-    assert blank.uncertain and blank.warnings == ["blank image (no contrast)"]
+    assert blank.uncertain and blank.warnings == red.warnings == ["blank image (no contrast)"] and red.uncertain
     assert tiny.uncertain and tiny.warnings == ["small image (4x4 px) enlarged to 64 px"]
     assert scan.warnings == []
