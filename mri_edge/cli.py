@@ -72,6 +72,11 @@ def train(task, data_dir, out, resume, force, **kw):
     """
     if not resume and not (task and data_dir):
         raise click.UsageError("--task and --data-dir are required (unless --resume, which reads them from the run)")
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "verbose")
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if resume and given:  # the run continues with the options it was started with (its config.json)
+        raise click.UsageError(f"--resume continues the run with its own options; drop {', '.join(given)}")
     if not kw.get("teacher") and \
             click.get_current_context().get_parameter_source("distill_weight") == ParameterSource.COMMANDLINE:
         raise click.UsageError("--distill-weight is the share of a teacher's answers: give --teacher RUN too")

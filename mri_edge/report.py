@@ -273,11 +273,13 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
     unreadable = [f"- {s}: {why}" for s, v in extra["splits"].items() for why in v.get("unreadable", [])]
     if unreadable:  # left out of the run (and of its split manifest): named, so they can be fixed
         parts += ["Unreadable files, left out:", "", *unreadable[:100], ""]
-    if extra.get("phase_notes"):
-        parts += ["## Training", ""] + [f"- {n}" for n in extra["phase_notes"]] + [""]
+    teacher = [f"distilled from `{cfg['teacher']}` ({1 - cfg.get('distill_weight', 0.8):.1f} x labels + "
+               f"{cfg.get('distill_weight', 0.8):.1f} x its probabilities)"] if cfg.get("teacher") else []
+    if extra.get("phase_notes") or teacher:
+        parts += ["## Training", ""] + [f"- {n}" for n in teacher + extra.get("phase_notes", [])] + [""]
+    if (Path(run_dir) / "training_curves.png").is_file():  # an ensemble trains nothing of its own
+        parts += ["![training curves](training_curves.png)", ""]
     parts += [
-        "![training curves](training_curves.png)",
-        "",
         f"## Test set ({test['n']} images)",
         "",
         f"**Accuracy {test['accuracy']:.4f}** (bootstrap 95% CI {test['accuracy_ci95'][0]:.4f}-"
@@ -370,6 +372,12 @@ def run_index_markdown(run) -> str:
     card = load(root / "model_card.json")
     if card:
         parts += ["## Model card", "", "[model_card.md](model_card.md)", ""]
+    from .runtime import recorded_model_sha256  # noqa: PLC0415
+    now = {f.name: recorded_model_sha256(f) for f in run.export_files()}
+
+    def out_of_date(rows, command):  # rows of files exported again since the report was written
+        gone = sorted({n for n, r in rows if r.get("model_sha256") and now.get(n) not in (None, r["model_sha256"])})
+        return f" Out of date for {', '.join(gone)}, exported again since: run `mri-edge {command}`." if gone else ""
     for label, path, link in (("Parity on the test split", root / "parity.json", "parity.md"),
                               ("Parity on the validation split", root / "verify" / "val" / "parity.json",
                                "verify/val/parity.md")):
@@ -379,7 +387,7 @@ def run_index_markdown(run) -> str:
             verdict = "every file passes its gate" if parity.get("passed") else \
                 "FAILED: " + "; ".join(parity.get("failures", []))
             parts += [f"## {label}", "", f"{passed} of {len(parity['files'])} files pass: {verdict}. "
-                                         f"[Details]({link}).", ""]
+                                         f"[Details]({link}).{out_of_date(parity['files'].items(), 'verify')}", ""]
     bench_dir = root / "bench" if (root / "bench" / "bench.json").is_file() else root  # shipped: top level
     bench = load(bench_dir / "bench.json")
     if bench and bench.get("rows"):
@@ -387,5 +395,6 @@ def run_index_markdown(run) -> str:
         link = (bench_dir / "bench.md").relative_to(root).as_posix()
         parts += ["## Benchmark", "", f"{len(bench['rows'])} rows on {bench['machine'].get('cpu', '?')}; fastest: "
                                       f"{best['model']} on {best['runtime_label']}, p50 {best['p50_ms']:.2f} ms at "
-                                      f"batch {best['batch']}. [Details]({link}).", ""]
+                                      f"batch {best['batch']}. [Details]({link})."
+                                      f"{out_of_date([(r['model'], r) for r in bench['rows']], 'bench')}", ""]
     return "\n".join(parts)

@@ -61,8 +61,10 @@ def test_resume_checks_the_saved_dedup_path_first(tmp_path):
                                                  "dedup": str(tmp_path / "gone.json")}))
     (run / "state.json").write_text(json.dumps({"phase": 0, "epoch": 1}))
     (run / "checkpoint.keras").write_bytes(b"x")
-    res = invoke("train", "--task", "tumor", "--resume", run)
+    res = invoke("train", "--resume", run)
     assert res.exit_code == 1 and "--dedup" in res.output and "not found" in res.output
+    res = invoke("train", "--resume", run, "--lr", "0.01", "--epochs-finetune", "3")  # would be ignored: refused
+    assert res.exit_code == 2 and "drop --epochs-finetune, --lr" in res.output
 
 
 def test_resume_without_a_finished_epoch_says_start_again(tmp_path):
@@ -291,3 +293,13 @@ def test_explain_keeps_one_overlay_per_image_when_names_repeat_and_predict_names
     assert len(set(pngs)) == 2 and all((out / p).is_file() for p in pngs)
     res = invoke("predict", model, tmp_path / "c" / "*.jpg")
     assert res.exit_code == 1 and "the pattern matches no file" in res.output
+
+
+def test_the_index_page_says_when_a_report_describes_a_file_exported_again(micro_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    rows = {"model_int8.tflite": {"passed": True, "model_sha256": "0" * 64}, "model_fp32.tflite": {"passed": True}}
+    (run / "parity.json").write_text(json.dumps({"files": rows, "passed": True}))
+    index = (RunFolder(run).write_index()).read_text()
+    assert "2 of 2 files pass" in index and "Out of date for model_int8.tflite, exported again since" in index
+    assert "training_curves.png" not in (run / "train_report.md").read_text()  # none made: no dangling link
