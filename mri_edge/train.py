@@ -301,12 +301,12 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     run.require_model()
     saved, manifest = run.config(), run.manifest()
     cfg = TrainConfig.from_saved(saved)
+    root = Path(data_dir or manifest["root"])
+    missing = [rel for rows in manifest["splits"].values() for rel, _ in rows if not (root / rel).is_file()]
+    if missing:
+        raise TrainError(f"{'--data-dir ' if data_dir else ''}{root}: {len(missing)} file(s) of the run's splits are "
+                         f"not there, e.g. {missing[0]}" + ("" if data_dir else "; give --data-dir where the data is now"))
     if data_dir:
-        root = Path(data_dir)
-        missing = [rel for rows in manifest["splits"].values() for rel, _ in rows if not (root / rel).is_file()]
-        if missing:
-            raise TrainError(f"--data-dir {data_dir}: {len(missing)} file(s) of the run's splits are not there, "
-                             f"e.g. {missing[0]}")
         manifest["root"] = str(root.resolve())
         cfg.data_dir = str(data_dir)
     if dedup:

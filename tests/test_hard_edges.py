@@ -303,3 +303,12 @@ def test_the_index_page_says_when_a_report_describes_a_file_exported_again(micro
     index = (RunFolder(run).write_index()).read_text()
     assert "2 of 2 files pass" in index and "Out of date for model_int8.tflite, exported again since" in index
     assert "training_curves.png" not in (run / "train_report.md").read_text()  # none made: no dangling link
+
+
+def test_evaluate_on_a_run_whose_data_moved_says_to_give_data_dir(micro_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    manifest = json.loads((run / "split_manifest.json").read_text())
+    (run / "split_manifest.json").write_text(json.dumps({**manifest, "root": str(tmp_path / "gone")}))
+    res = invoke("evaluate", run)
+    assert res.exit_code == 1 and "give --data-dir where the data is now" in res.output
