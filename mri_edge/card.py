@@ -13,7 +13,7 @@ from . import __version__, report
 from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
-from .run import RunFolder
+from .run import RunFolder, exported_again
 from .tasks import DATASETS
 
 INTENDED_USE = (
@@ -67,12 +67,11 @@ def _found(path: str, run: RunFolder) -> Path:
     return next((base / p for base in run.path.resolve().parents if (base / p).is_file()), p)
 
 
-def current_rows(rows: dict, hashes: dict, what: str, command: str, missing: list) -> dict:
-    """The rows of a report whose file is still the one it measured. A file exported again after
-    the report (another model_sha256) would get the numbers of the file it replaced, so its row
-    is left out and listed as missing; rows that record no hash cannot be checked and are kept."""
-    stale = sorted(n for n, r in rows.items()
-                   if r.get("model_sha256") and hashes.get(n) and hashes[n] != r["model_sha256"])
+def current_rows(rows: dict, metadata: dict, what: str, command: str, missing: list) -> dict:
+    """The rows of a report whose file is still the one it measured (`run.exported_again`): the
+    others would give a file the numbers of the one it replaced, so they are left out and listed
+    as missing."""
+    stale = exported_again(rows.items(), metadata)
     if stale:
         missing.append(f"{what} of {', '.join(stale)} (exported again since; run {command})")
     return {n: r for n, r in rows.items() if n not in stale}
@@ -94,9 +93,7 @@ def build(run_dir) -> dict:
                            " (run again the command that writes it)")
     missing = []
     files = run.export_files()
-    from .runtime import recorded_model_sha256  # noqa: PLC0415
-
-    hashes = {f.name: recorded_model_sha256(f) for f in files}
+    metadata = run.export_metadata()
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
                       "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},
@@ -133,7 +130,7 @@ def build(run_dir) -> dict:
         missing.append("test report")
     if cal:
         reference = next(n for n, r in cal["files"].items() if r.get("reference"))
-        cal["files"] = current_rows(cal["files"], hashes, "calibration", f"mri-edge calibrate {run.path}", missing)
+        cal["files"] = current_rows(cal["files"], metadata, "calibration", f"mri-edge calibrate {run.path}", missing)
         card["calibration"] = {"trust": cal["trust"], "held_out": cal["held_out"],
                                "per_file": {n: {s: {"ece_before": r[s]["before"]["ece"], "ece_after": r[s]["after"]["ece"],
                                                     **({"abstention": r[s]["abstention"]} if "abstention" in r[s] else {}),
@@ -146,12 +143,12 @@ def build(run_dir) -> dict:
     if parity:
         card["parity"] = {n: {k: r.get(k) for k in ("quantization", "runtime", "accuracy", "agreement", "passed")}
                           | {"flips": len(r.get("flips", []))} for n, r in
-                          current_rows(parity["files"], hashes, "parity", f"mri-edge verify {run.path}",
+                          current_rows(parity["files"], metadata, "parity", f"mri-edge verify {run.path}",
                                        missing).items()}
     else:
         missing.append("parity (mri-edge verify)")
     if bench:
-        current = current_rows({r["model"]: r for r in bench["rows"]}, hashes, "latency", f"mri-edge bench {run.path}",
+        current = current_rows({r["model"]: r for r in bench["rows"]}, metadata, "latency", f"mri-edge bench {run.path}",
                                missing)
         card["latency"] = {"machine": bench["machine"].get("cpu"), "rows": [
             {k: r[k] for k in ("model", "runtime_label", "threads", "batch", "p50_ms")} for r in bench["rows"]

@@ -345,21 +345,15 @@ def run_index_markdown(run) -> str:
     elif run.state_path.is_file():
         parts += ["Training has not finished (`mri-edge train --resume` continues it).", ""]
     index = load(run.exports_index_path)
+    metadata = run.export_metadata()  # read once: the shipped table and the out-of-date check
     if index and index.get("exports"):
         rows = [[f"[{r['file']}](exports/{r['file']})", r["format"], r["quantization"], f"{r['size_mb']:.2f}"]
                 for r in index["exports"]]
     else:  # a shipped folder: its files at the top level, their facts in their metadata
         from .ov import size_on_disk  # noqa: PLC0415
-        from .runtime import read_metadata  # noqa: PLC0415
 
-        rows = []
-        for f in run.export_files():
-            try:
-                meta = read_metadata(f)
-            except MriEdgeError:
-                meta = {}
-            rows.append([f"[{f.name}]({f.relative_to(root).as_posix()})", meta.get("format", "?"),
-                         meta.get("quantization", "?"), f"{size_on_disk(f) / 1e6:.2f}"])
+        rows = [[f"[{f.name}]({f.relative_to(root).as_posix()})", metadata[f.name].get("format", "?"),
+                 metadata[f.name].get("quantization", "?"), f"{size_on_disk(f) / 1e6:.2f}"] for f in run.export_files()]
     if rows:
         parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"], rows), ""]
     cal = load(run.calibration_dir / "calibrate.json")
@@ -372,11 +366,10 @@ def run_index_markdown(run) -> str:
     card = load(root / "model_card.json")
     if card:
         parts += ["## Model card", "", "[model_card.md](model_card.md)", ""]
-    from .runtime import recorded_model_sha256  # noqa: PLC0415
-    now = {f.name: recorded_model_sha256(f) for f in run.export_files()}
+    from .run import exported_again  # noqa: PLC0415
 
-    def out_of_date(rows, command):  # rows of files exported again since the report was written
-        gone = sorted({n for n, r in rows if r.get("model_sha256") and now.get(n) not in (None, r["model_sha256"])})
+    def out_of_date(rows, command):
+        gone = exported_again(rows, metadata)
         return f" Out of date for {', '.join(gone)}, exported again since: run `mri-edge {command}`." if gone else ""
     for label, path, link in (("Parity on the test split", root / "parity.json", "parity.md"),
                               ("Parity on the validation split", root / "verify" / "val" / "parity.json",

@@ -147,6 +147,18 @@ class RunFolder:
                                      "history": history, "elapsed_s": elapsed_s, "phase_elapsed_s": phase_elapsed_s,
                                      "finished": finished})
 
+    def export_metadata(self) -> dict[str, dict]:
+        """Each exported file's embedded metadata by name ({} where it cannot be read)."""
+        from .runtime import read_metadata  # noqa: PLC0415
+
+        out = {}
+        for f in self.export_files():
+            try:
+                out[f.name] = read_metadata(f)
+            except MriEdgeError:
+                out[f.name] = {}
+        return out
+
     def leave_out_unreadable(self, unreadable: dict[str, list[str]]) -> dict[str, list[str]]:
         """Take images that could not be decoded (paths relative to the data folder, by split)
         out of the split manifest's splits, so calibrate, export, verify and bench use the images
@@ -194,3 +206,11 @@ class RunFolder:
 
         atomic_write_text(self.path / "report.md", run_index_markdown(self))
         return self.path / "report.md"
+
+
+def exported_again(rows, metadata: dict[str, dict]) -> list[str]:
+    """Files whose report rows ((name, row) pairs) record another model_sha256 than the file now
+    holds (`RunFolder.export_metadata`): exported again after the report, so the rows describe
+    the file it replaced. Rows that record no hash, or files not there, cannot be checked."""
+    return sorted({n for n, r in rows if r.get("model_sha256")
+                   and metadata.get(n, {}).get("model_sha256") not in (None, r["model_sha256"])})

@@ -104,13 +104,12 @@ def trust_metrics(record: trust.Trust, labels: np.ndarray, keras_probs: np.ndarr
     """The file's stored calibration applied to it and to the Keras model: ECE after the
     temperature, abstention at the stored threshold and the conformal sets' coverage."""
     out = {"temperature": record.temperature}
-    for who, probs in (("file", file_probs), ("keras", keras_probs)):
-        cal = record.apply(probs)
-        out[who] = {"ece": report.calibration_metrics(labels, cal)["ece"], **record.decision_metrics(cal, labels)}
+    cal = {"file": record.apply(file_probs), "keras": record.apply(keras_probs)}
+    for who, probs in cal.items():
+        out[who] = {"ece": report.calibration_metrics(labels, probs)["ece"], **record.decision_metrics(probs, labels)}
     out["ece_delta"] = out["file"]["ece"] - out["keras"]["ece"]
-    keras_conf = record.apply(keras_probs).max(1)
-    out["ece_delta_keras_bins"] = report.calibration_metrics(labels, record.apply(file_probs),
-                                                             binned_by=keras_conf)["ece"] - out["keras"]["ece"]
+    out["ece_delta_keras_bins"] = report.calibration_metrics(labels, cal["file"], binned_by=cal["keras"].max(1))["ece"] \
+        - out["keras"]["ece"]
     return out
 
 
