@@ -20,7 +20,7 @@ def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
     gain = {"conv2": 0.05, "conv5": 0.02, "head": 0.03}
     tried = []
 
-    def attempt(kept, early=False):
+    def attempt(kept, mode="full"):
         tried.append(tuple(kept))
         return {"agreement": 0.94 + sum(gain[s] for s in kept), "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
 
@@ -47,7 +47,7 @@ def test_a_stage_whose_error_others_hide_is_tried_after_them():
               "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.65, "cost": 0.65},
               "conv5": {"nodes": ["c"], "mac_share": 0.05, "param_share": 0.3, "cost": 0.3}}
 
-    def attempt(kept, early=False):
+    def attempt(kept, mode="full"):
         blocks = sum(s in kept for s in ("conv2", "conv3"))
         agreement = 0.95 + 0.02 * blocks + (0.01 if blocks == 2 and "body" in kept else 0.0)
         return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
@@ -69,7 +69,7 @@ def test_a_file_with_all_compute_in_float_is_never_chosen():
               "conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
               "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
 
-    def attempt(kept, early=False):
+    def attempt(kept, mode="full"):
         return {"agreement": 0.95 + 0.02 * ("conv2" in kept) + 0.03 * ("conv3" in kept) + 0.001 * ("body" in kept),
                 "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
 
@@ -88,7 +88,7 @@ def test_a_stage_a_later_one_made_unnecessary_goes_back_to_int8():
               "conv2": {"nodes": ["a"], "mac_share": 0.6, "param_share": 0.3, "cost": 0.6},
               "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
 
-    def attempt(kept, early=False):  # body only helps with conv2 in float; conv3 helps a little alone
+    def attempt(kept, mode="full"):  # body only helps with conv2 in float; conv3 helps a little alone
         agreement = 0.95 + 0.02 * ("conv2" in kept) + 0.01 * ("conv3" in kept) + \
             0.03 * ("body" in kept and "conv2" in kept)
         return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, kept
@@ -114,7 +114,7 @@ def test_the_budget_bounds_accuracy_as_well_as_agreement():
     s2 = HeldOut(held.x, ref2, labels).score(np.eye(4)[labels])
     assert s2["agreement"] == 0.98 and abs(s2["accuracy_drop_pts"] + 2.0) < 1e-9 and within(s2, 2.0)
 
-    def attempt(kept, early=False):  # agreement within budget from the start, but accuracy only with conv5 in float
+    def attempt(kept, mode="full"):  # agreement within budget from the start, but accuracy only with conv5 in float
         drop = 0.0 if "conv5" in kept else 1.5
         return {"agreement": 0.995, "accuracy": 0.9, "accuracy_drop_pts": drop}, kept
 
@@ -123,7 +123,7 @@ def test_the_budget_bounds_accuracy_as_well_as_agreement():
     chosen, _, _ = stage_search(stages, attempt, 1.0, [])
     assert chosen["float_stages"] == ["conv5"]
 
-    def attempt2(kept, early=False):  # either stage alone restores accuracy: the one with fewer weights wins
+    def attempt2(kept, mode="full"):  # either stage alone restores accuracy: the one with fewer weights wins
         drop = 0.0 if kept else 1.5
         return {"agreement": 0.995, "accuracy": 0.9, "accuracy_drop_pts": drop}, kept
 
@@ -208,23 +208,91 @@ def test_greedy_steps_may_stop_early_but_ranked_scores_are_complete():
              ("conv2", "conv3", "conv4"): 1.0, ("conv2", "conv3"): 0.975, ("conv2", "conv4"): 0.965}
     calls = []
 
-    def attempt(kept, early=False):
-        calls.append((tuple(kept), early))
+    def attempt(kept, mode="full"):
+        calls.append((tuple(kept), mode))
         agreement = truth[tuple(sorted(kept))]
-        if early and agreement < 0.995:  # a stopped score: its upper bound can rank above the true best
+        if mode == "early" and agreement < 0.995:  # a stopped score: its upper bound can rank above the true best
             return {"agreement": 0.994, "accuracy": 0.9, "accuracy_drop_pts": 0.0, "stopped_after": 64}, list(kept)
         return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
 
     chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
     assert not within(chosen, 0.5)
-    assert all(not early for kept, early in calls if len(kept) <= 1)  # first and alone: complete
-    assert any(early for _, early in calls)  # the greedy steps: may stop
+    assert [mode for kept, mode in calls if len(kept) <= 1] == ["first", "rank", "rank", "rank"]
+    assert any(mode == "early" for _, mode in calls)  # the greedy steps: may stop
     assert not any("stopped_after" in st for st in steps if len(st["float_stages"]) < 3)  # the fallbacks, completed
     assert sorted(cand) == ["conv2", "conv3"] and abs(chosen["agreement"] - 0.975) < 1e-9  # the true best
     # the first, three added (conv4, conv3, conv2 by gain per cost), three put back: completing keeps them all
     assert [st["float_stages"] for st in steps] == [[], ["conv4"], ["conv4", "conv3"], ["conv4", "conv3", "conv2"],
                                                     ["conv4", "conv3"], ["conv4", "conv2"], ["conv3", "conv2"]]
     assert all("alone_gain" in st for st in steps[1:4])
+
+
+def test_a_stage_is_ranked_on_the_images_where_answers_move():
+    """Ranking a stage alone runs the images the first candidate changed and the closest
+    calls, with the first candidate's answers elsewhere: exact for a candidate that changes
+    nothing else, and an upper bound of its agreement when it does."""
+    from mri_edge.export.accuracy import Scoring, within
+
+    held, margin = indexed_held_out(250, seed=3)
+    first_flips = margin < 0.1
+    first = flip(held, first_flips)
+    fixed = first_flips.copy()
+    fixed[np.flatnonzero(first_flips)[::2]] = False  # the stage alone fixes half of the first's flips
+    seen = []
+
+    def runner(probs):
+        def run(x):
+            idx = x[:, 0, 0, 0].astype(int)
+            seen.extend(idx.tolist())
+            return probs[idx]
+        return run
+
+    scoring = Scoring(held, 1.0)
+    assert scoring(runner(first), "first") == held.score(first) and len(seen) == 250
+    seen.clear()
+    cand = flip(held, fixed)
+    est = scoring(runner(cand), "rank")
+    assert est == {**held.score(cand), "ranked_on": len(seen)} and 64 <= len(seen) < 250
+    assert set(np.flatnonzero(first_flips)) <= set(seen) and set(np.argsort(margin)[:64]) <= set(seen)
+    assert not within({**est, "agreement": 1.0, "accuracy_drop_pts": 0.0}, 1.0)  # an estimate never holds
+    sure = fixed.copy()
+    sure[np.argmax(margin)] = True  # it also changes the answer Keras is surest of: not run, so not seen
+    assert scoring(runner(flip(held, sure)), "rank")["agreement"] > held.score(flip(held, sure))["agreement"]
+
+
+def test_over_budget_only_scores_that_could_still_rank_first_are_completed():
+    """A ranking or stopped score counts what it did not run as unchanged, so its agreement
+    bounds the candidate's quality: the fallback completes scores best bound first and stops
+    once no bound beats the best complete score. A ranking score over the budget already
+    answers the greedy step's question."""
+    from mri_edge.export.accuracy import stage_search, within
+
+    stages = {s: {"nodes": [s], "mac_share": c, "param_share": c, "cost": c}
+              for s, c in (("conv2", 0.5), ("conv3", 0.3), ("conv4", 0.2))}
+    truth = {(): 0.95, ("conv2",): 0.96, ("conv3",): 0.962, ("conv4",): 0.961, ("conv3", "conv4"): 0.98,
+             ("conv2", "conv3", "conv4"): 0.99}
+    bound = {("conv3", "conv4"): 0.985, ("conv2", "conv3", "conv4"): 0.994}
+    calls = []
+
+    def attempt(kept, mode="full"):
+        calls.append((tuple(kept), mode))
+        key = tuple(sorted(kept))
+        if mode == "early" and truth[key] < 0.995:  # out of the budget: stopped, with an upper bound
+            return {"agreement": bound[key], "accuracy": 0.9, "accuracy_drop_pts": 0.0, "stopped_after": 64}, list(kept)
+        extra = {"ranked_on": 50} if mode == "rank" else {}
+        agreement = truth[key]
+        return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0, **extra}, list(kept)
+
+    chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
+    assert calls == [((), "first"), (("conv2",), "rank"), (("conv3",), "rank"), (("conv4",), "rank"),
+                     (("conv4", "conv3"), "early"), (("conv4", "conv3", "conv2"), "early"),
+                     (("conv4", "conv3"), "full")]  # conv4 alone (bound 0.961) cannot beat 0.98: never completed
+    assert cand == ["conv4", "conv3"] and abs(chosen["agreement"] - 0.98) < 1e-9 and not within(chosen, 0.5)
+    assert "ranked_on" in steps[1] and steps[1]["float_stages"] == ["conv4"]
+    truth[("conv4",)] = 0.996  # a ranking score that looks within the budget is measured again
+    calls.clear()
+    chosen, cand, _ = stage_search(stages, attempt, 0.5, [])
+    assert (("conv4",), "early") in calls
 
 
 def test_the_tflite_search_scores_greedy_steps_in_chunks(monkeypatch):
@@ -246,6 +314,7 @@ def test_the_tflite_search_scores_greedy_steps_in_chunks(monkeypatch):
     fb, recipe = accuracy.tflite_accuracy_aware(b"", lambda nodes: tuple(nodes), lambda fb, w: fb, held, 0.5, probs)
     assert set(fb) == {"conv1", "conv2"} and recipe["within_budget"]
     assert 64 in sizes and any("stopped_after" in st for st in recipe["steps"])  # a greedy step stopped early
+    assert sizes[0] == 200 and all(0 < n < 200 for n in sizes[1:4])  # the first complete, the stages ranked on fewer
 
 
 def test_densenet_stages_from_tflite_and_onnx_names():
@@ -561,7 +630,7 @@ def test_weight_only_int8_is_the_last_resort_before_going_over_budget():
               "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
     built = []
 
-    def attempt(kept, early=False):  # each block in float gains 0.02: only all-float (0.99) reaches 0.995 - never
+    def attempt(kept, mode="full"):  # each block in float gains 0.02: only all-float (0.99) reaches 0.995 - never
         return {"agreement": 0.95 + 0.02 * len(kept), "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
 
     def weight_only(agreement):

@@ -7,12 +7,11 @@ metadata.
 - OpenVINO: NNCF's `quantize_with_accuracy_control`, which ranks quantized operations by
   their effect on the metric and reverts them one by one (the maintained tool for this;
   `openvino.openvino_accuracy_aware`, scored with this module's `HeldOut` and `quality`).
-- TFLite and ONNX: one stage search (`stage_search`) over each converter's own way of keeping
-  operations in float (the MLIR quantizer's `denylisted_nodes`; onnxruntime's
-  `nodes_to_exclude`). Stages of the graph (stem, dense blocks, head) are measured one at a
-  time, then kept in float in order of agreement gained per multiply-accumulate given up,
-  until the budget holds. NNCF's ONNX path is not used: it writes per-channel activation zero
-  points on this graph's pooling-as-depthwise convolutions, which onnxruntime cannot run.
+- TFLite and ONNX: one search over the stages of the graph (stem, dense blocks, head;
+  `stage_search`, scored by `Scoring`), through each converter's own way of keeping operations
+  in float (the MLIR quantizer's `denylisted_nodes`; onnxruntime's `nodes_to_exclude`). NNCF's
+  ONNX path is not used: it writes per-channel activation zero points on this graph's
+  pooling-as-depthwise convolutions, which onnxruntime cannot run.
 
 Held-out images: the run's validation split with its Keras probabilities and true labels (the
 grouped split when the run was trained with `--val-split grouped`, so that they behave like
@@ -81,11 +80,45 @@ class HeldOut:
                 return {**self.score(probs), "stopped_after": start + len(idx)}
         return self.score(probs)
 
+    def score_moving(self, run: Callable[[np.ndarray], np.ndarray], first: np.ndarray, chunk: int = 64) -> dict:
+        """score(run(x)) estimated where answers move, to rank stages: the images the first
+        candidate (probabilities `first`) changed and the `chunk` smallest top-2 margins of Keras
+        and of `first`; `first` stands in elsewhere (so the agreement is an upper bound). It
+        records `ranked_on`, the images run, and `within` never holds for it."""
+        srt = np.sort(first, 1)
+        idx = np.unique(np.concatenate([np.flatnonzero(first.argmax(1) != self.top), self.order[:chunk],
+                                        np.argsort(srt[:, -1] - srt[:, -2], kind="stable")[:chunk]]))
+        if len(idx) == len(self.x):
+            return self.score(run(self.x))
+        probs = np.array(first, np.float32)
+        probs[idx] = run(self.x[idx])
+        return {**self.score(probs), "ranked_on": int(len(idx))}
+
+
+class Scoring:
+    """How `stage_search` scores a candidate, by what the search needs of it (`mode`): "first",
+    complete, and the probabilities kept for ranking; "rank", a stage alone
+    (`HeldOut.score_moving`); "early", whether it holds the budget, stopping once out of it
+    (`HeldOut.score_until`); "full", complete."""
+
+    def __init__(self, held: HeldOut, max_drop_pts: float):
+        self.held, self.max_flips, self.first = held, held.max_flips(max_drop_pts), None
+
+    def __call__(self, run: Callable[[np.ndarray], np.ndarray], mode: str) -> dict:
+        if mode == "early":
+            return self.held.score_until(run, self.max_flips)
+        if mode == "rank" and self.first is not None:
+            return self.held.score_moving(run, self.first)
+        probs = run(self.held.x)
+        if mode == "first":
+            self.first = np.asarray(probs, np.float32)
+        return self.held.score(probs)
+
 
 def within(score: dict, max_drop_pts: float) -> bool:
     """Inside the budget: agreement and accuracy each lose at most max_drop_pts points (never
-    a score that stopped early, `HeldOut.score_until`)."""
-    return ("stopped_after" not in score and score["agreement"] >= 1 - max_drop_pts / 100 - 1e-12
+    a score that stopped early or ranked a stage: only a complete score holds)."""
+    return (not {"stopped_after", "ranked_on"} & set(score) and score["agreement"] >= 1 - max_drop_pts / 100 - 1e-12
             and score["accuracy_drop_pts"] <= max_drop_pts + 1e-9)
 
 
@@ -140,37 +173,39 @@ def float_cost(mac_share: float, param_share: float) -> float:
     return max(mac_share, param_share)
 
 
-def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], tuple[dict, object]], max_drop_pts: float,
+def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tuple[dict, object]], max_drop_pts: float,
                  base: list[str], weight_only: Callable[[], tuple[dict, object]] | None = None,
                  note: Callable[[str], None] = lambda line: None) -> tuple[dict, object, list[dict]]:
-    """The cheapest set of stages kept in float whose candidate is within the budget.
+    """The cheapest set of stages kept in float whose candidate is within the budget
+    (docs/int8.md). Returns (chosen step, its candidate, every step).
 
-    attempt(kept, early) builds the candidate with those stages in float and returns (score,
-    candidate); with early=True its score may stop as soon as it is out of the budget
-    (`HeldOut.score_until`), since only whether it holds matters then.
-    `base` stays in float in every candidate (the head with --float-head). Each other stage is
-    first measured alone; then stages are added in order of quality gained per share of the
-    compute or weights given back to float (`stages_from`) until the budget holds. Stages that
-    gained nothing alone come last, cheapest first: their error can be hidden by the others'
-    and be all that is left once those are in float (the input normalisation of a low-margin
-    model flipped 1.6% of answers by itself). Once within the budget, each kept stage is put
-    back to int8 in turn, the most expensive first, and stays there if the budget still holds.
-    A candidate that keeps all compute and weights in float is no int8 file (it usually holds
-    the budget, since only the operations around the stages stay int8): it is measured, and
-    step 3 may start from it, but it is chosen only when nothing else was measured (the fixed
-    `base` covers the graph). Over budget, the best candidate found that quantizes some compute
-    or weights is kept. Before that, when given, weight_only() builds the last resort: every
-    operation in float, every weight int8 (a quarter of the float file; no int8 compute, so the
-    latency of the float file), chosen only if within the budget. Returns (chosen step, its
-    candidate, every step).
+    attempt(kept, mode) builds the candidate with those stages in float and returns (score,
+    candidate), scored as `mode` asks (`Scoring`). `base` stays in float in every candidate
+    (the head with --float-head). 1: each other stage is ranked alone. 2: stages are added in
+    order of quality gained per share of compute or weights given back to float, then those
+    that gained nothing alone, cheapest first (their error can be hidden by the others'),
+    until the budget holds. 3: each kept stage goes back to int8 in turn, the most expensive
+    first, and stays there if the budget still holds. A candidate with all compute and weights
+    in float is no int8 file: it is measured, and step 3 may start from it, but it is chosen
+    only when nothing else was measured. When nothing holds, weight_only() (if given) builds
+    the last resort, every weight int8 and every operation float, chosen only within budget;
+    else the best candidate that quantizes something is kept, over budget.
 
-    Scores that rank (the first candidate, each stage alone, the over-budget fallback) are
-    complete; the greedy steps stop early once out of the budget, as most are."""
+    Over budget, scores that stopped early or ranked a stage (their agreement bounds the
+    candidate's quality from above) are completed, best bound first, while they could still
+    beat the best complete one."""
     tried: dict[tuple, tuple[dict, object]] = {}
+    need = {"rank": 0, "early": 1, "full": 2, "first": 2}
 
-    def step(kept: list[str], early: bool = False) -> tuple[dict, object]:
-        if tuple(kept) not in tried or (not early and "stopped_after" in tried[tuple(kept)][0]):
-            score, cand = attempt(kept, early)
+    def level(score: dict) -> int:  # what the score can answer: ranking, over budget, everything
+        return 0 if "ranked_on" in score else 1 if "stopped_after" in score else 2
+
+    def step(kept: list[str], mode: str = "full") -> tuple[dict, object]:
+        have = tried.get(tuple(kept))
+        # a ranking score with more flips than the budget allows already says "over budget"
+        if have is None or (level(have[0]) < need[mode]
+                            and not (mode == "early" and have[0]["agreement"] < 1 - max_drop_pts / 100 - 1e-12)):
+            score, cand = attempt(kept, mode)
             note(describe(f"{', '.join(kept) or 'nothing'} in float", score, max_drop_pts))
             tried[tuple(kept)] = ({"float_stages": list(kept), **score,
                                    "float_mac_share": sum(stages[k]["mac_share"] for k in kept),
@@ -178,19 +213,19 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], t
         st, cand = tried[tuple(kept)]
         return dict(st), cand
 
-    first, cand = step(list(base))
+    first, cand = step(list(base), "first")
     steps, candidates = [first], [cand]
     if not within(first, max_drop_pts):
         alone = {}
         for s in stages:
             if s not in base:
-                alone[s] = quality(step(base + [s])[0]) - quality(first)
+                alone[s] = quality(step(base + [s], "rank")[0]) - quality(first)
         order = sorted((s for s in alone if alone[s] > 0), key=lambda s: -alone[s] / max(stages[s]["cost"], 1e-4))
         order += sorted((s for s in alone if alone[s] <= 0), key=lambda s: stages[s]["cost"])
         kept = list(base)
         for s in order:
             kept.append(s)
-            st, cand = step(kept, early=True)
+            st, cand = step(kept, "early")
             st["alone_gain"] = {k: alone[k] for k in kept if k in alone}
             steps.append(st)
             candidates.append(cand)
@@ -199,7 +234,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], t
         if within(steps[-1], max_drop_pts):  # what a later stage made unnecessary goes back to int8
             for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
                 fewer = [k for k in kept if k != s]
-                st, cand = step(fewer, early=True)
+                st, cand = step(fewer, "early")
                 steps.append(st)
                 candidates.append(cand)
                 if within(st, max_drop_pts):
@@ -222,15 +257,20 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], bool], t
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
     # over budget the weight-only file is no fallback (no int8 compute, and nothing it was asked to hold)
     fallback = [i for i in int8 if not steps[i].get("weight_only")] or int8
-    if not ok:  # the fallback is ranked by quality: complete the scores that stopped early
-        for i in fallback:
-            if "stopped_after" in steps[i]:
-                gain = steps[i].get("alone_gain")
-                steps[i], candidates[i] = step(steps[i]["float_stages"])
-                if gain is not None:
-                    steps[i]["alone_gain"] = gain
-    best = min(ok, key=cost.__getitem__) if ok else max(fallback, key=lambda i: quality(steps[i]))
-    return steps[best], candidates[best], steps
+    if not ok:  # the fallback is ranked by quality: complete the scores that could still rank first
+        best = max((quality(steps[i]) for i in fallback if level(steps[i]) == 2), default=-1.0)
+        for i in sorted((i for i in fallback if level(steps[i]) < 2 and not steps[i].get("weight_only")),
+                        key=lambda i: -steps[i]["agreement"]):
+            if steps[i]["agreement"] < best:
+                break  # an upper bound of its quality, and of every one after it
+            gain = steps[i].get("alone_gain")
+            steps[i], candidates[i] = step(steps[i]["float_stages"])
+            if gain is not None:
+                steps[i]["alone_gain"] = gain
+            best = max(best, quality(steps[i]))
+    complete = [i for i in fallback if level(steps[i]) == 2] or fallback
+    chosen = min(ok, key=cost.__getitem__) if ok else max(complete, key=lambda i: quality(steps[i]))
+    return steps[chosen], candidates[chosen], steps
 
 
 def accuracy_change(drop_pts: float) -> str:
@@ -244,6 +284,9 @@ def describe(what: str, score: dict, max_drop_pts: float) -> str:
     if "stopped_after" in score:
         return (f"{what}: held-out agreement <= {score['agreement']:.2%} "
                 f"(stopped after {score['stopped_after']} images: over budget)")
+    if "ranked_on" in score:
+        return (f"{what}: held-out agreement <= {score['agreement']:.2%}, {accuracy_change(score['accuracy_drop_pts'])} "
+                f"(ranking: run where answers move, {score['ranked_on']} images)")
     return (f"{what}: held-out agreement {score['agreement']:.2%}, {accuracy_change(score['accuracy_drop_pts'])}, "
             f"{'within' if within(score, max_drop_pts) else 'over'} budget")
 
@@ -306,13 +349,9 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     quantizes the calibrated graph with those nodes kept in float (float32 weights);
     store(fb, weights) stores the weights of a file's float operations as `weights`
     (`rewrite.store_float_weights`); probs(fb, x) runs a candidate on images x, by default
-    every held-out image.
-
-    The stages are chosen with float32 weights, and the chosen file's float weights are then
-    stored as float_weights if that file is within the budget too (else they stay float32,
-    as they do when no candidate met the budget). Storage is
-    a size decision: searched with rounded weights, the choice of stages moved with a single
-    held-out answer (523 images, one flip = 0.19 points) that the rounding had moved. The
+    every held-out image. The stages are chosen with float32 weights (searched with rounded
+    ones, the choice moved with single held-out answers that the rounding had moved); the chosen
+    file's float weights are then stored as float_weights if it stays within the budget. The
     weight-only candidate (`stage_search`) is the all-float candidate stored as int8."""
     stages = tflite_stages(calibrated)
     built: dict[frozenset, bytes] = {}
@@ -322,13 +361,15 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
             built[frozenset(kept)] = quantize([n for s in kept for n in stages[s]["nodes"]])
         return built[frozenset(kept)]
 
-    def attempt(kept: list[str], early: bool) -> tuple[dict, bytes]:
-        fb = build(kept)
-        return held.score_until(lambda x: probs(fb, x), held.max_flips(max_drop_pts) if early else None), fb
+    scoring = Scoring(held, max_drop_pts)
 
-    def weight_only() -> tuple[dict, bytes]:
+    def attempt(kept: list[str], mode: str) -> tuple[dict, bytes]:
+        fb = build(kept)
+        return scoring(lambda x: probs(fb, x), mode), fb
+
+    def weight_only() -> tuple[dict, bytes]:  # kept only within the budget: it may stop once out of it
         fb = store(build(list(stages)), "int8")
-        return held.score(probs(fb)), fb
+        return scoring(lambda x: probs(fb, x), "early"), fb
 
     chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
                                      weight_only if float_weights == "int8" else None,
@@ -345,7 +386,7 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         failed = None
         for weights in ("int8", "fp16") if float_weights == "int8" else (float_weights,):
             stored = store(fb, weights)
-            score = held.score(probs(stored))
+            score = scoring(lambda x, stored=stored: probs(stored, x), "early")
             check = {"weights": weights, **score, "within_budget": within(score, max_drop_pts),
                      **({"instead_of": failed} if failed else {})}
             out["float_weights_check"] = check

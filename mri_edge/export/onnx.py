@@ -17,7 +17,7 @@ from .. import progress
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
 from ..runtime import METADATA_KEY
-from .accuracy import HeldOut, mark_weight_only, recipe, stage_search, stages_from
+from .accuracy import HeldOut, Scoring, mark_weight_only, recipe, stage_search, stages_from
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
 
@@ -341,20 +341,21 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
     stages = onnx_stages(pre)
     built: set[Path] = set()
 
-    def attempt(kept: list[str], early: bool) -> tuple[dict, Path]:
+    scoring = Scoring(held, max_drop_pts)
+
+    def attempt(kept: list[str], mode: str) -> tuple[dict, Path]:
         path = workdir / f"aware_{'_'.join(kept) or 'plain'}.onnx"
         if path not in built:  # a score completed later runs the file already built
             built.add(path)
             onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
                       nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]],
                       ranges=workdir / "aware_ranges.json", pre_processed=True)
-        run = onnx_runner(path, threads)
-        return held.score_until(run, held.max_flips(max_drop_pts) if early else None), path
+        return scoring(onnx_runner(path, threads), mode), path
 
-    def weight_only() -> tuple[dict, Path]:
+    def weight_only() -> tuple[dict, Path]:  # kept only within the budget: it may stop once out of it
         path = workdir / "aware_weight_only.onnx"
         stored = onnx_weight_only(pre, path)
-        return {**held.score(onnx_runner(path, threads)(held.x)), "int8_weights": stored}, path
+        return {**scoring(onnx_runner(path, threads), "early"), "int8_weights": stored}, path
 
     chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
                                        ["head"] if float_head and "head" in stages else [],
