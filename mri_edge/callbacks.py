@@ -80,9 +80,74 @@ def best_phase(history: list[dict], monitor: str, names: list[str]) -> int | Non
     return best
 
 
-def early_stopping(monitor: str, patience: int):
-    """Keras' early stopping on the --select-by metric, in the direction Keeper keeps epochs."""
-    return keras.callbacks.EarlyStopping(monitor=monitor, mode=monitor_mode(monitor), patience=patience)
+class Patience(keras.callbacks.EarlyStopping):
+    """Keras' early stopping on the --select-by metric, in the direction Keeper keeps epochs;
+    a resumed phase continues its count of epochs without improvement (`saved`, from
+    state.json, written by Keeper through `state()`)."""
+
+    def __init__(self, monitor: str, patience: int, saved: dict | None = None):
+        super().__init__(monitor=monitor, mode=monitor_mode(monitor), patience=patience)
+        self.saved = saved or {}
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.saved.get("best") is not None:
+            self.wait, self.best = int(self.saved["wait"]), float(self.saved["best"])
+
+    def state(self) -> dict:
+        return {"wait": int(self.wait), "best": None if self.best is None else float(self.best)}
+
+
+class TrainerState(keras.callbacks.Callback):
+    """What a checkpoint of the network leaves out, so that a resumed phase goes on as an
+    uninterrupted one would: the optimizer's variables (step count, moments, --ema's average)
+    and the random streams of the training graph (the augmentation's, dropout's). Saved after
+    each epoch beside the checkpoint (RunFolder.trainer_state_path), tagged with the phase and
+    the epochs done; put back when a phase resumes at that point. Under --ema the network then
+    holds the average and the optimizer the raw weights, as at the end of that epoch, and
+    `averaged` swaps them back before training goes on."""
+
+    def __init__(self, run, phase_index: int, resume_epoch: int | None, averaged=None, log=print):
+        super().__init__()
+        self.run, self.phase_index, self.resume_epoch, self.averaged, self.log = run, phase_index, resume_epoch, averaged, log
+
+    def variables(self) -> list:
+        seeds = [v for v in self.model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+        return list(self.model.optimizer.variables) + seeds
+
+    def on_train_begin(self, logs=None):
+        import numpy as np  # noqa: PLC0415
+
+        path = self.run.trainer_state_path
+        if self.resume_epoch is None or not path.is_file():
+            return
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        variables = self.variables()
+        with np.load(path) as z:
+            values = [z[f"v{i}"] for i in range(len(z.files) - 3)]
+            at = (int(z["phase"]), int(z["epoch"]))
+        # by position: paths hold the layers' automatic names, which count up within a process
+        if at != (self.phase_index, self.resume_epoch) or [a.shape for a in values] != [tuple(v.shape) for v in variables]:
+            self.log(f"{path.name} is not this phase's epoch {self.resume_epoch}: the optimizer starts afresh")
+            return
+        for v, a in zip(variables, values):
+            v.assign(a)
+        if self.averaged is not None:
+            self.averaged._ema_weights_in_model = True  # the network holds the average (see the docstring)
+
+    def on_epoch_end(self, epoch, logs=None):
+        import io  # noqa: PLC0415
+
+        import numpy as np  # noqa: PLC0415
+
+        from .files import atomic_write_bytes  # noqa: PLC0415
+
+        variables = self.variables()
+        buf = io.BytesIO()
+        np.savez(buf, phase=self.phase_index, epoch=epoch + 1, paths=np.array([v.path for v in variables]),
+                 **{f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(variables)})
+        atomic_write_bytes(self.run.trainer_state_path, buf.getvalue())
 
 
 class Keeper(keras.callbacks.Callback):
@@ -91,8 +156,9 @@ class Keeper(keras.callbacks.Callback):
     when the next epoch would overrun its time budget."""
 
     def __init__(self, run, net, phase: dict, phase_index: int, warmup: int, clock: PhaseClock, history: list,
-                 monitor: str, best: float | None, elapsed, save, log):
+                 monitor: str, best: float | None, elapsed, save, log, patience: Patience | None = None):
         super().__init__()
+        self.patience = patience  # its count goes into state.json: it runs before this callback
         self.run, self.net, self.phase, self.phase_index = run, net, phase, phase_index
         self.warmup, self.clock, self.history = warmup, clock, history
         self.monitor, self.best = monitor, best  # best: the monitored value of the kept epoch (None: none yet)
@@ -125,7 +191,8 @@ class Keeper(keras.callbacks.Callback):
             self.save(self.net, self.run.checkpoint_path)
         self.run.write_state(phase=self.phase_index, epoch=epoch + 1, best={self.monitor: self.best},
                              history=self.history, elapsed_s=self.elapsed(),
-                             phase_elapsed_s=self.clock.now() - self.clock.start)
+                             phase_elapsed_s=self.clock.now() - self.clock.start,
+                             patience=self.patience.state() if self.patience else None)
         if self.clock.epoch_ended() and epoch + 1 < self.phase["epochs"]:
             self.log(f"phase '{self.phase['name']}': time budget of {self.clock.budget_s:.0f} s reached after "
                      f"epoch {epoch + 1}")

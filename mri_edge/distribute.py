@@ -228,7 +228,7 @@ def worker_folder(run, dist: Distribution):
 
     work = RunFolder(tempfile.mkdtemp(prefix=f"mri-edge-worker{dist.worker_index}-"))
     atexit.register(shutil.rmtree, work.path, True)  # also when training is interrupted
-    for p in (run.best_path, run.checkpoint_path):
+    for p in (run.best_path, run.checkpoint_path, run.trainer_state_path):
         if p.is_file():
             shutil.copy2(p, work.path / p.name)
     return work

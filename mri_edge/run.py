@@ -5,7 +5,8 @@
       labels.json          task, class names and keys (train)
       split_manifest.json  which file went to which split (train)
       state.json           resumable progress (train; finished=true at the end)
-      checkpoint.keras     last epoch while training; best.keras best epoch of a phase;
+      checkpoint.keras     last epoch while training (checkpoint_state.npz: its optimizer and random
+                           streams); best.keras best epoch of a phase;
                            best_of_phases.keras the best earlier phase's, until the last phase ends
       model.keras          the trained model (train); kernels in float16 after `evaluate --fp16-weights`,
                            which keeps the trained file as model_fp32.keras
@@ -36,7 +37,8 @@ class RunError(MriEdgeError, ValueError):
 
 
 # What `mri-edge train` may find in --out and still call the folder its own.
-TRAIN_OUTPUTS = ("config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras", "best.keras",
+TRAIN_OUTPUTS = ("config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras", "checkpoint_state.npz",
+                 "best.keras",
                  "best_of_phases.keras", "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
                  "confusion_matrix.png", "examples.png", "reliability.png", "train_report.md", "report.md")
 LATER_OUTPUTS = ("exports", "verify", "bench", "parity.json", "parity.md", "model_fp32.keras")
@@ -61,6 +63,7 @@ class RunFolder:
     checkpoint_path = property(lambda self: self.path / "checkpoint.keras")
     best_path = property(lambda self: self.path / "best.keras")
     best_of_phases_path = property(lambda self: self.path / "best_of_phases.keras")
+    trainer_state_path = property(lambda self: self.path / "checkpoint_state.npz")  # callbacks.TrainerState
     predictions_path = property(lambda self: self.path / "test_predictions.json")
     test_report_path = property(lambda self: self.path / "test_report.json")
     exports_dir = property(lambda self: self.path / "exports")
@@ -138,14 +141,15 @@ class RunFolder:
         return best if best is not None and math.isfinite(best) else None
 
     def write_state(self, phase: int, epoch: int, history: list, elapsed_s: float, finished: bool = False,
-                    best: dict | None = None, phase_elapsed_s: float = 0.0) -> None:
+                    best: dict | None = None, phase_elapsed_s: float = 0.0, patience: dict | None = None) -> None:
         """state.json: where training stands (phase index, epochs done in it, the monitored
-        value of the phase's best epoch so far, e.g. {"val_loss": 0.41}), for --resume."""
+        value of the phase's best epoch so far, e.g. {"val_loss": 0.41}, early stopping's count
+        (callbacks.Patience)), for --resume."""
         from .report import write_json  # noqa: PLC0415
 
         write_json(self.state_path, {"phase": phase, "epoch": epoch, "best": best or {},
                                      "history": history, "elapsed_s": elapsed_s, "phase_elapsed_s": phase_elapsed_s,
-                                     "finished": finished})
+                                     "finished": finished, **({"patience": patience} if patience else {})})
 
     def export_metadata(self) -> dict[str, dict]:
         """Each exported file's embedded metadata by name ({} where it cannot be read)."""

@@ -187,11 +187,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     names = [p["name"] for p in cfg.phases]
     batches = _batches(cfg, dec, log, dist, teacher)
     qat_setup = qat.phase_setup(model_lib.BASE_NAME, dec["train"], log) if cfg.quant_aware else None
-    for pi, phase in enumerate(cfg.phases):
-        if pi < first_phase:
-            continue
-        resumed = state if pi == first_phase else None
-        _train_phase(work, net, cfg, pi, phase, batches, budgets[pi], resumed, history,
+    for pi, phase in enumerate(cfg.phases[first_phase:], first_phase):
+        _train_phase(work, net, cfg, pi, phase, batches, budgets[pi], state if pi == first_phase else None, history,
                      lambda: time.time() - t_start, traced=cfg.eager or pi > first_phase, log=log,
                      callbacks=callbacks, dist=dist, qat_setup=qat_setup)
         if pi + 1 < len(cfg.phases) and best_phase(history, cfg.monitor, names[:pi + 1]) == pi:
@@ -219,6 +216,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     result = evaluate_run(run.path, net, dec, cfg, wall, notes)
     run.write_state(phase=len(cfg.phases), epoch=0, history=history, elapsed_s=wall, finished=True)
     run.checkpoint_path.unlink(missing_ok=True)
+    run.trainer_state_path.unlink(missing_ok=True)
     dist.barrier()
     log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f}; "
         f"wall time {wall:.0f} s; run folder {run.path}")
@@ -240,13 +238,12 @@ def _batches(cfg: TrainConfig, dec: dict, log, dist=None, teacher=None):
 
 def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, batches, budget_s, state, history,
                  elapsed, traced: bool, log, callbacks=(), dist=None, qat_setup=None) -> None:
-    """One phase: trainable layers, a fresh optimizer, fit with the callbacks, then the phase's
-    best epoch restored. `state` is the saved state when the phase resumes; `qat_setup(net)`
-    gives the model to train in its place and a callback (--quant-aware)."""
+    """One phase: trainable layers, a fresh optimizer (or a resumed one: `state`, the saved state), fit
+    with the callbacks, then the phase's best epoch restored. `qat_setup(net)`: --quant-aware's model and callback."""
     import keras  # noqa: PLC0415
 
     from . import model as model_lib  # noqa: PLC0415
-    from .callbacks import AveragedWeights, EpochOrder, EpochProgress, Keeper, early_stopping  # noqa: PLC0415
+    from .callbacks import AveragedWeights, EpochOrder, EpochProgress, Keeper, Patience, TrainerState  # noqa: PLC0415
 
     clock = PhaseClock(budget_s, elapsed_s=state.get("phase_elapsed_s", 0.0) if state else 0.0)
     start_epoch = state["epoch"] if state else 0
@@ -264,13 +261,16 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
             trainer = distribute.trainer_class(dist)(inp, body(aug(inp) if aug is not None else inp))
             trainer.compile(**model_lib.objective(phase["lr"], cfg.weight_decay, cfg.label_smoothing, cfg.select_by,
                                                   cfg.ema), jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
-        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
-                        model_lib.save_model, log)
         train_batches, val_batches = batches
         average = [AveragedWeights(net, train_batches.images)] if cfg.ema else []
+        patience = Patience(cfg.monitor, cfg.patience, state.get("patience") if state else None)
+        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
+                        model_lib.save_model, log, patience)
+        saved = TrainerState(  # after the average's swap and Keeper's checkpoint: a resume starts from those
+            run, pi, start_epoch if state and start_epoch else None, (average or [None])[0], log)
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
-                                                         traced=traced), *average, keeper,
-               early_stopping(cfg.monitor, cfg.patience), *callbacks, *([ranges] if ranges else [])]
+                                                         traced=traced), *average, patience, keeper, saved,
+               *callbacks, *([ranges] if ranges else [])]
         trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)

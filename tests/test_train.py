@@ -360,3 +360,40 @@ def test_an_unreadable_image_leaves_the_run_and_stays_named(small_backbone, synt
         assert run.test_predictions()["paths"] == [r for r, _ in m["splits"]["test"]]
         assert f"- test: {rel}" in (run.path / "train_report.md").read_text()
         evaluate(run.path, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("ema", [None, pytest.param(0.6, marks=pytest.mark.slow)])
+def test_a_resumed_phase_goes_on_as_an_uninterrupted_one(small_backbone, synth_data, cache_dir, tmp_path, ema):
+    """A checkpoint with the optimizer's variables, the random streams and early stopping's
+    count (callbacks.TrainerState, Patience): interrupted after epoch 2 of 4 and resumed, the
+    run computes the losses and weights of the run that was never interrupted, and the state
+    file goes once the run ends."""
+    import keras
+
+    from mri_edge.model import load_model
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    def config(out):
+        return TrainConfig(task="tumor", data_dir=str(synth_data), out=str(out), weights="none", image_size=TINY,
+                           batch_size=8, epochs_head=0, epochs_finetune=4, dense_units=8, lr=3e-3, dropout=0.3,
+                           cache_dir=str(cache_dir), eager=True, mixup=0.2, ema=ema, select_by="loss", patience=3)
+
+    whole = train(config(tmp_path / "whole"), log=lambda *_: None)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(cut), log=lambda *_: None, callbacks=[Interrupt()])
+    state = json.loads((cut / "state.json").read_text())
+    assert state["epoch"] == 2 and set(state["patience"]) == {"wait", "best"}
+    assert (cut / "checkpoint_state.npz").is_file()
+    train(TrainConfig("tumor", ""), resume=str(cut), log=lambda *_: None)
+    assert not (cut / "checkpoint_state.npz").exists() and not (cut / "checkpoint.keras").exists()
+    losses = [(cut / "history.csv").read_text(), (whole / "history.csv").read_text()]
+    rows = [[[float(v or "nan") for v in line.split(",")[2:]] for line in h.splitlines()[1:]] for h in losses]
+    assert losses[0].splitlines()[0] == losses[1].splitlines()[0] and len(rows[0]) == 4
+    np.testing.assert_allclose(rows[0], rows[1], rtol=1e-5)
+    for a, b in zip(load_model(cut / "model.keras").get_weights(), load_model(whole / "model.keras").get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
