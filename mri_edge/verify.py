@@ -15,6 +15,7 @@ import numpy as np
 from . import explain, report, trust
 from .config import Thresholds
 from .errors import MriEdgeError, first_line
+from .files import sha256_file
 from .data import DataMovedError, decode_images
 from .run import RunFolder
 from .keras_model import validation_reference
@@ -27,8 +28,6 @@ __all__ = ["DataMovedError", "VerifyError", "verify_run"]
 
 class VerifyError(MriEdgeError):
     pass
-
-
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -113,9 +112,13 @@ def trust_metrics(record: trust.Trust, labels: np.ndarray, keras_probs: np.ndarr
     return out
 
 
-def trust_mismatch(model, run_record: dict | None) -> str | None:
-    """Why a file's stored calibration cannot be trusted, or None: it was fitted for another
-    model, or it is not the run's current record (a file exported again after calibrate)."""
+def trust_mismatch(model, run_record: dict | None, model_sha: str | None = None) -> str | None:
+    """Why a file cannot be checked against the run's model.keras (sha256 `model_sha`) or its
+    stored calibration trusted, or None: it was exported from another model.keras, its
+    calibration was fitted for another model, or is not the run's current record."""
+    if model_sha and model.meta.get("source_model_sha256") not in (None, model_sha):
+        return "exported from another model.keras than the run's (retrained, or evaluate --fp16-weights since?): " \
+               "run mri-edge export again"
     record = model.trust.to_dict() if model.trust else None
     fitted_for = (record or {}).get("fitted_on", {}).get("source_model_sha256")
     if fitted_for and model.meta.get("source_model_sha256") and fitted_for != model.meta["source_model_sha256"]:
@@ -151,8 +154,9 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
                              "max_ece_change": thresholds.max_ece_change}})
     if model.trust:
         r["trust"] = trust_metrics(model.trust, labels, keras_probs, probs)
-    run_record = RunFolder(root_run).trust() if root_run else None
-    stale = trust_mismatch(model, run_record)
+    keras_file = RunFolder(root_run).model_path if root_run else None
+    stale = trust_mismatch(model, RunFolder(root_run).trust() if root_run else None,
+                           sha256_file(keras_file) if keras_file and keras_file.is_file() else None)
     if keras_maps is not None:
         idx, targets, ref_maps = keras_maps
         maps = [explain.occlusion(model, imgs[i], t)[0] for i, t in zip(idx, targets)]

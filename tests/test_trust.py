@@ -342,3 +342,11 @@ def test_a_file_exported_again_keeps_the_runs_calibration_and_a_stale_one_is_fla
     assert open_model(f).trust is None
     reasons = verify_run(run, files=[f], explain_images=0, log=lambda *_: None)["files"][f.name]["fail_reasons"]
     assert any("not the run's trust.json" in x for x in reasons), reasons
+    assert not any("another model.keras" in x for x in reasons)
+    # model.keras changed since the export (retrained, or evaluate --fp16-weights): the file is not its export
+    from mri_edge.model import load_model, save_model
+    net = load_model(run / "model.keras")
+    net.set_weights([w + 1e-3 if w.ndim == 1 else w for w in net.get_weights()])
+    save_model(net, run / "model.keras")
+    reasons = verify_run(run, files=[f], explain_images=0, log=lambda *_: None)["files"][f.name]["fail_reasons"]
+    assert any("exported from another model.keras than the run's" in x for x in reasons), reasons
