@@ -268,11 +268,14 @@ def compare(out: dict, old: dict) -> str:
     rows = []
     for r in out["rows"]:
         o = prev.get(key(r))
-        if o:
-            rows.append([r["model"], r["runtime_label"], r["threads"], r["batch"], f"{o['p50_ms']:.2f}",
+        if o:  # rows match by file name: say whether it is the same file (exported again, or from elsewhere)
+            same = "?" if not (o.get("model_sha256") and r.get("model_sha256")) else \
+                "yes" if o["model_sha256"] == r["model_sha256"] else "no"
+            rows.append([r["model"], same, r["runtime_label"], r["threads"], r["batch"], f"{o['p50_ms']:.2f}",
                          f"{r['p50_ms']:.2f}", f"{o['p50_ms'] / r['p50_ms']:.2f}x"])
-    return md_table(["model", "runtime", "thr", "batch", "old p50 ms", "new p50 ms", "speed-up"], rows) if rows \
-        else "no rows in common with the compared file"
+    cpus = f"old: {old.get('machine', {}).get('cpu', '?')}; new: {out.get('machine', {}).get('cpu', '?')}"
+    return f"{cpus}\n\n" + md_table(["model", "same file", "runtime", "thr", "batch", "old p50 ms", "new p50 ms",
+                                       "speed-up"], rows) if rows else "no rows in common with the compared file"
 
 
 def write_outputs(out: dict, out_dir: Path) -> None:

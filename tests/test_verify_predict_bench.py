@@ -128,6 +128,7 @@ def test_bench_quick_has_consistent_statistics(exported_run, tmp_path):
     res = CliRunner().invoke(main, ["bench", str(model), "--batch", "1", "--threads", "1", "--runs", "3", "--warmup", "0",
                                     "--out", str(tmp_path / "c"), "--compare", str(tmp_path / "b" / "bench.json")])
     assert res.exit_code == 0 and "speed-up" in res.output
+    assert "| same file |" in res.output and "| yes |" in res.output  # the same file, by its recorded hash
 
 
 def test_verify_on_the_validation_split_leaves_the_test_report_alone(exported_run):
