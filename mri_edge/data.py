@@ -187,7 +187,7 @@ def grouped_carve(paths: list[str], labels: list[int], fraction: float, seed: in
         raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
     thumbs, ok = groups.read_thumbnails(paths, "grouping training images")
     ids = groups.components(thumbs, threshold, ok)
-    held, info = groups.grouped_indices(ids, labels, fraction, seed, paths)
+    held, info = groups.grouped_indices(ids, labels, fraction, seed, paths, usable=ok)
     if not len(held):
         raise DataError("--val-split grouped: every group of near-identical images is more than twice the "
                         "validation share; a higher --group-threshold makes smaller groups")

@@ -100,10 +100,12 @@ def components(thumbs: np.ndarray, threshold: float, ok: np.ndarray | None = Non
 
 
 def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int,
-                    names: list[str] | None = None) -> tuple[np.ndarray, dict]:
+                    names: list[str] | None = None, usable: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Indices to hold out: whole groups, class by class (a group counts for its majority
     class) until each class has about `fraction` of its images held out. A group more than
     twice the share still missing is skipped (it would take too much of a small class).
+    Rows not `usable` (images that cannot be read) are never held out and count for nothing:
+    training skips them, and held out they would leave the split short of what it claims.
 
     Groups are taken in the order of a seeded hash of their first member's name (its class
     folder and file name; its row without `names`), not of a random permutation of the group
@@ -111,8 +113,9 @@ def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int,
     a permutation of a list one group shorter differs everywhere, while a hash order moves
     only the groups that pair touches; names also keep the order when a file is added."""
     labels = np.asarray(labels)
-    ids = np.unique(groups)
-    members = {g: np.flatnonzero(groups == g) for g in ids}
+    usable = np.ones(len(labels), bool) if usable is None else np.asarray(usable, bool)
+    ids = np.unique(groups[usable])
+    members = {g: np.flatnonzero((groups == g) & usable) for g in ids}
     majority = {g: int(np.bincount(labels[m]).argmax()) for g, m in members.items()}
 
     def order(g) -> bytes:
@@ -122,7 +125,7 @@ def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int,
 
     held = []
     for c in np.unique(labels):
-        need = fraction * (labels == c).sum()
+        need = fraction * ((labels == c) & usable).sum()
         for g in sorted((g for g in ids if majority[g] == c), key=order):
             if need <= 0:
                 break
@@ -134,7 +137,8 @@ def grouped_indices(groups: np.ndarray, labels, fraction: float, seed: int,
     info = {"groups": int(len(ids)), "largest_group": int(sizes.max()), "singletons": int((sizes == 1).sum()),
             "order": "blake2b(seed:first member's class folder/file name)" if names is not None
                      else "blake2b(seed:first row)",
-            "held_out_groups": int(len(set(groups[held].tolist()))) if held else 0}
+            "held_out_groups": int(len(set(groups[held].tolist()))) if held else 0,
+            **({"unreadable": int((~usable).sum())} if not usable.all() else {})}
     return np.array(sorted(held), dtype=int), info
 
 

@@ -93,3 +93,16 @@ def test_names_keep_the_carve_when_a_file_is_added():
     chosen = {"/".join(names[i].split("/")[-2:]) for i in held}
     chosen2 = {"/".join(names2[i].split("/")[-2:]) for i in held2}
     assert len(chosen ^ chosen2) <= 3 and "class folder" in info["order"]
+
+
+def test_unreadable_images_are_never_held_out_and_count_for_nothing():
+    rng = np.random.default_rng(3)
+    n = 200
+    labels = rng.integers(0, 2, n)
+    usable = np.ones(n, bool)
+    usable[::5] = False  # a fifth of the files cannot be read: each its own group, as components() leaves them
+    held, info = groups.grouped_indices(np.arange(n), labels, 0.1, 42, usable=usable)
+    assert len(held) and usable[held].all() and info["unreadable"] == 40 and info["groups"] == 160
+    for c in (0, 1):  # the share is of the images training can use
+        assert abs((labels[held] == c).sum() - 0.1 * ((labels == c) & usable).sum()) <= 1
+    assert "unreadable" not in groups.grouped_indices(np.arange(n), labels, 0.1, 42)[1]
