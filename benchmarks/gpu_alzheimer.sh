@@ -210,7 +210,7 @@ EOF
 for run in $MADE; do  # this call's runs only (a dry run here may have left others in .gpu/runs)
     [ -d "$run" ] || continue
     tar czf "$OUT/$(basename "$run").tgz" --exclude best.keras --exclude checkpoint.keras \
-        --exclude best_of_phases.keras --exclude encoder.keras -C .gpu/runs "$(basename "$run")"
+        --exclude best_of_phases.keras --exclude encoder.keras --exclude checkpoint_state.npz -C .gpu/runs "$(basename "$run")"
 done
 (cd "$OUT" && tar czf logs.tgz run-*.log gpu.txt && rm run-*.log gpu.txt)
 ls -la "$OUT"

@@ -101,37 +101,58 @@ class Patience(keras.callbacks.EarlyStopping):
 class TrainerState(keras.callbacks.Callback):
     """What a checkpoint of the network leaves out, so that a resumed phase goes on as an
     uninterrupted one would: the optimizer's variables (step count, moments, --ema's average)
-    and the random streams of the training graph (the augmentation's, dropout's). Saved after
-    each epoch beside the checkpoint (RunFolder.trainer_state_path), tagged with the phase and
-    the epochs done; put back when a phase resumes at that point. Under --ema the network then
-    holds the average and the optimizer the raw weights, as at the end of that epoch, and
-    `averaged` swaps them back before training goes on."""
+    and the random streams of the training graph (the augmentation's, and dropout's, which
+    Keras does not save in .keras files). Saved after each epoch beside the checkpoint
+    (RunFolder.trainer_state_path), tagged with the phase and the epochs done; put back when
+    a phase resumes at that point. A phase resumed at its start gets only the network's own
+    streams from the end of the phase before: its optimizer and augmentation start afresh, as
+    they do without an interrupt. Under --ema the network holds the average and the optimizer
+    the raw weights at the end of an epoch, and `averaged` swaps them back before training
+    goes on."""
 
-    def __init__(self, run, phase_index: int, resume_epoch: int | None, averaged=None, log=print):
+    def __init__(self, run, net, phase_index: int, resume_epoch: int | None, averaged=None, log=print):
         super().__init__()
-        self.run, self.phase_index, self.resume_epoch, self.averaged, self.log = run, phase_index, resume_epoch, averaged, log
+        self.run, self.net, self.phase_index, self.resume_epoch = run, net, phase_index, resume_epoch
+        self.averaged, self.log = averaged, log
 
-    def variables(self) -> list:
-        seeds = [v for v in self.model.non_trainable_variables if v.path.endswith("seed_generator_state")]
-        return list(self.model.optimizer.variables) + seeds
+    def groups(self) -> tuple[list, list]:
+        """(the network's random streams, the rest: the optimizer's variables and the graph's other streams)."""
+        def seeds(variables):
+            return [v for v in variables if v.path.endswith("seed_generator_state")]
+        own = seeds(self.net.non_trainable_variables)
+        return own, list(self.model.optimizer.variables) + [v for v in seeds(self.model.non_trainable_variables)
+                                                             if not any(v is o for o in own)]
 
     def on_train_begin(self, logs=None):
         import numpy as np  # noqa: PLC0415
 
         path = self.run.trainer_state_path
-        if self.resume_epoch is None or not path.is_file():
+        if self.resume_epoch is None:
             return
         if not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
-        variables = self.variables()
-        with np.load(path) as z:
-            values = [z[f"v{i}"] for i in range(len(z.files) - 3)]
-            at = (int(z["phase"]), int(z["epoch"]))
+        own, rest = self.groups()
+        try:
+            with np.load(path) as z:
+                at = (int(z["phase"]), int(z["epoch"]))
+                saved = ([z[f"n{i}"] for i in range(int(z["own"]))], [z[f"v{i}"] for i in range(int(z["rest"]))])
+        except (OSError, ValueError, KeyError) as e:  # absent (a checkpoint from before it existed), or damaged
+            self.log(f"{path.name}: {'not there' if not path.is_file() else 'unreadable'}; the optimizer and random "
+                     f"streams start afresh ({type(e).__name__})")
+            return
         # by position: paths hold the layers' automatic names, which count up within a process
-        if at != (self.phase_index, self.resume_epoch) or [a.shape for a in values] != [tuple(v.shape) for v in variables]:
+        if [a.shape for a in saved[0]] != [tuple(v.shape) for v in own]:
+            self.log(f"{path.name} does not match this network: the optimizer and random streams start afresh")
+            return
+        if self.resume_epoch == 0:  # a phase's start: the network's streams where the phase before left them
+            if at[0] == self.phase_index - 1:
+                for v, a in zip(own, saved[0]):
+                    v.assign(a)
+            return
+        if at != (self.phase_index, self.resume_epoch) or [a.shape for a in saved[1]] != [tuple(v.shape) for v in rest]:
             self.log(f"{path.name} is not this phase's epoch {self.resume_epoch}: the optimizer starts afresh")
             return
-        for v, a in zip(variables, values):
+        for v, a in zip(own + rest, saved[0] + saved[1]):
             v.assign(a)
         if self.averaged is not None:
             self.averaged._ema_weights_in_model = True  # the network holds the average (see the docstring)
@@ -143,10 +164,12 @@ class TrainerState(keras.callbacks.Callback):
 
         from .files import atomic_write_bytes  # noqa: PLC0415
 
-        variables = self.variables()
+        own, rest = self.groups()
+        values = {**{f"n{i}": v for i, v in enumerate(own)}, **{f"v{i}": v for i, v in enumerate(rest)}}
         buf = io.BytesIO()
-        np.savez(buf, phase=self.phase_index, epoch=epoch + 1, paths=np.array([v.path for v in variables]),
-                 **{f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(variables)})
+        np.savez(buf, phase=self.phase_index, epoch=epoch + 1, own=len(own), rest=len(rest),
+                 paths=np.array([v.path for v in own + rest]),
+                 **{k: keras.ops.convert_to_numpy(v) for k, v in values.items()})
         atomic_write_bytes(self.run.trainer_state_path, buf.getvalue())
 
 
@@ -189,11 +212,14 @@ class Keeper(keras.callbacks.Callback):
             self.save(self.net, self.run.best_path, self.run.checkpoint_path)
         else:
             self.save(self.net, self.run.checkpoint_path)
+        out_of_time = self.clock.epoch_ended() and epoch + 1 < self.phase["epochs"]
+        # stopped (by patience, which runs before this, or by the clock): a resume does not go on with the phase
         self.run.write_state(phase=self.phase_index, epoch=epoch + 1, best={self.monitor: self.best},
                              history=self.history, elapsed_s=self.elapsed(),
                              phase_elapsed_s=self.clock.now() - self.clock.start,
-                             patience=self.patience.state() if self.patience else None)
-        if self.clock.epoch_ended() and epoch + 1 < self.phase["epochs"]:
+                             patience=self.patience.state() if self.patience else None,
+                             stopped=out_of_time or bool(self.model.stop_training))
+        if out_of_time:
             self.log(f"phase '{self.phase['name']}': time budget of {self.clock.budget_s:.0f} s reached after "
                      f"epoch {epoch + 1}")
             self.model.stop_training = True

@@ -141,15 +141,17 @@ class RunFolder:
         return best if best is not None and math.isfinite(best) else None
 
     def write_state(self, phase: int, epoch: int, history: list, elapsed_s: float, finished: bool = False,
-                    best: dict | None = None, phase_elapsed_s: float = 0.0, patience: dict | None = None) -> None:
+                    best: dict | None = None, phase_elapsed_s: float = 0.0, patience: dict | None = None,
+                    stopped: bool = False) -> None:
         """state.json: where training stands (phase index, epochs done in it, the monitored
         value of the phase's best epoch so far, e.g. {"val_loss": 0.41}, early stopping's count
-        (callbacks.Patience)), for --resume."""
+        (callbacks.Patience), whether the phase stopped before its last epoch), for --resume."""
         from .report import write_json  # noqa: PLC0415
 
         write_json(self.state_path, {"phase": phase, "epoch": epoch, "best": best or {},
                                      "history": history, "elapsed_s": elapsed_s, "phase_elapsed_s": phase_elapsed_s,
-                                     "finished": finished, **({"patience": patience} if patience else {})})
+                                     "finished": finished, **({"patience": patience} if patience else {}),
+                                     **({"stopped": True} if stopped else {})})
 
     def export_metadata(self) -> dict[str, dict]:
         """Each exported file's embedded metadata by name ({} where it cannot be read)."""

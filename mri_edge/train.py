@@ -252,7 +252,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
     log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
         f"{n_trainable} trainable DenseNet121 layers with weights")
     best, holds_best = run.saved_best(state, cfg.monitor), False  # holds_best: the network holds the kept epoch
-    if start_epoch < phase["epochs"]:  # else interrupted after the phase's last epoch: only the restore is left
+    if start_epoch < phase["epochs"] and not (state or {}).get("stopped"):  # else only the phase's restore is left
         dist = dist or distribute.Distribution()
         with dist.scope():
             aug = augment.augmentation(cfg.seed) if cfg.augment else None
@@ -267,7 +267,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
                         model_lib.save_model, log, patience)
         saved = TrainerState(  # after the average's swap and Keeper's checkpoint: a resume starts from those
-            run, pi, start_epoch if state and start_epoch else None, (average or [None])[0], log)
+            run, net, pi, start_epoch if state else None, (average or [None])[0], log)
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
                                                          traced=traced), *average, patience, keeper, saved,
                *callbacks, *([ranges] if ranges else [])]

@@ -634,7 +634,7 @@ def test_weight_only_int8_is_the_last_resort_before_going_over_budget():
         return {"agreement": 0.95 + 0.02 * len(kept), "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
 
     def weight_only(agreement):
-        def build():
+        def build(mode="early"):
             built.append(agreement)
             return {"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, "weight-only file"
         return build
@@ -772,3 +772,26 @@ def test_openvino_max_drop_without_an_int8_onnx_file_uses_nncf_accuracy_control(
     assert recipe["method"].startswith("NNCF quantize_with_accuracy_control") and "int8_from" not in meta
     assert recipe["held_out_images"] == 4 and recipe["float_nodes"] == len(recipe["float_ops"])
     assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 0.99 and recipe["held_out_accuracy_drop_pts"] <= 1)
+
+
+def test_a_weight_only_file_that_is_all_there_is_gets_a_complete_score():
+    """A base that keeps every stage in float leaves the weight-only file as the only file
+    with something in int8: over budget it is kept, and its score, stopped early while it
+    could still hold the budget, is completed rather than reported as a bound."""
+    from mri_edge.export.accuracy import stage_search
+
+    stages = {"head": {"nodes": ["h"], "mac_share": 1.0, "param_share": 1.0, "cost": 1.0}}
+    calls = []
+
+    def attempt(kept, mode="full"):
+        return {"agreement": 0.99, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
+
+    def weight_only(mode):
+        calls.append(mode)
+        if mode == "early":
+            return {"agreement": 0.98, "accuracy": 0.9, "accuracy_drop_pts": 0.0, "stopped_after": 64}, "stopped"
+        return {"agreement": 0.97, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, "complete"
+
+    chosen, cand, steps = stage_search(stages, attempt, 0.5, ["head"], weight_only)
+    assert calls == ["early", "full"] and cand == "complete" and chosen["weight_only"]
+    assert "stopped_after" not in chosen and chosen["agreement"] == 0.97 and steps[-1] == chosen

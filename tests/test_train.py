@@ -397,3 +397,62 @@ def test_a_resumed_phase_goes_on_as_an_uninterrupted_one(small_backbone, synth_d
     np.testing.assert_allclose(rows[0], rows[1], rtol=1e-5)
     for a, b in zip(load_model(cut / "model.keras").get_weights(), load_model(whole / "model.keras").get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_early_stopping_counts_on_across_a_resume_and_a_stopped_phase_is_not_resumed(tmp_path):
+    """Patience carries its count in state.json; a phase that patience (or the clock) stopped
+    is marked so, and a resume only restores its best epoch instead of training on."""
+    from mri_edge.callbacks import Keeper, Patience
+    from mri_edge.run import RunFolder
+
+    patience = Patience("val_loss", 2, saved={"wait": 1, "best": 0.5})
+    model = type("Model", (), {"stop_training": False, "optimizer": type("Opt", (), {"learning_rate": 1e-3})()})()
+    patience.set_model(model)
+    patience.on_train_begin()
+    assert (patience.wait, patience.best) == (1, 0.5)
+    keeper = Keeper(RunFolder(tmp_path), object(), {"name": "finetune", "epochs": 9, "lr": 1e-3}, 0, 0,
+                    PhaseClock(None), [], "val_loss", 0.5, lambda: 0.0, lambda *_: None, print, patience)
+    keeper.set_model(model)
+    patience.on_epoch_end(3, {"val_loss": 0.6})  # a second epoch without improvement: patience 2 is spent
+    assert model.stop_training
+    keeper.on_epoch_end(3, {"val_loss": 0.6})
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["patience"] == {"wait": 2, "best": 0.5} and state["stopped"] and state["epoch"] == 4
+    fresh = Patience("val_loss", 2)
+    fresh.set_model(model)
+    fresh.on_train_begin()
+    assert (fresh.wait, fresh.best) == (0, None)
+
+
+def test_a_phase_resumed_at_its_start_gets_the_networks_random_streams_only(tmp_path):
+    """Keras does not save dropout's random stream in .keras files: a resume at the start of a
+    phase takes it from the end of the phase before, and leaves the optimizer fresh."""
+    import keras
+
+    from mri_edge.callbacks import TrainerState
+    from mri_edge.run import RunFolder
+
+    def build():
+        net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dropout(0.5),
+                                keras.layers.Dense(2, activation="softmax")])
+        net.compile(optimizer="adam", loss="categorical_crossentropy")
+        return net
+
+    x, y = np.random.default_rng(0).normal(size=(16, 4)), np.eye(2)[np.arange(16) % 2]
+    run, net = RunFolder(tmp_path), build()
+    net.fit(x, y, epochs=1, verbose=0, callbacks=[TrainerState(run, net, 0, None)])
+    streams = [keras.ops.convert_to_numpy(v) for v in net.non_trainable_variables]
+    again = build()
+    again.optimizer.build(again.trainable_variables)
+    saved = TrainerState(run, again, 1, 0)
+    saved.set_model(again)
+    saved.on_train_begin()
+    assert all(np.array_equal(a, keras.ops.convert_to_numpy(b)) for a, b in zip(streams, again.non_trainable_variables))
+    assert int(keras.ops.convert_to_numpy(again.optimizer.iterations)) == 0  # a new phase: a fresh optimizer
+    resumed = build()
+    resumed.optimizer.build(resumed.trainable_variables)
+    inside = TrainerState(run, resumed, 0, 1)  # the same phase, after its epoch 1: everything
+    inside.set_model(resumed)
+    inside.on_train_begin()
+    steps = int(keras.ops.convert_to_numpy(net.optimizer.iterations))
+    assert steps > 0 and int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)) == steps

@@ -13,9 +13,8 @@ metadata.
   ONNX path is not used: it writes per-channel activation zero points on this graph's
   pooling-as-depthwise convolutions, which onnxruntime cannot run.
 
-Held-out images: the run's validation split with its Keras probabilities and true labels (the
-grouped split when the run was trained with `--val-split grouped`, so that they behave like
-new subjects).
+Held-out images: the run's validation split with its Keras probabilities and labels (grouped
+with `--val-split grouped`, so that they behave like new subjects).
 """
 
 from __future__ import annotations
@@ -174,7 +173,7 @@ def float_cost(mac_share: float, param_share: float) -> float:
 
 
 def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tuple[dict, object]], max_drop_pts: float,
-                 base: list[str], weight_only: Callable[[], tuple[dict, object]] | None = None,
+                 base: list[str], weight_only: Callable[[str], tuple[dict, object]] | None = None,
                  note: Callable[[str], None] = lambda line: None) -> tuple[dict, object, list[dict]]:
     """The cheapest set of stages kept in float whose candidate is within the budget
     (docs/int8.md). Returns (chosen step, its candidate, every step).
@@ -187,7 +186,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     until the budget holds. 3: each kept stage goes back to int8 in turn, the most expensive
     first, and stays there if the budget still holds. A candidate with all compute and weights
     in float is no int8 file: it is measured, and step 3 may start from it, but it is chosen
-    only when nothing else was measured. When nothing holds, weight_only() (if given) builds
+    only when nothing else was measured. When nothing holds, weight_only(mode) (if given) builds
     the last resort, every weight int8 and every operation float, chosen only within budget;
     else the best candidate that quantizes something is kept, over budget.
 
@@ -248,34 +247,35 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
 
     int8, ok = eligible()
     if not ok and weight_only is not None:
-        score, cand = weight_only()
+        score, cand = weight_only("early")
         note(describe("weight-only int8 (every operation in float, weights int8)", score, max_drop_pts))
         steps.append({"float_stages": list(stages), **score, "weight_only": True,
                       "float_mac_share": sum(s["mac_share"] for s in stages.values()), "float_param_share": 0.0})
         candidates.append(cand)
         int8, ok = eligible()
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
-    # over budget the weight-only file is no fallback (no int8 compute, and nothing it was asked to hold)
-    fallback = [i for i in int8 if not steps[i].get("weight_only")] or int8
+    fallback = [i for i in int8 if not steps[i].get("weight_only")] or int8  # weight-only: no int8 compute
     if not ok:  # the fallback is ranked by quality: complete the scores that could still rank first
         best = max((quality(steps[i]) for i in fallback if level(steps[i]) == 2), default=-1.0)
         for i in sorted((i for i in fallback if level(steps[i]) < 2 and not steps[i].get("weight_only")),
                         key=lambda i: -steps[i]["agreement"]):
             if steps[i]["agreement"] < best:
                 break  # an upper bound of its quality, and of every one after it
-            gain = steps[i].get("alone_gain")
+            gain = {k: v for k, v in steps[i].items() if k == "alone_gain"}
             steps[i], candidates[i] = step(steps[i]["float_stages"])
-            if gain is not None:
-                steps[i]["alone_gain"] = gain
+            steps[i].update(gain)
             best = max(best, quality(steps[i]))
-    complete = [i for i in fallback if level(steps[i]) == 2] or fallback
+    complete = [i for i in fallback if level(steps[i]) == 2]
+    if not ok and not complete:  # only the weight-only file, stopped early: a base that keeps the rest in float
+        score, candidates[fallback[-1]] = weight_only("full")
+        steps[fallback[-1]] = {**{k: v for k, v in steps[fallback[-1]].items() if k != "stopped_after"}, **score}
+        complete = [fallback[-1]]
     chosen = min(ok, key=cost.__getitem__) if ok else max(complete, key=lambda i: quality(steps[i]))
     return steps[chosen], candidates[chosen], steps
 
 
 def accuracy_change(drop_pts: float) -> str:
-    """'accuracy +0.19 pts' for a held-out accuracy drop of -0.19 points (0.0 - 0.0 prints as
-    +0.00, where -0.0 would print -0.00)."""
+    """'accuracy +0.19 pts' for a held-out accuracy drop of -0.19 points (never -0.00)."""
     return f"accuracy {0.0 - drop_pts:+.2f} pts"
 
 
@@ -367,9 +367,9 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         fb = build(kept)
         return scoring(lambda x: probs(fb, x), mode), fb
 
-    def weight_only() -> tuple[dict, bytes]:  # kept only within the budget: it may stop once out of it
+    def weight_only(mode: str) -> tuple[dict, bytes]:  # kept only within the budget: "early" stops once out of it
         fb = store(build(list(stages)), "int8")
-        return scoring(lambda x: probs(fb, x), "early"), fb
+        return scoring(lambda x: probs(fb, x), mode), fb
 
     chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
                                      weight_only if float_weights == "int8" else None,

@@ -352,10 +352,10 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
                       ranges=workdir / "aware_ranges.json", pre_processed=True)
         return scoring(onnx_runner(path, threads), mode), path
 
-    def weight_only() -> tuple[dict, Path]:  # kept only within the budget: it may stop once out of it
+    def weight_only(mode: str) -> tuple[dict, Path]:  # kept only within the budget: "early" stops once out of it
         path = workdir / "aware_weight_only.onnx"
         stored = onnx_weight_only(pre, path)
-        return {**scoring(onnx_runner(path, threads), "early"), "int8_weights": stored}, path
+        return {**scoring(onnx_runner(path, threads), mode), "int8_weights": stored}, path
 
     chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
                                        ["head"] if float_head and "head" in stages else [],
