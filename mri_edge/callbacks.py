@@ -104,9 +104,9 @@ class TrainerState(keras.callbacks.Callback):
     and the random streams of the training graph (the augmentation's, and dropout's, which
     Keras does not save in .keras files). Saved after each epoch beside the checkpoint
     (RunFolder.trainer_state_path), tagged with the phase and the epochs done; put back when
-    a phase resumes at that point. A phase resumed at its start gets only the network's own
-    streams from the end of the phase before: its optimizer and augmentation start afresh, as
-    they do without an interrupt. Under --ema the network holds the average and the optimizer
+    a phase resumes at that point. Every phase's start (resume_epoch 0) gets only the network's
+    own streams from the end of the phase before (the values it holds already, unless that
+    phase was not trained in this process): its optimizer and augmentation start afresh. Under --ema the network holds the average and the optimizer
     the raw weights at the end of an epoch, and `averaged` swaps them back before training
     goes on."""
 
@@ -126,19 +126,22 @@ class TrainerState(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         import numpy as np  # noqa: PLC0415
 
+        import zipfile  # noqa: PLC0415
+
         path = self.run.trainer_state_path
-        if self.resume_epoch is None:
-            return
+        if self.resume_epoch is None or (self.resume_epoch == 0 and not path.is_file()):
+            return  # a new run, or a phase's start with nothing to carry over
         if not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         own, rest = self.groups()
         try:
             with np.load(path) as z:
                 at = (int(z["phase"]), int(z["epoch"]))
-                saved = ([z[f"n{i}"] for i in range(int(z["own"]))], [z[f"v{i}"] for i in range(int(z["rest"]))])
-        except (OSError, ValueError, KeyError) as e:  # absent (a checkpoint from before it existed), or damaged
-            self.log(f"{path.name}: {'not there' if not path.is_file() else 'unreadable'}; the optimizer and random "
-                     f"streams start afresh ({type(e).__name__})")
+                saved = ([z[f"n{i}"] for i in range(int(z["own"]))],  # a phase's start needs the network's alone
+                         [z[f"v{i}"] for i in range(int(z["rest"]))] if self.resume_epoch else [])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # absent, older, damaged
+            self.log(f"{path.name}: {'not there' if not path.is_file() else 'unreadable'} ({type(e).__name__}); "
+                     "the optimizer and random streams start afresh")
             return
         # by position: paths hold the layers' automatic names, which count up within a process
         if [a.shape for a in saved[0]] != [tuple(v.shape) for v in own]:

@@ -267,7 +267,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
                         model_lib.save_model, log, patience)
         saved = TrainerState(  # after the average's swap and Keeper's checkpoint: a resume starts from those
-            run, net, pi, start_epoch if state else None, (average or [None])[0], log)
+            run, net, pi, start_epoch if state else 0 if pi else None, (average or [None])[0], log)
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
                                                          traced=traced), *average, patience, keeper, saved,
                *callbacks, *([ranges] if ranges else [])]

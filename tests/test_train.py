@@ -456,3 +456,11 @@ def test_a_phase_resumed_at_its_start_gets_the_networks_random_streams_only(tmp_
     inside.on_train_begin()
     steps = int(keras.ops.convert_to_numpy(net.optimizer.iterations))
     assert steps > 0 and int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)) == steps
+    for damage in (b"", b"PK\x03\x04 not a zip", run.trainer_state_path.read_bytes()[:-100]):  # said, then afresh
+        run.trainer_state_path.write_bytes(damage)
+        lines, fresh = [], build()
+        fresh.optimizer.build(fresh.trainable_variables)
+        broken = TrainerState(run, fresh, 0, 1, log=lines.append)
+        broken.set_model(fresh)
+        broken.on_train_begin()
+        assert "unreadable" in lines[0] and int(keras.ops.convert_to_numpy(fresh.optimizer.iterations)) == 0

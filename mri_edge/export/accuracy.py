@@ -187,7 +187,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     first, and stays there if the budget still holds. A candidate with all compute and weights
     in float is no int8 file: it is measured, and step 3 may start from it, but it is chosen
     only when nothing else was measured. When nothing holds, weight_only(mode) (if given) builds
-    the last resort, every weight int8 and every operation float, chosen only within budget;
+    the last resort, every weight int8 and every operation float, chosen within budget (or if alone);
     else the best candidate that quantizes something is kept, over budget.
 
     Over budget, scores that stopped early or ranked a stage (their agreement bounds the
