@@ -106,9 +106,9 @@ class TrainerState(keras.callbacks.Callback):
     (RunFolder.trainer_state_path), tagged with the phase and the epochs done; put back when
     a phase resumes at that point. Every phase's start (resume_epoch 0) gets only the network's
     own streams from the end of the phase before (the values it holds already, unless that
-    phase was not trained in this process): its optimizer and augmentation start afresh. Under --ema the network holds the average and the optimizer
-    the raw weights at the end of an epoch, and `averaged` swaps them back before training
-    goes on."""
+    phase was not trained in this process): its optimizer and augmentation start afresh.
+    Under --ema the network holds the average and the optimizer the raw weights at the end of
+    an epoch, and `averaged` swaps them back before training goes on."""
 
     def __init__(self, run, net, phase_index: int, resume_epoch: int | None, averaged=None, log=print):
         super().__init__()
@@ -124,9 +124,9 @@ class TrainerState(keras.callbacks.Callback):
                                                              if not any(v is o for o in own)]
 
     def on_train_begin(self, logs=None):
-        import numpy as np  # noqa: PLC0415
-
         import zipfile  # noqa: PLC0415
+
+        import numpy as np  # noqa: PLC0415
 
         path = self.run.trainer_state_path
         if self.resume_epoch is None or (self.resume_epoch == 0 and not path.is_file()):
@@ -143,8 +143,12 @@ class TrainerState(keras.callbacks.Callback):
             self.log(f"{path.name}: {'not there' if not path.is_file() else 'unreadable'} ({type(e).__name__}); "
                      "the optimizer and random streams start afresh")
             return
-        # by position: paths hold the layers' automatic names, which count up within a process
-        if [a.shape for a in saved[0]] != [tuple(v.shape) for v in own]:
+
+        def fits(values, variables) -> bool:
+            # by position: variable paths hold the layers' automatic names, which count up within a process
+            return [a.shape for a in values] == [tuple(v.shape) for v in variables]
+
+        if not fits(saved[0], own):
             self.log(f"{path.name} does not match this network: the optimizer and random streams start afresh")
             return
         if self.resume_epoch == 0:  # a phase's start: the network's streams where the phase before left them
@@ -152,7 +156,7 @@ class TrainerState(keras.callbacks.Callback):
                 for v, a in zip(own, saved[0]):
                     v.assign(a)
             return
-        if at != (self.phase_index, self.resume_epoch) or [a.shape for a in saved[1]] != [tuple(v.shape) for v in rest]:
+        if at != (self.phase_index, self.resume_epoch) or not fits(saved[1], rest):
             self.log(f"{path.name} is not this phase's epoch {self.resume_epoch}: the optimizer starts afresh")
             return
         for v, a in zip(own + rest, saved[0] + saved[1]):
@@ -171,7 +175,6 @@ class TrainerState(keras.callbacks.Callback):
         values = {**{f"n{i}": v for i, v in enumerate(own)}, **{f"v{i}": v for i, v in enumerate(rest)}}
         buf = io.BytesIO()
         np.savez(buf, phase=self.phase_index, epoch=epoch + 1, own=len(own), rest=len(rest),
-                 paths=np.array([v.path for v in own + rest]),
                  **{k: keras.ops.convert_to_numpy(v) for k, v in values.items()})
         atomic_write_bytes(self.run.trainer_state_path, buf.getvalue())
 

@@ -37,9 +37,8 @@ class RunError(MriEdgeError, ValueError):
 
 
 # What `mri-edge train` may find in --out and still call the folder its own.
-TRAIN_OUTPUTS = ("config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras", "checkpoint_state.npz",
-                 "best.keras",
-                 "best_of_phases.keras", "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
+TRAIN_OUTPUTS = ("config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras",
+                 "checkpoint_state.npz", "best.keras", "best_of_phases.keras", "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
                  "confusion_matrix.png", "examples.png", "reliability.png", "train_report.md", "report.md")
 LATER_OUTPUTS = ("exports", "verify", "bench", "parity.json", "parity.md", "model_fp32.keras")
 

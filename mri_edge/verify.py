@@ -135,7 +135,7 @@ def explanation_sample(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                batch_size, keras_maps=None, root_run: Path | None = None) -> dict:
+                batch_size, keras_maps=None, root_run: Path | None = None, model_sha: str | None = None) -> dict:
     """Every parity number and the gate of one exported file."""
     model = open_model(f, threads=threads)
     if model.class_names != names:
@@ -154,9 +154,7 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
                              "max_ece_change": thresholds.max_ece_change}})
     if model.trust:
         r["trust"] = trust_metrics(model.trust, labels, keras_probs, probs)
-    keras_file = RunFolder(root_run).model_path if root_run else None
-    stale = trust_mismatch(model, RunFolder(root_run).trust() if root_run else None,
-                           sha256_file(keras_file) if keras_file and keras_file.is_file() else None)
+    stale = trust_mismatch(model, RunFolder(root_run).trust() if root_run else None, model_sha)
     if keras_maps is not None:
         idx, targets, ref_maps = keras_maps
         maps = [explain.occlusion(model, imgs[i], t)[0] for i, t in zip(idx, targets)]
@@ -258,12 +256,13 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
             raise
         except MriEdgeError as e:  # e.g. a machine with the runtimes but not Keras
             log(f"explanation parity skipped: {e}")
+    model_sha = sha256_file(run.model_path) if run.model_path.is_file() else None  # once, not per file
     results = {}
     failures = []
     for f in files:
         try:
             r = _check_file(f, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                            batch_size, keras_maps, run_dir)
+                            batch_size, keras_maps, run_dir, model_sha)
         except DataMovedError:
             raise
         except MriEdgeError as e:
