@@ -158,7 +158,7 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
     from . import data  # noqa: PLC0415
     cfg = run.config()
     ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), carve_seed(cfg),
-                       cfg.get("val_split", "random"), cfg.get("group_threshold", 0.99))
+                       cfg.get("val_split", "random"), cfg.get("group_threshold", 0.99), cfg.get("weights"))
     manifest = ds.manifest()
     n_test = len(manifest["splits"].get("test", []))
     want = (run.test_report() or {}).get("n")

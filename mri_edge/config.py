@@ -54,7 +54,8 @@ class TrainConfig:
                                       "folder.", minimum=0, maximum=1, min_open=True, max_open=True)
     val_split: str = option("random", "How validation is carved from training when there is no validation "
                                       "folder: random images (stratified), or grouped: whole groups of near-identical "
-                                      "images, so no validation image has a twin in training (docs/data.md).",
+                                      "images, so no validation image has a twin in training (docs/data.md). "
+                                      "With --weights RUN/model.keras of these images, RUN's carve is kept.",
                             choices=("random", "grouped"))
     group_threshold: float = option(0.99, "--val-split grouped: thumbnail correlation that makes two images "
                                           "near twins (one group).", minimum=0, maximum=1)

@@ -159,51 +159,48 @@ def stratified_carve(paths: list[str], labels: list[int], fraction: float, seed:
     """Split off `fraction` of each class (at least one image per class), reproducibly."""
     if not 0 < fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
-    keep, carve = [], []
+    held = np.zeros(len(paths), bool)
     for c, idx in per_class_indices(labels, seed)[0].items():
         if len(idx) < 2:
             raise DataError(f"class {c} has {len(idx)} training image(s); cannot carve a validation split")
-        k = max(1, int(round(fraction * len(idx))))
-        carve += idx[:k].tolist()
-        keep += idx[k:].tolist()
-    keep.sort()
-    carve.sort()
-    return (
-        Split("train", [paths[i] for i in keep], [labels[i] for i in keep]),
-        Split("val", [paths[i] for i in carve], [labels[i] for i in carve]),
-    )
+        held[idx[:max(1, int(round(fraction * len(idx))))]] = True
+    return split_off(paths, labels, held)
+
+
+def split_off(paths: list[str], labels: list[int], held: np.ndarray) -> tuple[Split, Split]:
+    """(train, val): the images not held out and those held out (mask `held`), in their order."""
+    return tuple(Split(name, [p for p, k in zip(paths, m) if k], [y for y, k in zip(labels, m) if k])
+                 for name, m in (("train", ~held), ("val", held)))
 
 
 VAL_SPLITS = ("random", "grouped")
 
 
-def grouped_carve(paths: list[str], labels: list[int], fraction: float, seed: int,
-                  threshold: float) -> tuple[Split, Split, dict]:
-    """Hold out whole groups of near-identical images (groups.py), stratified by class; the
-    record says how many groups there were and what a 1-NN probe gets on the held-out part."""
-    from . import groups  # noqa: PLC0415
-
-    if not 0 < fraction < 1:
-        raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
-    thumbs, ok = groups.read_thumbnails(paths, "grouping training images")
-    ids = groups.components(thumbs, threshold, ok)
-    held, info = groups.grouped_indices(ids, labels, fraction, seed, paths, usable=ok)
-    if not len(held):
-        raise DataError("--val-split grouped: every group of near-identical images is more than twice the "
-                        "validation share; a higher --group-threshold makes smaller groups")
-    mask = np.zeros(len(paths), bool)
-    mask[held] = True
-    info.update({"method": "grouped", "threshold": threshold, "fraction": fraction,
-                 "probe": groups.holdout_probe(thumbs, labels, held)})
-    pick = lambda m: ([p for p, k in zip(paths, m) if k], [y for y, k in zip(labels, m) if k])  # noqa: E731
-    return Split("train", *pick(~mask)), Split("val", *pick(mask)), info
+def kept_carve(train: Split, root: Path, task: str, weights: str | None) -> tuple[Split, Split, dict] | None:
+    """The validation carve of the run whose model.keras `weights` is, when it was carved from these
+    same training images: kept, because a new carve (another seed, share, threshold or version of
+    the carve) would validate on images the starting weights were fitted on."""
+    manifest = Path(str(weights)).parent / "split_manifest.json"
+    if Path(str(weights)).suffix != ".keras" or not manifest.is_file():
+        return None
+    try:
+        prior = json.loads(manifest.read_text())
+        rows = {s: {rel for rel, _ in prior["splits"][s]} for s in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a run's manifest: the start is checked by distill.weights_seen
+    rel = [rel_path(p, root) for p in train.paths]
+    if not prior.get("val_carved_from_train") or prior.get("task") != task or set(rel) != rows["train"] | rows["val"]:
+        return None  # other data (another task, images added or removed): a carve of its own
+    how = {**prior.get("val_split", {"method": "random"}), "kept_from": str(manifest)}
+    return *split_off(train.paths, train.labels, np.array([r in rows["val"] for r in rel])), how
 
 
 def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: int = 42,
-             val_split: str = "random", group_threshold: float = 0.99) -> Dataset:
+             val_split: str = "random", group_threshold: float = 0.99, weights: str | None = None) -> Dataset:
     """The dataset's splits. Without a validation folder, validation is carved from training:
-    `random` takes a stratified share of images, `grouped` whole groups of near-identical
-    images (so that validation behaves like new subjects, not like twins of training)."""
+    the carve of the run whose model.keras `weights` is, if it carved these training images
+    (`kept_carve`); else `random` takes a stratified share of images, `grouped` whole groups of
+    near-identical images (so that validation behaves like new subjects, not like twins of training)."""
     if val_split not in VAL_SPLITS:
         raise DataError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, not {val_split!r}")
     found = find_splits(data_dir)
@@ -220,11 +217,13 @@ def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: i
     keys, names = reference
     splits = {"train": per_split["train"]}
     carved, how = False, {}
+    kept = None if "val" in per_split else kept_carve(per_split["train"], Path(data_dir), task, weights)
     if "val" in per_split:
         splits["val"] = per_split["val"]
-    elif val_split == "grouped":
-        splits["train"], splits["val"], how = grouped_carve(per_split["train"].paths, per_split["train"].labels,
-                                                            val_fraction, seed, group_threshold)
+    elif kept or val_split == "grouped":
+        from .groups import grouped_carve  # noqa: PLC0415
+        splits["train"], splits["val"], how = kept or grouped_carve(per_split["train"].paths, per_split["train"].labels,
+                                                                    val_fraction, seed, group_threshold)
         carved = True
     else:
         splits["train"], splits["val"] = stratified_carve(

@@ -187,3 +187,35 @@ def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction:
     shown = ", ".join(f"{k} {v['nn_accuracy']:.1%}" for k, v in out.items() if v.get("nn_accuracy") is not None)
     log(f"  1-NN probe of validation carved at random / by groups (threshold {threshold}) / test: {shown}")
     return out
+
+
+def grouped_carve(paths: list[str], labels: list[int], fraction: float, seed: int,
+                  threshold: float) -> tuple:
+    """Hold out whole groups of near-identical images, stratified by class; the record says how
+    many groups there were and what a 1-NN probe gets on the held-out part."""
+    from .data import DataError, split_off  # noqa: PLC0415
+
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    thumbs, ok = read_thumbnails(paths, "grouping training images")
+    ids = components(thumbs, threshold, ok)
+    held, info = grouped_indices(ids, labels, fraction, seed, paths, usable=ok)
+    if not len(held):
+        raise DataError("--val-split grouped: every group of near-identical images is more than twice the "
+                        "validation share; a higher --group-threshold makes smaller groups")
+    mask = np.zeros(len(paths), bool)
+    mask[held] = True
+    info.update({"method": "grouped", "threshold": threshold, "fraction": fraction,
+                 "probe": holdout_probe(thumbs, labels, held)})
+    return *split_off(paths, labels, mask), info
+
+
+def describe_carve(how: dict, n_val: int) -> str | None:
+    """The log line of a carved validation split that is not a plain random one."""
+    if "kept_from" in how:
+        return (f"validation: the {n_val} images held out by the run of --weights ({how['kept_from']}), not a new "
+                "carve: the starting weights were fitted on the rest")
+    if how.get("method") == "grouped":
+        return (f"validation: {how['held_out_groups']} of {how['groups']} groups of near-identical images held out "
+                f"whole ({how['probe']['n']} images; a 1-NN probe gets {how['probe']['nn_accuracy']:.1%} of them)")
+    return None

@@ -204,7 +204,8 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
     from .model import base_of, check_weights  # noqa: PLC0415
 
     check_weights(cfg.weights)
-    dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed, cfg.val_split, cfg.group_threshold)
+    dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, cfg.seed, cfg.val_split, cfg.group_threshold,
+                            cfg.weights)
     notes = weights_seen(cfg.weights, dataset.manifest())  # a start fitted on the held-out images flatters the probe
     for n in notes:
         log(n)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, augment, data, distill, distribute, preprocess, qat, quiet, report
+from . import __version__, augment, data, distill, distribute, groups, preprocess, qat, quiet, report
 from .config import TrainConfig, carve_seed
 from .errors import MriEdgeError
 from .files import atomic_copy, sha256_file
@@ -104,11 +104,9 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
             run.check_new_run(force)
         split_seed = carve_seed(cfg)
         dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, split_seed, cfg.val_split,
-                                cfg.group_threshold)
-        if dataset.val_split.get("method") == "grouped":
-            g, probe = dataset.val_split, dataset.val_split["probe"]
-            log(f"validation: {g['held_out_groups']} of {g['groups']} groups of near-identical images held out "
-                f"whole ({probe['n']} images; a 1-NN probe gets {probe['nn_accuracy']:.1%} of them)")
+                                cfg.group_threshold, cfg.weights)
+        if carve := groups.describe_carve(dataset.val_split, len(dataset.splits["val"].paths)):
+            log(carve)
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
         dataset.splits = {k: limit_split(s, cfg.limit_per_class, split_seed) for k, s in dataset.splits.items()}

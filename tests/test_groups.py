@@ -1,6 +1,7 @@
 """The grouped validation split: whole groups of near-identical images held out together."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -106,3 +107,28 @@ def test_unreadable_images_are_never_held_out_and_count_for_nothing():
     for c in (0, 1):  # the share is of the images training can use
         assert abs((labels[held] == c).sum() - 0.1 * ((labels == c) & usable).sum()) <= 1
     assert "unreadable" not in groups.grouped_indices(np.arange(n), labels, 0.1, 42)[1]
+
+
+def test_a_run_started_from_another_runs_weights_keeps_its_carve(tmp_path):
+    """A new carve (another seed, share or carve version) would validate on images the starting
+    weights were fitted on; the run of those weights held out its own, and those are kept."""
+    root = make_subjects(tmp_path / "d")
+    first = data.discover(root, "tumor", val_fraction=0.2, val_split="grouped", group_threshold=0.95, seed=1)
+    start = tmp_path / "run"
+    start.mkdir()
+    (start / "split_manifest.json").write_text(json.dumps(first.manifest()))
+    (start / "model.keras").write_bytes(b"")
+    moved = tmp_path / "elsewhere"
+    (root).rename(moved)  # the same images read from another folder: matched by their paths inside it
+    later = data.discover(moved, "tumor", val_fraction=0.3, seed=7, weights=str(start / "model.keras"))
+    rel = lambda ds, s: sorted(data.rel_path(p, Path(ds.root)) for p in ds.splits[s].paths)  # noqa: E731
+    assert rel(later, "val") == rel(first, "val") and rel(later, "train") == rel(first, "train")
+    assert later.val_split["kept_from"] == str(start / "split_manifest.json")
+    assert later.val_split["method"] == "grouped" and later.val_carved
+    assert "held out by the run of --weights" in groups.describe_carve(later.val_split, 1)
+    # fresh carves where the start cannot have seen these images or is not a run's
+    assert "kept_from" not in data.discover(moved, "custom", weights=str(start / "model.keras")).val_split
+    assert "kept_from" not in data.discover(moved, "tumor", weights=str(tmp_path / "model.keras")).val_split
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(moved / "Training" / "glioma" / "new.png")
+    fresh = data.discover(moved, "tumor", val_fraction=0.3, seed=7, weights=str(start / "model.keras"))
+    assert "kept_from" not in fresh.val_split and fresh.val_split["method"] == "random"

@@ -117,8 +117,12 @@ class Scoring:
 def within(score: dict, max_drop_pts: float) -> bool:
     """Inside the budget: agreement and accuracy each lose at most max_drop_pts points (never
     a score that stopped early or ranked a stage: only a complete score holds)."""
-    return (not {"stopped_after", "ranked_on"} & set(score) and score["agreement"] >= 1 - max_drop_pts / 100 - 1e-12
+    return (not {"stopped_after", "ranked_on"} & set(score) and agrees_enough(score, max_drop_pts)
             and score["accuracy_drop_pts"] <= max_drop_pts + 1e-9)
+
+
+def agrees_enough(score: dict, max_drop_pts: float) -> bool:  # an upper bound below it: out of budget
+    return score["agreement"] >= 1 - max_drop_pts / 100 - 1e-12
 
 
 def quality(score: dict) -> float:
@@ -188,13 +192,11 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     in float is no int8 file: it is measured, and step 3 may start from it, but it is chosen
     only when nothing else was measured. When nothing holds, weight_only(mode) (if given) builds
     the last resort, every weight int8 and every operation float, chosen within budget (or if alone);
-    else the best candidate that quantizes something is kept, over budget.
-
-    Over budget, scores that stopped early or ranked a stage (their agreement bounds the
-    candidate's quality from above) are completed, best bound first, while they could still
-    beat the best complete one."""
+    else the best candidate that quantizes something is kept, over budget: scores that stopped
+    early or ranked a stage (upper bounds of quality) are completed, best bound first, while
+    they could still beat the best complete one."""
     tried: dict[tuple, tuple[dict, object]] = {}
-    need = {"rank": 0, "early": 1, "full": 2, "first": 2}
+    need = {"rank": 0, "early": 1, "full": 2, "first": 2}  # what each mode needs of level()
 
     def level(score: dict) -> int:  # what the score can answer: ranking, over budget, everything
         return 0 if "ranked_on" in score else 1 if "stopped_after" in score else 2
@@ -202,8 +204,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     def step(kept: list[str], mode: str = "full") -> tuple[dict, object]:
         have = tried.get(tuple(kept))
         # a ranking score with more flips than the budget allows already says "over budget"
-        if have is None or (level(have[0]) < need[mode]
-                            and not (mode == "early" and have[0]["agreement"] < 1 - max_drop_pts / 100 - 1e-12)):
+        if have is None or (level(have[0]) < need[mode] and (mode != "early" or agrees_enough(have[0], max_drop_pts))):
             score, cand = attempt(kept, mode)
             note(describe(f"{', '.join(kept) or 'nothing'} in float", score, max_drop_pts))
             tried[tuple(kept)] = ({"float_stages": list(kept), **score,
@@ -298,8 +299,7 @@ def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict]
             "float_stages": chosen["float_stages"],
             "float_nodes": sum(len(stages[s]["nodes"]) for s in chosen["float_stages"]),
             "float_mac_share": chosen["float_mac_share"], "float_param_share": chosen["float_param_share"],
-            "weight_only": bool(chosen.get("weight_only")),
-            **({"float_weights": "int8"} if chosen.get("weight_only") else {}),
+            "weight_only": bool(chosen.get("weight_only")), **({"float_weights": "int8"} if chosen.get("weight_only") else {}),
             "held_out_agreement": chosen["agreement"],
             "held_out_accuracy_drop_pts": chosen["accuracy_drop_pts"], "plain_agreement": steps[0]["agreement"],
             "plain_accuracy_drop_pts": steps[0]["accuracy_drop_pts"], "within_budget": within(chosen, max_drop_pts),
