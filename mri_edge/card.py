@@ -101,7 +101,7 @@ def build(run_dir) -> dict:
             "data": {**DATASETS.get(cfg["task"], {"name": "user-supplied", "source": cfg.get("data_dir"),
                                                   "licence": "unknown"})},
             "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment",
-                                                "class_weight", "val_split", "val_fraction", "seed", "split_seed",
+                                                "class_weight", "val_split", "val_fraction", "seed", "split_seed", "val_kept_from",
                                                 "time_budget_s", "wall_time_s", "ensemble", *REGULARISERS,
                                                 *(("distill_weight", "distillation") if cfg.get("teacher") else ()))},
             "versions": {"trained_with": cfg.get("versions"), "card_written_with": {

@@ -185,12 +185,14 @@ def kept_carve(train: Split, root: Path, task: str, weights: str | None) -> tupl
         return None
     try:
         prior = json.loads(manifest.read_text())
-        rows = {s: {rel for rel, _ in prior["splits"][s]} for s in ("train", "val")}
+        held = prior["splits"].get("val", prior.get("held_out"))  # a pretrain folder records its carve apart
+        rows = {s: {rel for rel, _ in r} | set((prior.get("unreadable") or {}).get(s, []))
+                for s, r in (("train", prior["splits"]["train"]), ("val", held))}
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not a run's manifest: the start is checked by distill.weights_seen
     rel = [rel_path(p, root) for p in train.paths]
     if not prior.get("val_carved_from_train") or prior.get("task") != task or set(rel) != rows["train"] | rows["val"]:
-        return None  # other data (another task, images added or removed): a carve of its own
+        return None  # other data (another task, images added or removed, --limit-per-class): a carve of its own
     how = {**prior.get("val_split", {"method": "random"}), "kept_from": str(manifest)}
     return *split_off(train.paths, train.labels, np.array([r in rows["val"] for r in rel])), how
 

@@ -73,8 +73,9 @@ def weights_seen(weights: str, manifest: dict) -> list[str]:
         return []
     which = " and ".join(w for w, n in (("validation", seen["val"]), ("test", seen["test"])) if n)
     return [f"warning: --weights {weights} was fitted on {seen['val']} of this run's validation and {seen['test']} of "
-            f"its test images, so its {which} results are optimistic (carve with the same --val-split, --val-fraction, "
-            "--split-seed and --group-threshold as the run or pretraining that made it)"]
+            f"its test images, so its {which} results are optimistic (the carve of the run or pretraining that made it "
+            "is kept only for the same training images: carve with its --val-split, --val-fraction, --split-seed and "
+            "--group-threshold)"]
 
 
 class Teacher:

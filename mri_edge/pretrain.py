@@ -237,7 +237,8 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     manifest = dataset.manifest()
-    manifest["splits"] = {"train": manifest["splits"]["train"]}  # what was fitted (held-out images only probed)
+    # what was fitted; the held-out images, only probed, apart (a train run from encoder.keras keeps them out)
+    manifest["splits"], manifest["held_out"] = {"train": manifest["splits"]["train"]}, manifest["splits"]["val"]
     report.write_json(out / "split_manifest.json", manifest)
     report.write_json(out / "config.json", {**asdict(cfg), "kind": "pretrain", "versions": versions()})
     history = [{"epoch": 0, "loss": None, **probe("before")}]
@@ -282,9 +283,8 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
 
 
 def same_carve(cfg: PretrainConfig) -> str:
-    """The train options that carve the validation split this pretraining left out, and its input size."""
-    return (f"--image-size {cfg.image_size} --val-split {cfg.val_split} --val-fraction {cfg.val_fraction:g} "
-            f"--split-seed {cfg.seed} --group-threshold {cfg.group_threshold:g}")
+    """The train options for the encoder: its input size (train from encoder.keras keeps this carve, data.kept_carve)."""
+    return f"--image-size {cfg.image_size}"
 
 
 def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
@@ -324,6 +324,6 @@ def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
                 "--limit-per-class)."]
                if raw.get("nn_accuracy") is not None else []), "",
              table, "", "![curves](pretrain_curves.png)", "",
-             f"Next: `mri-edge train ... --weights {out / 'encoder.keras'} {same_carve(cfg)}` (the carve of this "
-             "pretraining, so that its held-out images stay untrained on).", ""]
+             f"Next: `mri-edge train ... --weights {out / 'encoder.keras'} {same_carve(cfg)}` (it keeps the carve "
+             "of this pretraining, so that its held-out images stay untrained on).", ""]
     report.write_text(out / "pretrain.md", "\n".join(lines))

@@ -257,7 +257,8 @@ def metrics_markdown(m: dict, class_names: list[str]) -> str:
 
 def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> str:
     names = cfg["class_names"]
-    split = "" if cfg.get("split_seed") is None else f" (split seed {cfg['split_seed']})"
+    split = f" (split seed {cfg['split_seed']})" if cfg.get("split_seed") is not None else ""
+    split = f" (validation: the carve of `{cfg['val_kept_from']}`)" if cfg.get("val_kept_from") else split
     parts = [
         f"# mri-edge training report: {cfg['task']}",
         "",

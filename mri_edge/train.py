@@ -72,7 +72,8 @@ def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, di
     cfg.class_names = dataset.class_names
     cfg.phases, _ = resolve_phases(cfg)
     report.write_json(run.manifest_path, dataset.manifest())
-    report.write_json(run.config_path, {**asdict(cfg), "versions": versions(),
+    kept = {"val_kept_from": dataset.val_split["kept_from"]} if "kept_from" in dataset.val_split else {}
+    report.write_json(run.config_path, {**asdict(cfg), **kept, "versions": versions(),
                                         "preprocessing": preprocess.contract(cfg.image_size),
                                         **({"distribution": distribution} if distribution else {}),
                                         **({"distillation": teacher} if teacher else {})})

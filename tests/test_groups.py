@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mri_edge import data, groups
@@ -126,9 +127,43 @@ def test_a_run_started_from_another_runs_weights_keeps_its_carve(tmp_path):
     assert later.val_split["kept_from"] == str(start / "split_manifest.json")
     assert later.val_split["method"] == "grouped" and later.val_carved
     assert "held out by the run of --weights" in groups.describe_carve(later.val_split, 1)
+    # a finished run lists its unreadable images apart; a pretrain folder its held-out ones
+    m = first.manifest()
+    gone = m["splits"]["val"].pop(0)[0]
+    m["unreadable"] = {"val": [gone]}
+    m["splits"], m["held_out"] = {"train": m["splits"]["train"]}, m["splits"]["val"]
+    (start / "split_manifest.json").write_text(json.dumps(m))
+    again = data.discover(moved, "tumor", seed=7, weights=str(start / "model.keras"))
+    assert rel(again, "val") == rel(first, "val") and "kept_from" in again.val_split
+    (start / "split_manifest.json").write_text(json.dumps(first.manifest()))
     # fresh carves where the start cannot have seen these images or is not a run's
     assert "kept_from" not in data.discover(moved, "custom", weights=str(start / "model.keras")).val_split
     assert "kept_from" not in data.discover(moved, "tumor", weights=str(tmp_path / "model.keras")).val_split
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(moved / "Training" / "glioma" / "new.png")
     fresh = data.discover(moved, "tumor", val_fraction=0.3, seed=7, weights=str(start / "model.keras"))
     assert "kept_from" not in fresh.val_split and fresh.val_split["method"] == "random"
+
+
+def test_calibrate_rebuilds_a_kept_carve_only_from_its_start(tmp_path):
+    from mri_edge.calibrate import CalibrateError, split_manifest
+    from mri_edge.run import RunFolder
+
+    root = make_subjects(tmp_path / "d")
+    first = data.discover(root, "tumor", val_fraction=0.2, val_split="grouped", group_threshold=0.95, seed=1)
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "split_manifest.json").write_text(json.dumps(first.manifest()))
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"task": "tumor", "image_size": 64, "val_split": "random", "seed": 7, "weights": str(start / "model.keras")}
+    (run / "config.json").write_text(json.dumps(config))
+    fresh = split_manifest(RunFolder(run), str(root), log=lambda *_: None)  # carved afresh: so it was trained
+    assert "kept_from" not in fresh["val_split"]
+    (run / "split_manifest.json").unlink()
+    (run / "config.json").write_text(json.dumps({**config, "val_kept_from": str(start / "split_manifest.json")}))
+    kept = split_manifest(RunFolder(run), str(root), log=lambda *_: None)
+    assert kept["splits"]["val"] == first.manifest()["splits"]["val"]
+    (run / "split_manifest.json").unlink()
+    (start / "split_manifest.json").unlink()
+    with pytest.raises(CalibrateError, match="not here"):
+        split_manifest(RunFolder(run), str(root), log=lambda *_: None)

@@ -71,7 +71,7 @@ def test_pretrain_reads_only_training_images_and_train_starts_from_its_encoder(
     assert sorted(set(decoded)) == ["train", "val"]
     monkeypatch.setattr(data, "decode_split", original)
     assert "held-out k-NN probe" in res.output
-    assert f"--image-size {TINY} --val-split random --val-fraction 0.1 --split-seed 42" in res.output
+    assert f"--weights {out / 'encoder.keras'} --image-size {TINY} ..." in res.output
     result = json.loads((out / "pretrain.json").read_text())
     assert result["epochs"] == 2 and len(result["history"]) == 3  # before, and after each epoch
     assert all(np.isfinite(r["loss"]) for r in result["history"][1:])
@@ -92,10 +92,17 @@ def test_pretrain_reads_only_training_images_and_train_starts_from_its_encoder(
     assert "![curves](pretrain_curves.png)" in (out / "pretrain.md").read_text()
     assert (out / "pretrain_curves.png").stat().st_size > 0
 
-    # another carve holds out images the encoder was fitted on: said in the log and the report
-    res = CliRunner().invoke(main, ["train", *common, "--weights", str(out / "encoder.keras"), "--epochs-head", "1",
-                                    "--epochs-finetune", "0", "--dense-units", "8", "--seed", "7",
-                                    "--out", str(tmp_path / "other")])
+    # another seed keeps the encoder's carve (data.kept_carve): its held-out images stay untrained on
+    again = ["train", *common, "--weights", str(out / "encoder.keras"), "--epochs-head", "1",
+             "--epochs-finetune", "0", "--dense-units", "8", "--seed", "7"]
+    res = CliRunner().invoke(main, [*again, "--out", str(tmp_path / "kept")])
+    assert res.exit_code == 0 and "not a new carve" in res.output and "was fitted on" not in res.output, res.output
+    assert json.loads((tmp_path / "kept" / "split_manifest.json").read_text())["splits"]["train"] == fitted["train"]
+    # from other data (an image removed since), a new carve holds out images the encoder was fitted on: said
+    manifest = json.loads((out / "split_manifest.json").read_text())
+    manifest["splits"]["train"].append(["glioma/removed.png", 0])
+    (out / "split_manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(main, [*again, "--out", str(tmp_path / "other")])
     assert res.exit_code == 0, res.output
     assert "was fitted on" in res.output and "so its validation results are optimistic" in res.output
     res = CliRunner().invoke(main, ["train", *common, "--weights", "none", "--epochs-finetune", "1", "--force",
