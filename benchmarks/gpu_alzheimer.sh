@@ -41,7 +41,7 @@ if [ "${1:-}" = "--prepare" ]; then
     python - <<'EOF'
 import h5py, numpy as np
 from mri_edge import model as M
-base = M.load_model("artifacts/tumor/model.keras").get_layer(M.BASE_NAME)  # the shipped tumor model
+base = M.load_model("artifacts/tumor-64px/model.keras").get_layer(M.BASE_NAME)  # the 64 px tumor model the shipped Alzheimer model started from
 base.save_weights(".gpu/tumor_backbone.weights.h5")
 src, dst = h5py.File(".gpu/tumor_backbone.weights.h5"), h5py.File(".gpu/tumor_backbone_fp16.weights.h5", "w")
 for k, v in src.attrs.items():

@@ -3,11 +3,11 @@
 #
 # That machine has PyTorch but no TensorFlow, LiteRT or a CUDA onnxruntime, so the GPU
 # runtime there is Keras with KERAS_BACKEND=torch (keras, namex and optree travel as
-# wheels in .whl/). Rows: the shipped tumor model (64 px; .gpu/tumor-64px.keras, a copy
-# of artifacts/tumor/model.keras) and DenseNet121 at 224 px built there with untrained
+# wheels in .whl/). Rows: the 64 px tumor model (.gpu/tumor-64px.keras, a copy
+# of artifacts/tumor-64px/model.keras) and DenseNet121 at 224 px built there with untrained
 # weights (latency does not depend on the weight values).
 #
-# Prepare here:  mkdir -p .gpu && cp artifacts/tumor/model.keras .gpu/tumor-64px.keras
+# Prepare here:  mkdir -p .gpu && cp artifacts/tumor-64px/model.keras .gpu/tumor-64px.keras
 # Run there:     bash benchmarks/gpu_bench.sh      (writes $OUT/bench/bench.{json,md,png})
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench}

@@ -199,7 +199,9 @@ def markdown(card: dict) -> str:
              "## Data", "", f"{d.get('name')} ({d.get('source')}; licence {d.get('licence')}).", ""]
     if "counts" in d:
         parts += [report.md_table(["split", "images"], [[s, n] for s, n in d["counts"].items()]), "",
-                  f"Validation: {d['validation'].get('method', 'random')} carve.", ""]
+                  f"Validation: {d['validation'].get('method', 'random')} carve"
+                  + (f", that of the run it started from (`{d['validation']['kept_from']}`)." if "kept_from" in d["validation"]
+                     else "."), ""]
     if "audit" in d:
         a = d["audit"]
         parts += [f"Leakage audit: exact duplicate pairs by split: {as_words(a['exact_duplicate_pairs'], 'none')}; "

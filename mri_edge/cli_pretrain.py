@@ -28,7 +28,7 @@ def pretrain(task, data_dir, out, force, **kw):
     \b
     Example:
       mri-edge pretrain --task alzheimer --data-dir ../shared/data/alzheimer-mri --val-split grouped \\
-          --weights artifacts/tumor/model.keras --image-size 64 --time-budget 20 --out artifacts/runs/ssl
+          --weights artifacts/tumor-64px/model.keras --image-size 64 --time-budget 20 --out artifacts/runs/ssl
     """
     from . import pretrain as pretrain_lib  # noqa: PLC0415
 

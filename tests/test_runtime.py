@@ -206,5 +206,5 @@ def test_images_the_model_was_not_made_for_are_referred_for_review():
     tiny = model.predict(rng.integers(0, 255, (4, 4), dtype=np.uint8))
     scan = model.predict(rng.integers(0, 255, (64, 64), dtype=np.uint8))
     assert blank.uncertain and blank.warnings == red.warnings == ["blank image (no contrast)"] and red.uncertain
-    assert tiny.uncertain and tiny.warnings == ["small image (4x4 px) enlarged to 64 px"]
+    assert tiny.uncertain and tiny.warnings == [f"small image (4x4 px) enlarged to {model.image_size} px"]
     assert scan.warnings == []
