@@ -4,7 +4,7 @@
 # (model.keras, only when stored compact by `evaluate --fp16-weights`, so explain, calibrate
 # and card work on the shipped folder), the reports, and a model card of the files shipped. A model file ships only if
 # `mri-edge verify` passed it (the run's parity.json), the ONNX int8 file only if under 10 MB.
-#   bash benchmarks/ship.sh artifacts/runs/tumor-64px-grouped-ft2 tumor brain-tumor-mri
+#   bash benchmarks/ship.sh artifacts/runs/tumor-128px-from64 tumor brain-tumor-mri
 set -euo pipefail
 run=$1; task=$2; audit=$3
 dst="artifacts/$task"
