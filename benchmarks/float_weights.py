@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mri_edge import export, quiet  # noqa: E402
-from mri_edge.export.accuracy import tflite_stages  # noqa: E402
+from mri_edge.export.tflite import tflite_stages  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
 from mri_edge.export.formats import ExportJob  # noqa: E402
 from mri_edge.export.rewrite import store_float_weights  # noqa: E402

@@ -297,11 +297,11 @@ def test_over_budget_only_scores_that_could_still_rank_first_are_completed():
 
 def test_the_tflite_search_scores_greedy_steps_in_chunks(monkeypatch):
     """The wiring: tflite_accuracy_aware hands score_until a function of the images it is given."""
-    from mri_edge.export import accuracy
+    from mri_edge.export import accuracy, tflite
 
     stages = {s: {"nodes": [s], "mac_share": c, "param_share": c, "cost": c}
               for s, c in (("conv1", 0.1), ("conv2", 0.5), ("conv3", 0.4))}
-    monkeypatch.setattr(accuracy, "tflite_stages", lambda calibrated: stages)
+    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
     held, margin = indexed_held_out(200, seed=2)
     sizes = []
 
@@ -311,7 +311,7 @@ def test_the_tflite_search_scores_greedy_steps_in_chunks(monkeypatch):
         wrong = np.zeros(200, bool) if set(candidate) >= {"conv1", "conv2"} else margin < 0.1
         return flip(held, wrong)[idx]
 
-    fb, recipe = accuracy.tflite_accuracy_aware(b"", lambda nodes: tuple(nodes), lambda fb, w: fb, held, 0.5, probs)
+    fb, recipe = tflite.tflite_accuracy_aware(b"", lambda nodes: tuple(nodes), lambda fb, w: fb, held, 0.5, probs)
     assert set(fb) == {"conv1", "conv2"} and recipe["within_budget"]
     assert 64 in sizes and any("stopped_after" in st for st in recipe["steps"])  # a greedy step stopped early
     assert sizes[0] == 200 and all(0 < n < 200 for n in sizes[1:4])  # the first complete, the stages ranked on fewer
@@ -567,11 +567,11 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
 def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_budget(monkeypatch, fp16_flips, stored):
     """The search never sees rounded weights; the chosen file keeps fp16 weights only if that
     file is still within the budget on held-out images."""
-    from mri_edge.export import accuracy
+    from mri_edge.export import accuracy, tflite
 
     stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
               "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
-    monkeypatch.setattr(accuracy, "tflite_stages", lambda calibrated: stages)
+    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
     labels = np.arange(10) % 2
     held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
     built, stores = [], []
@@ -590,7 +590,7 @@ def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_b
         wrong += fp16_flips if weights == "fp16" else 0
         return np.eye(2)[(labels + (np.arange(10) < wrong)) % 2]
 
-    fb, recipe = accuracy.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="fp16")
+    fb, recipe = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="fp16")
     assert len(built) == len(set(built)) and stores == [((("c1",), "fp32"), "fp16")]
     assert recipe["float_stages"] == ["conv1"] and recipe["float_weights"] == stored
     assert fb == (("c1",), stored) and recipe["float_weights_check"]["within_budget"] == (stored == "fp16")
@@ -599,11 +599,11 @@ def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_b
 @pytest.mark.parametrize("flips, stored", [({"int8": 0, "fp16": 0}, "int8"), ({"int8": 1, "fp16": 0}, "fp16"),
                                            ({"int8": 1, "fp16": 1}, "fp32")])
 def test_int8_weights_that_leave_the_budget_give_way_to_fp16(monkeypatch, flips, stored):
-    from mri_edge.export import accuracy
+    from mri_edge.export import accuracy, tflite
 
     stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
               "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
-    monkeypatch.setattr(accuracy, "tflite_stages", lambda calibrated: stages)
+    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
     labels = np.arange(10) % 2
     held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
 
@@ -612,7 +612,7 @@ def test_int8_weights_that_leave_the_budget_give_way_to_fp16(monkeypatch, flips,
         wrong = (0 if "c1" in nodes else 3) + flips.get(weights, 0)
         return np.eye(2)[(labels + (np.arange(10) < wrong)) % 2]
 
-    fb, recipe = accuracy.tflite_accuracy_aware(b"", lambda nodes: (tuple(nodes), "fp32"),
+    fb, recipe = tflite.tflite_accuracy_aware(b"", lambda nodes: (tuple(nodes), "fp32"),
                                                 lambda fb, w: (fb[0], w), held, 5.0, probs, float_weights="int8")
     assert fb == (("c1",), stored) and recipe["float_weights"] == stored
     check = recipe["float_weights_check"]

@@ -9,7 +9,8 @@ metadata.
   `openvino.openvino_accuracy_aware`, scored with this module's `HeldOut` and `quality`).
 - TFLite and ONNX: one search over the stages of the graph (stem, dense blocks, head;
   `stage_search`, scored by `Scoring`), through each converter's own way of keeping operations
-  in float (the MLIR quantizer's `denylisted_nodes`; onnxruntime's `nodes_to_exclude`). NNCF's
+  in float (the MLIR quantizer's `denylisted_nodes`, `tflite.tflite_accuracy_aware`;
+  onnxruntime's `nodes_to_exclude`, `onnx.onnx_accuracy_aware`). NNCF's
   ONNX path is not used: it writes per-channel activation zero points on this graph's
   pooling-as-depthwise convolutions, which onnxruntime cannot run.
 
@@ -26,11 +27,15 @@ from typing import Callable
 
 import numpy as np
 
-from .. import progress
-
 STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
 MEMBER = re.compile(r"member_\d+")
 METRIC = "top-1 agreement with Keras and accuracy drop, validation split"
+
+
+def margin_order(probs: np.ndarray) -> np.ndarray:
+    """Images by top-2 margin, smallest first: where int8 changes answers."""
+    srt = np.sort(probs, 1)
+    return np.argsort(srt[:, -1] - srt[:, -2], kind="stable")
 
 
 @dataclass
@@ -46,10 +51,8 @@ class HeldOut:
         return self.ref.argmax(1)
 
     @cached_property
-    def order(self) -> np.ndarray:
-        """Images by the Keras model's top-2 margin, smallest first: where int8 changes answers."""
-        srt = np.sort(self.ref, 1)
-        return np.argsort(srt[:, -1] - srt[:, -2], kind="stable")
+    def order(self) -> np.ndarray:  # by the Keras model's top-2 margin
+        return margin_order(self.ref)
 
     def score(self, probs: np.ndarray) -> dict:
         pred = np.asarray(probs).argmax(1)
@@ -79,14 +82,16 @@ class HeldOut:
                 return {**self.score(probs), "stopped_after": start + len(idx)}
         return self.score(probs)
 
-    def score_moving(self, run: Callable[[np.ndarray], np.ndarray], first: np.ndarray, chunk: int = 64) -> dict:
-        """score(run(x)) estimated where answers move, to rank stages: the images the first
-        candidate (probabilities `first`) changed and the `chunk` smallest top-2 margins of Keras
-        and of `first`; `first` stands in elsewhere (so the agreement is an upper bound). It
-        records `ranked_on`, the images run, and `within` never holds for it."""
-        srt = np.sort(first, 1)
-        idx = np.unique(np.concatenate([np.flatnonzero(first.argmax(1) != self.top), self.order[:chunk],
-                                        np.argsort(srt[:, -1] - srt[:, -2], kind="stable")[:chunk]]))
+    def moving(self, first: np.ndarray, chunk: int = 64) -> np.ndarray:
+        """Where answers move: the images the first candidate (probabilities `first`) changed and
+        the `chunk` smallest top-2 margins of Keras and of `first`."""
+        return np.unique(np.concatenate([np.flatnonzero(first.argmax(1) != self.top), self.order[:chunk],
+                                         margin_order(first)[:chunk]]))
+
+    def score_moving(self, run: Callable[[np.ndarray], np.ndarray], first: np.ndarray, idx: np.ndarray) -> dict:
+        """score(run(x)) estimated on images `idx` (`moving`), to rank stages; `first` stands in
+        elsewhere (so the agreement is an upper bound). It records `ranked_on`, the images run,
+        and `within` never holds for it."""
         if len(idx) == len(self.x):
             return self.score(run(self.x))
         probs = np.array(first, np.float32)
@@ -101,16 +106,17 @@ class Scoring:
     (`HeldOut.score_until`); "full", complete."""
 
     def __init__(self, held: HeldOut, max_drop_pts: float):
-        self.held, self.max_flips, self.first = held, held.max_flips(max_drop_pts), None
+        self.held, self.max_flips, self.first, self.moving = held, held.max_flips(max_drop_pts), None, None
 
     def __call__(self, run: Callable[[np.ndarray], np.ndarray], mode: str) -> dict:
         if mode == "early":
             return self.held.score_until(run, self.max_flips)
         if mode == "rank" and self.first is not None:
-            return self.held.score_moving(run, self.first)
+            return self.held.score_moving(run, self.first, self.moving)
         probs = run(self.held.x)
-        if mode == "first":
+        if mode == "first":  # the images a ranking runs, found once
             self.first = np.asarray(probs, np.float32)
+            self.moving = self.held.moving(self.first)
         return self.held.score(probs)
 
 
@@ -314,87 +320,3 @@ def mark_weight_only(meta: dict) -> None:
         meta.pop(key, None)
     meta.update(weight_only=True, float_weights="int8",
                 calibration_range="none: weight-only int8, every activation float32")
-
-
-# ---------------------------------------------------------------- TFLite
-
-
-def tflite_stages(calibrated: bytes) -> dict[str, dict]:
-    """The calibrated float graph's operations by stage, each named by its output tensor (what
-    the MLIR quantizer's denylisted_nodes takes), with MACs of convolutions and dense layers."""
-    from ..runtime import load_interpreter_class  # noqa: PLC0415
-
-    interp = load_interpreter_class()[0](model_content=calibrated)
-    tensors = {d["index"]: d for d in interp.get_tensor_details()}
-    nodes = []
-    for op in interp._get_ops_details():
-        outs = [tensors[t] for t in op["outputs"] if t in tensors]
-        if not outs:
-            continue
-        macs = params = 0
-        ins = [tensors[t]["shape"] for t in op["inputs"] if t in tensors]
-        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") and len(ins) > 1:
-            params = macs = int(np.prod(ins[1]))
-            if op["op_name"] != "FULLY_CONNECTED":
-                macs *= int(np.prod(outs[0]["shape"][1:3]))
-        nodes.append((op["op_name"], outs[0]["name"], macs, params))
-    return stages_from(nodes, ("MEAN",))
-
-
-def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], bytes],
-                          store: Callable[[bytes, str], bytes], held: HeldOut, max_drop_pts: float,
-                          probs: Callable[..., np.ndarray], float_head: bool = False,
-                          float_weights: str = "fp32") -> tuple[bytes, dict]:
-    """(int8 flatbuffer, recipe): the cheapest file found within the budget. quantize(nodes)
-    quantizes the calibrated graph with those nodes kept in float (float32 weights);
-    store(fb, weights) stores the weights of a file's float operations as `weights`
-    (`rewrite.store_float_weights`); probs(fb, x) runs a candidate on images x, by default
-    every held-out image. The stages are chosen with float32 weights (searched with rounded
-    ones, the choice moved with single held-out answers that the rounding had moved); the chosen
-    file's float weights are then stored as float_weights if it stays within the budget. The
-    weight-only candidate (`stage_search`) is the all-float candidate stored as int8."""
-    stages = tflite_stages(calibrated)
-    built: dict[frozenset, bytes] = {}
-
-    def build(kept) -> bytes:
-        if frozenset(kept) not in built:
-            built[frozenset(kept)] = quantize([n for s in kept for n in stages[s]["nodes"]])
-        return built[frozenset(kept)]
-
-    scoring = Scoring(held, max_drop_pts)
-
-    def attempt(kept: list[str], mode: str) -> tuple[dict, bytes]:
-        fb = build(kept)
-        return scoring(lambda x: probs(fb, x), mode), fb
-
-    def weight_only(mode: str) -> tuple[dict, bytes]:  # kept only within the budget: "early" stops once out of it
-        fb = store(build(list(stages)), "int8")
-        return scoring(lambda x: probs(fb, x), mode), fb
-
-    chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
-                                     weight_only if float_weights == "int8" else None,
-                                     lambda line: progress.note(f"  int8 TFLite search: {line}"))
-    out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
-                 stages, held, max_drop_pts)
-    if out["weight_only"]:
-        return fb, out  # its weights are int8 already
-    if not chosen["float_stages"]:
-        return fb, out  # nothing in float: no weights to store
-    out["float_weights"] = "fp32"
-    if float_weights != "fp32" and out["within_budget"]:
-        # int8 weights that move the file out of the budget give way to fp16 ones, which rarely do
-        failed = None
-        for weights in ("int8", "fp16") if float_weights == "int8" else (float_weights,):
-            stored = store(fb, weights)
-            score = scoring(lambda x, stored=stored: probs(stored, x), "early")
-            check = {"weights": weights, **score, "within_budget": within(score, max_drop_pts),
-                     **({"instead_of": failed} if failed else {})}
-            out["float_weights_check"] = check
-            if check["within_budget"]:  # the recipe then describes the file written
-                fb, out["float_weights"] = stored, weights
-                out["held_out_agreement"] = score["agreement"]
-                out["held_out_accuracy_drop_pts"] = score["accuracy_drop_pts"]
-                break
-            failed = check
-    return fb, out
-

@@ -11,12 +11,14 @@ import tempfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .. import quiet
+from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import METADATA_NAME
+from .accuracy import HeldOut, Scoring, recipe, stage_search, stages_from, within
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
 from .rewrite import per_tensor_depthwise, store_float_weights
@@ -123,8 +125,6 @@ def head_tensors(calibrated: bytes) -> list[str]:
     global pooling (MEAN) on, each member's own in an ensemble (the accuracy-aware search's
     stages). Its softmax in uint8 moves in steps of 1/256, too coarse for an occlusion map or a
     calibrated probability of a confident answer."""
-    from .accuracy import tflite_stages  # noqa: PLC0415
-
     head = tflite_stages(calibrated).get("head")
     if not head:
         raise ExportError("--float-head: no global pooling (MEAN) in the graph to start the head at")
@@ -250,8 +250,6 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
     elif job.quantize != "int8" or max_drop is None:
         fb = tflite_bytes(saved_model, job, calib, calib_range, bn_scales)
     if job.quantize == "int8" and max_drop is not None:
-        from .accuracy import tflite_accuracy_aware  # noqa: PLC0415
-
         scales = meta.get("bn_scales", bn_scales)
         calibrated = calibrated_for(saved_model, calib, calib_range, job.io_dtype)
         fb, meta["accuracy_aware"] = tflite_accuracy_aware(
@@ -268,3 +266,87 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
         mark_weight_only(meta)
     meta.update(tflite_io(fb))
     atomic_write_bytes(target, append_tflite_metadata(fb, meta))
+
+
+# ---------------------------------------------------------------- accuracy-aware int8 (accuracy.stage_search)
+
+
+def tflite_stages(calibrated: bytes) -> dict[str, dict]:
+    """The calibrated float graph's operations by stage, each named by its output tensor (what
+    the MLIR quantizer's denylisted_nodes takes), with MACs of convolutions and dense layers."""
+    from ..runtime import load_interpreter_class  # noqa: PLC0415
+
+    interp = load_interpreter_class()[0](model_content=calibrated)
+    tensors = {d["index"]: d for d in interp.get_tensor_details()}
+    nodes = []
+    for op in interp._get_ops_details():
+        outs = [tensors[t] for t in op["outputs"] if t in tensors]
+        if not outs:
+            continue
+        macs = params = 0
+        ins = [tensors[t]["shape"] for t in op["inputs"] if t in tensors]
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") and len(ins) > 1:
+            params = macs = int(np.prod(ins[1]))
+            if op["op_name"] != "FULLY_CONNECTED":
+                macs *= int(np.prod(outs[0]["shape"][1:3]))
+        nodes.append((op["op_name"], outs[0]["name"], macs, params))
+    return stages_from(nodes, ("MEAN",))
+
+
+def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], bytes],
+                          store: Callable[[bytes, str], bytes], held: HeldOut, max_drop_pts: float,
+                          probs: Callable[..., np.ndarray], float_head: bool = False,
+                          float_weights: str = "fp32") -> tuple[bytes, dict]:
+    """(int8 flatbuffer, recipe): the cheapest file found within the budget. quantize(nodes)
+    quantizes the calibrated graph with those nodes kept in float (float32 weights);
+    store(fb, weights) stores the weights of a file's float operations as `weights`
+    (`rewrite.store_float_weights`); probs(fb, x) runs a candidate on images x, by default
+    every held-out image. The stages are chosen with float32 weights (searched with rounded
+    ones, the choice moved with single held-out answers that the rounding had moved); the chosen
+    file's float weights are then stored as float_weights if it stays within the budget. The
+    weight-only candidate (`stage_search`) is the all-float candidate stored as int8."""
+    stages = tflite_stages(calibrated)
+    built: dict[frozenset, bytes] = {}
+
+    def build(kept) -> bytes:
+        if frozenset(kept) not in built:
+            built[frozenset(kept)] = quantize([n for s in kept for n in stages[s]["nodes"]])
+        return built[frozenset(kept)]
+
+    scoring = Scoring(held, max_drop_pts)
+
+    def attempt(kept: list[str], mode: str) -> tuple[dict, bytes]:
+        fb = build(kept)
+        return scoring(lambda x: probs(fb, x), mode), fb
+
+    def weight_only(mode: str) -> tuple[dict, bytes]:  # kept only within the budget: "early" stops once out of it
+        fb = store(build(list(stages)), "int8")
+        return scoring(lambda x: probs(fb, x), mode), fb
+
+    chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
+                                     weight_only if float_weights == "int8" else None,
+                                     lambda line: progress.note(f"  int8 TFLite search: {line}"))
+    out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
+                 stages, held, max_drop_pts)
+    if out["weight_only"]:
+        return fb, out  # its weights are int8 already
+    if not chosen["float_stages"]:
+        return fb, out  # nothing in float: no weights to store
+    out["float_weights"] = "fp32"
+    if float_weights != "fp32" and out["within_budget"]:
+        # int8 weights that move the file out of the budget give way to fp16 ones, which rarely do
+        failed = None
+        for weights in ("int8", "fp16") if float_weights == "int8" else (float_weights,):
+            stored = store(fb, weights)
+            score = scoring(lambda x, stored=stored: probs(stored, x), "early")
+            check = {"weights": weights, **score, "within_budget": within(score, max_drop_pts),
+                     **({"instead_of": failed} if failed else {})}
+            out["float_weights_check"] = check
+            if check["within_budget"]:  # the recipe then describes the file written
+                fb, out["float_weights"] = stored, weights
+                out["held_out_agreement"] = score["agreement"]
+                out["held_out_accuracy_drop_pts"] = score["accuracy_drop_pts"]
+                break
+            failed = check
+    return fb, out
+
