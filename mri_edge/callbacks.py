@@ -3,11 +3,15 @@ weights, history and resumable state. Imported only once training starts (it imp
 
 from __future__ import annotations
 
+import io
 import math
 import time
+import zipfile
 
 import keras
+import numpy as np
 
+from .files import atomic_write_bytes
 from .progress import Heartbeat, Progress
 from .schedule import PhaseClock, lr_at
 
@@ -124,10 +128,6 @@ class TrainerState(keras.callbacks.Callback):
                                                              if not any(v is o for o in own)]
 
     def on_train_begin(self, logs=None):
-        import zipfile  # noqa: PLC0415
-
-        import numpy as np  # noqa: PLC0415
-
         path = self.run.trainer_state_path
         if self.resume_epoch is None or (self.resume_epoch == 0 and not path.is_file()):
             return  # a new run, or a phase's start with nothing to carry over
@@ -165,12 +165,6 @@ class TrainerState(keras.callbacks.Callback):
             self.averaged._ema_weights_in_model = True  # the network holds the average (see the docstring)
 
     def on_epoch_end(self, epoch, logs=None):
-        import io  # noqa: PLC0415
-
-        import numpy as np  # noqa: PLC0415
-
-        from .files import atomic_write_bytes  # noqa: PLC0415
-
         own, rest = self.groups()
         values = {**{f"n{i}": v for i, v in enumerate(own)}, **{f"v{i}": v for i, v in enumerate(rest)}}
         buf = io.BytesIO()

@@ -37,4 +37,4 @@ def pretrain(task, data_dir, out, force, **kw):
     click.echo(f"held-out k-NN probe {r['before']['nn1']:.2%} -> {r['after']['nn1']:.2%} (1-NN) in {r['epochs']} "
                f"epochs ({out})")
     click.echo(f"next: mri-edge train --task {task} --data-dir {data_dir} --weights {out}/encoder.keras "
-               f"{pretrain_lib.same_carve(cfg)} ...")
+               f"{pretrain_lib.train_options(cfg)} ...")

@@ -282,7 +282,7 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
     return result
 
 
-def same_carve(cfg: PretrainConfig) -> str:
+def train_options(cfg: PretrainConfig) -> str:
     """The train options for the encoder: its input size (train from encoder.keras keeps this carve, data.kept_carve)."""
     return f"--image-size {cfg.image_size}"
 
@@ -324,6 +324,6 @@ def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
                 "--limit-per-class)."]
                if raw.get("nn_accuracy") is not None else []), "",
              table, "", "![curves](pretrain_curves.png)", "",
-             f"Next: `mri-edge train ... --weights {out / 'encoder.keras'} {same_carve(cfg)}` (it keeps the carve "
+             f"Next: `mri-edge train ... --weights {out / 'encoder.keras'} {train_options(cfg)}` (it keeps the carve "
              "of this pretraining, so that its held-out images stay untrained on).", ""]
     report.write_text(out / "pretrain.md", "\n".join(lines))
