@@ -131,6 +131,12 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
     return keep.tolist(), info
 
 
+def target(cfg: CalibrateConfig) -> dict:
+    if cfg.coverage is not None:
+        return {"coverage": cfg.coverage}
+    return {"max_risk": cfg.max_risk, **({"confidence": cfg.risk_confidence} if cfg.risk_confidence else {})}
+
+
 def evaluate(probs: np.ndarray, labels: np.ndarray, record: trust.Trust) -> dict:
     """Calibration before and after the temperature, abstention at the threshold and the
     conformal sets' coverage, for one model on one split."""
@@ -228,7 +234,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     ref_val, ref_test, ref_runtime = run_on(ref_path)
     temperature = trust.fit_temperature(ref_val, y_val)
     cal_val = trust.scale(ref_val, temperature)
-    threshold = trust.choose_threshold(cal_val, y_val, cfg.max_risk, cfg.coverage)
+    threshold = trust.choose_threshold(cal_val, y_val, cfg.max_risk, cfg.coverage, cfg.risk_confidence)
     q = trust.conformal_quantile(cal_val, y_val, cfg.alpha)
     record = trust.Trust(temperature, threshold, cfg.alpha, q, fitted_on={
         "model": ref_path.name, "runtime": ref_runtime, "images": held["n"], "rule": held["rule"],
@@ -236,15 +242,19 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         "source_model_sha256": source_sha,
         "twins_included": held["twins_included"],
         "temperature_at_bound": bool(min(abs(temperature - b) / b for b in trust.T_RANGE) < 0.01),
-        "target": {"max_risk": cfg.max_risk} if cfg.max_risk is not None else {"coverage": cfg.coverage}})
+        "target": target(cfg)})
     if record.fitted_on["temperature_at_bound"]:
         why = ("too few errors to fit it" if temperature < 1 else
                "its answers are little better than chance there, so every probability is flattened")
         log(f"warning: the temperature stopped at the end of its range {trust.T_RANGE} (held-out accuracy "
             f"{(ref_val.argmax(1) == y_val).mean():.1%}: {why})")
     if cfg.max_risk is not None and threshold >= 1.0:
-        log(f"warning: no confidence threshold keeps the held-out error at or below {cfg.max_risk}: every answer "
-            "will be marked for review (a better model, or a looser --max-risk / --coverage)")
+        more = "" if not cfg.risk_confidence or not cfg.max_risk else (
+            f"; a test at {cfg.risk_confidence:.0%} confidence needs at least "
+            f"{trust.fewest_to_certify(cfg.max_risk, cfg.risk_confidence)} accepted held-out answers")
+        log(f"warning: no confidence threshold keeps the held-out error at or below {cfg.max_risk}{more}: every "
+            "answer will be marked for review (a better model, more held-out images, or a looser --max-risk / "
+            "--coverage)")
     log(f"temperature {temperature:.3f}, abstain below {threshold:.3f}, conformal q {q:.3f} (alpha {cfg.alpha}), "
         f"fitted on {held['n']} held-out images with {ref_path.name}")
 

@@ -254,6 +254,10 @@ class CalibrateConfig:
                                     minimum=0, maximum=1, type=float)
     coverage: float | None = option(None, "Abstain below the confidence that answers this share of held-out "
                                           "images instead.", minimum=0, maximum=1, min_open=True, type=float)
+    risk_confidence: float | None = option(None, "With --max-risk: pick the threshold by a test, not an estimate: "
+                                                 "its error is at most --max-risk with this confidence (e.g. 0.95; "
+                                                 "exact binomial tests in fixed sequence, docs/trust.md).",
+                                           minimum=0, maximum=1, min_open=True, max_open=True, type=float)
     alpha: float = option(0.05, "Conformal prediction sets miss the true class at most this often (0.05: sets "
                                 "at 95% coverage).", minimum=0, maximum=1, min_open=True, max_open=True)
     group_threshold: float = option(0.99, "Thumbnail correlation that makes a validation image a near twin of a "
@@ -276,6 +280,10 @@ class CalibrateConfig:
             from .errors import MriEdgeError  # noqa: PLC0415
 
             raise MriEdgeError("give --max-risk or --coverage, not both")
+        if self.risk_confidence is not None and self.coverage is not None:
+            from .errors import MriEdgeError  # noqa: PLC0415
+
+            raise MriEdgeError("--risk-confidence goes with --max-risk, not --coverage")
         if self.max_risk is None and self.coverage is None:
             self.max_risk = 0.05
 

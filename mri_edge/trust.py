@@ -94,17 +94,47 @@ def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dic
             "accepted_accuracy": 1.0 - risk if n_acc else None}
 
 
+def binomial_cdf(errors: int, n: int, p: float) -> float:
+    """P(X <= errors) for X ~ Binomial(n, p), summed in log space (exact for any n)."""
+    if errors >= n or p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0
+    i = np.arange(errors + 1)
+    log_pmf = (math.lgamma(n + 1) - np.array([math.lgamma(j + 1) + math.lgamma(n - j + 1) for j in i])
+               + i * math.log(p) + (n - i) * math.log1p(-p))
+    return float(min(1.0, np.exp(np.logaddexp.reduce(log_pmf))))
+
+
+def fewest_to_certify(max_risk: float, confidence: float) -> float:
+    """The fewest accepted held-out answers, all right, that show an error of at most max_risk
+    with this confidence: (1 - max_risk) ** n <= 1 - confidence."""
+    if max_risk <= 0:
+        return math.inf
+    return math.ceil(math.log(1 - confidence) / math.log1p(-max_risk))
+
+
 def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | None = None,
-                     coverage: float | None = None) -> float:
+                     coverage: float | None = None, confidence: float | None = None) -> float:
     """The abstention threshold on (calibrated) top-1 confidence, from held-out data.
 
     max_risk: the lowest threshold whose accepted answers have an error of at most max_risk,
     counting one error more than observed ((errors + 1) / (accepted + 1)), so that a small
     held-out set does not promise a risk it never measured. coverage: the threshold that
     accepts that share of the held-out images. No threshold meets max_risk -> REFER_ALL.
+
+    max_risk with confidence: a test instead of an estimate. Each threshold, from the most
+    confident down, must reject "error above max_risk" by an exact one-sided binomial test at
+    level 1 - confidence, and the first that does not ends the search (fixed-sequence testing,
+    as in Learn then Test, Angelopoulos et al. 2021): the chosen threshold's error on new images
+    like the held-out ones is at most max_risk with that confidence. Thresholds that accept too
+    few images for any test to pass (`fewest_to_certify`) are not in the sequence; the order
+    depends on confidences only, never on labels.
     """
     if (max_risk is None) == (coverage is None):
         raise ValueError("give exactly one of max_risk and coverage")
+    if confidence is not None and max_risk is None:
+        raise ValueError("confidence goes with max_risk")
     conf = np.asarray(probs).max(1)
     if coverage is not None:
         if coverage >= 1:
@@ -113,10 +143,17 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | No
     curve = coverage_risk(probs, labels)
     thr = np.asarray(curve["threshold"])
     k = np.arange(1, len(thr) + 1)
-    errors = np.asarray(curve["risk"]) * k
-    ok = (errors + 1) / (k + 1) <= max_risk
-    ok &= np.append(thr[1:] < thr[:-1], True)  # only cut between distinct confidences
-    return float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else REFER_ALL
+    errors = np.rint(np.asarray(curve["risk"]) * k).astype(int)
+    cut = np.append(thr[1:] < thr[:-1], True)  # only cut between distinct confidences
+    if confidence is None:
+        ok = cut & ((errors + 1) / (k + 1) <= max_risk)
+        return float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else REFER_ALL
+    chosen = REFER_ALL
+    for j in np.flatnonzero(cut & (k >= fewest_to_certify(max_risk, confidence))):
+        if binomial_cdf(int(errors[j]), int(k[j]), max_risk) > 1 - confidence:
+            break
+        chosen = float(thr[j])
+    return chosen
 
 
 def aps_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -64,6 +64,57 @@ def test_the_threshold_meets_its_risk_on_the_data_it_was_chosen_on_and_coverage_
         trust.choose_threshold(probs, labels)
 
 
+def test_binomial_cdf_is_exact():
+    from scipy.stats import binom
+
+    for errors, n, p in [(0, 10, 0.1), (3, 50, 0.05), (1, 525, 0.01), (40, 523, 0.15), (7, 7, 0.5), (0, 5000, 1e-4)]:
+        assert trust.binomial_cdf(errors, n, p) == pytest.approx(binom.cdf(errors, n, p), rel=1e-9, abs=1e-300)
+    assert trust.fewest_to_certify(0.01, 0.95) == 299  # 0.99 ** 299 < 0.05 < 0.99 ** 298
+    assert trust.fewest_to_certify(0.0, 0.95) == float("inf")
+
+
+def calibrated_draw(n, rng):
+    """Top-1 confidences uniform on [0.5, 1] and right with exactly that probability: the
+    error of the answers above a threshold t is (1 - t) / 2, known without sampling."""
+    conf = rng.uniform(0.5, 1.0, n)
+    right = rng.random(n) < conf
+    probs = np.stack([conf, 1 - conf], 1)
+    return probs, np.where(right, 0, 1)
+
+
+def test_a_tested_threshold_holds_its_risk_with_the_stated_confidence():
+    rng = np.random.default_rng(0)
+    max_risk, confidence = 0.1, 0.9
+    held, estimated, covered = [], [], []
+    for _ in range(100):
+        probs, labels = calibrated_draw(1000, rng)
+        thr = trust.choose_threshold(probs, labels, max_risk=max_risk, confidence=confidence)
+        held.append((1 - thr) / 2 <= max_risk)
+        covered.append(trust.at_threshold(probs, labels, thr)["coverage"])
+        estimated.append((1 - trust.choose_threshold(probs, labels, max_risk=max_risk)) / 2 <= max_risk)
+    # at most 10% misses (binomial noise on 100 draws: up to about 16); the estimate misses
+    # about half the time, as any unbiased estimate of a boundary does; the price is coverage
+    # (the ideal threshold 0.8 answers 40%), not a refusal to answer
+    assert sum(held) >= 84 and sum(estimated) < 80, (sum(held), sum(estimated))
+    assert 0.15 < np.median(covered) < 0.4
+
+
+def test_a_test_needs_enough_held_out_images_and_a_risk_target():
+    probs = np.tile([[0.9, 0.1]], (58, 1)).astype(np.float32)
+    probs[:, 0] += np.linspace(0, 0.05, 58)  # distinct confidences, all right
+    labels = np.zeros(58, int)
+    assert trust.choose_threshold(probs, labels, max_risk=0.05, confidence=0.95) == trust.REFER_ALL  # needs 59
+    more = np.vstack([probs, [[0.85, 0.15]]]).astype(np.float32)
+    thr = trust.choose_threshold(more, np.zeros(59, int), max_risk=0.05, confidence=0.95)
+    assert thr == pytest.approx(0.85)
+    # one error among the most confident ends the sequence there, whatever follows
+    wrong_first = np.zeros(59, int)
+    wrong_first[np.argmax(more[:, 0])] = 1
+    assert trust.choose_threshold(more, wrong_first, max_risk=0.05, confidence=0.95) == trust.REFER_ALL
+    with pytest.raises(ValueError):
+        trust.choose_threshold(more, labels, coverage=0.9, confidence=0.95)
+
+
 def test_conformal_sets_reach_their_coverage_on_new_exchangeable_data():
     probs, labels = overconfident(8000, t_true=1.0, seed=3)
     covers = []
@@ -174,6 +225,18 @@ def test_calibrate_refuses_twins_and_too_few_images(micro_run, tmp_path):
     assert not (run / "trust.json").exists()
     res = CliRunner().invoke(main, ["calibrate", str(run), "--max-risk", "0.1", "--coverage", "0.9"])
     assert res.exit_code == 2 and "not both" in res.output  # a usage error, before any work
+    res = CliRunner().invoke(main, ["calibrate", str(run), "--coverage", "0.9", "--risk-confidence", "0.95"])
+    assert res.exit_code == 2 and "goes with --max-risk" in res.output
+    # four held-out images cannot show a 5% error with 95% confidence: every answer is referred, and why
+    from mri_edge.calibrate import calibrate_run
+    from mri_edge.config import CalibrateConfig
+
+    said = []
+    calibrate_run(run, CalibrateConfig(max_risk=0.05, risk_confidence=0.95, min_images=4), log=said.append)
+    assert any("needs at least 59 accepted held-out answers" in line for line in said), said
+    record = json.loads((run / "trust.json").read_text())
+    assert record["threshold"] == trust.REFER_ALL and record["fitted_on"]["target"] == {"max_risk": 0.05,
+                                                                                        "confidence": 0.95}
 
 
 def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run):
