@@ -132,9 +132,24 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
 
 
 def target(cfg: CalibrateConfig) -> dict:
+    """What the threshold was chosen for, as trust.json records it."""
     if cfg.coverage is not None:
         return {"coverage": cfg.coverage}
-    return {"max_risk": cfg.max_risk, **({"confidence": cfg.risk_confidence} if cfg.risk_confidence else {})}
+    if cfg.risk_confidence is None:
+        return {"max_risk": cfg.max_risk}
+    return {"max_risk": cfg.max_risk, "confidence": cfg.risk_confidence}
+
+
+def untestable(cfg: CalibrateConfig, n_held_out: int) -> str:
+    """Why a tested threshold refers every answer, when the cause is the held-out set's size."""
+    if cfg.risk_confidence is None or not cfg.max_risk:
+        return ""
+    fewest = trust.fewest_to_certify(cfg.max_risk, cfg.risk_confidence)
+    if n_held_out >= fewest:
+        return (f" with {cfg.risk_confidence:.0%} confidence (the first test, of the {fewest} most confident answers, "
+                "fails: an error among them)")
+    return (f"; a test at {cfg.risk_confidence:.0%} confidence needs at least {fewest} accepted held-out answers "
+            f"(held out: {n_held_out})")
 
 
 def evaluate(probs: np.ndarray, labels: np.ndarray, record: trust.Trust) -> dict:
@@ -248,13 +263,10 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
                "its answers are little better than chance there, so every probability is flattened")
         log(f"warning: the temperature stopped at the end of its range {trust.T_RANGE} (held-out accuracy "
             f"{(ref_val.argmax(1) == y_val).mean():.1%}: {why})")
-    if cfg.max_risk is not None and threshold >= 1.0:
-        more = "" if not cfg.risk_confidence or not cfg.max_risk else (
-            f"; a test at {cfg.risk_confidence:.0%} confidence needs at least "
-            f"{trust.fewest_to_certify(cfg.max_risk, cfg.risk_confidence)} accepted held-out answers")
-        log(f"warning: no confidence threshold keeps the held-out error at or below {cfg.max_risk}{more}: every "
-            "answer will be marked for review (a better model, more held-out images, or a looser --max-risk / "
-            "--coverage)")
+    if cfg.max_risk is not None and threshold == trust.REFER_ALL:
+        log(f"warning: no confidence threshold keeps the held-out error at or below {cfg.max_risk}"
+            f"{untestable(cfg, held['n'])}: every answer will be marked for review (a better model, more held-out "
+            "images, or a looser --max-risk / --coverage)")
     log(f"temperature {temperature:.3f}, abstain below {threshold:.3f}, conformal q {q:.3f} (alpha {cfg.alpha}), "
         f"fitted on {held['n']} held-out images with {ref_path.name}")
 

@@ -71,15 +71,16 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, lo: float = T_RANGE[0
 
 def coverage_risk(probs: np.ndarray, labels: np.ndarray) -> dict:
     """The coverage-risk curve of answering only above a confidence threshold: for each
-    threshold (the images' own confidences, highest first), the share answered and the error
-    among them. Lists of equal length, ordered by falling threshold."""
+    threshold (the images' own confidences, highest first), the share answered, the error
+    among them and its count. Lists of equal length, ordered by falling threshold."""
     probs = np.asarray(probs)
     conf = probs.max(1)
-    wrong = (probs.argmax(1) != np.asarray(labels)).astype(float)
+    wrong = (probs.argmax(1) != np.asarray(labels)).astype(int)
     order = np.argsort(-conf, kind="stable")
     k = np.arange(1, len(conf) + 1)
+    errors = np.cumsum(wrong[order])
     return {"threshold": conf[order].tolist(), "coverage": (k / len(conf)).tolist(),
-            "risk": (np.cumsum(wrong[order]) / k).tolist()}
+            "risk": (errors / k).tolist(), "errors": errors.tolist()}
 
 
 def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
@@ -95,22 +96,25 @@ def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dic
 
 
 def binomial_cdf(errors: int, n: int, p: float) -> float:
-    """P(X <= errors) for X ~ Binomial(n, p), summed in log space (exact for any n)."""
+    """P(X <= errors) for X ~ Binomial(n, p), exact: the terms' logarithms from the ratio of
+    neighbouring terms, summed in log space (no overflow for any n)."""
     if errors >= n or p <= 0:
         return 1.0
     if p >= 1:
         return 0.0
-    i = np.arange(errors + 1)
-    log_pmf = (math.lgamma(n + 1) - np.array([math.lgamma(j + 1) + math.lgamma(n - j + 1) for j in i])
-               + i * math.log(p) + (n - i) * math.log1p(-p))
-    return float(min(1.0, np.exp(np.logaddexp.reduce(log_pmf))))
+    i = np.arange(errors)
+    log_terms = n * math.log1p(-p) + np.concatenate(
+        [[0.0], np.cumsum(np.log((n - i) / (i + 1)) + math.log(p) - math.log1p(-p))])
+    return float(min(1.0, np.exp(np.logaddexp.reduce(log_terms))))
 
 
-def fewest_to_certify(max_risk: float, confidence: float) -> float:
+def fewest_to_certify(max_risk: float, confidence: float) -> int | float:
     """The fewest accepted held-out answers, all right, that show an error of at most max_risk
-    with this confidence: (1 - max_risk) ** n <= 1 - confidence."""
+    with this confidence: (1 - max_risk) ** n <= 1 - confidence (inf for max_risk 0)."""
     if max_risk <= 0:
         return math.inf
+    if max_risk >= 1:
+        return 1
     return math.ceil(math.log(1 - confidence) / math.log1p(-max_risk))
 
 
@@ -123,13 +127,16 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | No
     held-out set does not promise a risk it never measured. coverage: the threshold that
     accepts that share of the held-out images. No threshold meets max_risk -> REFER_ALL.
 
-    max_risk with confidence: a test instead of an estimate. Each threshold, from the most
-    confident down, must reject "error above max_risk" by an exact one-sided binomial test at
-    level 1 - confidence, and the first that does not ends the search (fixed-sequence testing,
-    as in Learn then Test, Angelopoulos et al. 2021): the chosen threshold's error on new images
-    like the held-out ones is at most max_risk with that confidence. Thresholds that accept too
-    few images for any test to pass (`fewest_to_certify`) are not in the sequence; the order
-    depends on confidences only, never on labels.
+    max_risk with confidence: a test instead of an estimate. The hypotheses are "answering the
+    k most confident images has an error above max_risk", in the fixed order k = m, m + 1, ...,
+    where m = `fewest_to_certify` (no test of fewer images can pass, so starting earlier would
+    only stop at once). Each is tested by an exact one-sided binomial test at level
+    1 - confidence and the first that is not rejected ends the search (fixed-sequence testing,
+    as in Learn then Test, Angelopoulos et al. 2021). When the error grows as the threshold
+    falls, the thresholds that break max_risk come after those that hold it, and the search
+    can pass one only by passing the first, which happens with probability at most
+    1 - confidence: the chosen threshold holds max_risk on new images like the held-out ones
+    with that confidence. Only cuts between distinct confidences are thresholds.
     """
     if (max_risk is None) == (coverage is None):
         raise ValueError("give exactly one of max_risk and coverage")
@@ -143,11 +150,13 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | No
     curve = coverage_risk(probs, labels)
     thr = np.asarray(curve["threshold"])
     k = np.arange(1, len(thr) + 1)
-    errors = np.rint(np.asarray(curve["risk"]) * k).astype(int)
+    errors = np.asarray(curve["errors"])
     cut = np.append(thr[1:] < thr[:-1], True)  # only cut between distinct confidences
     if confidence is None:
         ok = cut & ((errors + 1) / (k + 1) <= max_risk)
         return float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else REFER_ALL
+    if max_risk >= 1:
+        return 0.0
     chosen = REFER_ALL
     for j in np.flatnonzero(cut & (k >= fewest_to_certify(max_risk, confidence))):
         if binomial_cdf(int(errors[j]), int(k[j]), max_risk) > 1 - confidence:

@@ -65,7 +65,7 @@ def test_the_threshold_meets_its_risk_on_the_data_it_was_chosen_on_and_coverage_
 
 
 def test_binomial_cdf_is_exact():
-    from scipy.stats import binom
+    binom = pytest.importorskip("scipy.stats").binom
 
     for errors, n, p in [(0, 10, 0.1), (3, 50, 0.05), (1, 525, 0.01), (40, 523, 0.15), (7, 7, 0.5), (0, 5000, 1e-4)]:
         assert trust.binomial_cdf(errors, n, p) == pytest.approx(binom.cdf(errors, n, p), rel=1e-9, abs=1e-300)
@@ -107,10 +107,23 @@ def test_a_test_needs_enough_held_out_images_and_a_risk_target():
     more = np.vstack([probs, [[0.85, 0.15]]]).astype(np.float32)
     thr = trust.choose_threshold(more, np.zeros(59, int), max_risk=0.05, confidence=0.95)
     assert thr == pytest.approx(0.85)
-    # one error among the most confident ends the sequence there, whatever follows
-    wrong_first = np.zeros(59, int)
-    wrong_first[np.argmax(more[:, 0])] = 1
-    assert trust.choose_threshold(more, wrong_first, max_risk=0.05, confidence=0.95) == trust.REFER_ALL
+    # one error early in the order ends the search there, though 200 right answers follow that
+    # would pass the test on their own (1 error in 93 or more images)
+    rng = np.random.default_rng(1)
+    top = np.sort(rng.uniform(0.9, 1.0, 260))[::-1]
+    probs = np.stack([top, 1 - top], 1)
+    labels = np.zeros(260, int)
+    labels[59] = 1  # the 60th most confident: after the first test (59 images) passes
+    thr = trust.choose_threshold(probs, labels, max_risk=0.05, confidence=0.95)
+    assert thr == pytest.approx(top[58])
+    # ties: a threshold cannot split equal confidences, so the first cut at or after 59 images is tested
+    tied = np.concatenate([np.linspace(0.99, 0.95, 55), np.full(10, 0.9), np.linspace(0.89, 0.8, 40)])
+    probs = np.stack([tied, 1 - tied], 1)
+    assert trust.choose_threshold(probs, np.zeros(105, int), max_risk=0.05, confidence=0.95) == pytest.approx(0.8)
+    labels = np.zeros(105, int)
+    labels[60] = 1  # an error inside the tie: the first cut (65 images, 1 error) fails
+    assert trust.choose_threshold(probs, labels, max_risk=0.05, confidence=0.95) == trust.REFER_ALL
+    assert trust.choose_threshold(probs, labels, max_risk=1.0, confidence=0.95) == 0.0
     with pytest.raises(ValueError):
         trust.choose_threshold(more, labels, coverage=0.9, confidence=0.95)
 
