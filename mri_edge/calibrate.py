@@ -373,7 +373,6 @@ def summary_rows(out: dict) -> list[list]:
 def markdown(out: dict) -> str:
     t = out["trust"]
     h = out["held_out"]
-    target = ", ".join(f"{k} {v}" for k, v in t["fitted_on"]["target"].items())
     return "\n".join([
         "# Calibration, abstention and conformal sets", "",
         f"Fitted on **{h['n']} held-out images**: {h['rule']}. 1-NN probe of them against training: "
@@ -383,7 +382,7 @@ def markdown(out: dict) -> str:
            if h["twins_included"] else ""), "",
         f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`, minimum NLL)",
         f"- abstention: answers with calibrated confidence below **{t['threshold']:.3f}** are marked "
-        f"\"{trust.REVIEW}\" (target: {target})",
+        f"\"{trust.REVIEW}\" (target: {trust.describe_target(t['fitted_on']['target'])})",
         f"- conformal prediction sets at {1 - t['alpha']:.0%} coverage: classes join the set by falling calibrated "
         f"probability while the probability mass before them is at most {t['conformal_q']:.3f} (the top class "
         "always is in it)", "",

@@ -9,7 +9,7 @@ import math
 import platform
 from pathlib import Path
 
-from . import __version__, report
+from . import __version__, report, trust
 from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
@@ -240,7 +240,9 @@ def markdown(card: dict) -> str:
         parts += ["## Calibration and abstention", "",
                   f"Temperature {t['temperature']:.3f} fitted with `{c['reference_model']}` on {c['held_out']['n']} "
                   f"held-out images ({c['held_out']['rule']}). Answers below calibrated confidence "
-                  f"{t['threshold']:.3f} are marked for review; prediction sets at {1 - t['alpha']:.0%} coverage.", "",
+                  f"{t['threshold']:.3f} are marked for review (target: "
+                  f"{trust.describe_target(t.get('fitted_on', {}).get('target', {}))}); prediction sets at "
+                  f"{1 - t['alpha']:.0%} coverage.", "",
                   report.md_table(["file", "split", "ECE before", "ECE after", "coverage / risk at threshold",
                                    "set coverage / size"],
                                   [[n, s.replace("_", "-"), f"{v['ece_before']:.4f}", f"{v['ece_after']:.4f}",

@@ -165,6 +165,17 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | No
     return chosen
 
 
+def describe_target(target: dict) -> str:
+    """The threshold's target (trust.json's fitted_on.target) in words, for the reports."""
+    if "coverage" not in target and "max_risk" not in target:
+        return "not recorded"
+    if "coverage" in target:
+        return f"answer {target['coverage']:.0%} of held-out images"
+    if "confidence" in target:
+        return f"error at most {target['max_risk']:.1%} with {target['confidence']:.0%} confidence, by binomial tests"
+    return f"error at most {target['max_risk']:.1%} on held-out images, estimated"
+
+
 def aps_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The score of each row's label: the probability mass of the classes ranked above it.
     This is the adaptive-prediction-set score of Romano et al. (2020) with its random share

@@ -426,3 +426,11 @@ def test_a_file_exported_again_keeps_the_runs_calibration_and_a_stale_one_is_fla
     save_model(net, run / "model.keras")
     reasons = verify_run(run, files=[f], explain_images=0, log=lambda *_: None)["files"][f.name]["fail_reasons"]
     assert any("exported from another model.keras than the run's" in x for x in reasons), reasons
+
+
+def test_reports_name_the_threshold_target_in_words():
+    assert trust.describe_target({"max_risk": 0.01, "confidence": 0.95}) == (
+        "error at most 1.0% with 95% confidence, by binomial tests")
+    assert trust.describe_target({"max_risk": 0.15}) == "error at most 15.0% on held-out images, estimated"
+    assert trust.describe_target({"coverage": 0.9}) == "answer 90% of held-out images"
+    assert trust.describe_target({}) == "not recorded"
