@@ -37,6 +37,31 @@ def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
     assert chosen["agreement"] < 1 and chosen["agreement"] == max(partial) < max(s["agreement"] for s in steps)
 
 
+def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
+    """Kept whole, conv2 costs all of its dense layers; here one layer is what matters, and the
+    search narrows conv2 to it, the transition after the block going with the last layers."""
+    from mri_edge.export.accuracy import halves, stage_search, stages_from
+
+    nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 1) for i in range(1, 5)] + [
+        ("CONV_2D", "net/pool2_conv", 5, 1), ("CONV_2D", "net/conv3_block1_1_conv", 40, 4),
+        ("MEAN", "net/avg_pool", 0, 0), ("FULLY_CONNECTED", "net/dense", 1, 1)]
+    stages = stages_from(nodes, ("MEAN",))
+    assert sorted(stages) == ["conv2", "conv3", "head"] and abs(stages["conv2"]["mac_share"] - 45 / 86) < 1e-9
+    tried = []
+
+    def attempt(kept, mode="full"):
+        tried.append(tuple(kept))
+        in_float = {n for s in kept for n in stages[s]["nodes"]}
+        return {"agreement": 0.99 + 0.01 * ("net/conv2_block2_1_conv" in in_float), "accuracy": 0.9,
+                "accuracy_drop_pts": 0.0}, list(kept)
+
+    chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
+    assert chosen["float_stages"] == ["conv2.2"] == cand and abs(chosen["float_mac_share"] - 10 / 86) < 1e-9
+    assert [t for t in tried if "conv2" in "".join(t)][-3:] == [("conv2.1-2",), ("conv2.1",), ("conv2.2",)]
+    assert stages["conv2.3-4"]["nodes"] == ["net/conv2_block3_1_conv", "net/conv2_block4_1_conv", "net/pool2_conv"]
+    assert halves(stages, "conv2.2") == [] and halves(stages, "conv3") == []  # one dense layer: nothing to halve
+
+
 def test_a_stage_whose_error_others_hide_is_tried_after_them():
     """The input normalisation alone gains nothing while the blocks are int8, yet its error is
     all that is left once they are in float: the search must still try it."""

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
+LAYER = re.compile(r"conv[2-5]_block(\d+)_")  # a dense layer of DenseNet's blocks
 MEMBER = re.compile(r"member_\d+")
 METRIC = "top-1 agreement with Keras and accuracy drop, validation split"
 
@@ -160,21 +161,49 @@ def stage_names(nodes: list[tuple[str, str]], pooling_ops: tuple[str, ...]) -> l
 
 
 def stages_from(nodes: list[tuple[str, str, int, int]], pooling_ops: tuple[str, ...]) -> dict[str, dict]:
-    """{stage: {"nodes": [names], "macs", "params", "mac_share", "param_share", "cost"}} from
+    """{stage: {"nodes": [names], "node_shares", "mac_share", "param_share", "cost"}} from
     (op type, name, MACs, weights) in graph order. A stage's cost is the larger of its shares
     of the compute and of the weights: kept in float, the first costs latency, the second file
     size (conv5 of DenseNet121 at 64 px: 2% of the compute, 31% of the weights)."""
     stages: dict[str, dict] = {}
+    total_macs, total_params = (sum(int(n[k]) for n in nodes) or 1 for k in (2, 3))
     for (op_type, name, macs, params), stage in zip(nodes, stage_names([n[:2] for n in nodes], pooling_ops)):
-        s = stages.setdefault(stage, {"nodes": [], "macs": 0, "params": 0})
+        s = stages.setdefault(stage, {"nodes": [], "node_shares": []})
         s["nodes"].append(name)
-        s["macs"] += int(macs)
-        s["params"] += int(params)
-    macs, params = (sum(s[k] for s in stages.values()) or 1 for k in ("macs", "params"))
+        s["node_shares"].append((int(macs) / total_macs, int(params) / total_params))
     for s in stages.values():
-        s["mac_share"], s["param_share"] = s["macs"] / macs, s["params"] / params
-        s["cost"] = float_cost(s["mac_share"], s["param_share"])
+        add_shares(s)
     return stages
+
+
+def add_shares(stage: dict) -> dict:
+    stage["mac_share"], stage["param_share"] = (sum(share[i] for share in stage["node_shares"]) for i in (0, 1))
+    stage["cost"] = float_cost(stage["mac_share"], stage["param_share"])
+    return stage
+
+
+def halves(stages: dict[str, dict], name: str) -> list[str]:
+    """The two halves of a stage's dense layers, in graph order (a transition goes with the
+    layer before it), added to `stages` as stages of their own named by layer range
+    ("conv2.1-3": dense layers 1 to 3 of conv2). [] for a stage of fewer than two layers."""
+    stage = stages[name]
+    layer, current = [], None
+    for node in stage["nodes"]:
+        found = LAYER.search(node)
+        current = int(found.group(1)) if found else current
+        layer.append(current)
+    ids = list(dict.fromkeys(i for i in layer if i is not None))
+    if len(ids) < 2 or "node_shares" not in stage:
+        return []
+    out = []
+    for part in (ids[:len(ids) // 2], ids[len(ids) // 2:]):
+        # nodes before the first dense layer go with the first half
+        idx = [i for i, n in enumerate(layer) if n in part or (n is None and part[0] == ids[0])]
+        half = f"{name.split('.')[0]}.{part[0]}" + (f"-{part[-1]}" if len(part) > 1 else "")
+        stages[half] = add_shares({"nodes": [stage["nodes"][i] for i in idx],
+                                   "node_shares": [stage["node_shares"][i] for i in idx]})
+        out.append(half)
+    return out
 
 
 def float_cost(mac_share: float, param_share: float) -> float:
@@ -194,7 +223,9 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     order of quality gained per share of compute or weights given back to float, then those
     that gained nothing alone, cheapest first (their error can be hidden by the others'),
     until the budget holds. 3: each kept stage goes back to int8 in turn, the most expensive
-    first, and stays there if the budget still holds. A candidate with all compute and weights
+    first, and stays there if the budget still holds. 4: each stage kept in float is halved by
+    its dense layers (`halves`, which adds the halves to `stages`) while one half alone holds
+    the budget. A candidate with all compute and weights
     in float is no int8 file: it is measured, and step 3 may start from it, but it is chosen
     only when nothing else was measured. When nothing holds, weight_only(mode) (if given) builds
     the last resort, every weight int8 and every operation float, chosen within budget (or if alone);
@@ -245,6 +276,19 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
                 candidates.append(cand)
                 if within(st, max_drop_pts):
                     kept = fewer
+            for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
+                part = s
+                while True:  # the smaller half that holds the budget alone, halved again
+                    for half in halves(stages, part):
+                        trial = [half if k == part else k for k in kept]
+                        st, cand = step(trial, "early")
+                        steps.append(st)
+                        candidates.append(cand)
+                        if within(st, max_drop_pts):
+                            kept, part = trial, half
+                            break
+                    else:
+                        break
 
     def eligible() -> tuple[list[int], list[int]]:
         # a stage without MACs or weights (the input normalisation) left in int8 quantizes nothing that counts
