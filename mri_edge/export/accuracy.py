@@ -278,7 +278,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
                     kept = fewer
             for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
                 part = s
-                while True:  # the smaller half that holds the budget alone, halved again
+                while True:  # the first half that holds the budget alone replaces the part, then is halved
                     for half in halves(stages, part):
                         trial = [half if k == part else k for k in kept]
                         st, cand = step(trial, "early")
