@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mri_edge import export, quiet  # noqa: E402
+from mri_edge.export.accuracy import part  # noqa: E402
 from mri_edge.export.tflite import tflite_stages  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
 from mri_edge.export.formats import ExportJob  # noqa: E402
@@ -62,9 +63,10 @@ def main() -> None:
         files = {"plain (head in float)": quantize_calibrated(calibrated, ExportJob("tflite", "int8", "uint8", True,
                                                                                    float_weights="fp32"), scales)}
         for kept in sets:
-            unknown = [s for s in kept if s not in stages]
+            unknown = [s for s in kept if s.split(".")[0] not in stages]
             if unknown:
                 sys.exit(f"no stage {unknown[0]!r} in this graph (stages: {', '.join(stages)})")
+            kept = [part(stages, s) for s in kept]  # "conv2.1-3": dense layers 1-3 of conv2, as the search names them
             nodes = [n for s in kept if s != "head" for n in stages[s]["nodes"]]
             job = ExportJob("tflite", "int8", "uint8", "head" in kept, float_weights="fp32")
             fp32 = quantize_calibrated(calibrated, job, scales, nodes)

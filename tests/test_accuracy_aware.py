@@ -40,7 +40,7 @@ def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
 def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
     """Kept whole, conv2 costs all of its dense layers; here one layer is what matters, and the
     search narrows conv2 to it, the transition after the block going with the last layers."""
-    from mri_edge.export.accuracy import halves, stage_search, stages_from
+    from mri_edge.export.accuracy import dense_layers, halves, part, stage_search, stages_from
 
     nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 1) for i in range(1, 5)] + [
         ("CONV_2D", "net/pool2_conv", 5, 1), ("CONV_2D", "net/conv3_block1_1_conv", 40, 4),
@@ -60,6 +60,34 @@ def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
     assert [t for t in tried if "conv2" in "".join(t)][-3:] == [("conv2.1-2",), ("conv2.1",), ("conv2.2",)]
     assert stages["conv2.3-4"]["nodes"] == ["net/conv2_block3_1_conv", "net/conv2_block4_1_conv", "net/pool2_conv"]
     assert halves(stages, "conv2.2") == [] and halves(stages, "conv3") == []  # one dense layer: nothing to halve
+    # a part named by its layers is the same wherever it is built (a recipe read back by a benchmark)
+    fresh = stages_from(nodes, ("MEAN",))
+    assert part(fresh, "conv2.3-4") == "conv2.3-4" and fresh["conv2.3-4"]["nodes"] == stages["conv2.3-4"]["nodes"]
+    assert part(fresh, "conv2.1") == "conv2.1" and fresh["conv2.1"]["nodes"] == ["net/conv2_block1_1_conv"]
+    # in an ensemble a transition goes with its own member's last layer
+    assert dense_layers(["member_0/conv2_block3_x", "member_1/conv2_block1_x", "member_0/pool2_conv", "pre"]) == [3, 1, 3, 3]
+
+
+def test_the_weight_only_file_counts_each_stage_once_after_halving():
+    """Only every stage in float holds the budget (no int8 file), so halving is tried, fails,
+    and the weight-only file is the last resort: its stages are the graph's, not its halves."""
+    from mri_edge.export.accuracy import stage_search, stages_from, whole
+
+    nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 1) for i in range(1, 5)] + [
+        ("CONV_2D", "net/conv3_block1_1_conv", 40, 4)]
+    stages = stages_from(nodes, ("MEAN",))
+
+    def attempt(kept, mode="full"):
+        return {"agreement": 1.0 if sorted(kept) == ["conv2", "conv3"] else 0.98, "accuracy": 0.9,
+                "accuracy_drop_pts": 0.0}, list(kept)
+
+    def weight_only(mode):
+        return {"agreement": 0.999, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, "weight-only"
+
+    chosen, cand, steps = stage_search(stages, attempt, 0.5, [], weight_only)
+    assert any("." in s for s in stages)  # halves were tried
+    assert cand == "weight-only" and chosen["float_stages"] == whole(stages) == ["conv2", "conv3"]
+    assert abs(chosen["float_mac_share"] - 1.0) < 1e-9
 
 
 def test_a_stage_whose_error_others_hide_is_tried_after_them():

@@ -182,28 +182,51 @@ def add_shares(stage: dict) -> dict:
     return stage
 
 
+def whole(stages: dict[str, dict]) -> list[str]:
+    """The graph's stages, without the parts of them that the search adds (`part`)."""
+    return [name for name in stages if "." not in name]
+
+
+def dense_layers(nodes: list[str]) -> list[int | None]:
+    """The dense layer of each node of a stage, in graph order. A node without one in its name
+    (a transition, ONNX's `Conv__123`) goes with the layer before it in its own ensemble member;
+    nodes before the first layer get None."""
+    out, current, member = [], {}, None
+    for node in nodes:
+        found = MEMBER.search(node)
+        member = found.group(0) if found else member
+        layer = LAYER.search(node)
+        if layer:
+            current[member] = int(layer.group(1))
+        out.append(current.get(member))
+    return out
+
+
+def part(stages: dict[str, dict], name: str) -> str:
+    """A stage's dense layers first to last, named "conv2.1-3" ("conv2.2" for one layer), added
+    to `stages` (with the nodes before the first layer when it starts there); returns name."""
+    if name not in stages:
+        stage_name, layers = name.split(".")
+        first, last = (int(v) for v in layers.split("-")) if "-" in layers else (int(layers),) * 2
+        stage = stages[stage_name]
+        layer = dense_layers(stage["nodes"])
+        lead = first == min(n for n in layer if n is not None)
+        idx = [i for i, n in enumerate(layer) if (n is None and lead) or (n is not None and first <= n <= last)]
+        stages[name] = add_shares({"nodes": [stage["nodes"][i] for i in idx],
+                                   "node_shares": [stage["node_shares"][i] for i in idx]})
+    return name
+
+
 def halves(stages: dict[str, dict], name: str) -> list[str]:
     """The two halves of a stage's dense layers, in graph order (a transition goes with the
-    layer before it), added to `stages` as stages of their own named by layer range
-    ("conv2.1-3": dense layers 1 to 3 of conv2). [] for a stage of fewer than two layers."""
+    layer before it), added to `stages` by `part`. [] for a stage of fewer than two layers."""
     stage = stages[name]
-    layer, current = [], None
-    for node in stage["nodes"]:
-        found = LAYER.search(node)
-        current = int(found.group(1)) if found else current
-        layer.append(current)
-    ids = list(dict.fromkeys(i for i in layer if i is not None))
+    ids = list(dict.fromkeys(n for n in dense_layers(stage["nodes"]) if n is not None))
     if len(ids) < 2 or "node_shares" not in stage:
         return []
-    out = []
-    for part in (ids[:len(ids) // 2], ids[len(ids) // 2:]):
-        # nodes before the first dense layer go with the first half
-        idx = [i for i, n in enumerate(layer) if n in part or (n is None and part[0] == ids[0])]
-        half = f"{name.split('.')[0]}.{part[0]}" + (f"-{part[-1]}" if len(part) > 1 else "")
-        stages[half] = add_shares({"nodes": [stage["nodes"][i] for i in idx],
-                                   "node_shares": [stage["node_shares"][i] for i in idx]})
-        out.append(half)
-    return out
+    base = name.split(".")[0]
+    return [part(stages, f"{base}.{p[0]}" + (f"-{p[-1]}" if len(p) > 1 else ""))
+            for p in (ids[:len(ids) // 2], ids[len(ids) // 2:])]
 
 
 def float_cost(mac_share: float, param_share: float) -> float:
@@ -300,8 +323,8 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     if not ok and weight_only is not None:
         score, cand = weight_only("early")
         note(describe("weight-only int8 (every operation in float, weights int8)", score, max_drop_pts))
-        steps.append({"float_stages": list(stages), **score, "weight_only": True,
-                      "float_mac_share": sum(s["mac_share"] for s in stages.values()), "float_param_share": 0.0})
+        steps.append({"float_stages": whole(stages), **score, "weight_only": True,
+                      "float_mac_share": sum(stages[s]["mac_share"] for s in whole(stages)), "float_param_share": 0.0})
         candidates.append(cand)
         int8, ok = eligible()
     cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
@@ -354,7 +377,8 @@ def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict]
             "held_out_accuracy_drop_pts": chosen["accuracy_drop_pts"], "plain_agreement": steps[0]["agreement"],
             "plain_accuracy_drop_pts": steps[0]["accuracy_drop_pts"], "within_budget": within(chosen, max_drop_pts),
             "steps": steps, "stages": {s: {"nodes": len(v["nodes"]), "mac_share": v["mac_share"],
-                                           "param_share": v["param_share"]} for s, v in stages.items()}}
+                                           "param_share": v["param_share"]} for s, v in stages.items()
+                                       if s in whole(stages) or s in chosen["float_stages"]}}
 
 
 def mark_weight_only(meta: dict) -> None:

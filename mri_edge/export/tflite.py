@@ -18,7 +18,7 @@ import numpy as np
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import METADATA_NAME
-from .accuracy import HeldOut, Scoring, recipe, stage_search, stages_from, within
+from .accuracy import HeldOut, Scoring, recipe, stage_search, stages_from, whole, within
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
 from .rewrite import per_tensor_depthwise, store_float_weights
@@ -320,7 +320,7 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         return scoring(lambda x: probs(fb, x), mode), fb
 
     def weight_only(mode: str) -> tuple[dict, bytes]:  # kept only within the budget: "early" stops once out of it
-        fb = store(build(list(stages)), "int8")
+        fb = store(build(whole(stages)), "int8")
         return scoring(lambda x: probs(fb, x), mode), fb
 
     chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
