@@ -673,6 +673,34 @@ def test_int8_weights_that_leave_the_budget_give_way_to_fp16(monkeypatch, flips,
     assert check.get("instead_of", {}).get("weights") == (None if stored == "int8" else "int8")
 
 
+def test_int8_weights_keep_a_dearer_set_that_holds_with_them_before_fp16(monkeypatch):
+    """Halving narrows conv2 to its layer 2, but int8 weights there flip an answer unless layer 1
+    is in float too: the file keeps layers 1-2 (within the budget, int8 weights) rather than
+    layer 2 with fp16 weights, since int8 weights were asked for the smallest file."""
+    from mri_edge.export import accuracy, tflite
+
+    nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 10) for i in range(1, 5)] + [
+        ("CONV_2D", "net/conv3_block1_1_conv", 40, 40)]
+    stages = accuracy.stages_from(nodes, ("MEAN",))
+    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
+    labels = np.arange(10) % 2
+    held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+
+    def probs(candidate, x=None):
+        in_float, weights = candidate
+        wrong = 0 if "net/conv2_block2_1_conv" in in_float else 3
+        wrong += weights == "int8" and "net/conv2_block1_1_conv" not in in_float
+        return np.eye(2)[(labels + (np.arange(10) < wrong)) % 2]
+
+    fb, recipe = tflite.tflite_accuracy_aware(b"", lambda nodes: (tuple(nodes), "fp32"),
+                                                lambda fb, w: (fb[0], w), held, 5.0, probs, float_weights="int8")
+    assert recipe["float_stages"] == ["conv2.1-2"] and recipe["float_weights"] == "int8"
+    assert fb == (("net/conv2_block1_1_conv", "net/conv2_block2_1_conv"), "int8")
+    check = recipe["float_weights_check"]
+    assert check["within_budget"] and check["instead_of"]["weights"] == "int8" and not check["instead_of"]["within_budget"]
+    assert any(st["float_stages"] == ["conv2.2"] for st in recipe["steps"])  # the cheaper set was found first
+
+
 def test_weight_only_int8_is_the_last_resort_before_going_over_budget():
     """With weight_only given, a search that finds no file with int8 compute inside the budget
     tries every operation in float with int8 weights, and takes it if that holds; it is never

@@ -18,7 +18,7 @@ import numpy as np
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import METADATA_NAME
-from .accuracy import HeldOut, Scoring, recipe, stage_search, stages_from, whole, within
+from .accuracy import HeldOut, Scoring, float_cost, recipe, stage_search, stages_from, whole, within
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
 from .rewrite import per_tensor_depthwise, store_float_weights
@@ -303,8 +303,9 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     (`rewrite.store_float_weights`); probs(fb, x) runs a candidate on images x, by default
     every held-out image. The stages are chosen with float32 weights (searched with rounded
     ones, the choice moved with single held-out answers that the rounding had moved); the chosen
-    file's float weights are then stored as float_weights if it stays within the budget. The
-    weight-only candidate (`stage_search`) is the all-float candidate stored as int8."""
+    file's float weights are then stored as float_weights if it stays within the budget (int8
+    weights that move it out: a dearer set within the budget that holds with them, else fp16).
+    The weight-only candidate (`stage_search`) is the all-float candidate stored as int8."""
     stages = tflite_stages(calibrated)
     built: dict[frozenset, bytes] = {}
 
@@ -333,20 +334,36 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     if not chosen["float_stages"]:
         return fb, out  # nothing in float: no weights to store
     out["float_weights"] = "fp32"
-    if float_weights != "fp32" and out["within_budget"]:
-        # int8 weights that move the file out of the budget give way to fp16 ones, which rarely do
-        failed = None
-        for weights in ("int8", "fp16") if float_weights == "int8" else (float_weights,):
-            stored = store(fb, weights)
-            score = scoring(lambda x, stored=stored: probs(stored, x), "early")
-            check = {"weights": weights, **score, "within_budget": within(score, max_drop_pts),
-                     **({"instead_of": failed} if failed else {})}
-            out["float_weights_check"] = check
-            if check["within_budget"]:  # the recipe then describes the file written
-                fb, out["float_weights"] = stored, weights
-                out["held_out_agreement"] = score["agreement"]
-                out["held_out_accuracy_drop_pts"] = score["accuracy_drop_pts"]
-                break
-            failed = check
+    if float_weights == "fp32" or not out["within_budget"]:
+        return fb, out
+
+    def stored_check(step: dict, weights: str) -> tuple[bytes, dict]:
+        stored = store(build(step["float_stages"]), weights)
+        score = scoring(lambda x: probs(stored, x), "early")
+        return stored, {"weights": weights, **score, "within_budget": within(score, max_drop_pts)}
+
+    # int8 weights are asked for the smallest file: when they move the cheapest set out of the
+    # budget, a dearer set within it (one that step 3 or 4 then narrowed) that holds with them
+    # comes before fp16 weights, which rarely move a file out
+    dearer = sorted((st for st in steps if st is not chosen and within(st, max_drop_pts) and not st.get("weight_only")
+                     and min(st["float_mac_share"], st["float_param_share"]) < 1 - 1e-9),
+                    key=lambda st: float_cost(st["float_mac_share"], st["float_param_share"]))
+    tries = ([(chosen, "int8")] + [(st, "int8") for st in dearer] + [(chosen, "fp16")] if float_weights == "int8"
+             else [(chosen, float_weights)])
+    failed = None
+    for step, weights in tries:
+        stored, check = stored_check(step, weights)
+        if failed:
+            check["instead_of"] = failed
+        out["float_weights_check"] = check
+        if check["within_budget"]:  # the recipe then describes the file written
+            if step is not chosen:
+                out = recipe(out["method"], step, steps, stages, held, max_drop_pts)
+                out["float_weights_check"] = check
+            fb, out["float_weights"] = stored, weights
+            out["held_out_agreement"] = check["agreement"]
+            out["held_out_accuracy_drop_pts"] = check["accuracy_drop_pts"]
+            break
+        failed = failed or check
     return fb, out
 
