@@ -51,7 +51,7 @@ def main() -> None:
                                               calibrated=False, label=f"{int8.name} on test images"), t)
     y_held, y_test = np.array([y for _, y in val]), np.array([y for _, y in test])
     curve = trust.coverage_risk(held_p, y_held)
-    first = [i + 1 for i, (e, prev) in enumerate(zip(curve["errors"], [0] + curve["errors"][:-1])) if e > prev][:8]
+    first = (np.flatnonzero(np.diff(curve["errors"], prepend=0)) + 1)[:8].tolist()  # ranks of the errors
     print(f"\n{len(val)} held-out images ({held['rule']}), accuracy {(held_p.argmax(1) == y_held).mean():.2%}, "
           f"temperature {t:.3f}; most confident errors at ranks {first}")
     print(f"| max risk | rule | threshold | held-out coverage / error | test coverage / error ({int8.name}) |")

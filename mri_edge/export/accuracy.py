@@ -221,8 +221,8 @@ def halves(stages: dict[str, dict], name: str) -> list[str]:
     """The two halves of a stage's dense layers, in graph order (a transition goes with the
     layer before it), added to `stages` by `part`. [] for a stage of fewer than two layers."""
     stage = stages[name]
-    ids = list(dict.fromkeys(n for n in dense_layers(stage["nodes"]) if n is not None))
-    if len(ids) < 2 or "node_shares" not in stage:
+    ids = list(dict.fromkeys(n for n in dense_layers(stage["nodes"]) if n is not None)) if "node_shares" in stage else []
+    if len(ids) < 2:
         return []
     base = name.split(".")[0]
     return [part(stages, f"{base}.{p[0]}" + (f"-{p[-1]}" if len(p) > 1 else ""))
@@ -232,6 +232,16 @@ def halves(stages: dict[str, dict], name: str) -> list[str]:
 def float_cost(mac_share: float, param_share: float) -> float:
     """What keeping a part in float costs: the larger of its compute and weight shares."""
     return max(mac_share, param_share)
+
+
+def step_cost(step: dict) -> float:
+    """float_cost of a measured candidate (a step of `stage_search`)."""
+    return float_cost(step["float_mac_share"], step["float_param_share"])
+
+
+def int8_counts(step: dict) -> bool:
+    """Leaves compute or weights in int8 (all stages in float, the weightless input normalisation aside, do not)."""
+    return min(step["float_mac_share"], step["float_param_share"]) < 1 - 1e-9
 
 
 def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tuple[dict, object]], max_drop_pts: float,
@@ -300,34 +310,33 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
                 if within(st, max_drop_pts):
                     kept = fewer
             for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
-                part = s
-                while True:  # the first half that holds the budget alone replaces the part, then is halved
-                    for half in halves(stages, part):
-                        trial = [half if k == part else k for k in kept]
+                narrowed = s
+                while True:  # the first half that holds the budget alone replaces it, then is halved
+                    for half in halves(stages, narrowed):
+                        trial = [half if k == narrowed else k for k in kept]
                         st, cand = step(trial, "early")
                         steps.append(st)
                         candidates.append(cand)
                         if within(st, max_drop_pts):
-                            kept, part = trial, half
+                            kept, narrowed = trial, half
                             break
                     else:
                         break
 
     def eligible() -> tuple[list[int], list[int]]:
-        # a stage without MACs or weights (the input normalisation) left in int8 quantizes nothing that counts
-        int8 = [i for i, st in enumerate(steps)
-                if min(st["float_mac_share"], st["float_param_share"]) < 1 - 1e-9] or list(range(len(steps)))
+        int8 = [i for i, st in enumerate(steps) if int8_counts(st)] or list(range(len(steps)))
         return int8, [i for i in int8 if within(steps[i], max_drop_pts)]
 
     int8, ok = eligible()
     if not ok and weight_only is not None:
         score, cand = weight_only("early")
         note(describe("weight-only int8 (every operation in float, weights int8)", score, max_drop_pts))
-        steps.append({"float_stages": whole(stages), **score, "weight_only": True,
-                      "float_mac_share": sum(stages[s]["mac_share"] for s in whole(stages)), "float_param_share": 0.0})
+        graph = whole(stages)
+        steps.append({"float_stages": graph, **score, "weight_only": True,
+                      "float_mac_share": sum(stages[s]["mac_share"] for s in graph), "float_param_share": 0.0})
         candidates.append(cand)
         int8, ok = eligible()
-    cost = [float_cost(st["float_mac_share"], st["float_param_share"]) for st in steps]
+    cost = [step_cost(st) for st in steps]
     fallback = [i for i in int8 if not steps[i].get("weight_only")] or int8  # weight-only: no int8 compute
     if not ok:  # the fallback is ranked by quality: complete the scores that could still rank first
         best = max((quality(steps[i]) for i in fallback if level(steps[i]) == 2), default=-1.0)
@@ -368,6 +377,7 @@ def describe(what: str, score: dict, max_drop_pts: float) -> str:
 def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict], held: HeldOut,
            max_drop_pts: float) -> dict:
     """What goes into the file's metadata (`accuracy_aware`) and export's table."""
+    graph = set(whole(stages))  # and of the parts the search added, only those chosen
     return {"method": method, "max_drop_pts": max_drop_pts, "held_out_images": int(len(held.x)), "metric": METRIC,
             "float_stages": chosen["float_stages"],
             "float_nodes": sum(len(stages[s]["nodes"]) for s in chosen["float_stages"]),
@@ -378,7 +388,7 @@ def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict]
             "plain_accuracy_drop_pts": steps[0]["accuracy_drop_pts"], "within_budget": within(chosen, max_drop_pts),
             "steps": steps, "stages": {s: {"nodes": len(v["nodes"]), "mac_share": v["mac_share"],
                                            "param_share": v["param_share"]} for s, v in stages.items()
-                                       if s in whole(stages) or s in chosen["float_stages"]}}
+                                       if s in graph or s in chosen["float_stages"]}}
 
 
 def mark_weight_only(meta: dict) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import METADATA_NAME
-from .accuracy import HeldOut, Scoring, float_cost, recipe, stage_search, stages_from, whole, within
+from .accuracy import HeldOut, Scoring, int8_counts, recipe, stage_search, stages_from, step_cost, whole, within
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
 from .rewrite import per_tensor_depthwise, store_float_weights
@@ -342,14 +342,14 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         score = scoring(lambda x: probs(stored, x), "early")
         return stored, {"weights": weights, **score, "within_budget": within(score, max_drop_pts)}
 
-    # int8 weights are asked for the smallest file: when they move the cheapest set out of the
-    # budget, a dearer set within it (one that step 3 or 4 then narrowed) that holds with them
-    # comes before fp16 weights, which rarely move a file out
-    dearer = sorted((st for st in steps if st is not chosen and within(st, max_drop_pts) and not st.get("weight_only")
-                     and min(st["float_mac_share"], st["float_param_share"]) < 1 - 1e-9),
-                    key=lambda st: float_cost(st["float_mac_share"], st["float_param_share"]))
-    tries = ([(chosen, "int8")] + [(st, "int8") for st in dearer] + [(chosen, "fp16")] if float_weights == "int8"
-             else [(chosen, float_weights)])
+    tries = [(chosen, float_weights)]
+    if float_weights == "int8":
+        # int8 weights are asked for the smallest file: when they move the cheapest set out of the
+        # budget, a dearer set within it (one that step 3 or 4 then narrowed) that holds with them
+        # comes before fp16 weights, which rarely move a file out
+        dearer = sorted((st for st in steps if st is not chosen and within(st, max_drop_pts)
+                         and not st.get("weight_only") and int8_counts(st)), key=step_cost)
+        tries += [(st, "int8") for st in dearer] + [(chosen, "fp16")]
     failed = None
     for step, weights in tries:
         stored, check = stored_check(step, weights)
