@@ -23,15 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mri_edge import export, quiet  # noqa: E402
-from mri_edge.export.accuracy import part  # noqa: E402
-from mri_edge.export.tflite import tflite_stages  # noqa: E402
-from mri_edge.export.calibration import calibration_set  # noqa: E402
+from mri_edge import quiet  # noqa: E402
 from mri_edge.export.formats import ExportJob  # noqa: E402
 from mri_edge.export.rewrite import store_float_weights  # noqa: E402
-from mri_edge.export.tflite import calibrated_for, quantize_calibrated, tflite_bytes, write_saved_model  # noqa: E402
+from mri_edge.export.tflite import tflite_bytes  # noqa: E402
 from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
-from side_by_side import arguments, compare, split_images  # noqa: E402
+from side_by_side import arguments, bare_meta, compare, split_images, tflite_candidates  # noqa: E402
 
 
 def main() -> None:
@@ -52,33 +49,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as td, quiet.native_stderr():  # the converters' log lines
         work = Path(td)
-        model, cfg, _ = export.load_run(args.run)
-        write_saved_model(export.deployment_graph(model), str(work / "sm"), int(cfg["image_size"]))
-        calib, _ = calibration_set(args.run, cfg, args.calib_size)
         t = time.time()
-        minmax = shipped.meta.get("calibration_range", "").startswith("min/max")
-        calibrated = calibrated_for(str(work / "sm"), calib, "minmax" if minmax else "percentile", "uint8")
-        stages = tflite_stages(calibrated)
-        scales = shipped.meta.get("bn_scales", "per-tensor")
-        files = {"plain (head in float)": quantize_calibrated(calibrated, ExportJob("tflite", "int8", "uint8", True,
-                                                                                   float_weights="fp32"), scales)}
+        _, _, quantize = tflite_candidates(args.run, shipped, args.calib_size, work)
+        files = {"plain (head in float)": quantize(["head"])}
         for kept in sets:
-            unknown = [s for s in kept if s.split(".")[0] not in stages]
-            if unknown:
-                sys.exit(f"no stage {unknown[0]!r} in this graph (stages: {', '.join(stages)})")
-            kept = [part(stages, s) for s in kept]  # "conv2.1-3": dense layers 1-3 of conv2, as the search names them
-            nodes = [n for s in kept if s != "head" for n in stages[s]["nodes"]]
-            job = ExportJob("tflite", "int8", "uint8", "head" in kept, float_weights="fp32")
-            fp32 = quantize_calibrated(calibrated, job, scales, nodes)
+            fp32 = quantize(kept)
             for w in ("fp32", "fp16", "int8"):  # storage is a rewrite of the quantized file, as in export
                 files[f"{'+'.join(kept)} in float, weights {w}"] = fp32 if w == "fp32" else store_float_weights(fp32, w)
         for q in ("none", "fp16"):  # the float files, timed beside them: what int8 buys over no int8
             files[f"{'fp32' if q == 'none' else q} file"] = tflite_bytes(str(work / "sm"), ExportJob("tflite", q, "float32"),
                                                                           None)
         print(f"converted {len(files)} files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
-        meta = {**shipped.meta, "input": {}, "output": {}}
-        meta.pop("model_bytes", None)
-        meta.pop("model_sha256", None)
+        meta = bare_meta(shipped)
         nets = {}
         for name, fb in files.items():
             path = work / f"{len(nets)}.tflite"

@@ -40,6 +40,45 @@ def split_images(run_dir: Path, split: str, net) -> tuple[np.ndarray, np.ndarray
     return x, np.asarray(pred["probs"]), np.asarray(pred["labels"])
 
 
+def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
+    """(calibrated graph, its stages, batch-norm scales, quantize) for building int8 TFLite files
+    of the run as `mri-edge export` does (the calibration range and batch-norm scales of its
+    shipped file): quantize(stages, weights="fp32") keeps those stages (names as the search gives
+    them, "conv2.1-3" included) and the head with them in float."""
+    from mri_edge import export  # noqa: PLC0415
+    from mri_edge.export.accuracy import part  # noqa: PLC0415
+    from mri_edge.export.calibration import calibration_set  # noqa: PLC0415
+    from mri_edge.export.formats import ExportJob  # noqa: PLC0415
+    from mri_edge.export.tflite import calibrated_for, quantize_calibrated, tflite_stages, write_saved_model  # noqa: PLC0415
+
+    model, cfg, _ = export.load_run(run_dir)
+    write_saved_model(export.deployment_graph(model), str(work / "sm"), int(cfg["image_size"]))
+    calib, _ = calibration_set(run_dir, cfg, calib_size)
+    minmax = shipped.meta.get("calibration_range", "").startswith("min/max")
+    calibrated = calibrated_for(str(work / "sm"), calib, "minmax" if minmax else "percentile", "uint8")
+    stages = tflite_stages(calibrated)
+    scales = shipped.meta.get("bn_scales", "per-tensor")
+
+    def quantize(kept: list[str]) -> bytes:
+        unknown = [s for s in kept if s.split(".")[0] not in stages]
+        if unknown:
+            raise SystemExit(f"no stage {unknown[0]!r} in this graph (stages: {', '.join(stages)})")
+        kept = [part(stages, s) for s in kept]
+        nodes = [n for s in kept if s != "head" for n in stages[s]["nodes"]]
+        return quantize_calibrated(calibrated, ExportJob("tflite", "int8", "uint8", "head" in kept,
+                                                         float_weights="fp32"), scales, nodes)
+
+    return calibrated, stages, quantize
+
+
+def bare_meta(shipped) -> dict:
+    """The shipped file's metadata for a TFLiteModel over other bytes of the same run."""
+    meta = {**shipped.meta, "input": {}, "output": {}}
+    meta.pop("model_bytes", None)
+    meta.pop("model_sha256", None)
+    return meta
+
+
 def compare(nets: dict, sizes: dict, x: np.ndarray, probs: np.ndarray, labels: np.ndarray, rounds: int,
             threads: int, split: str, fp32: str) -> None:
     """Print one row per file (the first is the baseline): size, agreement with Keras, accuracy

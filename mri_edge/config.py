@@ -220,9 +220,9 @@ class ExportConfig:
                                           "less int8 error on some models); auto keeps whichever is closer to Keras "
                                           "on the validation split.", choices=BN_SCALES)
     max_drop: float | None = option(None, "int8 files: accuracy-aware quantization; keep the parts that move "
-                                          "decisions most in float until top-1 agreement with Keras and accuracy on "
-                                          "the validation split each drop by at most this many points "
-                                          "(docs/int8.md).",
+                                          "decisions most in float until, on the validation split, the share of "
+                                          "answers int8 changes (its 95% bound) and the accuracy drop are each at "
+                                          "most this many points (docs/int8.md).",
                                     minimum=0, maximum=100, type=float, metavar="PTS")
     float_head: bool = option(False, "int8 TFLite and ONNX: keep the head (global pooling, dense layers, softmax) in "
                                      "float with float32 probabilities out, so calibrated probabilities and "

@@ -152,7 +152,8 @@ def test_a_stage_a_later_one_made_unnecessary_goes_back_to_int8():
 
 
 def test_the_budget_bounds_accuracy_as_well_as_agreement():
-    from mri_edge.export.accuracy import HeldOut, stage_search, within
+    from mri_edge.export.accuracy import stage_search, within
+    from mri_edge.export.heldout import HeldOut
 
     labels = np.arange(100) % 4
     held = HeldOut(np.zeros((100, 2, 2, 3), np.uint8), np.eye(4)[labels], labels)  # Keras is right on every image
@@ -187,7 +188,7 @@ def test_the_budget_bounds_accuracy_as_well_as_agreement():
 def indexed_held_out(n: int, seed: int = 0):
     """A HeldOut whose image i holds the value i (n <= 256), with Keras right on each image and
     its top-2 margins, for candidates that answer by image index."""
-    from mri_edge.export.accuracy import HeldOut
+    from mri_edge.export.heldout import HeldOut
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, n)
@@ -219,14 +220,14 @@ def test_a_score_stops_once_out_of_budget_starting_with_the_smallest_margins():
         return probs[idx]
 
     full = held.score(probs)
-    assert held.max_flips(1.0) == 2 and flipped.sum() > 2 and not within(full, 1.0)
-    early = held.score_until(run, held.max_flips(1.0), chunk=32)
+    assert flipped.sum() > 2 and not within(full, 1.0)
+    early = held.score_until(run, 1.0, chunk=32)
     assert early["stopped_after"] == 32 and len(seen) == 32  # the first chunk held enough flips
     assert max(seen) <= np.sort(margin)[31] + 1e-12  # and it was the 32 smallest margins
-    assert early["agreement"] >= full["agreement"] and not within(early, 1.0)
+    assert early["agreement"] >= full["agreement"] and early["flip_bound"] <= full["flip_bound"] and not within(early, 1.0)
     assert not within({**early, "agreement": 1.0, "accuracy_drop_pts": 0.0}, 1.0)  # a stopped score never holds
     seen.clear()
-    assert held.score_until(run, int(flipped.sum())) == full and len(seen) == 250  # exactly at the limit: all run
+    assert held.score_until(run, 100.0) == full and len(seen) == 250  # never out of budget: all run
     assert held.score_until(run) == full
 
 
@@ -234,19 +235,20 @@ def test_a_score_that_crosses_the_limit_in_its_last_chunk_is_complete():
     held, margin = indexed_held_out(200, seed=1)
     widest = np.argsort(margin)[-3:]  # flips only where the model is surest: the last chunk
     probs = flip(held, widest)
-    score = held.score_until(lambda x: probs[x[:, 0, 0, 0].astype(int)], 2, chunk=64)
+    score = held.score_until(lambda x: probs[x[:, 0, 0, 0].astype(int)], 1.0, chunk=64)
     assert "stopped_after" not in score and score == held.score(probs)
 
 
-@pytest.mark.parametrize("n", [10, 100, 375, 523, 1279])
-def test_the_flips_allowed_are_those_within_allows(n):
-    from mri_edge.export.accuracy import HeldOut, within
+@pytest.mark.parametrize("n, pts, k", [(10, 0.0, 0), (100, 0.5, 0), (375, 18.4, 69), (523, 1.0, 5), (1279, 2.5, 31)])
+def test_the_budget_holds_exactly_at_its_limit(n, pts, k):
+    """k flips of n are the most a budget of pts points allows, float rounding aside
+    (375 x 18.4 / 100 is 68.99999999999999 in floats)."""
+    from mri_edge.export.accuracy import within
 
-    held = HeldOut(np.zeros((n, 1, 1, 3), np.uint8), np.eye(2)[np.zeros(n, int)], np.zeros(n, int))
-    for pts in (0.0, 0.5, 1.0, 2.5, 18.4, 33.3):  # 375 x 18.4 / 100 is 68.99999999999999 in floats
-        k = held.max_flips(pts)
-        assert within({"agreement": 1 - k / n, "accuracy_drop_pts": 0.0}, pts)
-        assert k == n or not within({"agreement": 1 - (k + 1) / n, "accuracy_drop_pts": 0.0}, pts)
+    assert within({"agreement": 1 - k / n, "accuracy_drop_pts": 0.0}, pts)
+    assert within({"agreement": 1.0, "flip_bound": k / n, "accuracy_drop_pts": 0.0}, pts)
+    assert not within({"agreement": 1 - (k + 1) / n, "accuracy_drop_pts": 0.0}, pts)
+    assert not within({"agreement": 1.0, "flip_bound": (k + 1) / n, "accuracy_drop_pts": 0.0}, pts)
 
 
 def test_greedy_steps_may_stop_early_but_ranked_scores_are_complete():
@@ -316,15 +318,15 @@ def test_a_stage_is_ranked_on_the_images_where_answers_move():
 def test_over_budget_only_scores_that_could_still_rank_first_are_completed():
     """A ranking or stopped score counts what it did not run as unchanged, so its agreement
     bounds the candidate's quality: the fallback completes scores best bound first and stops
-    once no bound beats the best complete score. A ranking score over the budget already
-    answers the greedy step's question."""
+    once no bound beats the best complete score. A ranking score, whose other images are the
+    first candidate's, bounds neither: the greedy step measures the candidate again."""
     from mri_edge.export.accuracy import stage_search, within
 
     stages = {s: {"nodes": [s], "mac_share": c, "param_share": c, "cost": c}
               for s, c in (("conv2", 0.5), ("conv3", 0.3), ("conv4", 0.2))}
     truth = {(): 0.95, ("conv2",): 0.96, ("conv3",): 0.962, ("conv4",): 0.961, ("conv3", "conv4"): 0.98,
              ("conv2", "conv3", "conv4"): 0.99}
-    bound = {("conv3", "conv4"): 0.985, ("conv2", "conv3", "conv4"): 0.994}
+    bound = {("conv4",): 0.97, ("conv3", "conv4"): 0.985, ("conv2", "conv3", "conv4"): 0.994}
     calls = []
 
     def attempt(kept, mode="full"):
@@ -338,10 +340,10 @@ def test_over_budget_only_scores_that_could_still_rank_first_are_completed():
 
     chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
     assert calls == [((), "first"), (("conv2",), "rank"), (("conv3",), "rank"), (("conv4",), "rank"),
-                     (("conv4", "conv3"), "early"), (("conv4", "conv3", "conv2"), "early"),
-                     (("conv4", "conv3"), "full")]  # conv4 alone (bound 0.961) cannot beat 0.98: never completed
+                     (("conv4",), "early"), (("conv4", "conv3"), "early"), (("conv4", "conv3", "conv2"), "early"),
+                     (("conv4", "conv3"), "full")]  # conv4 alone (bound 0.97) cannot beat 0.98: never completed
     assert cand == ["conv4", "conv3"] and abs(chosen["agreement"] - 0.98) < 1e-9 and not within(chosen, 0.5)
-    assert "ranked_on" in steps[1] and steps[1]["float_stages"] == ["conv4"]
+    assert "stopped_after" in steps[1] and steps[1]["float_stages"] == ["conv4"]
     truth[("conv4",)] = 0.996  # a ranking score that looks within the budget is measured again
     calls.clear()
     chosen, cand, _ = stage_search(stages, attempt, 0.5, [])

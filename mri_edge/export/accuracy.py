@@ -1,7 +1,7 @@
 """Accuracy-aware int8 (`export --max-drop PTS`): keep the parts of the graph that move
 decisions most in float until the int8 file stays within the budget on held-out images: top-1
-agreement with the Keras model at least 1 - PTS/100, and accuracy at most PTS points below the
-Keras model's. The recipe (what stayed in float, why, what it cost) goes into the file's
+agreement with the Keras model at least 1 - PTS/100 with 95% confidence (`heldout.flip_estimate`),
+and accuracy at most PTS points below the Keras model's. The recipe (what stayed in float, why, what it cost) goes into the file's
 metadata.
 
 - OpenVINO: NNCF's `quantize_with_accuracy_control`, which ranks quantized operations by
@@ -21,83 +21,16 @@ with `--val-split grouped`, so that they behave like new subjects).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Callable
 
 import numpy as np
 
+from .heldout import HeldOut, agrees_enough, assured
+
 STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
 LAYER = re.compile(r"conv[2-5]_block(\d+)_")  # a dense layer of DenseNet's blocks
 MEMBER = re.compile(r"member_\d+")
-METRIC = "top-1 agreement with Keras and accuracy drop, validation split"
-
-
-def margin_order(probs: np.ndarray) -> np.ndarray:
-    """Images by top-2 margin, smallest first: where int8 changes answers."""
-    srt = np.sort(probs, 1)
-    return np.argsort(srt[:, -1] - srt[:, -2], kind="stable")
-
-
-@dataclass
-class HeldOut:
-    """Validation images (uint8), the Keras model's probabilities on them and their labels."""
-
-    x: np.ndarray
-    ref: np.ndarray
-    labels: np.ndarray
-
-    @cached_property
-    def top(self) -> np.ndarray:
-        return self.ref.argmax(1)
-
-    @cached_property
-    def order(self) -> np.ndarray:  # by the Keras model's top-2 margin
-        return margin_order(self.ref)
-
-    def score(self, probs: np.ndarray) -> dict:
-        pred = np.asarray(probs).argmax(1)
-        acc, ref_acc = float((pred == self.labels).mean()), float((self.top == self.labels).mean())
-        return {"agreement": float((pred == self.top).mean()), "accuracy": acc,
-                "accuracy_drop_pts": 100 * (ref_acc - acc)}
-
-    def max_flips(self, max_drop_pts: float) -> int:
-        """The most answers a candidate within the budget may change (`within`)."""
-        return int(np.floor(len(self.x) * max_drop_pts / 100 + 1e-9))
-
-    def score_until(self, run: Callable[[np.ndarray], np.ndarray], max_flips: int | None = None,
-                    chunk: int = 64) -> dict:
-        """score(run(x)); with max_flips, images run in chunks in `order` and scoring stops
-        once more than max_flips answers changed: out of budget whatever the rest do. Such a
-        score counts the images not run as unchanged (its agreement is an upper bound) and
-        has `stopped_after`, the images run; `within` never holds for it."""
-        if max_flips is None:
-            return self.score(run(self.x))
-        probs = self.ref.astype(np.float32)  # images not run count as unchanged
-        flips = 0
-        for start in range(0, len(self.order), chunk):
-            idx = self.order[start:start + chunk]
-            probs[idx] = run(self.x[idx])
-            flips += int((probs[idx].argmax(1) != self.top[idx]).sum())
-            if flips > max_flips and start + chunk < len(self.order):
-                return {**self.score(probs), "stopped_after": start + len(idx)}
-        return self.score(probs)
-
-    def moving(self, first: np.ndarray, chunk: int = 64) -> np.ndarray:
-        """Where answers move: the images the first candidate (probabilities `first`) changed and
-        the `chunk` smallest top-2 margins of Keras and of `first`."""
-        return np.unique(np.concatenate([np.flatnonzero(first.argmax(1) != self.top), self.order[:chunk],
-                                         margin_order(first)[:chunk]]))
-
-    def score_moving(self, run: Callable[[np.ndarray], np.ndarray], first: np.ndarray, idx: np.ndarray) -> dict:
-        """score(run(x)) estimated on images `idx` (`moving`), to rank stages; `first` stands in
-        elsewhere (so the agreement is an upper bound). It records `ranked_on`, the images run,
-        and `within` never holds for it."""
-        if len(idx) == len(self.x):
-            return self.score(run(self.x))
-        probs = np.array(first, np.float32)
-        probs[idx] = run(self.x[idx])
-        return {**self.score(probs), "ranked_on": int(len(idx))}
+METRIC = "top-1 agreement with Keras (95% lower bound from paired margins and changes) and accuracy drop, validation split"
 
 
 class Scoring:
@@ -107,11 +40,11 @@ class Scoring:
     (`HeldOut.score_until`); "full", complete."""
 
     def __init__(self, held: HeldOut, max_drop_pts: float):
-        self.held, self.max_flips, self.first, self.moving = held, held.max_flips(max_drop_pts), None, None
+        self.held, self.max_drop_pts, self.first, self.moving = held, max_drop_pts, None, None
 
     def __call__(self, run: Callable[[np.ndarray], np.ndarray], mode: str) -> dict:
         if mode == "early":
-            return self.held.score_until(run, self.max_flips)
+            return self.held.score_until(run, self.max_drop_pts)
         if mode == "rank" and self.first is not None:
             return self.held.score_moving(run, self.first, self.moving)
         probs = run(self.held.x)
@@ -128,13 +61,9 @@ def within(score: dict, max_drop_pts: float) -> bool:
             and score["accuracy_drop_pts"] <= max_drop_pts + 1e-9)
 
 
-def agrees_enough(score: dict, max_drop_pts: float) -> bool:  # an upper bound below it: out of budget
-    return score["agreement"] >= 1 - max_drop_pts / 100 - 1e-12
-
-
 def quality(score: dict) -> float:
-    """One number for ranking candidates: the worse of agreement and 1 - accuracy drop."""
-    return min(score["agreement"], 1 - max(0.0, score["accuracy_drop_pts"]) / 100)
+    """One number for ranking candidates: the worse of `assured` and 1 - accuracy drop."""
+    return min(assured(score), 1 - max(0.0, score["accuracy_drop_pts"]) / 100)
 
 
 def stage_names(nodes: list[tuple[str, str]], pooling_ops: tuple[str, ...]) -> list[str]:
@@ -273,8 +202,7 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
 
     def step(kept: list[str], mode: str = "full") -> tuple[dict, object]:
         have = tried.get(tuple(kept))
-        # a ranking score with more flips than the budget allows already says "over budget"
-        if have is None or (level(have[0]) < need[mode] and (mode != "early" or agrees_enough(have[0], max_drop_pts))):
+        if have is None or level(have[0]) < need[mode]:
             score, cand = attempt(kept, mode)
             note(describe(f"{', '.join(kept) or 'nothing'} in float", score, max_drop_pts))
             tried[tuple(kept)] = ({"float_stages": list(kept), **score,
@@ -341,8 +269,8 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     if not ok:  # the fallback is ranked by quality: complete the scores that could still rank first
         best = max((quality(steps[i]) for i in fallback if level(steps[i]) == 2), default=-1.0)
         for i in sorted((i for i in fallback if level(steps[i]) < 2 and not steps[i].get("weight_only")),
-                        key=lambda i: -steps[i]["agreement"]):
-            if steps[i]["agreement"] < best:
+                        key=lambda i: -assured(steps[i])):
+            if assured(steps[i]) < best:
                 break  # an upper bound of its quality, and of every one after it
             gain = {k: v for k, v in steps[i].items() if k == "alone_gain"}
             steps[i], candidates[i] = step(steps[i]["float_stages"])
@@ -362,16 +290,27 @@ def accuracy_change(drop_pts: float) -> str:
     return f"accuracy {0.0 - drop_pts:+.2f} pts"
 
 
+def flips_text(score: dict) -> str:
+    """', flips 0.21% expected (<= 0.41% at 95%)' for a score with a flip estimate (a stopped
+    score: ', flips >= 0.52% at 95%', its bound so far), else ''."""
+    if "flip_bound" not in score:
+        return ""
+    if "stopped_after" in score:
+        return f", flips >= {score['flip_bound']:.2%} at 95%"
+    return f", flips {score['flip_estimate']:.2%} expected (<= {score['flip_bound']:.2%} at 95%)"
+
+
 def describe(what: str, score: dict, max_drop_pts: float) -> str:
     """One progress line per candidate of the search: what it keeps in float and its score."""
     if "stopped_after" in score:
-        return (f"{what}: held-out agreement <= {score['agreement']:.2%} "
+        return (f"{what}: held-out agreement <= {score['agreement']:.2%}{flips_text(score)} "
                 f"(stopped after {score['stopped_after']} images: over budget)")
     if "ranked_on" in score:
-        return (f"{what}: held-out agreement <= {score['agreement']:.2%}, {accuracy_change(score['accuracy_drop_pts'])} "
-                f"(ranking: run where answers move, {score['ranked_on']} images)")
-    return (f"{what}: held-out agreement {score['agreement']:.2%}, {accuracy_change(score['accuracy_drop_pts'])}, "
-            f"{'within' if within(score, max_drop_pts) else 'over'} budget")
+        return (f"{what}: held-out agreement <= {score['agreement']:.2%}{flips_text(score)}, "
+                f"{accuracy_change(score['accuracy_drop_pts'])} (ranking: run where answers move, "
+                f"{score['ranked_on']} images)")
+    return (f"{what}: held-out agreement {score['agreement']:.2%}{flips_text(score)}, "
+            f"{accuracy_change(score['accuracy_drop_pts'])}, {'within' if within(score, max_drop_pts) else 'over'} budget")
 
 
 def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict], held: HeldOut,
@@ -384,6 +323,7 @@ def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict]
             "float_mac_share": chosen["float_mac_share"], "float_param_share": chosen["float_param_share"],
             "weight_only": bool(chosen.get("weight_only")), **({"float_weights": "int8"} if chosen.get("weight_only") else {}),
             "held_out_agreement": chosen["agreement"],
+            **{f"held_out_{k}": chosen[k] for k in ("flip_estimate", "flip_bound") if k in chosen},
             "held_out_accuracy_drop_pts": chosen["accuracy_drop_pts"], "plain_agreement": steps[0]["agreement"],
             "plain_accuracy_drop_pts": steps[0]["accuracy_drop_pts"], "within_budget": within(chosen, max_drop_pts),
             "steps": steps, "stages": {s: {"nodes": len(v["nodes"]), "mac_share": v["mac_share"],

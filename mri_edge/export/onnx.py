@@ -17,7 +17,8 @@ from .. import progress
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
 from ..runtime import METADATA_KEY
-from .accuracy import HeldOut, Scoring, mark_weight_only, recipe, stage_search, stages_from
+from .accuracy import Scoring, mark_weight_only, recipe, stage_search, stages_from
+from .heldout import HeldOut
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
 

@@ -16,7 +16,7 @@ from ..files import sha256_file
 from ..ov import RT_INFO_KEY, core
 
 if TYPE_CHECKING:
-    from .accuracy import HeldOut
+    from .heldout import HeldOut
 
 
 def from_onnx(onnx_path: Path):
@@ -109,7 +109,8 @@ def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, m
     is `quality`, so a drop of at most max_drop_pts bounds agreement and accuracy alike."""
     import nncf  # noqa: PLC0415
 
-    from .accuracy import METRIC, HeldOut, quality, within  # noqa: PLC0415, F811
+    from .accuracy import METRIC, quality, within  # noqa: PLC0415
+    from .heldout import HeldOut  # noqa: PLC0415, F811
 
     model = from_onnx(fp32_onnx)
     size = int(calib.shape[1])
@@ -144,6 +145,7 @@ def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, m
                          "held-out agreement and accuracy)", "max_drop_pts": max_drop_pts,
                "held_out_images": int(len(held.x)), "metric": METRIC, "float_ops": reverted,
                "float_nodes": len(reverted), "held_out_agreement": score["agreement"],
+               "held_out_flip_estimate": score["flip_estimate"], "held_out_flip_bound": score["flip_bound"],
                "held_out_accuracy_drop_pts": score["accuracy_drop_pts"], "within_budget": within(score, max_drop_pts)}
 
 

@@ -46,7 +46,7 @@ class WorkerContext:
 
     def validation(self):
         """The held-out images (accuracy.HeldOut), or None."""
-        from .accuracy import HeldOut  # noqa: PLC0415
+        from .heldout import HeldOut  # noqa: PLC0415
 
         if not self.val:
             return None
@@ -77,7 +77,9 @@ def float_parts(recipe: dict) -> str:
     drop = recipe.get("held_out_accuracy_drop_pts")
     acc = "" if drop is None else f", {accuracy_change(drop)}"
     weights = f", weights {recipe['float_weights']}" if "float_weights" in recipe else ""
-    return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{acc}"
+    bound = recipe.get("held_out_flip_bound")
+    flips = "" if bound is None else f", flips <= {bound:.2%} at 95%"
+    return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{flips}{acc}"
             f"{'' if recipe['within_budget'] else ', over budget'}{weights})")
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import METADATA_NAME
-from .accuracy import HeldOut, Scoring, int8_counts, recipe, stage_search, stages_from, step_cost, whole, within
+from .accuracy import Scoring, int8_counts, recipe, stage_search, stages_from, step_cost, whole, within
+from .heldout import HeldOut
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
 from .rewrite import per_tensor_depthwise, store_float_weights
@@ -361,8 +362,8 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
                 out = recipe(out["method"], step, steps, stages, held, max_drop_pts)
                 out["float_weights_check"] = check
             fb, out["float_weights"] = stored, weights
-            out["held_out_agreement"] = check["agreement"]
-            out["held_out_accuracy_drop_pts"] = check["accuracy_drop_pts"]
+            for key in ("agreement", "flip_estimate", "flip_bound", "accuracy_drop_pts"):
+                out[f"held_out_{key}"] = check[key]
             break
         failed = failed or check
     return fb, out
