@@ -59,7 +59,8 @@ def main() -> None:
         for q in ("none", "fp16"):  # the float files, timed beside them: what int8 buys over no int8
             files[f"{'fp32' if q == 'none' else q} file"] = tflite_bytes(str(work / "sm"), ExportJob("tflite", q, "float32"),
                                                                           None)
-        print(f"converted {len(files)} files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
+        print(f"built {len(files)} files (graph, calibration, conversions) in {time.time() - t:.0f} s; "
+              f"{len(x)} {args.split} images")
         meta = bare_meta(shipped)
         nets = {}
         for name, fb in files.items():

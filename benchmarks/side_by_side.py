@@ -41,10 +41,10 @@ def split_images(run_dir: Path, split: str, net) -> tuple[np.ndarray, np.ndarray
 
 
 def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
-    """(calibrated graph, its stages, batch-norm scales, quantize) for building int8 TFLite files
-    of the run as `mri-edge export` does (the calibration range and batch-norm scales of its
-    shipped file): quantize(stages, weights="fp32") keeps those stages (names as the search gives
-    them, "conv2.1-3" included) and the head with them in float."""
+    """(calibrated graph, its stages, quantize) for building int8 TFLite files of the run as
+    `mri-edge export` does (the calibration range and batch-norm scales of its shipped file):
+    quantize(kept) keeps those stages in float with float32 weights (names as the search gives
+    them, "conv2.1-3" included; the head only if "head" is among them)."""
     from mri_edge import export  # noqa: PLC0415
     from mri_edge.export.accuracy import part  # noqa: PLC0415
     from mri_edge.export.calibration import calibration_set  # noqa: PLC0415

@@ -878,3 +878,20 @@ def test_a_weight_only_file_that_is_all_there_is_gets_a_complete_score():
     chosen, cand, steps = stage_search(stages, attempt, 0.5, ["head"], weight_only)
     assert calls == ["early", "full"] and cand == "complete" and chosen["weight_only"]
     assert "stopped_after" not in chosen and chosen["agreement"] == 0.97 and steps[-1] == chosen
+
+
+def test_over_budget_the_search_keeps_the_best_bound_not_the_best_count():
+    """Scores with a flip bound are ranked by it: a candidate with more counted agreement but a
+    wider bound loses."""
+    from mri_edge.export.accuracy import stage_search, within
+
+    stages = {s: {"nodes": [s], "mac_share": c, "param_share": c, "cost": c} for s, c in (("conv2", 0.5), ("conv3", 0.3))}
+    scores = {(): (0.99, 0.03), ("conv2",): (1.0, 0.02), ("conv3",): (0.995, 0.01), ("conv2", "conv3"): (1.0, 0.015)}
+
+    def attempt(kept, mode="full"):
+        agreement, bound = scores[tuple(sorted(kept))]
+        return {"agreement": agreement, "flip_estimate": bound / 2, "flip_bound": bound, "accuracy": 0.9,
+                "accuracy_drop_pts": 0.0}, list(kept)
+
+    chosen, cand, _ = stage_search(stages, attempt, 0.5, [])
+    assert cand == ["conv3"] and not within(chosen, 0.5)

@@ -73,3 +73,35 @@ def test_changes_far_from_the_boundary_lend_nothing():
     d = changes(probs_of(logits), probs_of(noisy))
     assert np.allclose(d[:20], -15.0, atol=1e-3) and (m[:20] > 19).all()
     assert flip_estimate(probs_of(logits), probs_of(noisy)) == (0.0, 0.0)
+
+
+def test_the_bound_is_never_below_the_flips_agreement_counts():
+    """Far from the boundary no change is paired, yet a flip there still counts; so do a tie
+    that argmax breaks away from Keras's answer (int8 probabilities come in steps of 1/256)
+    and a NaN answer."""
+    from mri_edge.export.heldout import flip_estimate
+
+    sure = probs_of(np.tile([12.0, 0.0, -9.0, -9.0], (50, 1)))  # every margin 12 nats
+    cand = sure.copy()
+    cand[7] = probs_of(np.array([[0.0, 20.0, -9.0, -9.0]]))[0]  # one answer turned by 20 nats
+    assert flip_estimate(sure, cand) == (0.0, 1 / 50)
+    ref = np.tile([0.45, 0.55], (10, 1))
+    assert flip_estimate(ref, np.full((10, 2), 0.5))[1] == 1.0  # argmax 0, Keras 1
+    assert flip_estimate(ref, np.full((10, 2), np.nan)) == (1.0, 1.0)
+
+
+def test_a_score_stops_on_the_bound_before_any_answer_flips():
+    """Changes that bring every close call 90% of the way to the boundary flip nothing
+    themselves, but paired with the closer calls they do: the bound is over a 1-point budget
+    after the first chunk."""
+    from mri_edge.export.heldout import HeldOut
+
+    rng = np.random.default_rng(4)
+    m = rng.uniform(0.05, 1.0, 256)
+    logits = np.column_stack([m, np.zeros(256), np.full(256, -9.0), np.full(256, -9.0)])
+    moved = logits.copy()
+    moved[:, 0] -= 0.9 * m
+    ref, cand = probs_of(logits), probs_of(moved)
+    held = HeldOut(np.arange(256)[:, None, None, None].astype(np.uint8).repeat(3, -1), ref, np.zeros(256, int))
+    score = held.score_until(lambda x: cand[x[:, 0, 0, 0].astype(int)], 1.0, chunk=64)
+    assert score["stopped_after"] == 64 and score["agreement"] == 1.0 and score["flip_bound"] > 0.01

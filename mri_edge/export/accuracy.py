@@ -292,11 +292,13 @@ def accuracy_change(drop_pts: float) -> str:
 
 def flips_text(score: dict) -> str:
     """', flips 0.21% expected (<= 0.41% at 95%)' for a score with a flip estimate (a stopped
-    score: ', flips >= 0.52% at 95%', its bound so far), else ''."""
+    score: ', flips >= 0.52% at 95%', its bound so far; a ranking score: its estimate), else ''."""
     if "flip_bound" not in score:
         return ""
     if "stopped_after" in score:
         return f", flips >= {score['flip_bound']:.2%} at 95%"
+    if "ranked_on" in score:  # the first candidate's answers stand in elsewhere: neither a bound nor a rate
+        return f", flips {score['flip_estimate']:.2%} expected"
     return f", flips {score['flip_estimate']:.2%} expected (<= {score['flip_bound']:.2%} at 95%)"
 
 

@@ -67,10 +67,12 @@ def flip_estimate(ref: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
 
     Images left as ref (d = 0) add no flip, and the resamples depend only on the number of
     images: so a score that has run only some images is a lower bound of both, and can stop
-    once the bound is out of budget (`accuracy.HeldOut.score_until`)."""
-    _, m = margins(ref)
+    once the bound is out of budget (`HeldOut.score_until`). The floor is the flips counted as
+    agreement counts them (argmax: a tie goes to the lower class); a NaN answer is a flip."""
+    top, m = margins(ref)
     d = changes(ref, probs)
-    counted = float((d < -m).mean()) if len(m) else 0.0
+    d = np.where(np.isnan(d), -np.inf, d)
+    counted = float((np.asarray(probs, np.float32).argmax(1) != top).mean()) if len(m) else 0.0
     rng = np.random.default_rng(0)
     draws = [flip_rate(m[k], d[k]) for k in (rng.integers(0, len(m), len(m)) for _ in range(RESAMPLES))]
     bound = float(np.quantile(draws, CONFIDENCE)) if len(m) else 0.0
@@ -102,8 +104,8 @@ class HeldOut:
     labels: np.ndarray
 
     @cached_property
-    def top(self) -> np.ndarray:
-        return self.ref.argmax(1)
+    def top(self) -> np.ndarray:  # in float32, as flip_estimate reads ref
+        return np.asarray(self.ref, np.float32).argmax(1)
 
     @cached_property
     def order(self) -> np.ndarray:  # by the Keras model's top-2 margin

@@ -45,7 +45,7 @@ class WorkerContext:
         return np.load(self.calib) if self.calib else None
 
     def validation(self):
-        """The held-out images (accuracy.HeldOut), or None."""
+        """The held-out images (heldout.HeldOut), or None."""
         from .heldout import HeldOut  # noqa: PLC0415
 
         if not self.val:
