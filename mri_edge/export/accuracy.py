@@ -55,8 +55,9 @@ class Scoring:
 
 
 def within(score: dict, max_drop_pts: float) -> bool:
-    """Inside the budget: agreement and accuracy each lose at most max_drop_pts points (never
-    a score that stopped early or ranked a stage: only a complete score holds)."""
+    """Inside the budget: `assured` agreement (1 - the 95% flip bound) and accuracy each lose at
+    most max_drop_pts points (never a score that stopped early or ranked a stage: only a
+    complete score holds)."""
     return (not {"stopped_after", "ranked_on"} & set(score) and agrees_enough(score, max_drop_pts)
             and score["accuracy_drop_pts"] <= max_drop_pts + 1e-9)
 
