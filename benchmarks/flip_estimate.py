@@ -41,7 +41,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as td, quiet.native_stderr():  # the converters' log lines
         work = Path(td)
-        _, _, quantize = tflite_candidates(args.run, shipped, args.calib_size, work)
+        quantize = tflite_candidates(args.run, shipped, args.calib_size, work)
         for value in args.float_stages:
             kept = ["head"] + [s for s in value.split(",") if s]
             path = work / "candidate.tflite"

@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as td, quiet.native_stderr():  # the converters' log lines
         work = Path(td)
         t = time.time()
-        _, _, quantize = tflite_candidates(args.run, shipped, args.calib_size, work)
+        quantize = tflite_candidates(args.run, shipped, args.calib_size, work)
         files = {"plain (head in float)": quantize(["head"])}
         for kept in sets:
             fp32 = quantize(kept)

@@ -41,10 +41,10 @@ def split_images(run_dir: Path, split: str, net) -> tuple[np.ndarray, np.ndarray
 
 
 def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
-    """(calibrated graph, its stages, quantize) for building int8 TFLite files of the run as
-    `mri-edge export` does (the calibration range and batch-norm scales of its shipped file):
-    quantize(kept) keeps those stages in float with float32 weights (names as the search gives
-    them, "conv2.1-3" included; the head only if "head" is among them)."""
+    """quantize(kept) -> an int8 TFLite file of the run as `mri-edge export` builds it (the
+    calibration range and batch-norm scales of its shipped file; the float graph is written to
+    work/sm) with those stages in float and float32 weights (names as the search gives them,
+    "conv2.1-3" included; the head only if "head" is among them)."""
     from mri_edge import export  # noqa: PLC0415
     from mri_edge.export.accuracy import part  # noqa: PLC0415
     from mri_edge.export.calibration import calibration_set  # noqa: PLC0415
@@ -68,7 +68,7 @@ def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
         return quantize_calibrated(calibrated, ExportJob("tflite", "int8", "uint8", "head" in kept,
                                                          float_weights="fp32"), scales, nodes)
 
-    return calibrated, stages, quantize
+    return quantize
 
 
 def bare_meta(shipped) -> dict:

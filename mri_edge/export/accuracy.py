@@ -214,6 +214,13 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
 
     first, cand = step(list(base), "first")
     steps, candidates = [first], [cand]
+
+    def greedy(kept: list[str]) -> dict:  # a step of 2-4: measured (early stop) and recorded
+        st, cand = step(kept, "early")
+        steps.append(st)
+        candidates.append(cand)
+        return st
+
     if not within(first, max_drop_pts):
         alone = {}
         for s in stages:
@@ -224,29 +231,21 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
         kept = list(base)
         for s in order:
             kept.append(s)
-            st, cand = step(kept, "early")
+            st = greedy(kept)
             st["alone_gain"] = {k: alone[k] for k in kept if k in alone}
-            steps.append(st)
-            candidates.append(cand)
             if within(st, max_drop_pts):
                 break
         if within(steps[-1], max_drop_pts):  # what a later stage made unnecessary goes back to int8
             for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
                 fewer = [k for k in kept if k != s]
-                st, cand = step(fewer, "early")
-                steps.append(st)
-                candidates.append(cand)
-                if within(st, max_drop_pts):
+                if within(greedy(fewer), max_drop_pts):
                     kept = fewer
             for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
                 narrowed = s
                 while True:  # the first half that holds the budget alone replaces it, then is halved
                     for half in halves(stages, narrowed):
                         trial = [half if k == narrowed else k for k in kept]
-                        st, cand = step(trial, "early")
-                        steps.append(st)
-                        candidates.append(cand)
-                        if within(st, max_drop_pts):
+                        if within(greedy(trial), max_drop_pts):
                             kept, narrowed = trial, half
                             break
                     else:

@@ -57,7 +57,7 @@ def changes(ref: np.ndarray, probs: np.ndarray) -> np.ndarray:
 def flip_rate(m: np.ndarray, d: np.ndarray) -> float:
     """Share of (margin, change) pairs that flip, the changes taken from images under LOCAL."""
     local = np.sort(d[m < LOCAL])
-    if not len(local) or not len(m):
+    if not len(local):
         return 0.0
     return float(np.searchsorted(local, -m, side="left").sum() / (len(m) * len(local)))
 
@@ -70,13 +70,14 @@ def flip_estimate(ref: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     once the bound is out of budget (`HeldOut.score_until`). The floor is the flips counted as
     agreement counts them (argmax: a tie goes to the lower class); a NaN answer is a flip."""
     top, m = margins(ref)
+    if not len(m):
+        return 0.0, 0.0
     d = changes(ref, probs)
     d = np.where(np.isnan(d), -np.inf, d)
-    counted = float((np.asarray(probs, np.float32).argmax(1) != top).mean()) if len(m) else 0.0
+    counted = float((np.asarray(probs, np.float32).argmax(1) != top).mean())
     rng = np.random.default_rng(0)
     draws = [flip_rate(m[k], d[k]) for k in (rng.integers(0, len(m), len(m)) for _ in range(RESAMPLES))]
-    bound = float(np.quantile(draws, CONFIDENCE)) if len(m) else 0.0
-    return flip_rate(m, d), max(bound, counted)
+    return flip_rate(m, d), max(float(np.quantile(draws, CONFIDENCE)), counted)
 
 
 def assured(score: dict) -> float:
