@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mri_edge import export, quiet  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
-from mri_edge.export.onnx import onnx_int8, onnx_weight_only, pre_process  # noqa: E402
+from mri_edge.export.onnx import onnx_int8, onnx_store_weights, pre_process  # noqa: E402
 from mri_edge.runtime import OnnxModel, open_model  # noqa: E402
 from side_by_side import arguments, compare, split_images  # noqa: E402
 
@@ -41,7 +41,7 @@ def main() -> None:
         calib, _ = calibration_set(args.run, cfg, args.calib_size)
         t = time.time()
         onnx_int8(fp32_path, work / "plain.onnx", calib, threads=args.threads, workdir=work, float_head=True)
-        onnx_weight_only(pre_process(fp32_path, work / "pre.onnx"), work / "weight_only.onnx")  # as export makes it
+        onnx_store_weights(pre_process(fp32_path, work / "pre.onnx"), work / "weight_only.onnx", "int8")  # as export makes it
         print(f"made the plain and weight-only files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
         meta = {k: v for k, v in fp32.meta.items() if k not in ("model_sha256", "trust")}
         paths = {"plain int8 (head in float)": (work / "plain.onnx", {"quantization": "int8", "weight_bits": 7}),

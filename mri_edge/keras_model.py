@@ -41,7 +41,7 @@ class KerasModel(runtime.Model):
         super().__init__(path, meta, allow_other_resize)
         self.runtime_name = "keras"
 
-    def run(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
         import keras  # noqa: PLC0415
 
         from .model import no_grad  # noqa: PLC0415
@@ -60,7 +60,6 @@ def validation_reference(run_dir, log=print, with_images: bool = False) -> tuple
     """
     from .data import decode_images  # noqa: PLC0415
     from .files import read_json  # noqa: PLC0415
-    from .progress import Progress  # noqa: PLC0415
     from .report import write_json  # noqa: PLC0415
 
     run = RunFolder(run_dir)
@@ -76,13 +75,9 @@ def validation_reference(run_dir, log=print, with_images: bool = False) -> tuple
     net = KerasModel(run.model_path)
     images = decode_images(net, Path(manifest["root"]), [rel for rel, _ in rows], "validation images")
     if ref.get("source_model_sha256") != sha:
-        with Progress(len(rows), "Keras reference on the validation split") as bar:
-            probs = []
-            for i in range(0, len(rows), 32):
-                probs.append(net.run(images[i:i + 32]))
-                bar.update(len(probs[-1]))
+        probs = net.predict_arrays(images, 32, calibrated=False, label="Keras reference on the validation split")
         ref = {"class_names": manifest["class_names"], "paths": [rel for rel, _ in rows],
-               "labels": [int(k) for _, k in rows], "probs": np.concatenate(probs).tolist(), "source_model_sha256": sha}
+               "labels": [int(k) for _, k in rows], "probs": probs.tolist(), "source_model_sha256": sha}
         write_json(cache, ref)
         log(f"Keras reference on {len(rows)} validation images written to {cache}")
     return ref, images

@@ -80,6 +80,6 @@ class OpenVINOModel(runtime.Model):
             self._request = self.core.compile_model(self.net, "CPU", self.config).create_infer_request()
             self._batch = n
 
-    def run(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
         self._ensure_batch(len(batch_uint8))
         return np.array(self._request.infer({0: batch_uint8.astype(np.float32)})[0], np.float32)

@@ -188,9 +188,18 @@ class Model:
         """Path, bytes or array -> (S, S, 3) uint8 under the file's preprocessing contract."""
         return preprocess.load_image(source, self.image_size, self.resize_method)
 
+    chunk = 32  # images per call of the graph: its memory grows with the batch (574 at 128 px: 24 GB in Keras)
+
     def run(self, batch_uint8: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 raw pixels -> (N, K) float32 probabilities as the graph computes
-        them (before the stored temperature; `calibrated` applies it)."""
+        them (before the stored temperature; `calibrated` applies it), `chunk` images at a time."""
+        if len(batch_uint8) <= self.chunk:
+            return self.run_batch(batch_uint8)
+        return np.concatenate([self.run_batch(batch_uint8[i:i + self.chunk])
+                               for i in range(0, len(batch_uint8), self.chunk)])
+
+    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """`run` for one call of the graph (each back end's own)."""
         raise NotImplementedError
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
@@ -282,7 +291,7 @@ class TFLiteModel(Model):
             self.out_det = self.interp.get_output_details()[0]
             self._batch = n
 
-    def run(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
         self._ensure_batch(len(batch_uint8))
         s, z = self.in_det["quantization"]
         x = quantize(batch_uint8, np.dtype(self.in_det["dtype"]).name, s, z)
@@ -327,7 +336,7 @@ class OnnxModel(Model):
         self.runtime_name = f"onnxruntime[{self.sess.get_providers()[0]}]"
         self.in_name = self.sess.get_inputs()[0].name
 
-    def run(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
         return self.sess.run(None, {self.in_name: batch_uint8.astype(np.float32)})[0]
 
 

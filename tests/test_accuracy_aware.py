@@ -411,10 +411,10 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
     for name in ("model_int8.onnx", "model_int8.tflite"):
         meta = read_metadata(run / "exports" / name)
         recipe = meta["accuracy_aware"]
-        if name.endswith(".tflite"):  # what the metadata says is stored is what the search kept
-            stored = "fp16" if recipe.get("float_weights_check", {}).get("within_budget") else "fp32"
-            assert meta.get("float_weights") == recipe.get("float_weights") == (
-                stored if recipe["float_stages"] else None), recipe
+        # what the metadata says is stored is what the search kept
+        stored = "fp16" if recipe.get("float_weights_check", {}).get("within_budget") else "fp32"
+        assert meta.get("float_weights") == recipe.get("float_weights") == (
+            stored if recipe["float_stages"] else None), recipe
         assert recipe["max_drop_pts"] == 0 and recipe["held_out_images"] == 4, name
         assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 1.0 and
                                            recipe["held_out_accuracy_drop_pts"] <= 0), name
@@ -514,6 +514,11 @@ def test_float_head_keeps_float_probabilities_out_of_int8_files(micro_run, tmp_p
     tfl = open_model(run / "exports" / "model_int8.tflite")
     assert tfl.meta["float_weights"] == "fp16"
     assert [d["shape"][0] for d in tfl.interp.get_tensor_details() if d["dtype"] == np.float16] == [4]
+    import onnx  # and the ONNX file's, behind a Cast
+
+    proto = onnx.load(str(run / "exports" / "model_int8.onnx"))
+    assert open_model(run / "exports" / "model_int8.onnx").meta["float_weights"] == "fp16"
+    assert [t.dims[-1] for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16] == [4]  # MatMul
     res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--float-head"])
     assert res.exit_code == 1 and "--float-head applies to int8" in res.output
     res = CliRunner().invoke(main, ["export", str(run), "--format", "tflite", "--float-weights", "int8"])
@@ -735,14 +740,53 @@ def test_weight_only_int8_is_the_last_resort_before_going_over_budget():
     assert cand != "weight-only file" and not chosen.get("weight_only") and built == [0.998, 0.993]
 
 
+def test_float16_weights_of_a_quantized_onnx_file_fold_at_load(tmp_path):
+    """onnx_store_weights (fp16): only the float32 weights (the operations kept in float; an int8
+    weight behind its DequantizeLinear stays) become float16 behind a Cast, which onnxruntime
+    folds into a float32 weight when it loads the file: no Cast runs per call."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mri_edge.export.formats import ExportError
+    from mri_edge.export.onnx import onnx_store_weights
+
+    rng = np.random.default_rng(1)
+    w_q = rng.integers(-127, 128, (6, 3, 3, 3)).astype(np.int8)
+    w_gemm = rng.normal(0, 0.3, (4, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wc"], axis=0),
+         helper.make_node("Conv", ["x", "wc"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+         helper.make_node("Gemm", ["f", "wg"], ["y"], transB=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(w_q, "wq"), numpy_helper.from_array(np.full(6, 0.01, np.float32), "s"),
+         numpy_helper.from_array(np.zeros(6, np.int8), "z"), numpy_helper.from_array(w_gemm, "wg")])
+    src, dst = tmp_path / "mixed.onnx", tmp_path / "fp16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    assert onnx_store_weights(src, dst, "fp16") == 1
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
+    assert stored["wg_fp16"].dtype == np.float16 and stored["wq"].dtype == np.int8 and "wg" not in stored
+    x = rng.normal(0, 1, (5, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "as_run.onnx")
+    out = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(out - ref).max() < 1e-3 * np.abs(ref).max()
+    assert "Cast" not in {n.op_type for n in onnx.load(str(tmp_path / "as_run.onnx")).graph.node}
+    with pytest.raises(ExportError, match="fp16 or int8"):
+        onnx_store_weights(src, dst, "fp32")
+
+
 def test_weight_only_onnx_stores_int8_weights_and_runs_like_the_float_file(tmp_path):
-    """onnx_weight_only: each Conv/Gemm/MatMul weight int8 per output channel behind a
+    """onnx_store_weights (int8): each Conv/Gemm/MatMul weight int8 per output channel behind a
     DequantizeLinear, the same answers as the float file; the runtime folds them at load."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from mri_edge.export.onnx import onnx_weight_only
+    from mri_edge.export.onnx import onnx_store_weights
 
     rng = np.random.default_rng(0)
     w_conv = rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32) * rng.uniform(0.01, 1, (6, 1, 1, 1)).astype(np.float32)
@@ -757,7 +801,7 @@ def test_weight_only_onnx_stores_int8_weights_and_runs_like_the_float_file(tmp_p
         [numpy_helper.from_array(w, n) for w, n in ((w_conv, "wc"), (w_gemm, "wg"), (w_mm, "wm"))])
     src, dst = tmp_path / "float.onnx", tmp_path / "weight_only.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-    assert onnx_weight_only(src, dst) == 3
+    assert onnx_store_weights(src, dst, "int8") == 3
     proto = onnx.load(str(dst))
     dq = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     assert {k: v.attribute[0].i for k, v in dq.items()} == {"wc": 0, "wg": 0, "wm": 1}

@@ -22,6 +22,22 @@ def test_quantize_round_trip():
     assert f.dtype == np.float32
 
 
+def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
+    """Model.run bounds the images of one graph call (memory grows with the batch: one Keras call
+    on 574 images at 128 px took 24 GB), with the answers of one call per image."""
+    from mri_edge.runtime import open_model
+
+    model = open_model(micro_run / "model.keras")
+    x = np.random.default_rng(0).integers(0, 256, (model.chunk * 2 + 3, model.image_size, model.image_size, 3),
+                                          dtype=np.uint8)
+    calls = []
+    run_batch = model.run_batch
+    model.run_batch = lambda b: calls.append(len(b)) or run_batch(b)
+    probs = model.run(x)
+    assert calls == [model.chunk, model.chunk, 3] and probs.shape == (len(x), len(model.class_names))
+    assert np.allclose(probs, np.concatenate([run_batch(x[i:i + 1]) for i in range(len(x))]), atol=1e-5)
+
+
 def test_unsupported_and_foreign_files(tmp_path):
     bad = tmp_path / "m.pt"
     bad.write_bytes(b"x")

@@ -333,6 +333,47 @@ def recipe(method: str, chosen: dict, steps: list[dict], stages: dict[str, dict]
                                        if s in graph or s in chosen["float_stages"]}}
 
 
+def store_weights(out: dict, chosen: dict, steps: list[dict], stages: dict[str, dict], held: HeldOut,
+                  max_drop_pts: float, scoring: Scoring, float_weights: str,
+                  store: Callable[[list[str], str], tuple[object, Callable[[np.ndarray], np.ndarray]]]
+                  ) -> tuple[object | None, dict]:
+    """(file, recipe) with the float operations' weights of the chosen file stored as
+    float_weights, if it stays within the budget; (None, recipe) when it keeps float32 weights.
+    The stages were chosen with float32 weights; store(kept, weights) builds the file with
+    those stages in float and their weights stored so, and returns it with a function that runs it.
+    int8 weights that move the cheapest set out of the budget: a dearer set within it that holds
+    with them (one that step 3 or 4 of `stage_search` then narrowed), else fp16 weights, which
+    rarely move a file out. The same for TFLite and ONNX."""
+    if out["weight_only"] or not chosen["float_stages"]:
+        return None, out  # int8 weights already, or nothing in float
+    out["float_weights"] = "fp32"
+    if float_weights == "fp32" or not out["within_budget"]:
+        return None, out
+    tries = [(chosen, float_weights)]
+    if float_weights == "int8":
+        dearer = sorted((st for st in steps if st is not chosen and within(st, max_drop_pts)
+                         and not st.get("weight_only") and int8_counts(st)), key=step_cost)
+        tries += [(st, "int8") for st in dearer] + [(chosen, "fp16")]
+    failed = None
+    for step, weights in tries:
+        stored, run = store(step["float_stages"], weights)
+        score = scoring(run, "early")
+        check = {"weights": weights, **score, "within_budget": within(score, max_drop_pts)}
+        if failed:
+            check["instead_of"] = failed
+        out["float_weights_check"] = check
+        if check["within_budget"]:  # the recipe then describes the file written
+            if step is not chosen:
+                out = recipe(out["method"], step, steps, stages, held, max_drop_pts)
+                out["float_weights_check"] = check
+            out["float_weights"] = weights
+            for key in ("agreement", "flip_estimate", "flip_bound", "accuracy_drop_pts"):
+                out[f"held_out_{key}"] = check[key]
+            return stored, out
+        failed = failed or check
+    return None, out
+
+
 def mark_weight_only(meta: dict) -> None:
     """The metadata of a weight-only int8 file, the same for TFLite, ONNX and OpenVINO: its
     weights are int8 and no activation range went into it."""

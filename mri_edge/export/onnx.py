@@ -17,7 +17,7 @@ from .. import progress
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
 from ..runtime import METADATA_KEY
-from .accuracy import Scoring, mark_weight_only, recipe, stage_search, stages_from
+from .accuracy import Scoring, mark_weight_only, recipe, stage_search, stages_from, store_weights
 from .heldout import HeldOut
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
@@ -142,29 +142,44 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
                         nodes_to_exclude=list(nodes_to_exclude or []), **kwargs)
 
 
-def onnx_weight_only(src: Path, dst: Path) -> int:
-    """Weight-only int8: each Conv/Gemm/MatMul weight stored as int8 per output channel
-    (`rewrite.per_channel_int8`, as the TFLite files' float parts) behind a DequantizeLinear;
-    activations and compute stay float32. Returns how many weights were stored so.
+def onnx_store_weights(src: Path, dst: Path, dtype: str = "int8") -> int:
+    """Each float32 Conv/Gemm/MatMul weight of the file (in a quantized file, those of the
+    operations kept in float) stored as int8 per output channel (`rewrite.per_channel_int8`, as
+    the TFLite files' float parts) behind a DequantizeLinear, or as float16 behind a Cast to
+    float32; activations and compute stay float32. Returns how many weights were stored so.
 
-    Written here because onnxruntime's quantizers quantize the activations of every operation
-    they touch, and its weight-only tool (MatMulNBits) covers MatMul alone. Full 8-bit range:
-    no int8 kernel sees these weights (the runtime folds them back to float32 at load, see
-    `OnnxModel`), so the saturation that `onnx_int8`'s reduce_range avoids cannot happen."""
+    int8 on a float file is the weight-only int8 file, written here because onnxruntime's
+    quantizers quantize the activations of every operation they touch, and its weight-only tool
+    (MatMulNBits) covers MatMul alone. Full 8-bit range: no int8 kernel sees these weights (the
+    runtime folds them back to float32 at load, see `OnnxModel`), so the saturation that
+    `onnx_int8`'s reduce_range avoids cannot happen. In a file with int8 operations onnxruntime
+    keeps a DequantizeLinear (its QDQ fusions need them) and runs it on every call, so the float
+    parts of such a file store float16 weights: their Casts fold into float32 weights at load."""
     import onnx  # noqa: PLC0415
     from onnx import helper, numpy_helper  # noqa: PLC0415
 
     from .rewrite import per_channel_int8  # noqa: PLC0415
 
+    if dtype not in ("fp16", "int8"):
+        raise ExportError(f"float weights are stored as fp16 or int8, not {dtype!r}")
     proto = onnx.load(str(src))
     inputs = {i.name for i in proto.graph.input}  # an initializer listed as an input can be overridden: left as it is
-    init = {t.name: t for t in proto.graph.initializer if t.name not in inputs}
-    dequantize = {}
+    init = {t.name: t for t in proto.graph.initializer if t.name not in inputs and t.data_type == onnx.TensorProto.FLOAT}
+    made = {}
     for node in proto.graph.node:
         name = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
-        if name not in init or name in dequantize:
+        if name not in init or name in made:
             continue
-        w = numpy_helper.to_array(init[name]).astype(np.float32)
+        w = numpy_helper.to_array(init[name])
+        if dtype == "fp16":
+            half = w.astype(np.float16)
+            if not np.isfinite(half).all():
+                continue  # outside float16's range: stays float32
+            proto.graph.initializer.remove(init[name])
+            proto.graph.initializer.append(numpy_helper.from_array(half, f"{name}_fp16"))
+            made[name] = helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast",
+                                          to=onnx.TensorProto.FLOAT)
+            continue
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1  # the output channels
         # every weight: a channel's scale and one-byte zero point cost 5 bytes here (TFLite: 12)
@@ -173,15 +188,15 @@ def onnx_weight_only(src: Path, dst: Path) -> int:
         proto.graph.initializer.extend([numpy_helper.from_array(q[0], f"{name}_int8"),
                                         numpy_helper.from_array(q[1], f"{name}_scale"),
                                         numpy_helper.from_array(np.zeros(len(q[1]), np.int8), f"{name}_zero")])
-        dequantize[name] = helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
-                                            [name], name=f"{name}_dequantize", axis=axis)
+        made[name] = helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
+                                      [name], name=f"{name}_dequantize", axis=axis)
     # first in the graph: they read initializers only, and any node may use the weights they make
-    nodes = list(dequantize.values()) + list(proto.graph.node)
+    nodes = list(made.values()) + list(proto.graph.node)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     onnx.checker.check_model(proto)
     atomic_write_bytes(dst, proto.SerializeToString())
-    return len(dequantize)
+    return len(made)
 
 
 def onnx_io(path_or_bytes) -> dict:
@@ -274,9 +289,15 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     if meta["accuracy_aware"]["weight_only"]:
                         mark_weight_only(meta)
                         meta["weight_bits"] = 8  # no int8 kernel: full range, folded to float32 at load
+                    elif "float_weights" in meta["accuracy_aware"]:
+                        meta["float_weights"] = meta["accuracy_aware"]["float_weights"]
                 else:
                     onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir,
                               float_head=job.float_head)
+                    if job.float_head:  # float16 for int8 too: see onnx_store_weights
+                        meta["float_weights"] = "fp32" if job.float_weights == "fp32" else "fp16"
+                        if job.float_weights != "fp32":
+                            onnx_store_weights(q_path, q_path, "fp16")
                 proto = onnx.load(str(q_path))
             else:
                 proto = onnx.load(str(fp32_path))
@@ -335,33 +356,46 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
                         float_weights: str = "fp32") -> dict:
     """Write the cheapest int8 file found within the budget to out_path; returns its recipe.
     float_head: the head is in float in every candidate (`--float-head`). float_weights "int8":
-    a weight-only int8 file is the last resort (`stage_search`). The float stages of a file
-    that also runs int8 operations keep float32 weights: onnxruntime would dequantize int8
-    ones on every call there (its QDQ fusions keep DequantizeLinear from being folded)."""
+    the weight-only int8 file competes (`stage_search`). The float stages of a file that also
+    runs int8 operations store float16 weights for fp16 and int8 alike (`onnx_store_weights`),
+    fp32 ones for fp32, within the budget (`accuracy.store_weights`)."""
     pre = pre_process(fp32_path, workdir / "aware_pre.onnx")  # node names as the quantizer sees them
     stages = onnx_stages(pre)
     built: set[Path] = set()
 
     scoring = Scoring(held, max_drop_pts)
 
-    def attempt(kept: list[str], mode: str) -> tuple[dict, Path]:
+    def build(kept: list[str]) -> Path:
         path = workdir / f"aware_{'_'.join(kept) or 'plain'}.onnx"
         if path not in built:  # a score completed later runs the file already built
             built.add(path)
             onnx_int8(pre, path, calib, calib_range, threads=threads, workdir=workdir,
                       nodes_to_exclude=[n for s in kept for n in stages[s]["nodes"]],
                       ranges=workdir / "aware_ranges.json", pre_processed=True)
+        return path
+
+    def attempt(kept: list[str], mode: str) -> tuple[dict, Path]:
+        path = build(kept)
         return scoring(onnx_runner(path, threads), mode), path
 
     def weight_only(mode: str) -> tuple[dict, Path]:  # kept only within the budget: "early" stops once out of it
         path = workdir / "aware_weight_only.onnx"
-        stored = onnx_weight_only(pre, path)
+        stored = onnx_store_weights(pre, path, "int8")
         return {**scoring(onnx_runner(path, threads), mode), "int8_weights": stored}, path
 
     chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
                                        ["head"] if float_head and "head" in stages else [],
                                        weight_only if float_weights == "int8" else None,
                                        lambda line: progress.note(f"  int8 ONNX search: {line}"))
-    Path(path).replace(out_path)
-    return recipe("onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images", chosen,
-                  steps, stages, held, max_drop_pts)
+    out = recipe("onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images", chosen,
+                 steps, stages, held, max_drop_pts)
+
+    def stored(kept: list[str], weights: str) -> tuple[Path, Callable[[np.ndarray], np.ndarray]]:
+        dst = workdir / f"aware_{'_'.join(kept)}_{weights}.onnx"
+        onnx_store_weights(build(kept), dst, weights)
+        return dst, onnx_runner(dst, threads)
+
+    written, out = store_weights(out, chosen, steps, stages, held, max_drop_pts, scoring,
+                                 "fp16" if float_weights == "int8" else float_weights, stored)
+    Path(written or path).replace(out_path)
+    return out

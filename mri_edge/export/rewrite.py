@@ -84,7 +84,7 @@ def per_channel_int8(values: np.ndarray, axis: int, min_per_channel: int = 16):
     """(int8 weights, float32 scales) of a float weight, symmetric per output channel (`axis`),
     full 8-bit range; None for a weight with fewer than min_per_channel values per channel,
     where a per-channel scale would take more room than the weight. The one rule for the float
-    parts' int8 weights of TFLite (`store_float_weights`) and ONNX (`onnx.onnx_weight_only`)."""
+    parts' int8 weights of TFLite (`store_float_weights`) and ONNX (`onnx.onnx_store_weights`)."""
     channels = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
     if channels.shape[1] < min_per_channel:
         return None

@@ -18,7 +18,7 @@ import numpy as np
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import METADATA_NAME
-from .accuracy import Scoring, int8_counts, recipe, stage_search, stages_from, step_cost, whole, within
+from .accuracy import Scoring, recipe, stage_search, stages_from, store_weights, whole
 from .heldout import HeldOut
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
@@ -223,7 +223,7 @@ def tflite_probs(fb: bytes, meta: dict, x: np.ndarray, workdir: Path, threads: i
         path = Path(td) / "candidate.tflite"
         path.write_bytes(fb)
         net = TFLiteModel(path, {**meta, "input": {}, "output": {}}, threads=threads)
-        return np.concatenate([net.run(x[i:i + 32]) for i in range(0, len(x), 32)])
+        return net.run(x)
 
 
 def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dict, target: Path,
@@ -304,9 +304,9 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     (`rewrite.store_float_weights`); probs(fb, x) runs a candidate on images x, by default
     every held-out image. The stages are chosen with float32 weights (searched with rounded
     ones, the choice moved with single held-out answers that the rounding had moved); the chosen
-    file's float weights are then stored as float_weights if it stays within the budget (int8
-    weights that move it out: a dearer set within the budget that holds with them, else fp16).
-    The weight-only candidate (`stage_search`) is the all-float candidate stored as int8."""
+    file's float weights are then stored as float_weights if it stays within the budget
+    (`accuracy.store_weights`). The weight-only candidate (`stage_search`) is the all-float
+    candidate stored as int8."""
     stages = tflite_stages(calibrated)
     built: dict[frozenset, bytes] = {}
 
@@ -330,41 +330,11 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
                                      lambda line: progress.note(f"  int8 TFLite search: {line}"))
     out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
                  stages, held, max_drop_pts)
-    if out["weight_only"]:
-        return fb, out  # its weights are int8 already
-    if not chosen["float_stages"]:
-        return fb, out  # nothing in float: no weights to store
-    out["float_weights"] = "fp32"
-    if float_weights == "fp32" or not out["within_budget"]:
-        return fb, out
 
-    def stored_check(step: dict, weights: str) -> tuple[bytes, dict]:
-        stored = store(build(step["float_stages"]), weights)
-        score = scoring(lambda x: probs(stored, x), "early")
-        return stored, {"weights": weights, **score, "within_budget": within(score, max_drop_pts)}
+    def stored(kept: list[str], weights: str) -> tuple[bytes, Callable[[np.ndarray], np.ndarray]]:
+        fb = store(build(kept), weights)
+        return fb, lambda x: probs(fb, x)
 
-    tries = [(chosen, float_weights)]
-    if float_weights == "int8":
-        # int8 weights are asked for the smallest file: when they move the cheapest set out of the
-        # budget, a dearer set within it (one that step 3 or 4 then narrowed) that holds with them
-        # comes before fp16 weights, which rarely move a file out
-        dearer = sorted((st for st in steps if st is not chosen and within(st, max_drop_pts)
-                         and not st.get("weight_only") and int8_counts(st)), key=step_cost)
-        tries += [(st, "int8") for st in dearer] + [(chosen, "fp16")]
-    failed = None
-    for step, weights in tries:
-        stored, check = stored_check(step, weights)
-        if failed:
-            check["instead_of"] = failed
-        out["float_weights_check"] = check
-        if check["within_budget"]:  # the recipe then describes the file written
-            if step is not chosen:
-                out = recipe(out["method"], step, steps, stages, held, max_drop_pts)
-                out["float_weights_check"] = check
-            fb, out["float_weights"] = stored, weights
-            for key in ("agreement", "flip_estimate", "flip_bound", "accuracy_drop_pts"):
-                out[f"held_out_{key}"] = check[key]
-            break
-        failed = failed or check
-    return fb, out
+    written, out = store_weights(out, chosen, steps, stages, held, max_drop_pts, scoring, float_weights, stored)
+    return (fb if written is None else written), out
 
