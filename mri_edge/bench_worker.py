@@ -73,7 +73,7 @@ def _open(spec: dict):
 
     if rt == "openvino":
         m = ov.OpenVINOModel(path, threads)
-        return m.run, m.image_size, m.runtime_name
+        return m.run_batch, m.image_size, m.runtime_name  # one call of the graph, whatever the batch
     meta = runtime.read_metadata(path)
     if path.suffix == ".tflite":
         m = runtime.TFLiteModel(path, meta, threads, {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
@@ -83,7 +83,7 @@ def _open(spec: dict):
                      "onnxruntime-cuda": ["CUDAExecutionProvider"],
                      "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[rt]
         m = runtime.OnnxModel(path, meta, threads, providers, spec.get("ort_opt_level", "all"))
-    return m.run, m.image_size, m.runtime_name
+    return m.run_batch, m.image_size, m.runtime_name
 
 
 def worker(spec: dict) -> dict:

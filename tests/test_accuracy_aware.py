@@ -423,8 +423,20 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
     for fmt in ("ONNX", "TFLite"):  # each candidate, as the worker processes measure it
         assert f"int8 {fmt} search: nothing in float: held-out agreement" in res.output, res.output
     res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--quantize", "int8", "--max-drop", "0",
-                                    "--calib-size", "16", "--workers", "1"])
-    assert res.exit_code == 0 and "int8 ONNX search: nothing in float: held-out agreement" in res.output, res.output
+                                    "--calib-size", "16", "--workers", "1", "--float-head", "--float-weights", "int8"])
+    assert res.exit_code == 0 and "int8 ONNX search: head in float: held-out agreement" in res.output, res.output
+    # an ONNX file that runs int8 operations stores the float parts' weights as fp16, never int8,
+    # and its metadata says what the file holds
+    import onnx
+
+    meta = read_metadata(run / "exports" / "model_int8.onnx")
+    halves = [t for t in onnx.load(str(run / "exports" / "model_int8.onnx")).graph.initializer
+              if t.data_type == onnx.TensorProto.FLOAT16]
+    if meta.get("weight_only"):
+        assert meta["float_weights"] == "int8" and not halves
+    else:
+        assert meta["float_weights"] == meta["accuracy_aware"]["float_weights"] in ("fp16", "fp32")
+        assert bool(halves) == (meta["float_weights"] == "fp16"), meta["accuracy_aware"].get("float_weights_check")
     from mri_edge import progress
 
     assert progress._note_sink is None  # the in-process export let go of its log
@@ -546,6 +558,16 @@ def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
     # the same int8 graph on two runtimes: the same answers, probabilities within int8 rounding
     a, b = onnx_file.run(x), ov_file.run(x)
     assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 0.05
+    # the head's float16 weights: OpenVINO folds their Casts into float32 constants
+    from mri_edge.export.onnx import FP16_AS_FP32
+
+    assert onnx_file.meta["float_weights"] == "fp16" and ov_file.meta["float_weights"] == FP16_AS_FP32
+    # run's chunks (32, 32, 6) compile once per batch size, and later calls reuse them
+    many = np.concatenate([x] * 12)[:70]
+    first = ov_file.run(many)
+    compiled = dict(ov_file._requests)
+    assert sorted(compiled) == [6, 32] and np.allclose(ov_file.run(many), first)
+    assert all(ov_file._requests[k] is compiled[k] for k in compiled)
     res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--quantize", "int8",
                                     "--calib-size", "16"])  # auto without an int8 ONNX file: NNCF
     assert res.exit_code == 0, res.output

@@ -338,12 +338,14 @@ def store_weights(out: dict, chosen: dict, steps: list[dict], stages: dict[str, 
                   store: Callable[[list[str], str], tuple[object, Callable[[np.ndarray], np.ndarray]]]
                   ) -> tuple[object | None, dict]:
     """(file, recipe) with the float operations' weights of the chosen file stored as
-    float_weights, if it stays within the budget; (None, recipe) when it keeps float32 weights.
+    float_weights, if it stays within the budget; (None, recipe) when the chosen file is kept as
+    it is (float32 weights, nothing in float, or a weight-only file, whose weights are int8).
     The stages were chosen with float32 weights; store(kept, weights) builds the file with
     those stages in float and their weights stored so, and returns it with a function that runs it.
     int8 weights that move the cheapest set out of the budget: a dearer set within it that holds
     with them (one that step 3 or 4 of `stage_search` then narrowed), else fp16 weights, which
-    rarely move a file out. The same for TFLite and ONNX."""
+    rarely move a file out. One check for TFLite and ONNX (which asks for fp16 where int8 was
+    asked: `onnx.onnx_store_weights`)."""
     if out["weight_only"] or not chosen["float_stages"]:
         return None, out  # int8 weights already, or nothing in float
     out["float_weights"] = "fp32"

@@ -22,6 +22,10 @@ from .heldout import HeldOut
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
 
+# The float parts' weights of an OpenVINO file converted from an int8 ONNX file that stores them
+# as float16: OpenVINO folds each Cast into a float32 constant (the values stay the rounded ones).
+FP16_AS_FP32 = "fp32 (fp16 values)"
+
 
 def onnx_fp32(model, size: int, opset: int):
     import tensorflow as tf  # noqa: PLC0415
@@ -266,6 +270,10 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     net = openvino.from_int8_onnx(q_path)
                     meta.update({k: int8_onnx_meta[k] for k in ("accuracy_aware", "float_head", "weight_bits")
                                  if k in int8_onnx_meta})
+                    if int8_onnx_meta.get("float_weights") == "fp16":  # OpenVINO folds the Casts into float32
+                        meta["float_weights"] = FP16_AS_FP32
+                        if "float_weights" in meta.get("accuracy_aware", {}):
+                            meta["accuracy_aware"] = {**meta["accuracy_aware"], "float_weights": FP16_AS_FP32}
                     meta["int8_from"] = "model_int8.onnx (its QDQ graph, converted by OpenVINO)"
                     if int8_onnx_meta.get("weight_only"):
                         mark_weight_only(meta)
@@ -295,9 +303,8 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     onnx_int8(fp32_path, q_path, calib, calib_range, threads=threads, workdir=workdir,
                               float_head=job.float_head)
                     if job.float_head:  # float16 for int8 too: see onnx_store_weights
-                        meta["float_weights"] = "fp32" if job.float_weights == "fp32" else "fp16"
-                        if job.float_weights != "fp32":
-                            onnx_store_weights(q_path, q_path, "fp16")
+                        stored = job.float_weights != "fp32" and onnx_store_weights(q_path, q_path, "fp16")
+                        meta["float_weights"] = "fp16" if stored else "fp32"
                 proto = onnx.load(str(q_path))
             else:
                 proto = onnx.load(str(fp32_path))
@@ -356,7 +363,7 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
                         float_weights: str = "fp32") -> dict:
     """Write the cheapest int8 file found within the budget to out_path; returns its recipe.
     float_head: the head is in float in every candidate (`--float-head`). float_weights "int8":
-    the weight-only int8 file competes (`stage_search`). The float stages of a file that also
+    the weight-only int8 file is the last resort (`stage_search`). The float stages of a file that also
     runs int8 operations store float16 weights for fp16 and int8 alike (`onnx_store_weights`),
     fp32 ones for fp32, within the budget (`accuracy.store_weights`)."""
     pre = pre_process(fp32_path, workdir / "aware_pre.onnx")  # node names as the quantizer sees them
