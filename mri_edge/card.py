@@ -160,7 +160,9 @@ def build(run_dir) -> dict:
     small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",
               "Trained and tested on single 2-D slices from public datasets; not validated on other scanners, "
-              "protocols or populations."]
+              "protocols or populations.",
+              "It answers any image: an MRI of another kind (an Alzheimer slice given to the tumor model) can get "
+              "a confident answer that the threshold does not refer; only blank and tiny images are flagged."]
     if small:
         limits.append(f"Few test images for {', '.join(small)} (under 30): their sensitivity intervals are wide.")
     held = (cal or {}).get("held_out", {})

@@ -225,7 +225,7 @@ def predict(model_path, images, top_k, as_json, threads, allow_other_resize, xnn
     model = run_guarded(open_model, model_path, threads, allow_other_resize, xnnpack)
     paths = run_guarded(predict_lib.expand_inputs, images)
     if not paths:
-        raise click.ClickException("no image files matched")
+        raise click.ClickException(f"no image files matched {' '.join(images)}")
     failed = predict_lib.run(model, paths, top_k, as_json, click.echo)
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be read", err=True)

@@ -63,7 +63,7 @@ def explain(model_path, images, out_dir, method, grid, threads):
 
     paths = run_guarded(predict_lib.expand_inputs, images)
     if not paths:
-        raise click.ClickException("no image files matched")
+        raise click.ClickException(f"no image files matched {' '.join(images)}")
     out = run_guarded(explain_lib.explain_images, model_path, paths, out_dir, method, grid, threads, log=echo)
     for r in out["images"]:
         click.echo(f"{predict_lib.short_path(r['image']):50s} {r['class']:22s} {r['probability']:6.3f}  -> "

@@ -123,8 +123,9 @@ class RunFolder:
         if not self.path.is_dir():
             raise RunError(f"run folder not found: {self.path}")
         if not self.model_path.is_file():
+            inner = sorted(p.parent for p in self.path.glob("*/model.keras"))  # the demo's folder holds its run
             hint = " (unfinished run? continue it with `mri-edge train --resume`)" if self.state_path.is_file() else \
-                " (is it a finished `mri-edge train` run?)"
+                f" (the run is {inner[0]})" if len(inner) == 1 else " (is it a finished `mri-edge train` run?)"
             raise RunError(f"{self.path} has no model.keras{hint}")
         return self.model_path
 

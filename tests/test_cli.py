@@ -106,6 +106,9 @@ def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_da
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data_dir"] == str(moved) and cfg["evaluated"]["versions"]["backend"]
 
+    # a folder that holds one run (the demo's) names it
+    res = CliRunner().invoke(main, ["export", str(run.parent), "--format", "tflite"])
+    assert res.exit_code == 1 and f"has no model.keras (the run is {run})" in res.output, res.output
     (run / "model.keras").unlink()
     res = CliRunner().invoke(main, ["evaluate", str(run)])
     assert res.exit_code == 1 and "has no model.keras" in res.output

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -36,6 +37,12 @@ def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
     probs = model.run(x)
     assert calls == [model.chunk, model.chunk, 3] and probs.shape == (len(x), len(model.class_names))
     assert np.allclose(probs, np.concatenate([run_batch(x[i:i + 1]) for i in range(len(x))]), atol=1e-5)
+    # the graph normalises: pixels scaled already, or an image without its batch axis, are refused
+    for bad, says in ((x[:2] / 255.0, "raw pixels 0-255"), (x[:2] / 127.5 - 1, "raw pixels 0-255"),
+                      (x[0], f"(N, {model.image_size}, {model.image_size}, 3)")):
+        with pytest.raises(runtime.RuntimeModelError, match=re.escape(says)):
+            model.run(bad)
+    assert model.run(x[:2].astype(np.float32)).shape == (2, len(model.class_names))  # raw pixels as floats
 
 
 def test_unsupported_and_foreign_files(tmp_path):
