@@ -50,6 +50,19 @@ def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = G
     return (heat, target, probs[0]) if with_probs else (heat, target)
 
 
+def occlusion_maps(model, images: np.ndarray, idx, targets, name: str) -> list[np.ndarray]:
+    """The occlusion map of class targets[k] on images[idx[k]] through model, with a progress
+    line (verify: the Keras model's maps, then each file's)."""
+    from .progress import Progress  # noqa: PLC0415
+
+    maps = []
+    with Progress(len(idx), f"{name} occlusion maps ({GRID}x{GRID}) on {len(idx)} images") as bar:
+        for i, t in zip(idx, targets):
+            maps.append(occlusion(model, images[i], int(t))[0])
+            bar.update()
+    return maps
+
+
 def gradcam(model, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int]:
     """((h, w) Grad-CAM map at DenseNet121's last feature map, explained class) for a .keras model."""
     import keras  # noqa: PLC0415

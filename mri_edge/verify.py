@@ -21,7 +21,6 @@ from .run import RunFolder
 from .keras_model import validation_reference
 from .ov import size_on_disk
 from .runtime import open_model
-from .progress import Progress
 
 __all__ = ["DataMovedError", "VerifyError", "verify_run"]
 
@@ -157,7 +156,7 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     stale = trust_mismatch(model, RunFolder(root_run).trust() if root_run else None, model_sha)
     if keras_maps is not None:
         idx, targets, ref_maps = keras_maps
-        maps = [explain.occlusion(model, imgs[i], t)[0] for i, t in zip(idx, targets)]
+        maps = explain.occlusion_maps(model, imgs, idx, targets, f.name)
         r["explanation"] = {"method": f"occlusion {explain.GRID}x{explain.GRID}",
                             **explain.parity(ref_maps, maps, model.image_size)}
         r["thresholds"]["min_explanation_corr"] = thresholds.min_explanation_corr
@@ -193,14 +192,8 @@ def keras_explanations(run: RunFolder, root: Path, ref: dict, labels: np.ndarray
     if net.image_size not in decoded:
         decoded[net.image_size] = decode_images(net, root, ref["paths"], f"{split} images")
     idx = explanation_sample(labels, n)
-    targets = keras_probs[idx].argmax(1)
-    maps = []
-    with Progress(len(idx), f"Keras occlusion maps ({explain.GRID}x{explain.GRID}) on {len(idx)} images") as bar:
-        for i, t in zip(idx, targets):
-            maps.append(explain.occlusion(net, decoded[net.image_size][i], int(t))[0])
-            bar.update()
-    return idx, targets.tolist(), maps
-
+    targets = keras_probs[idx].argmax(1).tolist()
+    return idx, targets, explain.occlusion_maps(net, decoded[net.image_size], idx, targets, "Keras")
 
 def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, threads: int | None = None,
                batch_size: int = 16, dedup: str | None = None, log=print, split: str = "test",
