@@ -568,6 +568,9 @@ def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
     compiled = dict(ov_file._requests)
     assert sorted(compiled) == [6, 32] and np.allclose(ov_file.run(many), first)
     assert all(ov_file._requests[k] is compiled[k] for k in compiled)
+    # an int8 ONNX file exported again alone leaves the OpenVINO file converted from the old one: said
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--quantize", "int8", "--calib-size", "16"])
+    assert res.exit_code == 0 and "model_int8.xml was converted from the model_int8.onnx this export" in res.output
     res = CliRunner().invoke(main, ["export", str(run), "--format", "openvino", "--quantize", "int8",
                                     "--calib-size", "16"])  # auto without an int8 ONNX file: NNCF
     assert res.exit_code == 0, res.output

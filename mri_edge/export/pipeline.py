@@ -189,6 +189,11 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     results.sort(key=lambda r: order[r["file"]])
     failures.sort(key=lambda r: order[r["file"]])
     log(f"{len(results)} file(s) in {time.time() - started:.0f} s ({workers} worker{'s' if workers > 1 else ''})")
+    made = {r["file"] for r in results}
+    if "model_int8.onnx" in made and "model_int8.xml" not in made and \
+            records.get("model_int8.xml", {}).get("int8_from", "").startswith("model_int8.onnx"):
+        log("note: model_int8.xml was converted from the model_int8.onnx this export replaced; export "
+            "--format onnx --format openvino --quantize int8 to convert the new one")
     _write_index(run, records, model_sha, failures, started, workers)
     run.write_index()
     return results, failures

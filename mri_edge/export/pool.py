@@ -66,6 +66,7 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
             "seconds": time.time() - started, "sha256": sha256_file(data),
             **({"bn_scales": meta["bn_scales"]} if "bn_scales" in meta else {}),
             **({"float_weights": meta["float_weights"]} if "float_weights" in meta else {}),
+            **({"int8_from": meta["int8_from"]} if "int8_from" in meta else {}),
             **({"float_parts": float_parts(meta["accuracy_aware"])} if "accuracy_aware" in meta else {})}
 
 
