@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mri_edge import export, quiet  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
-from mri_edge.export.onnx import onnx_int8, onnx_store_weights, pre_process  # noqa: E402
+from mri_edge.export.onnx import onnx_int8, pre_process  # noqa: E402
+from mri_edge.export.rewrite import onnx_store_weights  # noqa: E402
 from mri_edge.runtime import OnnxModel, open_model  # noqa: E402
 from side_by_side import arguments, compare, split_images  # noqa: E402
 

@@ -207,6 +207,21 @@ def resize(img: np.ndarray, size: int, method: str | None = None) -> np.ndarray:
     return img[ys][:, xs]
 
 
+def check_batch(batch, size: int, name: str) -> np.ndarray:
+    """batch as an array, if it is (N, size, size, 3) raw pixels 0-255; a batch scaled to [0, 1]
+    or [-1, 1] already (common elsewhere; a model file normalises inside its graph) is refused."""
+    batch = np.asarray(batch)
+    if batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+        raise ImageError(f"{name} runs a batch of (N, {size}, {size}, 3) raw pixels, not shape {batch.shape}; "
+                         "model.preprocess(image) makes one image")
+    if batch.dtype != np.uint8 and batch.size:
+        low, high = float(batch.min()), float(batch.max())
+        if low < 0 or 0 < high <= 1:
+            raise ImageError(f"{name} runs raw pixels 0-255 (uint8), not values in [{low:.3g}, {high:.3g}]: it "
+                             "normalises them itself; model.preprocess(image) makes one image")
+    return batch
+
+
 def load_image(source, size: int | None = None, method: str | None = None) -> np.ndarray:
     """Path, bytes or array -> RGB uint8 (resized to size x size with `method` when size is given)."""
     if isinstance(source, np.ndarray):

@@ -191,18 +191,9 @@ class Model:
     chunk = 32  # images per call of the graph: its memory grows with the batch (574 at 128 px: 24 GB in Keras)
 
     def run(self, batch_uint8: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 raw pixels -> (N, K) float32 probabilities as the graph computes
-        them (before the stored temperature; `calibrated` applies it), `chunk` images at a time.
-        The model's own graph normalises: a batch already scaled to [0, 1] or [-1, 1] is refused."""
-        batch_uint8, s = np.asarray(batch_uint8), self.image_size
-        if batch_uint8.ndim != 4 or batch_uint8.shape[1:] != (s, s, 3):
-            raise RuntimeModelError(f"{self.path.name} runs a batch of (N, {s}, {s}, 3) raw pixels, not shape "
-                                    f"{batch_uint8.shape}; model.preprocess(image) makes one image")
-        if batch_uint8.dtype != np.uint8 and batch_uint8.size:
-            low, high = float(batch_uint8.min()), float(batch_uint8.max())
-            if low < 0 or 0 < high <= 1:
-                raise RuntimeModelError(f"{self.path.name} runs raw pixels 0-255 (uint8), not values in [{low:.3g}, "
-                                        f"{high:.3g}]: it normalises them itself; model.preprocess(image) makes one")
+        """(N, S, S, 3) uint8 raw pixels (`preprocess.check_batch`) -> (N, K) float32 probabilities as the
+        graph computes them (before the stored temperature; `calibrated` applies it), `chunk` images a call."""
+        batch_uint8 = preprocess.check_batch(batch_uint8, self.image_size, self.path.name)
         if len(batch_uint8) <= self.chunk:
             return self.run_batch(batch_uint8)
         return np.concatenate([self.run_batch(batch_uint8[i:i + self.chunk])

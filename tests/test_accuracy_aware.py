@@ -774,7 +774,7 @@ def test_float16_weights_of_a_quantized_onnx_file_fold_at_load(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     from mri_edge.export.formats import ExportError
-    from mri_edge.export.onnx import onnx_store_weights
+    from mri_edge.export.rewrite import onnx_store_weights
 
     rng = np.random.default_rng(1)
     w_q = rng.integers(-127, 128, (6, 3, 3, 3)).astype(np.int8)
@@ -811,7 +811,7 @@ def test_weight_only_onnx_stores_int8_weights_and_runs_like_the_float_file(tmp_p
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from mri_edge.export.onnx import onnx_store_weights
+    from mri_edge.export.rewrite import onnx_store_weights
 
     rng = np.random.default_rng(0)
     w_conv = rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32) * rng.uniform(0.01, 1, (6, 1, 1, 1)).astype(np.float32)

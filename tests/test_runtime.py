@@ -26,6 +26,7 @@ def test_quantize_round_trip():
 def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
     """Model.run bounds the images of one graph call (memory grows with the batch: one Keras call
     on 574 images at 128 px took 24 GB), with the answers of one call per image."""
+    from mri_edge.preprocess import ImageError
     from mri_edge.runtime import open_model
 
     model = open_model(micro_run / "model.keras")
@@ -40,7 +41,7 @@ def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
     # the graph normalises: pixels scaled already, or an image without its batch axis, are refused
     for bad, says in ((x[:2] / 255.0, "raw pixels 0-255"), (x[:2] / 127.5 - 1, "raw pixels 0-255"),
                       (x[0], f"(N, {model.image_size}, {model.image_size}, 3)")):
-        with pytest.raises(runtime.RuntimeModelError, match=re.escape(says)):
+        with pytest.raises(ImageError, match=re.escape(says)):
             model.run(bad)
     assert model.run(x[:2].astype(np.float32)).shape == (2, len(model.class_names))  # raw pixels as floats
 

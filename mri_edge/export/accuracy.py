@@ -345,7 +345,7 @@ def store_weights(out: dict, chosen: dict, steps: list[dict], stages: dict[str, 
     int8 weights that move the cheapest set out of the budget: a dearer set within it that holds
     with them (one that step 3 or 4 of `stage_search` then narrowed), else fp16 weights, which
     rarely move a file out. One check for TFLite and ONNX (which asks for fp16 where int8 was
-    asked: `onnx.onnx_store_weights`)."""
+    asked: `rewrite.onnx_store_weights`)."""
     if out["weight_only"] or not chosen["float_stages"]:
         return None, out  # int8 weights already, or nothing in float
     out["float_weights"] = "fp32"

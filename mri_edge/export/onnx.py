@@ -21,6 +21,7 @@ from .accuracy import Scoring, mark_weight_only, recipe, stage_search, stages_fr
 from .heldout import HeldOut
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
+from .rewrite import onnx_store_weights
 
 # The float parts' weights of an OpenVINO file converted from an int8 ONNX file that stores them
 # as float16: OpenVINO folds each Cast into a float32 constant (the values stay the rounded ones).
@@ -144,63 +145,6 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
                         weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, extra_options=options,
                         nodes_to_exclude=list(nodes_to_exclude or []), **kwargs)
-
-
-def onnx_store_weights(src: Path, dst: Path, dtype: str = "int8") -> int:
-    """Each float32 Conv/Gemm/MatMul weight of the file (in a quantized file, those of the
-    operations kept in float) stored as int8 per output channel (`rewrite.per_channel_int8`, as
-    the TFLite files' float parts) behind a DequantizeLinear, or as float16 behind a Cast to
-    float32; activations and compute stay float32. Returns how many weights were stored so.
-
-    int8 on a float file is the weight-only int8 file, written here because onnxruntime's
-    quantizers quantize the activations of every operation they touch, and its weight-only tool
-    (MatMulNBits) covers MatMul alone. Full 8-bit range: no int8 kernel sees these weights (the
-    runtime folds them back to float32 at load, see `OnnxModel`), so the saturation that
-    `onnx_int8`'s reduce_range avoids cannot happen. In a file with int8 operations onnxruntime
-    keeps a DequantizeLinear (its QDQ fusions need them) and runs it on every call, so the float
-    parts of such a file store float16 weights: their Casts fold into float32 weights at load."""
-    import onnx  # noqa: PLC0415
-    from onnx import helper, numpy_helper  # noqa: PLC0415
-
-    from .rewrite import per_channel_int8  # noqa: PLC0415
-
-    if dtype not in ("fp16", "int8"):
-        raise ExportError(f"float weights are stored as fp16 or int8, not {dtype!r}")
-    proto = onnx.load(str(src))
-    inputs = {i.name for i in proto.graph.input}  # an initializer listed as an input can be overridden: left as it is
-    init = {t.name: t for t in proto.graph.initializer if t.name not in inputs and t.data_type == onnx.TensorProto.FLOAT}
-    made = {}
-    for node in proto.graph.node:
-        name = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
-        if name not in init or name in made:
-            continue
-        w = numpy_helper.to_array(init[name])
-        if dtype == "fp16":
-            half = w.astype(np.float16)
-            if not np.isfinite(half).all():
-                continue  # outside float16's range: stays float32
-            proto.graph.initializer.remove(init[name])
-            proto.graph.initializer.append(numpy_helper.from_array(half, f"{name}_fp16"))
-            made[name] = helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast",
-                                          to=onnx.TensorProto.FLOAT)
-            continue
-        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-        axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1  # the output channels
-        # every weight: a channel's scale and one-byte zero point cost 5 bytes here (TFLite: 12)
-        q = per_channel_int8(w, axis, min_per_channel=1)
-        proto.graph.initializer.remove(init[name])
-        proto.graph.initializer.extend([numpy_helper.from_array(q[0], f"{name}_int8"),
-                                        numpy_helper.from_array(q[1], f"{name}_scale"),
-                                        numpy_helper.from_array(np.zeros(len(q[1]), np.int8), f"{name}_zero")])
-        made[name] = helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
-                                      [name], name=f"{name}_dequantize", axis=axis)
-    # first in the graph: they read initializers only, and any node may use the weights they make
-    nodes = list(made.values()) + list(proto.graph.node)
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    onnx.checker.check_model(proto)
-    atomic_write_bytes(dst, proto.SerializeToString())
-    return len(made)
 
 
 def onnx_io(path_or_bytes) -> dict:
