@@ -43,7 +43,9 @@ def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = G
     the model's own top class) when each cell is blacked out. Raw graph probabilities, so a
     stored temperature does not change the map's ranking. with_probs: also the image's own
     raw probabilities."""
-    probs = model.run(occlusion_batch(image, grid))
+    # one call of the graph: grid**2 + 1 images, a bounded batch, which a Keras model runs faster
+    # whole than in `run`'s chunks (128 px: 1.58 against 2.42 s a map)
+    probs = model.run_batch(occlusion_batch(image, grid))
     if target is None:
         target = int(probs[0].argmax())
     heat = (probs[0, target] - probs[1:, target]).reshape(grid, grid).astype(np.float32)

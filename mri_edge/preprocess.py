@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MriEdgeError
+from .integrity import RuntimeModelError
 
 # ImageNet statistics used by keras.applications.densenet ("torch" mode).
 # They live here so the model layer and the metadata quote the same numbers.
@@ -205,6 +206,29 @@ def resize(img: np.ndarray, size: int, method: str | None = None) -> np.ndarray:
     ys = np.clip(((np.arange(size) + 0.5) * h / size).astype(int), 0, h - 1)
     xs = np.clip(((np.arange(size) + 0.5) * w / size).astype(int), 0, w - 1)
     return img[ys][:, xs]
+
+
+def check_contract(path: Path, meta: dict, allow_other_resize: bool = False) -> str:
+    """The resize method to use for a model file, after checking its preprocessing record: the
+    contract version this runtime implements, the input size, and a resize this machine can
+    run exactly (another one only when `allow_other_resize`)."""
+    contract = meta.get("preprocessing")
+    if not contract:  # a .keras model read from its run folder, or a file from before the record
+        return resize_method()
+    version = contract.get("contract_version")
+    if version != CONTRACT_VERSION:
+        raise RuntimeModelError(f"{path}: made for preprocessing contract v{version}, this runtime implements "
+                                f"v{CONTRACT_VERSION}; re-export it, or use mri-edge "
+                                f"{meta.get('mri_edge_version', '?')}")
+    if [int(v) for v in contract.get("image_size", meta["input_size"])] != [int(v) for v in meta["input_size"]]:
+        raise RuntimeModelError(f"{path}: its preprocessing record says {contract['image_size']} px, its input "
+                                f"is {meta['input_size']}; the file is inconsistent")
+    recorded, here = recorded_resize(contract), resize_method()
+    if recorded != here and not allow_other_resize:
+        raise RuntimeModelError(f"{path}: its preprocessing resizes with {recorded}, this machine only has {here} "
+                                "(pip install opencv-python-headless), or accept the difference with "
+                                "--allow-other-resize")
+    return here
 
 
 def check_batch(batch, size: int, name: str) -> np.ndarray:

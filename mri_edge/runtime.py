@@ -146,29 +146,6 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (q.astype(np.float32) - zero_point) * scale
 
 
-def check_contract(path: Path, meta: dict, allow_other_resize: bool = False) -> str:
-    """The resize method to use for this file, after checking its preprocessing record: the
-    contract version this runtime implements, the input size, and a resize this machine can
-    run exactly (another one only when `allow_other_resize`)."""
-    contract = meta.get("preprocessing")
-    if not contract:  # a .keras model read from its run folder, or a file from before the record
-        return preprocess.resize_method()
-    version = contract.get("contract_version")
-    if version != preprocess.CONTRACT_VERSION:
-        raise RuntimeModelError(f"{path}: made for preprocessing contract v{version}, this runtime implements "
-                                f"v{preprocess.CONTRACT_VERSION}; re-export it, or use mri-edge "
-                                f"{meta.get('mri_edge_version', '?')}")
-    if [int(v) for v in contract.get("image_size", meta["input_size"])] != [int(v) for v in meta["input_size"]]:
-        raise RuntimeModelError(f"{path}: its preprocessing record says {contract['image_size']} px, its input "
-                                f"is {meta['input_size']}; the file is inconsistent")
-    recorded, here = preprocess.recorded_resize(contract), preprocess.resize_method()
-    if recorded != here and not allow_other_resize:
-        raise RuntimeModelError(f"{path}: its preprocessing resizes with {recorded}, this machine only has {here} "
-                                "(pip install opencv-python-headless), or accept the difference with "
-                                "--allow-other-resize")
-    return here
-
-
 class Model:
     """Common front of the TFLite and ONNX back ends."""
 
@@ -178,7 +155,7 @@ class Model:
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.image_size = int(meta["input_size"][0])
-        self.resize_method = check_contract(self.path, meta, allow_other_resize)
+        self.resize_method = preprocess.check_contract(self.path, meta, allow_other_resize)
         self.input = meta["input"]
         self.output = meta["output"]
         self.runtime_name = ""
@@ -194,10 +171,13 @@ class Model:
         """(N, S, S, 3) uint8 raw pixels (`preprocess.check_batch`) -> (N, K) float32 probabilities as the
         graph computes them (before the stored temperature; `calibrated` applies it), `chunk` images a call."""
         batch_uint8 = preprocess.check_batch(batch_uint8, self.image_size, self.path.name)
-        if len(batch_uint8) <= self.chunk:
+        if (n := len(batch_uint8)) <= self.chunk:
             return self.run_batch(batch_uint8)
-        return np.concatenate([self.run_batch(batch_uint8[i:i + self.chunk])
-                               for i in range(0, len(batch_uint8), self.chunk)])
+        # calls of one size, the last padded: a new batch size re-plans TFLite (XNNPACK packs float weights again)
+        calls = -(-n // self.chunk)
+        m = -(-n // calls)
+        x = np.concatenate([batch_uint8, np.repeat(batch_uint8[-1:], calls * m - n, axis=0)])
+        return np.concatenate([self.run_batch(x[i:i + m]) for i in range(0, n, m)])[:n]
 
     def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
         """`run` for one call of the graph (each back end's own)."""

@@ -562,11 +562,11 @@ def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
     from mri_edge.export.onnx import FP16_AS_FP32
 
     assert onnx_file.meta["float_weights"] == "fp16" and ov_file.meta["float_weights"] == FP16_AS_FP32
-    # run's chunks (32, 32, 6) compile once per batch size, and later calls reuse them
+    # run's chunks (3 x 24 for 70 images) compile once per batch size, and later calls reuse them
     many = np.concatenate([x] * 12)[:70]
     first = ov_file.run(many)
     compiled = dict(ov_file._requests)
-    assert sorted(compiled) == [6, 32] and np.allclose(ov_file.run(many), first)
+    assert sorted(compiled) == [6, 24] and np.allclose(ov_file.run(many), first)
     assert all(ov_file._requests[k] is compiled[k] for k in compiled)
     # an int8 ONNX file exported again alone leaves the OpenVINO file converted from the old one: said
     res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--quantize", "int8", "--calib-size", "16"])
