@@ -71,7 +71,7 @@ class OpenVINOModel(runtime.Model):
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.runtime_name = "openvino"
-        self._requests = {}  # batch -> compiled request: `run`'s chunks (32, 32, 1) compile once each
+        self._requests = {}  # batch size -> compiled request, each compiled once (`run` calls in one size)
 
     def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
         n = len(batch_uint8)

@@ -208,21 +208,20 @@ def onnx_store_weights(src: Path, dst: Path, dtype: str = "int8") -> int:
             half = w.astype(np.float16)
             if not np.isfinite(half).all():
                 continue  # outside float16's range: stays float32
-            proto.graph.initializer.remove(init[name])
-            proto.graph.initializer.append(numpy_helper.from_array(half, f"{name}_fp16"))
+            stored = [numpy_helper.from_array(half, f"{name}_fp16")]
             made[name] = helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast",
                                           to=onnx.TensorProto.FLOAT)
-            continue
-        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-        axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1  # the output channels
-        # every weight: a channel's scale and one-byte zero point cost 5 bytes here (TFLite: 12)
-        q = per_channel_int8(w, axis, min_per_channel=1)
+        else:
+            trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1  # the output channels
+            # every weight: a channel's scale and one-byte zero point cost 5 bytes here (TFLite: 12)
+            q = per_channel_int8(w, axis, min_per_channel=1)
+            stored = [numpy_helper.from_array(q[0], f"{name}_int8"), numpy_helper.from_array(q[1], f"{name}_scale"),
+                      numpy_helper.from_array(np.zeros(len(q[1]), np.int8), f"{name}_zero")]
+            made[name] = helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
+                                          [name], name=f"{name}_dequantize", axis=axis)
         proto.graph.initializer.remove(init[name])
-        proto.graph.initializer.extend([numpy_helper.from_array(q[0], f"{name}_int8"),
-                                        numpy_helper.from_array(q[1], f"{name}_scale"),
-                                        numpy_helper.from_array(np.zeros(len(q[1]), np.int8), f"{name}_zero")])
-        made[name] = helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
-                                      [name], name=f"{name}_dequantize", axis=axis)
+        proto.graph.initializer.extend(stored)
     # first in the graph: they read initializers only, and any node may use the weights they make
     nodes = list(made.values()) + list(proto.graph.node)
     del proto.graph.node[:]
