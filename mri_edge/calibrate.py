@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import groups, report, trust
+from . import familiar, groups, report, trust
+from .calibrate_report import summary_table, write_reports  # noqa: F401 (summary_table: the CLI's)
 from .config import CalibrateConfig, carve_seed
 from .data import decode_images
 from .errors import MriEdgeError
@@ -223,7 +224,9 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
             decoded[key] = decode_images(model, root, [rel for rel, _ in rows], what)
         return decoded[key]
 
-    def run_on(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    def run_on(path: Path) -> tuple[np.ndarray, np.ndarray, str, dict]:
+        """Probabilities on held-out and test images, the runtime's name, and the features of
+        held-out, test and --foreign images (None where the file has no features output)."""
         model = open_model(path, threads=threads)
         if model.class_names != names:
             raise CalibrateError(f"{path}: class names {model.class_names} differ from the run's {names}")
@@ -239,14 +242,25 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
             if tp["paths"] != [rel for rel, _ in test_rows]:
                 raise CalibrateError(f"{run.predictions_path} does not list the split manifest's test images")
             test = np.asarray(tp["probs"], np.float32)
+            feats = {"held_out": familiar.features(model, images(model, val_rows, "held-out images"),
+                                                   "held-out images")}
+            if test_rows:
+                feats["test"] = familiar.features(model, images(model, test_rows, "test images"), "test images")
         else:
-            val = model.predict_arrays(images(model, val_rows, "held-out images"), 32, calibrated=False,
-                                       label=f"{model.path.name} on held-out images")
-            test = model.predict_arrays(images(model, test_rows, "test images"), 32, calibrated=False,
-                                        label=f"{model.path.name} on test images") if test_rows else None
-        return val, test, model.runtime_name
+            val, f_val = model.predict_arrays(images(model, val_rows, "held-out images"), 32, calibrated=False,
+                                              label=f"{model.path.name} on held-out images", features=True)
+            test, f_test = model.predict_arrays(images(model, test_rows, "test images"), 32, calibrated=False,
+                                                label=f"{model.path.name} on test images", features=True) \
+                if test_rows else (None, None)
+            feats = {"held_out": f_val, **({"test": f_test} if test_rows else {})}
+        if cfg.foreign:
+            key = (model.image_size, "foreign")
+            if key not in decoded:
+                decoded[key] = familiar.foreign_images(model, cfg.foreign, cfg.foreign_limit)
+            feats["foreign"] = familiar.features(model, decoded[key], "foreign images")
+        return val, test, model.runtime_name, feats
 
-    ref_val, ref_test, ref_runtime = run_on(ref_path)
+    ref_val, ref_test, ref_runtime, ref_feats = run_on(ref_path)
     temperature = trust.fit_temperature(ref_val, y_val)
     cal_val = trust.scale(ref_val, temperature)
     threshold = trust.choose_threshold(cal_val, y_val, cfg.max_risk, cfg.coverage, cfg.risk_confidence)
@@ -258,6 +272,14 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         "twins_included": held["twins_included"],
         "temperature_at_bound": bool(min(abs(temperature - b) / b for b in trust.T_RANGE) < 0.01),
         "target": target(cfg)})
+    if ref_feats["held_out"] is not None:
+        ref_model = open_model(ref_path, threads=threads)
+        train_rows = familiar.training_rows(manifest, cfg.familiar_images)
+        f_train = familiar.features(ref_model, images(ref_model, train_rows, "training images"), "training images")
+        record.familiarity = familiar.fit(f_train, np.array([y for _, y in train_rows]), ref_feats["held_out"], cfg)
+    else:
+        log(f"note: {ref_path.name} has no features output (exported before mri-edge had one, or an ensemble): "
+            "no familiarity check")
     if record.fitted_on["temperature_at_bound"]:
         why = ("too few errors to fit it" if temperature < 1 else
                "its answers are little better than chance there, so every probability is flattened")
@@ -270,17 +292,21 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     log(f"temperature {temperature:.3f}, abstain below {threshold:.3f}, conformal q {q:.3f} (alpha {cfg.alpha}), "
         f"fitted on {held['n']} held-out images with {ref_path.name}")
 
+    def familiarity(feats: dict) -> dict:
+        return {"familiarity": {k: familiar.referred(record, f) for k, f in feats.items()}} \
+            if record.familiarity else {}
+
     results = {ref_path.name: {"held_out": evaluate(ref_val, y_val, record),
                                **({"test": evaluate(ref_test, y_test, record)} if ref_test is not None else {}),
-                               "reference": True}}
+                               "reference": True, **familiarity(ref_feats)}}
     for f in files:
         if f.resolve() == ref_path.resolve():
             continue
         if f.name in results:
             raise CalibrateError(f"--reference {ref_path} has the name of the run's own {f}; pass that file instead")
-        val, test, _ = run_on(f)
+        val, test, _, feats = run_on(f)
         results[f.name] = {"held_out": evaluate(val, y_val, record),
-                           **({"test": evaluate(test, y_test, record)} if test is not None else {})}
+                           **({"test": evaluate(test, y_test, record)} if test is not None else {}), **familiarity(feats)}
 
     # Store in each file (its model bytes untouched, their hash checked), then the run's record.
     # A file that already holds this record is left as it is: calibrating again changes no bytes.
@@ -304,91 +330,6 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         done.append(f.name)
     report.write_json(run.trust_path, record.to_dict())
     out = {"run_dir": str(run.path), "class_names": names, "trust": record.to_dict(), "held_out": held,
-           "files": results, "updated_files": [f.name for f in files]}
+           "files": results, "updated_files": [f.name for f in files], "foreign": cfg.foreign}
     write_reports(run, out)
     return out
-
-
-def write_reports(run: RunFolder, out: dict) -> None:
-    d = run.calibration_dir
-    d.mkdir(parents=True, exist_ok=True)
-    slim = {**out, "files": {n: {s: {k: v for k, v in r.items() if k != "coverage_risk"} if isinstance(r, dict) else r
-                                     for s, r in res.items()} for n, res in out["files"].items()}}
-    report.write_json(d / "calibrate.json", slim)
-    ref_name = next(n for n, r in out["files"].items() if r.get("reference"))
-    ref = out["files"][ref_name]
-    for split in ("held_out", "test"):
-        if split in ref:
-            for when in ("before", "after"):
-                cal = {**ref[split][when], "reliability": ref[split][f"reliability_{when}"], "bins": report.ECE_BINS}
-                report.plot_reliability(cal, d / f"reliability_{split}_{when}.png",
-                                        f"{ref_name}, {split.replace('_', '-')}, {when} temperature")
-    plot_coverage_risk(out, d / "coverage_risk.png")
-    report.write_text(d / "calibrate.md", markdown(out))
-    run.write_index()
-
-
-def plot_coverage_risk(out: dict, path: Path) -> None:
-    plt = report._plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, res in out["files"].items():
-        for split, style in (("held_out", "--"), ("test", "-")):
-            if split in res:
-                c = res[split]["coverage_risk"]
-                ax.plot(c["coverage"], c["risk"], style, label=f"{name} ({split.replace('_', '-')})", lw=1)
-    thr = out["trust"]["threshold"]
-    ax.set_xlabel("coverage (share answered)")
-    ax.set_ylabel("risk (error among answered)")
-    ax.set_title(f"Coverage-risk; stored threshold {thr:.3f}")
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
-    report.save_figure(fig, path)
-
-
-SUMMARY_HEADERS = ["file", "split", "images", "accuracy", "ECE before", "ECE after", "NLL before", "NLL after",
-                   "coverage at threshold", "risk at threshold", "set coverage / size"]
-
-
-def summary_table(out: dict) -> str:
-    return report.md_table(SUMMARY_HEADERS, summary_rows(out))
-
-
-def summary_rows(out: dict) -> list[list]:
-    rows = []
-    for name, res in out["files"].items():
-        for split in ("held_out", "test"):
-            if split not in res:
-                continue
-            r = res[split]
-            a = r.get("abstention", {})
-            s = r.get("sets", {})
-            rows.append([name, split.replace("_", "-"), r["n"], f"{r['before']['accuracy']:.4f}",
-                         f"{r['before']['ece']:.4f}", f"{r['after']['ece']:.4f}", f"{r['before']['nll']:.3f}",
-                         f"{r['after']['nll']:.3f}",
-                         f"{a['coverage']:.3f}" if a else "", f"{a['risk']:.4f}" if a else "",
-                         f"{s['coverage']:.3f} / {s['mean_size']:.2f}" if s else ""])
-    return rows
-
-
-def markdown(out: dict) -> str:
-    t = out["trust"]
-    h = out["held_out"]
-    return "\n".join([
-        "# Calibration, abstention and conformal sets", "",
-        f"Fitted on **{h['n']} held-out images**: {h['rule']}. 1-NN probe of them against training: "
-        f"{h['nn_probe_accuracy']:.1%} (test split: {h.get('test_nn_probe_accuracy', float('nan')):.1%}; close "
-        "values mean the held-out images are as new to the model as test images)."
-        + (" **They include near twins of training: expect the fit to be overconfident on new subjects.**"
-           if h["twins_included"] else ""), "",
-        f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`, minimum NLL)",
-        f"- abstention: answers with calibrated confidence below **{t['threshold']:.3f}** are marked "
-        f"\"{trust.REVIEW}\" (target: {trust.describe_target(t['fitted_on']['target'])})",
-        f"- conformal prediction sets at {1 - t['alpha']:.0%} coverage: classes join the set by falling calibrated "
-        f"probability while the probability mass before them is at most {t['conformal_q']:.3f} (the top class "
-        "always is in it)", "",
-        "Every file below carries this record in its metadata; every runtime applies it.", "",
-        summary_table(out), "",
-        "The test rows are reported only; nothing was fitted on them.", "",
-        "![coverage-risk](coverage_risk.png)", "",
-        "Reliability before and after: `reliability_held_out_before.png`, `reliability_held_out_after.png`, "
-        "`reliability_test_before.png`, `reliability_test_after.png`.", ""])

@@ -9,7 +9,7 @@ import math
 import platform
 from pathlib import Path
 
-from . import __version__, report, trust
+from . import __version__, familiar, report, trust
 from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
@@ -65,6 +65,24 @@ def _found(path: str, run: RunFolder) -> Path:
     if p.is_absolute() or p.is_file():
         return p
     return next((base / p for base in run.path.resolve().parents if (base / p).is_file()), p)
+
+
+def familiarity_limit(cal: dict | None) -> str:
+    """The model card's limitation on images of another kind, with what calibrate measured."""
+    fam = ((cal or {}).get("trust") or {}).get("familiarity")
+    if not fam:
+        return ("It answers any image: an MRI of another kind can get a confident answer that the threshold does "
+                "not refer; only blank and tiny images are flagged (files with a features output get a familiarity "
+                "check from `mri-edge calibrate`).")
+    text = (f"Images whose features lie farther than {fam['limit']:.2f} from the training images' are referred "
+            f"(1 in {round(1 / fam['fitted_on']['held_out_referred'])} held-out images); an image of another kind "
+            "that resembles the training images passes, and gets an answer as confident as any.")
+    measured = [(n, r["familiarity"]["foreign"]) for n, r in cal["files"].items()
+                if (r.get("familiarity") or {}).get("foreign")]
+    if measured:
+        text += " Measured on " + f"`{cal['foreign']}`: " + ", ".join(
+            f"{n} referred {r['referred']:.1%} of {r['n']}" for n, r in measured) + "."
+    return text
 
 
 def current_rows(rows: dict, metadata: dict, what: str, command: str, missing: list) -> dict:
@@ -131,7 +149,7 @@ def build(run_dir) -> dict:
     if cal:
         reference = next(n for n, r in cal["files"].items() if r.get("reference"))
         cal["files"] = current_rows(cal["files"], metadata, "calibration", f"mri-edge calibrate {run.path}", missing)
-        card["calibration"] = {"trust": cal["trust"], "held_out": cal["held_out"],
+        card["calibration"] = {"trust": familiar.without_arrays(cal["trust"]), "held_out": cal["held_out"],
                                "per_file": {n: {s: {"ece_before": r[s]["before"]["ece"], "ece_after": r[s]["after"]["ece"],
                                                     **({"abstention": r[s]["abstention"]} if "abstention" in r[s] else {}),
                                                     **({"sets": r[s]["sets"]} if "sets" in r[s] else {})}
@@ -161,8 +179,7 @@ def build(run_dir) -> dict:
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",
               "Trained and tested on single 2-D slices from public datasets; not validated on other scanners, "
               "protocols or populations.",
-              "It answers any image: an MRI of another kind (an Alzheimer slice given to the tumor model) can get "
-              "a confident answer that the threshold does not refer; only blank and tiny images are flagged."]
+              familiarity_limit(cal)]
     if small:
         limits.append(f"Few test images for {', '.join(small)} (under 30): their sensitivity intervals are wide.")
     held = (cal or {}).get("held_out", {})

@@ -123,7 +123,9 @@ def evaluate(run_dir, data_dir, dedup, fp16_weights):
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @options_from(ExportConfig)
-def export(run_dir, **options):
+@click.option("--add-features", is_flag=True, help="Only add the features output (calibrate's familiarity check "
+              "reads it) to files exported before it existed; their probabilities stay bit for bit.")
+def export(run_dir, add_features, **options):
     """Export a trained run to TFLite, ONNX and OpenVINO files with embedded metadata.
 
     An option that no planned file uses (say --bn-scales with --format onnx) is refused.
@@ -136,6 +138,8 @@ def export(run_dir, **options):
 
     from . import export as export_lib  # noqa: PLC0415
 
+    if add_features:
+        return run_guarded(export_lib.add_features_run, run_dir, log=echo)
     ctx = click.get_current_context()
     given = tuple(n for n in ("io_dtype", "calib_size", "calib_range", "bn_scales", "opset", "max_drop",
                                  "float_head", "float_weights", "openvino_int8")

@@ -274,6 +274,18 @@ class CalibrateConfig:
     max_probe_gap: float = option(0.1, "Refuse held-out images whose raw-pixel 1-NN accuracy against training beats "
                                        "the test split's by more than this (they are not new to the model).",
                                   minimum=0, maximum=1)
+    # An MRI of another kind gets answers as confident as the model's own (Alzheimer model on
+    # tumor scans): only its features tell (docs/trust.md, "Familiarity").
+    unfamiliar_rate: float = option(0.01, "Share of held-out images the familiarity check refers for review: the "
+                                          "feature distance above which an image counts as unlike the training "
+                                          "images.", minimum=0, maximum=1, max_open=True)
+    familiar_images: int = option(2000, "Training images (a class-stratified sample) the familiarity check is "
+                                        "fitted on.", minimum=20)
+    familiar_dims: int = option(64, "Main directions of the training features' spread the distance is measured "
+                                    "in.", minimum=1, maximum=4096)
+    foreign: str | None = option(None, "A folder of images of another kind (any depth): report the share the "
+                                       "familiarity check refers (nothing is fitted on them).")
+    foreign_limit: int = option(500, "At most this many --foreign images, chosen at random.", minimum=1)
 
     def __post_init__(self):
         if self.max_risk is not None and self.coverage is not None:

@@ -40,14 +40,26 @@ class KerasModel(runtime.Model):
                 "quantization": "none", "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
         super().__init__(path, meta, allow_other_resize)
         self.runtime_name = "keras"
+        self._with_features = None  # the model with its pooled features as a second output, built when asked
 
-    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch_uint8: np.ndarray, features: bool = False):
         import keras  # noqa: PLC0415
 
         from .model import no_grad  # noqa: PLC0415
 
+        x = batch_uint8.astype(np.float32)
         with no_grad():  # torch: no autograd graph (np.asarray refuses a tensor that needs grad)
-            return keras.ops.convert_to_numpy(self.net(batch_uint8.astype(np.float32), training=False))
+            if not features:
+                return keras.ops.convert_to_numpy(self.net(x, training=False))
+            if self._with_features is None:
+                # the exported files' second output (`export.rewrite.*_add_features`): the global pooling's
+                pool = [layer for layer in self.net.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
+                self._with_features = keras.Model(self.net.inputs[0], [self.net.outputs[0], pool[0].output]) \
+                    if len(pool) == 1 else False
+            if self._with_features is False:
+                return keras.ops.convert_to_numpy(self.net(x, training=False)), None
+            probs, feats = self._with_features(x, training=False)
+            return keras.ops.convert_to_numpy(probs), keras.ops.convert_to_numpy(feats).reshape(len(x), -1)
 
 
 def validation_reference(run_dir, log=print, with_images: bool = False) -> tuple[dict, np.ndarray | None]:

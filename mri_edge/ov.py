@@ -73,9 +73,14 @@ class OpenVINOModel(runtime.Model):
         self.runtime_name = "openvino"
         self._requests = {}  # batch size -> compiled request, each compiled once (`run` calls in one size)
 
-    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch_uint8: np.ndarray, features: bool = False):
         n = len(batch_uint8)
         if n not in self._requests:
             self.net.reshape([n, self.image_size, self.image_size, 3])
             self._requests[n] = self.core.compile_model(self.net, "CPU", self.config).create_infer_request()
-        return np.array(self._requests[n].infer({0: batch_uint8.astype(np.float32)})[0], np.float32)
+        out = self._requests[n].infer({0: batch_uint8.astype(np.float32)})
+        probs = np.array(out[0], np.float32)
+        if not features:
+            return probs
+        port = next((p for p in self._requests[n].model_outputs[1:] if runtime.FEATURES in p.get_names()), None)
+        return probs, None if port is None else np.array(out[port], np.float32).reshape(n, -1)

@@ -57,7 +57,9 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
             emit(f"calibrated: temperature {t.temperature:.3f}"
                  + (f"; answers below p {t.threshold:.3f} are marked '{trust.REVIEW}'" if t.threshold is not None
                     else "")
-                 + (f"; prediction sets at {1 - t.alpha:.0%} coverage" if t.conformal_q is not None else ""))
+                 + (f"; prediction sets at {1 - t.alpha:.0%} coverage" if t.conformal_q is not None else "")
+                 + (f"; images farther than {t.familiarity['limit']:.2f} from the training images' features are "
+                    "referred" if t.familiarity and model.has_features else ""))
         else:
             emit("not calibrated: probabilities are the model's raw softmax (run `mri-edge calibrate`)")
         emit(f"{'image':50s} {'prediction':22s} {'p':>6s}  top-{top_k}")
@@ -77,7 +79,7 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
             emit(json.dumps({"image": str(p), "label": r.label, "index": r.index, "probabilities": r.probabilities,
                              "top_k": top, "calibrated": r.calibrated, "uncertain": r.uncertain,
                              "prediction_set": r.prediction_set, "set_coverage": r.set_coverage,
-                             "warnings": r.warnings,
+                             "warnings": r.warnings, "feature_distance": r.distance,
                              "timing_ms": {k: round(v, 3) for k, v in r.timing_ms.items()}}))
         else:
             extra = ""

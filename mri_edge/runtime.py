@@ -30,6 +30,7 @@ from .integrity import RuntimeModelError, check_integrity, check_kind
 
 METADATA_NAME = "mri_edge_metadata.json"  # file inside the ZIP appended to .tflite files
 METADATA_KEY = "mri_edge"  # ONNX metadata_props key
+FEATURES = "features"  # the exported files' second output: the pooled features the head reads (trust.distance)
 
 
 def load_interpreter_class(prefer: str | None = None):
@@ -122,6 +123,7 @@ class Prediction:
     prediction_set: list[str] | None = None  # conformal set at the file's stored coverage
     set_coverage: float | None = None  # 1 - alpha of that set
     warnings: list[str] = field(default_factory=list)  # an input the model was not made for: referred for review
+    distance: float | None = None  # from the training images' features (trust.distance); None: no check
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
@@ -160,6 +162,7 @@ class Model:
         self.output = meta["output"]
         self.runtime_name = ""
         self.trust = trust.Trust.from_meta(meta)  # None: the file was never calibrated
+        self.has_features = FEATURES in meta or meta.get("format") == "keras"  # a second output: trust.distance
 
     def preprocess(self, source) -> np.ndarray:
         """Path, bytes or array -> (S, S, 3) uint8 under the file's preprocessing contract."""
@@ -167,19 +170,24 @@ class Model:
 
     chunk = 32  # images per call of the graph: its memory grows with the batch (574 at 128 px: 24 GB in Keras)
 
-    def run(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def run(self, batch_uint8: np.ndarray, features: bool = False):
         """(N, S, S, 3) uint8 raw pixels (`preprocess.check_batch`) -> (N, K) float32 probabilities as the
-        graph computes them (before the stored temperature; `calibrated` applies it), `chunk` images a call."""
+        graph computes them (before the stored temperature; `calibrated` applies it), `chunk` images a call.
+        features=True: (probabilities, (N, C) pooled features or None where the file has no such output)."""
         batch_uint8 = preprocess.check_batch(batch_uint8, self.image_size, self.path.name)
         if (n := len(batch_uint8)) <= self.chunk:
-            return self.run_batch(batch_uint8)
+            return self.run_batch(batch_uint8, features)
         # calls of one size, the last padded: a new batch size re-plans TFLite (XNNPACK packs float weights again)
         calls = -(-n // self.chunk)
         m = -(-n // calls)
         x = np.concatenate([batch_uint8, np.repeat(batch_uint8[-1:], calls * m - n, axis=0)])
-        return np.concatenate([self.run_batch(x[i:i + m]) for i in range(0, n, m)])[:n]
+        parts = [self.run_batch(x[i:i + m], features) for i in range(0, n, m)]
+        if not features:
+            return np.concatenate(parts)[:n]
+        feats = None if parts[0][1] is None else np.concatenate([f for _, f in parts])[:n]
+        return np.concatenate([p for p, _ in parts])[:n], feats
 
-    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch_uint8: np.ndarray, features: bool = False):
         """`run` for one call of the graph (each back end's own)."""
         raise NotImplementedError
 
@@ -192,7 +200,8 @@ class Model:
         raw = preprocess.load_image(source)  # as decoded, to check what the model is shown
         img = self.preprocess(raw)
         t1 = time.perf_counter()
-        probs = self.calibrated(self.run(img[None]))
+        probs, feats = self.run(img[None], features=True)
+        probs = self.calibrated(probs)
         t2 = time.perf_counter()
         i = int(np.argmax(probs[0]))
         out = Prediction(self.class_names[i], i, {n: float(p) for n, p in zip(self.class_names, probs[0])},
@@ -209,23 +218,35 @@ class Model:
             out.warnings.append(f"small image ({raw.shape[1]}x{raw.shape[0]} px) enlarged to {self.image_size} px")
         if float(img.reshape(-1, img.shape[-1]).std(0).max()) < 2.0:  # per channel: a solid colour is blank too
             out.warnings.append("blank image (no contrast)")
+        if self.trust and (d := self.trust.distances(feats)) is not None:
+            out.distance = float(d[0])
+            if out.distance > self.trust.familiarity["limit"]:
+                out.warnings.append(f"unlike the training images (feature distance {out.distance:.2f} > limit "
+                                    f"{self.trust.familiarity['limit']:.2f})")
         out.uncertain = out.uncertain or bool(out.warnings)
         return out
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 1, calibrated: bool = True,
-                       label: str | None = None) -> np.ndarray:
+                       label: str | None = None, features: bool = False):
         """(N, K) probabilities of decoded images, under the stored temperature unless
-        calibrated=False; with a label, a progress line on stderr."""
+        calibrated=False; with a label, a progress line on stderr. features=True: (probabilities,
+        pooled features or None), as `run`."""
         from .progress import Progress  # noqa: PLC0415
 
-        out = []
+        out, feats = [], []
         with Progress(len(images), label) if label else contextlib.nullcontext() as bar:
             for i in range(0, len(images), batch_size):
-                out.append(self.run(images[i : i + batch_size]))
+                probs, f = self.run(images[i : i + batch_size], features=True) if features else \
+                    (self.run(images[i : i + batch_size]), None)
+                out.append(probs)
+                feats.append(f)
                 if bar is not None:
-                    bar.update(len(out[-1]))
+                    bar.update(len(probs))
         probs = np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
-        return self.calibrated(probs) if calibrated else probs
+        probs = self.calibrated(probs) if calibrated else probs
+        if not features:
+            return probs
+        return probs, None if not feats or feats[0] is None else np.concatenate(feats)
 
 
 class TFLiteModel(Model):
@@ -252,8 +273,7 @@ class TFLiteModel(Model):
         except Exception as e:
             raise RuntimeModelError(f"{path}: the interpreter cannot load it ({type(e).__name__}: "
                                     f"{first_line(e)})") from None
-        self.in_det = self.interp.get_input_details()[0]
-        self.out_det = self.interp.get_output_details()[0]
+        self._details()
         if list(self.in_det["shape"][1:3]) != [self.image_size, self.image_size]:
             raise RuntimeModelError(f"{path}: its graph takes {list(self.in_det['shape'][1:3])} px, its metadata "
                                     f"says {self.image_size}; the file is inconsistent")
@@ -268,19 +288,28 @@ class TFLiteModel(Model):
             self.interp.resize_tensor_input(self.in_det["index"], [n, self.image_size, self.image_size, 3])
             with quiet.native_stderr():
                 self.interp.allocate_tensors()
-            self.in_det = self.interp.get_input_details()[0]
-            self.out_det = self.interp.get_output_details()[0]
+            self._details()
             self._batch = n
 
-    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def _details(self) -> None:
+        self.in_det = self.interp.get_input_details()[0]
+        outputs = self.interp.get_output_details()
+        self.out_det = outputs[0]
+        self.feat_det = next((d for d in outputs[1:] if d["name"] == FEATURES), None)
+
+    def run_batch(self, batch_uint8: np.ndarray, features: bool = False):
         self._ensure_batch(len(batch_uint8))
         s, z = self.in_det["quantization"]
         x = quantize(batch_uint8, np.dtype(self.in_det["dtype"]).name, s, z)
         self.interp.set_tensor(self.in_det["index"], x)
         self.interp.invoke()
-        q = self.interp.get_tensor(self.out_det["index"])
-        s, z = self.out_det["quantization"]
-        return dequantize(q, s, z)
+
+        def read(det):
+            return dequantize(self.interp.get_tensor(det["index"]), *det["quantization"])
+
+        if not features:
+            return read(self.out_det)
+        return read(self.out_det), None if self.feat_det is None else read(self.feat_det).reshape(len(x), -1)
 
 
 class OnnxModel(Model):
@@ -316,9 +345,15 @@ class OnnxModel(Model):
         self.sess = ort.InferenceSession(str(path), so, providers=providers)
         self.runtime_name = f"onnxruntime[{self.sess.get_providers()[0]}]"
         self.in_name = self.sess.get_inputs()[0].name
+        self.out_names = [self.sess.get_outputs()[0].name]
+        self.out_names += [o.name for o in self.sess.get_outputs()[1:] if o.name == FEATURES]
 
-    def run_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
-        return self.sess.run(None, {self.in_name: batch_uint8.astype(np.float32)})[0]
+    def run_batch(self, batch_uint8: np.ndarray, features: bool = False):
+        names = self.out_names if features else self.out_names[:1]
+        out = self.sess.run(names, {self.in_name: batch_uint8.astype(np.float32)})
+        if not features:
+            return out[0]
+        return out[0], out[1].reshape(len(batch_uint8), -1) if len(out) > 1 else None
 
 
 def cpu_has_vnni() -> bool | None:

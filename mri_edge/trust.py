@@ -1,5 +1,6 @@
-"""How far to trust one answer: temperature-scaled probabilities, an abstention threshold and
-conformal prediction sets. The record (`Trust`) travels in every exported file's metadata
+"""How far to trust one answer: temperature-scaled probabilities, an abstention threshold,
+conformal prediction sets and a familiarity check (how unlike the training images an image's
+pooled features are: the files' second output, `runtime.FEATURES`). The record (`Trust`) travels in every exported file's metadata
 (and in a run folder's trust.json for its model.keras), and every runtime applies it through
 `Trust.apply`, so the same image gets the same calibrated answer from each file.
 
@@ -15,6 +16,7 @@ output rounds small probabilities to 0, and log 0 has no temperature.
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -221,6 +223,40 @@ def set_coverage(probs: np.ndarray, labels: np.ndarray, q: float) -> dict:
             "singletons": float((sizes == 1).mean()) if len(sizes) else 0.0}
 
 
+def fit_familiarity(features: np.ndarray, labels: np.ndarray, dims: int = 64) -> dict:
+    """What `distance` needs to tell how unlike the training images an image is, from the
+    pooled features of training images: the class centres and a whitening projection onto
+    the `dims` main directions of the features' spread within their class (a Mahalanobis
+    distance with one covariance for all classes, Lee et al. 2018). The model's confidence
+    cannot tell this: an MRI of another kind gets answers as confident as its own kind's.
+    Fewer directions than features: the covariance of 1024 features from a few thousand
+    images is poorly known in its smallest directions, and those would dominate the distance."""
+    f = np.asarray(features, np.float64).reshape(len(features), -1)
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    means = np.stack([f[labels == c].mean(0) for c in classes])
+    spread = f - means[np.searchsorted(classes, labels)]
+    eigval, eigvec = np.linalg.eigh(spread.T @ spread / len(f))
+    k = min(dims, len(eigval), len(f) - len(classes))
+    if k < 1:
+        raise ValueError("too few training images to fit the familiarity check")
+    eigval, eigvec = eigval[::-1][:k], eigvec[:, ::-1][:, :k]
+    projection = (eigvec / np.sqrt(np.maximum(eigval, eigval[0] * 1e-6))).astype(np.float16)
+    return {"projection": base64.b64encode(projection.astype("<f2").tobytes()).decode("ascii"),
+            "shape": list(projection.shape), "centres": (means @ projection.astype(np.float64)).tolist()}
+
+
+def distance(features: np.ndarray, record: dict) -> np.ndarray:
+    """(N,) distance of each image's pooled features to the nearest class centre of the
+    training images, in standard deviations of their spread (root mean square over the
+    record's directions: about 1 for an image like the training ones)."""
+    shape = tuple(record["shape"])
+    projection = np.frombuffer(base64.b64decode(record["projection"]), "<f2").reshape(shape).astype(np.float64)
+    z = np.asarray(features, np.float64).reshape(len(features), -1) @ projection
+    d2 = ((z[:, None, :] - np.asarray(record["centres"])[None]) ** 2).sum(-1).min(1)
+    return np.sqrt(d2 / shape[1])
+
+
 @dataclass
 class Trust:
     """What `mri-edge calibrate` stores: temperature, abstention threshold (on calibrated top-1
@@ -231,6 +267,9 @@ class Trust:
     alpha: float | None = None
     conformal_q: float | None = None
     fitted_on: dict = field(default_factory=dict)
+    # `fit_familiarity`'s record, its "limit" (the distance above which an image is referred as
+    # unlike the training images) and how that was chosen; None: no check
+    familiarity: dict | None = None
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Trust | None":
@@ -240,7 +279,10 @@ class Trust:
         return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["familiarity"] is None:  # records without the check read and compare as they were written
+            del out["familiarity"]
+        return out
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
         return scale(probs, self.temperature)
@@ -259,6 +301,17 @@ class Trust:
         if self.conformal_q is not None:
             out["sets"] = set_coverage(calibrated, labels, self.conformal_q)
         return out
+
+    def distances(self, features: np.ndarray | None) -> np.ndarray | None:
+        """(N,) `distance` of each image, or None without a familiarity record or features."""
+        if self.familiarity is None or features is None:
+            return None
+        return distance(features, self.familiarity)
+
+    def unfamiliar(self, features: np.ndarray | None) -> np.ndarray | None:
+        """(N,) bool: images farther from the training images than the stored limit."""
+        d = self.distances(features)
+        return None if d is None else d > self.familiarity["limit"]
 
     def sets(self, calibrated: np.ndarray) -> list[list[int]] | None:
         return None if self.conformal_q is None else prediction_sets(calibrated, self.conformal_q)

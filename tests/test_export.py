@@ -338,3 +338,44 @@ def test_recover_rebuilds_the_keras_model_from_a_float_tflite_file(exported_run,
     want = np.asarray(base_of(net)(normalised, training=False))
     got = np.asarray(base_of(recovered)(normalised, training=False))
     assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_add_features_gives_older_files_the_output_without_changing_their_answers(micro_run, tmp_path):
+    """Files exported before the features output existed get it in place (`export --add-features`):
+    same probabilities bit for bit, the pooled features as a second output, and only once."""
+    import shutil
+
+    import onnx
+    from click.testing import CliRunner
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from mri_edge.cli import main
+    from mri_edge.run import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    x = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+    before = {}
+    for f in RunFolder(run).export_files():  # made as mri-edge made them before: one output
+        before[f.name] = open_model(f).run(x)
+        meta = runtime.read_metadata(f)
+        width = meta.pop(runtime.FEATURES)["shape"][-1]
+        if f.suffix == ".tflite":
+            m = flatbuffer_utils.convert_bytearray_to_object(f.read_bytes()[: meta["model_bytes"]])
+            m.subgraphs[0].outputs = m.subgraphs[0].outputs[:1]
+            f.write_bytes(tflite.append_tflite_metadata(bytes(flatbuffer_utils.convert_object_to_bytearray(m)), meta))
+        else:
+            proto = onnx.load(str(f))
+            del proto.graph.output[1]
+            proto.graph.node.remove(next(n for n in proto.graph.node if n.name == runtime.FEATURES))
+            onnx_backend.set_onnx_metadata(proto, meta)
+            f.write_bytes(onnx_backend.onnx_bytes(proto))
+        old = open_model(f)
+        assert not old.has_features and old.run(x, features=True)[1] is None
+    res = CliRunner().invoke(main, ["export", str(run), "--add-features"])
+    assert res.exit_code == 0, res.output
+    for f in RunFolder(run).export_files():
+        assert f.name in res.output
+        probs, feats = open_model(f).run(x, features=True)
+        assert np.array_equal(probs, before[f.name]) and feats.shape == (5, width), f.name
+        assert not export_lib.add_features(f)  # it has one now

@@ -34,11 +34,14 @@ def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
                                           dtype=np.uint8)
     calls = []
     run_batch = model.run_batch
-    model.run_batch = lambda b: calls.append(len(b)) or run_batch(b)
+    model.run_batch = lambda b, features=False: calls.append(len(b)) or run_batch(b, features)
     probs = model.run(x)
     size = -(-len(x) // 3)  # three calls of one size (the last padded): a new size re-plans TFLite
     assert calls == [size] * 3 and probs.shape == (len(x), len(model.class_names))
     assert np.allclose(probs, np.concatenate([run_batch(x[i:i + 1]) for i in range(len(x))]), atol=1e-5)
+    both, feats = model.run(x, features=True)  # the pooled features come through the same chunks
+    assert np.array_equal(both, probs) and len(feats) == len(x)
+    assert np.allclose(feats, np.concatenate([run_batch(x[i:i + 1], True)[1] for i in range(len(x))]), atol=1e-5)
     # the graph normalises: pixels scaled already, or an image without its batch axis, are refused
     for bad, says in ((x[:2] / 255.0, "raw pixels 0-255"), (x[:2] / 127.5 - 1, "raw pixels 0-255"),
                       (x[0], f"(N, {model.image_size}, {model.image_size}, 3)")):

@@ -146,6 +146,26 @@ def test_conformal_sets_reach_their_coverage_on_new_exchangeable_data():
     assert trust.conformal_quantile(probs[:5], labels[:5], 0.05) == 1.0  # too few images: every class
 
 
+def test_familiarity_distance_refers_features_unlike_the_training_ones():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (3, 32))
+    labels = rng.integers(0, 3, 1500)
+    spread = rng.normal(0, 1, (32, 32))  # correlated features: the whitening must undo it
+    feats = centres[labels] + rng.normal(0, 1, (1500, 32)) @ spread
+    held = centres[labels[:300]] + rng.normal(0, 1, (300, 32)) @ spread
+    other = rng.normal(0, 5, (300, 32)) @ spread + 20  # another kind: off every class
+    record = trust.fit_familiarity(feats, labels, dims=16)
+    assert record["shape"] == [32, 16] and len(record["centres"]) == 3
+    d_held, d_other = trust.distance(held, record), trust.distance(other, record)
+    assert 0.7 < np.median(d_held) < 1.3  # in standard deviations of the training spread
+    record["limit"] = float(np.quantile(d_held, 0.99))
+    # the record travels as JSON in every file's metadata and reads back to the same decisions
+    t = trust.Trust.from_meta({"trust": json.loads(json.dumps(trust.Trust(familiarity=record).to_dict()))})
+    assert t.unfamiliar(held).mean() <= 0.02 and t.unfamiliar(other).all()
+    assert np.array_equal(t.distances(other), d_other)
+    assert trust.Trust().unfamiliar(held) is None and t.unfamiliar(None) is None  # no record, no features: no check
+
+
 @pytest.fixture
 def calibrated_run(micro_run, tmp_path):
     """A copy of micro_run calibrated with a coverage target (so some answers abstain)."""
@@ -185,6 +205,18 @@ def test_calibrate_stores_one_record_that_every_runtime_applies_identically(cali
             assert np.array_equal(probs, trust.scale(m.predict_arrays(imgs, 8, calibrated=False), record["temperature"]))
     assert (run / "calibration" / "calibrate.md").is_file() and (run / "calibration" / "coverage_risk.png").is_file()
     assert "calibrate.md" in (run / "report.md").read_text()
+    # The familiarity check: fitted with model.keras, measured by every file through its own runtime
+    fam = record["familiarity"]
+    assert fam["limit"] > 0 and fam["fitted_on"]["held_out_images"] == out["held_out"]["n"]
+    _, ref_feats = keras.run(imgs, features=True)
+    for f in files:
+        m = open_model(f)
+        assert m.has_features and out["files"][f.name]["familiarity"]["held_out"]["n"] == out["held_out"]["n"]
+        probs, feats = m.run(imgs, features=True)
+        assert np.array_equal(probs, m.run(imgs))  # the second output changes nothing in the first
+        tol = 1e-3 if m.meta["quantization"] == "none" else 0.25
+        assert np.abs(feats - ref_feats).max() <= tol * np.abs(ref_feats).max(), f.name
+    assert "Familiarity" in (run / "calibration" / "calibrate.md").read_text()
     # Calibrating again with the same record leaves every file's bytes as they are (shipped
     # files do not change for nothing), and the report names the same files.
     from mri_edge.calibrate import calibrate_run
@@ -222,7 +254,9 @@ def test_predict_marks_answers_below_the_threshold_for_review(calibrated_run):
     thr = out["trust"]["threshold"]
     assert {r["uncertain"] for r in rows} == {True, False}  # coverage 0.5 on held-out: both kinds
     for r in rows:
-        assert r["calibrated"] and r["uncertain"] == (r["probabilities"][r["label"]] < thr)
+        unlike = [w for w in r["warnings"] if w.startswith("unlike the training images")]
+        assert (r["feature_distance"] > out["trust"]["familiarity"]["limit"]) == bool(unlike)
+        assert r["calibrated"] and r["uncertain"] == (r["probabilities"][r["label"]] < thr or bool(unlike))
         assert r["prediction_set"][0] == r["label"] and r["set_coverage"] == pytest.approx(0.8)
     text = CliRunner().invoke(main, ["predict", str(model), *images])
     assert trust.REVIEW in text.output and "set (80%)" in text.output

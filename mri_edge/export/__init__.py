@@ -26,7 +26,7 @@ _WHERE = {
                 "ExportJob", "plan"),
     "graph": ("deployment_graph",),
     "onnx": ("onnx_fp32", "onnx_int8", "set_onnx_metadata"),
-    "pipeline": ("export_run", "load_run", "rewrite_metadata", "table"),
+    "pipeline": ("add_features", "add_features_run", "export_run", "load_run", "rewrite_metadata", "table"),
     "pool": ("default_workers",),
     "rewrite": ("per_tensor_depthwise", "store_float_weights"),
     "tflite": ("append_tflite_metadata", "calibrated_graph", "tflite_io"),

@@ -16,12 +16,12 @@ import numpy as np
 from .. import progress
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
-from ..runtime import METADATA_KEY
+from ..runtime import FEATURES, METADATA_KEY
 from .accuracy import Scoring, mark_weight_only, recipe, stage_search, stages_from, store_weights
 from .heldout import HeldOut
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
-from .rewrite import onnx_store_weights
+from .rewrite import onnx_add_features, onnx_store_weights
 
 # The float parts' weights of an OpenVINO file converted from an int8 ONNX file that stores them
 # as float16: OpenVINO folds each Cast into a float32 constant (the values stay the rounded ones).
@@ -151,11 +151,13 @@ def onnx_io(path_or_bytes) -> dict:
     import onnxruntime as ort  # noqa: PLC0415
 
     s = ort.InferenceSession(path_or_bytes, providers=["CPUExecutionProvider"])
-    i, o = s.get_inputs()[0], s.get_outputs()[0]
-    return {"input": {"name": i.name, "dtype": "float32", "shape": [d if isinstance(d, int) else -1 for d in i.shape],
-                      "scale": 0.0, "zero_point": 0},
-            "output": {"name": o.name, "dtype": "float32", "shape": [d if isinstance(d, int) else -1 for d in o.shape],
-                       "scale": 0.0, "zero_point": 0}}
+    def record(port) -> dict:
+        return {"name": port.name, "dtype": "float32", "scale": 0.0, "zero_point": 0,
+                "shape": [d if isinstance(d, int) else -1 for d in port.shape or []]}
+
+    out = {"input": record(s.get_inputs()[0]), "output": record(s.get_outputs()[0])}
+    out.update({FEATURES: record(o) for o in s.get_outputs()[1:] if o.name == FEATURES})
+    return out
 
 
 def set_onnx_metadata(proto, meta: dict) -> None:
@@ -203,7 +205,9 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
         t = time.time()
         try:
             if not fp32_path.exists():
-                atomic_write_bytes(fp32_path, onnx_fp32(model, size, opset).SerializeToString())
+                proto = onnx_fp32(model, size, opset)
+                onnx_add_features(proto)  # every ONNX and OpenVINO file is made from this one
+                atomic_write_bytes(fp32_path, proto.SerializeToString())
             if job.fmt == "openvino":
                 from . import openvino  # noqa: PLC0415
 

@@ -101,7 +101,9 @@ def io_details(model) -> dict:
         dims = [d.get_length() for d in list(port.get_partial_shape())[1:]]
         return {"name": port.get_any_name(), "dtype": "float32", "shape": [-1, *dims], "scale": 0.0, "zero_point": 0}
 
-    return {"input": record(model.inputs[0]), "output": record(model.outputs[0])}
+    out = {"input": record(model.inputs[0]), "output": record(model.outputs[0])}
+    out.update({runtime.FEATURES: record(port) for port in model.outputs[1:] if runtime.FEATURES in port.get_names()})
+    return out
 
 
 def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float):

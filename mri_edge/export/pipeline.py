@@ -251,6 +251,60 @@ def table(results: list[dict]) -> str:
          + ([r.get("float_parts", "")] if aware else []) for r in results])
 
 
+def add_features(path: Path) -> bool:
+    """Give a file exported before it had one the features output (`runtime.FEATURES`, what the
+    familiarity check of `mri-edge calibrate` reads): the same graph, its pooled features also
+    handed out, so its probabilities stay bit for bit. False when it has one already or has no
+    single global pooling (an ensemble)."""
+    from ..integrity import check_integrity  # noqa: PLC0415
+    from ..runtime import FEATURES, read_metadata  # noqa: PLC0415
+
+    path = Path(path)
+    meta = read_metadata(path)
+    check_integrity(path, meta)
+    if FEATURES in meta:
+        return False
+    if path.suffix == ".tflite":
+        from .rewrite import tflite_add_features  # noqa: PLC0415
+        from .tflite import append_tflite_metadata, tflite_io  # noqa: PLC0415
+
+        fb = path.read_bytes()[: int(meta["model_bytes"])]
+        new = tflite_add_features(fb)
+        if new == fb:
+            return False
+        meta.update(tflite_io(new))
+        atomic_write_bytes(path, append_tflite_metadata(new, meta))
+        return True
+    if path.suffix == ".onnx":
+        import onnx  # noqa: PLC0415
+
+        from .onnx import onnx_bytes, onnx_io, set_onnx_metadata  # noqa: PLC0415
+        from .rewrite import onnx_add_features  # noqa: PLC0415
+
+        proto = onnx.load(str(path))
+        if not onnx_add_features(proto):
+            return False
+        meta.update(onnx_io(proto.SerializeToString()))
+        set_onnx_metadata(proto, meta)
+        atomic_write_bytes(path, onnx_bytes(proto))
+        return True
+    raise ExportError(f"{path}: export the run again for an OpenVINO file with features (it inherits them from "
+                      "the ONNX file it is converted from)")
+
+
+def add_features_run(run_dir, log=print) -> list[str]:
+    """`add_features` for each exported file of a run (`export --add-features`); the names of those changed."""
+    run = RunFolder(run_dir)
+    files = run.export_files()
+    if not files:
+        raise ExportError(f"{run.path}: no exported files")
+    quiet.import_tensorflow()  # the flatbuffer tools; its log lines stay hidden
+    changed = [f.name for f in files if add_features(f)]
+    log(f"features output added to: {', '.join(changed) or 'none (each has one, or no single pooling)'}; "
+        f"next: mri-edge calibrate {run_dir}")
+    return changed
+
+
 def rewrite_metadata(path: Path, meta: dict) -> None:
     """Give an exported file new metadata without touching its model bytes (their recorded
     hash is checked): how `mri-edge calibrate` stores its record in every file."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_bytes
+from ..runtime import FEATURES
 from .formats import ExportError
 
 
@@ -229,3 +230,50 @@ def onnx_store_weights(src: Path, dst: Path, dtype: str = "int8") -> int:
     onnx.checker.check_model(proto)
     atomic_write_bytes(dst, proto.SerializeToString())
     return len(made)
+
+
+
+def tflite_add_features(flatbuffer: bytes) -> bytes:
+    """The flatbuffer with the global pooling's output (MEAN) as a second output named
+    `FEATURES`, after the probabilities. Nothing is computed differently: the tensor existed,
+    now the interpreter hands it out. Unchanged without exactly one MEAN (an ensemble has one
+    per member) or when the graph already has more than one output."""
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    model = flatbuffer_utils.convert_bytearray_to_object(flatbuffer)
+    graph = model.subgraphs[0]
+    mean = {i for i, c in enumerate(model.operatorCodes)
+            if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.MEAN}
+    pools = [op for op in graph.operators if op.opcodeIndex in mean]
+    if len(pools) != 1 or len(graph.outputs) != 1:
+        return flatbuffer
+    out = int(pools[0].outputs[0])
+    graph.tensors[out].name = FEATURES.encode()
+    graph.outputs = np.array([int(graph.outputs[0]), out], dtype=np.int32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def onnx_add_features(proto) -> bool:
+    """Add the global pooling's output, squeezed to (N, C), to an ONNX graph as a second output
+    named `FEATURES` (through an Identity); False where there is no single pooling to take it
+    from. The same graph otherwise: the int8 and OpenVINO files made from it inherit it."""
+    import onnx  # noqa: PLC0415
+
+    graph = proto.graph
+    pools = [n for n in graph.node if n.op_type in ("GlobalAveragePool", "ReduceMean")]
+    if len(pools) != 1 or len(graph.output) != 1:
+        return False
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    tensor = pools[0].output[0]
+    while len(c := consumers.get(tensor, [])) == 1 and c[0].op_type in ("Squeeze", "Reshape", "Flatten"):
+        tensor = c[0].output[0]
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    dims = next(([d.dim_value or None for d in v.type.tensor_type.shape.dim] for v in inferred.value_info
+                 if v.name == tensor), [None, None])
+    graph.node.append(onnx.helper.make_node("Identity", [tensor], [FEATURES], name=FEATURES))
+    graph.output.append(onnx.helper.make_tensor_value_info(FEATURES, onnx.TensorProto.FLOAT, [None, *dims[1:]]))
+    return True

@@ -17,12 +17,12 @@ import numpy as np
 
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
-from ..runtime import METADATA_NAME
+from ..runtime import FEATURES, METADATA_NAME
 from .accuracy import Scoring, recipe, stage_search, stages_from, store_weights, whole
 from .heldout import HeldOut
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
-from .rewrite import per_tensor_depthwise, store_float_weights
+from .rewrite import per_tensor_depthwise, store_float_weights, tflite_add_features
 
 CALIB_BATCH = 10
 
@@ -179,7 +179,10 @@ def tflite_io(flatbuffer: bytes) -> dict:
 
     interp = load_interpreter_class()[0](model_content=flatbuffer)
     out = {}
-    for key, det in (("input", interp.get_input_details()[0]), ("output", interp.get_output_details()[0])):
+    outputs = interp.get_output_details()
+    records = [("input", interp.get_input_details()[0]), ("output", outputs[0])]
+    records += [(FEATURES, det) for det in outputs[1:] if det["name"] == FEATURES]
+    for key, det in records:
         scale, zp = det["quantization"]
         out[key] = {"name": det["name"], "dtype": np.dtype(det["dtype"]).name,
                     "shape": [int(v) for v in det["shape_signature"]], "scale": float(scale), "zero_point": int(zp)}
@@ -265,6 +268,7 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
         from .accuracy import mark_weight_only  # noqa: PLC0415
 
         mark_weight_only(meta)
+    fb = tflite_add_features(fb)
     meta.update(tflite_io(fb))
     atomic_write_bytes(target, append_tflite_metadata(fb, meta))
 

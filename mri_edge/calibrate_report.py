@@ -1,0 +1,94 @@
+"""The reports of `mri-edge calibrate`: calibrate.json, calibrate.md and its plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import familiar, report, trust
+from .run import RunFolder
+
+
+def write_reports(run: RunFolder, out: dict) -> None:
+    d = run.calibration_dir
+    d.mkdir(parents=True, exist_ok=True)
+    slim = {**out, "trust": familiar.without_arrays(out["trust"]), "files": {n: {s: {k: v for k, v in r.items() if k != "coverage_risk"} if isinstance(r, dict) else r
+                                     for s, r in res.items()} for n, res in out["files"].items()}}
+    report.write_json(d / "calibrate.json", slim)
+    ref_name = next(n for n, r in out["files"].items() if r.get("reference"))
+    ref = out["files"][ref_name]
+    for split in ("held_out", "test"):
+        if split in ref:
+            for when in ("before", "after"):
+                cal = {**ref[split][when], "reliability": ref[split][f"reliability_{when}"], "bins": report.ECE_BINS}
+                report.plot_reliability(cal, d / f"reliability_{split}_{when}.png",
+                                        f"{ref_name}, {split.replace('_', '-')}, {when} temperature")
+    plot_coverage_risk(out, d / "coverage_risk.png")
+    report.write_text(d / "calibrate.md", markdown(out))
+    run.write_index()
+
+
+def plot_coverage_risk(out: dict, path: Path) -> None:
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, res in out["files"].items():
+        for split, style in (("held_out", "--"), ("test", "-")):
+            if split in res:
+                c = res[split]["coverage_risk"]
+                ax.plot(c["coverage"], c["risk"], style, label=f"{name} ({split.replace('_', '-')})", lw=1)
+    thr = out["trust"]["threshold"]
+    ax.set_xlabel("coverage (share answered)")
+    ax.set_ylabel("risk (error among answered)")
+    ax.set_title(f"Coverage-risk; stored threshold {thr:.3f}")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    report.save_figure(fig, path)
+
+
+SUMMARY_HEADERS = ["file", "split", "images", "accuracy", "ECE before", "ECE after", "NLL before", "NLL after",
+                   "coverage at threshold", "risk at threshold", "set coverage / size"]
+
+
+def summary_table(out: dict) -> str:
+    return report.md_table(SUMMARY_HEADERS, summary_rows(out))
+
+
+def summary_rows(out: dict) -> list[list]:
+    rows = []
+    for name, res in out["files"].items():
+        for split in ("held_out", "test"):
+            if split not in res:
+                continue
+            r = res[split]
+            a = r.get("abstention", {})
+            s = r.get("sets", {})
+            rows.append([name, split.replace("_", "-"), r["n"], f"{r['before']['accuracy']:.4f}",
+                         f"{r['before']['ece']:.4f}", f"{r['after']['ece']:.4f}", f"{r['before']['nll']:.3f}",
+                         f"{r['after']['nll']:.3f}",
+                         f"{a['coverage']:.3f}" if a else "", f"{a['risk']:.4f}" if a else "",
+                         f"{s['coverage']:.3f} / {s['mean_size']:.2f}" if s else ""])
+    return rows
+
+
+def markdown(out: dict) -> str:
+    t = out["trust"]
+    h = out["held_out"]
+    return "\n".join([
+        "# Calibration, abstention and conformal sets", "",
+        f"Fitted on **{h['n']} held-out images**: {h['rule']}. 1-NN probe of them against training: "
+        f"{h['nn_probe_accuracy']:.1%} (test split: {h.get('test_nn_probe_accuracy', float('nan')):.1%}; close "
+        "values mean the held-out images are as new to the model as test images)."
+        + (" **They include near twins of training: expect the fit to be overconfident on new subjects.**"
+           if h["twins_included"] else ""), "",
+        f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`, minimum NLL)",
+        f"- abstention: answers with calibrated confidence below **{t['threshold']:.3f}** are marked "
+        f"\"{trust.REVIEW}\" (target: {trust.describe_target(t['fitted_on']['target'])})",
+        f"- conformal prediction sets at {1 - t['alpha']:.0%} coverage: classes join the set by falling calibrated "
+        f"probability while the probability mass before them is at most {t['conformal_q']:.3f} (the top class "
+        "always is in it)", "",
+        "Every file below carries this record in its metadata; every runtime applies it.", "",
+        summary_table(out), "",
+        "The test rows are reported only; nothing was fitted on them.", "",
+        *familiar.markdown(out),
+        "![coverage-risk](coverage_risk.png)", "",
+        "Reliability before and after: `reliability_held_out_before.png`, `reliability_held_out_after.png`, "
+        "`reliability_test_before.png`, `reliability_test_after.png`.", ""])

@@ -1,0 +1,108 @@
+"""The familiarity check of `mri-edge calibrate`: how far an image's pooled features lie from
+the training images' (`trust.fit_familiarity`, `trust.distance`), and the limit above which
+an answer is referred for review as "unlike the training images".
+
+Fitted once, with the calibration's reference model, on a class-stratified sample of training
+images; the limit is the distance that refers a chosen share of the held-out images (new
+subjects, so the share on test is about the same). Every exported file then measures its own
+distances through its own runtime and is reported: a file whose features moved under int8
+refers a different share. An image set of another kind (--foreign) reports the share it
+catches; nothing is fitted on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import report, trust
+from .config import CalibrateConfig
+from .data import list_images
+
+
+SEED = 0  # a fixed sample: calibrating again fits the same record
+
+
+def training_rows(manifest: dict, n: int, seed: int = SEED) -> list:
+    """At most n training rows of the split manifest, the same share of each class, chosen at random."""
+    rows = manifest["splits"]["train"]
+    if len(rows) <= n:
+        return list(rows)
+    rng = np.random.default_rng(seed)
+    labels = np.array([y for _, y in rows])
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep += rng.choice(idx, max(1, round(n * len(idx) / len(rows))), replace=False).tolist()
+    return [rows[i] for i in sorted(keep)]
+
+
+def foreign_images(model, folder: str | Path, limit: int, seed: int = SEED) -> np.ndarray:
+    """Up to `limit` images from a folder of another kind (any depth; junk ignored), decoded
+    under the model's preprocessing, chosen at random when there are more."""
+    from .calibrate import CalibrateError  # noqa: PLC0415
+
+    paths = list_images(Path(folder)) if Path(folder).is_dir() else []
+    if not paths:
+        raise CalibrateError(f"--foreign {folder}: no images there")
+    if len(paths) > limit:
+        paths = [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), limit, replace=False))]
+    from .data import decode_images  # noqa: PLC0415
+
+    return decode_images(model, Path(folder), [str(p.relative_to(folder)) for p in paths], "foreign images")
+
+
+def features(model, images: np.ndarray, what: str) -> np.ndarray | None:
+    return model.predict_arrays(images, 32, calibrated=False, label=f"{model.path.name} on {what}", features=True)[1]
+
+
+def fit(ref_feats_train: np.ndarray, y_train: np.ndarray, ref_feats_held: np.ndarray, cfg: CalibrateConfig) -> dict:
+    """The familiarity record: `trust.fit_familiarity` on training features, with the limit that
+    refers cfg.unfamiliar_rate of the held-out images."""
+    record = trust.fit_familiarity(ref_feats_train, y_train, cfg.familiar_dims)
+    held = trust.distance(ref_feats_held, record)
+    record["limit"] = float(np.quantile(held, 1 - cfg.unfamiliar_rate, method="higher"))
+    record["fitted_on"] = {"training_images": int(len(y_train)), "held_out_images": int(len(held)),
+                           "held_out_referred": cfg.unfamiliar_rate}
+    return record
+
+
+def referred(record: trust.Trust, feats: np.ndarray | None) -> dict | None:
+    """Share of images the stored limit refers, with their median distance."""
+    d = record.distances(feats)
+    if d is None:
+        return None
+    return {"n": int(len(d)), "referred": float((d > record.familiarity["limit"]).mean()),
+            "median_distance": float(np.median(d))}
+
+
+def without_arrays(record: dict) -> dict:
+    """A trust record for reports: the familiarity check's projection and centres (trust.json
+    and every file's metadata hold them) left out."""
+    fam = record.get("familiarity")
+    if not fam:
+        return record
+    return {**record, "familiarity": {k: v for k, v in fam.items() if k not in ("projection", "centres")}}
+
+
+def markdown(out: dict) -> list[str]:
+    """The calibration report's section on the familiarity check."""
+    fam = out["trust"].get("familiarity")
+    if not fam:
+        return ["No familiarity check: the reference model has no single global pooling to take features from "
+                "(an ensemble), or the files were exported before they had a features output.", ""]
+    rows = [[name, *[f"{r[s]['referred']:.1%} of {r[s]['n']}" if r.get(s) else "" for s in
+                     ("held_out", "test", "foreign")]]
+            for name, res in out["files"].items() if (r := res.get("familiarity"))]
+    fit_on = fam["fitted_on"]
+    foreign = out.get("foreign")
+    return [
+        "## Familiarity: images unlike the training images", "",
+        f"The pooled features of {fit_on['training_images']} training images give the class centres and the "
+        f"{fam['shape'][1]} main directions of their spread; an image farther than **{fam['limit']:.2f}** standard "
+        f"deviations from every centre is marked \"{trust.REVIEW}\" as unlike the training images. The limit refers "
+        f"{fit_on['held_out_referred']:.0%} of the held-out images. Confidence cannot tell this: an MRI of another "
+        "kind gets answers as confident as the model's own kind.", "",
+        report.md_table(["file", "held-out referred", "test referred",
+                         f"foreign referred ({foreign})" if foreign else "foreign referred (no --foreign)"], rows), ""]
