@@ -78,7 +78,7 @@ def litert_int8_conv_rates(threads: tuple[int, ...] = (1, 2), runs: int = 30) ->
     """int8 convolution rate (GMAC/s) LiteRT reaches on this CPU, per probe shape and thread count."""
     import tensorflow as tf
 
-    from mri_edge.runtime import load_interpreter_class
+    from mri_edge.interpreters import load_interpreter_class
 
     interpreter_cls, _ = load_interpreter_class()
     rates = {}

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mri_edge import export, keras_model, runtime  # noqa: E402
+from mri_edge import export, interpreters, keras_model, runtime  # noqa: E402
 from mri_edge.runtime import open_model  # noqa: E402
 
 
@@ -73,9 +73,9 @@ def ranked_layers(calibrated: bytes, images: np.ndarray) -> list[str]:
 
 
 def _tensors(fb: bytes, x: np.ndarray, names: set[str]) -> dict:
-    cls = runtime.load_interpreter_class()[0]
+    cls = interpreters.load_interpreter_class()[0]
     it = cls(model_content=fb, experimental_preserve_all_tensors=True, num_threads=os.cpu_count(),
-             experimental_op_resolver_type=runtime.no_delegate_resolver(cls))
+             experimental_op_resolver_type=interpreters.no_delegate_resolver(cls))
     inp = it.get_input_details()[0]
     it.resize_tensor_input(inp["index"], [len(x), *inp["shape"][1:]])
     it.allocate_tensors()

@@ -292,13 +292,17 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     log(f"temperature {temperature:.3f}, abstain below {threshold:.3f}, conformal q {q:.3f} (alpha {cfg.alpha}), "
         f"fitted on {held['n']} held-out images with {ref_path.name}")
 
-    def familiarity(feats: dict) -> dict:
-        return {"familiarity": {k: familiar.referred(record, f) for k, f in feats.items()}} \
-            if record.familiarity else {}
+    def familiarity(name: str, feats: dict) -> dict:
+        if not record.familiarity:
+            return {}
+        if feats["held_out"] is None:
+            log(f"warning: {name} has no features output, so no familiarity check: mri-edge export "
+                f"{run.path} --add-features, then calibrate again")
+        return {"familiarity": {k: familiar.referred(record, f) for k, f in feats.items()}}
 
     results = {ref_path.name: {"held_out": evaluate(ref_val, y_val, record),
                                **({"test": evaluate(ref_test, y_test, record)} if ref_test is not None else {}),
-                               "reference": True, **familiarity(ref_feats)}}
+                               "reference": True, **familiarity(ref_path.name, ref_feats)}}
     for f in files:
         if f.resolve() == ref_path.resolve():
             continue
@@ -306,7 +310,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
             raise CalibrateError(f"--reference {ref_path} has the name of the run's own {f}; pass that file instead")
         val, test, _, feats = run_on(f)
         results[f.name] = {"held_out": evaluate(val, y_val, record),
-                           **({"test": evaluate(test, y_test, record)} if test is not None else {}), **familiarity(feats)}
+                           **({"test": evaluate(test, y_test, record)} if test is not None else {}), **familiarity(f.name, feats)}
 
     # Store in each file (its model bytes untouched, their hash checked), then the run's record.
     # A file that already holds this record is left as it is: calibrating again changes no bytes.

@@ -40,6 +40,12 @@ class KerasModel(runtime.Model):
                 "quantization": "none", "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
         super().__init__(path, meta, allow_other_resize)
         self.runtime_name = "keras"
+        import keras  # noqa: PLC0415
+
+        # the layer whose output the exported files hand out second (`export.rewrite.*_add_features`)
+        pools = [layer for layer in self.net.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
+        self._pool = pools[0] if len(pools) == 1 else None
+        self.has_features = self._pool is not None
         self._with_features = None  # the model with its pooled features as a second output, built when asked
 
     def run_batch(self, batch_uint8: np.ndarray, features: bool = False):
@@ -51,13 +57,10 @@ class KerasModel(runtime.Model):
         with no_grad():  # torch: no autograd graph (np.asarray refuses a tensor that needs grad)
             if not features:
                 return keras.ops.convert_to_numpy(self.net(x, training=False))
-            if self._with_features is None:
-                # the exported files' second output (`export.rewrite.*_add_features`): the global pooling's
-                pool = [layer for layer in self.net.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
-                self._with_features = keras.Model(self.net.inputs[0], [self.net.outputs[0], pool[0].output]) \
-                    if len(pool) == 1 else False
-            if self._with_features is False:
+            if not self.has_features:
                 return keras.ops.convert_to_numpy(self.net(x, training=False)), None
+            if self._with_features is None:
+                self._with_features = keras.Model(self.net.inputs[0], [self.net.outputs[0], self._pool.output])
             probs, feats = self._with_features(x, training=False)
             return keras.ops.convert_to_numpy(probs), keras.ops.convert_to_numpy(feats).reshape(len(x), -1)
 

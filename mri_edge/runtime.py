@@ -27,37 +27,11 @@ import numpy as np
 from . import preprocess, quiet, trust
 from .errors import first_line
 from .integrity import RuntimeModelError, check_integrity, check_kind
+from .interpreters import load_interpreter_class, no_delegate_resolver
 
 METADATA_NAME = "mri_edge_metadata.json"  # file inside the ZIP appended to .tflite files
 METADATA_KEY = "mri_edge"  # ONNX metadata_props key
 FEATURES = "features"  # the exported files' second output: the pooled features the head reads (trust.distance)
-
-
-def load_interpreter_class(prefer: str | None = None):
-    """(Interpreter class, module name): ai_edge_litert, then tflite_runtime, then tensorflow.lite."""
-    order = ["ai_edge_litert", "tflite_runtime", "tensorflow"]
-    if prefer:
-        if prefer not in order:
-            raise RuntimeModelError(f"unknown TFLite runtime {prefer!r}; choose one of {', '.join(order)}")
-        order = [prefer]
-    for name in order:
-        try:
-            if name == "ai_edge_litert":
-                from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
-            elif name == "tflite_runtime":
-                from tflite_runtime.interpreter import Interpreter  # noqa: PLC0415
-            else:
-                from tensorflow.lite import Interpreter  # noqa: PLC0415
-            return Interpreter, name
-        except ImportError:
-            continue
-    raise RuntimeModelError("no TFLite interpreter installed: pip install ai-edge-litert (or tflite-runtime)")
-
-
-def no_delegate_resolver(interpreter_cls):
-    """The op-resolver value that runs built-in kernels only (no XNNPACK), for this interpreter's module."""
-    mod = __import__(interpreter_cls.__module__, fromlist=["OpResolverType"])
-    return mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -162,7 +136,7 @@ class Model:
         self.output = meta["output"]
         self.runtime_name = ""
         self.trust = trust.Trust.from_meta(meta)  # None: the file was never calibrated
-        self.has_features = FEATURES in meta or meta.get("format") == "keras"  # a second output: trust.distance
+        self.has_features = FEATURES in meta  # a second output, the pooled features: trust.distance
 
     def preprocess(self, source) -> np.ndarray:
         """Path, bytes or array -> (S, S, 3) uint8 under the file's preprocessing contract."""

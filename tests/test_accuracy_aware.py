@@ -585,7 +585,7 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
 
     from mri_edge.export.formats import ExportError
     from mri_edge.export.rewrite import store_float_weights
-    from mri_edge.runtime import load_interpreter_class, no_delegate_resolver
+    from mri_edge.interpreters import load_interpreter_class, no_delegate_resolver
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((16, 16, 3), batch_size=1)

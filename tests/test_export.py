@@ -35,10 +35,16 @@ def test_all_files_exist_load_and_run(exported_run):
     index = json.loads((exported_run / "exports" / "exports.json").read_text())
     assert sorted(r["file"] for r in index["exports"]) == sorted(ALL)
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    keras_feats = open_model(exported_run / "model.keras").run(x, features=True)[1]
     for name in ALL:
         m = open_model(exported_run / "exports" / name)
         p = m.run(x)
         assert p.shape == (2, 4) and np.allclose(p.sum(1), 1, atol=0.05), name
+        # every format hands out the pooled features second (the familiarity check reads them)
+        both, feats = m.run(x, features=True)
+        assert m.has_features and np.array_equal(both, p) and feats.shape == keras_feats.shape, name
+        tol = {"none": 1e-3, "fp16": 0.02}.get(m.meta["quantization"], 0.25)
+        assert np.abs(feats - keras_feats).max() <= tol * np.abs(keras_feats).max() + 1e-6, name
 
 
 def test_fp32_files_match_keras(exported_run):

@@ -347,7 +347,11 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     text = check(run / "model_card.md")
     assert "not a medical device" in text and "{'" not in text  # versions as words, not a Python dict
     assert "regularisers: mixup 0.2, drop_path 0.1; phases:" in text and card["recipe"]["drop_path"] == 0.1
-    assert card["calibration"]["trust"] == cal["trust"]
+    from mri_edge.familiar import without_arrays
+
+    assert card["calibration"]["trust"] == without_arrays(cal["trust"])  # the projection stays in trust.json
+    limit = cal["trust"]["familiarity"]["limit"]
+    assert f"features lie farther than {limit:.2f} from the training images'" in text
     assert {f["file"] for f in card["files"]} == set(cal["updated_files"])
     assert "latency (mri-edge bench)" in card["missing"]  # no bench yet: said, not invented
     per_class = card["results"]["official"]["per_class"]

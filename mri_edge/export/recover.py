@@ -38,7 +38,7 @@ def _weighted_layers(net) -> dict:
 
 def _tflite_weighted_ops(path: Path):
     """[(op name, layer name in the tensor's name, kernel, bias or None)] of a float TFLite file."""
-    from ..runtime import load_interpreter_class  # noqa: PLC0415
+    from ..interpreters import load_interpreter_class  # noqa: PLC0415
 
     interpreter_cls, _ = load_interpreter_class()
     it = interpreter_cls(model_path=str(path))

@@ -47,7 +47,7 @@ def tighten_ranges(calibrated: bytes, calib: np.ndarray, quantile: float, delega
     """
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
 
-    from ..runtime import load_interpreter_class, no_delegate_resolver  # noqa: PLC0415
+    from ..interpreters import load_interpreter_class, no_delegate_resolver  # noqa: PLC0415
 
     model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
     graph = model.subgraphs[0]
@@ -175,7 +175,7 @@ def tflite_bytes(saved_model: str, job: ExportJob, calib: np.ndarray | None, cal
 
 
 def tflite_io(flatbuffer: bytes) -> dict:
-    from ..runtime import load_interpreter_class  # noqa: PLC0415
+    from ..interpreters import load_interpreter_class  # noqa: PLC0415
 
     interp = load_interpreter_class()[0](model_content=flatbuffer)
     out = {}
@@ -279,7 +279,7 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
 def tflite_stages(calibrated: bytes) -> dict[str, dict]:
     """The calibrated float graph's operations by stage, each named by its output tensor (what
     the MLIR quantizer's denylisted_nodes takes), with MACs of convolutions and dense layers."""
-    from ..runtime import load_interpreter_class  # noqa: PLC0415
+    from ..interpreters import load_interpreter_class  # noqa: PLC0415
 
     interp = load_interpreter_class()[0](model_content=calibrated)
     tensors = {d["index"]: d for d in interp.get_tensor_details()}
