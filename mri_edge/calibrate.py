@@ -224,43 +224,27 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
             decoded[key] = decode_images(model, root, [rel for rel, _ in rows], what)
         return decoded[key]
 
-    def run_on(path: Path) -> tuple[np.ndarray, np.ndarray, str, dict]:
-        """Probabilities on held-out and test images, the runtime's name, and the features of
+    def run_on(path: Path):
+        """The opened model, its probabilities on held-out and test images, and the features of
         held-out, test and --foreign images (None where the file has no features output)."""
         model = open_model(path, threads=threads)
         if model.class_names != names:
             raise CalibrateError(f"{path}: class names {model.class_names} differ from the run's {names}")
-        if path == run.model_path and run.predictions_path.is_file():
-            from .keras_model import validation_reference  # noqa: PLC0415
-
-            ref = validation_reference(run.path, log)[0]
-            if ref["paths"] != [rel for rel, _ in manifest["splits"]["val"]]:
-                raise CalibrateError(f"{run.path}: the cached Keras validation predictions do not list the split "
-                                     "manifest's validation images; remove verify/val/keras_predictions.json")
-            val = np.asarray(ref["probs"], np.float32)[keep]
-            tp = run.test_predictions()
-            if tp["paths"] != [rel for rel, _ in test_rows]:
-                raise CalibrateError(f"{run.predictions_path} does not list the split manifest's test images")
-            test = np.asarray(tp["probs"], np.float32)
-            feats = {"held_out": familiar.features(model, images(model, val_rows, "held-out images"),
-                                                   "held-out images")}
-            if test_rows:
-                feats["test"] = familiar.features(model, images(model, test_rows, "test images"), "test images")
-        else:
-            val, f_val = model.predict_arrays(images(model, val_rows, "held-out images"), 32, calibrated=False,
-                                              label=f"{model.path.name} on held-out images", features=True)
-            test, f_test = model.predict_arrays(images(model, test_rows, "test images"), 32, calibrated=False,
-                                                label=f"{model.path.name} on test images", features=True) \
-                if test_rows else (None, None)
-            feats = {"held_out": f_val, **({"test": f_test} if test_rows else {})}
+        val, f_val = model.predict_arrays(images(model, val_rows, "held-out images"), 32, calibrated=False,
+                                          label=f"{model.path.name} on held-out images", features=True)
+        test, f_test = model.predict_arrays(images(model, test_rows, "test images"), 32, calibrated=False,
+                                            label=f"{model.path.name} on test images", features=True) \
+            if test_rows else (None, None)
+        feats = {"held_out": f_val, **({"test": f_test} if test_rows else {})}
         if cfg.foreign:
             key = (model.image_size, "foreign")
             if key not in decoded:
                 decoded[key] = familiar.foreign_images(model, cfg.foreign, cfg.foreign_limit)
             feats["foreign"] = familiar.features(model, decoded[key], "foreign images")
-        return val, test, model.runtime_name, feats
+        return model, val, test, feats
 
-    ref_val, ref_test, ref_runtime, ref_feats = run_on(ref_path)
+    ref_model, ref_val, ref_test, ref_feats = run_on(ref_path)
+    ref_runtime = ref_model.runtime_name
     temperature = trust.fit_temperature(ref_val, y_val)
     cal_val = trust.scale(ref_val, temperature)
     threshold = trust.choose_threshold(cal_val, y_val, cfg.max_risk, cfg.coverage, cfg.risk_confidence)
@@ -273,7 +257,6 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         "temperature_at_bound": bool(min(abs(temperature - b) / b for b in trust.T_RANGE) < 0.01),
         "target": target(cfg)})
     if ref_feats["held_out"] is not None:
-        ref_model = open_model(ref_path, threads=threads)
         train_rows = familiar.training_rows(manifest, cfg.familiar_images)
         f_train = familiar.features(ref_model, images(ref_model, train_rows, "training images"), "training images")
         record.familiarity = familiar.fit(f_train, np.array([y for _, y in train_rows]), ref_feats["held_out"], cfg)
@@ -292,25 +275,27 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     log(f"temperature {temperature:.3f}, abstain below {threshold:.3f}, conformal q {q:.3f} (alpha {cfg.alpha}), "
         f"fitted on {held['n']} held-out images with {ref_path.name}")
 
-    def familiarity(name: str, feats: dict) -> dict:
+    def familiarity(name: str, feats: dict, val, test) -> dict:
         if not record.familiarity:
             return {}
         if feats["held_out"] is None:
             log(f"warning: {name} has no features output, so no familiarity check: mri-edge export "
                 f"{run.path} --add-features, then calibrate again")
-        return {"familiarity": {k: familiar.referred(record, f) for k, f in feats.items()}}
+        labelled = {"held_out": (val, y_val), "test": (test, y_test)}
+        return {"familiarity": {k: familiar.referred(record, f, *labelled.get(k, ())) for k, f in feats.items()}}
 
     results = {ref_path.name: {"held_out": evaluate(ref_val, y_val, record),
                                **({"test": evaluate(ref_test, y_test, record)} if ref_test is not None else {}),
-                               "reference": True, **familiarity(ref_path.name, ref_feats)}}
+                               "reference": True, **familiarity(ref_path.name, ref_feats, ref_val, ref_test)}}
     for f in files:
         if f.resolve() == ref_path.resolve():
             continue
         if f.name in results:
             raise CalibrateError(f"--reference {ref_path} has the name of the run's own {f}; pass that file instead")
-        val, test, _, feats = run_on(f)
+        _, val, test, feats = run_on(f)
         results[f.name] = {"held_out": evaluate(val, y_val, record),
-                           **({"test": evaluate(test, y_test, record)} if test is not None else {}), **familiarity(f.name, feats)}
+                           **({"test": evaluate(test, y_test, record)} if test is not None else {}),
+                           **familiarity(f.name, feats, val, test)}
 
     # Store in each file (its model bytes untouched, their hash checked), then the run's record.
     # A file that already holds this record is left as it is: calibrating again changes no bytes.

@@ -9,7 +9,7 @@ import math
 import platform
 from pathlib import Path
 
-from . import __version__, familiar, report, trust
+from . import __version__, report, trust
 from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
@@ -75,7 +75,7 @@ def familiarity_limit(cal: dict | None) -> str:
                 "not refer; only blank and tiny images are flagged (files with a features output get a familiarity "
                 "check from `mri-edge calibrate`).")
     text = (f"Images whose features lie farther than {fam['limit']:.2f} from the training images' are referred "
-            f"(1 in {round(1 / fam['fitted_on']['held_out_referred'])} held-out images); an image of another kind "
+            f"(set to refer {fam['fitted_on']['refer_rate']:.1%} of held-out images); an image of another kind "
             "that resembles the training images passes, and gets an answer as confident as any.")
     measured = [(n, r["familiarity"]["foreign"]) for n, r in cal["files"].items()
                 if (r.get("familiarity") or {}).get("foreign")]
@@ -149,7 +149,7 @@ def build(run_dir) -> dict:
     if cal:
         reference = next(n for n, r in cal["files"].items() if r.get("reference"))
         cal["files"] = current_rows(cal["files"], metadata, "calibration", f"mri-edge calibrate {run.path}", missing)
-        card["calibration"] = {"trust": familiar.without_arrays(cal["trust"]), "held_out": cal["held_out"],
+        card["calibration"] = {"trust": cal["trust"], "held_out": cal["held_out"],  # calibrate.json: no arrays
                                "per_file": {n: {s: {"ece_before": r[s]["before"]["ece"], "ece_after": r[s]["after"]["ece"],
                                                     **({"abstention": r[s]["abstention"]} if "abstention" in r[s] else {}),
                                                     **({"sets": r[s]["sets"]} if "sets" in r[s] else {})}

@@ -278,7 +278,7 @@ class CalibrateConfig:
     # tumor scans): only its features tell (docs/trust.md, "Familiarity").
     unfamiliar_rate: float = option(0.01, "Share of held-out images the familiarity check refers for review: the "
                                           "feature distance above which an image counts as unlike the training "
-                                          "images.", minimum=0, maximum=1, max_open=True)
+                                          "images.", minimum=0, maximum=1, min_open=True, max_open=True)
     familiar_images: int = option(2000, "Training images (a class-stratified sample) the familiarity check is "
                                         "fitted on.", minimum=20)
     familiar_dims: int = option(64, "Main directions of the training features' spread the distance is measured "

@@ -4,7 +4,8 @@ an answer is referred for review as "unlike the training images".
 
 Fitted once, with the calibration's reference model, on a class-stratified sample of training
 images; the limit is the distance that refers a chosen share of the held-out images (new
-subjects, so the share on test is about the same). Every exported file then measures its own
+subjects; on the shipped models test images are referred at about three times that share).
+Every exported file then measures its own
 distances through its own runtime and is reported: a file whose features moved under int8
 refers a different share. An image set of another kind (--foreign) reports the share it
 catches; nothing is fitted on it.
@@ -25,7 +26,8 @@ SEED = 0  # a fixed sample: calibrating again fits the same record
 
 
 def training_rows(manifest: dict, n: int, seed: int = SEED) -> list:
-    """At most n training rows of the split manifest, the same share of each class, chosen at random."""
+    """About n training rows of the split manifest (at least one per class), the same share of
+    each class, chosen at random."""
     rows = manifest["splits"]["train"]
     if len(rows) <= n:
         return list(rows)
@@ -64,17 +66,23 @@ def fit(ref_feats_train: np.ndarray, y_train: np.ndarray, ref_feats_held: np.nda
     held = trust.distance(ref_feats_held, record)
     record["limit"] = float(np.quantile(held, 1 - cfg.unfamiliar_rate, method="higher"))
     record["fitted_on"] = {"training_images": int(len(y_train)), "held_out_images": int(len(held)),
-                           "held_out_referred": cfg.unfamiliar_rate}
+                           "refer_rate": cfg.unfamiliar_rate,  # the target; the reports give each file's share
+                           "held_out_referred": float((held > record["limit"]).mean())}
     return record
 
 
-def referred(record: trust.Trust, feats: np.ndarray | None) -> dict | None:
-    """Share of images the stored limit refers, with their median distance."""
-    d = record.distances(feats)
-    if d is None:
+def referred(record: trust.Trust, feats: np.ndarray | None, probs: np.ndarray | None = None,
+             labels: np.ndarray | None = None) -> dict | None:
+    """Share of images the stored limit refers, with their median distance; with labelled
+    probabilities, what predict answers with the threshold and the check together."""
+    unlike = record.unfamiliar(feats)
+    if unlike is None:
         return None
-    return {"n": int(len(d)), "referred": float((d > record.familiarity["limit"]).mean()),
-            "median_distance": float(np.median(d))}
+    out = {"n": int(len(unlike)), "referred": float(unlike.mean()),
+           "median_distance": float(np.median(record.distances(feats)))}
+    if probs is not None and labels is not None and record.threshold is not None:
+        out["answered"] = trust.at_threshold(record.apply(probs), labels, record.threshold, ~unlike)
+    return out
 
 
 def without_arrays(record: dict) -> dict:
@@ -92,17 +100,24 @@ def markdown(out: dict) -> list[str]:
     if not fam:
         return ["No familiarity check: the reference model has no single global pooling to take features from "
                 "(an ensemble), or the files were exported before they had a features output.", ""]
+    def answered(r) -> str:
+        a = (r or {}).get("answered")
+        return f"{a['coverage']:.1%} / {a['risk']:.2%}" if a else ""
+
     rows = [[name, *[f"{r[s]['referred']:.1%} of {r[s]['n']}" if r.get(s) else "" for s in
-                     ("held_out", "test", "foreign")]]
+                     ("held_out", "test", "foreign")], answered(r.get("test"))]
             for name, res in out["files"].items() if (r := res.get("familiarity"))]
     fit_on = fam["fitted_on"]
     foreign = out.get("foreign")
     return [
         "## Familiarity: images unlike the training images", "",
         f"The pooled features of {fit_on['training_images']} training images give the class centres and the "
-        f"{fam['shape'][1]} main directions of their spread; an image farther than **{fam['limit']:.2f}** standard "
-        f"deviations from every centre is marked \"{trust.REVIEW}\" as unlike the training images. The limit refers "
-        f"{fit_on['held_out_referred']:.0%} of the held-out images. Confidence cannot tell this: an MRI of another "
-        "kind gets answers as confident as the model's own kind.", "",
+        f"{fam['shape'][1]} main directions of their spread; an image farther than **{fam['limit']:.2f}** (root mean "
+        "square, in standard deviations of that spread) from every centre is marked "
+        f"\"{trust.REVIEW}\" as unlike the training images. The limit was set to refer "
+        f"{fit_on['refer_rate']:.1%} of the held-out images. Confidence cannot tell this: an MRI of another kind gets "
+        "answers as confident as the model's own kind. The last column is what predict answers on test, threshold "
+        "and check together (coverage / error among the answers).", "",
         report.md_table(["file", "held-out referred", "test referred",
-                         f"foreign referred ({foreign})" if foreign else "foreign referred (no --foreign)"], rows), ""]
+                         f"foreign referred ({foreign})" if foreign else "foreign referred (no --foreign)",
+                         "test answered / risk"], rows), ""]

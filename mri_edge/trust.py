@@ -85,10 +85,13 @@ def coverage_risk(probs: np.ndarray, labels: np.ndarray) -> dict:
             "risk": (errors / k).tolist(), "errors": errors.tolist()}
 
 
-def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
-    """Coverage, risk (error among accepted answers) and accepted-answer accuracy at a threshold."""
+def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float, also: np.ndarray | None = None) -> dict:
+    """Coverage, risk (error among accepted answers) and accepted-answer accuracy at a threshold;
+    `also`: a second (N,) bool condition for accepting (the familiarity check's)."""
     probs = np.asarray(probs)
     accept = probs.max(1) >= threshold
+    if also is not None:
+        accept &= also
     right = probs.argmax(1) == np.asarray(labels)
     n_acc = int(accept.sum())
     risk = float((~right[accept]).mean()) if n_acc else 0.0
@@ -248,8 +251,8 @@ def fit_familiarity(features: np.ndarray, labels: np.ndarray, dims: int = 64) ->
 
 def distance(features: np.ndarray, record: dict) -> np.ndarray:
     """(N,) distance of each image's pooled features to the nearest class centre of the
-    training images, in standard deviations of their spread (root mean square over the
-    record's directions: about 1 for an image like the training ones)."""
+    training images: the root mean square of its whitened coordinates over the record's
+    directions (standard deviations of the training spread; about 1 for an image like them)."""
     shape = tuple(record["shape"])
     projection = np.frombuffer(base64.b64decode(record["projection"]), "<f2").reshape(shape).astype(np.float64)
     z = np.asarray(features, np.float64).reshape(len(features), -1) @ projection

@@ -190,3 +190,28 @@ def small_backbone(monkeypatch):
                         name="densenet121")
 
     monkeypatch.setattr(keras.applications, "DenseNet121", small)
+
+
+def strip_features(path: Path) -> None:
+    """Make an exported .tflite or .onnx file as mri-edge made it before the features output
+    (one output, no `features` record), its other metadata kept."""
+    from mri_edge import runtime
+    from mri_edge.export import onnx as onnx_backend
+    from mri_edge.export import tflite
+
+    meta = runtime.read_metadata(path)
+    meta.pop(runtime.FEATURES)
+    if path.suffix == ".tflite":
+        from tensorflow.lite.tools import flatbuffer_utils
+
+        m = flatbuffer_utils.convert_bytearray_to_object(path.read_bytes()[: meta["model_bytes"]])
+        m.subgraphs[0].outputs = m.subgraphs[0].outputs[:1]
+        path.write_bytes(tflite.append_tflite_metadata(bytes(flatbuffer_utils.convert_object_to_bytearray(m)), meta))
+    else:
+        import onnx
+
+        proto = onnx.load(str(path))
+        del proto.graph.output[1]
+        proto.graph.node.remove(next(n for n in proto.graph.node if n.name == runtime.FEATURES))
+        onnx_backend.set_onnx_metadata(proto, meta)
+        path.write_bytes(onnx_backend.onnx_bytes(proto))

@@ -262,6 +262,29 @@ def test_predict_marks_answers_below_the_threshold_for_review(calibrated_run):
     assert trust.REVIEW in text.output and "set (80%)" in text.output
 
 
+def test_a_calibrated_file_without_features_answers_without_the_check(calibrated_run):
+    """A file with a familiarity record but no features output (exported before it existed):
+    predict answers with the threshold alone, and calibrate says what to run."""
+    from mri_edge.calibrate import calibrate_run
+    from mri_edge.config import CalibrateConfig
+    from mri_edge.run import RunFolder
+    from mri_edge.runtime import open_model
+    from tests.conftest import strip_features
+
+    run, out = calibrated_run
+    f = next(f for f in RunFolder(run).export_files() if f.suffix == ".tflite")
+    strip_features(f)
+    model = open_model(f)
+    assert model.trust.familiarity and not model.has_features
+    manifest = RunFolder(run).manifest()
+    r = model.predict(f"{manifest['root']}/{manifest['splits']['test'][0][0]}")
+    assert r.distance is None and not r.warnings and r.uncertain == (r.probabilities[r.label] < model.trust.threshold)
+    said = []
+    again = calibrate_run(run, CalibrateConfig(coverage=0.5, alpha=0.2, min_images=4), log=said.append)
+    assert any(f.name in s and "--add-features" in s for s in said)
+    assert again["files"][f.name]["familiarity"]["held_out"] is None
+
+
 def test_calibrate_refuses_twins_and_too_few_images(micro_run, tmp_path):
     from mri_edge.cli import main
 

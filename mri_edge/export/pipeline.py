@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import __version__, preprocess, progress, quiet, report
 from ..config import ExportConfig
+from ..errors import MriEdgeError
 from ..files import atomic_write_bytes, sha256_file
 from ..run import RunFolder
 from . import pool
@@ -251,11 +252,11 @@ def table(results: list[dict]) -> str:
          + ([r.get("float_parts", "")] if aware else []) for r in results])
 
 
-def add_features(path: Path) -> bool:
+def add_features(path: Path) -> str:
     """Give a file exported before it had one the features output (`runtime.FEATURES`, what the
     familiarity check of `mri-edge calibrate` reads): the same graph, its pooled features also
-    handed out, so its probabilities stay bit for bit. False when it has one already or has no
-    single global pooling (an ensemble)."""
+    handed out, so its probabilities stay bit for bit. Returns what happened, in words: "added",
+    or why not (it has one; no single global pooling, as in an ensemble; an OpenVINO file)."""
     from ..integrity import check_integrity  # noqa: PLC0415
     from ..runtime import FEATURES, read_metadata  # noqa: PLC0415
 
@@ -263,45 +264,52 @@ def add_features(path: Path) -> bool:
     meta = read_metadata(path)
     check_integrity(path, meta)
     if FEATURES in meta:
-        return False
+        return "has one"
+    if path.suffix == ".xml":  # OpenVINO files inherit the output from the ONNX file they are converted from
+        return "an OpenVINO file: export the run again for one with features"
     if path.suffix == ".tflite":
         from .rewrite import tflite_add_features  # noqa: PLC0415
-        from .tflite import append_tflite_metadata, tflite_io  # noqa: PLC0415
+        from .tflite import append_tflite_metadata, tflite_flatbuffer, tflite_io  # noqa: PLC0415
 
-        fb = path.read_bytes()[: int(meta["model_bytes"])]
+        fb = tflite_flatbuffer(path, meta)
         new = tflite_add_features(fb)
         if new == fb:
-            return False
+            return "no single global pooling"
         meta.update(tflite_io(new))
         atomic_write_bytes(path, append_tflite_metadata(new, meta))
-        return True
-    if path.suffix == ".onnx":
-        import onnx  # noqa: PLC0415
+        return "added"
+    import onnx  # noqa: PLC0415
 
-        from .onnx import onnx_bytes, onnx_io, set_onnx_metadata  # noqa: PLC0415
-        from .rewrite import onnx_add_features  # noqa: PLC0415
+    from .onnx import onnx_bytes, onnx_io, set_onnx_metadata  # noqa: PLC0415
+    from .rewrite import onnx_add_features  # noqa: PLC0415
 
-        proto = onnx.load(str(path))
-        if not onnx_add_features(proto):
-            return False
-        meta.update(onnx_io(proto.SerializeToString()))
-        set_onnx_metadata(proto, meta)
-        atomic_write_bytes(path, onnx_bytes(proto))
-        return True
-    raise ExportError(f"{path}: export the run again for an OpenVINO file with features (it inherits them from "
-                      "the ONNX file it is converted from)")
+    proto = onnx.load(str(path))
+    if not onnx_add_features(proto):
+        return "no single global pooling"
+    meta.update(onnx_io(proto.SerializeToString()))
+    set_onnx_metadata(proto, meta)
+    atomic_write_bytes(path, onnx_bytes(proto))
+    return "added"
 
 
 def add_features_run(run_dir, log=print) -> list[str]:
-    """`add_features` for each exported file of a run (`export --add-features`); the names of those changed."""
+    """`add_features` for each exported file of a run (`export --add-features`), each reported;
+    the names of those changed. One that fails stops it, naming those changed before it."""
     run = RunFolder(run_dir)
     files = run.export_files()
     if not files:
         raise ExportError(f"{run.path}: no exported files")
     quiet.import_tensorflow()  # the flatbuffer tools; its log lines stay hidden
-    changed = [f.name for f in files if add_features(f)]
-    log(f"features output added to: {', '.join(changed) or 'none (each has one, or no single pooling)'}; "
-        f"next: mri-edge calibrate {run_dir}")
+    changed = []
+    for f in files:
+        try:
+            what = add_features(f)
+        except MriEdgeError as e:
+            raise ExportError(f"{e} (features output added so far: {', '.join(changed) or 'none'})") from None
+        log(f"{f.name}: {what}")
+        if what == "added":
+            changed.append(f.name)
+    log(f"next: mri-edge calibrate {run_dir}")
     return changed
 
 

@@ -200,8 +200,8 @@ def append_tflite_metadata(flatbuffer: bytes, meta: dict) -> bytes:
     return flatbuffer + buf.getvalue()
 
 
-def rewrite_tflite_metadata(path: Path, meta: dict) -> None:
-    """Replace the metadata ZIP of an exported file; the flatbuffer before it is kept byte for byte."""
+def tflite_flatbuffer(path: Path, meta: dict) -> bytes:
+    """An exported file's flatbuffer (what precedes its metadata ZIP), its recorded hash checked."""
     data = Path(path).read_bytes()
     if "model_bytes" in meta:
         fb = data[: int(meta["model_bytes"])]
@@ -215,7 +215,12 @@ def rewrite_tflite_metadata(path: Path, meta: dict) -> None:
         fb = data[:i]
     if sha256_bytes(fb) != meta.get("model_sha256", sha256_bytes(fb)):
         raise ExportError(f"{path}: its model bytes differ from its recorded hash; re-export it")
-    atomic_write_bytes(path, append_tflite_metadata(fb, dict(meta)))
+    return fb
+
+
+def rewrite_tflite_metadata(path: Path, meta: dict) -> None:
+    """Replace the metadata ZIP of an exported file; the flatbuffer before it is kept byte for byte."""
+    atomic_write_bytes(path, append_tflite_metadata(tflite_flatbuffer(path, meta), dict(meta)))
 
 
 def tflite_probs(fb: bytes, meta: dict, x: np.ndarray, workdir: Path, threads: int | None = None) -> np.ndarray:
