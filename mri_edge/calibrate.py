@@ -208,6 +208,8 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     root = Path(manifest["root"])
     names = manifest["class_names"]
     files = run.export_files()
+    if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
+        familiar.check_foreign(cfg.foreign)
     keep, held = held_out_rows(manifest, cfg, log)
     ref_path = reference_model(run, files, reference)
     source_sha = source_model_sha256(run, ref_path)
@@ -260,6 +262,9 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         train_rows = familiar.training_rows(manifest, cfg.familiar_images)
         f_train = familiar.features(ref_model, images(ref_model, train_rows, "training images"), "training images")
         record.familiarity = familiar.fit(f_train, np.array([y for _, y in train_rows]), ref_feats["held_out"], cfg)
+        if (dims := record.familiarity["shape"][1]) < cfg.familiar_dims:
+            log(f"note: --familiar-dims {cfg.familiar_dims} is more than the features and training images allow; "
+                f"measured in {dims} directions")
     else:
         log(f"note: {ref_path.name} has no features output (exported before mri-edge had one, or an ensemble): "
             "no familiarity check")
@@ -318,6 +323,8 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
                                  f"{', '.join(done) or 'none'}; fix it and run calibrate again") from None
         done.append(f.name)
     report.write_json(run.trust_path, record.to_dict())
+    for line in familiar.summary_lines(record, results):
+        log(line)
     out = {"run_dir": str(run.path), "class_names": names, "trust": record.to_dict(), "held_out": held,
            "files": results, "updated_files": [f.name for f in files], "foreign": cfg.foreign}
     write_reports(run, out)

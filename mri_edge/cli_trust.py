@@ -38,7 +38,8 @@ def calibrate(run_dir, reference, data_dir, threads, **kw):
     out = run_guarded(calibrate_lib.calibrate_run, run_dir, cfg, reference, threads, data_dir, log=echo)
     click.echo(calibrate_lib.summary_table(out))
     click.echo(f"\nstored in {len(out['updated_files'])} file(s) and {Path(run_dir) / 'trust.json'}; report "
-               f"{Path(run_dir) / 'calibration' / 'calibrate.md'}")
+               f"{Path(run_dir) / 'calibration' / 'calibrate.md'}\nnext: mri-edge card {run_dir} (the model card "
+               "reads the new record)")
 
 
 @click.command()

@@ -40,14 +40,23 @@ def training_rows(manifest: dict, n: int, seed: int = SEED) -> list:
     return [rows[i] for i in sorted(keep)]
 
 
-def foreign_images(model, folder: str | Path, limit: int, seed: int = SEED) -> np.ndarray:
-    """Up to `limit` images from a folder of another kind (any depth; junk ignored), decoded
-    under the model's preprocessing, chosen at random when there are more."""
+def check_foreign(folder: str | Path) -> list[Path]:
+    """The images of a --foreign folder (any depth; junk ignored); a one-line error if there are none."""
     from .calibrate import CalibrateError  # noqa: PLC0415
 
-    paths = list_images(Path(folder)) if Path(folder).is_dir() else []
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CalibrateError(f"--foreign {folder}: " + ("not a folder" if folder.exists() else "does not exist"))
+    paths = list_images(folder)
     if not paths:
-        raise CalibrateError(f"--foreign {folder}: no images there")
+        raise CalibrateError(f"--foreign {folder}: no images in it (any depth)")
+    return paths
+
+
+def foreign_images(model, folder: str | Path, limit: int, seed: int = SEED) -> np.ndarray:
+    """Up to `limit` images from a folder of another kind (`check_foreign`), decoded under the
+    model's preprocessing, chosen at random when there are more."""
+    paths = check_foreign(folder)
     if len(paths) > limit:
         paths = [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), limit, replace=False))]
     from .data import decode_images  # noqa: PLC0415
@@ -85,6 +94,19 @@ def referred(record: trust.Trust, feats: np.ndarray | None, probs: np.ndarray | 
     return out
 
 
+def summary_lines(record: trust.Trust, results: dict) -> list[str]:
+    """calibrate's console lines on the check: the limit, and each file's referred shares."""
+    if not record.familiarity:
+        return []
+    lines = [f"familiarity: images farther than {record.familiarity['limit']:.2f} from the training images' "
+             "features are referred; referred per file:"]
+    for name, res in results.items():
+        fam = res.get("familiarity") or {}
+        parts = [f"{split.replace('_', '-')} {r['referred']:.1%} of {r['n']}" for split, r in fam.items() if r]
+        lines.append(f"  {name}: {', '.join(parts) or 'no features output (no check)'}")
+    return lines
+
+
 def without_arrays(record: dict) -> dict:
     """A trust record for reports: the familiarity check's projection and centres (trust.json
     and every file's metadata hold them) left out."""
@@ -115,7 +137,8 @@ def markdown(out: dict) -> list[str]:
         f"{fam['shape'][1]} main directions of their spread; an image farther than **{fam['limit']:.2f}** (root mean "
         "square, in standard deviations of that spread) from every centre is marked "
         f"\"{trust.REVIEW}\" as unlike the training images. The limit was set to refer "
-        f"{fit_on['refer_rate']:.1%} of the held-out images. Confidence cannot tell this: an MRI of another kind gets "
+        f"{fit_on['refer_rate']:.1%} of the held-out images (it refers {fit_on.get('held_out_referred', 0):.1%} of "
+        f"these {fit_on['held_out_images']}). Confidence cannot tell this: an MRI of another kind gets "
         "answers as confident as the model's own kind. The last column is what predict answers on test, threshold "
         "and check together (coverage / error among the answers).", "",
         report.md_table(["file", "held-out referred", "test referred",

@@ -285,6 +285,16 @@ def test_a_calibrated_file_without_features_answers_without_the_check(calibrated
     assert again["files"][f.name]["familiarity"]["held_out"] is None
 
 
+def test_calibrate_refuses_a_foreign_folder_it_cannot_use_before_any_work(micro_run, tmp_path):
+    from mri_edge.cli import main
+
+    (tmp_path / "empty").mkdir()
+    for folder, says in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "no images in it")):
+        res = CliRunner().invoke(main, ["calibrate", str(micro_run), "--foreign", str(folder)])
+        assert res.exit_code != 0 and f"--foreign {folder}: {says}" in res.output
+        assert "held-out" not in res.output  # refused before the held-out images were read
+
+
 def test_calibrate_refuses_twins_and_too_few_images(micro_run, tmp_path):
     from mri_edge.cli import main
 

@@ -309,7 +309,8 @@ def add_features_run(run_dir, log=print) -> list[str]:
         log(f"{f.name}: {what}")
         if what == "added":
             changed.append(f.name)
-    log(f"next: mri-edge calibrate {run_dir}")
+    if changed:  # the check is fitted on the features: calibrate again to have it
+        log(f"next: mri-edge calibrate {run_dir}")
     return changed
 
 
