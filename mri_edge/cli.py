@@ -124,7 +124,7 @@ def evaluate(run_dir, data_dir, dedup, fp16_weights):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @options_from(ExportConfig)
 @click.option("--add-features", is_flag=True, help="Only add the features output (calibrate's familiarity check "
-              "reads it) to files exported before it existed; their probabilities stay bit for bit.")
+              "reads it) to files exported before it existed, OpenVINO included; their probabilities stay bit for bit.")
 def export(run_dir, add_features, **options):
     """Export a trained run to TFLite, ONNX and OpenVINO files with embedded metadata.
 

@@ -84,14 +84,29 @@ def referred(record: trust.Trust, feats: np.ndarray | None, probs: np.ndarray | 
              labels: np.ndarray | None = None) -> dict | None:
     """Share of images the stored limit refers, with their median distance; with labelled
     probabilities, what predict answers with the threshold and the check together."""
-    unlike = record.unfamiliar(feats)
-    if unlike is None:
+    d = record.distances(feats)
+    if d is None:
         return None
-    out = {"n": int(len(unlike)), "referred": float(unlike.mean()),
-           "median_distance": float(np.median(record.distances(feats)))}
+    unlike = record.unfamiliar(distances=d)
+    out = {"n": int(len(unlike)), "referred": float(unlike.mean()), "median_distance": float(np.median(d))}
     if probs is not None and labels is not None and record.threshold is not None:
         out["answered"] = trust.at_threshold(record.apply(probs), labels, record.threshold, ~unlike)
     return out
+
+
+def parity(record: trust.Trust, keras_feats: np.ndarray, file_feats: np.ndarray) -> dict:
+    """Whether the check survives export (`mri-edge verify`): the file's stored limit applied to
+    the Keras model's features and to the file's own, image by image."""
+    from .explain import rank_correlation  # noqa: PLC0415
+
+    dk, df = record.distances(keras_feats), record.distances(file_feats)
+    uk, uf = record.unfamiliar(distances=dk), record.unfamiliar(distances=df)
+    return {"n": int(len(dk)), "limit": float(record.familiarity["limit"]),
+            "referred": float(uf.mean()), "keras_referred": float(uk.mean()),
+            "agreement": float((uk == uf).mean()),
+            "only_keras": int((uk & ~uf).sum()), "only_file": int((~uk & uf).sum()),
+            "rank_correlation": rank_correlation(dk, df),
+            "distance_change": {"median": float(np.median(np.abs(df - dk))), "max": float(np.abs(df - dk).max())}}
 
 
 def summary_lines(record: trust.Trust, results: dict) -> list[str]:

@@ -194,7 +194,7 @@ class Model:
             out.warnings.append("blank image (no contrast)")
         if self.trust and (d := self.trust.distances(feats)) is not None:
             out.distance = float(d[0])
-            if self.trust.unfamiliar(feats)[0]:
+            if self.trust.unfamiliar(distances=d)[0]:
                 out.warnings.append(f"unlike the training images (feature distance {out.distance:.2f} > limit "
                                     f"{self.trust.familiarity['limit']:.2f})")
         out.uncertain = out.uncertain or bool(out.warnings)

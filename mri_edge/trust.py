@@ -311,10 +311,11 @@ class Trust:
             return None
         return distance(features, self.familiarity)
 
-    def unfamiliar(self, features: np.ndarray | None) -> np.ndarray | None:
-        """(N,) bool: images farther from the training images than the stored limit."""
-        d = self.distances(features)
-        return None if d is None else d > self.familiarity["limit"]
+    def unfamiliar(self, features: np.ndarray | None = None, distances: np.ndarray | None = None) -> np.ndarray | None:
+        """(N,) bool: images farther from the training images than the stored limit, from their
+        features or their `distances` when those are at hand."""
+        d = self.distances(features) if distances is None else distances
+        return None if d is None or self.familiarity is None else d > self.familiarity["limit"]
 
     def sets(self, calibrated: np.ndarray) -> list[list[int]] | None:
         return None if self.conformal_q is None else prediction_sets(calibrated, self.conformal_q)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import explain, report, trust
+from . import explain, familiar, report, trust
+from .verify_report import markdown, summary_table  # noqa: F401 (summary_table: the CLI's)
 from .config import Thresholds
 from .errors import MriEdgeError, first_line
 from .files import sha256_file
@@ -134,15 +135,19 @@ def explanation_sample(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                batch_size, keras_maps=None, root_run: Path | None = None, model_sha: str | None = None) -> dict:
-    """Every parity number and the gate of one exported file."""
+                batch_size, keras_maps=None, root_run: Path | None = None, model_sha: str | None = None,
+                keras_features=lambda: None) -> dict:
+    """Every parity number and the gate of one exported file; `keras_features()`: the Keras
+    model's pooled features on the split (or None), asked for only by a file with a familiarity check."""
     model = open_model(f, threads=threads)
     if model.class_names != names:
         raise VerifyError(f"class names {model.class_names} differ from the run's {names}")
     if model.image_size not in decoded:
         decoded[model.image_size] = decode_images(model, root, ref["paths"], f"{split} images")
     imgs = decoded[model.image_size]
-    probs = model.predict_arrays(imgs, batch_size, calibrated=False, label=f"running {f.name} [{model.runtime_name}]")
+    checks = bool(model.trust and model.trust.familiarity and model.has_features)
+    probs, feats = model.predict_arrays(imgs, batch_size, calibrated=False, features=True,
+                                        label=f"running {f.name} [{model.runtime_name}]")
     meta = model.meta
     r = compare(names, labels, keras_probs, probs, ref["paths"])
     q = meta.get("quantization", "none")
@@ -153,6 +158,8 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
                              "max_ece_change": thresholds.max_ece_change}})
     if model.trust:
         r["trust"] = trust_metrics(model.trust, labels, keras_probs, probs)
+    if checks and (kf := keras_features()) is not None:
+        r["familiarity"] = familiar.parity(model.trust, kf, feats)
     stale = trust_mismatch(model, RunFolder(root_run).trust() if root_run else None, model_sha)
     if keras_maps is not None:
         idx, targets, ref_maps = keras_maps
@@ -171,6 +178,10 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     if "trust" in r and ece_moved(r["trust"], thresholds.max_ece_change):
         reasons.append(f"calibrated probabilities changed: |ΔECE| after the stored temperature "
                        f"{abs(r['trust']['ece_delta']):.4f} > {thresholds.max_ece_change}")
+    if "familiarity" in r and r["familiarity"]["agreement"] < min_agree:
+        reasons.append(f"familiarity check moved: it refers {r['familiarity']['only_file']} images Keras does not "
+                       f"and misses {r['familiarity']['only_keras']} (agreement {r['familiarity']['agreement']:.4f} "
+                       f"< {min_agree})")
     if ("explanation" in r and thresholds.min_explanation_corr
             and r["explanation"]["rank_correlation"]["median"] < thresholds.min_explanation_corr):
         reasons.append(f"explanations moved: median rank correlation {r['explanation']['rank_correlation']['median']:.3f}"
@@ -185,15 +196,44 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     return r
 
 
-def keras_explanations(run: RunFolder, root: Path, ref: dict, labels: np.ndarray, keras_probs: np.ndarray,
-                       decoded: dict, n: int, split: str):
-    """(image indices, explained classes, Keras occlusion maps) on n images of the split."""
-    net = open_model(run.model_path)
-    if net.image_size not in decoded:
-        decoded[net.image_size] = decode_images(net, root, ref["paths"], f"{split} images")
-    idx = explanation_sample(labels, n)
-    targets = keras_probs[idx].argmax(1).tolist()
-    return idx, targets, explain.occlusion_maps(net, decoded[net.image_size], idx, targets, "Keras")
+class KerasSide:
+    """The run's model.keras, opened once when first needed, on the split's images (`decoded`, by size)."""
+
+    def __init__(self, run: RunFolder, root: Path, paths: list[str], decoded: dict, split: str, log=print):
+        self.run, self.root, self.paths, self.decoded, self.split, self.log = run, root, paths, decoded, split, log
+        self._net = None
+        self._features: np.ndarray | None | bool = False  # False: not computed yet
+
+    def images(self) -> tuple:
+        """(the Keras model, its decoded images)."""
+        if self._net is None:
+            self._net = open_model(self.run.model_path)
+        size = self._net.image_size
+        if size not in self.decoded:
+            self.decoded[size] = decode_images(self._net, self.root, self.paths, f"{self.split} images")
+        return self._net, self.decoded[size]
+
+    def explanations(self, labels: np.ndarray, keras_probs: np.ndarray, n: int):
+        """(image indices, explained classes, Keras occlusion maps) on n images of the split."""
+        net, imgs = self.images()
+        idx = explanation_sample(labels, n)
+        targets = keras_probs[idx].argmax(1).tolist()
+        return idx, targets, explain.occlusion_maps(net, imgs, idx, targets, "Keras")
+
+    def features(self) -> np.ndarray | None:
+        """The pooled features of every image (familiar.parity), or None where Keras cannot run them."""
+        if self._features is False:
+            self._features = None
+            try:
+                net, imgs = self.images()
+                self._features = net.predict_arrays(imgs, 32, calibrated=False, features=True,
+                                                    label="Keras features (familiarity check)")[1]
+            except DataMovedError:
+                raise
+            except MriEdgeError as e:  # no model.keras, or a machine without Keras
+                self.log(f"familiarity parity skipped: {e}")
+        return self._features
+
 
 def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, threads: int | None = None,
                batch_size: int = 16, dedup: str | None = None, log=print, split: str = "test",
@@ -242,9 +282,10 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         layer_report(run, log)
     decoded: dict[int, np.ndarray] = {}
     keras_maps = None
+    keras = KerasSide(run, root, ref["paths"], decoded, split, log)
     if explain_images and run.model_path.is_file():
         try:
-            keras_maps = keras_explanations(run, root, ref, labels, keras_probs, decoded, explain_images, split)
+            keras_maps = keras.explanations(labels, keras_probs, explain_images)
         except DataMovedError:
             raise
         except MriEdgeError as e:  # e.g. a machine with the runtimes but not Keras
@@ -255,7 +296,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     for f in files:
         try:
             r = _check_file(f, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                            batch_size, keras_maps, run_dir, model_sha)
+                            batch_size, keras_maps, run_dir, model_sha,
+                            keras.features)
         except DataMovedError:
             raise
         except MriEdgeError as e:
@@ -274,7 +316,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
                                 f"reliability_{f.name.replace('.', '_')}.png", f.name)
         results[f.name] = r
         log(f"{'PASS' if r['passed'] else 'FAIL'} {f.name}: accuracy {r['accuracy']:.4f} "
-            f"(delta {r['accuracy_delta'] * 100:+.2f} pts), agreement {r['agreement']:.4f}")
+            f"(delta {r['accuracy_delta'] * 100:+.2f} pts), agreement {r['agreement']:.4f}"
+            + (f", familiarity referrals agree on {r['familiarity']['agreement']:.2%}" if "familiarity" in r else ""))
         if r["fail_reasons"]:
             failures.append(f"{f.name}: " + "; ".join(r["fail_reasons"]))
     keras_m = report.classification_metrics(labels, keras_probs.argmax(1), names)
@@ -287,106 +330,3 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     run.write_index()
     out["report_dir"] = str(report_dir)
     return out
-
-
-def summary_table(out: dict) -> str:
-    rows = []
-    for name, r in out["files"].items():
-        if "error" in r:
-            rows.append([name, "", "", "", "", "", "", "", "", "", "", "", "FAIL: " + r["fail_reasons"][0]])
-            continue
-        rows.append([name, r["runtime"], f"{r['accuracy']:.4f}", f"{r['accuracy_delta'] * 100:+.2f}",
-                     f"[{r['accuracy_delta_ci95'][0] * 100:+.2f}, {r['accuracy_delta_ci95'][1] * 100:+.2f}]",
-                     f"{r['macro_f1_delta']:+.4f}", f"{r['agreement'] * 100:.2f}%", len(r["flips"]),
-                     f"{r['mcnemar']['p_value']:.3g}", f"{r['prob_abs_diff']['mean']:.2e} / {r['prob_abs_diff']['max']:.2e}",
-                     (f"{r['calibration']['ece']:.4f} ({r['calibration']['ece_delta']:+.4f})"
-                      if "calibration" in r else ""),
-                     (f"{r['explanation']['rank_correlation']['median']:.3f}" if "explanation" in r else ""),
-                     "PASS" if r["passed"] else "FAIL: " + "; ".join(r["fail_reasons"])])
-    return report.md_table(["file", "runtime", "accuracy", "Δacc (pts)", "Δacc 95% CI", "Δmacro-F1", "agreement",
-                            "flips", "McNemar p", "|Δp| mean / max", "ECE (Δ)", "expl. ρ", "gate"], rows)
-
-
-def markdown(out: dict) -> str:
-    names = out["class_names"]
-    th = dict(out["thresholds"])
-    for key in ("float", "quant"):  # reports written before the drops were kept in points
-        if f"{key}_max_drop" in th:
-            th[f"{key}_max_drop_pts"] = th.pop(f"{key}_max_drop") * 100
-    parts = [
-        "# Export parity",
-        "",
-        f"Keras reference: accuracy {out['keras']['accuracy']:.4f}, macro-F1 {out['keras']['macro_f1']:.4f} "
-        f"on {out['n_test']} {'validation' if out.get('split') == 'val' else 'test'} images. "
-        "Every TFLite and ONNX file below ran through `mri_edge.runtime`, OpenVINO files through `mri_edge.ov`.",
-        "",
-        summary_table(out),
-        "",
-        f"Gates: fp32/fp16 agreement >= {th['float_agreement']:.3f} and accuracy drop <= "
-        f"{th['float_max_drop_pts']:.1f} pts; dynamic/int8 agreement >= "
-        f"{th['quant_agreement']:.3f} and drop <= {th['quant_max_drop_pts']:.1f} pts"
-        + (f"; every file: |ΔECE| <= {th['max_ece_change']} in its own bins or in the Keras bins."
-           if "max_ece_change" in th else "."),
-        "",
-        "## Clinical parity: per-class sensitivity / specificity deltas (points)",
-        "",
-    ]
-    rows = []
-    for name, r in out["files"].items():
-        if "error" in r:
-            continue
-        rows.append([name] + [f"{r['per_class_delta'][c]['sensitivity'] * 100:+.2f} / "
-                              f"{r['per_class_delta'][c]['specificity'] * 100:+.2f}" for c in names])
-    parts += [report.md_table(["file", *names], rows), ""]
-    cal = [(n, r["calibration"]) for n, r in out["files"].items() if "calibration" in r]
-    if cal:
-        parts += ["## Calibration (expected calibration error, 15 bins)", "",
-                  report.md_table(["file", "ECE", "Keras ECE", "ΔECE", "ΔECE in Keras bins", "Brier", "NLL",
-                                   "mean confidence"],
-                                  [[n, f"{c['ece']:.4f}", f"{c['keras']['ece']:.4f}", f"{c['ece_delta']:+.4f}",
-                                    f"{c['ece_delta_keras_bins']:+.4f}" if "ece_delta_keras_bins" in c else "",
-                                    f"{c['brier']:.4f}", f"{c['nll']:.4f}", f"{c['mean_confidence']:.4f}"]
-                                   for n, c in cal]), "",
-                  "Reliability diagrams per file: `verify/reliability_<file>.png`. The ECE gate fails a file "
-                  "only when both changes pass the limit (docs/how-it-works.md).", ""]
-    tr = [(n, r["trust"]) for n, r in out["files"].items() if "trust" in r]
-    if tr:
-        def ab(m):
-            a = m.get("abstention")
-            return f"{a['coverage']:.3f} / {a['risk']:.4f}" if a else ""
-
-        def sets(m):
-            c = m.get("sets")
-            return f"{c['coverage']:.3f} / {c['mean_size']:.2f}" if c else ""
-
-        parts += ["## Stored calibration (temperature, abstention, conformal sets)", "",
-                  report.md_table(["file", "T", "ECE after T (Keras)", "ΔECE", "coverage / risk at threshold",
-                                   "Keras coverage / risk", "set coverage / size", "Keras set coverage / size"],
-                                  [[n, f"{t['temperature']:.3f}", f"{t['file']['ece']:.4f} ({t['keras']['ece']:.4f})",
-                                    f"{t['ece_delta']:+.4f}", ab(t["file"]), ab(t["keras"]), sets(t["file"]),
-                                    sets(t["keras"])] for n, t in tr]), ""]
-    ex = [(n, r["explanation"]) for n, r in out["files"].items() if "explanation" in r]
-    if ex:
-        parts += ["## Explanation parity (occlusion maps, file vs Keras)", "",
-                  report.md_table(["file", "images", "rank correlation median / p10 / min", "top-10% overlap median / p10"],
-                                  [[n, e["images"], f"{e['rank_correlation']['median']:.3f} / "
-                                    f"{e['rank_correlation']['p10']:.3f} / {e['rank_correlation']['min']:.3f}",
-                                    f"{e['top10_overlap']['median']:.3f} / {e['top10_overlap']['p10']:.3f}"]
-                                   for n, e in ex]), "",
-                  f"Each image's {explain.GRID}x{explain.GRID} occlusion map of the class Keras predicts, through the "
-                  "file's own runtime, against the Keras model's map (Spearman rank correlation over cells; "
-                  "intersection over union of the top 10% of pixels).", ""]
-    if any("dedup" in r for r in out["files"].values()):
-        rows = [[n, r["dedup"]["n"], f"{r['dedup']['keras_accuracy']:.4f}", f"{r['dedup']['accuracy']:.4f}",
-                 f"{r['dedup']['accuracy_delta'] * 100:+.2f}", f"{r['dedup']['agreement'] * 100:.2f}%"]
-                for n, r in out["files"].items() if "dedup" in r]
-        parts += ["## Leakage-free test subset", "",
-                  report.md_table(["file", "images", "Keras acc", "export acc", "Δacc (pts)", "agreement"], rows), ""]
-    for name, r in out["files"].items():
-        if r.get("flips"):
-            parts += [f"### Flipped predictions: {name} ({len(r['flips'])})", ""]
-            parts += [report.md_table(["image", "true", "Keras", "export"],
-                                      [[f"`{x['path']}`", x["true"], f"{x['keras']} ({x['keras_p']:.2f})",
-                                        f"{x['export']} ({x['export_p']:.2f})"] for x in r["flips"][:20]]), ""]
-    parts += ["Confusion matrices per file: `verify/confusion_<file>.png`.", ""]
-    return "\n".join(parts)

@@ -193,8 +193,8 @@ def small_backbone(monkeypatch):
 
 
 def strip_features(path: Path) -> None:
-    """Make an exported .tflite or .onnx file as mri-edge made it before the features output
-    (one output, no `features` record), its other metadata kept."""
+    """Make an exported .tflite, .onnx or .xml file as mri-edge made it before the features
+    output (one output, no `features` record), its other metadata kept."""
     from mri_edge import runtime
     from mri_edge.export import onnx as onnx_backend
     from mri_edge.export import tflite
@@ -206,7 +206,16 @@ def strip_features(path: Path) -> None:
 
         m = flatbuffer_utils.convert_bytearray_to_object(path.read_bytes()[: meta["model_bytes"]])
         m.subgraphs[0].outputs = m.subgraphs[0].outputs[:1]
+        for sig in m.signatureDefs or []:
+            sig.outputs = [t for t in sig.outputs if t.name != runtime.FEATURES.encode()]
         path.write_bytes(tflite.append_tflite_metadata(bytes(flatbuffer_utils.convert_object_to_bytearray(m)), meta))
+    elif path.suffix == ".xml":
+        from mri_edge.export import openvino
+        from mri_edge.ov import core
+
+        model = core()[1].read_model(str(path))
+        model.remove_result(model.get_results()[1])
+        openvino.save(model, path, meta)
     else:
         import onnx
 

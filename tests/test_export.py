@@ -297,6 +297,33 @@ def test_openvino_int8_is_quantized_and_a_missing_weights_file_fails_cleanly(exp
         open_model(lone)
 
 
+@pytest.mark.skipif(not OPENVINO, reason="OpenVINO is not installed")
+def test_add_features_gives_an_older_openvino_file_the_output(exported_run, tmp_path):
+    """An IR made before the features output existed gets it from `export --add-features`:
+    its probabilities unchanged, its features those a new export hands out."""
+    import shutil
+
+    from tests.conftest import strip_features
+
+    x = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    for name in OPENVINO:
+        src = exported_run / "exports" / name
+        f = tmp_path / name
+        shutil.copy(src, f)
+        shutil.copy(src.with_suffix(".bin"), f.with_suffix(".bin"))
+        want_probs, want_feats = open_model(src).run(x, features=True)
+        strip_features(f)
+        assert not open_model(f).has_features
+        assert export_lib.add_features(f) == "added"
+        m = open_model(f)
+        probs, feats = m.run(x, features=True)
+        assert m.has_features and np.array_equal(probs, want_probs), name
+        # int8: the export's features pass one more fake quantization (the ONNX Identity's) than these
+        tol = 0 if m.meta["quantization"] == "none" else 0.05 * np.abs(want_feats).max()
+        assert np.abs(feats - want_feats).max() <= tol, name
+        assert export_lib.add_features(f) == "has one"
+
+
 def test_recover_rebuilds_the_keras_model_from_a_float_tflite_file(exported_run, tmp_path, monkeypatch):
     """benchmarks/recover_run.py: a shipped folder that lost its model.keras gets it back from
     its float TFLite file (every batch norm folded or turned into a depthwise convolution)."""
@@ -374,3 +401,8 @@ def test_add_features_gives_older_files_the_output_without_changing_their_answer
         probs, feats = open_model(f).run(x, features=True)
         assert np.array_equal(probs, before[f.name]) and feats.shape == (5, width), f.name
         assert export_lib.add_features(f) == "has one"  # once
+        if f.suffix == ".tflite":  # the signature names both outputs
+            from ai_edge_litert.interpreter import Interpreter
+
+            sig = Interpreter(str(f)).get_signature_list()
+            assert runtime.FEATURES in next(iter(sig.values()))["outputs"], sig

@@ -333,8 +333,14 @@ def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run
         assert e["images"] == 16 and len(e["per_image_rank_correlation"]) == 16
         if r["quantization"] == "none":  # the same graph in float: the same maps
             assert e["rank_correlation"]["median"] > 0.99, name
+        fam = r["familiarity"]  # the stored familiarity check, on Keras features and the file's own
+        assert fam["n"] == out["n_test"] and fam["limit"] == \
+            cal["trust"]["familiarity"]["limit"]
+        assert fam["only_keras"] + fam["only_file"] == round((1 - fam["agreement"]) * fam["n"])
+        if r["quantization"] == "none":
+            assert fam["agreement"] == 1.0 and fam["rank_correlation"] > 0.999, (name, fam)
     text = (run / "parity.md").read_text()
-    assert "## Stored calibration" in text and "## Explanation parity" in text
+    assert "## Stored calibration" in text and "## Explanation parity" in text and "## Familiarity check" in text
     # the gate: a file whose maps correlate less than asked fails for that reason
     name, worst = min(((n, r["explanation"]["rank_correlation"]["median"]) for n, r in out["files"].items()),
                       key=lambda x: x[1])
@@ -342,6 +348,26 @@ def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run
                        log=lambda *_: None)
     reasons = gated["files"][name]["fail_reasons"]
     assert (worst < 1.0) == any("explanations moved" in x for x in reasons), (worst, reasons)
+
+
+def test_verify_fails_a_file_whose_familiarity_check_moved(calibrated_run, monkeypatch):
+    """The gate: a file that refers other images than Keras, beyond its agreement gate, fails."""
+    from mri_edge import familiar
+    from mri_edge.verify import verify_run
+
+    run, _ = calibrated_run
+    real = familiar.parity
+
+    def moved(record, keras_feats, file_feats):  # the file's features pushed past the limit on half the images
+        far = file_feats.copy()
+        far[::2] += 100 * np.abs(keras_feats).max()
+        return real(record, keras_feats, far)
+
+    monkeypatch.setattr(familiar, "parity", moved)
+    f = run / "exports" / "model_fp32.tflite"
+    r = verify_run(run, files=[f], explain_images=0, log=lambda *_: None)["files"][f.name]
+    assert r["familiarity"]["only_file"] >= r["familiarity"]["n"] // 2 - r["familiarity"]["only_keras"] - 1
+    assert not r["passed"] and any(x.startswith("familiarity check moved") for x in r["fail_reasons"]), r
 
 
 def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):

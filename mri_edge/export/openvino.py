@@ -106,6 +106,25 @@ def io_details(model) -> dict:
     return out
 
 
+def add_features_output(model) -> bool:
+    """Give an IR read from a file made before the features output existed that output
+    (`runtime.FEATURES`): the single ReduceMean's output (the global pooling), followed
+    through the reshapes (and, in an int8 file, fake quantization) to its first (N, C) form,
+    as a second Result. False where there is no single pooling."""
+    pools = [op for op in model.get_ops() if op.get_type_name() == "ReduceMean"]
+    if len(pools) != 1 or len(model.outputs) != 1:
+        return False
+    port = pools[0].output(0)
+    while port.get_partial_shape().rank.get_length() != 2:
+        after = list(port.get_target_inputs())
+        if len(after) != 1 or after[0].get_node().get_type_name() not in ("Reshape", "Squeeze", "FakeQuantize"):
+            return False
+        port = after[0].get_node().output(0)
+    port.get_tensor().add_names({runtime.FEATURES})
+    model.add_outputs([port])
+    return True
+
+
 def openvino_accuracy_aware(fp32_onnx: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float):
     """(int8 OpenVINO model, recipe) from NNCF's quantization with accuracy control. Its metric
     is `quality`, so a drop of at most max_drop_pts bounds agreement and accuracy alike."""

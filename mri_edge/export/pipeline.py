@@ -256,27 +256,38 @@ def add_features(path: Path) -> str:
     """Give a file exported before it had one the features output (`runtime.FEATURES`, what the
     familiarity check of `mri-edge calibrate` reads): the same graph, its pooled features also
     handed out, so its probabilities stay bit for bit. Returns what happened, in words: "added",
-    or why not (it has one; no single global pooling, as in an ensemble; an OpenVINO file)."""
+    or why not (it has one; no single global pooling, as in an ensemble). A TFLite file whose
+    output its signature does not name gets the entry: "named in its signature"."""
     from ..integrity import check_integrity  # noqa: PLC0415
     from ..runtime import FEATURES, read_metadata  # noqa: PLC0415
 
     path = Path(path)
     meta = read_metadata(path)
     check_integrity(path, meta)
-    if FEATURES in meta:
-        return "has one"
-    if path.suffix == ".xml":  # OpenVINO files inherit the output from the ONNX file they are converted from
-        return "an OpenVINO file: export the run again for one with features"
-    if path.suffix == ".tflite":
+    had = FEATURES in meta
+    if path.suffix == ".tflite":  # also names a features output its signature lacks
         from .rewrite import tflite_add_features  # noqa: PLC0415
         from .tflite import append_tflite_metadata, tflite_flatbuffer, tflite_io  # noqa: PLC0415
 
         fb = tflite_flatbuffer(path, meta)
         new = tflite_add_features(fb)
         if new == fb:
-            return "no single global pooling"
+            return "has one" if had else "no single global pooling"
         meta.update(tflite_io(new))
         atomic_write_bytes(path, append_tflite_metadata(new, meta))
+        return "named in its signature" if had else "added"
+    if had:
+        return "has one"
+    if path.suffix == ".xml":
+        from .openvino import add_features_output, io_details, save  # noqa: PLC0415
+
+        from ..ov import core  # noqa: PLC0415
+
+        model = core()[1].read_model(str(path))
+        if not add_features_output(model):
+            return "no single global pooling"
+        meta.update(io_details(model))
+        save(model, path, meta)
         return "added"
     import onnx  # noqa: PLC0415
 
@@ -307,7 +318,7 @@ def add_features_run(run_dir, log=print) -> list[str]:
         except MriEdgeError as e:
             raise ExportError(f"{e} (features output added so far: {', '.join(changed) or 'none'})") from None
         log(f"{f.name}: {what}")
-        if what == "added":
+        if what in ("added", "named in its signature"):
             changed.append(f.name)
     if changed:  # the check is fitted on the features: calibrate again to have it
         log(f"next: mri-edge calibrate {run_dir}")

@@ -243,15 +243,26 @@ def tflite_add_features(flatbuffer: bytes) -> bytes:
 
     model = flatbuffer_utils.convert_bytearray_to_object(flatbuffer)
     graph = model.subgraphs[0]
-    mean = {i for i, c in enumerate(model.operatorCodes)
-            if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.MEAN}
-    pools = [op for op in graph.operators if op.opcodeIndex in mean]
-    if len(pools) != 1 or len(graph.outputs) != 1:
-        return flatbuffer
-    out = int(pools[0].outputs[0])
-    graph.tensors[out].name = FEATURES.encode()
-    graph.outputs = np.array([int(graph.outputs[0]), out], dtype=np.int32)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    named = [i for i in graph.outputs[1:] if graph.tensors[i].name == FEATURES.encode()]
+    if named:  # added before the signature got it: only the signature entry is missing
+        out = int(named[0])
+    else:
+        mean = {i for i, c in enumerate(model.operatorCodes)
+                if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.MEAN}
+        pools = [op for op in graph.operators if op.opcodeIndex in mean]
+        if len(pools) != 1 or len(graph.outputs) != 1:
+            return flatbuffer
+        out = int(pools[0].outputs[0])
+        graph.tensors[out].name = FEATURES.encode()
+        graph.outputs = np.array([int(graph.outputs[0]), out], dtype=np.int32)
+    # the signature (interpreter.get_signature_runner()) names its outputs itself
+    for sig in model.signatureDefs or []:
+        if sig.subgraphIndex == 0 and all(t.tensorIndex != out for t in sig.outputs or []):
+            entry = schema.TensorMapT()
+            entry.name, entry.tensorIndex = FEATURES.encode(), out
+            sig.outputs = [*(sig.outputs or []), entry]
+    new = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return flatbuffer if named and new == bytes(flatbuffer) else new
 
 
 def onnx_add_features(proto) -> bool:
