@@ -160,7 +160,10 @@ def build(run_dir) -> dict:
         missing.append("calibration (mri-edge calibrate)")
     if parity:
         card["parity"] = {n: {k: r.get(k) for k in ("quantization", "runtime", "accuracy", "agreement", "passed")}
-                          | {"flips": len(r.get("flips", []))} for n, r in
+                          | {"flips": len(r.get("flips", [])),
+                             "familiarity_agreement": (r.get("familiarity") or {}).get("agreement"),
+                             "explanation_rank_correlation": ((r.get("explanation") or {}).get("rank_correlation")
+                                                              or {}).get("median")} for n, r in
                           current_rows(parity["files"], metadata, "parity", f"mri-edge verify {run.path}",
                                        missing).items()}
     else:
@@ -271,9 +274,12 @@ def markdown(card: dict) -> str:
                                    for n, res in c["per_file"].items() for s, v in res.items()]), ""]
     if "parity" in card:
         parts += ["## Parity of the exported files (test split)", "",
-                  report.md_table(["file", "quantization", "accuracy", "agreement", "flips", "gate"],
+                  report.md_table(["file", "quantization", "accuracy", "agreement", "flips",
+                                   "familiarity referrals agree", "explanation ρ (median)", "gate"],
                                   [[n, p["quantization"], f"{p['accuracy']:.4f}" if p["accuracy"] is not None else "",
                                     f"{p['agreement']:.2%}" if p["agreement"] is not None else "", p["flips"],
+                                    f"{a:.2%}" if (a := p.get("familiarity_agreement")) is not None else "",
+                                    f"{r:.3f}" if (r := p.get("explanation_rank_correlation")) is not None else "",
                                     "PASS" if p["passed"] else "FAIL"] for n, p in card["parity"].items()]), ""]
     if "latency" in card:
         parts += [f"## Latency (batch 1, {card['latency']['machine']})", "",

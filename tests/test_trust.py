@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mri_edge import trust
+from mri_edge.cli import main
 
 
 def softmax(z):
@@ -341,6 +342,12 @@ def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run
             assert fam["agreement"] == 1.0 and fam["rank_correlation"] > 0.999, (name, fam)
     text = (run / "parity.md").read_text()
     assert "## Stored calibration" in text and "## Explanation parity" in text and "## Familiarity check" in text
+    res = CliRunner().invoke(main, ["card", str(run)])  # the card's parity table carries both
+    assert res.exit_code == 0, res.output
+    rows = json.loads((run / "model_card.json").read_text())["parity"]
+    assert {n: r["familiarity_agreement"] for n, r in rows.items()} == \
+        {n: r["familiarity"]["agreement"] for n, r in out["files"].items()}
+    assert "familiarity referrals agree" in (run / "model_card.md").read_text()
     # the gate: a file whose maps correlate less than asked fails for that reason
     name, worst = min(((n, r["explanation"]["rank_correlation"]["median"]) for n, r in out["files"].items()),
                       key=lambda x: x[1])
