@@ -1,7 +1,9 @@
 """Shared fixtures.
 
 Fast tier (`-m "not slow"`): `micro_run`, a run folder around a 5-layer Keras model whose
-weights are constructed (no SGD), exported to TFLite and ONNX in-process in seconds.
+weights are constructed (no SGD), exported to TFLite and ONNX in-process in seconds. The
+tests of optional training levers (EMA, stochastic depth, quantization-aware training,
+distillation, pretraining) build DenseNet121s and train for 17-24 s each: full suite only.
 Full suite: `tiny_run`, a 32 px DenseNet121 trained from scratch for 2 epochs, and its
 exports in every format.
 """

@@ -91,6 +91,7 @@ def test_backbone_from_an_earlier_model_and_weights_file(net, tmp_path):
     assert np.array_equal(model_lib.base_of(child2).get_weights()[0], a[0])
 
 
+@pytest.mark.slow  # an optional training lever: 17-24 s on 2 cores, so in the full suite
 def test_stochastic_depth_drops_whole_dense_layers_in_training_only(tmp_path):
     import keras
 

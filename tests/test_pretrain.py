@@ -53,6 +53,7 @@ def test_knn_probe_counts_neighbours_by_cosine_similarity():
     assert r["knn3"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow  # an optional training lever: 17-24 s on 2 cores, so in the full suite
 def test_pretrain_reads_only_training_images_and_train_starts_from_its_encoder(
         small_backbone, synth_data, cache_dir, tmp_path, monkeypatch):
     from mri_edge import data

@@ -46,6 +46,7 @@ def test_fake_quant_passes_gradients_inside_its_range_only():
     np.testing.assert_allclose(tape.gradient(y, x).numpy(), [0, 1, 1, 1, 0])
 
 
+@pytest.mark.slow  # an optional training lever: 17-24 s on 2 cores, so in the full suite
 def test_quant_aware_model_trains_the_float_model_in_place(net):
     import keras
 

@@ -278,6 +278,7 @@ def test_evaluate_fp16_weights_halves_the_stored_model_and_reports_on_it(micro_r
     assert len((run / "model.keras").read_bytes()) == len(sha)
 
 
+@pytest.mark.slow  # an optional training lever: 17-24 s on 2 cores, so in the full suite
 def test_ema_validates_keeps_and_ships_the_averaged_weights(small_backbone, synth_data, cache_dir, tmp_path):
     """--ema: each validation, the kept checkpoint and model.keras are one model, the optimizer's
     average of the weights (training continues from the raw ones), with batch-norm statistics
