@@ -319,6 +319,13 @@ class Thresholds:
     max_ece_change: float = option(0.01, "Allowed change of the expected calibration error (15 bins) of any "
                                          "exported file against Keras.", minimum=0, maximum=1)
 
+    # The familiarity check also has to refer the images the Keras model refers (a file fails too
+    # when its referrals agree with Keras' less often than its top-1 agreement gate allows).
+    # Kappa, not agreement alone: where ~1% are referred, a check that never fires agrees on 99%.
+    # 0.8 ("almost perfect", Landis & Koch 1977); the shipped int8 files measure 0.933-0.960.
+    min_familiarity_kappa: float = option(0.8, "Minimum Cohen's kappa between the familiarity check's referrals "
+                                               "through a file and through Keras.", minimum=-1, maximum=1)
+
     # Report-only by default (0): the goal is a median of 0.9 between int8 and Keras, measured
     # per run in parity.md; a user who relies on explanations sets the gate.
     min_explanation_corr: float = option(0.0, "Minimum median rank correlation of a file's occlusion maps with the "

@@ -94,6 +94,18 @@ def referred(record: trust.Trust, feats: np.ndarray | None, probs: np.ndarray | 
     return out
 
 
+def kappa(a: np.ndarray, b: np.ndarray) -> float:
+    """Cohen's kappa of two (N,) bool decisions: their agreement beyond what their rates alone
+    give. Agreement alone says little when few images are referred (a check that never fires
+    agrees on 99% of images where 1% should be referred); kappa is 0 for it. 1.0 (or 0.0) when
+    one decision is constant, for identical (or different) decisions."""
+    observed = float((a == b).mean())
+    chance = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
+    if chance >= 1.0:
+        return 1.0 if observed == 1.0 else 0.0
+    return (observed - chance) / (1.0 - chance)
+
+
 def parity(record: trust.Trust, keras_feats: np.ndarray, file_feats: np.ndarray) -> dict:
     """Whether the check survives export (`mri-edge verify`): the file's stored limit applied to
     the Keras model's features and to the file's own, image by image."""
@@ -103,7 +115,7 @@ def parity(record: trust.Trust, keras_feats: np.ndarray, file_feats: np.ndarray)
     uk, uf = record.unfamiliar(distances=dk), record.unfamiliar(distances=df)
     return {"n": int(len(dk)), "limit": float(record.familiarity["limit"]),
             "referred": float(uf.mean()), "keras_referred": float(uk.mean()),
-            "agreement": float((uk == uf).mean()),
+            "agreement": float((uk == uf).mean()), "kappa": kappa(uk, uf),
             "only_keras": int((uk & ~uf).sum()), "only_file": int((~uk & uf).sum()),
             "rank_correlation": rank_correlation(dk, df),
             "distance_change": {"median": float(np.median(np.abs(df - dk))), "max": float(np.abs(df - dk).max())}}

@@ -134,20 +134,20 @@ def explanation_sample(labels: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).permutation(len(labels))[:n])
 
 
-def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                batch_size, keras_maps=None, root_run: Path | None = None, model_sha: str | None = None,
-                keras_features=lambda: None) -> dict:
-    """Every parity number and the gate of one exported file; `keras_features()`: the Keras
-    model's pooled features on the split (or None), asked for only by a file with a familiarity check."""
+def _check_file(f: Path, threads, names, ref, labels, keras_probs, keras: KerasSide, thresholds, clean,
+                batch_size, keras_maps=None, root_run: Path | None = None, model_sha: str | None = None) -> dict:
+    """Every parity number and the gate of one exported file; `keras` decodes the split's images
+    and gives the Keras model's features for a file with a familiarity check."""
     model = open_model(f, threads=threads)
     if model.class_names != names:
         raise VerifyError(f"class names {model.class_names} differ from the run's {names}")
-    if model.image_size not in decoded:
-        decoded[model.image_size] = decode_images(model, root, ref["paths"], f"{split} images")
-    imgs = decoded[model.image_size]
-    checks = bool(model.trust and model.trust.familiarity and model.has_features)
-    probs, feats = model.predict_arrays(imgs, batch_size, calibrated=False, features=True,
-                                        label=f"running {f.name} [{model.runtime_name}]")
+    imgs = keras.images_for(model)
+    checks = bool(model.trust and model.trust.familiarity)
+    label = f"running {f.name} [{model.runtime_name}]"
+    if checks:
+        probs, feats = model.predict_arrays(imgs, batch_size, calibrated=False, label=label, features=True)
+    else:
+        probs, feats = model.predict_arrays(imgs, batch_size, calibrated=False, label=label), None
     meta = model.meta
     r = compare(names, labels, keras_probs, probs, ref["paths"])
     q = meta.get("quantization", "none")
@@ -158,9 +158,14 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
                              "max_ece_change": thresholds.max_ece_change}})
     if model.trust:
         r["trust"] = trust_metrics(model.trust, labels, keras_probs, probs)
-    if checks and (kf := keras_features()) is not None:
-        r["familiarity"] = familiar.parity(model.trust, kf, feats)
     stale = trust_mismatch(model, RunFolder(root_run).trust() if root_run else None, model_sha)
+    if checks and not stale:  # a stale file is failed for that; its check is not compared
+        if feats is None:
+            r["familiarity"] = {"skipped": "the file has no features output"}
+        elif (kf := keras.features()) is None:
+            r["familiarity"] = {"skipped": keras.features_skipped}
+        else:
+            r["familiarity"] = familiar.parity(model.trust, kf, feats)
     if keras_maps is not None:
         idx, targets, ref_maps = keras_maps
         maps = explain.occlusion_maps(model, imgs, idx, targets, f.name)
@@ -178,10 +183,14 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
     if "trust" in r and ece_moved(r["trust"], thresholds.max_ece_change):
         reasons.append(f"calibrated probabilities changed: |ΔECE| after the stored temperature "
                        f"{abs(r['trust']['ece_delta']):.4f} > {thresholds.max_ece_change}")
-    if "familiarity" in r and r["familiarity"]["agreement"] < min_agree:
-        reasons.append(f"familiarity check moved: it refers {r['familiarity']['only_file']} images Keras does not "
-                       f"and misses {r['familiarity']['only_keras']} (agreement {r['familiarity']['agreement']:.4f} "
-                       f"< {min_agree})")
+    fam = r.get("familiarity") or {}
+    if feats is None and fam:
+        reasons.append("its trust record holds a familiarity check that the file cannot run (no features output): "
+                       f"run mri-edge export {root_run or 'RUN'} --add-features, then mri-edge calibrate again")
+    if "agreement" in fam and (fam["agreement"] < min_agree or fam["kappa"] < thresholds.min_familiarity_kappa):
+        reasons.append(f"familiarity check moved: it refers {fam['only_file']} images Keras does not and misses "
+                       f"{fam['only_keras']} (agreement {fam['agreement']:.4f}, minimum {min_agree}; kappa "
+                       f"{fam['kappa']:.3f}, minimum {thresholds.min_familiarity_kappa})")
     if ("explanation" in r and thresholds.min_explanation_corr
             and r["explanation"]["rank_correlation"]["median"] < thresholds.min_explanation_corr):
         reasons.append(f"explanations moved: median rank correlation {r['explanation']['rank_correlation']['median']:.3f}"
@@ -197,21 +206,27 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, root, decoded
 
 
 class KerasSide:
-    """The run's model.keras, opened once when first needed, on the split's images (`decoded`, by size)."""
+    """The split's images, decoded once per input size, and the run's model.keras, opened once
+    when first needed."""
 
-    def __init__(self, run: RunFolder, root: Path, paths: list[str], decoded: dict, split: str, log=print):
-        self.run, self.root, self.paths, self.decoded, self.split, self.log = run, root, paths, decoded, split, log
+    def __init__(self, run: RunFolder, root: Path, paths: list[str], split: str, log=print):
+        self.run, self.root, self.paths, self.split, self.log = run, root, paths, split, log
+        self.decoded: dict[int, np.ndarray] = {}
         self._net = None
         self._features: np.ndarray | None | bool = False  # False: not computed yet
+        self.features_skipped = ""  # why there are none
+
+    def images_for(self, model) -> np.ndarray:
+        """The split's images under the model's preprocessing."""
+        if model.image_size not in self.decoded:
+            self.decoded[model.image_size] = decode_images(model, self.root, self.paths, f"{self.split} images")
+        return self.decoded[model.image_size]
 
     def images(self) -> tuple:
         """(the Keras model, its decoded images)."""
         if self._net is None:
             self._net = open_model(self.run.model_path)
-        size = self._net.image_size
-        if size not in self.decoded:
-            self.decoded[size] = decode_images(self._net, self.root, self.paths, f"{self.split} images")
-        return self._net, self.decoded[size]
+        return self._net, self.images_for(self._net)
 
     def explanations(self, labels: np.ndarray, keras_probs: np.ndarray, n: int):
         """(image indices, explained classes, Keras occlusion maps) on n images of the split."""
@@ -225,13 +240,15 @@ class KerasSide:
         if self._features is False:
             self._features = None
             try:
-                net, imgs = self.images()
-                self._features = net.predict_arrays(imgs, 32, calibrated=False, features=True,
-                                                    label="Keras features (familiarity check)")[1]
+                self._features = familiar.features(*self.images(), "the split (familiarity check)")
+                if self._features is None:
+                    self.features_skipped = "the Keras model has no single global pooling to take features from"
             except DataMovedError:
                 raise
-            except MriEdgeError as e:  # no model.keras, or a machine without Keras
-                self.log(f"familiarity parity skipped: {e}")
+            except Exception as e:  # noqa: BLE001 (no model.keras, no Keras here, or Keras failed: no file's fault)
+                self.features_skipped = f"the Keras model's features could not be computed: {first_line(e)}"
+            if self._features is None:
+                self.log(f"familiarity parity skipped: {self.features_skipped}")
         return self._features
 
 
@@ -280,9 +297,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         from .export.debug import layer_report  # noqa: PLC0415
 
         layer_report(run, log)
-    decoded: dict[int, np.ndarray] = {}
     keras_maps = None
-    keras = KerasSide(run, root, ref["paths"], decoded, split, log)
+    keras = KerasSide(run, root, ref["paths"], split, log)
     if explain_images and run.model_path.is_file():
         try:
             keras_maps = keras.explanations(labels, keras_probs, explain_images)
@@ -295,9 +311,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     failures = []
     for f in files:
         try:
-            r = _check_file(f, threads, names, ref, labels, keras_probs, root, decoded, thresholds, split, clean,
-                            batch_size, keras_maps, run_dir, model_sha,
-                            keras.features)
+            r = _check_file(f, threads, names, ref, labels, keras_probs, keras, thresholds, clean,
+                            batch_size, keras_maps, run_dir, model_sha)
         except DataMovedError:
             raise
         except MriEdgeError as e:
@@ -317,7 +332,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         results[f.name] = r
         log(f"{'PASS' if r['passed'] else 'FAIL'} {f.name}: accuracy {r['accuracy']:.4f} "
             f"(delta {r['accuracy_delta'] * 100:+.2f} pts), agreement {r['agreement']:.4f}"
-            + (f", familiarity referrals agree on {r['familiarity']['agreement']:.2%}" if "familiarity" in r else ""))
+            + (f", familiarity referrals agree on {r['familiarity']['agreement']:.2%}"
+               if "agreement" in r.get("familiarity", {}) else ""))
         if r["fail_reasons"]:
             failures.append(f"{f.name}: " + "; ".join(r["fail_reasons"]))
     keras_m = report.classification_metrics(labels, keras_probs.argmax(1), names)

@@ -403,6 +403,16 @@ def test_add_features_gives_older_files_the_output_without_changing_their_answer
         assert export_lib.add_features(f) == "has one"  # once
         if f.suffix == ".tflite":  # the signature names both outputs
             from ai_edge_litert.interpreter import Interpreter
+            from tensorflow.lite.tools import flatbuffer_utils
 
             sig = Interpreter(str(f)).get_signature_list()
             assert runtime.FEATURES in next(iter(sig.values()))["outputs"], sig
+            # a file that has the output but not the signature entry (as shipped before it) gets the entry
+            meta = runtime.read_metadata(f)
+            m = flatbuffer_utils.convert_bytearray_to_object(f.read_bytes()[: meta["model_bytes"]])
+            for entry in m.signatureDefs:
+                entry.outputs = [t for t in entry.outputs if t.name != runtime.FEATURES.encode()]
+            f.write_bytes(tflite.append_tflite_metadata(bytes(flatbuffer_utils.convert_object_to_bytearray(m)), meta))
+            assert export_lib.add_features(f) == "named in its signature"
+            assert runtime.FEATURES in next(iter(Interpreter(str(f)).get_signature_list().values()))["outputs"]
+            assert np.array_equal(open_model(f).run(x), before[f.name])

@@ -147,6 +147,20 @@ def test_conformal_sets_reach_their_coverage_on_new_exchangeable_data():
     assert trust.conformal_quantile(probs[:5], labels[:5], 0.05) == 1.0  # too few images: every class
 
 
+def test_kappa_sees_a_check_that_never_fires():
+    from mri_edge.familiar import kappa
+
+    keras = np.zeros(200, bool)
+    keras[:4] = True  # 2% referred
+    assert kappa(keras, keras) == 1.0
+    never = np.zeros(200, bool)
+    assert (keras == never).mean() == 0.98 and kappa(keras, never) == 0.0  # 98% agreement, no skill
+    one_off = keras.copy()
+    one_off[10] = True
+    assert 0.8 < kappa(keras, one_off) < 1.0
+    assert kappa(never, never) == 1.0 and kappa(never, ~never) == 0.0
+
+
 def test_familiarity_distance_refers_features_unlike_the_training_ones():
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 5, (3, 32))
@@ -284,6 +298,30 @@ def test_a_calibrated_file_without_features_answers_without_the_check(calibrated
     again = calibrate_run(run, CalibrateConfig(coverage=0.5, alpha=0.2, min_images=4), log=said.append)
     assert any(f.name in s and "--add-features" in s for s in said)
     assert again["files"][f.name]["familiarity"]["held_out"] is None
+    # verify fails it: its record promises a check that the file cannot run on a device
+    from mri_edge.verify import verify_run
+
+    r = verify_run(run, files=[f], explain_images=0, log=lambda *_: None)["files"][f.name]
+    assert r["familiarity"] == {"skipped": "the file has no features output"} and not r["passed"]
+    assert any("cannot run (no features output)" in x and "--add-features" in x for x in r["fail_reasons"]), r
+
+
+def test_verify_without_the_keras_model_reports_the_check_as_not_compared(calibrated_run, tmp_path):
+    """No model.keras (a folder of deployed files): the check is named as not compared, the
+    files are still gated on everything else, and nothing crashes."""
+    from mri_edge.verify import verify_run
+
+    run, _ = calibrated_run
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    (bare / "model.keras").unlink()
+    said = []
+    out = verify_run(bare, explain_images=0, log=said.append)
+    for name, r in out["files"].items():
+        assert r["familiarity"]["skipped"].startswith("the Keras model's features could not be computed"), r
+        assert r["passed"] == (not r["fail_reasons"]) and not any("familiarity" in x for x in r["fail_reasons"])
+    assert sum("familiarity parity skipped" in s for s in said) == 1  # said once, not per file
+    assert "not compared: the Keras model's features could not be computed" in (bare / "parity.md").read_text()
 
 
 def test_calibrate_refuses_a_foreign_folder_it_cannot_use_before_any_work(micro_run, tmp_path):
@@ -326,6 +364,16 @@ def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run
 
     run, cal = calibrated_run
     out = verify_run(run, log=lambda *_: None)
+    # what Keras refers on the test split, computed here apart from verify
+    from mri_edge.data import decode_images
+    from mri_edge.run import RunFolder
+    from mri_edge.runtime import open_model
+
+    folder = RunFolder(run)
+    net = open_model(folder.model_path)
+    images = decode_images(net, folder.manifest()["root"], folder.test_predictions()["paths"], "test")
+    record = trust.Trust.from_meta({"trust": json.loads((run / "trust.json").read_text())})
+    keras_referred = float(record.unfamiliar(net.run(images, features=True)[1]).mean())
     for name, r in out["files"].items():
         t = r["trust"]
         assert t["temperature"] == cal["trust"]["temperature"]
@@ -335,11 +383,10 @@ def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run
         if r["quantization"] == "none":  # the same graph in float: the same maps
             assert e["rank_correlation"]["median"] > 0.99, name
         fam = r["familiarity"]  # the stored familiarity check, on Keras features and the file's own
-        assert fam["n"] == out["n_test"] and fam["limit"] == \
-            cal["trust"]["familiarity"]["limit"]
-        assert fam["only_keras"] + fam["only_file"] == round((1 - fam["agreement"]) * fam["n"])
+        assert fam["n"] == out["n_test"] and fam["limit"] == cal["trust"]["familiarity"]["limit"]
+        assert fam["keras_referred"] == keras_referred, (name, fam)
         if r["quantization"] == "none":
-            assert fam["agreement"] == 1.0 and fam["rank_correlation"] > 0.999, (name, fam)
+            assert fam["agreement"] == 1.0 and fam["kappa"] == 1.0 and fam["rank_correlation"] > 0.999, (name, fam)
     text = (run / "parity.md").read_text()
     assert "## Stored calibration" in text and "## Explanation parity" in text and "## Familiarity check" in text
     res = CliRunner().invoke(main, ["card", str(run)])  # the card's parity table carries both
