@@ -5,6 +5,12 @@ file, all made from the run's exports/model_fp32.onnx. Per file: size, flips aga
 the chosen split and p50 latency at batch 1 (timed in turn, in one process, through
 `mri_edge.runtime` as verify and bench run them), as ratios to the plain file and the fp32 one.
 
+With --stored, the run's accuracy-aware exports/model_int8.onnx joins them as exported and
+with the weights of the operations it keeps in float stored as fp16 (Casts folded at load)
+and as int8 per channel (a DequantizeLinear that onnxruntime runs on every call in a file
+with int8 operations, so export stores fp16 where int8 is asked): what each storage costs in
+size, flips and latency.
+
     python benchmarks/onnx_weight_only.py artifacts/runs/alzheimer-128px-noaug-72min-ema --split test
 """
 
@@ -28,6 +34,8 @@ from side_by_side import arguments, compare, split_images  # noqa: E402
 
 def main() -> None:
     ap = arguments(__doc__)
+    ap.add_argument("--stored", action="store_true",
+                    help="Also exports/model_int8.onnx with its float parts' weights as fp32, fp16 and int8")
     args = ap.parse_args()
     quiet.set_verbose(args.verbose)
 
@@ -48,6 +56,16 @@ def main() -> None:
         paths = {"plain int8 (head in float)": (work / "plain.onnx", {"quantization": "int8", "weight_bits": 7}),
                  "weight-only int8": (work / "weight_only.onnx", {"quantization": "int8", "weight_only": True}),
                  "fp32 file": (fp32_path, {})}
+        if args.stored:
+            chosen = args.run / "exports" / "model_int8.onnx"
+            recipe = open_model(chosen).meta.get("accuracy_aware") or {}
+            if recipe.get("weight_only") or not recipe.get("float_stages"):
+                sys.exit(f"{chosen}: no accuracy-aware file with float parts (export it with --max-drop)")
+            kept = "+".join(recipe["float_stages"])
+            paths[f"{kept} in float, weights as exported ({recipe.get('float_weights')})"] = (chosen, {"weight_bits": 7})
+            for w in ("fp16", "int8"):
+                onnx_store_weights(chosen, work / f"stored_{w}.onnx", w)
+                paths[f"{kept} in float, weights {w}"] = (work / f"stored_{w}.onnx", {"weight_bits": 7})
         nets = {name: OnnxModel(path, {**meta, **extra}, threads=args.threads) for name, (path, extra) in paths.items()}
         compare(nets, {name: path.stat().st_size / 1e6 for name, (path, _) in paths.items()}, x, probs, labels,
                 args.rounds, args.threads, args.split, "fp32 file")
