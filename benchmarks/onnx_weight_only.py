@@ -28,7 +28,7 @@ from mri_edge import export, quiet  # noqa: E402
 from mri_edge.export.calibration import calibration_set  # noqa: E402
 from mri_edge.export.onnx import onnx_int8, pre_process  # noqa: E402
 from mri_edge.export.rewrite import onnx_store_weights  # noqa: E402
-from mri_edge.runtime import OnnxModel, open_model  # noqa: E402
+from mri_edge.runtime import OnnxModel, open_model, read_metadata  # noqa: E402
 from side_by_side import arguments, compare, split_images  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main() -> None:
                  "fp32 file": (fp32_path, {})}
         if args.stored:
             chosen = args.run / "exports" / "model_int8.onnx"
-            recipe = open_model(chosen).meta.get("accuracy_aware") or {}
+            recipe = read_metadata(chosen).get("accuracy_aware") or {}
             if recipe.get("weight_only") or not recipe.get("float_stages"):
                 sys.exit(f"{chosen}: no accuracy-aware file with float parts (export it with --max-drop)")
             kept = "+".join(recipe["float_stages"])

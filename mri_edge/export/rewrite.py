@@ -256,13 +256,16 @@ def tflite_add_features(flatbuffer: bytes) -> bytes:
         graph.tensors[out].name = FEATURES.encode()
         graph.outputs = np.array([int(graph.outputs[0]), out], dtype=np.int32)
     # the signature (interpreter.get_signature_runner()) names its outputs itself
+    entry_added = False
     for sig in model.signatureDefs or []:
         if sig.subgraphIndex == 0 and all(t.tensorIndex != out for t in sig.outputs or []):
             entry = schema.TensorMapT()
             entry.name, entry.tensorIndex = FEATURES.encode(), out
             sig.outputs = [*(sig.outputs or []), entry]
-    new = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    return flatbuffer if named and new == bytes(flatbuffer) else new
+            entry_added = True
+    if named and not entry_added:  # nothing to do: the bytes as they were, not a re-serialisation
+        return flatbuffer
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def onnx_add_features(proto) -> bool:
