@@ -46,7 +46,7 @@ def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
     work/sm) with those stages in float and float32 weights (names as the search gives them,
     "conv2.1-3" included; the head only if "head" is among them)."""
     from mri_edge import export  # noqa: PLC0415
-    from mri_edge.export.accuracy import part  # noqa: PLC0415
+    from mri_edge.export.stages import part  # noqa: PLC0415
     from mri_edge.export.calibration import calibration_set  # noqa: PLC0415
     from mri_edge.export.formats import ExportJob  # noqa: PLC0415
     from mri_edge.export.tflite import calibrated_for, quantize_calibrated, tflite_stages, write_saved_model  # noqa: PLC0415

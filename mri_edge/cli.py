@@ -141,8 +141,7 @@ def export(run_dir, add_features, **options):
     if add_features:
         return run_guarded(export_lib.add_features_run, run_dir, log=echo)
     ctx = click.get_current_context()
-    given = tuple(n for n in ("io_dtype", "calib_size", "calib_range", "bn_scales", "opset", "max_drop",
-                                 "float_head", "float_weights", "openvino_int8")
+    given = tuple(n for n in export_lib.FORMAT_OPTIONS  # each is refused where no planned file uses it
                   if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE)
     cfg = config_from(ExportConfig, options)
     results, failures = run_guarded(export_lib.export_run, run_dir, **dataclasses.asdict(cfg), log=echo, given=given)

@@ -40,7 +40,8 @@ def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
 def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
     """Kept whole, conv2 costs all of its dense layers; here one layer is what matters, and the
     search narrows conv2 to it, the transition after the block going with the last layers."""
-    from mri_edge.export.accuracy import dense_layers, halves, part, stage_search, stages_from
+    from mri_edge.export.accuracy import stage_search
+    from mri_edge.export.stages import dense_layers, halves, part, stages_from
 
     nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 1) for i in range(1, 5)] + [
         ("CONV_2D", "net/pool2_conv", 5, 1), ("CONV_2D", "net/conv3_block1_1_conv", 40, 4),
@@ -71,7 +72,8 @@ def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
 def test_the_weight_only_file_counts_each_stage_once_after_halving():
     """Only every stage in float holds the budget (no int8 file), so halving is tried, fails,
     and the weight-only file is the last resort: its stages are the graph's, not its halves."""
-    from mri_edge.export.accuracy import stage_search, stages_from, whole
+    from mri_edge.export.accuracy import stage_search
+    from mri_edge.export.stages import stages_from, whole
 
     nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 1) for i in range(1, 5)] + [
         ("CONV_2D", "net/conv3_block1_1_conv", 40, 4)]
@@ -373,7 +375,7 @@ def test_the_tflite_search_scores_greedy_steps_in_chunks(monkeypatch):
 
 
 def test_densenet_stages_from_tflite_and_onnx_names():
-    from mri_edge.export.accuracy import stage_names
+    from mri_edge.export.stages import stage_names
 
     names = [("PAD", "m/densenet121/zero_padding2d/Pad"), ("CONV_2D", "m/densenet121/conv1_relu/Relu;m/conv1_bn"),
              ("MAX_POOL_2D", "m/densenet121/pool1/MaxPool2d"), ("CONV_2D", "m/densenet121/conv2_block1_1_relu/Relu"),
@@ -440,6 +442,86 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
     from mri_edge import progress
 
     assert progress._note_sink is None  # the in-process export let go of its log
+
+
+def test_max_size_is_recorded_and_refused_without_max_drop(micro_run, tmp_path):
+    """A limit no file can meet (one byte): the weight-only file is tried, is over it too, and the
+    chosen file is written with its recipe saying so; --max-size needs --max-drop and an int8
+    TFLite or ONNX file."""
+    from mri_edge.cli import main
+    from mri_edge.runtime import read_metadata
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    for args, why in ((["--format", "onnx", "--quantize", "int8", "--max-size", "5"], "add --max-drop"),
+                      (["--format", "tflite", "--quantize", "fp16", "--max-size", "5"],
+                       "--max-size applies to int8 tflite/onnx files")):
+        res = CliRunner().invoke(main, ["export", str(run), *args])
+        assert res.exit_code == 1 and why in res.output, res.output
+    res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--format", "tflite", "--quantize", "int8",
+                                    "--max-drop", "0", "--max-size", "0.000001", "--calib-size", "16", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    for name, search in (("model_int8.onnx", "ONNX"), ("model_int8.tflite", "TFLite")):
+        recipe = read_metadata(run / "exports" / name)["accuracy_aware"]
+        assert recipe["max_size_mb"] == 1e-6 and not recipe["within_size"] and not recipe["weight_only"], name
+        assert 0 < recipe["size_mb"] <= (run / "exports" / name).stat().st_size / 1e6, name
+        assert recipe["steps"][-1]["weight_only"], name  # tried, and over the limit as well
+        assert f"int8 {search} search: {WEIGHT_ONLY_LINE}, for --max-size 1e-06 MB" in res.output, res.output
+        assert any(line.strip().startswith(f"{name}:") and line.endswith("over --max-size 1e-06 MB)")
+                   for line in res.output.splitlines()), res.output
+
+
+WEIGHT_ONLY_LINE = "weight-only int8 (every operation in float, weights int8)"
+
+
+def sized_candidates(flips_weight_only: int):
+    """A fake TFLite quantizer, weight store and interpreter whose files are bytes of a known
+    size: 1000 bytes per node kept in float (float32 weights), 50 for a weight-only file; the
+    answers hold only with conv1 ("c1") in float, and the weight-only file flips as told."""
+    def pack(nodes, weights: str) -> bytes:
+        body = f"{'|'.join(nodes)}:{weights}".encode()
+        return body.ljust(50 if weights == "int8" else 100 + 1000 * len(nodes))
+
+    def unpack(fb: bytes) -> tuple[list[str], str]:
+        nodes, weights = fb.rstrip().decode().split(":")
+        return nodes.split("|") if nodes else [], weights
+
+    labels = np.arange(10) % 2
+
+    def probs(fb, x=None):
+        nodes, weights = unpack(fb)
+        wrong = (0 if "c1" in nodes else 3) + (flips_weight_only if weights == "int8" else 0)
+        return np.eye(2)[(labels + (np.arange(10) < wrong)) % 2]
+
+    return (lambda nodes: pack(nodes, "fp32")), (lambda fb, w: pack(unpack(fb)[0], w)), probs, labels
+
+
+@pytest.mark.parametrize("max_size, flips_weight_only, written", [(0.01, 0, "chosen"), (0.0005, 0, "weight-only"),
+                                                                   (0.0005, 1, "chosen"), (0.00001, 0, "chosen")])
+def test_a_file_over_max_size_gives_way_to_the_weight_only_file(monkeypatch, max_size, flips_weight_only, written):
+    """conv1 in float holds the budget at 1100 bytes; under a smaller limit the weight-only file
+    (50 bytes) replaces it when it holds the budget and the limit, and its recipe says what it
+    replaced; otherwise the chosen file is written, marked over the limit."""
+    from mri_edge.export import accuracy, tflite
+
+    stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
+              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
+    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
+    quantize, store, probs, labels = sized_candidates(flips_weight_only)
+    held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+    fb, recipe = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="fp32",
+                                              max_size_mb=max_size)
+    tried = [st for st in recipe["steps"] if st.get("weight_only")]
+    assert len(tried) == (max_size < 0.0011)  # measured only for a file over the limit
+    assert recipe["size_mb"] == len(fb) / 1e6 and recipe["max_size_mb"] == max_size
+    if written == "weight-only":
+        assert recipe["weight_only"] and recipe["float_weights"] == "int8" and recipe["within_size"] and len(fb) == 50
+        assert recipe["instead_of"] == {"float_stages": ["conv1"], "float_weights": "fp32", "size_mb": 0.0011,
+                                        "held_out_agreement": 1.0}
+        assert recipe["within_budget"] and recipe["held_out_agreement"] == 1.0
+    else:
+        assert recipe["float_stages"] == ["conv1"] and not recipe["weight_only"] and len(fb) == 1100
+        assert recipe["within_size"] == (max_size >= 0.0011) and "instead_of" not in recipe
 
 
 def test_debug_quant_writes_a_per_layer_report(micro_run, tmp_path):
@@ -710,10 +792,11 @@ def test_int8_weights_keep_a_dearer_set_that_holds_with_them_before_fp16(monkeyp
     is in float too: the file keeps layers 1-2 (within the budget, int8 weights) rather than
     layer 2 with fp16 weights, since int8 weights were asked for the smallest file."""
     from mri_edge.export import accuracy, tflite
+    from mri_edge.export.stages import stages_from
 
     nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 10) for i in range(1, 5)] + [
         ("CONV_2D", "net/conv3_block1_1_conv", 40, 40)]
-    stages = accuracy.stages_from(nodes, ("MEAN",))
+    stages = stages_from(nodes, ("MEAN",))
     monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
     labels = np.arange(10) % 2
     held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)

@@ -22,8 +22,8 @@ import importlib
 # the format table without loading numpy or any converter.
 _WHERE = {
     "calibration": ("CALIB_QUANTILE", "calibration_set", "robust_ranges"),
-    "formats": ("BN_SCALES", "CALIB_RANGES", "FLOAT_WEIGHTS", "FORMATS", "IO_DTYPES", "QUANTIZATIONS", "ExportError",
-                "ExportJob", "plan"),
+    "formats": ("BN_SCALES", "CALIB_RANGES", "FLOAT_WEIGHTS", "FORMATS", "FORMAT_OPTIONS", "IO_DTYPES", "QUANTIZATIONS",
+                "ExportError", "ExportJob", "plan"),
     "graph": ("deployment_graph",),
     "onnx": ("onnx_fp32", "onnx_int8", "set_onnx_metadata"),
     "pipeline": ("add_features", "add_features_run", "export_run", "load_run", "rewrite_metadata", "table"),

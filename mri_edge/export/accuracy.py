@@ -20,16 +20,14 @@ with `--val-split grouped`, so that they behave like new subjects).
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import numpy as np
 
 from .heldout import HeldOut, agrees_enough, assured
+from .stages import float_cost, halves, whole
 
-STAGE = re.compile(r"(conv[1-5]|pool[1-4])")
-LAYER = re.compile(r"conv[2-5]_block(\d+)_")  # a dense layer of DenseNet's blocks
-MEMBER = re.compile(r"member_\d+")
+WEIGHT_ONLY = "weight-only int8 (every operation in float, weights int8)"
 METRIC = "top-1 agreement with Keras (95% lower bound from paired margins and changes) and accuracy drop, validation split"
 
 
@@ -65,103 +63,6 @@ def within(score: dict, max_drop_pts: float) -> bool:
 def quality(score: dict) -> float:
     """One number for ranking candidates: the worse of `assured` and 1 - accuracy drop."""
     return min(assured(score), 1 - max(0.0, score["accuracy_drop_pts"]) / 100)
-
-
-def stage_names(nodes: list[tuple[str, str]], pooling_ops: tuple[str, ...]) -> list[str]:
-    """The stage of each (op type, name) in graph order: DenseNet's conv1-conv5 with each
-    transition counted in the block before it, and 'head' from the global pooling on; other
-    graphs get 'body' and 'head'. In an ensemble (`mri-edge ensemble`) each member
-    (`member_N` in the names) is followed on its own, so a member's blocks stay blocks when
-    they come after another member's head, and each stage holds that block of every member.
-    An op without a name of its own (ONNX's `Conv__123`) belongs with the op before it."""
-    out, state, member = [], {}, None
-    for op_type, name in nodes:
-        found = MEMBER.search(name)
-        member = found.group(0) if found else member
-        current, in_head = state.get(member, ("body", False))
-        in_head = in_head or op_type in pooling_ops
-        if not in_head:
-            m = STAGE.search(name)
-            if m:
-                current = {"pool1": "conv1", "pool2": "conv2", "pool3": "conv3", "pool4": "conv4"}.get(m.group(1),
-                                                                                                   m.group(1))
-        state[member] = (current, in_head)
-        out.append("head" if in_head else current)
-    return out
-
-
-def stages_from(nodes: list[tuple[str, str, int, int]], pooling_ops: tuple[str, ...]) -> dict[str, dict]:
-    """{stage: {"nodes": [names], "node_shares", "mac_share", "param_share", "cost"}} from
-    (op type, name, MACs, weights) in graph order. A stage's cost is the larger of its shares
-    of the compute and of the weights: kept in float, the first costs latency, the second file
-    size (conv5 of DenseNet121 at 64 px: 2% of the compute, 31% of the weights)."""
-    stages: dict[str, dict] = {}
-    total_macs, total_params = (sum(int(n[k]) for n in nodes) or 1 for k in (2, 3))
-    for (op_type, name, macs, params), stage in zip(nodes, stage_names([n[:2] for n in nodes], pooling_ops)):
-        s = stages.setdefault(stage, {"nodes": [], "node_shares": []})
-        s["nodes"].append(name)
-        s["node_shares"].append((int(macs) / total_macs, int(params) / total_params))
-    for s in stages.values():
-        add_shares(s)
-    return stages
-
-
-def add_shares(stage: dict) -> dict:
-    stage["mac_share"], stage["param_share"] = (sum(share[i] for share in stage["node_shares"]) for i in (0, 1))
-    stage["cost"] = float_cost(stage["mac_share"], stage["param_share"])
-    return stage
-
-
-def whole(stages: dict[str, dict]) -> list[str]:
-    """The graph's stages, without the parts of them that the search adds (`part`)."""
-    return [name for name in stages if "." not in name]
-
-
-def dense_layers(nodes: list[str]) -> list[int | None]:
-    """The dense layer of each node of a stage, in graph order. A node without one in its name
-    (a transition, ONNX's `Conv__123`) goes with the layer before it in its own ensemble member;
-    nodes before the first layer get None."""
-    out, current, member = [], {}, None
-    for node in nodes:
-        found = MEMBER.search(node)
-        member = found.group(0) if found else member
-        layer = LAYER.search(node)
-        if layer:
-            current[member] = int(layer.group(1))
-        out.append(current.get(member))
-    return out
-
-
-def part(stages: dict[str, dict], name: str) -> str:
-    """A stage's dense layers first to last, named "conv2.1-3" ("conv2.2" for one layer), added
-    to `stages` (with the nodes before the first layer when it starts there); returns name."""
-    if name not in stages:
-        stage_name, layers = name.split(".")
-        first, last = (int(v) for v in layers.split("-")) if "-" in layers else (int(layers),) * 2
-        stage = stages[stage_name]
-        layer = dense_layers(stage["nodes"])
-        lead = first == min(n for n in layer if n is not None)
-        idx = [i for i, n in enumerate(layer) if (n is None and lead) or (n is not None and first <= n <= last)]
-        stages[name] = add_shares({"nodes": [stage["nodes"][i] for i in idx],
-                                   "node_shares": [stage["node_shares"][i] for i in idx]})
-    return name
-
-
-def halves(stages: dict[str, dict], name: str) -> list[str]:
-    """The two halves of a stage's dense layers, in graph order (a transition goes with the
-    layer before it), added to `stages` by `part`. [] for a stage of fewer than two layers."""
-    stage = stages[name]
-    ids = list(dict.fromkeys(n for n in dense_layers(stage["nodes"]) if n is not None)) if "node_shares" in stage else []
-    if len(ids) < 2:
-        return []
-    base = name.split(".")[0]
-    return [part(stages, f"{base}.{p[0]}" + (f"-{p[-1]}" if len(p) > 1 else ""))
-            for p in (ids[:len(ids) // 2], ids[len(ids) // 2:])]
-
-
-def float_cost(mac_share: float, param_share: float) -> float:
-    """What keeping a part in float costs: the larger of its compute and weight shares."""
-    return max(mac_share, param_share)
 
 
 def step_cost(step: dict) -> float:
@@ -258,10 +159,8 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     int8, ok = eligible()
     if not ok and weight_only is not None:
         score, cand = weight_only("early")
-        note(describe("weight-only int8 (every operation in float, weights int8)", score, max_drop_pts))
-        graph = whole(stages)
-        steps.append({"float_stages": graph, **score, "weight_only": True,
-                      "float_mac_share": sum(stages[s]["mac_share"] for s in graph), "float_param_share": 0.0})
+        note(describe(WEIGHT_ONLY, score, max_drop_pts))
+        steps.append(weight_only_step(stages, score))
         candidates.append(cand)
         int8, ok = eligible()
     cost = [step_cost(st) for st in steps]
@@ -283,6 +182,42 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
         complete = [fallback[-1]]
     chosen = min(ok, key=cost.__getitem__) if ok else max(complete, key=lambda i: quality(steps[i]))
     return steps[chosen], candidates[chosen], steps
+
+
+def weight_only_step(stages: dict[str, dict], score: dict) -> dict:
+    """The search's record of the weight-only candidate: every stage's operations in float, every weight int8."""
+    graph = whole(stages)
+    return {"float_stages": graph, **score, "weight_only": True,
+            "float_mac_share": sum(stages[s]["mac_share"] for s in graph), "float_param_share": 0.0}
+
+
+def within_size(written: object, out: dict, size_mb: Callable[[object], float], max_size_mb: float | None,
+                weight_only: Callable[[str], tuple[dict, object]], steps: list[dict], stages: dict[str, dict],
+                held: HeldOut, max_drop_pts: float, note: Callable[[str], None] = lambda line: None
+                ) -> tuple[object, dict]:
+    """(file, recipe) under `export --max-size`: the file the search chose, its float weights
+    stored (`store_weights`), when it is at most max_size_mb; else the weight-only int8 file,
+    the smallest the search makes, when that one holds both the budget and the limit; else the
+    chosen file, its recipe saying it is over the limit. Sizes are the model's bytes before the
+    metadata (a few kB, and calibrate's record) is added. The recipe gets `size_mb`, and with a
+    limit `max_size_mb`, `within_size` and, for a weight-only file that replaced the chosen one,
+    what it replaced (`instead_of`)."""
+    out["size_mb"] = size_mb(written)
+    if max_size_mb is None:
+        return written, out
+    out.update(max_size_mb=max_size_mb, within_size=out["size_mb"] <= max_size_mb)
+    if out["within_size"] or out["weight_only"] or any(st.get("weight_only") for st in steps):
+        return written, out  # (a weight-only step the search measured did not hold, or it would be the file)
+    score, cand = weight_only("early")
+    note(describe(f"{WEIGHT_ONLY}, for --max-size {max_size_mb:g} MB", score, max_drop_pts))
+    steps.append(weight_only_step(stages, score))
+    size = size_mb(cand)
+    if not within(score, max_drop_pts) or size > max_size_mb:
+        return written, out
+    replaced = {k: out[k] for k in ("float_stages", "float_weights", "size_mb", "held_out_agreement") if k in out}
+    out = recipe(out["method"], steps[-1], steps, stages, held, max_drop_pts)
+    out.update(size_mb=size, max_size_mb=max_size_mb, within_size=True, instead_of=replaced)
+    return cand, out
 
 
 def accuracy_change(drop_pts: float) -> str:

@@ -17,11 +17,12 @@ from .. import progress
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
 from ..runtime import FEATURES, METADATA_KEY
-from .accuracy import Scoring, mark_weight_only, recipe, stage_search, stages_from, store_weights
+from .accuracy import Scoring, mark_weight_only, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
 from .calibration import robust_ranges
 from .formats import ExportError, ExportJob
 from .rewrite import onnx_add_features, onnx_store_weights
+from .stages import stages_from
 
 # The float parts' weights of an OpenVINO file converted from an int8 ONNX file that stores them
 # as float16: OpenVINO folds each Cast into a float32 constant (the values stay the rounded ones).
@@ -241,7 +242,8 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                 meta["weight_bits"] = 7  # reduce_range (onnx_int8): the runtime checks for it on CPUs without VNNI
                 if max_drop is not None:
                     meta["accuracy_aware"] = onnx_accuracy_aware(fp32_path, q_path, calib, held, max_drop, calib_range,
-                                                                 threads, workdir, job.float_head, job.float_weights)
+                                                                 threads, workdir, job.float_head, job.float_weights,
+                                                                 job.max_size)
                     if meta["accuracy_aware"]["weight_only"]:
                         mark_weight_only(meta)
                         meta["weight_bits"] = 8  # no int8 kernel: full range, folded to float32 at load
@@ -308,12 +310,13 @@ def onnx_stages(model_path: Path) -> dict[str, dict]:
 
 def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held: HeldOut, max_drop_pts: float,
                         calib_range: str, threads: int | None, workdir: Path, float_head: bool = False,
-                        float_weights: str = "fp32") -> dict:
+                        float_weights: str = "fp32", max_size_mb: float | None = None) -> dict:
     """Write the cheapest int8 file found within the budget to out_path; returns its recipe.
     float_head: the head is in float in every candidate (`--float-head`). float_weights "int8":
     the weight-only int8 file is the last resort (`stage_search`). The float stages of a file that also
     runs int8 operations store float16 weights for fp16 and int8 alike (`onnx_store_weights`),
-    fp32 ones for fp32, within the budget (`accuracy.store_weights`)."""
+    fp32 ones for fp32, within the budget (`accuracy.store_weights`). A file over max_size_mb gives way
+    to the weight-only file where that one holds the budget and the limit (`accuracy.within_size`)."""
     pre = pre_process(fp32_path, workdir / "aware_pre.onnx")  # node names as the quantizer sees them
     stages = onnx_stages(pre)
     built: set[Path] = set()
@@ -338,10 +341,12 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
         stored = onnx_store_weights(pre, path, "int8")
         return {**scoring(onnx_runner(path, threads), mode), "int8_weights": stored}, path
 
+    def note(line: str) -> None:
+        progress.note(f"  int8 ONNX search: {line}")
+
     chosen, path, steps = stage_search(stages, attempt, max_drop_pts,
                                        ["head"] if float_head and "head" in stages else [],
-                                       weight_only if float_weights == "int8" else None,
-                                       lambda line: progress.note(f"  int8 ONNX search: {line}"))
+                                       weight_only if float_weights == "int8" else None, note)
     out = recipe("onnxruntime quantize_static with nodes_to_exclude, stages searched on held-out images", chosen,
                  steps, stages, held, max_drop_pts)
 
@@ -352,5 +357,7 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
 
     written, out = store_weights(out, chosen, steps, stages, held, max_drop_pts, scoring,
                                  "fp16" if float_weights == "int8" else float_weights, stored)
-    Path(written or path).replace(out_path)
+    written, out = within_size(Path(written or path), out, lambda p: p.stat().st_size / 1e6, max_size_mb, weight_only,
+                               steps, stages, held, max_drop_pts, note)
+    written.replace(out_path)
     return out

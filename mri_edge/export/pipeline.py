@@ -72,6 +72,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                calib_range: str = ExportConfig.calib_range, workers: int | None = ExportConfig.workers,
                bn_scales: str = ExportConfig.bn_scales, given: tuple[str, ...] = (),
                max_drop: float | None = ExportConfig.max_drop,
+               max_size: float | None = ExportConfig.max_size,
                float_head: bool = ExportConfig.float_head,
                float_weights: str = ExportConfig.float_weights,
                openvino_int8: str = ExportConfig.openvino_int8) -> tuple[list[dict], list[dict]]:
@@ -90,10 +91,12 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     run = RunFolder(run_dir)
     run_dir = run.path
     jobs = plan(tuple(formats), tuple(quantize), io_dtype, ov.available(for_export=True), tuple(given), float_head,
-                openvino_int8, float_weights)
+                openvino_int8, float_weights, max_size)
     if "float_weights" in given and not float_head and max_drop is None:
         raise ExportError("--float-weights sets how operations kept in float store their weights: "
                           "add --float-head or --max-drop")
+    if max_size is not None and max_drop is None:
+        raise ExportError("--max-size limits the file that the accuracy-aware search writes: add --max-drop")
     _check(calib_size, calib_range, bn_scales, opset, workers)
     started = time.time()
     model, cfg, labels = load_run(run_dir)

@@ -80,8 +80,14 @@ def float_parts(recipe: dict) -> str:
     weights = f", weights {recipe['float_weights']}" if "float_weights" in recipe else ""
     bound = recipe.get("held_out_flip_bound")
     flips = "" if bound is None else f", flips <= {bound:.2%} at 95%"
+    size = ""
+    if "instead_of" in recipe:  # the weight-only file, for --max-size
+        size = (f", for --max-size {recipe['max_size_mb']:g} MB instead of "
+                f"{', '.join(recipe['instead_of']['float_stages']) or 'nothing'} in float ({recipe['instead_of']['size_mb']:.2f} MB)")
+    elif recipe.get("within_size") is False:
+        size = f", over --max-size {recipe['max_size_mb']:g} MB"
     return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{flips}{acc}"
-            f"{'' if recipe['within_budget'] else ', over budget'}{weights})")
+            f"{'' if recipe['within_budget'] else ', over budget'}{weights}{size})")
 
 
 def run_unit(ctx: WorkerContext, model=None) -> list[dict]:

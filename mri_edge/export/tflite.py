@@ -18,11 +18,12 @@ import numpy as np
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import FEATURES, METADATA_NAME
-from .accuracy import Scoring, recipe, stage_search, stages_from, store_weights, whole
+from .accuracy import Scoring, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
 from .rewrite import per_tensor_depthwise, store_float_weights, tflite_add_features
+from .stages import stages_from, whole
 
 CALIB_BATCH = 10
 
@@ -263,7 +264,7 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
         calibrated = calibrated_for(saved_model, calib, calib_range, job.io_dtype)
         fb, meta["accuracy_aware"] = tflite_accuracy_aware(
             calibrated, lambda nodes: quantize_calibrated(calibrated, replace(job, float_weights="fp32"), scales, nodes),
-            store_float_weights, held, max_drop, probs, job.float_head, job.float_weights)
+            store_float_weights, held, max_drop, probs, job.float_head, job.float_weights, job.max_size)
     # what the written file stores; absent when nothing stayed in float
     recipe = meta.get("accuracy_aware")
     weights = recipe.get("float_weights") if recipe else job.float_weights if job.float_head else None
@@ -306,7 +307,7 @@ def tflite_stages(calibrated: bytes) -> dict[str, dict]:
 def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], bytes],
                           store: Callable[[bytes, str], bytes], held: HeldOut, max_drop_pts: float,
                           probs: Callable[..., np.ndarray], float_head: bool = False,
-                          float_weights: str = "fp32") -> tuple[bytes, dict]:
+                          float_weights: str = "fp32", max_size_mb: float | None = None) -> tuple[bytes, dict]:
     """(int8 flatbuffer, recipe): the cheapest file found within the budget. quantize(nodes)
     quantizes the calibrated graph with those nodes kept in float (float32 weights);
     store(fb, weights) stores the weights of a file's float operations as `weights`
@@ -315,7 +316,7 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     ones, the choice moved with single held-out answers that the rounding had moved); the chosen
     file's float weights are then stored as float_weights if it stays within the budget
     (`accuracy.store_weights`). The weight-only candidate (`stage_search`) is the all-float
-    candidate stored as int8."""
+    candidate stored as int8; it also replaces a file over max_size_mb (`accuracy.within_size`)."""
     stages = tflite_stages(calibrated)
     built: dict[frozenset, bytes] = {}
 
@@ -334,9 +335,11 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         fb = store(build(whole(stages)), "int8")
         return scoring(lambda x: probs(fb, x), mode), fb
 
+    def note(line: str) -> None:
+        progress.note(f"  int8 TFLite search: {line}")
+
     chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
-                                     weight_only if float_weights == "int8" else None,
-                                     lambda line: progress.note(f"  int8 TFLite search: {line}"))
+                                     weight_only if float_weights == "int8" else None, note)
     out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
                  stages, held, max_drop_pts)
 
@@ -345,5 +348,6 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         return fb, lambda x: probs(fb, x)
 
     written, out = store_weights(out, chosen, steps, stages, held, max_drop_pts, scoring, float_weights, stored)
-    return (fb if written is None else written), out
+    return within_size(fb if written is None else written, out, lambda b: len(b) / 1e6, max_size_mb, weight_only,
+                       steps, stages, held, max_drop_pts, note)
 
