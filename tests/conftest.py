@@ -3,7 +3,8 @@
 Fast tier (`-m "not slow"`): `micro_run`, a run folder around a 5-layer Keras model whose
 weights are constructed (no SGD), exported to TFLite and ONNX in-process in seconds. The
 tests of optional training levers (EMA, stochastic depth, quantization-aware training,
-distillation, pretraining) build DenseNet121s and train for 17-24 s each: full suite only.
+distillation, pretraining) train for 5-40 s each (most on DenseNet121's one-layer-per-block
+version, `small_backbone`): full suite only.
 Full suite: `tiny_run`, a 32 px DenseNet121 trained from scratch for 2 epochs, and its
 exports in every format.
 """
@@ -179,19 +180,30 @@ def shared_data():
     return SHARED_DATA
 
 
-@pytest.fixture
-def small_backbone(monkeypatch):
-    """DenseNet121's place taken by a DenseNet with one layer per block (same layer kinds, built in
-    a second), so pretraining and training run in the fast tier."""
-    import keras
+def small_densenet121(include_top=False, weights=None, input_shape=None):
+    """What `small_backbone` puts in DenseNet121's place: Keras' DenseNet builder with one layer
+    per dense block (every kind of layer DenseNet121 has, built in a second), named as
+    DenseNet121 is."""
     from keras.src.applications.densenet import DenseNet  # the public API has only DenseNet121/169/201
 
-    def small(include_top=False, weights=None, input_shape=None):
-        assert weights is None
-        return DenseNet([1, 1, 1, 1], include_top=include_top, weights=None, input_shape=input_shape,
-                        name="densenet121")
+    assert weights is None
+    return DenseNet([1, 1, 1, 1], include_top=include_top, weights=None, input_shape=input_shape, name="densenet121")
 
-    monkeypatch.setattr(keras.applications, "DenseNet121", small)
+
+# `mri-edge ARGS` in a subprocess ([sys.executable, *SMALL_BACKBONE_CLI, *ARGS]) with
+# `small_densenet121` in DenseNet121's place, as the `small_backbone` fixture does in-process.
+SMALL_BACKBONE_CLI = ["-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import keras, conftest; "
+                            "keras.applications.DenseNet121 = conftest.small_densenet121; "
+                            "from mri_edge.cli import main; main(prog_name='mri-edge')"]
+
+
+@pytest.fixture
+def small_backbone(monkeypatch):
+    """DenseNet121's place taken by `small_densenet121`, so pretraining and training run in the
+    fast tier."""
+    import keras
+
+    monkeypatch.setattr(keras.applications, "DenseNet121", small_densenet121)
 
 
 def strip_features(path: Path) -> None:

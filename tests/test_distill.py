@@ -65,9 +65,9 @@ def test_a_teacher_must_hold_out_the_students_images_and_match_its_classes_and_s
         Teacher(micro_run / "exports", names, TINY, own)
 
 
-@pytest.mark.slow  # an optional training lever: 17-24 s on 2 cores, so in the full suite
+@pytest.mark.slow  # an optional training lever that trains (5 s with the small backbone): full suite
 def test_train_with_a_teacher_records_it_and_a_bad_teacher_fails_before_anything_is_written(
-        micro_run, synth_data, cache_dir, tmp_path, monkeypatch):
+        small_backbone, micro_run, synth_data, cache_dir, tmp_path, monkeypatch):
     from mri_edge import distill
     from mri_edge.cli import main
     from mri_edge.files import sha256_file

@@ -16,12 +16,16 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SMALL_BACKBONE_CLI
 
 from mri_edge import distribute
 from mri_edge.data import make_batches
 
-# Two epochs of one step (8 images, global batch 8) at 32 px, eager (tracing DenseNet121 costs
-# more than these few steps), no dropout or augmentation: randomness that differs per replica.
+# Two epochs of one step (8 images, global batch 8) at 32 px, eager (tracing costs more than
+# these few steps), no dropout or augmentation: randomness that differs per replica. The
+# backbone is DenseNet121's one-layer-per-block version (`SMALL_BACKBONE_CLI`): the same kinds
+# of layers and batch norms to synchronise, in three processes on two cores (with DenseNet121
+# itself the test took 226 s of the full suite).
 RECIPE = ["--weights", "none", "--image-size", "32", "--epochs-head", "0", "--epochs-finetune", "2",
           "--batch-size", "8", "--limit-per-class", "2", "--dropout", "0", "--no-augment", "--dense-units", "16",
           "--warmup-epochs", "0", "--patience", "10", "--eager",
@@ -78,7 +82,7 @@ def test_worker_parts_make_up_the_global_batch_in_an_order_set_by_the_epoch(mixu
 
 def _train(tmp_path, name, data_dir, cache, *extra, env=None):
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "mri_edge.cli", "train", "--task", "tumor", "--data-dir", str(data_dir),
+    cmd = [sys.executable, *SMALL_BACKBONE_CLI, "train", "--task", "tumor", "--data-dir", str(data_dir),
            "--out", str(out), "--cache-dir", str(cache), *RECIPE, *extra]
     return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  env={**os.environ, **(env or {})})
@@ -163,7 +167,8 @@ def test_two_workers_train_like_one_device(synth_data, cache_dir, tmp_path):
     gradients that are at rounding level, and Adam's first steps move each weight by about
     lr * sign(g) whatever the size of g: measured on DenseNet121 at 32 px, 2 of 7 million
     weights (batch-norm offsets) step the other way after one update, and the loss differs by
-    0.1-0.6% at the next step and 1-2% after seven. So the second epoch is held to 5%."""
+    0.1-0.6% at the next step and 1-2% after seven; on its one-layer-per-block version, which
+    this test trains, by 0.01% at the next step. So the second epoch is held to 1%."""
     env_cpu = {"CUDA_VISIBLE_DEVICES": ""}
     one, p1 = _train(tmp_path, "one", synth_data, cache_dir, env=env_cpu)
     (tmp_path / "tmp").mkdir()  # where the second worker keeps its checkpoints
@@ -187,4 +192,4 @@ def test_two_workers_train_like_one_device(synth_data, cache_dir, tmp_path):
     ref, got = _losses(one), _losses(multi)
     assert len(got) == len(ref) == 2
     assert abs(got[0] - ref[0]) <= 1e-4 * ref[0], (got, ref)
-    assert abs(got[1] - ref[1]) <= 0.05 * ref[1], (got, ref)
+    assert abs(got[1] - ref[1]) <= 0.01 * ref[1], (got, ref)

@@ -101,7 +101,8 @@ def test_calibration_images_are_the_ones_export_calibrates_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_quant_aware_keeps_ranges_each_epoch_and_saves_a_float_model(synth_data, cache_dir, tmp_path):
+def test_train_quant_aware_keeps_ranges_each_epoch_and_saves_a_float_model(small_backbone, synth_data, cache_dir,
+                                                                           tmp_path):
     from mri_edge import model
     from mri_edge.train import TrainConfig, train
 

@@ -77,7 +77,7 @@ def test_time_budget_drives_schedule_and_stop():
 
 
 @pytest.mark.slow
-def test_time_budget_stops_a_run_and_it_still_finishes(synth_data, cache_dir, tmp_path):
+def test_time_budget_stops_a_run_and_it_still_finishes(small_backbone, synth_data, cache_dir, tmp_path):
     logs = []
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), weights="none",
                       image_size=32, batch_size=16, epochs_head=0, epochs_finetune=4, dense_units=8,
@@ -94,7 +94,7 @@ def test_time_budget_stops_a_run_and_it_still_finishes(synth_data, cache_dir, tm
 
 
 @pytest.mark.slow
-def test_interrupt_keeps_checkpoint_and_resume_finishes(synth_data, cache_dir, tmp_path):
+def test_interrupt_keeps_checkpoint_and_resume_finishes(small_backbone, synth_data, cache_dir, tmp_path):
     import keras
 
     class Interrupt(keras.callbacks.Callback):
