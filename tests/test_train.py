@@ -172,20 +172,22 @@ def test_best_phase_is_the_phase_whose_kept_epoch_wins_ties_to_the_later():
 
 
 @pytest.mark.slow
-def test_a_run_keeps_an_earlier_phase_when_no_later_epoch_beats_it(tiny_run, synth_data, cache_dir, tmp_path):
+def test_a_run_keeps_an_earlier_phase_when_no_later_epoch_beats_it(small_backbone, synth_data, cache_dir, tmp_path):
     from mri_edge import model
 
+    donor_path = tmp_path / "donor.keras"
+    model.build_model(4, 32, "none", dense_units=16, seed=4).save(donor_path)
     logs = []
     # a fine-tune rate this large wrecks the fine-tuned network: the head epoch must be what is kept
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "r"), image_size=32,
-                      weights=str(tiny_run / "model.keras"), batch_size=16, epochs_head=1, epochs_finetune=1,
+                      weights=str(donor_path), batch_size=16, epochs_head=1, epochs_finetune=1,
                       lr_finetune=1e4, unfreeze="all", dense_units=16, cache_dir=str(cache_dir), eager=True,
                       limit_per_class=4)
     run = train(cfg, log=logs.append)
     assert any("kept the best epoch of phase 'head'" in m for m in logs), logs
     assert not (run / "best_of_phases.keras").exists()
     kept = model.load_model(run / "model.keras").get_layer("densenet121").get_layer("conv1_conv").get_weights()
-    donor = model.load_model(tiny_run / "model.keras").get_layer("densenet121").get_layer("conv1_conv").get_weights()
+    donor = model.load_model(donor_path).get_layer("densenet121").get_layer("conv1_conv").get_weights()
     np.testing.assert_array_equal(kept[0], donor[0])  # the base was frozen in the head phase
 
 
