@@ -24,12 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mri_edge import export, quiet  # noqa: E402
-from mri_edge.export.calibration import calibration_set  # noqa: E402
+from mri_edge import quiet  # noqa: E402
 from mri_edge.export.onnx import onnx_int8, pre_process  # noqa: E402
 from mri_edge.export.rewrite import onnx_store_weights  # noqa: E402
-from mri_edge.runtime import OnnxModel, open_model, read_metadata  # noqa: E402
-from side_by_side import arguments, compare, split_images  # noqa: E402
+from mri_edge.runtime import OnnxModel, read_metadata  # noqa: E402
+from side_by_side import arguments, compare, onnx_run  # noqa: E402
 
 
 def main() -> None:
@@ -39,15 +38,9 @@ def main() -> None:
     args = ap.parse_args()
     quiet.set_verbose(args.verbose)
 
-    fp32_path = args.run / "exports" / "model_fp32.onnx"
-    if not fp32_path.is_file():
-        sys.exit(f"{fp32_path} not found: export the run with --format onnx first")
-    fp32 = open_model(fp32_path)
-    x, probs, labels = split_images(args.run, args.split, fp32)
+    fp32_path, fp32, x, probs, labels, calib = onnx_run(args)
     with tempfile.TemporaryDirectory() as td, quiet.native_stderr():
         work = Path(td)
-        _, cfg, _ = export.load_run(args.run)
-        calib, _ = calibration_set(args.run, cfg, args.calib_size)
         t = time.time()
         onnx_int8(fp32_path, work / "plain.onnx", calib, threads=args.threads, workdir=work, float_head=True)
         onnx_store_weights(pre_process(fp32_path, work / "pre.onnx"), work / "weight_only.onnx", "int8")  # as export makes it

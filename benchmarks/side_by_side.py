@@ -40,6 +40,23 @@ def split_images(run_dir: Path, split: str, net) -> tuple[np.ndarray, np.ndarray
     return x, np.asarray(pred["probs"]), np.asarray(pred["labels"])
 
 
+def onnx_run(args: argparse.Namespace):
+    """(path, opened file, split images, Keras probabilities, labels, calibration images) of the
+    run's exports/model_fp32.onnx, from which the ONNX scripts make their variants; exits with
+    a hint where the run has no such file."""
+    from mri_edge import export  # noqa: PLC0415
+    from mri_edge.export.calibration import calibration_set  # noqa: PLC0415
+    from mri_edge.runtime import open_model  # noqa: PLC0415
+
+    fp32_path = args.run / "exports" / "model_fp32.onnx"
+    if not fp32_path.is_file():
+        raise SystemExit(f"{fp32_path} not found: export the run with --format onnx first")
+    fp32 = open_model(fp32_path)
+    x, probs, labels = split_images(args.run, args.split, fp32)
+    _, cfg, _ = export.load_run(args.run)
+    return fp32_path, fp32, x, probs, labels, calibration_set(args.run, cfg, args.calib_size)[0]
+
+
 def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
     """quantize(kept) -> an int8 TFLite file of the run as `mri-edge export` builds it (the
     calibration range and batch-norm scales of its shipped file; the float graph is written to

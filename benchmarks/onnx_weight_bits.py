@@ -1,0 +1,57 @@
+"""Does the int8 ONNX file's 7-bit weight range cost its flips? The plain int8 file (head in
+float, as `--float-head`) made three ways from the run's exports/model_fp32.onnx with the same
+activation ranges: uint8 activations x 7-bit int8 weights (U8S8 with reduce_range: what export
+writes), x full-range uint8 weights (U8U8, whose x86 kernels do not add pairs of products in
+int16, so they cannot saturate without VNNI) and x full-range int8 weights (U8S8, which can
+saturate on x86 CPUs without VNNI). Per file: size, flips against Keras on the chosen split and
+p50 latency at batch 1, timed in turn in one process through `mri_edge.runtime`.
+
+    python benchmarks/onnx_weight_bits.py artifacts/runs/tumor-128px-from64 --split test
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mri_edge import quiet  # noqa: E402
+from mri_edge.export.onnx import onnx_ranges, onnx_stages, pre_process  # noqa: E402
+from mri_edge.runtime import OnnxModel  # noqa: E402
+from side_by_side import arguments, compare, onnx_run  # noqa: E402
+
+
+def main() -> None:
+    args = arguments(__doc__).parse_args()
+    quiet.set_verbose(args.verbose)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    fp32_path, fp32, x, probs, labels, calib = onnx_run(args)
+    with tempfile.TemporaryDirectory() as td, quiet.native_stderr():
+        work = Path(td)
+        pre = pre_process(fp32_path, work / "pre.onnx")
+        onnx_ranges(pre, calib, work / "ranges.json", work, args.threads)  # export's robust ranges, shared
+        head = onnx_stages(pre)["head"]["nodes"]
+        variants = {"uint8 x int8, 7-bit (export's file)": (QuantType.QInt8, True, 7),
+                    "uint8 x uint8, 8-bit (U8U8)": (QuantType.QUInt8, False, 8),
+                    "uint8 x int8, 8-bit (U8S8)": (QuantType.QInt8, False, 8)}
+        paths = {}
+        for i, (name, (weights, reduce_range, bits)) in enumerate(variants.items()):
+            path = work / f"v{i}.onnx"
+            quantize_static(str(pre), str(path), None, per_channel=True, reduce_range=reduce_range,
+                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=weights,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
+                            calibration_cache_path=str(work / "ranges.json"))
+            paths[name] = (path, {"quantization": "int8", "weight_bits": bits})
+        paths["fp32 file"] = (fp32_path, {})
+        meta = {k: v for k, v in fp32.meta.items() if k not in ("model_sha256", "trust")}
+        nets = {name: OnnxModel(path, {**meta, **extra}, threads=args.threads) for name, (path, extra) in paths.items()}
+        compare(nets, {name: path.stat().st_size / 1e6 for name, (path, _) in paths.items()}, x, probs, labels,
+                args.rounds, args.threads, args.split, "fp32 file")
+
+
+if __name__ == "__main__":
+    main()
