@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mri_edge import quiet  # noqa: E402
-from mri_edge.export.onnx import onnx_ranges, onnx_stages, pre_process  # noqa: E402
+from mri_edge.export.onnx import onnx_int8, pre_process  # noqa: E402
 from mri_edge.runtime import OnnxModel  # noqa: E402
 from side_by_side import arguments, compare, onnx_run  # noqa: E402
 
@@ -27,24 +27,18 @@ from side_by_side import arguments, compare, onnx_run  # noqa: E402
 def main() -> None:
     args = arguments(__doc__).parse_args()
     quiet.set_verbose(args.verbose)
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     fp32_path, fp32, x, probs, labels, calib = onnx_run(args)
     with tempfile.TemporaryDirectory() as td, quiet.native_stderr():
         work = Path(td)
         pre = pre_process(fp32_path, work / "pre.onnx")
-        onnx_ranges(pre, calib, work / "ranges.json", work, args.threads)  # export's robust ranges, shared
-        head = onnx_stages(pre)["head"]["nodes"]
-        variants = {"uint8 x int8, 7-bit (export's file)": (QuantType.QInt8, True, 7),
-                    "uint8 x uint8, 8-bit (U8U8)": (QuantType.QUInt8, False, 8),
-                    "uint8 x int8, 8-bit (U8S8)": (QuantType.QInt8, False, 8)}
+        variants = {"uint8 x int8, 7-bit (export's file)": ("int8", True, 7),
+                    "uint8 x uint8, 8-bit (U8U8)": ("uint8", False, 8),
+                    "uint8 x int8, 8-bit (U8S8)": ("int8", False, 8)}
         paths = {}
         for i, (name, (weights, reduce_range, bits)) in enumerate(variants.items()):
-            path = work / f"v{i}.onnx"
-            quantize_static(str(pre), str(path), None, per_channel=True, reduce_range=reduce_range,
-                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=weights,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
-                            calibration_cache_path=str(work / "ranges.json"))
+            path = work / f"v{i}.onnx"  # export's ranges, computed once and shared
+            onnx_int8(pre, path, calib, threads=args.threads, workdir=work, float_head=True,
+                      ranges=work / "ranges.json", pre_processed=True, weights=weights, reduce_range=reduce_range)
             paths[name] = (path, {"quantization": "int8", "weight_bits": bits})
         paths["fp32 file"] = (fp32_path, {})
         meta = {k: v for k, v in fp32.meta.items() if k not in ("model_sha256", "trust")}

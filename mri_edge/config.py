@@ -224,11 +224,13 @@ class ExportConfig:
                                           "answers int8 changes (its 95% bound) and the accuracy drop are each at "
                                           "most this many points (docs/int8.md).",
                                     minimum=0, maximum=100, type=float, metavar="PTS")
-    max_size: float | None = option(None, "int8 TFLite and ONNX with --max-drop: the largest file, in MB, the search "
-                                          "may write. A file over it gives way to the weight-only int8 file (every "
-                                          "weight int8, every operation float: the smallest, no faster than fp32) "
-                                          "where that one holds the budget; else it is written and marked over the "
-                                          "limit (docs/int8.md).", minimum=0, type=float, metavar="MB")
+    max_size: float | None = option(None, "int8 TFLite and ONNX with --max-drop: the largest model, in MB (10^6 "
+                                          "bytes, before the metadata: calibrate's record adds about 0.2 MB), the "
+                                          "search may write. A file over it gives way to the weight-only int8 file "
+                                          "(every weight int8, every operation float: the smallest, no faster than "
+                                          "fp32) where that one holds the budget; else it is written and marked over "
+                                          "the limit (docs/int8.md).", minimum=0, min_open=True, type=float,
+                                    metavar="MB")
     float_head: bool = option(False, "int8 TFLite and ONNX: keep the head (global pooling, dense layers, softmax) in "
                                      "float with float32 probabilities out, so calibrated probabilities and "
                                      "explanations keep their resolution (docs/int8.md).")

@@ -129,11 +129,10 @@ def small_densenet(size: int = TINY, k: int = 4, seed: int = 3):
     behind mri-edge's input normalisation: every kind of layer DenseNet121 has (8 batch
     norms after a concatenation or pooling instead of 62), untrained, converted in seconds."""
     import keras
-    from keras.src.applications.densenet import DenseNet  # the public API has only DenseNet121/169/201
 
     keras.utils.set_random_seed(seed)
     inp, x = normalised_input(size)
-    x = DenseNet([1, 1, 1, 1], include_top=False, weights=None, input_shape=(size, size, 3))(x)
+    x = small_densenet121(input_shape=(size, size, 3))(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.Model(inp, keras.layers.Dense(k, activation="softmax", name="probabilities")(x), name="small")
 

@@ -97,7 +97,8 @@ def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, ope
                 raise ExportError(f"--format {f} does not support --quantize {q} (supported: {', '.join(supported)})")
             jobs.append(ExportJob(f, q, io_dtype if q == "int8" else "float32",
                                   float_head and q == "int8" and "float_head" in FORMATS[f].options,
-                                  float_weights=float_weights, max_size=max_size if q == "int8" else None))
+                                  float_weights=float_weights,
+                                  max_size=max_size if q == "int8" and "max_size" in FORMATS[f].options else None))
     if not jobs:
         raise ExportError("nothing to export for that --format/--quantize combination")
     # auto: the OpenVINO int8 file from the int8 ONNX file when this export makes one, else NNCF

@@ -87,8 +87,11 @@ def pre_process(fp32_path: Path, dst: Path) -> Path:
 def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: str = "percentile",
               activations: str = "uint8", quant_format: str = "qdq", threads: int | None = None,
               workdir: Path | None = None, nodes_to_exclude: list[str] | None = None,
-              float_head: bool = False, ranges: Path | None = None, pre_processed: bool = False) -> None:
+              float_head: bool = False, ranges: Path | None = None, pre_processed: bool = False,
+              weights: str = "int8", reduce_range: bool = True) -> None:
     """activations / quant_format: the defaults are the fastest here (benchmarks/tune_cpu.py).
+    weights / reduce_range: what export writes (7-bit int8, below); other pairings are for
+    benchmarks/onnx_weight_bits.py.
     nodes_to_exclude: nodes of the pre-processed graph that stay in float (accuracy-aware export).
     ranges: where the robust ranges of this fp32 file and calibration set are kept, so that the
     candidates of one search compute them once (they do not depend on what stays in float).
@@ -140,10 +143,10 @@ def onnx_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, calib_range: s
         # file with 8-bit weights computes other numbers on those CPUs than on VNNI ones (measured:
         # the micro test model's agreement with Keras 100% -> 18.75%, the shipped tumor file 98.9%
         # against its fp16 sibling). 7-bit weights cannot saturate: the same answers on every CPU.
-        quantize_static(str(src), str(out_path), reader, per_channel=True, reduce_range=True,
+        quantize_static(str(src), str(out_path), reader, per_channel=True, reduce_range=reduce_range,
                         quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format],
                         activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations],
-                        weight_type=QuantType.QInt8,
+                        weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weights],
                         calibrate_method=CalibrationMethod.MinMax, extra_options=options,
                         nodes_to_exclude=list(nodes_to_exclude or []), **kwargs)
 
@@ -219,6 +222,10 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     net = openvino.from_int8_onnx(q_path)
                     meta.update({k: int8_onnx_meta[k] for k in ("accuracy_aware", "float_head", "weight_bits")
                                  if k in int8_onnx_meta})
+                    if "size_mb" in meta.get("accuracy_aware", {}):  # measured on the ONNX file, not on this one
+                        meta["accuracy_aware"] = {**{k: v for k, v in meta["accuracy_aware"].items()
+                                                     if k not in ("size_mb", "within_size")},
+                                                  "size_checked_on": "model_int8.onnx"}
                     if int8_onnx_meta.get("float_weights") == "fp16":  # OpenVINO folds the Casts into float32
                         meta["float_weights"] = FP16_AS_FP32
                         if "float_weights" in meta.get("accuracy_aware", {}):
