@@ -444,15 +444,12 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
     assert progress._note_sink is None  # the in-process export let go of its log
 
 
-def test_max_size_is_recorded_and_refused_without_max_drop(micro_run, tmp_path):
-    """A limit no file can meet (one byte): the weight-only file is tried, is over it too, and the
-    chosen file is written with its recipe saying so; --max-size needs --max-drop and an int8
-    TFLite or ONNX file."""
+def test_max_size_is_refused_without_max_drop_or_a_file_to_limit(micro_run):
+    """--max-size needs --max-drop, an int8 TFLite or ONNX file and a limit above 0; each refusal
+    comes before anything is made."""
     from mri_edge.cli import main
-    from mri_edge.runtime import read_metadata
 
-    run = tmp_path / "run"
-    shutil.copytree(micro_run, run)
+    run = micro_run
     for args, why in ((["--format", "onnx", "--quantize", "int8", "--max-size", "5"], "add --max-drop"),
                       (["--format", "onnx", "--quantize", "int8", "--max-drop", "1", "--max-size", "0"],
                        "Invalid value for '--max-size'"),
@@ -460,7 +457,20 @@ def test_max_size_is_recorded_and_refused_without_max_drop(micro_run, tmp_path):
                        "--max-size applies to int8 tflite/onnx files")):
         res = CliRunner().invoke(main, ["export", str(run), *args])
         assert res.exit_code in (1, 2) and why in res.output, res.output  # 2: click's own range check
+
+
+@pytest.mark.slow  # two accuracy-aware searches and their weight-only files: 14 s
+def test_max_size_is_recorded_where_no_file_can_meet_it(micro_run, tmp_path):
+    """A limit no file can meet (one byte): the weight-only file is tried, is over it too, and the
+    chosen file is written with its recipe saying so, in TFLite and ONNX; an OpenVINO file
+    converted from the ONNX file says whose size was checked."""
     import importlib.util
+
+    from mri_edge.cli import main
+    from mri_edge.runtime import read_metadata
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
 
     openvino = ["--format", "openvino"] if importlib.util.find_spec("openvino") else []
     res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--format", "tflite", *openvino,

@@ -326,13 +326,8 @@ def test_add_features_gives_an_older_openvino_file_the_output(exported_run, tmp_
 
 def test_recover_rebuilds_the_keras_model_from_a_float_tflite_file(exported_run, tmp_path, monkeypatch):
     """benchmarks/recover_run.py: a shipped folder that lost its model.keras gets it back from
-    its float TFLite file (every batch norm folded or turned into a depthwise convolution)."""
-    import shutil
-
-    import keras
-
-    from mri_edge.model import base_of, load_model
-
+    its float TFLite file (every batch norm folded or turned into a depthwise convolution; with
+    random statistics: the next test)."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import recover_run
 
@@ -346,13 +341,29 @@ def test_recover_rebuilds_the_keras_model_from_a_float_tflite_file(exported_run,
         recover_run.recover(exported_run, tmp_path / "fp16", "exports/model_fp16.tflite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16"]  # nothing half-written beside it
 
-    # Two training steps leave the batch norms near identity, which would hide a wrong mapping
-    # of their scale and offset: give every one random statistics, export fp32, recover.
+
+@pytest.mark.slow  # a DenseNet export and recover: seconds, beside the trained DenseNet121 run's group
+def test_recover_maps_every_batch_norm_back(small_backbone, micro_run, tmp_path, monkeypatch):
+    """Trained briefly, batch norms stay near identity, which would hide a wrong mapping of their
+    scale and offset: every batch norm of DenseNet121's one-layer-per-block version (each kind
+    DenseNet121 has: folded into a convolution, or turned into a 1x1 depthwise convolution after
+    a concatenation or pooling) gets random statistics; export fp32, recover, compare."""
+    import shutil
+
+    import keras
+
+    from mri_edge.config import TrainConfig
+    from mri_edge.model import base_of, build_model, load_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import recover_run
+
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     for f in ("config.json", "labels.json", "split_manifest.json"):
-        shutil.copy(exported_run / f, shipped / f)
-    net = load_model(exported_run / "model.keras")
+        shutil.copy(micro_run / f, shipped / f)
+    cfg = TrainConfig.from_saved(json.loads((shipped / "config.json").read_text()))
+    net = build_model(4, cfg.image_size, "none", cfg.dense_units, cfg.dropout, drop_path=cfg.drop_path)
     rng = np.random.default_rng(3)
     for layer in base_of(net).layers:
         if isinstance(layer, keras.layers.BatchNormalization):
