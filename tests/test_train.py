@@ -383,7 +383,8 @@ def test_a_resumed_phase_goes_on_as_an_uninterrupted_one(small_backbone, synth_d
     def config(out):
         return TrainConfig(task="tumor", data_dir=str(synth_data), out=str(out), weights="none", image_size=TINY,
                            batch_size=8, epochs_head=0, epochs_finetune=4, dense_units=8, lr=3e-3, dropout=0.3,
-                           cache_dir=str(cache_dir), eager=True, mixup=0.2, ema=ema, select_by="loss", patience=3)
+                           cache_dir=str(cache_dir), eager=True, mixup=0.2, ema=ema, select_by="loss", patience=3,
+                           limit_per_class=4)  # two steps an epoch: each eager step costs about 0.4 s
 
     whole = train(config(tmp_path / "whole"), log=lambda *_: None)
     cut = tmp_path / "cut"
