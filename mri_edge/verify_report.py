@@ -97,7 +97,7 @@ def markdown(out: dict) -> str:
                   "The file's stored limit applied to its own pooled features and to the Keras model's, image by image "
                   "(docs/trust.md#familiarity-images-unlike-the-training-images). A file fails when the two refer "
                   "different images more often than its top-1 agreement gate allows, when their Cohen's kappa is under "
-                  f"{out['thresholds'].get('min_familiarity_kappa', 0.8)}, or when its record holds a check the file "
+                  f"{out['thresholds']['min_familiarity_kappa']}, or when its record holds a check the file "
                   "cannot run (no features output).", ""]
     ex = [(n, r["explanation"]) for n, r in out["files"].items() if "explanation" in r]
     if ex:

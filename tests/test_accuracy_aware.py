@@ -496,7 +496,19 @@ def test_max_size_is_recorded_where_no_file_can_meet_it(micro_run, tmp_path):
 WEIGHT_ONLY_LINE = "weight-only int8 (every operation in float, weights int8)"
 
 
-def sized_candidates(flips_weight_only: int, c1_holds: bool = True):
+def two_stage_graph(monkeypatch) -> tuple[np.ndarray, object]:
+    """`tflite_accuracy_aware`'s graph replaced by two stages, conv1 (node "c1", cheap) and conv2
+    ("c2"), and ten held-out images of two classes that Keras gets right: (labels, held)."""
+    from mri_edge.export import accuracy, tflite
+
+    stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
+              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
+    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
+    labels = np.arange(10) % 2
+    return labels, accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+
+
+def sized_candidates(labels: np.ndarray, flips_weight_only: int, c1_holds: bool = True):
     """A fake TFLite quantizer, weight store and interpreter whose files are bytes of a known
     size: 1000 bytes per node kept in float (float32 weights), 50 for a weight-only file; the
     answers hold only with conv1 ("c1") in float (or not at all), and the weight-only file flips as told."""
@@ -508,8 +520,6 @@ def sized_candidates(flips_weight_only: int, c1_holds: bool = True):
         nodes, weights = fb.rstrip().decode().split(":")
         return nodes.split("|") if nodes else [], weights
 
-    labels = np.arange(10) % 2
-
     def probs(fb, x=None):
         nodes, weights = unpack(fb)
         if weights == "int8":
@@ -518,7 +528,7 @@ def sized_candidates(flips_weight_only: int, c1_holds: bool = True):
             wrong = 0 if "c1" in nodes and c1_holds else 3
         return np.eye(2)[(labels + (np.arange(10) < wrong)) % 2]
 
-    return (lambda nodes: pack(nodes, "fp32")), (lambda fb, w: pack(unpack(fb)[0], w)), probs, labels
+    return (lambda nodes: pack(nodes, "fp32")), (lambda fb, w: pack(unpack(fb)[0], w)), probs
 
 
 @pytest.mark.parametrize("max_size, flips_weight_only, written", [(0.01, 0, "chosen"), (0.0005, 0, "weight-only"),
@@ -527,13 +537,10 @@ def test_a_file_over_max_size_gives_way_to_the_weight_only_file(monkeypatch, max
     """conv1 in float holds the budget at 1100 bytes; under a smaller limit the weight-only file
     (50 bytes) replaces it when it holds the budget and the limit, and its recipe says what it
     replaced; otherwise the chosen file is written, marked over the limit."""
-    from mri_edge.export import accuracy, tflite
+    from mri_edge.export import tflite
 
-    stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
-              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
-    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
-    quantize, store, probs, labels = sized_candidates(flips_weight_only)
-    held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+    labels, held = two_stage_graph(monkeypatch)
+    quantize, store, probs = sized_candidates(labels, flips_weight_only)
     fb, recipe = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="fp32",
                                               max_size_mb=max_size)
     tried = [st for st in recipe["steps"] if st.get("weight_only")]
@@ -552,13 +559,10 @@ def test_a_file_over_max_size_gives_way_to_the_weight_only_file(monkeypatch, max
 def test_a_weight_only_file_the_search_chose_is_not_measured_again_for_max_size(monkeypatch):
     """Nothing with int8 compute holds, so the search's last resort is the weight-only file; over
     the limit, within_size keeps it (it is the smallest) without scoring it a second time."""
-    from mri_edge.export import accuracy, tflite
+    from mri_edge.export import tflite
 
-    stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
-              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
-    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
-    quantize, store, probs, labels = sized_candidates(0, c1_holds=False)
-    held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+    labels, held = two_stage_graph(monkeypatch)
+    quantize, store, probs = sized_candidates(labels, 0, c1_holds=False)
     fb, recipe = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="int8",
                                               max_size_mb=0.00001)
     assert recipe["weight_only"] and len(fb) == 50 and recipe["within_budget"]
@@ -776,13 +780,9 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
 def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_budget(monkeypatch, fp16_flips, stored):
     """The search never sees rounded weights; the chosen file keeps fp16 weights only if that
     file is still within the budget on held-out images."""
-    from mri_edge.export import accuracy, tflite
+    from mri_edge.export import tflite
 
-    stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
-              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
-    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
-    labels = np.arange(10) % 2
-    held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+    labels, held = two_stage_graph(monkeypatch)
     built, stores = [], []
 
     def quantize(nodes):
@@ -808,13 +808,9 @@ def test_stages_are_chosen_with_float32_weights_and_stored_smaller_only_within_b
 @pytest.mark.parametrize("flips, stored", [({"int8": 0, "fp16": 0}, "int8"), ({"int8": 1, "fp16": 0}, "fp16"),
                                            ({"int8": 1, "fp16": 1}, "fp32")])
 def test_int8_weights_that_leave_the_budget_give_way_to_fp16(monkeypatch, flips, stored):
-    from mri_edge.export import accuracy, tflite
+    from mri_edge.export import tflite
 
-    stages = {"conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
-              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.5, "cost": 0.5}}
-    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
-    labels = np.arange(10) % 2
-    held = accuracy.HeldOut(np.zeros((10, 2, 2, 3), np.uint8), np.eye(2)[labels], labels)
+    labels, held = two_stage_graph(monkeypatch)
 
     def probs(candidate, x=None):
         nodes, weights = candidate

@@ -199,9 +199,9 @@ def within_size(written: object, out: dict, size_mb: Callable[[object], float], 
     stored (`store_weights`), when it is at most max_size_mb; else the weight-only int8 file,
     the smallest the search makes, when that one holds both the budget and the limit; else the
     chosen file, its recipe saying it is over the limit. Sizes are the model's bytes before the
-    metadata is added (its own few kB, and calibrate's record: about 0.2 MB for DenseNet121). The recipe gets `size_mb`, and with a
-    limit `max_size_mb`, `within_size` and, for a weight-only file that replaced the chosen one,
-    what it replaced (`instead_of`)."""
+    metadata is added (its own few kB, and calibrate's record: about 0.2 MB for DenseNet121).
+    The recipe gets `size_mb`, and with a limit `max_size_mb`, `within_size` and, for a
+    weight-only file that replaced the chosen one, what it replaced (`instead_of`)."""
     out["size_mb"] = size_mb(written)
     if max_size_mb is None:
         return written, out

@@ -82,8 +82,9 @@ def float_parts(recipe: dict) -> str:
     flips = "" if bound is None else f", flips <= {bound:.2%} at 95%"
     size = ""
     if "instead_of" in recipe:  # the weight-only file, for --max-size
+        replaced = recipe["instead_of"]
         size = (f", for --max-size {recipe['max_size_mb']:g} MB instead of "
-                f"{', '.join(recipe['instead_of']['float_stages']) or 'nothing'} in float ({recipe['instead_of']['size_mb']:.2f} MB)")
+                f"{', '.join(replaced['float_stages']) or 'nothing'} in float ({replaced['size_mb']:.2f} MB)")
     elif recipe.get("within_size") is False:
         size = f", over --max-size {recipe['max_size_mb']:g} MB"
     return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{flips}{acc}"
