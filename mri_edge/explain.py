@@ -164,7 +164,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                    threads: int | None = None, log=print) -> dict:
     """Overlay PNGs (image | map) for each image into out_dir, with explain.json and explain.md."""
     cv2 = _cv2()
-    from . import report  # noqa: PLC0415
+    from . import report, trust  # noqa: PLC0415
     from .runtime import open_model  # noqa: PLC0415
 
     model = open_model(model_path, threads=threads)
@@ -172,10 +172,10 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         raise ExplainError(f"{model.path}: Grad-CAM needs gradients, which exported files do not have; use "
                            "--method occlusion (the same method verify compares across files)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows, failed, used = [], [], set()
     for src in images:
         try:
+            pred = model.predict(src)  # the answer as `predict` gives it: calibrated, referred or not
             img = model.preprocess(src)
         except Exception as e:
             failed.append({"image": str(src), "error": str(e)})
@@ -194,7 +194,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
             while name in used:
                 name, n = f"{stem}_{n}.png", n + 1
         used.add(name)
-        label = f"{model.class_names[target]} {probs[target]:.2f}"
+        label = f"{model.class_names[target]} {probs[target]:.2f}" + (" - refer for review" if pred.uncertain else "")
         pair = np.concatenate([img, overlay(img, heat)], axis=1)
         scale = max(1, 256 // img.shape[0])
         pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
@@ -202,17 +202,22 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         ok, png = cv2.imencode(".png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
         if not ok:
             raise ExplainError(f"{src}: the overlay could not be encoded as PNG")
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once there is an overlay to put in it
         atomic_write_bytes(out_dir / name, png.tobytes())
         rows.append({"image": str(src), "png": name, "class": model.class_names[target],
-                     "probability": float(probs[target]), "map": heat.round(5).tolist()})
+                     "probability": float(probs[target]), "uncertain": pred.uncertain, "warnings": pred.warnings,
+                     "prediction_set": pred.prediction_set, "map": heat.round(5).tolist()})
+    if not rows:
+        raise ExplainError(f"no image could be read ({failed[0]['error']})" if failed else "no image given")
     out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,
            "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
     report.write_json(out_dir / "explain.json", out)
     md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
           + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
              if method == "occlusion" else " (gradients at DenseNet121's last feature map)"),
-          "", report.md_table(["image", "class", "p"], [[f"[{Path(r['image']).name}]({r['png']})", r["class"],
-                                                          f"{r['probability']:.3f}"] for r in rows]), ""]
-    md += [f"![{r['png']}]({r['png']})" for r in rows[:16]] + [""]
+          "", report.md_table(["image", "class", "p", "review"], [
+              [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}",
+               "; ".join([trust.REVIEW] + r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
+    md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]
     report.write_text(out_dir / "explain.md", "\n".join(md))
     return out

@@ -87,17 +87,19 @@ def markdown(out: dict) -> str:
             if "skipped" in m:
                 return [n, "", "", "", "", "", "", f"not compared: {m['skipped']}"]
             return [n, f"{m['limit']:.2f}", f"{m['referred']:.2%} ({m['keras_referred']:.2%})", f"{m['agreement']:.2%}",
-                    f"{m['kappa']:.3f}", f"{m['only_keras']} / {m['only_file']}", f"{m['rank_correlation']:.4f}",
+                    f"{m['kappa']:.3f}" + (f" (<= {m['kappa_upper']:.3f})" if "kappa_upper" in m else ""),
+                    f"{m['only_keras']} / {m['only_file']}", f"{m['rank_correlation']:.4f}",
                     f"{m['distance_change']['median']:.4f} / {m['distance_change']['max']:.3f}"]
 
         parts += ["## Familiarity check (images unlike the training images), file vs Keras", "",
-                  report.md_table(["file", "limit", "referred (Keras)", "referral agreement", "kappa",
+                  report.md_table(["file", "limit", "referred (Keras)", "referral agreement", "kappa (95% upper bound)",
                                    "only Keras / only file", "distance rank correlation", "|Δdistance| median / max"],
                                   [row(n, m) for n, m in fam]), "",
                   "The file's stored limit applied to its own pooled features and to the Keras model's, image by image "
                   "(docs/trust.md#familiarity-images-unlike-the-training-images). A file fails when the two refer "
                   "different images more often than its top-1 agreement gate allows, when their Cohen's kappa is under "
-                  f"{out['thresholds']['min_familiarity_kappa']}, or when its record holds a check the file "
+                  f"{out['thresholds']['min_familiarity_kappa']} with 95% confidence (its bootstrap upper bound: one "
+                  "image moves kappa far where few are referred), or when its record holds a check the file "
                   "cannot run (no features output).", ""]
     ex = [(n, r["explanation"]) for n, r in out["files"].items() if "explanation" in r]
     if ex:

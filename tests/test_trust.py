@@ -161,6 +161,22 @@ def test_kappa_sees_a_check_that_never_fires():
     assert kappa(never, never) == 1.0 and kappa(never, ~never) == 0.0
 
 
+def test_the_kappa_gate_holds_a_bound_not_one_image():
+    from mri_edge.familiar import kappa, kappa_upper
+
+    keras = np.zeros(200, bool)
+    keras[:4] = True
+    swapped = keras.copy()  # one image at the limit changes sides each way (the demo's int8 ONNX file)
+    swapped[0], swapped[10] = False, True
+    assert kappa(keras, swapped) < 0.8 <= kappa_upper(keras, swapped)
+    assert kappa_upper(keras, np.zeros(200, bool)) == 0.0  # a check that never fires fails however few it misses
+    many = np.zeros(1000, bool)
+    many[:40] = True
+    half = many.copy()  # half of 40 referrals elsewhere: no small-sample accident
+    half[:20], half[100:120] = False, True
+    assert kappa_upper(many, half) < 0.8
+
+
 def test_familiarity_distance_refers_features_unlike_the_training_ones():
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 5, (3, 32))
@@ -439,6 +455,11 @@ def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
         assert len(record["images"]) == 3 and all(np.shape(r["map"]) == (4, 4) for r in record["images"])
         assert all((out / r["png"]).is_file() for r in record["images"])
         assert any(np.ptp(r["map"]) > 0 for r in record["images"])  # occlusion moved the probability
+        from mri_edge.runtime import open_model
+        said = [open_model(model).predict(r["image"]) for r in record["images"]]  # explain answers as predict does
+        assert [(r["uncertain"], r["prediction_set"]) for r in record["images"]] == [
+            (p.uncertain, p.prediction_set) for p in said]
+        assert res.output.count("refer for review") == sum(p.uncertain for p in said)
     res = CliRunner().invoke(main, ["explain", str(run / "exports" / "model_int8.tflite"), images[0],
                                     "--method", "gradcam", "--out", str(tmp_path / "g")])
     assert res.exit_code == 1 and "Grad-CAM needs gradients" in res.output
