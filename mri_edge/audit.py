@@ -280,18 +280,19 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
     if out_dir:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        out["pairs_plot"] = _plot_pairs(near, items, names, out_dir / "duplicate_pairs.png", root)
         report.write_json(out_dir / "audit.json", out)
         report.write_text(out_dir / "audit.md", markdown(out))
-        _plot_pairs(near, items, names, out_dir / "duplicate_pairs.png", root)
     return out
 
 
-def _plot_pairs(near, items: list[Item], names, path: Path, root: Path, n: int = 6) -> None:
+def _plot_pairs(near, items: list[Item], names, path: Path, root: Path, n: int = 6) -> str | None:
+    """The PNG's file name, or None where there is no pair to show (and no PNG)."""
     cross = [p for p in near if items[p[0]].split != items[p[1]].split]
     cross.sort(key=lambda p: -p[2])  # the least similar confirmed pairs say most about the threshold
     pick = cross[:n] if cross else near[:n]
     if not pick:
-        return
+        return None
     plt = report._plt()
     fig, axes = plt.subplots(len(pick), 2, figsize=(5, 2.5 * len(pick)))
     axes = np.atleast_2d(axes)
@@ -303,6 +304,7 @@ def _plot_pairs(near, items: list[Item], names, path: Path, root: Path, n: int =
             ax.axis("off")
     fig.tight_layout()
     report.save_figure(fig, path, 100)
+    return path.name
 
 
 def first_ten(paths: list[str]) -> str:
@@ -359,8 +361,7 @@ def markdown(out: dict) -> str:
                                   [[k, v["n"], "" if v["nn_accuracy"] is None else f"{v['nn_accuracy']:.1%}",
                                     "" if v["median_best_correlation"] is None else
                                     f"{v['median_best_correlation']:.3f}"] for k, v in vp.items()])]
-    parts += ["", "![example duplicate pairs](duplicate_pairs.png)", ""]
-    return "\n".join(parts)
+    return "\n".join(parts + (["", f"![example duplicate pairs]({out['pairs_plot']})", ""] if out.get("pairs_plot") else [""]))
 
 
 def read_audit(audit_json) -> dict:

@@ -16,12 +16,12 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .clitools import (OUT_DIR, TASK_CHOICE, Interrupted, config_from, echo, int_list, options_from, run_guarded,
-                       terminate)
+from .clitools import (OUT_DIR, TASK_CHOICE, Interrupted, Main, config_from, echo, int_list, options_from,
+                       run_guarded, terminate)
 from .config import ExportConfig, Thresholds, TrainConfig
 from .demo import RECIPE
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mri-edge")
 @click.option("--verbose", is_flag=True, help="Show TensorFlow, converter and runtime log lines (hidden by default).")
 def main(verbose):
@@ -327,7 +327,7 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_th
                        f"{' or validation' if s == 'test' else ''}")
     click.echo(f"exact duplicate pairs by split: {out['exact_duplicates']['pairs_by_split']}")
     click.echo(f"label conflicts: {out['n_label_conflicts']}; corrupt files: {len(out['corrupt'])}")
-    click.echo(f"wrote {out_dir / 'audit.json'}, audit.md, duplicate_pairs.png")
+    click.echo(f"wrote {out_dir / 'audit.json'}, audit.md" + (f", {out['pairs_plot']}" if out.get("pairs_plot") else ""))
     click.echo(f"next: mri-edge train ... --dedup {out_dir / 'audit.json'}")
 
 

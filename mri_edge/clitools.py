@@ -145,3 +145,14 @@ def int_list(ctx, param, value):
     if not out or min(out) < 1:
         raise click.BadParameter("values must be >= 1")
     return out
+
+
+class Main(click.Group):
+    """The `mri-edge` group. Its --verbose is also taken after the command's name, where users put
+    it (`mri-edge predict --verbose ...`), up to a `--` that ends the options."""
+
+    def parse_args(self, ctx, args):
+        end = args.index("--") if "--" in args else len(args)
+        if "--verbose" in args[1:end]:
+            args = ["--verbose"] + [a for i, a in enumerate(args) if a != "--verbose" or i >= end]
+        return super().parse_args(ctx, args)

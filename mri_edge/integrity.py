@@ -39,6 +39,7 @@ def sniff(path: str | Path) -> str:
 
 KIND_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx", ".xml": "openvino", ".keras": "keras"}
 SUFFIX_BY_KIND = {v: k for k, v in KIND_BY_SUFFIX.items()}
+NAMED = {"tflite": "a TFLite", "onnx": "an ONNX", "openvino": "an OpenVINO", "keras": "a Keras", "image": "an image"}
 
 
 def check_kind(path: Path) -> None:
@@ -48,9 +49,14 @@ def check_kind(path: Path) -> None:
         raise RuntimeModelError(f"{path}: the file is empty (an interrupted copy?)")
     if expected and kind != expected and kind != "unknown":
         hint = f"; rename it to {path.stem}{SUFFIX_BY_KIND[kind]}" if kind in SUFFIX_BY_KIND else ""
-        raise RuntimeModelError(f"{path}: not a {expected} file: its bytes are those of a {kind} file{hint}")
+        raise RuntimeModelError(f"{path}: not {NAMED[expected]} file: its bytes are those of {NAMED[kind]} file{hint}")
     if expected and kind == "unknown":
-        raise RuntimeModelError(f"{path}: not a {expected} file (unrecognised bytes; damaged or not a model)")
+        raise RuntimeModelError(f"{path}: not {NAMED[expected]} file (unrecognised bytes; damaged or not a model)")
+    if kind == "keras":
+        import zipfile  # noqa: PLC0415
+
+        if not zipfile.is_zipfile(path):  # Keras itself would say "File not found"
+            raise RuntimeModelError(f"{path}: a damaged or truncated .keras file (not a whole zip archive)")
 
 
 def onnx_content_sha256(data: bytes) -> str:

@@ -29,7 +29,12 @@ def expand_inputs(items) -> list[Path]:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches and any(c in str(item) for c in "*?["):
                 raise PredictError(f"{item}: the pattern matches no file")
-            out += [m for m in matches if m.is_file()] if matches else [p]
+            # a pattern, like a folder, picks the images among what it matches (not readme.txt beside them)
+            images = [m for m in matches if m.is_file() and m.suffix.lower() in preprocess.IMAGE_SUFFIXES]
+            if matches and not images:
+                raise PredictError(f"{item}: the pattern matches no image file "
+                                   f"({', '.join(sorted(preprocess.IMAGE_SUFFIXES))})")
+            out += images if matches else [p]
     return out
 
 
@@ -55,7 +60,7 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
         if model.trust:
             t = model.trust
             emit(f"calibrated: temperature {t.temperature:.3f}"
-                 + (f"; answers below p {t.threshold:.3f} are marked '{trust.REVIEW}'" if t.threshold is not None
+                 + (f"; answers below p {t.threshold:.4f} are marked '{trust.REVIEW}'" if t.threshold is not None
                     else "")
                  + (f"; prediction sets at {1 - t.alpha:.0%} coverage" if t.conformal_q is not None else "")
                  + (f"; images farther than {t.familiarity['limit']:.2f} from the training images' features are "
@@ -78,6 +83,7 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
         if as_json:
             emit(json.dumps({"image": str(p), "label": r.label, "index": r.index, "probabilities": r.probabilities,
                              "top_k": top, "calibrated": r.calibrated, "uncertain": r.uncertain,
+                             "threshold": model.trust.threshold if model.trust else None,
                              "prediction_set": r.prediction_set, "set_coverage": r.set_coverage,
                              "warnings": r.warnings, "feature_distance": r.distance,
                              "timing_ms": {k: round(v, 3) for k, v in r.timing_ms.items()}}))

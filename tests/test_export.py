@@ -99,7 +99,7 @@ def test_broken_or_missing_model_fails_cleanly(tiny_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("exports"))
     (broken / "model.keras").write_bytes(b"garbage")
-    with pytest.raises(MriEdgeError, match="not a keras file"):
+    with pytest.raises(MriEdgeError, match="not a Keras file"):
         export_lib.export_run(broken, ("tflite",), ("none",), log=lambda *_: None)
     (broken / "model.keras").unlink()
     with pytest.raises(MriEdgeError, match="no model.keras"):

@@ -251,7 +251,7 @@ def test_a_damaged_model_keras_and_a_binary_json_are_one_line_errors(micro_run, 
     model = run / "model.keras"
     model.write_bytes(model.read_bytes()[:2000])  # still starts as a zip archive
     res = invoke("evaluate", run)
-    assert res.exit_code == 1 and "cannot be loaded as a Keras model" in res.output
+    assert res.exit_code == 1 and "a damaged or truncated .keras file" in res.output
 
 
 def test_options_that_cannot_work_stop_train_before_it_writes(synth_data, tmp_path):
@@ -273,6 +273,9 @@ def test_audit_reads_a_dataset_of_linked_images(tmp_path):
             pytest.skip("this file system has no symbolic links")
     res = invoke("data", "audit", linked, "--task", "tumor", "--out", tmp_path / "a")
     assert res.exit_code == 0, res.output
+    # no near-duplicate pair to draw: no PNG, and neither the output nor audit.md names one
+    assert not (tmp_path / "a" / "duplicate_pairs.png").exists() and "duplicate_pairs.png" not in res.output
+    assert "duplicate_pairs.png" not in (tmp_path / "a" / "audit.md").read_text()
     assert json.loads((tmp_path / "a" / "audit.json").read_text())["counts"]
     one = next(linked.rglob("*.jpg"))  # a link keeps its own path, inside the folder
     assert data.rel_path(str(one), linked) == one.relative_to(linked).as_posix()
@@ -293,6 +296,36 @@ def test_explain_keeps_one_overlay_per_image_when_names_repeat_and_predict_names
     assert len(set(pngs)) == 2 and all((out / p).is_file() for p in pngs)
     res = invoke("predict", model, tmp_path / "c" / "*.jpg")
     assert res.exit_code == 1 and "the pattern matches no file" in res.output
+    # a pattern picks the images among its matches, as a folder does; --verbose may follow the command
+    (tmp_path / "a" / "readme.txt").write_text("not a scan")
+    res = invoke("predict", "--verbose", model, tmp_path / "a" / "*")
+    assert res.exit_code == 0 and "1 classified, 0 failed" in res.output, res.output
+    res = invoke("predict", model, tmp_path / "a" / "*.txt")
+    assert res.exit_code == 1 and "matches no image file" in res.output
+
+
+def test_explain_writes_nothing_when_no_image_can_be_read_and_marks_referred_answers(micro_run, tmp_path):
+    from markdown_it import MarkdownIt
+
+    from tests.test_reports import check
+
+    model = micro_run / "exports" / "model_int8.tflite"
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    out = tmp_path / "x"
+    res = invoke("explain", model, junk, tmp_path / "missing.jpg", "--out", out, "--grid", "2")
+    assert res.exit_code == 1 and "no image could be read" in res.output and not out.exists()
+    manifest = RunFolder(micro_run).manifest()
+    spaced = tmp_path / "26 (19).jpg"  # the Alzheimer dataset's file names
+    shutil.copy(f"{manifest['root']}/{manifest['splits']['test'][0][0]}", spaced)
+    res = invoke("explain", model, spaced, junk, "--out", out, "--grid", "2")
+    assert res.exit_code == 1 and "1 of 2 image(s) could not be read" in res.output
+    row = json.loads((out / "explain.json").read_text())["images"][0]
+    assert {"uncertain", "warnings", "prediction_set"} <= set(row)
+    assert ("refer for review" in res.output) == row["uncertain"]  # the answer as predict gives it
+    html = MarkdownIt("commonmark").enable("table").render(check(out / "explain.md"))
+    png = row["png"].replace(" ", "%20")  # a name with a space and brackets still makes a link and an image
+    assert f'href="{png}"' in html and f'<img src="{png}"' in html, html
 
 
 def test_the_index_page_says_when_a_report_describes_a_file_exported_again(micro_run, tmp_path):

@@ -75,11 +75,11 @@ def test_renamed_and_truncated_files_say_so(micro_run, tmp_path):
     ex = micro_run / "exports"
     renamed = tmp_path / "model.tflite"
     renamed.write_bytes((ex / "model_fp32.onnx").read_bytes())
-    with pytest.raises(runtime.RuntimeModelError, match="bytes are those of a onnx file; rename it to model.onnx"):
+    with pytest.raises(runtime.RuntimeModelError, match="bytes are those of an ONNX file; rename it to model.onnx"):
         runtime.load(renamed)
     renamed = tmp_path / "model.onnx"
     renamed.write_bytes((ex / "model_int8.tflite").read_bytes())
-    with pytest.raises(runtime.RuntimeModelError, match="a tflite file; rename it to model.tflite"):
+    with pytest.raises(runtime.RuntimeModelError, match="a TFLite file; rename it to model.tflite"):
         runtime.load(renamed)
     data = (ex / "model_int8.tflite").read_bytes()
     for cut, message in ((len(data) - 40, "truncated"), (len(data) // 3, "truncated")):
