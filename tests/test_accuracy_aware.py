@@ -1045,6 +1045,7 @@ def test_openvino_max_drop_without_an_int8_onnx_file_uses_nncf_accuracy_control(
     assert recipe["method"].startswith("NNCF quantize_with_accuracy_control") and "int8_from" not in meta
     assert recipe["held_out_images"] == 4 and recipe["float_nodes"] == len(recipe["float_ops"])
     assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 0.99 and recipe["held_out_accuracy_drop_pts"] <= 1)
+    assert "int8 OpenVINO accuracy control: model 2 on 4 held-out images" in res.output  # NNCF's steps, line by line
 
 
 def test_a_weight_only_file_that_is_all_there_is_gets_a_complete_score():
