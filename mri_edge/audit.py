@@ -292,7 +292,7 @@ def _plot_pairs(near, items: list[Item], names, path: Path, root: Path, n: int =
     cross.sort(key=lambda p: -p[2])  # the least similar confirmed pairs say most about the threshold
     pick = cross[:n] if cross else near[:n]
     if not pick:
-        return None
+        return path.unlink(missing_ok=True)  # None, and no earlier audit's pairs beside this audit.md
     plt = report._plt()
     fig, axes = plt.subplots(len(pick), 2, figsize=(5, 2.5 * len(pick)))
     axes = np.atleast_2d(axes)

@@ -16,14 +16,14 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .clitools import (OUT_DIR, TASK_CHOICE, Interrupted, Main, config_from, echo, int_list, options_from,
-                       run_guarded, terminate)
+from .clitools import (OUT_DIR, TASK_CHOICE, VERBOSE_HELP, Interrupted, Main, config_from, echo, int_list,
+                       options_from, run_guarded, terminate)
 from .config import ExportConfig, Thresholds, TrainConfig
 from .demo import RECIPE
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mri-edge")
-@click.option("--verbose", is_flag=True, help="Show TensorFlow, converter and runtime log lines (hidden by default).")
+@click.option("--verbose", is_flag=True, help=VERBOSE_HELP)
 def main(verbose):
     """Train, export, verify and benchmark brain-MRI classifiers for edge devices.
 
@@ -291,7 +291,7 @@ def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_d
         raise click.ClickException(f"{len(out['errors'])} row(s) failed: {out['errors'][0]['error']}")
 
 
-@main.group()
+@main.group(cls=Main)
 def data():
     """Dataset tools: synthetic data and audits."""
 

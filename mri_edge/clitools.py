@@ -147,12 +147,23 @@ def int_list(ctx, param, value):
     return out
 
 
-class Main(click.Group):
-    """The `mri-edge` group. Its --verbose is also taken after the command's name, where users put
-    it (`mri-edge predict --verbose ...`), up to a `--` that ends the options."""
 
-    def parse_args(self, ctx, args):
-        end = args.index("--") if "--" in args else len(args)
-        if "--verbose" in args[1:end]:
-            args = ["--verbose"] + [a for i, a in enumerate(args) if a != "--verbose" or i >= end]
-        return super().parse_args(ctx, args)
+VERBOSE_HELP = "Show TensorFlow, converter and runtime log lines (hidden by default)."
+
+
+def _verbose(ctx, param, value):
+    if value:
+        from .quiet import set_verbose  # noqa: PLC0415
+
+        set_verbose(True)  # after the group's own --verbose (or its absence) was applied
+
+
+class Main(click.Group):
+    """A group whose commands, and its groups' commands, take --verbose too, after their name,
+    where users put it (`mri-edge predict --verbose ...`)."""
+
+    def add_command(self, cmd, name=None):
+        if not isinstance(cmd, click.Group) and all(p.name != "verbose" for p in cmd.params):
+            cmd.params.append(click.Option(["--verbose"], is_flag=True, expose_value=False, callback=_verbose,
+                                           help=VERBOSE_HELP))
+        super().add_command(cmd, name)

@@ -164,7 +164,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                    threads: int | None = None, log=print) -> dict:
     """Overlay PNGs (image | map) for each image into out_dir, with explain.json and explain.md."""
     cv2 = _cv2()
-    from . import report, trust  # noqa: PLC0415
+    from . import preprocess, report, trust  # noqa: PLC0415
     from .runtime import open_model  # noqa: PLC0415
 
     model = open_model(model_path, threads=threads)
@@ -175,12 +175,13 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     rows, failed, used = [], [], set()
     for src in images:
         try:
-            pred = model.predict(src)  # the answer as `predict` gives it: calibrated, referred or not
-            img = model.preprocess(src)
-        except Exception as e:
+            raw = preprocess.load_image(src)  # decoded once, as it is: predict's checks look at it so
+        except preprocess.ImageError as e:
             failed.append({"image": str(src), "error": str(e)})
             log(f"skipped {src}: {e}")
             continue
+        pred = model.predict(raw)  # the answer as `predict` gives it: calibrated, referred or not
+        img = model.preprocess(raw)
         if method == "gradcam":
             heat, target = gradcam(model, img)
             raw = model.run(img[None])[0]
@@ -194,7 +195,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
             while name in used:
                 name, n = f"{stem}_{n}.png", n + 1
         used.add(name)
-        label = f"{model.class_names[target]} {probs[target]:.2f}" + (" - refer for review" if pred.uncertain else "")
+        label = f"{model.class_names[target]} {probs[target]:.2f}" + (f": {trust.REVIEW}" if pred.uncertain else "")
         pair = np.concatenate([img, overlay(img, heat)], axis=1)
         scale = max(1, 256 // img.shape[0])
         pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
@@ -206,7 +207,8 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         atomic_write_bytes(out_dir / name, png.tobytes())
         rows.append({"image": str(src), "png": name, "class": model.class_names[target],
                      "probability": float(probs[target]), "uncertain": pred.uncertain, "warnings": pred.warnings,
-                     "prediction_set": pred.prediction_set, "map": heat.round(5).tolist()})
+                     "prediction_set": pred.prediction_set, "set_coverage": pred.set_coverage,
+                     "map": heat.round(5).tolist()})
     if not rows:
         raise ExplainError(f"no image could be read ({failed[0]['error']})" if failed else "no image given")
     out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,
@@ -214,10 +216,13 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     report.write_json(out_dir / "explain.json", out)
     md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
           + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
-             if method == "occlusion" else " (gradients at DenseNet121's last feature map)"),
-          "", report.md_table(["image", "class", "p", "review"], [
+             if method == "occlusion" else " (gradients at DenseNet121's last feature map)"), ""]
+    if not model.trust:
+        md += [trust.NOT_CALIBRATED, ""]
+    md += [report.md_table(["image", "class", "p", "prediction set", "review"], [
               [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}",
-               "; ".join([trust.REVIEW] + r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
+               trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] else "",
+               trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
     md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]
     report.write_text(out_dir / "explain.md", "\n".join(md))
     return out

@@ -94,25 +94,56 @@ def referred(record: trust.Trust, feats: np.ndarray | None, probs: np.ndarray | 
     return out
 
 
+KAPPA_LEVEL = 0.95  # verify holds the referrals' kappa to this one-sided upper bound (kappa_upper)
+
+
+def _kappa_of_counts(n: int, referred_a: int, both: np.ndarray, only_b: np.ndarray) -> np.ndarray:
+    """Cohen's kappa from the cells of two bool decisions over n images: referred_a by the first,
+    `both` of those by the second too, `only_b` by the second alone."""
+    observed = (both + (n - referred_a - only_b)) / n
+    pa, pb = referred_a / n, (both + only_b) / n
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(chance >= 1.0, (observed == 1.0).astype(float), (observed - chance) / (1.0 - chance))
+
+
 def kappa(a: np.ndarray, b: np.ndarray) -> float:
     """Cohen's kappa of two (N,) bool decisions: their agreement beyond what their rates alone
     give. Agreement alone says little when few images are referred (a check that never fires
     agrees on 99% of images where 1% should be referred); kappa is 0 for it. 1.0 (or 0.0) when
-    one decision is constant, for identical (or different) decisions."""
-    observed = float((a == b).mean())
-    chance = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
-    if chance >= 1.0:
-        return 1.0 if observed == 1.0 else 0.0
-    return (observed - chance) / (1.0 - chance)
+    one decision is constant, for identical (or different) decisions; 0.0 for no images."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if not len(a):
+        return 0.0
+    return float(_kappa_of_counts(len(a), int(a.sum()), np.array((a & b).sum()), np.array((~a & b).sum())))
 
 
-def kappa_upper(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> float:
-    """One-sided upper bootstrap bound of `kappa` (images resampled). Where few images are
-    referred, kappa jumps with one image: of 200 test images with 4 referred, one swapped at the
-    limit gives 0.75. verify fails a check only when its kappa is below the minimum with this
-    confidence; a check that never fires keeps an upper bound of 0 however few images it missed."""
-    idx = np.random.default_rng(seed).integers(0, len(a), (n_boot, len(a)))
-    return float(np.quantile([kappa(a[i], b[i]) for i in idx], level))
+def kappa_upper(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = KAPPA_LEVEL) -> float:
+    """One-sided upper bootstrap bound of `kappa(a, b)`. Where few images are referred, kappa
+    jumps with one image: of 200 test images with 4 referred, one swapped at the limit each way
+    gives 0.75. The images are resampled within those `a` refers and those it does not, so each
+    resample keeps a's referrals: a check `b` that never fires has kappa 0 in every resample,
+    however few images a refers. (Counts are drawn, not images: the same bootstrap, no N x
+    n_boot index matrix.)"""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    n, k = len(a), int(a.sum())
+    if not n:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    both = rng.binomial(k, b[a].mean() if k else 0.0, n_boot)
+    only_b = rng.binomial(n - k, b[~a].mean() if n > k else 0.0, n_boot)
+    return float(np.quantile(_kappa_of_counts(n, k, both, only_b), level))
+
+
+def gate(fam: dict, min_agreement: float, min_kappa: float) -> str | None:
+    """Why verify fails a file's familiarity check (`parity`'s record), or None: the file and
+    Keras refer different images more often than the top-1 agreement gate allows, or their
+    kappa is below min_kappa even at its upper bound."""
+    if "agreement" not in fam or (fam["agreement"] >= min_agreement and fam["kappa_upper"] >= min_kappa):
+        return None
+    return (f"familiarity check moved: it refers {fam['only_file']} images Keras does not and misses "
+            f"{fam['only_keras']} (agreement {fam['agreement']:.4f}, minimum {min_agreement}; kappa "
+            f"{fam['kappa']:.3f}, {KAPPA_LEVEL:.0%} upper bound {fam['kappa_upper']:.3f}, minimum {min_kappa})")
 
 
 def parity(record: trust.Trust, keras_feats: np.ndarray, file_feats: np.ndarray) -> dict:

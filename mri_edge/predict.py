@@ -15,26 +15,36 @@ class PredictError(MriEdgeError):
     """Images to classify that cannot be found."""
 
 
+def images_in(folder: Path) -> list[Path]:
+    """The image files below folder; hidden folders (.ipynb_checkpoints copies and the like) are
+    not scans to classify."""
+    return sorted(q for q in folder.rglob("*") if q.is_file() and q.suffix.lower() in preprocess.IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in q.relative_to(folder).parts))
+
+
 def expand_inputs(items) -> list[Path]:
+    """Files as named (a bad one is reported when read), the images in folders, and the images
+    among what a pattern matches, its folders walked as folders are (not the readme.txt beside them)."""
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            # hidden folders (.ipynb_checkpoints copies and the like) are not scans to classify
-            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in preprocess.IMAGE_SUFFIXES
-                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            out += images_in(p)
         elif p.exists():
             out.append(p)
         else:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches and any(c in str(item) for c in "*?["):
                 raise PredictError(f"{item}: the pattern matches no file")
-            # a pattern, like a folder, picks the images among what it matches (not readme.txt beside them)
-            images = [m for m in matches if m.is_file() and m.suffix.lower() in preprocess.IMAGE_SUFFIXES]
-            if matches and not images:
+            if not matches:
+                out.append(p)  # a missing file: said so when it is read
+                continue
+            images = [q for m in matches for q in (images_in(m) if m.is_dir() else [m])
+                      if q.suffix.lower() in preprocess.IMAGE_SUFFIXES]
+            if not images:
                 raise PredictError(f"{item}: the pattern matches no image file "
                                    f"({', '.join(sorted(preprocess.IMAGE_SUFFIXES))})")
-            out += images if matches else [p]
+            out += images
     return out
 
 
@@ -66,7 +76,7 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
                  + (f"; images farther than {t.familiarity['limit']:.2f} from the training images' features are "
                     "referred" if t.familiarity and model.has_features else ""))
         else:
-            emit("not calibrated: probabilities are the model's raw softmax (run `mri-edge calibrate`)")
+            emit(trust.NOT_CALIBRATED)
         emit(f"{'image':50s} {'prediction':22s} {'p':>6s}  top-{top_k}")
     t0 = time.perf_counter()
     for p in paths:
@@ -90,9 +100,9 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
         else:
             extra = ""
             if r.prediction_set is not None:
-                extra += f"  set ({r.set_coverage:.0%}): {' or '.join(r.prediction_set)}"
+                extra += f"  {trust.set_text(r.prediction_set, r.set_coverage)}"
             if r.uncertain:
-                extra += f"  [{trust.REVIEW}{': ' + '; '.join(r.warnings) if r.warnings else ''}]"
+                extra += f"  [{trust.review_text(r.warnings)}]"
             emit(f"{short_path(p):50s} {r.label:22s} {r.probabilities[r.label]:6.3f}  "
                  + ", ".join(f"{n} {v:.3f}" for n, v in top) + f"  ({r.timing_ms['total']:.1f} ms){extra}")
     if not as_json:

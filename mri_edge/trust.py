@@ -27,6 +27,19 @@ REVIEW = "uncertain - refer for review"
 REFER_ALL = float(np.nextafter(1.0, 2.0))  # a threshold above every probability: every answer is referred
 
 
+NOT_CALIBRATED = "not calibrated: probabilities are the model's raw softmax (run `mri-edge calibrate`)"
+
+
+def review_text(warnings: list[str]) -> str:
+    """How every output marks a referred answer: REVIEW, then the warnings that caused it, if any."""
+    return REVIEW + (": " + "; ".join(warnings) if warnings else "")
+
+
+def set_text(classes: list[str], coverage: float) -> str:
+    """A conformal prediction set as every output writes it."""
+    return f"set ({coverage:.0%}): {' or '.join(classes)}"
+
+
 def scale(probs: np.ndarray, temperature: float) -> np.ndarray:
     """(N, K) probabilities -> temperature-scaled probabilities (float32; T = 1 is exact)."""
     probs = np.asarray(probs, np.float32)

@@ -187,11 +187,8 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, keras: KerasS
     if feats is None and fam:
         reasons.append("its trust record holds a familiarity check that the file cannot run (no features output): "
                        f"run mri-edge export {root_run or 'RUN'} --add-features, then mri-edge calibrate again")
-    if "agreement" in fam and (fam["agreement"] < min_agree or fam["kappa_upper"] < thresholds.min_familiarity_kappa):
-        reasons.append(f"familiarity check moved: it refers {fam['only_file']} images Keras does not and misses "
-                       f"{fam['only_keras']} (agreement {fam['agreement']:.4f}, minimum {min_agree}; kappa "
-                       f"{fam['kappa']:.3f}, 95% upper bound {fam['kappa_upper']:.3f}, minimum "
-                       f"{thresholds.min_familiarity_kappa})")
+    if moved := familiar.gate(fam, min_agree, thresholds.min_familiarity_kappa):
+        reasons.append(moved)
     if ("explanation" in r and thresholds.min_explanation_corr
             and r["explanation"]["rank_correlation"]["median"] < thresholds.min_explanation_corr):
         reasons.append(f"explanations moved: median rank correlation {r['explanation']['rank_correlation']['median']:.3f}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import explain, report
+from . import explain, familiar, report
 
 
 def summary_table(out: dict) -> str:
@@ -92,14 +92,15 @@ def markdown(out: dict) -> str:
                     f"{m['distance_change']['median']:.4f} / {m['distance_change']['max']:.3f}"]
 
         parts += ["## Familiarity check (images unlike the training images), file vs Keras", "",
-                  report.md_table(["file", "limit", "referred (Keras)", "referral agreement", "kappa (95% upper bound)",
+                  report.md_table(["file", "limit", "referred (Keras)", "referral agreement", f"kappa ({familiar.KAPPA_LEVEL:.0%} upper bound)",
                                    "only Keras / only file", "distance rank correlation", "|Δdistance| median / max"],
                                   [row(n, m) for n, m in fam]), "",
                   "The file's stored limit applied to its own pooled features and to the Keras model's, image by image "
                   "(docs/trust.md#familiarity-images-unlike-the-training-images). A file fails when the two refer "
                   "different images more often than its top-1 agreement gate allows, when their Cohen's kappa is under "
-                  f"{out['thresholds']['min_familiarity_kappa']} with 95% confidence (its bootstrap upper bound: one "
-                  "image moves kappa far where few are referred), or when its record holds a check the file "
+                  f"{out['thresholds']['min_familiarity_kappa']} with {familiar.KAPPA_LEVEL:.0%} confidence (its "
+                  "bootstrap upper bound: one image moves kappa far where few are referred), or when its record "
+                  "holds a check the file "
                   "cannot run (no features output).", ""]
     ex = [(n, r["explanation"]) for n, r in out["files"].items() if "explanation" in r]
     if ex:

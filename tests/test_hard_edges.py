@@ -282,7 +282,7 @@ def test_audit_reads_a_dataset_of_linked_images(tmp_path):
 
 
 def test_explain_keeps_one_overlay_per_image_when_names_repeat_and_predict_names_an_empty_pattern(
-        micro_run, tmp_path):
+        micro_run, tmp_path, monkeypatch):
     manifest = RunFolder(micro_run).manifest()
     src = f"{manifest['root']}/{manifest['splits']['test'][0][0]}"
     for folder in ("a", "b"):
@@ -296,15 +296,19 @@ def test_explain_keeps_one_overlay_per_image_when_names_repeat_and_predict_names
     assert len(set(pngs)) == 2 and all((out / p).is_file() for p in pngs)
     res = invoke("predict", model, tmp_path / "c" / "*.jpg")
     assert res.exit_code == 1 and "the pattern matches no file" in res.output
-    # a pattern picks the images among its matches, as a folder does; --verbose may follow the command
+    # a pattern picks the images among its matches, its folders walked as folders; --verbose may follow the command
     (tmp_path / "a" / "readme.txt").write_text("not a scan")
+    monkeypatch.delenv("MRI_EDGE_VERBOSE", raising=False)  # --verbose sets it; the test's end unsets it
     res = invoke("predict", "--verbose", model, tmp_path / "a" / "*")
     assert res.exit_code == 0 and "1 classified, 0 failed" in res.output, res.output
+    res = invoke("predict", model, tmp_path / "[ab]")
+    assert res.exit_code == 0 and "2 classified, 0 failed" in res.output, res.output
     res = invoke("predict", model, tmp_path / "a" / "*.txt")
     assert res.exit_code == 1 and "matches no image file" in res.output
 
 
 def test_explain_writes_nothing_when_no_image_can_be_read_and_marks_referred_answers(micro_run, tmp_path):
+    import cv2
     from markdown_it import MarkdownIt
 
     from tests.test_reports import check
@@ -315,15 +319,16 @@ def test_explain_writes_nothing_when_no_image_can_be_read_and_marks_referred_ans
     out = tmp_path / "x"
     res = invoke("explain", model, junk, tmp_path / "missing.jpg", "--out", out, "--grid", "2")
     assert res.exit_code == 1 and "no image could be read" in res.output and not out.exists()
-    manifest = RunFolder(micro_run).manifest()
-    spaced = tmp_path / "26 (19).jpg"  # the Alzheimer dataset's file names
-    shutil.copy(f"{manifest['root']}/{manifest['splits']['test'][0][0]}", spaced)
+    spaced = tmp_path / "26 (19).png"  # the Alzheimer dataset's file names; a blank image, which predict refers
+    spaced.write_bytes(cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))[1].tobytes())
     res = invoke("explain", model, spaced, junk, "--out", out, "--grid", "2")
     assert res.exit_code == 1 and "1 of 2 image(s) could not be read" in res.output
     row = json.loads((out / "explain.json").read_text())["images"][0]
-    assert {"uncertain", "warnings", "prediction_set"} <= set(row)
-    assert ("refer for review" in res.output) == row["uncertain"]  # the answer as predict gives it
-    html = MarkdownIt("commonmark").enable("table").render(check(out / "explain.md"))
+    assert row["uncertain"] and row["warnings"] == ["blank image (no contrast)"]  # the answer as predict gives it
+    assert "[uncertain - refer for review: blank image (no contrast)]" in res.output
+    text = check(out / "explain.md")
+    assert "| uncertain - refer for review: blank image (no contrast) |" in text and "not calibrated" in text
+    html = MarkdownIt("commonmark").enable("table").render(text)
     png = row["png"].replace(" ", "%20")  # a name with a space and brackets still makes a link and an image
     assert f'href="{png}"' in html and f'<img src="{png}"' in html, html
 

@@ -162,19 +162,31 @@ def test_kappa_sees_a_check_that_never_fires():
 
 
 def test_the_kappa_gate_holds_a_bound_not_one_image():
-    from mri_edge.familiar import kappa, kappa_upper
+    from mri_edge.familiar import gate, kappa, kappa_upper
+
+    def record(keras, file):  # what verify's gate reads of familiar.parity's record
+        return {"agreement": float((keras == file).mean()), "kappa": kappa(keras, file),
+                "kappa_upper": kappa_upper(keras, file), "only_keras": int((keras & ~file).sum()),
+                "only_file": int((~keras & file).sum())}
 
     keras = np.zeros(200, bool)
     keras[:4] = True
     swapped = keras.copy()  # one image at the limit changes sides each way (the demo's int8 ONNX file)
     swapped[0], swapped[10] = False, True
     assert kappa(keras, swapped) < 0.8 <= kappa_upper(keras, swapped)
-    assert kappa_upper(keras, np.zeros(200, bool)) == 0.0  # a check that never fires fails however few it misses
+    assert gate(record(keras, swapped), 0.98, 0.8) is None
+    for referred in (1, 2, 4):  # a check that never fires fails however few images it misses
+        few = np.zeros(200, bool)
+        few[:referred] = True
+        never = record(few, np.zeros(200, bool))
+        assert never["agreement"] >= 0.98 and never["kappa_upper"] == 0.0
+        assert "kappa 0.000, 95% upper bound 0.000" in gate(never, 0.98, 0.8)
     many = np.zeros(1000, bool)
     many[:40] = True
     half = many.copy()  # half of 40 referrals elsewhere: no small-sample accident
     half[:20], half[100:120] = False, True
-    assert kappa_upper(many, half) < 0.8
+    assert kappa_upper(many, half) < 0.8 and gate(record(many, half), 0.95, 0.8)
+    assert kappa([], []) == kappa_upper([], []) == 0.0
 
 
 def test_familiarity_distance_refers_features_unlike_the_training_ones():
@@ -443,6 +455,7 @@ def test_verify_fails_a_file_whose_familiarity_check_moved(calibrated_run, monke
 def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
     from mri_edge.cli import main
     from mri_edge.run import RunFolder
+    from mri_edge.runtime import open_model
 
     run, _ = calibrated_run
     manifest = RunFolder(run).manifest()
@@ -455,11 +468,13 @@ def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
         assert len(record["images"]) == 3 and all(np.shape(r["map"]) == (4, 4) for r in record["images"])
         assert all((out / r["png"]).is_file() for r in record["images"])
         assert any(np.ptp(r["map"]) > 0 for r in record["images"])  # occlusion moved the probability
-        from mri_edge.runtime import open_model
-        said = [open_model(model).predict(r["image"]) for r in record["images"]]  # explain answers as predict does
-        assert [(r["uncertain"], r["prediction_set"]) for r in record["images"]] == [
-            (p.uncertain, p.prediction_set) for p in said]
+        # the calibrated file's answers as predict gives them: its threshold, its sets
+        said = [open_model(model).predict(r["image"]) for r in record["images"]]
+        assert [(r["class"], round(r["probability"], 5), r["uncertain"], r["prediction_set"])
+                for r in record["images"]] == [(p.label, round(p.probabilities[p.label], 5), p.uncertain,
+                                                p.prediction_set) for p in said]
         assert res.output.count("refer for review") == sum(p.uncertain for p in said)
+        assert res.output.count("set (") == sum(p.prediction_set is not None for p in said) > 0
     res = CliRunner().invoke(main, ["explain", str(run / "exports" / "model_int8.tflite"), images[0],
                                     "--method", "gradcam", "--out", str(tmp_path / "g")])
     assert res.exit_code == 1 and "Grad-CAM needs gradients" in res.output
