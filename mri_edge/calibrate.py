@@ -277,7 +277,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         log(f"warning: no confidence threshold keeps the held-out error at or below {cfg.max_risk}"
             f"{untestable(cfg, held['n'])}: every answer will be marked for review (a better model, more held-out "
             "images, or a looser --max-risk / --coverage)")
-    log(f"temperature {temperature:.3f}, abstain below {threshold:.3f}, conformal q {q:.3f} (alpha {cfg.alpha}), "
+    log(f"temperature {temperature:.3f}, abstain below {trust.threshold_text(threshold)}, conformal q {q:.3f} (alpha {cfg.alpha}), "
         f"fitted on {held['n']} held-out images with {ref_path.name}")
 
     def familiarity(name: str, feats: dict, val, test) -> dict:

@@ -80,7 +80,7 @@ def markdown(out: dict) -> str:
         + (" **They include near twins of training: expect the fit to be overconfident on new subjects.**"
            if h["twins_included"] else ""), "",
         f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`, minimum NLL)",
-        f"- abstention: answers with calibrated confidence below **{t['threshold']:.3f}** are marked "
+        f"- abstention: answers with calibrated confidence below **{trust.threshold_text(t['threshold'])}** are marked "
         f"\"{trust.REVIEW}\" (target: {trust.describe_target(t['fitted_on']['target'])})",
         f"- conformal prediction sets at {1 - t['alpha']:.0%} coverage: classes join the set by falling calibrated "
         f"probability while the probability mass before them is at most {t['conformal_q']:.3f} (the top class "

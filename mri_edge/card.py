@@ -262,7 +262,7 @@ def markdown(card: dict) -> str:
         parts += ["## Calibration and abstention", "",
                   f"Temperature {t['temperature']:.3f} fitted with `{c['reference_model']}` on {c['held_out']['n']} "
                   f"held-out images ({c['held_out']['rule']}). Answers below calibrated confidence "
-                  f"{t['threshold']:.3f} are marked for review (target: "
+                  f"{trust.threshold_text(t['threshold'])} are marked for review (target: "
                   f"{trust.describe_target(t.get('fitted_on', {}).get('target', {}))}); prediction sets at "
                   f"{1 - t['alpha']:.0%} coverage.", "",
                   report.md_table(["file", "split", "ECE before", "ECE after", "coverage / risk at threshold",

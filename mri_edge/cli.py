@@ -196,7 +196,7 @@ def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, *
         click.echo(f"(only the files named by --file; the run's full report {Path(run_dir) / 'parity.json'} is "
                    "unchanged)")
     if not out["passed"]:
-        click.echo("PARITY FAILED:\n  " + "\n  ".join(out["failures"]), err=True)
+        click.echo("PARITY FAILED:\n  " + "\n  ".join(out["failures"]) + verify_lib.failure_hint(out), err=True)
         sys.exit(1)
     click.echo("parity OK: every exported file is within its gate")
 
@@ -267,6 +267,9 @@ def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_d
     from . import bench as bench_lib  # noqa: PLC0415
 
     old = run_guarded(bench_lib.read_bench, compare_path) if compare_path else None  # checked before any timing
+    if quick and (given := [f for p, f in (("batches", "--batch"), ("warmup", "--warmup"), ("runs", "--runs"))
+                            if click.get_current_context().get_parameter_source(p) == ParameterSource.COMMANDLINE]):
+        raise click.UsageError(f"--quick sets batch 1, 2 warm-up and 10 timed runs: drop it or {', '.join(given)}")
     if quick:
         batches, warmup, runs = (1,), 2, 10
     if out_dir is None:

@@ -20,6 +20,7 @@ from .files import atomic_write_bytes
 
 GRID = 8
 TOP_SHARE = 0.1  # "top 10% of pixels" of the overlap measure
+FLAT = 1e-6  # a map whose probability drops span no more than this is flat (rank_correlation)
 
 
 class ExplainError(MriEdgeError):
@@ -131,12 +132,15 @@ def ranks(a: np.ndarray) -> np.ndarray:
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of two maps (ties ranked by their average); 1.0 for two constant
-    maps, 0.0 when only one is constant (a flat map says nothing about where the model looked)."""
+    """Spearman correlation of two maps (ties ranked by their average); 1.0 for two flat maps,
+    0.0 when only one is flat (a flat map says nothing about where the model looked). Flat: a
+    range of at most FLAT, so that float rounding on a saturated answer (drops of 1e-7 where
+    Keras's are all 0) is not read as a map."""
     a, b = np.ravel(a), np.ravel(b)
-    if np.ptp(a) == 0 and np.ptp(b) == 0:
+    flat_a, flat_b = np.ptp(a) <= FLAT, np.ptp(b) <= FLAT
+    if flat_a and flat_b:
         return 1.0
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
+    if flat_a or flat_b:
         return 0.0
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 

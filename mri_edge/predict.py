@@ -70,7 +70,8 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
         if model.trust:
             t = model.trust
             emit(f"calibrated: temperature {t.temperature:.3f}"
-                 + (f"; answers below p {t.threshold:.4f} are marked '{trust.REVIEW}'" if t.threshold is not None
+                 + (f"; answers below p {trust.threshold_text(t.threshold)} are marked '{trust.REVIEW}'"
+                    if t.threshold is not None
                     else "")
                  + (f"; prediction sets at {1 - t.alpha:.0%} coverage" if t.conformal_q is not None else "")
                  + (f"; images farther than {t.familiarity['limit']:.2f} from the training images' features are "

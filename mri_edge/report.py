@@ -359,9 +359,11 @@ def run_index_markdown(run) -> str:
         parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"], rows), ""]
     cal = load(run.calibration_dir / "calibrate.json")
     if cal and isinstance(cal.get("trust"), dict):
+        from .trust import threshold_text  # noqa: PLC0415
         t = cal["trust"]
         parts += ["## Calibration and abstention", "",
-                  f"Temperature {t['temperature']:.3f}, abstain below {t['threshold']:.3f}, prediction sets at "
+                  f"Temperature {t['temperature']:.3f}, abstain below {threshold_text(t['threshold'])}, "
+                  "prediction sets at "
                   f"{1 - t['alpha']:.0%}; fitted on {cal['held_out']['n']} held-out images. "
                   "[Details](calibration/calibrate.md).", ""]
     card = load(root / "model_card.json")

@@ -128,7 +128,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
     cfg = TrainConfig.from_saved(saved)
     check_inputs(cfg)
     dataset = data.dataset_from_manifest(run.manifest())
-    log(f"resuming {run.path} at phase {state['phase']} epoch {state['epoch']}")
+    log(f"resuming {run.path}: phase {state['phase'] + 1}, after its epoch {state['epoch']}")  # as progress counts
     return run, cfg, dataset, state
 
 

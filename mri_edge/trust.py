@@ -30,6 +30,14 @@ REFER_ALL = float(np.nextafter(1.0, 2.0))  # a threshold above every probability
 NOT_CALIBRATED = "not calibrated: probabilities are the model's raw softmax (run `mri-edge calibrate`)"
 
 
+def threshold_text(threshold: float) -> str:
+    """The abstention threshold as every report writes it: four decimals (an answer printed as
+    0.996 can sit under a threshold printed so too), or what REFER_ALL means."""
+    if threshold >= REFER_ALL:
+        return "1 (no threshold met the target on held-out images: every answer is referred)"
+    return f"{threshold:.4f}"
+
+
 def review_text(warnings: list[str]) -> str:
     """How every output marks a referred answer: REVIEW, then the warnings that caused it, if any."""
     return REVIEW + (": " + "; ".join(warnings) if warnings else "")

@@ -344,3 +344,17 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     run.write_index()
     out["report_dir"] = str(report_dir)
     return out
+
+
+def failure_hint(out: dict) -> str:
+    """What a user can do about int8 or dynamic-range files that moved answers (the usual failure;
+    a fp32 file that fails is a bug or a stale file, which its reason says)."""
+    moved = [n for n, r in out["files"].items() if r.get("quantization") in ("int8", "dynamic") and any(
+        x.startswith(("top-1 agreement", "accuracy drop", "calibration changed", "calibrated probabilities"))
+        for x in r.get("fail_reasons", []))]
+    if not moved:
+        return ""
+    n = out["n_test"]
+    return (f"\n{', '.join(moved)}: quantization moves the answers a model is least sure of (one image is "
+            f"{100 / n:.2f} points of {n}; weak or barely trained models have many near ties). `mri-edge export "
+            f"RUN --max-drop PTS --float-head` keeps the parts that move them in float; docs/int8.md")

@@ -621,3 +621,13 @@ def test_reports_name_the_threshold_target_in_words():
     assert trust.describe_target({"max_risk": 0.15}) == "error at most 15.0% on held-out images, estimated"
     assert trust.describe_target({"coverage": 0.9}) == "answer 90% of held-out images"
     assert trust.describe_target({}) == "not recorded"
+
+
+def test_a_map_flat_but_for_float_rounding_counts_as_flat():
+    from mri_edge.explain import rank_correlation
+
+    flat = np.zeros((8, 8))  # Keras's drops on a saturated answer
+    noisy = flat + np.random.default_rng(0).normal(0, 1e-7, (8, 8))  # an fp32 file's on the same image
+    assert rank_correlation(flat, noisy) == 1.0
+    real = np.arange(64.0).reshape(8, 8) / 64
+    assert rank_correlation(flat, real) == 0.0 and rank_correlation(real, real + noisy) > 0.999
