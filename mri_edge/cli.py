@@ -16,8 +16,8 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .clitools import (OUT_DIR, TASK_CHOICE, VERBOSE_HELP, Interrupted, Main, config_from, echo, int_list,
-                       options_from, run_guarded, terminate)
+from .clitools import (OUT_DIR, TASK_CHOICE, THREADS, VERBOSE_HELP, Interrupted, Main, config_from, echo,
+                       int_list, options_from, run_guarded, terminate)
 from .config import ExportConfig, Thresholds, TrainConfig
 from .demo import RECIPE
 
@@ -165,7 +165,7 @@ def export(run_dir, add_features, **options):
 @click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Exported file(s) to check [default: every file in RUN_DIR/exports].")
 @options_from(Thresholds)
-@click.option("--threads", type=click.IntRange(1), default=None)
+@THREADS
 @click.option("--dedup", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An audit.json: also report parity on the leakage-free test subset.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
@@ -206,7 +206,7 @@ def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, *
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
-@click.option("--threads", type=click.IntRange(1), default=None)
+@THREADS
 @click.option("--allow-other-resize", is_flag=True,
               help="Run even if this machine cannot resize images the way the model's preprocessing record says.")
 @click.option("--xnnpack", type=click.Choice(["default", "latest", "off"]), default="default", show_default=True,
@@ -239,8 +239,8 @@ def predict(model_path, images, top_k, as_json, threads, allow_other_resize, xnn
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--threads", default="2", show_default=True, callback=int_list, help="Comma list, e.g. 1,2.")
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=int_list, help="Comma list.")
-@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0))
-@click.option("--runs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Untimed runs before timing.")
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(1), help="Timed runs of each row.")
 @click.option("--seconds", default=None, type=click.FloatRange(0), help="Time each row at least this long.")
 @click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="onnxruntime graph optimisation level.")

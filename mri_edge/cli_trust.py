@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .clitools import OUT_DIR, config_from, echo, options_from, run_guarded
+from .clitools import OUT_DIR, THREADS, config_from, echo, options_from, run_guarded
 from .config import CalibrateConfig
 
 
@@ -19,7 +19,7 @@ from .config import CalibrateConfig
               help="Model to fit on [default: model.keras, else the most precise exported file].")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Where the run's dataset is now (rebuilds a missing split manifest from config.json).")
-@click.option("--threads", type=click.IntRange(1), default=None)
+@THREADS
 def calibrate(run_dir, reference, data_dir, threads, **kw):
     """Fit temperature, abstention threshold and conformal sets on held-out data.
 
@@ -51,7 +51,7 @@ def calibrate(run_dir, reference, data_dir, threads, **kw):
               help="occlusion runs through any file's own runtime (int8 included); gradcam needs a .keras model.")
 @click.option("--grid", type=click.IntRange(2, 32), default=8, show_default=True,
               help="Occlusion: cells per side blacked out in turn.")
-@click.option("--threads", type=click.IntRange(1), default=None)
+@THREADS
 def explain(model_path, images, out_dir, method, grid, threads):
     """Show where a model looked: one overlay PNG per image.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MriEdgeError
+from .errors import MriEdgeError, first_line
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 BASE_NAME = "densenet121"
@@ -59,7 +59,7 @@ def backbone(image_size: int, weights: str):
             return keras.applications.DenseNet121(include_top=False, weights="imagenet", input_shape=shape)
         except Exception as e:  # urllib, socket and HTTP errors all mean "no download"
             raise WeightsError(
-                f"could not download ImageNet weights ({type(e).__name__}); pass --weights PATH "
+                f"could not download ImageNet weights ({type(e).__name__}: {first_line(e)}); pass --weights PATH "
                 "(a DenseNet121 no-top .h5/.weights.h5 file or an mri-edge model.keras) or --weights none"
             ) from None
     check_weights(weights)
@@ -270,7 +270,6 @@ def load_model(path):
     """Load an mri-edge model.keras safely (no arbitrary code from lambda layers). A missing,
     damaged, truncated or renamed file is a one-line error (Keras itself says "File not found" for a
     file that is there but not a whole archive)."""
-    from .errors import first_line  # noqa: PLC0415
     from .integrity import check_kind  # noqa: PLC0415
 
     path = Path(path)
