@@ -147,7 +147,6 @@ def int_list(ctx, param, value):
     return out
 
 
-
 VERBOSE_HELP = "Show TensorFlow, converter and runtime log lines (hidden by default)."
 THREADS = click.option("--threads", type=click.IntRange(1), default=None,
                        help="CPU threads of each model's runtime [default: the runtime's own choice].")

@@ -38,19 +38,17 @@ def occlusion_batch(image: np.ndarray, grid: int = GRID) -> np.ndarray:
     return out
 
 
-def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = GRID,
-              with_probs: bool = False):
+def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = GRID):
     """((grid, grid) importance map, explained class): probability drop of `target` (default:
     the model's own top class) when each cell is blacked out. Raw graph probabilities, so a
-    stored temperature does not change the map's ranking. with_probs: also the image's own
-    raw probabilities."""
+    stored temperature does not change the map's ranking."""
     # one call of the graph: grid**2 + 1 images, a bounded batch, which a Keras model runs faster
     # whole than in `run`'s chunks (128 px: 1.58 against 2.42 s a map)
     probs = model.run_batch(occlusion_batch(image, grid))
     if target is None:
         target = int(probs[0].argmax())
     heat = (probs[0, target] - probs[1:, target]).reshape(grid, grid).astype(np.float32)
-    return (heat, target, probs[0]) if with_probs else (heat, target)
+    return heat, target
 
 
 def occlusion_maps(model, images: np.ndarray, idx, targets, name: str) -> list[np.ndarray]:
@@ -179,19 +177,15 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     rows, failed, used = [], [], set()
     for src in images:
         try:
-            raw = preprocess.load_image(src)  # decoded once, as it is: predict's checks look at it so
+            decoded = preprocess.load_image(src)  # decoded once, as it is: predict's checks look at it so
         except preprocess.ImageError as e:
             failed.append({"image": str(src), "error": str(e)})
             log(f"skipped {src}: {e}")
             continue
-        pred = model.predict(raw)  # the answer as `predict` gives it: calibrated, referred or not
-        img = model.preprocess(raw)
-        if method == "gradcam":
-            heat, target = gradcam(model, img)
-            raw = model.run(img[None])[0]
-        else:
-            heat, target, raw = occlusion(model, img, grid=grid, with_probs=True)
-        probs = model.calibrated(raw[None])[0]
+        pred = model.predict(decoded)  # the answer as `predict` gives it: calibrated, referred or not
+        img = model.preprocess(decoded)
+        heat, target = gradcam(model, img) if method == "gradcam" else occlusion(model, img, grid=grid)
+        p = pred.probabilities[model.class_names[target]]
         name = f"{Path(src).stem}_{method}.png"
         if name in used:  # the same file name in another folder (the Alzheimer dataset reuses names across classes)
             name = f"{Path(src).parent.name}_{name}"
@@ -199,7 +193,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
             while name in used:
                 name, n = f"{stem}_{n}.png", n + 1
         used.add(name)
-        label = f"{model.class_names[target]} {probs[target]:.2f}" + (f": {trust.REVIEW}" if pred.uncertain else "")
+        label = f"{model.class_names[target]} {p:.2f}" + (f": {trust.REVIEW}" if pred.uncertain else "")
         pair = np.concatenate([img, overlay(img, heat)], axis=1)
         scale = max(1, 256 // img.shape[0])
         pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
@@ -210,7 +204,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         out_dir.mkdir(parents=True, exist_ok=True)  # only once there is an overlay to put in it
         atomic_write_bytes(out_dir / name, png.tobytes())
         rows.append({"image": str(src), "png": name, "class": model.class_names[target],
-                     "probability": float(probs[target]), "uncertain": pred.uncertain, "warnings": pred.warnings,
+                     "probability": p, "uncertain": pred.uncertain, "warnings": pred.warnings,
                      "prediction_set": pred.prediction_set, "set_coverage": pred.set_coverage,
                      "map": heat.round(5).tolist()})
     if not rows:

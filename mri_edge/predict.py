@@ -8,18 +8,12 @@ import time
 from pathlib import Path
 
 from . import preprocess, runtime, trust
+from .data import is_junk, list_images
 from .errors import MriEdgeError
 
 
 class PredictError(MriEdgeError):
     """Images to classify that cannot be found."""
-
-
-def images_in(folder: Path) -> list[Path]:
-    """The image files below folder; hidden folders (.ipynb_checkpoints copies and the like) are
-    not scans to classify."""
-    return sorted(q for q in folder.rglob("*") if q.is_file() and q.suffix.lower() in preprocess.IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in q.relative_to(folder).parts))
 
 
 def expand_inputs(items) -> list[Path]:
@@ -28,8 +22,8 @@ def expand_inputs(items) -> list[Path]:
     out: list[Path] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
-            out += images_in(p)
+        if p.is_dir():  # the images in it as a dataset's class folder is read: no hidden or OS debris
+            out += list_images(p)
         elif p.exists():
             out.append(p)
         else:
@@ -39,8 +33,8 @@ def expand_inputs(items) -> list[Path]:
             if not matches:
                 out.append(p)  # a missing file: said so when it is read
                 continue
-            images = [q for m in matches for q in (images_in(m) if m.is_dir() else [m])
-                      if q.suffix.lower() in preprocess.IMAGE_SUFFIXES]
+            images = [q for m in matches for q in (list_images(m) if m.is_dir() else
+                                                   [] if is_junk(Path(m.name)) else [m])]
             if not images:
                 raise PredictError(f"{item}: the pattern matches no image file "
                                    f"({', '.join(sorted(preprocess.IMAGE_SUFFIXES))})")
