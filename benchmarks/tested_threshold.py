@@ -62,8 +62,8 @@ def main() -> None:
             h, x = trust.at_threshold(held_p, y_held, thr), trust.at_threshold(test_p, y_test, thr)
             rule = "estimate" if conf is None else f"test at {conf:.0%}"
             shown = "refer all" if thr == trust.REFER_ALL else f"{thr:.4f}"
-            print(f"| {r} | {rule} | {shown} | {h['coverage']:.1%} / {h['risk']:.2%} | "
-                  f"{x['coverage']:.1%} / {x['risk']:.2%} |")
+            print(f"| {r} | {rule} | {shown} | {trust.coverage_risk_text(h, percent=True)} | "
+                  f"{trust.coverage_risk_text(x, percent=True)} |")
 
 
 if __name__ == "__main__":

@@ -268,8 +268,7 @@ def markdown(card: dict) -> str:
                   report.md_table(["file", "split", "ECE before", "ECE after", "coverage / risk at threshold",
                                    "set coverage / size"],
                                   [[n, s.replace("_", "-"), f"{v['ece_before']:.4f}", f"{v['ece_after']:.4f}",
-                                    f"{v['abstention']['coverage']:.3f} / {v['abstention']['risk']:.4f}"
-                                    if "abstention" in v else "",
+                                    trust.coverage_risk_text(v.get("abstention")),
                                     f"{v['sets']['coverage']:.3f} / {v['sets']['mean_size']:.2f}" if "sets" in v else ""]
                                    for n, res in c["per_file"].items() for s, v in res.items()]), ""]
     if "parity" in card:

@@ -190,8 +190,7 @@ def markdown(out: dict) -> list[str]:
         return ["No familiarity check: the reference model has no single global pooling to take features from "
                 "(an ensemble), or the files were exported before they had a features output.", ""]
     def answered(r) -> str:
-        a = (r or {}).get("answered")
-        return f"{a['coverage']:.1%} / {a['risk']:.2%}" if a else ""
+        return trust.coverage_risk_text((r or {}).get("answered"), percent=True)
 
     rows = [[name, *[f"{r[s]['referred']:.1%} of {r[s]['n']}" if r.get(s) else "" for s in
                      ("held_out", "test", "foreign")], answered(r.get("test"))]

@@ -115,10 +115,23 @@ def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float, also: 
         accept &= also
     right = probs.argmax(1) == np.asarray(labels)
     n_acc = int(accept.sum())
-    risk = float((~right[accept]).mean()) if n_acc else 0.0
+    # no accepted answer has no error rate: None (JSON null), written "n/a" by coverage_risk_text
+    risk = float((~right[accept]).mean()) if n_acc else None
     return {"threshold": float(threshold), "n": int(len(accept)), "accepted": n_acc,
             "coverage": float(accept.mean()) if len(accept) else 0.0, "risk": risk,
             "accepted_accuracy": 1.0 - risk if n_acc else None}
+
+
+def coverage_risk_text(a: dict | None, percent: bool = False) -> str:
+    """"coverage / risk" of an at_threshold result as the reports write it: fractions to 3 and 4
+    decimals, or percentages; "n/a" for the risk of a threshold that accepts nothing."""
+    if not a:
+        return ""
+    if a["risk"] is None:
+        risk = "n/a"
+    else:
+        risk = f"{a['risk']:.2%}" if percent else f"{a['risk']:.4f}"
+    return (f"{a['coverage']:.1%}" if percent else f"{a['coverage']:.3f}") + " / " + risk
 
 
 def binomial_cdf(errors: int, n: int, p: float) -> float:

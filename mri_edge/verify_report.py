@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import explain, familiar, report
+from . import explain, familiar, report, trust
 
 
 def summary_table(out: dict) -> str:
@@ -67,10 +67,6 @@ def markdown(out: dict) -> str:
                   "only when both changes pass the limit (docs/how-it-works.md).", ""]
     tr = [(n, r["trust"]) for n, r in out["files"].items() if "trust" in r]
     if tr:
-        def ab(m):
-            a = m.get("abstention")
-            return f"{a['coverage']:.3f} / {a['risk']:.4f}" if a else ""
-
         def sets(m):
             c = m.get("sets")
             return f"{c['coverage']:.3f} / {c['mean_size']:.2f}" if c else ""
@@ -79,7 +75,8 @@ def markdown(out: dict) -> str:
                   report.md_table(["file", "T", "ECE after T (Keras)", "ΔECE", "coverage / risk at threshold",
                                    "Keras coverage / risk", "set coverage / size", "Keras set coverage / size"],
                                   [[n, f"{t['temperature']:.3f}", f"{t['file']['ece']:.4f} ({t['keras']['ece']:.4f})",
-                                    f"{t['ece_delta']:+.4f}", ab(t["file"]), ab(t["keras"]), sets(t["file"]),
+                                    f"{t['ece_delta']:+.4f}", trust.coverage_risk_text(t["file"].get("abstention")),
+                                    trust.coverage_risk_text(t["keras"].get("abstention")), sets(t["file"]),
                                     sets(t["keras"])] for n, t in tr]), ""]
     fam = [(n, r["familiarity"]) for n, r in out["files"].items() if "familiarity" in r]
     if fam:

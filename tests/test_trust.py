@@ -60,7 +60,11 @@ def test_the_threshold_meets_its_risk_on_the_data_it_was_chosen_on_and_coverage_
     assert abs(trust.at_threshold(probs, labels, thr90)["coverage"] - 0.9) < 0.01
     # an impossible target refers everything
     assert trust.choose_threshold(probs, labels, max_risk=0.0) == trust.REFER_ALL > 1.0
-    assert trust.at_threshold(probs, labels, trust.REFER_ALL)["accepted"] == 0
+    none = trust.at_threshold(probs, labels, trust.REFER_ALL)
+    assert none["accepted"] == 0 and none["risk"] is None and none["accepted_accuracy"] is None
+    # nothing accepted has no error rate: the reports say n/a, not a perfect 0.0000
+    assert trust.coverage_risk_text(none) == "0.000 / n/a"
+    assert trust.coverage_risk_text(at, percent=True) == f"{at['coverage']:.1%} / {at['risk']:.2%}"
     with pytest.raises(ValueError):
         trust.choose_threshold(probs, labels)
 
