@@ -9,7 +9,7 @@ import math
 import platform
 from pathlib import Path
 
-from . import __version__, report, trust
+from . import __version__, groups, report, trust
 from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
@@ -126,7 +126,8 @@ def build(run_dir) -> dict:
                 "mri_edge": __version__, "python": platform.python_version()}}}
     if manifest:
         card["data"]["counts"] = {s: len(rows) for s, rows in manifest["splits"].items()}
-        card["data"]["validation"] = manifest.get("val_split") or {"method": "random"}
+        card["data"]["validation"] = {**(manifest.get("val_split") or {"method": "random"}),
+                                      "description": groups.describe_carve(manifest)}
     else:
         missing.append("split manifest")
     if audit:
@@ -221,9 +222,7 @@ def markdown(card: dict) -> str:
              "## Data", "", f"{d.get('name')} ({d.get('source')}; licence {d.get('licence')}).", ""]
     if "counts" in d:
         parts += [report.md_table(["split", "images"], [[s, n] for s, n in d["counts"].items()]), "",
-                  f"Validation: {d['validation'].get('method', 'random')} carve"
-                  + (f", that of the run it started from (`{d['validation']['kept_from']}`)." if "kept_from" in d["validation"]
-                     else "."), ""]
+                  report.sentence(d["validation"]["description"]), ""]
     if "audit" in d:
         a = d["audit"]
         parts += [f"Leakage audit: exact duplicate pairs by split: {as_words(a['exact_duplicate_pairs'], 'none')}; "

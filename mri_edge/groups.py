@@ -210,12 +210,17 @@ def grouped_carve(paths: list[str], labels: list[int], fraction: float, seed: in
     return *split_off(paths, labels, mask), info
 
 
-def describe_carve(how: dict, n_val: int) -> str | None:
-    """The log line of a carved validation split that is not a plain random one."""
+def describe_carve(manifest: dict) -> str:
+    """How a run's validation split was made, in words, from its split manifest: train's log
+    line, the training report's and the model card's."""
+    how, n_val = manifest.get("val_split") or {}, len(manifest["splits"].get("val") or [])
+    if not manifest.get("val_carved_from_train"):
+        return f"validation: the dataset's own validation folder ({n_val} images)"
     if "kept_from" in how:
-        return (f"validation: the {n_val} images held out by the run of --weights ({how['kept_from']}), not a new "
-                "carve: the starting weights were fitted on the rest")
+        return (f"validation: the {n_val} images held out by the run of --weights ({how['kept_from']}; a "
+                f"{how.get('method', 'random')} carve), not a new carve: the starting weights were fitted on the rest")
     if how.get("method") == "grouped":
         return (f"validation: {how['held_out_groups']} of {how['groups']} groups of near-identical images held out "
                 f"whole ({how['probe']['n']} images; a 1-NN probe gets {how['probe']['nn_accuracy']:.1%} of them)")
-    return None
+    return (f"validation: {n_val} images carved from training at random; on data with several slices per subject "
+            "they have near twins in training (--val-split grouped holds out whole groups of them)")

@@ -142,9 +142,7 @@ def plot_confusion(cm, class_names, path: Path, title: str = "Confusion matrix")
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     save_figure(fig, path, 110)
 
@@ -160,10 +158,7 @@ def plot_reliability(cal: dict, path: Path, title: str) -> None:
                alpha=0.25 + 0.75 * r["n"] / n, edgecolor="tab:blue")
     ax.plot([r["confidence"] for r in cal["reliability"]], [r["accuracy"] for r in cal["reliability"]], "o-",
             color="tab:red", ms=3, label="accuracy at mean confidence")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top-1 probability)")
-    ax.set_ylabel("accuracy")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy")
     ax.set_title(f"{title}\nECE {cal['ece']:.3f}, Brier {cal['brier']:.3f}, NLL {cal['nll']:.3f}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -255,6 +250,11 @@ def metrics_markdown(m: dict, class_names: list[str]) -> str:
     return md_table(["class", "precision", "recall (sensitivity)", "F1", "specificity", "support"], rows)
 
 
+def sentence(text: str) -> str:
+    """A log line as a sentence of a report: capital first letter (and only that), final full stop."""
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
 def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> str:
     names = cfg["class_names"]
     split = f" (split seed {cfg['split_seed']})" if cfg.get("split_seed") is not None else ""
@@ -270,6 +270,7 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
         md_table(["split", "images", "skipped (unreadable)"],
                  [[s, v["n"], v["skipped"]] for s, v in extra["splits"].items()]),
         "",
+        *([sentence(extra["validation"]), ""] if extra.get("validation") else []),
     ]
     unreadable = [f"- {s}: {why}" for s, v in extra["splits"].items() for why in v.get("unreadable", [])]
     if unreadable:  # left out of the run (and of its split manifest): named, so they can be fixed

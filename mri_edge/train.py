@@ -106,8 +106,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
         split_seed = carve_seed(cfg)
         dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, split_seed, cfg.val_split,
                                 cfg.group_threshold, cfg.weights)
-        if carve := groups.describe_carve(dataset.val_split, len(dataset.splits["val"].paths)):
-            log(carve)
+        log(groups.describe_carve(dataset.manifest()))
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
         dataset.splits = {k: limit_split(s, cfg.limit_per_class, split_seed) for k, s in dataset.splits.items()}
@@ -390,6 +389,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
                                 f"unfreeze {p['unfreeze']}" for p in cfg.phases],
         "splits": {s: {"n": len(d.labels), "skipped": len(unreadable.get(s, [])), "unreadable": unreadable.get(s, [])}
                    for s, d in dec.items()},
+        "validation": groups.describe_carve(run.manifest()),
     }
     report.write_text(run_dir / "train_report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
     summary = run.config()

@@ -28,6 +28,7 @@ def test_tiny_end_to_end_run_writes_full_report(tiny_run):
     assert cfg["preprocessing"]["normalization"]["where"] == "inside the model graph"
     md = (tiny_run / "train_report.md").read_text()
     assert "macro avg" in md and "confusion_matrix.png" in md
+    assert "Validation: 4 images carved from training at random;" in md  # synth data has no validation folder
     assert "(train_report.md)" in (tiny_run / "report.md").read_text()
     assert len((tiny_run / "history.csv").read_text().splitlines()) == 3
 
