@@ -77,8 +77,7 @@ def train(task, data_dir, out, resume, force, **kw):
              and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
     if resume and given:  # the run continues with the options it was started with (its config.json)
         raise click.UsageError(f"--resume continues the run with its own options; drop {', '.join(given)}")
-    if not kw.get("teacher") and \
-            click.get_current_context().get_parameter_source("distill_weight") == ParameterSource.COMMANDLINE:
+    if not kw.get("teacher") and ctx.get_parameter_source("distill_weight") == ParameterSource.COMMANDLINE:
         raise click.UsageError("--distill-weight is the share of a teacher's answers: give --teacher RUN too")
     from . import train as train_lib  # noqa: PLC0415
     from .run import RunFolder  # noqa: PLC0415
@@ -114,10 +113,11 @@ def evaluate(run_dir, data_dir, dedup, fp16_weights):
     Example (a model trained on a GPU machine, data in another place here):
       mri-edge evaluate artifacts/runs/alzheimer-gpu --data-dir ../shared/data/alzheimer-mri
     """
-    from . import train as train_lib  # noqa: PLC0415
+    from . import run, train as train_lib  # noqa: PLC0415
 
     run_guarded(train_lib.evaluate, run_dir, data_dir=data_dir, dedup=dedup, log=echo, fp16_weights=fp16_weights)
-    click.echo(f"next: mri-edge export {run_dir} --format all")
+    exported = not fp16_weights and run.RunFolder(run_dir).export_files()  # rounded weights need new files
+    click.echo(f"next: mri-edge verify {run_dir}" if exported else f"next: mri-edge export {run_dir} --format all")
 
 
 @main.command()

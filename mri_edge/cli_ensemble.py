@@ -27,5 +27,7 @@ def ensemble(run_dirs, out, force):
     from . import ensemble as ensemble_lib  # noqa: PLC0415
 
     m = run_guarded(ensemble_lib.build, list(run_dirs), out, force=force, log=echo)
-    click.echo(f"test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro']['f1']:.4f} ({out})")
+    from .report import test_summary  # noqa: PLC0415
+
+    click.echo(f"{test_summary(m)} ({out})")
     click.echo(f"next: mri-edge calibrate {out}, then mri-edge export {out} --format all")

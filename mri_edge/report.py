@@ -21,14 +21,9 @@ def write_text(path: Path, text: str) -> None:
 
 
 def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
+    for kind, cast in ((np.integer, int), (np.floating, float), (np.ndarray, np.ndarray.tolist), (Path, str)):
+        if isinstance(o, kind):
+            return cast(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
@@ -60,6 +55,13 @@ def classification_metrics(y_true, y_pred, class_names: list[str]) -> dict:
     out["per_class"] = per_class
     out["confusion_matrix"] = cm.tolist()
     return out
+
+
+def test_summary(m: dict) -> str:
+    """The console's line for a test report: accuracy and macro-F1, and the leakage-free subset's
+    accuracy when the run has one (--dedup), as the reports give it."""
+    free = f"; leakage-free {m['dedup']['accuracy']:.4f} ({m['dedup']['n']} images)" if "dedup" in m else ""
+    return f"test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro']['f1']:.4f}{free}"
 
 
 ECE_BINS = 15

@@ -216,8 +216,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     run.checkpoint_path.unlink(missing_ok=True)
     run.trainer_state_path.unlink(missing_ok=True)
     dist.barrier()
-    log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f}; "
-        f"wall time {wall:.0f} s; run folder {run.path}")
+    log(f"{report.test_summary(result)}; wall time {wall:.0f} s; run folder {run.path}")
     return run.path
 
 
@@ -336,7 +335,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes, config_update={
         "data_dir": cfg.data_dir, "dedup": cfg.dedup, **stored,
         "evaluated": {"versions": versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
-    log(f"test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro']['f1']:.4f} ({run_dir})")
+    log(f"{report.test_summary(result)} ({run_dir})")
     return result
 
 

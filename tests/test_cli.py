@@ -97,6 +97,7 @@ def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_da
 
     res = CliRunner().invoke(main, ["evaluate", str(run), "--data-dir", str(moved)])
     assert res.exit_code == 0, res.output
+    assert f"next: mri-edge export {run} --format all" in res.output  # nothing exported yet
     assert json.loads((run / "split_manifest.json").read_text())["root"] == str(moved.resolve())
     after = json.loads((run / "test_report.json").read_text())
     assert after["accuracy"] == before["accuracy"] and after["confusion_matrix"] == before["confusion_matrix"]
@@ -106,6 +107,10 @@ def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_da
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data_dir"] == str(moved) and cfg["evaluated"]["versions"]["backend"]
 
+    (run / "exports").mkdir()
+    (run / "exports" / "model_int8.tflite").write_bytes(b"")
+    res = CliRunner().invoke(main, ["evaluate", str(run)])  # the files of this model.keras: check them again
+    assert res.exit_code == 0 and f"next: mri-edge verify {run}\n" in res.output, res.output
     # a folder that holds one run (the demo's) names it
     res = CliRunner().invoke(main, ["export", str(run.parent), "--format", "tflite"])
     assert res.exit_code == 1 and f"has no model.keras (the run is {run})" in res.output, res.output

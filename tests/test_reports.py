@@ -7,6 +7,8 @@ from markdown_it import MarkdownIt
 
 from conftest import REPO
 
+from mri_edge import report
+
 
 def table_problems(text: str) -> list[str]:
     """Rows whose cell count differs from their table's header, per markdown-it-py's tables."""
@@ -138,3 +140,10 @@ def test_verify_reports_calibration_of_every_file(micro_run):
     assert "Calibration (expected calibration error" in (micro_run / "parity.md").read_text()
     test = __import__("json").loads((micro_run / "test_report.json").read_text())
     assert 0 <= test["calibration"]["ece"] <= 1 and (micro_run / "reliability.png").is_file()
+
+
+def test_the_console_line_gives_the_leakage_free_accuracy_when_the_run_has_one():
+    m = {"accuracy": 0.7115, "macro": {"f1": 0.7223}}
+    assert report.test_summary(m) == "test accuracy 0.7115, macro-F1 0.7223"
+    m["dedup"] = {"accuracy": 0.7029, "n": 1225}
+    assert report.test_summary(m).endswith("; leakage-free 0.7029 (1225 images)")
