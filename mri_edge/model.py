@@ -55,8 +55,16 @@ def backbone(image_size: int, weights: str):
     if weights == "none":
         return keras.applications.DenseNet121(include_top=False, weights=None, input_shape=shape)
     if weights == "imagenet":
+        import contextlib  # noqa: PLC0415
+        import io  # noqa: PLC0415
+
+        from .quiet import verbose  # noqa: PLC0415
+
+        # Keras announces a download on stdout before it fails; the error below names the URL
+        hush = contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(io.StringIO())
         try:
-            return keras.applications.DenseNet121(include_top=False, weights="imagenet", input_shape=shape)
+            with hush:
+                return keras.applications.DenseNet121(include_top=False, weights="imagenet", input_shape=shape)
         except Exception as e:  # urllib, socket and HTTP errors all mean "no download"
             raise WeightsError(
                 f"could not download ImageNet weights ({type(e).__name__}: {first_line(e)}); pass --weights PATH "

@@ -52,10 +52,11 @@ def test_trainable_layers_per_phase(net):
     assert net.get_layer("head_dense").trainable
 
 
-def test_imagenet_without_network_is_a_clear_error(monkeypatch):
+def test_imagenet_without_network_is_a_clear_error(monkeypatch, capsys):
     import keras
 
     def offline(*a, **k):
+        print("Downloading data from https://storage.googleapis.com/x.h5")  # as Keras' get_file does
         raise OSError("URL fetch failure: no network")
 
     monkeypatch.setattr(keras.applications, "DenseNet121", lambda *a, weights=None, **k:
@@ -63,6 +64,7 @@ def test_imagenet_without_network_is_a_clear_error(monkeypatch):
     with pytest.raises(model_lib.WeightsError, match="--weights PATH") as e:
         model_lib.backbone(SIZE, "imagenet")
     assert "--weights none" in str(e.value) and "\n" not in str(e.value)
+    assert "Downloading" not in capsys.readouterr().out  # only the error, which names the URL, is shown
 
 
 def test_weights_path_errors(tmp_path):
