@@ -172,29 +172,36 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, keras: KerasS
         r["explanation"] = {"method": f"occlusion {explain.GRID}x{explain.GRID}",
                             **explain.parity(ref_maps, maps, model.image_size)}
         r["thresholds"]["min_explanation_corr"] = thresholds.min_explanation_corr
-    reasons = [stale] if stale else []
+    reasons, gates = [], []  # each failure's text, and which gate it is (failure_hint reads the gates)
+
+    def fail(gate: str, reason: str) -> None:
+        gates.append(gate)
+        reasons.append(reason)
+
+    if stale:
+        fail("stale", stale)
     if r["agreement"] < min_agree:
-        reasons.append(f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
+        fail("agreement", f"top-1 agreement {r['agreement']:.4f} < {min_agree}")
     if -r["accuracy_delta"] * 100 > max_drop + 1e-9:
-        reasons.append(f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop:.2f}")
+        fail("accuracy", f"accuracy drop {-r['accuracy_delta'] * 100:.2f} points > {max_drop:.2f}")
     if ece_moved(r["calibration"], thresholds.max_ece_change):
-        reasons.append(f"calibration changed: |ΔECE| {abs(r['calibration']['ece_delta']):.4f} > "
-                       f"{thresholds.max_ece_change}")
+        fail("ece", f"calibration changed: |ΔECE| {abs(r['calibration']['ece_delta']):.4f} > "
+                    f"{thresholds.max_ece_change}")
     if "trust" in r and ece_moved(r["trust"], thresholds.max_ece_change):
-        reasons.append(f"calibrated probabilities changed: |ΔECE| after the stored temperature "
-                       f"{abs(r['trust']['ece_delta']):.4f} > {thresholds.max_ece_change}")
+        fail("calibrated_ece", f"calibrated probabilities changed: |ΔECE| after the stored temperature "
+                               f"{abs(r['trust']['ece_delta']):.4f} > {thresholds.max_ece_change}")
     fam = r.get("familiarity") or {}
     if feats is None and fam:
-        reasons.append("its trust record holds a familiarity check that the file cannot run (no features output): "
-                       f"run mri-edge export {root_run or 'RUN'} --add-features, then mri-edge calibrate again")
+        fail("features", "its trust record holds a familiarity check that the file cannot run (no features "
+                         f"output): run mri-edge export {root_run or 'RUN'} --add-features, then mri-edge calibrate again")
     if moved := familiar.gate(fam, min_agree, thresholds.min_familiarity_kappa):
-        reasons.append(moved)
+        fail("familiarity", moved)
     if ("explanation" in r and thresholds.min_explanation_corr
             and r["explanation"]["rank_correlation"]["median"] < thresholds.min_explanation_corr):
-        reasons.append(f"explanations moved: median rank correlation {r['explanation']['rank_correlation']['median']:.3f}"
-                       f" < {thresholds.min_explanation_corr}")
+        fail("explanation", "explanations moved: median rank correlation "
+                            f"{r['explanation']['rank_correlation']['median']:.3f} < {thresholds.min_explanation_corr}")
     r["passed"] = not reasons
-    r["fail_reasons"] = reasons
+    r["fail_reasons"], r["failed_gates"] = reasons, gates
     if clean is not None:
         sub = compare(names, labels[clean], keras_probs[clean], probs[clean],
                       [p for p, k in zip(ref["paths"], clean) if k])
@@ -318,7 +325,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         except Exception as e:  # a runtime that crashes on this file: a FAIL row, not the end of verify
             r = {"file": f.name, "error": f"{type(e).__name__}: {first_line(e)}"}
         if "error" in r:
-            r.update({"passed": False, "fail_reasons": [f"cannot be checked: {r['error']}"]})
+            r.update({"passed": False, "fail_reasons": [f"cannot be checked: {r['error']}"], "failed_gates": ["error"]})
             results[f.name] = r
             failures.append(f"{f.name}: cannot be checked: {r['error']}")
             log(f"FAIL {f.name}: {r['error']}")
@@ -349,9 +356,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
 def failure_hint(out: dict) -> str:
     """What a user can do about int8 or dynamic-range files that moved answers (the usual failure;
     a fp32 file that fails is a bug or a stale file, which its reason says)."""
-    moved = [n for n, r in out["files"].items() if r.get("quantization") in ("int8", "dynamic") and any(
-        x.startswith(("top-1 agreement", "accuracy drop", "calibration changed", "calibrated probabilities"))
-        for x in r.get("fail_reasons", []))]
+    moved = [n for n, r in out["files"].items() if r.get("quantization") in ("int8", "dynamic")
+             and {"agreement", "accuracy", "ece", "calibrated_ece"} & set(r.get("failed_gates", []))]
     if not moved:
         return ""
     n = out["n_test"]

@@ -356,10 +356,11 @@ def test_a_failed_int8_file_gets_a_hint_and_a_failed_fp32_file_does_not():
     from mri_edge.verify import failure_hint
 
     out = {"n_test": 200, "files": {
-        "model_int8.tflite": {"quantization": "int8", "fail_reasons": ["top-1 agreement 0.9625 < 0.98"]},
-        "model_fp32.tflite": {"quantization": "none", "fail_reasons": ["top-1 agreement 0.9000 < 0.995"]}}}
+        "model_int8.tflite": {"quantization": "int8", "failed_gates": ["agreement"]},
+        "model_fp32.tflite": {"quantization": "none", "failed_gates": ["agreement"]},
+        "model_dynamic.tflite": {"quantization": "dynamic", "failed_gates": ["stale"]}}}  # not a quantization failure
     hint = failure_hint(out)
     assert hint.startswith("\nmodel_int8.tflite: quantization moves") and "0.50 points of 200" in hint
-    assert "--max-drop" in hint and "model_fp32" not in hint
+    assert "--max-drop" in hint and "model_fp32" not in hint and "model_dynamic" not in hint
     del out["files"]["model_int8.tflite"]
     assert failure_hint(out) == ""

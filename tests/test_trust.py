@@ -336,6 +336,7 @@ def test_a_calibrated_file_without_features_answers_without_the_check(calibrated
     r = verify_run(run, files=[f], explain_images=0, log=lambda *_: None)["files"][f.name]
     assert r["familiarity"] == {"skipped": "the file has no features output"} and not r["passed"]
     assert any("cannot run (no features output)" in x and "--add-features" in x for x in r["fail_reasons"]), r
+    assert "features" in r["failed_gates"]
 
 
 def test_verify_without_the_keras_model_reports_the_check_as_not_compared(calibrated_run, tmp_path):

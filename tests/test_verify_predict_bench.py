@@ -66,7 +66,9 @@ def test_verify_fails_on_a_sabotaged_int8_export(micro_run, tmp_path, monkeypatc
     assert res.exit_code == 1, res.output
     assert "model_int8.tflite" in res.output and "FAIL" in res.output
     parity = json.loads((run / "parity.json").read_text())
-    assert not parity["passed"] and parity["files"]["model_int8.tflite"]["fail_reasons"]
+    r = parity["files"]["model_int8.tflite"]
+    assert not parity["passed"] and r["fail_reasons"] and len(r["failed_gates"]) == len(r["fail_reasons"])
+    assert "quantization moves the answers" in res.output  # the hint, found by the failed gates' names
 
 
 def test_predict_cli_on_odd_and_corrupt_images(exported_run, synth_data, tmp_path):
