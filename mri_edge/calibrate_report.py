@@ -28,18 +28,23 @@ def write_reports(run: RunFolder, out: dict) -> None:
 
 
 def plot_coverage_risk(out: dict, path: Path) -> None:
+    """One colour per file, dashed held-out and solid test; a dot where the stored threshold puts
+    each file on test."""
     plt = report._plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, res in out["files"].items():
+    for i, (name, res) in enumerate(out["files"].items()):
         for split, style in (("held_out", "--"), ("test", "-")):
             if split in res:
                 c = res[split]["coverage_risk"]
-                ax.plot(c["coverage"], c["risk"], style, label=f"{name} ({split.replace('_', '-')})", lw=1)
-    thr = out["trust"]["threshold"]
-    ax.set_xlabel("coverage (share answered)")
-    ax.set_ylabel("risk (error among answered)")
-    ax.set_title(f"Coverage-risk; stored threshold {thr:.3f}")
-    ax.legend(fontsize=6)
+                ax.plot(c["coverage"], c["risk"], style, color=f"C{i}", lw=1, label=name if split == "test" else None)
+        if (a := res.get("test", {}).get("abstention")) and a["risk"] is not None:
+            ax.plot(a["coverage"], a["risk"], "o", color=f"C{i}", ms=4)
+    for style, split in (("--", "held-out"), ("-", "test")):  # the line styles' key, after the files
+        ax.plot([], [], style, color="gray", lw=1, label=split)
+    ax.plot([], [], "o", color="gray", ms=4, label="test, at the stored threshold")
+    ax.set(xlabel="coverage (share answered)", ylabel="risk (error among answered)")
+    ax.set_title(f"Coverage-risk; stored threshold {trust.threshold_text(out['trust']['threshold'])}", fontsize=9)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     report.save_figure(fig, path)
 
