@@ -461,9 +461,9 @@ def test_max_size_is_refused_without_max_drop_or_a_file_to_limit(micro_run):
 
 @pytest.mark.slow  # two accuracy-aware searches and their weight-only files: 14 s
 def test_max_size_is_recorded_where_no_file_can_meet_it(micro_run, tmp_path):
-    """A limit no file can meet (one byte): the weight-only file is tried, is over it too, and the
-    chosen file is written with its recipe saying so, in TFLite and ONNX; an OpenVINO file
-    converted from the ONNX file says whose size was checked."""
+    """A limit no file can meet (one byte): the weight-only file is built, is over it too (so it
+    is not scored), and the chosen file is written with its recipe saying so, in TFLite and ONNX;
+    an OpenVINO file converted from the ONNX file says whose size was checked."""
     import importlib.util
 
     from mri_edge.cli import main
@@ -480,15 +480,15 @@ def test_max_size_is_recorded_where_no_file_can_meet_it(micro_run, tmp_path):
     if openvino:  # converted from the ONNX file: its choice, but the ONNX file's size is not this file's
         recipe = read_metadata(run / "exports" / "model_int8.xml")["accuracy_aware"]
         assert recipe["size_checked_on"] == "model_int8.onnx" and recipe["max_size_mb"] == 1e-6
-        assert "size_mb" not in recipe and "within_size" not in recipe
+        assert "size_mb" not in recipe and "within_size" not in recipe and "weight_only_size_mb" not in recipe
     for name, search in (("model_int8.onnx", "ONNX"), ("model_int8.tflite", "TFLite")):
         recipe = read_metadata(run / "exports" / name)["accuracy_aware"]
         assert recipe["max_size_mb"] == 1e-6 and not recipe["within_size"] and not recipe["weight_only"], name
         assert 0 < recipe["size_mb"] <= (run / "exports" / name).stat().st_size / 1e6, name
-        assert recipe["steps"][-1]["weight_only"], name  # tried, and over the limit as well
+        assert not any(st.get("weight_only") for st in recipe["steps"]), name  # over the limit too: not scored
         line = next(x for x in res.output.splitlines() if f"int8 {search} search: {WEIGHT_ONLY_LINE}, " in x)
-        assert "MB, for --max-size 1e-06 MB" in line and line.endswith(": over the limit too"), line
-        assert recipe["steps"][-1]["size_mb"] > 1e-6, name
+        assert "MB, for --max-size 1e-06 MB" in line and line.endswith(": over the limit too (not scored)"), line
+        assert 0 < recipe["weight_only_size_mb"] < recipe["size_mb"], name
         assert any(line.strip().startswith(f"{name}:") and line.endswith("over --max-size 1e-06 MB)")
                    for line in res.output.splitlines()), res.output
 
@@ -544,7 +544,9 @@ def test_a_file_over_max_size_gives_way_to_the_weight_only_file(monkeypatch, max
     fb, recipe = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="fp32",
                                               max_size_mb=max_size)
     tried = [st for st in recipe["steps"] if st.get("weight_only")]
-    assert len(tried) == (max_size < 0.0011)  # measured only for a file over the limit
+    # measured only for a file over the limit, and only when the weight-only file (50 bytes) is under it
+    assert len(tried) == (0.00005 <= max_size < 0.0011)
+    assert ("weight_only_size_mb" in recipe) == (max_size < 0.00005)
     assert recipe["size_mb"] == len(fb) / 1e6 and recipe["max_size_mb"] == max_size
     if written == "weight-only":
         assert recipe["weight_only"] and recipe["float_weights"] == "int8" and recipe["within_size"] and len(fb) == 50

@@ -201,19 +201,24 @@ def within_size(written: object, out: dict, size_mb: Callable[[object], float], 
     chosen file, its recipe saying it is over the limit. Sizes are the model's bytes before the
     metadata is added (its own few kB, and calibrate's record: about 0.2 MB for DenseNet121).
     The recipe gets `size_mb`, and with a limit `max_size_mb`, `within_size` and, for a
-    weight-only file that replaced the chosen one, what it replaced (`instead_of`)."""
+    weight-only file that replaced the chosen one, what it replaced (`instead_of`). The weight-only
+    file is built before it is scored (`weight_only(None)`: no score), and one over the limit
+    too is not scored: its size alone rules it out (`weight_only_size_mb` records it)."""
     out["size_mb"] = size_mb(written)
     if max_size_mb is None:
         return written, out
     out.update(max_size_mb=max_size_mb, within_size=out["size_mb"] <= max_size_mb)
     if out["within_size"] or out["weight_only"] or any(st.get("weight_only") for st in steps):
         return written, out  # (a weight-only step the search measured did not hold, or it would be the file)
+    size = size_mb(weight_only(None)[1])
+    if size > max_size_mb:
+        note(f"{WEIGHT_ONLY}, {size:.2f} MB, for --max-size {max_size_mb:g} MB: over the limit too (not scored)")
+        out["weight_only_size_mb"] = size
+        return written, out
     score, cand = weight_only("early")
-    size = size_mb(cand)
-    note(describe(f"{WEIGHT_ONLY}, {size:.2f} MB, for --max-size {max_size_mb:g} MB", score, max_drop_pts)
-         + (": over the limit too" if size > max_size_mb else ""))
+    note(describe(f"{WEIGHT_ONLY}, {size:.2f} MB, for --max-size {max_size_mb:g} MB", score, max_drop_pts))
     steps.append({**weight_only_step(stages, score), "size_mb": size})
-    if not within(score, max_drop_pts) or size > max_size_mb:
+    if not within(score, max_drop_pts):
         return written, out
     replaced = {k: out[k] for k in ("float_stages", "float_weights", "size_mb", "held_out_agreement") if k in out}
     out = recipe(out["method"], steps[-1], steps, stages, held, max_drop_pts)

@@ -4,6 +4,7 @@ side of the accuracy-aware search (`onnx_accuracy_aware`, over `accuracy.stage_s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -224,7 +225,7 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                                  if k in int8_onnx_meta})
                     if "size_mb" in meta.get("accuracy_aware", {}):  # measured on the ONNX file, not on this one
                         meta["accuracy_aware"] = {**{k: v for k, v in meta["accuracy_aware"].items()
-                                                     if k not in ("size_mb", "within_size")},
+                                                     if k not in ("size_mb", "within_size", "weight_only_size_mb")},
                                                   "size_checked_on": "model_int8.onnx"}
                     if int8_onnx_meta.get("float_weights") == "fp16":  # OpenVINO folds the Casts into float32
                         meta["float_weights"] = FP16_AS_FP32
@@ -343,10 +344,14 @@ def onnx_accuracy_aware(fp32_path: Path, out_path: Path, calib: np.ndarray, held
         path = build(kept)
         return scoring(onnx_runner(path, threads), mode), path
 
-    def weight_only(mode: str) -> tuple[dict, Path]:  # kept only within the budget: "early" stops once out of it
+    @functools.cache  # written once: within_size sizes the file before it scores it
+    def weight_only_file() -> tuple[Path, dict]:
         path = workdir / "aware_weight_only.onnx"
-        stored = onnx_store_weights(pre, path, "int8")
-        return {**scoring(onnx_runner(path, threads), mode), "int8_weights": stored}, path
+        return path, onnx_store_weights(pre, path, "int8")
+
+    def weight_only(mode: str | None) -> tuple[dict, Path]:  # "early" stops once out of the budget; None: no score
+        path, stored = weight_only_file()
+        return ({**scoring(onnx_runner(path, threads), mode), "int8_weights": stored} if mode else {}), path
 
     def note(line: str) -> None:
         progress.note(f"  int8 ONNX search: {line}")

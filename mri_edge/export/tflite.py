@@ -4,6 +4,7 @@ flatbuffer are in `rewrite`)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -331,9 +332,13 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         fb = build(kept)
         return scoring(lambda x: probs(fb, x), mode), fb
 
-    def weight_only(mode: str) -> tuple[dict, bytes]:  # kept only within the budget: "early" stops once out of it
-        fb = store(build(whole(stages)), "int8")
-        return scoring(lambda x: probs(fb, x), mode), fb
+    @functools.cache  # built once: within_size sizes the file before it scores it
+    def weight_only_file() -> bytes:
+        return store(build(whole(stages)), "int8")
+
+    def weight_only(mode: str | None) -> tuple[dict, bytes]:  # "early" stops once out of the budget; None: no score
+        fb = weight_only_file()
+        return (scoring(lambda x: probs(fb, x), mode) if mode else {}), fb
 
     def note(line: str) -> None:
         progress.note(f"  int8 TFLite search: {line}")
