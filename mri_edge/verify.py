@@ -21,7 +21,7 @@ from .data import DataMovedError, decode_images
 from .run import RunFolder
 from .keras_model import validation_reference
 from .ov import size_on_disk
-from .runtime import open_model
+from .runtime import EXPORT_SUFFIXES, check_kind, open_model
 
 __all__ = ["DataMovedError", "VerifyError", "verify_run"]
 
@@ -277,6 +277,10 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         raise VerifyError("--dedup describes the test split; leave it out with --split val")
     if not run_dir.is_dir():
         raise VerifyError(f"run folder not found: {run_dir}")
+    for f in map(Path, files or []):  # a named file that is no model file at all: said before any slow work
+        if f.suffix not in EXPORT_SUFFIXES:
+            raise VerifyError(f"--file {f}: not an exported model file (expected {', '.join(EXPORT_SUFFIXES)})")
+        check_kind(f)
     test_ref = run.test_predictions()
     manifest = run.manifest()
     root = Path(manifest["root"])

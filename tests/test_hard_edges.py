@@ -170,6 +170,15 @@ def test_verify_file_writes_its_own_report_and_a_broken_file_is_a_fail_row(micro
     assert (run / "parity.json").read_bytes() == full
     selected = json.loads((run / "verify" / "selected" / "parity.json").read_text())
     assert list(selected["files"]) == ["model_fp32.tflite"] and selected["selected_files_only"]
+    # a named file that is not a model at all: one line before any work, nothing written
+    fake, notes = tmp_path / "fake.tflite", tmp_path / "notes.txt"
+    fake.write_text("not a model")
+    notes.write_text("not a model")
+    shutil.rmtree(run / "verify" / "selected")
+    for bad, why in ((fake, "not a TFLite file"), (notes, "not an exported model file")):
+        res = invoke("verify", run, "--file", bad)
+        assert res.exit_code == 1 and why in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (run / "verify" / "selected").exists()
     data_ = (run / "exports" / "model_int8.onnx").read_bytes()
     (run / "exports" / "model_int8.onnx").write_bytes(data_[: len(data_) // 2])
     res = invoke("verify", run)
