@@ -20,7 +20,7 @@ from pathlib import Path
 from . import ov
 from .errors import MriEdgeError
 from .run import RunFolder
-from .runtime import EXPORT_SUFFIXES, MODEL_SUFFIXES
+from .runtime import EXPORT_SUFFIXES, MODEL_SUFFIXES, check_kind
 
 SCHEMA_VERSION = 1
 
@@ -130,6 +130,7 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
         elif p.is_file():
             if p.suffix not in MODEL_SUFFIXES:
                 raise BenchError(f"{p}: not a model file (.keras, .tflite, .onnx or OpenVINO .xml)")
+            check_kind(p)  # a renamed or empty file: one line now, not a failed row per runtime
             artifacts.append(p)
         else:
             raise BenchError(f"{p}: no such file or folder")
@@ -241,7 +242,13 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
                                                     "warmup": warmup, "runs": runs, "seconds": seconds,
                                                     "ort_opt_level": ort_opt_level, "device": device},
            "rows": ok, "errors": [r for r in results if "error" in r], "skipped": skipped}
-    if out_dir and ok:  # a bench where no row ran leaves the folder's earlier report as it was
+    if not ok:  # a bench where no row ran writes nothing: the folder keeps its earlier report
+        errors = out["errors"]
+        why = (f"{len(errors)} row(s) failed (every row): {errors[0]['error']}" if errors else "no row could run "
+               "here: " + "; ".join(f"{s['model']} on {s['runtime']} ({s['reason']})" for s in skipped))
+        kept = f", {out_dir} keeps what it held" if out_dir and Path(out_dir).exists() else ""
+        raise BenchError(f"{why}; nothing written{kept}")
+    if out_dir:
         write_outputs(out, Path(out_dir))
     return out
 

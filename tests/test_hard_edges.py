@@ -204,10 +204,15 @@ def test_bench_skips_a_row_that_cannot_run_and_checks_compare_first(micro_run, t
     res = invoke("bench", good, tampered, *args, "--out", tmp_path / "b", "--strict")
     assert res.exit_code == 1
     res = invoke("bench", tampered, *args, "--out", tmp_path / "c")
-    assert res.exit_code == 1 and "every row" in res.output
+    assert res.exit_code == 1 and "every row" in res.output and "keeps what it held" not in res.output
+    assert "| model |" not in res.output and not (tmp_path / "c").exists(), res.output  # no empty table
+    fake = tmp_path / "fake.tflite"
+    fake.write_text("not a model")
+    res = invoke("bench", fake, *args, "--out", tmp_path / "c")  # refused before any row runs
+    assert res.exit_code == 1 and "not a TFLite file" in res.output and len(res.output.strip().splitlines()) == 1
     earlier = (tmp_path / "b" / "bench.json").read_bytes()
     res = invoke("bench", tampered, *args, "--out", tmp_path / "b")  # no row runs: the earlier report stays
-    assert res.exit_code == 1 and "nothing written" in res.output
+    assert res.exit_code == 1 and f"nothing written, {tmp_path / 'b'} keeps what it held" in res.output
     assert (tmp_path / "b" / "bench.json").read_bytes() == earlier
     bad = tmp_path / "old.json"
     bad.write_text('{"rows": [{"model": 1}]}')
