@@ -24,6 +24,10 @@ def load_interpreter_class(prefer: str | None = None):
             return Interpreter, name
         except ImportError:
             continue
+    if prefer:  # the one asked for is missing; another may be there
+        package = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}.get(prefer, prefer)
+        raise RuntimeModelError(f"the TFLite runtime {prefer} is not installed (pip install {package}); leave the "
+                                "runtime unset to use any installed one")
     raise RuntimeModelError("no TFLite interpreter installed: pip install ai-edge-litert (or tflite-runtime)")
 
 

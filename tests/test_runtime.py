@@ -242,3 +242,16 @@ def test_images_the_model_was_not_made_for_are_referred_for_review():
     # noise has contrast and size: only its features tell, and they do (so do the others')
     assert noise.uncertain and noise.warnings == unlike(noise) and len(unlike(noise)) == 1
     assert all(unlike(p) and p.distance > model.trust.familiarity["limit"] for p in (blank, red, tiny))
+
+
+def test_a_missing_tflite_runtime_that_was_asked_for_is_named(monkeypatch):
+    """Asking for one interpreter that is not installed names that one, not 'no interpreter'."""
+    import sys
+
+    from mri_edge.interpreters import load_interpreter_class
+    from mri_edge.runtime import RuntimeModelError
+
+    monkeypatch.setitem(sys.modules, "tflite_runtime", None)  # import fails, whatever is installed
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
+    with pytest.raises(RuntimeModelError, match="tflite_runtime is not installed \\(pip install tflite-runtime\\)"):
+        load_interpreter_class("tflite_runtime")
