@@ -11,6 +11,7 @@ gradients, so it is offered for .keras files only (TensorFlow backend).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -178,9 +179,8 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     for src in images:
         try:
             decoded = preprocess.load_image(src)  # decoded once, as it is: predict's checks look at it so
-        except preprocess.ImageError as e:
+        except preprocess.ImageError as e:  # the message names the file
             failed.append({"image": str(src), "error": str(e)})
-            log(f"skipped {src}: {e}")
             continue
         pred = model.predict(decoded)  # the answer as `predict` gives it: calibrated, referred or not
         img = model.preprocess(decoded)
@@ -194,10 +194,14 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                 name, n = f"{stem}_{n}.png", n + 1
         used.add(name)
         label = f"{model.class_names[target]} {p:.2f}" + (f": {trust.REVIEW}" if pred.uncertain else "")
+        # each map is stretched to its own range: the caption says how much its strongest cell weighs
+        peak = (f"strongest cell: p -{float(heat.max()):.4f} when blacked out" if method == "occlusion"
+                else f"map peak {float(heat.max()):.3g}")
         pair = np.concatenate([img, overlay(img, heat)], axis=1)
         scale = max(1, 256 // img.shape[0])
         pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
-        cv2.putText(pair, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        for y, text in ((16, label), (pair.shape[0] - 6, peak)):
+            cv2.putText(pair, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         ok, png = cv2.imencode(".png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
         if not ok:
             raise ExplainError(f"{src}: the overlay could not be encoded as PNG")
@@ -206,9 +210,18 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         rows.append({"image": str(src), "png": name, "class": model.class_names[target],
                      "probability": p, "uncertain": pred.uncertain, "warnings": pred.warnings,
                      "prediction_set": pred.prediction_set, "set_coverage": pred.set_coverage,
-                     "map": heat.round(5).tolist()})
+                     "map_max": round(float(heat.max()), 6), "map": heat.astype(np.float64).round(5).tolist()})
     if not rows:
         raise ExplainError(f"no image could be read ({failed[0]['error']})" if failed else "no image given")
+    for f in failed:
+        log(f"skipped: {f['error']}")
+    try:  # overlays an earlier explain wrote here and this one did not: removed, not left beside the new report
+        earlier = {r["png"] for r in json.loads((out_dir / "explain.json").read_text())["images"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = set()
+    for name in earlier - used:
+        if isinstance(name, str) and Path(name).name == name and name.endswith(".png"):  # only a file of ours
+            (out_dir / name).unlink(missing_ok=True)
     out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,
            "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
     report.write_json(out_dir / "explain.json", out)
@@ -217,10 +230,16 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
              if method == "occlusion" else " (gradients at DenseNet121's last feature map)"), ""]
     if not model.trust:
         md += [trust.NOT_CALIBRATED, ""]
-    md += [report.md_table(["image", "class", "p", "prediction set", "review"], [
-              [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}",
+    md += ["Each map is stretched to its own range, so a weak map looks as vivid as a strong one: "
+           + ("the largest drop (also the overlay's last line) is how far blacking out the strongest cell lowers p."
+              if method == "occlusion" else "the map peak is its largest value."), "",
+           report.md_table(["image", "class", "p", "largest drop" if method == "occlusion" else "map peak",
+                            "prediction set", "review"], [
+              [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}", f"{r['map_max']:.4f}",
                trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] else "",
                trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
+    if failed:
+        md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]
     md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]
     report.write_text(out_dir / "explain.md", "\n".join(md))
     return out

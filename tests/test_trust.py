@@ -480,6 +480,18 @@ def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
                                                 p.prediction_set) for p in said]
         assert res.output.count("refer for review") == sum(p.uncertain for p in said)
         assert res.output.count("set (") == sum(p.prediction_set is not None for p in said) > 0
+        # each map is stretched to its own range, so its largest drop is given beside it
+        assert all(r["map_max"] == pytest.approx(np.max(r["map"]), abs=1e-5) for r in record["images"])
+        assert "| largest drop |" in (out / "explain.md").read_text()
+    # again into the same folder with one image and one unreadable file: the overlays of the
+    # first run go, the unreadable file is named once (not its path twice) and in explain.md
+    out, bad = tmp_path / "model_int8", tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    res = CliRunner().invoke(main, ["explain", str(run / "exports" / "model_int8.tflite"), images[0], str(bad),
+                                    "--out", str(out), "--grid", "4"])
+    assert res.exit_code == 1 and res.output.count(str(bad)) == 1, res.output
+    assert sorted(p.name for p in out.glob("*.png")) == [json.loads((out / "explain.json").read_text())["images"][0]["png"]]
+    assert f"- {bad}: " in (out / "explain.md").read_text()
     res = CliRunner().invoke(main, ["explain", str(run / "exports" / "model_int8.tflite"), images[0],
                                     "--method", "gradcam", "--out", str(tmp_path / "g")])
     assert res.exit_code == 1 and "Grad-CAM needs gradients" in res.output
