@@ -54,7 +54,19 @@ SUMMARY_HEADERS = ["file", "split", "images", "accuracy", "ECE before", "ECE aft
 
 
 def summary_table(out: dict) -> str:
-    return report.md_table(SUMMARY_HEADERS, summary_rows(out))
+    """The table of every file on held-out and test, and which files' held-out risk at the stored
+    threshold is above a --max-risk target (it was met by the reference model's answers)."""
+    table = report.md_table(SUMMARY_HEADERS, summary_rows(out))
+    fitted = out["trust"].get("fitted_on", {})
+    limit = fitted.get("target", {}).get("max_risk")
+    over = [f"{name} ({a['risk']:.4f} on {a['accepted']} accepted answers)" for name, res in out["files"].items()
+            if limit is not None and (a := res.get("held_out", {}).get("abstention")) and a["risk"] is not None
+            and a["risk"] > limit]
+    if not over:
+        return table
+    return (f"{table}\n\nHeld-out risk at the threshold above the target {limit:g}: {', '.join(over)}. The threshold "
+            f"was chosen on {fitted.get('model', 'the reference model')}'s answers; a file whose answers near it "
+            "differ can exceed the target (with few accepted answers, by chance too).")
 
 
 def summary_rows(out: dict) -> list[list]:

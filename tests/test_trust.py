@@ -655,3 +655,20 @@ def test_a_map_flat_but_for_float_rounding_counts_as_flat():
     assert rank_correlation(flat, noisy) == 1.0
     real = np.arange(64.0).reshape(8, 8) / 64
     assert rank_correlation(flat, real) == 0.0 and rank_correlation(real, real + noisy) > 0.999
+
+
+def test_calibrate_names_a_file_whose_held_out_risk_is_above_the_target():
+    from mri_edge.calibrate_report import summary_table
+
+    def res(risk, accepted):
+        split = {"n": 100, "before": {"accuracy": 0.7, "ece": 0.2, "nll": 1.0}, "after": {"ece": 0.05, "nll": 0.8},
+                 "abstention": {"coverage": accepted / 100, "risk": risk, "accepted": accepted}}
+        return {"held_out": split}
+
+    out = {"trust": {"fitted_on": {"model": "model.keras", "target": {"max_risk": 0.15}}},
+           "files": {"model.keras": res(0.13, 46), "model_int8.onnx": res(0.17, 47), "model_x.tflite": res(None, 0)}}
+    text = summary_table(out)
+    assert "above the target 0.15: model_int8.onnx (0.1700 on 47 accepted answers)" in text
+    assert "model.keras (" not in text and "model_x" not in text.split("above the target")[1]
+    out["trust"]["fitted_on"]["target"] = {"coverage": 0.5}  # no risk target: nothing to compare
+    assert "above the target" not in summary_table(out)
