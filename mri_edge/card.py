@@ -210,11 +210,6 @@ def pct(value, interval) -> str:
     return "n/a (no images)" if value is None else f"{value:.1%} {ci(interval)}"
 
 
-def as_words(mapping: dict | None, empty: str = "not recorded") -> str:
-    """{"keras": "3.15.1", ...} as "keras 3.15.1, ..."."""
-    return ", ".join(f"{k} {v}" for k, v in (mapping or {}).items()) or empty
-
-
 def markdown(card: dict) -> str:
     m, d = card["model"], card["data"]
     parts = [f"# Model card: mri-edge {m['task']} classifier", "", "## Intended use", "", card["intended_use"], "",
@@ -225,7 +220,7 @@ def markdown(card: dict) -> str:
                   report.sentence(d["validation"]["description"]), ""]
     if "audit" in d:
         a = d["audit"]
-        parts += [f"Leakage audit: exact duplicate pairs by split: {as_words(a['exact_duplicate_pairs'], 'none')}; "
+        parts += [f"Leakage audit: exact duplicate pairs by split: {report.as_words(a['exact_duplicate_pairs'], 'none')}; "
                   f"{a['leakage_free_test_images']} test images have no copy in training; a raw-pixel nearest "
                   f"neighbour gets {a['nearest_neighbour_probe_test_accuracy']:.1%} of test.", ""]
     r = card["recipe"]
@@ -286,8 +281,8 @@ def markdown(card: dict) -> str:
                                    for x in card["latency"]["rows"]]), ""]
     parts += ["## Files", "", report.md_table(["file", "bytes", "sha256"], [[f["file"], f["bytes"], f"`{f['sha256']}`"]
                                                                             for f in card["files"]]), "",
-              "## Versions", "", f"Trained with {as_words(card['versions']['trained_with'])}; card written with "
-              f"{as_words(card['versions']['card_written_with'])}.", "",
+              "## Versions", "", f"Trained with {report.as_words(card['versions']['trained_with'])}; card written with "
+              f"{report.as_words(card['versions']['card_written_with'])}.", "",
               "## Known limitations", "", *[f"- {x}" for x in card["limitations"]], ""]
     if card["missing"]:
         parts += ["## Not yet recorded", "", *[f"- {x}" for x in card["missing"]], ""]

@@ -197,8 +197,7 @@ def plot_history(rows: list[dict], path: Path) -> None:
             if phases[i] != phases[i - 1]:
                 ax.axvline(i + 0.5, color="gray", ls="--")
                 ax.text(i + 0.6, ax.get_ylim()[1], "fine-tune", va="top", fontsize=8, color="gray")
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
+        ax.set(xlabel="epoch", title=metric)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -208,16 +207,12 @@ def plot_history(rows: list[dict], path: Path) -> None:
 def plot_examples(images, y_true, y_pred, probs, class_names, path: Path, n: int = 16, seed: int = 0) -> None:
     """A grid of test images with true and predicted labels (misclassified ones first, in red)."""
     plt = _plt()
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    rng = np.random.default_rng(seed)
-    wrong = np.flatnonzero(y_true != y_pred)
-    right = np.flatnonzero(y_true == y_pred)
+    y_true, y_pred, rng = np.asarray(y_true), np.asarray(y_pred), np.random.default_rng(seed)
+    wrong, right = np.flatnonzero(y_true != y_pred), np.flatnonzero(y_true == y_pred)
     pick = np.concatenate([rng.permutation(wrong)[: n // 4], rng.permutation(right)])[:n]
     if len(pick) < n:
         pick = np.concatenate([pick, rng.permutation(wrong)[n // 4:]])[:n]
-    cols = 4
-    rows = int(np.ceil(len(pick) / cols)) or 1
+    cols, rows = 4, int(np.ceil(len(pick) / 4)) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.9))
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
@@ -231,6 +226,11 @@ def plot_examples(images, y_true, y_pred, probs, class_names, path: Path, n: int
 
 
 # ---------------------------------------------------------------- markdown
+
+def as_words(mapping: dict | None, empty: str = "not recorded") -> str:
+    """{"keras": "3.15.1", "L": 6400} as "keras 3.15.1, L 6400" (or `empty`)."""
+    return ", ".join(f"{k} {v}" for k, v in (mapping or {}).items()) or empty
+
 
 def md_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub-style Markdown table; a literal | inside a cell is escaped so columns stay aligned."""

@@ -39,6 +39,10 @@ def test_audit_finds_planted_leaks(leaky, tmp_path):
     assert "Ignored by discovery (hidden, checkpoint copies, OS debris, not images, outside class folders): 3 (" in \
         (tmp_path / "audit.md").read_text()
     assert a["exact_duplicates"]["pairs_by_split"].get("test-train") == 1
+    md = (tmp_path / "audit.md").read_text()  # counts in words, not Python dicts
+    assert "pairs by split: test-train (1)" in md and "{" not in md and "1000000000" not in md
+    assert list(a["near_duplicates"]["candidate_mad_histogram"])[::7] == ["0-1", ">10"]
+    assert "near duplicates train-test: images compared" in res.output  # the slow step shows progress
     leaked = set(a["leaked"]["test"])
     assert {"Testing/glioma/copy.jpg", "Testing/meningioma/reencoded.png"} <= leaked
     assert len(leaked) == 2, leaked  # distinct phantoms are not confused with copies
