@@ -60,7 +60,7 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
     """Classify each path; a bad image is reported and skipped. Returns the failure count."""
     failed = 0
     if not as_json:
-        emit(f"model: {model.path.name} [{model.runtime_name}], classes: {', '.join(model.class_names)}")
+        emit(f"model: {model.path.name} (runtime {model.runtime_name}); classes: {', '.join(model.class_names)}")
         if model.trust:
             t = model.trust
             emit(f"calibrated: temperature {t.temperature:.3f}"
@@ -72,7 +72,7 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
                     "referred" if t.familiarity and model.has_features else ""))
         else:
             emit(trust.NOT_CALIBRATED)
-        emit(f"{'image':50s} {'prediction':22s} {'p':>6s}  top-{top_k}")
+        emit(f"{'image':50s} {'prediction':22s} {'p':>6s}  top-{min(top_k, len(model.class_names))}")
     t0 = time.perf_counter()
     for p in paths:
         try:

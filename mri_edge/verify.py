@@ -345,6 +345,11 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
                if "agreement" in r.get("familiarity", {}) else ""))
         if r["fail_reasons"]:
             failures.append(f"{f.name}: " + "; ".join(r["fail_reasons"]))
+    if not selected:  # plots of files this report no longer lists (removed or renamed) do not outlive them
+        keep = {f"{kind}_{n.replace('.', '_')}.png" for n in results for kind in ("confusion", "reliability")}
+        for p in [*plot_dir.glob("confusion_*.png"), *plot_dir.glob("reliability_*.png")]:
+            if p.name not in keep:
+                p.unlink()
     keras_m = report.classification_metrics(labels, keras_probs.argmax(1), names)
     out = {"run_dir": str(run_dir), "split": split, "n_test": int(len(labels)), "class_names": names,
            "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},

@@ -20,7 +20,7 @@ def summary_table(out: dict) -> str:
                      (f"{r['explanation']['rank_correlation']['median']:.3f}" if "explanation" in r else ""),
                      "PASS" if r["passed"] else "FAIL: " + "; ".join(r["fail_reasons"])])
     return report.md_table(["file", "runtime", "accuracy", "Δacc (pts)", "Δacc 95% CI", "Δmacro-F1", "agreement",
-                            "flips", "McNemar p", "|Δp| mean / max", "ECE (Δ)", "expl. ρ", "gate"], rows)
+                            "flips", "McNemar p", "abs Δp mean / max", "ECE (Δ)", "expl. ρ", "gate"], rows)
 
 
 def markdown(out: dict) -> str:

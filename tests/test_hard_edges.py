@@ -181,8 +181,11 @@ def test_verify_file_writes_its_own_report_and_a_broken_file_is_a_fail_row(micro
     assert not (run / "verify" / "selected").exists()
     data_ = (run / "exports" / "model_int8.onnx").read_bytes()
     (run / "exports" / "model_int8.onnx").write_bytes(data_[: len(data_) // 2])
+    gone = run / "verify" / "confusion_model_gone_xml.png"  # a file exported once and since removed
+    gone.write_bytes(b"")
     res = invoke("verify", run)
-    assert res.exit_code == 1
+    assert res.exit_code == 1 and not gone.exists()
+    assert (run / "verify" / "confusion_model_fp32_tflite.png").is_file()
     parity = json.loads((run / "parity.json").read_text())
     assert set(parity["files"]) == {"model_fp32.tflite", "model_int8.tflite", "model_fp32.onnx", "model_int8.onnx"}
     assert not parity["files"]["model_int8.onnx"]["passed"] and "truncated" in parity["files"]["model_int8.onnx"]["error"]
