@@ -13,7 +13,7 @@ from . import __version__, groups, report, trust
 from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
-from .run import RunFolder, exported_again
+from .run import RunFolder, best_bench, exported_again
 from .tasks import DATASETS
 
 INTENDED_USE = (
@@ -104,7 +104,7 @@ def build(run_dir) -> dict:
     manifest = _load(run.manifest_path, damaged)
     cal = _load(run.calibration_dir / "calibrate.json", damaged)
     parity = _load(run.path / "parity.json", damaged)
-    bench = _load(run.path / "bench" / "bench.json", damaged) or _load(run.path / "bench.json", damaged)
+    bench = best_bench([(p.parent, _load(p, damaged)) for p in run.bench_paths])[1]
     audit = _load(_found(cfg["dedup"], run), damaged) if cfg.get("dedup") else None
     if damaged:  # a card without them would replace a complete one: refuse, and keep what is there
         raise MriEdgeError("cannot write the model card: " + "; ".join(damaged) +
@@ -126,7 +126,8 @@ def build(run_dir) -> dict:
                 "mri_edge": __version__, "python": platform.python_version()}}}
     if manifest:
         card["data"]["counts"] = {s: len(rows) for s, rows in manifest["splits"].items()}
-        card["data"]["validation"] = {**(manifest.get("val_split") or {"method": "random"}),
+        carved = manifest.get("val_split") or {"method": "random"}  # (a run before carves were recorded)
+        card["data"]["validation"] = {**(carved if manifest.get("val_carved_from_train") else {"method": "folder"}),
                                       "description": groups.describe_carve(manifest)}
     else:
         missing.append("split manifest")
@@ -194,7 +195,7 @@ def build(run_dir) -> dict:
         limits.append("Its probabilities are the raw softmax, not calibrated, and it has no abstention threshold "
                       "(`mri-edge calibrate` fits them on held-out images without near twins in training, and refuses "
                       "when the run has none).")
-    if manifest and (manifest.get("val_split") or {}).get("method", "random") == "random":
+    if card["data"].get("validation", {}).get("method") == "random":
         limits.append("Validation was carved at random: on datasets with several slices per subject its images "
                       "have near twins in training, so validation accuracy overstates accuracy on new subjects.")
     card["limitations"] = limits

@@ -163,6 +163,16 @@ def parity(reference_maps: list[np.ndarray], maps: list[np.ndarray], size: int) 
             "per_image_rank_correlation": rho.round(4).tolist()}
 
 
+def peak_text(method: str, peak: float, short: bool = False) -> str:
+    """How much a map stretched to its own range weighs: the overlay's last line, and (short) the
+    explain.md cell. Occlusion: the largest drop of p when one cell is blacked out."""
+    if method != "occlusion":
+        return f"{peak:.3g}" if short else f"map peak {peak:.3g}"
+    if peak <= 0:
+        return "none" if short else "no cell lowers p when blacked out"
+    return f"{peak:.4f}" if short else f"strongest cell: p -{peak:.4f} when blacked out"
+
+
 def explain_images(model_path, images: list, out_dir, method: str = "occlusion", grid: int = GRID,
                    threads: int | None = None, log=print) -> dict:
     """Overlay PNGs (image | map) for each image into out_dir, with explain.json and explain.md."""
@@ -195,8 +205,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         used.add(name)
         label = f"{model.class_names[target]} {p:.2f}" + (f": {trust.REVIEW}" if pred.uncertain else "")
         # each map is stretched to its own range: the caption says how much its strongest cell weighs
-        peak = (f"strongest cell: p -{float(heat.max()):.4f} when blacked out" if method == "occlusion"
-                else f"map peak {float(heat.max()):.3g}")
+        peak = peak_text(method, float(heat.max()))
         pair = np.concatenate([img, overlay(img, heat)], axis=1)
         scale = max(1, 256 // img.shape[0])
         pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
@@ -212,16 +221,14 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                      "prediction_set": pred.prediction_set, "set_coverage": pred.set_coverage,
                      "map_max": round(float(heat.max()), 6), "map": heat.astype(np.float64).round(5).tolist()})
     if not rows:
-        raise ExplainError(f"no image could be read ({failed[0]['error']})" if failed else "no image given")
+        why = "; ".join(f["error"] for f in failed[:3]) + (f"; {len(failed) - 3} more" if len(failed) > 3 else "")
+        raise ExplainError(f"no image could be read ({why})" if failed else "no image given")
     for f in failed:
         log(f"skipped: {f['error']}")
-    try:  # overlays an earlier explain wrote here and this one did not: removed, not left beside the new report
-        earlier = {r["png"] for r in json.loads((out_dir / "explain.json").read_text())["images"]}
+    try:  # overlays an earlier explain wrote here and this one did not: removed once the new report is written
+        earlier = {r["png"] for r in json.loads((out_dir / "explain.json").read_text())["images"]} - used
     except (OSError, ValueError, KeyError, TypeError):
         earlier = set()
-    for name in earlier - used:
-        if isinstance(name, str) and Path(name).name == name and name.endswith(".png"):  # only a file of ours
-            (out_dir / name).unlink(missing_ok=True)
     out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,
            "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
     report.write_json(out_dir / "explain.json", out)
@@ -235,11 +242,15 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
               if method == "occlusion" else "the map peak is its largest value."), "",
            report.md_table(["image", "class", "p", "largest drop" if method == "occlusion" else "map peak",
                             "prediction set", "review"], [
-              [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}", f"{r['map_max']:.4f}",
+              [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}",
+               peak_text(method, r["map_max"], short=True),
                trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] else "",
                trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
     if failed:
         md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]
     md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]
     report.write_text(out_dir / "explain.md", "\n".join(md))
+    for name in earlier:
+        if isinstance(name, str) and Path(name).name == name and name.endswith(".png"):  # only a file of ours
+            (out_dir / name).unlink(missing_ok=True)
     return out

@@ -372,7 +372,7 @@ def run_index_markdown(run) -> str:
     card = load(root / "model_card.json")
     if card:
         parts += ["## Model card", "", "[model_card.md](model_card.md)", ""]
-    from .run import exported_again  # noqa: PLC0415
+    from .run import best_bench, exported_again  # noqa: PLC0415
 
     def out_of_date(rows, command):
         gone = exported_again(rows, metadata)
@@ -387,9 +387,8 @@ def run_index_markdown(run) -> str:
                 "FAILED: " + "; ".join(parity.get("failures", []))
             parts += [f"## {label}", "", f"{passed} of {len(parity['files'])} files pass: {verdict}. "
                                          f"[Details]({link}).{out_of_date(parity['files'].items(), 'verify')}", ""]
-    found = [(d, b) for d in (root / "bench", root) if (b := load(d / "bench.json")) and b.get("rows")]
-    if found:  # a run's bench/ or a shipped folder's top level: the one of more timed runs (a --quick one has 10)
-        bench_dir, bench = max(found, key=lambda f: (f[1].get("settings") or {}).get("runs") or 0)
+    bench_dir, bench = best_bench([(p.parent, load(p)) for p in run.bench_paths])
+    if bench:
         best = min(bench["rows"], key=lambda r: r["p50_ms"])
         link = (bench_dir / "bench.md").relative_to(root).as_posix()
         runs = f" of {bench['settings']['runs']} timed runs" if (bench.get("settings") or {}).get("runs") else ""

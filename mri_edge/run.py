@@ -69,6 +69,8 @@ class RunFolder:
     exports_index_path = property(lambda self: self.path / "exports" / "exports.json")
     trust_path = property(lambda self: self.path / "trust.json")
     calibration_dir = property(lambda self: self.path / "calibration")
+    # bench writes a run's into bench/; a shipped folder holds its report at the top level
+    bench_paths = property(lambda self: (self.path / "bench" / "bench.json", self.path / "bench.json"))
 
     def export_files(self) -> list[Path]:
         """The exported model files: exports/, or the top level of a shipped folder."""
@@ -212,6 +214,14 @@ class RunFolder:
 
         atomic_write_text(self.path / "report.md", run_index_markdown(self))
         return self.path / "report.md"
+
+
+def best_bench(found: list[tuple[Path, dict | None]]) -> tuple[Path | None, dict | None]:
+    """(folder, report) of the run's benchmark of record, from (folder, report or None) pairs
+    (`RunFolder.bench_paths`): of those with rows, the one of more timed runs, so that a later
+    `bench --quick` (10 runs) does not stand in for a full one. report.md and the card both use it."""
+    found = [(d, b) for d, b in found if b and b.get("rows")]
+    return max(found, key=lambda f: (f[1].get("settings") or {}).get("runs") or 0) if found else (None, None)
 
 
 def exported_again(rows, metadata: dict[str, dict]) -> list[str]:

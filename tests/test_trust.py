@@ -587,10 +587,13 @@ def test_card_on_a_shipped_folder_describes_that_folder(tmp_path):
     # a later `bench --quick` (10 timed runs, in bench/) does not stand in for the shipped 30-run report
     full = json.loads((shipped / "bench.json").read_text())
     (shipped / "bench").mkdir()
-    (shipped / "bench" / "bench.json").write_text(json.dumps({**full, "settings": {**full["settings"], "runs": 10}}))
+    quick = {**full, "settings": {**full["settings"], "runs": 10}, "rows": [{**r, "p50_ms": -1.0} for r in full["rows"]]}
+    (shipped / "bench" / "bench.json").write_text(json.dumps(quick))
     assert CliRunner().invoke(main, ["card", str(shipped)]).exit_code == 0
     index = (shipped / "report.md").read_text()
     assert f"{len(full['rows'])} rows of 30 timed runs on" in index and "(bench.md)" in index, index
+    card = json.loads((shipped / "model_card.json").read_text())  # the card quotes the same report
+    assert card["latency"]["rows"] and all(r["p50_ms"] > 0 for r in card["latency"]["rows"])
 
 
 @pytest.mark.slow
