@@ -106,10 +106,10 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
         split_seed = carve_seed(cfg)
         dataset = data.discover(cfg.data_dir, cfg.task, cfg.val_fraction, split_seed, cfg.val_split,
                                 cfg.group_threshold, cfg.weights)
-        log(groups.describe_carve(dataset.manifest()))
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
         dataset.splits = {k: limit_split(s, cfg.limit_per_class, split_seed) for k, s in dataset.splits.items()}
+        log(groups.describe_carve(dataset.manifest()))  # after --limit-per-class: the images the run uses
         cfg.class_names = dataset.class_names
         cfg.phases, _ = resolve_phases(cfg)
         return run, cfg, dataset, None

@@ -265,8 +265,10 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     without looking at the test set.
 
     `files` checks only those files; their report goes to run_dir/verify/selected/ (or
-    verify/val/selected/), so the run's full report is never replaced by a shorter one. A
-    file that cannot be opened or run is a FAIL row; the others are still checked.
+    verify/val/selected/), so the run's full report is never replaced by a shorter one. A named
+    file that is no model file at all (wrong suffix, empty, another kind's bytes) is refused
+    before any work. Otherwise a file that cannot be opened or run is a FAIL row; the others
+    are still checked.
     """
     run = RunFolder(run_dir)
     run_dir = run.path
@@ -278,6 +280,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     if not run_dir.is_dir():
         raise VerifyError(f"run folder not found: {run_dir}")
     for f in map(Path, files or []):  # a named file that is no model file at all: said before any slow work
+        if not f.is_file():
+            raise VerifyError(f"--file {f}: no such file")
         if f.suffix not in EXPORT_SUFFIXES:
             raise VerifyError(f"--file {f}: not an exported model file (expected {', '.join(EXPORT_SUFFIXES)})")
         check_kind(f)
@@ -345,11 +349,6 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
                if "agreement" in r.get("familiarity", {}) else ""))
         if r["fail_reasons"]:
             failures.append(f"{f.name}: " + "; ".join(r["fail_reasons"]))
-    if not selected:  # plots of files this report no longer lists (removed or renamed) do not outlive them
-        keep = {f"{kind}_{n.replace('.', '_')}.png" for n in results for kind in ("confusion", "reliability")}
-        for p in [*plot_dir.glob("confusion_*.png"), *plot_dir.glob("reliability_*.png")]:
-            if p.name not in keep:
-                p.unlink()
     keras_m = report.classification_metrics(labels, keras_probs.argmax(1), names)
     out = {"run_dir": str(run_dir), "split": split, "n_test": int(len(labels)), "class_names": names,
            "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},
@@ -357,6 +356,12 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
            "selected_files_only": selected}
     report.write_json(report_dir / "parity.json", out)
     report.write_text(report_dir / "parity.md", markdown(out))
+    if not selected:  # plots of files not plotted now (removed, renamed, or not runnable) do not outlive them
+        keep = {f"{kind}_{n.replace('.', '_')}.png" for n, r in results.items() if "error" not in r
+                for kind in ("confusion", "reliability")}
+        for p in [*plot_dir.glob("confusion_*.png"), *plot_dir.glob("reliability_*.png")]:
+            if p.name not in keep:
+                p.unlink()
     run.write_index()
     out["report_dir"] = str(report_dir)
     return out
