@@ -64,8 +64,7 @@ def markdown(out: dict) -> str:
                   "test split. A validation split whose probe is far above the test's has twins of its images in "
                   "training: its accuracy cannot select models for the test's kind of images. A run's own "
                   "carve (`train --val-split grouped`, recorded in its split_manifest.json) follows the same rule but "
-                  "can differ by a few groups (on the Alzheimer data: 523 images against 519 here); quote the run's "
-                  "for that run.", "",
+                  "can differ by a few groups; quote the run's for that run.", "",
                   report.md_table(["held out", "images", "1-NN accuracy", "median best correlation"],
                                   [[k, v["n"], "" if v["nn_accuracy"] is None else f"{v['nn_accuracy']:.1%}",
                                     "" if v["median_best_correlation"] is None else

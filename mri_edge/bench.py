@@ -244,8 +244,10 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
            "rows": ok, "errors": [r for r in results if "error" in r], "skipped": skipped}
     if not ok:  # a bench where no row ran writes nothing: the folder keeps its earlier report
         errors = out["errors"]
-        why = (f"{len(errors)} row(s) failed (every row): {errors[0]['error']}" if errors else "no row could run "
-               "here: " + "; ".join(f"{s['model']} on {s['runtime']} ({s['reason']})" for s in skipped))
+        shown = [f"{s['model']} on {s['runtime']} ({s['reason']})" for s in skipped[:3]]
+        shown += [f"{len(skipped) - 3} more skipped"] if len(skipped) > 3 else []
+        why = (f"{len(errors)} row(s) failed (every row): {errors[0]['error']}" if errors else
+               "no row could run here: " + "; ".join(shown))
         kept = f", {out_dir} keeps what it held" if out_dir and Path(out_dir).exists() else ""
         raise BenchError(f"{why}; nothing written{kept}")
     if out_dir:

@@ -32,6 +32,7 @@ def plot_coverage_risk(out: dict, path: Path) -> None:
     each file on test."""
     plt = report._plt()
     fig, ax = plt.subplots(figsize=(6, 4))
+    dots = False
     for i, (name, res) in enumerate(out["files"].items()):
         for split, style in (("held_out", "--"), ("test", "-")):
             if split in res:
@@ -39,11 +40,15 @@ def plot_coverage_risk(out: dict, path: Path) -> None:
                 ax.plot(c["coverage"], c["risk"], style, color=f"C{i}", lw=1, label=name if split == "test" else None)
         if (a := res.get("test", {}).get("abstention")) and a["risk"] is not None:
             ax.plot(a["coverage"], a["risk"], "o", color=f"C{i}", ms=4)
+            dots = True
     for style, split in (("--", "held-out"), ("-", "test")):  # the line styles' key, after the files
         ax.plot([], [], style, color="gray", lw=1, label=split)
-    ax.plot([], [], "o", color="gray", ms=4, label="test, at the stored threshold")
+    if dots:
+        ax.plot([], [], "o", color="gray", ms=4, label="test, at the stored threshold")
     ax.set(xlabel="coverage (share answered)", ylabel="risk (error among answered)")
-    ax.set_title(f"Coverage-risk; stored threshold {trust.threshold_text(out['trust']['threshold'])}", fontsize=9)
+    thr = out["trust"]["threshold"]  # the long REFER_ALL sentence would not fit a title
+    ax.set_title("Coverage-risk; " + (f"stored threshold {trust.threshold_text(thr)}" if thr < trust.REFER_ALL
+                                      else "no threshold met the target: every answer referred"), fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     report.save_figure(fig, path)

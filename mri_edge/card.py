@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 
 from . import __version__, groups, report, trust
+from .audit_report import counts_text
 from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
@@ -221,7 +222,7 @@ def markdown(card: dict) -> str:
                   report.sentence(d["validation"]["description"]), ""]
     if "audit" in d:
         a = d["audit"]
-        parts += [f"Leakage audit: exact duplicate pairs by split: {report.as_words(a['exact_duplicate_pairs'], 'none')}; "
+        parts += [f"Leakage audit: exact duplicate pairs by split: {counts_text(a['exact_duplicate_pairs'])}; "
                   f"{a['leakage_free_test_images']} test images have no copy in training; a raw-pixel nearest "
                   f"neighbour gets {a['nearest_neighbour_probe_test_accuracy']:.1%} of test.", ""]
     r = card["recipe"]

@@ -314,7 +314,7 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_th
       mri-edge data audit ../shared/data/brain-tumor-mri --task tumor
       mri-edge train ... --dedup artifacts/runs/audit/brain-tumor-mri/audit.json
     """
-    from . import audit as audit_lib  # noqa: PLC0415
+    from . import audit as audit_lib, audit_report  # noqa: PLC0415
 
     out_dir = Path(out_dir or Path("artifacts") / "runs" / "audit" / Path(data_dir).resolve().name)
     out = run_guarded(audit_lib.audit, data_dir, task, out_dir, hash_distance, pixel_threshold, log=echo,
@@ -324,7 +324,7 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_th
         if total:
             click.echo(f"{s}: {len(v)} of {total} images have an exact or near copy in training"
                        f"{' or validation' if s == 'test' else ''}")
-    click.echo(f"exact duplicate pairs by split: {out['exact_duplicates']['pairs_by_split']}")
+    click.echo(f"exact duplicate pairs by split: {audit_report.counts_text(out['exact_duplicates']['pairs_by_split'])}")
     click.echo(f"label conflicts: {out['n_label_conflicts']}; corrupt files: {len(out['corrupt'])}")
     click.echo(f"wrote {out_dir / 'audit.json'}, audit.md" + (f", {out['pairs_plot']}" if out.get("pairs_plot") else ""))
     click.echo(f"next: mri-edge train ... --dedup {out_dir / 'audit.json'}")
