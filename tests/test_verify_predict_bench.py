@@ -82,6 +82,8 @@ def test_predict_cli_on_odd_and_corrupt_images(exported_run, synth_data, tmp_pat
     res = CliRunner().invoke(main, ["predict", str(model), str(good), str(tmp_path)])
     assert res.exit_code == 1
     assert "corrupt.jpg" in res.output and "ERROR" in res.output and "3 classified, 1 failed" in res.output
+    res = CliRunner().invoke(main, ["predict", str(model), str(good), "--top-k", "9"])  # 4 classes: top-4
+    assert res.output.startswith("model: model_int8.tflite (runtime ") and "  top-4\n" in res.output, res.output
     res = CliRunner().invoke(main, ["predict", str(model), str(good), "--json"])
     assert res.exit_code == 0
     rec = json.loads(res.output.strip().splitlines()[-1])
