@@ -60,7 +60,8 @@ def backbone(image_size: int, weights: str):
 
         from .quiet import verbose  # noqa: PLC0415
 
-        # Keras announces a download on stdout before it fails; the error below names the URL
+        # Keras announces a download on stdout before it fails; the error below names the URL. A
+        # download that works is silent too (29 MB, once: Keras caches it); --verbose shows its bar
         hush = contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(io.StringIO())
         try:
             with hush:
