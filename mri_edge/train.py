@@ -109,7 +109,6 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
         dataset.splits = {k: limit_split(s, cfg.limit_per_class, split_seed) for k, s in dataset.splits.items()}
-        log(groups.describe_carve(dataset.manifest()))  # after --limit-per-class: the images the run uses
         cfg.class_names = dataset.class_names
         cfg.phases, _ = resolve_phases(cfg)
         return run, cfg, dataset, None
@@ -170,6 +169,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     notes = resolve_phases(cfg)[1] + distill.weights_seen(cfg.weights, dataset.manifest())
     for n in notes:
         log(n)
+    if not state:  # once every input is checked, with the images the run uses (after --limit-per-class)
+        log(groups.describe_carve(dataset.manifest()))
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache, cfg.strict) for s in ("train", "val", "test")}
     for s, d in dec.items():
