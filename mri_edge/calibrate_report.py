@@ -86,7 +86,7 @@ def summary_rows(out: dict) -> list[list]:
             rows.append([name, split.replace("_", "-"), r["n"], f"{r['before']['accuracy']:.4f}",
                          f"{r['before']['ece']:.4f}", f"{r['after']['ece']:.4f}", f"{r['before']['nll']:.3f}",
                          f"{r['after']['nll']:.3f}",
-                         *(trust.coverage_risk_text(a).split(" / ") if a else ["", ""]),
+                         *trust.coverage_risk_parts(a),
                          f"{s['coverage']:.3f} / {s['mean_size']:.2f}" if s else ""])
     return rows
 

@@ -122,16 +122,21 @@ def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float, also: 
             "accepted_accuracy": 1.0 - risk if n_acc else None}
 
 
-def coverage_risk_text(a: dict | None, percent: bool = False) -> str:
-    """"coverage / risk" of an at_threshold result as the reports write it: fractions to 3 and 4
+def coverage_risk_parts(a: dict | None, percent: bool = False) -> tuple[str, str]:
+    """(coverage, risk) of an at_threshold result as the reports write them: fractions to 3 and 4
     decimals, or percentages; "n/a" for the risk of a threshold that accepts nothing."""
     if not a:
-        return ""
+        return "", ""
     if a["risk"] is None:
         risk = "n/a"
     else:
         risk = f"{a['risk']:.2%}" if percent else f"{a['risk']:.4f}"
-    return (f"{a['coverage']:.1%}" if percent else f"{a['coverage']:.3f}") + " / " + risk
+    return (f"{a['coverage']:.1%}" if percent else f"{a['coverage']:.3f}"), risk
+
+
+def coverage_risk_text(a: dict | None, percent: bool = False) -> str:
+    """"coverage / risk" in one cell (coverage_risk_parts)."""
+    return " / ".join(coverage_risk_parts(a, percent)) if a else ""
 
 
 def binomial_cdf(errors: int, n: int, p: float) -> float:
