@@ -20,7 +20,8 @@ from pathlib import Path
 from . import ov
 from .errors import MriEdgeError
 from .run import RunFolder
-from .runtime import EXPORT_SUFFIXES, MODEL_SUFFIXES, check_kind
+from .integrity import check_model_file
+from .runtime import EXPORT_SUFFIXES, MODEL_SUFFIXES
 
 SCHEMA_VERSION = 1
 
@@ -128,9 +129,7 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
                 image = first_readable([Path(m["root"]) / rel for rel, _ in rows[:20]])
             artifacts += files
         elif p.is_file():
-            if p.suffix not in MODEL_SUFFIXES:
-                raise BenchError(f"{p}: not a model file (.keras, .tflite, .onnx or OpenVINO .xml)")
-            check_kind(p)  # a renamed or empty file: one line now, not a failed row per runtime
+            check_model_file(p, MODEL_SUFFIXES, "a model file")  # one line now, not a failed row per runtime
             artifacts.append(p)
         else:
             raise BenchError(f"{p}: no such file or folder")

@@ -46,9 +46,8 @@ def plot_coverage_risk(out: dict, path: Path) -> None:
     if dots:
         ax.plot([], [], "o", color="gray", ms=4, label="test, at the stored threshold")
     ax.set(xlabel="coverage (share answered)", ylabel="risk (error among answered)")
-    thr = out["trust"]["threshold"]  # the long REFER_ALL sentence would not fit a title
-    ax.set_title("Coverage-risk; " + (f"stored threshold {trust.threshold_text(thr)}" if thr < trust.REFER_ALL
-                                      else "no threshold met the target: every answer referred"), fontsize=9)
+    ax.set_title(f"Coverage-risk; stored threshold {trust.threshold_text(out['trust']['threshold'], short=True)}",
+                 fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     report.save_figure(fig, path)

@@ -192,7 +192,10 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         except preprocess.ImageError as e:  # the message names the file
             failed.append({"image": str(src), "error": str(e)})
             continue
-        pred = model.predict(decoded)  # the answer as `predict` gives it: calibrated, referred or not
+        # the answer as `predict` gives it: calibrated, referred or not. It runs the image once
+        # more than the occlusion batch's first row does (1 of grid**2 + 1 runs), for the features
+        # and warnings that predict's checks need and run_batch does not return
+        pred = model.predict(decoded)
         img = model.preprocess(decoded)
         heat, target = gradcam(model, img) if method == "gradcam" else occlusion(model, img, grid=grid)
         p = pred.probabilities[model.class_names[target]]

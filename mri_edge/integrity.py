@@ -42,6 +42,16 @@ SUFFIX_BY_KIND = {v: k for k, v in KIND_BY_SUFFIX.items()}
 NAMED = {"tflite": "a TFLite", "onnx": "an ONNX", "openvino": "an OpenVINO", "keras": "a Keras", "image": "an image"}
 
 
+def check_model_file(path: Path, suffixes, what: str) -> None:
+    """A model file named on the command line, refused in one line before any slow work when it
+    cannot be one: missing, a suffix outside `suffixes`, empty, or another kind's bytes."""
+    if not path.is_file():
+        raise RuntimeModelError(f"{path}: no such file")
+    if path.suffix not in suffixes:
+        raise RuntimeModelError(f"{path}: not {what} (expected {', '.join(suffixes)})")
+    check_kind(path)
+
+
 def check_kind(path: Path) -> None:
     expected = KIND_BY_SUFFIX.get(path.suffix)
     kind = sniff(path)

@@ -333,7 +333,7 @@ def run_index_markdown(run) -> str:
     shipped = not run.exports_dir.is_dir() and bool(run.export_files())
     trained_as = Path(cfg["out"]).name if shipped and isinstance(cfg.get("out"), str) else ""
     parts = [f"# mri-edge run `{trained_as or root.name}`"
-             + (f" (shipped as `{root.name}`)" if trained_as and trained_as != root.name else ""), ""]
+             + (f" (in folder `{root.name}`)" if trained_as and trained_as != root.name else ""), ""]
     test = load(run.test_report_path)
     if test:
         ci = test.get("accuracy_ci95", [0, 0])

@@ -30,11 +30,13 @@ REFER_ALL = float(np.nextafter(1.0, 2.0))  # a threshold above every probability
 NOT_CALIBRATED = "not calibrated: probabilities are the model's raw softmax (run `mri-edge calibrate`)"
 
 
-def threshold_text(threshold: float) -> str:
+def threshold_text(threshold: float, short: bool = False) -> str:
     """The abstention threshold as every report writes it: four decimals (an answer printed as
-    0.996 can sit under a threshold printed so too), or what REFER_ALL means."""
+    0.996 can sit under a threshold printed so too), or what REFER_ALL means (`short`: in a
+    few words, for a plot's title)."""
     if threshold >= REFER_ALL:
-        return "1 (no threshold met the target on held-out images: every answer is referred)"
+        return ("none met the target: every answer referred" if short else
+                "1 (no threshold met the target on held-out images: every answer is referred)")
     return f"{threshold:.4f}"
 
 

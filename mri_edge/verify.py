@@ -21,7 +21,8 @@ from .data import DataMovedError, decode_images
 from .run import RunFolder
 from .keras_model import validation_reference
 from .ov import size_on_disk
-from .runtime import EXPORT_SUFFIXES, check_kind, open_model
+from .integrity import RuntimeModelError, check_model_file
+from .runtime import EXPORT_SUFFIXES, open_model
 
 __all__ = ["DataMovedError", "VerifyError", "verify_run"]
 
@@ -279,12 +280,11 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         raise VerifyError("--dedup describes the test split; leave it out with --split val")
     if not run_dir.is_dir():
         raise VerifyError(f"run folder not found: {run_dir}")
-    for f in map(Path, files or []):  # a named file that is no model file at all: said before any slow work
-        if not f.is_file():
-            raise VerifyError(f"--file {f}: no such file")
-        if f.suffix not in EXPORT_SUFFIXES:
-            raise VerifyError(f"--file {f}: not an exported model file (expected {', '.join(EXPORT_SUFFIXES)})")
-        check_kind(f)
+    for f in map(Path, files or []):
+        try:
+            check_model_file(f, EXPORT_SUFFIXES, "an exported model file")
+        except RuntimeModelError as e:
+            raise VerifyError(f"--file {e}") from None
     test_ref = run.test_predictions()
     manifest = run.manifest()
     root = Path(manifest["root"])

@@ -523,7 +523,7 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     per_class = card["results"]["official"]["per_class"]
     assert all(lo <= c["sensitivity"] <= hi for c in per_class for lo, hi in [c["sensitivity_ci95"]])
     assert "model_card.md" in (run / "report.md").read_text()
-    assert "shipped as" not in (run / "report.md").read_text()  # a copied run folder is not a shipped one
+    assert "in folder" not in (run / "report.md").read_text()  # a copied run folder is not a shipped one
     # Each calibration row names the file it measured; a file exported again after calibrate
     # (another model_sha256 in the row) has its row left out and named as missing, not misreported.
     from mri_edge.runtime import read_metadata
@@ -581,7 +581,7 @@ def test_card_on_a_shipped_folder_describes_that_folder(tmp_path):
     index = (shipped / "report.md").read_text()
     files = sorted(p.name for p in shipped.iterdir() if p.suffix in (".tflite", ".onnx"))
     assert "## Exports" in index and all(f"[{f}]({f})" in index for f in files)
-    assert "## Benchmark" in index and "(bench.md)" in index and "(shipped as `tumor`)" in index
+    assert "## Benchmark" in index and "(bench.md)" in index and "(in folder `tumor`)" in index
     card = json.loads((shipped / "model_card.json").read_text())
     assert sorted(f["file"] for f in card["files"]) == files
     # a later `bench --quick` (10 timed runs, in bench/) does not stand in for the shipped 30-run report
