@@ -54,7 +54,7 @@ def main() -> None:
         files = {"plain (head in float)": quantize(["head"])}
         for kept in sets:
             fp32 = quantize(kept)
-            for w in ("fp32", "fp16", "int8"):  # storage is a rewrite of the quantized file, as in export
+            for w in ("fp32", "fp16", "int8", "dynamic"):  # storage is a rewrite of the quantized file, as in export
                 files[f"{'+'.join(kept)} in float, weights {w}"] = fp32 if w == "fp32" else store_float_weights(fp32, w)
         for q in ("none", "fp16"):  # the float files, timed beside them: what int8 buys over no int8
             files[f"{'fp32' if q == 'none' else q} file"] = tflite_bytes(str(work / "sm"), ExportJob("tflite", q, "float32"),

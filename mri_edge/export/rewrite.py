@@ -112,12 +112,18 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
     depthwise convolutions that stand for batch norms, the 2x2 average pooling of DenseNet's
     transitions, depthwise kernels up to 3x3) stay float32: a per-channel scale and zero point
     would take more room than the weight. So does a weight outside float16's range.
+
+    "dynamic" (for benchmarks/float_weights.py, not offered by export): the int8 weights of
+    convolutions and fully connected layers are read directly, without a DEQUANTIZE, so LiteRT
+    runs them as hybrid operations that quantize each input on the fly; other weights as fp16.
+    Measured on the shipped Alzheimer model, 12 more test flips than float stages and no faster
+    on an AVX2 CPU (docs/int8.md).
     """
     from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
 
-    if dtype not in ("fp16", "int8"):
-        raise ExportError(f"float weights are stored as fp16 or int8, not {dtype!r}")
+    if dtype not in ("fp16", "int8", "dynamic"):
+        raise ExportError(f"float weights are stored as fp16, int8 or dynamic, not {dtype!r}")
     op_ = schema.BuiltinOperator
     model = flatbuffer_utils.convert_bytearray_to_object(flatbuffer)
     axis = {}  # opcode index -> the weight's output-channel axis
@@ -127,6 +133,8 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
             axis[i] = 0
         elif code == op_.DEPTHWISE_CONV_2D:
             axis[i] = 3
+    hybrid = {i for i, c in enumerate(model.operatorCodes)
+              if max(c.builtinCode, c.deprecatedBuiltinCode) in (op_.CONV_2D, op_.FULLY_CONNECTED)}
     code = schema.OperatorCodeT()
     code.builtinCode = code.deprecatedBuiltinCode = op_.DEQUANTIZE
     code.version = 5 if dtype == "int8" else 3  # per-channel int8, or float16 input
@@ -146,7 +154,7 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
             values = np.frombuffer(bytes(data), np.float32).reshape(w.shape)
             t = schema.TensorT()
             t.name, t.shape = w.name + f"/{dtype}".encode(), np.array(w.shape)
-            if dtype == "fp16":
+            if dtype == "fp16" or dtype == "dynamic" and op.opcodeIndex not in hybrid:
                 t.type, stored = schema.TensorType.FLOAT16, values.astype(np.float16)
                 if not np.isfinite(stored).all():
                     continue
@@ -163,12 +171,16 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
             model.buffers.append(buf)
             t.buffer = len(model.buffers) - 1
             sg.tensors.append(t)
-            deq = schema.OperatorT()
-            deq.opcodeIndex, deq.inputs, deq.outputs = dequantize, [len(sg.tensors) - 1], [op.inputs[1]]
-            added.append(deq)
             replaced.add(w.buffer)  # the float32 copy goes, unless another tensor shares it
             w.buffer = 0
             done.add(op.inputs[1])
+            if t.type == schema.TensorType.INT8 and dtype == "dynamic":  # a hybrid operation reads it as it is
+                for o in sg.operators:
+                    o.inputs = [len(sg.tensors) - 1 if i == op.inputs[1] else i for i in o.inputs]
+                continue
+            deq = schema.OperatorT()
+            deq.opcodeIndex, deq.inputs, deq.outputs = dequantize, [len(sg.tensors) - 1], [op.inputs[1]]
+            added.append(deq)
         sg.operators = added + list(sg.operators)  # they read constants only, so they may run first
     if not any(op.opcodeIndex == dequantize for sg in model.subgraphs for op in sg.operators):
         model.operatorCodes.pop()
