@@ -211,6 +211,10 @@ python benchmarks/input_noise.py $E128                                       # 7
 mri-edge train ${KD/--image-size 64/--image-size 128} --epochs-finetune 40 --time-budget 72 --ema 0.995 \
     --seed 7 --split-seed 42 --out $E128-s7
 python benchmarks/rank_runs.py $E128 $E128-s7 --out artifacts/runs/alzheimer-ranking-ema128-s7
+# a second cycle of the shipped model (a fresh head epoch, then half the rate; results.md): it keeps its head epoch
+mri-edge train ${KD/--image-size 64/--image-size 128} --weights artifacts/alzheimer/model.keras --lr-finetune 1.5e-4 \
+    --epochs-finetune 40 --time-budget 55 --ema 0.995 --out $E128-c2
+python benchmarks/rank_runs.py artifacts/alzheimer $E128-c2 --out artifacts/runs/alzheimer-ranking-c2
 # distillation: SIZE=128 BATCH=128 BUDGET=2.5 LIMIT=570 RUNS=distill there (three members and a
 # student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
 if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then
