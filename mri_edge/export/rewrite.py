@@ -133,8 +133,7 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
             axis[i] = 0
         elif code == op_.DEPTHWISE_CONV_2D:
             axis[i] = 3
-    hybrid = {i for i, c in enumerate(model.operatorCodes)
-              if max(c.builtinCode, c.deprecatedBuiltinCode) in (op_.CONV_2D, op_.FULLY_CONNECTED)}
+    hybrid = {i for i, a in axis.items() if a == 0}  # CONV_2D and FULLY_CONNECTED: LiteRT has hybrid kernels for them
     code = schema.OperatorCodeT()
     code.builtinCode = code.deprecatedBuiltinCode = op_.DEQUANTIZE
     code.version = 5 if dtype == "int8" else 3  # per-channel int8, or float16 input
