@@ -1,4 +1,4 @@
-"""Dataset discovery, stratified splits, decoded-image cache and training batches."""
+"""Dataset discovery, stratified splits and the decoded-image cache (training batches: feed.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import mixup as mixing
-from . import distill, preprocess
+from . import preprocess
 from .errors import MriEdgeError
 from .files import atomic_path
 from .progress import Progress
@@ -349,51 +348,3 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
     out.update({int(c): float(x) for c, x in zip(present, w)})
     return out
 
-
-def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
-                 shuffle: bool, seed: int = 0, sample_weights: dict[int, float] | None = None,
-                 shard: tuple[int, int] = (0, 1), mixup: float = 0.0, cutmix: float = 0.0, teacher=None,
-                 distill_weight: float = 0.0):
-    """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels; with
-    mixup or cutmix > 0 each global batch blended with a permutation of itself (mixup.py);
-    with a teacher, its probabilities on the (blended) batch mixed into the targets (distill.py).
-
-    shard (k, n): worker k of n takes the k-th of n parts of each global batch (all shuffle with
-    one seed), so the n parts make up the batch one device would see (distribute.py)."""
-    import keras  # noqa: PLC0415
-
-    class Batches(keras.utils.PyDataset):
-        def __init__(self):
-            # Two threads assemble the next batches while the current step runs.
-            super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
-            self.eye, self.images = np.eye(num_classes, dtype=np.float32), images  # images: clean, for --ema
-            self.w = None if sample_weights is None else np.array([sample_weights[int(c)] for c in labels], np.float32)
-            self.set_epoch(0)
-
-        def set_epoch(self, epoch: int) -> None:
-            """The order of an epoch depends on (seed, epoch) alone: the same on every worker, after a
-            resume, and however often Keras restarts an iteration (tf.distribute reads a first batch and
-            starts over). Set by callbacks.EpochOrder before each epoch."""
-            self.order, self.epoch = np.arange(len(images)), epoch
-            if shuffle:
-                np.random.default_rng([seed, epoch]).shuffle(self.order)
-
-        def __len__(self):
-            return int(np.ceil(len(images) / batch_size))
-
-        def __getitem__(self, i):
-            idx = self.order[i * batch_size : (i + 1) * batch_size]
-            blends = mixup > 0 or cutmix > 0
-            other, lam, box = (mixing.plan(idx, mixup, cutmix, (seed, self.epoch, i), images.shape[1:3])
-                               if blends else (idx, 1.0, None))
-            if shard[1] > 1:  # the same cut of both: the workers' parts make up the one-device batch
-                idx, other = (np.array_split(v, shard[1])[shard[0]] for v in (idx, other))
-            x, y = images[idx].astype(np.float32), self.eye[labels[idx]]
-            w = None if self.w is None else self.w[idx]
-            if blends:
-                x, y = mixing.blend(x, images[other], lam, box), lam * y + (1 - lam) * self.eye[labels[other]]
-                w = None if w is None else lam * w + (1 - lam) * self.w[other]
-            y = y if teacher is None else distill.targets(y, teacher(x), distill_weight)
-            return (x, y) if w is None else (x, y, w)
-
-    return Batches()

@@ -18,7 +18,7 @@ The rules that make N devices train like one:
 - Batch normalisation is synchronised across replicas: statistics over the global batch, as on
   one device (unsynchronised, each replica normalises with its own few images).
 - Every worker draws the same split and the same shuffled order (same seed); worker k takes the
-  k-th part of each global batch (`data.make_batches(shard=...)`), so the workers' parts make up
+  k-th part of each global batch (`feed.make_batches(shard=...)`), so the workers' parts make up
   exactly the batch one device would see.
 
 Keras 3 (3.15) `fit` fails under MultiWorkerMirroredStrategy in two places (`multi_worker_model`
@@ -34,10 +34,7 @@ import contextlib
 import json
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from .errors import MriEdgeError
 
@@ -239,39 +236,3 @@ def remove_worker_folder(work) -> None:
 
     shutil.rmtree(work.path, ignore_errors=True)
 
-
-def dataset(batches, dist: Distribution):
-    """The batches as Keras' fit should get them: as they are on one device; under a strategy, a
-    tf.data pipeline that restarts from the epoch's first batch each time Keras iterates.
-
-    Keras 3's PyDataset adapter does not: its symbolic build under tf.distribute reads a first
-    batch, and the threads that assemble batches carry on from there, so an epoch ran its
-    batches rotated by one or two places, depending on thread timing (measured: 1, 2, 0 with
-    one replica, 2, 0, 1 with two).
-
-    One host: each element is a global batch, which the strategy splits over the replicas.
-    Several workers: each worker already holds its part of every global batch
-    (`data.make_batches(shard=...)`); `experimental_distribute_dataset` would take that part
-    for a global batch and split it again (each step then saw half the batch), so the pipeline
-    goes through `distribute_datasets_from_function`, whose elements are per-replica batches:
-    the worker's part, cut into one piece per local replica."""
-    if dist.strategy is None:
-        return batches
-    import tensorflow as tf  # noqa: PLC0415
-
-    local = dist.replicas // dist.workers if dist.multi_worker else 1
-    spec = tuple(tf.TensorSpec((None, *np.shape(a)[1:]), tf.float32) for a in batches[0])
-
-    def generate():
-        for i in range(len(batches)):
-            pieces = [np.array_split(a, local) for a in batches[i]]
-            for j in range(local):
-                yield tuple(p[j] for p in pieces)
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    ds = tf.data.Dataset.from_generator(generate, output_signature=spec).with_options(options)
-    # Keras cannot count the batches of such a pipeline and says so once, harmlessly, when the
-    # first epoch ends ("Your input ran out of data")
-    warnings.filterwarnings("ignore", message="Your input ran out of data")
-    return dist.strategy.distribute_datasets_from_function(lambda _: ds) if dist.multi_worker else ds

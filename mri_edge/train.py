@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, augment, data, distill, distribute, groups, preprocess, qat, quiet, report
+from . import __version__, augment, data, distill, distribute, feed, groups, preprocess, qat, quiet, report
 from .config import TrainConfig, carve_seed
 from .errors import MriEdgeError
 from .files import atomic_copy, sha256_file
@@ -227,10 +227,10 @@ def _batches(cfg: TrainConfig, dec: dict, log, dist=None, teacher=None):
     weights = data.class_weights(dec["train"].labels, len(names), cfg.class_weight)
     log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
     shard = (dist.worker_index, dist.workers) if dist else (0, 1)
-    return (data.make_batches(dec["train"].images, dec["train"].labels, len(names), cfg.batch_size, shuffle=True,
+    return (feed.make_batches(dec["train"].images, dec["train"].labels, len(names), cfg.batch_size, shuffle=True,
                               seed=cfg.seed, sample_weights=weights, shard=shard, mixup=cfg.mixup, cutmix=cfg.cutmix,
                               teacher=teacher, distill_weight=cfg.distill_weight),
-            data.make_batches(dec["val"].images, dec["val"].labels, len(names), cfg.batch_size, shuffle=False,
+            feed.make_batches(dec["val"].images, dec["val"].labels, len(names), cfg.batch_size, shuffle=False,
                               shard=shard))
 
 
@@ -269,7 +269,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
                                                          traced=traced), *average, patience, keeper, saved,
                *callbacks, *([ranges] if ranges else [])]
-        trainer.fit(distribute.dataset(train_batches, dist), validation_data=distribute.dataset(val_batches, dist),
+        trainer.fit(feed.for_fit(train_batches, dist), validation_data=feed.for_fit(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
                     callbacks=cbs, verbose=0)
         best, holds_best = keeper.best, keeper.last_kept

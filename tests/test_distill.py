@@ -13,7 +13,7 @@ from conftest import TINY
 
 
 def test_targets_mix_the_labels_with_the_teachers_answers_on_the_blended_batch():
-    from mri_edge import data, mixup
+    from mri_edge import feed, mixup
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
@@ -25,7 +25,7 @@ def test_targets_mix_the_labels_with_the_teachers_answers_on_the_blended_batch()
         m = x.mean(axis=(1, 2, 3))
         return np.stack([m / 255, 1 - m / 255, np.zeros_like(m)], 1).astype(np.float32)
 
-    batches = data.make_batches(images, labels, 3, 6, shuffle=True, seed=5, mixup=0.4, teacher=teacher,
+    batches = feed.make_batches(images, labels, 3, 6, shuffle=True, seed=5, mixup=0.4, teacher=teacher,
                                 distill_weight=0.75)
     batches.set_epoch(2)
     x, y = batches[1]
@@ -38,7 +38,7 @@ def test_targets_mix_the_labels_with_the_teachers_answers_on_the_blended_batch()
     np.testing.assert_allclose(x, blended)
     np.testing.assert_allclose(y, 0.25 * label + 0.75 * teacher(blended), rtol=1e-6)
     np.testing.assert_allclose(y.sum(1), 1.0, rtol=1e-6)
-    plain = data.make_batches(images, labels, 3, 6, shuffle=False)[0][1]  # without a teacher: the labels
+    plain = feed.make_batches(images, labels, 3, 6, shuffle=False)[0][1]  # without a teacher: the labels
     np.testing.assert_array_equal(plain, eye[labels[:6]])
 
 

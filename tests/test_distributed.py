@@ -19,7 +19,7 @@ import pytest
 from conftest import SMALL_BACKBONE_CLI
 
 from mri_edge import distribute
-from mri_edge.data import make_batches
+from mri_edge.feed import make_batches
 
 # Two epochs of one step (8 images, global batch 8) at 32 px, eager (tracing costs more than
 # these few steps), no dropout or augmentation: randomness that differs per replica. The
@@ -114,8 +114,8 @@ def _free_ports(n: int) -> list[int]:
 SMALL = """
 import json, sys
 import numpy as np
-from mri_edge import distribute, quiet
-from mri_edge.data import make_batches
+from mri_edge import distribute, feed, quiet
+from mri_edge.feed import make_batches
 dist = distribute.plan(sys.argv[1]).start(log=lambda *_: None)
 quiet.import_tensorflow()
 import keras
@@ -134,7 +134,7 @@ with dist.scope():
 rng = np.random.default_rng(1)
 images, labels = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), np.arange(16) % 4
 batches = make_batches(images, labels, 4, 8, shuffle=True, seed=2)
-hist = model.fit(distribute.dataset(batches, dist), epochs=3, shuffle=False, verbose=0)
+hist = model.fit(feed.for_fit(batches, dist), epochs=3, shuffle=False, verbose=0)
 print(json.dumps({"replicas": dist.replicas, "loss": hist.history["loss"]}))
 """
 

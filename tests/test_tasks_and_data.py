@@ -176,7 +176,7 @@ def test_class_weight_modes():
 
 
 def test_mixup_blends_images_labels_and_weights_with_one_weight_per_batch():
-    from mri_edge.data import make_batches
+    from mri_edge.feed import make_batches
 
     images = (np.arange(16, dtype=np.uint8) * 10).reshape(16, 1, 1, 1).repeat(3, axis=3)
     labels = np.arange(16) % 4
@@ -204,7 +204,7 @@ def test_mixup_blends_images_labels_and_weights_with_one_weight_per_batch():
 
 
 def test_cutmix_pastes_one_box_per_batch_and_weighs_labels_by_its_area():
-    from mri_edge.data import make_batches
+    from mri_edge.feed import make_batches
 
     images = (np.arange(32, dtype=np.uint8) * 7)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)
     labels = np.arange(32) % 4
