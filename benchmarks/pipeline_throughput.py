@@ -96,10 +96,11 @@ def main():
     if args.data_dir is None:
         args.data_dir = str(write_dataset(tempfile.mkdtemp(), "tumor", n_train=max(10, -(-bs * args.steps // 4)),
                                           n_test=2, size=128))
-    flags = [a for a in sys.argv[1:] if a != "--data-dir" and a != args.data_dir]
+    flags = ["--data-dir", args.data_dir, "--image-size", str(args.image_size), "--batch-size", str(bs),
+             "--steps", str(args.steps), "--rounds", str(args.rounds), *(["--no-augment"] if args.no_augment else [])]
     results = {}
     for path in PATHS:
-        child = subprocess.run([sys.executable, __file__, *flags, "--data-dir", args.data_dir, "--path", path],
+        child = subprocess.run([sys.executable, __file__, *flags, "--path", path],
                                capture_output=True, text=True)
         if child.returncode:
             sys.exit(f"{path}: {child.stderr.strip()[-2000:]}")

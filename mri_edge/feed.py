@@ -121,11 +121,12 @@ def _in_graph(batches, local: int):
     def pieces():  # this worker's images of each per-replica batch, in the epoch's order
         return [p for i in range(len(batches)) for p in np.array_split(batches.indices(i)[0], local)]
 
+    first = pieces()
     # sizes depend on the batch sizes alone, never on the order: the same in every epoch
-    ends = np.cumsum([len(p) for p in pieces()])
+    ends = np.cumsum([len(p) for p in first])
     starts = np.concatenate([[0], ends[:-1]])
     with tf.device("/cpu:0"):
-        order = tf.Variable(np.concatenate(pieces()), trainable=False)
+        order = tf.Variable(np.concatenate(first), trainable=False)
         images = tf.constant(batches.images)
         targets = tf.constant(batches.eye[batches.labels])
         weights = None if batches.w is None else tf.constant(batches.w)

@@ -64,6 +64,7 @@ def test_batches_that_need_python_per_batch_stay_a_pydataset_without_a_strategy(
     assert mixed.needs_python and for_fit(mixed) is mixed
     ds = for_fit(mixed, _several_workers(replicas=2, workers=2))  # under a strategy: a generator pipeline
     got = _elements(ds)
+    assert len(got) == len(mixed)
     for i, element in enumerate(got):
         for a, b in zip(element, mixed[i]):
             np.testing.assert_allclose(a, b)
