@@ -22,13 +22,14 @@ from . import mixup as mixing
 def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
                  shuffle: bool, seed: int = 0, sample_weights: dict[int, float] | None = None,
                  shard: tuple[int, int] = (0, 1), mixup: float = 0.0, cutmix: float = 0.0, teacher=None,
-                 distill_weight: float = 0.0):
+                 distill_weight: float = 0.0, drop_last: bool = False):
     """A keras PyDataset over the uint8 cache: float32 raw pixels, one-hot labels; with
     mixup or cutmix > 0 each global batch blended with a permutation of itself (mixup.py);
     with a teacher, its probabilities on the (blended) batch mixed into the targets (distill.py).
 
     shard (k, n): worker k of n takes the k-th of n parts of each global batch (all shuffle with
-    one seed), so the n parts make up the batch one device would see (distribute.py)."""
+    one seed), so the n parts make up the batch one device would see (distribute.py). drop_last
+    leaves out the last partial batch (pretrain's contrastive loss wants full batches)."""
     import keras  # noqa: PLC0415
 
     blends = mixup > 0 or cutmix > 0
@@ -54,7 +55,7 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
                 self.on_epoch()
 
         def __len__(self):
-            return int(np.ceil(len(images) / batch_size))
+            return len(images) // batch_size if drop_last else int(np.ceil(len(images) / batch_size))
 
         def indices(self, i):
             """(this worker's images of batch i, their blending partners, the mixing weight, the cutmix box)."""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, report
+from . import data, feed, report
 from .config import PretrainConfig
 from .errors import MriEdgeError
 from .progress import Heartbeat
@@ -168,30 +168,6 @@ def _check_out(out: Path, force: bool) -> None:
                             "or pass --force")
 
 
-def _batches(images: np.ndarray, batch_size: int, seed: int):
-    """Full batches of float32 pixels in a new order each epoch (the last partial batch is left out:
-    the loss needs every image's pair); the target is unused."""
-    import keras  # noqa: PLC0415
-
-    class Batches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
-            self.dummy = np.zeros((batch_size, 1), np.float32)
-            self.set_epoch(0)
-
-        def set_epoch(self, epoch: int) -> None:
-            """The order of an epoch from (seed, epoch) alone (callbacks.EpochOrder sets it, as for train)."""
-            self.order = np.random.default_rng([seed, epoch]).permutation(len(images))
-
-        def __len__(self):
-            return len(images) // batch_size
-
-        def __getitem__(self, i):
-            return images[self.order[i * batch_size:(i + 1) * batch_size]].astype(np.float32), self.dummy
-
-    return Batches()
-
-
 def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
     """Pretrain, write the pretrain folder and return pretrain.json's content."""
     t0 = time.time()
@@ -262,8 +238,10 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
 
     model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=contrastive_loss(cfg.temperature),
                   run_eagerly=cfg.eager, jit_compile=False)  # as train: XLA costs more than it saves here
-    batches = _batches(train.images, cfg.batch_size, cfg.seed)
-    model.fit(batches, epochs=cfg.epochs, verbose=0, shuffle=False,  # batches keep their own order
+    # full batches in a new order each epoch; the targets (labels) are unused by the loss
+    batches = feed.make_batches(train.images, train.labels, len(dataset.class_names), cfg.batch_size, shuffle=True,
+                                seed=cfg.seed, drop_last=True)
+    model.fit(feed.for_fit(batches), epochs=cfg.epochs, verbose=0, shuffle=False,  # batches keep their own order
               callbacks=[EpochOrder(batches), Epochs(), keras.callbacks.TerminateOnNaN(),
                          EpochProgress("pretrain", cfg.epochs, len(batches), log, traced=cfg.eager)])
     if not all(np.isfinite(r["loss"]) for r in history[1:]):

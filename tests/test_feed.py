@@ -24,18 +24,19 @@ def _several_workers(replicas: int, workers: int):
     return SimpleNamespace(strategy=strategy, multi_worker=True, replicas=replicas, workers=workers)
 
 
-@pytest.mark.parametrize("weights", [None, WEIGHTS])
-def test_the_graph_pipeline_gives_the_batches_of_each_epoch_in_their_order(weights):
-    batches = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, sample_weights=weights)
+@pytest.mark.parametrize("weights, drop_last", [(None, False), (WEIGHTS, False), (None, True)])
+def test_the_graph_pipeline_gives_the_batches_of_each_epoch_in_their_order(weights, drop_last):
+    batches = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, sample_weights=weights, drop_last=drop_last)
     ds = for_fit(batches)
     assert ds is not batches and not batches.needs_python
     for epoch in (0, 1, 0, 5):  # set_epoch as callbacks.EpochOrder calls it before each epoch
         batches.set_epoch(epoch)
         for _ in range(2):  # every iteration starts again from the epoch's first batch
             got = _elements(ds)
-            assert len(got) == len(batches) == 3
+            assert len(got) == len(batches) == (2 if drop_last else 3)  # 22 images: 8 + 8 (+ 6)
             for i, element in enumerate(got):
                 assert element[0].dtype == np.float32 and len(element) == (2 if weights is None else 3)
+                assert len(element[0]) == (8 if drop_last or i < 2 else 6)
                 for a, b in zip(element, batches[i]):
                     np.testing.assert_array_equal(a, b)
     batches.set_epoch(0)
