@@ -6,9 +6,11 @@ The train step is that of `mri-edge train`'s fine-tune phase with every layer tr
   from a tf.data pipeline: no data loading and no Python per step.
 - for_fit: what `mri-edge train` gives fit (`feed.for_fit`): under TensorFlow, each batch
   gathered from the uint8 cache in the graph, in the epoch's order.
+- for_fit+mixup: the same with `--mixup 0.2`: each batch blended with a permutation of itself,
+  in the graph too.
 - PyDataset: the `feed.make_batches` object given to fit as it is, which Keras' TensorFlow
   adapter wraps in `tf.data.Dataset.from_generator`: what batches that need Python per
-  batch (mixup, cutmix, a teacher) still take.
+  batch (a teacher's answers) still take.
 
 Each path runs in a process of its own, one after the other: a PyDataset's threads keep
 assembling batches after its fit returns, which would slow whatever ran next in the same
@@ -35,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 
-PATHS = ("floor", "for_fit", "PyDataset")
+PATHS = ("floor", "for_fit", "for_fit+mixup", "PyDataset")
 
 
 def measure(args) -> dict:
@@ -54,7 +56,8 @@ def measure(args) -> dict:
     dec = data.decode_split(data.discover(args.data_dir, "tumor").splits["train"], args.image_size)
     n = min(len(dec.labels), bs * args.steps)
     images, labels = dec.images[:n], dec.labels[:n]
-    batches = feed.make_batches(images, labels, 4, bs, shuffle=True, sample_weights=data.class_weights(labels, 4))
+    batches = feed.make_batches(images, labels, 4, bs, shuffle=True, sample_weights=data.class_weights(labels, 4),
+                                mixup=0.2 if args.path == "for_fit+mixup" else 0.0)
     net = build_model(4, args.image_size, "none")
     set_phase(net, "finetune", "all", freeze_bn=False)  # the Alzheimer recipe's fine-tune phase, as train compiles it
     inp = keras.Input((args.image_size, args.image_size, 3))
@@ -63,7 +66,7 @@ def measure(args) -> dict:
     if args.path == "floor":
         ds = tf.data.Dataset.from_tensors(tuple(tf.constant(a) for a in batches[0])).repeat(len(batches))
     else:
-        ds = feed.for_fit(batches) if args.path == "for_fit" else batches
+        ds = batches if args.path == "PyDataset" else feed.for_fit(batches)
     trainer.fit(ds, epochs=1, steps_per_epoch=2, shuffle=False, verbose=0)
     out = {"images_per_s": [], "user_s": [], "kernel_s": []}
     for _ in range(args.rounds):
@@ -115,7 +118,7 @@ def main():
     speed = {k: float(np.median(r["images_per_s"])) for k, r in results.items()}
     best = {k: float(np.max(r["images_per_s"])) for k, r in results.items()}
     for name, r in results.items():
-        print(f"{name:10s} {speed[name]:6.1f} img/s  {bs / speed[name]:6.2f} s/step (best round {bs / best[name]:.2f})  "
+        print(f"{name:13s} {speed[name]:6.1f} img/s  {bs / speed[name]:6.2f} s/step (best round {bs / best[name]:.2f})  "
               f"CPU per step: user {np.median(r['user_s']):5.2f} s, kernel {np.median(r['kernel_s']):5.2f} s  "
               f"x floor {speed[name] / speed['floor']:.3f}  (rounds: {', '.join(f'{v:.1f}' for v in r['images_per_s'])})")
     print(f"for_fit / PyDataset: {speed['for_fit'] / speed['PyDataset']:.2f}x (best rounds: "

@@ -2,8 +2,8 @@
 
 `make_batches` is a keras PyDataset over the uint8 decoded cache, which any backend can train
 from. `for_fit` hands it to `fit`. Under TensorFlow it goes as a tf.data pipeline that gathers
-each batch from the cache inside the graph, unless a batch needs Python (mixup, cutmix, a
-teacher). The reason is speed: Keras 3's TensorFlow adapter feeds a PyDataset through
+(and, with mixup or cutmix, blends) each batch from the cache inside the graph, unless a batch
+needs Python (a teacher's answers). The reason is speed: Keras 3's TensorFlow adapter feeds a PyDataset through
 `tf.data.Dataset.from_generator`, and any Python generator in the pipeline, even one that
 yields only the indices, made each DenseNet121 step 1.3-2.3x as long on a 2-core CPU, with
 half the CPU time spent in the kernel (`benchmarks/pipeline_throughput.py` measures both).
@@ -40,7 +40,8 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
             super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
             self.eye, self.images, self.labels = np.eye(num_classes, dtype=np.float32), images, labels
             self.w = None if sample_weights is None else np.array([sample_weights[int(c)] for c in labels], np.float32)
-            self.needs_python = blends or teacher is not None  # work a graph pipeline cannot do
+            self.blends = blends
+            self.needs_python = teacher is not None  # work a graph pipeline cannot do
             self.on_epoch = None  # for_fit's pipeline: called after each new order
             self.set_epoch(0)
 
@@ -113,32 +114,63 @@ def for_fit(batches, dist=None):
     return strategy.distribute_datasets_from_function(lambda _: ds) if multi else ds
 
 
+def _epoch_plan(batches, local: int) -> dict[str, np.ndarray]:
+    """The epoch's per-replica pieces as arrays: the images (`own`) and their blending partners
+    (`other`) end to end, and per piece the weight of its own image and label (`lam`, `keep` = 1 -
+    lam, each rounded to float32 from float64 as numpy rounds them in `mixup.blend`), whether it
+    pastes a CutMix box instead of blending whole images (`cut`), and the box. `mixup.plan` draws them once
+    per global batch, in Python, so the graph blends exactly as the PyDataset does."""
+    rows = []
+    for i in range(len(batches)):
+        idx, other, lam, box = batches.indices(i)
+        for own, partner in zip(np.array_split(idx, local), np.array_split(other, local)):
+            rows.append((own, partner, lam, box))
+    return {"own": np.concatenate([r[0] for r in rows]), "other": np.concatenate([r[1] for r in rows]),
+            "lam": np.float32([r[2] for r in rows]), "keep": np.float32([1.0 - r[2] for r in rows]),
+            "cut": np.array([r[3] is not None for r in rows]),
+            "box": np.int32([r[3] or (0, 0, 0, 0) for r in rows]), "sizes": np.array([len(r[0]) for r in rows])}
+
+
 def _in_graph(batches, local: int):
-    """Each element gathered from the cache in the graph: the epoch's order lives in a variable
-    that `set_epoch` refreshes, so Python runs once per epoch instead of once per batch. The
-    cache itself never changes: a constant."""
+    """Each element gathered from the cache, and blended, in the graph: the epoch's plan lives
+    in variables that `set_epoch` refreshes, so Python runs once per epoch instead of once per
+    batch. The cache itself never changes: a constant."""
     import tensorflow as tf  # noqa: PLC0415
 
-    def pieces():  # this worker's images of each per-replica batch, in the epoch's order
-        return [p for i in range(len(batches)) for p in np.array_split(batches.indices(i)[0], local)]
-
-    first = pieces()
+    first = _epoch_plan(batches, local)
     # sizes depend on the batch sizes alone, never on the order: the same in every epoch
-    ends = np.cumsum([len(p) for p in first])
+    ends = np.cumsum(first.pop("sizes"))
     starts = np.concatenate([[0], ends[:-1]])
     with tf.device("/cpu:0"):
-        order = tf.Variable(np.concatenate(first), trainable=False)
+        plan = {k: tf.Variable(v, trainable=False) for k, v in first.items() if batches.blends or k == "own"}
         images = tf.constant(batches.images)
         targets = tf.constant(batches.eye[batches.labels])
         weights = None if batches.w is None else tf.constant(batches.w)
-    batches.on_epoch = lambda: order.assign(np.concatenate(pieces()))
 
-    def element(start, end):
-        idx = order[start:end]
+    def refresh():
+        new = _epoch_plan(batches, local)
+        for k, v in plan.items():
+            v.assign(new[k])
+
+    batches.on_epoch = refresh
+    rows, cols = (tf.range(n)[:, None] for n in batches.images.shape[1:3])
+
+    def element(piece, start, end):
+        idx = plan["own"][start:end]
         x, y = tf.cast(tf.gather(images, idx), tf.float32), tf.gather(targets, idx)
-        return (x, y) if weights is None else (x, y, tf.gather(weights, idx))
+        w = None if weights is None else tf.gather(weights, idx)
+        if batches.blends:
+            other, lam, keep = plan["other"][start:end], plan["lam"][piece], plan["keep"][piece]
+            cut, (y0, y1, x0, x1) = plan["cut"][piece], tf.unstack(plan["box"][piece])
+            xo = tf.cast(tf.gather(images, other), tf.float32)
+            inside = ((rows >= y0) & (rows < y1) & tf.transpose((cols >= x0) & (cols < x1)))[None, :, :, None]
+            mixed = lam * x + keep * xo
+            x = tf.where(cut, tf.where(inside, xo, x), mixed)
+            y = lam * y + keep * tf.gather(targets, other)
+            w = None if w is None else lam * w + keep * tf.gather(weights, other)
+        return (x, y) if w is None else (x, y, w)
 
-    return tf.data.Dataset.from_tensor_slices((starts, ends)).map(element).prefetch(2)
+    return tf.data.Dataset.from_tensor_slices((np.arange(len(starts)), starts, ends)).map(element).prefetch(2)
 
 
 def _from_generator(batches, local: int):

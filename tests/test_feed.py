@@ -60,8 +60,44 @@ def test_each_worker_gets_its_part_of_every_global_batch_cut_per_local_replica()
                 np.testing.assert_array_equal(np.concatenate([got[2 * i][j], got[2 * i + 1][j]]), mine[j])
 
 
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.4, 0.0), (0.0, 1.0), (0.3, 1.0)])
+def test_the_graph_pipeline_blends_as_the_pydataset_does(mixup, cutmix):
+    images = np.random.default_rng(0).integers(0, 256, (22, 6, 6, 3), dtype=np.uint8)
+    batches = make_batches(images, LABELS, 4, 8, shuffle=True, seed=3, sample_weights=WEIGHTS, mixup=mixup,
+                           cutmix=cutmix)
+    ds = for_fit(batches)
+    assert ds is not batches
+    boxes = set()
+    for epoch in (0, 1, 4):
+        batches.set_epoch(epoch)
+        got = _elements(ds)
+        assert len(got) == len(batches)
+        for i, element in enumerate(got):
+            boxes.add(batches.indices(i)[3] is not None)
+            for a, b in zip(element, batches[i]):  # images, labels and weights, blended alike
+                np.testing.assert_array_equal(a, b)
+    assert boxes == {mixup <= 0, cutmix > 0}  # both kinds of batch seen when both are on
+
+
+def test_each_worker_gets_its_part_of_every_blended_global_batch():
+    whole = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, mixup=0.4)
+    whole.set_epoch(1)
+    for k in range(2):
+        part = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, mixup=0.4, shard=(k, 2))
+        ds = for_fit(part, _several_workers(replicas=4, workers=2))
+        part.set_epoch(1)
+        got = _elements(ds)
+        for i in range(len(whole)):
+            mine = [np.array_split(a, 2)[k] for a in whole[i]]
+            for j in range(2):
+                np.testing.assert_array_equal(np.concatenate([got[2 * i][j], got[2 * i + 1][j]]), mine[j])
+
+
 def test_batches_that_need_python_per_batch_stay_a_pydataset_without_a_strategy():
-    mixed = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, mixup=0.4)
+    def teacher(x):  # a teacher's answers are computed in Python, per batch
+        return np.full((len(x), 4), 0.25, np.float32)
+
+    mixed = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, mixup=0.4, teacher=teacher, distill_weight=0.5)
     assert mixed.needs_python and for_fit(mixed) is mixed
     ds = for_fit(mixed, _several_workers(replicas=2, workers=2))  # under a strategy: a generator pipeline
     got = _elements(ds)
