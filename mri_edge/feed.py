@@ -5,7 +5,7 @@ from. `for_fit` hands it to `fit`. Under TensorFlow it goes as a tf.data pipelin
 (and, with mixup or cutmix, blends) each batch from the cache inside the graph, unless a batch
 needs Python (a teacher's answers). The reason is speed: Keras 3's TensorFlow adapter feeds a PyDataset through
 `tf.data.Dataset.from_generator`, and any Python generator in the pipeline, even one that
-yields only the indices, made each DenseNet121 step 1.3-2.3x as long on a 2-core CPU, with
+yields only the indices, made each DenseNet121 step 1.3-2.6x as long on a 2-core CPU, with
 half the CPU time spent in the kernel (`benchmarks/pipeline_throughput.py` measures both).
 """
 
@@ -32,6 +32,8 @@ def make_batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch
     leaves out the last partial batch (pretrain's contrastive loss wants full batches)."""
     import keras  # noqa: PLC0415
 
+    if drop_last and len(images) < batch_size:
+        raise ValueError(f"{len(images)} images make no full batch of {batch_size}")  # callers check it first
     blends = mixup > 0 or cutmix > 0
 
     class Batches(keras.utils.PyDataset):
@@ -146,6 +148,7 @@ def _in_graph(batches, local: int):
         images = tf.constant(batches.images)
         targets = tf.constant(batches.eye[batches.labels])
         weights = None if batches.w is None else tf.constant(batches.w)
+        rows, cols = (tf.range(n)[:, None] for n in batches.images.shape[1:3])
 
     def refresh():
         new = _epoch_plan(batches, local)
@@ -153,7 +156,6 @@ def _in_graph(batches, local: int):
             v.assign(new[k])
 
     batches.on_epoch = refresh
-    rows, cols = (tf.range(n)[:, None] for n in batches.images.shape[1:3])
 
     def element(piece, start, end):
         idx = plan["own"][start:end]

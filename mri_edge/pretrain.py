@@ -238,8 +238,8 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
 
     model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=contrastive_loss(cfg.temperature),
                   run_eagerly=cfg.eager, jit_compile=False)  # as train: XLA costs more than it saves here
-    # full batches in a new order each epoch; the targets (labels) are unused by the loss
-    batches = feed.make_batches(train.images, train.labels, len(dataset.class_names), cfg.batch_size, shuffle=True,
+    # full batches in a new order each epoch; no label goes in: every target is one dummy class
+    batches = feed.make_batches(train.images, np.zeros(len(train.images), int), 1, cfg.batch_size, shuffle=True,
                                 seed=cfg.seed, drop_last=True)
     model.fit(feed.for_fit(batches), epochs=cfg.epochs, verbose=0, shuffle=False,  # batches keep their own order
               callbacks=[EpochOrder(batches), Epochs(), keras.callbacks.TerminateOnNaN(),

@@ -133,7 +133,7 @@ with dist.scope():
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="categorical_crossentropy")
 rng = np.random.default_rng(1)
 images, labels = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), np.arange(16) % 4
-batches = make_batches(images, labels, 4, 8, shuffle=True, seed=2)
+batches = make_batches(images, labels, 4, 8, shuffle=True, seed=2, mixup=0.4)  # blended in the graph pipeline
 hist = model.fit(feed.for_fit(batches, dist), epochs=3, shuffle=False, verbose=0)
 print(json.dumps({"replicas": dist.replicas, "loss": hist.history["loss"]}))
 """

@@ -97,11 +97,11 @@ def test_batches_that_need_python_per_batch_stay_a_pydataset_without_a_strategy(
     def teacher(x):  # a teacher's answers are computed in Python, per batch
         return np.full((len(x), 4), 0.25, np.float32)
 
-    mixed = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, mixup=0.4, teacher=teacher, distill_weight=0.5)
-    assert mixed.needs_python and for_fit(mixed) is mixed
-    ds = for_fit(mixed, _several_workers(replicas=2, workers=2))  # under a strategy: a generator pipeline
+    taught = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, mixup=0.4, teacher=teacher, distill_weight=0.5)
+    assert taught.needs_python and for_fit(taught) is taught
+    ds = for_fit(taught, _several_workers(replicas=2, workers=2))  # under a strategy: a generator pipeline
     got = _elements(ds)
-    assert len(got) == len(mixed)
+    assert len(got) == len(taught)
     for i, element in enumerate(got):
-        for a, b in zip(element, mixed[i]):
+        for a, b in zip(element, taught[i]):
             np.testing.assert_allclose(a, b)
