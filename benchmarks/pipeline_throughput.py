@@ -121,7 +121,8 @@ def main():
     for name, r in results.items():
         print(f"{name:13s} {speed[name]:6.1f} img/s  {bs / speed[name]:6.2f} s/step (best round {bs / best[name]:.2f})  "
               f"CPU per step: user {np.median(r['user_s']):5.2f} s, kernel {np.median(r['kernel_s']):5.2f} s  "
-              f"x floor: best rounds {best[name] / best['floor']:.3f}, medians {speed[name] / speed['floor']:.3f}  (rounds: {', '.join(f'{v:.1f}' for v in r['images_per_s'])})")
+              f"x floor: best rounds {best[name] / best['floor']:.3f}, medians {speed[name] / speed['floor']:.3f}  "
+              f"(rounds: {', '.join(f'{v:.1f}' for v in r['images_per_s'])})")
     print(f"for_fit / PyDataset: {speed['for_fit'] / speed['PyDataset']:.2f}x (best rounds: "
           f"{best['for_fit'] / best['PyDataset']:.2f}x)")
     ratio = best["for_fit"] / best["floor"]

@@ -148,7 +148,8 @@ def _in_graph(batches, local: int):
         images = tf.constant(batches.images)
         targets = tf.constant(batches.eye[batches.labels])
         weights = None if batches.w is None else tf.constant(batches.w)
-        rows, cols = (tf.range(n)[:, None] for n in batches.images.shape[1:3])
+        height, width = batches.images.shape[1:3]
+        rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]  # the CutMix box's grid
 
     def refresh():
         new = _epoch_plan(batches, local)
@@ -165,7 +166,7 @@ def _in_graph(batches, local: int):
             other, lam, keep = plan["other"][start:end], plan["lam"][piece], plan["keep"][piece]
             cut, (y0, y1, x0, x1) = plan["cut"][piece], tf.unstack(plan["box"][piece])
             xo = tf.cast(tf.gather(images, other), tf.float32)
-            inside = ((rows >= y0) & (rows < y1) & tf.transpose((cols >= x0) & (cols < x1)))[None, :, :, None]
+            inside = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))[None, :, :, None]
             mixed = lam * x + keep * xo
             x = tf.where(cut, tf.where(inside, xo, x), mixed)
             y = lam * y + keep * tf.gather(targets, other)

@@ -45,18 +45,20 @@ def test_the_graph_pipeline_gives_the_batches_of_each_epoch_in_their_order(weigh
     assert not np.array_equal(_elements(ds)[0][0], first)  # a new order, not a replay
 
 
-def test_each_worker_gets_its_part_of_every_global_batch_cut_per_local_replica():
-    whole = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, sample_weights=WEIGHTS)
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_each_worker_gets_its_part_of_every_global_batch_cut_per_local_replica(mixup):
+    whole = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, sample_weights=WEIGHTS, mixup=mixup)
     whole.set_epoch(2)
     for k in range(2):
-        part = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, sample_weights=WEIGHTS, shard=(k, 2))
+        part = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, sample_weights=WEIGHTS, mixup=mixup,
+                            shard=(k, 2))
         ds = for_fit(part, _several_workers(replicas=4, workers=2))  # 2 replicas on each worker
         part.set_epoch(2)
         got = _elements(ds)
         assert len(got) == 2 * len(whole)
         for i in range(len(whole)):
             mine = [np.array_split(a, 2)[k] for a in whole[i]]  # this worker's part of the global batch
-            for j in range(3):
+            for j in range(3):  # images, labels and sample weights (blended alike with mixup)
                 np.testing.assert_array_equal(np.concatenate([got[2 * i][j], got[2 * i + 1][j]]), mine[j])
 
 
@@ -77,20 +79,6 @@ def test_the_graph_pipeline_blends_as_the_pydataset_does(mixup, cutmix):
             for a, b in zip(element, batches[i]):  # images, labels and weights, blended alike
                 np.testing.assert_array_equal(a, b)
     assert boxes == {mixup <= 0, cutmix > 0}  # both kinds of batch seen when both are on
-
-
-def test_each_worker_gets_its_part_of_every_blended_global_batch():
-    whole = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, mixup=0.4)
-    whole.set_epoch(1)
-    for k in range(2):
-        part = make_batches(IMAGES, LABELS, 4, 8, shuffle=True, seed=3, mixup=0.4, shard=(k, 2))
-        ds = for_fit(part, _several_workers(replicas=4, workers=2))
-        part.set_epoch(1)
-        got = _elements(ds)
-        for i in range(len(whole)):
-            mine = [np.array_split(a, 2)[k] for a in whole[i]]
-            for j in range(2):
-                np.testing.assert_array_equal(np.concatenate([got[2 * i][j], got[2 * i + 1][j]]), mine[j])
 
 
 def test_batches_that_need_python_per_batch_stay_a_pydataset_without_a_strategy():
