@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 
 from mri_edge import quiet  # noqa: E402
 from mri_edge.export.heldout import flip_estimate, margins  # noqa: E402
-from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
+from mri_edge.backends import open_model  # noqa: E402
+from mri_edge.runtime import TFLiteModel  # noqa: E402
 from side_by_side import arguments, bare_meta, split_images, tflite_candidates  # noqa: E402
 
 

@@ -27,7 +27,8 @@ from mri_edge import quiet  # noqa: E402
 from mri_edge.export.formats import ExportJob  # noqa: E402
 from mri_edge.export.rewrite import store_float_weights  # noqa: E402
 from mri_edge.export.tflite import tflite_bytes  # noqa: E402
-from mri_edge.runtime import TFLiteModel, open_model  # noqa: E402
+from mri_edge.backends import open_model  # noqa: E402
+from mri_edge.runtime import TFLiteModel  # noqa: E402
 from side_by_side import arguments, bare_meta, compare, split_images, tflite_candidates  # noqa: E402
 
 

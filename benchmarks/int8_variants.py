@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mri_edge import export, interpreters, keras_model, runtime  # noqa: E402
-from mri_edge.runtime import open_model  # noqa: E402
+from mri_edge.backends import open_model  # noqa: E402
 
 
 def calibrated_model(run: Path, work: Path, calib: np.ndarray):

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mri_edge import quiet  # noqa: E402
 from mri_edge.export.onnx import onnx_int8, pre_process  # noqa: E402
 from mri_edge.export.rewrite import onnx_store_weights  # noqa: E402
-from mri_edge.runtime import OnnxModel, read_metadata  # noqa: E402
+from mri_edge.backends import read_metadata  # noqa: E402
+from mri_edge.onnx_model import OnnxModel  # noqa: E402
 from side_by_side import arguments, compare, onnx_run  # noqa: E402
 
 

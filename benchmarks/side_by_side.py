@@ -46,7 +46,7 @@ def onnx_run(args: argparse.Namespace):
     a hint where the run has no such file."""
     from mri_edge import export  # noqa: PLC0415
     from mri_edge.export.calibration import calibration_set  # noqa: PLC0415
-    from mri_edge.runtime import open_model  # noqa: PLC0415
+    from mri_edge.backends import open_model  # noqa: PLC0415
 
     fp32_path = args.run / "exports" / "model_fp32.onnx"
     if not fp32_path.is_file():

@@ -23,7 +23,7 @@ from mri_edge import trust
 from mri_edge.calibrate import held_out_rows
 from mri_edge.config import CalibrateConfig
 from mri_edge.data import decode_images
-from mri_edge.runtime import open_model
+from mri_edge.backends import open_model
 
 
 def main() -> None:

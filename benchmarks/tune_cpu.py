@@ -23,7 +23,7 @@ def int8_variants(run_dir: Path, out: Path) -> list[tuple[Path, str]]:
     import onnx
 
     from mri_edge import export
-    from mri_edge.runtime import METADATA_KEY
+    from mri_edge.onnx_model import METADATA_KEY
 
     cfg = json.loads((run_dir / "config.json").read_text())
     calib, _ = export.calibration_set(run_dir, cfg, 32)

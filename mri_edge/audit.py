@@ -19,6 +19,7 @@ import numpy as np
 
 from . import groups, preprocess, report
 from .audit_report import markdown
+from .config import GROUP_THRESHOLD
 from .errors import MriEdgeError
 from .files import sha256_bytes
 from .data import discover, find_splits, rel_path
@@ -233,7 +234,7 @@ def ignored_files(root: Path, read: set[str]) -> list[str]:
 
 
 def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX_DISTANCE,
-          mad_thr: float = PIXEL_MAD_THRESHOLD, log=print, group_threshold: float = 0.99) -> dict:
+          mad_thr: float = PIXEL_MAD_THRESHOLD, log=print, group_threshold: float = GROUP_THRESHOLD) -> dict:
     root = Path(data_dir)
     items, names, split_names = _read(root, task)
     counts = defaultdict(Counter)

@@ -21,7 +21,7 @@ from . import ov
 from .errors import MriEdgeError
 from .run import RunFolder
 from .integrity import check_model_file
-from .runtime import EXPORT_SUFFIXES, MODEL_SUFFIXES
+from .backends import MODEL_SUFFIXES
 
 SCHEMA_VERSION = 1
 
@@ -116,15 +116,12 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
     for t in targets:
         p = Path(t)
         if p.is_dir():
-            files = []
-            if (p / "model.keras").is_file():
-                files.append(p / "model.keras")
-            for sub in (p / "exports", p):
-                files += sorted(f for f in sub.glob("*") if f.suffix in EXPORT_SUFFIXES)
+            run = RunFolder(p)
+            files = ([run.model_path] if run.model_path.is_file() else []) + run.export_files()
             if not files:
                 raise BenchError(f"{p}: no model.keras, .tflite, .onnx or OpenVINO .xml files")
-            if (p / "split_manifest.json").is_file() and image is None:
-                m = RunFolder(p).manifest()
+            if run.manifest_path.is_file() and image is None:
+                m = run.manifest()
                 rows = m["splits"].get("test") or m["splits"].get("train") or []
                 image = first_readable([Path(m["root"]) / rel for rel, _ in rows[:20]])
             artifacts += files
@@ -219,7 +216,7 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
     specs = [{**r, "threads": t, "batch": b, "warmup": warmup, "runs": runs, "seconds": seconds, "image": image,
               "ort_opt_level": ort_opt_level}
              for r in rows for t in threads for b in batches]
-    from .runtime import EXPORT_SUFFIXES, recorded_model_sha256  # noqa: PLC0415
+    from .backends import EXPORT_SUFFIXES, recorded_model_sha256  # noqa: PLC0415
 
     hashes = {}  # which file each row measured (the model card leaves out rows of a file exported again)
     with Progress(len(specs), "bench rows") as bar:

@@ -74,15 +74,16 @@ def _open(spec: dict):
     if rt == "openvino":
         m = ov.OpenVINOModel(path, threads)
         return m.run_batch, m.image_size, m.runtime_name  # one call of the graph, whatever the batch
-    meta = runtime.read_metadata(path)
     if path.suffix == ".tflite":
-        m = runtime.TFLiteModel(path, meta, threads, {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
+        m = runtime.TFLiteModel(path, runtime.read_metadata(path), threads, {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
                                                      "tf.lite": "tensorflow"}[rt], spec.get("xnnpack", "default"))
     else:
         providers = {"onnxruntime": ["CPUExecutionProvider"],
                      "onnxruntime-cuda": ["CUDAExecutionProvider"],
                      "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[rt]
-        m = runtime.OnnxModel(path, meta, threads, providers, spec.get("ort_opt_level", "all"))
+        from .onnx_model import OnnxModel, read_metadata  # noqa: PLC0415
+
+        m = OnnxModel(path, read_metadata(path), threads, providers, spec.get("ort_opt_level", "all"))
     return m.run_batch, m.image_size, m.runtime_name
 
 

@@ -23,11 +23,11 @@ import numpy as np
 
 from . import familiar, groups, report, trust
 from .calibrate_report import summary_table, write_reports  # noqa: F401 (summary_table: the CLI's)
-from .config import CalibrateConfig, carve_seed
+from .config import GROUP_THRESHOLD, CalibrateConfig, carve_seed
 from .data import decode_images
 from .errors import MriEdgeError
 from .run import RunFolder
-from .runtime import open_model
+from .backends import open_model
 
 
 class CalibrateError(MriEdgeError):
@@ -44,7 +44,7 @@ def reference_model(run: RunFolder, files: list[Path], reference: str | None) ->
         return run.model_path
     if not files:
         raise CalibrateError(f"{run.path}: no model.keras and no exported files to calibrate")
-    from .runtime import read_metadata  # noqa: PLC0415
+    from .backends import read_metadata  # noqa: PLC0415
 
     def rank(p: Path):
         if p.suffix == ".xml":
@@ -62,7 +62,7 @@ def source_model_sha256(run: RunFolder, ref_path: Path) -> str | None:
 
     if run.model_path.is_file():
         return sha256_file(run.model_path)
-    from .runtime import read_metadata  # noqa: PLC0415
+    from .backends import read_metadata  # noqa: PLC0415
 
     return read_metadata(ref_path).get("source_model_sha256")
 
@@ -180,7 +180,7 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
     from . import data  # noqa: PLC0415
     cfg = run.config()
     ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), carve_seed(cfg), cfg.get("val_split", "random"),
-                       cfg.get("group_threshold", 0.99), cfg.get("weights") if cfg.get("val_kept_from") else None)
+                       cfg.get("group_threshold", GROUP_THRESHOLD), cfg.get("weights") if cfg.get("val_kept_from") else None)
     if cfg.get("val_kept_from") and "kept_from" not in ds.val_split:
         raise CalibrateError(f"{run.path} held out the carve of {cfg['val_kept_from']}, which is not here (or not "
                              "of these images): restore it, or the run's split_manifest.json")
@@ -305,7 +305,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     # Store in each file (its model bytes untouched, their hash checked), then the run's record.
     # A file that already holds this record is left as it is: calibrating again changes no bytes.
     from .export import rewrite_metadata  # noqa: PLC0415
-    from .runtime import read_metadata  # noqa: PLC0415
+    from .backends import read_metadata  # noqa: PLC0415
 
     stored_form = json.loads(json.dumps(record.to_dict()))
     done = []

@@ -18,7 +18,7 @@ from click.core import ParameterSource
 from . import __version__
 from .clitools import (OUT_DIR, TASK_CHOICE, THREADS, VERBOSE_HELP, Interrupted, Main, config_from, echo,
                        int_list, options_from, run_guarded, terminate)
-from .config import ExportConfig, Thresholds, TrainConfig
+from .config import GROUP_THRESHOLD, ExportConfig, Thresholds, TrainConfig
 from .demo import RECIPE
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -206,13 +206,14 @@ def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, *
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+@click.option("--out", type=click.Path(file_okay=False), help="Also write predictions.json and predictions.md here.")
 @THREADS
 @click.option("--allow-other-resize", is_flag=True,
               help="Run even if this machine cannot resize images the way the model's preprocessing record says.")
 @click.option("--xnnpack", type=click.Choice(["default", "latest", "off"]), default="default", show_default=True,
               help=".tflite only: the interpreter's XNNPACK kernels, or off for its built-in kernels "
                    "(which round int8 differently).")
-def predict(model_path, images, top_k, as_json, threads, allow_other_resize, xnnpack):
+def predict(model_path, images, top_k, as_json, out, threads, allow_other_resize, xnnpack):
     """Classify images with a .tflite, .onnx, OpenVINO .xml or .keras model (or a run folder).
 
     IMAGES may be files, folders or glob patterns. Unreadable images are reported
@@ -223,13 +224,13 @@ def predict(model_path, images, top_k, as_json, threads, allow_other_resize, xnn
       mri-edge predict artifacts/tumor/model_int8.tflite scan1.jpg scans/
     """
     from . import predict as predict_lib  # noqa: PLC0415
-    from .runtime import open_model  # noqa: PLC0415
+    from .backends import open_model  # noqa: PLC0415
 
     model = run_guarded(open_model, model_path, threads, allow_other_resize, xnnpack)
     paths = run_guarded(predict_lib.expand_inputs, images)
     if not paths:
         raise click.ClickException(f"no image files matched {' '.join(images)}")
-    failed = predict_lib.run(model, paths, top_k, as_json, click.echo)
+    failed = run_guarded(predict_lib.run, model, paths, top_k, as_json, click.echo, Path(out) if out else None)
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be read", err=True)
         sys.exit(1)
@@ -304,7 +305,7 @@ def data():
               help="dHash Hamming distance that makes a near-duplicate candidate.")
 @click.option("--pixel-threshold", default=3.0, show_default=True, type=click.FloatRange(0),
               help="Mean absolute grey-level difference that confirms a candidate.")
-@click.option("--group-threshold", default=0.99, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--group-threshold", default=GROUP_THRESHOLD, show_default=True, type=click.FloatRange(0, 1),
               help="Thumbnail correlation that makes near twins, for the grouped validation probe.")
 def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_threshold):
     """Audit a dataset: counts, image kinds, corrupt files, exact and near duplicates, leakage.

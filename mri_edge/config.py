@@ -17,6 +17,9 @@ from .export.formats import BN_SCALES, CALIB_RANGES, FLOAT_WEIGHTS, FORMATS, IO_
 
 SELECT_BY = ("loss", "accuracy", "macro_f1")  # validation metrics that can keep an epoch (loss: lowest)
 # TrainConfig fields that regularise one run's training: model cards list them, ensembles drop them.
+# Thumbnail correlation at or above which two images are near twins (one group): the grouped
+# validation split, calibrate's twin check and the audit's grouped probe (docs/data.md).
+GROUP_THRESHOLD = 0.99
 REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "ema", "quant_aware", "teacher")
 
 
@@ -57,7 +60,7 @@ class TrainConfig:
                                       "images, so no validation image has a twin in training (docs/data.md). "
                                       "With --weights RUN/model.keras of these images, RUN's carve is kept.",
                             choices=("random", "grouped"))
-    group_threshold: float = option(0.99, "--val-split grouped: thumbnail correlation that makes two images "
+    group_threshold: float = option(GROUP_THRESHOLD, "--val-split grouped: thumbnail correlation that makes two images "
                                           "near twins (one group).", minimum=0, maximum=1)
     seed: int = option(42, "Seed of the initial weights, the batches and the augmentation, and of the split "
                            "unless --split-seed is given.")
@@ -267,7 +270,7 @@ class CalibrateConfig:
                                            minimum=0, maximum=1, min_open=True, max_open=True, type=float)
     alpha: float = option(0.05, "Conformal prediction sets miss the true class at most this often (0.05: sets "
                                 "at 95% coverage).", minimum=0, maximum=1, min_open=True, max_open=True)
-    group_threshold: float = option(0.99, "Thumbnail correlation that makes a validation image a near twin of a "
+    group_threshold: float = option(GROUP_THRESHOLD, "Thumbnail correlation that makes a validation image a near twin of a "
                                           "training image (such images are not held out like new subjects).",
                                     minimum=0, maximum=1)
     # A temperature fitted on twins of training images stays overconfident on new subjects

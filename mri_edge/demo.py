@@ -3,7 +3,9 @@ verify -> bench), no dataset needed."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +67,26 @@ def run_demo(out, task: str = "tumor", image_size: int = RECIPE.image_size, epoc
                       batch_size=16, epochs_head=0, epochs_finetune=epochs, lr=RECIPE.lr, patience=epochs,
                       dense_units=RECIPE.dense_units, cache_dir=str(out / "cache"))
     log(f"demo 2/4: training DenseNet121 from scratch at {image_size} px for {epochs} epochs")
+    started = time.time()
     run_dir = train_lib.train(cfg, log=log)
-    return run_dir, ([] if skip_export else downstream(run_dir, log, show))
+    problems = [] if skip_export else downstream(run_dir, log, show)
+    write_summary(out, run_dir, problems, skip_export, time.time() - started)
+    return run_dir, problems
+
+
+def write_summary(out: Path, run_dir: Path, problems: list[str], skip_export: bool, seconds: float) -> None:
+    """demo.json and demo.md beside the run: whether every step passed, and where its reports are."""
+    from .files import atomic_write_text  # noqa: PLC0415
+
+    passed = not problems
+    verdict = ("every exported file passed its parity gate" if not skip_export else "trained (export skipped)") \
+        if passed else "FAILED: " + "; ".join(problems)
+    rel = run_dir.relative_to(out) if run_dir.is_relative_to(out) else run_dir
+    atomic_write_text(out / "demo.json", json.dumps({"passed": passed, "problems": problems,
+                                                     "export_skipped": skip_export, "run": str(run_dir),
+                                                     "seconds_after_data": round(seconds, 1)}, indent=1))
+    atomic_write_text(out / "demo.md", f"# mri-edge demo\n\nResult: {verdict}.\n\nTraining and the steps after it "
+                      f"took {seconds / 60:.1f} min. Everything the run produced: [{rel}/report.md]({rel}/report.md).\n")
 
 
 def downstream(run_dir: Path, log=print, show=print) -> list[str]:

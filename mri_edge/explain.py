@@ -101,10 +101,11 @@ def gradcam(model, image: np.ndarray, target: int | None = None) -> tuple[np.nda
 
 
 def _cv2():
-    try:
-        import cv2  # noqa: PLC0415
-    except ImportError:
-        raise ExplainError("explanations need OpenCV (pip install opencv-python-headless)") from None
+    from . import preprocess  # noqa: PLC0415
+
+    cv2 = preprocess._cv2()
+    if cv2 is None:
+        raise ExplainError("explanations need OpenCV (pip install opencv-python-headless)")
     return cv2
 
 
@@ -178,7 +179,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     """Overlay PNGs (image | map) for each image into out_dir, with explain.json and explain.md."""
     cv2 = _cv2()
     from . import preprocess, report, trust  # noqa: PLC0415
-    from .runtime import open_model  # noqa: PLC0415
+    from .backends import open_model  # noqa: PLC0415
 
     model = open_model(model_path, threads=threads)
     if method == "gradcam" and Path(model.path).suffix != ".keras":

@@ -21,7 +21,6 @@ from .progress import Progress
 
 THUMB = 64
 LEVELS = 50.0  # grey levels per standard deviation of a normalised thumbnail
-GROUP_THRESHOLD = 0.99
 
 
 def thumbnail(rgb: np.ndarray) -> np.ndarray:

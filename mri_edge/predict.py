@@ -56,22 +56,23 @@ def short_path(p, width: int = 50) -> str:
     return "…/" + out
 
 
-def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit) -> int:
-    """Classify each path; a bad image is reported and skipped. Returns the failure count."""
-    failed = 0
+def record(model: runtime.Model, path: Path, r: runtime.Prediction, top_k: int) -> dict:
+    """One image's answer as `--json` prints it and predictions.json keeps it."""
+    return {"image": str(path), "label": r.label, "index": r.index, "probabilities": r.probabilities,
+            "top_k": r.top(top_k), "calibrated": r.calibrated, "uncertain": r.uncertain,
+            "threshold": model.trust.threshold if model.trust else None,
+            "prediction_set": r.prediction_set, "set_coverage": r.set_coverage,
+            "warnings": r.warnings, "feature_distance": r.distance,
+            "timing_ms": {k: round(v, 3) for k, v in r.timing_ms.items()}}
+
+
+def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit, out: Path | None = None) -> int:
+    """Classify each path; a bad image is reported and skipped. Returns the failure count.
+    out: a folder that also gets predictions.json and predictions.md."""
+    failed, rows = 0, []
     if not as_json:
         emit(f"model: {model.path.name} (runtime {model.runtime_name}); classes: {', '.join(model.class_names)}")
-        if model.trust:
-            t = model.trust
-            emit(f"calibrated: temperature {t.temperature:.3f}"
-                 + (f"; answers below p {trust.threshold_text(t.threshold)} are marked '{trust.REVIEW}'"
-                    if t.threshold is not None
-                    else "")
-                 + (f"; prediction sets at {1 - t.alpha:.0%} coverage" if t.conformal_q is not None else "")
-                 + (f"; images farther than {t.familiarity['limit']:.2f} from the training images' features are "
-                    "referred" if t.familiarity and model.has_features else ""))
-        else:
-            emit(trust.NOT_CALIBRATED)
+        emit(calibration_text(model))
         emit(f"{'image':50s} {'prediction':22s} {'p':>6s}  top-{min(top_k, len(model.class_names))}")
     t0 = time.perf_counter()
     for p in paths:
@@ -79,27 +80,60 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
             r = model.predict(p)
         except preprocess.ImageError as e:
             failed += 1
-            if as_json:
-                emit(json.dumps({"image": str(p), "error": str(e)}))
-            else:
-                emit(f"{short_path(p):50s} ERROR: {str(e).removeprefix(f'{p}: ')}")
+            rows.append({"image": str(p), "error": str(e)})
+            emit(json.dumps(rows[-1]) if as_json else f"{short_path(p):50s} ERROR: {str(e).removeprefix(f'{p}: ')}")
             continue
-        top = r.top(top_k)
+        rows.append(record(model, p, r, top_k))
         if as_json:
-            emit(json.dumps({"image": str(p), "label": r.label, "index": r.index, "probabilities": r.probabilities,
-                             "top_k": top, "calibrated": r.calibrated, "uncertain": r.uncertain,
-                             "threshold": model.trust.threshold if model.trust else None,
-                             "prediction_set": r.prediction_set, "set_coverage": r.set_coverage,
-                             "warnings": r.warnings, "feature_distance": r.distance,
-                             "timing_ms": {k: round(v, 3) for k, v in r.timing_ms.items()}}))
+            emit(json.dumps(rows[-1]))
         else:
-            extra = ""
-            if r.prediction_set is not None:
-                extra += f"  {trust.set_text(r.prediction_set, r.set_coverage)}"
-            if r.uncertain:
-                extra += f"  [{trust.review_text(r.warnings)}]"
             emit(f"{short_path(p):50s} {r.label:22s} {r.probabilities[r.label]:6.3f}  "
-                 + ", ".join(f"{n} {v:.3f}" for n, v in top) + f"  ({r.timing_ms['total']:.1f} ms){extra}")
+                 + ", ".join(f"{n} {v:.3f}" for n, v in rows[-1]["top_k"])
+                 + f"  ({r.timing_ms['total']:.1f} ms){answer_notes(r)}")
+    elapsed = time.perf_counter() - t0
     if not as_json:
-        emit(f"{len(paths) - failed} classified, {failed} failed, {time.perf_counter() - t0:.2f} s")
+        emit(f"{len(paths) - failed} classified, {failed} failed, {elapsed:.2f} s")
+    if out is not None:
+        write_reports(Path(out), model, rows, elapsed)
+        if not as_json:
+            emit(f"reports: {Path(out) / 'predictions.md'}, {Path(out) / 'predictions.json'}")
     return failed
+
+
+def calibration_text(model: runtime.Model) -> str:
+    if not model.trust:
+        return trust.NOT_CALIBRATED
+    t = model.trust
+    return (f"calibrated: temperature {t.temperature:.3f}"
+            + (f"; answers below p {trust.threshold_text(t.threshold)} are marked '{trust.REVIEW}'"
+               if t.threshold is not None else "")
+            + (f"; prediction sets at {1 - t.alpha:.0%} coverage" if t.conformal_q is not None else "")
+            + (f"; images farther than {t.familiarity['limit']:.2f} from the training images' features are "
+               "referred" if t.familiarity and model.has_features else ""))
+
+
+def answer_notes(r: runtime.Prediction) -> str:
+    extra = f"  {trust.set_text(r.prediction_set, r.set_coverage)}" if r.prediction_set is not None else ""
+    return extra + (f"  [{trust.review_text(r.warnings)}]" if r.uncertain else "")
+
+
+def write_reports(out: Path, model: runtime.Model, rows: list[dict], elapsed_s: float) -> None:
+    """predictions.json (every record, as --json prints them) and predictions.md (a table)."""
+    from .files import atomic_write_text, sha256_file  # noqa: PLC0415
+    from .report import md_table  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    failed = sum("error" in r for r in rows)
+    atomic_write_text(out / "predictions.json", json.dumps({
+        "model": str(model.path), "model_file_sha256": sha256_file(model.path), "runtime": model.runtime_name,
+        "class_names": model.class_names, "calibration": calibration_text(model), "images": len(rows),
+        "failed": failed, "seconds": round(elapsed_s, 3), "predictions": rows}, indent=1))
+    table = [[r["image"], "", "", "", f"error: {r['error']}"] if "error" in r else
+             [r["image"], r["label"], f"{r['probabilities'][r['label']]:.3f}",
+              ", ".join(f"{n} {v:.3f}" for n, v in r["top_k"]),
+              (trust.set_text(r["prediction_set"], r["set_coverage"]) + "; " if r["prediction_set"] else "")
+              + (trust.review_text(r["warnings"]) if r["uncertain"] else "")] for r in rows]
+    atomic_write_text(out / "predictions.md", (
+        f"# Predictions: {model.path.name}\n\nRuntime {model.runtime_name}; {calibration_text(model)}.\n"
+        f"{len(rows) - failed} classified, {failed} failed, {elapsed_s:.2f} s.\n\n"
+        + md_table(["image", "prediction", "p", "top classes", "notes"], table) + "\n"))

@@ -67,6 +67,7 @@ class RunFolder:
     test_report_path = property(lambda self: self.path / "test_report.json")
     exports_dir = property(lambda self: self.path / "exports")
     exports_index_path = property(lambda self: self.path / "exports" / "exports.json")
+    exports_report_path = property(lambda self: self.path / "exports" / "exports.md")
     trust_path = property(lambda self: self.path / "trust.json")
     calibration_dir = property(lambda self: self.path / "calibration")
     # bench writes a run's into bench/; a shipped folder holds its report at the top level
@@ -74,7 +75,7 @@ class RunFolder:
 
     def export_files(self) -> list[Path]:
         """The exported model files: exports/, or the top level of a shipped folder."""
-        from .runtime import EXPORT_SUFFIXES  # noqa: PLC0415
+        from .backends import EXPORT_SUFFIXES  # noqa: PLC0415
 
         for folder in (self.exports_dir, self.path):
             if folder.is_dir():
@@ -157,7 +158,7 @@ class RunFolder:
 
     def export_metadata(self) -> dict[str, dict]:
         """Each exported file's embedded metadata by name ({} where it cannot be read)."""
-        from .runtime import read_metadata  # noqa: PLC0415
+        from .backends import read_metadata  # noqa: PLC0415
 
         out = {}
         for f in self.export_files():

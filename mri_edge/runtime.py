@@ -1,9 +1,9 @@
-"""On-device inference for exported mri-edge models (.tflite, .onnx).
+"""On-device inference for exported mri-edge .tflite files.
 
 Allowed imports: the standard library, numpy, one TFLite interpreter
-(ai_edge_litert, else tflite_runtime, else tensorflow.lite), onnxruntime for
-.onnx files, and an optional image decoder (OpenCV or Pillow, through
-`mri_edge.preprocess`). No TensorFlow, Keras, click or scikit-learn: a test
+(ai_edge_litert, else tflite_runtime, else tensorflow.lite) and an optional image
+decoder (OpenCV or Pillow, through `mri_edge.preprocess`). Other kinds of file (.onnx,
+OpenVINO .xml, .keras) open through `mri_edge.backends.open_model`. No TensorFlow, Keras, click or scikit-learn: a test
 checks `sys.modules` after use.
 
     from mri_edge.runtime import load
@@ -14,10 +14,8 @@ checks `sys.modules` after use.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,59 +28,32 @@ from .integrity import RuntimeModelError, check_integrity, check_kind
 from .interpreters import load_interpreter_class, no_delegate_resolver
 
 METADATA_NAME = "mri_edge_metadata.json"  # file inside the ZIP appended to .tflite files
-METADATA_KEY = "mri_edge"  # ONNX metadata_props key
 FEATURES = "features"  # the exported files' second output: the pooled features the head reads (trust.distance)
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata that `mri-edge export` embedded in a .tflite, .onnx or OpenVINO .xml file
-    (an .xml is read by its backend module, which needs OpenVINO)."""
+    """The metadata that `mri-edge export` appended to a .tflite file (`mri_edge.backends.read_metadata`
+    reads every kind of exported file)."""
     path = Path(path)
     if not path.is_file():
         raise RuntimeModelError(f"model file not found: {path}")
-    if path.suffix not in EXPORT_SUFFIXES:
-        raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} (expected "
-                                f"{', '.join(EXPORT_SUFFIXES)})")
-    if path.suffix == ".xml":
-        return importlib.import_module(BACKENDS[".xml"][0]).read_metadata(path)
+    if path.suffix != ".tflite":
+        raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} here (expected .tflite)")
     check_kind(path)
-    if path.suffix == ".tflite":
-        try:
-            with zipfile.ZipFile(path) as z:
-                return json.loads(z.read(METADATA_NAME))
-        except (zipfile.BadZipFile, KeyError, ValueError):
-            pass
-        try:
-            cls = load_interpreter_class()[0]
-            with quiet.native_stderr():
-                cls(model_path=str(path))
-        except Exception:
-            raise RuntimeModelError(f"{path}: a damaged or truncated TFLite file (the interpreter cannot read it)") \
-                from None
-        raise RuntimeModelError(f"{path}: no mri-edge metadata at its end: an incomplete (truncated) copy, or a "
-                                "file not exported by `mri-edge export`") from None
     try:
-        import onnxruntime as ort  # noqa: PLC0415
-    except ImportError:
-        raise RuntimeModelError(f"{path}: .onnx files need onnxruntime (pip install onnxruntime)") from None
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read(METADATA_NAME))
+    except (zipfile.BadZipFile, KeyError, ValueError):
+        pass
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise RuntimeModelError(f"{path}: not a loadable ONNX model, damaged or truncated ({type(e).__name__})") \
+        cls = load_interpreter_class()[0]
+        with quiet.native_stderr():
+            cls(model_path=str(path))
+    except Exception:
+        raise RuntimeModelError(f"{path}: a damaged or truncated TFLite file (the interpreter cannot read it)") \
             from None
-    raw = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if not raw:
-        raise RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)")
-    return json.loads(raw)
-
-
-def recorded_model_sha256(path: str | Path) -> str | None:
-    """The hash of its model bytes that export recorded in a file (None where none can be read):
-    which file a report's row measured."""
-    try:
-        return read_metadata(path).get("model_sha256")
-    except RuntimeModelError:
-        return None
+    raise RuntimeModelError(f"{path}: no mri-edge metadata at its end: an incomplete (truncated) copy, or a "
+                            "file not exported by `mri-edge export`") from None
 
 
 @dataclass
@@ -123,7 +94,7 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 
 
 class Model:
-    """Common front of the TFLite and ONNX back ends."""
+    """Common front of the back ends: TFLite here, ONNX, OpenVINO and Keras in their own modules."""
 
     def __init__(self, path: Path, meta: dict, allow_other_resize: bool = False):
         self.path = Path(path)
@@ -286,104 +257,12 @@ class TFLiteModel(Model):
         return read(self.out_det), None if self.feat_det is None else read(self.feat_det).reshape(len(x), -1)
 
 
-class OnnxModel(Model):
-    def __init__(self, path: Path, meta: dict, threads: int | None = None, providers: list[str] | None = None,
-                 opt_level: str = "all", allow_other_resize: bool = False):
-        super().__init__(path, meta, allow_other_resize)
-        try:
-            import onnxruntime as ort  # noqa: PLC0415
-        except ImportError:
-            raise RuntimeModelError(f"{path}: .onnx files need onnxruntime (pip install onnxruntime)") from None
-
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[opt_level]
-        if meta.get("weight_only"):
-            # Every operation is float, with int8 weights behind DequantizeLinear (export --max-drop
-            # --float-weights int8). With its QDQ fusions off onnxruntime folds them to float32 once, at
-            # load; with them on it dequantizes on every call (128 px: 20 ms, the fp32 file 12 ms).
-            so.add_session_config_entry("session.disable_quant_qdq", "1")
-        providers = providers or ["CPUExecutionProvider"]
-        if meta.get("quantization") == "int8" and meta.get("weight_bits", 8) > 7 and cpu_has_vnni() is False \
-                and not meta.get("weight_only"):
-            warnings.warn(f"{path}: its int8 weights use the full 8-bit range, which onnxruntime's kernels "
-                          "saturate on this CPU (x86 without VNNI): its answers can differ from those verify "
-                          "checked; export it again with this mri-edge (7-bit weights)", RuntimeWarning, stacklevel=2)
-        self.sess = ort.InferenceSession(str(path), so, providers=providers)
-        self.runtime_name = f"onnxruntime[{self.sess.get_providers()[0]}]"
-        self.in_name = self.sess.get_inputs()[0].name
-        self.out_names = [self.sess.get_outputs()[0].name]
-        self.out_names += [o.name for o in self.sess.get_outputs()[1:] if o.name == FEATURES]
-
-    def run_batch(self, batch_uint8: np.ndarray, features: bool = False):
-        names = self.out_names if features else self.out_names[:1]
-        out = self.sess.run(names, {self.in_name: batch_uint8.astype(np.float32)})
-        if not features:
-            return out[0]
-        return out[0], out[1].reshape(len(batch_uint8), -1) if len(out) > 1 else None
-
-
-def cpu_has_vnni() -> bool | None:
-    """Whether this x86 CPU has VNNI (int8 dot products without int16 saturation); None where
-    it cannot be told (not Linux, not x86)."""
-    import platform  # noqa: PLC0415
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return None
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()))
-
-
 def load(path: str | Path, threads: int | None = None, runtime: str | None = None,
-         allow_other_resize: bool = False, xnnpack: str = "default") -> Model:
-    """Open an exported .tflite or .onnx file with its embedded metadata (the device path)."""
+         allow_other_resize: bool = False, xnnpack: str = "default") -> TFLiteModel:
+    """Open an exported .tflite file with its embedded metadata (the device path; other kinds
+    of file open through `mri_edge.backends.open_model`)."""
     path = Path(path)
-    if path.suffix not in (".tflite", ".onnx"):
-        raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} here (expected .tflite or .onnx; "
-                                "open_model opens every kind)")
-    meta = read_metadata(path)
-    if path.suffix == ".tflite":
-        return TFLiteModel(path, meta, threads, runtime, xnnpack, allow_other_resize=allow_other_resize)
-    return OnnxModel(path, meta, threads, allow_other_resize=allow_other_resize)
-
-
-# The one suffix -> backend registry: (module, class, what to install). Backends other than
-# the TFLite interpreter are imported only when a file of theirs is opened, so a device with
-# just ai-edge-litert never imports Keras, OpenVINO or onnxruntime.
-BACKENDS = {
-    ".tflite": ("mri_edge.runtime", "TFLiteModel", "pip install ai-edge-litert"),
-    ".onnx": ("mri_edge.runtime", "OnnxModel", "pip install onnxruntime"),
-    ".xml": ("mri_edge.ov", "OpenVINOModel", "pip install 'mri-edge[openvino]'"),
-    ".keras": ("mri_edge.keras_model", "KerasModel", "pip install 'mri-edge[full]'"),
-}
-MODEL_SUFFIXES = tuple(BACKENDS)
-EXPORT_SUFFIXES = (".tflite", ".onnx", ".xml")
-
-
-def open_model(path: str | Path, threads: int | None = None, allow_other_resize: bool = False,
-               xnnpack: str = "default") -> Model:
-    """Any mri-edge model (.tflite, .onnx, OpenVINO .xml, .keras, or a run folder's model.keras);
-    xnnpack chooses the kernels of a .tflite file (`TFLiteModel`)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.keras"
-    if p.suffix not in BACKENDS:
-        raise RuntimeModelError(f"{p}: unsupported model type {p.suffix!r} (expected {', '.join(MODEL_SUFFIXES)})")
-    if not p.is_file():
-        raise RuntimeModelError(f"model file not found: {p}")
-    if xnnpack != "default" and p.suffix != ".tflite":
-        raise RuntimeModelError(f"{p}: xnnpack={xnnpack} applies to .tflite files only")
-    if p.suffix in (".tflite", ".onnx"):
-        return load(p, threads, allow_other_resize=allow_other_resize, xnnpack=xnnpack)
-    module, cls, _ = BACKENDS[p.suffix]
-    return getattr(importlib.import_module(module), cls)(p, threads=threads, allow_other_resize=allow_other_resize)
+    if path.suffix != ".tflite":
+        raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} here (expected .tflite; "
+                                "mri_edge.backends.open_model opens every kind)")
+    return TFLiteModel(path, read_metadata(path), threads, runtime, xnnpack, allow_other_resize=allow_other_resize)

@@ -22,6 +22,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .errors import MriEdgeError
+
+
+class TrustError(MriEdgeError, ValueError):
+    """Data a fit cannot be made on (too few images)."""
+
 FLOOR = 1e-6
 REVIEW = "uncertain - refer for review"
 REFER_ALL = float(np.nextafter(1.0, 2.0))  # a threshold above every probability: every answer is referred
@@ -76,7 +82,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, lo: float = T_RANGE[0
     temperature fitted to that would make every later answer look certain."""
     labels = np.asarray(labels)
     if len(labels) == 0:
-        raise ValueError("no held-out images to fit a temperature on")
+        raise TrustError("no held-out images to fit a temperature on")
     f = lambda log_t: nll(scale(probs, math.exp(log_t)), labels)  # noqa: E731
     a, b = math.log(lo), math.log(hi)
     g = (math.sqrt(5) - 1) / 2
@@ -283,7 +289,7 @@ def fit_familiarity(features: np.ndarray, labels: np.ndarray, dims: int = 64) ->
     eigval, eigvec = np.linalg.eigh(spread.T @ spread / len(f))
     k = min(dims, len(eigval), len(f) - len(classes))
     if k < 1:
-        raise ValueError("too few training images to fit the familiarity check")
+        raise TrustError("too few training images to fit the familiarity check")
     eigval, eigvec = eigval[::-1][:k], eigvec[:, ::-1][:, :k]
     projection = (eigvec / np.sqrt(np.maximum(eigval, eigval[0] * 1e-6))).astype(np.float16)
     return {"projection": base64.b64encode(projection.astype("<f2").tobytes()).decode("ascii"),

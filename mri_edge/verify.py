@@ -22,7 +22,7 @@ from .run import RunFolder
 from .keras_model import validation_reference
 from .ov import size_on_disk
 from .integrity import RuntimeModelError, check_model_file
-from .runtime import EXPORT_SUFFIXES, open_model
+from .backends import EXPORT_SUFFIXES, open_model
 
 __all__ = ["DataMovedError", "VerifyError", "verify_run"]
 

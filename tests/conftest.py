@@ -208,11 +208,11 @@ def small_backbone(monkeypatch):
 def strip_features(path: Path) -> None:
     """Make an exported .tflite, .onnx or .xml file as mri-edge made it before the features
     output (one output, no `features` record), its other metadata kept."""
-    from mri_edge import runtime
+    from mri_edge import backends, runtime
     from mri_edge.export import onnx as onnx_backend
     from mri_edge.export import tflite
 
-    meta = runtime.read_metadata(path)
+    meta = backends.read_metadata(path)
     meta.pop(runtime.FEATURES)
     if path.suffix == ".tflite":
         from tensorflow.lite.tools import flatbuffer_utils

@@ -401,7 +401,7 @@ def test_densenet_stages_from_tflite_and_onnx_names():
 
 def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_path):
     from mri_edge.cli import main
-    from mri_edge.runtime import read_metadata
+    from mri_edge.backends import read_metadata
 
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)
@@ -467,7 +467,7 @@ def test_max_size_is_recorded_where_no_file_can_meet_it(micro_run, tmp_path):
     import importlib.util
 
     from mri_edge.cli import main
-    from mri_edge.runtime import read_metadata
+    from mri_edge.backends import read_metadata
 
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)
@@ -631,7 +631,7 @@ def test_a_relu_folded_by_the_quantizer_is_compared_after_the_relu(tmp_path):
 
 def test_float_head_keeps_float_probabilities_out_of_int8_files(micro_run, tmp_path):
     from mri_edge.cli import main
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)
@@ -670,7 +670,7 @@ def test_float_head_keeps_float_probabilities_out_of_int8_files(micro_run, tmp_p
 def test_openvino_int8_from_the_int8_onnx_file(micro_run, tmp_path):
     pytest.importorskip("openvino")
     from mri_edge.cli import main
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)
@@ -964,7 +964,7 @@ def test_weight_only_onnx_stores_int8_weights_and_runs_like_the_float_file(tmp_p
     x = rng.normal(0, 1, (5, 3, 8, 8)).astype(np.float32)
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     so = ort.SessionOptions()
-    so.add_session_config_entry("session.disable_quant_qdq", "1")  # as runtime.OnnxModel runs such a file
+    so.add_session_config_entry("session.disable_quant_qdq", "1")  # as onnx_model.OnnxModel runs such a file
     so.optimized_model_filepath = str(tmp_path / "as_run.onnx")
     for opts in (ort.SessionOptions(), so):  # folded at load or dequantized per call: the same numbers
         out = ort.InferenceSession(str(dst), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -981,7 +981,7 @@ def test_an_export_that_only_weight_only_int8_holds_writes_that_file(micro_run, 
     from mri_edge.cli import main
     from mri_edge.export import accuracy
     from mri_edge.run import RunFolder
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     monkeypatch.setattr(accuracy, "within", lambda score, max_drop_pts: bool(score.get("weight_only")))
     run = tmp_path / "run"
@@ -1040,7 +1040,7 @@ def test_openvino_max_drop_without_an_int8_onnx_file_uses_nncf_accuracy_control(
     images as the other formats are, its recipe (operations reverted) in the file's metadata."""
     pytest.importorskip("nncf")
     from mri_edge.cli import main
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)

@@ -36,7 +36,7 @@ def test_the_ensemble_is_the_mean_of_its_members_through_keras_and_tflite(two_ru
     from mri_edge.model import load_model
     from mri_edge.export import export_run
     from mri_edge.interpreters import load_interpreter_class
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     a, b = two_runs
     out = tmp_path / "ens"

@@ -11,10 +11,10 @@ from mri_edge import export as export_lib
 from mri_edge.errors import MriEdgeError
 from mri_edge.export import graph, tflite
 from mri_edge.export import onnx as onnx_backend
-from mri_edge import ov, runtime
+from mri_edge import backends, ov, runtime
 from mri_edge.errors import MriEdgeError
 from mri_edge.files import sha256_file
-from mri_edge.runtime import open_model
+from mri_edge.backends import open_model
 
 SIX = ["model_fp32.tflite", "model_fp16.tflite", "model_dynamic.tflite", "model_int8.tflite",
        "model_fp32.onnx", "model_int8.onnx"]
@@ -34,6 +34,8 @@ def test_plan_rejects_unsupported_combinations():
 def test_all_files_exist_load_and_run(exported_run):
     index = json.loads((exported_run / "exports" / "exports.json").read_text())
     assert sorted(r["file"] for r in index["exports"]) == sorted(ALL)
+    human = (exported_run / "exports" / "exports.md").read_text()  # the same files, as a table
+    assert all(f"| {name} |" in human for name in ALL)
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     keras_feats = open_model(exported_run / "model.keras").run(x, features=True)[1]
     for name in ALL:
@@ -72,7 +74,7 @@ def test_int8_tflite_is_full_integer_with_uint8_io(exported_run):
 def test_metadata_round_trips(exported_run, tiny_run):
     sha = sha256_file(tiny_run / "model.keras")
     for name in ALL:
-        meta = runtime.read_metadata(exported_run / "exports" / name)
+        meta = backends.read_metadata(exported_run / "exports" / name)
         assert meta["class_names"] == ["Glioma", "Meningioma", "No Tumor", "Pituitary"]
         assert meta["input_size"] == [32, 32] and meta["task"] == "tumor"
         assert meta["source_model_sha256"] == sha
@@ -80,7 +82,7 @@ def test_metadata_round_trips(exported_run, tiny_run):
         assert {"input", "output", "mri_edge_version", "created", "quantization"} <= set(meta)
         if "int8" in name:
             assert meta["calibration_images"] == 16 and len(meta["calibration_manifest_sha256"]) == 64
-    q = runtime.read_metadata(exported_run / "exports" / "model_int8.tflite")
+    q = backends.read_metadata(exported_run / "exports" / "model_int8.tflite")
     assert q["input"]["dtype"] == "uint8" and q["input"]["scale"] > 0
 
 
@@ -209,8 +211,8 @@ def test_bn_scales_per_channel_keeps_one_scale_per_channel(small_densenet_run, t
     weights = _bn_depthwise_weights(per_channel)
     assert len(weights) == 8 and all(len(t.quantization.scale) == t.shape[3] > 1 for t in weights)
     assert all(len(t.quantization.scale) == 1 for t in _bn_depthwise_weights(per_tensor))
-    assert runtime.read_metadata(per_channel)["bn_scales"] == "per-channel"
-    assert runtime.read_metadata(per_tensor)["bn_scales"] == "per-tensor"  # the default
+    assert backends.read_metadata(per_channel)["bn_scales"] == "per-channel"
+    assert backends.read_metadata(per_tensor)["bn_scales"] == "per-tensor"  # the default
     assert per_channel.stat().st_size > per_tensor.stat().st_size  # a float scale and zero point per channel
     x = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     assert open_model(per_channel).run(x).shape == (2, 4)
@@ -223,7 +225,7 @@ def test_bn_scales_per_channel_keeps_one_scale_per_channel(small_densenet_run, t
 def test_bn_scales_auto_keeps_the_variant_closer_to_keras_on_validation(small_densenet_run, tmp_path):
     path, result, lines = _export_copy(small_densenet_run, tmp_path / "run", bn_scales="auto")
     assert any("validation images" in line for line in lines)
-    meta = runtime.read_metadata(path)
+    meta = backends.read_metadata(path)
     choice = meta["bn_scales_choice"]
     n_val = len(json.loads((small_densenet_run / "split_manifest.json").read_text())["splits"]["val"])
     assert choice["images"] == n_val and {"per-tensor", "per-channel"} <= set(choice)
@@ -401,7 +403,7 @@ def test_add_features_gives_older_files_the_output_without_changing_their_answer
     before = {}
     for f in RunFolder(run).export_files():  # made as mri-edge made them before: one output
         before[f.name] = open_model(f).run(x)
-        width = runtime.read_metadata(f)[runtime.FEATURES]["shape"][-1]
+        width = backends.read_metadata(f)[runtime.FEATURES]["shape"][-1]
         strip_features(f)
         old = open_model(f)
         assert not old.has_features and old.run(x, features=True)[1] is None
@@ -419,7 +421,7 @@ def test_add_features_gives_older_files_the_output_without_changing_their_answer
             sig = Interpreter(str(f)).get_signature_list()
             assert runtime.FEATURES in next(iter(sig.values()))["outputs"], sig
             # a file that has the output but not the signature entry (as shipped before it) gets the entry
-            meta = runtime.read_metadata(f)
+            meta = backends.read_metadata(f)
             m = flatbuffer_utils.convert_bytearray_to_object(f.read_bytes()[: meta["model_bytes"]])
             for entry in m.signatureDefs:
                 entry.outputs = [t for t in entry.outputs if t.name != runtime.FEATURES.encode()]

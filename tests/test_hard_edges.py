@@ -381,3 +381,18 @@ def test_a_failed_int8_file_gets_a_hint_and_a_failed_fp32_file_does_not():
     assert "--max-drop" in hint and "model_fp32" not in hint and "model_dynamic" not in hint
     del out["files"]["model_int8.tflite"]
     assert failure_hint(out) == ""
+
+
+def test_the_demo_writes_its_verdict_beside_the_run(tmp_path):
+    import json
+
+    from mri_edge.demo import write_summary
+
+    write_summary(tmp_path, tmp_path / "run", ["parity: model_int8.onnx: agreement 0.97 < 0.98"], False, 90.0)
+    out = json.loads((tmp_path / "demo.json").read_text())
+    assert out["passed"] is False and out["problems"] == ["parity: model_int8.onnx: agreement 0.97 < 0.98"]
+    md = (tmp_path / "demo.md").read_text()
+    assert "FAILED: parity: model_int8.onnx" in md and "](run/report.md)" in md and "1.5 min" in md
+    write_summary(tmp_path, tmp_path / "run", [], False, 90.0)
+    assert json.loads((tmp_path / "demo.json").read_text())["passed"] is True
+    assert "every exported file passed its parity gate" in (tmp_path / "demo.md").read_text()

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from mri_edge import preprocess, runtime
+from mri_edge import backends, onnx_model, preprocess, runtime
 
 
 def test_quantize_round_trip():
@@ -27,7 +27,7 @@ def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
     """Model.run bounds the images of one graph call (memory grows with the batch: one Keras call
     on 574 images at 128 px took 24 GB), with the answers of one call per image."""
     from mri_edge.preprocess import ImageError
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     model = open_model(micro_run / "model.keras")
     x = np.random.default_rng(0).integers(0, 256, (model.chunk * 2 + 3, model.image_size, model.image_size, 3),
@@ -53,8 +53,9 @@ def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
 def test_unsupported_and_foreign_files(tmp_path):
     bad = tmp_path / "m.pt"
     bad.write_bytes(b"x")
-    with pytest.raises(runtime.RuntimeModelError, match="unsupported model type"):
-        runtime.read_metadata(bad)
+    for read in (runtime.read_metadata, backends.read_metadata):
+        with pytest.raises(runtime.RuntimeModelError, match="unsupported model type"):
+            read(bad)
     plain = tmp_path / "plain.tflite"
     plain.write_bytes(b"\x1c\x00\x00\x00TFL3 not ours")
     with pytest.raises(runtime.RuntimeModelError, match="damaged or truncated TFLite file"):
@@ -63,12 +64,23 @@ def test_unsupported_and_foreign_files(tmp_path):
         runtime.load(tmp_path / "missing.tflite")
     xml = tmp_path / "model.xml"
     xml.write_text("<net/>")
-    with pytest.raises(runtime.RuntimeModelError, match="unsupported model type '.xml' here"):
-        runtime.load(xml)  # OpenVINO files open through open_model, never as ONNX
+    for name in ("model.xml", "model.onnx"):  # the device module opens .tflite files; open_model every kind
+        with pytest.raises(runtime.RuntimeModelError, match=f"unsupported model type '{name[5:]}' here"):
+            runtime.load(tmp_path / name)
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
     with pytest.raises(runtime.RuntimeModelError, match="the file is empty"):
-        runtime.read_metadata(empty)
+        backends.read_metadata(empty)
+
+
+def test_every_export_format_has_a_backend():
+    import importlib
+
+    for suffix in backends.EXPORT_SUFFIXES:
+        module, cls = backends.BACKENDS[suffix]
+        m = importlib.import_module(module)
+        assert hasattr(m, cls) and hasattr(m, "read_metadata"), suffix
+    assert backends.BACKENDS[".tflite"][0] == "mri_edge.runtime"  # the device module
 
 
 def test_renamed_and_truncated_files_say_so(micro_run, tmp_path):
@@ -80,7 +92,7 @@ def test_renamed_and_truncated_files_say_so(micro_run, tmp_path):
     renamed = tmp_path / "model.onnx"
     renamed.write_bytes((ex / "model_int8.tflite").read_bytes())
     with pytest.raises(runtime.RuntimeModelError, match="a TFLite file; rename it to model.tflite"):
-        runtime.load(renamed)
+        backends.open_model(renamed)
     data = (ex / "model_int8.tflite").read_bytes()
     for cut, message in ((len(data) - 40, "truncated"), (len(data) // 3, "truncated")):
         short = tmp_path / f"cut{cut}.tflite"
@@ -91,16 +103,16 @@ def test_renamed_and_truncated_files_say_so(micro_run, tmp_path):
     short = tmp_path / "cut.onnx"
     short.write_bytes(onnx[: len(onnx) // 2])
     with pytest.raises(runtime.RuntimeModelError, match="truncated"):
-        runtime.load(short)
+        backends.open_model(short)
 
 
 def test_modified_model_bytes_are_refused(micro_run, tmp_path):
     """Export records a hash of each file's model bytes; a changed weight is caught on load."""
     for name in ("model_int8.tflite", "model_fp32.onnx", "model_int8.onnx"):
         src = micro_run / "exports" / name
-        meta = runtime.read_metadata(src)
+        meta = backends.read_metadata(src)
         assert len(meta["model_sha256"]) == 64
-        runtime.load(src)  # the untouched file loads
+        backends.open_model(src)  # the untouched file loads
         data = bytearray(src.read_bytes())
         if name.endswith(".onnx"):  # the lowest byte of a float weight: the file still parses and runs
             import onnx
@@ -113,7 +125,7 @@ def test_modified_model_bytes_are_refused(micro_run, tmp_path):
         bad = tmp_path / name
         bad.write_bytes(bytes(data))
         with pytest.raises(runtime.RuntimeModelError, match="differ from what `mri-edge export` recorded"):
-            runtime.open_model(bad)
+            backends.open_model(bad)
 
 
 def test_runtime_imports_no_training_stack(micro_run, synth_data):
@@ -177,11 +189,11 @@ def test_a_device_without_onnxruntime_or_keras_gets_a_clear_message(micro_run, m
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails, as on a device without it
     with pytest.raises(runtime.RuntimeModelError, match=r"\.onnx files need onnxruntime \(pip install onnxruntime\)"):
-        runtime.open_model(micro_run / "exports" / "model_int8.onnx")
+        backends.open_model(micro_run / "exports" / "model_int8.onnx")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "keras" else real(name, *a))
     with pytest.raises(runtime.RuntimeModelError, match=r"need Keras and TensorFlow \(pip install 'mri-edge\[full\]'\)"):
-        runtime.open_model(micro_run)
+        backends.open_model(micro_run)
 
 
 def test_int8_onnx_files_have_7_bit_weights_and_older_ones_warn_without_vnni(micro_run, monkeypatch):
@@ -190,19 +202,19 @@ def test_int8_onnx_files_have_7_bit_weights_and_older_ones_warn_without_vnni(mic
     import warnings
 
     path = micro_run / "exports" / "model_int8.onnx"
-    meta = runtime.read_metadata(path)
+    meta = onnx_model.read_metadata(path)
     assert meta["weight_bits"] == 7
-    monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(onnx_model, "cpu_has_vnni", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        runtime.OnnxModel(path, meta)  # no warning for a 7-bit file
+        onnx_model.OnnxModel(path, meta)  # no warning for a 7-bit file
     old = {k: v for k, v in meta.items() if k != "weight_bits"}
     with pytest.warns(RuntimeWarning, match="saturate on this CPU"):
-        runtime.OnnxModel(path, old)
-    monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
+        onnx_model.OnnxModel(path, old)
+    monkeypatch.setattr(onnx_model, "cpu_has_vnni", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        runtime.OnnxModel(path, old)
+        onnx_model.OnnxModel(path, old)
 
 
 def test_progress_in_a_log_writes_a_line_at_most_every_few_seconds(monkeypatch):

@@ -228,7 +228,7 @@ def calibrated_run(micro_run, tmp_path):
 def test_calibrate_stores_one_record_that_every_runtime_applies_identically(calibrated_run):
     from mri_edge import data
     from mri_edge.run import RunFolder
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     run, out = calibrated_run
     record = json.loads((run / "trust.json").read_text())
@@ -315,7 +315,7 @@ def test_a_calibrated_file_without_features_answers_without_the_check(calibrated
     from mri_edge.calibrate import calibrate_run
     from mri_edge.config import CalibrateConfig
     from mri_edge.run import RunFolder
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
     from tests.conftest import strip_features
 
     run, out = calibrated_run
@@ -400,7 +400,7 @@ def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run
     # what Keras refers on the test split, computed here apart from verify
     from mri_edge.data import decode_images
     from mri_edge.run import RunFolder
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     folder = RunFolder(run)
     net = open_model(folder.model_path)
@@ -460,7 +460,7 @@ def test_verify_fails_a_file_whose_familiarity_check_moved(calibrated_run, monke
 def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
     from mri_edge.cli import main
     from mri_edge.run import RunFolder
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     run, _ = calibrated_run
     manifest = RunFolder(run).manifest()
@@ -526,7 +526,7 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     assert "in folder" not in (run / "report.md").read_text()  # a copied run folder is not a shipped one
     # Each calibration row names the file it measured; a file exported again after calibrate
     # (another model_sha256 in the row) has its row left out and named as missing, not misreported.
-    from mri_edge.runtime import read_metadata
+    from mri_edge.backends import read_metadata
 
     report_path = run / "calibration" / "calibrate.json"
     rows = json.loads(report_path.read_text())
@@ -543,7 +543,7 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
 
 def test_gradcam_on_a_densenet121(tiny_run, tmp_path):
     from mri_edge import explain
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     net = open_model(tiny_run / "model.keras")
     img = np.random.default_rng(0).integers(0, 255, (net.image_size, net.image_size, 3), dtype=np.uint8)
@@ -556,7 +556,7 @@ def test_shipped_files_carry_their_folders_trust_record():
     from tests.conftest import REPO
 
     from mri_edge.run import RunFolder
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
 
     for folder in (REPO / "artifacts" / "tumor", REPO / "artifacts" / "alzheimer"):
         run = RunFolder(folder)
@@ -616,7 +616,7 @@ def test_calibrate_refuses_a_random_alzheimer_carve_and_takes_a_grouped_one(shar
 
 def test_a_file_exported_again_keeps_the_runs_calibration_and_a_stale_one_is_flagged(calibrated_run):
     from mri_edge.export import export_run
-    from mri_edge.runtime import open_model
+    from mri_edge.backends import open_model
     from mri_edge.verify import verify_run
 
     run, cal = calibrated_run

@@ -79,9 +79,16 @@ def test_predict_cli_on_odd_and_corrupt_images(exported_run, synth_data, tmp_pat
     Image.open(good).convert("CMYK").save(tmp_path / "cmyk.jpg")
     (tmp_path / "corrupt.jpg").write_bytes(good.read_bytes()[:50])
     model = exported_run / "exports" / "model_int8.tflite"
-    res = CliRunner().invoke(main, ["predict", str(model), str(good), str(tmp_path)])
+    res = CliRunner().invoke(main, ["predict", str(model), str(good), str(tmp_path), "--out", str(tmp_path / "p")])
     assert res.exit_code == 1
     assert "corrupt.jpg" in res.output and "ERROR" in res.output and "3 classified, 1 failed" in res.output
+    written = json.loads((tmp_path / "p" / "predictions.json").read_text())  # --out: the same answers, kept
+    assert written["images"] == 4 and written["failed"] == 1 and written["runtime"] in res.output
+    assert [r["image"] for r in written["predictions"]] == [str(good)] + [str(q) for q in sorted(
+        tmp_path.glob("*.*"))]
+    assert "error" in written["predictions"][2] and written["predictions"][0]["label"] in res.output
+    md = (tmp_path / "p" / "predictions.md").read_text()
+    assert md.count("\n| ") == 5 and "3 classified, 1 failed" in md
     res = CliRunner().invoke(main, ["predict", str(model), str(good), "--top-k", "9"])  # 4 classes: top-4
     assert res.output.startswith("model: model_int8.tflite (runtime ") and "  top-4\n" in res.output, res.output
     res = CliRunner().invoke(main, ["predict", str(model), str(good), "--json"])

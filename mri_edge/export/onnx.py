@@ -15,9 +15,11 @@ from typing import Callable
 import numpy as np
 
 from .. import progress
+from ..errors import first_line
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
-from ..runtime import FEATURES, METADATA_KEY
+from ..onnx_model import METADATA_KEY
+from ..runtime import FEATURES
 from .accuracy import Scoring, mark_weight_only, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
 from .calibration import robust_ranges
@@ -75,13 +77,15 @@ def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path,
 def pre_process(fp32_path: Path, dst: Path) -> Path:
     """onnxruntime's quant_pre_process (shape inference, batch norms folded, MatMul + Add as
     Gemm): the graph, and the node names, that its quantizer and the weight-only rewrite work
-    on. Returns dst, or fp32_path if it failed (pre-processing is an optimisation only)."""
+    on. Returns dst, or fp32_path if it failed (pre-processing is an optimisation only; the
+    failure is logged, as the quantized file then differs from the usual one)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
     try:
         quant_pre_process(str(fp32_path), str(dst), skip_symbolic_shape=True)
         return dst
-    except Exception:
+    except Exception as e:
+        progress.note(f"ONNX pre-processing failed ({first_line(e)}); quantizing the graph as converted")
         return fp32_path
 
 

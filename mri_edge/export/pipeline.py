@@ -15,7 +15,7 @@ import numpy as np
 from .. import __version__, preprocess, progress, quiet, report
 from ..config import ExportConfig
 from ..errors import MriEdgeError
-from ..files import atomic_write_bytes, sha256_file
+from ..files import atomic_write_bytes, atomic_write_text, sha256_file
 from ..run import RunFolder
 from . import pool
 from ..keras_model import validation_reference
@@ -52,6 +52,10 @@ def _write_index(run: RunFolder, records: dict, model_sha: str, failures: list[d
         "run_dir": str(run.path), "source_model_sha256": model_sha,
         "exports": sorted(records.values(), key=lambda r: r["file"]), "last_failures": failures,
         "last_export": {"seconds": round(time.time() - started, 1), "workers": workers}})
+    failed = "".join(f"\n- {f['file']}: {f['error']}" for f in failures)
+    atomic_write_text(run.exports_report_path, f"# Exported files of {run.path.name}\n\n"
+                      + table(sorted(records.values(), key=lambda r: r["file"]))
+                      + (f"\n\nFailed in the last export:{failed}" if failed else "") + "\n")
 
 
 def _check(calib_size: int, calib_range: str, bn_scales: str, opset: int, workers: int | None) -> None:
@@ -262,7 +266,8 @@ def add_features(path: Path) -> str:
     or why not (it has one; no single global pooling, as in an ensemble). A TFLite file whose
     output its signature does not name gets the entry: "named in its signature"."""
     from ..integrity import check_integrity  # noqa: PLC0415
-    from ..runtime import FEATURES, read_metadata  # noqa: PLC0415
+    from ..backends import read_metadata  # noqa: PLC0415
+    from ..runtime import FEATURES  # noqa: PLC0415
 
     path = Path(path)
     meta = read_metadata(path)

@@ -198,7 +198,7 @@ def onnx_store_weights(src: Path, dst: Path, dtype: str = "int8") -> int:
     int8 on a float file is the weight-only int8 file, written here because onnxruntime's
     quantizers quantize the activations of every operation they touch, and its weight-only tool
     (MatMulNBits) covers MatMul alone. Full 8-bit range: no int8 kernel sees these weights (the
-    runtime folds them back to float32 at load, see `OnnxModel`), so the saturation that
+    runtime folds them back to float32 at load, see `onnx_model.OnnxModel`), so the saturation that
     `onnx_int8`'s reduce_range avoids cannot happen. In a file with int8 operations onnxruntime
     keeps a DequantizeLinear (its QDQ fusions need them) and runs it on every call, so the float
     parts of such a file store float16 weights: their Casts fold into float32 weights at load."""
