@@ -173,8 +173,9 @@ def main() -> int:
                  "test": {**test_scores(run, names), **(split_accuracy(preds["probs"]) if same_test else
                                                          {"near_held_out": None, "rest": None})}}
         if fitted:
+            refit = " (`train --refit`)" if (manifest.get("val_split") or {}).get("refit") else ""
             apart.append({**entry, "why": f"its weights were fitted on {len(fitted)} of the {len(held)} held-out "
-                                          f"images"})
+                                          f"images{refit}"})
             continue
         if not same_test:
             sys.exit(f"{run.path}: its test predictions are not over {runs[0].path.name}'s test images")
@@ -234,7 +235,9 @@ def main() -> int:
     if apart:
         text += "\n\nNot rankable by the rule:\n\n" + "\n".join(
             f"- {Path(r['run']).name}: {r['why']}; test {r['test']['accuracy']:.2%}, macro-F1 "
-            f"{r['test']['macro_f1']:.3f}" for r in apart)
+            f"{r['test']['macro_f1']:.3f}, {r['test']['smallest']} {r['test']['smallest_hits']}/{r['test']['smallest_n']}; "
+            f"{_pct(r['test']['near_held_out'])} of the test images whose nearest image is held out, "
+            f"{_pct(r['test']['rest'])} of the rest" for r in apart)
     text += "\n"
     print(text)
     if args.out:

@@ -39,6 +39,7 @@ mri-edge train $ALZ --mixup 0.2 --label-smoothing 0.1 --select-by accuracy --out
 python benchmarks/rank_runs.py artifacts/runs/alzheimer-96px-grouped artifacts/runs/alzheimer-96px-grouped-reg \
     --out artifacts/runs/alzheimer-ranking
 python benchmarks/knn_blend.py --run artifacts/runs/alzheimer-96px-grouped
+python benchmarks/prior_shift.py artifacts/alzheimer   # the shipped model: class weights undone after training
 mri-edge calibrate artifacts/runs/alzheimer-96px-grouped-reg --max-risk 0.15
 mri-edge export artifacts/runs/alzheimer-96px-grouped-reg --format all --float-head --max-drop 0.5
 mri-edge verify artifacts/runs/alzheimer-96px-grouped-reg --dedup "$AA" || true   # which int8 files pass: docs/int8.md
@@ -160,6 +161,7 @@ KD="--task alzheimer --data-dir $A --weights artifacts/runs/tumor-64px-grouped-f
     --epochs-head 1 --epochs-finetune 6 --unfreeze all --train-bn --no-augment --lr 1e-3 --lr-finetune 3e-4
     --val-split grouped --patience 100 --select-by accuracy --dedup $AA"
 K=artifacts/runs/alzheimer-64px-kd6
+K8=artifacts/runs/alzheimer-64px-kd8
 # shellcheck disable=SC2086
 mri-edge train $KD --mixup 0.2 --label-smoothing 0.1 --out $K-reg
 # shellcheck disable=SC2086
@@ -198,6 +200,12 @@ mri-edge train $KD --epochs-finetune 40 --time-budget 29 --ema 0.995 --seed 7 --
 python benchmarks/rank_runs.py artifacts/runs/alzheimer-64px-noaug-29min $E29 $K-noaug $K-ema \
     --out artifacts/runs/alzheimer-ranking-ema
 python benchmarks/input_noise.py artifacts/runs/alzheimer-64px-noaug-29min $E29
+# a last fit on training + held-out (train --refit) beside its control: the same 1 + 8 epochs, the last kept
+# shellcheck disable=SC2086
+mri-edge train $KD --epochs-finetune 8 --ema 0.995 --select-by last --out $K8-last
+# shellcheck disable=SC2086
+mri-edge train $KD --epochs-finetune 8 --ema 0.995 --select-by last --refit --out $K8-refit
+python benchmarks/rank_runs.py $K8-last $K8-refit --out artifacts/runs/alzheimer-ranking-refit
 # the same recipe at 128 px (70 min), ranked against it: the held-out rule's first single model,
 # the shipped Alzheimer model (finished and SHIPped below)
 E128=artifacts/runs/alzheimer-128px-noaug-72min-ema

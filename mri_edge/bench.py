@@ -21,7 +21,7 @@ from . import ov
 from .errors import MriEdgeError
 from .run import RunFolder
 from .integrity import check_model_file
-from .backends import MODEL_SUFFIXES
+from .backends import EXPORT_SUFFIXES, MODEL_SUFFIXES, read_metadata, recorded_model_sha256
 
 SCHEMA_VERSION = 1
 
@@ -127,6 +127,8 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
             artifacts += files
         elif p.is_file():
             check_model_file(p, MODEL_SUFFIXES, "a model file")  # one line now, not a failed row per runtime
+            if p.suffix in EXPORT_SUFFIXES:
+                read_metadata(p)  # a file its runtime cannot open, too
             artifacts.append(p)
         else:
             raise BenchError(f"{p}: no such file or folder")
@@ -216,8 +218,6 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
     specs = [{**r, "threads": t, "batch": b, "warmup": warmup, "runs": runs, "seconds": seconds, "image": image,
               "ort_opt_level": ort_opt_level}
              for r in rows for t in threads for b in batches]
-    from .backends import EXPORT_SUFFIXES, recorded_model_sha256  # noqa: PLC0415
-
     hashes = {}  # which file each row measured (the model card leaves out rows of a file exported again)
     with Progress(len(specs), "bench rows") as bar:
         for s in specs:
@@ -320,7 +320,7 @@ def write_outputs(out: dict, out_dir: Path) -> None:
         ax.set_xlabel(f"p50 latency, ms (batch {rows[0]['batch']}; whisker to p90)")
         fig.tight_layout()
         report.save_figure(fig, out_dir / "bench.png", 110)
-    if out_dir.name == "bench" and (out_dir.parent / "config.json").is_file():
+    if out_dir.name == "bench" and RunFolder(out_dir.parent).config_path.is_file():
         RunFolder(out_dir.parent).write_index()
 
 

@@ -76,6 +76,9 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
     test = manifest["splits"].get("test") or []
     if not val:
         raise CalibrateError("the run has no validation split to calibrate on")
+    if (manifest.get("val_split") or {}).get("refit"):
+        raise CalibrateError("the run trained on its validation images too (train --refit): none is held out to fit "
+                             "on; calibrate the run of its recipe without --refit")
     method = (manifest.get("val_split") or {}).get("method", "random")
     paths = [str(root / rel) for rel, _ in train + val + test]
     thumbs, _ = groups.read_thumbnails(paths, "thumbnails of train, validation and test")

@@ -189,6 +189,8 @@ class Keeper(keras.callbacks.Callback):
         self.last_kept = False  # whether the last epoch run is the kept one (the network holds its weights)
 
     def improved(self, logs: dict) -> bool:
+        if self.monitor == "val_last":  # --select-by last: each epoch replaces the one before, unless it diverged
+            return all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "val_loss"))
         if not counts(logs, self.monitor):
             return False
         value = logs[self.monitor]
@@ -208,7 +210,7 @@ class Keeper(keras.callbacks.Callback):
                              **{k: float(v) for k, v in logs.items() if k != "learning_rate"}})
         self.last_kept = self.improved(logs)
         if self.last_kept:
-            self.best = float(logs[self.monitor])
+            self.best = float(logs.get(self.monitor, len(self.history)))  # last: the epochs run
             self.save(self.net, self.run.best_path, self.run.checkpoint_path)
         else:
             self.save(self.net, self.run.checkpoint_path)

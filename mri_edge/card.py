@@ -104,7 +104,7 @@ def build(run_dir) -> dict:
     test = _load(run.test_report_path, damaged)
     manifest = _load(run.manifest_path, damaged)
     cal = _load(run.calibration_dir / "calibrate.json", damaged)
-    parity = _load(run.path / "parity.json", damaged)
+    parity = _load(run.parity_path, damaged)
     bench = best_bench([(p.parent, _load(p, damaged)) for p in run.bench_paths])[1]
     audit = _load(_found(cfg["dedup"], run), damaged) if cfg.get("dedup") else None
     if damaged:  # a card without them would replace a complete one: refuse, and keep what is there

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from .export.formats import BN_SCALES, CALIB_RANGES, FLOAT_WEIGHTS, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS
 
 
-SELECT_BY = ("loss", "accuracy", "macro_f1")  # validation metrics that can keep an epoch (loss: lowest)
+SELECT_BY = ("loss", "accuracy", "macro_f1", "last")  # what keeps an epoch (loss: lowest; last: no choice)
 # TrainConfig fields that regularise one run's training: model cards list them, ensembles drop them.
 # Thumbnail correlation at or above which two images are near twins (one group): the grouped
 # validation split, calibrate's twin check and the audit's grouped probe (docs/data.md).
@@ -52,7 +52,13 @@ class TrainConfig:
     # and its best held-out accuracy at epoch 9 (62%), so the rule is a choice.
     select_by: str = option("loss", "Validation metric that keeps each phase's best epoch, then the best of "
                                     "the phases, and drives early stopping: lowest loss, highest accuracy, or highest macro-F1 (imbalanced "
-                                    "classes).", choices=SELECT_BY)
+                                    "classes); or last: every epoch runs and the last is kept (no choice, no early "
+                                    "stopping).", choices=SELECT_BY)
+    # The held-out split chooses a recipe and its epochs; the final model can then learn from the
+    # held-out subjects too (Alzheimer: test slices whose nearest training slice is a held-out one).
+    refit: bool = option(False, "Train on the validation images too (with --select-by last and the epochs the "
+                                "held-out run chose). Its validation numbers are then on training images, and "
+                                "calibrate refuses the run.")
     val_fraction: float = option(0.1, "Share of training carved out (stratified) when there is no validation "
                                       "folder.", minimum=0, maximum=1, min_open=True, max_open=True)
     val_split: str = option("random", "How validation is carved from training when there is no validation "
@@ -141,6 +147,9 @@ class TrainConfig:
 
         if self.select_by not in SELECT_BY:  # the command line checks it; Python callers get the same message
             raise MriEdgeError(f"--select-by {self.select_by}: choose one of {', '.join(SELECT_BY)}")
+        if self.refit and self.select_by != "last":
+            raise MriEdgeError("--refit leaves no held-out images to choose an epoch on: add --select-by last (and "
+                               "give the epochs that the run without --refit chose)")
         # --ema re-estimates batch-norm statistics in one eager pass on one device
         if self.ema and ((self.devices or "1") != "1" or os.environ.get("TF_CONFIG")):
             raise MriEdgeError("--ema with several devices (--devices, TF_CONFIG) is not supported: train on "

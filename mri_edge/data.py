@@ -180,7 +180,9 @@ def kept_carve(train: Split, root: Path, task: str, weights: str | None) -> tupl
     """The validation carve of the run whose model.keras `weights` is, when it was carved from these
     same training images: kept, because a new carve (another seed, share, threshold or version of
     the carve) would validate on images the starting weights were fitted on."""
-    manifest = Path(str(weights)).parent / "split_manifest.json"
+    from .run import RunFolder  # noqa: PLC0415
+
+    manifest = RunFolder(Path(str(weights)).parent).manifest_path
     if Path(str(weights)).suffix != ".keras" or not manifest.is_file():
         return None
     try:
@@ -235,6 +237,23 @@ def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: i
     if "test" in per_split:
         splits["test"] = per_split["test"]
     return Dataset(str(data_dir), task, keys, names, splits, carved, val_split=how)
+
+
+def refit(dataset: Dataset) -> Dataset:
+    """`train --refit`: the validation images join training (kept as the validation split too,
+    for the reports, which say so); the manifest records it (val_split.refit)."""
+    train, val = dataset.splits["train"], dataset.splits["val"]
+    dataset.splits["train"] = Split("train", train.paths + val.paths, train.labels + val.labels)
+    dataset.val_split = {**dataset.val_split, "refit": True}
+    return dataset
+
+
+def limit_split(split: Split, n: int | None, seed: int) -> Split:
+    """At most n images per class (--limit-per-class), the same ones for a given seed."""
+    if not n:
+        return split
+    keep = sorted(i for idx in per_class_indices(split.labels, seed)[0].values() for i in idx[:n].tolist())
+    return Split(split.name, [split.paths[i] for i in keep], [split.labels[i] for i in keep])
 
 
 def dataset_from_manifest(manifest: dict) -> Dataset:

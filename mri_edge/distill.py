@@ -52,7 +52,7 @@ def trained_on(run: RunFolder, _seen: frozenset = frozenset()) -> set[str]:
                                "cannot be checked")
         fitted |= trained_on(member, seen)
     start = Path(str(config.get("weights", "none")))
-    if start.suffix == ".keras" and (start.parent / "split_manifest.json").is_file() \
+    if start.suffix == ".keras" and RunFolder(start.parent).manifest_path.is_file() \
             and start.parent.resolve() not in seen:
         fitted |= trained_on(RunFolder(start.parent), seen)
     return fitted
@@ -63,7 +63,7 @@ def weights_seen(weights: str, manifest: dict) -> list[str]:
     fitted on (a run, a pretrain folder) and that includes this run's validation or test images:
     the held-out rule and the test report would then flatter the run."""
     folder = Path(weights).parent
-    if Path(weights).suffix != ".keras" or not (folder / "split_manifest.json").is_file():
+    if Path(weights).suffix != ".keras" or not RunFolder(folder).manifest_path.is_file():
         return []
     try:
         seen = overlap(trained_on(RunFolder(folder)), manifest)

@@ -213,6 +213,9 @@ def describe_carve(manifest: dict) -> str:
     """How a run's validation split was made, in words, from its split manifest: train's log
     line, the training report's and the model card's."""
     how, n_val = manifest.get("val_split") or {}, len(manifest["splits"].get("val") or [])
+    if how.get("refit"):
+        rest = describe_carve({**manifest, "val_split": {k: v for k, v in how.items() if k != "refit"}})
+        return f"{rest}; trained on as well (--refit), so its numbers are not held-out ones"
     if not manifest.get("val_carved_from_train"):
         return f"validation: the dataset's own validation folder ({n_val} images)"
     if "kept_from" in how:

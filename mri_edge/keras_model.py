@@ -18,20 +18,19 @@ class KerasModel(runtime.Model):
         if importlib.util.find_spec("keras") is None:
             raise runtime.RuntimeModelError(f"{path}: .keras files need Keras and TensorFlow "
                                             "(pip install 'mri-edge[full]'); on a device, use an exported file")
-        labels_path = path.parent / "labels.json"
-        if not labels_path.is_file():
+        folder = RunFolder(path.parent)
+        if not folder.labels_path.is_file():
             raise runtime.RuntimeModelError(f"{path}: no labels.json beside it (a model.keras is read from its run "
                                             "folder)")
-        labels = RunFolder(path.parent).labels()
+        labels = folder.labels()
         quiet.import_tensorflow()
         from .model import load_model  # noqa: PLC0415
 
         with quiet.native_stderr():
             self.net = load_model(path)  # a damaged file: one line (RuntimeModelError)
         size = int(self.net.input_shape[1])
-        contract = RunFolder(path.parent).config().get("preprocessing") if (path.parent / "config.json").is_file() \
-            else None
-        record = RunFolder(path.parent).trust()  # what `mri-edge calibrate` fitted for this run
+        contract = folder.config().get("preprocessing") if folder.config_path.is_file() else None
+        record = folder.trust()  # what `mri-edge calibrate` fitted for this run
         fitted_for = (record or {}).get("fitted_on", {}).get("source_model_sha256")
         if fitted_for and fitted_for != sha256_file(path):
             record = None  # fitted for another model.keras (retrained since): not applied

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runtime
+from . import quiet, runtime
 
 RT_INFO_KEY = ["mri_edge", "metadata"]
 
@@ -49,10 +49,14 @@ def read_metadata(path: str | Path) -> dict:
         raise runtime.RuntimeModelError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
     runtime.check_kind(path)
     _, ie = core()
-    try:
-        model = ie.read_model(str(path))
-    except Exception as e:
-        raise runtime.RuntimeModelError(f"{path}: not a loadable OpenVINO IR ({type(e).__name__})") from None
+    failed = None
+    with quiet.native_stderr():  # on a bad file OpenVINO's other frontends log their own parse errors
+        try:
+            model = ie.read_model(str(path))
+        except Exception as e:  # caught inside: the capture is replayed only for what escapes it
+            failed = e
+    if failed is not None:
+        raise runtime.RuntimeModelError(f"{path}: not a loadable OpenVINO IR ({type(failed).__name__})") from None
     if not model.has_rt_info(RT_INFO_KEY):
         raise runtime.RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)")
     return json.loads(model.get_rt_info(RT_INFO_KEY).astype(str))

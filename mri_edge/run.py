@@ -66,6 +66,7 @@ class RunFolder:
     predictions_path = property(lambda self: self.path / "test_predictions.json")
     test_report_path = property(lambda self: self.path / "test_report.json")
     exports_dir = property(lambda self: self.path / "exports")
+    parity_path = property(lambda self: self.path / "parity.json")  # verify's report on the test split
     exports_index_path = property(lambda self: self.path / "exports" / "exports.json")
     exports_report_path = property(lambda self: self.path / "exports" / "exports.md")
     trust_path = property(lambda self: self.path / "trust.json")

@@ -41,7 +41,7 @@ def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
     else:
         notes.append("--weights none: phase 1 (frozen base) skipped, a frozen random base learns nothing"
                      f"{f' (--epochs-head {cfg.epochs_head} unused)' if cfg.epochs_head else ''}; the whole network "
-                     f"trains from scratch for --epochs-finetune {cfg.epochs_finetune} epochs, batch norms training.")
+                     f"trains from scratch for {cfg.epochs_finetune} epochs (--epochs-finetune), batch norms training.")
         if cfg.epochs_finetune > 0:
             phases.append({"name": "scratch", "epochs": cfg.epochs_finetune, "unfreeze": "all", "freeze_bn": False,
                            "lr": cfg.lr_finetune if cfg.lr_finetune is not None else cfg.lr})
@@ -56,13 +56,6 @@ def versions() -> dict:
 
     return {"mri_edge": __version__, "keras": keras.__version__, "backend": keras.backend.backend(),
             "numpy": np.__version__, "python": platform.python_version()}
-
-
-def limit_split(split: data.Split, n: int | None, seed: int) -> data.Split:
-    if not n:
-        return split
-    keep = sorted(i for idx in data.per_class_indices(split.labels, seed)[0].values() for i in idx[:n].tolist())
-    return data.Split(split.name, [split.paths[i] for i in keep], [split.labels[i] for i in keep])
 
 
 def write_run_header(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, distribution: dict | None = None,
@@ -108,7 +101,9 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
                                 cfg.group_threshold, cfg.weights)
         if "test" not in dataset.splits:
             raise data.DataError(f"no test split in {cfg.data_dir} (expected a folder named Testing or test)")
-        dataset.splits = {k: limit_split(s, cfg.limit_per_class, split_seed) for k, s in dataset.splits.items()}
+        dataset.splits = {k: data.limit_split(s, cfg.limit_per_class, split_seed) for k, s in dataset.splits.items()}
+        if cfg.refit:
+            data.refit(dataset)
         cfg.class_names = dataset.class_names
         cfg.phases, _ = resolve_phases(cfg)
         return run, cfg, dataset, None
@@ -261,13 +256,15 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
                                                   cfg.ema), jit_compile=cfg.jit_compile, run_eagerly=cfg.eager)
         train_batches, val_batches = batches
         average = [AveragedWeights(net, train_batches.images)] if cfg.ema else []
-        patience = Patience(cfg.monitor, cfg.patience, state.get("patience") if state else None)
+        patience = None if cfg.select_by == "last" else Patience(cfg.monitor, cfg.patience,
+                                                                 state.get("patience") if state else None)
         keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
                         model_lib.save_model, log, patience)
         saved = TrainerState(  # after the average's swap and Keeper's checkpoint: a resume starts from those
             run, net, pi, start_epoch if state else 0 if pi else None, (average or [None])[0], log)
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
-                                                         traced=traced), *average, patience, keeper, saved,
+                                                         traced=traced), *average, *([patience] if patience else []), keeper,
+               saved,
                *callbacks, *([ranges] if ranges else [])]
         trainer.fit(feed.for_fit(train_batches, dist), validation_data=feed.for_fit(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
@@ -279,7 +276,8 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         if not holds_best:  # else the network and the checkpoint hold it already
             net.set_weights(model_lib.load_model(run.best_path).get_weights())
             atomic_copy(run.best_path, run.checkpoint_path)
-        log(f"phase '{phase['name']}': restored best epoch ({cfg.monitor} {'?' if best is None else f'{best:.4f}'})")
+        log(f"phase '{phase['name']}': kept its last epoch" if cfg.select_by == "last" else
+            f"phase '{phase['name']}': restored best epoch ({cfg.monitor} {'?' if best is None else f'{best:.4f}'})")
 
 
 def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print,

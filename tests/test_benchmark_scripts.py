@@ -1,5 +1,5 @@
 """The logic of the benchmark scripts that choose between Alzheimer candidates
-(benchmarks/rank_runs.py, benchmarks/knn_blend.py), on tiny inputs."""
+(benchmarks/rank_runs.py, benchmarks/knn_blend.py, benchmarks/prior_shift.py), on tiny inputs."""
 
 import json
 import sys
@@ -10,6 +10,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import knn_blend  # noqa: E402
+import prior_shift  # noqa: E402
 import rank_runs  # noqa: E402
 
 from mri_edge.groups import normalise  # noqa: E402
@@ -29,6 +30,15 @@ def test_vote_weighs_neighbours_by_correlation():
     p6 = knn_blend.vote(query, ref, labels, 6, 2)
     assert p6[0].argmax() == 0 and 0.5 < p6[0, 0] < 4 / 6  # four slightly farther outvote two, by less than a count
     assert np.isclose(p6.sum(), 1.0)
+
+
+def test_prior_shift_moves_answers_toward_common_classes_by_tau():
+    prior = np.array([0.7, 0.2, 0.1])
+    probs = np.array([[1 / 3, 1 / 3, 1 / 3], [0.3, 0.6, 0.1]])
+    assert np.allclose(prior_shift.adjusted(probs, prior, 0.0), probs)  # tau 0: the model as it is
+    assert np.allclose(prior_shift.adjusted(probs, prior, 1.0)[0], prior)  # an undecided model answers the prior
+    shifted = prior_shift.adjusted(probs, prior, 1.0)[1]  # 0.3 * 0.7 against 0.6 * 0.2: the common class wins
+    assert shifted.argmax() == 0 and np.isclose(shifted.sum(), 1.0)
 
 
 def test_ranks_put_the_highest_first():

@@ -213,6 +213,14 @@ def test_bench_skips_a_row_that_cannot_run_and_checks_compare_first(micro_run, t
     fake.write_text("not a model")
     res = invoke("bench", fake, *args, "--out", tmp_path / "c")  # refused before any row runs
     assert res.exit_code == 1 and "not a TFLite file" in res.output and len(res.output.strip().splitlines()) == 1
+    from mri_edge import ov
+
+    if ov.available():  # an .xml its runtime cannot read: refused up front too
+        (tmp_path / "fake.xml").write_text("<net/>")
+        (tmp_path / "fake.bin").write_bytes(b"")
+        res = invoke("bench", tmp_path / "fake.xml", *args, "--out", tmp_path / "c")
+        assert res.exit_code == 1 and "not a loadable OpenVINO IR" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
     earlier = (tmp_path / "b" / "bench.json").read_bytes()
     res = invoke("bench", tampered, *args, "--out", tmp_path / "b")  # no row runs: the earlier report stays
     assert res.exit_code == 1 and f"nothing written, {tmp_path / 'b'} keeps what it held" in res.output

@@ -95,6 +95,28 @@ def test_time_budget_stops_a_run_and_it_still_finishes(small_backbone, synth_dat
 
 
 @pytest.mark.slow
+def test_refit_trains_on_the_held_out_images_keeps_the_last_epoch_and_cannot_be_calibrated(
+        small_backbone, synth_data, cache_dir, tmp_path):
+    from mri_edge.calibrate import CalibrateError, calibrate_run
+    from mri_edge.config import CalibrateConfig
+
+    common = dict(task="tumor", data_dir=str(synth_data), weights="none", image_size=32, batch_size=16,
+                  epochs_head=0, epochs_finetune=2, dense_units=8, cache_dir=str(cache_dir), eager=True,
+                  limit_per_class=6, val_split="grouped", val_fraction=0.25)
+    with pytest.raises(MriEdgeError, match="add --select-by last"):
+        TrainConfig(**common, refit=True)
+    logs = []
+    run = train(TrainConfig(**common, out=str(tmp_path / "r"), refit=True, select_by="last"), log=logs.append)
+    manifest = json.loads((run / "split_manifest.json").read_text())
+    train_rows, val_rows = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert val_rows and all(r in train_rows for r in val_rows) and manifest["val_split"]["refit"] is True
+    assert any("trained on as well (--refit)" in m for m in logs), logs
+    assert sum("kept its last epoch" in m for m in logs) == 1 and len((run / "history.csv").read_text().split()) == 3
+    with pytest.raises(CalibrateError, match="trained on its validation images too"):
+        calibrate_run(run, CalibrateConfig())
+
+
+@pytest.mark.slow
 def test_interrupt_keeps_checkpoint_and_resume_finishes(small_backbone, synth_data, cache_dir, tmp_path):
     import keras
 
@@ -120,7 +142,7 @@ def test_interrupt_keeps_checkpoint_and_resume_finishes(small_backbone, synth_da
     assert (saved["label_smoothing"], saved["mixup"], saved["weight_decay"]) == (0.1, 0.2, 1e-4)
 
 
-@pytest.mark.parametrize("select_by, kept", [("loss", 3), ("accuracy", 2), ("macro_f1", 1)])
+@pytest.mark.parametrize("select_by, kept", [("loss", 3), ("accuracy", 2), ("macro_f1", 1), ("last", 3)])
 def test_keeper_keeps_the_epoch_the_rule_selects(tmp_path, select_by, kept):
     from mri_edge.callbacks import Keeper
     from mri_edge.run import RunFolder
@@ -149,7 +171,7 @@ def test_keeper_keeps_the_epoch_the_rule_selects(tmp_path, select_by, kept):
         keeper.on_epoch_end(epoch, logs)
     assert saved["best.keras"] == kept and saved["checkpoint.keras"] == 4
     state = json.loads((tmp_path / "state.json").read_text())
-    best = [0.8, 0.62, 0.45][["loss", "accuracy", "macro_f1"].index(select_by)]
+    best = [0.8, 0.62, 0.45, 3][["loss", "accuracy", "macro_f1", "last"].index(select_by)]  # last: epochs run
     assert state["best"] == {"val_" + select_by: best}
     assert RunFolder.saved_best(state, "val_" + select_by) == best  # what --resume continues from
 
