@@ -44,6 +44,7 @@ from tta import probabilities, scores  # noqa: E402
 from mri_edge import groups, report  # noqa: E402
 from mri_edge.data import decode_images  # noqa: E402
 from mri_edge.keras_model import KerasModel  # noqa: E402
+from mri_edge.verify import mcnemar_exact  # noqa: E402
 from mri_edge.run import RunFolder  # noqa: E402
 
 
@@ -131,6 +132,16 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.2%}"
 
 
+def versus(r: dict, first: str) -> str:
+    """An apart run's paired comparison with the rule's first, in words (McNemar exact p)."""
+    v = r.get("versus_first")
+    if not v:
+        return ""
+    return f" (against {first}: " + "; ".join(
+        f"{'near held-out' if k == 'near_held_out' else 'the rest'} {d['this_right_only']} answers right only here, "
+        f"{d['first_right_only']} only there, p {d['p_value']:.3g}" for k, d in v.items()) + ")"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
@@ -175,7 +186,8 @@ def main() -> int:
         if fitted:
             refit = " (`train --refit`)" if (manifest.get("val_split") or {}).get("refit") else ""
             apart.append({**entry, "why": f"its weights were fitted on {len(fitted)} of the {len(held)} held-out "
-                                          f"images{refit}"})
+                                          f"images{refit}",
+                          "_hits": np.asarray(preds["probs"]).argmax(1) == test_labels if same_test else None})
             continue
         if not same_test:
             sys.exit(f"{run.path}: its test predictions are not over {runs[0].path.name}'s test images")
@@ -200,6 +212,16 @@ def main() -> int:
         r["held_out"]["minus_first"] = float(hits.mean() - held_hits[first].mean())
         r["held_out"]["minus_first_ci"] = report.bootstrap_ci(hits.astype(float) - held_hits[first], groups=group_ids)
     by_test = ranks([r["test"][args.by] for r in ranked])
+    for r in apart:  # paired against the rule's first, on the test images near held-out ones and on the rest
+        hits = r.pop("_hits")
+        if hits is None or not ranked:
+            continue
+        first_hits = member_probs[first][1].argmax(1) == test_labels
+        r["versus_first"] = {name: {"first_right_only": int((first_hits & ~hits)[m].sum()),
+                                    "this_right_only": int((hits & ~first_hits)[m].sum()),
+                                    "p_value": mcnemar_exact(int((first_hits & ~hits)[m].sum()),
+                                                             int((hits & ~first_hits)[m].sum()))}
+                             for name, m in (("near_held_out", near_held), ("rest", ~near_held))}
     rows = []
     for r, a, b in sorted(zip(ranked, by_rule, by_test), key=lambda t: t[1]):
         h, t = r["held_out"], r["test"]
@@ -237,7 +259,8 @@ def main() -> int:
             f"- {Path(r['run']).name}: {r['why']}; test {r['test']['accuracy']:.2%}, macro-F1 "
             f"{r['test']['macro_f1']:.3f}, {r['test']['smallest']} {r['test']['smallest_hits']}/{r['test']['smallest_n']}; "
             f"{_pct(r['test']['near_held_out'])} of the test images whose nearest image is held out, "
-            f"{_pct(r['test']['rest'])} of the rest" for r in apart)
+            f"{_pct(r['test']['rest'])} of the rest" + versus(r, Path(ranked[first]["run"]).name if ranked else "")
+            for r in apart)
     text += "\n"
     print(text)
     if args.out:

@@ -19,14 +19,12 @@ import numpy as np
 
 from . import groups, preprocess, report
 from .audit_report import markdown
-from .config import GROUP_THRESHOLD
+from .config import GROUP_THRESHOLD, HASH_MAX_DISTANCE, PIXEL_MAD_THRESHOLD
 from .errors import MriEdgeError
 from .files import sha256_bytes
 from .data import discover, find_splits, rel_path
 from .progress import Progress
 
-HASH_MAX_DISTANCE = 10  # candidate finder only
-PIXEL_MAD_THRESHOLD = 3.0  # grey levels (0-255) on 64x64 thumbnails, after per-image contrast normalisation
 
 
 class AuditError(MriEdgeError):

@@ -18,7 +18,8 @@ from click.core import ParameterSource
 from . import __version__
 from .clitools import (OUT_DIR, TASK_CHOICE, THREADS, VERBOSE_HELP, Interrupted, Main, config_from, echo,
                        int_list, options_from, run_guarded, terminate)
-from .config import GROUP_THRESHOLD, ExportConfig, Thresholds, TrainConfig
+from .config import (EXPLAIN_IMAGES, GROUP_THRESHOLD, HASH_MAX_DISTANCE, PIXEL_MAD_THRESHOLD, ExportConfig, Thresholds,
+                     TrainConfig)
 from .demo import RECIPE
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -170,7 +171,7 @@ def export(run_dir, add_features, **options):
               help="An audit.json: also report parity on the leakage-free test subset.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
               help="val: gate on the validation split instead (for choosing export settings).")
-@click.option("--explain-images", type=click.IntRange(0), default=64, show_default=True,
+@click.option("--explain-images", type=click.IntRange(0), default=EXPLAIN_IMAGES, show_default=True,
               help="Compare occlusion maps of each file with the Keras model's on this many images (0: skip).")
 @click.option("--debug-quant", is_flag=True,
               help="Also write verify/quant_debug.md: per-layer error of the int8 ONNX file against the fp32 one.")
@@ -301,9 +302,9 @@ def data():
 @click.option("--task", type=TASK_CHOICE, default="custom", show_default=True)
 @click.option("--out", "out_dir", type=OUT_DIR, default=None,
               help="Report folder [default: artifacts/runs/audit/<data folder name>].")
-@click.option("--hash-distance", default=10, show_default=True, type=click.IntRange(0, 64),
+@click.option("--hash-distance", default=HASH_MAX_DISTANCE, show_default=True, type=click.IntRange(0, 64),
               help="dHash Hamming distance that makes a near-duplicate candidate.")
-@click.option("--pixel-threshold", default=3.0, show_default=True, type=click.FloatRange(0),
+@click.option("--pixel-threshold", default=PIXEL_MAD_THRESHOLD, show_default=True, type=click.FloatRange(0),
               help="Mean absolute grey-level difference that confirms a candidate.")
 @click.option("--group-threshold", default=GROUP_THRESHOLD, show_default=True, type=click.FloatRange(0, 1),
               help="Thumbnail correlation that makes near twins, for the grouped validation probe.")

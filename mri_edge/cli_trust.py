@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .clitools import OUT_DIR, THREADS, config_from, echo, options_from, run_guarded
-from .config import CalibrateConfig
+from .config import OCCLUSION_GRID, CalibrateConfig
 
 
 @click.command()
@@ -49,7 +49,7 @@ def calibrate(run_dir, reference, data_dir, threads, **kw):
               help="Folder for the overlay PNGs, explain.json and explain.md.")
 @click.option("--method", type=click.Choice(["occlusion", "gradcam"]), default="occlusion", show_default=True,
               help="occlusion runs through any file's own runtime (int8 included); gradcam needs a .keras model.")
-@click.option("--grid", type=click.IntRange(2, 32), default=8, show_default=True,
+@click.option("--grid", type=click.IntRange(2, 32), default=OCCLUSION_GRID, show_default=True,
               help="Occlusion: cells per side blacked out in turn.")
 @THREADS
 def explain(model_path, images, out_dir, method, grid, threads):

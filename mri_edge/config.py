@@ -20,6 +20,11 @@ SELECT_BY = ("loss", "accuracy", "macro_f1", "last")  # what keeps an epoch (los
 # Thumbnail correlation at or above which two images are near twins (one group): the grouped
 # validation split, calibrate's twin check and the audit's grouped probe (docs/data.md).
 GROUP_THRESHOLD = 0.99
+# Defaults that the command line and the library functions share (one place each).
+HASH_MAX_DISTANCE = 10  # data audit: dHash Hamming distance of a near-duplicate candidate
+PIXEL_MAD_THRESHOLD = 3.0  # data audit: grey levels (0-255) on 64x64 thumbnails, after contrast normalisation
+OCCLUSION_GRID = 8  # explain / verify: cells per side of the occlusion map
+EXPLAIN_IMAGES = 64  # verify: test images whose explanations are compared across files
 REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "ema", "quant_aware", "teacher")
 
 

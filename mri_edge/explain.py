@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import OCCLUSION_GRID
 from .errors import MriEdgeError
 from .files import atomic_write_bytes
 
-GRID = 8
+GRID = OCCLUSION_GRID
 TOP_SHARE = 0.1  # "top 10% of pixels" of the overlap measure
 FLAT = 1e-6  # a map whose probability drops span no more than this is flat (rank_correlation)
 

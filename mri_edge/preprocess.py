@@ -213,7 +213,10 @@ def check_contract(path: Path, meta: dict, allow_other_resize: bool = False) -> 
     contract version this runtime implements, the input size, and a resize this machine can
     run exactly (another one only when `allow_other_resize`)."""
     contract = meta.get("preprocessing")
-    if not contract:  # a .keras model read from its run folder, or a file from before the record
+    if not contract and Path(path).suffix != ".keras":  # an exported file carries its record
+        raise RuntimeModelError(f"{path}: no preprocessing record in its metadata (not made by this mri-edge's "
+                                "export); export it again")
+    if not contract:  # a .keras model whose run folder's config.json predates the record
         return resize_method()
     version = contract.get("contract_version")
     if version != CONTRACT_VERSION:

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import explain, familiar, report, trust
 from .verify_report import markdown, summary_table  # noqa: F401 (summary_table: the CLI's)
-from .config import Thresholds
+from .config import EXPLAIN_IMAGES, Thresholds
 from .errors import MriEdgeError, first_line
 from .files import sha256_file
 from .data import DataMovedError, decode_images
@@ -260,7 +260,7 @@ class KerasSide:
 
 def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, threads: int | None = None,
                batch_size: int = 16, dedup: str | None = None, log=print, split: str = "test",
-               explain_images: int = 64, debug_quant: bool = False) -> dict:
+               explain_images: int = EXPLAIN_IMAGES, debug_quant: bool = False) -> dict:
     """Gate every exported file on the test split (the report of record: run_dir/parity.json),
     or on the validation split (run_dir/verify/val/), where export settings can be compared
     without looking at the test set.

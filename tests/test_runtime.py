@@ -170,6 +170,8 @@ def test_the_runtime_checks_the_preprocessing_contract(micro_run, synth_data, mo
     newer = {**meta, "preprocessing": {**meta["preprocessing"], "contract_version": 2}}
     with pytest.raises(runtime.RuntimeModelError, match="preprocessing contract v2, this runtime implements v1"):
         preprocess.check_contract(path, newer)
+    with pytest.raises(runtime.RuntimeModelError, match="no preprocessing record"):  # never a guess for a file
+        preprocess.check_contract(path, {k: v for k, v in meta.items() if k != "preprocessing"})
     bad_size = {**meta, "preprocessing": {**meta["preprocessing"], "image_size": [64, 64]}}
     with pytest.raises(runtime.RuntimeModelError, match="inconsistent"):
         preprocess.check_contract(path, bad_size)
