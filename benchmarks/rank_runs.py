@@ -257,7 +257,8 @@ def main() -> int:
     if apart:
         text += "\n\nNot rankable by the rule:\n\n" + "\n".join(
             f"- {Path(r['run']).name}: {r['why']}; test {r['test']['accuracy']:.2%}, macro-F1 "
-            f"{r['test']['macro_f1']:.3f}, {r['test']['smallest']} {r['test']['smallest_hits']}/{r['test']['smallest_n']}; "
+            f"{r['test']['macro_f1']:.3f}, {r['test']['smallest']} "
+            f"{r['test']['smallest_hits']}/{r['test']['smallest_n']}; "
             f"{_pct(r['test']['near_held_out'])} of the test images whose nearest image is held out, "
             f"{_pct(r['test']['rest'])} of the rest" + versus(r, Path(ranked[first]["run"]).name if ranked else "")
             for r in apart)

@@ -75,8 +75,9 @@ def _open(spec: dict):
         m = ov.OpenVINOModel(path, threads)
         return m.run_batch, m.image_size, m.runtime_name  # one call of the graph, whatever the batch
     if path.suffix == ".tflite":
-        m = runtime.TFLiteModel(path, runtime.read_metadata(path), threads, {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
-                                                     "tf.lite": "tensorflow"}[rt], spec.get("xnnpack", "default"))
+        m = runtime.TFLiteModel(path, runtime.read_metadata(path), threads,
+                                {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
+                                 "tf.lite": "tensorflow"}[rt], spec.get("xnnpack", "default"))
     else:
         providers = {"onnxruntime": ["CPUExecutionProvider"],
                      "onnxruntime-cuda": ["CUDAExecutionProvider"],

@@ -183,7 +183,8 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
     from . import data  # noqa: PLC0415
     cfg = run.config()
     ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), carve_seed(cfg), cfg.get("val_split", "random"),
-                       cfg.get("group_threshold", GROUP_THRESHOLD), cfg.get("weights") if cfg.get("val_kept_from") else None)
+                       cfg.get("group_threshold", GROUP_THRESHOLD),
+                       cfg.get("weights") if cfg.get("val_kept_from") else None)
     if cfg.get("val_kept_from") and "kept_from" not in ds.val_split:
         raise CalibrateError(f"{run.path} held out the carve of {cfg['val_kept_from']}, which is not here (or not "
                              "of these images): restore it, or the run's split_manifest.json")

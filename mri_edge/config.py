@@ -284,9 +284,9 @@ class CalibrateConfig:
                                            minimum=0, maximum=1, min_open=True, max_open=True, type=float)
     alpha: float = option(0.05, "Conformal prediction sets miss the true class at most this often (0.05: sets "
                                 "at 95% coverage).", minimum=0, maximum=1, min_open=True, max_open=True)
-    group_threshold: float = option(GROUP_THRESHOLD, "Thumbnail correlation that makes a validation image a near twin of a "
-                                          "training image (such images are not held out like new subjects).",
-                                    minimum=0, maximum=1)
+    group_threshold: float = option(GROUP_THRESHOLD, "Thumbnail correlation that makes a validation image a near "
+                                                     "twin of a training image (such images are not held out like "
+                                                     "new subjects).", minimum=0, maximum=1)
     # A temperature fitted on twins of training images stays overconfident on new subjects
     # (Alzheimer: 97% accurate and confident on its random validation split, 70% on test).
     allow_twins: bool = option(False, "Fit on validation images with near twins in training when too few have "

@@ -200,7 +200,8 @@ def kept_carve(train: Split, root: Path, task: str, weights: str | None) -> tupl
 
 
 def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: int = 42,
-             val_split: str = "random", group_threshold: float = GROUP_THRESHOLD, weights: str | None = None) -> Dataset:
+             val_split: str = "random", group_threshold: float = GROUP_THRESHOLD,
+             weights: str | None = None) -> Dataset:
     """The dataset's splits. Without a validation folder, validation is carved from training:
     the carve of the run whose model.keras `weights` is, if it carved these training images
     (`kept_carve`); else `random` takes a stratified share of images, `grouped` whole groups of

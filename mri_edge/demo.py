@@ -86,7 +86,8 @@ def write_summary(out: Path, run_dir: Path, problems: list[str], skip_export: bo
                                                      "export_skipped": skip_export, "run": str(run_dir),
                                                      "seconds_after_data": round(seconds, 1)}, indent=1))
     atomic_write_text(out / "demo.md", f"# mri-edge demo\n\nResult: {verdict}.\n\nTraining and the steps after it "
-                      f"took {seconds / 60:.1f} min. Everything the run produced: [{rel}/report.md]({rel}/report.md).\n")
+                      f"took {seconds / 60:.1f} min. Everything the run produced: "
+                      f"[{rel}/report.md]({rel}/report.md).\n")
 
 
 def downstream(run_dir: Path, log=print, show=print) -> list[str]:

@@ -263,8 +263,8 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         saved = TrainerState(  # after the average's swap and Keeper's checkpoint: a resume starts from those
             run, net, pi, start_epoch if state else 0 if pi else None, (average or [None])[0], log)
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
-                                                         traced=traced), *average, *([patience] if patience else []), keeper,
-               saved,
+                                                         traced=traced), *average,
+               *([patience] if patience else []), keeper, saved,
                *callbacks, *([ranges] if ranges else [])]
         trainer.fit(feed.for_fit(train_batches, dist), validation_data=feed.for_fit(val_batches, dist),
                     epochs=phase["epochs"], initial_epoch=start_epoch, shuffle=False,  # batches keep their own order
