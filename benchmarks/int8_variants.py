@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mri_edge import export, interpreters, keras_model, runtime  # noqa: E402
+from mri_edge import export, interpreters, keras_model, preprocess, runtime  # noqa: E402
 from mri_edge.backends import open_model  # noqa: E402
 
 
@@ -154,7 +154,8 @@ def main() -> None:
     root = Path(manifest["root"])
     x_val = np.stack([reader.preprocess(root / p) for p in ref["paths"]])
     meta = runtime.read_metadata(run / "exports" / "model_int8.tflite") if (run / "exports" / "model_int8.tflite").is_file() \
-        else {"class_names": ref["class_names"], "input_size": [int(cfg["image_size"])] * 2}
+        else {"class_names": ref["class_names"], "input_size": [int(cfg["image_size"])] * 2,
+              "preprocessing": cfg.get("preprocessing") or preprocess.contract(int(cfg["image_size"]))}
     rows = []
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)

@@ -152,6 +152,8 @@ def main() -> int:
     ref = runs[0].manifest()
     if (ref.get("val_split") or {}).get("method") != "grouped":
         sys.exit(f"{runs[0].path}: its validation split is not grouped; the rule needs one (--val-split grouped)")
+    if ref["val_split"].get("refit"):
+        sys.exit(f"{runs[0].path} trained on its held-out images (train --refit): give a run without --refit first")
     held = ref["splits"]["val"]
     held_paths = {(Path(ref["root"]) / rel).resolve() for rel, _ in held}
     labels = np.array([k for _, k in held])

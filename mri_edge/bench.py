@@ -127,8 +127,9 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
             artifacts += files
         elif p.is_file():
             check_model_file(p, MODEL_SUFFIXES, "a model file")  # one line now, not a failed row per runtime
-            if p.suffix in EXPORT_SUFFIXES:
-                read_metadata(p)  # a file its runtime cannot open, too
+            needs = {".onnx": "onnxruntime", ".xml": "openvino"}.get(p.suffix)  # .tflite metadata: a ZIP read
+            if p.suffix in EXPORT_SUFFIXES and (needs is None or _has(needs)):
+                read_metadata(p)  # a file its runtime cannot open, too (no runtime: a skipped row, below)
             artifacts.append(p)
         else:
             raise BenchError(f"{p}: no such file or folder")

@@ -182,6 +182,9 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
                              "config.json")
     from . import data  # noqa: PLC0415
     cfg = run.config()
+    if cfg.get("refit"):
+        raise CalibrateError(f"{run.path} trained on its validation images too (train --refit): none is held out "
+                             "to fit on; calibrate the run of its recipe without --refit")
     ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), carve_seed(cfg), cfg.get("val_split", "random"),
                        cfg.get("group_threshold", GROUP_THRESHOLD),
                        cfg.get("weights") if cfg.get("val_kept_from") else None)

@@ -64,6 +64,8 @@ def monitor_mode(monitor: str) -> str:
 def counts(logs: dict, monitor: str) -> bool:
     """Whether an epoch can be kept: missing or NaN never counts, nor does any epoch whose loss
     diverged (the argmax of NaN probabilities is a constant class, which still scores an accuracy)."""
+    if monitor == "val_last":  # --select-by last: any epoch that did not diverge
+        return all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "val_loss"))
     value = logs.get(monitor)
     return value is not None and math.isfinite(value) and math.isfinite(logs.get("val_loss", 0.0))
 
@@ -78,7 +80,7 @@ def best_phase(history: list[dict], monitor: str, names: list[str]) -> int | Non
         for row in history:
             if row.get("phase") != name or not counts(row, monitor):
                 continue
-            v = row[monitor]
+            v = row.get(monitor, i)  # --select-by last: the later phase
             if value is None or sign * v >= sign * value:  # names in order: equal means a later phase
                 best, value = i, v
     return best
@@ -190,7 +192,7 @@ class Keeper(keras.callbacks.Callback):
 
     def improved(self, logs: dict) -> bool:
         if self.monitor == "val_last":  # --select-by last: each epoch replaces the one before, unless it diverged
-            return all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "val_loss"))
+            return counts(logs, self.monitor)
         if not counts(logs, self.monitor):
             return False
         value = logs[self.monitor]

@@ -192,6 +192,8 @@ def kept_carve(train: Split, root: Path, task: str, weights: str | None) -> tupl
                 for s, r in (("train", prior["splits"]["train"]), ("val", held))}
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not a run's manifest: the start is checked by distill.weights_seen
+    if (prior.get("val_split") or {}).get("refit"):
+        return None  # it trained on its carve too: nothing of it is held out (distill.weights_seen says so)
     rel = [rel_path(p, root) for p in train.paths]
     if not prior.get("val_carved_from_train") or prior.get("task") != task or set(rel) != rows["train"] | rows["val"]:
         return None  # other data (another task, images added or removed, --limit-per-class): a carve of its own

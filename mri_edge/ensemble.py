@@ -42,6 +42,10 @@ def check_members(run_dirs: list) -> list[dict]:
         seen.add(key)
         members.append({"run": run, "config": run.config(), "labels": run.labels(), "manifest": run.manifest()})
     first = members[0]
+    refit = [str(m["run"].path) for m in members if (m["manifest"].get("val_split") or {}).get("refit")]
+    if refit:
+        raise EnsembleError(f"{', '.join(refit)} trained on its validation images too (train --refit): the ensemble "
+                            "would be judged and calibrated on images a member learned; average runs without --refit")
     for m in members[1:]:
         where = f"{m['run'].path} and {first['run'].path}"
         if m["labels"]["class_names"] != first["labels"]["class_names"]:

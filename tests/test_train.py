@@ -192,6 +192,24 @@ def test_best_phase_is_the_phase_whose_kept_epoch_wins_ties_to_the_later():
     assert best_phase(history, "val_accuracy", names) == 1 and best_phase(history, "val_loss", names) == 1
     assert best_phase(history, "val_accuracy", names[:1]) == 0  # only the phases run so far
     assert best_phase([{"phase": "head", "val_loss": nan, "val_accuracy": 0.5}], "val_accuracy", names) is None
+    # --select-by last: the later phase, unless none of its epochs is finite
+    assert best_phase(history, "val_last", names) == 1
+    assert best_phase(history[:1] + [{"phase": "finetune", "loss": nan, "val_loss": 0.5}], "val_last", names) == 0
+
+
+def test_a_refit_run_lends_no_carve_to_a_run_that_starts_from_it(tmp_path):
+    from mri_edge import data
+
+    root, run = tmp_path / "data", tmp_path / "run"
+    run.mkdir()
+    train = data.Split("train", [str(root / "a.jpg"), str(root / "b.jpg")], [0, 1])
+    for refit in (False, True):
+        (run / "split_manifest.json").write_text(json.dumps({
+            "root": str(root), "task": "tumor", "val_carved_from_train": True,
+            "val_split": {"method": "grouped", **({"refit": True} if refit else {})},
+            "splits": {"train": [["a.jpg", 0]] + [["b.jpg", 1]] * refit, "val": [["b.jpg", 1]]}}))
+        kept = data.kept_carve(train, root, "tumor", str(run / "model.keras"))
+        assert (kept is None) == refit  # a refit run trained on its carve: nothing of it is held out
 
 
 @pytest.mark.slow
