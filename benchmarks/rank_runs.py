@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tta import probabilities, scores  # noqa: E402
 
 from mri_edge import groups, report  # noqa: E402
-from mri_edge.data import decode_images  # noqa: E402
+from mri_edge.data import decode_images, is_refit  # noqa: E402
 from mri_edge.keras_model import KerasModel  # noqa: E402
 from mri_edge.verify import mcnemar_exact  # noqa: E402
 from mri_edge.run import RunFolder  # noqa: E402
@@ -152,7 +152,7 @@ def main() -> int:
     ref = runs[0].manifest()
     if (ref.get("val_split") or {}).get("method") != "grouped":
         sys.exit(f"{runs[0].path}: its validation split is not grouped; the rule needs one (--val-split grouped)")
-    if ref["val_split"].get("refit"):
+    if is_refit(ref):
         sys.exit(f"{runs[0].path} trained on its held-out images (train --refit): give a run without --refit first")
     held = ref["splits"]["val"]
     held_paths = {(Path(ref["root"]) / rel).resolve() for rel, _ in held}
@@ -186,7 +186,7 @@ def main() -> int:
                  "test": {**test_scores(run, names), **(split_accuracy(preds["probs"]) if same_test else
                                                          {"near_held_out": None, "rest": None})}}
         if fitted:
-            refit = " (`train --refit`)" if (manifest.get("val_split") or {}).get("refit") else ""
+            refit = " (`train --refit`)" if is_refit(manifest) else ""
             apart.append({**entry, "why": f"its weights were fitted on {len(fitted)} of the {len(held)} held-out "
                                           f"images{refit}",
                           "_hits": np.asarray(preds["probs"]).argmax(1) == test_labels if same_test else None})
@@ -214,16 +214,15 @@ def main() -> int:
         r["held_out"]["minus_first"] = float(hits.mean() - held_hits[first].mean())
         r["held_out"]["minus_first_ci"] = report.bootstrap_ci(hits.astype(float) - held_hits[first], groups=group_ids)
     by_test = ranks([r["test"][args.by] for r in ranked])
+    first_hits = member_probs[first][1].argmax(1) == test_labels if ranked else None
     for r in apart:  # paired against the rule's first, on the test images near held-out ones and on the rest
         hits = r.pop("_hits")
-        if hits is None or not ranked:
+        if hits is None or first_hits is None:
             continue
-        first_hits = member_probs[first][1].argmax(1) == test_labels
-        r["versus_first"] = {name: {"first_right_only": int((first_hits & ~hits)[m].sum()),
-                                    "this_right_only": int((hits & ~first_hits)[m].sum()),
-                                    "p_value": mcnemar_exact(int((first_hits & ~hits)[m].sum()),
-                                                             int((hits & ~first_hits)[m].sum()))}
-                             for name, m in (("near_held_out", near_held), ("rest", ~near_held))}
+        r["versus_first"] = {}
+        for name, m in (("near_held_out", near_held), ("rest", ~near_held)):
+            b, c = int((first_hits & ~hits)[m].sum()), int((hits & ~first_hits)[m].sum())
+            r["versus_first"][name] = {"first_right_only": b, "this_right_only": c, "p_value": mcnemar_exact(b, c)}
     rows = []
     for r, a, b in sorted(zip(ranked, by_rule, by_test), key=lambda t: t[1]):
         h, t = r["held_out"], r["test"]

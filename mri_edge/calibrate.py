@@ -24,7 +24,7 @@ import numpy as np
 from . import familiar, groups, report, trust
 from .calibrate_report import summary_table, write_reports  # noqa: F401 (summary_table: the CLI's)
 from .config import GROUP_THRESHOLD, CalibrateConfig, carve_seed
-from .data import decode_images
+from .data import decode_images, is_refit
 from .errors import MriEdgeError
 from .run import RunFolder
 from .backends import open_model
@@ -76,7 +76,7 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
     test = manifest["splits"].get("test") or []
     if not val:
         raise CalibrateError("the run has no validation split to calibrate on")
-    if (manifest.get("val_split") or {}).get("refit"):
+    if is_refit(manifest):
         raise CalibrateError("the run trained on its validation images too (train --refit): none is held out to fit "
                              "on; calibrate the run of its recipe without --refit")
     method = (manifest.get("val_split") or {}).get("method", "random")
@@ -182,15 +182,14 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
                              "config.json")
     from . import data  # noqa: PLC0415
     cfg = run.config()
-    if cfg.get("refit"):
-        raise CalibrateError(f"{run.path} trained on its validation images too (train --refit): none is held out "
-                             "to fit on; calibrate the run of its recipe without --refit")
     ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), carve_seed(cfg), cfg.get("val_split", "random"),
                        cfg.get("group_threshold", GROUP_THRESHOLD),
                        cfg.get("weights") if cfg.get("val_kept_from") else None)
     if cfg.get("val_kept_from") and "kept_from" not in ds.val_split:
         raise CalibrateError(f"{run.path} held out the carve of {cfg['val_kept_from']}, which is not here (or not "
                              "of these images): restore it, or the run's split_manifest.json")
+    if cfg.get("refit"):
+        data.refit(ds)  # as train made it: held_out_rows then refuses it
     manifest = ds.manifest()
     n_test = len(manifest["splits"].get("test", []))
     want = (run.test_report() or {}).get("n")

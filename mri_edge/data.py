@@ -192,7 +192,7 @@ def kept_carve(train: Split, root: Path, task: str, weights: str | None) -> tupl
                 for s, r in (("train", prior["splits"]["train"]), ("val", held))}
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not a run's manifest: the start is checked by distill.weights_seen
-    if (prior.get("val_split") or {}).get("refit"):
+    if is_refit(prior):
         return None  # it trained on its carve too: nothing of it is held out (distill.weights_seen says so)
     rel = [rel_path(p, root) for p in train.paths]
     if not prior.get("val_carved_from_train") or prior.get("task") != task or set(rel) != rows["train"] | rows["val"]:
@@ -249,6 +249,11 @@ def refit(dataset: Dataset) -> Dataset:
     dataset.splits["train"] = Split("train", train.paths + val.paths, train.labels + val.labels)
     dataset.val_split = {**dataset.val_split, "refit": True}
     return dataset
+
+
+def is_refit(manifest: dict) -> bool:
+    """Whether a split manifest's run trained on its validation images too (`refit`)."""
+    return bool((manifest.get("val_split") or {}).get("refit"))
 
 
 def limit_split(split: Split, n: int | None, seed: int) -> Split:

@@ -42,7 +42,7 @@ def check_members(run_dirs: list) -> list[dict]:
         seen.add(key)
         members.append({"run": run, "config": run.config(), "labels": run.labels(), "manifest": run.manifest()})
     first = members[0]
-    refit = [str(m["run"].path) for m in members if (m["manifest"].get("val_split") or {}).get("refit")]
+    refit = [str(m["run"].path) for m in members if data.is_refit(m["manifest"])]
     if refit:
         raise EnsembleError(f"{', '.join(refit)} trained on its validation images too (train --refit): the ensemble "
                             "would be judged and calibrated on images a member learned; average runs without --refit")

@@ -87,9 +87,10 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
         if as_json:
             emit(json.dumps(rows[-1]))
         else:
-            emit(f"{short_path(p):50s} {r.label:22s} {r.probabilities[r.label]:6.3f}  "
-                 + ", ".join(f"{n} {v:.3f}" for n, v in rows[-1]["top_k"])
-                 + f"  ({r.timing_ms['total']:.1f} ms){answer_notes(r)}")
+            set_note, review = notes(rows[-1])
+            emit(f"{short_path(p):50s} {r.label:22s} {r.probabilities[r.label]:6.3f}  {top_text(rows[-1])}"
+                 f"  ({r.timing_ms['total']:.1f} ms)" + (f"  {set_note}" if set_note else "")
+                 + (f"  [{review}]" if review else ""))
     elapsed = time.perf_counter() - t0
     if not as_json:
         emit(f"{len(paths) - failed} classified, {failed} failed, {elapsed:.2f} s")
@@ -112,9 +113,14 @@ def calibration_text(model: runtime.Model) -> str:
                "referred" if t.familiarity and model.has_features else ""))
 
 
-def answer_notes(r: runtime.Prediction) -> str:
-    extra = f"  {trust.set_text(r.prediction_set, r.set_coverage)}" if r.prediction_set is not None else ""
-    return extra + (f"  [{trust.review_text(r.warnings)}]" if r.uncertain else "")
+def top_text(rec: dict) -> str:
+    return ", ".join(f"{n} {v:.3f}" for n, v in rec["top_k"])
+
+
+def notes(rec: dict) -> tuple[str, str]:
+    """(the prediction set, why the answer is referred), each '' where there is none."""
+    return (trust.set_text(rec["prediction_set"], rec["set_coverage"]) if rec["prediction_set"] is not None else "",
+            trust.review_text(rec["warnings"]) if rec["uncertain"] else "")
 
 
 def write_reports(out: Path, model: runtime.Model, rows: list[dict], elapsed_s: float) -> None:
@@ -129,10 +135,8 @@ def write_reports(out: Path, model: runtime.Model, rows: list[dict], elapsed_s: 
         "class_names": model.class_names, "calibration": calibration_text(model), "images": len(rows),
         "failed": failed, "seconds": round(elapsed_s, 3), "predictions": rows}, indent=1))
     table = [[r["image"], "", "", "", f"error: {r['error']}"] if "error" in r else
-             [r["image"], r["label"], f"{r['probabilities'][r['label']]:.3f}",
-              ", ".join(f"{n} {v:.3f}" for n, v in r["top_k"]),
-              (trust.set_text(r["prediction_set"], r["set_coverage"]) + "; " if r["prediction_set"] else "")
-              + (trust.review_text(r["warnings"]) if r["uncertain"] else "")] for r in rows]
+             [r["image"], r["label"], f"{r['probabilities'][r['label']]:.3f}", top_text(r),
+              "; ".join(n for n in notes(r) if n)] for r in rows]
     atomic_write_text(out / "predictions.md", (
         f"# Predictions: {model.path.name}\n\nRuntime {model.runtime_name}; {calibration_text(model)}.\n"
         f"{len(rows) - failed} classified, {failed} failed, {elapsed_s:.2f} s.\n\n"

@@ -3,8 +3,8 @@
 Allowed imports: the standard library, numpy, one TFLite interpreter
 (ai_edge_litert, else tflite_runtime, else tensorflow.lite) and an optional image
 decoder (OpenCV or Pillow, through `mri_edge.preprocess`). Other kinds of file (.onnx,
-OpenVINO .xml, .keras) open through `mri_edge.backends.open_model`. No TensorFlow, Keras, click or scikit-learn: a test
-checks `sys.modules` after use.
+OpenVINO .xml, .keras) open through `mri_edge.backends.open_model`. No TensorFlow, Keras,
+click or scikit-learn: a test checks `sys.modules` after use.
 
     from mri_edge.runtime import load
     model = load("model_int8.tflite")
