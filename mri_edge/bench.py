@@ -20,7 +20,7 @@ from pathlib import Path
 from . import ov
 from .errors import MriEdgeError
 from .run import RunFolder
-from .integrity import check_model_file
+from .integrity import RuntimeMissingError, check_model_file
 from .backends import EXPORT_SUFFIXES, MODEL_SUFFIXES, read_metadata, recorded_model_sha256
 
 SCHEMA_VERSION = 1
@@ -127,9 +127,11 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
             artifacts += files
         elif p.is_file():
             check_model_file(p, MODEL_SUFFIXES, "a model file")  # one line now, not a failed row per runtime
-            needs = {".onnx": "onnxruntime", ".xml": "openvino"}.get(p.suffix)  # .tflite metadata: a ZIP read
-            if p.suffix in EXPORT_SUFFIXES and (needs is None or _has(needs)):
-                read_metadata(p)  # a file its runtime cannot open, too (no runtime: a skipped row, below)
+            if p.suffix in EXPORT_SUFFIXES:
+                try:
+                    read_metadata(p)  # a file its runtime cannot open, too
+                except RuntimeMissingError:
+                    pass  # its rows are skipped, below
             artifacts.append(p)
         else:
             raise BenchError(f"{p}: no such file or folder")

@@ -20,7 +20,6 @@ from .config import OCCLUSION_GRID
 from .errors import MriEdgeError
 from .files import atomic_write_bytes
 
-GRID = OCCLUSION_GRID
 TOP_SHARE = 0.1  # "top 10% of pixels" of the overlap measure
 FLAT = 1e-6  # a map whose probability drops span no more than this is flat (rank_correlation)
 
@@ -29,7 +28,7 @@ class ExplainError(MriEdgeError):
     pass
 
 
-def occlusion_batch(image: np.ndarray, grid: int = GRID) -> np.ndarray:
+def occlusion_batch(image: np.ndarray, grid: int = OCCLUSION_GRID) -> np.ndarray:
     """(grid*grid + 1, S, S, 3) uint8: the image itself, then one copy per blacked-out cell."""
     s = image.shape[0]
     edges = np.linspace(0, s, grid + 1).round().astype(int)
@@ -40,7 +39,7 @@ def occlusion_batch(image: np.ndarray, grid: int = GRID) -> np.ndarray:
     return out
 
 
-def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = GRID):
+def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = OCCLUSION_GRID):
     """((grid, grid) importance map, explained class): probability drop of `target` (default:
     the model's own top class) when each cell is blacked out. Raw graph probabilities, so a
     stored temperature does not change the map's ranking."""
@@ -59,7 +58,7 @@ def occlusion_maps(model, images: np.ndarray, idx, targets, name: str) -> list[n
     from .progress import Progress  # noqa: PLC0415
 
     maps = []
-    with Progress(len(idx), f"{name} occlusion maps ({GRID}x{GRID}) on {len(idx)} images") as bar:
+    with Progress(len(idx), f"{name} occlusion maps ({OCCLUSION_GRID}x{OCCLUSION_GRID}) on {len(idx)} images") as bar:
         for i, t in zip(idx, targets):
             maps.append(occlusion(model, images[i], int(t))[0])
             bar.update()
@@ -175,7 +174,7 @@ def peak_text(method: str, peak: float, short: bool = False) -> str:
     return f"{peak:.4f}" if short else f"strongest cell: p -{peak:.4f} when blacked out"
 
 
-def explain_images(model_path, images: list, out_dir, method: str = "occlusion", grid: int = GRID,
+def explain_images(model_path, images: list, out_dir, method: str = "occlusion", grid: int = OCCLUSION_GRID,
                    threads: int | None = None, log=print) -> dict:
     """Overlay PNGs (image | map) for each image into out_dir, with explain.json and explain.md."""
     cv2 = _cv2()

@@ -17,6 +17,10 @@ class RuntimeModelError(MriEdgeError, ValueError):
     """The file is not an mri-edge model this runtime can run."""
 
 
+class RuntimeMissingError(RuntimeModelError):
+    """The runtime that opens this kind of file is not installed (bench skips such a file's rows)."""
+
+
 # What a model file's first bytes say it is (a renamed file gets a message that says so).
 def sniff(path: str | Path) -> str:
     """"tflite", "onnx", "keras", "openvino", "image", "empty" or "unknown", from the first bytes."""

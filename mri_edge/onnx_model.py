@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .integrity import RuntimeModelError, check_kind
+from .integrity import RuntimeMissingError, RuntimeModelError, check_kind
 from .runtime import FEATURES, Model
 
 METADATA_KEY = "mri_edge"  # the metadata_props key export writes
@@ -21,7 +21,7 @@ def _ort(path: Path):
     try:
         import onnxruntime as ort  # noqa: PLC0415
     except ImportError:
-        raise RuntimeModelError(f"{path}: .onnx files need onnxruntime (pip install onnxruntime)") from None
+        raise RuntimeMissingError(f"{path}: .onnx files need onnxruntime (pip install onnxruntime)") from None
     return ort
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import quiet, runtime
+from .integrity import RuntimeMissingError
 
 RT_INFO_KEY = ["mri_edge", "metadata"]
 
@@ -30,7 +31,7 @@ def core():
     try:
         import openvino as ov  # noqa: PLC0415
     except ImportError:
-        raise runtime.RuntimeModelError("OpenVINO is not installed (pip install 'mri-edge[openvino]')") from None
+        raise RuntimeMissingError("OpenVINO is not installed (pip install 'mri-edge[openvino]')") from None
     return ov, ov.Core()
 
 

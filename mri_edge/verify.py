@@ -14,7 +14,7 @@ import numpy as np
 
 from . import explain, familiar, report, trust
 from .verify_report import markdown, summary_table  # noqa: F401 (summary_table: the CLI's)
-from .config import EXPLAIN_IMAGES, Thresholds
+from .config import EXPLAIN_IMAGES, OCCLUSION_GRID, Thresholds
 from .errors import MriEdgeError, first_line
 from .files import sha256_file
 from .data import DataMovedError, decode_images
@@ -170,7 +170,7 @@ def _check_file(f: Path, threads, names, ref, labels, keras_probs, keras: KerasS
     if keras_maps is not None:
         idx, targets, ref_maps = keras_maps
         maps = explain.occlusion_maps(model, imgs, idx, targets, f.name)
-        r["explanation"] = {"method": f"occlusion {explain.GRID}x{explain.GRID}",
+        r["explanation"] = {"method": f"occlusion {OCCLUSION_GRID}x{OCCLUSION_GRID}",
                             **explain.parity(ref_maps, maps, model.image_size)}
         r["thresholds"]["min_explanation_corr"] = thresholds.min_explanation_corr
     reasons, gates = [], []  # each failure's text, and which gate it is (failure_hint reads the gates)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import explain, familiar, report, trust
+from . import familiar, report, trust
+from .config import OCCLUSION_GRID
 
 
 def summary_table(out: dict) -> str:
@@ -107,7 +108,7 @@ def markdown(out: dict) -> str:
                                     f"{e['rank_correlation']['p10']:.3f} / {e['rank_correlation']['min']:.3f}",
                                     f"{e['top10_overlap']['median']:.3f} / {e['top10_overlap']['p10']:.3f}"]
                                    for n, e in ex]), "",
-                  f"Each image's {explain.GRID}x{explain.GRID} occlusion map of the class Keras predicts, through the "
+                  f"Each image's {OCCLUSION_GRID}x{OCCLUSION_GRID} occlusion map of the class Keras predicts, through the "
                   "file's own runtime, against the Keras model's map (Spearman rank correlation over cells; "
                   "intersection over union of the top 10% of pixels).", ""]
     if any("dedup" in r for r in out["files"].values()):

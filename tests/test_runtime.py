@@ -185,6 +185,22 @@ def test_the_runtime_checks_the_preprocessing_contract(micro_run, synth_data, mo
     assert m.predict(next(synth_data.rglob("*.jpg"))).label in m.class_names
 
 
+def test_bench_skips_the_rows_of_a_file_whose_runtime_is_missing(micro_run, monkeypatch, tmp_path):
+    """bench reads a named file's metadata up front (a damaged file: one line), but a file whose
+    runtime is not installed is no error there: its rows are listed as skipped."""
+    import sys
+
+    from mri_edge import bench
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails, as on a host without it
+    onnx_file = micro_run / "exports" / "model_int8.onnx"
+    rows, skipped, _ = bench.plan([str(onnx_file)])
+    assert rows == [] and {s["runtime"] for s in skipped} >= {"onnxruntime"}
+    (broken := tmp_path / "broken.tflite").write_bytes(b"TFL3" * 8)
+    with pytest.raises(runtime.RuntimeModelError):
+        bench.plan([str(broken)])
+
+
 def test_a_device_without_onnxruntime_or_keras_gets_a_clear_message(micro_run, monkeypatch):
     import importlib.util
     import sys
