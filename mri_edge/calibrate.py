@@ -26,6 +26,7 @@ from .calibrate_report import summary_table, write_reports  # noqa: F401 (summar
 from .config import GROUP_THRESHOLD, CalibrateConfig, carve_seed
 from .data import decode_images, is_refit
 from .errors import MriEdgeError
+from .files import read_json
 from .run import RunFolder
 from .backends import open_model
 
@@ -135,6 +136,36 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
     return keep.tolist(), info
 
 
+def borrowed(manifest: dict, cfg: CalibrateConfig, data_dir: str | None, log) -> tuple[trust.Trust, dict]:
+    """For a run trained with --refit: the record of --from-run, the run of its recipe without
+    --refit that held out the images this one trained on last (docs/trust.md), and how that
+    record's held-out images were chosen."""
+    if not is_refit(manifest):
+        raise CalibrateError("--from-run is for a run trained with --refit; this one has held-out images: calibrate it "
+                             "on them")
+    donor = RunFolder(cfg.from_run)
+    if not donor.trust_path.is_file():
+        raise CalibrateError(f"--from-run {donor.path} is not calibrated (no {donor.trust_path}): mri-edge calibrate "
+                             f"{donor.path} first")
+    other = split_manifest(donor, data_dir, log)
+    if is_refit(other):
+        raise CalibrateError(f"--from-run {donor.path} trained with --refit too: its record was not fitted on "
+                             "held-out images")
+    if other["class_names"] != manifest["class_names"] or sorted(map(tuple, other["splits"]["val"])) != \
+            sorted(map(tuple, manifest["splits"]["val"])):
+        raise CalibrateError(f"--from-run {donor.path} held out other images or classes than this run trained on "
+                             "last: not its recipe's run on the same carve")
+    held = read_json(donor.calibration_dir / "calibrate.json", "its calibration report", keys=("held_out",))["held_out"]
+    record = trust.Trust.from_meta({"trust": read_json(donor.trust_path, "calibration record")})
+    if record.familiarity:  # distances in another model's features say nothing about this one's
+        record.familiarity = None
+        log(f"note: no familiarity check: {donor.path}'s is measured in its model's features, not this model's")
+    log(f"the record of {donor.path} (fitted on {held['n']} held-out images this run trained on last); "
+        "nothing is fitted, the test split is reported")
+    return record, {**held, "rule": f"those of {donor.path}, this run's recipe without --refit (this run trained on "
+                                    f"them): {held['rule']}", "borrowed_from": str(donor.path)}
+
+
 def target(cfg: CalibrateConfig) -> dict:
     """What the threshold was chosen for, as trust.json records it."""
     if cfg.coverage is not None:
@@ -216,7 +247,8 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     files = run.export_files()
     if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
         familiar.check_foreign(cfg.foreign)
-    keep, held = held_out_rows(manifest, cfg, log)
+    donor = borrowed(manifest, cfg, data_dir, log) if cfg.from_run else None
+    keep, held = ([], donor[1]) if donor else held_out_rows(manifest, cfg, log)
     ref_path = reference_model(run, files, reference)
     source_sha = source_model_sha256(run, ref_path)
     val_rows = [manifest["splits"]["val"][i] for i in keep]
@@ -239,7 +271,8 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         if model.class_names != names:
             raise CalibrateError(f"{path}: class names {model.class_names} differ from the run's {names}")
         val, f_val = model.predict_arrays(images(model, val_rows, "held-out images"), 32, calibrated=False,
-                                          label=f"{model.path.name} on held-out images", features=True)
+                                          label=f"{model.path.name} on held-out images", features=True) \
+            if val_rows else (None, None)
         test, f_test = model.predict_arrays(images(model, test_rows, "test images"), 32, calibrated=False,
                                             label=f"{model.path.name} on test images", features=True) \
             if test_rows else (None, None)
@@ -252,6 +285,16 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         return model, val, test, feats
 
     ref_model, ref_val, ref_test, ref_feats = run_on(ref_path)
+    if donor:  # the recipe's record: its reports' numbers are this run's on test only
+        record = donor[0]
+        record.fitted_on = {**record.fitted_on, "source_model_sha256": source_sha,
+                            "borrowed_from": {"run": cfg.from_run,
+                                              "source_model_sha256": record.fitted_on.get("source_model_sha256")}}
+        on_test = (lambda p: {"test": evaluate(p, y_test, record)} if p is not None else {})
+        results = {ref_path.name: {**on_test(ref_test), "reference": True}}
+        for f in others(files, ref_path):
+            results[f.name] = on_test(run_on(f)[2])
+        return store(run, files, record, held, results, cfg, names, log)
     ref_runtime = ref_model.runtime_name
     temperature = trust.fit_temperature(ref_val, y_val)
     cal_val = trust.scale(ref_val, temperature)
@@ -298,16 +341,25 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     results = {ref_path.name: {"held_out": evaluate(ref_val, y_val, record),
                                **({"test": evaluate(ref_test, y_test, record)} if ref_test is not None else {}),
                                "reference": True, **familiarity(ref_path.name, ref_feats, ref_val, ref_test)}}
-    for f in files:
-        if f.resolve() == ref_path.resolve():
-            continue
-        if f.name in results:
-            raise CalibrateError(f"--reference {ref_path} has the name of the run's own {f}; pass that file instead")
+    for f in others(files, ref_path):
         _, val, test, feats = run_on(f)
         results[f.name] = {"held_out": evaluate(val, y_val, record),
                            **({"test": evaluate(test, y_test, record)} if test is not None else {}),
                            **familiarity(f.name, feats, val, test)}
+    return store(run, files, record, held, results, cfg, names, log)
 
+
+def others(files: list[Path], ref_path: Path) -> list[Path]:
+    """The run's files other than the reference model."""
+    out = [f for f in files if f.resolve() != ref_path.resolve()]
+    if any(f.name == ref_path.name for f in out):
+        raise CalibrateError(f"--reference {ref_path} has the name of one of the run's own files; pass that file instead")
+    return out
+
+
+def store(run: RunFolder, files: list[Path], record: trust.Trust, held: dict, results: dict, cfg: CalibrateConfig,
+          names: list[str], log) -> dict:
+    """The record into each file and the run, then the reports."""
     # Store in each file (its model bytes untouched, their hash checked), then the run's record.
     # A file that already holds this record is left as it is: calibrating again changes no bytes.
     from .export import rewrite_metadata  # noqa: PLC0415

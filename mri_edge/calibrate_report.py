@@ -14,7 +14,7 @@ def write_reports(run: RunFolder, out: dict) -> None:
     slim = {**out, "trust": familiar.without_arrays(out["trust"]), "files": {n: {s: {k: v for k, v in r.items() if k != "coverage_risk"} if isinstance(r, dict) else r
                                      for s, r in res.items()} for n, res in out["files"].items()}}
     report.write_json(d / "calibrate.json", slim)
-    ref_name = next(n for n, r in out["files"].items() if r.get("reference"))
+    ref_name = reference_name(out)
     ref = out["files"][ref_name]
     for split in ("held_out", "test"):
         if split in ref:
@@ -99,7 +99,10 @@ def markdown(out: dict) -> str:
         f"{h['nn_probe_accuracy']:.1%} (test split: {h.get('test_nn_probe_accuracy', float('nan')):.1%}; close "
         "values mean the held-out images are as new to the model as test images)."
         + (" **They include near twins of training: expect the fit to be overconfident on new subjects.**"
-           if h["twins_included"] else ""), "",
+           if h["twins_included"] else "")
+        + (f" The record is `{h['borrowed_from']}`'s, fitted with its model: this run's model trained on those "
+           "images too (`train --refit`), so only its test rows are measured here; how well a recipe's record "
+           "carries over to its refit: docs/trust.md in mri-edge." if h.get("borrowed_from") else ""), "",
         f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`, minimum NLL)",
         f"- abstention: answers with calibrated confidence below **{trust.threshold_text(t['threshold'])}** are marked "
         f"\"{trust.REVIEW}\" (target: {trust.describe_target(t['fitted_on']['target'])})",
@@ -111,5 +114,10 @@ def markdown(out: dict) -> str:
         "The test rows are reported only; nothing was fitted on them.", "",
         *familiar.markdown(out),
         "![coverage-risk](coverage_risk.png)", "",
-        "Reliability before and after: `reliability_held_out_before.png`, `reliability_held_out_after.png`, "
-        "`reliability_test_before.png`, `reliability_test_after.png`.", ""])
+        "Reliability before and after: " + ", ".join(
+            f"`reliability_{s}_{w}.png`" for s in ("held_out", "test") for w in ("before", "after")
+            if s in out["files"][reference_name(out)]) + ".", ""])
+
+
+def reference_name(out: dict) -> str:
+    return next(n for n, r in out["files"].items() if r.get("reference"))

@@ -255,8 +255,11 @@ def markdown(card: dict) -> str:
     if "calibration" in card:
         c = card["calibration"]
         t = c["trust"]
+        fitted_with = (f"{c['held_out']['borrowed_from']}'s model (this model trained on those images too: "
+                       "`train --refit`, `calibrate --from-run`)" if c["held_out"].get("borrowed_from")
+                       else f"`{c['reference_model']}`")
         parts += ["## Calibration and abstention", "",
-                  f"Temperature {t['temperature']:.3f} fitted with `{c['reference_model']}` on {c['held_out']['n']} "
+                  f"Temperature {t['temperature']:.3f} fitted with {fitted_with} on {c['held_out']['n']} "
                   f"held-out images ({c['held_out']['rule']}). Answers below calibrated confidence "
                   f"{trust.threshold_text(t['threshold'])} are marked for review (target: "
                   f"{trust.describe_target(t.get('fitted_on', {}).get('target', {}))}); prediction sets at "

@@ -10,7 +10,7 @@ boolean into a `--no-...` switch, `scale` converts the option's unit into the fi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .export.formats import BN_SCALES, CALIB_RANGES, FLOAT_WEIGHTS, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS
 
@@ -310,8 +310,19 @@ class CalibrateConfig:
     foreign: str | None = option(None, "A folder of images of another kind (any depth): report the share the "
                                        "familiarity check refers (nothing is fitted on them).")
     foreign_limit: int = option(500, "At most this many --foreign images, chosen at random.", minimum=1)
+    # A run trained with --refit has no held-out images left; its recipe's run on the same carve has.
+    from_run: str | None = option(None, "For a run trained with --refit (no held-out images left): store the "
+                                        "record of this run instead, its recipe's run without --refit on the same "
+                                        "carve, calibrated first; nothing is fitted.", metavar="RUN_DIR")
 
     def __post_init__(self):
+        fitting = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                   if f.name != "from_run" and getattr(self, f.name) != f.default]
+        if self.from_run and fitting:
+            from .errors import MriEdgeError  # noqa: PLC0415
+
+            raise MriEdgeError(f"--from-run stores another run's record, nothing is fitted: {', '.join(fitting)} "
+                               "would not be used")
         if self.max_risk is not None and self.coverage is not None:
             from .errors import MriEdgeError  # noqa: PLC0415
 

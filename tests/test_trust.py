@@ -276,6 +276,56 @@ def test_calibrate_stores_one_record_that_every_runtime_applies_identically(cali
     assert {f.name: (sha256_file(f), f.stat().st_mtime_ns) for f in files} == before  # not even rewritten
 
 
+def test_a_refit_run_stores_its_recipes_record_and_reports_test_only(calibrated_run, micro_run, tmp_path):
+    """calibrate --from-run: a run trained with --refit (its validation images trained on) takes
+    the record of its recipe's run on the same carve, fitted on those images by that run's
+    model; nothing is fitted, only test rows are measured, the familiarity check is dropped."""
+    from mri_edge.backends import open_model
+    from mri_edge.files import sha256_file
+    from mri_edge.run import RunFolder
+
+    donor, _ = calibrated_run
+    refit = tmp_path / "refit"
+    shutil.copytree(micro_run, refit)
+    manifest = RunFolder(refit).manifest()  # as train --refit writes it: validation joins training
+    manifest["splits"]["train"] += manifest["splits"]["val"]
+    manifest["val_split"] = {**manifest.get("val_split", {}), "refit": True}
+    (refit / "split_manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(main, ["calibrate", str(refit), "--from-run", str(donor)])
+    assert res.exit_code == 0, res.output
+    given, got = (json.loads((r / "trust.json").read_text()) for r in (donor, refit))
+    assert {k: got[k] for k in ("temperature", "threshold", "alpha", "conformal_q")} == \
+        {k: given[k] for k in ("temperature", "threshold", "alpha", "conformal_q")}
+    assert given.get("familiarity") and "familiarity" not in got
+    assert got["fitted_on"]["borrowed_from"] == {"run": str(donor),
+                                                 "source_model_sha256": given["fitted_on"]["source_model_sha256"]}
+    assert got["fitted_on"]["source_model_sha256"] == sha256_file(refit / "model.keras")
+    out = json.loads((refit / "calibration" / "calibrate.json").read_text())
+    assert all("test" in r and "held_out" not in r for r in out["files"].values())
+    for f in RunFolder(refit).export_files():
+        assert open_model(f).trust.temperature == given["temperature"]
+    md = (refit / "calibration" / "calibrate.md").read_text()
+    assert "only its test rows are measured here" in md and "reliability_held_out" not in md
+    assert CliRunner().invoke(main, ["card", str(refit)]).exit_code == 0
+    assert f"fitted with {donor}'s model" in (refit / "model_card.md").read_text()
+    # refused, in one line each: a run with held-out images of its own, an uncalibrated or refit
+    # donor, a donor that held out other images, and options that would fit something
+    other = tmp_path / "other"
+    shutil.copytree(micro_run, other)
+    moved = RunFolder(other).manifest()
+    moved["splits"]["val"] = moved["splits"]["val"][1:]
+    (other / "split_manifest.json").write_text(json.dumps(moved))
+    shutil.copytree(donor / "calibration", other / "calibration")
+    shutil.copy(donor / "trust.json", other / "trust.json")
+    for run, args, says in ((donor, ["--from-run", str(donor)], "this one has held-out images"),
+                            (refit, ["--from-run", str(micro_run)], "is not calibrated"),
+                            (refit, ["--from-run", str(refit)], "trained with --refit too"),
+                            (refit, ["--from-run", str(other)], "held out other images"),
+                            (refit, ["--from-run", str(donor), "--max-risk", "0.1"], "--max-risk would not be used")):
+        res = CliRunner().invoke(main, ["calibrate", str(run), *args])
+        assert res.exit_code != 0 and says in res.output and "Traceback" not in res.output, res.output
+
+
 def test_tflite_metadata_bytes_do_not_depend_on_the_clock(monkeypatch):
     import time
 
