@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from . import ov
-from .errors import MriEdgeError
+from .errors import PIP_NAMES, MriEdgeError
 from .run import RunFolder
 from .integrity import RuntimeMissingError, check_model_file
 from .backends import EXPORT_SUFFIXES, MODEL_SUFFIXES, read_metadata, recorded_model_sha256
@@ -61,8 +61,7 @@ def machine_info() -> dict:
         try:
             from importlib.metadata import version  # noqa: PLC0415
 
-            dist = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime", "cv2": "opencv-python-headless",
-                    "tensorflow": "tensorflow-cpu"}.get(mod, mod)
+            dist = PIP_NAMES.get(mod, mod)
             try:
                 versions[mod] = version(dist)
             except Exception:
@@ -306,12 +305,14 @@ def write_outputs(out: dict, out_dir: Path) -> None:
         md += [f"- {e['model']} on {e['runtime']} (threads {e['threads']}, batch {e['batch']}): {e['error']}"
                for e in out["errors"]] + [""]
     rows = [r for r in out["rows"] if r["batch"] == min(out["settings"]["batches"])]
-    if rows:
+    plot = bool(rows) and _has("matplotlib")  # a device install has none: the tables alone
+    if plot:
         md += ["![p50 latency](bench.png)", ""]
     else:  # no plot of this bench: an older one must not pass for it
         (out_dir / "bench.png").unlink(missing_ok=True)
+        md += ["No plot: matplotlib is not installed here (pip install matplotlib).", ""] if rows else []
     report.write_text(out_dir / "bench.md", "\n".join(md))
-    if rows:
+    if plot:
         plt = report._plt()
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
         labels = [f"{r['model']} [{r['runtime_label']}] t{r['threads']}" for r in rows]

@@ -126,6 +126,12 @@ def run_guarded(fn, *args, **kwargs):
         raise Interrupted("interrupted") from None
     except MriEdgeError as e:
         raise click.ClickException(str(e)) from None
+    except ModuleNotFoundError as e:  # a package the step needs, missing where only the runtime is installed
+        if not e.name or e.name.split(".")[0] == "mri_edge":
+            raise
+        from .errors import MissingPackageError  # noqa: PLC0415
+
+        raise click.ClickException(str(MissingPackageError([e.name.split(".")[0]]))) from None
     except OSError as e:  # a file or folder that cannot be read or written: name it, no traceback
         where = f"{e.filename2 or e.filename}: " if e.filename else ""  # a rename names its target second
         raise click.ClickException(f"{where}{e.strerror or e}") from None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import MriEdgeError
+from .errors import MriEdgeError, require, training_packages
 
 MARKER = ".mri-edge-demo"
 
@@ -56,6 +56,7 @@ def prepare(out: Path) -> Path:
 def run_demo(out, task: str = "tumor", image_size: int = RECIPE.image_size, epochs: int = RECIPE.epochs,
              n_train: int = RECIPE.n_train, skip_export: bool = False, log=print, show=print) -> tuple[Path, list[str]]:
     """(run folder, what failed): `log` gets progress, `show` the tables."""
+    require(training_packages() + (() if skip_export else ("tensorflow",)), "mri-edge demo")
     from . import train as train_lib  # noqa: PLC0415
     from .synth import write_dataset  # noqa: PLC0415
 

@@ -15,6 +15,41 @@ class FileFormatError(MriEdgeError, ValueError):
     """A file that should hold JSON (or another known format) is missing, corrupt or of the wrong shape."""
 
 
+# import name -> the distribution pip installs it from, where the two differ
+PIP_NAMES = {"sklearn": "scikit-learn", "cv2": "opencv-python-headless", "ai_edge_litert": "ai-edge-litert",
+             "tflite_runtime": "tflite-runtime", "tensorflow": "tensorflow-cpu"}
+
+
+class MissingPackageError(MriEdgeError):
+    """A Python package that a step needs is not installed (a device install has only the runtime)."""
+
+    def __init__(self, modules: list[str], what: str = "this command"):
+        names = ", ".join(PIP_NAMES.get(m, m) for m in modules)
+        super().__init__(f"{what} needs {names}, not installed here (pip install 'mri-edge[full]')")
+
+
+def training_packages() -> tuple[str, ...]:
+    """What training and evaluation import: Keras, its back end, scikit-learn and matplotlib."""
+    import os  # noqa: PLC0415
+
+    return ("keras", os.environ.get("KERAS_BACKEND", "tensorflow"), "sklearn", "matplotlib")
+
+
+def require(modules: tuple[str, ...], what: str) -> None:
+    """MissingPackageError naming every one of `modules` that cannot be imported, before any work."""
+    import importlib.util  # noqa: PLC0415
+
+    def found(m: str) -> bool:
+        try:
+            return importlib.util.find_spec(m) is not None
+        except (ImportError, ValueError):
+            return False
+
+    missing = [m for m in dict.fromkeys(modules) if not found(m)]
+    if missing:
+        raise MissingPackageError(missing, what)
+
+
 def first_line(e: BaseException) -> str:
     """The line of an exception's message that names the cause (its first non-empty one)."""
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import __version__, augment, data, distill, distribute, feed, groups, preprocess, qat, quiet, report
 from .config import TrainConfig, carve_seed
-from .errors import MriEdgeError
+from .errors import MriEdgeError, require, training_packages
 from .files import atomic_copy, sha256_file
 from .progress import Heartbeat, Progress
 from .run import RunFolder
@@ -127,6 +127,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
 
 def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), force: bool = False) -> Path:
     """Run both phases, evaluate on the test split, write the run folder and return it (`force`: --out may hold other files)."""
+    require(training_packages(), "mri-edge train")
     run, cfg, dataset, state = _open_run(cfg, resume, force, log,
                                          chief=distribute.plan(None if resume else cfg.devices).is_chief)
     dist = distribute.plan(cfg.devices)
@@ -290,6 +291,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     its kernels rounded to float16 (DenseNet121: 28 -> 15 MB, a size a repository can hold; the
     trained file stays as model_fp32.keras), and the test report is that of the rounded model,
     so every later export and check compares against the model that is stored."""
+    require(training_packages(), "mri-edge evaluate")
     from . import model as model_lib  # noqa: PLC0415
 
     run = RunFolder(run_dir)

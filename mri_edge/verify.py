@@ -15,7 +15,7 @@ import numpy as np
 from . import explain, familiar, report, trust
 from .verify_report import markdown, summary_table  # noqa: F401 (summary_table: the CLI's)
 from .config import EXPLAIN_IMAGES, OCCLUSION_GRID, Thresholds
-from .errors import MriEdgeError, first_line
+from .errors import MriEdgeError, first_line, require
 from .files import sha256_file
 from .data import DataMovedError, decode_images
 from .run import RunFolder
@@ -271,6 +271,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     before any work. Otherwise a file that cannot be opened or run is a FAIL row; the others
     are still checked.
     """
+    require(("sklearn", "matplotlib"), "mri-edge verify")  # its reports; before minutes of inference
     run = RunFolder(run_dir)
     run_dir = run.path
     thresholds = thresholds or Thresholds()

@@ -119,6 +119,55 @@ def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_da
     assert res.exit_code == 1 and "has no model.keras" in res.output
 
 
+@pytest.mark.parametrize("command, hidden, says", [
+    (["train", "--task", "tumor", "--data-dir", "{data}", "--weights", "none", "--out", "{tmp}/run"], "keras",
+     "mri-edge train needs keras"),
+    (["demo", "--out", "{tmp}/demo"], "sklearn", "mri-edge demo needs scikit-learn"),
+    (["export", "{run}", "--format", "onnx"], "tensorflow", "mri-edge export needs tensorflow-cpu"),
+    (["verify", "{run}"], "matplotlib", "mri-edge verify needs matplotlib"),
+])
+def test_a_missing_package_is_one_line_before_any_work(command, hidden, says, micro_run, synth_data, tmp_path,
+                                                       monkeypatch):
+    """Where only the device runtime is installed, a command that needs more says which package,
+    in one line, before it writes anything."""
+    monkeypatch.setitem(sys.modules, hidden, None)  # import fails, as where it is not installed
+    before = sorted(p.name for p in micro_run.rglob("*"))
+    args = [a.format(data=synth_data, tmp=tmp_path, run=micro_run) for a in command]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and says in res.output and "pip install 'mri-edge[full]'" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [] and sorted(p.name for p in micro_run.rglob("*")) == before
+
+
+def test_a_package_missing_midway_is_one_line_and_a_bug_is_not_hidden():
+    import click
+
+    from mri_edge.clitools import run_guarded
+
+    def needs(name):
+        raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+
+    with pytest.raises(click.ClickException, match=r"needs scikit-learn, not installed here"):
+        run_guarded(needs, "sklearn")
+    with pytest.raises(ModuleNotFoundError):  # our own module missing is a bug: its traceback stays
+        run_guarded(needs, "mri_edge.nothing")
+
+
+def test_bench_without_matplotlib_writes_its_tables_and_says_why_there_is_no_plot(micro_run, tmp_path, monkeypatch):
+    from mri_edge import bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = {"machine": {"cpu": "cpu", "cores": 2, "cpu_flags": [], "versions": {}}, "created": "now",
+           "settings": {"warmup": 1, "runs": 2, "batches": [1]}, "skipped": [], "errors": [],
+           "rows": [{"model": "m.tflite", "runtime": "litert", "runtime_label": "litert", "threads": 1, "batch": 1,
+                     "p50_ms": 1.0, "p90_ms": 1.5}]}
+    (tmp_path / "bench.png").write_bytes(b"an older plot")
+    monkeypatch.setattr(bench, "table", lambda out: "| table |")
+    bench.write_outputs(out, tmp_path)
+    assert "No plot: matplotlib is not installed here" in (tmp_path / "bench.md").read_text()
+    assert not (tmp_path / "bench.png").exists()
+
+
 def test_our_log_lines_pass_while_a_converters_stderr_is_captured():
     """quiet.native_stderr hides what native code writes to fd 2; the command's own lines
     (export's search progress, logged while a converter runs in-process) still get out."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import __version__, preprocess, progress, quiet, report
 from ..config import ExportConfig
-from ..errors import MriEdgeError
+from ..errors import MriEdgeError, require
 from ..files import atomic_write_bytes, atomic_write_text, sha256_file
 from ..run import RunFolder
 from . import pool
@@ -90,6 +90,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     leaves the index matching the files: each file is either the old one with its old record
     or the new one with its new.
     """
+    require(("tensorflow", "keras"), "mri-edge export")  # the converters read the Keras model
     from .. import ov  # noqa: PLC0415
 
     run = RunFolder(run_dir)
