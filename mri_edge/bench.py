@@ -7,7 +7,6 @@ another's. Missing runtimes and GPU back ends become "skipped" rows, never error
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ from pathlib import Path
 
 
 from . import ov
-from .errors import PIP_NAMES, MriEdgeError
+from .errors import MriEdgeError, installed
 from .run import RunFolder
 from .integrity import RuntimeMissingError, check_model_file
 from .backends import EXPORT_SUFFIXES, MODEL_SUFFIXES, read_metadata, recorded_model_sha256
@@ -53,34 +52,24 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    from importlib.metadata import packages_distributions, version  # noqa: PLC0415
+
+    dists = packages_distributions()  # import name -> the installed distributions (tensorflow: tensorflow-cpu)
     versions = {}
     for mod in ("numpy", "tensorflow", "keras", "ai_edge_litert", "tflite_runtime", "onnxruntime", "openvino", "torch",
                 "cv2"):
-        if importlib.util.find_spec(mod) is None:
+        if not installed(mod):
             continue
         try:
-            from importlib.metadata import version  # noqa: PLC0415
-
-            dist = PIP_NAMES.get(mod, mod)
-            try:
-                versions[mod] = version(dist)
-            except Exception:
-                versions[mod] = version(mod)
+            versions[mod] = version((dists.get(mod) or [mod])[0])
         except Exception:
             versions[mod] = "?"
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "versions": versions}
 
 
-def _has(mod: str) -> bool:
-    try:
-        return importlib.util.find_spec(mod) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _ort_providers() -> list[str]:
-    if not _has("onnxruntime"):
+    if not installed("onnxruntime"):
         return []
     out = subprocess.run([sys.executable, "-c", "import onnxruntime as o; print(','.join(o.get_available_providers()))"],
                          capture_output=True, text=True)
@@ -88,7 +77,7 @@ def _ort_providers() -> list[str]:
 
 
 def _torch_cuda() -> bool:
-    if not _has("torch"):
+    if not installed("torch"):
         return False
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
                          capture_output=True, text=True)
@@ -143,7 +132,7 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
     rows, skipped = [], []
     for a in uniq:
         if a.suffix == ".keras":
-            if _has("keras") and (_has("tensorflow") or os.environ.get("KERAS_BACKEND")):
+            if installed("keras") and (installed("tensorflow") or os.environ.get("KERAS_BACKEND")):
                 rows.append({"model": str(a), "runtime": "keras", "device": "cpu"})
             else:
                 skipped.append({"model": a.name, "runtime": "keras", "reason": "keras/tensorflow not installed"})
@@ -153,12 +142,12 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
                 skipped.append({"model": a.name, "runtime": "keras[torch] GPU", "reason": "no CUDA GPU with torch"})
         elif a.suffix == ".tflite":
             for rt, mod in (("litert", "ai_edge_litert"), ("tflite_runtime", "tflite_runtime")):
-                if _has(mod):
+                if installed(mod):
                     rows.append({"model": str(a), "runtime": rt, "device": "cpu"})
                 else:
                     skipped.append({"model": a.name, "runtime": rt, "reason": f"{mod} not installed"})
         elif a.suffix == ".xml":
-            if _has("openvino"):
+            if installed("openvino"):
                 rows.append({"model": str(a), "runtime": "openvino", "device": "cpu"})
             else:
                 skipped.append({"model": a.name, "runtime": "openvino", "reason": "openvino not installed"})
@@ -305,7 +294,7 @@ def write_outputs(out: dict, out_dir: Path) -> None:
         md += [f"- {e['model']} on {e['runtime']} (threads {e['threads']}, batch {e['batch']}): {e['error']}"
                for e in out["errors"]] + [""]
     rows = [r for r in out["rows"] if r["batch"] == min(out["settings"]["batches"])]
-    plot = bool(rows) and _has("matplotlib")  # a device install has none: the tables alone
+    plot = bool(rows) and installed("matplotlib")  # a device install has none: the tables alone
     if plot:
         md += ["![p50 latency](bench.png)", ""]
     else:  # no plot of this bench: an older one must not pass for it

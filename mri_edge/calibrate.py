@@ -25,8 +25,8 @@ from . import familiar, groups, report, trust
 from .calibrate_report import summary_table, write_reports  # noqa: F401 (summary_table: the CLI's)
 from .config import GROUP_THRESHOLD, CalibrateConfig, carve_seed
 from .data import decode_images, is_refit
-from .errors import MriEdgeError
-from .files import read_json
+from .errors import MriEdgeError, require
+from .files import read_json, sha256_file
 from .run import RunFolder
 from .backends import open_model
 
@@ -59,8 +59,6 @@ def reference_model(run: RunFolder, files: list[Path], reference: str | None) ->
 def source_model_sha256(run: RunFolder, ref_path: Path) -> str | None:
     """SHA-256 of the trained model the files come from: model.keras, or what the reference
     file's metadata records (a shipped folder has no model.keras)."""
-    from .files import sha256_file  # noqa: PLC0415
-
     if run.model_path.is_file():
         return sha256_file(run.model_path)
     from .backends import read_metadata  # noqa: PLC0415
@@ -79,7 +77,7 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
         raise CalibrateError("the run has no validation split to calibrate on")
     if is_refit(manifest):
         raise CalibrateError("the run trained on its validation images too (train --refit): none is held out to fit "
-                             "on; calibrate the run of its recipe without --refit")
+                             "on; calibrate the run of its recipe without --refit, then this one with --from-run RUN")
     method = (manifest.get("val_split") or {}).get("method", "random")
     paths = [str(root / rel) for rel, _ in train + val + test]
     thumbs, _ = groups.read_thumbnails(paths, "thumbnails of train, validation and test")
@@ -136,7 +134,7 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
     return keep.tolist(), info
 
 
-def borrowed(manifest: dict, cfg: CalibrateConfig, data_dir: str | None, log) -> tuple[trust.Trust, dict]:
+def borrowed(manifest: dict, cfg: CalibrateConfig, log) -> tuple[trust.Trust, dict]:
     """For a run trained with --refit: the record of --from-run, the run of its recipe without
     --refit that held out the images this one trained on last (docs/trust.md), and how that
     record's held-out images were chosen."""
@@ -145,25 +143,38 @@ def borrowed(manifest: dict, cfg: CalibrateConfig, data_dir: str | None, log) ->
                              "on them")
     donor = RunFolder(cfg.from_run)
     if not donor.trust_path.is_file():
-        raise CalibrateError(f"--from-run {donor.path} is not calibrated (no {donor.trust_path}): mri-edge calibrate "
-                             f"{donor.path} first")
-    other = split_manifest(donor, data_dir, log)
+        raise CalibrateError(f"--from-run {donor.path}: " + (f"not calibrated (no trust.json): mri-edge calibrate "
+                             f"{donor.path} first" if donor.path.is_dir() else "no such run folder"))
+    if not donor.manifest_path.is_file():
+        raise CalibrateError(f"--from-run {donor.path} has no {donor.manifest_path.name}: which images it held out "
+                             "cannot be checked")
+    other = donor.manifest()
     if is_refit(other):
         raise CalibrateError(f"--from-run {donor.path} trained with --refit too: its record was not fitted on "
                              "held-out images")
-    if other["class_names"] != manifest["class_names"] or sorted(map(tuple, other["splits"]["val"])) != \
-            sorted(map(tuple, manifest["splits"]["val"])):
+    rows = lambda m, *splits: sorted(tuple(r) for s in splits for r in m["splits"].get(s, []))  # noqa: E731
+    if other["class_names"] != manifest["class_names"] or rows(other, "val") != rows(manifest, "val") or \
+            rows(other, "train", "val") != rows(manifest, "train"):
         raise CalibrateError(f"--from-run {donor.path} held out other images or classes than this run trained on "
                              "last: not its recipe's run on the same carve")
-    held = read_json(donor.calibration_dir / "calibrate.json", "its calibration report", keys=("held_out",))["held_out"]
     record = trust.Trust.from_meta({"trust": read_json(donor.trust_path, "calibration record")})
+    if donor.model_path.is_file() and record.fitted_on.get("source_model_sha256") != sha256_file(donor.model_path):
+        raise CalibrateError(f"--from-run {donor.path}: its record was fitted for another model than its model.keras "
+                             f"now: mri-edge calibrate {donor.path} again first")
+    held = read_json(donor.calibration_dir / "calibrate.json", "its calibration report", keys=("held_out",))["held_out"]
+    if missing := [k for k in ("n", "rule", "nn_probe_accuracy", "twins_included") if k not in held]:
+        raise CalibrateError(f"--from-run {donor.path}: its calibrate.json lacks {', '.join(missing)}: mri-edge "
+                             f"calibrate {donor.path} again first")
     if record.familiarity:  # distances in another model's features say nothing about this one's
         record.familiarity = None
         log(f"note: no familiarity check: {donor.path}'s is measured in its model's features, not this model's")
+    name = donor.path.resolve().name  # what the record and reports name it by, however the path was typed
     log(f"the record of {donor.path} (fitted on {held['n']} held-out images this run trained on last); "
         "nothing is fitted, the test split is reported")
-    return record, {**held, "rule": f"those of {donor.path}, this run's recipe without --refit (this run trained on "
-                                    f"them): {held['rule']}", "borrowed_from": str(donor.path)}
+    record.fitted_on = {**record.fitted_on, "borrowed_from": {
+        "run": name, "source_model_sha256": record.fitted_on.get("source_model_sha256")}}
+    return record, {**held, "rule": f"those of {name}, this run's recipe without --refit (this run trained on "
+                                    f"them): {held['rule']}", "borrowed_from": name}
 
 
 def target(cfg: CalibrateConfig) -> dict:
@@ -247,7 +258,8 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     files = run.export_files()
     if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
         familiar.check_foreign(cfg.foreign)
-    donor = borrowed(manifest, cfg, data_dir, log) if cfg.from_run else None
+    require(("matplotlib",), "mri-edge calibrate")  # its plots, written after every file's record
+    donor = borrowed(manifest, cfg, log) if cfg.from_run else None
     keep, held = ([], donor[1]) if donor else held_out_rows(manifest, cfg, log)
     ref_path = reference_model(run, files, reference)
     source_sha = source_model_sha256(run, ref_path)
@@ -287,9 +299,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     ref_model, ref_val, ref_test, ref_feats = run_on(ref_path)
     if donor:  # the recipe's record: its reports' numbers are this run's on test only
         record = donor[0]
-        record.fitted_on = {**record.fitted_on, "source_model_sha256": source_sha,
-                            "borrowed_from": {"run": cfg.from_run,
-                                              "source_model_sha256": record.fitted_on.get("source_model_sha256")}}
+        record.fitted_on = {**record.fitted_on, "source_model_sha256": source_sha}
         on_test = (lambda p: {"test": evaluate(p, y_test, record)} if p is not None else {})
         results = {ref_path.name: {**on_test(ref_test), "reference": True}}
         for f in others(files, ref_path):

@@ -103,7 +103,8 @@ def markdown(out: dict) -> str:
         + (f" The record is `{h['borrowed_from']}`'s, fitted with its model: this run's model trained on those "
            "images too (`train --refit`), so only its test rows are measured here; how well a recipe's record "
            "carries over to its refit: docs/trust.md in mri-edge." if h.get("borrowed_from") else ""), "",
-        f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`, minimum NLL)",
+        f"- temperature **{t['temperature']:.3f}** (fitted with `{t['fitted_on']['model']}`"
+        + (f" of {h['borrowed_from']}" if h.get("borrowed_from") else "") + ", minimum NLL)",
         f"- abstention: answers with calibrated confidence below **{trust.threshold_text(t['threshold'])}** are marked "
         f"\"{trust.REVIEW}\" (target: {trust.describe_target(t['fitted_on']['target'])})",
         f"- conformal prediction sets at {1 - t['alpha']:.0%} coverage: classes join the set by falling calibrated "

@@ -72,9 +72,11 @@ def familiarity_limit(cal: dict | None) -> str:
     """The model card's limitation on images of another kind, with what calibrate measured."""
     fam = ((cal or {}).get("trust") or {}).get("familiarity")
     if not fam:
+        why = ("a run trained with --refit has no held-out images to set a familiarity check on"
+               if ((cal or {}).get("held_out") or {}).get("borrowed_from") else
+               "files with a features output get a familiarity check from `mri-edge calibrate`")
         return ("It answers any image: an MRI of another kind can get a confident answer that the threshold does "
-                "not refer; only blank and tiny images are flagged (files with a features output get a familiarity "
-                "check from `mri-edge calibrate`).")
+                f"not refer; only blank and tiny images are flagged ({why}).")
     text = (f"Images whose features lie farther than {fam['limit']:.2f} from the training images' are referred "
             f"(set to refer {fam['fitted_on']['refer_rate']:.1%} of held-out images); an image of another kind "
             "that resembles the training images passes, and gets an answer as confident as any.")
@@ -189,6 +191,10 @@ def build(run_dir) -> dict:
     if small:
         limits.append(f"Few test images for {', '.join(small)} (under 30): their sensitivity intervals are wide.")
     held = (cal or {}).get("held_out", {})
+    if held.get("borrowed_from"):
+        limits.append(f"Its calibration, threshold and sets are those of {held['borrowed_from']}, its recipe's run "
+                      "without `--refit`: what they were shown to give holds for that model, not for this one, which "
+                      "also trained on those held-out images; it has no familiarity check.")
     if held.get("twins_included"):
         limits.append("The calibration was fitted on held-out images with near twins in training: it is "
                       "overconfident on new subjects.")

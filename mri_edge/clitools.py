@@ -127,10 +127,11 @@ def run_guarded(fn, *args, **kwargs):
     except MriEdgeError as e:
         raise click.ClickException(str(e)) from None
     except ModuleNotFoundError as e:  # a package the step needs, missing where only the runtime is installed
-        if not e.name or e.name.split(".")[0] == "mri_edge":
-            raise
-        from .errors import MissingPackageError  # noqa: PLC0415
+        from .errors import MissingPackageError, installed  # noqa: PLC0415
 
+        # our own module, or a part of an installed package (a version mismatch): a bug to see whole
+        if not e.name or e.name.split(".")[0] == "mri_edge" or installed(e.name.split(".")[0]):
+            raise
         raise click.ClickException(str(MissingPackageError([e.name.split(".")[0]]))) from None
     except OSError as e:  # a file or folder that cannot be read or written: name it, no traceback
         where = f"{e.filename2 or e.filename}: " if e.filename else ""  # a rename names its target second

@@ -17,7 +17,7 @@ class FileFormatError(MriEdgeError, ValueError):
 
 # import name -> the distribution pip installs it from, where the two differ
 PIP_NAMES = {"sklearn": "scikit-learn", "cv2": "opencv-python-headless", "ai_edge_litert": "ai-edge-litert",
-             "tflite_runtime": "tflite-runtime", "tensorflow": "tensorflow-cpu"}
+             "tflite_runtime": "tflite-runtime"}
 
 
 class MissingPackageError(MriEdgeError):
@@ -32,20 +32,22 @@ def training_packages() -> tuple[str, ...]:
     """What training and evaluation import: Keras, its back end, scikit-learn and matplotlib."""
     import os  # noqa: PLC0415
 
-    return ("keras", os.environ.get("KERAS_BACKEND", "tensorflow"), "sklearn", "matplotlib")
+    return ("keras", os.environ.get("KERAS_BACKEND") or "tensorflow", "sklearn", "matplotlib")
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here (without importing it)."""
+    import importlib.util  # noqa: PLC0415
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def require(modules: tuple[str, ...], what: str) -> None:
     """MissingPackageError naming every one of `modules` that cannot be imported, before any work."""
-    import importlib.util  # noqa: PLC0415
-
-    def found(m: str) -> bool:
-        try:
-            return importlib.util.find_spec(m) is not None
-        except (ImportError, ValueError):
-            return False
-
-    missing = [m for m in dict.fromkeys(modules) if not found(m)]
+    missing = [m for m in dict.fromkeys(modules) if not installed(m)]
     if missing:
         raise MissingPackageError(missing, what)
 

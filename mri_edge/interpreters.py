@@ -3,6 +3,7 @@ interpreter's own module only)."""
 
 from __future__ import annotations
 
+from .errors import PIP_NAMES
 from .integrity import RuntimeModelError
 
 
@@ -25,7 +26,7 @@ def load_interpreter_class(prefer: str | None = None):
         except ImportError:
             continue
     if prefer:  # the one asked for is missing; another may be there
-        package = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}.get(prefer, prefer)
+        package = PIP_NAMES.get(prefer, prefer)
         raise RuntimeModelError(f"the TFLite runtime {prefer} is not installed (pip install {package}); leave the "
                                 "runtime unset to use any installed one")
     raise RuntimeModelError("no TFLite interpreter installed: pip install ai-edge-litert (or tflite-runtime)")

@@ -4,6 +4,7 @@ through `mri-edge calibrate` into every exported file and back out of every runt
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -280,13 +281,21 @@ def test_a_refit_run_stores_its_recipes_record_and_reports_test_only(calibrated_
     """calibrate --from-run: a run trained with --refit (its validation images trained on) takes
     the record of its recipe's run on the same carve, fitted on those images by that run's
     model; nothing is fitted, only test rows are measured, the familiarity check is dropped."""
-    from mri_edge.backends import open_model
     from mri_edge.files import sha256_file
+    from mri_edge.model import load_model
     from mri_edge.run import RunFolder
+
+    def other_model(run):  # the run's model.keras with its last kernel moved: another trained model
+        net = load_model(run / "model.keras")
+        layer = next(x for x in reversed(net.layers) if x.get_weights())
+        w = layer.get_weights()
+        layer.set_weights([w[0] + 0.05, *w[1:]])
+        net.save(run / "model.keras")
 
     donor, _ = calibrated_run
     refit = tmp_path / "refit"
-    shutil.copytree(micro_run, refit)
+    shutil.copytree(micro_run, refit, ignore=shutil.ignore_patterns("exports"))
+    other_model(refit)
     manifest = RunFolder(refit).manifest()  # as train --refit writes it: validation joins training
     manifest["splits"]["train"] += manifest["splits"]["val"]
     manifest["val_split"] = {**manifest.get("val_split", {}), "refit": True}
@@ -297,17 +306,22 @@ def test_a_refit_run_stores_its_recipes_record_and_reports_test_only(calibrated_
     assert {k: got[k] for k in ("temperature", "threshold", "alpha", "conformal_q")} == \
         {k: given[k] for k in ("temperature", "threshold", "alpha", "conformal_q")}
     assert given.get("familiarity") and "familiarity" not in got
-    assert got["fitted_on"]["borrowed_from"] == {"run": str(donor),
+    assert got["fitted_on"]["borrowed_from"] == {"run": donor.name,
                                                  "source_model_sha256": given["fitted_on"]["source_model_sha256"]}
-    assert got["fitted_on"]["source_model_sha256"] == sha256_file(refit / "model.keras")
+    assert got["fitted_on"]["source_model_sha256"] == sha256_file(refit / "model.keras") != \
+        given["fitted_on"]["source_model_sha256"]
     out = json.loads((refit / "calibration" / "calibrate.json").read_text())
-    assert all("test" in r and "held_out" not in r for r in out["files"].values())
-    for f in RunFolder(refit).export_files():
-        assert open_model(f).trust.temperature == given["temperature"]
+    assert list(out["files"]) == ["model.keras"] and "held_out" not in out["files"]["model.keras"]
+    assert out["files"]["model.keras"]["test"]["n"] == len(manifest["splits"]["test"])
     md = (refit / "calibration" / "calibrate.md").read_text()
     assert "only its test rows are measured here" in md and "reliability_held_out" not in md
+    # the refit model applies the record (it was stored for it), and its card says whose fit it is
+    image = os.path.join(manifest["root"], manifest["splits"]["test"][0][0])
+    res = CliRunner().invoke(main, ["predict", str(refit / "model.keras"), image])
+    assert res.exit_code == 0 and f"temperature {given['temperature']:.3f}" in res.output, res.output
     assert CliRunner().invoke(main, ["card", str(refit)]).exit_code == 0
-    assert f"fitted with {donor}'s model" in (refit / "model_card.md").read_text()
+    card = (refit / "model_card.md").read_text()
+    assert f"fitted with {donor.name}'s model" in card and f"those of {donor.name}, its recipe's run" in card
     # refused, in one line each: a run with held-out images of its own, an uncalibrated or refit
     # donor, a donor that held out other images, and options that would fit something
     other = tmp_path / "other"
@@ -317,8 +331,13 @@ def test_a_refit_run_stores_its_recipes_record_and_reports_test_only(calibrated_
     (other / "split_manifest.json").write_text(json.dumps(moved))
     shutil.copytree(donor / "calibration", other / "calibration")
     shutil.copy(donor / "trust.json", other / "trust.json")
+    stale = tmp_path / "stale"
+    shutil.copytree(donor, stale)
+    other_model(stale)  # retrained after it was calibrated
     for run, args, says in ((donor, ["--from-run", str(donor)], "this one has held-out images"),
-                            (refit, ["--from-run", str(micro_run)], "is not calibrated"),
+                            (refit, ["--from-run", str(micro_run)], "not calibrated"),
+                            (refit, ["--from-run", str(tmp_path / "typo")], "no such run folder"),
+                            (refit, ["--from-run", str(stale)], "fitted for another model"),
                             (refit, ["--from-run", str(refit)], "trained with --refit too"),
                             (refit, ["--from-run", str(other)], "held out other images"),
                             (refit, ["--from-run", str(donor), "--max-risk", "0.1"], "--max-risk would not be used")):
