@@ -223,6 +223,19 @@ python benchmarks/rank_runs.py $E128 $E128-s7 --out artifacts/runs/alzheimer-ran
 mri-edge train ${KD/--image-size 64/--image-size 128} --weights artifacts/alzheimer/model.keras --lr-finetune 1.5e-4 \
     --epochs-finetune 40 --time-budget 55 --ema 0.995 --out $E128-c2
 python benchmarks/rank_runs.py artifacts/alzheimer $E128-c2 --out artifacts/runs/alzheimer-ranking-c2
+# the second cycle with the held-out images trained on too (--refit, the last epoch kept): its head epoch
+# alone (8 min), then head + 3 fine-tune epochs (epoch-based schedule; about 50 min), ranked beside it
+C2="${KD/--image-size 64/--image-size 128} --weights artifacts/alzheimer/model.keras --lr-finetune 1.5e-4 --ema 0.995"
+# shellcheck disable=SC2086
+mri-edge train ${C2/--select-by accuracy/--select-by last} --refit --epochs-finetune 0 --out artifacts/runs/alzheimer-128px-c2-head-refit
+python benchmarks/rank_runs.py $E128-c2 artifacts/runs/alzheimer-128px-c2-head-refit --out artifacts/runs/alzheimer-ranking-head-refit
+# shellcheck disable=SC2086
+mri-edge train ${C2/--select-by accuracy/--select-by last} --refit --epochs-finetune 3 --out artifacts/runs/alzheimer-128px-c2-refit
+python benchmarks/rank_runs.py artifacts/alzheimer $E128-c2 artifacts/runs/alzheimer-128px-c2-refit \
+    --out artifacts/runs/alzheimer-ranking-c2-refit
+# a refit run's calibration: its recipe's record (calibrate --from-run), on the 64 px pair above
+mri-edge calibrate $K8-last --max-risk 0.25 --alpha 0.05
+mri-edge calibrate $K8-refit --from-run $K8-last
 # distillation: SIZE=128 BATCH=128 BUDGET=2.5 LIMIT=570 RUNS=distill there (three members and a
 # student of their ensemble), unpacked here, then (not yet run: no GPU session since it was built):
 if [ -d artifacts/runs/alzheimer-128px-gpu-student ]; then
