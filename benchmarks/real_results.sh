@@ -227,10 +227,13 @@ python benchmarks/rank_runs.py artifacts/alzheimer $E128-c2 --out artifacts/runs
 # alone (8 min), then head + 3 fine-tune epochs (epoch-based schedule; about 50 min), ranked beside it
 C2="${KD/--image-size 64/--image-size 128} --weights artifacts/alzheimer/model.keras --lr-finetune 1.5e-4 --ema 0.995"
 # shellcheck disable=SC2086
-mri-edge train ${C2/--select-by accuracy/--select-by last} --refit --epochs-finetune 0 --out artifacts/runs/alzheimer-128px-c2-head-refit
-python benchmarks/rank_runs.py $E128-c2 artifacts/runs/alzheimer-128px-c2-head-refit --out artifacts/runs/alzheimer-ranking-head-refit
+mri-edge train ${C2/--select-by accuracy/--select-by last} --refit --epochs-finetune 0 \
+    --out artifacts/runs/alzheimer-128px-c2-head-refit
+python benchmarks/rank_runs.py $E128-c2 artifacts/runs/alzheimer-128px-c2-head-refit \
+    --out artifacts/runs/alzheimer-ranking-head-refit
 # shellcheck disable=SC2086
-mri-edge train ${C2/--select-by accuracy/--select-by last} --refit --epochs-finetune 3 --out artifacts/runs/alzheimer-128px-c2-refit
+mri-edge train ${C2/--select-by accuracy/--select-by last} --refit --epochs-finetune 3 \
+    --out artifacts/runs/alzheimer-128px-c2-refit
 python benchmarks/rank_runs.py artifacts/alzheimer $E128-c2 artifacts/runs/alzheimer-128px-c2-refit \
     --out artifacts/runs/alzheimer-ranking-c2-refit
 # a refit run's calibration: its recipe's record (calibrate --from-run), on the 64 px pair above

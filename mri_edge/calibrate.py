@@ -363,7 +363,7 @@ def others(files: list[Path], ref_path: Path) -> list[Path]:
     """The run's files other than the reference model."""
     out = [f for f in files if f.resolve() != ref_path.resolve()]
     if any(f.name == ref_path.name for f in out):
-        raise CalibrateError(f"--reference {ref_path} has the name of one of the run's own files; pass that file instead")
+        raise CalibrateError(f"--reference {ref_path} has the name of one of the run's files; pass that file instead")
     return out
 
 

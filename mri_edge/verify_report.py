@@ -108,8 +108,8 @@ def markdown(out: dict) -> str:
                                     f"{e['rank_correlation']['p10']:.3f} / {e['rank_correlation']['min']:.3f}",
                                     f"{e['top10_overlap']['median']:.3f} / {e['top10_overlap']['p10']:.3f}"]
                                    for n, e in ex]), "",
-                  f"Each image's {OCCLUSION_GRID}x{OCCLUSION_GRID} occlusion map of the class Keras predicts, through the "
-                  "file's own runtime, against the Keras model's map (Spearman rank correlation over cells; "
+                  f"Each image's {OCCLUSION_GRID}x{OCCLUSION_GRID} occlusion map of the class Keras predicts, "
+                  "through the file's own runtime, against the Keras model's map (Spearman rank correlation over cells; "
                   "intersection over union of the top 10% of pixels).", ""]
     if any("dedup" in r for r in out["files"].values()):
         rows = [[n, r["dedup"]["n"], f"{r['dedup']['keras_accuracy']:.4f}", f"{r['dedup']['accuracy']:.4f}",
