@@ -171,8 +171,6 @@ def borrowed(manifest: dict, cfg: CalibrateConfig, log) -> tuple[trust.Trust, di
     name = donor.path.resolve().name  # what the record and reports name it by, however the path was typed
     log(f"the record of {donor.path} (fitted on {held['n']} held-out images this run trained on last); "
         "nothing is fitted, the test split is reported")
-    record.fitted_on = {**record.fitted_on, "borrowed_from": {
-        "run": name, "source_model_sha256": record.fitted_on.get("source_model_sha256")}}
     return record, {**held, "rule": f"those of {name}, this run's recipe without --refit (this run trained on "
                                     f"them): {held['rule']}", "borrowed_from": name}
 
@@ -298,8 +296,9 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
 
     ref_model, ref_val, ref_test, ref_feats = run_on(ref_path)
     if donor:  # the recipe's record: its reports' numbers are this run's on test only
-        record = donor[0]
-        record.fitted_on = {**record.fitted_on, "source_model_sha256": source_sha}
+        record = donor[0]  # now this model's; the record names whose model it was fitted with
+        record.fitted_on = {**record.fitted_on, "source_model_sha256": source_sha, "borrowed_from": {
+            "run": held["borrowed_from"], "source_model_sha256": record.fitted_on.get("source_model_sha256")}}
         on_test = (lambda p: {"test": evaluate(p, y_test, record)} if p is not None else {})
         results = {ref_path.name: {**on_test(ref_test), "reference": True}}
         for f in others(files, ref_path):

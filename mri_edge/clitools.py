@@ -129,10 +129,11 @@ def run_guarded(fn, *args, **kwargs):
     except ModuleNotFoundError as e:  # a package the step needs, missing where only the runtime is installed
         from .errors import MissingPackageError, installed  # noqa: PLC0415
 
+        top = (e.name or "").split(".")[0]
         # our own module, or a part of an installed package (a version mismatch): a bug to see whole
-        if not e.name or e.name.split(".")[0] == "mri_edge" or installed(e.name.split(".")[0]):
+        if not top or top == "mri_edge" or installed(top):
             raise
-        raise click.ClickException(str(MissingPackageError([e.name.split(".")[0]]))) from None
+        raise click.ClickException(str(MissingPackageError([top]))) from None
     except OSError as e:  # a file or folder that cannot be read or written: name it, no traceback
         where = f"{e.filename2 or e.filename}: " if e.filename else ""  # a rename names its target second
         raise click.ClickException(f"{where}{e.strerror or e}") from None

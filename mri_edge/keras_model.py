@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from . import quiet, runtime
+from .errors import installed
 from .files import sha256_file
 from .run import RunFolder
 
@@ -15,7 +15,7 @@ from .run import RunFolder
 class KerasModel(runtime.Model):
     def __init__(self, path: Path, threads: int | None = None, allow_other_resize: bool = False):
         path = Path(path)
-        if importlib.util.find_spec("keras") is None:
+        if not installed("keras"):
             raise runtime.RuntimeModelError(f"{path}: .keras files need Keras and TensorFlow "
                                             "(pip install 'mri-edge[full]'); on a device, use an exported file")
         folder = RunFolder(path.parent)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import quiet, runtime
+from .errors import installed
 from .integrity import RuntimeMissingError
 
 RT_INFO_KEY = ["mri_edge", "metadata"]
@@ -21,10 +22,8 @@ RT_INFO_KEY = ["mri_edge", "metadata"]
 
 def available(for_export: bool = False) -> bool:
     """OpenVINO importable (and NNCF too, which export needs for int8)."""
-    import importlib.util  # noqa: PLC0415
-
     mods = ("openvino", "nncf") if for_export else ("openvino",)
-    return all(importlib.util.find_spec(m) is not None for m in mods)
+    return all(installed(m) for m in mods)
 
 
 def core():
