@@ -444,9 +444,9 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
     assert progress._note_sink is None  # the in-process export let go of its log
 
 
-def test_max_size_is_refused_without_max_drop_or_a_file_to_limit(micro_run):
-    """--max-size needs --max-drop, an int8 TFLite or ONNX file and a limit above 0; each refusal
-    comes before anything is made."""
+def test_max_size_and_hybrid_are_refused_without_max_drop_or_a_file_to_use_them(micro_run):
+    """--max-size needs --max-drop, an int8 TFLite or ONNX file and a limit above 0, --hybrid
+    --max-drop and an int8 TFLite file; each refusal comes before anything is made."""
     from mri_edge.cli import main
 
     run = micro_run
@@ -454,7 +454,10 @@ def test_max_size_is_refused_without_max_drop_or_a_file_to_limit(micro_run):
                       (["--format", "onnx", "--quantize", "int8", "--max-drop", "1", "--max-size", "0"],
                        "Invalid value for '--max-size'"),
                       (["--format", "tflite", "--quantize", "fp16", "--max-size", "5"],
-                       "--max-size applies to int8 tflite/onnx files")):
+                       "--max-size applies to int8 tflite/onnx files"),
+                      (["--format", "tflite", "--quantize", "int8", "--hybrid"], "add --max-drop"),
+                      (["--format", "onnx", "--quantize", "int8", "--max-drop", "1", "--hybrid"],
+                       "--hybrid applies to int8 tflite files")):
         res = CliRunner().invoke(main, ["export", str(run), *args])
         assert res.exit_code in (1, 2) and why in res.output, res.output  # 2: click's own range check
 
@@ -781,6 +784,51 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
     version = {e.name: bytes(m.buffers[e.buffer].data).rstrip(b"\0") for m in
                [flatbuffer_utils.convert_bytearray_to_object(int8)] for e in m.metadata}[b"min_runtime_version"]
     assert version == b"2.7.0"
+
+    # hybrid (export --hybrid): the named convolution reads its int8 weights directly (no
+    # DEQUANTIZE: LiteRT's hybrid kernel quantizes its input per image); fp32 leaves the rest as it is
+    first_conv = next(d for d in cls(model_content=fb)._get_ops_details() if d["op_name"] == "CONV_2D")
+    name = {t["index"]: t["name"] for t in cls(model_content=fb).get_tensor_details()}[first_conv["outputs"][0]]
+    for dtype, dequantized in (("fp32", 0), ("int8", 3)):
+        hybrid = store_float_weights(fb, dtype, hybrid=[name])
+        y, ops = run(hybrid)
+        assert ops.count("DEQUANTIZE") == dequantized, dtype
+        assert 0 < np.abs(y - ref).max() < 3e-2 * scale, dtype
+    assert len(store_float_weights(fb, "fp32", hybrid=[name])) < len(fb) - 1500  # 864 weights, 3.5 kB -> 0.9 kB + scales
+    with pytest.raises(ExportError, match="fp16, int8 or dynamic"):
+        store_float_weights(fb, "fp32")  # nothing to do without hybrid operations
+
+
+@pytest.mark.parametrize("hybrid_holds", [True, False])
+def test_hybrid_runs_a_float_stage_as_dynamic_range_int8_only_within_budget(monkeypatch, hybrid_holds):
+    """--hybrid: after the search and the weights' storage, each float stage with convolutions
+    is tried as dynamic-range int8 and kept so only if the file still holds the budget; the
+    recipe and export's line say which stages run so."""
+    from mri_edge.export import pool, tflite
+
+    labels, held = two_stage_graph(monkeypatch)
+
+    def quantize(nodes):
+        return ("|".join(nodes) + ":fp32:").encode()
+
+    def store(fb, weights, hybrid=()):  # a rewrite of the file built: its float nodes stay
+        return f"{fb.decode().split(':')[0]}:{weights}:{'|'.join(hybrid)}".encode()
+
+    def probs(fb, x=None):  # holds with conv1 ("c1") in float, or hybrid where hybrid_holds
+        nodes, _, hybrid = fb.decode().split(":")
+        holds = "c1" in nodes.split("|") and ("c1" not in hybrid.split("|") or hybrid_holds)
+        return np.eye(2)[(labels + (np.arange(10) < (0 if holds else 3))) % 2]
+
+    fb, recipe = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="int8",
+                                              hybrid=True)
+    assert recipe["float_stages"] == ["conv1"] and recipe["float_weights"] == "int8" and recipe["within_budget"]
+    assert [c["hybrid_stages"] for c in recipe["hybrid_checks"]] == [["conv1"]]
+    assert recipe["hybrid_checks"][0]["within_budget"] == hybrid_holds
+    assert recipe["hybrid_stages"] == (["conv1"] if hybrid_holds else [])
+    assert fb == (b"c1:int8:c1" if hybrid_holds else b"c1:int8:")
+    assert pool.float_parts(recipe).startswith("nothing; dynamic-range int8: conv1 (" if hybrid_holds else "conv1 (")
+    _, plain = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="int8")
+    assert "hybrid_stages" not in plain  # off unless asked
 
 
 @pytest.mark.parametrize("fp16_flips, stored", [(0, "fp16"), (1, "fp32")])

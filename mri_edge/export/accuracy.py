@@ -317,6 +317,38 @@ def store_weights(out: dict, chosen: dict, steps: list[dict], stages: dict[str, 
     return None, out
 
 
+def hybrid_step(out: dict, stages: dict[str, dict], max_drop_pts: float, scoring: Scoring,
+                build: Callable[[list[str]], tuple[object, Callable[[np.ndarray], np.ndarray]]],
+                note: Callable[[str], None] = lambda line: None) -> tuple[object | None, dict]:
+    """(file, recipe) for `export --hybrid`: the written file's float stages that hold
+    convolutions, the most multiply-adds first, each run as dynamic-range int8 (int8 weights read
+    directly by LiteRT's hybrid kernels, activations quantized per image at run time) if the
+    file still holds the budget; (None, recipe) when none does or nothing is to try.
+    build(hybrid) returns the file with those stages hybrid, its other float operations' weights
+    stored as the recipe says, and a function that runs it. The head (float probabilities out)
+    and the weightless input normalisation stay float. The recipe gets `hybrid_stages` (a subset
+    of `float_stages`), their share of the multiply-adds, and every check (`hybrid_checks`)."""
+    if out["weight_only"] or not out["within_budget"]:
+        return None, out
+    order = sorted((s for s in out["float_stages"] if s != "head" and stages[s]["mac_share"] > 0),
+                   key=lambda s: -stages[s]["mac_share"])
+    kept, written, held, checks = [], None, None, []
+    for s in order:
+        fb, run = build(kept + [s])
+        score = scoring(run, "early")
+        ok = within(score, max_drop_pts)
+        note(describe(f"{', '.join(kept + [s])} dynamic-range int8", score, max_drop_pts))
+        checks.append({"hybrid_stages": kept + [s], **score, "within_budget": ok})
+        if ok:
+            kept, written, held = kept + [s], fb, score
+    out.update(hybrid_stages=kept, hybrid_mac_share=sum(stages[s]["mac_share"] for s in kept), hybrid_checks=checks)
+    if held is not None:  # the recipe then describes the file written
+        for key in ("agreement", "flip_estimate", "flip_bound", "accuracy_drop_pts"):
+            if key in held:
+                out[f"held_out_{key}"] = held[key]
+    return written, out
+
+
 def mark_weight_only(meta: dict) -> None:
     """The metadata of a weight-only int8 file, the same for TFLite, ONNX and OpenVINO: its
     weights are int8 and no activation range went into it."""

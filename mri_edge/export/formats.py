@@ -29,12 +29,12 @@ class Format:
 
 # Options that shape only int8 files (the others apply to every file of the format).
 INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop", "max_size", "float_head",
-                "float_weights", "openvino_int8")
+                "float_weights", "hybrid", "openvino_int8")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", ".tflite", ("none", "fp16", "dynamic", "int8"), ("io_dtype", "calib_size", "calib_range",
                                                                        "bn_scales", "max_drop", "max_size",
-                                                                       "float_head", "float_weights"),
+                                                                       "float_head", "float_weights", "hybrid"),
            "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
     Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop", "max_size",
                                                 "float_head", "float_weights"), "onnxruntime", "pip install onnxruntime"),
@@ -59,6 +59,7 @@ class ExportJob:
     float_weights: str = "fp16"  # int8: how the weights of operations kept in float are stored (config.py)
     from_onnx: bool = False  # OpenVINO int8: converted from this export's int8 ONNX file, not quantized by NNCF
     max_size: float | None = None  # int8 with --max-drop: MB the written file may take (accuracy.within_size)
+    hybrid: bool = False  # int8 TFLite with --max-drop: float stages as dynamic-range int8 where the budget holds
 
     @property
     def filename(self) -> str:
@@ -69,7 +70,7 @@ class ExportJob:
 
 def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, openvino_available: bool = True,
          given: tuple[str, ...] = (), float_head: bool = False, openvino_int8: str = "auto",
-         float_weights: str = "fp16", max_size: float | None = None) -> list[ExportJob]:
+         float_weights: str = "fp16", max_size: float | None = None, hybrid: bool = False) -> list[ExportJob]:
     """Expand --format/--quantize into jobs; unsupported combinations are refused up front, and
     so is an option in `given` (the ones the user set) that no planned file accepts."""
     if io_dtype not in IO_DTYPES:
@@ -98,7 +99,8 @@ def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, ope
             jobs.append(ExportJob(f, q, io_dtype if q == "int8" else "float32",
                                   float_head and q == "int8" and "float_head" in FORMATS[f].options,
                                   float_weights=float_weights,
-                                  max_size=max_size if q == "int8" and "max_size" in FORMATS[f].options else None))
+                                  max_size=max_size if q == "int8" and "max_size" in FORMATS[f].options else None,
+                                  hybrid=hybrid and q == "int8" and "hybrid" in FORMATS[f].options))
     if not jobs:
         raise ExportError("nothing to export for that --format/--quantize combination")
     # auto: the OpenVINO int8 file from the int8 ONNX file when this export makes one, else NNCF

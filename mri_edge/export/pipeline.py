@@ -79,6 +79,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                max_size: float | None = ExportConfig.max_size,
                float_head: bool = ExportConfig.float_head,
                float_weights: str = ExportConfig.float_weights,
+               hybrid: bool = ExportConfig.hybrid,
                openvino_int8: str = ExportConfig.openvino_int8) -> tuple[list[dict], list[dict]]:
     """Run every export job; returns (successes, failures). Earlier files survive a failure.
 
@@ -96,12 +97,15 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     run = RunFolder(run_dir)
     run_dir = run.path
     jobs = plan(tuple(formats), tuple(quantize), io_dtype, ov.available(for_export=True), tuple(given), float_head,
-                openvino_int8, float_weights, max_size)
+                openvino_int8, float_weights, max_size, hybrid)
     if "float_weights" in given and not float_head and max_drop is None:
         raise ExportError("--float-weights sets how operations kept in float store their weights: "
                           "add --float-head or --max-drop")
     if max_size is not None and max_drop is None:
         raise ExportError("--max-size limits the file that the accuracy-aware search writes: add --max-drop")
+    if hybrid and max_drop is None:
+        raise ExportError("--hybrid runs stages that the accuracy-aware search keeps in float as dynamic-range int8 "
+                          "where its budget holds: add --max-drop")
     _check(calib_size, calib_range, bn_scales, opset, workers)
     started = time.time()
     model, cfg, labels = load_run(run_dir)

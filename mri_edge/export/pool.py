@@ -72,7 +72,12 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
 
 def float_parts(recipe: dict) -> str:
     """One line of what an accuracy-aware file keeps in float."""
-    what = ", ".join(recipe["float_stages"]) if "float_stages" in recipe else f"{recipe['float_nodes']} operations"
+    hybrid = recipe.get("hybrid_stages") or []
+    if "float_stages" in recipe:
+        what = ", ".join(s for s in recipe["float_stages"] if s not in hybrid) or "nothing"
+        what += f"; dynamic-range int8: {', '.join(hybrid)}" if hybrid else ""
+    else:
+        what = f"{recipe['float_nodes']} operations"
     if recipe.get("weight_only"):
         what = "every operation (weight-only int8)"
     drop = recipe.get("held_out_accuracy_drop_pts")

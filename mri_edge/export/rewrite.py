@@ -5,6 +5,7 @@ index valid."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,8 @@ def per_channel_int8(values: np.ndarray, axis: int, min_per_channel: int = 16):
     return np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8), scale
 
 
-def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16) -> bytes:
+def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16,
+                        hybrid: Collection[str] = ()) -> bytes:
     """Store the weights of the operations left in float (by --float-head or --max-drop) as
     float16 (fp16) or as int8 per output channel, each behind a DEQUANTIZE that turns it back into
     float32 once, when the interpreter is prepared (XNNPACK unpacks such constants into static
@@ -113,16 +115,18 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
     transitions, depthwise kernels up to 3x3) stay float32: a per-channel scale and zero point
     would take more room than the weight. So does a weight outside float16's range.
 
-    "dynamic" (for benchmarks/float_weights.py, not offered by export): the int8 weights of
-    convolutions and fully connected layers are read directly, without a DEQUANTIZE, so LiteRT
-    runs them as hybrid operations that quantize each input on the fly; other weights as fp16.
-    Measured on the shipped Alzheimer model, 12 more test flips than float stages and no faster
-    on an AVX2 CPU (docs/int8.md).
+    hybrid (output tensor names; `export --hybrid`): the int8 weights of those convolutions and
+    dense layers are read directly, without a DEQUANTIZE, so LiteRT runs them as hybrid
+    operations that quantize each input on the fly; the other weights are stored as dtype says
+    (fp32: left as they are). "dynamic" (for benchmarks/float_weights.py) does that for every
+    convolution and dense layer, the other weights stored as fp16. On the shipped Alzheimer model
+    every float stage hybrid flips 12 more test answers than float; hybrid kernels are 2.2x faster
+    than float ones on a CPU with VNNI, no faster on AVX2 alone (docs/int8.md).
     """
     from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
 
-    if dtype not in ("fp16", "int8", "dynamic"):
+    if dtype not in ("fp16", "int8", "dynamic") and not (dtype == "fp32" and hybrid):
         raise ExportError(f"float weights are stored as fp16, int8 or dynamic, not {dtype!r}")
     op_ = schema.BuiltinOperator
     model = flatbuffer_utils.convert_bytearray_to_object(flatbuffer)
@@ -133,10 +137,11 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
             axis[i] = 0
         elif code == op_.DEPTHWISE_CONV_2D:
             axis[i] = 3
-    hybrid = {i for i, a in axis.items() if a == 0}  # CONV_2D and FULLY_CONNECTED: LiteRT has hybrid kernels for them
+    kernels = {i for i, a in axis.items() if a == 0}  # CONV_2D and FULLY_CONNECTED: LiteRT has hybrid kernels for them
     code = schema.OperatorCodeT()
     code.builtinCode = code.deprecatedBuiltinCode = op_.DEQUANTIZE
     code.version = 5 if dtype == "int8" else 3  # per-channel int8, or float16 input
+    hybrid = {n.encode() if isinstance(n, str) else n for n in hybrid}
     model.operatorCodes.append(code)
     dequantize = len(model.operatorCodes) - 1
     replaced = set()
@@ -151,9 +156,13 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
                     or sg.tensors[op.inputs[0]].type != schema.TensorType.FLOAT32):
                 continue
             values = np.frombuffer(bytes(data), np.float32).reshape(w.shape)
+            read_directly = op.opcodeIndex in kernels and (dtype == "dynamic"
+                                                           or sg.tensors[op.outputs[0]].name in hybrid)
+            if dtype == "fp32" and not read_directly:
+                continue
             t = schema.TensorT()
-            t.name, t.shape = w.name + f"/{dtype}".encode(), np.array(w.shape)
-            if dtype == "fp16" or dtype == "dynamic" and op.opcodeIndex not in hybrid:
+            t.name, t.shape = w.name + f"/{'dynamic' if read_directly else dtype}".encode(), np.array(w.shape)
+            if dtype == "fp16" and not read_directly or dtype == "dynamic" and op.opcodeIndex not in kernels:
                 t.type, stored = schema.TensorType.FLOAT16, values.astype(np.float16)
                 if not np.isfinite(stored).all():
                     continue
@@ -173,7 +182,7 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
             replaced.add(w.buffer)  # the float32 copy goes, unless another tensor shares it
             w.buffer = 0
             done.add(op.inputs[1])
-            if t.type == schema.TensorType.INT8 and dtype == "dynamic":  # a hybrid operation reads it as it is
+            if read_directly:  # a hybrid operation reads it as it is
                 for o in sg.operators:
                     o.inputs = [len(sg.tensors) - 1 if i == op.inputs[1] else i for i in o.inputs]
                 continue

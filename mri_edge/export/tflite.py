@@ -19,7 +19,7 @@ import numpy as np
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import FEATURES, METADATA_NAME
-from .accuracy import Scoring, recipe, stage_search, store_weights, within_size
+from .accuracy import Scoring, hybrid_step, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
 from .formats import ExportError, ExportJob
@@ -265,7 +265,7 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
         calibrated = calibrated_for(saved_model, calib, calib_range, job.io_dtype)
         fb, meta["accuracy_aware"] = tflite_accuracy_aware(
             calibrated, lambda nodes: quantize_calibrated(calibrated, replace(job, float_weights="fp32"), scales, nodes),
-            store_float_weights, held, max_drop, probs, job.float_head, job.float_weights, job.max_size)
+            store_float_weights, held, max_drop, probs, job.float_head, job.float_weights, job.max_size, job.hybrid)
     # what the written file stores; absent when nothing stayed in float
     recipe = meta.get("accuracy_aware")
     weights = recipe.get("float_weights") if recipe else job.float_weights if job.float_head else None
@@ -308,7 +308,8 @@ def tflite_stages(calibrated: bytes) -> dict[str, dict]:
 def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], bytes],
                           store: Callable[[bytes, str], bytes], held: HeldOut, max_drop_pts: float,
                           probs: Callable[..., np.ndarray], float_head: bool = False,
-                          float_weights: str = "fp32", max_size_mb: float | None = None) -> tuple[bytes, dict]:
+                          float_weights: str = "fp32", max_size_mb: float | None = None,
+                          hybrid: bool = False) -> tuple[bytes, dict]:
     """(int8 flatbuffer, recipe): the cheapest file found within the budget. quantize(nodes)
     quantizes the calibrated graph with those nodes kept in float (float32 weights);
     store(fb, weights) stores the weights of a file's float operations as `weights`
@@ -317,7 +318,9 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     ones, the choice moved with single held-out answers that the rounding had moved); the chosen
     file's float weights are then stored as float_weights if it stays within the budget
     (`accuracy.store_weights`). The weight-only candidate (`stage_search`) is the all-float
-    candidate stored as int8; it also replaces a file over max_size_mb (`accuracy.within_size`)."""
+    candidate stored as int8; it also replaces a file over max_size_mb (`accuracy.within_size`).
+    hybrid: then the float stages' convolutions run as dynamic-range int8 where the budget
+    holds (`accuracy.hybrid_step`)."""
     stages = tflite_stages(calibrated)
     built: dict[frozenset, bytes] = {}
 
@@ -353,6 +356,14 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         return fb, lambda x: probs(fb, x)
 
     written, out = store_weights(out, chosen, steps, stages, held, max_drop_pts, scoring, float_weights, stored)
+    if hybrid:
+        def with_hybrid(kept: list[str]) -> tuple[bytes, Callable[[np.ndarray], np.ndarray]]:
+            nodes = [n for s in kept for n in stages[s]["nodes"]]
+            fb = store(build(out["float_stages"]), out["float_weights"], hybrid=nodes)
+            return fb, lambda x: probs(fb, x)
+
+        hybrid_file, out = hybrid_step(out, stages, max_drop_pts, scoring, with_hybrid, note)
+        written = hybrid_file or written
     return within_size(fb if written is None else written, out, lambda b: len(b) / 1e6, max_size_mb, weight_only,
                        steps, stages, held, max_drop_pts, note)
 
