@@ -99,6 +99,8 @@ def current_rows(rows: dict, metadata: dict, what: str, command: str, missing: l
 
 
 def build(run_dir) -> dict:
+    from .export.pool import float_parts  # noqa: PLC0415
+
     run = RunFolder(run_dir)
     cfg = run.config()
     names = run.labels()["class_names"]
@@ -168,7 +170,9 @@ def build(run_dir) -> dict:
                           | {"flips": len(r.get("flips", [])),
                              "familiarity_agreement": (r.get("familiarity") or {}).get("agreement"),
                              "explanation_rank_correlation": ((r.get("explanation") or {}).get("rank_correlation")
-                                                              or {}).get("median")} for n, r in
+                                                              or {}).get("median")}
+                          | ({"int8_recipe": float_parts(recipe)} if (recipe := metadata.get(n, {}).get("accuracy_aware"))
+                             else {}) for n, r in
                           current_rows(parity["files"], metadata, "parity", f"mri-edge verify {run.path}",
                                        missing).items()}
     else:
@@ -285,6 +289,10 @@ def markdown(card: dict) -> str:
                                     f"{a:.2%}" if (a := p.get("familiarity_agreement")) is not None else "",
                                     f"{r:.3f}" if (r := p.get("explanation_rank_correlation")) is not None else "",
                                     "PASS" if p["passed"] else "FAIL"] for n, p in card["parity"].items()]), ""]
+        recipes = [f"- `{n}`: {p['int8_recipe']}" for n, p in card["parity"].items() if "int8_recipe" in p]
+        if recipes:  # what the accuracy-aware search kept out of static int8, and its held-out score
+            parts += ["int8 recipes (`mri-edge export --max-drop`; held-out agreement, flip bound, accuracy change):",
+                      "", *recipes, ""]
     if "latency" in card:
         parts += [f"## Latency (batch 1, {card['latency']['machine']})", "",
                   report.md_table(["file", "runtime", "threads", "p50 ms"],

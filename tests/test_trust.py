@@ -653,6 +653,13 @@ def test_card_on_a_shipped_folder_describes_that_folder(tmp_path):
     assert "## Benchmark" in index and "(bench.md)" in index and "(in folder `tumor`)" in index
     card = json.loads((shipped / "model_card.json").read_text())
     assert sorted(f["file"] for f in card["files"]) == files
+    # the accuracy-aware files' recipes (what stayed out of static int8), as export's table gives them
+    from mri_edge.backends import read_metadata
+    from mri_edge.export.pool import float_parts
+
+    recipe = float_parts(read_metadata(shipped / "model_int8.tflite")["accuracy_aware"])
+    assert card["parity"]["model_int8.tflite"]["int8_recipe"] == recipe
+    assert f"- `model_int8.tflite`: {recipe}" in (shipped / "model_card.md").read_text()
     # a later `bench --quick` (10 timed runs, in bench/) does not stand in for the shipped 30-run report
     full = json.loads((shipped / "bench.json").read_text())
     (shipped / "bench").mkdir()
