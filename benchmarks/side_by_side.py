@@ -58,14 +58,16 @@ def onnx_run(args: argparse.Namespace):
 
 
 def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
-    """quantize(kept) -> an int8 TFLite file of the run as `mri-edge export` builds it (the
-    calibration range and batch-norm scales of its shipped file; the float graph is written to
-    work/sm) with those stages in float and float32 weights (names as the search gives them,
-    "conv2.1-3" included; the head only if "head" is among them)."""
+    """quantize(kept, hybrid=()) -> an int8 TFLite file of the run as `mri-edge export` builds it
+    (the calibration range and batch-norm scales of its shipped file; the float graph is written
+    to work/sm) with those stages in float and float32 weights (names as the search gives them,
+    "conv2.1-3" included; the head only if "head" is among them), and the hybrid stages as
+    dynamic-range int8 (`export --hybrid`)."""
     from mri_edge import export  # noqa: PLC0415
     from mri_edge.export.stages import part  # noqa: PLC0415
     from mri_edge.export.calibration import calibration_set  # noqa: PLC0415
     from mri_edge.export.formats import ExportJob  # noqa: PLC0415
+    from mri_edge.export.rewrite import store_float_weights  # noqa: PLC0415
     from mri_edge.export.tflite import calibrated_for, quantize_calibrated, tflite_stages, write_saved_model  # noqa: PLC0415
 
     model, cfg, _ = export.load_run(run_dir)
@@ -76,14 +78,15 @@ def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
     stages = tflite_stages(calibrated)
     scales = shipped.meta.get("bn_scales", "per-tensor")
 
-    def quantize(kept: list[str]) -> bytes:
-        unknown = [s for s in kept if s.split(".")[0] not in stages]
+    def quantize(kept: list[str], hybrid: list[str] = ()) -> bytes:
+        unknown = [s for s in [*kept, *hybrid] if s.split(".")[0] not in stages]
         if unknown:
             raise SystemExit(f"no stage {unknown[0]!r} in this graph (stages: {', '.join(stages)})")
-        kept = [part(stages, s) for s in kept]
-        nodes = [n for s in kept if s != "head" for n in stages[s]["nodes"]]
-        return quantize_calibrated(calibrated, ExportJob("tflite", "int8", "uint8", "head" in kept,
-                                                         float_weights="fp32"), scales, nodes)
+        kept, hybrid = [part(stages, s) for s in kept], [part(stages, s) for s in hybrid]
+        nodes = [n for s in kept + hybrid if s != "head" for n in stages[s]["nodes"]]
+        fb = quantize_calibrated(calibrated, ExportJob("tflite", "int8", "uint8", "head" in kept,
+                                                       float_weights="fp32"), scales, nodes)
+        return store_float_weights(fb, "fp32", hybrid=[n for s in hybrid for n in stages[s]["nodes"]]) if hybrid else fb
 
     return quantize
 
