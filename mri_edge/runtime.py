@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,18 @@ class Model:
         return probs, None if not feats or feats[0] is None else np.concatenate(feats)
 
 
+def slow_hybrid(meta: dict, runtime_name: str) -> str | None:
+    """Why a file runs slowly on this interpreter, or None: tflite-runtime (2.14, the last
+    release) has no XNNPACK kernels for dynamic-range int8 (`export --hybrid`), so those stages
+    run on its reference kernels, measured 54-71 ms against 3.8 ms with ai-edge-litert for the
+    shipped Alzheimer file (its answers stay within the file's gate: docs/int8.md)."""
+    stages = (meta.get("accuracy_aware") or {}).get("hybrid_stages")
+    if not stages or not runtime_name.startswith("tflite_runtime"):
+        return None
+    return (f"{', '.join(stages)} of this file run as dynamic-range int8, which tflite-runtime runs on slow "
+            "reference kernels (about 15x slower); install ai-edge-litert: pip install 'mri-edge[device]'")
+
+
 class TFLiteModel(Model):
     """xnnpack: "default" (the interpreter's XNNPACK delegate), "latest" (XNNPACK with its
     newest kernels enabled) or "off" (built-in kernels only; for comparison)."""
@@ -219,6 +232,8 @@ class TFLiteModel(Model):
             raise RuntimeModelError(f"{path}: the interpreter cannot load it ({type(e).__name__}: "
                                     f"{first_line(e)})") from None
         self._details()
+        if why := slow_hybrid(meta, self.runtime_name):
+            warnings.warn(f"{path.name}: {why}", RuntimeWarning, stacklevel=2)
         if list(self.in_det["shape"][1:3]) != [self.image_size, self.image_size]:
             raise RuntimeModelError(f"{path}: its graph takes {list(self.in_det['shape'][1:3])} px, its metadata "
                                     f"says {self.image_size}; the file is inconsistent")

@@ -285,3 +285,17 @@ def test_a_missing_tflite_runtime_that_was_asked_for_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
     with pytest.raises(RuntimeModelError, match="tflite_runtime is not installed \\(pip install tflite-runtime\\)"):
         load_interpreter_class("tflite_runtime")
+
+
+def test_a_file_with_dynamic_range_stages_warns_on_tflite_runtime_only():
+    """tflite-runtime has no fast kernels for `export --hybrid`'s dynamic-range stages: opening
+    such a file there says so (and what to install); LiteRT, or a file without them, says nothing."""
+    from mri_edge.runtime import slow_hybrid
+
+    meta = {"accuracy_aware": {"hybrid_stages": ["conv2", "conv3"]}}
+    why = slow_hybrid(meta, "tflite_runtime")
+    assert "conv2, conv3" in why and "pip install 'mri-edge[device]'" in why
+    assert slow_hybrid(meta, "tflite_runtime[xnnpack=off]")
+    assert slow_hybrid(meta, "ai_edge_litert") is None
+    assert slow_hybrid({"accuracy_aware": {"hybrid_stages": []}}, "tflite_runtime") is None
+    assert slow_hybrid({}, "tflite_runtime") is None
