@@ -11,6 +11,10 @@ and as int8 per channel (a DequantizeLinear that onnxruntime runs on every call 
 with int8 operations, so export stores fp16 where int8 is asked): what each storage costs in
 size, flips and latency.
 
+With --dynamic, onnxruntime's dynamic quantization (`quantize_dynamic`: every convolution a
+ConvInteger whose input is quantized per call, weights uint8 or int8) joins them: the ONNX
+counterpart of TFLite's dynamic-range stages (`export --hybrid`).
+
     python benchmarks/onnx_weight_only.py artifacts/runs/alzheimer-128px-noaug-72min-ema --split test
 """
 
@@ -36,6 +40,8 @@ def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--stored", action="store_true",
                     help="Also exports/model_int8.onnx with its float parts' weights as fp32, fp16 and int8")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="Also onnxruntime's dynamic quantization of every convolution (ConvInteger)")
     args = ap.parse_args()
     quiet.set_verbose(args.verbose)
 
@@ -60,6 +66,13 @@ def main() -> None:
             for w in ("fp16", "int8"):
                 onnx_store_weights(chosen, work / f"stored_{w}.onnx", w)
                 paths[f"{kept} in float, weights {w}"] = (work / f"stored_{w}.onnx", {"weight_bits": 7})
+        if args.dynamic:
+            from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+
+            for w in (QuantType.QUInt8, QuantType.QInt8):
+                out = work / f"dynamic_{w.name}.onnx"
+                quantize_dynamic(str(fp32_path), str(out), op_types_to_quantize=["Conv"], weight_type=w)
+                paths[f"dynamic int8 (ConvInteger), weights {w.name}"] = (out, {"quantization": "int8"})
         nets = {name: OnnxModel(path, {**meta, **extra}, threads=args.threads) for name, (path, extra) in paths.items()}
         compare(nets, {name: path.stat().st_size / 1e6 for name, (path, _) in paths.items()}, x, probs, labels,
                 args.rounds, args.threads, args.split, "fp32 file")
