@@ -171,8 +171,8 @@ def build(run_dir) -> dict:
                              "familiarity_agreement": (r.get("familiarity") or {}).get("agreement"),
                              "explanation_rank_correlation": ((r.get("explanation") or {}).get("rank_correlation")
                                                               or {}).get("median")}
-                          | ({"int8_recipe": float_parts(recipe)} if (recipe := metadata.get(n, {}).get("accuracy_aware"))
-                             else {}) for n, r in
+                          | ({"int8_recipe": float_parts(recipe)}
+                             if (recipe := metadata.get(n, {}).get("accuracy_aware")) else {}) for n, r in
                           current_rows(parity["files"], metadata, "parity", f"mri-edge verify {run.path}",
                                        missing).items()}
     else:

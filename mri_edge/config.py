@@ -261,11 +261,11 @@ class ExportConfig:
                                         "no file with int8 compute holds the budget, a weight-only int8 file (all "
                                         "compute float) is tried last (docs/int8.md).", choices=FLOAT_WEIGHTS)
     hybrid: bool = option(False, "int8 TFLite with --max-drop: each stage the search keeps in float that holds "
-                                 "convolutions, the largest first, runs as dynamic-range int8 (int8 weights, "
-                                 "activations quantized per image at run time) where the budget still holds. About "
-                                 "2x faster than float where the CPU has int8 dot products (x86 VNNI, Arm dotprod), "
-                                 "level without; answers can differ between XNNPACK and LiteRT's built-in kernels "
-                                 "(docs/int8.md).")
+                                 "convolutions, the most multiply-adds first, runs as dynamic-range int8 (int8 "
+                                 "weights, activations quantized per image at run time) where the budget still "
+                                 "holds. 2.2x faster than float on an x86 CPU with VNNI, level on AVX2 alone; slow "
+                                 "on tflite-runtime; answers can differ between XNNPACK and LiteRT's built-in "
+                                 "kernels (docs/int8.md).")
     openvino_int8: str = option("auto", "int8 OpenVINO file: converted from this export's int8 ONNX file (its ranges, "
                                         "--max-drop and --float-head choices and weights), or quantized by "
                                         "NNCF from the fp32 graph; auto = from the ONNX file when this export makes "

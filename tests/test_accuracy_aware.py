@@ -794,41 +794,61 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
         y, ops = run(hybrid)
         assert ops.count("DEQUANTIZE") == dequantized, dtype
         assert 0 < np.abs(y - ref).max() < 3e-2 * scale, dtype
-    assert len(store_float_weights(fb, "fp32", hybrid=[name])) < len(fb) - 1500  # 864 weights, 3.5 kB -> 0.9 kB + scales
+    # 864 weights: 3.5 kB as float32, 0.9 kB as int8 plus its per-channel scales
+    assert len(store_float_weights(fb, "fp32", hybrid=[name])) < len(fb) - 1500
     with pytest.raises(ExportError, match="fp16, int8 or dynamic"):
         store_float_weights(fb, "fp32")  # nothing to do without hybrid operations
 
 
-@pytest.mark.parametrize("hybrid_holds", [True, False])
-def test_hybrid_runs_a_float_stage_as_dynamic_range_int8_only_within_budget(monkeypatch, hybrid_holds):
-    """--hybrid: after the search and the weights' storage, each float stage with convolutions
-    is tried as dynamic-range int8 and kept so only if the file still holds the budget; the
-    recipe and export's line say which stages run so."""
-    from mri_edge.export import pool, tflite
+def test_hybrid_runs_float_stages_as_dynamic_range_int8_only_within_budget(monkeypatch):
+    """--hybrid: after the search and the weights' storage, each float stage with compute is
+    tried as dynamic-range int8, the most multiply-adds first (never the head), and kept so only
+    if the file still holds the budget; a stage whose file comes out unchanged is skipped. The
+    recipe's held-out figures are the written file's, and export's line says which stages run so."""
+    from mri_edge.export import accuracy, pool, tflite
 
-    labels, held = two_stage_graph(monkeypatch)
+    stages = {"head": {"nodes": ["h"], "mac_share": 0.001, "param_share": 0.05, "cost": 0.05},
+              "conv1": {"nodes": ["c1"], "mac_share": 0.1, "param_share": 0.1, "cost": 0.1},
+              "conv2": {"nodes": ["c2"], "mac_share": 0.5, "param_share": 0.4, "cost": 0.5},
+              "conv3": {"nodes": ["c3"], "mac_share": 0.3, "param_share": 0.3, "cost": 0.3}}
+    monkeypatch.setattr(tflite, "tflite_stages", lambda calibrated: stages)
+    labels = np.arange(100) % 2
+    images = np.zeros((100, 2, 2, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(100)  # each image says which it is: a score may run only some
+    held = accuracy.HeldOut(images, np.eye(2)[labels] * 0.9 + 0.05, labels)
 
     def quantize(nodes):
-        return ("|".join(nodes) + ":fp32:").encode()
+        return ("|".join(sorted(nodes)) + ":fp32:").encode()
 
-    def store(fb, weights, hybrid=()):  # a rewrite of the file built: its float nodes stay
-        return f"{fb.decode().split(':')[0]}:{weights}:{'|'.join(hybrid)}".encode()
+    def store(fb, weights, hybrid=()):  # conv3 has nothing a hybrid kernel runs: the rewrite leaves it
+        return f"{fb.decode().split(':')[0]}:{weights}:{'|'.join(n for n in hybrid if n != 'c3')}".encode()
 
-    def probs(fb, x=None):  # holds with conv1 ("c1") in float, or hybrid where hybrid_holds
+    def probs(fb, x=None):  # holds with conv1-conv3 out of static int8; conv2 hybrid flips 1 of 100, conv1 30
         nodes, _, hybrid = fb.decode().split(":")
-        holds = "c1" in nodes.split("|") and ("c1" not in hybrid.split("|") or hybrid_holds)
-        return np.eye(2)[(labels + (np.arange(10) < (0 if holds else 3))) % 2]
+        nodes, hybrid = nodes.split("|"), hybrid.split("|")
+        wrong = 0 if {"c1", "c2", "c3"} <= set(nodes) else 40
+        wrong = max(wrong, 30 if "c1" in hybrid else 1 if "c2" in hybrid else 0)
+        idx = (held.x if x is None else x)[:, 0, 0, 0].astype(int)
+        return np.eye(2)[(labels[idx] + (idx < wrong)) % 2]
 
-    fb, recipe = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="int8",
-                                              hybrid=True)
-    assert recipe["float_stages"] == ["conv1"] and recipe["float_weights"] == "int8" and recipe["within_budget"]
-    assert [c["hybrid_stages"] for c in recipe["hybrid_checks"]] == [["conv1"]]
-    assert recipe["hybrid_checks"][0]["within_budget"] == hybrid_holds
-    assert recipe["hybrid_stages"] == (["conv1"] if hybrid_holds else [])
-    assert fb == (b"c1:int8:c1" if hybrid_holds else b"c1:int8:")
-    assert pool.float_parts(recipe).startswith("nothing; dynamic-range int8: conv1 (" if hybrid_holds else "conv1 (")
-    _, plain = tflite.tflite_accuracy_aware(b"", quantize, store, held, 5.0, probs, float_weights="int8")
-    assert "hybrid_stages" not in plain  # off unless asked
+    fb, recipe = tflite.tflite_accuracy_aware(b"", quantize, store, held, 10.0, probs, float_head=True,
+                                              float_weights="int8", hybrid=True)
+    assert sorted(recipe["float_stages"]) == ["conv1", "conv2", "conv3", "head"] and recipe["within_budget"]
+    checks = recipe["hybrid_checks"]
+    assert [c["hybrid_stages"] for c in checks] == [["conv2"], ["conv2", "conv3"], ["conv2", "conv1"]]
+    assert [c.get("within_budget") for c in checks] == [True, None, False] and "skipped" in checks[1]
+    assert recipe["hybrid_stages"] == ["conv2"] and recipe["hybrid_mac_share"] == 0.5
+    assert fb == b"c1|c2|c3|h:int8:c2" and recipe["size_mb"] == len(fb) / 1e6
+    assert recipe["held_out_agreement"] == checks[0]["agreement"] == 0.99  # the written file's score
+    assert pool.float_parts(recipe).startswith("head, conv1, conv3; dynamic-range int8: conv2 (99.00%")
+    _, plain = tflite.tflite_accuracy_aware(b"", quantize, store, held, 10.0, probs, float_head=True,
+                                            float_weights="int8")
+    assert "hybrid_stages" not in plain and plain["held_out_agreement"] == 1.0  # off unless asked
+    # nothing to try on a weight-only or over-budget file: said in the recipe, nothing built
+    for out, why in (({"weight_only": True, "within_budget": True}, "weight-only"),
+                     ({"weight_only": False, "within_budget": False}, "over budget")):
+        assert accuracy.hybrid_step(out, stages, 10.0, None, None)[0] is None
+        assert out["hybrid_stages"] == [] and why in out["hybrid_skipped"]
 
 
 @pytest.mark.parametrize("fp16_flips, stored", [(0, "fp16"), (1, "fp32")])

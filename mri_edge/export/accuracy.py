@@ -221,6 +221,8 @@ def within_size(written: object, out: dict, size_mb: Callable[[object], float], 
     if not within(score, max_drop_pts):
         return written, out
     replaced = {k: out[k] for k in ("float_stages", "float_weights", "size_mb", "held_out_agreement") if k in out}
+    if out.get("hybrid_stages"):
+        replaced["hybrid_stages"] = out["hybrid_stages"]
     out = recipe(out["method"], steps[-1], steps, stages, held, max_drop_pts)
     out.update(size_mb=size, max_size_mb=max_size_mb, within_size=True, instead_of=replaced)
     return cand, out
@@ -310,11 +312,19 @@ def store_weights(out: dict, chosen: dict, steps: list[dict], stages: dict[str, 
                 out = recipe(out["method"], step, steps, stages, held, max_drop_pts)
                 out["float_weights_check"] = check
             out["float_weights"] = weights
-            for key in ("agreement", "flip_estimate", "flip_bound", "accuracy_drop_pts"):
-                out[f"held_out_{key}"] = check[key]
+            describe_written(out, check)
             return stored, out
         failed = failed or check
     return None, out
+
+
+def describe_written(out: dict, score: dict) -> None:
+    """The recipe's held-out figures become those of the file written, a complete score."""
+    for key in ("agreement", "flip_estimate", "flip_bound", "accuracy_drop_pts"):
+        if key in score:
+            out[f"held_out_{key}"] = score[key]
+        else:
+            out.pop(f"held_out_{key}", None)
 
 
 def hybrid_step(out: dict, stages: dict[str, dict], max_drop_pts: float, scoring: Scoring,
@@ -326,26 +336,33 @@ def hybrid_step(out: dict, stages: dict[str, dict], max_drop_pts: float, scoring
     file still holds the budget; (None, recipe) when none does or nothing is to try.
     build(hybrid) returns the file with those stages hybrid, its other float operations' weights
     stored as the recipe says, and a function that runs it. The head (float probabilities out)
-    and the weightless input normalisation stay float. The recipe gets `hybrid_stages` (a subset
-    of `float_stages`), their share of the multiply-adds, and every check (`hybrid_checks`)."""
+    and the weightless input normalisation stay float; a stage whose file comes out unchanged
+    (nothing in it that a hybrid kernel runs) is skipped. The recipe gets `hybrid_stages` (a
+    subset of `float_stages`), their share of the multiply-adds, and every check
+    (`hybrid_checks`); with nothing to try, why (`hybrid_skipped`)."""
     if out["weight_only"] or not out["within_budget"]:
+        why = "a weight-only file" if out["weight_only"] else "the file is over budget"
+        out.update(hybrid_stages=[], hybrid_checks=[], hybrid_skipped=why)
         return None, out
     order = sorted((s for s in out["float_stages"] if s != "head" and stages[s]["mac_share"] > 0),
                    key=lambda s: -stages[s]["mac_share"])
     kept, written, held, checks = [], None, None, []
+    current = build([])[0] if order else None  # the file as it is, to tell a stage that changes nothing
     for s in order:
         fb, run = build(kept + [s])
+        if fb == current:
+            note(f"{s}: nothing in it runs as dynamic-range int8 (skipped)")
+            checks.append({"hybrid_stages": kept + [s], "skipped": "nothing in it runs as dynamic-range int8"})
+            continue
         score = scoring(run, "early")
         ok = within(score, max_drop_pts)
         note(describe(f"{', '.join(kept + [s])} dynamic-range int8", score, max_drop_pts))
         checks.append({"hybrid_stages": kept + [s], **score, "within_budget": ok})
         if ok:
-            kept, written, held = kept + [s], fb, score
+            kept, written, held, current = kept + [s], fb, score, fb
     out.update(hybrid_stages=kept, hybrid_mac_share=sum(stages[s]["mac_share"] for s in kept), hybrid_checks=checks)
-    if held is not None:  # the recipe then describes the file written
-        for key in ("agreement", "flip_estimate", "flip_bound", "accuracy_drop_pts"):
-            if key in held:
-                out[f"held_out_{key}"] = held[key]
+    if held is not None:
+        describe_written(out, held)
     return written, out
 
 

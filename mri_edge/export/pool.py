@@ -88,8 +88,9 @@ def float_parts(recipe: dict) -> str:
     size = ""
     if "instead_of" in recipe:  # the weight-only file, for --max-size
         replaced = recipe["instead_of"]
+        hybrid = f", {', '.join(replaced['hybrid_stages'])} dynamic-range" if replaced.get("hybrid_stages") else ""
         size = (f", for --max-size {recipe['max_size_mb']:g} MB instead of "
-                f"{', '.join(replaced['float_stages']) or 'nothing'} in float ({replaced['size_mb']:.2f} MB)")
+                f"{', '.join(replaced['float_stages']) or 'nothing'} in float{hybrid} ({replaced['size_mb']:.2f} MB)")
     elif recipe.get("within_size") is False:
         size = f", over --max-size {recipe['max_size_mb']:g} MB"
     return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{flips}{acc}"

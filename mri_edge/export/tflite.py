@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -265,7 +266,8 @@ def convert(job: ExportJob, saved_model: str, calib, calib_range: str, meta: dic
         calibrated = calibrated_for(saved_model, calib, calib_range, job.io_dtype)
         fb, meta["accuracy_aware"] = tflite_accuracy_aware(
             calibrated, lambda nodes: quantize_calibrated(calibrated, replace(job, float_weights="fp32"), scales, nodes),
-            store_float_weights, held, max_drop, probs, job.float_head, job.float_weights, job.max_size, job.hybrid)
+            store_float_weights, held, max_drop, probs, job.float_head, job.float_weights, job.max_size,
+            job.hybrid)
     # what the written file stores; absent when nothing stayed in float
     recipe = meta.get("accuracy_aware")
     weights = recipe.get("float_weights") if recipe else job.float_weights if job.float_head else None
@@ -306,7 +308,7 @@ def tflite_stages(calibrated: bytes) -> dict[str, dict]:
 
 
 def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], bytes],
-                          store: Callable[[bytes, str], bytes], held: HeldOut, max_drop_pts: float,
+                          store: Callable[..., bytes], held: HeldOut, max_drop_pts: float,
                           probs: Callable[..., np.ndarray], float_head: bool = False,
                           float_weights: str = "fp32", max_size_mb: float | None = None,
                           hybrid: bool = False) -> tuple[bytes, dict]:
@@ -351,18 +353,19 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
                  stages, held, max_drop_pts)
 
-    def stored(kept: list[str], weights: str) -> tuple[bytes, Callable[[np.ndarray], np.ndarray]]:
-        fb = store(build(kept), weights)
+    def stored(kept: list[str], weights: str,
+               hybrid: Collection[str] = ()) -> tuple[bytes, Callable[[np.ndarray], np.ndarray]]:
+        nodes = [n for s in hybrid for n in stages[s]["nodes"]]
+        if nodes:
+            fb = store(build(kept), weights, hybrid=nodes)
+        else:
+            fb = build(kept) if weights == "fp32" else store(build(kept), weights)
         return fb, lambda x: probs(fb, x)
 
     written, out = store_weights(out, chosen, steps, stages, held, max_drop_pts, scoring, float_weights, stored)
     if hybrid:
-        def with_hybrid(kept: list[str]) -> tuple[bytes, Callable[[np.ndarray], np.ndarray]]:
-            nodes = [n for s in kept for n in stages[s]["nodes"]]
-            fb = store(build(out["float_stages"]), out["float_weights"], hybrid=nodes)
-            return fb, lambda x: probs(fb, x)
-
-        hybrid_file, out = hybrid_step(out, stages, max_drop_pts, scoring, with_hybrid, note)
+        hybrid_file, out = hybrid_step(out, stages, max_drop_pts, scoring,
+                                       lambda kept: stored(out["float_stages"], out["float_weights"], kept), note)
         written = hybrid_file or written
     return within_size(fb if written is None else written, out, lambda b: len(b) / 1e6, max_size_mb, weight_only,
                        steps, stages, held, max_drop_pts, note)
