@@ -429,3 +429,45 @@ def test_add_features_gives_older_files_the_output_without_changing_their_answer
             assert export_lib.add_features(f) == "named in its signature"
             assert runtime.FEATURES in next(iter(Interpreter(str(f)).get_signature_list().values()))["outputs"]
             assert np.array_equal(open_model(f).run(x), before[f.name])
+
+
+def test_hybrid_stages_of_a_densenet121_read_their_int8_weights_directly(tiny_run, tmp_path):
+    """On a real DenseNet121 graph the stage nodes the search names are the ones the rewrite
+    matches (`export --hybrid`): with conv1 and conv2 out of static int8 and conv2 hybrid, every
+    convolution of conv2 takes float input and int8 weights without a DEQUANTIZE, conv1's stay
+    float behind one, and the file runs."""
+    from mri_edge.export.formats import ExportJob
+    from mri_edge.export.rewrite import store_float_weights
+    from mri_edge.interpreters import load_interpreter_class
+
+    model, cfg, _ = export_lib.load_run(tiny_run)
+    size = int(cfg["image_size"])
+    tflite.write_saved_model(export_lib.deployment_graph(model), str(tmp_path / "sm"), size)
+    calib = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    calibrated = tflite.calibrated_for(str(tmp_path / "sm"), calib, "percentile", "uint8")
+    stages = tflite.tflite_stages(calibrated)
+    cls = load_interpreter_class()[0]
+
+    def conv_ops(fb: bytes) -> list[tuple[str, str, str]]:  # (output name, input dtype, weight dtype) per CONV_2D
+        interp = cls(model_content=fb)
+        tensors = {t["index"]: t for t in interp.get_tensor_details()}
+        return [(tensors[op["outputs"][0]]["name"], tensors[op["inputs"][0]]["dtype"].__name__,
+                 tensors[op["inputs"][1]]["dtype"].__name__)
+                for op in interp._get_ops_details() if op["op_name"] == "CONV_2D"]
+
+    conv2 = {name for name, _, _ in conv_ops(calibrated) if name in set(stages["conv2"]["nodes"])}
+    assert len(conv2) >= 12  # six dense layers of two convolutions each
+    fb = tflite.quantize_calibrated(calibrated, ExportJob("tflite", "int8", "uint8", True, float_weights="fp32"),
+                                    "per-tensor", stages["conv1"]["nodes"] + stages["conv2"]["nodes"])
+    hybrid = store_float_weights(fb, "int8", hybrid=stages["conv2"]["nodes"])
+    ops = conv_ops(hybrid)
+    direct = {name for name, x, w in ops if x == "float32" and w == "int8"}
+    assert direct == conv2
+    conv1 = [w for name, x, w in ops if name in set(stages["conv1"]["nodes"])]
+    assert conv1 and set(conv1) == {"float32"}  # dequantized once, run in float
+    interp = cls(model_content=hybrid)
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], calib[:1])
+    interp.invoke()
+    probs = interp.get_tensor(interp.get_output_details()[0]["index"])
+    assert np.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-3
