@@ -8,9 +8,8 @@ file with those stages in float and their weights stored as fp32, fp16 and int8
 (`--float-weights`); it also converts the fp32 and fp16 files (no int8 at all). Per
 file: size, flips against Keras on the chosen split, and p50 latency at batch 1 (the files
 timed in turn, round by round, in one process), as ratios to the plain file and to the fp32
-file. A set written S,.../H,... also runs the stages H as dynamic-range int8 (`export --hybrid`).
-The run's own int8 file is timed beside them too, as exported (its recipe may run stages
-as dynamic-range int8: `export --hybrid`).
+file. A set written S,.../H,... also runs the stages H as dynamic-range int8 (`export
+--hybrid`); the run's own int8 file is timed beside them, as exported.
 
     python benchmarks/float_weights.py artifacts/runs/alzheimer-64px-noaug-29min-ema --split test
 """
@@ -61,7 +60,8 @@ def main() -> None:
         for kept, hybrid in sets:
             fp32 = quantize(kept, hybrid)
             what = f"{'+'.join(kept)} in float" + (f", {'+'.join(hybrid)} dynamic-range int8" if hybrid else "")
-            for w in ("fp32", "fp16", "int8", "dynamic")[:4 - bool(hybrid)]:  # storage: a rewrite, as in export
+            # storage is a rewrite of the quantized file, as in export; "dynamic" would make every stage hybrid
+            for w in ("fp32", "fp16", "int8") + (() if hybrid else ("dynamic",)):
                 files[f"{what}, weights {w}"] = fp32 if w == "fp32" else store_float_weights(fp32, w)
         for q in ("none", "fp16"):  # the float files, timed beside them: what int8 buys over no int8
             files[f"{'fp32' if q == 'none' else q} file"] = tflite_bytes(str(work / "sm"), ExportJob("tflite", q, "float32"),

@@ -847,7 +847,7 @@ def test_hybrid_runs_float_stages_as_dynamic_range_int8_only_within_budget(monke
     # nothing to try on a weight-only or over-budget file: said in the recipe, nothing built
     for out, why in (({"weight_only": True, "within_budget": True}, "weight-only"),
                      ({"weight_only": False, "within_budget": False}, "over budget")):
-        assert accuracy.hybrid_step(out, stages, 10.0, None, None)[0] is None
+        assert accuracy.hybrid_step(out, b"file", stages, 10.0, None, None)[0] is None
         assert out["hybrid_stages"] == [] and why in out["hybrid_skipped"]
 
 

@@ -327,15 +327,16 @@ def describe_written(out: dict, score: dict) -> None:
             out.pop(f"held_out_{key}", None)
 
 
-def hybrid_step(out: dict, stages: dict[str, dict], max_drop_pts: float, scoring: Scoring,
+def hybrid_step(out: dict, written: object, stages: dict[str, dict], max_drop_pts: float, scoring: Scoring,
                 build: Callable[[list[str]], tuple[object, Callable[[np.ndarray], np.ndarray]]],
                 note: Callable[[str], None] = lambda line: None) -> tuple[object | None, dict]:
     """(file, recipe) for `export --hybrid`: the written file's float stages that hold
     convolutions, the most multiply-adds first, each run as dynamic-range int8 (int8 weights read
     directly by LiteRT's hybrid kernels, activations quantized per image at run time) if the
-    file still holds the budget; (None, recipe) when none does or nothing is to try.
-    build(hybrid) returns the file with those stages hybrid, its other float operations' weights
-    stored as the recipe says, and a function that runs it. The head (float probabilities out)
+    file still holds the budget; (None, recipe) when none does or nothing is to try. written is
+    the file the recipe describes so far; build(hybrid) returns the file with those stages
+    hybrid, its other float operations' weights stored as the recipe says, and a function that
+    runs it. The head (float probabilities out)
     and the weightless input normalisation stay float; a stage whose file comes out unchanged
     (nothing in it that a hybrid kernel runs) is skipped. The recipe gets `hybrid_stages` (a
     subset of `float_stages`), their share of the multiply-adds, and every check
@@ -346,8 +347,7 @@ def hybrid_step(out: dict, stages: dict[str, dict], max_drop_pts: float, scoring
         return None, out
     order = sorted((s for s in out["float_stages"] if s != "head" and stages[s]["mac_share"] > 0),
                    key=lambda s: -stages[s]["mac_share"])
-    kept, written, held, checks = [], None, None, []
-    current = build([])[0] if order else None  # the file as it is, to tell a stage that changes nothing
+    kept, current, held, checks = [], written, None, []  # current: to tell a stage that changes nothing
     for s in order:
         fb, run = build(kept + [s])
         if fb == current:
@@ -359,11 +359,12 @@ def hybrid_step(out: dict, stages: dict[str, dict], max_drop_pts: float, scoring
         note(describe(f"{', '.join(kept + [s])} dynamic-range int8", score, max_drop_pts))
         checks.append({"hybrid_stages": kept + [s], **score, "within_budget": ok})
         if ok:
-            kept, written, held, current = kept + [s], fb, score, fb
+            kept, held, current = kept + [s], score, fb
     out.update(hybrid_stages=kept, hybrid_mac_share=sum(stages[s]["mac_share"] for s in kept), hybrid_checks=checks)
-    if held is not None:
-        describe_written(out, held)
-    return written, out
+    if held is None:
+        return None, out
+    describe_written(out, held)
+    return current, out
 
 
 def mark_weight_only(meta: dict) -> None:

@@ -72,10 +72,10 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
 
 def float_parts(recipe: dict) -> str:
     """One line of what an accuracy-aware file keeps in float."""
-    hybrid = recipe.get("hybrid_stages") or []
+    dynamic = recipe.get("hybrid_stages") or []
     if "float_stages" in recipe:
-        what = ", ".join(s for s in recipe["float_stages"] if s not in hybrid) or "nothing"
-        what += f"; dynamic-range int8: {', '.join(hybrid)}" if hybrid else ""
+        what = ", ".join(s for s in recipe["float_stages"] if s not in dynamic) or "nothing"
+        what += f"; dynamic-range int8: {', '.join(dynamic)}" if dynamic else ""
     else:
         what = f"{recipe['float_nodes']} operations"
     if recipe.get("weight_only"):
@@ -88,12 +88,12 @@ def float_parts(recipe: dict) -> str:
     size = ""
     if "instead_of" in recipe:  # the weight-only file, for --max-size
         replaced = recipe["instead_of"]
-        hybrid = f", {', '.join(replaced['hybrid_stages'])} dynamic-range" if replaced.get("hybrid_stages") else ""
+        gone = f", {', '.join(replaced['hybrid_stages'])} dynamic-range" if replaced.get("hybrid_stages") else ""
         size = (f", for --max-size {recipe['max_size_mb']:g} MB instead of "
-                f"{', '.join(replaced['float_stages']) or 'nothing'} in float{hybrid} ({replaced['size_mb']:.2f} MB)")
+                f"{', '.join(replaced['float_stages']) or 'nothing'} in float{gone} ({replaced['size_mb']:.2f} MB)")
     elif recipe.get("within_size") is False:
         size = f", over --max-size {recipe['max_size_mb']:g} MB"
-    return (f"{what or 'nothing'} ({recipe['held_out_agreement']:.2%}{flips}{acc}"
+    return (f"{what} ({recipe['held_out_agreement']:.2%}{flips}{acc}"
             f"{'' if recipe['within_budget'] else ', over budget'}{weights}{size})")
 
 

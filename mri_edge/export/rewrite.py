@@ -128,6 +128,7 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
 
     if dtype not in ("fp16", "int8", "dynamic") and not (dtype == "fp32" and hybrid):
         raise ExportError(f"float weights are stored as fp16, int8 or dynamic, not {dtype!r}")
+    hybrid = {n.encode() if isinstance(n, str) else n for n in hybrid}  # tensor names are bytes in the flatbuffer
     op_ = schema.BuiltinOperator
     model = flatbuffer_utils.convert_bytearray_to_object(flatbuffer)
     axis = {}  # opcode index -> the weight's output-channel axis
@@ -141,7 +142,6 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
     code = schema.OperatorCodeT()
     code.builtinCode = code.deprecatedBuiltinCode = op_.DEQUANTIZE
     code.version = 5 if dtype == "int8" else 3  # per-channel int8, or float16 input
-    hybrid = {n.encode() if isinstance(n, str) else n for n in hybrid}
     model.operatorCodes.append(code)
     dequantize = len(model.operatorCodes) - 1
     replaced = set()

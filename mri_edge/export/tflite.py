@@ -356,15 +356,13 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
     def stored(kept: list[str], weights: str,
                hybrid: Collection[str] = ()) -> tuple[bytes, Callable[[np.ndarray], np.ndarray]]:
         nodes = [n for s in hybrid for n in stages[s]["nodes"]]
-        if nodes:
-            fb = store(build(kept), weights, hybrid=nodes)
-        else:
-            fb = build(kept) if weights == "fp32" else store(build(kept), weights)
+        fb = store(build(kept), weights, hybrid=nodes) if nodes else store(build(kept), weights)
         return fb, lambda x: probs(fb, x)
 
     written, out = store_weights(out, chosen, steps, stages, held, max_drop_pts, scoring, float_weights, stored)
     if hybrid:
-        hybrid_file, out = hybrid_step(out, stages, max_drop_pts, scoring,
+        as_written = written if written is not None else build(out["float_stages"])  # float32 weights
+        hybrid_file, out = hybrid_step(out, as_written, stages, max_drop_pts, scoring,
                                        lambda kept: stored(out["float_stages"], out["float_weights"], kept), note)
         written = hybrid_file or written
     return within_size(fb if written is None else written, out, lambda b: len(b) / 1e6, max_size_mb, weight_only,
