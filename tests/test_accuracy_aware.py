@@ -794,6 +794,16 @@ def test_weights_of_float_operations_are_stored_as_fp16_or_int8_and_run_the_same
         y, ops = run(hybrid)
         assert ops.count("DEQUANTIZE") == dequantized, dtype
         assert 0 < np.abs(y - ref).max() < 3e-2 * scale, dtype
+        # the hybrid convolution under its own opcode, CONV_2D version 5 (LiteRT 2.4.0), as the
+        # converter writes for dynamic-range files; the float one keeps version 1
+        m = flatbuffer_utils.convert_bytearray_to_object(hybrid)
+        sg = m.subgraphs[0]
+        versions = sorted((m.operatorCodes[op.opcodeIndex].version, sg.tensors[op.inputs[1]].type)
+                          for op in sg.operators if m.operatorCodes[op.opcodeIndex].builtinCode == 3)  # CONV_2D
+        assert versions == [(1, 0), (5, 9)], dtype  # (version, FLOAT32 / INT8 weights)
+        assert len(m.operatorCodes) == len({op.opcodeIndex for op in sg.operators})  # none left unused
+        assert {e.name: bytes(m.buffers[e.buffer].data).rstrip(b"\0") for e in m.metadata}[
+            b"min_runtime_version"] == (b"2.7.0" if dtype == "int8" else b"2.4.0"), dtype
     # 864 weights: 3.5 kB as float32, 0.9 kB as int8 plus its per-channel scales
     assert len(store_float_weights(fb, "fp32", hybrid=[name])) < len(fb) - 1500
     with pytest.raises(ExportError, match="fp16, int8 or dynamic"):

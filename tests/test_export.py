@@ -465,6 +465,14 @@ def test_hybrid_stages_of_a_densenet121_read_their_int8_weights_directly(tiny_ru
     assert direct == conv2
     conv1 = [w for name, x, w in ops if name in set(stages["conv1"]["nodes"])]
     assert conv1 and set(conv1) == {"float32"}  # dequantized once, run in float
+    from tensorflow.lite.tools import flatbuffer_utils  # the hybrid ones as CONV_2D 5, the static int8 ones 3
+
+    m = flatbuffer_utils.convert_bytearray_to_object(hybrid)
+    sg = m.subgraphs[0]
+    versions = {sg.tensors[op.outputs[0]].name.decode(): m.operatorCodes[op.opcodeIndex].version
+                for op in sg.operators if m.operatorCodes[op.opcodeIndex].builtinCode == 3}
+    assert {v for n, v in versions.items() if n in conv2} == {5}
+    assert {v for n, v in versions.items() if n not in conv2} == {3}
     interp = cls(model_content=hybrid)
     interp.allocate_tensors()
     interp.set_tensor(interp.get_input_details()[0]["index"], calib[:1])

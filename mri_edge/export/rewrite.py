@@ -76,6 +76,40 @@ def raise_min_runtime_version(model, version: str) -> None:
             buf.data = np.frombuffer(version.encode().ljust(max(len(buf.data), len(version)), b"\0"), np.uint8)
 
 
+def hybrid_opcode(model, index: int, made: dict[int, int]) -> int:
+    """The opcode for a hybrid version of the operation at opcode `index` (float input,
+    per-channel int8 weights read directly), added to the model once per opcode: CONV_2D
+    version 5, as the converter writes for its own dynamic-range files (op_version.cc), so that
+    tools that pick kernels or delegates by version see what the operation is. The same
+    operation in static int8 keeps its version (3), hence a second opcode. FULLY_CONNECTED is
+    left as it is (export never makes the head hybrid; only benchmarks' "dynamic" files do)."""
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+
+    c = model.operatorCodes[index]
+    if max(c.builtinCode, c.deprecatedBuiltinCode) != schema.BuiltinOperator.CONV_2D:
+        return index
+    if index not in made:
+        code = schema.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CONV_2D
+        code.version = max(c.version, 5)
+        model.operatorCodes.append(code)
+        made[index] = len(model.operatorCodes) - 1
+    return made[index]
+
+
+def drop_unused_opcodes(model, used: set[int]) -> None:
+    """Remove the opcodes no operation uses (the DEQUANTIZE added for weights that stayed as they
+    were; a static opcode whose operations all became hybrid), in order, renumbering the rest."""
+    keep = [i for i in range(len(model.operatorCodes)) if i in used]
+    if len(keep) == len(model.operatorCodes):
+        return
+    new = {old: n for n, old in enumerate(keep)}
+    model.operatorCodes = [model.operatorCodes[i] for i in keep]
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            op.opcodeIndex = new[op.opcodeIndex]
+
+
 def release_unused(model, replaced: set[int]) -> None:
     """Empty the buffers in `replaced` that no tensor and no metadata entry uses any more (the
     converter may share one buffer between tensors, and `min_runtime_version` lives in one);
@@ -139,6 +173,7 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
         elif code == op_.DEPTHWISE_CONV_2D:
             axis[i] = 3
     kernels = {i for i, a in axis.items() if a == 0}  # CONV_2D and FULLY_CONNECTED: LiteRT has hybrid kernels for them
+    hybrid_codes: dict[int, int] = {}  # a convolution's opcode -> its hybrid version's (`hybrid_opcode`)
     code = schema.OperatorCodeT()
     code.builtinCode = code.deprecatedBuiltinCode = op_.DEQUANTIZE
     code.version = 5 if dtype == "int8" else 3  # per-channel int8, or float16 input
@@ -185,15 +220,20 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
             if read_directly:  # a hybrid operation reads it as it is
                 for o in sg.operators:
                     o.inputs = [len(sg.tensors) - 1 if i == op.inputs[1] else i for i in o.inputs]
+                    if o.inputs[1:2] == [len(sg.tensors) - 1]:
+                        o.opcodeIndex = hybrid_opcode(model, o.opcodeIndex, hybrid_codes)
                 continue
             deq = schema.OperatorT()
             deq.opcodeIndex, deq.inputs, deq.outputs = dequantize, [len(sg.tensors) - 1], [op.inputs[1]]
             added.append(deq)
         sg.operators = added + list(sg.operators)  # they read constants only, so they may run first
-    if not any(op.opcodeIndex == dequantize for sg in model.subgraphs for op in sg.operators):
-        model.operatorCodes.pop()
-    else:  # the converter's runtime_version.cc table: DEQUANTIZE 3 needs 1.15.0, 5 needs 2.7.0
+    used = {op.opcodeIndex for sg in model.subgraphs for op in sg.operators}
+    # the converter's runtime_version.cc table: DEQUANTIZE 3 needs 1.15.0, 5 needs 2.7.0; CONV_2D 5 2.4.0
+    if dequantize in used:
         raise_min_runtime_version(model, "2.7.0" if dtype == "int8" else "1.15.0")
+    if hybrid_codes:
+        raise_min_runtime_version(model, "2.4.0")
+    drop_unused_opcodes(model, used)
     release_unused(model, replaced)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
