@@ -215,7 +215,7 @@ def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, *
               help=".tflite only: the interpreter's XNNPACK kernels, or off for its built-in kernels "
                    "(which round int8 differently).")
 def predict(model_path, images, top_k, as_json, out, threads, allow_other_resize, xnnpack):
-    """Classify images with a .tflite, .onnx, OpenVINO .xml or .keras model (or a run folder).
+    """Classify images with a .tflite, .onnx, OpenVINO .xml or .keras model (a run folder: its model.keras).
 
     IMAGES may be files, folders or glob patterns. Unreadable images are reported
     and skipped; the exit status is 1 if any image failed.

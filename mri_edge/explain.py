@@ -22,6 +22,8 @@ from .files import atomic_write_bytes
 
 TOP_SHARE = 0.1  # "top 10% of pixels" of the overlap measure
 FLAT = 1e-6  # a map whose probability drops span no more than this is flat (rank_correlation)
+# a strongest cell that moves p by less than a point: the answer rests on no single region (peak_text)
+WEAK_DROP = 0.01
 
 
 class ExplainError(MriEdgeError):
@@ -166,11 +168,15 @@ def parity(reference_maps: list[np.ndarray], maps: list[np.ndarray], size: int) 
 
 def peak_text(method: str, peak: float, short: bool = False) -> str:
     """How much a map stretched to its own range weighs: the overlay's last line, and (short) the
-    explain.md cell. Occlusion: the largest drop of p when one cell is blacked out."""
+    explain.md cell. Occlusion: the largest drop of p when one cell is blacked out; under
+    WEAK_DROP no single cell carries the answer, and the map is labelled weak, as it would
+    otherwise look as vivid as one whose cell decides it."""
     if method != "occlusion":
         return f"{peak:.3g}" if short else f"map peak {peak:.3g}"
     if peak <= 0:
         return "none" if short else "no cell lowers p when blacked out"
+    if peak < WEAK_DROP:
+        return f"{peak:.4f} (weak)" if short else f"weak map: no cell lowers p by more than {peak:.4f}"
     return f"{peak:.4f}" if short else f"strongest cell: p -{peak:.4f} when blacked out"
 
 
@@ -242,7 +248,8 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     if not model.trust:
         md += [trust.NOT_CALIBRATED, ""]
     md += ["Each map is stretched to its own range, so a weak map looks as vivid as a strong one: "
-           + ("the largest drop (also the overlay's last line) is how far blacking out the strongest cell lowers p."
+           + ("the largest drop (also the overlay's last line) is how far blacking out the strongest cell lowers p; "
+              f"under {WEAK_DROP} the map is marked weak: no single cell carries the answer."
               if method == "occlusion" else "the map peak is its largest value."), "",
            report.md_table(["image", "class", "p", "largest drop" if method == "occlusion" else "map peak",
                             "prediction set", "review"], [

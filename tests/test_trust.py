@@ -552,6 +552,13 @@ def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
         # each map is stretched to its own range, so its largest drop is given beside it
         assert all(r["map_max"] == pytest.approx(np.max(r["map"]), abs=1e-5) for r in record["images"])
         assert "| largest drop |" in (out / "explain.md").read_text()
+    # a map whose strongest cell moves p by under a point is labelled weak, on the overlay and in explain.md
+    from mri_edge.explain import WEAK_DROP, peak_text
+
+    assert peak_text("occlusion", 0.2) == "strongest cell: p -0.2000 when blacked out"
+    assert peak_text("occlusion", WEAK_DROP / 10).startswith("weak map: no cell lowers p by more than 0.0010")
+    assert peak_text("occlusion", WEAK_DROP / 10, short=True) == "0.0010 (weak)"
+    assert peak_text("occlusion", 0.0) == "no cell lowers p when blacked out"
     # again into the same folder with one image and one unreadable file: the overlays of the
     # first run go, the unreadable file is named once (not its path twice) and in explain.md
     out, bad = tmp_path / "model_int8", tmp_path / "bad.jpg"
