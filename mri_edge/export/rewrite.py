@@ -82,7 +82,8 @@ def hybrid_opcode(model, index: int, made: dict[int, int]) -> int:
     version 5, as the converter writes for its own dynamic-range files (op_version.cc), so that
     tools that pick kernels or delegates by version see what the operation is. The same
     operation in static int8 keeps its version (3), hence a second opcode. FULLY_CONNECTED is
-    left as it is (export never makes the head hybrid; only benchmarks' "dynamic" files do)."""
+    left as it is, though hybrid per-channel would be its version 12: export never makes the head
+    hybrid, only benchmarks' "dynamic" files do."""
     from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
 
     c = model.operatorCodes[index]
@@ -97,9 +98,10 @@ def hybrid_opcode(model, index: int, made: dict[int, int]) -> int:
     return made[index]
 
 
-def drop_unused_opcodes(model, used: set[int]) -> None:
+def drop_unused_opcodes(model) -> None:
     """Remove the opcodes no operation uses (the DEQUANTIZE added for weights that stayed as they
     were; a static opcode whose operations all became hybrid), in order, renumbering the rest."""
+    used = {op.opcodeIndex for sg in model.subgraphs for op in sg.operators}
     keep = [i for i in range(len(model.operatorCodes)) if i in used]
     if len(keep) == len(model.operatorCodes):
         return
@@ -227,13 +229,12 @@ def store_float_weights(flatbuffer: bytes, dtype: str, min_per_channel: int = 16
             deq.opcodeIndex, deq.inputs, deq.outputs = dequantize, [len(sg.tensors) - 1], [op.inputs[1]]
             added.append(deq)
         sg.operators = added + list(sg.operators)  # they read constants only, so they may run first
-    used = {op.opcodeIndex for sg in model.subgraphs for op in sg.operators}
     # the converter's runtime_version.cc table: DEQUANTIZE 3 needs 1.15.0, 5 needs 2.7.0; CONV_2D 5 2.4.0
-    if dequantize in used:
+    if any(op.opcodeIndex == dequantize for sg in model.subgraphs for op in sg.operators):
         raise_min_runtime_version(model, "2.7.0" if dtype == "int8" else "1.15.0")
     if hybrid_codes:
         raise_min_runtime_version(model, "2.4.0")
-    drop_unused_opcodes(model, used)
+    drop_unused_opcodes(model)
     release_unused(model, replaced)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
