@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mri_edge import quiet  # noqa: E402
 from mri_edge.export.onnx import onnx_int8, pre_process  # noqa: E402
 from mri_edge.onnx_model import OnnxModel  # noqa: E402
-from side_by_side import arguments, compare, onnx_run  # noqa: E402
+from side_by_side import arguments, compare, onnx_meta, onnx_run  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
                       ranges=work / "ranges.json", pre_processed=True, weights=weights, reduce_range=reduce_range)
             paths[name] = (path, {"quantization": "int8", "weight_bits": bits})
         paths["fp32 file"] = (fp32_path, {})
-        meta = {k: v for k, v in fp32.meta.items() if k not in ("model_sha256", "trust")}
+        meta = onnx_meta(fp32)
         nets = {name: OnnxModel(path, {**meta, **extra}, threads=args.threads) for name, (path, extra) in paths.items()}
         compare(nets, {name: path.stat().st_size / 1e6 for name, (path, _) in paths.items()}, x, probs, labels,
                 args.rounds, args.threads, args.split, "fp32 file")

@@ -33,7 +33,7 @@ from mri_edge.export.onnx import onnx_int8, pre_process  # noqa: E402
 from mri_edge.export.rewrite import onnx_store_weights  # noqa: E402
 from mri_edge.backends import read_metadata  # noqa: E402
 from mri_edge.onnx_model import OnnxModel  # noqa: E402
-from side_by_side import arguments, compare, onnx_run  # noqa: E402
+from side_by_side import arguments, compare, onnx_meta, onnx_run  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         onnx_int8(fp32_path, work / "plain.onnx", calib, threads=args.threads, workdir=work, float_head=True)
         onnx_store_weights(pre_process(fp32_path, work / "pre.onnx"), work / "weight_only.onnx", "int8")  # as export makes it
         print(f"made the plain and weight-only files in {time.time() - t:.0f} s; {len(x)} {args.split} images")
-        meta = {k: v for k, v in fp32.meta.items() if k not in ("model_sha256", "trust")}
+        meta = onnx_meta(fp32)
         paths = {"plain int8 (head in float)": (work / "plain.onnx", {"quantization": "int8", "weight_bits": 7}),
                  "weight-only int8": (work / "weight_only.onnx", {"quantization": "int8", "weight_only": True}),
                  "fp32 file": (fp32_path, {})}

@@ -26,7 +26,7 @@ from mri_edge.export.onnx import onnx_int8, pre_process  # noqa: E402
 from mri_edge.export.tflite import calibrated_for, quantize_calibrated, write_saved_model  # noqa: E402
 from mri_edge.onnx_model import OnnxModel  # noqa: E402
 from mri_edge.runtime import TFLiteModel  # noqa: E402
-from side_by_side import arguments, compare, onnx_run  # noqa: E402
+from side_by_side import arguments, compare, onnx_meta, onnx_run  # noqa: E402
 
 RULES = ("percentile", "minmax")
 
@@ -36,7 +36,7 @@ def main() -> None:
     quiet.set_verbose(args.verbose)
     fp32_path, fp32, x, probs, labels, calib = onnx_run(args)
     model, cfg, _ = export.load_run(args.run)
-    meta = {k: v for k, v in fp32.meta.items() if k not in ("model_sha256", "trust")}
+    meta = onnx_meta(fp32)
     t = time.time()
     with tempfile.TemporaryDirectory() as td, quiet.native_stderr():
         work = Path(td)

@@ -91,6 +91,12 @@ def tflite_candidates(run_dir: Path, shipped, calib_size: int, work: Path):
     return quantize
 
 
+def onnx_meta(fp32) -> dict:
+    """The run's fp32 ONNX file's metadata for an OnnxModel over other bytes of the same run
+    (without the file's hash and calibration record; each variant adds what marks it)."""
+    return {k: v for k, v in fp32.meta.items() if k not in ("model_sha256", "trust")}
+
+
 def bare_meta(shipped) -> dict:
     """The shipped file's metadata for a TFLiteModel over other bytes of the same run."""
     meta = {**shipped.meta, "input": {}, "output": {}}
