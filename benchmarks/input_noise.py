@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mri_edge import data, quiet  # noqa: E402
 from mri_edge import model as model_lib  # noqa: E402
 from mri_edge.run import RunFolder  # noqa: E402
-from mri_edge.train import predict_arrays  # noqa: E402
+from mri_edge.evaluate import predict_arrays  # noqa: E402
 
 
 def main() -> None:

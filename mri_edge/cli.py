@@ -114,9 +114,9 @@ def evaluate(run_dir, data_dir, dedup, fp16_weights):
     Example (a model trained on a GPU machine, data in another place here):
       mri-edge evaluate artifacts/runs/alzheimer-gpu --data-dir ../shared/data/alzheimer-mri
     """
-    from . import run, train as train_lib  # noqa: PLC0415
+    from . import evaluate as evaluate_lib, run  # noqa: PLC0415
 
-    run_guarded(train_lib.evaluate, run_dir, data_dir=data_dir, dedup=dedup, log=echo, fp16_weights=fp16_weights)
+    run_guarded(evaluate_lib.evaluate, run_dir, data_dir=data_dir, dedup=dedup, log=echo, fp16_weights=fp16_weights)
     exported = not fp16_weights and run.RunFolder(run_dir).export_files()  # rounded weights need new files
     click.echo(f"next: mri-edge verify {run_dir}" if exported else f"next: mri-edge export {run_dir} --format all")
 

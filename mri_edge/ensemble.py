@@ -92,7 +92,8 @@ def build(run_dirs: list, out, force: bool = False, log=print) -> dict:
     """
     from . import model as model_lib  # noqa: PLC0415
     from .config import TrainConfig  # noqa: PLC0415
-    from .train import evaluate_run, versions  # noqa: PLC0415
+    from .evaluate import evaluate_run  # noqa: PLC0415
+    from .train import versions  # noqa: PLC0415
 
     members = check_members(run_dirs)
     run = RunFolder(out)

@@ -176,7 +176,8 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
     from .distill import weights_seen  # noqa: PLC0415
     from .quiet import import_tensorflow  # noqa: PLC0415
     from .data import limit_split  # noqa: PLC0415
-    from .train import predict_arrays, versions  # noqa: PLC0415
+    from .evaluate import predict_arrays  # noqa: PLC0415
+    from .train import versions  # noqa: PLC0415
 
     from .model import base_of, check_weights  # noqa: PLC0415
 

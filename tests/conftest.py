@@ -106,7 +106,8 @@ def micro_run(synth_data, cache_dir, tmp_path_factory):
     from mri_edge import data
     from mri_edge.export import export_run
     from mri_edge.run import RunFolder
-    from mri_edge.train import TrainConfig, evaluate_run, write_run_header
+    from mri_edge.evaluate import evaluate_run
+    from mri_edge.train import TrainConfig, write_run_header
 
     out = tmp_path_factory.mktemp("runs") / "micro"
     cfg = TrainConfig(task="tumor", data_dir=str(synth_data), out=str(out), weights="none", image_size=TINY,

@@ -300,9 +300,21 @@ def test_evaluate_fp16_weights_halves_the_stored_model_and_reports_on_it(micro_r
     from mri_edge.cli import main
     from mri_edge.model import load_model
 
+    from mri_edge import evaluate
+
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)
     before = load_model(run / "model.keras")
+    # interrupted before its reports are written: nothing changes (model.keras goes with the reports)
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "predict_arrays", interrupted)
+        assert CliRunner().invoke(main, ["evaluate", str(run), "--fp16-weights"]).exit_code == 130
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
     res = CliRunner().invoke(main, ["evaluate", str(run), "--fp16-weights"])
     assert res.exit_code == 0, res.output
     after = load_model(run / "model.keras")  # a plain Keras load: float32 variables
@@ -388,7 +400,7 @@ def test_an_unreadable_image_leaves_the_run_and_stays_named(small_backbone, synt
     import shutil
 
     from mri_edge.run import RunFolder
-    from mri_edge.train import evaluate
+    from mri_edge.evaluate import evaluate
 
     root = tmp_path / "data"
     shutil.copytree(synth_data, root)
