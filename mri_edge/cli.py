@@ -139,11 +139,11 @@ def export(run_dir, add_features, **options):
 
     from . import export as export_lib  # noqa: PLC0415
 
-    if add_features:
-        return run_guarded(export_lib.add_features_run, run_dir, log=echo)
     ctx = click.get_current_context()
-    given = tuple(n for n in export_lib.FORMAT_OPTIONS  # each is refused where no planned file uses it
-                  if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE)
+    given = tuple(n for n in options if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE)
+    if add_features:
+        return run_guarded(export_lib.add_features_run, run_dir, log=echo, given=given)
+    given = tuple(n for n in export_lib.FORMAT_OPTIONS if n in given)  # refused where no planned file uses one
     cfg = config_from(ExportConfig, options)
     results, failures = run_guarded(export_lib.export_run, run_dir, **dataclasses.asdict(cfg), log=echo, given=given)
     if results:

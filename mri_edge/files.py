@@ -23,7 +23,10 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int = 0o644):
     where a whole one was. `suffix` keeps the extension a writer insists on (.keras, .npz)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as e:  # a read-only folder, a full disk: name the file meant, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)

@@ -55,7 +55,8 @@ def write_uncaptured(text: str, otherwise) -> None:
 
 @contextlib.contextmanager
 def native_stderr():
-    """Run the block with fd 2 captured; replay the capture if it raises or when verbose."""
+    """Run the block with fd 2 captured; replay the capture if it fails (not when interrupted:
+    the user stopped it, and the lines would be noise), or pass it through when verbose."""
     if verbose():
         yield
         return
@@ -78,7 +79,7 @@ def native_stderr():
         failed = False
         try:
             yield
-        except BaseException:
+        except Exception:
             failed = True
             raise
         finally:
@@ -161,12 +162,31 @@ def orphan_proof_child() -> None:
     kernel also sends SIGTERM to the child if the parent dies without cleaning up (SIGKILL).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # held back while it started (interrupts_held): now ignored
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             import ctypes  # noqa: PLC0415
 
             PR_SET_PDEATHSIG = 1
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C held back from this thread while it starts child processes that call
+    orphan_proof_child. A child inherits the thread's signal mask, so a Ctrl-C that reaches it
+    while it still imports waits, and is then ignored, instead of printing its traceback; in
+    this process it takes effect as usual (at once if another thread takes it, else when the
+    block ends)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no terminal process groups to fear
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def quiet_worker() -> None:

@@ -82,7 +82,7 @@ def test_evaluate_re_roots_a_moved_run_and_refuses_wrong_data(tiny_run, synth_da
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("exports"))  # (exported_run exports tiny_run)
     moved = tmp_path / "data-elsewhere"
     shutil.copytree(synth_data, moved)
     before = json.loads((run / "test_report.json").read_text())

@@ -126,6 +126,35 @@ def test_failed_format_leaves_earlier_files_untouched(exported_run, monkeypatch)
     assert len(index["exports"]) == len(ALL)
 
 
+def test_export_lands_files_when_the_temporary_folder_is_on_another_filesystem(micro_run, tmp_path, monkeypatch):
+    """A rename out of a tmpfs /tmp into the run folder fails (EXDEV); export must not need one."""
+    import errno
+    import os
+    import shutil
+    import tempfile
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("exports"))
+    other_fs = tmp_path / "tmpfs"
+    other_fs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(other_fs))
+    rename = os.replace
+
+    def replace_within_one_filesystem(src, dst):
+        if Path(src).resolve().is_relative_to(other_fs) != Path(dst).resolve().is_relative_to(other_fs):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_within_one_filesystem)
+    results, failures = export_lib.export_run(run, ("tflite", "onnx"), ("none", "int8"), calib_size=8,
+                                              log=lambda *_: None, workers=1)
+    assert not failures, failures
+    landed = sorted(p.name for p in (run / "exports").iterdir())
+    assert landed == sorted(["calibration", "calibration_manifest.json", "exports.json", "exports.md",
+                             "model_fp32.onnx", "model_fp32.tflite", "model_int8.onnx", "model_int8.tflite"])
+    assert not list(other_fs.iterdir())  # the work folder is gone too
+
+
 def test_tflite_metadata_is_an_appended_zip(exported_run):
     path = exported_run / "exports" / "model_int8.tflite"
     with zipfile.ZipFile(path) as z:
@@ -407,6 +436,8 @@ def test_add_features_gives_older_files_the_output_without_changing_their_answer
         strip_features(f)
         old = open_model(f)
         assert not old.has_features and old.run(x, features=True)[1] is None
+    res = CliRunner().invoke(main, ["export", str(run), "--add-features", "--format", "onnx", "--opset", "13"])
+    assert res.exit_code == 1 and "drop --format, --opset" in res.output, res.output  # it would use neither
     res = CliRunner().invoke(main, ["export", str(run), "--add-features"])
     assert res.exit_code == 0, res.output
     for f in RunFolder(run).export_files():

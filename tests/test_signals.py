@@ -1,5 +1,6 @@
 """No process outlives a SIGTERM or SIGINT to a command, and the run folder stays consistent."""
 
+import contextlib
 import json
 import shutil
 import signal
@@ -88,6 +89,27 @@ def test_an_interrupted_export_leaves_no_worker_and_a_matching_index(micro_run, 
     for name in on_disk:
         assert sha256_file(run / "exports" / name) == listed[name]["sha256"], name
     assert not [p for p in (run / "exports").iterdir() if p.name.startswith(".")]
+
+
+def test_a_child_started_with_interrupts_held_ignores_a_ctrl_c_that_comes_while_it_imports():
+    """Ctrl-C reaches every process of the terminal's group: an export worker still importing
+    (before orphan_proof_child) would print a KeyboardInterrupt traceback of its own."""
+    from mri_edge import quiet
+
+    child = ("import time; time.sleep(1.5)\n"  # the imports of a worker that is starting
+             "from mri_edge.quiet import orphan_proof_child; orphan_proof_child()\n"
+             "import os, signal; os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); print('ignored')")
+    for held in (False, True):
+        with quiet.interrupts_held() if held else contextlib.nullcontext():
+            proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        if held:
+            assert proc.returncode == 0 and out.strip() == "ignored" and not err, (out, err)
+        else:  # what the mask prevents
+            assert proc.returncode != 0 and "KeyboardInterrupt" in err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

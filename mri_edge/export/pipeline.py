@@ -129,8 +129,9 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     units = pool.units(jobs)
     workers = pool.default_workers(len(units)) if workers is None else min(workers, len(units))
     workdir = Path(tempfile.mkdtemp(prefix="mri-edge-export-"))
-    staging = workdir / "out"
-    staging.mkdir()
+    # finished files wait inside exports/ itself: a rename into exports/ is atomic only within one
+    # filesystem, and the temporary folder may be on another (a tmpfs /tmp)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     records = {r["file"]: r for r in run.exports_index().get("exports", []) if isinstance(r, dict) and "file" in r}
     results, failures = [], []
     try:
@@ -198,6 +199,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
         _run_units(units, context, collect, model, size, workdir, workers, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     order = {j.filename: i for i, j in enumerate(jobs)}
     results.sort(key=lambda r: order[r["file"]])
     failures.sort(key=lambda r: order[r["file"]])
@@ -235,10 +237,13 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
     try:
         relay = progress.Relay(notes, log)
         # The ONNX chain needs only model.keras: start it while the SavedModel is written.
-        futures = {executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt != "tflite"}
+        # (a submit starts a worker: interrupts_held keeps a Ctrl-C during its imports from printing its traceback)
+        with quiet.interrupts_held():
+            futures = {executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt != "tflite"}
         if has_tflite:
             tflite.write_saved_model(model, str(workdir / "saved_model"), size)
-        futures.update({executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt == "tflite"})
+        with quiet.interrupts_held():
+            futures.update({executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt == "tflite"})
         for fut in as_completed(futures):
             try:
                 outcomes = fut.result()
@@ -316,9 +321,14 @@ def add_features(path: Path) -> str:
     return "added"
 
 
-def add_features_run(run_dir, log=print) -> list[str]:
+def add_features_run(run_dir, log=print, given: tuple[str, ...] = ()) -> list[str]:
     """`add_features` for each exported file of a run (`export --add-features`), each reported;
-    the names of those changed. One that fails stops it, naming those changed before it."""
+    the names of those changed. One that fails stops it, naming those changed before it. It makes
+    no file, so an export option the user gave (`given`) would go unused: refused."""
+    if given:
+        flags = [ExportConfig.__dataclass_fields__[n].metadata.get("flag") or "--" + n.replace("_", "-") for n in given]
+        raise ExportError(f"--add-features changes the exported files in place and uses no other option: drop "
+                          f"{', '.join(flags)}")
     run = RunFolder(run_dir)
     files = run.export_files()
     if not files:
