@@ -111,12 +111,12 @@ def build(run_dir) -> dict:
     parity = _load(run.parity_path, damaged)
     bench = best_bench([(p.parent, _load(p, damaged)) for p in run.bench_paths])[1]
     audit = _load(_found(cfg["dedup"], run), damaged) if cfg.get("dedup") else None
+    metadata = run.export_metadata(damaged)  # and the model files the card lists, whole
     if damaged:  # a card without them would replace a complete one: refuse, and keep what is there
         raise MriEdgeError("cannot write the model card: " + "; ".join(damaged) +
                            " (run again the command that writes it)")
     missing = []
     files = run.export_files()
-    metadata = run.export_metadata()
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
                       "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},

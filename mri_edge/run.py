@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import MriEdgeError
+from .errors import MriEdgeError, first_line
 from .files import atomic_write_text, read_json
 
 
@@ -157,16 +157,23 @@ class RunFolder:
                                      "finished": finished, **({"patience": patience} if patience else {}),
                                      **({"stopped": True} if stopped else {})})
 
-    def export_metadata(self) -> dict[str, dict]:
-        """Each exported file's embedded metadata by name ({} where it cannot be read)."""
+    def export_metadata(self, damaged: list[str] | None = None) -> dict[str, dict]:
+        """Each exported file's embedded metadata by name ({} where it cannot be read). Given a
+        list `damaged`, each file that cannot be read, or whose model bytes differ from the hash
+        export recorded in it, adds its one-line reason there (what vouches for files refuses them)."""
         from .backends import read_metadata  # noqa: PLC0415
+        from .integrity import check_integrity  # noqa: PLC0415
 
         out = {}
         for f in self.export_files():
             try:
                 out[f.name] = read_metadata(f)
-            except MriEdgeError:
+                if damaged is not None:
+                    check_integrity(f, out[f.name])
+            except MriEdgeError as e:
                 out[f.name] = {}
+                if damaged is not None:
+                    damaged.append(first_line(e))
         return out
 
     def leave_out_unreadable(self, unreadable: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -121,6 +121,11 @@ class Model:
         graph computes them (before the stored temperature; `calibrated` applies it), `chunk` images a call.
         features=True: (probabilities, (N, C) pooled features or None where the file has no such output)."""
         batch_uint8 = preprocess.check_batch(batch_uint8, self.image_size, self.path.name)
+        if not len(batch_uint8):  # TFLite cannot plan a batch of 0 (and would stay unplanned)
+            if not features:
+                return np.zeros((0, len(self.class_names)), np.float32)
+            probs, feats = self.run_batch(np.zeros((1, *batch_uint8.shape[1:]), np.uint8), True)  # their widths
+            return probs[:0], None if feats is None else feats[:0]
         if (n := len(batch_uint8)) <= self.chunk:
             return self.run_batch(batch_uint8, features)
         # calls of one size, the last padded: a new batch size re-plans TFLite (XNNPACK packs float weights again)

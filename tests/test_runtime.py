@@ -44,10 +44,29 @@ def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
     assert np.allclose(feats, np.concatenate([run_batch(x[i:i + 1], True)[1] for i in range(len(x))]), atol=1e-5)
     # the graph normalises: pixels scaled already, or an image without its batch axis, are refused
     for bad, says in ((x[:2] / 255.0, "raw pixels 0-255"), (x[:2] / 127.5 - 1, "raw pixels 0-255"),
+                      (x[:2].astype(np.uint16) * 257, "raw pixels 0-255"),
                       (x[0], f"(N, {model.image_size}, {model.image_size}, 3)")):
         with pytest.raises(ImageError, match=re.escape(says)):
             model.run(bad)
     assert model.run(x[:2].astype(np.float32)).shape == (2, len(model.class_names))  # raw pixels as floats
+
+
+def test_an_empty_batch_gives_empty_answers_and_leaves_every_file_usable(micro_run):
+    """TFLite cannot plan a batch of 0; asked for one, it stayed unplanned for later calls."""
+    from mri_edge.backends import open_model
+    from mri_edge.run import RunFolder
+
+    for f in RunFolder(micro_run).export_files() + [micro_run / "model.keras"]:
+        model = open_model(f)
+        x = np.random.default_rng(0).integers(0, 256, (2, model.image_size, model.image_size, 3), dtype=np.uint8)
+        empty = x[:0]
+        assert model.run(empty).shape == (0, len(model.class_names)), f.name
+        probs, feats = model.run(empty, features=True)
+        assert probs.shape == (0, len(model.class_names)) and (feats is None) == (not model.has_features), f.name
+        if feats is not None:
+            assert feats.shape[0] == 0 and feats.shape[1] == model.run(x, features=True)[1].shape[1], f.name
+        assert model.run(x).shape == (2, len(model.class_names)), f.name  # still usable
+        assert model.predict_arrays(empty).shape == (0, len(model.class_names)), f.name
 
 
 def test_unsupported_and_foreign_files(tmp_path):
