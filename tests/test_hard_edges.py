@@ -1,6 +1,7 @@
 """Bad input and interruptions: a one-line error, a non-zero exit, nothing lost or left inconsistent."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ from click.testing import CliRunner
 
 from mri_edge import data
 from mri_edge.cli import main
+from mri_edge.errors import MriEdgeError
 from mri_edge.run import RunFolder
 
 
@@ -265,6 +267,15 @@ def test_a_report_that_cannot_be_written_is_one_line_and_the_card_refuses_damage
     res = invoke("card", run)
     assert res.exit_code == 1 and "cannot write the model card" in res.output and "not valid JSON" in res.output
     assert (run / "model_card.md").read_bytes() == card
+    shutil.copy(micro_run / "test_report.json", run / "test_report.json")
+    model = run / "exports" / "model_int8.tflite"
+    whole = model.read_bytes()
+    for damage in (whole[:1000], whole[:100] + bytes([whole[100] ^ 1]) + whole[101:]):  # truncated; one bit off
+        model.write_bytes(damage)  # the card must not vouch for it with the whole file's parity and hash
+        res = invoke("card", run)
+        assert res.exit_code == 1 and "cannot write the model card" in res.output and "model_int8.tflite" in \
+            res.output and len(res.output.strip().splitlines()) == 1, res.output
+        assert (run / "model_card.md").read_bytes() == card
 
 
 def test_a_damaged_model_keras_and_a_binary_json_are_one_line_errors(micro_run, tmp_path):
@@ -282,6 +293,21 @@ def test_a_damaged_model_keras_and_a_binary_json_are_one_line_errors(micro_run, 
 def test_options_that_cannot_work_stop_train_before_it_writes(synth_data, tmp_path):
     res = invoke("train", "--task", "tumor", "--data-dir", synth_data, "--unfreeze", "abc", "--out", tmp_path / "t")
     assert res.exit_code == 1 and "--unfreeze abc" in res.output and not (tmp_path / "t").exists()
+
+
+def test_a_config_made_in_python_keeps_the_bounds_of_the_command_line(synth_data, tmp_path):
+    from mri_edge.config import PretrainConfig, TrainConfig
+    from mri_edge.train import train
+
+    for bad, says in (({"batch_size": 0}, "--batch-size 0: must be at least 1"), ({"lr": -1.0}, "--lr -1.0: must be "
+                      "above 0"), ({"epochs_finetune": -3}, "--epochs-finetune -3: must be at least 0"),
+                      ({"val_fraction": 1.0}, "--val-fraction 1.0: must be below 1"),
+                      ({"val_split": "rand"}, "--val-split rand: choose one of random, grouped")):
+        with pytest.raises(MriEdgeError, match=re.escape(says)):
+            train(TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "t"), **bad))
+        assert not (tmp_path / "t").exists()
+    with pytest.raises(MriEdgeError, match="--temperature 0: must be above 0"):
+        PretrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "p"), temperature=0)
 
 
 def test_audit_reads_a_dataset_of_linked_images(tmp_path):
