@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import ov
 from .errors import MriEdgeError, installed
+from .files import unwritable
 from .run import RunFolder
 from .integrity import RuntimeMissingError, check_model_file
 from .backends import EXPORT_SUFFIXES, MODEL_SUFFIXES, read_metadata, recorded_model_sha256
@@ -192,6 +193,8 @@ def cause_line(stderr: str) -> str:
 def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None, out_dir=None,
           log=print, ort_opt_level="all", image=None, device="all") -> dict:
     rows, skipped, found_image = plan(list(targets))
+    if out_dir and (why := unwritable(out_dir)):  # before minutes of timing
+        raise BenchError(why)
     if device != "all":
         skipped += [{"model": Path(r["model"]).name, "runtime": r["runtime"], "reason": f"--device {device}"}
                     for r in rows if r["device"] != device]

@@ -250,6 +250,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     run = RunFolder(run_dir)
     if not run.path.is_dir():
         raise CalibrateError(f"run folder not found: {run.path}")
+    run.check_writable()
     manifest = split_manifest(run, data_dir, log)
     root = Path(manifest["root"])
     names = manifest["class_names"]

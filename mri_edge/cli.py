@@ -207,7 +207,7 @@ def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, *
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
-@click.option("--out", type=click.Path(file_okay=False), help="Also write predictions.json and predictions.md here.")
+@click.option("--out", type=OUT_DIR, help="Also write predictions.json and predictions.md here.")
 @THREADS
 @click.option("--allow-other-resize", is_flag=True,
               help="Run even if this machine cannot resize images the way the model's preprocessing record says.")

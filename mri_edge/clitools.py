@@ -4,18 +4,13 @@ option's default, range and help are written once), one-line errors and clean in
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import click
 
+from .files import unwritable
+
 
 TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
-
-
-def writable(folder: Path) -> bool:
-    """Whether files can be made in `folder` (a read-only mount says no, even to root)."""
-    return os.access(folder, os.W_OK | os.X_OK)
 
 
 class OutDir(click.Path):
@@ -29,17 +24,8 @@ class OutDir(click.Path):
 
     def convert(self, value, param, ctx):
         value = super().convert(value, param, ctx)
-        nearest = Path(value).absolute()
-        while not os.path.lexists(nearest) and nearest != nearest.parent:  # lexists never raises
-            nearest = nearest.parent
-        try:
-            is_dir = nearest.is_dir()  # a dangling link or a folder we may not enter: False or OSError
-        except OSError:
-            is_dir = False
-        if not is_dir:
-            self.fail(f"{value}: {nearest} is not a folder that can be entered", param, ctx)
-        if not writable(nearest):
-            self.fail(f"{value}: cannot write in {nearest} (read-only or no permission)", param, ctx)
+        if why := unwritable(value):
+            self.fail(why, param, ctx)
         return value
 
 

@@ -37,6 +37,28 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int = 0o644):
         raise
 
 
+def writable(folder: Path) -> bool:
+    """Whether files can be made in `folder` (a read-only mount says no, even to root)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be made in `folder` (new or existing), or None: its nearest existing
+    folder must be one that can be entered and written."""
+    nearest = Path(folder).absolute()
+    while not os.path.lexists(nearest) and nearest != nearest.parent:  # lexists never raises
+        nearest = nearest.parent
+    try:
+        is_dir = nearest.is_dir()  # a dangling link or a folder we may not enter: False or OSError
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        return f"{folder}: {nearest} is not a folder that can be entered"
+    if not writable(nearest):
+        return f"{folder}: cannot write in {nearest} (read-only or no permission)"
+    return None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` whole or not at all (see atomic_path)."""
     with atomic_path(path, mode=mode) as tmp:

@@ -123,6 +123,14 @@ class RunFolder:
         except MriEdgeError:
             return {}
 
+    def check_writable(self, folder: Path | None = None) -> None:
+        """Refuse at once a run folder (or its `folder`) where the command's results could not be
+        written: a read-only copy of a run would otherwise fail after minutes of work."""
+        from .files import unwritable  # noqa: PLC0415
+
+        if why := unwritable(folder or self.path):
+            raise RunError(why)
+
     def require_model(self) -> Path:
         if not self.path.is_dir():
             raise RunError(f"run folder not found: {self.path}")

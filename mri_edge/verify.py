@@ -274,6 +274,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     require(("sklearn", "matplotlib"), "mri-edge verify")  # its reports; before minutes of inference
     run = RunFolder(run_dir)
     run_dir = run.path
+    run.check_writable()
     thresholds = thresholds or Thresholds()
     if split not in ("test", "val"):
         raise VerifyError("--split must be test or val")

@@ -242,16 +242,25 @@ def test_export_refuses_an_option_no_planned_file_uses(micro_run):
     assert res.exit_code == 1 and "--opset applies to onnx/openvino files" in res.output
 
 
-def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
-    from mri_edge import clitools
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(micro_run, tmp_path, monkeypatch):
+    from mri_edge import files
 
     (tmp_path / "a_file").write_text("x")
     res = invoke("demo", "--out", tmp_path / "a_file" / "demo")
     assert res.exit_code == 2 and "is not a folder that can be entered" in res.output
-    assert clitools.writable(tmp_path)
-    monkeypatch.setattr(clitools, "writable", lambda folder: False)  # a read-only mount (root ignores modes)
+    assert files.writable(tmp_path)
+    image = next((micro_run.parent.parent).rglob("*.jpg"), None) or next(micro_run.rglob("*.png"))
+    monkeypatch.setattr(files, "writable", lambda folder: False)  # a read-only mount (root ignores modes)
     res = invoke("data", "audit", tmp_path, "--out", tmp_path / "audit")
     assert res.exit_code == 2 and "cannot write in" in res.output and not (tmp_path / "audit").exists()
+    res = invoke("predict", micro_run / "exports" / "model_int8.tflite", image, "--out", tmp_path / "p")
+    assert res.exit_code == 2 and "cannot write in" in res.output and "Glioma" not in res.output  # nothing ran
+    # the run folder's own outputs (exports/, verify, calibration/, bench/): refused before the work
+    for command in (["export", micro_run, "--format", "onnx"], ["verify", micro_run], ["calibrate", micro_run],
+                    ["bench", micro_run, "--quick"]):
+        res = invoke(*command)
+        assert res.exit_code == 1 and "cannot write in" in res.output and len(res.output.strip().splitlines()) == 1, \
+            (command, res.output)
 
 
 def test_a_report_that_cannot_be_written_is_one_line_and_the_card_refuses_damaged_reports(micro_run, tmp_path):

@@ -28,6 +28,7 @@ def load_run(run_dir: Path):
     """(keras model, config dict, labels dict); one-line errors for missing or corrupt files."""
     run = RunFolder(run_dir)
     model_path = run.require_model()
+    run.check_writable()
     cfg, labels = run.config(), run.labels()
     run.manifest()  # calibration and the validation choice read it: damage is reported before any conversion
     quiet.import_tensorflow()
