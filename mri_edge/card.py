@@ -114,7 +114,7 @@ def build(run_dir) -> dict:
     metadata = run.export_metadata(damaged)  # and the model files the card lists, whole
     if damaged:  # a card without them would replace a complete one: refuse, and keep what is there
         raise MriEdgeError("cannot write the model card: " + "; ".join(damaged) +
-                           " (run again the command that writes it)")
+                           " (run again the command that writes it: export for a model file)")
     missing = []
     files = run.export_files()
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",

@@ -57,30 +57,26 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     quiet.import_tensorflow()
     original = run_dir / "model_fp32.keras"
     net = model_lib.load_model(original if fp16_weights and original.is_file() else run.model_path)
-    stored, commit, staged = {}, None, run_dir / ".model_fp16.tmp.keras"
+    stored, commit = {}, None
     if fp16_weights:  # model.keras changes with the reports that describe it (commit), not before
         changed = model_lib.round_kernels_fp16(net)
-        model_lib.save_compact(net, staged)
         stored = {"weights_stored": {"kernels": "float16", "rounded_values": changed, "from": {
             "file": original.name, "sha256": sha256_file(original if original.is_file() else run.model_path)}}}
 
-        def swap_in():
+        def store_rounded():
             if not original.is_file():
                 os.link(run.model_path, original)  # the trained file stays, under its new name
-            os.replace(staged, run.model_path)
-        commit = swap_in
+            model_lib.save_compact(net, run.model_path)
+        commit = store_rounded
         log(f"model.keras: kernels rounded to float16 ({changed} values; the trained file stays as {original})")
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, Path(cfg.cache_dir) if cfg.cache_dir else None)
            for s in ("train", "val", "test")}
     if data_dir:
         report.write_json(run.manifest_path, manifest)
     notes = resolve_phases(cfg)[1] + distill.weights_seen(cfg.weights, manifest)
-    try:
-        result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes, config_update={
-            "data_dir": cfg.data_dir, "dedup": cfg.dedup, **stored,
-            "evaluated": {"versions": versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}, commit=commit)
-    finally:
-        staged.unlink(missing_ok=True)
+    result = evaluate_run(run_dir, net, dec, cfg, float(saved.get("wall_time_s", 0.0)), notes, config_update={
+        "data_dir": cfg.data_dir, "dedup": cfg.dedup, **stored,
+        "evaluated": {"versions": versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}, commit=commit)
     log(f"{report.test_summary(result)} ({run_dir})")
     return result
 
@@ -124,6 +120,9 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     with quiet.signals_deferred():
         if commit is not None:
             commit()
+        summary = run.config()  # first: it records what commit changed (e.g. weights_stored)
+        summary.update({"wall_time_s": wall, **(config_update or {})})
+        report.write_json(run.config_path, summary)
         report.write_json(run.test_report_path, m)
         report.write_json(run.predictions_path, {
             "class_names": names, "paths": rel, "labels": test.labels.tolist(), "pred": pred.tolist(),
@@ -141,8 +140,5 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
             "validation": groups.describe_carve(run.manifest()),
         }
         report.write_text(run_dir / "train_report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
-        summary = run.config()
-        summary.update({"wall_time_s": wall, **(config_update or {})})
-        report.write_json(run.config_path, summary)
         run.write_index()
     return m

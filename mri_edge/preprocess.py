@@ -243,7 +243,7 @@ def check_batch(batch, size: int, name: str) -> np.ndarray:
                          "model.preprocess(image) makes one image")
     if batch.dtype != np.uint8 and batch.size:
         low, high = float(batch.min()), float(batch.max())
-        if low < 0 or 0 < high <= 1 or high > 255:  # above 255: 16-bit or unscaled data, not 8-bit pixels
+        if low < 0 or 0 < high <= 1 or high >= 256:  # 16-bit or unscaled data (255 + rounding: a mixup blend)
             raise ImageError(f"{name} runs raw pixels 0-255 (uint8), not values in [{low:.3g}, {high:.3g}]: it "
                              "normalises them itself; model.preprocess(image) makes one image")
     return batch

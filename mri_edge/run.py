@@ -170,7 +170,7 @@ class RunFolder:
         list `damaged`, each file that cannot be read, or whose model bytes differ from the hash
         export recorded in it, adds its one-line reason there (what vouches for files refuses them)."""
         from .backends import read_metadata  # noqa: PLC0415
-        from .integrity import check_integrity  # noqa: PLC0415
+        from .integrity import RuntimeMissingError, check_integrity  # noqa: PLC0415
 
         out = {}
         for f in self.export_files():
@@ -180,7 +180,7 @@ class RunFolder:
                     check_integrity(f, out[f.name])
             except MriEdgeError as e:
                 out[f.name] = {}
-                if damaged is not None:
+                if damaged is not None and not isinstance(e, RuntimeMissingError):  # a device install: unread
                     damaged.append(first_line(e))
         return out
 

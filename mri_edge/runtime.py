@@ -186,18 +186,18 @@ class Model:
 
         out, feats = [], []
         with Progress(len(images), label) if label else contextlib.nullcontext() as bar:
-            for i in range(0, len(images), batch_size):
+            for i in range(0, max(len(images), 1), batch_size):  # (an empty batch: one call, empty answers)
                 probs, f = self.run(images[i : i + batch_size], features=True) if features else \
                     (self.run(images[i : i + batch_size]), None)
                 out.append(probs)
                 feats.append(f)
                 if bar is not None:
                     bar.update(len(probs))
-        probs = np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+        probs = np.concatenate(out)
         probs = self.calibrated(probs) if calibrated else probs
         if not features:
             return probs
-        return probs, None if not feats or feats[0] is None else np.concatenate(feats)
+        return probs, None if feats[0] is None else np.concatenate(feats)
 
 
 def slow_hybrid(meta: dict, runtime_name: str) -> str | None:

@@ -146,6 +146,9 @@ def test_export_lands_files_when_the_temporary_folder_is_on_another_filesystem(m
         rename(src, dst)
 
     monkeypatch.setattr(os, "replace", replace_within_one_filesystem)
+    killed = run / "exports" / ".staging-killed"  # what an export killed outright (SIGKILL) left: cleared
+    killed.mkdir(parents=True)
+    (killed / "model_int8.tflite").write_bytes(b"half")
     results, failures = export_lib.export_run(run, ("tflite", "onnx"), ("none", "int8"), calib_size=8,
                                               log=lambda *_: None, workers=1)
     assert not failures, failures

@@ -285,6 +285,13 @@ def test_a_report_that_cannot_be_written_is_one_line_and_the_card_refuses_damage
         assert res.exit_code == 1 and "cannot write the model card" in res.output and "model_int8.tflite" in \
             res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert (run / "model_card.md").read_bytes() == card
+    model.write_bytes(whole)
+    import sys
+
+    with pytest.MonkeyPatch.context() as mp:  # a device install without onnxruntime: not damage, the card is written
+        mp.setitem(sys.modules, "onnxruntime", None)
+        res = invoke("card", run)
+        assert res.exit_code == 0, res.output
 
 
 def test_a_damaged_model_keras_and_a_binary_json_are_one_line_errors(micro_run, tmp_path):

@@ -44,11 +44,15 @@ def test_run_calls_the_graph_a_chunk_at_a_time(micro_run):
     assert np.allclose(feats, np.concatenate([run_batch(x[i:i + 1], True)[1] for i in range(len(x))]), atol=1e-5)
     # the graph normalises: pixels scaled already, or an image without its batch axis, are refused
     for bad, says in ((x[:2] / 255.0, "raw pixels 0-255"), (x[:2] / 127.5 - 1, "raw pixels 0-255"),
-                      (x[:2].astype(np.uint16) * 257, "raw pixels 0-255"),
+                      (x[:2].astype(np.uint16) * 257, "raw pixels 0-255"), (x[:2] + 256.0, "raw pixels 0-255"),
                       (x[0], f"(N, {model.image_size}, {model.image_size}, 3)")):
         with pytest.raises(ImageError, match=re.escape(says)):
             model.run(bad)
     assert model.run(x[:2].astype(np.float32)).shape == (2, len(model.class_names))  # raw pixels as floats
+    lam = np.float32(0.02)  # a mixup blend of two white images (train --teacher): 255 up to float rounding
+    white = np.full_like(x[:2], 255, np.float32)
+    assert (lam * white + (1 - lam) * white).max() > 255
+    assert model.run(lam * white + (1 - lam) * white).shape == (2, len(model.class_names))
 
 
 def test_an_empty_batch_gives_empty_answers_and_leaves_every_file_usable(micro_run):
@@ -67,6 +71,8 @@ def test_an_empty_batch_gives_empty_answers_and_leaves_every_file_usable(micro_r
             assert feats.shape[0] == 0 and feats.shape[1] == model.run(x, features=True)[1].shape[1], f.name
         assert model.run(x).shape == (2, len(model.class_names)), f.name  # still usable
         assert model.predict_arrays(empty).shape == (0, len(model.class_names)), f.name
+        probs, feats = model.predict_arrays(empty, features=True)
+        assert probs.shape[0] == 0 and (feats is None) == (not model.has_features), f.name
 
 
 def test_unsupported_and_foreign_files(tmp_path):

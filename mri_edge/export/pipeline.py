@@ -132,6 +132,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     workdir = Path(tempfile.mkdtemp(prefix="mri-edge-export-"))
     # finished files wait inside exports/ itself: a rename into exports/ is atomic only within one
     # filesystem, and the temporary folder may be on another (a tmpfs /tmp)
+    for left in out_dir.glob(".staging-*"):  # of an export killed outright (SIGKILL, out of memory)
+        shutil.rmtree(left, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     records = {r["file"]: r for r in run.exports_index().get("exports", []) if isinstance(r, dict) and "file" in r}
     results, failures = [], []
@@ -249,7 +251,7 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
             try:
                 outcomes = fut.result()
             except Exception as e:  # e.g. BrokenProcessPool: a converter crashed its process
-                outcomes = [pool.record(j, {}, workdir / "out" / j.filename, 0.0, e) for j in futures[fut]]
+                outcomes = [pool.record(j, {}, Path(j.filename), 0.0, e) for j in futures[fut]]
             collect(outcomes)
         executor.shutdown()  # the workers send their last lines before they exit
     except BaseException:
