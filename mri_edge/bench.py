@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-from . import ov
+from . import ov, quiet
 from .errors import MriEdgeError, installed
 from .files import unwritable
 from .run import RunFolder
@@ -241,7 +241,8 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
         kept = f", {out_dir} keeps what it held" if out_dir and Path(out_dir).exists() else ""
         raise BenchError(f"{why}; nothing written{kept}")
     if out_dir:
-        write_outputs(out, Path(out_dir))
+        with quiet.signals_deferred():  # bench.json, bench.md and bench.png describe one run
+            write_outputs(out, Path(out_dir))
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import familiar, groups, report, trust
+from . import familiar, groups, quiet, report, trust
 from .calibrate_report import summary_table, write_reports  # noqa: F401 (summary_table: the CLI's)
 from .config import GROUP_THRESHOLD, CalibrateConfig, carve_seed
 from .data import decode_images, is_refit
@@ -375,25 +375,26 @@ def store(run: RunFolder, files: list[Path], record: trust.Trust, held: dict, re
     from .export import rewrite_metadata  # noqa: PLC0415
     from .backends import read_metadata  # noqa: PLC0415
 
-    stored_form = json.loads(json.dumps(record.to_dict()))
-    done = []
-    for f in files:
-        try:
-            meta = read_metadata(f)
-            if meta.get("trust") != stored_form:
-                rewrite_metadata(f, {**meta, "trust": record.to_dict()})
-            results[f.name]["model_sha256"] = meta.get("model_sha256")  # which file the row measured (card checks)
-            stored = open_model(f).trust  # reopened: hash checked, record read back
-            if stored is None or stored.to_dict() != record.to_dict():
-                raise CalibrateError("the record did not read back")
-        except Exception as e:
-            raise CalibrateError(f"{f}: cannot store the calibration ({e}); updated so far: "
-                                 f"{', '.join(done) or 'none'}; fix it and run calibrate again") from None
-        done.append(f.name)
-    report.write_json(run.trust_path, record.to_dict())
-    for line in familiar.summary_lines(record, results):
-        log(line)
-    out = {"run_dir": str(run.path), "class_names": names, "trust": record.to_dict(), "held_out": held,
-           "files": results, "updated_files": [f.name for f in files], "foreign": cfg.foreign}
-    write_reports(run, out)
+    with quiet.signals_deferred():  # the files, trust.json and the reports change together
+        stored_form = json.loads(json.dumps(record.to_dict()))
+        done = []
+        for f in files:
+            try:
+                meta = read_metadata(f)
+                if meta.get("trust") != stored_form:
+                    rewrite_metadata(f, {**meta, "trust": record.to_dict()})
+                results[f.name]["model_sha256"] = meta.get("model_sha256")  # which file the row measured (card checks)
+                stored = open_model(f).trust  # reopened: hash checked, record read back
+                if stored is None or stored.to_dict() != record.to_dict():
+                    raise CalibrateError("the record did not read back")
+            except Exception as e:
+                raise CalibrateError(f"{f}: cannot store the calibration ({e}); updated so far: "
+                                     f"{', '.join(done) or 'none'}; fix it and run calibrate again") from None
+            done.append(f.name)
+        report.write_json(run.trust_path, record.to_dict())
+        for line in familiar.summary_lines(record, results):
+            log(line)
+        out = {"run_dir": str(run.path), "class_names": names, "trust": record.to_dict(), "held_out": held,
+               "files": results, "updated_files": [f.name for f in files], "foreign": cfg.foreign}
+        write_reports(run, out)
     return out

@@ -13,6 +13,7 @@ import numpy as np
 
 from .files import atomic_write_bytes
 from .progress import Heartbeat, Progress
+from .quiet import signals_deferred
 from .schedule import PhaseClock, lr_at
 
 
@@ -166,7 +167,13 @@ class TrainerState(keras.callbacks.Callback):
         if self.averaged is not None:
             self.averaged._ema_weights_in_model = True  # the network holds the average (see the docstring)
 
+    saved_by_keeper = False  # Keeper writes it with the checkpoint, as one step
+
     def on_epoch_end(self, epoch, logs=None):
+        if not self.saved_by_keeper:
+            self.write(epoch)
+
+    def write(self, epoch: int) -> None:
         own, rest = self.groups()
         values = {**{f"n{i}": v for i, v in enumerate(own)}, **{f"v{i}": v for i, v in enumerate(rest)}}
         buf = io.BytesIO()
@@ -181,8 +188,12 @@ class Keeper(keras.callbacks.Callback):
     when the next epoch would overrun its time budget."""
 
     def __init__(self, run, net, phase: dict, phase_index: int, warmup: int, clock: PhaseClock, history: list,
-                 monitor: str, best: float | None, elapsed, save, log, patience: Patience | None = None):
+                 monitor: str, best: float | None, elapsed, save, log, patience: Patience | None = None,
+                 trainer_state: TrainerState | None = None):
         super().__init__()
+        self.trainer_state = trainer_state  # written with the checkpoint and state.json, as one step
+        if trainer_state is not None:
+            trainer_state.saved_by_keeper = True
         self.patience = patience  # its count goes into state.json: it runs before this callback
         self.run, self.net, self.phase, self.phase_index = run, net, phase, phase_index
         self.warmup, self.clock, self.history = warmup, clock, history
@@ -210,19 +221,24 @@ class Keeper(keras.callbacks.Callback):
         self.history.append({"phase": self.phase["name"], "epoch": epoch + 1,
                              "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
                              **{k: float(v) for k, v in logs.items() if k != "learning_rate"}})
-        self.last_kept = self.improved(logs)
-        if self.last_kept:
-            self.best = float(logs.get(self.monitor, len(self.history)))  # last: the epochs run
-            self.save(self.net, self.run.best_path, self.run.checkpoint_path)
-        else:
-            self.save(self.net, self.run.checkpoint_path)
-        out_of_time = self.clock.epoch_ended() and epoch + 1 < self.phase["epochs"]
-        # stopped (by patience, which runs before this, or by the clock): a resume does not go on with the phase
-        self.run.write_state(phase=self.phase_index, epoch=epoch + 1, best={self.monitor: self.best},
-                             history=self.history, elapsed_s=self.elapsed(),
-                             phase_elapsed_s=self.clock.now() - self.clock.start,
-                             patience=self.patience.state() if self.patience else None,
-                             stopped=out_of_time or bool(self.model.stop_training))
+        # an interrupt between these files would leave a checkpoint of one epoch beside the state of
+        # another (or the trainer state missing): a resume would then not go on as an uninterrupted run
+        with signals_deferred():
+            self.last_kept = self.improved(logs)
+            if self.last_kept:
+                self.best = float(logs.get(self.monitor, len(self.history)))  # last: the epochs run
+                self.save(self.net, self.run.best_path, self.run.checkpoint_path)
+            else:
+                self.save(self.net, self.run.checkpoint_path)
+            out_of_time = self.clock.epoch_ended() and epoch + 1 < self.phase["epochs"]
+            # stopped (by patience, which runs before this, or by the clock): a resume does not go on with the phase
+            self.run.write_state(phase=self.phase_index, epoch=epoch + 1, best={self.monitor: self.best},
+                                 history=self.history, elapsed_s=self.elapsed(),
+                                 phase_elapsed_s=self.clock.now() - self.clock.start,
+                                 patience=self.patience.state() if self.patience else None,
+                                 stopped=out_of_time or bool(self.model.stop_training))
+            if self.trainer_state is not None:
+                self.trainer_state.write(epoch)
         if out_of_time:
             self.log(f"phase '{self.phase['name']}': time budget of {self.clock.budget_s:.0f} s reached after "
                      f"epoch {epoch + 1}")

@@ -9,7 +9,7 @@ import math
 import platform
 from pathlib import Path
 
-from . import __version__, groups, report, trust
+from . import __version__, groups, quiet, report, trust
 from .audit_report import counts_text
 from .config import REGULARISERS
 from .errors import MriEdgeError
@@ -312,7 +312,8 @@ def write_card(run_dir) -> dict:
     run = RunFolder(run_dir)
     card = build(run.path)
     text = markdown(card)  # both made before either is written; the JSON (what the index reads) last
-    report.write_text(run.path / "model_card.md", text)
-    report.write_json(run.path / "model_card.json", card)
-    run.write_index()
+    with quiet.signals_deferred():  # the pair says one thing
+        report.write_text(run.path / "model_card.md", text)
+        report.write_json(run.path / "model_card.json", card)
+        run.write_index()
     return card

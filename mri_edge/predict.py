@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from . import preprocess, runtime, trust
+from . import preprocess, quiet, runtime, trust
 from .data import is_junk, list_images
 from .errors import MriEdgeError
 
@@ -95,7 +95,8 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
     if not as_json:
         emit(f"{len(paths) - failed} classified, {failed} failed, {elapsed:.2f} s")
     if out is not None:
-        write_reports(Path(out), model, rows, elapsed)
+        with quiet.signals_deferred():  # predictions.json and .md describe one run
+            write_reports(Path(out), model, rows, elapsed)
         if not as_json:
             emit(f"reports: {Path(out) / 'predictions.md'}, {Path(out) / 'predictions.json'}")
     return failed

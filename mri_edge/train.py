@@ -259,10 +259,10 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
         average = [AveragedWeights(net, train_batches.images)] if cfg.ema else []
         patience = None if cfg.select_by == "last" else Patience(cfg.monitor, cfg.patience,
                                                                  state.get("patience") if state else None)
-        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
-                        model_lib.save_model, log, patience)
-        saved = TrainerState(  # after the average's swap and Keeper's checkpoint: a resume starts from those
+        saved = TrainerState(  # after the average's swap, with Keeper's checkpoint: a resume starts from those
             run, net, pi, start_epoch if state else 0 if pi else None, (average or [None])[0], log)
+        keeper = Keeper(run, net, phase, pi, cfg.warmup_epochs, clock, history, cfg.monitor, best, elapsed,
+                        model_lib.save_model, log, patience, trainer_state=saved)
         cbs = [EpochOrder(train_batches), EpochProgress(phase["name"], phase["epochs"], len(train_batches), log,
                                                          traced=traced), *average,
                *([patience] if patience else []), keeper, saved,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import explain, familiar, report, trust
+from . import explain, familiar, quiet, report, trust
 from .verify_report import markdown, summary_table  # noqa: F401 (summary_table: the CLI's)
 from .config import EXPLAIN_IMAGES, OCCLUSION_GRID, Thresholds
 from .errors import MriEdgeError, first_line, require
@@ -356,8 +356,9 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
            "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},
            "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures,
            "selected_files_only": selected}
-    report.write_json(report_dir / "parity.json", out)
-    report.write_text(report_dir / "parity.md", markdown(out))
+    with quiet.signals_deferred():  # the pair says one thing
+        report.write_json(report_dir / "parity.json", out)
+        report.write_text(report_dir / "parity.md", markdown(out))
     if not selected:  # plots of files not plotted now (removed, renamed, or not runnable) do not outlive them
         keep = {f"{kind}_{n.replace('.', '_')}.png" for n, r in results.items() if "error" not in r
                 for kind in ("confusion", "reliability")}
