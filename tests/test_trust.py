@@ -237,6 +237,10 @@ def test_calibrate_stores_one_record_that_every_runtime_applies_identically(cali
     assert record["threshold"] is not None and record["conformal_q"] is not None
     files = RunFolder(run).export_files()
     assert sorted(out["updated_files"]) == sorted(f.name for f in files) and len(files) == 4
+    from mri_edge.files import sha256_file  # exports.json follows the files the record went into
+
+    index = {r["file"]: r["sha256"] for r in RunFolder(run).exports_index()["exports"]}
+    assert all(index[f.name] == sha256_file(f) for f in files)
     manifest = RunFolder(run).manifest()
     keras = open_model(run / "model.keras")
     assert keras.trust.to_dict() == record

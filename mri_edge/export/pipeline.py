@@ -364,3 +364,8 @@ def rewrite_metadata(path: Path, meta: dict) -> None:
     else:
         raise ExportError(f"{path}: not an exported model file")
     rewrite(path, meta)
+    index = RunFolder(path.parent.parent).exports_index() if path.parent.name == "exports" else {}
+    rows = [r for r in index.get("exports", []) if isinstance(r, dict) and r.get("file") == path.name]
+    if rows and path.suffix != ".xml":  # exports.json's hash is of the whole file (an IR's: its .bin, unchanged)
+        rows[0]["sha256"] = sha256_file(path)
+        report.write_json(path.parent / "exports.json", index)
