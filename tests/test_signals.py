@@ -102,7 +102,8 @@ def test_a_child_started_with_interrupts_held_ignores_a_ctrl_c_that_comes_while_
     for held in (False, True):
         with quiet.interrupts_held() if held else contextlib.nullcontext():
             proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
+                                    text=True,  # as from a terminal (a background job starts with Ctrl-C ignored)
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
