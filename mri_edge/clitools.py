@@ -7,6 +7,7 @@ import dataclasses
 
 import click
 
+from .config import flag
 from .files import unwritable
 
 
@@ -56,7 +57,7 @@ def options_from(cls):
             m = f.metadata
             if "help" not in m:
                 continue
-            name = m.get("flag") or "--" + f.name.replace("_", "-")
+            name = flag(f)
             if m.get("negate"):
                 fn = click.option("--no-" + f.name.replace("_", "-"), f.name, is_flag=True, help=m["help"])(fn)
             elif isinstance(f.default, bool):

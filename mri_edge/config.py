@@ -33,23 +33,27 @@ def option(default, help: str, **cli):
     return field(default=default, metadata={"help": help, **cli})
 
 
+def flag(f) -> str:
+    """The command-line option of a config field (its `flag`, else --field-name)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
 def check_fields(cfg) -> None:
-    """The bounds and choices of a config's options (their metadata), which the command line
-    enforces, checked for a config made in Python too: one line naming the option."""
+    """The command line's bounds and choices (field metadata), for a config made in Python too: one line."""
     for f in fields(cfg):
         m, value = f.metadata, getattr(cfg, f.name)
         if "help" not in m or value is None or value is f.default:
             continue
-        flag = m.get("flag") or "--" + f.name.replace("_", "-")
+        name = flag(f)
         if "choices" in m and value not in m["choices"]:
-            raise MriEdgeError(f"{flag} {value}: choose one of {', '.join(map(str, m['choices']))}")
+            raise MriEdgeError(f"{name} {value}: choose one of {', '.join(map(str, m['choices']))}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         low, high = m.get("minimum"), m.get("maximum")
         if low is not None and (value <= low if m.get("min_open") else value < low):
-            raise MriEdgeError(f"{flag} {value}: must be {'above' if m.get('min_open') else 'at least'} {low}")
+            raise MriEdgeError(f"{name} {value}: must be {'above' if m.get('min_open') else 'at least'} {low}")
         if high is not None and (value >= high if m.get("max_open") else value > high):
-            raise MriEdgeError(f"{flag} {value}: must be {'below' if m.get('max_open') else 'at most'} {high}")
+            raise MriEdgeError(f"{name} {value}: must be {'below' if m.get('max_open') else 'at most'} {high}")
 
 
 @dataclass

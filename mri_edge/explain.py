@@ -239,31 +239,31 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         earlier = {r["png"] for r in json.loads((out_dir / "explain.json").read_text())["images"]} - used
     except (OSError, ValueError, KeyError, TypeError):
         earlier = set()
+    out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,
+           "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
+    md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
+          + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
+             if method == "occlusion" else " (gradients at DenseNet121's last feature map)"), ""]
+    if not model.trust:
+        md += [trust.NOT_CALIBRATED, ""]
+    md += ["Each map is stretched to its own range, so a weak map looks as vivid as a strong one: "
+           + ("the largest drop (also the overlay's last line) is how far blacking out the strongest cell lowers p; "
+              f"under {WEAK_DROP} the map is marked weak: no single cell carries the answer."
+              if method == "occlusion" else "the map peak is its largest value."), "",
+           report.md_table(["image", "class", "p", "largest drop" if method == "occlusion" else "map peak",
+                            "prediction set", "review"], [
+              [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}",
+               peak_text(method, r["map_max"], short=True),
+               trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] else "",
+               trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
+    if failed:
+        md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]
+    md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]
     with quiet.signals_deferred():  # overlays and the report that describes them change together
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, png in pngs.items():
             atomic_write_bytes(out_dir / name, png)
-        out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,
-               "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
         report.write_json(out_dir / "explain.json", out)
-        md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
-              + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
-                 if method == "occlusion" else " (gradients at DenseNet121's last feature map)"), ""]
-        if not model.trust:
-            md += [trust.NOT_CALIBRATED, ""]
-        md += ["Each map is stretched to its own range, so a weak map looks as vivid as a strong one: "
-               + ("the largest drop (also the overlay's last line) is how far blacking out the strongest cell lowers p; "
-                  f"under {WEAK_DROP} the map is marked weak: no single cell carries the answer."
-                  if method == "occlusion" else "the map peak is its largest value."), "",
-               report.md_table(["image", "class", "p", "largest drop" if method == "occlusion" else "map peak",
-                                "prediction set", "review"], [
-                  [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}",
-                   peak_text(method, r["map_max"], short=True),
-                   trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] else "",
-                   trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
-        if failed:
-            md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]
-        md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]
         report.write_text(out_dir / "explain.md", "\n".join(md))
         for name in earlier:
             if isinstance(name, str) and Path(name).name == name and name.endswith(".png"):  # only a file of ours

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, preprocess, progress, quiet, report
-from ..config import ExportConfig
+from ..config import ExportConfig, flag
 from ..errors import MriEdgeError, require
 from ..files import atomic_write_bytes, atomic_write_text, sha256_file
 from ..run import RunFolder
@@ -329,9 +329,8 @@ def add_features_run(run_dir, log=print, given: tuple[str, ...] = ()) -> list[st
     the names of those changed. One that fails stops it, naming those changed before it. It makes
     no file, so an export option the user gave (`given`) would go unused: refused."""
     if given:
-        flags = [ExportConfig.__dataclass_fields__[n].metadata.get("flag") or "--" + n.replace("_", "-") for n in given]
         raise ExportError(f"--add-features changes the exported files in place and uses no other option: drop "
-                          f"{', '.join(flags)}")
+                          f"{', '.join(flag(ExportConfig.__dataclass_fields__[n]) for n in given)}")
     run = RunFolder(run_dir)
     files = run.export_files()
     if not files:
