@@ -58,7 +58,8 @@ def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
 
     chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
     assert chosen["float_stages"] == ["conv2.2"] == cand and abs(chosen["float_mac_share"] - 10 / 86) < 1e-9
-    assert [t for t in tried if "conv2" in "".join(t)][-3:] == [("conv2.1-2",), ("conv2.1",), ("conv2.2",)]
+    # the first layer alone first (it fails, early), then halves: 1-2 holds, 1 is known to fail, 2 holds
+    assert [t for t in tried if "conv2" in "".join(t)][-3:] == [("conv2.1",), ("conv2.1-2",), ("conv2.2",)]
     assert stages["conv2.3-4"]["nodes"] == ["net/conv2_block3_1_conv", "net/conv2_block4_1_conv", "net/pool2_conv"]
     assert halves(stages, "conv2.2") == [] and halves(stages, "conv3") == []  # one dense layer: nothing to halve
     # a part named by its layers is the same wherever it is built (a recipe read back by a benchmark)
@@ -67,6 +68,28 @@ def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
     assert part(fresh, "conv2.1") == "conv2.1" and fresh["conv2.1"]["nodes"] == ["net/conv2_block1_1_conv"]
     # in an ensemble a transition goes with its own member's last layer
     assert dense_layers(["member_0/conv2_block3_x", "member_1/conv2_block1_x", "member_0/pool2_conv", "pre"]) == [3, 1, 3, 3]
+
+
+def test_a_stage_whose_first_layer_alone_holds_the_budget_skips_the_halves_between():
+    """Each half that holds the budget costs a complete score: when the first dense layer alone
+    holds it, the search takes it without scoring the halves in between (1-4, 1-2)."""
+    from mri_edge.export.accuracy import stage_search
+    from mri_edge.export.stages import stages_from
+
+    nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 1) for i in range(1, 9)] + [
+        ("CONV_2D", "net/conv3_block1_1_conv", 40, 4)]
+    stages = stages_from(nodes, ("MEAN",))
+    tried = []
+
+    def attempt(kept, mode="full"):
+        tried.append(tuple(kept))
+        in_float = {n for s in kept for n in stages[s]["nodes"]}
+        return {"agreement": 0.99 + 0.01 * ("net/conv2_block1_1_conv" in in_float), "accuracy": 0.9,
+                "accuracy_drop_pts": 0.0}, list(kept)
+
+    chosen, cand, _ = stage_search(stages, attempt, 0.5, [])
+    assert chosen["float_stages"] == ["conv2.1"] == cand
+    assert [t for t in tried if "conv2." in "".join(t)] == [("conv2.1",)]
 
 
 def test_the_weight_only_file_counts_each_stage_once_after_halving():

@@ -87,11 +87,11 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     order of quality gained per share of compute or weights given back to float, then those
     that gained nothing alone, cheapest first (their error can be hidden by the others'),
     until the budget holds. 3: each kept stage goes back to int8 in turn, the most expensive
-    first, and stays there if the budget still holds. 4: each stage kept in float is halved by
-    its dense layers (`halves`, which adds the halves to `stages`) while one half alone holds
-    the budget. A candidate with all compute and weights
-    in float is no int8 file: it is measured, and step 3 may start from it, but it is chosen
-    only when nothing else was measured. When nothing holds, weight_only(mode) (if given) builds
+    first, and stays there if the budget still holds. 4: each stage kept in float is narrowed
+    to its first dense layer if that alone holds the budget; else it is halved by its dense
+    layers (`halves`, which adds the halves to `stages`) while one half alone holds the budget.
+    A candidate with all compute and weights in float is no int8 file: it is measured, and step
+    3 may start from it, but it is chosen only when nothing else was measured. When nothing holds, weight_only(mode) (if given) builds
     the last resort, every weight int8 and every operation float, chosen within budget (or if alone);
     else the best candidate that quantizes something is kept, over budget: scores that stopped
     early or ranked a stage (upper bounds of quality) are completed, best bound first, while
@@ -142,7 +142,16 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
                 if within(greedy(fewer), max_drop_pts):
                     kept = fewer
             for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
-                narrowed = s
+                narrowed = smallest = s
+                while halves(stages, smallest):
+                    smallest = halves(stages, smallest)[0]
+                # The first dense layer alone, tried first: a part that holds the budget is a
+                # complete score, one that does not usually stops early, so when it holds it saves
+                # the complete scores of every half between it and the stage.
+                trial = [smallest if k == s else k for k in kept]
+                if smallest != s and within(greedy(trial), max_drop_pts):
+                    kept = trial
+                    continue
                 while True:  # the first half that holds the budget alone replaces it, then is halved
                     for half in halves(stages, narrowed):
                         trial = [half if k == narrowed else k for k in kept]

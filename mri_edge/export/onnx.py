@@ -20,6 +20,7 @@ from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
 from ..onnx_model import METADATA_KEY
 from ..runtime import FEATURES
+from . import pool
 from .accuracy import Scoring, mark_weight_only, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
 from .calibration import robust_ranges
@@ -290,6 +291,7 @@ def onnx_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray]
     import onnxruntime as ort  # noqa: PLC0415
 
     so = ort.SessionOptions()
+    threads = pool.threads_now(threads)
     if threads:
         so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

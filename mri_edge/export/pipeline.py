@@ -235,7 +235,8 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
 
     log(f"exporting {sum(len(u) for u in units)} files with {workers} worker processes ...")
     notes = mp.get_context("spawn").Queue()  # the workers' progress.note() lines
-    executor = pool.start_pool(workers, notes)
+    running = mp.get_context("spawn").Value("i", workers)  # pool.threads_now
+    executor = pool.start_pool(workers, notes, running)
     relay = None
     try:
         relay = progress.Relay(notes, log)
@@ -248,6 +249,7 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
         with quiet.interrupts_held():
             futures.update({executor.submit(pool.run_unit, context(u)): u for u in units if u[0].fmt == "tflite"})
         for fut in as_completed(futures):
+            running.value = max(1, min(workers, sum(not f.done() for f in futures)))
             try:
                 outcomes = fut.result()
             except Exception as e:  # e.g. BrokenProcessPool: a converter crashed its process

@@ -159,21 +159,38 @@ def default_workers(n_units: int) -> int:
     return max(1, min(2, os.cpu_count() or 1, n_units))
 
 
-def start_pool(workers: int, notes=None):
+def start_pool(workers: int, notes=None, running=None):
     """Spawned (not forked: forking a process that has TensorFlow loaded is unsafe) workers that
     die with their parent, ignore Ctrl-C (the parent stops them) and keep quiet unless verbose;
-    their progress.note() lines go on `notes` (a queue of the spawn context) when given."""
+    their progress.note() lines go on `notes` (a queue of the spawn context) when given.
+    running: a shared count (a Value of the spawn context) of the units still running, which
+    the parent lowers as units finish (`threads_now`)."""
     import multiprocessing as mp  # noqa: PLC0415
     from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
 
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
-                               initargs=(notes,))
+                               initargs=(notes, running))
 
 
-def _start_worker(notes) -> None:
+_running = None  # in a worker: start_pool's count of the units still running
+
+
+def _start_worker(notes, running=None) -> None:
+    global _running
     quiet.quiet_worker()
+    _running = running
     if notes is not None:  # progress.note() lines go to the parent, which logs them (progress.Relay)
         progress.notes_to(notes.put)
+
+
+def threads_now(threads: int | None) -> int | None:
+    """Threads for a session this process opens now: in a worker, the cores shared by the units
+    still running, so that a unit left alone (the ONNX search, after the TFLite files are done)
+    takes the cores the others gave back (224 px: int8 ONNX job 359 -> 240 s with 2 threads of
+    2 cores); `threads` in-process, or at least that."""
+    if _running is None or threads is None:
+        return threads
+    return max(threads, (os.cpu_count() or 1) // max(1, _running.value))
 
 
 def kill_pool(pool) -> None:

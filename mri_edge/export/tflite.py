@@ -20,6 +20,7 @@ import numpy as np
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
 from ..runtime import FEATURES, METADATA_NAME
+from . import pool
 from .accuracy import Scoring, hybrid_step, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
 from .calibration import CALIB_QUANTILE, per_image_extremes, robust_ranges
@@ -233,7 +234,7 @@ def tflite_probs(fb: bytes, meta: dict, x: np.ndarray, workdir: Path, threads: i
     with tempfile.TemporaryDirectory(dir=workdir) as td:
         path = Path(td) / "candidate.tflite"
         path.write_bytes(fb)
-        net = TFLiteModel(path, {**meta, "input": {}, "output": {}}, threads=threads)
+        net = TFLiteModel(path, {**meta, "input": {}, "output": {}}, threads=pool.threads_now(threads))
         return net.run(x)
 
 
