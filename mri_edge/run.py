@@ -123,6 +123,13 @@ class RunFolder:
         except MriEdgeError:
             return {}
 
+    def write_exports_index(self, index: dict) -> None:
+        """exports.json, the one place it is written: by export after each file it lands, and by
+        calibrate's record (`export.rewrite_metadata`), which changes a file's bytes and so its hash."""
+        from .report import write_json  # noqa: PLC0415
+
+        write_json(self.exports_index_path, index)
+
     def check_writable(self, folder: Path | None = None) -> None:
         """Refuse at once a run folder (or its `folder`) where the command's results could not be
         written: a read-only copy of a run would otherwise fail after minutes of work."""

@@ -49,7 +49,7 @@ def _land(staged: Path, out_dir: Path, fmt: str) -> None:
 
 def _write_index(run: RunFolder, records: dict, model_sha: str, failures: list[dict], started: float,
                  workers: int) -> None:
-    report.write_json(run.exports_index_path, {
+    run.write_exports_index({
         "run_dir": str(run.path), "source_model_sha256": model_sha,
         "exports": sorted(records.values(), key=lambda r: r["file"]), "last_failures": failures,
         "last_export": {"seconds": round(time.time() - started, 1), "workers": workers}})
@@ -365,8 +365,9 @@ def rewrite_metadata(path: Path, meta: dict) -> None:
     else:
         raise ExportError(f"{path}: not an exported model file")
     rewrite(path, meta)
-    index = RunFolder(path.parent.parent).exports_index() if path.parent.name == "exports" else {}
+    run = RunFolder(path.parent.parent)
+    index = run.exports_index() if path.parent.name == "exports" else {}
     rows = [r for r in index.get("exports", []) if isinstance(r, dict) and r.get("file") == path.name]
     if rows and path.suffix != ".xml":  # exports.json's hash is of the whole file (an IR's: its .bin, unchanged)
         rows[0]["sha256"] = sha256_file(path)
-        report.write_json(path.parent / "exports.json", index)
+        run.write_exports_index(index)
