@@ -6,11 +6,13 @@ Standard library only (the on-device runtime uses them).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import FileFormatError
@@ -23,6 +25,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int = 0o644):
     where a whole one was. `suffix` keeps the extension a writer insists on (.keras, .npz)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(path, suffix)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     except OSError as e:  # a read-only folder, a full disk: name the file meant, not the temporary one
@@ -35,6 +38,18 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", mode: int = 0o644):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+STALE_S = 3600  # a temporary file of atomic_path untouched this long was left by a killed writer
+
+
+def _clear_stale(path: Path, suffix: str) -> None:
+    """Remove the temporary files of earlier writes of `path` that a kill (SIGKILL, out of
+    memory) left behind, once they are old enough not to be another writer's at work."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(suffix)}"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > STALE_S:
+                old.unlink()
 
 
 def writable(folder: Path) -> bool:

@@ -446,3 +446,24 @@ def test_the_demo_writes_its_verdict_beside_the_run(tmp_path):
     write_summary(tmp_path, tmp_path / "run", [], False, 90.0)
     assert json.loads((tmp_path / "demo.json").read_text())["passed"] is True
     assert "every exported file passed its parity gate" in (tmp_path / "demo.md").read_text()
+
+
+def test_a_write_clears_what_a_killed_write_of_the_same_file_left_behind(tmp_path):
+    """A SIGKILL between mkstemp and the rename leaves a hidden temporary file: the next write
+    of that file removes it once it is old enough not to be another writer's at work."""
+    import os
+    import time
+
+    from mri_edge.files import STALE_S, atomic_write_text
+
+    left = tmp_path / ".report.md.k1ll3d.tmp"  # what atomic_path names its temporary files
+    working = tmp_path / ".report.md.4tw0rk.tmp"
+    other = tmp_path / ".state.json.0ld.tmp"
+    for f in (left, working, other):
+        f.write_text("partial")
+    old = time.time() - STALE_S - 60
+    os.utime(left, (old, old))
+    os.utime(other, (old, old))
+    atomic_write_text(tmp_path / "report.md", "whole")
+    assert (tmp_path / "report.md").read_text() == "whole"
+    assert not left.exists() and working.exists() and other.exists()  # only this file's, only old ones
