@@ -37,10 +37,25 @@ def test_the_search_keeps_the_cheapest_stages_that_meet_the_budget():
     assert chosen["agreement"] < 1 and chosen["agreement"] == max(partial) < max(s["agreement"] for s in steps)
 
 
+def search_where_one_node_matters(stages: dict, node: str) -> tuple[dict, list, list[tuple]]:
+    """stage_search at a 0.5-point budget where only keeping `node` in float brings agreement
+    from 99% to 100%: (chosen step, its candidate, every candidate built, in order)."""
+    from mri_edge.export.accuracy import stage_search
+
+    tried = []
+
+    def attempt(kept, mode="full"):
+        tried.append(tuple(kept))
+        in_float = {n for s in kept for n in stages[s]["nodes"]}
+        return {"agreement": 0.99 + 0.01 * (node in in_float), "accuracy": 0.9, "accuracy_drop_pts": 0.0}, list(kept)
+
+    chosen, cand, _ = stage_search(stages, attempt, 0.5, [])
+    return chosen, cand, tried
+
+
 def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
     """Kept whole, conv2 costs all of its dense layers; here one layer is what matters, and the
     search narrows conv2 to it, the transition after the block going with the last layers."""
-    from mri_edge.export.accuracy import stage_search
     from mri_edge.export.stages import dense_layers, halves, part, stages_from
 
     nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 1) for i in range(1, 5)] + [
@@ -48,15 +63,7 @@ def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
         ("MEAN", "net/avg_pool", 0, 0), ("FULLY_CONNECTED", "net/dense", 1, 1)]
     stages = stages_from(nodes, ("MEAN",))
     assert sorted(stages) == ["conv2", "conv3", "head"] and abs(stages["conv2"]["mac_share"] - 45 / 86) < 1e-9
-    tried = []
-
-    def attempt(kept, mode="full"):
-        tried.append(tuple(kept))
-        in_float = {n for s in kept for n in stages[s]["nodes"]}
-        return {"agreement": 0.99 + 0.01 * ("net/conv2_block2_1_conv" in in_float), "accuracy": 0.9,
-                "accuracy_drop_pts": 0.0}, list(kept)
-
-    chosen, cand, steps = stage_search(stages, attempt, 0.5, [])
+    chosen, cand, tried = search_where_one_node_matters(stages, "net/conv2_block2_1_conv")
     assert chosen["float_stages"] == ["conv2.2"] == cand and abs(chosen["float_mac_share"] - 10 / 86) < 1e-9
     # the first layer alone first (it fails, early), then halves: 1-2 holds, 1 is known to fail, 2 holds
     assert [t for t in tried if "conv2" in "".join(t)][-3:] == [("conv2.1",), ("conv2.1-2",), ("conv2.2",)]
@@ -73,21 +80,11 @@ def test_a_stage_kept_in_float_is_halved_while_a_half_holds_the_budget():
 def test_a_stage_whose_first_layer_alone_holds_the_budget_skips_the_halves_between():
     """Each half that holds the budget costs a complete score: when the first dense layer alone
     holds it, the search takes it without scoring the halves in between (1-4, 1-2)."""
-    from mri_edge.export.accuracy import stage_search
     from mri_edge.export.stages import stages_from
 
     nodes = [("CONV_2D", f"net/conv2_block{i}_1_conv", 10, 1) for i in range(1, 9)] + [
         ("CONV_2D", "net/conv3_block1_1_conv", 40, 4)]
-    stages = stages_from(nodes, ("MEAN",))
-    tried = []
-
-    def attempt(kept, mode="full"):
-        tried.append(tuple(kept))
-        in_float = {n for s in kept for n in stages[s]["nodes"]}
-        return {"agreement": 0.99 + 0.01 * ("net/conv2_block1_1_conv" in in_float), "accuracy": 0.9,
-                "accuracy_drop_pts": 0.0}, list(kept)
-
-    chosen, cand, _ = stage_search(stages, attempt, 0.5, [])
+    chosen, cand, tried = search_where_one_node_matters(stages_from(nodes, ("MEAN",)), "net/conv2_block1_1_conv")
     assert chosen["float_stages"] == ["conv2.1"] == cand
     assert [t for t in tried if "conv2." in "".join(t)] == [("conv2.1",)]
 
