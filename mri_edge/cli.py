@@ -7,7 +7,6 @@ Heavy libraries (TensorFlow, Keras, onnx) are imported inside commands so that
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .clitools import (OUT_DIR, TASK_CHOICE, THREADS, VERBOSE_HELP, Interrupted, Main, config_from, echo,
-                       int_list, options_from, run_guarded, terminate)
+                       handle_interrupts, int_list, options_from, run_guarded)
 from .config import (EXPLAIN_IMAGES, GROUP_THRESHOLD, HASH_MAX_DISTANCE, PIXEL_MAD_THRESHOLD, ExportConfig, Thresholds,
                      TrainConfig)
 from .demo import RECIPE
@@ -40,7 +39,7 @@ def main(verbose):
 
     set_verbose(verbose)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, terminate)
+        handle_interrupts()
 
 
 # calibrate, explain, card, ensemble and pretrain live in their own modules (this one would pass 400 lines)

@@ -96,10 +96,27 @@ class Interrupted(click.ClickException):
     exit_code = 130
 
 
+signalled = False  # a Ctrl-C or SIGTERM came during this command (run_guarded)
+
+
 def terminate(signum, frame):
     # SIGTERM (kill, docker stop, a job supervisor) takes the same way out as Ctrl-C, so every
     # command stops its child processes and leaves its folders consistent.
+    global signalled
+    signalled = True
     raise KeyboardInterrupt
+
+
+def handle_interrupts() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt and are remembered (`terminate`); a Ctrl-C
+    that the shell ignores (a background job) stays ignored."""
+    import signal  # noqa: PLC0415
+
+    global signalled
+    signalled = False
+    signal.signal(signal.SIGTERM, terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, terminate)
 
 
 def run_guarded(fn, *args, **kwargs):
@@ -124,6 +141,10 @@ def run_guarded(fn, *args, **kwargs):
     except OSError as e:  # a file or folder that cannot be read or written: name it, no traceback
         where = f"{e.filename2 or e.filename}: " if e.filename else ""  # a rename names its target second
         raise click.ClickException(f"{where}{e.strerror or e}") from None
+    except Exception:
+        if signalled:  # a library caught the KeyboardInterrupt and raised its own error (TensorFlow's RuntimeError)
+            raise Interrupted("interrupted") from None
+        raise
 
 
 def echo(msg: str) -> None:

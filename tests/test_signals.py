@@ -120,3 +120,33 @@ def test_an_interrupted_bench_leaves_no_row_process(micro_run, tmp_path, sig):
     code, err, kids = interrupt_when(cmd, lambda k: len(k) >= 1, sig)
     assert code == 130 and "Traceback" not in err, err
     assert not [p for p in kids if alive(p)]
+
+
+def test_an_error_a_library_raises_for_a_ctrl_c_is_reported_as_an_interrupt():
+    """TensorFlow can catch the KeyboardInterrupt of a Ctrl-C and raise a RuntimeError of its own:
+    after a Ctrl-C or SIGTERM that is an interrupt (exit 130), not a traceback; without one, a bug
+    still shows whole."""
+    from mri_edge import clitools
+
+    def library_call():
+        try:
+            clitools.terminate(signal.SIGINT, None)  # what the handler does when Ctrl-C comes
+        except KeyboardInterrupt:
+            raise RuntimeError("KeyboardInterrupt replaced") from None
+
+    def bug():
+        raise RuntimeError("a bug")
+
+    try:
+        with pytest.raises(clitools.Interrupted) as caught:
+            clitools.run_guarded(library_call)
+        assert caught.value.exit_code == 130
+        old = signal.getsignal(signal.SIGINT)
+        try:
+            clitools.handle_interrupts()  # each command starts with nothing remembered
+        finally:
+            signal.signal(signal.SIGINT, old)
+        with pytest.raises(RuntimeError, match="a bug"):
+            clitools.run_guarded(bug)
+    finally:
+        clitools.signalled = False
