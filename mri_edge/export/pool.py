@@ -186,8 +186,9 @@ def _start_worker(notes, running=None) -> None:
 def threads_now(threads: int | None) -> int | None:
     """Threads for a session this process opens now: in a worker, the cores shared by the units
     still running, so that a unit left alone (the ONNX search, after the TFLite files are done)
-    takes the cores the others gave back (224 px: int8 ONNX job 359 -> 240 s with 2 threads of
-    2 cores); `threads` in-process, or at least that."""
+    takes the cores the others gave back (224 px tumor model, 2 cores: the int8 ONNX job took
+    359 s beside the TFLite job on one thread, 240 s alone on two); `threads` in-process, or at
+    least that."""
     if _running is None or threads is None:
         return threads
     return max(threads, (os.cpu_count() or 1) // max(1, _running.value))
