@@ -311,6 +311,7 @@ def markdown(card: dict) -> str:
 def write_card(run_dir) -> dict:
     run = RunFolder(run_dir)
     card = build(run.path)
+    run.check_writable()
     text = markdown(card)  # both made before either is written; the JSON (what the index reads) last
     with quiet.signals_deferred():  # the pair says one thing
         report.write_text(run.path / "model_card.md", text)

@@ -16,7 +16,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .clitools import (OUT_DIR, TASK_CHOICE, THREADS, VERBOSE_HELP, Interrupted, Main, config_from, echo,
-                       handle_interrupts, int_list, options_from, run_guarded)
+                       handle_interrupts, int_list, one_line_warnings, options_from, run_guarded)
 from .config import (EXPLAIN_IMAGES, GROUP_THRESHOLD, HASH_MAX_DISTANCE, PIXEL_MAD_THRESHOLD, ExportConfig, Thresholds,
                      TrainConfig)
 from .demo import RECIPE
@@ -38,6 +38,8 @@ def main(verbose):
     from .quiet import set_verbose  # noqa: PLC0415
 
     set_verbose(verbose)
+    if not verbose:
+        one_line_warnings()
     if threading.current_thread() is threading.main_thread():
         handle_interrupts()
 

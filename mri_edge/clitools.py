@@ -119,6 +119,14 @@ def handle_interrupts() -> None:
         signal.signal(signal.SIGINT, terminate)
 
 
+def one_line_warnings() -> None:
+    """A warning prints as one line, as an error does (Python's own format adds the file, the
+    line number and the source line: `--verbose` keeps it)."""
+    import warnings  # noqa: PLC0415
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
 def run_guarded(fn, *args, **kwargs):
     """Call fn, turning input errors (MriEdgeError) and unreadable or unwritable files (OSError)
     into a one-line message and exit 1."""
@@ -138,6 +146,8 @@ def run_guarded(fn, *args, **kwargs):
         if not top or top == "mri_edge" or installed(top):
             raise
         raise click.ClickException(str(MissingPackageError([top]))) from None
+    except BrokenPipeError:  # whatever read stdout stopped (`predict --json | head`): click exits quietly
+        raise
     except OSError as e:  # a file or folder that cannot be read or written: name it, no traceback
         where = f"{e.filename2 or e.filename}: " if e.filename else ""  # a rename names its target second
         raise click.ClickException(f"{where}{e.strerror or e}") from None

@@ -67,7 +67,7 @@ def run_demo(out, task: str = "tumor", image_size: int = RECIPE.image_size, epoc
     cfg = TrainConfig(task=task, data_dir=str(data_dir), out=str(out / "run"), weights="none", image_size=image_size,
                       batch_size=16, epochs_head=0, epochs_finetune=epochs, lr=RECIPE.lr, patience=epochs,
                       dense_units=RECIPE.dense_units, cache_dir=str(out / "cache"))
-    log(f"demo 2/4: training DenseNet121 from scratch at {image_size} px for {epochs} epochs")
+    log(f"demo 2/4: training DenseNet121 from scratch at {image_size} px for {epochs} epoch{'s' * (epochs != 1)}")
     started = time.time()
     run_dir = train_lib.train(cfg, log=log)
     problems = [] if skip_export else downstream(run_dir, log, show)

@@ -35,6 +35,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     run = RunFolder(run_dir)
     run_dir = run.path
     run.require_model()
+    run.check_writable()  # before minutes of evaluation, not after
     saved, manifest = run.config(), run.manifest()
     cfg = TrainConfig.from_saved(saved)
     root = Path(data_dir or manifest["root"])

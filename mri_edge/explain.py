@@ -178,7 +178,7 @@ def peak_text(method: str, peak: float, short: bool = False) -> str:
         return "none" if short else "no cell lowers p when blacked out"
     if peak < WEAK_DROP:
         return f"{peak:.4f} (weak)" if short else f"weak map: no cell lowers p by more than {peak:.4f}"
-    return f"{peak:.4f}" if short else f"strongest cell: p -{peak:.4f} when blacked out"
+    return f"{peak:.4f}" if short else f"strongest cell: p drops by {peak:.4f} when blacked out"
 
 
 def explain_images(model_path, images: list, out_dir, method: str = "occlusion", grid: int = OCCLUSION_GRID,

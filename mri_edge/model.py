@@ -165,6 +165,24 @@ def objective(lr: float, weight_decay: float = 0.0, label_smoothing: float = 0.0
             "metrics": metrics}
 
 
+def unfreeze_cut(model, unfreeze: str) -> tuple[list, int]:
+    """(the base's own layers, the index of the first one that `--unfreeze` trains); a name
+    that matches no layer is a ModelError, which train raises once the model is built, before
+    the images are decoded."""
+    # --drop-path's Dropout layers hold no weights: "the top N layers" counts DenseNet121's own.
+    layers = [layer for layer in base_of(model).layers if not layer.name.endswith(DROP_PATH)]
+    if unfreeze == "all":
+        return layers, 0
+    if str(unfreeze).isdigit():
+        if int(unfreeze) < 1:
+            raise ModelError("--unfreeze N needs N >= 1")
+        return layers, max(0, len(layers) - int(unfreeze))
+    idx = [i for i, layer in enumerate(layers) if layer.name.startswith(str(unfreeze))]
+    if not idx:
+        raise ModelError(f"--unfreeze {unfreeze!r} matches no DenseNet121 layer (try conv5, conv4_block16, a number or all)")
+    return layers, idx[0]
+
+
 def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True, bn_momentum: float = 0.9) -> int:
     """Set trainable flags for a phase; returns the number of trainable base layers.
 
@@ -179,26 +197,11 @@ def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True
     set at 64 px: 49% with the lagging statistics, 84% after re-estimating them).
     """
     base = base_of(model)
-    # --drop-path's Dropout layers hold no weights: "the top N layers" counts DenseNet121's own.
-    layers = [layer for layer in base.layers if not layer.name.endswith(DROP_PATH)]
     if phase == "head":
         base.trainable = False
         return 0
     base.trainable = True
-    if unfreeze == "all":
-        cut = 0
-    elif str(unfreeze).isdigit():
-        n = int(unfreeze)
-        if n < 1:
-            raise ModelError("--unfreeze N needs N >= 1")
-        cut = max(0, len(layers) - n)
-    else:
-        idx = [i for i, layer in enumerate(layers) if layer.name.startswith(str(unfreeze))]
-        if not idx:
-            raise ModelError(
-                f"--unfreeze {unfreeze!r} matches no DenseNet121 layer (try conv5, conv4_block16, a number or all)"
-            )
-        cut = idx[0]
+    layers, cut = unfreeze_cut(model, unfreeze)
     count = 0
     for i, layer in enumerate(layers):
         trainable = i >= cut

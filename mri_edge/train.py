@@ -39,9 +39,12 @@ def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
             phases.append({"name": "finetune", "epochs": cfg.epochs_finetune, "lr": lr_ft,
                            "unfreeze": cfg.unfreeze, "freeze_bn": not cfg.train_bn})
     else:
-        notes.append("--weights none: phase 1 (frozen base) skipped, a frozen random base learns nothing"
-                     f"{f' (--epochs-head {cfg.epochs_head} unused)' if cfg.epochs_head else ''}; the whole network "
-                     f"trains from scratch for {cfg.epochs_finetune} epochs (--epochs-finetune), batch norms training.")
+        unused = [f"--epochs-head {cfg.epochs_head}"] * bool(cfg.epochs_head) + [f"--unfreeze {cfg.unfreeze}"] * (
+            cfg.unfreeze != TrainConfig.unfreeze)
+        extra = f" ({', '.join(unused)} unused)" if unused else ""
+        notes.append(f"--weights none: phase 1 (frozen base) skipped, a frozen random base learns nothing{extra}; "
+                     f"the whole network trains from scratch for {cfg.epochs_finetune} "
+                     f"epoch{'s' * (cfg.epochs_finetune != 1)} (--epochs-finetune), batch norms training.")
         if cfg.epochs_finetune > 0:
             phases.append({"name": "scratch", "epochs": cfg.epochs_finetune, "unfreeze": "all", "freeze_bn": False,
                            "lr": cfg.lr_finetune if cfg.lr_finetune is not None else cfg.lr})
@@ -154,6 +157,9 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
             with Heartbeat(f"building DenseNet121 ({cfg.image_size} px, weights {cfg.weights})", every=10):
                 net = model_lib.build_model(len(dataset.class_names), cfg.image_size, cfg.weights, cfg.dense_units,
                                             cfg.dropout, cfg.seed, cfg.drop_path)
+            for p in cfg.phases:  # a --unfreeze name that matches no layer: refused before the images are decoded
+                if p["unfreeze"] != "none":
+                    model_lib.unfreeze_cut(net, p["unfreeze"])
     if dist.replicas > 1:
         n_bn = distribute.synchronise_batchnorm(net)
         log(f"{dist.kind} training on {dist.replicas} replicas ({', '.join(dist.device_names)}), worker "

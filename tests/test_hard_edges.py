@@ -257,7 +257,7 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(micro_r
     assert res.exit_code == 2 and "cannot write in" in res.output and "Glioma" not in res.output  # nothing ran
     # the run folder's own outputs (exports/, verify, calibration/, bench/): refused before the work
     for command in (["export", micro_run, "--format", "onnx"], ["verify", micro_run], ["calibrate", micro_run],
-                    ["bench", micro_run, "--quick"]):
+                    ["bench", micro_run, "--quick"], ["evaluate", micro_run], ["card", micro_run]):
         res = invoke(*command)
         assert res.exit_code == 1 and "cannot write in" in res.output and len(res.output.strip().splitlines()) == 1, \
             (command, res.output)

@@ -136,3 +136,26 @@ def test_adapt_batchnorm_re_estimates_statistics_without_touching_weights(net):
     assert not np.allclose(np.array(bn.moving_mean), before)
     assert bn.momentum == momentum and not bn.trainable  # restored
     assert all(np.array_equal(a, b) for a, b in zip(conv_before, base.get_layer("conv1_conv").get_weights()))
+
+
+def test_train_refuses_an_unfreeze_name_no_layer_has_before_it_decodes_or_writes(net, synth_data, tmp_path,
+                                                                                monkeypatch):
+    """--unfreeze conv9 has the form of a block name but names no layer: train says so once the
+    model is built, before minutes of decoding and before the run folder is written."""
+    from click.testing import CliRunner
+
+    from mri_edge import data
+    from mri_edge.cli import main
+
+    weights = tmp_path / "start.keras"
+    net.save(weights)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded the images first")
+
+    monkeypatch.setattr(data, "decode_split", no_decoding)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "--task", "tumor", "--data-dir", str(synth_data), "--image-size", str(SIZE),
+                                    "--weights", str(weights), "--unfreeze", "conv9", "--out", str(out)])
+    assert res.exit_code == 1 and "--unfreeze 'conv9' matches no DenseNet121 layer" in res.output, res.output
+    assert not out.exists()

@@ -150,3 +150,15 @@ def test_an_error_a_library_raises_for_a_ctrl_c_is_reported_as_an_interrupt():
             clitools.run_guarded(bug)
     finally:
         clitools.signalled = False
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`mri-edge predict ... --json | head -1`: the broken pipe is click's to end quietly, not a
+    one-line error of a file that cannot be written."""
+    from mri_edge import clitools
+
+    def write_to_a_closed_pipe():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        clitools.run_guarded(write_to_a_closed_pipe)

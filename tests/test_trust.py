@@ -559,7 +559,7 @@ def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
     # a map whose strongest cell moves p by under a point is labelled weak, on the overlay and in explain.md
     from mri_edge.explain import WEAK_DROP, peak_text
 
-    assert peak_text("occlusion", 0.2) == "strongest cell: p -0.2000 when blacked out"
+    assert peak_text("occlusion", 0.2) == "strongest cell: p drops by 0.2000 when blacked out"
     assert peak_text("occlusion", WEAK_DROP / 10).startswith("weak map: no cell lowers p by more than 0.0010")
     assert peak_text("occlusion", WEAK_DROP / 10, short=True) == "0.0010 (weak)"
     assert peak_text("occlusion", 0.0) == "no cell lowers p when blacked out"
