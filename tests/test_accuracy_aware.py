@@ -156,31 +156,6 @@ def test_a_file_with_all_compute_in_float_is_never_chosen():
     assert not within(chosen, 0.5)
 
 
-def test_a_file_that_holds_the_budget_only_at_float_speed_gives_way_to_the_smaller_weight_only_file():
-    """Only conv2 and conv3 in float (95% of the compute) holds the budget: that file runs at the
-    float file's speed, so the weight-only file, as fast and smaller, is tried and kept if it
-    holds; not with --hybrid (the float stages then run as dynamic-range int8, fast)."""
-    from mri_edge.export.accuracy import stage_search
-
-    stages = {"conv1": {"nodes": ["s"], "mac_share": 0.05, "param_share": 0.05, "cost": 0.05},
-              "conv2": {"nodes": ["a"], "mac_share": 0.55, "param_share": 0.25, "cost": 0.55},
-              "conv3": {"nodes": ["b"], "mac_share": 0.4, "param_share": 0.7, "cost": 0.7}}
-
-    def attempt(kept, mode="full"):
-        return {"agreement": 1.0 if {"conv2", "conv3"} <= set(kept) else 0.97, "accuracy": 0.9,
-                "accuracy_drop_pts": 0.0}, list(kept)
-
-    def weight_only(agreement):
-        return lambda mode: ({"agreement": agreement, "accuracy": 0.9, "accuracy_drop_pts": 0.0}, "weight-only")
-
-    chosen, cand, _ = stage_search(stages, attempt, 0.5, [], weight_only(1.0))
-    assert cand == "weight-only" and chosen["weight_only"] and chosen["float_param_share"] == 0.0
-    chosen, cand, _ = stage_search(stages, attempt, 0.5, [], weight_only(0.97))  # over budget: the other stays
-    assert sorted(cand) == ["conv2", "conv3"] and abs(chosen["float_mac_share"] - 0.95) < 1e-9
-    chosen, cand, _ = stage_search(stages, attempt, 0.5, [], weight_only(1.0), hybrid=True)
-    assert sorted(cand) == ["conv2", "conv3"]
-
-
 def test_a_stage_a_later_one_made_unnecessary_goes_back_to_int8():
     from mri_edge.export.accuracy import stage_search
 

@@ -28,10 +28,6 @@ from .heldout import HeldOut, agrees_enough, assured
 from .stages import float_cost, halves, whole
 
 WEIGHT_ONLY = "weight-only int8 (every operation in float, weights int8)"
-# int8 compute under this share of the multiply-accumulates buys no speed a benchmark sees: on
-# the shipped Alzheimer model, an ONNX file with 94% of it in float ran at 0.99x the fp32 file's
-# p50 (docs/int8.md), so among such files the search keeps the smallest
-MIN_INT8_MACS = 0.1
 METRIC = "top-1 agreement with Keras (95% lower bound from paired margins and changes) and accuracy drop, validation split"
 
 
@@ -81,8 +77,7 @@ def int8_counts(step: dict) -> bool:
 
 def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tuple[dict, object]], max_drop_pts: float,
                  base: list[str], weight_only: Callable[[str], tuple[dict, object]] | None = None,
-                 note: Callable[[str], None] = lambda line: None, hybrid: bool = False
-                 ) -> tuple[dict, object, list[dict]]:
+                 note: Callable[[str], None] = lambda line: None) -> tuple[dict, object, list[dict]]:
     """The cheapest set of stages kept in float whose candidate is within the budget
     (docs/int8.md). Returns (chosen step, its candidate, every step).
 
@@ -96,12 +91,9 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
     to its first dense layer if that alone holds the budget; else it is halved by its dense
     layers (`halves`, which adds the halves to `stages`) while one half alone holds the budget.
     A candidate with all compute and weights in float is no int8 file: it is measured, and step
-    3 may start from it, but it is chosen only when nothing else was measured. weight_only(mode)
-    (if given) builds the last resort, every weight int8 and every operation float, when nothing
-    holds the budget, and also when every file that holds keeps over 1 - MIN_INT8_MACS of the
-    compute in float: such files run at float speed (not with `hybrid`, `--hybrid`, whose float
-    stages then run as dynamic-range int8), so of those within budget the one with the fewest
-    float weights is kept. When nothing holds, the weight-only file is chosen within budget (or if alone);
+    3 may start from it, but it is chosen only when nothing else was measured. When nothing
+    holds, weight_only(mode) (if given) builds the last resort, every weight int8 and every
+    operation float, chosen within budget (or if alone);
     else the best candidate that quantizes something is kept, over budget: scores that stopped
     early or ranked a stage (upper bounds of quality) are completed, best bound first, while
     they could still beat the best complete one."""
@@ -175,16 +167,13 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
         return int8, [i for i in int8 if within(steps[i], max_drop_pts)]
 
     int8, ok = eligible()
-    nearly_float = not hybrid and bool(ok) and all(steps[i]["float_mac_share"] > 1 - MIN_INT8_MACS for i in ok)
-    if (not ok or nearly_float) and weight_only is not None:
+    if not ok and weight_only is not None:
         score, cand = weight_only("early")
         note(describe(WEIGHT_ONLY, score, max_drop_pts))
         steps.append(weight_only_step(stages, score))
         candidates.append(cand)
         int8, ok = eligible()
     cost = [step_cost(st) for st in steps]
-    if nearly_float:  # every file within budget runs at float speed: the smallest, the fewest float weights
-        cost = [st["float_param_share"] for st in steps]
     fallback = [i for i in int8 if not steps[i].get("weight_only")] or int8  # weight-only: no int8 compute
     if not ok:  # the fallback is ranked by quality: complete the scores that could still rank first
         best = max((quality(steps[i]) for i in fallback if level(steps[i]) == 2), default=-1.0)

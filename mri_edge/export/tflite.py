@@ -350,7 +350,7 @@ def tflite_accuracy_aware(calibrated: bytes, quantize: Callable[[list[str]], byt
         progress.note(f"  int8 TFLite search: {line}")
 
     chosen, fb, steps = stage_search(stages, attempt, max_drop_pts, ["head"] if float_head and "head" in stages else [],
-                                     weight_only if float_weights == "int8" else None, note, hybrid)
+                                     weight_only if float_weights == "int8" else None, note)
     out = recipe("TFLite MLIR quantizer with denylisted_nodes, stages searched on held-out images", chosen, steps,
                  stages, held, max_drop_pts)
 
