@@ -136,24 +136,24 @@ def run_guarded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
         raise Interrupted("interrupted") from None
-    except MriEdgeError as e:
-        raise click.ClickException(str(e)) from None
-    except ModuleNotFoundError as e:  # a package the step needs, missing where only the runtime is installed
-        from .errors import MissingPackageError, installed  # noqa: PLC0415
-
-        top = (e.name or "").split(".")[0]
-        # our own module, or a part of an installed package (a version mismatch): a bug to see whole
-        if not top or top == "mri_edge" or installed(top):
-            raise
-        raise click.ClickException(str(MissingPackageError([top]))) from None
-    except BrokenPipeError:  # whatever read stdout stopped (`predict --json | head`): click exits quietly
-        raise
-    except OSError as e:  # a file or folder that cannot be read or written: name it, no traceback
-        where = f"{e.filename2 or e.filename}: " if e.filename else ""  # a rename names its target second
-        raise click.ClickException(f"{where}{e.strerror or e}") from None
-    except Exception:
-        if signalled:  # a library caught the KeyboardInterrupt and raised its own error (TensorFlow's RuntimeError)
+    except Exception as e:
+        # after a Ctrl-C or SIGTERM, whatever failed failed because of it: a library may catch the
+        # KeyboardInterrupt and raise its own error (TensorFlow's RuntimeError), a pipe may close
+        if signalled:
             raise Interrupted("interrupted") from None
+        if isinstance(e, MriEdgeError):
+            raise click.ClickException(str(e)) from None
+        if isinstance(e, ModuleNotFoundError):  # a package the step needs, missing where only the runtime is installed
+            from .errors import MissingPackageError, installed  # noqa: PLC0415
+
+            top = (e.name or "").split(".")[0]
+            # our own module, or a part of an installed package (a version mismatch): a bug to see whole
+            if top and top != "mri_edge" and not installed(top):
+                raise click.ClickException(str(MissingPackageError([top]))) from None
+        elif isinstance(e, OSError) and not isinstance(e, BrokenPipeError):  # stdout's reader stopped: click's to end
+            # a file or folder that cannot be read or written: name it, no traceback
+            where = f"{e.filename2 or e.filename}: " if e.filename else ""  # a rename names its target second
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
         raise
 
 

@@ -46,7 +46,10 @@ STALE_S = 3600  # a temporary file of atomic_path untouched this long was left b
 def _clear_stale(path: Path, suffix: str) -> None:
     """Remove the temporary files of earlier writes of `path` that a kill (SIGKILL, out of
     memory) left behind, once they are old enough not to be another writer's at work."""
-    for old in path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(suffix)}"):
+    if not suffix:  # ".name.*" would take other tools' hidden files too
+        return
+    # mkstemp's shape exactly: its 8 random characters between the prefix and the suffix
+    for old in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}{glob.escape(suffix)}"):
         with contextlib.suppress(OSError):
             if time.time() - old.stat().st_mtime > STALE_S:
                 old.unlink()

@@ -238,3 +238,14 @@ def strip_features(path: Path) -> None:
         proto.graph.node.remove(next(n for n in proto.graph.node if n.name == runtime.FEATURES))
         onnx_backend.set_onnx_metadata(proto, meta)
         path.write_bytes(onnx_backend.onnx_bytes(proto))
+
+
+@pytest.fixture(autouse=True)
+def keep_the_warning_format():
+    """The command line prints warnings as one line (`clitools.one_line_warnings`); pytest's own
+    summary keeps their file and line."""
+    import warnings
+
+    kept = warnings.formatwarning
+    yield
+    warnings.formatwarning = kept

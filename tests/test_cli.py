@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -186,3 +187,46 @@ def test_our_log_lines_pass_while_a_converters_stderr_is_captured():
     assert "converter noise" not in err, err
     for line in ("our line", "nested line", "thread line", "after"):
         assert err.count(line) == 1, (line, err)
+
+
+def test_an_error_a_library_raises_for_a_ctrl_c_is_reported_as_an_interrupt():
+    """TensorFlow can catch the KeyboardInterrupt of a Ctrl-C and raise a RuntimeError of its own:
+    after a Ctrl-C or SIGTERM that is an interrupt (exit 130), not a traceback; without one, a bug
+    still shows whole."""
+    from mri_edge import clitools
+
+    def library_call():
+        try:
+            clitools.terminate(signal.SIGINT, None)  # what the handler does when Ctrl-C comes
+        except KeyboardInterrupt:
+            raise RuntimeError("KeyboardInterrupt replaced") from None
+
+    def bug():
+        raise RuntimeError("a bug")
+
+    try:
+        with pytest.raises(clitools.Interrupted) as caught:
+            clitools.run_guarded(library_call)
+        assert caught.value.exit_code == 130
+        old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            clitools.handle_interrupts()  # each command starts with nothing remembered
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        with pytest.raises(RuntimeError, match="a bug"):
+            clitools.run_guarded(bug)
+    finally:
+        clitools.signalled = False
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`mri-edge predict ... --json | head -1`: the broken pipe is click's to end quietly, not a
+    one-line error of a file that cannot be written."""
+    from mri_edge import clitools
+
+    def write_to_a_closed_pipe():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        clitools.run_guarded(write_to_a_closed_pipe)

@@ -515,12 +515,6 @@ def test_hybrid_stages_of_a_densenet121_read_their_int8_weights_directly(tiny_ru
     assert np.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-3
 
 
-def _threads_now(threads):
-    from mri_edge.export import pool
-
-    return pool.threads_now(threads)
-
-
 def test_a_worker_left_alone_takes_the_cores_the_other_units_gave_back():
     """Side by side, each worker's sessions get its share of the cores; once the parent counts
     one unit still running (the ONNX search after the TFLite files), that worker takes them all."""
@@ -531,11 +525,11 @@ def test_a_worker_left_alone_takes_the_cores_the_other_units_gave_back():
 
     assert pool.threads_now(3) == 3 and pool.threads_now(None) is None  # in-process: as asked
     cores = os.cpu_count() or 1
-    running = mp.get_context("spawn").Value("i", 2)
+    running = mp.get_context("spawn").Value("i", 2, lock=False)  # as export_run makes it
     executor = pool.start_pool(1, None, running)
     try:
-        assert executor.submit(_threads_now, 1).result(timeout=60) == max(1, cores // 2)
+        assert executor.submit(pool.threads_now, 1).result(timeout=60) == max(1, cores // 2)
         running.value = 1
-        assert executor.submit(_threads_now, 1).result(timeout=60) == cores
+        assert executor.submit(pool.threads_now, 1).result(timeout=60) == cores
     finally:
         pool.kill_pool(executor)

@@ -456,14 +456,15 @@ def test_a_write_clears_what_a_killed_write_of_the_same_file_left_behind(tmp_pat
 
     from mri_edge.files import STALE_S, atomic_write_text
 
-    left = tmp_path / ".report.md.k1ll3d.tmp"  # what atomic_path names its temporary files
-    working = tmp_path / ".report.md.4tw0rk.tmp"
-    other = tmp_path / ".state.json.0ld.tmp"
-    for f in (left, working, other):
+    left = tmp_path / ".report.md.k1ll3d_x.tmp"  # what atomic_path names its temporary files (mkstemp)
+    working = tmp_path / ".report.md.4tw0rk_x.tmp"
+    other = tmp_path / ".state.json.0ld_abcd.tmp"
+    longer = tmp_path / ".report.md.bak.k1ll3d_x.tmp"  # a hidden file of another name
+    for f in (left, working, other, longer):
         f.write_text("partial")
     old = time.time() - STALE_S - 60
-    os.utime(left, (old, old))
-    os.utime(other, (old, old))
+    for f in (left, other, longer):
+        os.utime(f, (old, old))
     atomic_write_text(tmp_path / "report.md", "whole")
     assert (tmp_path / "report.md").read_text() == "whole"
-    assert not left.exists() and working.exists() and other.exists()  # only this file's, only old ones
+    assert not left.exists() and working.exists() and other.exists() and longer.exists()  # this file's, old ones

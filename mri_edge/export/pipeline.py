@@ -235,7 +235,8 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
 
     log(f"exporting {sum(len(u) for u in units)} files with {workers} worker processes ...")
     notes = mp.get_context("spawn").Queue()  # the workers' progress.note() lines
-    running = mp.get_context("spawn").Value("i", workers)  # pool.threads_now
+    # pool.threads_now; no lock: one writer, and a worker killed while holding one would hang the parent
+    running = mp.get_context("spawn").Value("i", workers, lock=False)
     executor = pool.start_pool(workers, notes, running)
     relay = None
     try:
