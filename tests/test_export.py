@@ -443,8 +443,10 @@ def test_add_features_gives_older_files_the_output_without_changing_their_answer
     assert res.exit_code == 1 and "drop --format, --opset" in res.output, res.output  # it would use neither
     res = CliRunner().invoke(main, ["export", str(run), "--add-features"])
     assert res.exit_code == 0, res.output
+    index = {r["file"]: r["sha256"] for r in RunFolder(run).exports_index()["exports"]}
     for f in RunFolder(run).export_files():
         assert f"{f.name}: added" in res.output
+        assert index[f.name] == sha256_file(f.with_suffix(".bin") if f.suffix == ".xml" else f)  # the index follows
         probs, feats = open_model(f).run(x, features=True)
         assert np.array_equal(probs, before[f.name]) and feats.shape == (5, width), f.name
         assert export_lib.add_features(f) == "has one"  # once

@@ -348,6 +348,7 @@ def add_features_run(run_dir, log=print, given: tuple[str, ...] = ()) -> list[st
         log(f"{f.name}: {what}")
         if what in ("added", "named in its signature"):
             changed.append(f.name)
+            index_new_bytes(f)
     if changed:  # the check is fitted on the features: calibrate again to have it
         log(f"next: mri-edge calibrate {run_dir}")
     return changed
@@ -366,9 +367,15 @@ def rewrite_metadata(path: Path, meta: dict) -> None:
     else:
         raise ExportError(f"{path}: not an exported model file")
     rewrite(path, meta)
+    index_new_bytes(path)
+
+
+def index_new_bytes(path: Path) -> None:
+    """exports.json's hash of a file changed in place (calibrate's record, --add-features): of the
+    whole file, an OpenVINO model's of its .bin, as export records it (`pool.record`)."""
     run = RunFolder(path.parent.parent)
     index = run.exports_index() if path.parent.name == "exports" else {}
     rows = [r for r in index.get("exports", []) if isinstance(r, dict) and r.get("file") == path.name]
-    if rows and path.suffix != ".xml":  # exports.json's hash is of the whole file (an IR's: its .bin, unchanged)
-        rows[0]["sha256"] = sha256_file(path)
+    if rows:
+        rows[0]["sha256"] = sha256_file(path.with_suffix(".bin") if path.suffix == ".xml" else path)
         run.write_exports_index(index)
