@@ -346,7 +346,7 @@ class CalibrateConfig:
                                         "carve, calibrated first; nothing is fitted.", metavar="RUN_DIR")
 
     def __post_init__(self):
-        fitting = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+        fitting = [flag(f) for f in fields(self)
                    if f.name != "from_run" and getattr(self, f.name) != f.default]
         if self.from_run and fitting:
             raise MriEdgeError(f"--from-run stores another run's record, nothing is fitted: {', '.join(fitting)} "

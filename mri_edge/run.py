@@ -124,8 +124,8 @@ class RunFolder:
             return {}
 
     def write_exports_index(self, index: dict) -> None:
-        """exports.json, the one place it is written: by export after each file it lands, and by
-        calibrate's record (`export.rewrite_metadata`), which changes a file's bytes and so its hash."""
+        """exports.json, the one place it is written: by export after each file it lands, and for a
+        file changed in place (calibrate's record, --add-features: `export.pipeline.index_new_bytes`)."""
         from .report import write_json  # noqa: PLC0415
 
         write_json(self.exports_index_path, index)

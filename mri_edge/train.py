@@ -39,8 +39,9 @@ def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
             phases.append({"name": "finetune", "epochs": cfg.epochs_finetune, "lr": lr_ft,
                            "unfreeze": cfg.unfreeze, "freeze_bn": not cfg.train_bn})
     else:
-        unused = [f"--epochs-head {cfg.epochs_head}"] * bool(cfg.epochs_head) + [f"--unfreeze {cfg.unfreeze}"] * (
-            cfg.unfreeze != TrainConfig.unfreeze)
+        unused = [f"--epochs-head {cfg.epochs_head}"] if cfg.epochs_head else []
+        if cfg.unfreeze != TrainConfig.unfreeze:
+            unused.append(f"--unfreeze {cfg.unfreeze}")
         extra = f" ({', '.join(unused)} unused)" if unused else ""
         notes.append(f"--weights none: phase 1 (frozen base) skipped, a frozen random base learns nothing{extra}; "
                      f"the whole network trains from scratch for {cfg.epochs_finetune} "

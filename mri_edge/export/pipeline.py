@@ -170,7 +170,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                        for j in unit],
                 run_dir=str(run_dir), workdir=str(workdir), saved_model=str(workdir / "saved_model"), size=size,
                 opset=opset, calib_range=calib_range, bn_scales=bn_scales,
-                threads=max(1, (os.cpu_count() or 1) // workers),
+                threads=pool.cores_each(workers),
                 calib=calib_path if any(j.quantize == "int8" for j in unit) else None, val=val_path,
                 max_drop=max_drop)
 

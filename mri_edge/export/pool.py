@@ -191,7 +191,12 @@ def threads_now(threads: int | None) -> int | None:
     least that."""
     if _running is None or threads is None:
         return threads
-    return max(threads, (os.cpu_count() or 1) // max(1, _running.value))
+    return max(threads, cores_each(_running.value))
+
+
+def cores_each(units: int) -> int:
+    """This machine's cores shared among `units` running side by side (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // max(1, units))
 
 
 def kill_pool(pool) -> None:
