@@ -83,12 +83,13 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
 
 
 def predict_arrays(net, images: np.ndarray, batch_size: int = 32, label: str | None = None) -> np.ndarray:
-    """Keras probabilities for uint8 images, in chunks, with a progress line when labelled."""
-    chunk = batch_size * 4
+    """Keras probabilities for uint8 images, a batch at a time, with a progress line when labelled."""
+    from .keras_model import forward  # noqa: PLC0415
+
     out = []
     bar = Progress(len(images), label) if label else None
-    for i in range(0, len(images), chunk):
-        out.append(np.asarray(net.predict(images[i:i + chunk].astype(np.float32), batch_size=batch_size, verbose=0)))
+    for i in range(0, len(images), batch_size):
+        out.append(np.asarray(forward(net, images[i:i + batch_size].astype(np.float32))))
         if bar:
             bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros((0, net.output_shape[-1]), np.float32)

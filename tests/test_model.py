@@ -159,3 +159,23 @@ def test_train_refuses_an_unfreeze_name_no_layer_has_before_it_decodes_or_writes
                                     "--weights", str(weights), "--unfreeze", "conv9", "--out", str(out)])
     assert res.exit_code == 1 and "--unfreeze 'conv9' matches no DenseNet121 layer" in res.output, res.output
     assert not out.exists()
+
+
+def test_forward_compiled_and_eager_agree_with_features(net, tmp_path):
+    """Batches of COMPILED_FROM images or more take Keras' compiled predict step, smaller ones
+    eager calls: the same probabilities (and pooled features) either way."""
+    import json
+
+    from mri_edge.keras_model import COMPILED_FROM, KerasModel, forward
+
+    x = np.random.default_rng(1).integers(0, 256, (COMPILED_FROM + 2, SIZE, SIZE, 3)).astype(np.uint8)
+    eager = np.asarray(net(x.astype(np.float32), training=False))
+    assert np.allclose(forward(net, x.astype(np.float32)), eager, atol=1e-6)
+    assert np.allclose(forward(net, x[:2].astype(np.float32)), eager[:2], atol=1e-6)
+    net.save(tmp_path / "model.keras")
+    (tmp_path / "labels.json").write_text(json.dumps({"class_names": list("abcd")}))
+    m = KerasModel(tmp_path / "model.keras")
+    big, f_big = m.run_batch(x, features=True)
+    small, f_small = m.run_batch(x[:2], features=True)
+    assert np.allclose(big, eager, atol=1e-6) and np.allclose(small, eager[:2], atol=1e-6)
+    assert f_big.shape == (len(x), f_small.shape[1]) and np.allclose(f_big[:2], f_small, atol=1e-5)

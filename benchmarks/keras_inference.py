@@ -1,0 +1,57 @@
+"""Keras inference as export, verify, calibrate and evaluate run it (`keras_model.forward`:
+Keras' compiled predict step for batches of 8 or more) against plain eager calls, side by side
+in one process on the same images, after one warm-up batch each.
+
+    python benchmarks/keras_inference.py RUN_DIR [--images 256] [--batch 32]
+
+Prints ms per image for each way, their ratio, the largest difference in probability (the
+two should agree to the bit) and the CPU it ran on. Random images at the model's input size:
+the time does not depend on what they show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from mri_edge import bench, quiet
+from mri_edge.keras_model import forward
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    quiet.import_tensorflow()
+    from mri_edge.model import load_model, no_grad
+
+    net = load_model(f"{args.run_dir}/model.keras")
+    size = int(net.input_shape[1])
+    x = np.random.default_rng(0).integers(0, 256, (args.images, size, size, 3)).astype(np.float32)
+
+    def eager(b):
+        with no_grad():
+            return np.asarray(net(b, training=False))
+
+    ways = {"eager calls": eager, "compiled (forward)": lambda b: np.asarray(forward(net, b))}
+    ms, outs = {}, {}
+    for name, fn in ways.items():
+        fn(x[: args.batch])  # warm-up: tracing, first allocations
+        t = time.perf_counter()
+        outs[name] = np.concatenate([fn(x[i : i + args.batch]) for i in range(0, len(x), args.batch)])
+        ms[name] = (time.perf_counter() - t) * 1000 / len(x)
+    cpu = bench.machine_info().get("cpu", "?")
+    print(f"{size} px, {args.images} images, batch {args.batch}, CPU {cpu}")
+    for name, v in ms.items():
+        print(f"  {name:20s} {v:7.1f} ms/image")
+    a, b = outs.values()
+    print(f"  eager / compiled: {ms['eager calls'] / ms['compiled (forward)']:.2f}x; "
+          f"largest |difference| in probability {np.abs(a - b).max():.2e}")
+
+
+if __name__ == "__main__":
+    main()
