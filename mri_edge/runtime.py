@@ -282,6 +282,10 @@ def load(path: str | Path, threads: int | None = None, runtime: str | None = Non
     """Open an exported .tflite file with its embedded metadata (the device path; other kinds
     of file open through `mri_edge.backends.open_model`)."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted((q.name for q in path.glob("*.tflite")), key=lambda n: (n != "model_int8.tflite", n))
+        raise RuntimeModelError(f"{path}: a folder; give one model file in it" + (f", e.g. {path / found[0]}" if found else
+                                                                                 " (it holds no .tflite file)"))
     if path.suffix != ".tflite":
         raise RuntimeModelError(f"{path}: unsupported model type {path.suffix!r} here (expected .tflite; "
                                 "mri_edge.backends.open_model opens every kind)")

@@ -92,6 +92,9 @@ def test_unsupported_and_foreign_files(tmp_path):
     for name in ("model.xml", "model.onnx"):  # the device module opens .tflite files; open_model every kind
         with pytest.raises(runtime.RuntimeModelError, match=f"unsupported model type '{name[5:]}' here"):
             runtime.load(tmp_path / name)
+    plain.rename(tmp_path / "model_int8.tflite")
+    with pytest.raises(runtime.RuntimeModelError, match="a folder; give one model file in it, e.g. .*model_int8.tflite"):
+        runtime.load(tmp_path)
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
     with pytest.raises(runtime.RuntimeModelError, match="the file is empty"):
