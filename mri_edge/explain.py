@@ -42,17 +42,19 @@ def occlusion_batch(image: np.ndarray, grid: int = OCCLUSION_GRID) -> np.ndarray
     return out
 
 
-def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = OCCLUSION_GRID):
+def occlusion(model, image: np.ndarray, target: int | None = None, grid: int = OCCLUSION_GRID,
+              with_p: bool = False):
     """((grid, grid) importance map, explained class): probability drop of `target` (default:
-    the model's own top class) when each cell is blacked out. Raw graph probabilities, so a
-    stored temperature does not change the map's ranking."""
+    the model's own top class) when each cell is blacked out. The graph's probabilities, before
+    any stored temperature: the map verify compares across files, which a temperature would
+    reshape file by file. with_p: also the graph's probability of target on the whole image."""
     # one call of the graph: grid**2 + 1 images, a bounded batch, which a Keras model runs faster
     # whole than in `run`'s chunks (128 px: 1.58 against 2.42 s a map)
     probs = model.run_batch(occlusion_batch(image, grid))
     if target is None:
         target = int(probs[0].argmax())
     heat = (probs[0, target] - probs[1:, target]).reshape(grid, grid).astype(np.float32)
-    return heat, target
+    return (heat, target, float(probs[0, target])) if with_p else (heat, target)
 
 
 def occlusion_maps(model, images: np.ndarray, idx, targets, name: str) -> list[np.ndarray]:
@@ -118,11 +120,13 @@ def upsample(heat: np.ndarray, size: int) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8: the image with the map (scaled to its own range) in a jet colour map on top."""
+    """RGB uint8: the image with the map in a jet colour map on top, 0 (and below: cells whose
+    blacking-out raises p) blue and the map's own largest value red, so that a cell that changes
+    nothing has the same colour on every map."""
     cv2 = _cv2()
     h = upsample(heat, image.shape[0])
-    lo, hi = float(h.min()), float(h.max())
-    h = np.zeros_like(h) if hi - lo < 1e-12 else (h - lo) / (hi - lo)
+    hi = float(h.max())
+    h = np.zeros_like(h) if hi < 1e-12 else h.clip(0, None) / hi
     colour = cv2.cvtColor(cv2.applyColorMap((h * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     return (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).clip(0, 255).astype(np.uint8)
 
@@ -168,17 +172,17 @@ def parity(reference_maps: list[np.ndarray], maps: list[np.ndarray], size: int) 
 
 
 def peak_text(method: str, peak: float, short: bool = False) -> str:
-    """How much a map stretched to its own range weighs: the overlay's last line, and (short) the
-    explain.md cell. Occlusion: the largest drop of p when one cell is blacked out; under
+    """How much a map scaled to its own largest value weighs: the overlay's last line, and (short)
+    the explain.md cell. Occlusion: the largest drop of the graph's p when one cell is blacked out; under
     WEAK_DROP no single cell carries the answer, and the map is labelled weak, as it would
     otherwise look as vivid as one whose cell decides it."""
     if method != "occlusion":
         return f"{peak:.3g}" if short else f"map peak {peak:.3g}"
     if peak <= 0:
-        return "none" if short else "no cell lowers p when blacked out"
+        return "none" if short else "no cell lowers the graph's p when blacked out"
     if peak < WEAK_DROP:
-        return f"{peak:.4f} (weak)" if short else f"weak map: no cell lowers p by more than {peak:.4f}"
-    return f"{peak:.4f}" if short else f"strongest cell: p drops by {peak:.4f} when blacked out"
+        return f"{peak:.4f} (weak)" if short else f"weak map: no cell lowers the graph's p by more than {peak:.4f}"
+    return f"{peak:.4f}" if short else f"strongest cell: the graph's p drops by {peak:.4f} when blacked out"
 
 
 def explain_images(model_path, images: list, out_dir, method: str = "occlusion", grid: int = OCCLUSION_GRID,
@@ -205,7 +209,10 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         # and warnings that predict's checks need and run_batch does not return
         pred = model.predict(decoded)
         img = model.preprocess(decoded)
-        heat, target = gradcam(model, img) if method == "gradcam" else occlusion(model, img, grid=grid)
+        if method == "gradcam":
+            (heat, target), graph_p = gradcam(model, img), None
+        else:
+            heat, target, graph_p = occlusion(model, img, grid=grid, with_p=True)
         p = pred.probabilities[model.class_names[target]]
         name = f"{Path(src).stem}_{method}.png"
         if name in used:  # the same file name in another folder (the Alzheimer dataset reuses names across classes)
@@ -215,19 +222,21 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                 name, n = f"{stem}_{n}.png", n + 1
         used.add(name)
         label = f"{model.class_names[target]} {p:.2f}" + (f": {trust.REVIEW}" if pred.uncertain else "")
-        # each map is stretched to its own range: the caption says how much its strongest cell weighs
+        why = [w[:72] for w in pred.warnings[:1]] if pred.uncertain else []  # the first reason, as far as it fits
+        # each map is scaled to its own largest value: the caption says how much its strongest cell weighs
         peak = peak_text(method, float(heat.max()))
         pair = np.concatenate([img, overlay(img, heat)], axis=1)
         scale = max(1, 256 // img.shape[0])
         pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
-        for y, text in ((16, label), (pair.shape[0] - 6, peak)):
+        for y, text in ((16, label), *((34, w) for w in why), (pair.shape[0] - 6, peak)):
             cv2.putText(pair, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         ok, png = cv2.imencode(".png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
         if not ok:
             raise ExplainError(f"{src}: the overlay could not be encoded as PNG")
         pngs[name] = png.tobytes()  # written with the report, at the end
         rows.append({"image": str(src), "png": name, "class": model.class_names[target],
-                     "probability": p, "uncertain": pred.uncertain, "warnings": pred.warnings,
+                     "probability": p, **({"graph_probability": round(graph_p, 6)} if graph_p is not None else {}),
+                     "uncertain": pred.uncertain, "warnings": pred.warnings,
                      "prediction_set": pred.prediction_set, "set_coverage": pred.set_coverage,
                      "map_max": round(float(heat.max()), 6), "map": heat.astype(np.float64).round(5).tolist()})
     if not rows:
@@ -246,14 +255,19 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
              if method == "occlusion" else " (gradients at DenseNet121's last feature map)"), ""]
     if not model.trust:
         md += [trust.NOT_CALIBRATED, ""]
-    md += ["Each map is stretched to its own range, so a weak map looks as vivid as a strong one: "
-           + ("the largest drop (also the overlay's last line) is how far blacking out the strongest cell lowers p; "
+    occl = method == "occlusion"
+    md += ["Each map is scaled to its own largest value (red; 0 and below blue), so a weak map looks as vivid as a "
+           "strong one: " + (
+              "the largest drop (also the overlay's last line) is how far blacking out the strongest cell lowers "
+              "the graph's p, the probability before the stored temperature (the map verify compares across files); "
               f"under {WEAK_DROP} the map is marked weak: no single cell carries the answer."
-              if method == "occlusion" else "the map peak is its largest value."), "",
-           report.md_table(["image", "class", "p", "largest drop" if method == "occlusion" else "map peak",
-                            "prediction set", "review"], [
-              [f"[{Path(r['image']).name}](<{r['png']}>)", r["class"], f"{r['probability']:.3f}",
-               peak_text(method, r["map_max"], short=True),
+              if occl else "the map peak is its largest value, the ReLU of the gradient-weighted sum of DenseNet121's "
+              "last feature maps (no unit: compare it between images of one model only)."), "",
+           report.md_table(["image", "class", "p"] + (["graph's p"] if occl else [])
+                           + ["largest drop" if occl else "map peak", "prediction set", "review"], [
+              [f"[{Path(r['image']).parent.name}/{Path(r['image']).name}](<{r['png']}>)", r["class"],
+               f"{r['probability']:.3f}"] + ([f"{r['graph_probability']:.4f}"] if occl else [])
+              + [peak_text(method, r["map_max"], short=True),
                trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] else "",
                trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
     if failed:

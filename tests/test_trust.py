@@ -553,16 +553,29 @@ def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
                                                 p.prediction_set) for p in said]
         assert res.output.count("refer for review") == sum(p.uncertain for p in said)
         assert res.output.count("set (") == sum(p.prediction_set is not None for p in said) > 0
-        # each map is stretched to its own range, so its largest drop is given beside it
+        # each map is scaled to its own largest value, so its largest drop is given beside it, a drop
+        # of the graph's probability (before the temperature), which is given too
         assert all(r["map_max"] == pytest.approx(np.max(r["map"]), abs=1e-5) for r in record["images"])
-        assert "| largest drop |" in (out / "explain.md").read_text()
+        assert "| graph's p | largest drop |" in (out / "explain.md").read_text()
+        m = open_model(model)
+        graph = [float(m.run(m.preprocess(r["image"])[None])[0, m.class_names.index(r["class"])])
+                 for r in record["images"]]
+        assert [r["graph_probability"] for r in record["images"]] == pytest.approx(graph, abs=1e-5)
     # a map whose strongest cell moves p by under a point is labelled weak, on the overlay and in explain.md
     from mri_edge.explain import WEAK_DROP, peak_text
 
-    assert peak_text("occlusion", 0.2) == "strongest cell: p drops by 0.2000 when blacked out"
-    assert peak_text("occlusion", WEAK_DROP / 10).startswith("weak map: no cell lowers p by more than 0.0010")
+    assert peak_text("occlusion", 0.2) == "strongest cell: the graph's p drops by 0.2000 when blacked out"
+    assert peak_text("occlusion", WEAK_DROP / 10).startswith("weak map: no cell lowers the graph's p by more than 0.0010")
     assert peak_text("occlusion", WEAK_DROP / 10, short=True) == "0.0010 (weak)"
-    assert peak_text("occlusion", 0.0) == "no cell lowers p when blacked out"
+    assert peak_text("occlusion", 0.0) == "no cell lowers the graph's p when blacked out"
+    # a cell that changes nothing has one colour on every map, whatever the map's lowest value
+    from mri_edge.explain import overlay
+
+    grey = np.full((8, 8, 3), 128, np.uint8)
+    one, two = np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32)
+    one[0, 0], two[0, 0], two[1, 1] = 0.5, 0.1, -0.4
+    a, b = overlay(grey, one), overlay(grey, two)
+    assert (a[6:, :2] == b[6:, :2]).all()  # the bottom-left cell, 0 on both maps
     # again into the same folder with one image and one unreadable file: the overlays of the
     # first run go, the unreadable file is named once (not its path twice) and in explain.md
     out, bad = tmp_path / "model_int8", tmp_path / "bad.jpg"
