@@ -129,6 +129,13 @@ def build(run_dir) -> dict:
                                                 *(("distill_weight", "distillation") if cfg.get("teacher") else ()))},
             "versions": {"trained_with": cfg.get("versions"), "card_written_with": {
                 "mri_edge": __version__, "python": platform.python_version()}}}
+    if run.history_path.is_file():  # the epochs each phase ran (a shipped folder may not carry the history)
+        import csv  # noqa: PLC0415
+
+        with open(run.history_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        card["recipe"]["epochs_run"] = {n: sum(row.get("phase") == n for row in rows)
+                                        for n in dict.fromkeys(row.get("phase") for row in rows) if n}
     if manifest:
         card["data"]["counts"] = {s: len(rows) for s, rows in manifest["splits"].items()}
         carved = manifest.get("val_split") or {"method": "random"}  # (a run before carves were recorded)
@@ -141,7 +148,9 @@ def build(run_dir) -> dict:
                                  "leakage_free_test_images": audit["leakage_free"].get("test"),
                                  "nearest_neighbour_probe_test_accuracy": audit["nearest_neighbour_probe"]["accuracy"]}
     else:
-        missing.append(f"leakage audit ({cfg['dedup']} not found)" if cfg.get("dedup") else "leakage audit (train --dedup)")
+        missing.append(f"leakage audit ({cfg['dedup']}, recorded relative to where train ran, is not found from here "
+                       "or from a folder above the run: run card from there)" if cfg.get("dedup")
+                       else "leakage audit (train --dedup)")
     if test:
         card["results"] = {"official": {"n": test["n"], "accuracy": test["accuracy"],
                                         "accuracy_ci95": test.get("accuracy_ci95"), "macro_f1": test["macro"]["f1"],
@@ -244,8 +253,14 @@ def markdown(card: dict) -> str:
                   f"{len(members)} runs, {'; '.join(members)}. Each member's recipe is in its run folder's "
                   "config.json.", ""]
     else:
-        phases = "; ".join(f"{p['name']} {p['epochs']} epochs at lr {p['lr']} (unfreeze {p['unfreeze']})"
-                           for p in r.get("phases") or [])
+        ran = r.get("epochs_run") or {}
+        phases = "; ".join(f"{p['name']} up to {p['epochs']} epoch{'s' * (p['epochs'] != 1)}" + (f" ({ran[p['name']]} run)" if p["name"] in ran
+                                                                         else "")
+                           + f" at lr {p['lr']} (unfreeze {p['unfreeze']})" for p in r.get("phases") or [])
+        if r.get("time_budget_s"):
+            phases += f"; time budget {r['time_budget_s'] / 60:.0f} min"
+        if r.get("wall_time_s"):
+            phases += f", {r['wall_time_s'] / 60:.0f} min of training"
         parts += ["## Training recipe", "", f"Weights `{r['weights']}`, {r['image_size']} px, batch {r['batch_size']}, "
                   f"augmentation {'on' if r['augment'] else 'off'}, class weights "
                   f"{r['class_weight'] or 'not recorded'}, seed {r['seed']}; regularisers: "
@@ -280,6 +295,14 @@ def markdown(card: dict) -> str:
                                     trust.coverage_risk_text(v.get("abstention")),
                                     f"{v['sets']['coverage']:.3f} / {v['sets']['mean_size']:.2f}" if "sets" in v else ""]
                                    for n, res in c["per_file"].items() for s, v in res.items()]), ""]
+        target = t.get("fitted_on", {}).get("target", {}).get("max_risk")
+        over = [f"{n} ({a['risk']:.4f})" for n, res in c["per_file"].items()
+                if target is not None and (a := res.get("held_out", {}).get("abstention") or {}).get("risk") is not None
+                and a["risk"] > target]
+        if over:  # the threshold was chosen with one model; another file's answers move around it
+            parts += [f"Held-out risk at the stored threshold above the {target:.1%} target: {', '.join(over)}. The "
+                      f"threshold was chosen with `{c['reference_model']}`'s answers, and int8 moves some answers "
+                      "across it.", ""]
     if "parity" in card:
         parts += ["## Parity of the exported files (test split)", "",
                   report.md_table(["file", "quantization", "accuracy", "agreement", "flips",
@@ -291,7 +314,9 @@ def markdown(card: dict) -> str:
                                     "PASS" if p["passed"] else "FAIL"] for n, p in card["parity"].items()]), ""]
         recipes = [f"- `{n}`: {p['int8_recipe']}" for n, p in card["parity"].items() if "int8_recipe" in p]
         if recipes:  # what the accuracy-aware search kept out of static int8, and its held-out score
-            parts += ["int8 recipes (`mri-edge export --max-drop`; held-out agreement, flip bound, accuracy change):",
+            parts += ["int8 recipes (`mri-edge export --max-drop`): what each file keeps out of static int8 ('body': "
+                      "the input normalisation before conv1), then its held-out agreement, flip bound at 95% and accuracy "
+                      "change:",
                       "", *recipes, ""]
     if "latency" in card:
         parts += [f"## Latency (batch 1, {card['latency']['machine']})", "",

@@ -206,7 +206,8 @@ def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, *
 @main.command()
 @click.argument("model_path", type=click.Path(exists=True))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1),
+              help="Classes listed per image, most probable first (at most the model's number of classes).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 @click.option("--out", type=OUT_DIR, help="Also write predictions.json and predictions.md here.")
 @THREADS

@@ -219,8 +219,9 @@ def describe_carve(manifest: dict) -> str:
     if not manifest.get("val_carved_from_train"):
         return f"validation: the dataset's own validation folder ({n_val} images)"
     if "kept_from" in how:
-        return (f"validation: the {n_val} images held out by the run of --weights ({how['kept_from']}; a "
-                f"{how.get('method', 'random')} carve), not a new carve: the starting weights were fitted on the rest")
+        return (f"validation: the same {n_val} images as the run this one started from ({how['kept_from']}, given as "
+                f"--weights; a {how.get('method', 'random')} carve), kept rather than carved anew, since the starting "
+                "weights were fitted on the rest")
     if how.get("method") == "grouped":
         return (f"validation: {how['held_out_groups']} of {how['groups']} groups of near-identical images held out "
                 f"whole ({how['probe']['n']} images; a 1-NN probe gets {how['probe']['nn_accuracy']:.1%} of them)")

@@ -64,6 +64,7 @@ class RunFolder:
     best_of_phases_path = property(lambda self: self.path / "best_of_phases.keras")
     trainer_state_path = property(lambda self: self.path / "checkpoint_state.npz")  # callbacks.TrainerState
     predictions_path = property(lambda self: self.path / "test_predictions.json")
+    history_path = property(lambda self: self.path / "history.csv")  # an epoch a row, with its phase
     test_report_path = property(lambda self: self.path / "test_report.json")
     exports_dir = property(lambda self: self.path / "exports")
     parity_path = property(lambda self: self.path / "parity.json")  # verify's report on the test split

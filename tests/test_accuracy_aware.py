@@ -441,7 +441,7 @@ def test_max_drop_records_its_recipe_and_is_refused_where_unused(micro_run, tmp_
         assert recipe["within_budget"] == (recipe["held_out_agreement"] >= 1.0 and
                                            recipe["held_out_accuracy_drop_pts"] <= 0), name
         assert set(recipe["stages"]) == {"body", "head"} and recipe["steps"][0]["float_stages"] == [], name
-    assert "kept in float" in res.output
+    assert "in float: " in res.output
     for fmt in ("ONNX", "TFLite"):  # each candidate, as the worker processes measure it
         assert f"int8 {fmt} search: nothing in float: held-out agreement" in res.output, res.output
     res = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "--quantize", "int8", "--max-drop", "0",
@@ -870,7 +870,7 @@ def test_hybrid_runs_float_stages_as_dynamic_range_int8_only_within_budget(monke
     assert recipe["hybrid_stages"] == ["conv2"] and recipe["hybrid_mac_share"] == 0.5
     assert fb == b"c1|c2|c3|h:int8:c2" and recipe["size_mb"] == len(fb) / 1e6
     assert recipe["held_out_agreement"] == checks[0]["agreement"] == 0.99  # the written file's score
-    assert pool.float_parts(recipe).startswith("head, conv1, conv3; dynamic-range int8: conv2 (99.00%")
+    assert pool.float_parts(recipe).startswith("in float: head, conv1, conv3; dynamic-range int8: conv2 (99.00%")
     _, plain = tflite.tflite_accuracy_aware(b"", quantize, store, held, 10.0, probs, float_head=True,
                                             float_weights="int8")
     assert "hybrid_stages" not in plain and plain["held_out_agreement"] == 1.0  # off unless asked
@@ -1093,7 +1093,7 @@ def test_an_export_that_only_weight_only_int8_holds_writes_that_file(micro_run, 
                                     "--float-weights", "int8", "--calib-size", "16", "--workers", "1"])
     assert res.exit_code == 0, res.output
     rows = [line for line in res.output.splitlines() if line.startswith("| model_int8")]  # export's table
-    assert len(rows) == len(names) and all("every operation (weight-only int8)" in r and "weights int8" in r
+    assert len(rows) == len(names) and all("every operation (weight-only int8: int8 weights, float compute)" in r and "weights int8" in r
                                            for r in rows), res.output
     keras = open_model(run / "model.keras")
     m = RunFolder(run).manifest()

@@ -126,7 +126,7 @@ def test_a_run_started_from_another_runs_weights_keeps_its_carve(tmp_path):
     assert rel(later, "val") == rel(first, "val") and rel(later, "train") == rel(first, "train")
     assert later.val_split["kept_from"] == str(start / "split_manifest.json")
     assert later.val_split["method"] == "grouped" and later.val_carved
-    assert "held out by the run of --weights" in groups.describe_carve(later.manifest())
+    assert "as the run this one started from" in groups.describe_carve(later.manifest())
     assert "groups of near-identical images held out whole" in groups.describe_carve(first.manifest())
     own = first.manifest() | {"val_carved_from_train": False}
     assert groups.describe_carve(own) == f"validation: the dataset's own validation folder ({len(first.splits['val'].paths)} images)"

@@ -606,6 +606,17 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     text = check(run / "model_card.md")
     assert "not a medical device" in text and "{'" not in text  # versions as words, not a Python dict
     assert "regularisers: mixup 0.2, drop_path 0.1; phases:" in text and card["recipe"]["drop_path"] == 0.1
+    assert "epochs_run" not in card["recipe"]  # no history.csv: the most each phase could run, alone
+    # with one, the epochs each phase ran beside that
+    from mri_edge.report import write_csv
+
+    first = cfg["phases"][0]
+    write_csv(run / "history.csv", [{"phase": first["name"], "epoch": e} for e in (1, 2)], ["phase", "epoch"])
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    card, text = json.loads((run / "model_card.json").read_text()), (run / "model_card.md").read_text()
+    assert card["recipe"]["epochs_run"] == {first["name"]: 2}
+    assert f"{first['name']} up to {first['epochs']} epoch{'s' * (first['epochs'] != 1)} (2 run)" in text
+    (run / "history.csv").unlink()
     from mri_edge.familiar import without_arrays
 
     assert card["calibration"]["trust"] == without_arrays(cal["trust"])  # the projection stays in trust.json

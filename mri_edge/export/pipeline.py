@@ -194,7 +194,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                 results.append(r)
                 scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
                 if "float_parts" in r:
-                    scales += f", kept in float: {r['float_parts']}"
+                    scales += f", {r['float_parts']}"
                 elif "float_weights" in r:
                     scales += f", the head's weights {r['float_weights']}"
                 log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")

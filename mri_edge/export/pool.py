@@ -71,15 +71,16 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
 
 
 def float_parts(recipe: dict) -> str:
-    """One line of what an accuracy-aware file keeps in float."""
+    """One line of what an accuracy-aware file keeps in float ('body': what comes before conv1,
+    the input normalisation), and its held-out score."""
     dynamic = recipe.get("hybrid_stages") or []
     if "float_stages" in recipe:
-        what = ", ".join(s for s in recipe["float_stages"] if s not in dynamic) or "nothing"
+        what = "in float: " + (", ".join(s for s in recipe["float_stages"] if s not in dynamic) or "nothing")
         what += f"; dynamic-range int8: {', '.join(dynamic)}" if dynamic else ""
     else:
-        what = f"{recipe['float_nodes']} operations"
+        what = f"in float: {recipe['float_nodes']} operations"
     if recipe.get("weight_only"):
-        what = "every operation (weight-only int8)"
+        what = "every operation (weight-only int8: int8 weights, float compute)"
     drop = recipe.get("held_out_accuracy_drop_pts")
     acc = "" if drop is None else f", {accuracy_change(drop)}"
     weights = f", weights {recipe['float_weights']}" if "float_weights" in recipe else ""
@@ -89,7 +90,7 @@ def float_parts(recipe: dict) -> str:
     if "instead_of" in recipe:  # the weight-only file, for --max-size
         replaced = recipe["instead_of"]
         gone = f", {', '.join(replaced['hybrid_stages'])} dynamic-range" if replaced.get("hybrid_stages") else ""
-        size = (f", for --max-size {recipe['max_size_mb']:g} MB instead of "
+        size = (f"; chosen for --max-size {recipe['max_size_mb']:g} MB over the file with "
                 f"{', '.join(replaced['float_stages']) or 'nothing'} in float{gone} ({replaced['size_mb']:.2f} MB)")
     elif recipe.get("within_size") is False:
         size = f", over --max-size {recipe['max_size_mb']:g} MB"
