@@ -208,6 +208,11 @@ def build(run_dir) -> dict:
         limits.append(f"Its calibration, threshold and sets are those of {held['borrowed_from']}, its recipe's run "
                       "without `--refit`: what they were shown to give holds for that model, not for this one, which "
                       "also trained on those held-out images; it has no familiarity check.")
+    rec = (cal or {}).get("trust") or {}
+    if rec.get("conformal_q") == 0.0:  # every held-out set was the top class alone
+        limits.append(f"Its {1 - rec['alpha']:.0%} prediction sets are single classes: its held-out error is under "
+                      f"{rec['alpha']:.0%}, so a set never adds a second class, even to an answer near 0.5 (the "
+                      "threshold refers those); their test coverage is in the calibration table.")
     if held.get("twins_included"):
         limits.append("The calibration was fitted on held-out images with near twins in training: it is "
                       "overconfident on new subjects.")

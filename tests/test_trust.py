@@ -643,6 +643,12 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     card = json.loads((run / "model_card.json").read_text())
     assert set(card["calibration"]["per_file"]) == set(rows["files"]) - {"model_int8.tflite"}
     assert any(m.startswith("calibration of model_int8.tflite (exported again since") for m in card["missing"])
+    # sets whose quantile is 0 are the top class alone, which the card says
+    assert not any("prediction sets are single classes" in x for x in card["limitations"])
+    rows["trust"] = {**rows["trust"], "conformal_q": 0.0, "alpha": 0.02}
+    report_path.write_text(json.dumps(rows))
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    assert "Its 98% prediction sets are single classes" in (run / "model_card.md").read_text()
 
 
 def test_gradcam_on_a_densenet121(tiny_run, tmp_path):
