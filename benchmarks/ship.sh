@@ -33,7 +33,7 @@ rm -rf "$dst/calibration" "$dst/verify"
 if [ -d "$run/calibration" ]; then cp -r "$run/calibration" "$dst"/; fi
 mkdir -p "$dst/verify"
 cp "$run"/verify/confusion_model_int8_*.png "$run"/verify/reliability_model_int8_*.png "$dst/verify/"
-cp "artifacts/audit/$audit/audit.md" "artifacts/audit/$audit/duplicate_pairs.png" "$dst"/
+cp "artifacts/audit/$audit/audit.md" "artifacts/audit/$audit/duplicate_pairs.png" "artifacts/audit/$audit/duplicates.csv" "$dst"/
 if [ -d "$run/bench" ]; then cp "$run"/bench/bench.md "$run"/bench/bench.png "$run"/bench/bench.json "$dst"/; fi
 # The model card (its file table: the files shipped here) and the index page of this folder.
 python3 -m mri_edge card "$dst"

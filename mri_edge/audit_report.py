@@ -26,7 +26,9 @@ def markdown(out: dict) -> str:
              f"{len(out.get('ignored', []))}{first_ten(out.get('ignored', []))}", "",
              "## Exact duplicates (identical bytes)", "",
              f"{out['exact_duplicates']['groups']} groups; pairs by split: "
-             f"{counts_text(out['exact_duplicates']['pairs_by_split'])}.", "",
+             f"{counts_text(out['exact_duplicates']['pairs_by_split'])}."
+             + (f" Every pair, exact and near, with its files: [{out['pairs_csv']}]({out['pairs_csv']})."
+                if out.get("pairs_csv") else ""), "",
              "## Near duplicates", "", nd["method"] + ".", "",
              report.md_table(["splits", "hash candidates", "confirmed", "of which byte-identical"],
                              [[k, v["hash_candidates"], v["confirmed"], v["of_which_byte_identical"]]

@@ -5,13 +5,12 @@ run (trust.json) and in every exported file's metadata, and report what it gives
 Held-out images: the run's validation split when it was carved by whole groups of
 near-identical images (`train --val-split grouped`); otherwise only those validation images
 with no near twin in training (thumbnail correlation below --group-threshold, the measure
-of `groups.py`). A temperature fitted on twins of training stays overconfident on new
-subjects, so too few twin-free images is an error unless --allow-twins. The test split is
-only ever reported, never fitted on.
+of `groups.py`). A temperature fitted on twins of training stays overconfident on new subjects,
+so too few twin-free images, or ones a raw-pixel 1-NN gets more of than of test, is an error
+unless --allow-twins. The test split is only ever reported, never fitted on.
 
-The fit uses the most precise model of the run (model.keras, else the fp32, fp16, dynamic,
-int8 file in that order, or --reference); one record serves every file, so all runtimes
-apply the same temperature and threshold.
+The fit uses the most precise model of the run (model.keras, else the fp32, fp16, dynamic, int8
+file in that order, or --reference); one record serves every file, and every runtime applies it.
 """
 
 from __future__ import annotations
@@ -93,8 +92,9 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
         rule = (f"validation images with no near twin in training (thumbnail correlation < {cfg.group_threshold}); "
                 f"{nv - len(keep)} of {nv} have one")
     twins = False
-    more = (f"fewer than --min-images {cfg.min_images}: hold out more (a larger --val-fraction, or a Validation "
-            "folder) and retrain, or lower --min-images")
+    least = CalibrateConfig.__dataclass_fields__["min_images"].metadata["minimum"]  # what --min-images accepts
+    more = (f"fewer than --min-images {cfg.min_images}: hold out more (a larger --val-fraction, or a Validation folder) "
+            "and retrain" + (f", or lower --min-images (to {least} at least)" if nv >= least else ""))
     if nv < cfg.min_images or (len(keep) < cfg.min_images and method == "grouped"):
         raise CalibrateError(f"the {'grouped ' if method == 'grouped' else ''}validation split holds {nv} images, {more}")
     if len(keep) < cfg.min_images:
@@ -130,7 +130,7 @@ def held_out_rows(manifest: dict, cfg: CalibrateConfig, log) -> tuple[list[int],
                 f"{gap:.1%} > {cfg.max_probe_gap:.0%} + {noise:.1%} noise); a fit on them stays overconfident on new "
                 "subjects. Retrain with `--val-split grouped`, or pass --allow-twins to fit on them anyway")
         info["twins_included"] = True
-        info["rule"] += f" (--allow-twins: their 1-NN probe beats the test's by {gap:.1%})"
+        info["rule"] += f" (--allow-twins: not new to the model, their raw-pixel 1-NN probe beats the test's by {gap:.1%})"
     return keep.tolist(), info
 
 

@@ -98,7 +98,7 @@ def markdown(out: dict) -> str:
         f"Fitted on **{h['n']} held-out images**: {h['rule']}. 1-NN probe of them against training: "
         f"{h['nn_probe_accuracy']:.1%} (test split: {h.get('test_nn_probe_accuracy', float('nan')):.1%}; close "
         "values mean the held-out images are as new to the model as test images)."
-        + (" **They include near twins of training: expect the fit to be overconfident on new subjects.**"
+        + (" **They are not new to the model (--allow-twins): expect the fit to be overconfident on new subjects.**"
            if h["twins_included"] else "")
         + (f" The record is `{h['borrowed_from']}`'s, fitted with its model: this run's model trained on those "
            "images too (`train --refit`), so only its test rows are measured here; how well a recipe's record "

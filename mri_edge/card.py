@@ -20,8 +20,8 @@ from .tasks import DATASETS
 INTENDED_USE = (
     "Research and engineering use: evaluating how a brain-MRI classifier behaves when deployed on an edge device "
     "(accuracy, calibration, abstention and explanations of the deployed file against the trained model). "
-    "It is **not a medical device** and not a diagnostic tool: it was trained on public slice-level datasets "
-    "without clinical validation, and no clinical decision may rest on its output.")
+    "It is **not a medical device** and not a diagnostic tool: it was trained on {data} without clinical "
+    "validation, and no clinical decision may rest on its output.")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
@@ -120,7 +120,8 @@ def build(run_dir) -> dict:
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
                       "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},
-            "intended_use": INTENDED_USE,
+            "intended_use": INTENDED_USE.format(data="a public slice-level dataset" if cfg["task"] in DATASETS
+                                                else "a user-supplied dataset"),
             "data": {**DATASETS.get(cfg["task"], {"name": "user-supplied", "source": cfg.get("data_dir"),
                                                   "licence": "unknown"})},
             "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment",
@@ -214,8 +215,9 @@ def build(run_dir) -> dict:
                       f"{rec['alpha']:.0%}, so a set never adds a second class, even to an answer near 0.5 (the "
                       "threshold refers those); their test coverage is in the calibration table.")
     if held.get("twins_included"):
-        limits.append("The calibration was fitted on held-out images with near twins in training: it is "
-                      "overconfident on new subjects.")
+        limits.append("The calibration was fitted on held-out images that are not new to the model (`calibrate "
+                      "--allow-twins`: near twins of training, or a raw-pixel 1-NN that gets more of them than of test): "
+                      "it is overconfident on new subjects.")
     if not cal:
         limits.append("Its probabilities are the raw softmax, not calibrated, and it has no abstention threshold "
                       "(`mri-edge calibrate` fits them on held-out images without near twins in training, and refuses "
@@ -272,7 +274,8 @@ def markdown(card: dict) -> str:
                   f"{', '.join(f'{k} {r[k]}' for k in REGULARISERS if r.get(k)) or 'none'}"
                   f"{' (distill weight ' + str(r['distill_weight']) + ')' if r.get('teacher') else ''}; "
                   f"phases: {phases}.", ""]
-    for key, title in (("official", "official test split"), ("leakage_free", "leakage-free test subset")):
+    official = "official test split" if d.get("name") != "user-supplied" else "test split"
+    for key, title in (("official", official), ("leakage_free", "leakage-free test subset")):
         res = card.get("results", {}).get(key)
         if not res:
             continue

@@ -319,15 +319,15 @@ class CalibrateConfig:
                                                      "new subjects).", minimum=0, maximum=1)
     # A temperature fitted on twins of training images stays overconfident on new subjects
     # (Alzheimer: 97% accurate and confident on its random validation split, 70% on test).
-    allow_twins: bool = option(False, "Fit on validation images with near twins in training when too few have "
-                                      "none (the fit is then marked as such; it will be overconfident).")
+    allow_twins: bool = option(False, "Fit on validation images that are not new to the model: all of them when too few "
+                               "have no near twin in training, or those whose raw-pixel 1-NN probe beats the test "
+                               "split's (the fit is marked as such; it will be overconfident).")
     min_images: int = option(50, "Fewest held-out images to fit on.", minimum=10)
     # Correlation under the threshold is not enough on a dataset of slice stacks: the random
     # carve's twin-free Alzheimer images still have a same-subject neighbour (1-NN 100%, test
     # 73%). The probe gap is the measured test of "looks like new subjects".
     max_probe_gap: float = option(0.1, "Refuse held-out images whose raw-pixel 1-NN accuracy against training beats "
-                                       "the test split's by more than this (they are not new to the model).",
-                                  minimum=0, maximum=1)
+                                       "the test split's by more than this (they are not new to the model).", minimum=0, maximum=1)
     # An MRI of another kind gets answers as confident as the model's own (Alzheimer model on
     # tumor scans): only its features tell (docs/trust.md, "Familiarity").
     unfamiliar_rate: float = option(0.01, "Share of held-out images the familiarity check refers for review: the "

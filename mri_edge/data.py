@@ -44,7 +44,8 @@ def decode_images(model, root: Path, paths: list[str], what: str) -> np.ndarray:
                 imgs[i] = model.preprocess(Path(root) / rel)
             except Exception as e:
                 raise DataMovedError(f"{what[:-1] if what.endswith('s') else what} {Path(root) / rel} cannot be "
-                                     f"read now ({e}); was the dataset moved?") from None
+                                     f"read now ({e}); if the dataset moved, `mri-edge evaluate RUN --data-dir WHERE` re-roots "
+                                     "the run") from None
             bar.update()
     return imgs
 
@@ -218,8 +219,10 @@ def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: i
         if reference is None:
             reference = (keys, names)
         elif keys != reference[0]:
-            raise DataError(f"class folders differ between splits: {found['train'].name} has {reference[1]}, "
-                            f"{found[name].name} has {names}")
+            only = [[n for k, n in zip(a, ns) if k not in b] for a, ns, b in ((reference[0], reference[1], keys),
+                                                                            (keys, names, reference[0]))]
+            raise DataError(f"class folders differ between splits: only {found['train'].name} has {only[0] or 'none'}, "
+                            f"only {found[name].name} has {only[1] or 'none'} (names match ignoring case, spaces, - and _)")
         per_split[name] = Split(name, paths, labels)
     keys, names = reference
     splits = {"train": per_split["train"]}

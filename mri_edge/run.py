@@ -92,6 +92,8 @@ class RunFolder:
 
     # ------------------------------------------------------------ reads (one-line errors)
     def config(self) -> dict:
+        if not self.config_path.exists():  # e.g. an audit or export folder given where a run goes
+            raise RunError(f"{self.path}: not a run folder (no config.json, which `mri-edge train` writes)")
         return read_json(self.config_path, "run config", ("task", "image_size"))
 
     def labels(self) -> dict:

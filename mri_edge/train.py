@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, augment, data, distill, distribute, feed, groups, preprocess, qat, quiet, report
-from .config import TrainConfig, carve_seed
+from .config import CalibrateConfig, TrainConfig, carve_seed
 from .errors import MriEdgeError, require, training_packages
 from .files import atomic_copy
 from .progress import Heartbeat
@@ -174,6 +174,10 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
         log(n)
     if not state:  # once every input is checked, with the images the run uses (after --limit-per-class)
         log(groups.describe_carve(dataset.manifest()))
+        least = CalibrateConfig.__dataclass_fields__["min_images"].default
+        if 0 < len(dataset.splits["val"].paths) < least:  # found out at calibrate, it would cost a retraining
+            log(f"note: {len(dataset.splits['val'].paths)} validation images, fewer than the {least} `mri-edge calibrate` "
+                "fits on by default: hold out more (--val-fraction) to calibrate this run")
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache, cfg.strict) for s in ("train", "val", "test")}
     for s, d in dec.items():

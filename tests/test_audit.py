@@ -53,6 +53,14 @@ def test_audit_finds_planted_leaks(leaky, tmp_path):
     assert nn["n_test"] == 14 and nn["n_reference"] == 33 and 0 <= nn["accuracy"] <= 1
     assert set(nn["recall_by_class"]) == {"Glioma", "Meningioma", "No Tumor", "Pituitary"}
     assert (tmp_path / "audit.md").is_file() and (tmp_path / "duplicate_pairs.png").is_file()
+    import csv  # every pair with its files, so that a user can find (and remove) them
+
+    with open(tmp_path / "duplicates.csv", newline="") as f:
+        pairs = list(csv.DictReader(f))
+    assert a["pairs_csv"] == "duplicates.csv" and "(duplicates.csv)" in md
+    assert sum(r["kind"] == "exact" for r in pairs) == sum(a["exact_duplicates"]["pairs_by_split"].values())
+    assert {r["b"] for r in pairs} | {r["a"] for r in pairs} >= leaked
+    assert all(float(r["mad"]) <= a["near_duplicates"]["pixel_mad_threshold"] for r in pairs)
     paths = [str(p) for p in sorted((leaky / "Testing").rglob("*.*")) if ".ipynb_checkpoints" not in p.parts]
     mask = leakage_free_mask(tmp_path / "audit.json", paths)
     assert mask.sum() == 12 and len(mask) == 14
@@ -100,3 +108,9 @@ def test_an_audit_matches_moved_or_symlinked_copies_and_refuses_another_dataset(
         [True, False, True]
     with pytest.raises(AuditError, match="1 of the 1 test files it lists as leaked are not in"):
         leakage_free_mask(audit, [str(other / "test" / "a" / "0.png")], other)
+    # an audit with no leaked test file to miss: told apart by the test images it counted
+    audit.write_text(json.dumps({"data_dir": str(other), "leaked": {"test": []}, "counts": {"train": {"a": 3}}}))
+    with pytest.raises(AuditError, match="it audited 0 test images of .*, fewer than the 3 evaluated here"):
+        leakage_free_mask(audit, tests, ours)
+    audit.write_text(json.dumps({"data_dir": str(ours), "leaked": {"test": []}, "counts": {"test": {"a": 3}}}))
+    assert leakage_free_mask(audit, tests).all()

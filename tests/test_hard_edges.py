@@ -204,6 +204,7 @@ def test_bench_skips_a_row_that_cannot_run_and_checks_compare_first(micro_run, t
     res = invoke("bench", good, tampered, *args, "--out", tmp_path / "b")
     assert res.exit_code == 0, res.output
     assert "skipped (failed)" in res.output and "differ from what `mri-edge export` recorded" in res.output
+    assert "end-to-end timing (e2e) skipped: give --image" in res.output  # files alone lend no image
     out = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert len(out["rows"]) == 1 and len(out["errors"]) == 1
     res = invoke("bench", good, tampered, *args, "--out", tmp_path / "b", "--strict")

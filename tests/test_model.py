@@ -179,3 +179,24 @@ def test_forward_compiled_and_eager_agree_with_features(net, tmp_path):
     small, f_small = m.run_batch(x[:2], features=True)
     assert np.allclose(big, eager, atol=1e-6) and np.allclose(small, eager[:2], atol=1e-6)
     assert f_big.shape == (len(x), f_small.shape[1]) and np.allclose(f_big[:2], f_small, atol=1e-5)
+
+
+def test_train_says_before_it_trains_when_validation_is_too_small_to_calibrate(net, synth_data, tmp_path, monkeypatch):
+    """A validation split under calibrate's --min-images default is said before any epoch (it
+    would otherwise be found out after training, and cost a retraining)."""
+    from click.testing import CliRunner
+
+    from mri_edge import data
+    from mri_edge.cli import main
+
+    weights = tmp_path / "start.keras"
+    net.save(weights)
+
+    def stop(*a, **k):
+        raise data.DataError("stopped here by the test")
+
+    monkeypatch.setattr(data, "decode_split", stop)
+    res = CliRunner().invoke(main, ["train", "--task", "tumor", "--data-dir", str(synth_data), "--image-size", str(SIZE),
+                                    "--weights", str(weights), "--out", str(tmp_path / "run")])
+    assert "stopped here by the test" in res.output, res.output
+    assert "validation images, fewer than the 50 `mri-edge calibrate` fits on by default" in res.output

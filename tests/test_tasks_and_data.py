@@ -88,8 +88,13 @@ def test_empty_class_folder(tmp_path):
 def test_mismatched_classes_between_splits(tmp_path):
     make_tree(tmp_path, ["Training"], ["x", "y"])
     make_tree(tmp_path, ["Testing"], ["x", "y", "z"])  # Testing sorts first: train is still the reference
-    with pytest.raises(data.DataError, match=r"Training has \['x', 'y'\], Testing has \['x', 'y', 'z'\]"):
+    with pytest.raises(data.DataError, match=r"only Training has none, only Testing has \['z'\]"):
         data.discover(tmp_path, "custom")
+    other = tmp_path / "other"  # only the names that differ are listed; spelling variants match
+    make_tree(other, ["Training"], ["lesion a", "normal"])
+    make_tree(other, ["Testing"], ["Lesion_A", "normal-x"])
+    with pytest.raises(data.DataError, match=r"only Training has \['normal'\], only Testing has \['normal-x'\]"):
+        data.discover(other, "custom")
 
 
 def test_train_spells_the_class_names(tmp_path):
