@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from mri_edge import bench, quiet
-from mri_edge.keras_model import forward
+from mri_edge.keras_model import COMPILED_FROM, forward
 
 
 def main() -> None:
@@ -26,6 +26,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
+    if args.batch < COMPILED_FROM:
+        ap.error(f"--batch below {COMPILED_FROM} runs eagerly both ways; nothing to compare")
+    args.images -= args.images % args.batch  # equal batches: no second trace inside the timed loop
     quiet.import_tensorflow()
     from mri_edge.model import load_model, no_grad
 

@@ -13,6 +13,7 @@ import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -294,14 +295,14 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
 
 
 def _write_pairs(exact_groups, near, items: list[Item], names, path: Path) -> str:
-    """duplicates.csv: every exact group (its first file beside each other one) and every confirmed
-    near pair not already identical, with splits, classes and pixel MAD: the files to look at or remove."""
+    """duplicates.csv: every pair of identical files and every confirmed near pair not already
+    identical, with splits, classes and pixel MAD: the files to look at or remove."""
     def row(kind, i, j, mad):
         a, b = items[i], items[j]
         return {"kind": kind, "a": a.rel, "b": b.rel, "split_a": a.split, "split_b": b.split,
                 "class_a": names[a.label], "class_b": names[b.label], "mad": round(float(mad), 3)}
 
-    rows = [row("exact", g[0], k, 0.0) for g in exact_groups for k in g[1:]]
+    rows = [row("exact", i, j, 0.0) for g in exact_groups for i, j in combinations(g, 2)]
     rows += [row("near", i, j, m) for i, j, m in near if items[i].sha != items[j].sha]
     report.write_csv(path, rows, ["kind", "a", "b", "split_a", "split_b", "class_a", "class_b", "mad"])
     return path.name
@@ -354,7 +355,8 @@ def leakage_free_mask(audit_json, paths, root=None) -> np.ndarray:
     audited = sum((a.get("counts") or {}).get("test", {}).values())
     if "counts" in a and audited < len(paths):  # no leaked file to miss: an audit with fewer test images, or none
         raise AuditError(f"--dedup {audit_json}: it audited {audited} test images of {a['data_dir']}, fewer than the "
-                         f"{len(paths)} evaluated here: an audit of another dataset? Audit this one with `mri-edge data audit`")
+                         f"{len(paths)} evaluated here: an audit of another dataset, or of this one before images were "
+                         "added? Audit it again with `mri-edge data audit`")
     leaked_test = a["leaked"].get("test", [])
     missing = [r for r in leaked_test if not os.path.exists(os.path.join(root, r))]
     if missing:

@@ -208,7 +208,7 @@ def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None
     image = str(image) if image else found_image
     if image is None:
         log("end-to-end timing (e2e) skipped: give --image (a run folder lends its first test image when it is where "
-            "the split manifest says; if the data moved, `mri-edge evaluate RUN --data-dir WHERE` re-roots the run)")
+            "its split manifest says)")
     results = []
     from .progress import Progress  # noqa: PLC0415
 

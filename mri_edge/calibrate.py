@@ -272,7 +272,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     def images(model, rows, what):
         key = (model.image_size, what)
         if key not in decoded:
-            decoded[key] = decode_images(model, root, [rel for rel, _ in rows], what)
+            decoded[key] = decode_images(model, root, [rel for rel, _ in rows], what, "if the dataset moved, give --data-dir")
         return decoded[key]
 
     def run_on(path: Path):

@@ -117,11 +117,11 @@ def build(run_dir) -> dict:
                            " (run again the command that writes it: export for a model file)")
     missing = []
     files = run.export_files()
+    public = cfg["task"] in DATASETS  # else a user's own dataset (--task custom): no name, licence or "official" split
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
                       "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},
-            "intended_use": INTENDED_USE.format(data="a public slice-level dataset" if cfg["task"] in DATASETS
-                                                else "a user-supplied dataset"),
+            "intended_use": INTENDED_USE.format(data="a public slice-level dataset" if public else "a user-supplied dataset"),
             "data": {**DATASETS.get(cfg["task"], {"name": "user-supplied", "source": cfg.get("data_dir"),
                                                   "licence": "unknown"})},
             "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment",
@@ -133,10 +133,12 @@ def build(run_dir) -> dict:
     if run.history_path.is_file():  # the epochs each phase ran (a shipped folder may not carry the history)
         import csv  # noqa: PLC0415
 
-        with open(run.history_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        card["recipe"]["epochs_run"] = {n: sum(row.get("phase") == n for row in rows)
-                                        for n in dict.fromkeys(row.get("phase") for row in rows) if n}
+        try:
+            with open(run.history_path, newline="") as f:
+                ran = [row.get("phase") for row in csv.DictReader(f)]
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise MriEdgeError(f"cannot write the model card: {run.history_path} cannot be read ({e})") from None
+        card["recipe"]["epochs_run"] = {p["name"]: ran.count(p["name"]) for p in cfg.get("phases") or []}
     if manifest:
         card["data"]["counts"] = {s: len(rows) for s, rows in manifest["splits"].items()}
         carved = manifest.get("val_split") or {"method": "random"}  # (a run before carves were recorded)
@@ -199,8 +201,8 @@ def build(run_dir) -> dict:
     card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in stored]
     small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",
-              "Trained and tested on single 2-D slices from public datasets; not validated on other scanners, "
-              "protocols or populations.",
+              f"Trained and tested on single 2-D slices from {'a public dataset' if public else 'the user-supplied dataset'}; "
+              "not validated on other scanners, protocols or populations.",
               familiarity_limit(cal)]
     if small:
         limits.append(f"Few test images for {', '.join(small)} (under 30): their sensitivity intervals are wide.")
@@ -228,6 +230,10 @@ def build(run_dir) -> dict:
     card["limitations"] = limits
     card["missing"] = missing
     return card
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def ci(v) -> str:
@@ -261,20 +267,19 @@ def markdown(card: dict) -> str:
                   "config.json.", ""]
     else:
         ran = r.get("epochs_run") or {}
-        phases = "; ".join(f"{p['name']} up to {p['epochs']} epoch{'s' * (p['epochs'] != 1)}" + (f" ({ran[p['name']]} run)" if p["name"] in ran
-                                                                         else "")
+        phases = "; ".join(f"{p['name']} up to {p['epochs']} epoch{'s' * (p['epochs'] != 1)}"
+                           + (f" ({ran[p['name']]} run)" if p["name"] in ran else "")
                            + f" at lr {p['lr']} (unfreeze {p['unfreeze']})" for p in r.get("phases") or [])
-        if r.get("time_budget_s"):
-            phases += f"; time budget {r['time_budget_s'] / 60:.0f} min"
-        if r.get("wall_time_s"):
-            phases += f", {r['wall_time_s'] / 60:.0f} min of training"
+        budget = f"time budget {minutes(r['time_budget_s'])}" if r.get("time_budget_s") else ""
+        took = f"{minutes(r['wall_time_s'])} of training" if r.get("wall_time_s") else ""
+        phases += "".join(f"; {x}" for x in (budget, took) if x)
         parts += ["## Training recipe", "", f"Weights `{r['weights']}`, {r['image_size']} px, batch {r['batch_size']}, "
                   f"augmentation {'on' if r['augment'] else 'off'}, class weights "
                   f"{r['class_weight'] or 'not recorded'}, seed {r['seed']}; regularisers: "
                   f"{', '.join(f'{k} {r[k]}' for k in REGULARISERS if r.get(k)) or 'none'}"
                   f"{' (distill weight ' + str(r['distill_weight']) + ')' if r.get('teacher') else ''}; "
                   f"phases: {phases}.", ""]
-    official = "official test split" if d.get("name") != "user-supplied" else "test split"
+    official = "official test split" if m["task"] in DATASETS else "test split"
     for key, title in (("official", official), ("leakage_free", "leakage-free test subset")):
         res = card.get("results", {}).get(key)
         if not res:
@@ -309,8 +314,8 @@ def markdown(card: dict) -> str:
                 and a["risk"] > target]
         if over:  # the threshold was chosen with one model; another file's answers move around it
             parts += [f"Held-out risk at the stored threshold above the {target:.1%} target: {', '.join(over)}. The "
-                      f"threshold was chosen with `{c['reference_model']}`'s answers, and int8 moves some answers "
-                      "across it.", ""]
+                      f"threshold was chosen with `{c['reference_model']}`'s answers, and each of these files moves "
+                      "some answers across it.", ""]
     if "parity" in card:
         parts += ["## Parity of the exported files (test split)", "",
                   report.md_table(["file", "quantization", "accuracy", "agreement", "flips",

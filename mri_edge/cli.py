@@ -330,7 +330,7 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_th
                        f"{' or validation' if s == 'test' else ''}")
     click.echo(f"exact duplicate pairs by split: {audit_report.counts_text(out['exact_duplicates']['pairs_by_split'])}")
     click.echo(f"label conflicts: {out['n_label_conflicts']}; corrupt files: {len(out['corrupt'])}")
-    click.echo(f"wrote {out_dir / 'audit.json'}, audit.md" + (f", {out['pairs_plot']}" if out.get("pairs_plot") else ""))
+    click.echo(f"wrote {out_dir / 'audit.json'}, audit.md, {out['pairs_csv']}" + (f", {out['pairs_plot']}" if out.get("pairs_plot") else ""))
     click.echo(f"next: mri-edge train ... --dedup {out_dir / 'audit.json'}")
 
 

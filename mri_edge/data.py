@@ -34,8 +34,12 @@ class DataMovedError(DataError):
     """An image a run's split manifest lists cannot be read now: nothing can be checked on it."""
 
 
-def decode_images(model, root: Path, paths: list[str], what: str) -> np.ndarray:
-    """(N, S, S, 3) uint8: the manifest's images under `model`'s preprocessing contract."""
+RE_ROOT = "if the dataset moved, `mri-edge evaluate RUN --data-dir WHERE` re-roots the run"
+
+
+def decode_images(model, root: Path, paths: list[str], what: str, moved: str = RE_ROOT) -> np.ndarray:
+    """(N, S, S, 3) uint8: the manifest's images under `model`'s preprocessing contract; `moved`:
+    what to do when one cannot be read (the caller's own way to point at the data)."""
     size = model.image_size
     imgs = np.zeros((len(paths), size, size, 3), np.uint8)
     with Progress(len(imgs), f"decoding {what} ({size} px)") as bar:
@@ -44,8 +48,7 @@ def decode_images(model, root: Path, paths: list[str], what: str) -> np.ndarray:
                 imgs[i] = model.preprocess(Path(root) / rel)
             except Exception as e:
                 raise DataMovedError(f"{what[:-1] if what.endswith('s') else what} {Path(root) / rel} cannot be "
-                                     f"read now ({e}); if the dataset moved, `mri-edge evaluate RUN --data-dir WHERE` re-roots "
-                                     "the run") from None
+                                     f"read now ({e})" + (f"; {moved}" if moved else "")) from None
             bar.update()
     return imgs
 

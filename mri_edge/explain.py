@@ -221,14 +221,17 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
             while name in used:
                 name, n = f"{stem}_{n}.png", n + 1
         used.add(name)
-        label = f"{model.class_names[target]} {p:.2f}" + (f": {trust.REVIEW}" if pred.uncertain else "")
-        why = [w[:72] for w in pred.warnings[:1]] if pred.uncertain else []  # the first reason, as far as it fits
+        label = (f"{model.class_names[target]} {p:.2f}" + (f" (graph {graph_p:.2f})" if model.trust and graph_p is not None
+                                                          else "") + (f": {trust.REVIEW}" if pred.uncertain else ""))
+        why = pred.warnings[:1] if pred.uncertain else []  # the first reason, cut below to the width it has
         # each map is scaled to its own largest value: the caption says how much its strongest cell weighs
         peak = peak_text(method, float(heat.max()))
         pair = np.concatenate([img, overlay(img, heat)], axis=1)
         scale = max(1, 256 // img.shape[0])
         pair = cv2.resize(pair, (pair.shape[1] * scale, pair.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
         for y, text in ((16, label), *((34, w) for w in why), (pair.shape[0] - 6, peak)):
+            while len(text) > 8 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0] > pair.shape[1] - 8:
+                text = text[:-4] + "..."
             cv2.putText(pair, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         ok, png = cv2.imencode(".png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
         if not ok:
@@ -265,7 +268,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
               "last feature maps (no unit: compare it between images of one model only)."), "",
            report.md_table(["image", "class", "p"] + (["graph's p"] if occl else [])
                            + ["largest drop" if occl else "map peak", "prediction set", "review"], [
-              [f"[{Path(r['image']).parent.name}/{Path(r['image']).name}](<{r['png']}>)", r["class"],
+              [f"[{(Path(Path(r['image']).parent.name) / Path(r['image']).name).as_posix()}](<{r['png']}>)", r["class"],
                f"{r['probability']:.3f}"] + ([f"{r['graph_probability']:.4f}"] if occl else [])
               + [peak_text(method, r["map_max"], short=True),
                trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] else "",

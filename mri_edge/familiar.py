@@ -61,7 +61,7 @@ def foreign_images(model, folder: str | Path, limit: int, seed: int = SEED) -> n
         paths = [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), limit, replace=False))]
     from .data import decode_images  # noqa: PLC0415
 
-    return decode_images(model, Path(folder), [str(p.relative_to(folder)) for p in paths], "foreign images")
+    return decode_images(model, Path(folder), [str(p.relative_to(folder)) for p in paths], "foreign images", "")
 
 
 def features(model, images: np.ndarray, what: str) -> np.ndarray | None:

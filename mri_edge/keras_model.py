@@ -66,9 +66,9 @@ class KerasModel(runtime.Model):
 
 def forward(net, x: np.ndarray):
     """net's output(s) for x, as numpy. A batch of COMPILED_FROM images or more runs through
-    Keras' compiled predict step (a graph on TensorFlow: 39 ms an image against eager calls'
-    61 ms, DenseNet121 at 224 px, batch 32, 2 cores; the same probabilities to the bit); the
-    first batch of each size pays for tracing it (1-4 s), so smaller ones run eagerly."""
+    Keras' compiled predict step (a graph on TensorFlow, 1.5-2.2x faster than eager calls on 2
+    CPU cores, the same probabilities: docs/benchmarks.md#keras-inference); the first batch of
+    each size pays for tracing it (1-4 s), so smaller ones run eagerly."""
     import keras  # noqa: PLC0415
 
     from .model import no_grad  # noqa: PLC0415

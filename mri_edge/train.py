@@ -174,10 +174,13 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
         log(n)
     if not state:  # once every input is checked, with the images the run uses (after --limit-per-class)
         log(groups.describe_carve(dataset.manifest()))
-        least = CalibrateConfig.__dataclass_fields__["min_images"].default
-        if 0 < len(dataset.splits["val"].paths) < least:  # found out at calibrate, it would cost a retraining
-            log(f"note: {len(dataset.splits['val'].paths)} validation images, fewer than the {least} `mri-edge calibrate` "
-                "fits on by default: hold out more (--val-fraction) to calibrate this run")
+        wanted = CalibrateConfig.__dataclass_fields__["min_images"].default
+        n_val, how = len(dataset.splits["val"].paths), dataset.manifest()
+        if 0 < n_val < wanted and not cfg.refit and "kept_from" not in (how.get("val_split") or {}):
+            # found out at calibrate, it would cost a retraining (a kept carve is its first run's to change)
+            log(f"note: {n_val} validation images, fewer than the {wanted} `mri-edge calibrate` fits on by default: "
+                + ("hold out more (--val-fraction)" if how.get("val_carved_from_train") else
+                   "add images to the Validation folder") + " to calibrate this run")
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache, cfg.strict) for s in ("train", "val", "test")}
     for s, d in dec.items():

@@ -277,6 +277,9 @@ def test_a_report_that_cannot_be_written_is_one_line_and_the_card_refuses_damage
     res = invoke("card", run)
     assert res.exit_code == 1 and "cannot write the model card" in res.output and "not valid JSON" in res.output
     assert (run / "model_card.md").read_bytes() == card
+    res = invoke("card", tmp_path)  # a folder that is no run (e.g. an audit's): said so, in one line
+    assert res.exit_code == 1 and f"{tmp_path}: not a run folder (no config.json" in res.output
+    assert len(res.output.strip().splitlines()) == 1
     shutil.copy(micro_run / "test_report.json", run / "test_report.json")
     model = run / "exports" / "model_int8.tflite"
     whole = model.read_bytes()

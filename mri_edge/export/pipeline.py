@@ -269,7 +269,7 @@ def _run_units(units, context, collect, model, size: int, workdir: Path, workers
 def table(results: list[dict]) -> str:
     aware = any("float_parts" in r for r in results)
     return report.md_table(
-        ["file", "format", "quantization", "I/O dtype", "size MB", "seconds"] + (["kept in float (held-out agreement)"]
+        ["file", "format", "quantization", "I/O dtype", "size MB", "seconds"] + (["int8 recipe (held-out agreement)"]
                                                                                  if aware else []),
         [[r["file"], r["format"], r["quantization"], r["io_dtype"], round(r["size_mb"], 2), round(r["seconds"], 1)]
          + ([r.get("float_parts", "")] if aware else []) for r in results])
