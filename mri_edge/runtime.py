@@ -200,16 +200,19 @@ class Model:
         return probs, None if feats[0] is None else np.concatenate(feats)
 
 
-def slow_hybrid(meta: dict, runtime_name: str) -> str | None:
-    """Why a file runs slowly on this interpreter, or None: tflite-runtime (2.14, the last
-    release) has no XNNPACK kernels for dynamic-range int8 (`export --hybrid`), so those stages
-    run on its reference kernels, measured 54-71 ms against 3.8 ms with ai-edge-litert for the
-    shipped Alzheimer file (its answers stay within the file's gate: docs/int8.md)."""
-    stages = (meta.get("accuracy_aware") or {}).get("hybrid_stages")
-    if not stages or not runtime_name.startswith("tflite_runtime"):
+def slow_kernels(meta: dict, runtime_name: str) -> str | None:
+    """Why an int8 file runs slowly on this interpreter, or None. tflite-runtime (2.14, the last
+    release) hands no int8 operation to XNNPACK: static int8 runs on its built-in kernels and
+    dynamic-range int8 (`export --hybrid`) on reference ones. Measured on an AMD EPYC, 2 threads:
+    the shipped tumor file 53 ms against 3.6 ms with ai-edge-litert, the Alzheimer file 54-71 ms
+    against 3.8-4.1 ms, both slower than their fp32 files; the answers stay within the files'
+    gates (docs/int8.md)."""
+    if meta.get("quantization") != "int8" or not runtime_name.startswith("tflite_runtime"):
         return None
-    return (f"{', '.join(stages)} of this file run as dynamic-range int8, which tflite-runtime runs on slow "
-            "reference kernels (about 15x slower); install ai-edge-litert: pip install 'mri-edge[device]'")
+    stages = (meta.get("accuracy_aware") or {}).get("hybrid_stages")
+    what = (f"{', '.join(stages)} of this file run as dynamic-range int8, which tflite-runtime runs on reference "
+            "kernels" if stages else "tflite-runtime runs int8 operations on its built-in kernels, not XNNPACK")
+    return f"{what} (about 15x slower, slower than the fp32 file); install ai-edge-litert: pip install 'mri-edge[device]'"
 
 
 class TFLiteModel(Model):
@@ -237,7 +240,7 @@ class TFLiteModel(Model):
             raise RuntimeModelError(f"{path}: the interpreter cannot load it ({type(e).__name__}: "
                                     f"{first_line(e)})") from None
         self._details()
-        if why := slow_hybrid(meta, self.runtime_name):
+        if why := slow_kernels(meta, self.runtime_name):
             warnings.warn(f"{path.name}: {why}", RuntimeWarning, stacklevel=2)
         if list(self.in_det["shape"][1:3]) != [self.image_size, self.image_size]:
             raise RuntimeModelError(f"{path}: its graph takes {list(self.in_det['shape'][1:3])} px, its metadata "

@@ -315,15 +315,19 @@ def test_a_missing_tflite_runtime_that_was_asked_for_is_named(monkeypatch):
         load_interpreter_class("tflite_runtime")
 
 
-def test_a_file_with_dynamic_range_stages_warns_on_tflite_runtime_only():
-    """tflite-runtime has no fast kernels for `export --hybrid`'s dynamic-range stages: opening
-    such a file there says so (and what to install); LiteRT, or a file without them, says nothing."""
-    from mri_edge.runtime import slow_hybrid
+def test_an_int8_file_warns_on_tflite_runtime_only():
+    """tflite-runtime hands no int8 operation to XNNPACK (static int8: built-in kernels; `export
+    --hybrid`'s dynamic-range stages: reference ones): opening an int8 file there says so, and what
+    to install; LiteRT, or a float file, says nothing."""
+    from mri_edge.runtime import slow_kernels
 
-    meta = {"accuracy_aware": {"hybrid_stages": ["conv2", "conv3"]}}
-    why = slow_hybrid(meta, "tflite_runtime")
-    assert "conv2, conv3" in why and "pip install 'mri-edge[device]'" in why
-    assert slow_hybrid(meta, "tflite_runtime[xnnpack=off]")
-    assert slow_hybrid(meta, "ai_edge_litert") is None
-    assert slow_hybrid({"accuracy_aware": {"hybrid_stages": []}}, "tflite_runtime") is None
-    assert slow_hybrid({}, "tflite_runtime") is None
+    meta = {"quantization": "int8", "accuracy_aware": {"hybrid_stages": ["conv2", "conv3"]}}
+    why = slow_kernels(meta, "tflite_runtime")
+    assert "conv2, conv3" in why and "reference kernels" in why and "pip install 'mri-edge[device]'" in why
+    assert slow_kernels(meta, "tflite_runtime[xnnpack=off]")
+    assert slow_kernels(meta, "ai_edge_litert") is None
+    static = slow_kernels({"quantization": "int8", "accuracy_aware": {"hybrid_stages": []}}, "tflite_runtime")
+    assert "built-in kernels, not XNNPACK" in static and "pip install 'mri-edge[device]'" in static
+    assert "built-in kernels" in slow_kernels({"quantization": "int8"}, "tflite_runtime")
+    for quantization in ("none", "fp16", "dynamic"):
+        assert slow_kernels({"quantization": quantization}, "tflite_runtime") is None
