@@ -217,11 +217,10 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
         if data_dir:
             manifest["root"] = str(Path(data_dir).resolve())
         return manifest
+    cfg = run.config()  # a folder that is no run: said so in one line (RunFolder.config)
     if not data_dir:
-        raise CalibrateError(f"{run.path} has no split_manifest.json; pass --data-dir to rebuild it from the run's config.json"
-                             if run.config_path.is_file() else f"{run.path} is not a finished `mri-edge train` run (no config.json)")
+        raise CalibrateError(f"{run.path} has no split_manifest.json; pass --data-dir to rebuild it from the run's config.json")
     from . import data  # noqa: PLC0415
-    cfg = run.config()
     ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), carve_seed(cfg), cfg.get("val_split", "random"),
                        cfg.get("group_threshold", GROUP_THRESHOLD),
                        cfg.get("weights") if cfg.get("val_kept_from") else None)

@@ -169,17 +169,18 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     if not state and dist.is_chief:
         write_run_header(run, cfg, dataset, dist.record() if dist.replicas > 1 else None,
                          teacher.record if teacher else None)
-    notes = resolve_phases(cfg)[1] + distill.weights_seen(cfg.weights, dataset.manifest())
+    manifest = dataset.manifest()
+    notes = resolve_phases(cfg)[1] + distill.weights_seen(cfg.weights, manifest)
     for n in notes:
         log(n)
     if not state:  # once every input is checked, with the images the run uses (after --limit-per-class)
-        log(groups.describe_carve(dataset.manifest()))
+        log(groups.describe_carve(manifest))
         wanted = CalibrateConfig.__dataclass_fields__["min_images"].default
-        n_val, how = len(dataset.splits["val"].paths), dataset.manifest()
-        if 0 < n_val < wanted and not cfg.refit and "kept_from" not in (how.get("val_split") or {}):
+        n_val = len(dataset.splits["val"].paths)
+        if 0 < n_val < wanted and not cfg.refit and "kept_from" not in (manifest.get("val_split") or {}):
             # found out at calibrate, it would cost a retraining (a kept carve is its first run's to change)
             log(f"note: {n_val} validation images, fewer than the {wanted} `mri-edge calibrate` fits on by default: "
-                + ("hold out more (--val-fraction)" if how.get("val_carved_from_train") else
+                + ("hold out more (--val-fraction)" if manifest.get("val_carved_from_train") else
                    "add images to the Validation folder") + " to calibrate this run")
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     dec = {s: data.decode_split(dataset.splits[s], cfg.image_size, cache, cfg.strict) for s in ("train", "val", "test")}

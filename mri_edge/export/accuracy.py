@@ -144,8 +144,8 @@ def stage_search(stages: dict[str, dict], attempt: Callable[[list[str], str], tu
                     kept = fewer
             for s in sorted((k for k in kept if k not in base), key=lambda k: -stages[k]["cost"]):
                 narrowed = smallest = s
-                while halves(stages, smallest):
-                    smallest = halves(stages, smallest)[0]
+                while parts := halves(stages, smallest):
+                    smallest = parts[0]
                 # The first dense layer alone, tried first: a part that holds the budget is a
                 # complete score, one that does not usually stops early, so when it holds it saves
                 # the complete scores of every half between it and the stage.
