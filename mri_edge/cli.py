@@ -230,12 +230,11 @@ def predict(model_path, images, top_k, as_json, out, threads, allow_other_resize
     from .backends import open_model  # noqa: PLC0415
 
     model = run_guarded(open_model, model_path, threads, allow_other_resize, xnnpack)
-    paths = run_guarded(predict_lib.expand_inputs, images)
-    if not paths:
-        raise click.ClickException(f"no image files matched {' '.join(images)}")
-    failed = run_guarded(predict_lib.run, model, paths, top_k, as_json, click.echo, Path(out) if out else None)
+    inputs = run_guarded(predict_lib.read_inputs, images, echo)
+    failed = run_guarded(predict_lib.run, model, inputs.paths, top_k, as_json, click.echo, Path(out) if out else None,
+                         inputs.unmatched)
     if failed:
-        click.echo(f"{failed} of {len(paths)} image(s) could not be read", err=True)
+        click.echo(f"{failed} of {len(inputs.paths) + len(inputs.unmatched)} image(s) could not be read", err=True)
         sys.exit(1)
 
 

@@ -63,10 +63,9 @@ def explain(model_path, images, out_dir, method, grid, threads):
     from . import predict as predict_lib  # noqa: PLC0415
     from .trust import review_text, set_text  # noqa: PLC0415
 
-    paths = run_guarded(predict_lib.expand_inputs, images)
-    if not paths:
-        raise click.ClickException(f"no image files matched {' '.join(images)}")
-    out = run_guarded(explain_lib.explain_images, model_path, paths, out_dir, method, grid, threads, log=echo)
+    inputs = run_guarded(predict_lib.read_inputs, images, echo)
+    out = run_guarded(explain_lib.explain_images, model_path, inputs.paths, out_dir, method, grid, threads, log=echo,
+                      unmatched=inputs.unmatched)
     for r in out["images"]:
         click.echo(f"{predict_lib.short_path(r['image']):50s} {r['class']:22s} {r['probability']:6.3f}  -> "
                    f"{Path(out_dir) / r['png']}" + (f"  {set_text(r['prediction_set'], r['set_coverage'])}"
@@ -74,7 +73,8 @@ def explain(model_path, images, out_dir, method, grid, threads):
                    + (f"  [{review_text(r['warnings'])}]" if r["uncertain"] else ""))
     click.echo(f"wrote {len(out['images'])} overlay(s), {Path(out_dir) / 'explain.md'}")
     if out["failed"]:
-        click.echo(f"{len(out['failed'])} of {len(paths)} image(s) could not be read", err=True)
+        click.echo(f"{len(out['failed'])} of {len(out['images']) + len(out['failed'])} image(s) could not be read",
+                   err=True)
         sys.exit(1)
 
 

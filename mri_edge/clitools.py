@@ -175,7 +175,8 @@ def int_list(ctx, param, value):
 
 VERBOSE_HELP = "Show TensorFlow, converter and runtime log lines (hidden by default)."
 THREADS = click.option("--threads", type=click.IntRange(1), default=None,
-                       help="CPU threads of each model's runtime [default: the runtime's own choice].")
+                       help="CPU threads of each model's runtime (.keras: Keras' own) [default: every core this "
+                            "process may use].")
 
 
 def _verbose(ctx, param, value):

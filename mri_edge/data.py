@@ -119,11 +119,14 @@ def find_splits(data_dir: str | Path) -> dict[str, Path]:
 JUNK_NAMES = {"__macosx", "thumbs.db", "desktop.ini", ".ds_store", "__pycache__"}
 
 
+def is_hidden(rel: Path) -> bool:
+    """A hidden path component (.ipynb_checkpoints/, .DS_Store, ._x.jpg) or OS debris."""
+    return any(part.startswith(".") or part.lower() in JUNK_NAMES for part in rel.parts)
+
+
 def is_junk(rel: Path) -> bool:
-    """A hidden path component (.ipynb_checkpoints/, .DS_Store, ._x.jpg), OS debris, or a file
-    that is not an image by its suffix."""
-    return (any(part.startswith(".") or part.lower() in JUNK_NAMES for part in rel.parts)
-            or rel.suffix.lower() not in preprocess.IMAGE_SUFFIXES)
+    """Hidden (`is_hidden`), or a file that is not an image by its suffix."""
+    return is_hidden(rel) or rel.suffix.lower() not in preprocess.IMAGE_SUFFIXES
 
 
 def list_images(class_dir: Path) -> list[Path]:

@@ -186,8 +186,9 @@ def peak_text(method: str, peak: float, short: bool = False) -> str:
 
 
 def explain_images(model_path, images: list, out_dir, method: str = "occlusion", grid: int = OCCLUSION_GRID,
-                   threads: int | None = None, log=print) -> dict:
-    """Overlay PNGs (image | map) for each image into out_dir, with explain.json and explain.md."""
+                   threads: int | None = None, log=print, unmatched: list[dict] = ()) -> dict:
+    """Overlay PNGs (image | map) for each image into out_dir, with explain.json and explain.md;
+    unmatched: patterns that named no image (`predict.Inputs`), reported as unreadable images are."""
     cv2 = _cv2()
     from . import preprocess, report, trust  # noqa: PLC0415
     from .backends import open_model  # noqa: PLC0415
@@ -197,7 +198,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         raise ExplainError(f"{model.path}: Grad-CAM needs gradients, which exported files do not have; use "
                            "--method occlusion (the same method verify compares across files)")
     out_dir = Path(out_dir)
-    rows, failed, used, pngs = [], [], set(), {}
+    rows, failed, used, pngs = [], list(unmatched), set(), {}
     for src in images:
         try:
             decoded = preprocess.load_image(src)  # decoded once, as it is: predict's checks look at it so

@@ -84,7 +84,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not (its bytes kept by Python as surrogates) is written escaped."""
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ from .errors import installed
 from .files import sha256_file
 from .run import RunFolder
 
-COMPILED_FROM = 8  # images in a batch: below it, an eager call is quicker than tracing the graph
+COMPILED_FROM = 8  # images of one batch size: until then, eager calls are quicker than tracing its graph
+_EAGER_IMAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> {batch size: images run}
 
 
 class KerasModel(runtime.Model):
@@ -65,15 +67,19 @@ class KerasModel(runtime.Model):
 
 
 def forward(net, x: np.ndarray):
-    """net's output(s) for x, as numpy. A batch of COMPILED_FROM images or more runs through
-    Keras' compiled predict step (a graph on TensorFlow, 1.5-2.2x faster than eager calls on 2
-    CPU cores, the same probabilities: docs/benchmarks.md#keras-inference); the first batch of
-    each size pays for tracing it (1-4 s), so smaller ones run eagerly."""
+    """net's output(s) for x, as numpy, through Keras' compiled predict step (a graph on
+    TensorFlow: 1.5-2.2x faster than eager calls at batch 32 on 2 CPU cores, 8x at batch 1; the
+    same probabilities: docs/benchmarks.md#keras-inference) once COMPILED_FROM images of this
+    batch size have been run, this batch included. The first batch of each size pays for tracing
+    its graph (1-4 s, about 8 eager images at batch 1), so a size that has run fewer runs eagerly:
+    a batch of 8 or more compiles at once, single images from the eighth on (`predict` on a folder)."""
     import keras  # noqa: PLC0415
 
     from .model import no_grad  # noqa: PLC0415
 
-    if len(x) >= COMPILED_FROM:
+    seen = _EAGER_IMAGES.setdefault(net, {})
+    seen[len(x)] = seen.get(len(x), 0) + len(x)
+    if seen[len(x)] >= COMPILED_FROM:
         return net.predict_on_batch(x)
     with no_grad():  # torch: no autograd graph (np.asarray refuses a tensor that needs grad)
         out = net(x, training=False)

@@ -5,41 +5,82 @@ from __future__ import annotations
 import glob
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import preprocess, quiet, runtime, trust
-from .data import is_junk, list_images
+from .data import is_hidden, is_junk, list_images
 from .errors import MriEdgeError
 
 
 class PredictError(MriEdgeError):
-    """Images to classify that cannot be found."""
+    """Arguments that name no image at all."""
 
 
-def expand_inputs(items) -> list[Path]:
+@dataclass
+class Inputs:
+    """What the IMAGES arguments name: the files to read, the patterns that name no image (each a
+    failure, reported as an unreadable file is: {"image", "error"}) and, per folder, the files in
+    it that are not read (not images by their suffix)."""
+
+    paths: list[Path] = field(default_factory=list)
+    unmatched: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def folder_images(folder: Path, inputs: Inputs) -> list[Path]:
+    """The images in a folder, read as a dataset's class folder is (no hidden files or OS debris);
+    its other files are named in a note (a scanner's IM0001 has no suffix: name it to read it), and
+    a broken link is kept, to fail when read."""
+    images = list_images(folder)
+    kept = set(images)
+    other = sorted(p for p in folder.rglob("*") if p not in kept and not p.is_dir()
+                   and not is_hidden(p.relative_to(folder)))
+    broken = [p for p in other if p.is_symlink() and not p.exists()]
+    other = [p for p in other if p not in broken]
+    if other:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in other[:5]) + (", ..." if len(other) > 5 else "")
+        inputs.notes.append(f"{folder}: {len(other)} file(s) not read, not images by their suffix ({names}); "
+                            "name a file to read it whatever its suffix")
+    return sorted(images + broken)
+
+
+def expand_inputs(items) -> Inputs:
     """Files as named (a bad one is reported when read), the images in folders, and the images
     among what a pattern matches, its folders walked as folders are (not the readme.txt beside them)."""
-    out: list[Path] = []
+    out = Inputs()
     for item in items:
         p = Path(item)
-        if p.is_dir():  # the images in it as a dataset's class folder is read: no hidden or OS debris
-            out += list_images(p)
-        elif p.exists():
-            out.append(p)
+        if p.is_dir():
+            out.paths += folder_images(p, out)
+        elif p.exists() or p.is_symlink():
+            out.paths.append(p)  # (a broken link: said so when it is read)
         else:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches and any(c in str(item) for c in "*?["):
-                raise PredictError(f"{item}: the pattern matches no file")
-            if not matches:
-                out.append(p)  # a missing file: said so when it is read
+                out.unmatched.append({"image": str(item), "error": f"{item}: the pattern matches no file"})
                 continue
-            images = [q for m in matches for q in (list_images(m) if m.is_dir() else
+            if not matches:
+                out.paths.append(p)  # a missing file: said so when it is read
+                continue
+            images = [q for m in matches for q in (folder_images(m, out) if m.is_dir() else
                                                    [] if is_junk(Path(m.name)) else [m])]
             if not images:
-                raise PredictError(f"{item}: the pattern matches no image file "
-                                   f"({', '.join(sorted(preprocess.IMAGE_SUFFIXES))})")
-            out += images
+                out.unmatched.append({"image": str(item), "error": f"{item}: the pattern matches no image file "
+                                      f"({', '.join(sorted(preprocess.IMAGE_SUFFIXES))})"})
+            out.paths += images
     return out
+
+
+def read_inputs(items, note) -> Inputs:
+    """`expand_inputs` for predict and explain: its notes given to note(line); arguments that
+    name nothing at all are refused."""
+    inputs = expand_inputs(items)
+    if not inputs.paths and not inputs.unmatched:
+        raise PredictError(f"no image files matched {' '.join(map(str, items))}")
+    for line in inputs.notes:
+        note(line)
+    return inputs
 
 
 def short_path(p, width: int = 50) -> str:
@@ -58,7 +99,8 @@ def short_path(p, width: int = 50) -> str:
 
 def record(model: runtime.Model, path: Path, r: runtime.Prediction, top_k: int) -> dict:
     """One image's answer as `--json` prints it and predictions.json keeps it."""
-    return {"image": str(path), "label": r.label, "index": r.index, "probabilities": r.probabilities,
+    return {"image": str(path), "model": str(model.path), "runtime": model.runtime_name,
+            "label": r.label, "index": r.index, "probabilities": r.probabilities,
             "top_k": r.top(top_k), "calibrated": r.calibrated, "uncertain": r.uncertain,
             "threshold": model.trust.threshold if model.trust else None,
             "prediction_set": r.prediction_set, "set_coverage": r.set_coverage,
@@ -66,14 +108,19 @@ def record(model: runtime.Model, path: Path, r: runtime.Prediction, top_k: int) 
             "timing_ms": {k: round(v, 3) for k, v in r.timing_ms.items()}}
 
 
-def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit, out: Path | None = None) -> int:
-    """Classify each path; a bad image is reported and skipped. Returns the failure count.
-    out: a folder that also gets predictions.json and predictions.md."""
-    failed, rows = 0, []
+def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit, out: Path | None = None,
+        unmatched: list[dict] = ()) -> int:
+    """Classify each path; a bad image is reported and skipped, as is each pattern in
+    `unmatched` (`Inputs`). Returns the failure count. out: a folder that also gets
+    predictions.json and predictions.md."""
+    failed, rows = len(unmatched), list(unmatched)
     if not as_json:
         emit(f"model: {model.path.name} (runtime {model.runtime_name}); classes: {', '.join(model.class_names)}")
         emit(calibration_text(model))
         emit(f"{'image':50s} {'prediction':22s} {'p':>6s}  top-{min(top_k, len(model.class_names))}")
+    for r in unmatched:
+        emit(json.dumps(r) if as_json else f"{short_path(r['image']):50s} ERROR: "
+             f"{r['error'].removeprefix(r['image'] + ': ')}")
     t0 = time.perf_counter()
     for p in paths:
         try:
@@ -93,7 +140,7 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
                  + (f"  [{review}]" if review else ""))
     elapsed = time.perf_counter() - t0
     if not as_json:
-        emit(f"{len(paths) - failed} classified, {failed} failed, {elapsed:.2f} s")
+        emit(f"{len(rows) - failed} classified, {failed} failed, {elapsed:.2f} s")
     if out is not None:
         with quiet.signals_deferred():  # predictions.json and .md describe one run
             write_reports(Path(out), model, rows, elapsed)

@@ -25,10 +25,14 @@ from .integrity import RuntimeModelError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# A decompression bomb (tiny file, giant canvas) is refused before decoding.
+# A decompression bomb (tiny file, giant canvas) is refused before decoding: PNG and JPEG from
+# their headers here, every other format by OpenCV's own check of the header (its limit, read at
+# its first decode, is this one unless set already) or by Pillow's lazy open.
 MAX_PIXELS = int(os.environ.get("MRI_EDGE_MAX_PIXELS", 50_000_000))
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm",
+                  ".pnm", ".pbm"}
 
 # Bump when decoding or resizing changes, so cached arrays are rebuilt.
 CONTRACT_VERSION = 1
@@ -112,27 +116,43 @@ def check_size(w: int, h: int, where: str) -> None:
         raise ImageError(f"{where}: empty image")
 
 
+def to_uint8_values(a: np.ndarray) -> np.ndarray:
+    """Pixel values -> 0-255, one rule whatever the dtype: uint8 as it is; floats within [0, 1]
+    times 255; other values within 0-255 as they are (uint16 aside: its values are 16-bit);
+    values up to 65535 as 16-bit data, scaled by 255/65535. Refused: negative, NaN or larger
+    values (normalised or unscaled data), and 16-bit data under 4096 (12 of 16 bits used, e.g. a
+    scanner's 12-bit pixels): scaled as 16-bit it is nearly black, and it needs a window first."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ImageError(f"unsupported image dtype {a.dtype}")
+    floating = np.issubdtype(a.dtype, np.floating)
+    low, high = (float(np.min(a)), float(np.max(a))) if a.size else (0.0, 0.0)  # NaN if any is NaN
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
+        raise ImageError(f"{a.dtype} pixel values in [{low:.4g}, {high:.4g}]: give raw pixels (0-255, floats 0-1, "
+                         "or 16-bit 0-65535), not normalised or unscaled data")
+    if floating and high <= 1.0:
+        return np.rint(a.astype(np.float32) * 255).astype(np.uint8)
+    if high <= 255 and a.dtype != np.uint16:
+        return (np.rint(a) if floating else a).astype(np.uint8)
+    if high < 4096:
+        raise ImageError(f"16-bit pixel values reaching only {high:.0f} of 65535: as 16-bit data the image is nearly "
+                         "black; window or rescale it to 0-255 (uint8) first")
+    if floating:
+        return np.rint(a.astype(np.float32) * np.float32(255 / 65535)).astype(np.uint8)
+    return ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def to_rgb_uint8(arr: np.ndarray, bgr: bool = False) -> np.ndarray:
-    """Any decoded array -> HxWx3 uint8 RGB."""
+    """Any decoded array -> HxWx3 uint8 RGB (values by `to_uint8_values`)."""
     a = np.asarray(arr)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ImageError(f"unsupported image array shape {a.shape}")
-    if a.dtype == np.uint8:
-        pass
-    elif a.dtype == np.uint16:
-        a = (a.astype(np.uint32) * 255 + 32767) // 65535
-    elif np.issubdtype(a.dtype, np.floating):
-        a = np.nan_to_num(a.astype(np.float32))
-        if a.size and a.max() <= 1.0:
-            a = a * 255.0
-        a = np.clip(np.rint(a), 0, 255)
-    elif np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
-        a = np.clip(a.astype(np.int64) * (255 if a.dtype == np.bool_ else 1), 0, 255)
-    else:
-        raise ImageError(f"unsupported image dtype {a.dtype}")
-    a = a.astype(np.uint8, copy=False)
+    a = to_uint8_values(a)
     if a.ndim == 2:
         return np.repeat(a[:, :, None], 3, axis=2)
     a = a[:, :, :3]
@@ -151,10 +171,15 @@ def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
     cv2 = _cv2()
     if cv2 is not None:
         buf = np.frombuffer(data, np.uint8)
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-        if img is not None and img.ndim == 3 and img.shape[2] == 4 and data[:2] == b"\xff\xd8":
-            # A 4-channel JPEG is CMYK; IMREAD_COLOR lets libjpeg convert it properly.
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        try:
+            img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+            if img is not None and img.ndim == 3 and img.shape[2] == 4 and data[:2] == b"\xff\xd8":
+                # A 4-channel JPEG is CMYK; IMREAD_COLOR lets libjpeg convert it properly.
+                img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        except cv2.error as e:  # OpenCV's pixel cap (from the header), or a decoder's own refusal
+            if "MAX_IMAGE_PIXELS" in str(e):
+                raise ImageError(f"{where}: over the {MAX_PIXELS:,}-pixel cap (decompression bomb?)") from None
+            raise ImageError(f"{where}: not a readable image (OpenCV: {str(e).strip().splitlines()[-1][:120]})") from None
         if img is None:
             raise ImageError(f"{where}: not a readable image (corrupt, truncated or unsupported format)")
         check_size(img.shape[1], img.shape[0], where)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 import time
 import warnings
 import zipfile
@@ -147,6 +149,10 @@ class Model:
         return self.trust.apply(probs) if self.trust else np.asarray(probs, np.float32)
 
     def predict(self, source) -> Prediction:
+        """One image (a path, encoded bytes or a decoded array) classified as `mri-edge predict`
+        does: calibrated probabilities when the file carries a calibration record, the prediction
+        set, and `uncertain`: below the stored threshold, or for any reason in `warnings` (a blank
+        or tiny image, unlike the training images). An unreadable image raises preprocess.ImageError."""
         t0 = time.perf_counter()
         raw = preprocess.load_image(source)  # as decoded, to check what the model is shown
         img = self.preprocess(raw)
@@ -234,14 +240,15 @@ class TFLiteModel(Model):
             self.runtime_name += f"[xnnpack={xnnpack}]"
         try:
             with quiet.native_stderr():  # XNNPACK announces itself on stderr
-                self.interp = cls(model_path=str(path), num_threads=threads, **kwargs)
+                # the interpreters' own default is one thread; the other runtimes take every core
+                self.interp = cls(model_path=str(path), num_threads=threads or usable_cores(), **kwargs)
                 self.interp.allocate_tensors()
         except Exception as e:
             raise RuntimeModelError(f"{path}: the interpreter cannot load it ({type(e).__name__}: "
                                     f"{first_line(e)})") from None
         self._details()
         if why := slow_kernels(meta, self.runtime_name):
-            warnings.warn(f"{path.name}: {why}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{path.name}: {why}", RuntimeWarning, stacklevel=outside_this_package())
         if list(self.in_det["shape"][1:3]) != [self.image_size, self.image_size]:
             raise RuntimeModelError(f"{path}: its graph takes {list(self.in_det['shape'][1:3])} px, its metadata "
                                     f"says {self.image_size}; the file is inconsistent")
@@ -278,6 +285,22 @@ class TFLiteModel(Model):
         if not features:
             return read(self.out_det)
         return read(self.out_det), None if self.feat_det is None else read(self.feat_det).reshape(len(x), -1)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def outside_this_package() -> int:
+    """warnings.warn's stacklevel that names the first caller outside mri_edge (called where warn is)."""
+    frame, level, here = sys._getframe(1), 1, str(Path(__file__).parent)
+    while frame is not None and frame.f_code.co_filename.startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def load(path: str | Path, threads: int | None = None, runtime: str | None = None,

@@ -1,6 +1,7 @@
 """Bad input and interruptions: a one-line error, a non-zero exit, nothing lost or left inconsistent."""
 
 import json
+import os
 import re
 import shutil
 
@@ -376,6 +377,27 @@ def test_explain_keeps_one_overlay_per_image_when_names_repeat_and_predict_names
     assert res.exit_code == 0 and "2 classified, 0 failed" in res.output, res.output
     res = invoke("predict", model, tmp_path / "a" / "*.txt")
     assert res.exit_code == 1 and "matches no image file" in res.output
+    # a pattern that names nothing fails as a missing file does: the other images are classified
+    res = invoke("predict", "--json", model, tmp_path / "c" / "*.jpg", tmp_path / "a" / "scan.jpg")
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert res.exit_code == 1 and "1 of 2 image(s) could not be read" in res.stderr, res.output
+    assert "the pattern matches no file" in lines[0]["error"] and lines[1]["label"]
+    assert lines[1]["model"] == str(model) and lines[1]["runtime"]  # each line says what answered
+    # a folder's files that are not images by their suffix are named; a broken link fails when read
+    shutil.copy(src, tmp_path / "a" / "IM0001")
+    (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    res = invoke("predict", model, tmp_path / "a")
+    assert res.exit_code == 1 and "1 classified, 1 failed" in res.stdout, res.output
+    assert "2 file(s) not read, not images by their suffix (IM0001, readme.txt)" in res.stderr
+    res = invoke("predict", model, tmp_path / "a" / "IM0001")  # named, it is read
+    assert res.exit_code == 0 and "1 classified, 0 failed" in res.stdout
+    # a file name that is not UTF-8 is written escaped into the Markdown report
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(src, odd / os.fsdecode(b"bad\xffname.jpg"))
+    res = invoke("predict", "--json", model, odd, "--out", tmp_path / "p")  # (JSON: ASCII, whatever the name)
+    assert res.exit_code == 0, res.output
+    assert "bad\\udcffname.jpg" in (tmp_path / "p" / "predictions.md").read_text()
 
 
 def test_explain_writes_nothing_when_no_image_can_be_read_and_marks_referred_answers(micro_run, tmp_path):

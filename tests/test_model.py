@@ -163,7 +163,8 @@ def test_train_refuses_an_unfreeze_name_no_layer_has_before_it_decodes_or_writes
 
 def test_forward_compiled_and_eager_agree_with_features(net, tmp_path):
     """Batches of COMPILED_FROM images or more take Keras' compiled predict step, smaller ones
-    eager calls: the same probabilities (and pooled features) either way."""
+    eager calls until COMPILED_FROM images of their size have run: the same probabilities (and
+    pooled features) either way."""
     import json
 
     from mri_edge.keras_model import COMPILED_FROM, KerasModel, forward
@@ -176,9 +177,12 @@ def test_forward_compiled_and_eager_agree_with_features(net, tmp_path):
     try:
         assert np.allclose(forward(net, x.astype(np.float32)), eager, atol=1e-6)
         assert np.allclose(forward(net, x[:2].astype(np.float32)), eager[:2], atol=1e-6)
+        assert compiled == [len(x)]  # the small batch ran eagerly
+        for _ in range(COMPILED_FROM // 2 - 1):  # until COMPILED_FROM images of size 2 have run
+            assert np.allclose(forward(net, x[:2].astype(np.float32)), eager[:2], atol=1e-6)
     finally:
         del net.predict_on_batch
-    assert compiled == [len(x)]  # the small batch ran eagerly
+    assert compiled == [len(x), 2]  # the last of them compiled
     net.save(tmp_path / "model.keras")
     (tmp_path / "labels.json").write_text(json.dumps({"class_names": list("abcd")}))
     m = KerasModel(tmp_path / "model.keras")

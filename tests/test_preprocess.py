@@ -78,6 +78,47 @@ def test_decompression_bomb_refused_before_decoding(monkeypatch):
         load_image(encode(Image.fromarray(RGB), "PNG"))
 
 
+def test_other_formats_are_refused_by_opencv_from_their_header(tmp_path):
+    """TIFF, BMP, WebP, ... have no header reader here: OpenCV's own cap, set from MAX_PIXELS when
+    this module is imported first, refuses them before it decodes (a fresh process: OpenCV reads
+    its limit when it is loaded)."""
+    import os
+    import subprocess
+    import sys
+
+    import cv2
+
+    ok, tif = cv2.imencode(".tif", np.zeros((2000, 2000), np.uint8), [cv2.IMWRITE_TIFF_COMPRESSION, 5])
+    (tmp_path / "bomb.tif").write_bytes(tif.tobytes())
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    code = ("from mri_edge import preprocess\ntry:\n    preprocess.load_image(r'%s')\n"
+            "except preprocess.ImageError as e:\n    print(e)" % (tmp_path / "bomb.tif"))
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MRI_EDGE_MAX_PIXELS": "1000000"},
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "over the 1,000,000-pixel cap" in out, out  # (after decoding, check_size would give the size)
+
+
+def test_one_rule_for_pixel_values_of_any_dtype():
+    """The same values give the same image whatever the dtype; data that would be read wrongly
+    (normalised, unscaled, 12-bit pixels in 16 bits) is refused, not clipped."""
+    full = (np.arange(40 * 52).reshape(40, 52) % 4096).astype(np.uint16) * 16  # 16-bit, 0-65520
+    want = load_image(full)
+    for dtype in (np.int32, np.float32, np.float64):
+        assert np.array_equal(load_image(full.astype(dtype)), want), dtype
+    small = RGB[:, :, 0]
+    for dtype in (np.int16, np.int64, np.float32):  # 8-bit values in a wider type: as they are
+        assert np.array_equal(load_image(small.astype(dtype))[:, :, 0], small), dtype
+    assert np.array_equal(load_image(small.astype(np.float32) / 255)[:, :, 0], small)
+    for bad, match in ((full // 16, "window or rescale"), ((full // 16).astype(np.int16), "window or rescale"),
+                       (small.astype(np.float32) - 128, "not normalised"), (full.astype(np.int64) * 2, "not normalised"),
+                       (np.full((8, 8), np.nan, np.float32), "not normalised")):
+        with pytest.raises(ImageError, match=match):
+            load_image(bad)
+    twelve_bit = encode(Image.fromarray((full // 16).astype(np.uint16)), "PNG")  # a scanner's 12 bits in a 16-bit PNG
+    with pytest.raises(ImageError, match="reaching only 2079 of 65535"):
+        load_image(twelve_bit)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ImageError, match="cannot read"):
         load_image(tmp_path / "nope.png")
