@@ -50,7 +50,8 @@ def _image_info(path: str):
         arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED) if raw else None
         if arr is not None:
             preprocess.check_size(arr.shape[1], arr.shape[0], str(path))
-    except preprocess.ImageError:
+            thumb = groups.thumbnail(preprocess.to_rgb_uint8(arr, bgr=arr.ndim == 3))  # values training can read
+    except (preprocess.ImageError, cv2.error):  # (OpenCV's own pixel cap, from the header)
         arr = None
     if arr is None:
         return sha, fmt, None, None, None
@@ -59,7 +60,6 @@ def _image_info(path: str):
         mode = "RGB (grey content)"
     if arr.dtype == np.uint16:
         mode += " 16-bit"
-    thumb = groups.thumbnail(preprocess.to_rgb_uint8(arr, bgr=arr.ndim == 3))
     return sha, fmt, mode, (arr.shape[1], arr.shape[0]), thumb
 
 

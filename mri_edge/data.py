@@ -291,7 +291,8 @@ def default_cache_dir() -> Path:
 
 def _cache_key(paths: list[str], image_size: int) -> str:
     h = hashlib.sha256()
-    h.update(f"v{preprocess.CONTRACT_VERSION}|{preprocess.resize_method()}|{image_size}|".encode())
+    h.update(f"v{preprocess.CONTRACT_VERSION}|d{preprocess.DECODE_VERSION}|{preprocess.resize_method()}|{image_size}|"
+             .encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())

@@ -26,18 +26,20 @@ class Inputs:
     paths: list[Path] = field(default_factory=list)
     unmatched: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    noted: set[Path] = field(default_factory=set)  # files a note named already (a pattern may walk a folder twice)
 
 
 def folder_images(folder: Path, inputs: Inputs) -> list[Path]:
     """The images in a folder, read as a dataset's class folder is (no hidden files or OS debris);
     its other files are named in a note (a scanner's IM0001 has no suffix: name it to read it), and
-    a broken link is kept, to fail when read."""
+    a broken link with an image's suffix is kept, to fail when read."""
     images = list_images(folder)
     kept = set(images)
     other = sorted(p for p in folder.rglob("*") if p not in kept and not p.is_dir()
                    and not is_hidden(p.relative_to(folder)))
-    broken = [p for p in other if p.is_symlink() and not p.exists()]
-    other = [p for p in other if p not in broken]
+    broken = [p for p in other if p.is_symlink() and not p.exists() and p.suffix.lower() in preprocess.IMAGE_SUFFIXES]
+    other = [p for p in other if p not in broken and p not in inputs.noted]
+    inputs.noted.update(other)
     if other:
         names = ", ".join(p.relative_to(folder).as_posix() for p in other[:5]) + (", ..." if len(other) > 5 else "")
         inputs.notes.append(f"{folder}: {len(other)} file(s) not read, not images by their suffix ({names}); "
@@ -69,6 +71,8 @@ def expand_inputs(items) -> Inputs:
                 out.unmatched.append({"image": str(item), "error": f"{item}: the pattern matches no image file "
                                       f"({', '.join(sorted(preprocess.IMAGE_SUFFIXES))})"})
             out.paths += images
+    seen: set[Path] = set()  # a file named twice (itself and its folder, or two patterns) is read once
+    out.paths = [q for q in out.paths if not ((k := q.resolve() if q.exists() else q) in seen or seen.add(k))]
     return out
 
 
@@ -76,10 +80,10 @@ def read_inputs(items, note) -> Inputs:
     """`expand_inputs` for predict and explain: its notes given to note(line); arguments that
     name nothing at all are refused."""
     inputs = expand_inputs(items)
-    if not inputs.paths and not inputs.unmatched:
-        raise PredictError(f"no image files matched {' '.join(map(str, items))}")
     for line in inputs.notes:
         note(line)
+    if not inputs.paths and not inputs.unmatched:
+        raise PredictError(f"no image files matched {' '.join(map(str, items))}")
     return inputs
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # A decompression bomb (tiny file, giant canvas) is refused before decoding: PNG and JPEG from
-# their headers here, every other format by OpenCV's own check of the header (its limit, read at
-# its first decode, is this one unless set already) or by Pillow's lazy open.
+# their headers here, other formats from the header Pillow reads when it opens a file (lazily).
+# OpenCV's own header check gets the same cap when this module is imported before cv2 (OpenCV
+# reads its limit when it loads): it covers a machine without Pillow.
 MAX_PIXELS = int(os.environ.get("MRI_EDGE_MAX_PIXELS", 50_000_000))
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm",
-                  ".pnm", ".pbm"}
+# Bump when decoding (not resizing or the model's input) changes: decoded-image caches are rebuilt.
+DECODE_VERSION = 2
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
 
 # Bump when decoding or resizing changes, so cached arrays are rebuilt.
 CONTRACT_VERSION = 1
@@ -86,7 +90,27 @@ def _pil():
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header without decoding, else None."""
+    """(width, height) from the header without decoding (PNG and JPEG here, other formats through
+    Pillow's lazy open where Pillow is installed), else None."""
+    size = png_jpeg_size(data)
+    if size is not None or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
+        return size
+    Image = _pil()
+    if Image is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own DecompressionBombWarning: the cap here decides
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError:  # over twice Pillow's own cap (about 179 million pixels)
+        raise ImageError(f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (decompression bomb?)") from None
+    except Exception:  # not an image Pillow knows: OpenCV's decoder has the last word
+        return None
+
+
+def png_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header, else None."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         w, h = struct.unpack(">II", data[16:24])
         return w, h
@@ -122,8 +146,8 @@ def to_uint8_values(a: np.ndarray) -> np.ndarray:
     values up to 65535 as 16-bit data, scaled by 255/65535. Refused: negative, NaN or larger
     values (normalised or unscaled data), and 16-bit data under 4096 (12 of 16 bits used, e.g. a
     scanner's 12-bit pixels): scaled as 16-bit it is nearly black, and it needs a window first."""
-    if a.dtype == np.uint8:
-        return a
+    if a.dtype == np.uint8 or not a.size:
+        return a.astype(np.uint8)
     if a.dtype == np.bool_:
         return a.astype(np.uint8) * 255
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
@@ -137,7 +161,7 @@ def to_uint8_values(a: np.ndarray) -> np.ndarray:
         return np.rint(a.astype(np.float32) * 255).astype(np.uint8)
     if high <= 255 and a.dtype != np.uint16:
         return (np.rint(a) if floating else a).astype(np.uint8)
-    if high < 4096:
+    if 0 < high < 4096:  # (all zero: a blank image, which predict flags as such)
         raise ImageError(f"16-bit pixel values reaching only {high:.0f} of 65535: as 16-bit data the image is nearly "
                          "black; window or rescale it to 0-255 (uint8) first")
     if floating:
@@ -152,20 +176,27 @@ def to_rgb_uint8(arr: np.ndarray, bgr: bool = False) -> np.ndarray:
         a = a[:, :, 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ImageError(f"unsupported image array shape {a.shape}")
-    a = to_uint8_values(a)
+    a = to_uint8_values(a[:, :, :3] if a.ndim == 3 else a)  # alpha dropped first: it is no pixel value
     if a.ndim == 2:
         return np.repeat(a[:, :, None], 3, axis=2)
-    a = a[:, :, :3]
     if bgr:
         a = a[:, :, ::-1]
     return np.ascontiguousarray(a)
+
+
+def named(where: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), its ImageError naming the file."""
+    try:
+        return fn(*args, **kwargs)
+    except ImageError as e:
+        raise ImageError(f"{where}: {e}") from None
 
 
 def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
     """Encoded image bytes -> HxWx3 uint8 RGB, or ImageError."""
     if not data:
         raise ImageError(f"{where}: empty file")
-    size = header_size(data)
+    size = named(where, header_size, data)
     if size:
         check_size(*size, where)
     cv2 = _cv2()
@@ -183,7 +214,7 @@ def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
         if img is None:
             raise ImageError(f"{where}: not a readable image (corrupt, truncated or unsupported format)")
         check_size(img.shape[1], img.shape[0], where)
-        return to_rgb_uint8(img, bgr=img.ndim == 3)
+        return named(where, to_rgb_uint8, img, bgr=img.ndim == 3)
     Image = _pil()
     if Image is None:
         raise ImageError("no image decoder installed: pip install opencv-python-headless (or Pillow)")
@@ -191,9 +222,9 @@ def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             check_size(im.width, im.height, where)
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return to_rgb_uint8(np.asarray(im).astype(np.uint16))
-            return to_rgb_uint8(np.asarray(im.convert("RGB")))
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # their values, by the one rule
+                return named(where, to_rgb_uint8, np.asarray(im))
+            return named(where, to_rgb_uint8, np.asarray(im.convert("RGB")))
     except ImageError:
         raise
     except Exception as e:  # Pillow raises many types for bad files

@@ -288,16 +288,28 @@ class TFLiteModel(Model):
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity, where the OS has one)."""
+    """The cores this process may run on: its affinity where the OS has one, at most a
+    container's CPU quota (cgroup v2 cpu.max or v1 cpu.cfs_quota_us), so a container given 2 CPUs
+    on a large host does not start a thread per host core."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            quota, period = fields[0], fields[1] if period_file is None else Path(period_file).read_text().strip()
+            if quota not in ("max", "-1"):
+                return max(1, min(cores, -(-int(quota) // int(period))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return cores
 
 
 def outside_this_package() -> int:
     """warnings.warn's stacklevel that names the first caller outside mri_edge (called where warn is)."""
-    frame, level, here = sys._getframe(1), 1, str(Path(__file__).parent)
+    frame, level, here = sys._getframe(1), 1, str(Path(__file__).parent) + os.sep
     while frame is not None and frame.f_code.co_filename.startswith(here):
         frame, level = frame.f_back, level + 1
     return level

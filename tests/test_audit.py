@@ -22,6 +22,8 @@ def leaky(tmp_path_factory):
     cv2.imwrite(str(root / "Testing" / "meningioma" / "reencoded.png"), brighter)
     shutil.copy(tr / "pituitary" / "pituitary_0002.jpg", tr / "notumor" / "mislabeled.jpg")
     (root / "Training" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8junk")
+    # 12-bit pixels in a 16-bit PNG: refused by the decoder (nearly black as 16-bit data), so unusable
+    cv2.imwrite(str(tr / "glioma" / "twelve_bit.png"), (img.astype(np.uint16) * 16))
     (root / "Testing" / "glioma" / ".ipynb_checkpoints").mkdir()  # junk: passed over, and said so
     shutil.copy(tr / "glioma" / "glioma_0000.jpg", root / "Testing" / "glioma" / ".ipynb_checkpoints" / "c.jpg")
     (tr / "glioma" / "notes.txt").write_text("scanner settings")
@@ -34,7 +36,7 @@ def test_audit_finds_planted_leaks(leaky, tmp_path):
     assert res.exit_code == 0, res.output
     a = json.loads((tmp_path / "audit.json").read_text())
     assert a["counts"]["test"]["Glioma"] == 4 and a["counts"]["train"]["No Tumor"] == 9
-    assert a["corrupt"] == ["Training/glioma/broken.jpg"]
+    assert a["corrupt"] == ["Training/glioma/broken.jpg", "Training/glioma/twelve_bit.png"]
     assert a["ignored"] == ["Testing/glioma/.ipynb_checkpoints/c.jpg", "Training/glioma/notes.txt", "Training/stray.jpg"]
     assert "Ignored by discovery (hidden, checkpoint copies, OS debris, not images, outside class folders): 3 (" in \
         (tmp_path / "audit.md").read_text()

@@ -386,15 +386,23 @@ def test_explain_keeps_one_overlay_per_image_when_names_repeat_and_predict_names
     # a folder's files that are not images by their suffix are named; a broken link fails when read
     shutil.copy(src, tmp_path / "a" / "IM0001")
     (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    res = invoke("predict", model, tmp_path / "a")
+    (tmp_path / "a" / "NOTES").symlink_to(tmp_path / "nowhere")  # not an image by its name: only noted
+    res = invoke("predict", model, tmp_path / "a", tmp_path / "a" / "scan.jpg")  # (a file named twice: read once)
     assert res.exit_code == 1 and "1 classified, 1 failed" in res.stdout, res.output
-    assert "2 file(s) not read, not images by their suffix (IM0001, readme.txt)" in res.stderr
+    assert "3 file(s) not read, not images by their suffix (IM0001, NOTES, readme.txt)" in res.stderr
+    (tmp_path / "s").mkdir()
+    shutil.copy(src, tmp_path / "s" / "IM0001")
+    res = invoke("predict", model, tmp_path / "s")  # only files without a suffix: the note comes with the refusal
+    assert res.exit_code == 1 and "1 file(s) not read" in res.output and "no image files matched" in res.output
     res = invoke("predict", model, tmp_path / "a" / "IM0001")  # named, it is read
     assert res.exit_code == 0 and "1 classified, 0 failed" in res.stdout
     # a file name that is not UTF-8 is written escaped into the Markdown report
     odd = tmp_path / "odd"
     odd.mkdir()
-    shutil.copy(src, odd / os.fsdecode(b"bad\xffname.jpg"))
+    try:
+        shutil.copy(src, odd / os.fsdecode(b"bad\xffname.jpg"))
+    except OSError:
+        pytest.skip("this file system refuses file names that are not UTF-8")
     res = invoke("predict", "--json", model, odd, "--out", tmp_path / "p")  # (JSON: ASCII, whatever the name)
     assert res.exit_code == 0, res.output
     assert "bad\\udcffname.jpg" in (tmp_path / "p" / "predictions.md").read_text()

@@ -78,10 +78,10 @@ def test_decompression_bomb_refused_before_decoding(monkeypatch):
         load_image(encode(Image.fromarray(RGB), "PNG"))
 
 
-def test_other_formats_are_refused_by_opencv_from_their_header(tmp_path):
-    """TIFF, BMP, WebP, ... have no header reader here: OpenCV's own cap, set from MAX_PIXELS when
-    this module is imported first, refuses them before it decodes (a fresh process: OpenCV reads
-    its limit when it is loaded)."""
+def test_other_formats_are_refused_from_their_header(tmp_path, monkeypatch):
+    """TIFF, BMP, WebP, ...: Pillow's lazy open reads the header, and nothing is decoded; without
+    Pillow, OpenCV's own cap, set from MAX_PIXELS when this module is imported before cv2,
+    refuses them before it decodes (a fresh process: OpenCV reads its limit when it loads)."""
     import os
     import subprocess
     import sys
@@ -90,9 +90,14 @@ def test_other_formats_are_refused_by_opencv_from_their_header(tmp_path):
 
     ok, tif = cv2.imencode(".tif", np.zeros((2000, 2000), np.uint8), [cv2.IMWRITE_TIFF_COMPRESSION, 5])
     (tmp_path / "bomb.tif").write_bytes(tif.tobytes())
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 1_000_000)
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(ImageError, match="bomb.tif: 2000x2000 pixels exceeds the 1,000,000-pixel cap"):
+        load_image(tmp_path / "bomb.tif")
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
-    code = ("from mri_edge import preprocess\ntry:\n    preprocess.load_image(r'%s')\n"
-            "except preprocess.ImageError as e:\n    print(e)" % (tmp_path / "bomb.tif"))
+    code = ("import sys\nsys.modules['PIL'] = None  # no Pillow\nfrom mri_edge import preprocess\n"
+            "try:\n    preprocess.load_image(r'%s')\nexcept preprocess.ImageError as e:\n    print(e)"
+            % (tmp_path / "bomb.tif"))
     out = subprocess.run([sys.executable, "-c", code], env={**env, "MRI_EDGE_MAX_PIXELS": "1000000"},
                          capture_output=True, text=True, timeout=120).stdout
     assert "over the 1,000,000-pixel cap" in out, out  # (after decoding, check_size would give the size)
@@ -101,7 +106,7 @@ def test_other_formats_are_refused_by_opencv_from_their_header(tmp_path):
 def test_one_rule_for_pixel_values_of_any_dtype():
     """The same values give the same image whatever the dtype; data that would be read wrongly
     (normalised, unscaled, 12-bit pixels in 16 bits) is refused, not clipped."""
-    full = (np.arange(40 * 52).reshape(40, 52) % 4096).astype(np.uint16) * 16  # 16-bit, 0-65520
+    full = np.arange(40 * 52).reshape(40, 52).astype(np.uint16) * 16  # 16-bit data, 0-33264
     want = load_image(full)
     for dtype in (np.int32, np.float32, np.float64):
         assert np.array_equal(load_image(full.astype(dtype)), want), dtype
@@ -115,8 +120,14 @@ def test_one_rule_for_pixel_values_of_any_dtype():
         with pytest.raises(ImageError, match=match):
             load_image(bad)
     twelve_bit = encode(Image.fromarray((full // 16).astype(np.uint16)), "PNG")  # a scanner's 12 bits in a 16-bit PNG
-    with pytest.raises(ImageError, match="reaching only 2079 of 65535"):
+    with pytest.raises(ImageError, match="<bytes>: 16-bit pixel values reaching only 2079 of 65535"):
         load_image(twelve_bit)
+    opaque = np.stack([full // 16] * 3 + [np.full_like(full, 65535)], axis=2)  # alpha is no pixel value
+    with pytest.raises(ImageError, match="reaching only 2079"):
+        load_image(opaque)
+    assert not load_image(np.zeros((8, 8), np.uint16)).any()  # all zero: blank, which predict flags
+    with pytest.raises(ImageError, match="empty image"):
+        load_image(np.zeros((0, 4), np.uint16))
 
 
 def test_missing_file(tmp_path):

@@ -331,3 +331,21 @@ def test_an_int8_file_warns_on_tflite_runtime_only():
     assert "built-in kernels" in slow_kernels({"quantization": "int8"}, "tflite_runtime")
     for quantization in ("none", "fp16", "dynamic"):
         assert slow_kernels({"quantization": quantization}, "tflite_runtime") is None
+
+
+def test_a_runtime_warning_names_the_callers_line_and_threads_default_to_the_usable_cores(monkeypatch):
+    """Warnings point past mri_edge's own frames (stacklevel from `outside_this_package`); a
+    container's CPU quota caps the default thread count."""
+    from pathlib import Path
+
+    assert runtime.outside_this_package() == 1  # called from here: this line
+    inside = compile("def through_the_package(f):\n    return f()\n", str(Path(runtime.__file__).parent / "x.py"), "exec")
+    scope: dict = {}
+    exec(inside, scope)
+    assert scope["through_the_package"](runtime.outside_this_package) == 2  # one frame of the package skipped
+    cores = runtime.usable_cores()
+    assert 1 <= cores <= (runtime.os.cpu_count() or 1)
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: "100000 100000" if str(p).endswith("cpu.max")
+                        else real(p, *a, **k))
+    assert runtime.usable_cores() == 1  # a quota of one CPU
