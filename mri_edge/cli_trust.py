@@ -69,7 +69,7 @@ def explain(model_path, images, out_dir, method, grid, threads):
     for r in out["images"]:
         click.echo(f"{predict_lib.short_path(r['image']):50s} {r['class']:22s} {r['probability']:6.3f}  -> "
                    f"{Path(out_dir) / r['png']}" + (f"  {set_text(r['prediction_set'], r['set_coverage'])}"
-                                                     if r["prediction_set"] else "")
+                                                     if r["prediction_set"] and not out["sets_single"] else "")
                    + (f"  [{review_text(r['warnings'])}]" if r["uncertain"] else ""))
     click.echo(f"wrote {len(out['images'])} overlay(s), {Path(out_dir) / 'explain.md'}")
     if out["failed"]:

@@ -252,7 +252,8 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         earlier = {r["png"] for r in json.loads((out_dir / "explain.json").read_text())["images"]} - used
     except (OSError, ValueError, KeyError, TypeError):
         earlier = set()
-    out = {"model": str(model.path), "runtime": model.runtime_name, "method": method,
+    sets_single = bool(model.trust and model.trust.sets_single)  # sets that say no more than the answer: not shown
+    out = {"model": str(model.path), "runtime": model.runtime_name, "method": method, "sets_single": sets_single,
            "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
     md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
           + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
@@ -272,7 +273,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
               [f"[{(Path(Path(r['image']).parent.name) / Path(r['image']).name).as_posix()}](<{r['png']}>)", r["class"],
                f"{r['probability']:.3f}"] + ([f"{r['graph_probability']:.4f}"] if occl else [])
               + [peak_text(method, r["map_max"], short=True),
-               trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] else "",
+               trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] and not sets_single else "",
                trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
     if failed:
         md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]

@@ -138,7 +138,7 @@ def run(model: runtime.Model, paths: list[Path], top_k: int, as_json: bool, emit
         if as_json:
             emit(json.dumps(rows[-1]))
         else:
-            set_note, review = notes(rows[-1])
+            set_note, review = notes(rows[-1], model)
             emit(f"{short_path(p):50s} {r.label:22s} {r.probabilities[r.label]:6.3f}  {top_text(rows[-1])}"
                  f"  ({r.timing_ms['total']:.1f} ms)" + (f"  {set_note}" if set_note else "")
                  + (f"  [{review}]" if review else ""))
@@ -160,7 +160,9 @@ def calibration_text(model: runtime.Model) -> str:
     return (f"calibrated: temperature {t.temperature:.3f}"
             + (f"; answers below p {trust.threshold_text(t.threshold)} are marked '{trust.REVIEW}'"
                if t.threshold is not None else "")
-            + (f"; prediction sets at {1 - t.alpha:.0%} coverage" if t.conformal_q is not None else "")
+            + ((f"; its {1 - t.alpha:.0%} prediction sets are the top class alone (held-out error under "
+                f"{t.alpha:.0%}), not shown" if t.sets_single else f"; prediction sets at {1 - t.alpha:.0%} coverage")
+               if t.conformal_q is not None else "")
             + (f"; images farther than {t.familiarity['limit']:.2f} from the training images' features are "
                "referred" if t.familiarity and model.has_features else ""))
 
@@ -169,9 +171,11 @@ def top_text(rec: dict) -> str:
     return ", ".join(f"{n} {v:.3f}" for n, v in rec["top_k"])
 
 
-def notes(rec: dict) -> tuple[str, str]:
-    """(the prediction set, why the answer is referred), each '' where there is none."""
-    return (trust.set_text(rec["prediction_set"], rec["set_coverage"]) if rec["prediction_set"] is not None else "",
+def notes(rec: dict, model: runtime.Model) -> tuple[str, str]:
+    """(the prediction set, why the answer is referred), each '' where there is none (a set is not
+    shown where every set is the top class alone: `Trust.sets_single`)."""
+    shown = rec["prediction_set"] is not None and not model.trust.sets_single
+    return (trust.set_text(rec["prediction_set"], rec["set_coverage"]) if shown else "",
             trust.review_text(rec["warnings"]) if rec["uncertain"] else "")
 
 
@@ -188,7 +192,7 @@ def write_reports(out: Path, model: runtime.Model, rows: list[dict], elapsed_s: 
         "failed": failed, "seconds": round(elapsed_s, 3), "predictions": rows}, indent=1))
     table = [[r["image"], "", "", "", f"error: {r['error']}"] if "error" in r else
              [r["image"], r["label"], f"{r['probabilities'][r['label']]:.3f}", top_text(r),
-              "; ".join(n for n in notes(r) if n)] for r in rows]
+              "; ".join(n for n in notes(r, model) if n)] for r in rows]
     atomic_write_text(out / "predictions.md", (
         f"# Predictions: {model.path.name}\n\nRuntime {model.runtime_name}; {calibration_text(model)}.\n"
         f"{len(rows) - failed} classified, {failed} failed, {elapsed_s:.2f} s.\n\n"

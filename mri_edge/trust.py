@@ -364,5 +364,11 @@ class Trust:
         d = self.distances(features) if distances is None else distances
         return None if d is None or self.familiarity is None else d > self.familiarity["limit"]
 
+    @property
+    def sets_single(self) -> bool:
+        """Every set is the top class alone (quantile 0: held-out error under alpha), so a set says
+        no more than the answer: predict and explain do not print them."""
+        return self.conformal_q == 0.0
+
     def sets(self, calibrated: np.ndarray) -> list[list[int]] | None:
         return None if self.conformal_q is None else prediction_sets(calibrated, self.conformal_q)

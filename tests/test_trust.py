@@ -360,7 +360,7 @@ def test_tflite_metadata_bytes_do_not_depend_on_the_clock(monkeypatch):
     assert append_tflite_metadata(b"flatbuffer", {"task": "tumor"}) == first
 
 
-def test_predict_marks_answers_below_the_threshold_for_review(calibrated_run):
+def test_predict_marks_answers_below_the_threshold_for_review(calibrated_run, monkeypatch):
     from mri_edge.cli import main
     from mri_edge.run import RunFolder
 
@@ -380,6 +380,11 @@ def test_predict_marks_answers_below_the_threshold_for_review(calibrated_run):
         assert r["prediction_set"][0] == r["label"] and r["set_coverage"] == pytest.approx(0.8)
     text = CliRunner().invoke(main, ["predict", str(model), *images])
     assert trust.REVIEW in text.output and "set (80%)" in text.output
+    # sets that are always the top class alone (quantile 0) say no more than the answer: not printed
+    assert trust.Trust(conformal_q=0.0).sets_single and not trust.Trust(conformal_q=0.3).sets_single
+    monkeypatch.setattr(trust.Trust, "sets_single", property(lambda self: True))
+    text = CliRunner().invoke(main, ["predict", str(model), *images])
+    assert "set (" not in text.output and "its 80% prediction sets are the top class alone" in text.output
 
 
 def test_a_calibrated_file_without_features_answers_without_the_check(calibrated_run):
