@@ -14,8 +14,7 @@ from .export.formats import FORMATS
 from .integrity import RuntimeModelError
 
 # suffix -> (module, class); the modules of exported files also have read_metadata(path).
-# What installs each runtime is the format table's (`export.formats.FORMATS`) and each module's
-# own error message.
+# What installs each runtime is said by each module's own error (RuntimeMissingError).
 BACKENDS = {
     ".tflite": ("mri_edge.runtime", "TFLiteModel"),
     ".onnx": ("mri_edge.onnx_model", "OnnxModel"),

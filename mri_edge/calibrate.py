@@ -250,13 +250,13 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     if not run.path.is_dir():
         raise CalibrateError(f"run folder not found: {run.path}")
     run.check_writable()
+    require(("matplotlib",), "mri-edge calibrate")  # its plots, written after every file's record
+    if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
+        familiar.check_foreign(cfg.foreign)
     manifest = split_manifest(run, data_dir, log)
     root = Path(manifest["root"])
     names = manifest["class_names"]
     files = run.export_files()
-    if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
-        familiar.check_foreign(cfg.foreign)
-    require(("matplotlib",), "mri-edge calibrate")  # its plots, written after every file's record
     donor = borrowed(manifest, cfg, log) if cfg.from_run else None
     keep, held = ([], donor[1]) if donor else held_out_rows(manifest, cfg, log)
     ref_path = reference_model(run, files, reference)

@@ -69,8 +69,10 @@ def explain(model_path, images, out_dir, method, grid, threads):
     for r in out["images"]:
         click.echo(f"{predict_lib.short_path(r['image']):50s} {r['class']:22s} {r['probability']:6.3f}  -> "
                    f"{Path(out_dir) / r['png']}" + (f"  {set_text(r['prediction_set'], r['set_coverage'])}"
-                                                     if r["prediction_set"] and not out["sets_single"] else "")
+                                                     if r["prediction_set"] and not out["sets_note"] else "")
                    + (f"  [{review_text(r['warnings'])}]" if r["uncertain"] else ""))
+    if out["sets_note"]:
+        click.echo(out["sets_note"])
     click.echo(f"wrote {len(out['images'])} overlay(s), {Path(out_dir) / 'explain.md'}")
     if out["failed"]:
         click.echo(f"{len(out['failed'])} of {len(out['images']) + len(out['failed'])} image(s) could not be read",

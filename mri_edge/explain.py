@@ -192,6 +192,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     cv2 = _cv2()
     from . import preprocess, report, trust  # noqa: PLC0415
     from .backends import open_model  # noqa: PLC0415
+    from .predict import calibration_text, single_sets_text  # noqa: PLC0415
 
     model = open_model(model_path, threads=threads)
     if method == "gradcam" and Path(model.path).suffix != ".keras":
@@ -252,14 +253,14 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         earlier = {r["png"] for r in json.loads((out_dir / "explain.json").read_text())["images"]} - used
     except (OSError, ValueError, KeyError, TypeError):
         earlier = set()
-    sets_single = bool(model.trust and model.trust.sets_single)  # sets that say no more than the answer: not shown
-    out = {"model": str(model.path), "runtime": model.runtime_name, "method": method, "sets_single": sets_single,
+    # sets that say no more than the answer are not shown (`Trust.sets_single`); the note says so
+    sets_note = single_sets_text(model.trust) if model.trust and model.trust.sets_single else None
+    out = {"model": str(model.path), "runtime": model.runtime_name, "method": method, "sets_note": sets_note,
            "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
     md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
           + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
              if method == "occlusion" else " (gradients at DenseNet121's last feature map)"), ""]
-    if not model.trust:
-        md += [trust.NOT_CALIBRATED, ""]
+    md += [calibration_text(model) + ".", ""]
     occl = method == "occlusion"
     md += ["Each map is scaled to its own largest value (red; 0 and below blue), so a weak map looks as vivid as a "
            "strong one: " + (
@@ -273,7 +274,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
               [f"[{(Path(Path(r['image']).parent.name) / Path(r['image']).name).as_posix()}](<{r['png']}>)", r["class"],
                f"{r['probability']:.3f}"] + ([f"{r['graph_probability']:.4f}"] if occl else [])
               + [peak_text(method, r["map_max"], short=True),
-               trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] and not sets_single else "",
+               trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] and not sets_note else "",
                trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
     if failed:
         md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]

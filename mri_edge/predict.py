@@ -160,11 +160,14 @@ def calibration_text(model: runtime.Model) -> str:
     return (f"calibrated: temperature {t.temperature:.3f}"
             + (f"; answers below p {trust.threshold_text(t.threshold)} are marked '{trust.REVIEW}'"
                if t.threshold is not None else "")
-            + ((f"; its {1 - t.alpha:.0%} prediction sets are the top class alone (held-out error under "
-                f"{t.alpha:.0%}), not shown" if t.sets_single else f"; prediction sets at {1 - t.alpha:.0%} coverage")
+            + ((f"; {single_sets_text(t)}" if t.sets_single else f"; prediction sets at {1 - t.alpha:.0%} coverage")
                if t.conformal_q is not None else "")
             + (f"; images farther than {t.familiarity['limit']:.2f} from the training images' features are "
                "referred" if t.familiarity and model.has_features else ""))
+
+
+def single_sets_text(t: trust.Trust) -> str:
+    return f"its {1 - t.alpha:.0%} prediction sets are the top class alone (held-out error under {t.alpha:.0%}), not shown"
 
 
 def top_text(rec: dict) -> str:

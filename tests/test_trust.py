@@ -719,6 +719,7 @@ def test_card_on_a_shipped_folder_describes_that_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.realdata
 def test_calibrate_refuses_a_random_alzheimer_carve_and_takes_a_grouped_one(shared_data):
     """A random carve of the Alzheimer training split holds other slices of training subjects:
     the images without a near twin still are (their 1-NN probe beats the test's), so they are

@@ -1,5 +1,6 @@
-"""The format table: every export format, its suffix, its quantizations, the options it
-accepts, the runtime that runs it and what installs that runtime. Planning expands
+"""The format table: every export format, its suffix, its quantizations and the options it
+accepts (which runtime opens a file, and what installs it, is the back-end registry's:
+`mri_edge.backends`, each back end's own error naming its package). Planning expands
 --format/--quantize into jobs and rejects, up front, combinations and options that no
 planned file would use.
 
@@ -23,8 +24,6 @@ class Format:
     suffix: str
     quantizations: tuple[str, ...]
     options: tuple[str, ...]  # export options that apply to the format's files
-    runtime: str
-    install: str
 
 
 # Options that shape only int8 files (the others apply to every file of the format).
@@ -34,12 +33,10 @@ INT8_OPTIONS = ("io_dtype", "calib_size", "calib_range", "bn_scales", "max_drop"
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", ".tflite", ("none", "fp16", "dynamic", "int8"), ("io_dtype", "calib_size", "calib_range",
                                                                        "bn_scales", "max_drop", "max_size",
-                                                                       "float_head", "float_weights", "hybrid"),
-           "LiteRT (ai-edge-litert) or tflite-runtime", "pip install 'mri-edge[device]'"),
+                                                                       "float_head", "float_weights", "hybrid")),
     Format("onnx", ".onnx", ("none", "int8"), ("opset", "calib_size", "calib_range", "max_drop", "max_size",
-                                                "float_head", "float_weights"), "onnxruntime", "pip install onnxruntime"),
-    Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size", "max_drop", "openvino_int8"), "OpenVINO",
-           "pip install 'mri-edge[openvino]'"),
+                                                "float_head", "float_weights")),
+    Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size", "max_drop", "openvino_int8")),
 )}
 FORMAT_OPTIONS = tuple(dict.fromkeys(o for f in FORMATS.values() for o in f.options))  # refused where no file uses them
 QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")
