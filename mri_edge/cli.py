@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .clitools import (OUT_DIR, TASK_CHOICE, THREADS, VERBOSE_HELP, Interrupted, Main, config_from, echo,
+from .clitools import (OUT_DIR, TASK_CHOICE, THREADS, VERBOSE_HELP, Finite, Interrupted, Main, config_from, echo,
                        handle_interrupts, int_list, one_line_warnings, options_from, run_guarded)
 from .config import (EXPLAIN_IMAGES, GROUP_THRESHOLD, HASH_MAX_DISTANCE, PIXEL_MAD_THRESHOLD, ExportConfig, Thresholds,
                      TrainConfig)
@@ -244,7 +244,7 @@ def predict(model_path, images, top_k, as_json, out, threads, allow_other_resize
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=int_list, help="Comma list.")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Untimed runs before timing.")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(1), help="Timed runs of each row.")
-@click.option("--seconds", default=None, type=click.FloatRange(0), help="Time each row at least this long.")
+@click.option("--seconds", default=None, type=Finite(0), help="Time each row at least this long.")
 @click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="onnxruntime graph optimisation level.")
 @click.option("--out", "out_dir", type=OUT_DIR, default=None,
@@ -305,9 +305,9 @@ def data():
               help="Report folder [default: artifacts/runs/audit/<data folder name>].")
 @click.option("--hash-distance", default=HASH_MAX_DISTANCE, show_default=True, type=click.IntRange(0, 64),
               help="dHash Hamming distance that makes a near-duplicate candidate.")
-@click.option("--pixel-threshold", default=PIXEL_MAD_THRESHOLD, show_default=True, type=click.FloatRange(0),
+@click.option("--pixel-threshold", default=PIXEL_MAD_THRESHOLD, show_default=True, type=Finite(0),
               help="Mean absolute grey-level difference that confirms a candidate.")
-@click.option("--group-threshold", default=GROUP_THRESHOLD, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--group-threshold", default=GROUP_THRESHOLD, show_default=True, type=Finite(0, 1),
               help="Thumbnail correlation that makes near twins, for the grouped validation probe.")
 def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_threshold):
     """Audit a dataset: counts, image kinds, corrupt files, exact and near duplicates, leakage.

@@ -4,6 +4,7 @@ option's default, range and help are written once), one-line errors and clean in
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import click
 
@@ -33,6 +34,17 @@ class OutDir(click.Path):
 OUT_DIR = OutDir()
 
 
+class Finite(click.FloatRange):
+    """A float option, in its range if it has one, that refuses nan and inf (click's FloatRange
+    lets nan through every bound: a gate of nan passes everything)."""
+
+    def convert(self, value, param, ctx):
+        out = super().convert(value, param, ctx)
+        if not math.isfinite(out):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return out
+
+
 def _click_type(f):
     m = f.metadata
     if "choices" in m:
@@ -42,10 +54,11 @@ def _click_type(f):
     if m.get("path") == "dir":
         return click.Path(file_okay=False)
     base = m.get("type") or (type(f.default) if f.default is not None else str)
-    if base in (int, float) and ("minimum" in m or "maximum" in m):
-        rng = click.IntRange if base is int else click.FloatRange
-        kw = {"min_open": m.get("min_open", False), "max_open": m.get("max_open", False)} if base is float else {}
-        return rng(m.get("minimum"), m.get("maximum"), **kw)
+    if base is float:
+        return Finite(m.get("minimum"), m.get("maximum"), min_open=m.get("min_open", False),
+                      max_open=m.get("max_open", False))
+    if base is int and ("minimum" in m or "maximum" in m):
+        return click.IntRange(m.get("minimum"), m.get("maximum"))
     return base
 
 

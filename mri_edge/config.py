@@ -9,6 +9,7 @@ boolean into a `--no-...` switch, `scale` converts the option's unit into the fi
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -49,6 +50,8 @@ def check_fields(cfg) -> None:
             raise MriEdgeError(f"{name} {value}: choose one of {', '.join(map(str, m['choices']))}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
+        if not math.isfinite(value):  # nan passes every comparison below
+            raise MriEdgeError(f"{name} {value}: must be a finite number")
         low, high = m.get("minimum"), m.get("maximum")
         if low is not None and (value <= low if m.get("min_open") else value < low):
             raise MriEdgeError(f"{name} {value}: must be {'above' if m.get('min_open') else 'at least'} {low}")

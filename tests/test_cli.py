@@ -42,6 +42,13 @@ def test_help_does_not_import_heavy_libraries():
     (["verify", "/nonexistent"], "run folder not found"),
     (["bench", "/nonexistent"], "no such file or folder"),
     (["bench", "x", "--threads", "a"], "comma-separated"),
+    # nan and inf pass click's own ranges (a gate of nan passes every file): refused, bounded or not
+    (["verify", "x", "--min-agreement-quant", "nan"], "'nan' is not a finite number"),
+    (["export", "x", "--max-drop", "nan"], "'nan' is not a finite number"),
+    (["train", "--lr", "inf"], "'inf' is not a finite number"),
+    (["calibrate", "x", "--alpha", "nan"], "'nan' is not a finite number"),
+    (["data", "audit", "x", "--pixel-threshold", "nan"], "'nan' is not a finite number"),
+    (["bench", "x", "--seconds", "nan"], "'nan' is not a finite number"),
 ])
 def test_bad_input_is_one_line_error(args, message):
     res = CliRunner().invoke(main, args)

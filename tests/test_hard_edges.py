@@ -323,6 +323,7 @@ def test_a_config_made_in_python_keeps_the_bounds_of_the_command_line(synth_data
     for bad, says in (({"batch_size": 0}, "--batch-size 0: must be at least 1"), ({"lr": -1.0}, "--lr -1.0: must be "
                       "above 0"), ({"epochs_finetune": -3}, "--epochs-finetune -3: must be at least 0"),
                       ({"val_fraction": 1.0}, "--val-fraction 1.0: must be below 1"),
+                      ({"label_smoothing": float("nan")}, "--label-smoothing nan: must be a finite number"),
                       ({"val_split": "rand"}, "--val-split rand: choose one of random, grouped")):
         with pytest.raises(MriEdgeError, match=re.escape(says)):
             train(TrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "t"), **bad))
