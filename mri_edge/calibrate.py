@@ -26,7 +26,7 @@ from .config import GROUP_THRESHOLD, CalibrateConfig, carve_seed
 from .data import decode_images, is_refit
 from .errors import MriEdgeError, require
 from .files import read_json, sha256_file
-from .run import RunFolder
+from .run import RunFolder, holding
 from .backends import open_model
 
 
@@ -243,13 +243,16 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
     return manifest
 
 
+@holding("calibrate")
 def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | None = None,
                   threads: int | None = None, data_dir: str | None = None, log=print) -> dict:
     cfg = cfg or CalibrateConfig()
     run = RunFolder(run_dir)
     if not run.path.is_dir():
         raise CalibrateError(f"run folder not found: {run.path}")
-    run.check_writable()
+    for folder in (run.path, run.path / "calibration", run.exports_dir):  # each written, the report last
+        if folder.is_dir():
+            run.check_writable(folder)
     require(("matplotlib",), "mri-edge calibrate")  # its plots, written after every file's record
     if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
         familiar.check_foreign(cfg.foreign)

@@ -15,9 +15,10 @@ from .config import TrainConfig
 from .errors import require, training_packages
 from .files import sha256_file
 from .progress import Progress
-from .run import RunFolder
+from .run import RunFolder, holding
 
 
+@holding("evaluate")
 def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log=print,
              fp16_weights: bool = False) -> dict:
     """Re-run the test evaluation of a finished run, e.g. one trained on another machine.

@@ -18,6 +18,7 @@
       trust.json           temperature, abstention threshold, conformal quantile (calibrate)
       calibration/         calibrate.json, calibrate.md, reliability and coverage-risk plots (calibrate)
       report.md            index page linking all of the above (rewritten by each command)
+      .lock                who writes the folder now (`RunFolder.lock`)
 
 A shipped folder (artifacts/<task>) is the same layout with the exported files at its top
 level instead of in exports/ (its model.keras, kernels in float16, is what they were exported from).
@@ -25,7 +26,10 @@ level instead of in exports/ (its model.keras, kernels in float16, is what they 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
 from pathlib import Path
 
 from .errors import MriEdgeError, first_line
@@ -37,10 +41,13 @@ class RunError(MriEdgeError, ValueError):
 
 
 # What `mri-edge train` may find in --out and still call the folder its own.
-TRAIN_OUTPUTS = ("config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras",
+TRAIN_OUTPUTS = (".lock", "config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras",
                  "checkpoint_state.npz", "best.keras", "best_of_phases.keras", "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
                  "confusion_matrix.png", "examples.png", "reliability.png", "train_report.md", "report.md")
 LATER_OUTPUTS = ("exports", "verify", "bench", "parity.json", "parity.md", "model_fp32.keras")
+
+
+_HELD: dict[Path, int] = {}  # run folders this process has locked, and how many times (nested commands)
 
 
 class RunFolder:
@@ -132,6 +139,52 @@ class RunFolder:
         from .report import write_json  # noqa: PLC0415
 
         write_json(self.exports_index_path, index)
+
+    @contextlib.contextmanager
+    def lock(self, command: str):
+        """Hold the folder for one writing command: a second one (another export, calibrate while
+        export lands its files, two trains with one --out) is refused at once with who holds it,
+        instead of both writing and leaving the folder inconsistent. An OS file lock on `.lock`:
+        it goes with the process that holds it, so a killed command leaves none behind. Nested
+        in one process (demo, a command calling another), it is taken once."""
+        key = self.path.resolve()
+        if key in _HELD or not self.path.is_dir():  # (a folder not made yet: train locks it once made)
+            _HELD[key] = _HELD.get(key, 0) + 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+                if not _HELD[key]:
+                    del _HELD[key]
+            return
+        try:
+            import fcntl  # noqa: PLC0415
+        except ImportError:  # Windows: no lock
+            fcntl = None
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644) if fcntl else None
+        except OSError:  # a read-only folder: the command's own check says so
+            fd = None
+        held = False
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another command"
+                    raise RunError(f"{self.path} is in use by `mri-edge {holder}`; wait for it to end, or use "
+                                   "another folder") from None
+                held = True
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{command} (pid {os.getpid()})".encode(), 0)
+            _HELD[key] = 1
+            yield
+        finally:
+            _HELD.pop(key, None)
+            if held:
+                os.ftruncate(fd, 0)  # held by no one: nothing to say (a kill leaves the name, not the lock)
+            if fd is not None:
+                os.close(fd)  # (the lock goes with it)
 
     def check_writable(self, folder: Path | None = None) -> None:
         """Refuse at once a run folder (or its `folder`) where the command's results could not be
@@ -241,6 +294,18 @@ class RunFolder:
 
         atomic_write_text(self.path / "report.md", run_index_markdown(self))
         return self.path / "report.md"
+
+
+def holding(command: str):
+    """Decorator: a command's library function, called with the run folder first, holds it
+    (`RunFolder.lock`) while it runs."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(run_dir, *args, **kwargs):
+            with RunFolder(run_dir).lock(command):
+                return fn(run_dir, *args, **kwargs)
+        return wrapper
+    return deco
 
 
 def best_bench(found: list[tuple[Path, dict | None]]) -> tuple[Path | None, dict | None]:

@@ -132,8 +132,24 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
 def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), force: bool = False) -> Path:
     """Run both phases, evaluate on the test split, write the run folder and return it (`force`: --out may hold other files)."""
     require(training_packages(), "mri-edge train")
-    run, cfg, dataset, state = _open_run(cfg, resume, force, log,
-                                         chief=distribute.plan(None if resume else cfg.devices).is_chief)
+    chief = distribute.plan(None if resume else cfg.devices).is_chief
+    run, cfg, dataset, state = _open_run(cfg, resume, force, log, chief=chief)
+    if not chief:  # another worker of a multi-worker run: the chief holds the folder
+        return _train_opened(run, cfg, dataset, state, log, callbacks)
+    made = not run.path.exists()
+    run.path.mkdir(parents=True, exist_ok=True)  # to be held from here on (a second train with this --out is refused)
+    try:
+        with run.lock("train"):
+            return _train_opened(run, cfg, dataset, state, log, callbacks)
+    except BaseException:
+        if made and [p.name for p in run.path.iterdir()] == [".lock"]:  # refused before it wrote: no folder left
+            (run.path / ".lock").unlink()
+            run.path.rmdir()
+        raise
+
+
+def _train_opened(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, state: dict | None, log, callbacks) -> Path:
+    """train() on the run folder that _open_run checked."""
     dist = distribute.plan(cfg.devices)
     if dist.multi_worker and cfg.time_budget_s:
         raise TrainError("--time-budget with several workers: each would stop on its own clock; give epochs instead")

@@ -18,7 +18,7 @@ from .config import EXPLAIN_IMAGES, OCCLUSION_GRID, Thresholds
 from .errors import MriEdgeError, first_line, require
 from .files import sha256_file
 from .data import DataMovedError, decode_images
-from .run import RunFolder
+from .run import RunFolder, holding
 from .keras_model import validation_reference
 from .ov import size_on_disk
 from .integrity import RuntimeModelError, check_model_file
@@ -258,6 +258,7 @@ class KerasSide:
         return self._features
 
 
+@holding("verify")
 def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, threads: int | None = None,
                batch_size: int = 16, dedup: str | None = None, log=print, split: str = "test",
                explain_images: int = EXPLAIN_IMAGES, debug_quant: bool = False) -> dict:

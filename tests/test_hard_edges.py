@@ -503,3 +503,33 @@ def test_a_write_clears_what_a_killed_write_of_the_same_file_left_behind(tmp_pat
     atomic_write_text(tmp_path / "report.md", "whole")
     assert (tmp_path / "report.md").read_text() == "whole"
     assert not left.exists() and working.exists() and other.exists() and longer.exists()  # this file's, old ones
+
+
+def test_a_run_folder_is_written_by_one_command_at_a_time(micro_run, synth_data, tmp_path):
+    """A second writing command on a folder another one holds is refused at once (two exports,
+    export and calibrate, two trains with one --out, all wrote over each other); the lock goes
+    with the process that held it, a killed one included."""
+    import subprocess
+    import sys
+
+    run, empty = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(micro_run, run)
+    empty.mkdir()
+    code = ("import sys, time\nfrom mri_edge.run import RunFolder\n"
+            "with RunFolder(sys.argv[1]).lock('export'), RunFolder(sys.argv[2]).lock('train'):\n"
+            "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run), str(empty)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (["export", run, "--format", "tflite"], ["calibrate", run], ["verify", run], ["evaluate", run]):
+            res = invoke(*args)
+            assert res.exit_code == 1 and f"{run} is in use by `mri-edge export (pid {holder.pid})`" in res.output, \
+                res.output
+        res = invoke("train", "--task", "tumor", "--data-dir", synth_data, "--weights", "none", "--out", empty)
+        assert res.exit_code == 1 and f"{empty} is in use by `mri-edge train (pid {holder.pid})`" in res.output
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunFolder(run).lock("verify"):  # killed: no lock left behind
+        assert (run / ".lock").read_text() == f"verify (pid {os.getpid()})"
+    assert (run / ".lock").read_text() == ""

@@ -16,7 +16,7 @@ from .. import __version__, preprocess, progress, quiet, report
 from ..config import ExportConfig, flag
 from ..errors import MriEdgeError, require
 from ..files import atomic_write_bytes, atomic_write_text, sha256_file
-from ..run import RunFolder
+from ..run import RunFolder, holding
 from . import pool
 from ..keras_model import validation_reference
 from .calibration import calibration_manifest, calibration_set
@@ -72,6 +72,7 @@ def _check(calib_size: int, calib_range: str, bn_scales: str, opset: int, worker
         raise ExportError("--workers must be at least 1")
 
 
+@holding("export")
 def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quantize, io_dtype=ExportConfig.io_dtype,
                calib_size=ExportConfig.calib_size, opset=ExportConfig.opset, log=print,
                calib_range: str = ExportConfig.calib_range, workers: int | None = ExportConfig.workers,
@@ -129,11 +130,13 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     }
     units = pool.units(jobs)
     workers = pool.default_workers(len(units)) if workers is None else min(workers, len(units))
-    workdir = Path(tempfile.mkdtemp(prefix="mri-edge-export-"))
-    # finished files wait inside exports/ itself: a rename into exports/ is atomic only within one
-    # filesystem, and the temporary folder may be on another (a tmpfs /tmp)
-    for left in out_dir.glob(".staging-*"):  # of an export killed outright (SIGKILL, out of memory)
+    # Finished files wait inside exports/ itself (a rename into exports/ is atomic only within one
+    # filesystem), and so does the work (SavedModel, ONNX graphs, candidates), so that what an export
+    # killed outright (SIGKILL, out of memory) left is found and removed by the next one: no other
+    # export can be running (`RunFolder.lock`).
+    for left in [*out_dir.glob(".staging-*"), *out_dir.glob(".work-*")]:
         shutil.rmtree(left, ignore_errors=True)
+    workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     records = {r["file"]: r for r in run.exports_index().get("exports", []) if isinstance(r, dict) and "file" in r}
     results, failures = [], []
@@ -327,6 +330,7 @@ def add_features(path: Path) -> str:
     return "added"
 
 
+@holding("export --add-features")
 def add_features_run(run_dir, log=print, given: tuple[str, ...] = ()) -> list[str]:
     """`add_features` for each exported file of a run (`export --add-features`), each reported;
     the names of those changed. One that fails stops it, naming those changed before it. It makes
