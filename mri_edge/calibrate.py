@@ -250,9 +250,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     run = RunFolder(run_dir)
     if not run.path.is_dir():
         raise CalibrateError(f"run folder not found: {run.path}")
-    for folder in (run.path, run.path / "calibration", run.exports_dir):  # each written, the report last
-        if folder.is_dir():
-            run.check_writable(folder)
+    run.check_writable(run.path, run.path / "calibration", run.exports_dir)  # each written, the report last
     require(("matplotlib",), "mri-edge calibrate")  # its plots, written after every file's record
     if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
         familiar.check_foreign(cfg.foreign)

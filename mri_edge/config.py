@@ -1,10 +1,9 @@
 """The typed configs: each field's default and help live here once; the command line's
 options are generated from them (`cli.options_from`), and run folders save them as JSON.
 
-Field metadata: `help` makes a field a command-line option; `flag` overrides its name,
-`choices` limits its values, `minimum`/`maximum` bound it, `negate` turns a default-True
-boolean into a `--no-...` switch, `scale` converts the option's unit into the field's
-(minutes -> seconds) and `metavar` names the value.
+Field metadata: `help` makes a field a command-line option; `flag` overrides its name, `choices`
+limits its values, `minimum`/`maximum` bound it, `negate` turns a default-True boolean into a
+`--no-...` switch, `scale` converts the option's unit (minutes -> seconds), `metavar` names the value.
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ from dataclasses import dataclass, field, fields
 from .errors import MriEdgeError
 from .export.formats import BN_SCALES, CALIB_RANGES, FLOAT_WEIGHTS, FORMATS, IO_DTYPES, OPENVINO_INT8, QUANTIZATIONS
 
-
 SELECT_BY = ("loss", "accuracy", "macro_f1", "last")  # what keeps an epoch (loss: lowest; last: no choice)
-# TrainConfig fields that regularise one run's training: model cards list them, ensembles drop them.
 # Thumbnail correlation at or above which two images are near twins (one group): the grouped
 # validation split, calibrate's twin check and the audit's grouped probe (docs/data.md).
 GROUP_THRESHOLD = 0.99
@@ -27,6 +24,7 @@ HASH_MAX_DISTANCE = 10  # data audit: dHash Hamming distance of a near-duplicate
 PIXEL_MAD_THRESHOLD = 3.0  # data audit: grey levels (0-255) on 64x64 thumbnails, after contrast normalisation
 OCCLUSION_GRID = 8  # explain / verify: cells per side of the occlusion map
 EXPLAIN_IMAGES = 64  # verify: test images whose explanations are compared across files
+# TrainConfig fields that regularise one run's training: model cards list them, ensembles drop them.
 REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "ema", "quant_aware", "teacher")
 
 
@@ -196,8 +194,7 @@ class TrainConfig:
 
 
 def carve_seed(cfg) -> int:
-    """The seed of a run's validation carve: --split-seed, else --seed (a TrainConfig or the
-    config.json it was written to)."""
+    """The seed of a run's validation carve: --split-seed, else --seed (a TrainConfig or its config.json)."""
     get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
     seed = get("split_seed")
     return int(get("seed", 42) if seed is None else seed)

@@ -186,13 +186,14 @@ class RunFolder:
             if fd is not None:
                 os.close(fd)  # (the lock goes with it)
 
-    def check_writable(self, folder: Path | None = None) -> None:
-        """Refuse at once a run folder (or its `folder`) where the command's results could not be
-        written: a read-only copy of a run would otherwise fail after minutes of work."""
+    def check_writable(self, *folders: Path) -> None:
+        """Refuse at once a run folder (or those of its `folders` that exist) where the command's
+        results could not be written: a read-only copy of a run would otherwise fail after minutes of work."""
         from .files import unwritable  # noqa: PLC0415
 
-        if why := unwritable(folder or self.path):
-            raise RunError(why)
+        for folder in [f for f in folders if f.is_dir()] if folders else [self.path]:
+            if why := unwritable(folder):
+                raise RunError(why)
 
     def require_model(self) -> Path:
         if not self.path.is_dir():
