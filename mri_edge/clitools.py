@@ -140,6 +140,11 @@ def one_line_warnings() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
+# Every command lands its results whole or not at all (atomic writes, signals held while a set of
+# files changes together), so after an interrupt this is true of all of them.
+INTERRUPTED = "interrupted: what it finished is kept, and nothing is left half-written"
+
+
 def run_guarded(fn, *args, **kwargs):
     """Call fn, turning input errors (MriEdgeError) and unreadable or unwritable files (OSError)
     into a one-line message and exit 1."""
@@ -148,12 +153,12 @@ def run_guarded(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
-        raise Interrupted("interrupted") from None
+        raise Interrupted(INTERRUPTED) from None
     except Exception as e:
         # after a Ctrl-C or SIGTERM, whatever failed failed because of it: a library may catch the
         # KeyboardInterrupt and raise its own error (TensorFlow's RuntimeError), a pipe may close
         if signalled:
-            raise Interrupted("interrupted") from None
+            raise Interrupted(INTERRUPTED) from None
         if isinstance(e, MriEdgeError):
             raise click.ClickException(str(e)) from None
         if isinstance(e, ModuleNotFoundError):  # a package the step needs, missing where only the runtime is installed

@@ -56,7 +56,8 @@ def read_metadata(path: str | Path) -> dict:
         except Exception as e:  # caught inside: the capture is replayed only for what escapes it
             failed = e
     if failed is not None:
-        raise runtime.RuntimeModelError(f"{path}: not a loadable OpenVINO IR ({type(failed).__name__})") from None
+        raise runtime.RuntimeModelError(f"{path}: not a loadable OpenVINO IR ({type(failed).__name__}; its weights "
+                                        f"are in {Path(path).with_suffix('.bin').name}: damaged, truncated or missing?)") from None
     if not model.has_rt_info(RT_INFO_KEY):
         raise runtime.RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)")
     return json.loads(model.get_rt_info(RT_INFO_KEY).astype(str))

@@ -114,6 +114,8 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
     run = RunFolder(resume)
     if not run.path.is_dir():
         raise TrainError(f"--resume {resume}: no such folder")
+    if not run.config_path.is_file():
+        raise TrainError(f"--resume {resume}: not a run folder of `mri-edge train` (no config.json)")
     if not run.state_path.is_file() or not run.checkpoint_path.is_file():
         done = run.model_path.is_file()
         raise TrainError(f"--resume {resume}: " + ("that run already finished" if done else

@@ -21,7 +21,7 @@ from .data import DataMovedError, decode_images
 from .run import RunFolder, holding
 from .keras_model import validation_reference
 from .ov import size_on_disk
-from .integrity import RuntimeModelError, check_model_file
+from .integrity import RuntimeModelError, check_kind, check_model_file
 from .backends import EXPORT_SUFFIXES, open_model
 
 __all__ = ["DataMovedError", "VerifyError", "verify_run"]
@@ -288,6 +288,11 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
             check_model_file(f, EXPORT_SUFFIXES, "an exported model file")
         except RuntimeModelError as e:
             raise VerifyError(f"--file {e}") from None
+    if run.model_path.is_file():  # damaged, every file would read as exported from another model.keras
+        try:
+            check_kind(run.model_path)
+        except RuntimeModelError as e:
+            raise VerifyError(f"{e}: restore it (the files are checked against it)") from None
     test_ref = run.test_predictions()
     manifest = run.manifest()
     root = Path(manifest["root"])

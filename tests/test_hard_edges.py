@@ -76,6 +76,9 @@ def test_resume_without_a_finished_epoch_says_start_again(tmp_path):
     (run / "config.json").write_text("{}")
     res = invoke("train", "--resume", run)  # the task comes from the run
     assert res.exit_code == 1 and "no finished epoch to resume from" in res.output
+    (run / "config.json").unlink()  # a dataset's folder, say
+    res = invoke("train", "--resume", run)
+    assert res.exit_code == 1 and "not a run folder of `mri-edge train` (no config.json)" in res.output
 
 
 def test_train_needs_task_and_data_without_resume(synth_data):
@@ -533,3 +536,29 @@ def test_a_run_folder_is_written_by_one_command_at_a_time(micro_run, synth_data,
     with RunFolder(run).lock("verify"):  # killed: no lock left behind
         assert (run / ".lock").read_text() == f"verify (pid {os.getpid()})"
     assert (run / ".lock").read_text() == ""
+
+
+def test_verify_with_a_damaged_model_keras_says_so_once(micro_run, tmp_path):
+    """Not one 'exported from another model.keras' row per file: the damage, in one line."""
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    data = (run / "model.keras").read_bytes()
+    (run / "model.keras").write_bytes(data[: len(data) // 2])
+    res = invoke("verify", run)
+    assert res.exit_code == 1 and "model.keras: a damaged or truncated .keras file" in res.output, res.output
+    assert "another model.keras" not in res.output and not (run / "parity.json").exists()
+
+
+def test_export_rebuilds_a_damaged_index_from_the_files(micro_run, tmp_path):
+    """A damaged exports.json is not replaced by an index of the one file exported now: its rows
+    come back from every file's own metadata (without the seconds only its export knew)."""
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    index = run / "exports" / "exports.json"
+    before = {r["file"]: r["sha256"] for r in json.loads(index.read_text())["exports"]}
+    index.write_text(index.read_text()[:50])
+    res = invoke("export", run, "--format", "tflite", "--quantize", "fp16", "--workers", "1")
+    assert res.exit_code == 0 and "was damaged: its rows are rebuilt" in res.output, res.output
+    rows = {r["file"]: r for r in json.loads(index.read_text())["exports"]}
+    assert set(rows) == set(before) | {"model_fp16.tflite"}
+    assert all(rows[f]["sha256"] == before[f] and rows[f]["seconds"] is None for f in before if f != "model_fp16.tflite")

@@ -28,7 +28,7 @@ def load_run(run_dir: Path):
     """(keras model, config dict, labels dict); one-line errors for missing or corrupt files."""
     run = RunFolder(run_dir)
     model_path = run.require_model()
-    run.check_writable()
+    run.check_writable(run.path, run.exports_dir)
     cfg, labels = run.config(), run.labels()
     run.manifest()  # calibration and the validation choice read it: damage is reported before any conversion
     quiet.import_tensorflow()
@@ -139,6 +139,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     records = {r["file"]: r for r in run.exports_index().get("exports", []) if isinstance(r, dict) and "file" in r}
+    if not records and run.exports_index_path.is_file() and (records := pool.records_from_files(run.export_files())):
+        log(f"{run.exports_index_path} was damaged: its rows are rebuilt from the exported files' metadata")
     results, failures = [], []
     try:
         calib_path, calib_meta = None, {}
@@ -274,7 +276,8 @@ def table(results: list[dict]) -> str:
     return report.md_table(
         ["file", "format", "quantization", "I/O dtype", "size MB", "seconds"] + (["int8 recipe (held-out agreement)"]
                                                                                  if aware else []),
-        [[r["file"], r["format"], r["quantization"], r["io_dtype"], round(r["size_mb"], 2), round(r["seconds"], 1)]
+        [[r["file"], r["format"], r["quantization"], r["io_dtype"], round(r["size_mb"], 2),
+          "" if r.get("seconds") is None else round(r["seconds"], 1)]
          + ([r.get("float_parts", "")] if aware else []) for r in results])
 
 

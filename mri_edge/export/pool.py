@@ -70,6 +70,24 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
             **({"float_parts": float_parts(meta["accuracy_aware"])} if "accuracy_aware" in meta else {})}
 
 
+def records_from_files(files: list[Path]) -> dict[str, dict]:
+    """exports.json's rows rebuilt from the files' own metadata (for an index found damaged): all
+    but how long each took (None), which only the export that made it knew. A file whose metadata
+    cannot be read is left out (verify names it)."""
+    from ..backends import read_metadata  # noqa: PLC0415
+    from ..errors import MriEdgeError  # noqa: PLC0415
+
+    out = {}
+    for f in files:
+        try:
+            meta = read_metadata(f)
+            job = ExportJob(meta["format"], meta["quantization"], meta["input"]["dtype"])
+        except (MriEdgeError, KeyError, TypeError):
+            continue
+        out[f.name] = {**record(job, meta, f, time.time(), None), "file": f.name, "seconds": None}
+    return out
+
+
 def float_parts(recipe: dict) -> str:
     """One line of what an accuracy-aware file keeps in float ('body': what comes before conv1,
     the input normalisation), and its held-out score."""
