@@ -44,6 +44,9 @@ class Finite(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return out
 
+    def _describe_range(self) -> str:  # unbounded: no "x<=None" in --help
+        return super()._describe_range() if self.min is not None or self.max is not None else ""
+
 
 def _click_type(f):
     m = f.metadata

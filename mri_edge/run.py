@@ -161,20 +161,26 @@ class RunFolder:
             import fcntl  # noqa: PLC0415
         except ImportError:  # Windows: no lock
             fcntl = None
-        try:
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644) if fcntl else None
-        except OSError:  # a read-only folder: the command's own check says so
-            fd = None
+        fd, named = None, True
+        for flags in ((os.O_RDWR | os.O_CREAT, os.O_RDONLY) if fcntl else ()):
+            try:  # read-only: another user's .lock in a shared folder (flock needs no write access)
+                fd, named = os.open(self.path / ".lock", flags, 0o644), flags != os.O_RDONLY
+                break
+            except OSError:  # (a read-only folder: the command's own check says so)
+                continue
         held = False
         try:
             if fd is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = named
                 except BlockingIOError:
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another command"
                     raise RunError(f"{self.path} is in use by `mri-edge {holder}`; wait for it to end, or use "
                                    "another folder") from None
-                held = True
+                except OSError:  # a file system without locks (NFS without lockd, some FUSE mounts): none
+                    pass
+            if held:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{command} (pid {os.getpid()})".encode(), 0)
             _HELD[key] = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -138,16 +139,15 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, callbacks=(), 
     run, cfg, dataset, state = _open_run(cfg, resume, force, log, chief=chief)
     if not chief:  # another worker of a multi-worker run: the chief holds the folder
         return _train_opened(run, cfg, dataset, state, log, callbacks)
-    made = not run.path.exists()
+    made = [p for p in (run.path, *run.path.parents) if not p.exists()]  # folders this call makes
     run.path.mkdir(parents=True, exist_ok=True)  # to be held from here on (a second train with this --out is refused)
-    try:
-        with run.lock("train"):
+    with run.lock("train"):  # (refused: nothing of the holder's is touched)
+        try:
             return _train_opened(run, cfg, dataset, state, log, callbacks)
-    except BaseException:
-        if made and [p.name for p in run.path.iterdir()] == [".lock"]:  # refused before it wrote: no folder left
-            (run.path / ".lock").unlink()
-            run.path.rmdir()
-        raise
+        except BaseException:
+            if made and {p.name for p in run.path.iterdir()} <= {".lock"}:  # failed before it wrote: no folder left
+                shutil.rmtree(made[-1], ignore_errors=True)
+            raise
 
 
 def _train_opened(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, state: dict | None, log, callbacks) -> Path:

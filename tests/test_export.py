@@ -146,16 +146,17 @@ def test_export_lands_files_when_the_temporary_folder_is_on_another_filesystem(m
         rename(src, dst)
 
     monkeypatch.setattr(os, "replace", replace_within_one_filesystem)
-    killed = run / "exports" / ".staging-killed"  # what an export killed outright (SIGKILL) left: cleared
-    killed.mkdir(parents=True)
-    (killed / "model_int8.tflite").write_bytes(b"half")
+    for left in (".staging-killed", ".work-killed"):  # what an export killed outright (SIGKILL) left: cleared
+        killed = run / "exports" / left
+        killed.mkdir(parents=True, exist_ok=True)
+        (killed / "model_int8.tflite").write_bytes(b"half")
     results, failures = export_lib.export_run(run, ("tflite", "onnx"), ("none", "int8"), calib_size=8,
                                               log=lambda *_: None, workers=1)
     assert not failures, failures
     landed = sorted(p.name for p in (run / "exports").iterdir())
     assert landed == sorted(["calibration", "calibration_manifest.json", "exports.json", "exports.md",
                              "model_fp32.onnx", "model_fp32.tflite", "model_int8.onnx", "model_int8.tflite"])
-    assert not list(other_fs.iterdir())  # the work folder is gone too
+    assert not list(other_fs.iterdir())  # nothing in the temporary folder: the work is in exports/, gone too
 
 
 def test_tflite_metadata_is_an_appended_zip(exported_run):

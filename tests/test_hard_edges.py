@@ -562,3 +562,25 @@ def test_export_rebuilds_a_damaged_index_from_the_files(micro_run, tmp_path):
     rows = {r["file"]: r for r in json.loads(index.read_text())["exports"]}
     assert set(rows) == set(before) | {"model_fp16.tflite"}
     assert all(rows[f]["sha256"] == before[f] and rows[f]["seconds"] is None for f in before if f != "model_fp16.tflite")
+
+
+def test_a_lock_refused_touches_nothing_of_its_holder(tmp_path):
+    """A command refused by another's lock leaves the holder's folder and lock alone (a failed
+    train removes only folders it made and held: test_model's --unfreeze test)."""
+    import subprocess
+    import sys
+
+    held = tmp_path / "held"
+    held.mkdir()
+    code = ("import sys, time\nfrom mri_edge.run import RunFolder\nwith RunFolder(sys.argv[1]).lock('train'):\n"
+            "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MriEdgeError, match="in use by `mri-edge train"):
+            with RunFolder(held).lock("train"):
+                pass
+        assert (held / ".lock").read_text() == f"train (pid {holder.pid})"  # the holder's name stays
+    finally:
+        holder.kill()
+        holder.wait()

@@ -154,11 +154,11 @@ def test_train_refuses_an_unfreeze_name_no_layer_has_before_it_decodes_or_writes
         raise AssertionError("decoded the images first")
 
     monkeypatch.setattr(data, "decode_split", no_decoding)
-    out = tmp_path / "run"
+    out = tmp_path / "new" / "run"  # made, and held, by train before it builds: removed with its parent
     res = CliRunner().invoke(main, ["train", "--task", "tumor", "--data-dir", str(synth_data), "--image-size", str(SIZE),
                                     "--weights", str(weights), "--unfreeze", "conv9", "--out", str(out)])
     assert res.exit_code == 1 and "--unfreeze 'conv9' matches no DenseNet121 layer" in res.output, res.output
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_forward_compiled_and_eager_agree_with_features(net, tmp_path):

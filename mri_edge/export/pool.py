@@ -73,18 +73,17 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
 def records_from_files(files: list[Path]) -> dict[str, dict]:
     """exports.json's rows rebuilt from the files' own metadata (for an index found damaged): all
     but how long each took (None), which only the export that made it knew. A file whose metadata
-    cannot be read is left out (verify names it)."""
+    cannot be read here (damaged, or its runtime not installed) is left out."""
     from ..backends import read_metadata  # noqa: PLC0415
-    from ..errors import MriEdgeError  # noqa: PLC0415
 
     out = {}
     for f in files:
         try:
             meta = read_metadata(f)
             job = ExportJob(meta["format"], meta["quantization"], meta["input"]["dtype"])
-        except (MriEdgeError, KeyError, TypeError):
+            out[f.name] = {**record(job, meta, f, time.time(), None), "file": f.name, "seconds": None}
+        except Exception:  # whatever a damaged file raises: the index is rebuilt from the others
             continue
-        out[f.name] = {**record(job, meta, f, time.time(), None), "file": f.name, "seconds": None}
     return out
 
 
