@@ -98,9 +98,12 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     from ..config import check_fields  # noqa: PLC0415
 
     # the command line's bounds for a Python call too (a --max-drop of nan would pass any file)
-    check_fields(ExportConfig(io_dtype=io_dtype, calib_size=calib_size, calib_range=calib_range, bn_scales=bn_scales,
-                              max_drop=max_drop, max_size=max_size, float_weights=float_weights,
-                              openvino_int8=openvino_int8, opset=opset, workers=workers))  # (formats: by the plan)
+    try:
+        check_fields(ExportConfig(io_dtype=io_dtype, calib_size=calib_size, calib_range=calib_range,
+                                  bn_scales=bn_scales, max_drop=max_drop, max_size=max_size, float_weights=float_weights,
+                                  openvino_int8=openvino_int8, opset=opset, workers=workers))  # (formats: by the plan)
+    except MriEdgeError as e:
+        raise ExportError(str(e)) from None
 
     run = RunFolder(run_dir)
     run_dir = run.path
