@@ -522,12 +522,12 @@ def test_a_worker_left_alone_takes_the_cores_the_other_units_gave_back():
     """Side by side, each worker's sessions get its share of the cores; once the parent counts
     one unit still running (the ONNX search after the TFLite files), that worker takes them all."""
     import multiprocessing as mp
-    import os
 
     from mri_edge.export import pool
+    from mri_edge.runtime import usable_cores
 
     assert pool.threads_now(3) == 3 and pool.threads_now(None) is None  # in-process: as asked
-    cores = os.cpu_count() or 1
+    cores = usable_cores()  # what every session of export counts on
     running = mp.get_context("spawn").Value("i", 2, lock=False)  # as export_run makes it
     executor = pool.start_pool(1, None, running)
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from ..errors import first_line
 from ..files import atomic_write_bytes
 from ..integrity import onnx_content_sha256
 from ..onnx_model import METADATA_KEY
-from ..runtime import FEATURES
+from ..runtime import FEATURES, usable_cores
 from . import pool
 from .accuracy import Scoring, mark_weight_only, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
@@ -58,7 +57,7 @@ def onnx_ranges(model_path: Path, calib: np.ndarray, cache: Path, workdir: Path,
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator
     # Worker processes pass cores / workers (and no spin-waiting): onnxruntime's spinning
     # 2-thread pool slowed the TFLite worker beside it (ONNX int8 84-92 s -> 63 s at 224 px).
-    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    so.intra_op_num_threads = threads or usable_cores()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     cal.infer_session = ort.InferenceSession(cal.augmented_model_path, so, providers=["CPUExecutionProvider"])
     names = [o.name for o in cal.infer_session.get_outputs()][cal.num_model_outputs:]

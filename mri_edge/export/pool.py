@@ -7,7 +7,6 @@ a typed, picklable WorkerContext; or in-process when one worker is asked for.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from .. import progress, quiet
 from ..files import sha256_file
 from ..ov import size_on_disk
+from ..runtime import usable_cores
 from .accuracy import accuracy_change
 from .formats import ExportJob
 
@@ -36,7 +36,7 @@ class WorkerContext:
     calib_range: str
     bn_scales: str
     # Threads of a calibration session: cores / workers (see onnx.onnx_ranges).
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = field(default_factory=usable_cores)
     calib: str | None = None  # .npy of the calibration images
     val: str | None = None  # .npz of validation images, Keras probabilities, labels (--bn-scales auto, --max-drop)
     max_drop: float | None = None  # accuracy-aware int8 (points of held-out agreement and accuracy)
@@ -174,7 +174,7 @@ def units(jobs: list[ExportJob]) -> list[list[ExportJob]]:
 def default_workers(n_units: int) -> int:
     """Each converter keeps about one core busy, so run as many as there are cores (at most 2:
     beyond that the memory of several TensorFlow processes outweighs the gain)."""
-    return max(1, min(2, os.cpu_count() or 1, n_units))
+    return max(1, min(2, usable_cores(), n_units))
 
 
 def start_pool(workers: int, notes=None, running=None):
@@ -213,8 +213,9 @@ def threads_now(threads: int | None) -> int | None:
 
 
 def cores_each(units: int) -> int:
-    """This machine's cores shared among `units` running side by side (at least one each)."""
-    return max(1, (os.cpu_count() or 1) // max(1, units))
+    """The cores this process may use (`runtime.usable_cores`) shared among `units` running side by
+    side (at least one each)."""
+    return max(1, usable_cores() // max(1, units))
 
 
 def kill_pool(pool) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import tempfile
 import zipfile
 from collections.abc import Collection
@@ -19,7 +18,7 @@ import numpy as np
 
 from .. import progress, quiet
 from ..files import atomic_write_bytes, sha256_bytes
-from ..runtime import FEATURES, METADATA_NAME
+from ..runtime import FEATURES, METADATA_NAME, usable_cores
 from . import pool
 from .accuracy import Scoring, hybrid_step, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
@@ -71,11 +70,11 @@ def tighten_ranges(calibrated: bytes, calib: np.ndarray, quantile: float, delega
     if delegate:
         try:
             interp = cls(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(probe)),
-                         num_threads=os.cpu_count())
+                         num_threads=usable_cores())
         except (RuntimeError, ValueError):
             pass
     if interp is None:
-        interp = cls(model_content=calibrated, experimental_preserve_all_tensors=True, num_threads=os.cpu_count(),
+        interp = cls(model_content=calibrated, experimental_preserve_all_tensors=True, num_threads=usable_cores(),
                      experimental_op_resolver_type=no_delegate_resolver(cls))
     inp = interp.get_input_details()[0]
     lo = np.zeros((len(calib), len(idx)), np.float32)
