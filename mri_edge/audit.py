@@ -23,6 +23,7 @@ from .audit_report import markdown
 from .config import GROUP_THRESHOLD, HASH_MAX_DISTANCE, PIXEL_MAD_THRESHOLD
 from .errors import MriEdgeError
 from .files import sha256_bytes
+from .integrity import image_format
 from .data import discover, find_splits, rel_path
 from .progress import Progress
 
@@ -39,7 +40,7 @@ def _image_info(path: str):
     except OSError:
         return "", "unreadable", None, None, None
     sha = sha256_bytes(raw)
-    fmt = "png" if raw[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if raw[:2] == b"\xff\xd8" else Path(path).suffix.lstrip(".").lower()
+    fmt = image_format(raw) or Path(path).suffix.lstrip(".").lower()
     import cv2  # noqa: PLC0415
 
     try:

@@ -21,6 +21,11 @@ class RuntimeMissingError(RuntimeModelError):
     """The runtime that opens this kind of file is not installed (bench skips such a file's rows)."""
 
 
+def image_format(head: bytes) -> str | None:
+    """"png" or "jpeg" from a file's first bytes (their signatures), else None."""
+    return "png" if head[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if head[:2] == b"\xff\xd8" else None
+
+
 # What a model file's first bytes say it is (a renamed file gets a message that says so).
 def sniff(path: str | Path) -> str:
     """"tflite", "onnx", "keras", "openvino", "image", "empty" or "unknown", from the first bytes."""
@@ -34,7 +39,7 @@ def sniff(path: str | Path) -> str:
         return "keras"
     if head.lstrip().startswith(b"<?xml") or head.lstrip().startswith(b"<net"):
         return "openvino"
-    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:2] == b"\xff\xd8":
+    if image_format(head):
         return "image"
     if head[0] == 0x08:  # ModelProto field 1 (ir_version), a varint
         return "onnx"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MriEdgeError
-from .integrity import RuntimeModelError
+from .integrity import RuntimeModelError, image_format
 
 # ImageNet statistics used by keras.applications.densenet ("torch" mode).
 # They live here so the model layer and the metadata quote the same numbers.
@@ -92,9 +92,8 @@ def _pil():
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the header without decoding (PNG and JPEG here, other formats through
     Pillow's lazy open where Pillow is installed), else None."""
-    size = png_jpeg_size(data)
-    if size is not None or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
-        return size
+    if image_format(data):
+        return png_jpeg_size(data)
     Image = _pil()
     if Image is None:
         return None
@@ -111,10 +110,11 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 
 def png_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG or JPEG header, else None."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+    kind = image_format(data)
+    if kind == "png" and len(data) >= 24:
         w, h = struct.unpack(">II", data[16:24])
         return w, h
-    if data[:2] == b"\xff\xd8":
+    if kind == "jpeg":
         i = 2
         n = len(data)
         while i + 9 < n:
@@ -153,7 +153,7 @@ def to_uint8_values(a: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise ImageError(f"unsupported image dtype {a.dtype}")
     floating = np.issubdtype(a.dtype, np.floating)
-    low, high = (float(np.min(a)), float(np.max(a))) if a.size else (0.0, 0.0)  # NaN if any is NaN
+    low, high = float(np.min(a)), float(np.max(a))  # NaN if any is NaN (an empty array returned above)
     if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
         raise ImageError(f"{a.dtype} pixel values in [{low:.4g}, {high:.4g}]: give raw pixels (0-255, floats 0-1, "
                          "or 16-bit 0-65535), not normalised or unscaled data")
@@ -204,7 +204,7 @@ def decode_bytes(data: bytes, where: str = "<bytes>") -> np.ndarray:
         buf = np.frombuffer(data, np.uint8)
         try:
             img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-            if img is not None and img.ndim == 3 and img.shape[2] == 4 and data[:2] == b"\xff\xd8":
+            if img is not None and img.ndim == 3 and img.shape[2] == 4 and image_format(data) == "jpeg":
                 # A 4-channel JPEG is CMYK; IMREAD_COLOR lets libjpeg convert it properly.
                 img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
         except cv2.error as e:  # OpenCV's pixel cap (from the header), or a decoder's own refusal
