@@ -192,7 +192,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     cv2 = _cv2()
     from . import preprocess, report, trust  # noqa: PLC0415
     from .backends import open_model  # noqa: PLC0415
-    from .predict import calibration_text, single_sets_text  # noqa: PLC0415
+    from .predict import calibration_text, notes, single_sets_text  # noqa: PLC0415
 
     model = open_model(model_path, threads=threads)
     if method == "gradcam" and Path(model.path).suffix != ".keras":
@@ -273,9 +273,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                            + ["largest drop" if occl else "map peak", "prediction set", "review"], [
               [f"[{(Path(Path(r['image']).parent.name) / Path(r['image']).name).as_posix()}](<{r['png']}>)", r["class"],
                f"{r['probability']:.3f}"] + ([f"{r['graph_probability']:.4f}"] if occl else [])
-              + [peak_text(method, r["map_max"], short=True),
-               trust.set_text(r["prediction_set"], r["set_coverage"]) if r["prediction_set"] and not sets_note else "",
-               trust.review_text(r["warnings"]) if r["uncertain"] else ""] for r in rows]), ""]
+              + [peak_text(method, r["map_max"], short=True), *notes(r, model)] for r in rows]), ""]
     if failed:
         md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]
     md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]

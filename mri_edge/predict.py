@@ -71,8 +71,11 @@ def expand_inputs(items) -> Inputs:
                 out.unmatched.append({"image": str(item), "error": f"{item}: the pattern matches no image file "
                                       f"({', '.join(sorted(preprocess.IMAGE_SUFFIXES))})"})
             out.paths += images
-    seen: set[Path] = set()  # a file named twice (itself and its folder, or two patterns) is read once
-    out.paths = [q for q in out.paths if not ((k := q.resolve() if q.exists() else q) in seen or seen.add(k))]
+    # a file named twice (itself and its folder, or two patterns) is read once, where first named
+    unique: dict[Path, Path] = {}
+    for q in out.paths:
+        unique.setdefault(q.resolve() if q.exists() else q, q)
+    out.paths = list(unique.values())
     return out
 
 
