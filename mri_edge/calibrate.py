@@ -158,7 +158,7 @@ def borrowed(manifest: dict, cfg: CalibrateConfig, log) -> tuple[trust.Trust, di
         raise CalibrateError(f"--from-run {donor.path} held out other images or classes than this run trained on "
                              "last: not its recipe's run on the same carve")
     record = trust.Trust.from_meta({"trust": read_json(donor.trust_path, "calibration record")})
-    if donor.model_path.is_file() and record.fitted_on.get("source_model_sha256") != sha256_file(donor.model_path):
+    if donor.model_path.is_file() and not trust.fitted_for(record.to_dict(), sha256_file(donor.model_path)):
         raise CalibrateError(f"--from-run {donor.path}: its record was fitted for another model than its model.keras "
                              f"now: mri-edge calibrate {donor.path} again first")
     held = read_json(donor.calibration_dir / "calibrate.json", "its calibration report", keys=("held_out",))["held_out"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quiet, runtime
+from . import quiet, runtime, trust
 from .errors import installed
 from .files import sha256_file
 from .run import RunFolder
@@ -35,8 +35,7 @@ class KerasModel(runtime.Model):
         size = int(self.net.input_shape[1])
         contract = folder.config().get("preprocessing") if folder.config_path.is_file() else None
         record = folder.trust()  # what `mri-edge calibrate` fitted for this run
-        fitted_for = (record or {}).get("fitted_on", {}).get("source_model_sha256")
-        if fitted_for and fitted_for != sha256_file(path):
+        if record and not trust.fitted_for(record, sha256_file(path)):
             record = None  # fitted for another model.keras (retrained since): not applied
         meta = {"class_names": labels["class_names"], "input_size": [size, size], "format": "keras",
                 **({"preprocessing": contract} if contract else {}), **({"trust": record} if record else {}),

@@ -5,14 +5,13 @@ only when such a file is opened (`backends.open_model`)."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .integrity import RuntimeMissingError, RuntimeModelError, check_kind
-from .runtime import FEATURES, Model
+from .runtime import FEATURES, Model, parse_metadata
 
 METADATA_KEY = "mri_edge"  # the metadata_props key export writes
 
@@ -38,7 +37,7 @@ def read_metadata(path: str | Path) -> dict:
     raw = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if not raw:
         raise RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)")
-    return json.loads(raw)
+    return parse_metadata(raw, path)
 
 
 class OnnxModel(Model):

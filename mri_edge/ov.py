@@ -8,7 +8,6 @@ a workstation/x86-box runtime, so it lives outside `runtime.py` (the on-device m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,7 @@ def read_metadata(path: str | Path) -> dict:
                                         f"are in {Path(path).with_suffix('.bin').name}: damaged, truncated or missing?)") from None
     if not model.has_rt_info(RT_INFO_KEY):
         raise runtime.RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)")
-    return json.loads(model.get_rt_info(RT_INFO_KEY).astype(str))
+    return runtime.parse_metadata(model.get_rt_info(RT_INFO_KEY).astype(str), path)
 
 
 class OpenVINOModel(runtime.Model):

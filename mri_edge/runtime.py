@@ -34,6 +34,18 @@ METADATA_NAME = "mri_edge_metadata.json"  # file inside the ZIP appended to .tfl
 FEATURES = "features"  # the exported files' second output: the pooled features the head reads (trust.distance)
 
 
+def parse_metadata(raw: str | bytes, path: Path) -> dict:
+    """The metadata record that export embedded in a model file, as a dict; one line if damaged
+    (every back end's reader parses it here)."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise RuntimeModelError(f"{path}: its mri-edge metadata is damaged (not a JSON record); export it again")
+    return meta
+
+
 def read_metadata(path: str | Path) -> dict:
     """The metadata that `mri-edge export` appended to a .tflite file (`mri_edge.backends.read_metadata`
     reads every kind of exported file)."""
@@ -45,9 +57,11 @@ def read_metadata(path: str | Path) -> dict:
     check_kind(path)
     try:
         with zipfile.ZipFile(path) as z:
-            return json.loads(z.read(METADATA_NAME))
+            raw = z.read(METADATA_NAME)
     except (zipfile.BadZipFile, KeyError, ValueError):
-        pass
+        raw = None
+    if raw is not None:
+        return parse_metadata(raw, path)
     try:
         cls = load_interpreter_class()[0]
         with quiet.native_stderr():

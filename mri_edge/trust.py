@@ -307,6 +307,14 @@ def distance(features: np.ndarray, record: dict) -> np.ndarray:
     return np.sqrt(d2 / shape[1])
 
 
+def fitted_for(record: dict | None, model_sha: str | None) -> bool:
+    """Whether a calibration record (trust.json, or the copy in an exported file) was fitted for
+    the trained model whose model.keras has SHA-256 `model_sha`: the one rule by which export,
+    verify, calibrate and the .keras back end apply a record or refuse it. A record or a model
+    whose hash is unknown cannot be matched, so it does not apply."""
+    return bool(record and model_sha) and (record.get("fitted_on") or {}).get("source_model_sha256") == model_sha
+
+
 @dataclass
 class Trust:
     """What `mri-edge calibrate` stores: temperature, abstention threshold (on calibrated top-1

@@ -121,8 +121,7 @@ def trust_mismatch(model, run_record: dict | None, model_sha: str | None = None)
         return "exported from another model.keras than the run's (retrained, or evaluate --fp16-weights since?): " \
                "run mri-edge export again"
     record = model.trust.to_dict() if model.trust else None
-    fitted_for = (record or {}).get("fitted_on", {}).get("source_model_sha256")
-    if fitted_for and model.meta.get("source_model_sha256") and fitted_for != model.meta["source_model_sha256"]:
+    if record and not trust.fitted_for(record, model.meta.get("source_model_sha256")):
         return "its calibration was fitted for another model: run mri-edge calibrate again"
     if run_record is not None and record != run_record:
         return "its calibration record is not the run's trust.json (exported again after calibrate?): run " \

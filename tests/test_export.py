@@ -86,6 +86,25 @@ def test_metadata_round_trips(exported_run, tiny_run):
     assert q["input"]["dtype"] == "uint8" and q["input"]["scale"] > 0
 
 
+def test_damaged_metadata_is_one_line(exported_run, tmp_path):
+    import onnx
+
+    from mri_edge.onnx_model import METADATA_KEY
+
+    proto = onnx.load(str(exported_run / "exports" / "model_fp32.onnx"))
+    next(p for p in proto.metadata_props if p.key == METADATA_KEY).value = "{not json"
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    with pytest.raises(runtime.RuntimeModelError, match="metadata is damaged"):
+        backends.read_metadata(tmp_path / "m.onnx")
+    path = exported_run / "exports" / "model_fp32.tflite"
+    flatbuffer = tflite.tflite_flatbuffer(path, backends.read_metadata(path))
+    with zipfile.ZipFile(tmp_path / "meta.zip", "w") as z:  # the appended record, with a list for a dict
+        z.writestr(runtime.METADATA_NAME, "[]")
+    (tmp_path / "m.tflite").write_bytes(flatbuffer + (tmp_path / "meta.zip").read_bytes())
+    with pytest.raises(runtime.RuntimeModelError, match="metadata is damaged"):
+        backends.read_metadata(tmp_path / "m.tflite")
+
+
 def test_calibration_reads_training_images_only(exported_run):
     manifest = json.loads((exported_run / "split_manifest.json").read_text())
     calib = json.loads((exported_run / "exports" / "calibration_manifest.json").read_text())

@@ -798,3 +798,12 @@ def test_calibrate_names_a_file_whose_held_out_risk_is_above_the_target():
     assert "model.keras (" not in text and "model_x" not in text.split("above the target")[1]
     out["trust"]["fitted_on"]["target"] = {"coverage": 0.5}  # no risk target: nothing to compare
     assert "above the target" not in summary_table(out)
+
+
+def test_a_record_applies_only_to_the_model_it_names():
+    record = {"temperature": 2.0, "fitted_on": {"source_model_sha256": "a" * 64}}
+    assert trust.fitted_for(record, "a" * 64)
+    assert not trust.fitted_for(record, "b" * 64)
+    assert not trust.fitted_for(record, None)  # a model of unknown hash cannot be matched
+    assert not trust.fitted_for({"temperature": 2.0, "fitted_on": {}}, "a" * 64)
+    assert not trust.fitted_for(None, "a" * 64)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, preprocess, progress, quiet, report
+from .. import __version__, preprocess, progress, quiet, report, trust
 from ..config import ExportConfig, flag
 from ..errors import MriEdgeError, require
 from ..files import atomic_write_bytes, atomic_write_text, sha256_file
@@ -133,8 +133,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
         "preprocessing": cfg.get("preprocessing") or preprocess.contract(size),
         "source_model_sha256": model_sha,
         # the run's calibration travels into files exported after it, when it was fitted for this model.keras
-        **({"trust": record} if (record := run.trust()) and
-           record.get("fitted_on", {}).get("source_model_sha256") == model_sha else {}),
+        **({"trust": record} if trust.fitted_for(record := run.trust(), model_sha) else {}),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     units = pool.units(jobs)
