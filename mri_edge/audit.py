@@ -146,7 +146,7 @@ class Item:
 def _read(root: Path, task: str) -> tuple[list[Item], list[str], list[str]]:
     """(items, class names, split names) of the folders as they are on disk: a carved
     validation split is part of training."""
-    ds = discover(root, task, val_fraction=0.1)
+    ds = discover(root, task)  # train's default carve
     items = [Item("train" if (name == "val" and ds.val_carved) else name, p, y,
                   rel_path(p, root))
              for name, s in ds.splits.items() for p, y in zip(s.paths, s.labels)]

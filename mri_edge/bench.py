@@ -19,9 +19,11 @@ from pathlib import Path
 from . import ov, quiet
 from .errors import MriEdgeError, installed
 from .files import unwritable
-from .run import RunFolder
+from .run import BENCH_FILES, RunFolder
 from .integrity import RuntimeMissingError, check_model_file
 from .backends import EXPORT_SUFFIXES, MODEL_SUFFIXES, read_metadata, recorded_model_sha256
+from .bench_worker import ONNX_RUNTIMES, TFLITE_RUNTIMES
+from .config import BENCH_DEFAULTS
 
 SCHEMA_VERSION = 1
 
@@ -142,7 +144,7 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
             else:
                 skipped.append({"model": a.name, "runtime": "keras[torch] GPU", "reason": "no CUDA GPU with torch"})
         elif a.suffix == ".tflite":
-            for rt, mod in (("litert", "ai_edge_litert"), ("tflite_runtime", "tflite_runtime")):
+            for rt, mod in list(TFLITE_RUNTIMES.items())[:2]:  # tf.lite: a last fallback, not benched
                 if installed(mod):
                     rows.append({"model": str(a), "runtime": rt, "device": "cpu"})
                 else:
@@ -152,16 +154,13 @@ def plan(targets: list[str]) -> tuple[list[dict], list[dict], str | None]:
                 rows.append({"model": str(a), "runtime": "openvino", "device": "cpu"})
             else:
                 skipped.append({"model": a.name, "runtime": "openvino", "reason": "openvino not installed"})
-        else:
-            if "CPUExecutionProvider" in providers:
-                rows.append({"model": str(a), "runtime": "onnxruntime", "device": "cpu"})
-            else:
-                skipped.append({"model": a.name, "runtime": "onnxruntime", "reason": "onnxruntime not installed"})
-            for rt, prov in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
+        elif a.suffix == ".onnx":
+            for rt, (prov, *_) in ONNX_RUNTIMES.items():
                 if prov in providers:
-                    rows.append({"model": str(a), "runtime": rt, "device": "gpu"})
+                    rows.append({"model": str(a), "runtime": rt, "device": "cpu" if prov.startswith("CPU") else "gpu"})
                 else:
-                    skipped.append({"model": a.name, "runtime": rt, "reason": f"{prov} not available"})
+                    skipped.append({"model": a.name, "runtime": rt, "reason": "onnxruntime not installed"
+                                    if prov.startswith("CPU") else f"{prov} not available"})
     return rows, skipped, image
 
 
@@ -190,7 +189,8 @@ def cause_line(stderr: str) -> str:
     return next((ln[:300] for ln in reversed(lines) if sum(c.isalnum() for c in ln) > 3), "no output")
 
 
-def bench(targets, threads=(2,), batches=(1, 8), warmup=5, runs=30, seconds=None, out_dir=None,
+def bench(targets, threads=BENCH_DEFAULTS["threads"], batches=BENCH_DEFAULTS["batches"],
+          warmup=BENCH_DEFAULTS["warmup"], runs=BENCH_DEFAULTS["runs"], seconds=None, out_dir=None,
           log=print, ort_opt_level="all", image=None, device="all") -> dict:
     rows, skipped, found_image = plan(list(targets))
     if out_dir and (why := unwritable(out_dir)):  # before minutes of timing
@@ -285,7 +285,8 @@ def write_outputs(out: dict, out_dir: Path) -> None:
     from . import report  # noqa: PLC0415
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_json(out_dir / "bench.json", out)
+    json_path, md_path, png_path = (out_dir / name for name in BENCH_FILES)
+    report.write_json(json_path, out)
     m = out["machine"]
     md = [f"# mri-edge bench ({out['created']})", "",
           f"CPU: {m['cpu']} ({m['cores']} cores; {', '.join(f for f in m['cpu_flags'] if 'avx512' in f or 'amx' in f) or 'no AVX-512'}). "
@@ -303,11 +304,11 @@ def write_outputs(out: dict, out_dir: Path) -> None:
     rows = [r for r in out["rows"] if r["batch"] == min(out["settings"]["batches"])]
     plot = bool(rows) and installed("matplotlib")  # a device install has none: the tables alone
     if plot:
-        md += ["![p50 latency](bench.png)", ""]
+        md += [f"![p50 latency]({png_path.name})", ""]
     else:  # no plot of this bench: an older one must not pass for it
-        (out_dir / "bench.png").unlink(missing_ok=True)
+        png_path.unlink(missing_ok=True)
         md += ["No plot: matplotlib is not installed here (pip install matplotlib).", ""] if rows else []
-    report.write_text(out_dir / "bench.md", "\n".join(md))
+    report.write_text(md_path, "\n".join(md))
     if plot:
         plt = report._plt()
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
@@ -319,8 +320,9 @@ def write_outputs(out: dict, out_dir: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel(f"p50 latency, ms (batch {rows[0]['batch']}; whisker to p90)")
         fig.tight_layout()
-        report.save_figure(fig, out_dir / "bench.png", 110)
-    if out_dir.name == "bench" and RunFolder(out_dir.parent).config_path.is_file():
-        RunFolder(out_dir.parent).write_index()
+        report.save_figure(fig, png_path, 110)
+    run = RunFolder(out_dir.parent)
+    if out_dir == run.bench_dir and run.config_path.is_file():
+        run.write_index()
 
 

@@ -17,6 +17,11 @@ import numpy as np
 
 from . import ov
 
+# bench's runtimes of .tflite and .onnx files: the package (TFLite) or execution providers (ONNX) of each
+TFLITE_RUNTIMES = {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime", "tf.lite": "tensorflow"}
+ONNX_RUNTIMES = {"onnxruntime": ["CPUExecutionProvider"], "onnxruntime-cuda": ["CUDAExecutionProvider"],
+                 "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}
+
 
 def _rss_kb(field: str = "VmRSS") -> int:
     try:
@@ -75,16 +80,12 @@ def _open(spec: dict):
         m = ov.OpenVINOModel(path, threads)
         return m.run_batch, m.image_size, m.runtime_name  # one call of the graph, whatever the batch
     if path.suffix == ".tflite":
-        m = runtime.TFLiteModel(path, runtime.read_metadata(path), threads,
-                                {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
-                                 "tf.lite": "tensorflow"}[rt], spec.get("xnnpack", "default"))
+        m = runtime.TFLiteModel(path, runtime.read_metadata(path), threads, TFLITE_RUNTIMES[rt],
+                                spec.get("xnnpack", "default"))
     else:
-        providers = {"onnxruntime": ["CPUExecutionProvider"],
-                     "onnxruntime-cuda": ["CUDAExecutionProvider"],
-                     "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[rt]
         from .onnx_model import OnnxModel, read_metadata  # noqa: PLC0415
 
-        m = OnnxModel(path, read_metadata(path), threads, providers, spec.get("ort_opt_level", "all"))
+        m = OnnxModel(path, read_metadata(path), threads, ONNX_RUNTIMES[rt], spec.get("ort_opt_level", "all"))
     return m.run_batch, m.image_size, m.runtime_name
 
 

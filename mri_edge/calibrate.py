@@ -22,19 +22,17 @@ import numpy as np
 
 from . import familiar, groups, quiet, report, trust
 from .calibrate_report import summary_table, write_reports  # noqa: F401 (summary_table: the CLI's)
-from .config import GROUP_THRESHOLD, CalibrateConfig, carve_seed
+from .config import GROUP_THRESHOLD, CalibrateConfig, TrainConfig, carve_seed
 from .data import decode_images, is_refit
 from .errors import MriEdgeError, require
 from .files import read_json, sha256_file
 from .run import RunFolder, holding
 from .backends import open_model
+from .export.formats import QUANTIZATIONS
 
 
 class CalibrateError(MriEdgeError):
     pass
-
-
-PRECISION_ORDER = ("none", "fp16", "dynamic", "int8")
 
 
 def reference_model(run: RunFolder, files: list[Path], reference: str | None) -> Path:
@@ -50,7 +48,7 @@ def reference_model(run: RunFolder, files: list[Path], reference: str | None) ->
         if p.suffix == ".xml":
             return (9, 9)
         q = read_metadata(p).get("quantization", "int8")
-        return (PRECISION_ORDER.index(q) if q in PRECISION_ORDER else 9, 0 if p.suffix == ".tflite" else 1)
+        return (QUANTIZATIONS.index(q) if q in QUANTIZATIONS else 9, 0 if p.suffix == ".tflite" else 1)
 
     return min(files, key=rank)
 
@@ -161,7 +159,7 @@ def borrowed(manifest: dict, cfg: CalibrateConfig, log) -> tuple[trust.Trust, di
     if donor.model_path.is_file() and not trust.fitted_for(record.to_dict(), sha256_file(donor.model_path)):
         raise CalibrateError(f"--from-run {donor.path}: its record was fitted for another model than its model.keras "
                              f"now: mri-edge calibrate {donor.path} again first")
-    held = read_json(donor.calibration_dir / "calibrate.json", "its calibration report", keys=("held_out",))["held_out"]
+    held = read_json(donor.calibrate_report_paths[0], "its calibration report", keys=("held_out",))["held_out"]
     if missing := [k for k in ("n", "rule", "nn_probe_accuracy", "twins_included") if k not in held]:
         raise CalibrateError(f"--from-run {donor.path}: its calibrate.json lacks {', '.join(missing)}: mri-edge "
                              f"calibrate {donor.path} again first")
@@ -221,8 +219,8 @@ def split_manifest(run: RunFolder, data_dir: str | None, log) -> dict:
     if not data_dir:
         raise CalibrateError(f"{run.path} has no split_manifest.json; pass --data-dir to rebuild it from the run's config.json")
     from . import data  # noqa: PLC0415
-    ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", 0.1), carve_seed(cfg), cfg.get("val_split", "random"),
-                       cfg.get("group_threshold", GROUP_THRESHOLD),
+    ds = data.discover(data_dir, cfg["task"], cfg.get("val_fraction", TrainConfig.val_fraction), carve_seed(cfg),
+                       cfg.get("val_split", TrainConfig.val_split), cfg.get("group_threshold", GROUP_THRESHOLD),
                        cfg.get("weights") if cfg.get("val_kept_from") else None)
     if cfg.get("val_kept_from") and "kept_from" not in ds.val_split:
         raise CalibrateError(f"{run.path} held out the carve of {cfg['val_kept_from']}, which is not here (or not "
@@ -250,7 +248,7 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     run = RunFolder(run_dir)
     if not run.path.is_dir():
         raise CalibrateError(f"run folder not found: {run.path}")
-    run.check_writable(run.path, run.path / "calibration", run.exports_dir)  # each written, the report last
+    run.check_writable(run.path, run.calibration_dir, run.exports_dir)  # each written, the report last
     require(("matplotlib",), "mri-edge calibrate")  # its plots, written after every file's record
     if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
         familiar.check_foreign(cfg.foreign)

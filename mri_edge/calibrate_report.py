@@ -10,10 +10,11 @@ from .run import RunFolder
 
 def write_reports(run: RunFolder, out: dict) -> None:
     d = run.calibration_dir
+    json_path, md_path = run.calibrate_report_paths
     d.mkdir(parents=True, exist_ok=True)
     slim = {**out, "trust": familiar.without_arrays(out["trust"]), "files": {n: {s: {k: v for k, v in r.items() if k != "coverage_risk"} if isinstance(r, dict) else r
                                      for s, r in res.items()} for n, res in out["files"].items()}}
-    report.write_json(d / "calibrate.json", slim)
+    report.write_json(json_path, slim)
     ref_name = reference_name(out)
     ref = out["files"][ref_name]
     for split in ("held_out", "test"):
@@ -23,7 +24,7 @@ def write_reports(run: RunFolder, out: dict) -> None:
                 report.plot_reliability(cal, d / f"reliability_{split}_{when}.png",
                                         f"{ref_name}, {split.replace('_', '-')}, {when} temperature")
     plot_coverage_risk(out, d / "coverage_risk.png")
-    report.write_text(d / "calibrate.md", markdown(out))
+    report.write_text(md_path, markdown(out))
     run.write_index()
 
 

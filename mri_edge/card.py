@@ -14,6 +14,7 @@ from .audit_report import counts_text
 from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
+from .integrity import model_files
 from .run import RunFolder, best_bench, exported_again
 from .tasks import DATASETS
 
@@ -107,8 +108,8 @@ def build(run_dir) -> dict:
     damaged = []  # reports that are there but cannot be read
     test = _load(run.test_report_path, damaged)
     manifest = _load(run.manifest_path, damaged)
-    cal = _load(run.calibration_dir / "calibrate.json", damaged)
-    parity = _load(run.parity_path, damaged)
+    cal = _load(run.calibrate_report_paths[0], damaged)
+    parity = _load(run.parity_paths()[0], damaged)
     bench = best_bench([(p.parent, _load(p, damaged)) for p in run.bench_paths])[1]
     audit = _load(_found(cfg["dedup"], run), damaged) if cfg.get("dedup") else None
     metadata = run.export_metadata(damaged)  # and the model files the card lists, whole
@@ -197,7 +198,7 @@ def build(run_dir) -> dict:
             if r["batch"] == 1 and r["model"] in current]}
     else:
         missing.append("latency (mri-edge bench)")
-    stored = [p for f in files for p in (f, f.with_suffix(".bin")) if p == f or (f.suffix == ".xml" and p.is_file())]
+    stored = [p for f in files for p in model_files(f) if p == f or p.is_file()]
     card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in stored]
     small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",
@@ -352,7 +353,7 @@ def write_card(run_dir) -> dict:
     run.check_writable()
     text = markdown(card)  # both made before either is written; the JSON (what the index reads) last
     with quiet.signals_deferred():  # the pair says one thing
-        report.write_text(run.path / "model_card.md", text)
-        report.write_json(run.path / "model_card.json", card)
+        report.write_text(run.card_paths[1], text)
+        report.write_json(run.card_paths[0], card)
         run.write_index()
     return card

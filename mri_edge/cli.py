@@ -15,11 +15,14 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .clitools import (OUT_DIR, TASK_CHOICE, THREADS, VERBOSE_HELP, Finite, Interrupted, Main, config_from, echo,
-                       handle_interrupts, int_list, one_line_warnings, options_from, run_guarded)
-from .config import (EXPLAIN_IMAGES, GROUP_THRESHOLD, HASH_MAX_DISTANCE, PIXEL_MAD_THRESHOLD, ExportConfig, Thresholds,
-                     TrainConfig)
+from .clitools import (BENCH_TEXT, BUILT_IN_TASK, OUT_DIR, QUICK_TEXT, TASK_CHOICE, THREADS, VERBOSE_HELP, Finite,
+                       Interrupted, Main, config_from, echo, handle_interrupts, int_list, one_line_warnings, options_from,
+                       run_guarded)
+from .config import (BENCH_DEFAULTS as BENCH, BENCH_QUICK, EXPLAIN_IMAGES, GROUP_THRESHOLD, HASH_MAX_DISTANCE,
+                     PIXEL_MAD_THRESHOLD, ExportConfig, Thresholds, TrainConfig)
 from .demo import RECIPE
+from .run import BENCH_FILES, RUNS_ROOT, RunFolder
+
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mri-edge")
@@ -82,7 +85,6 @@ def train(task, data_dir, out, resume, force, **kw):
     if not kw.get("teacher") and ctx.get_parameter_source("distill_weight") == ParameterSource.COMMANDLINE:
         raise click.UsageError("--distill-weight is the share of a teacher's answers: give --teacher RUN too")
     from . import train as train_lib  # noqa: PLC0415
-    from .run import RunFolder  # noqa: PLC0415
 
     out = resume or out or str(train_lib.default_run_dir(task))
     cfg = config_from(TrainConfig, kw, task=task or "custom", data_dir=str(data_dir or ""), out=str(out))
@@ -115,10 +117,10 @@ def evaluate(run_dir, data_dir, dedup, fp16_weights):
     Example (a model trained on a GPU machine, data in another place here):
       mri-edge evaluate artifacts/runs/alzheimer-gpu --data-dir ../shared/data/alzheimer-mri
     """
-    from . import evaluate as evaluate_lib, run  # noqa: PLC0415
+    from . import evaluate as evaluate_lib  # noqa: PLC0415
 
     run_guarded(evaluate_lib.evaluate, run_dir, data_dir=data_dir, dedup=dedup, log=echo, fp16_weights=fp16_weights)
-    exported = not fp16_weights and run.RunFolder(run_dir).export_files()  # rounded weights need new files
+    exported = not fp16_weights and RunFolder(run_dir).export_files()  # rounded weights need new files
     click.echo(f"next: mri-edge verify {run_dir}" if exported else f"next: mri-edge export {run_dir} --format all")
 
 
@@ -149,8 +151,8 @@ def export(run_dir, add_features, **options):
     results, failures = run_guarded(export_lib.export_run, run_dir, **dataclasses.asdict(cfg), log=echo, given=given)
     if results:
         click.echo(export_lib.table(results))
-    out = Path(run_dir) / "exports"
-    click.echo(f"\nwrote {out / 'exports.json'}")
+    index = RunFolder(run_dir).exports_index_path
+    click.echo(f"\nwrote {index}")
     if failures:
         for f in failures:
             click.echo(f"FAILED {f['file']}: {f['error']}", err=True)
@@ -159,7 +161,7 @@ def export(run_dir, add_features, **options):
     click.echo("next:")
     click.echo(f"  mri-edge verify {run_dir}")
     click.echo(f"  mri-edge bench {run_dir}")
-    click.echo(f"  mri-edge predict {out / first} IMAGE...")
+    click.echo(f"  mri-edge predict {index.parent / first} IMAGE...")
 
 
 @main.command()
@@ -193,9 +195,9 @@ def verify(run_dir, files, threads, dedup, split, explain_images, debug_quant, *
     out = run_guarded(verify_lib.verify_run, run_dir, files or None, config_from(Thresholds, gates), threads,
                       dedup=dedup, log=echo, split=split, explain_images=explain_images, debug_quant=debug_quant)
     click.echo(verify_lib.summary_table(out))
-    click.echo(f"\nwrote {Path(out['report_dir']) / 'parity.json'} and parity.md")
+    click.echo(f"\nwrote {out['report_files'][0]} and {Path(out['report_files'][1]).name}")
     if out["selected_files_only"]:
-        click.echo(f"(only the files named by --file; the run's full report {Path(run_dir) / 'parity.json'} is "
+        click.echo(f"(only the files named by --file; the run's full report {RunFolder(run_dir).parity_paths()[0]} is "
                    "unchanged)")
     if not out["passed"]:
         click.echo("PARITY FAILED:\n  " + "\n  ".join(out["failures"]) + verify_lib.failure_hint(out), err=True)
@@ -240,10 +242,10 @@ def predict(model_path, images, top_k, as_json, out, threads, allow_other_resize
 
 @main.command()
 @click.argument("targets", nargs=-1, required=True)
-@click.option("--threads", default="2", show_default=True, callback=int_list, help="Comma list, e.g. 1,2.")
-@click.option("--batch", "batches", default="1,8", show_default=True, callback=int_list, help="Comma list.")
-@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Untimed runs before timing.")
-@click.option("--runs", default=30, show_default=True, type=click.IntRange(1), help="Timed runs of each row.")
+@click.option("--threads", default=BENCH_TEXT["threads"], show_default=True, callback=int_list, help="Comma list, e.g. 1,2.")
+@click.option("--batch", "batches", default=BENCH_TEXT["batches"], show_default=True, callback=int_list, help="Comma list.")
+@click.option("--warmup", default=BENCH["warmup"], show_default=True, type=click.IntRange(0), help="Untimed runs before timing.")
+@click.option("--runs", default=BENCH["runs"], show_default=True, type=click.IntRange(1), help="Timed runs of each row.")
 @click.option("--seconds", default=None, type=Finite(0), help="Time each row at least this long.")
 @click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="onnxruntime graph optimisation level.")
@@ -253,7 +255,7 @@ def predict(model_path, images, top_k, as_json, out, threads, allow_other_resize
               help="An older bench.json: print p50 ratios against it.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image for the end-to-end (decode + resize + invoke) column [default: a test image of the run].")
-@click.option("--quick", is_flag=True, help="Batch 1, 2 warm-up and 10 timed runs (smoke test).")
+@click.option("--quick", is_flag=True, help=f"{QUICK_TEXT.capitalize()} (smoke test).")
 @click.option("--device", type=click.Choice(["all", "cpu", "gpu"]), default="all", show_default=True,
               help="Only the rows of CPU or of GPU runtimes.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any row fails (by default only when every row fails).")
@@ -272,12 +274,11 @@ def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_d
     old = run_guarded(bench_lib.read_bench, compare_path) if compare_path else None  # checked before any timing
     if quick and (given := [f for p, f in (("batches", "--batch"), ("warmup", "--warmup"), ("runs", "--runs"))
                             if click.get_current_context().get_parameter_source(p) == ParameterSource.COMMANDLINE]):
-        raise click.UsageError(f"--quick sets batch 1, 2 warm-up and 10 timed runs: drop it or {', '.join(given)}")
+        raise click.UsageError(f"--quick sets {QUICK_TEXT}: drop it or {', '.join(given)}")
     if quick:
-        batches, warmup, runs = (1,), 2, 10
+        batches, warmup, runs = (BENCH_QUICK[k] for k in ("batches", "warmup", "runs"))
     if out_dir is None:
-        first = Path(targets[0])
-        out_dir = first / "bench" if first.is_dir() else Path("artifacts/runs/bench")
+        out_dir = RunFolder(targets[0]).bench_dir if Path(targets[0]).is_dir() else RUNS_ROOT / "bench"
     out = run_guarded(bench_lib.bench, targets, threads, batches, warmup, runs, seconds, out_dir, log=echo,
                       ort_opt_level=ort_opt_level, image=image, device=device)
     click.echo(bench_lib.table(out))
@@ -287,8 +288,8 @@ def bench(targets, threads, batches, warmup, runs, seconds, ort_opt_level, out_d
         click.echo(f"skipped (failed): {e['model']} on {e['runtime']} t={e['threads']} b={e['batch']}: {e['error']}")
     if old is not None:
         click.echo("\n" + bench_lib.compare(out, old))
-    click.echo(f"\nwrote {Path(out_dir) / 'bench.json'} and bench.md"
-               f"{', bench.png' if (Path(out_dir) / 'bench.png').is_file() else ''}")
+    json_path, md_path, png_path = (Path(out_dir) / name for name in BENCH_FILES)
+    click.echo(f"\nwrote {json_path} and {md_path.name}{f', {png_path.name}' if png_path.is_file() else ''}")
     if out["errors"] and strict:
         raise click.ClickException(f"{len(out['errors'])} row(s) failed: {out['errors'][0]['error']}")
 
@@ -319,7 +320,7 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_th
     """
     from . import audit as audit_lib, audit_report  # noqa: PLC0415
 
-    out_dir = Path(out_dir or Path("artifacts") / "runs" / "audit" / Path(data_dir).resolve().name)
+    out_dir = Path(out_dir or RUNS_ROOT / "audit" / Path(data_dir).resolve().name)
     out = run_guarded(audit_lib.audit, data_dir, task, out_dir, hash_distance, pixel_threshold, log=echo,
                       group_threshold=group_threshold)
     for s, v in out["leaked"].items():
@@ -335,7 +336,7 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_th
 
 @data.command("synth")
 @click.option("--out", type=OUT_DIR, required=True)
-@click.option("--task", type=click.Choice(["tumor", "alzheimer"]), default="tumor", show_default=True)
+@click.option("--task", type=BUILT_IN_TASK, default="tumor", show_default=True)
 @click.option("--n-train", default=60, show_default=True, type=click.IntRange(2), help="Images per class in Training.")
 @click.option("--n-test", default=20, show_default=True, type=click.IntRange(1), help="Images per class in Testing.")
 @click.option("--size", default=128, show_default=True, type=click.IntRange(32, 1024))
@@ -360,8 +361,8 @@ def data_synth(out, task, n_train, n_test, size, seed):
 
 
 @main.command()
-@click.option("--out", type=OUT_DIR, default="artifacts/runs/demo", show_default=True)
-@click.option("--task", type=click.Choice(["tumor", "alzheimer"]), default="tumor", show_default=True)
+@click.option("--out", type=OUT_DIR, default=str(RUNS_ROOT / "demo"), show_default=True)
+@click.option("--task", type=BUILT_IN_TASK, default="tumor", show_default=True)
 @click.option("--image-size", default=RECIPE.image_size, show_default=True, type=click.IntRange(32, 256))
 @click.option("--epochs", default=RECIPE.epochs, show_default=True, type=click.IntRange(1))
 @click.option("--n-train", default=RECIPE.n_train, show_default=True, type=click.IntRange(4),

@@ -6,6 +6,7 @@ import click
 
 from .clitools import OUT_DIR, TASK_CHOICE, config_from, echo, options_from, run_guarded
 from .config import PretrainConfig
+from .run import RunFolder
 
 
 @click.command()
@@ -36,5 +37,5 @@ def pretrain(task, data_dir, out, force, **kw):
     r = run_guarded(pretrain_lib.pretrain, cfg, log=echo, force=force)
     click.echo(f"held-out k-NN probe {r['before']['nn1']:.2%} -> {r['after']['nn1']:.2%} (1-NN) in {r['epochs']} "
                f"epochs ({out})")
-    click.echo(f"next: mri-edge train --task {task} --data-dir {data_dir} --weights {out}/encoder.keras "
+    click.echo(f"next: mri-edge train --task {task} --data-dir {data_dir} --weights {RunFolder(out).encoder_path} "
                f"{pretrain_lib.train_options(cfg)} ...")

@@ -10,6 +10,7 @@ import click
 
 from .clitools import OUT_DIR, THREADS, config_from, echo, options_from, run_guarded
 from .config import OCCLUSION_GRID, CalibrateConfig
+from .run import RUNS_ROOT, RunFolder
 
 
 @click.command()
@@ -37,15 +38,16 @@ def calibrate(run_dir, reference, data_dir, threads, **kw):
     cfg = run_guarded(config_from, CalibrateConfig, kw)
     out = run_guarded(calibrate_lib.calibrate_run, run_dir, cfg, reference, threads, data_dir, log=echo)
     click.echo(calibrate_lib.summary_table(out))
-    click.echo(f"\nstored in {len(out['updated_files'])} file(s) and {Path(run_dir) / 'trust.json'}; report "
-               f"{Path(run_dir) / 'calibration' / 'calibrate.md'}\nnext: mri-edge card {run_dir} (the model card "
+    folder = RunFolder(run_dir)
+    click.echo(f"\nstored in {len(out['updated_files'])} file(s) and {folder.trust_path}; report "
+               f"{folder.calibrate_report_paths[1]}\nnext: mri-edge card {run_dir} (the model card "
                "reads the new record)")
 
 
 @click.command()
 @click.argument("model_path", type=click.Path(exists=True))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--out", "out_dir", type=OUT_DIR, default="artifacts/runs/explain", show_default=True,
+@click.option("--out", "out_dir", type=OUT_DIR, default=str(RUNS_ROOT / "explain"), show_default=True,
               help="Folder for the overlay PNGs, explain.json and explain.md.")
 @click.option("--method", type=click.Choice(["occlusion", "gradcam"]), default="occlusion", show_default=True,
               help="occlusion runs through any file's own runtime (int8 included); gradcam needs a .keras model.")
@@ -96,5 +98,6 @@ def card(run_dir):
     from . import card as card_lib  # noqa: PLC0415
 
     out = run_guarded(card_lib.write_card, run_dir)
-    click.echo(f"wrote {Path(run_dir) / 'model_card.md'} and model_card.json"
+    card_json, card_md = RunFolder(run_dir).card_paths
+    click.echo(f"wrote {card_md} and {card_json.name}"
                + (f" (not yet recorded: {', '.join(out['missing'])})" if out["missing"] else ""))

@@ -8,11 +8,15 @@ import math
 
 import click
 
-from .config import flag
+from .config import BENCH_DEFAULTS, BENCH_QUICK, flag
 from .files import unwritable
+from .tasks import TASKS, task_names
 
 
-TASK_CHOICE = click.Choice(["tumor", "alzheimer", "custom"])
+TASK_CHOICE = click.Choice(task_names())
+BUILT_IN_TASK = click.Choice(list(TASKS))  # the tasks with a built-in class list (synthetic data, demo)
+BENCH_TEXT = {k: ",".join(map(str, BENCH_DEFAULTS[k])) for k in ("threads", "batches")}  # as the options take them
+QUICK_TEXT = f"batch {BENCH_QUICK['batches'][0]}, {BENCH_QUICK['warmup']} warm-up and {BENCH_QUICK['runs']} timed runs"
 
 
 class OutDir(click.Path):

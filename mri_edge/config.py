@@ -24,6 +24,8 @@ HASH_MAX_DISTANCE = 10  # data audit: dHash Hamming distance of a near-duplicate
 PIXEL_MAD_THRESHOLD = 3.0  # data audit: grey levels (0-255) on 64x64 thumbnails, after contrast normalisation
 OCCLUSION_GRID = 8  # explain / verify: cells per side of the occlusion map
 EXPLAIN_IMAGES = 64  # verify: test images whose explanations are compared across files
+BENCH_DEFAULTS = {"threads": (2,), "batches": (1, 8), "warmup": 5, "runs": 30}  # bench: the settings of each row
+BENCH_QUICK = {"batches": (1,), "warmup": 2, "runs": 10}  # bench --quick and the demo's bench: a smoke test
 # TrainConfig fields that regularise one run's training: model cards list them, ensembles drop them.
 REGULARISERS = ("label_smoothing", "mixup", "cutmix", "drop_path", "weight_decay", "ema", "quant_aware", "teacher")
 
@@ -196,16 +198,14 @@ class TrainConfig:
 def carve_seed(cfg) -> int:
     """The seed of a run's validation carve: --split-seed, else --seed (a TrainConfig or its config.json)."""
     get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
-    seed = get("split_seed")
-    return int(get("seed", 42) if seed is None else seed)
+    return int(get("seed", TrainConfig.seed) if (seed := get("split_seed")) is None else seed)
 
 
 def like(name: str, **override):
     """A TrainConfig field's default and help for another config: one definition where the two must agree
     (pretrain reads the training split that train will carve with the same values)."""
     f = TrainConfig.__dataclass_fields__[name]
-    default = override.pop("default", f.default)
-    return field(default=default, metadata={**f.metadata, **override})
+    return field(default=override.pop("default", f.default), metadata={**f.metadata, **override})
 
 
 @dataclass

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from . import preprocess
-from .config import GROUP_THRESHOLD
+from .config import GROUP_THRESHOLD, TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_path
 from .progress import Progress
+from .runtime import usable_cores
 from .tasks import resolve_classes
 
 SPLIT_NAMES = {
@@ -208,8 +209,8 @@ def kept_carve(train: Split, root: Path, task: str, weights: str | None) -> tupl
     return *split_off(train.paths, train.labels, np.array([r in rows["val"] for r in rel])), how
 
 
-def discover(data_dir: str | Path, task: str, val_fraction: float = 0.1, seed: int = 42,
-             val_split: str = "random", group_threshold: float = GROUP_THRESHOLD,
+def discover(data_dir: str | Path, task: str, val_fraction: float = TrainConfig.val_fraction,
+             seed: int = TrainConfig.seed, val_split: str = TrainConfig.val_split, group_threshold: float = GROUP_THRESHOLD,
              weights: str | None = None) -> Dataset:
     """The dataset's splits. Without a validation folder, validation is carved from training:
     the carve of the run whose model.keras `weights` is, if it carved these training images
@@ -339,7 +340,7 @@ def decode_split(split: Split, image_size: int, cache_dir: Path | None = None,
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
     ok = np.zeros(n, bool)
     skipped = []
-    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    workers = workers or min(8, usable_cores() * 2)
     with Progress(n, label or f"decoding {split.name}") as bar, ThreadPoolExecutor(workers) as pool:
         for i, (img, err) in enumerate(pool.map(lambda p: _decode_one(p, image_size), split.paths, chunksize=16)):
             if img is None:

@@ -3,14 +3,14 @@ verify -> bench), no dataset needed."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import BENCH_QUICK, TrainConfig
 from .errors import MriEdgeError, require, training_packages
+from .run import RunFolder
 
 MARKER = ".mri-edge-demo"
 
@@ -77,18 +77,17 @@ def run_demo(out, task: str = "tumor", image_size: int = RECIPE.image_size, epoc
 
 def write_summary(out: Path, run_dir: Path, problems: list[str], skip_export: bool, seconds: float) -> None:
     """demo.json and demo.md beside the run: whether every step passed, and where its reports are."""
-    from .files import atomic_write_text  # noqa: PLC0415
+    from . import report  # noqa: PLC0415
 
     passed = not problems
     verdict = ("every exported file passed its parity gate" if not skip_export else "trained (export skipped)") \
         if passed else "FAILED: " + "; ".join(problems)
-    rel = run_dir.relative_to(out) if run_dir.is_relative_to(out) else run_dir
-    atomic_write_text(out / "demo.json", json.dumps({"passed": passed, "problems": problems,
-                                                     "export_skipped": skip_export, "run": str(run_dir),
-                                                     "seconds_after_data": round(seconds, 1)}, indent=1))
-    atomic_write_text(out / "demo.md", f"# mri-edge demo\n\nResult: {verdict}.\n\nTraining and the steps after it "
-                      f"took {seconds / 60:.1f} min. Everything the run produced: "
-                      f"[{rel}/report.md]({rel}/report.md).\n")
+    index = RunFolder(run_dir).index_path
+    rel = (index.relative_to(out) if index.is_relative_to(out) else index).as_posix()
+    report.write_json(out / "demo.json", {"passed": passed, "problems": problems, "export_skipped": skip_export,
+                                          "run": str(run_dir), "seconds_after_data": round(seconds, 1)})
+    report.write_text(out / "demo.md", f"# mri-edge demo\n\nResult: {verdict}.\n\nTraining and the steps after it "
+                      f"took {seconds / 60:.1f} min. Everything the run produced: [{rel}]({rel}).\n")
 
 
 def downstream(run_dir: Path, log=print, show=print) -> list[str]:
@@ -115,11 +114,12 @@ def downstream(run_dir: Path, log=print, show=print) -> list[str]:
     problems += [f"parity: {f}" for f in parity["failures"]]
     log("\ndemo 4/4: mri-edge bench --quick")
     try:
-        show(bench_lib.table(bench_lib.bench([str(run_dir)], (2,), (1,), 2, 10, None, run_dir / "bench", log=log)))
+        show(bench_lib.table(bench_lib.bench([str(run_dir)], **BENCH_QUICK, out_dir=RunFolder(run_dir).bench_dir,
+                                             log=log)))
     except MriEdgeError as e:
         problems.append(f"bench: {e}")
     from .card import write_card  # noqa: PLC0415
 
     write_card(run_dir)
-    log(f"model card: {run_dir / 'model_card.md'}")
+    log(f"model card: {RunFolder(run_dir).card_paths[1]}")
     return problems

@@ -57,7 +57,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
         cfg.dedup = None
     dataset = data.dataset_from_manifest(manifest)
     quiet.import_tensorflow()
-    original = run_dir / "model_fp32.keras"
+    original = run.fp32_model_path
     net = model_lib.load_model(original if fp16_weights and original.is_file() else run.model_path)
     stored, commit = {}, None
     if fp16_weights:  # model.keras changes with the reports that describe it (commit), not before
@@ -130,10 +130,10 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
         report.write_json(run.predictions_path, {
             "class_names": names, "paths": rel, "labels": test.labels.tolist(), "pred": pred.tolist(),
             "probs": np.round(probs, 6).tolist()})
-        report.plot_confusion(m["confusion_matrix"], names, run_dir / "confusion_matrix.png",
+        report.plot_confusion(m["confusion_matrix"], names, run.confusion_path,
                               f"{cfg.task} test, accuracy {m['accuracy']:.3f}")
-        report.plot_examples(test.images, test.labels, pred, probs, names, run_dir / "examples.png", seed=cfg.seed)
-        report.plot_reliability(m["calibration"], run_dir / "reliability.png", f"{cfg.task} test, Keras")
+        report.plot_examples(test.images, test.labels, pred, probs, names, run.examples_path, seed=cfg.seed)
+        report.plot_reliability(m["calibration"], run.reliability_path, f"{cfg.task} test, Keras")
         extra = {
             "wall_time_s": wall,
             "phase_notes": notes + [f"phase '{p['name']}': up to {p['epochs']} epochs, lr {p['lr']:g}, "
@@ -142,6 +142,6 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
                        for s, d in dec.items()},
             "validation": groups.describe_carve(run.manifest()),
         }
-        report.write_text(run_dir / "train_report.md", report.train_report_markdown(run_dir, asdict(cfg), m, extra))
+        report.write_text(run.train_report_path, report.train_report_markdown(run, asdict(cfg), m, extra))
         run.write_index()
     return m

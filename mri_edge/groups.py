@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import preprocess
+from .config import TrainConfig
 from .progress import Progress
 
 THUMB = 64
@@ -157,8 +158,8 @@ def holdout_probe(thumbs: np.ndarray, labels, held: np.ndarray) -> dict:
             "n": int(len(q))}
 
 
-def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction: float = 0.1, seed: int = 42,
-                      names: list[str] | None = None) -> dict:
+def validation_probes(thumbs, split_of, labels, threshold: float, log, fraction: float = TrainConfig.val_fraction,
+                      seed: int = TrainConfig.seed, names: list[str] | None = None) -> dict:
     """1-NN probe of a validation split carved from training at random and one carved by
     whole groups (`--val-split grouped`), beside the test split's: the split whose probe is
     near the test's is the one that can select models for the test's kind of images."""

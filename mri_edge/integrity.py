@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 
 from .errors import MriEdgeError
+from .export.formats import FORMATS
 from .files import sha256_file
 
 
@@ -46,7 +47,7 @@ def sniff(path: str | Path) -> str:
     return "unknown"
 
 
-KIND_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx", ".xml": "openvino", ".keras": "keras"}
+KIND_BY_SUFFIX = {**{f.suffix: f.name for f in FORMATS.values()}, ".keras": "keras"}  # export's formats, Keras
 SUFFIX_BY_KIND = {v: k for k, v in KIND_BY_SUFFIX.items()}
 NAMED = {"tflite": "a TFLite", "onnx": "an ONNX", "openvino": "an OpenVINO", "keras": "a Keras", "image": "an image"}
 
@@ -122,6 +123,18 @@ def onnx_content_sha256(data: bytes) -> str:
     return h.hexdigest()
 
 
+def model_files(path: str | Path) -> list[Path]:
+    """A model's files on disk: the file, and for an OpenVINO IR (.xml, the graph) its .bin."""
+    path = Path(path)
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def hashed_file(path: str | Path) -> Path:
+    """The file whose bytes export hashes as a model's: an OpenVINO IR's .bin (its weights;
+    the .xml holds the hash), any other file itself."""
+    return model_files(path)[-1]
+
+
 def content_sha256(path: str | Path, meta: dict) -> str | None:
     """The hash of a file's model bytes as export recorded them (None: nothing recorded)."""
     path = Path(path)
@@ -130,7 +143,7 @@ def content_sha256(path: str | Path, meta: dict) -> str | None:
     if path.suffix == ".onnx":
         return onnx_content_sha256(path.read_bytes())
     if path.suffix == ".xml":
-        return sha256_file(path.with_suffix(".bin"))
+        return sha256_file(hashed_file(path))
     return None
 
 

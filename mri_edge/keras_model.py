@@ -104,7 +104,7 @@ def validation_reference(run_dir, log=print, with_images: bool = False) -> tuple
     if not rows:
         raise runtime.RuntimeModelError(f"{run.path}: the split manifest has no validation split")
     sha = sha256_file(run.model_path)
-    cache = run.path / "verify" / "val" / "keras_predictions.json"
+    cache = run.verify_dir("val") / "keras_predictions.json"
     ref = read_json(cache) if cache.is_file() else {}
     if ref.get("source_model_sha256") == sha and not with_images:
         return ref, None

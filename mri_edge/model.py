@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import TrainConfig
 from .errors import MriEdgeError, first_line
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -120,8 +121,9 @@ def normalization():
     return _keras().layers.Normalization(mean=mean, variance=var, name=NORM_NAME)
 
 
-def build_model(num_classes: int, image_size: int = 224, weights: str = "imagenet",
-                dense_units: int = 256, dropout: float = 0.5, seed: int = 42, drop_path: float = 0.0):
+def build_model(num_classes: int, image_size: int = TrainConfig.image_size, weights: str = TrainConfig.weights,
+                dense_units: int = TrainConfig.dense_units, dropout: float = TrainConfig.dropout,
+                seed: int = TrainConfig.seed, drop_path: float = TrainConfig.drop_path):
     """Raw 0-255 RGB in, class probabilities out.
 
     Normalisation (DenseNet's ImageNet mean/std) is a layer of the model, so the
@@ -183,7 +185,7 @@ def unfreeze_cut(model, unfreeze: str) -> tuple[list, int]:
     return layers, idx[0]
 
 
-def set_phase(model, phase: str, unfreeze: str = "conv5", freeze_bn: bool = True, bn_momentum: float = 0.9) -> int:
+def set_phase(model, phase: str, unfreeze: str = TrainConfig.unfreeze, freeze_bn: bool = True, bn_momentum: float = 0.9) -> int:
     """Set trainable flags for a phase; returns the number of trainable base layers.
 
     phase "head": the whole base is frozen.

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import quiet, runtime
 from .errors import installed
-from .integrity import RuntimeMissingError
+from .integrity import RuntimeMissingError, hashed_file, model_files
 
 RT_INFO_KEY = ["mri_edge", "metadata"]
 
@@ -35,17 +35,15 @@ def core():
 
 def size_on_disk(path: str | Path) -> int:
     """Bytes of a model file; an OpenVINO .xml counts its .bin too."""
-    path = Path(path)
-    weights = path.with_suffix(".bin")
-    return path.stat().st_size + (weights.stat().st_size if path.suffix == ".xml" and weights.is_file() else 0)
+    return sum(p.stat().st_size for p in model_files(path) if p.is_file())
 
 
 def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise runtime.RuntimeModelError(f"model file not found: {path}")
-    if not path.with_suffix(".bin").is_file():
-        raise runtime.RuntimeModelError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
+    if not (weights := hashed_file(path)).is_file():
+        raise runtime.RuntimeModelError(f"{path}: its weights file {weights.name} is missing")
     runtime.check_kind(path)
     _, ie = core()
     failed = None
@@ -56,7 +54,7 @@ def read_metadata(path: str | Path) -> dict:
             failed = e
     if failed is not None:
         raise runtime.RuntimeModelError(f"{path}: not a loadable OpenVINO IR ({type(failed).__name__}; its weights "
-                                        f"are in {Path(path).with_suffix('.bin').name}: damaged, truncated or missing?)") from None
+                                        f"are in {hashed_file(path).name}: damaged, truncated or missing?)") from None
     if not model.has_rt_info(RT_INFO_KEY):
         raise runtime.RuntimeModelError(f"{path}: no mri-edge metadata (not exported by `mri-edge export`?)")
     return runtime.parse_metadata(model.get_rt_info(RT_INFO_KEY).astype(str), path)

@@ -37,6 +37,7 @@ from . import data, feed, report
 from .config import PretrainConfig
 from .errors import MriEdgeError
 from .progress import Heartbeat
+from .run import RunFolder
 
 OUTPUTS = ("config.json", "split_manifest.json", "encoder.keras", "history.csv", "pretrain.json", "pretrain.md",
            "pretrain_curves.png")
@@ -157,9 +158,10 @@ def build(image_size: int, weights: str, projection_dim: int, seed: int):
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PretrainError(f"--out {out} is a file, not a folder")
-    if (out / "encoder.keras").exists():
+    folder = RunFolder(out)
+    if folder.encoder_path.exists():
         raise PretrainError(f"{out} already holds a pretrained encoder; choose another --out")
-    if any((out / name).exists() for name in ("model.keras", "state.json", "checkpoint.keras")):
+    if any(p.exists() for p in (folder.model_path, folder.state_path, folder.checkpoint_path)):
         raise PretrainError(f"{out} is a training run folder (its config and split manifest would be overwritten); "
                             "choose another --out")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.is_dir() else []
@@ -217,8 +219,8 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
     manifest = dataset.manifest()
     # what was fitted; the held-out images, only probed, apart (a train run from encoder.keras keeps them out)
     manifest["splits"], manifest["held_out"] = {"train": manifest["splits"]["train"]}, manifest["splits"]["val"]
-    report.write_json(out / "split_manifest.json", manifest)
-    report.write_json(out / "config.json", {**asdict(cfg), "kind": "pretrain", "versions": versions()})
+    report.write_json(RunFolder(out).manifest_path, manifest)
+    report.write_json(RunFolder(out).config_path, {**asdict(cfg), "kind": "pretrain", "versions": versions()})
     history = [{"epoch": 0, "loss": None, **probe("before")}]
     log(f"k-NN probe before: held-out 1-NN {history[0]['nn1']:.2%}, {PROBE_K}-NN {history[0][f'knn{PROBE_K}']:.2%}")
     clock = PhaseClock(cfg.time_budget_s)
@@ -251,7 +253,7 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
                             "saved: lower --lr or raise --temperature")
     from .model import save_model  # noqa: PLC0415
 
-    save_model(encoder, out / "encoder.keras")
+    save_model(encoder, RunFolder(out).encoder_path)
     result = {"images": len(train.images), "held_out_images": len(held.images), "epochs": len(history) - 1,
               "notes": notes,
               "wall_s": time.time() - t0, "raw_pixel_probe": dataset.val_split.get("probe"),
@@ -271,7 +273,7 @@ def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
     """pretrain.json, history.csv, pretrain.md and pretrain_curves.png."""
     report.write_json(out / "pretrain.json", result)
     rows = result["history"]
-    report.write_csv(out / "history.csv", rows, list(rows[-1]))
+    report.write_csv(RunFolder(out).history_path, rows, list(rows[-1]))
     plt = report._plt()  # noqa: SLF001
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot([r["epoch"] for r in rows[1:]], [r["loss"] for r in rows[1:]], "o-")
@@ -304,6 +306,6 @@ def write_reports(out: Path, cfg: PretrainConfig, result: dict) -> None:
                 "--limit-per-class)."]
                if raw.get("nn_accuracy") is not None else []), "",
              table, "", "![curves](pretrain_curves.png)", "",
-             f"Next: `mri-edge train ... --weights {out / 'encoder.keras'} {train_options(cfg)}` (it keeps the carve "
+             f"Next: `mri-edge train ... --weights {RunFolder(out).encoder_path} {train_options(cfg)}` (it keeps the carve "
              "of this pretraining, so that its held-out images stay untrained on).", ""]
     report.write_text(out / "pretrain.md", "\n".join(lines))

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_path, atomic_write_text
+from .config import TrainConfig
+from .errors import MriEdgeError
+from .files import atomic_path, atomic_write_text, read_json
+from .trust import nll
 
 
 def write_json(path: Path, obj) -> None:
@@ -90,7 +93,7 @@ def calibration_metrics(y_true, probs, bins: int = ECE_BINS, binned_by=None) -> 
                      "confidence": float(conf[m].mean()), "accuracy": float(hit[m].mean())})
     onehot = np.eye(probs.shape[1])[y_true]
     return {"ece": float(ece), "mce": float(mce), "brier": float(((probs - onehot) ** 2).sum(1).mean()),
-            "nll": float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1)).mean()),
+            "nll": nll(probs, y_true),
             "mean_confidence": float(conf.mean()), "accuracy": float(hit.mean()), "bins": bins,
             "reliability": rows}
 
@@ -100,8 +103,7 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: f
     """Percentile bootstrap CI of the mean of per-sample values (e.g. correctness or paired deltas).
     With `groups` (one id per value) whole groups are resampled, not samples: the cluster
     bootstrap, for samples that are not independent (near-identical slices of one subject)."""
-    values = np.asarray(values, float)
-    if len(values) == 0:
+    if len(values := np.asarray(values, float)) == 0:
         return [0.0, 0.0]
     rng = np.random.default_rng(seed)
     if groups is None:
@@ -175,13 +177,13 @@ def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
         w.writerows(rows)
 
 
-def write_history(run_dir: Path, history: list[dict]) -> None:
-    """history.csv and training_curves.png of a run's epochs."""
+def write_history(run, history: list[dict]) -> None:
+    """history.csv and training_curves.png of a run's epochs (run: a RunFolder)."""
     if not history:
         return
-    write_csv(run_dir / "history.csv", history,
+    write_csv(run.history_path, history,
               ["phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1"])
-    plot_history(history, run_dir / "training_curves.png")
+    plot_history(history, run.curves_path)
 
 
 def plot_history(rows: list[dict], path: Path) -> None:
@@ -257,14 +259,15 @@ def sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
-def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> str:
+def train_report_markdown(run, cfg: dict, test: dict, extra: dict) -> str:
+    """train_report.md (run: a RunFolder; its plots are linked by name, beside the report)."""
     names = cfg["class_names"]
     split = f" (split seed {cfg['split_seed']})" if cfg.get("split_seed") is not None else ""
     split = f" (validation: the carve of `{cfg['val_kept_from']}`)" if cfg.get("val_kept_from") else split
     parts = [
         f"# mri-edge training report: {cfg['task']}",
         "",
-        f"Run folder `{run_dir}`; DenseNet121, {cfg['image_size']} px, weights `{cfg['weights']}`, "
+        f"Run folder `{run.path}`; DenseNet121, {cfg['image_size']} px, weights `{cfg['weights']}`, "
         f"seed {cfg['seed']}{split}; wall time {extra.get('wall_time_s', 0):.0f} s.",
         "",
         "## Data",
@@ -277,12 +280,13 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
     unreadable = [f"- {s}: {why}" for s, v in extra["splits"].items() for why in v.get("unreadable", [])]
     if unreadable:  # left out of the run (and of its split manifest): named, so they can be fixed
         parts += ["Unreadable files, left out:", "", *unreadable[:100], ""]
-    teacher = [f"distilled from `{cfg['teacher']}` ({1 - cfg.get('distill_weight', 0.8):.1f} x labels + "
-               f"{cfg.get('distill_weight', 0.8):.1f} x its probabilities)"] if cfg.get("teacher") else []
+    weight = cfg.get("distill_weight", TrainConfig.distill_weight)
+    teacher = [f"distilled from `{cfg['teacher']}` ({1 - weight:.1f} x labels + {weight:.1f} x its probabilities)"] \
+        if cfg.get("teacher") else []
     if extra.get("phase_notes") or teacher:
         parts += ["## Training", ""] + [f"- {n}" for n in teacher + extra.get("phase_notes", [])] + [""]
-    if (Path(run_dir) / "training_curves.png").is_file():  # an ensemble trains nothing of its own
-        parts += ["![training curves](training_curves.png)", ""]
+    if run.curves_path.is_file():  # an ensemble trains nothing of its own
+        parts += [f"![training curves]({run.curves_path.name})", ""]
     parts += [
         f"## Test set ({test['n']} images)",
         "",
@@ -291,7 +295,7 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
         "",
         metrics_markdown(test, names),
         "",
-        "![confusion matrix](confusion_matrix.png)",
+        f"![confusion matrix]({run.confusion_path.name})",
         "",
     ]
     if test.get("calibration"):
@@ -300,7 +304,7 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
                   f"Mean confidence {c['mean_confidence']:.4f} against accuracy {c['accuracy']:.4f}: expected "
                   f"calibration error (ECE, {c['bins']} bins) **{c['ece']:.4f}**, maximum calibration error "
                   f"{c['mce']:.4f}, Brier score {c['brier']:.4f}, negative log-likelihood {c['nll']:.4f}.", "",
-                  "![reliability diagram](reliability.png)", ""]
+                  f"![reliability diagram]({run.reliability_path.name})", ""]
     if test.get("dedup"):
         d = test["dedup"]
         parts += [
@@ -312,15 +316,12 @@ def train_report_markdown(run_dir: Path, cfg: dict, test: dict, extra: dict) -> 
             metrics_markdown(d, names),
             "",
         ]
-    parts += ["## Example predictions", "", "![examples](examples.png)", ""]
+    parts += ["## Example predictions", "", f"![examples]({run.examples_path.name})", ""]
     return "\n".join(parts)
 
 
 def run_index_markdown(run) -> str:
     """report.md of a run folder: what each command produced, with links (run: a RunFolder)."""
-    from .errors import MriEdgeError  # noqa: PLC0415
-    from .files import read_json  # noqa: PLC0415
-
     def load(path):
         try:
             return read_json(path)
@@ -343,8 +344,8 @@ def run_index_markdown(run) -> str:
         if test.get("dedup"):
             parts += [f"Leakage-free test subset: accuracy {test['dedup']['accuracy']:.4f} on "
                       f"{test['dedup']['n']} images.", ""]
-        if (root / "train_report.md").is_file():  # a shipped folder may carry the test report without it
-            parts += ["- [Training report](train_report.md): data, phases, curves, per-class metrics, "
+        if run.train_report_path.is_file():  # a shipped folder may carry the test report without it
+            parts += [f"- [Training report]({run.train_report_path.name}): data, phases, curves, per-class metrics, "
                       "confusion matrix", ""]
     elif run.state_path.is_file():
         parts += ["Training has not finished (`mri-edge train --resume` continues it).", ""]
@@ -360,7 +361,7 @@ def run_index_markdown(run) -> str:
                  metadata[f.name].get("quantization", "?"), f"{size_on_disk(f) / 1e6:.2f}"] for f in run.export_files()]
     if rows:
         parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"], rows), ""]
-    cal = load(run.calibration_dir / "calibrate.json")
+    cal, cal_md = load(run.calibrate_report_paths[0]), run.calibrate_report_paths[1]
     if cal and isinstance(cal.get("trust"), dict):
         from .trust import threshold_text  # noqa: PLC0415
         t = cal["trust"]
@@ -368,18 +369,18 @@ def run_index_markdown(run) -> str:
                   f"Temperature {t['temperature']:.3f}, abstain below {threshold_text(t['threshold'])}, "
                   "prediction sets at "
                   f"{1 - t['alpha']:.0%}; fitted on {cal['held_out']['n']} held-out images. "
-                  "[Details](calibration/calibrate.md).", ""]
-    card = load(root / "model_card.json")
-    if card:
-        parts += ["## Model card", "", "[model_card.md](model_card.md)", ""]
-    from .run import best_bench, exported_again  # noqa: PLC0415
+                  f"[Details]({cal_md.relative_to(root).as_posix()}).", ""]
+    card_json, card_md = run.card_paths
+    if load(card_json):
+        parts += ["## Model card", "", f"[{card_md.name}]({card_md.name})", ""]
+    from .run import BENCH_FILES, best_bench, exported_again  # noqa: PLC0415
 
     def out_of_date(rows, command):
         gone = exported_again(rows, metadata)
         return f" Out of date for {', '.join(gone)}, exported again since: run `mri-edge {command}`." if gone else ""
-    for label, path, link in (("Parity on the test split", root / "parity.json", "parity.md"),
-                              ("Parity on the validation split", root / "verify" / "val" / "parity.json",
-                               "verify/val/parity.md")):
+    for label, split in (("Parity on the test split", "test"), ("Parity on the validation split", "val")):
+        path, md = run.parity_paths(split)
+        link = md.relative_to(root).as_posix()
         parity = load(path)
         if parity and isinstance(parity.get("files"), dict):
             passed = sum(1 for r in parity["files"].values() if r.get("passed"))
@@ -390,7 +391,7 @@ def run_index_markdown(run) -> str:
     bench_dir, bench = best_bench([(p.parent, load(p)) for p in run.bench_paths])
     if bench:
         best = min(bench["rows"], key=lambda r: r["p50_ms"])
-        link = (bench_dir / "bench.md").relative_to(root).as_posix()
+        link = (bench_dir / BENCH_FILES[1]).relative_to(root).as_posix()
         runs = f" of {bench['settings']['runs']} timed runs" if (bench.get("settings") or {}).get("runs") else ""
         parts += ["## Benchmark", "", f"{len(bench['rows'])} rows{runs} on {bench['machine'].get('cpu', '?')}; fastest: "
                                       f"{best['model']} on {best['runtime_label']}, p50 {best['p50_ms']:.2f} ms at "

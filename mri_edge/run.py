@@ -11,12 +11,13 @@
       model.keras          the trained model (train); kernels in float16 after `evaluate --fp16-weights`,
                            which keeps the trained file as model_fp32.keras
       history.csv, training_curves.png, test_report.json, test_predictions.json,
-      confusion_matrix.png, examples.png, train_report.md       (train / evaluate)
+      confusion_matrix.png, examples.png, reliability.png, train_report.md  (train / evaluate)
       exports/             exported files + exports.json + calibration_manifest.json (export)
       parity.json, parity.md, verify/                           (verify)
       bench/                                                    (bench)
       trust.json           temperature, abstention threshold, conformal quantile (calibrate)
       calibration/         calibrate.json, calibrate.md, reliability and coverage-risk plots (calibrate)
+      model_card.md, model_card.json                            (card)
       report.md            index page linking all of the above (rewritten by each command)
       .lock                who writes the folder now (`RunFolder.lock`)
 
@@ -44,7 +45,11 @@ class RunError(MriEdgeError, ValueError):
 TRAIN_OUTPUTS = (".lock", "config.json", "labels.json", "split_manifest.json", "state.json", "checkpoint.keras",
                  "checkpoint_state.npz", "best.keras", "best_of_phases.keras", "model.keras", "history.csv", "training_curves.png", "test_report.json", "test_predictions.json",
                  "confusion_matrix.png", "examples.png", "reliability.png", "train_report.md", "report.md")
-LATER_OUTPUTS = ("exports", "verify", "bench", "parity.json", "parity.md", "model_fp32.keras")
+# Where commands write by default (relative to the working folder): run folders, and the reports of
+# commands that have no run folder (audit, bench of model files, explain, demo) in named folders.
+RUNS_ROOT = Path("artifacts") / "runs"
+# bench's reports, in any --out folder: a run's bench/ or, in a shipped folder, its top level
+BENCH_FILES = ("bench.json", "bench.md", "bench.png")
 
 
 _HELD: dict[Path, int] = {}  # run folders this process has locked, and how many times (nested commands)
@@ -74,13 +79,34 @@ class RunFolder:
     history_path = property(lambda self: self.path / "history.csv")  # an epoch a row, with its phase
     test_report_path = property(lambda self: self.path / "test_report.json")
     exports_dir = property(lambda self: self.path / "exports")
-    parity_path = property(lambda self: self.path / "parity.json")  # verify's report on the test split
+    train_report_path = property(lambda self: self.path / "train_report.md")
+    curves_path = property(lambda self: self.path / "training_curves.png")
+    confusion_path = property(lambda self: self.path / "confusion_matrix.png")
+    examples_path = property(lambda self: self.path / "examples.png")
+    reliability_path = property(lambda self: self.path / "reliability.png")
+    fp32_model_path = property(lambda self: self.path / "model_fp32.keras")  # kept by evaluate --fp16-weights
+    index_path = property(lambda self: self.path / "report.md")
+    encoder_path = property(lambda self: self.path / "encoder.keras")  # a pretrain folder's (same config, manifest)
     exports_index_path = property(lambda self: self.path / "exports" / "exports.json")
     exports_report_path = property(lambda self: self.path / "exports" / "exports.md")
     trust_path = property(lambda self: self.path / "trust.json")
     calibration_dir = property(lambda self: self.path / "calibration")
+    calibrate_report_paths = property(lambda self: (self.calibration_dir / "calibrate.json",
+                                                    self.calibration_dir / "calibrate.md"))
+    card_paths = property(lambda self: (self.path / "model_card.json", self.path / "model_card.md"))
+    bench_dir = property(lambda self: self.path / "bench")
     # bench writes a run's into bench/; a shipped folder holds its report at the top level
-    bench_paths = property(lambda self: (self.path / "bench" / "bench.json", self.path / "bench.json"))
+    bench_paths = property(lambda self: (self.bench_dir / BENCH_FILES[0], self.path / BENCH_FILES[0]))
+
+    def verify_dir(self, split: str = "test") -> Path:
+        """Where verify keeps a split's plots and caches: verify/ (test), verify/val/."""
+        return self.path / "verify" / ("val" if split == "val" else "")
+
+    def parity_paths(self, split: str = "test", selected: bool = False) -> tuple[Path, Path]:
+        """verify's parity.json and parity.md: the test split's (the report of record) at the top
+        level, the validation split's in verify/val/, a check of --file alone in their selected/."""
+        d = self.verify_dir(split) / "selected" if selected else self.path if split == "test" else self.verify_dir(split)
+        return d / "parity.json", d / "parity.md"
 
     def export_files(self) -> list[Path]:
         """The exported model files: exports/, or the top level of a shipped folder."""
@@ -284,7 +310,7 @@ class RunFolder:
             raise RunError(f"--out {self.path} is a file, not a folder")
         if self.model_path.exists():
             raise RunError(f"{self.path} already holds a trained model; choose another --out")
-        if (self.path / "encoder.keras").exists():  # its manifest says what the encoder was fitted on: keep it
+        if self.encoder_path.exists():  # its manifest says what the encoder was fitted on: keep it
             raise RunError(f"{self.path} is a pretrain folder (`mri-edge pretrain`); choose another --out")
         if self.checkpoint_path.exists() and self.state_path.exists():
             raise RunError(f"{self.path} holds an unfinished run; continue it with `mri-edge train --resume "
@@ -299,8 +325,8 @@ class RunFolder:
     def write_index(self) -> Path:
         from .report import run_index_markdown  # noqa: PLC0415
 
-        atomic_write_text(self.path / "report.md", run_index_markdown(self))
-        return self.path / "report.md"
+        atomic_write_text(self.index_path, run_index_markdown(self))
+        return self.index_path
 
 
 def holding(command: str):

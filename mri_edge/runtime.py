@@ -27,6 +27,7 @@ import numpy as np
 
 from . import preprocess, quiet, trust
 from .errors import first_line
+from .export.formats import file_name
 from .integrity import RuntimeModelError, check_integrity, check_kind
 from .interpreters import load_interpreter_class, no_delegate_resolver
 
@@ -335,7 +336,7 @@ def load(path: str | Path, threads: int | None = None, runtime: str | None = Non
     of file open through `mri_edge.backends.open_model`)."""
     path = Path(path)
     if path.is_dir():
-        found = sorted((q.name for q in path.glob("*.tflite")), key=lambda n: (n != "model_int8.tflite", n))
+        found = sorted((q.name for q in path.glob("*.tflite")), key=lambda n: (n != file_name("tflite", "int8"), n))
         raise RuntimeModelError(f"{path}: a folder; give one model file in it" + (f", e.g. {path / found[0]}" if found else
                                                                                  " (it holds no .tflite file)"))
     if path.suffix != ".tflite":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MriEdgeError
 from .tasks import TASKS
 
 FOLDERS = {
@@ -105,7 +106,7 @@ def write_dataset(out: str | Path, task: str = "tumor", n_train: int = 60, n_tes
     import cv2  # noqa: PLC0415
 
     if task not in FOLDERS:
-        raise ValueError(f"synthetic data exists for tasks {', '.join(FOLDERS)}, not {task!r}")
+        raise MriEdgeError(f"synthetic data exists for tasks {', '.join(FOLDERS)}, not {task!r}")
     root = Path(out)
     rng = np.random.default_rng(seed)
     for split, n in zip(SPLITS, (n_train, n_test)):

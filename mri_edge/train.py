@@ -16,7 +16,7 @@ from .errors import MriEdgeError, require, training_packages
 from .files import atomic_copy
 from .progress import Heartbeat
 from .evaluate import evaluate_run
-from .run import RunFolder
+from .run import RUNS_ROOT, RunFolder
 from .schedule import PhaseClock, phase_budgets
 
 
@@ -25,7 +25,7 @@ class TrainError(MriEdgeError):
 
 
 def default_run_dir(task: str) -> Path:
-    return Path("artifacts") / "runs" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RUNS_ROOT / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def resolve_phases(cfg: TrainConfig) -> tuple[list[dict], list[str]]:
@@ -240,7 +240,7 @@ def _train_opened(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, state
     if dist.replicas > 1:
         net = model_lib.load_model(run.model_path)  # the test report on one device, as every later check runs
     wall = time.time() - t_start
-    report.write_history(run.path, history)
+    report.write_history(run, history)
     result = evaluate_run(run.path, net, dec, cfg, wall, notes)
     run.write_state(phase=len(cfg.phases), epoch=0, history=history, elapsed_s=wall, finished=True)
     run.checkpoint_path.unlink(missing_ok=True)

@@ -68,6 +68,7 @@ def scale(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Negative log-likelihood of the true labels (each probability floored at 1e-12)."""
     p = np.asarray(probs, np.float64)[np.arange(len(labels)), np.asarray(labels)]
     return float(-np.log(np.clip(p, 1e-12, 1.0)).mean())
 
@@ -191,9 +192,9 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_risk: float | No
     with that confidence. Only cuts between distinct confidences are thresholds.
     """
     if (max_risk is None) == (coverage is None):
-        raise ValueError("give exactly one of max_risk and coverage")
+        raise TrustError("give exactly one of max_risk and coverage")
     if confidence is not None and max_risk is None:
-        raise ValueError("confidence goes with max_risk")
+        raise TrustError("confidence goes with max_risk")
     conf = np.asarray(probs).max(1)
     if coverage is not None:
         if coverage >= 1:
@@ -273,7 +274,7 @@ def set_coverage(probs: np.ndarray, labels: np.ndarray, q: float) -> dict:
             "singletons": float((sizes == 1).mean()) if len(sizes) else 0.0}
 
 
-def fit_familiarity(features: np.ndarray, labels: np.ndarray, dims: int = 64) -> dict:
+def fit_familiarity(features: np.ndarray, labels: np.ndarray, dims: int) -> dict:
     """What `distance` needs to tell how unlike the training images an image is, from the
     pooled features of training images: the class centres and a whitening projection onto
     the `dims` main directions of the features' spread within their class (a Mahalanobis

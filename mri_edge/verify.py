@@ -295,10 +295,10 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     test_ref = run.test_predictions()
     manifest = run.manifest()
     root = Path(manifest["root"])
-    split_dir = run_dir / "verify" / ("val" if split == "val" else "")
     selected = bool(files)
-    report_dir = (split_dir / "selected") if selected else (run_dir if split == "test" else split_dir)
-    plot_dir = report_dir if selected else split_dir
+    parity_json, parity_md = run.parity_paths(split, selected)
+    report_dir = parity_json.parent
+    plot_dir = report_dir if selected else run.verify_dir(split)
     plot_dir.mkdir(parents=True, exist_ok=True)
     ref = test_ref if split == "test" else validation_reference(run_dir, log)[0]
     names = ref["class_names"]
@@ -362,8 +362,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
            "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures,
            "selected_files_only": selected}
     with quiet.signals_deferred():  # the pair says one thing
-        report.write_json(report_dir / "parity.json", out)
-        report.write_text(report_dir / "parity.md", markdown(out))
+        report.write_json(parity_json, out)
+        report.write_text(parity_md, markdown(out))
     if not selected:  # plots of files not plotted now (removed, renamed, or not runnable) do not outlive them
         keep = {f"{kind}_{n.replace('.', '_')}.png" for n, r in results.items() if "error" not in r
                 for kind in ("confusion", "reliability")}
@@ -371,7 +371,7 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
             if p.name not in keep:
                 p.unlink()
     run.write_index()
-    out["report_dir"] = str(report_dir)
+    out["report_dir"], out["report_files"] = str(report_dir), [str(parity_json), str(parity_md)]
     return out
 
 

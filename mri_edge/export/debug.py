@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import ExportError
+from .formats import ExportError, file_name
 
 
 def onnx_layer_errors(fp32_path: Path, int8_path: Path, x: np.ndarray, ref_top: np.ndarray, workdir: Path,
@@ -73,14 +73,14 @@ def layer_report(run, log=print) -> dict:
     from .. import report  # noqa: PLC0415
     from ..keras_model import validation_reference  # noqa: PLC0415
 
-    fp32, int8 = run.exports_dir / "model_fp32.onnx", run.exports_dir / "model_int8.onnx"
+    fp32, int8 = (run.exports_dir / file_name("onnx", q) for q in ("none", "int8"))
     if not (fp32.is_file() and int8.is_file()):
-        raise ExportError("--debug-quant compares exports/model_int8.onnx with exports/model_fp32.onnx; export both "
+        raise ExportError(f"--debug-quant compares exports/{int8.name} with exports/{fp32.name}; export both "
                           "(mri-edge export RUN --format onnx)")
     ref, x = validation_reference(run.path, log, with_images=True)
     with tempfile.TemporaryDirectory() as td:
         out = onnx_layer_errors(fp32, int8, x, np.asarray(ref["probs"]).argmax(1), Path(td))
-    d = run.path / "verify"
+    d = run.verify_dir()
     d.mkdir(exist_ok=True)
     report.write_json(d / "quant_debug.json", out)
     rows = out["tensors"]
@@ -101,7 +101,7 @@ def layer_report(run, log=print) -> dict:
     report.write_text(d / "quant_debug.md", "\n".join([
         "# Per-layer int8 error (ONNX)", "",
         f"{out['images']} validation images, {out['flipped']} of them flip their top-1 class under int8. Relative "
-        "error of each tensor of `model_int8.onnx` against the same tensor of `model_fp32.onnx`, in graph order.", "",
+        f"error of each tensor of `{int8.name}` against the same tensor of `{fp32.name}`, in graph order.", "",
         "![relative error by depth](quant_debug.png)", "", "Largest errors:", "",
         report.md_table(["depth", "tensor", "SQNR dB", "relative error", "on flipped images", "on the others"],
                         [[r["depth"], f"`{r['tensor']}`", f"{r['sqnr_db']:.1f}", f"{r['relative_error']:.4f}",

@@ -39,7 +39,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("openvino", ".xml", ("none", "int8"), ("opset", "calib_size", "max_drop", "openvino_int8")),
 )}
 FORMAT_OPTIONS = tuple(dict.fromkeys(o for f in FORMATS.values() for o in f.options))  # refused where no file uses them
-QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")
+QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")  # most precise first (calibrate's reference file)
 IO_DTYPES = ("uint8", "int8", "float32")
 OPENVINO_INT8 = ("auto", "nncf", "onnx")
 CALIB_RANGES = ("percentile", "minmax")
@@ -60,9 +60,14 @@ class ExportJob:
 
     @property
     def filename(self) -> str:
-        q = {"none": "fp32"}.get(self.quantize, self.quantize)
-        tail = f"_{self.io_dtype}io" if self.quantize == "int8" and self.fmt == "tflite" and self.io_dtype != "uint8" else ""
-        return f"model_{q}{tail}{FORMATS[self.fmt].suffix}"
+        return file_name(self.fmt, self.quantize, self.io_dtype)
+
+
+def file_name(fmt: str, quantize: str, io_dtype: str = "uint8") -> str:
+    """The name export gives a file: model_int8.tflite, model_fp32.onnx, model_int8_int8io.tflite..."""
+    q = {"none": "fp32"}.get(quantize, quantize)
+    tail = f"_{io_dtype}io" if quantize == "int8" and fmt == "tflite" and io_dtype != "uint8" else ""
+    return f"model_{q}{tail}{FORMATS[fmt].suffix}"
 
 
 def plan(formats: tuple[str, ...], quantize: tuple[str, ...], io_dtype: str, openvino_available: bool = True,

@@ -23,7 +23,7 @@ from . import pool
 from .accuracy import Scoring, mark_weight_only, recipe, stage_search, store_weights, within_size
 from .heldout import HeldOut
 from .calibration import robust_ranges
-from .formats import ExportError, ExportJob
+from .formats import ExportError, ExportJob, file_name
 from .rewrite import onnx_add_features, onnx_store_weights
 from .stages import stages_from
 
@@ -230,15 +230,15 @@ def convert_chain(jobs: list[ExportJob], model, size: int, opset: int, calib, ca
                     if "size_mb" in meta.get("accuracy_aware", {}):  # measured on the ONNX file, not on this one
                         meta["accuracy_aware"] = {**{k: v for k, v in meta["accuracy_aware"].items()
                                                      if k not in ("size_mb", "within_size", "weight_only_size_mb")},
-                                                  "size_checked_on": "model_int8.onnx"}
+                                                  "size_checked_on": file_name("onnx", "int8")}
                     if int8_onnx_meta.get("float_weights") == "fp16":  # OpenVINO folds the Casts into float32
                         meta["float_weights"] = FP16_AS_FP32
                         if "float_weights" in meta.get("accuracy_aware", {}):
                             meta["accuracy_aware"] = {**meta["accuracy_aware"], "float_weights": FP16_AS_FP32}
-                    meta["int8_from"] = "model_int8.onnx (its QDQ graph, converted by OpenVINO)"
+                    meta["int8_from"] = f"{file_name('onnx', 'int8')} (its QDQ graph, converted by OpenVINO)"
                     if int8_onnx_meta.get("weight_only"):
                         mark_weight_only(meta)
-                        meta["int8_from"] = "model_int8.onnx (its weight-only int8 graph, converted by OpenVINO)"
+                        meta["int8_from"] = f"{file_name('onnx', 'int8')} (its weight-only int8 graph, converted by OpenVINO)"
                 elif job.quantize == "int8" and max_drop is not None:
                     net, meta["accuracy_aware"] = openvino.openvino_accuracy_aware(fp32_path, calib, held, max_drop)
                 else:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import progress, quiet, runtime
 from ..files import sha256_file
+from ..integrity import hashed_file
 from ..ov import RT_INFO_KEY, core
 
 if TYPE_CHECKING:
@@ -75,19 +76,19 @@ def save(model, target: Path, meta: dict, expect_sha256: str | None = None) -> N
         # depend on the metadata (checked).
         model.set_rt_info(json.dumps(meta), RT_INFO_KEY)
         ov.save_model(model, str(tmp), compress_to_fp16=False)  # fp32 means fp32; int8 weights stay int8
-        meta["model_sha256"] = sha256_file(tmp.with_suffix(".bin"))
+        meta["model_sha256"] = sha256_file(hashed_file(tmp))
         model.set_rt_info(json.dumps(meta), RT_INFO_KEY)
         ov.save_model(model, str(tmp), compress_to_fp16=False)
-        if sha256_file(tmp.with_suffix(".bin")) != meta["model_sha256"]:
+        if sha256_file(hashed_file(tmp)) != meta["model_sha256"]:
             raise runtime.RuntimeModelError("OpenVINO wrote different weights for the same model twice")
         if expect_sha256 and meta["model_sha256"] != expect_sha256:
             raise runtime.RuntimeModelError(f"{target}: OpenVINO wrote different weights when its metadata changed; "
                                             "the file was left as it was")
-        os.replace(tmp.with_suffix(".bin"), target.with_suffix(".bin"))
+        os.replace(hashed_file(tmp), hashed_file(target))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".bin").unlink(missing_ok=True)
+        hashed_file(tmp).unlink(missing_ok=True)
 
 
 def rewrite_openvino_metadata(path: Path, meta: dict) -> None:

@@ -16,11 +16,12 @@ from .. import __version__, preprocess, progress, quiet, report, trust
 from ..config import ExportConfig, flag
 from ..errors import MriEdgeError, require
 from ..files import atomic_write_bytes, atomic_write_text, sha256_file
+from ..integrity import hashed_file, model_files
 from ..run import RunFolder, holding
 from . import pool
 from ..keras_model import validation_reference
 from .calibration import calibration_manifest, calibration_set
-from .formats import BN_SCALES, CALIB_RANGES, ExportError, ExportJob, plan
+from .formats import BN_SCALES, CALIB_RANGES, ExportError, ExportJob, file_name, plan
 from .graph import deployment_graph
 
 
@@ -39,12 +40,11 @@ def load_run(run_dir: Path):
     return model, cfg, labels
 
 
-def _land(staged: Path, out_dir: Path, fmt: str) -> None:
+def _land(staged: Path, out_dir: Path) -> None:
     """Move a finished file from the work folder into exports/ (an OpenVINO pair: .bin first, so
     the .xml that names it never appears without it)."""
-    if fmt == "openvino":
-        os.replace(staged.with_suffix(".bin"), out_dir / staged.with_suffix(".bin").name)
-    os.replace(staged, out_dir / staged.name)
+    for f in reversed(model_files(staged)):
+        os.replace(f, out_dir / f.name)
 
 
 def _write_index(run: RunFolder, records: dict, model_sha: str, failures: list[dict], started: float,
@@ -201,7 +201,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                         atomic_write_bytes(out_dir / "calibration" / f"{sha[:16]}.json",
                                            (staging / "calibration_manifest.json").read_bytes())
                         os.replace(staging / "calibration_manifest.json", out_dir / "calibration_manifest.json")
-                    _land(staging / r["file"], out_dir, r["format"])
+                    _land(staging / r["file"], out_dir)
                     records[r["file"]] = r
                     _write_index(run, records, model_sha, failures, started, workers)
                 results.append(r)
@@ -221,9 +221,9 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     failures.sort(key=lambda r: order[r["file"]])
     log(f"{len(results)} file(s) in {time.time() - started:.0f} s ({workers} worker{'s' if workers > 1 else ''})")
     made = {r["file"] for r in results}
-    if "model_int8.onnx" in made and "model_int8.xml" not in made and \
-            records.get("model_int8.xml", {}).get("int8_from", "").startswith("model_int8.onnx"):
-        log("note: model_int8.xml was converted from the model_int8.onnx this export replaced; export "
+    onnx8, xml8 = file_name("onnx", "int8"), file_name("openvino", "int8")
+    if onnx8 in made and xml8 not in made and records.get(xml8, {}).get("int8_from", "").startswith(onnx8):
+        log(f"note: {xml8} was converted from the {onnx8} this export replaced; export "
             "--format onnx --format openvino --quantize int8 to convert the new one")
     _write_index(run, records, model_sha, failures, started, workers)
     run.write_index()
@@ -392,5 +392,5 @@ def index_new_bytes(path: Path) -> None:
     index = run.exports_index() if path.parent.name == "exports" else {}
     rows = [r for r in index.get("exports", []) if isinstance(r, dict) and r.get("file") == path.name]
     if rows:
-        rows[0]["sha256"] = sha256_file(path.with_suffix(".bin") if path.suffix == ".xml" else path)
+        rows[0]["sha256"] = sha256_file(hashed_file(path))
         run.write_exports_index(index)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import progress, quiet
 from ..files import sha256_file
+from ..integrity import hashed_file
 from ..ov import size_on_disk
 from ..runtime import usable_cores
 from .accuracy import accuracy_change
@@ -60,7 +61,7 @@ def record(job: ExportJob, meta: dict, target: Path, started: float, error: Exce
         msg = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:300]
         return {"file": job.filename, "format": job.fmt, "quantization": job.quantize, "error": msg}
     # An OpenVINO model is two files: its size counts both, its hash is that of the weights.
-    data = target.with_suffix(".bin") if job.fmt == "openvino" else target
+    data = hashed_file(target)
     return {"file": job.filename, "format": job.fmt, "quantization": job.quantize,
             "io_dtype": meta["input"]["dtype"], "size_mb": size_on_disk(target) / 1e6,
             "seconds": time.time() - started, "sha256": sha256_file(data),
