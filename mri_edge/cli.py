@@ -383,7 +383,7 @@ def demo(out, task, image_size, epochs, n_train, skip_export):
 
     run_dir, problems = run_guarded(run_demo, out, task, image_size, epochs, n_train, skip_export, log=echo,
                                     show=click.echo)
-    click.echo(f"\nproduced: {run_dir} (index page {run_dir / 'report.md'}; data in {Path(out) / 'data'})")
+    click.echo(f"\nproduced: {run_dir} (index page {RunFolder(run_dir).index_path}; data in {Path(out) / 'data'})")
     click.echo("next, on real data:\n"
                "  mri-edge data audit ../shared/data/brain-tumor-mri --task tumor\n"
                "  mri-edge train --task tumor --data-dir ../shared/data/brain-tumor-mri --image-size 64 \\\n"

@@ -111,6 +111,7 @@ def build(run_dirs: list, out, force: bool = False, log=print) -> dict:
         m["test_accuracy"] = _test_accuracy(m["run"])
     first = members[0]
     manifest = first["manifest"]
+    first["run"].check_preprocessing()  # the members share the record (checked above); decoded here
     quiet.import_tensorflow()  # before versions() imports Keras: its start-up lines stay hidden
     record = {"combine": "mean of the members' probabilities", "members": [
         {"run": str(m["run"].path.resolve()), "model_sha256": m["sha256"], "weights": m["config"].get("weights"),

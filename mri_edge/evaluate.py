@@ -38,6 +38,7 @@ def evaluate(run_dir, data_dir: str | None = None, dedup: str | None = None, log
     run.require_model()
     run.check_writable()  # before minutes of evaluation, not after
     saved, manifest = run.config(), run.manifest()
+    run.check_preprocessing()
     cfg = TrainConfig.from_saved(saved)
     root = Path(data_dir or manifest["root"])
     missing = [rel for rows in manifest["splits"].values() for rel, _ in rows if not (root / rel).is_file()]

@@ -264,10 +264,12 @@ def resize(img: np.ndarray, size: int, method: str | None = None) -> np.ndarray:
     return img[ys][:, xs]
 
 
-def check_contract(path: Path, meta: dict, allow_other_resize: bool = False) -> str:
+def check_contract(path: Path, meta: dict, allow_other_resize: bool = False,
+                   override: str | None = "--allow-other-resize") -> str:
     """The resize method to use for a model file, after checking its preprocessing record: the
     contract version this runtime implements, the input size, and a resize this machine can
-    run exactly (another one only when `allow_other_resize`)."""
+    run exactly (another one only when `allow_other_resize`; `override`: the option that allows
+    it, named in the error, None where a command has none)."""
     contract = meta.get("preprocessing")
     if not contract and Path(path).suffix != ".keras":  # an exported file carries its record
         raise RuntimeModelError(f"{path}: no preprocessing record in its metadata (not made by this mri-edge's "
@@ -285,8 +287,8 @@ def check_contract(path: Path, meta: dict, allow_other_resize: bool = False) -> 
     recorded, here = recorded_resize(contract), resize_method()
     if recorded != here and not allow_other_resize:
         raise RuntimeModelError(f"{path}: its preprocessing resizes with {recorded}, this machine only has {here} "
-                                "(pip install opencv-python-headless), or accept the difference with "
-                                "--allow-other-resize")
+                                "(pip install opencv-python-headless)"
+                                + (f", or accept the difference with {override}" if override else ""))
     return here
 
 

@@ -119,6 +119,16 @@ class RunFolder:
                     return found
         return []
 
+    def check_preprocessing(self) -> None:
+        """Refuse, before any image is decoded for this run's model here, a machine that cannot
+        resize as the run's preprocessing record says: evaluate, export, ensemble or a resumed
+        training would measure or train it on other pixels than it was trained on."""
+        from .preprocess import check_contract  # noqa: PLC0415
+
+        cfg = self.config()
+        check_contract(self.model_path, {"preprocessing": cfg.get("preprocessing"),
+                                         "input_size": [int(cfg["image_size"])] * 2}, override=None)
+
     def trust(self) -> dict | None:
         """trust.json (what `mri-edge calibrate` fitted), or None before calibration."""
         return read_json(self.trust_path, "trust record", ("temperature",)) if self.trust_path.is_file() else None

@@ -127,6 +127,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
         raise TrainError(f"--resume {resume}: that run already finished")
     cfg = TrainConfig.from_saved(saved)
     check_inputs(cfg)
+    run.check_preprocessing()  # its next epochs must see the pixels its first ones saw
     dataset = data.dataset_from_manifest(run.manifest())
     log(f"resuming {run.path}: phase {state['phase'] + 1}, after its epoch {state['epoch']}")  # as progress counts
     return run, cfg, dataset, state

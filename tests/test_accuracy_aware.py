@@ -374,7 +374,7 @@ def test_over_budget_only_scores_that_could_still_rank_first_are_completed():
 
 def test_the_tflite_search_scores_greedy_steps_in_chunks(monkeypatch):
     """The wiring: tflite_accuracy_aware hands score_until a function of the images it is given."""
-    from mri_edge.export import accuracy, tflite
+    from mri_edge.export import tflite
 
     stages = {s: {"nodes": [s], "mac_share": c, "param_share": c, "cost": c}
               for s, c in (("conv1", 0.1), ("conv2", 0.5), ("conv3", 0.4))}

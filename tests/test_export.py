@@ -12,7 +12,6 @@ from mri_edge.errors import MriEdgeError
 from mri_edge.export import graph, tflite
 from mri_edge.export import onnx as onnx_backend
 from mri_edge import backends, ov, runtime
-from mri_edge.errors import MriEdgeError
 from mri_edge.files import sha256_file
 from mri_edge.backends import open_model
 
@@ -283,6 +282,12 @@ def test_bn_scales_auto_keeps_the_variant_closer_to_keras_on_validation(small_de
     assert choice["images"] == n_val and {"per-tensor", "per-channel"} <= set(choice)
     assert meta["bn_scales"] == min(("per-tensor", "per-channel"), key=lambda k: choice[k]["mean_abs_dp"])
     assert result["bn_scales"] == meta["bn_scales"]
+    # the score it kept is the file's own, measured here against Keras on the validation images
+    from mri_edge.keras_model import validation_reference
+
+    ref, x = validation_reference(tmp_path / "run", lambda *_: None, with_images=True)
+    got = np.abs(open_model(path).run(x) - np.asarray(ref["probs"])).mean()
+    assert abs(got - choice[meta["bn_scales"]]["mean_abs_dp"]) < 1e-5
     # the file is the variant it names
     scales = [len(t.quantization.scale) for t in _bn_depthwise_weights(path)]
     assert len(scales) == 8 and all(n == 1 for n in scales) == (meta["bn_scales"] == "per-tensor")

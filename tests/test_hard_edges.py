@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mri_edge import data
 from mri_edge.cli import main
 from mri_edge.errors import MriEdgeError
-from mri_edge.run import RunFolder
+from mri_edge.run import RunError, RunFolder
 
 
 def invoke(*args):
@@ -42,7 +42,7 @@ def test_train_refuses_a_folder_that_is_not_its_run(synth_data, tmp_path):
     header_only.check_new_run()
     (header_only.path / "checkpoint.keras").write_bytes(b"x")
     (header_only.path / "state.json").write_text("{}")
-    with pytest.raises(Exception, match="unfinished run; continue it with"):
+    with pytest.raises(RunError, match="unfinished run; continue it with"):
         header_only.check_new_run(force=True)
 
 
@@ -484,6 +484,28 @@ def test_the_demo_writes_its_verdict_beside_the_run(tmp_path):
     write_summary(tmp_path, tmp_path / "run", [], False, 90.0)
     assert json.loads((tmp_path / "demo.json").read_text())["passed"] is True
     assert "every exported file passed its parity gate" in (tmp_path / "demo.md").read_text()
+
+
+def test_the_demo_collects_what_failed_and_exits_1_naming_it(tmp_path, monkeypatch):
+    from mri_edge import bench, calibrate, card, demo, export, verify
+    from mri_edge.errors import MriEdgeError
+
+    def refused(*a, **k):
+        raise MriEdgeError("refused here")
+
+    monkeypatch.setattr(export, "export_run", lambda *a, **k: ([], [{"file": "model_int8.onnx", "error": "boom"}]))
+    monkeypatch.setattr(export, "table", lambda results: "")
+    monkeypatch.setattr(calibrate, "calibrate_run", refused)
+    monkeypatch.setattr(verify, "verify_run", lambda *a, **k: {"failures": ["model_int8.tflite: agreement 0.90"]})
+    monkeypatch.setattr(verify, "summary_table", lambda out: "")
+    monkeypatch.setattr(bench, "bench", refused)
+    monkeypatch.setattr(card, "write_card", lambda run_dir: None)
+    problems = demo.downstream(tmp_path / "run", log=lambda *_: None, show=lambda *_: None)
+    assert problems == ["export of model_int8.onnx failed (boom)", "calibrate: refused here",
+                        "parity: model_int8.tflite: agreement 0.90", "bench: refused here"]
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: (tmp_path / "run", problems))
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 1 and "demo FAILED: export of model_int8.onnx failed (boom); calibrate" in res.output
 
 
 def test_a_write_clears_what_a_killed_write_of_the_same_file_left_behind(tmp_path):

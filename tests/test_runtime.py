@@ -189,8 +189,6 @@ def test_predict_accepts_path_bytes_and_array(micro_run, synth_data):
 
 
 def test_the_runtime_checks_the_preprocessing_contract(micro_run, synth_data, monkeypatch):
-    from mri_edge import preprocess
-
     path = micro_run / "exports" / "model_int8.tflite"
     meta = runtime.read_metadata(path)
     assert meta["preprocessing"]["resize_method"] == preprocess.OPENCV
@@ -211,6 +209,17 @@ def test_the_runtime_checks_the_preprocessing_contract(micro_run, synth_data, mo
     m = runtime.load(path, allow_other_resize=True)
     assert m.resize_method == preprocess.PILLOW
     assert m.predict(next(synth_data.rglob("*.jpg"))).label in m.class_names
+    # commands that decode images for the run's model.keras have no override: refused before any work
+    from click.testing import CliRunner
+
+    from mri_edge.cli import main
+
+    before = sorted(p.name for p in micro_run.rglob("*"))
+    for args in (["evaluate", str(micro_run)], ["export", str(micro_run), "--format", "tflite", "--quantize", "none"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1 and "resizes with opencv-area-linear, this machine only has pillow" in res.output
+        assert "--allow-other-resize" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert sorted(p.name for p in micro_run.rglob("*")) == before
 
 
 def test_bench_skips_the_rows_of_a_file_whose_runtime_is_missing(micro_run, monkeypatch, tmp_path):

@@ -66,7 +66,7 @@ def test_the_threshold_meets_its_risk_on_the_data_it_was_chosen_on_and_coverage_
     # nothing accepted has no error rate: the reports say n/a, not a perfect 0.0000
     assert trust.coverage_risk_text(none) == "0.000 / n/a"
     assert trust.coverage_risk_text(at, percent=True) == f"{at['coverage']:.1%} / {at['risk']:.2%}"
-    with pytest.raises(ValueError):
+    with pytest.raises(trust.TrustError, match="give exactly one of max_risk and coverage"):
         trust.choose_threshold(probs, labels)
 
 
@@ -130,8 +130,8 @@ def test_a_test_needs_enough_held_out_images_and_a_risk_target():
     labels[60] = 1  # an error inside the tie: the first cut (65 images, 1 error) fails
     assert trust.choose_threshold(probs, labels, max_risk=0.05, confidence=0.95) == trust.REFER_ALL
     assert trust.choose_threshold(probs, labels, max_risk=1.0, confidence=0.95) == 0.0
-    with pytest.raises(ValueError):
-        trust.choose_threshold(more, labels, coverage=0.9, confidence=0.95)
+    with pytest.raises(trust.TrustError, match="confidence goes with max_risk"):
+        trust.choose_threshold(probs, labels, coverage=0.9, confidence=0.95)
 
 
 def test_conformal_sets_reach_their_coverage_on_new_exchangeable_data():
@@ -512,7 +512,7 @@ def test_verify_reports_stored_calibration_and_explanation_parity(calibrated_run
     gated = verify_run(run, files=[run / "exports" / name], thresholds=Thresholds(min_explanation_corr=1.0),
                        log=lambda *_: None)
     reasons = gated["files"][name]["fail_reasons"]
-    assert (worst < 1.0) == any("explanations moved" in x for x in reasons), (worst, reasons)
+    assert worst < 1.0 and any("explanations moved" in x for x in reasons), (worst, reasons)
 
 
 def test_verify_fails_a_file_whose_familiarity_check_moved(calibrated_run, monkeypatch):
@@ -676,6 +676,7 @@ def test_shipped_files_carry_their_folders_trust_record():
     for folder in (REPO / "artifacts" / "tumor", REPO / "artifacts" / "alzheimer"):
         run = RunFolder(folder)
         record = run.trust()
+        assert record is not None and len(run.export_files()) >= 3, folder
         for f in run.export_files():
             if f.suffix == ".xml":
                 continue
@@ -807,3 +808,33 @@ def test_a_record_applies_only_to_the_model_it_names():
     assert not trust.fitted_for(record, None)  # a model of unknown hash cannot be matched
     assert not trust.fitted_for({"temperature": 2.0, "fitted_on": {}}, "a" * 64)
     assert not trust.fitted_for(None, "a" * 64)
+
+
+def test_a_store_that_fails_halfway_names_what_it_updated_and_calibrate_again_mends_it(calibrated_run, monkeypatch):
+    from mri_edge.backends import open_model
+    from mri_edge.calibrate import CalibrateError, calibrate_run
+    from mri_edge.config import CalibrateConfig
+    from mri_edge.export import pipeline
+    from mri_edge.run import RunFolder
+
+    run, _ = calibrated_run
+    record = (run / "trust.json").read_text()
+    real, written = pipeline.rewrite_metadata, []
+
+    def second_fails(path, meta):
+        if written:
+            raise OSError("disk full")
+        real(path, meta)
+        written.append(path.name)
+
+    monkeypatch.setattr(pipeline, "rewrite_metadata", second_fails)
+    cfg = CalibrateConfig(coverage=0.5, alpha=0.1, min_images=4)  # another record: every file is rewritten
+    with pytest.raises(CalibrateError, match="cannot store the calibration") as e:
+        calibrate_run(run, cfg, log=lambda *_: None)
+    assert f"disk full); updated so far: {written[0]}; fix it and run calibrate again" in str(e.value)
+    assert (run / "trust.json").read_text() == record  # the run's record stays the last one stored whole
+    monkeypatch.undo()
+    calibrate_run(run, cfg, log=lambda *_: None)
+    stored = json.loads((run / "trust.json").read_text())
+    assert stored["alpha"] == 0.1
+    assert all(open_model(f).trust.to_dict() == stored for f in RunFolder(run).export_files())

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,10 +96,14 @@ def test_predict_cli_on_odd_and_corrupt_images(exported_run, synth_data, tmp_pat
     assert res.exit_code == 0
     rec = json.loads(res.output.strip().splitlines()[-1])
     assert rec["label"] in rec["probabilities"] and len(rec["top_k"]) == 3
-    # The same image through Keras and ONNX gives the same label as int8 here (tiny model, so compare loosely).
+    # The same image through Keras (the run folder) and the fp32 ONNX file: the same answer
+    answers = []
     for m in (exported_run, exported_run / "exports" / "model_fp32.onnx"):
         res = CliRunner().invoke(main, ["predict", str(m), str(good), "--json"])
         assert res.exit_code == 0, res.output
+        answers.append(json.loads(res.output.strip().splitlines()[-1]))
+    assert answers[0]["label"] == answers[1]["label"]
+    assert all(abs(answers[0]["probabilities"][k] - p) < 1e-4 for k, p in answers[1]["probabilities"].items())
     res = CliRunner().invoke(main, ["predict", str(tmp_path / "nope.tflite"), str(good)])
     assert res.exit_code != 0
     # The interpreter's built-in kernels (--xnnpack off) round int8 otherwise but answer alike;
@@ -115,8 +120,10 @@ def test_predict_cli_on_odd_and_corrupt_images(exported_run, synth_data, tmp_pat
 def test_bench_quick_has_consistent_statistics(exported_run, tmp_path):
     model = exported_run / "exports" / "model_int8.tflite"
     onnx = exported_run / "exports" / "model_int8.onnx"
+    manifest = json.loads((exported_run / "split_manifest.json").read_text())
+    image = Path(manifest["root"]) / manifest["splits"]["test"][0][0]
     res = CliRunner().invoke(main, ["bench", str(model), str(onnx), "--batch", "1,2", "--threads", "1",
-                                    "--warmup", "1", "--runs", "8", "--out", str(tmp_path / "b")])
+                                    "--warmup", "1", "--runs", "8", "--out", str(tmp_path / "b"), "--image", str(image)])
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert out["schema_version"] == 1 and out["machine"]["cores"] >= 1
@@ -126,6 +133,11 @@ def test_bench_quick_has_consistent_statistics(exported_run, tmp_path):
         for key in ("load_s", "first_inference_ms", "mean_ms", "std_ms", "throughput_img_s", "peak_rss_added_mb",
                     "size_mb", "runtime_label"):
             assert key in r
+        assert r["runs"] == 8 and r["load_s"] > 0 and r["mean_ms"] > 0 and r["std_ms"] >= 0
+        assert r["throughput_img_s"] == pytest.approx(r["batch"] * 1e3 / r["p50_ms"])
+        assert r["size_mb"] == pytest.approx((model.parent / Path(r["model"]).name).stat().st_size / 1e6, abs=0.01)
+        # end to end (decode + resize + invoke) at batch 1, from the --image given
+        assert (r["e2e_p50_ms"] > 0) if r["batch"] == 1 else r["e2e_p50_ms"] is None
     runtimes = {s["runtime"] for s in out["skipped"]}
     assert "onnxruntime-cuda" in runtimes  # no GPU here: listed as skipped, not an error
     if ov.available(for_export=True):
@@ -142,8 +154,7 @@ def test_bench_quick_has_consistent_statistics(exported_run, tmp_path):
     assert "| same file |" in res.output and "| yes |" in res.output  # the same file, by its recorded hash
 
 
-def test_verify_on_the_validation_split_leaves_the_test_report_alone(exported_run):
-    before = (exported_run / "parity.json").read_bytes() if (exported_run / "parity.json").exists() else None
+def test_verify_on_the_validation_split_leaves_the_test_report_alone(exported_run, tmp_path):
     fp32 = exported_run / "exports" / "model_fp32.tflite"
     out = verify_run(exported_run, files=[fp32], split="val", log=lambda *_: None)
     val_dir = exported_run / "verify" / "val"
@@ -155,8 +166,15 @@ def test_verify_on_the_validation_split_leaves_the_test_report_alone(exported_ru
     assert "validation images" in (val_dir / "selected" / "parity.md").read_text()
     ref = json.loads((val_dir / "keras_predictions.json").read_text())
     assert ref["paths"] == [p for p, _ in manifest["splits"]["val"]]
-    after = (exported_run / "parity.json").read_bytes() if (exported_run / "parity.json").exists() else None
-    assert after == before
+    # every file, on the validation split: its report goes to verify/val/, the test split's stays as it was
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=lambda d, names: [n for n in names if Path(d).name == "exports"
+                                                                and n not in ("model_fp32.tflite", "exports.json")])
+    (run / "parity.json").write_text('{"the test report": 1}')
+    out = verify_run(run, split="val", explain_images=0, log=lambda *_: None)
+    assert out["files"].keys() == {"model_fp32.tflite"} and not out["selected_files_only"]
+    assert json.loads((run / "verify" / "val" / "parity.json").read_text())["split"] == "val"
+    assert (run / "parity.json").read_text() == '{"the test report": 1}'
     res = CliRunner().invoke(main, ["verify", str(exported_run), "--split", "val", "--dedup",
                                     str(exported_run / "split_manifest.json")])
     assert res.exit_code == 1 and "leave it out with --split val" in res.output

@@ -32,6 +32,7 @@ def load_run(run_dir: Path):
     run.check_writable(run.path, run.exports_dir)
     cfg, labels = run.config(), run.labels()
     run.manifest()  # calibration and the validation choice read it: damage is reported before any conversion
+    run.check_preprocessing()  # and decode their images for this model
     quiet.import_tensorflow()
     from ..model import load_model  # noqa: PLC0415
 
