@@ -24,7 +24,7 @@ from .config import GROUP_THRESHOLD, HASH_MAX_DISTANCE, PIXEL_MAD_THRESHOLD
 from .errors import MriEdgeError
 from .files import sha256_bytes
 from .integrity import image_format
-from .data import discover, find_splits, rel_path
+from .data import check_outside, discover, find_splits, rel_path
 from .progress import Progress
 
 
@@ -236,6 +236,8 @@ def ignored_files(root: Path, read: set[str]) -> list[str]:
 def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX_DISTANCE,
           mad_thr: float = PIXEL_MAD_THRESHOLD, log=print, group_threshold: float = GROUP_THRESHOLD) -> dict:
     root = Path(data_dir)
+    if out_dir:
+        check_outside(root, out_dir)
     items, names, split_names = _read(root, task)
     counts = defaultdict(Counter)
     for it in items:

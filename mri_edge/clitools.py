@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import click
 
@@ -188,18 +189,23 @@ def echo(msg: str) -> None:
     quiet.write_uncaptured(msg, lambda: click.echo(msg, err=True))  # past a converter's capture of fd 2
 
 
+# The most threads or images in a batch an option takes: far above any machine's cores, far below
+# what exhausts one (a thread count in the tens of thousands took the whole machine's processes).
+MAX_COUNT = 1024
+
+
 def int_list(ctx, param, value):
     try:
-        out = tuple(int(v) for v in str(value).split(",") if v.strip())
+        out = tuple(int(v) for v in str(value).split(","))
     except ValueError:
         raise click.BadParameter("expected a comma-separated list of integers, e.g. 1,2") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter("values must be >= 1")
+    if not 1 <= min(out) <= max(out) <= MAX_COUNT:
+        raise click.BadParameter(f"values must be between 1 and {MAX_COUNT}")
     return out
 
 
 VERBOSE_HELP = "Show TensorFlow, converter and runtime log lines (hidden by default)."
-THREADS = click.option("--threads", type=click.IntRange(1), default=None,
+THREADS = click.option("--threads", type=click.IntRange(1, MAX_COUNT), default=None,
                        help="CPU threads of each model's runtime (.keras: Keras' own) [default: every core this "
                             "process may use].")
 
@@ -211,9 +217,32 @@ def _verbose(ctx, param, value):
         set_verbose(True)  # after the group's own --verbose (or its absence) was applied
 
 
+KERAS_BACKENDS = ("tensorflow", "torch", "jax", "numpy", "openvino")
+
+
+def check_environment() -> None:
+    """The environment variables a command reads, refused in one line before it starts."""
+    if os.environ.get("MRI_EDGE_MAX_PIXELS"):
+        from .errors import MriEdgeError  # noqa: PLC0415
+
+        try:
+            from .preprocess import max_pixels  # noqa: PLC0415 (numpy: only when the variable is set)
+
+            max_pixels()
+        except MriEdgeError as e:
+            raise click.ClickException(str(e)) from None
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend and backend not in KERAS_BACKENDS:
+        raise click.ClickException(f"KERAS_BACKEND={backend}: Keras has no such backend ({', '.join(KERAS_BACKENDS)})")
+
+
 class Main(click.Group):
     """A group whose commands, and its groups' commands, take --verbose too, after their name,
     where users put it (`mri-edge predict --verbose ...`)."""
+
+    def invoke(self, ctx):
+        check_environment()  # after --help and --version, before any command
+        return super().invoke(ctx)
 
     def add_command(self, cmd, name=None):
         if not isinstance(cmd, click.Group) and all(p.name != "verbose" for p in cmd.params):

@@ -90,10 +90,15 @@ class Dataset:
 
 def rel_path(p: str, root: Path) -> str:
     """An image's path inside its dataset folder (a link keeps its own: resolved, it may leave it)."""
-    for path, base in ((Path(p).absolute(), root.absolute()), (Path(p).resolve(), root.resolve())):
-        with contextlib.suppress(ValueError):
-            return str(path.relative_to(base))
-    return str(Path(p).resolve())
+    with contextlib.suppress(ValueError):
+        return str(Path(p).absolute().relative_to(root.absolute()))
+    try:
+        path = Path(p).resolve()
+    except (OSError, RuntimeError):  # a link that leads to itself: named by its own path
+        return str(Path(p).absolute())
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(root.resolve()))
+    return str(path)
 
 
 def find_splits(data_dir: str | Path) -> dict[str, Path]:
@@ -116,6 +121,17 @@ def find_splits(data_dir: str | Path) -> dict[str, Path]:
     return found
 
 
+def check_outside(data_dir: str | Path, out: str | Path, option: str = "--out") -> None:
+    """Refuse an output folder inside the dataset's split folders: what a command writes there
+    (plots, reports, a model) would be read back as images of a class by the next one."""
+    splits = find_splits(data_dir)
+    where = Path(out).resolve()
+    for split in splits.values():
+        if where.is_relative_to(split.resolve()):
+            raise DataError(f"{option} {out} is inside the dataset's {split.name} folder: its files would be read "
+                            "as images of a class; write it elsewhere")
+
+
 # Files and folders that are never images of a dataset: OS and tool debris.
 JUNK_NAMES = {"__macosx", "thumbs.db", "desktop.ini", ".ds_store", "__pycache__"}
 
@@ -131,8 +147,13 @@ def is_junk(rel: Path) -> bool:
 
 
 def list_images(class_dir: Path) -> list[Path]:
-    """Image files under a class folder, at any depth; junk (see is_junk) is ignored."""
-    return sorted(p for p in class_dir.rglob("*") if p.is_file() and not is_junk(p.relative_to(class_dir)))
+    """Image files under a class folder, at any depth; junk (see is_junk) is ignored. A folder
+    that cannot be listed is an error: rglob passes over it, and its images would be left out."""
+    found = list(class_dir.rglob("*"))
+    for d in [class_dir, *(p for p in found if p.is_dir() and not is_hidden(p.relative_to(class_dir)))]:
+        if not os.access(d, os.R_OK | os.X_OK):
+            raise DataError(f"{d}: cannot be read (permission denied); its images would be left out of the dataset")
+    return sorted(p for p in found if p.is_file() and not is_junk(p.relative_to(class_dir)))
 
 
 def scan_split(split_dir: Path, task: str) -> tuple[list[str], list[str], list[str], list[int]]:
@@ -163,14 +184,15 @@ def per_class_indices(labels, seed: int) -> tuple[dict[int, np.ndarray], np.rand
     return {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}, rng
 
 
-def stratified_carve(paths: list[str], labels: list[int], fraction: float, seed: int):
+def stratified_carve(paths: list[str], labels: list[int], fraction: float, seed: int, names: list[str] | None = None):
     """Split off `fraction` of each class (at least one image per class), reproducibly."""
     if not 0 < fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
     held = np.zeros(len(paths), bool)
     for c, idx in per_class_indices(labels, seed)[0].items():
         if len(idx) < 2:
-            raise DataError(f"class {c} has {len(idx)} training image(s); cannot carve a validation split")
+            raise DataError(f"class {repr(names[c]) if names else c} has {len(idx)} training image(s): a validation "
+                            "split cannot be carved from it (it needs at least 2)")
         held[idx[:max(1, int(round(fraction * len(idx))))]] = True
     return split_off(paths, labels, held)
 
@@ -244,7 +266,7 @@ def discover(data_dir: str | Path, task: str, val_fraction: float = TrainConfig.
         carved = True
     else:
         splits["train"], splits["val"] = stratified_carve(
-            per_split["train"].paths, per_split["train"].labels, val_fraction, seed
+            per_split["train"].paths, per_split["train"].labels, val_fraction, seed, names
         )
         carved, how = True, {"method": "random", "fraction": val_fraction}
     if "test" in per_split:

@@ -43,8 +43,10 @@ def prepare(out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise DemoError(f"--out {out} is not empty and not a demo folder; choose another --out")
-        if (out / "run").exists():
-            raise DemoError(f"{out} already holds a demo run; remove it or pass another --out")
+        if RunFolder(out / "run").model_path.is_file():
+            raise DemoError(f"{out} already holds a finished demo run; remove it or pass another --out")
+        if (out / "run").exists():  # an interrupted demo's run (the marker says the folder is ours): begun again
+            shutil.rmtree(out / "run")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by `mri-edge demo`\n")
     data_dir = out / "data"

@@ -193,6 +193,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     from . import preprocess, report, trust  # noqa: PLC0415
     from .backends import open_model  # noqa: PLC0415
     from .predict import calibration_text, notes, single_sets_text  # noqa: PLC0415
+    from .progress import Progress  # noqa: PLC0415
 
     model = open_model(model_path, threads=threads)
     if method == "gradcam" and Path(model.path).suffix != ".keras":
@@ -200,12 +201,9 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                            "--method occlusion (the same method verify compares across files)")
     out_dir = Path(out_dir)
     rows, failed, used, pngs = [], list(unmatched), set(), {}
-    for src in images:
-        try:
-            decoded = preprocess.load_image(src)  # decoded once, as it is: predict's checks look at it so
-        except preprocess.ImageError as e:  # the message names the file
-            failed.append({"image": str(src), "error": str(e)})
-            continue
+
+    def explain_one(src) -> None:
+        decoded = preprocess.load_image(src)  # decoded once, as it is: predict's checks look at it so
         # the answer as `predict` gives it: calibrated, referred or not. It runs the image once
         # more than the occlusion batch's first row does (1 of grid**2 + 1 runs), for the features
         # and warnings that predict's checks need and run_batch does not return
@@ -244,6 +242,20 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
                      "uncertain": pred.uncertain, "warnings": pred.warnings,
                      "prediction_set": pred.prediction_set, "set_coverage": pred.set_coverage,
                      "map_max": round(float(heat.max()), 6), "map": heat.astype(np.float64).round(5).tolist()})
+
+    interrupted = False
+    with Progress(len(images), f"explain ({method}) on {len(images)} image(s)") as bar:
+        for src in images:
+            try:
+                explain_one(src)
+            except preprocess.ImageError as e:  # the message names the file
+                failed.append({"image": str(src), "error": str(e)})
+            except KeyboardInterrupt:  # the overlays finished so far are written with their report, then it stops
+                if not rows:
+                    raise
+                interrupted = True
+                break
+            bar.update()
     if not rows:
         why = "; ".join(f["error"] for f in failed[:3]) + (f"; {len(failed) - 3} more" if len(failed) > 3 else "")
         raise ExplainError(f"no image could be read ({why})" if failed else "no image given")
@@ -256,6 +268,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     # sets that say no more than the answer are not shown (`Trust.sets_single`); the note says so
     sets_note = single_sets_text(model.trust) if model.trust and model.trust.sets_single else None
     out = {"model": str(model.path), "runtime": model.runtime_name, "method": method, "sets_note": sets_note,
+           "interrupted": interrupted,
            "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
     md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
           + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
@@ -276,14 +289,18 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
               + [peak_text(method, r["map_max"], short=True), *notes(r, model)] for r in rows]), ""]
     if failed:
         md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]
+    if interrupted:
+        md += [f"Interrupted after {len(rows) + len(failed) - len(unmatched)} of {len(images)} images.", ""]
     md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]
     with quiet.signals_deferred():  # overlays and the report that describes them change together
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, png in pngs.items():
-            atomic_write_bytes(out_dir / name, png)
+        for name in (r["png"] for r in rows):
+            atomic_write_bytes(out_dir / name, pngs[name])
         report.write_json(out_dir / "explain.json", out)
         report.write_text(out_dir / "explain.md", "\n".join(md))
         for name in earlier:
             if isinstance(name, str) and Path(name).name == name and name.endswith(".png"):  # only a file of ours
                 (out_dir / name).unlink(missing_ok=True)
+    if interrupted:
+        raise KeyboardInterrupt
     return out

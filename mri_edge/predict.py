@@ -54,7 +54,11 @@ def expand_inputs(items) -> Inputs:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out.paths += folder_images(p, out)
+            images = folder_images(p, out)
+            if not images:  # a failed row, as a pattern that matches nothing: never dropped unsaid
+                out.unmatched.append({"image": str(item), "error": f"{item}: a folder with no image file "
+                                      f"({', '.join(sorted(preprocess.IMAGE_SUFFIXES))})"})
+            out.paths += images
         elif p.exists() or p.is_symlink():
             out.paths.append(p)  # (a broken link: said so when it is read)
         else:

@@ -26,13 +26,6 @@ from .integrity import RuntimeModelError, image_format
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# A decompression bomb (tiny file, giant canvas) is refused before decoding: PNG and JPEG from
-# their headers here, other formats from the header Pillow reads when it opens a file (lazily).
-# OpenCV's own header check gets the same cap when this module is imported before cv2 (OpenCV
-# reads its limit when it loads): it covers a machine without Pillow.
-MAX_PIXELS = int(os.environ.get("MRI_EDGE_MAX_PIXELS", 50_000_000))
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
-
 # Bump when decoding (not resizing or the model's input) changes: decoded-image caches are rebuilt.
 DECODE_VERSION = 2
 
@@ -52,6 +45,22 @@ RESIZE_TEXT = {OPENCV: "stretch to square, OpenCV INTER_AREA (downscale) / INTER
 
 class ImageError(MriEdgeError, ValueError):
     """An input could not be turned into an image (corrupt, truncated, too large, not an image)."""
+
+
+def max_pixels(default: int = 50_000_000) -> int:
+    """The decoded-image cap: MRI_EDGE_MAX_PIXELS, a whole number above 0, else the default."""
+    raw = os.environ.get("MRI_EDGE_MAX_PIXELS", "").strip()
+    if raw and not (raw.isdigit() and int(raw) > 0):
+        raise ImageError(f"MRI_EDGE_MAX_PIXELS={raw}: must be a whole number of pixels above 0 (default {default:,})")
+    return int(raw) if raw else default
+
+
+# A decompression bomb (tiny file, giant canvas) is refused before decoding: PNG and JPEG from
+# their headers here, other formats from the header Pillow reads when it opens a file (lazily).
+# OpenCV's own header check gets the same cap when this module is imported before cv2 (OpenCV
+# reads its limit when it loads): it covers a machine without Pillow.
+MAX_PIXELS = max_pixels()
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
 
 def contract(image_size: int) -> dict:
@@ -316,6 +325,8 @@ def load_image(source, size: int | None = None, method: str | None = None) -> np
         img = decode_bytes(bytes(source))
     elif isinstance(source, (str, Path)):
         p = Path(source)
+        if p.exists() and not p.is_file() and not p.is_dir():  # read, a pipe waits and a device never ends
+            raise ImageError(f"{p}: not a regular file (a device, pipe or socket)")
         try:
             data = p.read_bytes()
         except OSError as e:

@@ -175,6 +175,7 @@ def pretrain(cfg: PretrainConfig, log=print, force: bool = False) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     _check_out(out, force)
+    data.check_outside(cfg.data_dir, out)
     from .distill import weights_seen  # noqa: PLC0415
     from .quiet import import_tensorflow  # noqa: PLC0415
     from .data import limit_split  # noqa: PLC0415

@@ -174,6 +174,7 @@ class RunFolder:
         file changed in place (calibrate's record, --add-features: `export.pipeline.index_new_bytes`)."""
         from .report import write_json  # noqa: PLC0415
 
+        self.exports_dir.mkdir(exist_ok=True)  # an export whose every file failed leaves none behind it
         write_json(self.exports_index_path, index)
 
     @contextlib.contextmanager

@@ -99,6 +99,7 @@ def _open_run(cfg: TrainConfig, resume: str | None, force: bool, log, chief: boo
     if not resume:
         check_inputs(cfg)
         run = RunFolder(cfg.out if cfg.out else default_run_dir(cfg.task))
+        data.check_outside(cfg.data_dir, run.path)
         if chief:
             run.check_new_run(force)
         split_seed = carve_seed(cfg)

@@ -299,14 +299,14 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
     parity_json, parity_md = run.parity_paths(split, selected)
     report_dir = parity_json.parent
     plot_dir = report_dir if selected else run.verify_dir(split)
+    files = [Path(f) for f in files] if files else find_exports(run_dir)
+    if not files:
+        raise VerifyError(f"no exported files in {run.exports_dir}; run `mri-edge export {run_dir}` first")
     plot_dir.mkdir(parents=True, exist_ok=True)
     ref = test_ref if split == "test" else validation_reference(run_dir, log)[0]
     names = ref["class_names"]
     labels = np.asarray(ref["labels"])
     keras_probs = np.asarray(ref["probs"], np.float32)
-    files = [Path(f) for f in files] if files else find_exports(run_dir)
-    if not files:
-        raise VerifyError(f"no exported files in {run_dir / 'exports'}; run `mri-edge export {run_dir}` first")
     clean = None
     if dedup:
         from . import audit  # noqa: PLC0415

@@ -49,9 +49,18 @@ def test_help_does_not_import_heavy_libraries():
     (["calibrate", "x", "--alpha", "nan"], "'nan' is not a finite number"),
     (["data", "audit", "x", "--pixel-threshold", "nan"], "'nan' is not a finite number"),
     (["bench", "x", "--seconds", "nan"], "'nan' is not a finite number"),
+    # counts that would take the machine's processes or memory; an empty list item
+    (["bench", "x", "--threads", "100000"], "values must be between 1 and 1024"),
+    (["bench", "x", "--threads", "1,,2"], "comma-separated"),
+    (["predict", "m.tflite", "x.jpg", "--threads", "100000"], "100000 is not in the range 1<=x<=1024"),
+    # the environment a command reads, refused before it starts
+    ({"MRI_EDGE_MAX_PIXELS": "abc"}, "MRI_EDGE_MAX_PIXELS=abc: must be a whole number of pixels above 0"),
+    ({"MRI_EDGE_MAX_PIXELS": "-1"}, "MRI_EDGE_MAX_PIXELS=-1: must be a whole number"),
+    ({"KERAS_BACKEND": "bogus"}, "KERAS_BACKEND=bogus: Keras has no such backend"),
 ])
 def test_bad_input_is_one_line_error(args, message):
-    res = CliRunner().invoke(main, args)
+    env = args if isinstance(args, dict) else {}
+    res = CliRunner(env=env).invoke(main, ["predict", "m.tflite", "x.jpg"] if env else args)
     assert res.exit_code != 0
     assert message in res.output
     assert "Traceback" not in res.output

@@ -335,7 +335,7 @@ def test_a_config_made_in_python_keeps_the_bounds_of_the_command_line(synth_data
         PretrainConfig(task="tumor", data_dir=str(synth_data), out=str(tmp_path / "p"), temperature=0)
 
 
-def test_audit_reads_a_dataset_of_linked_images(tmp_path):
+def test_audit_reads_a_dataset_of_linked_images(tmp_path, monkeypatch):
     from mri_edge.synth import write_dataset
 
     real = write_dataset(tmp_path / "real", "tumor", n_train=3, n_test=2, size=48)
@@ -347,8 +347,11 @@ def test_audit_reads_a_dataset_of_linked_images(tmp_path):
             target.symlink_to(image)
         except OSError:
             pytest.skip("this file system has no symbolic links")
-    res = invoke("data", "audit", linked, "--task", "tumor", "--out", tmp_path / "a")
+    (linked / "Training" / "notumor" / "self.jpg").symlink_to("self.jpg")  # a link to itself: named, not a crash
+    monkeypatch.chdir(tmp_path)  # a relative data folder, as typed
+    res = invoke("data", "audit", "linked", "--task", "tumor", "--out", tmp_path / "a")
     assert res.exit_code == 0, res.output
+    assert "Training/notumor/self.jpg" in (tmp_path / "a" / "audit.md").read_text()
     # no near-duplicate pair to draw: no PNG, and neither the output nor audit.md names one
     assert not (tmp_path / "a" / "duplicate_pairs.png").exists() and "duplicate_pairs.png" not in res.output
     assert "duplicate_pairs.png" not in (tmp_path / "a" / "audit.md").read_text()
@@ -396,8 +399,10 @@ def test_explain_keeps_one_overlay_per_image_when_names_repeat_and_predict_names
     assert "3 file(s) not read, not images by their suffix (IM0001, NOTES, readme.txt)" in res.stderr
     (tmp_path / "s").mkdir()
     shutil.copy(src, tmp_path / "s" / "IM0001")
-    res = invoke("predict", model, tmp_path / "s")  # only files without a suffix: the note comes with the refusal
-    assert res.exit_code == 1 and "1 file(s) not read" in res.output and "no image files matched" in res.output
+    res = invoke("predict", model, tmp_path / "s")  # only files without a suffix: the note comes with the failed row
+    assert res.exit_code == 1 and "1 file(s) not read" in res.output and "a folder with no image file" in res.output
+    res = invoke("predict", model, tmp_path / "s", tmp_path / "a" / "scan.jpg")  # beside an image: a failed row too
+    assert res.exit_code == 1 and "1 classified, 1 failed" in res.stdout and "a folder with no image file" in res.stdout
     res = invoke("predict", model, tmp_path / "a" / "IM0001")  # named, it is read
     assert res.exit_code == 0 and "1 classified, 0 failed" in res.stdout
     # a file name that is not UTF-8 is written escaped into the Markdown report
@@ -606,3 +611,74 @@ def test_a_lock_refused_touches_nothing_of_its_holder(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_output_folder_inside_the_dataset_is_refused_before_anything_is_written(synth_data, tmp_path):
+    inside = synth_data / "Training" / "glioma" / "out"
+    for args in (("data", "audit", synth_data, "--out", inside),
+                 ("train", "--task", "tumor", "--data-dir", synth_data, "--weights", "none", "--out", inside),
+                 ("pretrain", "--task", "tumor", "--data-dir", synth_data, "--out", inside)):
+        res = invoke(*args)
+        assert res.exit_code == 1 and "is inside the dataset's Training folder" in res.output, res.output
+        assert not inside.exists()
+
+
+def test_an_interrupted_explain_writes_the_overlays_it_finished_with_their_report(micro_run, tmp_path, monkeypatch):
+    from mri_edge import explain
+
+    manifest = RunFolder(micro_run).manifest()
+    images = [f"{manifest['root']}/{rel}" for rel, _ in manifest["splits"]["test"][:3]]
+    real, calls = explain.occlusion, []
+
+    def stopped_on_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(explain, "occlusion", stopped_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        explain.explain_images(micro_run / "exports" / "model_int8.tflite", images, tmp_path / "x", grid=2,
+                               log=lambda *_: None)
+    out = json.loads((tmp_path / "x" / "explain.json").read_text())
+    assert out["interrupted"] and [r["image"] for r in out["images"]] == images[:1]
+    assert sorted(p.name for p in (tmp_path / "x").glob("*.png")) == [out["images"][0]["png"]]
+    assert "Interrupted after 1 of 3 images" in (tmp_path / "x" / "explain.md").read_text()
+
+
+def test_a_demo_folder_is_begun_again_after_an_interrupt_and_a_finished_one_is_kept(tmp_path):
+    from mri_edge.demo import DemoError, prepare
+
+    out = tmp_path / "demo"
+    prepare(out)
+    (out / "run").mkdir()
+    (out / "run" / "state.json").write_text("{}")  # interrupted in training: no model.keras
+    assert prepare(out) == out / "data" and not (out / "run").exists()
+    (out / "run").mkdir()
+    (out / "run" / "model.keras").write_bytes(b"x")
+    with pytest.raises(DemoError, match="already holds a finished demo run"):
+        prepare(out)
+    assert (out / "run" / "model.keras").is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(DemoError, match="not empty and not a demo folder"):
+        prepare(tmp_path / "other")
+
+
+def test_a_failed_or_interrupted_first_export_or_verify_leaves_no_empty_folder(micro_run, tmp_path, monkeypatch):
+    from mri_edge.export import export_run, pipeline
+    from mri_edge.verify import VerifyError, verify_run
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("exports", "verify", "parity.*"))
+    with pytest.raises(VerifyError, match="no exported files"):
+        verify_run(run, log=lambda *_: None)
+    assert not (run / "verify").exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "calibration_set", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run, ("tflite",), ("int8",), "uint8", calib_size=4, log=lambda *_: None)
+    assert not (run / "exports").exists()

@@ -61,6 +61,16 @@ def test_garbage_is_an_image_error(data):
         load_image(data)
 
 
+def test_a_pipe_or_device_named_as_an_image_is_refused_unread(tmp_path):
+    import os
+
+    fifo = tmp_path / "scan.jpg"
+    os.mkfifo(fifo)  # read, it would wait for a writer forever
+    for path in (fifo, "/dev/zero"):  # read, it would never end
+        with pytest.raises(ImageError, match="not a regular file"):
+            load_image(path)
+
+
 def test_truncated_jpeg_is_refused():
     data = encode(Image.fromarray(RGB), "JPEG")
     with pytest.raises(ImageError):

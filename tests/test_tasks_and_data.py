@@ -258,3 +258,13 @@ def test_training_objective_smooths_labels_and_decays_weights():
     expected = -(target * np.log(p)).sum()
     assert float(keras.ops.convert_to_numpy(smooth["loss"](y, p))) == pytest.approx(expected, rel=1e-5)
     assert float(keras.ops.convert_to_numpy(plain["loss"](y, p))) == pytest.approx(-np.log(0.7), rel=1e-5)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_a_smaller_dataset(synth_data, monkeypatch):
+    from pathlib import Path
+
+    locked = synth_data / "Training" / "glioma"
+    real = os.access
+    monkeypatch.setattr(data.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))  # root reads all
+    with pytest.raises(data.DataError, match="glioma: cannot be read \\(permission denied\\)"):
+        data.discover(synth_data, "tumor")

@@ -838,3 +838,25 @@ def test_a_store_that_fails_halfway_names_what_it_updated_and_calibrate_again_me
     stored = json.loads((run / "trust.json").read_text())
     assert stored["alpha"] == 0.1
     assert all(open_model(f).trust.to_dict() == stored for f in RunFolder(run).export_files())
+
+
+def test_calibrate_refuses_a_reference_made_from_another_model_before_any_work(micro_run, tmp_path, monkeypatch):
+    from mri_edge import calibrate
+    from mri_edge.backends import read_metadata
+    from mri_edge.export import rewrite_metadata
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    other = tmp_path / "other.tflite"
+    shutil.copy(run / "exports" / "model_int8.tflite", other)
+    rewrite_metadata(other, {**read_metadata(other), "source_model_sha256": "f" * 64})
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.setattr(calibrate, "held_out_rows", lambda *a, **k: pytest.fail("read the held-out images"))
+    res = CliRunner().invoke(main, ["calibrate", str(run), "--reference", str(other)])
+    assert res.exit_code == 1 and "not this run's model (made from another model.keras)" in res.output, res.output
+    for ref, why in ((run / "labels.json", "not a model file"), (shutil.copy(run / "exports" / "model_fp32.tflite",
+                                                                               tmp_path / "model_fp32.tflite"),
+                                                                   "has the name of one of the run's files")):
+        res = CliRunner().invoke(main, ["calibrate", str(run), "--reference", str(ref)])
+        assert res.exit_code == 1 and why in res.output, res.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -124,6 +124,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     model = deployment_graph(model)
     size = int(cfg["image_size"])
     out_dir = run.exports_dir
+    made_dir = not out_dir.is_dir()
     out_dir.mkdir(exist_ok=True)
     model_sha = sha256_file(run.model_path)
     base_meta = {
@@ -217,6 +218,8 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
+        if made_dir and not any(out_dir.iterdir()):  # an interrupted first export leaves no empty exports/
+            out_dir.rmdir()
     order = {j.filename: i for i, j in enumerate(jobs)}
     results.sort(key=lambda r: order[r["file"]])
     failures.sort(key=lambda r: order[r["file"]])
