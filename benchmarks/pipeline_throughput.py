@@ -56,7 +56,7 @@ def measure(args) -> dict:
     dec = data.decode_split(data.discover(args.data_dir, "tumor").splits["train"], args.image_size)
     n = min(len(dec.labels), bs * args.steps)
     images, labels = dec.images[:n], dec.labels[:n]
-    batches = feed.make_batches(images, labels, 4, bs, shuffle=True, sample_weights=data.class_weights(labels, 4),
+    batches = feed.make_batches(images, labels, 4, bs, shuffle=True, sample_weights=feed.class_weights(labels, 4),
                                 mixup=0.2 if args.path == "for_fit+mixup" else 0.0)
     net = build_model(4, args.image_size, "none")
     set_phase(net, "finetune", "all", freeze_bn=False)  # the Alzheimer recipe's fine-tune phase, as train compiles it

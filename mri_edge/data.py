@@ -383,29 +383,3 @@ def decode_split(split: Split, image_size: int, cache_dir: Path | None = None,
     except OSError:
         pass  # caching is an optimisation; a read-only home must not stop training
     return out
-
-
-CLASS_WEIGHT_MODES = ("balanced", "sqrt", "none")
-
-
-def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") -> dict[int, float]:
-    """Class weights from scikit-learn's balanced weights (classes absent from labels get 1.0).
-
-    "sqrt" takes their square root: with a 49:1 imbalance (Alzheimer: 2304 no-dementia,
-    47 moderate training images) balanced weights put ~25x on each moderate image, so
-    one image dominates the gradient of most batches. "none" weighs every image alike.
-    """
-    from sklearn.utils.class_weight import compute_class_weight  # noqa: PLC0415
-
-    if mode not in CLASS_WEIGHT_MODES:
-        raise DataError(f"class weights must be one of {', '.join(CLASS_WEIGHT_MODES)}, got {mode!r}")
-    present = np.unique(labels)
-    w = compute_class_weight("balanced", classes=present, y=labels)
-    if mode == "sqrt":
-        w = np.sqrt(w)
-    elif mode == "none":
-        w = np.ones_like(w)
-    out = {i: 1.0 for i in range(num_classes)}
-    out.update({int(c): float(x) for c, x in zip(present, w)})
-    return out
-

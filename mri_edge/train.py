@@ -255,7 +255,7 @@ def _train_opened(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, state
 def _batches(cfg: TrainConfig, dec: dict, log, dist=None, teacher=None):
     """(training batches: class weights, the teacher's targets; validation batches: labels alone), this worker's part."""
     names = cfg.class_names
-    weights = data.class_weights(dec["train"].labels, len(names), cfg.class_weight)
+    weights = feed.class_weights(dec["train"].labels, len(names), cfg.class_weight)
     log(f"class weights ({cfg.class_weight}): " + ", ".join(f"{names[i]} {w:.2f}" for i, w in weights.items()))
     shard = (dist.worker_index, dist.workers) if dist else (0, 1)
     return (feed.make_batches(dec["train"].images, dec["train"].labels, len(names), cfg.batch_size, shuffle=True,

@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from mri_edge import data
+from mri_edge import data, feed
+from mri_edge.errors import MriEdgeError
 from mri_edge.tasks import TaskError, resolve_classes
 
 
@@ -166,18 +167,18 @@ def test_decode_cache_is_reused(tmp_path):
 
 def test_class_weights_are_balanced():
     labels = np.array([0] * 30 + [1] * 10)
-    w = data.class_weights(labels, 3)
+    w = feed.class_weights(labels, 3)
     assert w[0] == pytest.approx(40 / (2 * 30)) and w[1] == pytest.approx(40 / (2 * 10)) and w[2] == 1.0
 
 
 def test_class_weight_modes():
     labels = np.array([0] * 98 + [1] * 2)
-    assert data.class_weights(labels, 3)[1] == pytest.approx(25.0)
-    sq = data.class_weights(labels, 3, "sqrt")
+    assert feed.class_weights(labels, 3)[1] == pytest.approx(25.0)
+    sq = feed.class_weights(labels, 3, "sqrt")
     assert sq[1] == pytest.approx(5.0) and sq[0] == pytest.approx((100 / 196) ** 0.5) and sq[2] == 1.0
-    assert data.class_weights(labels, 3, "none") == {0: 1.0, 1: 1.0, 2: 1.0}
-    with pytest.raises(data.DataError, match="balanced, sqrt, none"):
-        data.class_weights(labels, 3, "inverse")
+    assert feed.class_weights(labels, 3, "none") == {0: 1.0, 1: 1.0, 2: 1.0}
+    with pytest.raises(MriEdgeError, match="balanced, sqrt, none"):
+        feed.class_weights(labels, 3, "inverse")
 
 
 def test_mixup_blends_images_labels_and_weights_with_one_weight_per_batch():
