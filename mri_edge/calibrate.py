@@ -60,10 +60,10 @@ def checked_reference(run: RunFolder, files: list[Path], ref: Path) -> Path:
     try:
         check_model_file(ref, MODEL_SUFFIXES, "a model file")
         made_from = sha256_file(ref) if ref.suffix == ".keras" else read_metadata(ref).get("source_model_sha256")
-        runs = {sha256_file(run.model_path)} if run.model_path.is_file() else \
-            {read_metadata(f).get("source_model_sha256") for f in files}
     except RuntimeModelError as e:
         raise CalibrateError(f"--reference {e}") from None
+    runs = {sha256_file(run.model_path)} if run.model_path.is_file() else \
+        {read_metadata(f).get("source_model_sha256") for f in files}  # (a damaged file: named in one line)
     if made_from is None or made_from not in runs:
         raise CalibrateError(f"--reference {ref}: not this run's model (made from another model.keras); its record "
                              "would go into this run's files: give the run's model.keras or one of its own files")
@@ -125,11 +125,11 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
     require(("matplotlib",), "mri-edge calibrate")  # its plots, written after every file's record
     if cfg.foreign:  # before any work: a typo here would otherwise fail after minutes
         familiar.check_foreign(cfg.foreign)
+    files = run.export_files()
+    ref_path = reference_model(run, files, reference)  # before a split manifest is rebuilt or an image read
     manifest = split_manifest(run, data_dir, log)
     root = Path(manifest["root"])
     names = manifest["class_names"]
-    files = run.export_files()
-    ref_path = reference_model(run, files, reference)  # before the held-out images are read
     donor = borrowed(manifest, cfg, log) if cfg.from_run else None
     keep, held = ([], donor[1]) if donor else held_out_rows(manifest, cfg, log)
     source_sha = source_model_sha256(run, ref_path)

@@ -240,9 +240,10 @@ class Main(click.Group):
     """A group whose commands, and its groups' commands, take --verbose too, after their name,
     where users put it (`mri-edge predict --verbose ...`)."""
 
-    def invoke(self, ctx):
-        check_environment()  # after --help and --version, before any command
-        return super().invoke(ctx)
+    def resolve_command(self, ctx, args):
+        if not {"-h", "--help"} & set(args):  # a command's help is shown whatever the environment
+            check_environment()
+        return super().resolve_command(ctx, args)
 
     def add_command(self, cmd, name=None):
         if not isinstance(cmd, click.Group) and all(p.name != "verbose" for p in cmd.params):

@@ -146,13 +146,16 @@ def is_junk(rel: Path) -> bool:
     return is_hidden(rel) or rel.suffix.lower() not in preprocess.IMAGE_SUFFIXES
 
 
-def list_images(class_dir: Path) -> list[Path]:
+def list_images(class_dir: Path, unlisted: list[Path] | None = None) -> list[Path]:
     """Image files under a class folder, at any depth; junk (see is_junk) is ignored. A folder
-    that cannot be listed is an error: rglob passes over it, and its images would be left out."""
+    that cannot be listed (rglob passes over it) is an error, since its images would be left out
+    of a dataset, or goes into `unlisted` when given (predict's folders)."""
     found = list(class_dir.rglob("*"))
     for d in [class_dir, *(p for p in found if p.is_dir() and not is_hidden(p.relative_to(class_dir)))]:
         if not os.access(d, os.R_OK | os.X_OK):
-            raise DataError(f"{d}: cannot be read (permission denied); its images would be left out of the dataset")
+            if unlisted is None:
+                raise DataError(f"{d}: cannot be read (permission denied); its images would be left out of the dataset")
+            unlisted.append(d)
     return sorted(p for p in found if p.is_file() and not is_junk(p.relative_to(class_dir)))
 
 

@@ -40,18 +40,19 @@ RECIPE = Recipe()
 
 def prepare(out: Path) -> Path:
     """The demo folder, made or reused (only when a demo made it), and its data folder."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise DemoError(f"--out {out} is not empty and not a demo folder; choose another --out")
-        if RunFolder(out / "run").model_path.is_file():
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise DemoError(f"--out {out} is not empty and not a demo folder; choose another --out")
+    run = RunFolder(out / "run")
+    with run.lock("demo"):  # a demo training here now holds its run: refused, and nothing is removed
+        if run.model_path.is_file():
             raise DemoError(f"{out} already holds a finished demo run; remove it or pass another --out")
-        if (out / "run").exists():  # an interrupted demo's run (the marker says the folder is ours): begun again
-            shutil.rmtree(out / "run")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by `mri-edge demo`\n")
-    data_dir = out / "data"
-    if data_dir.exists():
-        shutil.rmtree(data_dir)  # phantoms of an interrupted demo (the marker says the folder is ours)
+        if run.path.exists():  # an interrupted demo's run (the marker says the folder is ours): begun again
+            shutil.rmtree(run.path)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("made by `mri-edge demo`\n")
+        data_dir = out / "data"
+        if data_dir.exists():
+            shutil.rmtree(data_dir)  # phantoms of an interrupted demo (the marker says the folder is ours)
     return data_dir
 
 

@@ -220,7 +220,6 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
             stem, n = name[:-4], 2
             while name in used:
                 name, n = f"{stem}_{n}.png", n + 1
-        used.add(name)
         label = (f"{model.class_names[target]} {p:.2f}" + (f" (graph {graph_p:.2f})" if model.trust and graph_p is not None
                                                           else "") + (f": {trust.REVIEW}" if pred.uncertain else ""))
         why = pred.warnings[:1] if pred.uncertain else []  # the first reason, cut below to the width it has
@@ -237,6 +236,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         if not ok:
             raise ExplainError(f"{src}: the overlay could not be encoded as PNG")
         pngs[name] = png.tobytes()  # written with the report, at the end
+        used.add(name)
         rows.append({"image": str(src), "png": name, "class": model.class_names[target],
                      "probability": p, **({"graph_probability": round(graph_p, 6)} if graph_p is not None else {}),
                      "uncertain": pred.uncertain, "warnings": pred.warnings,
@@ -262,13 +262,15 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     for f in failed:
         log(f"skipped: {f['error']}")
     try:  # overlays an earlier explain wrote here and this one did not: removed once the new report is written
-        earlier = {r["png"] for r in json.loads((out_dir / "explain.json").read_text())["images"]} - used
+        old = json.loads((out_dir / "explain.json").read_text())
+        earlier = ({r["png"] for r in old["images"]} | set(old.get("kept_from_earlier", []))) - used
     except (OSError, ValueError, KeyError, TypeError):
         earlier = set()
     # sets that say no more than the answer are not shown (`Trust.sets_single`); the note says so
     sets_note = single_sets_text(model.trust) if model.trust and model.trust.sets_single else None
     out = {"model": str(model.path), "runtime": model.runtime_name, "method": method, "sets_note": sets_note,
-           "interrupted": interrupted,
+           # interrupted: an earlier explain's overlays stay (named here, so that the next one removes them)
+           "interrupted": interrupted, "kept_from_earlier": sorted(earlier) if interrupted else [],
            "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}
     md = ["# Explanations", "", f"`{Path(model.path).name}` [{model.runtime_name}], method **{method}**"
           + (f" ({grid}x{grid} cells blacked out in turn; importance = drop of the class's probability)"
@@ -290,7 +292,8 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
     if failed:
         md += ["Not read:", "", *[f"- {f['error']}" for f in failed], ""]
     if interrupted:
-        md += [f"Interrupted after {len(rows) + len(failed) - len(unmatched)} of {len(images)} images.", ""]
+        md += [f"Interrupted after {len(rows) + len(failed) - len(unmatched)} of {len(images)} images"
+               + ("; the overlays of an earlier explain here are kept." if earlier else "."), ""]
     md += [f"![{r['png']}](<{r['png']}>)" for r in rows[:16]] + [""]
     with quiet.signals_deferred():  # overlays and the report that describes them change together
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +301,7 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
             atomic_write_bytes(out_dir / name, pngs[name])
         report.write_json(out_dir / "explain.json", out)
         report.write_text(out_dir / "explain.md", "\n".join(md))
-        for name in earlier:
+        for name in () if interrupted else earlier:
             if isinstance(name, str) and Path(name).name == name and name.endswith(".png"):  # only a file of ours
                 (out_dir / name).unlink(missing_ok=True)
     if interrupted:

@@ -33,7 +33,11 @@ def folder_images(folder: Path, inputs: Inputs) -> list[Path]:
     """The images in a folder, read as a dataset's class folder is (no hidden files or OS debris);
     its other files are named in a note (a scanner's IM0001 has no suffix: name it to read it), and
     a broken link with an image's suffix is kept, to fail when read."""
-    images = list_images(folder)
+    unlisted: list[Path] = []
+    images = list_images(folder, unlisted)
+    if unlisted:  # (a root-owned lost+found on a stick): its images, if any, are not read; the rest are
+        inputs.notes.append(f"{folder}: {len(unlisted)} folder(s) not read (permission denied): "
+                            + ", ".join(d.as_posix() for d in unlisted[:5]))
     kept = set(images)
     other = sorted(p for p in folder.rglob("*") if p not in kept and not p.is_dir()
                    and not is_hidden(p.relative_to(folder)))

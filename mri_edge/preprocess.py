@@ -50,7 +50,7 @@ class ImageError(MriEdgeError, ValueError):
 def max_pixels(default: int = 50_000_000) -> int:
     """The decoded-image cap: MRI_EDGE_MAX_PIXELS, a whole number above 0, else the default."""
     raw = os.environ.get("MRI_EDGE_MAX_PIXELS", "").strip()
-    if raw and not (raw.isdigit() and int(raw) > 0):
+    if raw and not (raw.isascii() and raw.isdigit() and int(raw) > 0):
         raise ImageError(f"MRI_EDGE_MAX_PIXELS={raw}: must be a whole number of pixels above 0 (default {default:,})")
     return int(raw) if raw else default
 

@@ -57,6 +57,7 @@ def test_help_does_not_import_heavy_libraries():
     ({"MRI_EDGE_MAX_PIXELS": "abc"}, "MRI_EDGE_MAX_PIXELS=abc: must be a whole number of pixels above 0"),
     ({"MRI_EDGE_MAX_PIXELS": "-1"}, "MRI_EDGE_MAX_PIXELS=-1: must be a whole number"),
     ({"KERAS_BACKEND": "bogus"}, "KERAS_BACKEND=bogus: Keras has no such backend"),
+    ({"MRI_EDGE_MAX_PIXELS": "\u00b2"}, "must be a whole number"),  # a digit to str.isdigit, not to int()
 ])
 def test_bad_input_is_one_line_error(args, message):
     env = args if isinstance(args, dict) else {}
@@ -64,6 +65,11 @@ def test_bad_input_is_one_line_error(args, message):
     assert res.exit_code != 0
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_a_commands_help_is_shown_whatever_the_environment():
+    res = CliRunner(env={"KERAS_BACKEND": "bogus"}).invoke(main, ["predict", "--help"])
+    assert res.exit_code == 0 and res.output.startswith("Usage:")
 
 
 def test_train_wrong_task_folders(tmp_path):

@@ -636,23 +636,45 @@ def test_an_interrupted_explain_writes_the_overlays_it_finished_with_their_repor
             raise KeyboardInterrupt
         return real(*a, **k)
 
+    model = micro_run / "exports" / "model_int8.tflite"
+    earlier = explain.explain_images(model, images[1:], tmp_path / "x", grid=2, log=lambda *_: None)
+    earlier_pngs = sorted(r["png"] for r in earlier["images"])
     monkeypatch.setattr(explain, "occlusion", stopped_on_the_second)
     with pytest.raises(KeyboardInterrupt):
-        explain.explain_images(micro_run / "exports" / "model_int8.tflite", images, tmp_path / "x", grid=2,
-                               log=lambda *_: None)
+        explain.explain_images(model, images, tmp_path / "x", grid=2, log=lambda *_: None)
     out = json.loads((tmp_path / "x" / "explain.json").read_text())
     assert out["interrupted"] and [r["image"] for r in out["images"]] == images[:1]
-    assert sorted(p.name for p in (tmp_path / "x").glob("*.png")) == [out["images"][0]["png"]]
-    assert "Interrupted after 1 of 3 images" in (tmp_path / "x" / "explain.md").read_text()
+    # the earlier explain's overlays stay, named, and the next whole explain removes them
+    assert out["kept_from_earlier"] == earlier_pngs
+    assert sorted(p.name for p in (tmp_path / "x").glob("*.png")) == sorted([out["images"][0]["png"], *earlier_pngs])
+    assert "Interrupted after 1 of 3 images; the overlays of an earlier explain here are kept" in \
+        (tmp_path / "x" / "explain.md").read_text()
+    monkeypatch.undo()
+    again = explain.explain_images(model, images[:1], tmp_path / "x", grid=2, log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "x").glob("*.png")) == [again["images"][0]["png"]]
 
 
 def test_a_demo_folder_is_begun_again_after_an_interrupt_and_a_finished_one_is_kept(tmp_path):
+    import subprocess
+    import sys
+
     from mri_edge.demo import DemoError, prepare
 
     out = tmp_path / "demo"
     prepare(out)
     (out / "run").mkdir()
     (out / "run" / "state.json").write_text("{}")  # interrupted in training: no model.keras
+    code = ("import sys, time\nfrom mri_edge.run import RunFolder\nwith RunFolder(sys.argv[1]).lock('train'):\n"
+            "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out / "run")], stdout=subprocess.PIPE, text=True)
+    try:  # a demo still training there: refused, nothing removed
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MriEdgeError, match="is in use by `mri-edge train"):
+            prepare(out)
+        assert (out / "run" / "state.json").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
     assert prepare(out) == out / "data" and not (out / "run").exists()
     (out / "run").mkdir()
     (out / "run" / "model.keras").write_bytes(b"x")

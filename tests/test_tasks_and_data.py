@@ -269,3 +269,18 @@ def test_a_folder_that_cannot_be_listed_is_an_error_not_a_smaller_dataset(synth_
     monkeypatch.setattr(data.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))  # root reads all
     with pytest.raises(data.DataError, match="glioma: cannot be read \\(permission denied\\)"):
         data.discover(synth_data, "tumor")
+
+
+def test_predict_reads_a_folder_with_an_unlistable_subfolder_and_says_so(synth_data, tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from mri_edge.predict import expand_inputs
+
+    shutil.copy(next((synth_data / "Testing").rglob("*.jpg")), tmp_path / "a.jpg")
+    (tmp_path / "lost+found").mkdir()
+    real = os.access
+    monkeypatch.setattr(data.os, "access", lambda p, mode: Path(p).name != "lost+found" and real(p, mode))
+    inputs = expand_inputs([tmp_path])
+    assert inputs.paths == [tmp_path / "a.jpg"]
+    assert any("1 folder(s) not read (permission denied)" in n and "lost+found" in n for n in inputs.notes)
