@@ -47,7 +47,6 @@ def make_run(tmp: Path) -> Path:
 
 def int8_gemm_peak(threads: int = 2, n: int = 2048, reps: int = 10) -> float:
     """Measured int8 GEMM rate (GMAC/s) of onnxruntime's MLAS kernels on this CPU."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -74,6 +74,10 @@ def unwritable(folder: str | Path) -> str | None:
         return f"{folder}: {nearest} is not a folder that can be entered"
     if not writable(nearest):
         return f"{folder}: cannot write in {nearest} (read-only or no permission)"
+    try:  # the permissions allow it; a file system of the kernel's (/proc, /sys) still refuses: ask it
+        os.rmdir(tempfile.mkdtemp(prefix=".mri-edge-probe-", dir=nearest))
+    except OSError as e:
+        return f"{folder}: cannot make a folder in {nearest} ({e.strerror or e})"
     return None
 
 

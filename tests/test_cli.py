@@ -53,6 +53,8 @@ def test_help_does_not_import_heavy_libraries():
     (["bench", "x", "--threads", "100000"], "values must be between 1 and 1024"),
     (["bench", "x", "--threads", "1,,2"], "comma-separated"),
     (["predict", "m.tflite", "x.jpg", "--threads", "100000"], "100000 is not in the range 1<=x<=1024"),
+    # a folder whose permissions allow writing but whose file system does not (the kernel's /proc)
+    (["data", "audit", "x", "--out", "/proc/mri-edge-out"], "cannot make a folder in /proc"),
     # the environment a command reads, refused before it starts
     ({"MRI_EDGE_MAX_PIXELS": "abc"}, "MRI_EDGE_MAX_PIXELS=abc: must be a whole number of pixels above 0"),
     ({"MRI_EDGE_MAX_PIXELS": "-1"}, "MRI_EDGE_MAX_PIXELS=-1: must be a whole number"),
