@@ -26,6 +26,7 @@ from .files import sha256_bytes
 from .integrity import image_format
 from .data import check_outside, discover, find_splits, rel_path
 from .progress import Progress
+from .run import AUDIT_FILES
 
 
 
@@ -292,8 +293,8 @@ def audit(data_dir, task: str = "custom", out_dir=None, max_dist: int = HASH_MAX
         out_dir.mkdir(parents=True, exist_ok=True)
         out["pairs_plot"] = _plot_pairs(near, items, names, out_dir / "duplicate_pairs.png", root)
         out["pairs_csv"] = _write_pairs(exact_groups, near, items, names, out_dir / "duplicates.csv")
-        report.write_json(out_dir / "audit.json", out)
-        report.write_text(out_dir / "audit.md", markdown(out))
+        report.write_json(out_dir / AUDIT_FILES[0], out)
+        report.write_text(out_dir / AUDIT_FILES[1], markdown(out))
     return out
 
 

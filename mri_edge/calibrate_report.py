@@ -96,8 +96,9 @@ def markdown(out: dict) -> str:
     h = out["held_out"]
     return "\n".join([
         "# Calibration, abstention and conformal sets", "",
-        f"Fitted on **{h['n']} held-out images**: {h['rule']}. 1-NN probe of them against training: "
-        f"{h['nn_probe_accuracy']:.1%} (test split: {h.get('test_nn_probe_accuracy', float('nan')):.1%}; close "
+        f"Fitted on **{h['n']} held-out images**: {h['rule']}. Raw-pixel 1-NN probe of them against the training "
+        f"images (the rest of validation left out): {h['nn_probe_accuracy']:.1%} (test split, against the same "
+        f"training images: {h.get('test_nn_probe_accuracy', float('nan')):.1%}; close "
         "values mean the held-out images are as new to the model as test images)."
         + (" **They are not new to the model (--allow-twins): expect the fit to be overconfident on new subjects.**"
            if h["twins_included"] else "")

@@ -125,11 +125,13 @@ def build(run_dir) -> dict:
             "intended_use": INTENDED_USE.format(data="a public slice-level dataset" if public else "a user-supplied dataset"),
             "data": {**DATASETS.get(cfg["task"], {"name": "user-supplied", "source": cfg.get("data_dir"),
                                                   "licence": "unknown"})},
-            "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment",
+            "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment", "select_by",
+                                                "patience", "dense_units", "dropout", "weights_stored",
                                                 "class_weight", "val_split", "val_fraction", "seed", "split_seed", "val_kept_from",
                                                 "time_budget_s", "wall_time_s", "ensemble", *REGULARISERS,
                                                 *(("distill_weight", "distillation") if cfg.get("teacher") else ()))},
-            "versions": {"trained_with": cfg.get("versions"), "card_written_with": {
+            "versions": {"trained_with": cfg.get("versions"), "benched_with": (bench or {}).get("machine", {}).get("versions"),
+                         "card_written_with": {
                 "mri_edge": __version__, "python": platform.python_version()}}}
     if run.history_path.is_file():  # the epochs each phase ran (a shipped folder may not carry the history)
         import csv  # noqa: PLC0415
@@ -148,7 +150,10 @@ def build(run_dir) -> dict:
     else:
         missing.append("split manifest")
     if audit:
+        near = (audit.get("near_duplicates") or {}).get("by_split_pair") or {}
         card["data"]["audit"] = {"exact_duplicate_pairs": audit["exact_duplicates"]["pairs_by_split"],
+                                 "near_duplicate_pairs": {k: v["confirmed"] for k, v in near.items()},
+                                 "test_images": sum((audit.get("counts") or {}).get("test", {}).values()),
                                  "leakage_free_test_images": audit["leakage_free"].get("test"),
                                  "nearest_neighbour_probe_test_accuracy": audit["nearest_neighbour_probe"]["accuracy"]}
     else:
@@ -193,12 +198,15 @@ def build(run_dir) -> dict:
     if bench:
         current = current_rows({r["model"]: r for r in bench["rows"]}, metadata, "latency", f"mri-edge bench {run.path}",
                                missing)
-        card["latency"] = {"machine": bench["machine"].get("cpu"), "rows": [
+        flags = set(bench["machine"].get("cpu_flags") or [])
+        isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2, no AVX-512" if "avx2" in flags else None
+        card["latency"] = {"machine": ", ".join(x for x in (bench["machine"].get("cpu"), isa) if x), "rows": [
             {k: r[k] for k in ("model", "runtime_label", "threads", "batch", "p50_ms")} for r in bench["rows"]
             if r["batch"] == 1 and r["model"] in current]}
     else:
         missing.append("latency (mri-edge bench)")
-    stored = [p for f in files for p in model_files(f) if p == f or p.is_file()]
+    # the exported files and the model.keras they came from (verify's and calibrate's reference)
+    stored = [p for f in [*files, run.model_path] for p in model_files(f) if p.is_file()]
     card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in stored]
     small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",
@@ -255,9 +263,12 @@ def markdown(card: dict) -> str:
                   report.sentence(d["validation"]["description"]), ""]
     if "audit" in d:
         a = d["audit"]
-        parts += [f"Leakage audit: exact duplicate pairs by split: {counts_text(a['exact_duplicate_pairs'])}; "
-                  f"{a['leakage_free_test_images']} test images have no copy in training; a raw-pixel nearest "
-                  f"neighbour gets {a['nearest_neighbour_probe_test_accuracy']:.1%} of test.", ""]
+        near = "; near duplicates: " + counts_text(a["near_duplicate_pairs"]) if a.get("near_duplicate_pairs") else ""
+        of = f" of {a['test_images']}" if a.get("test_images") else ""
+        parts += [f"Leakage audit: exact duplicate pairs by split: {counts_text(a['exact_duplicate_pairs'])}{near}; "
+                  f"{a['leakage_free_test_images']}{of} test images have no exact or near copy in training; a raw-pixel "
+                  f"nearest neighbour among the training folder's images (validation included) gets "
+                  f"{a['nearest_neighbour_probe_test_accuracy']:.1%} of test.", ""]
     r = card["recipe"]
     if r.get("ensemble"):  # `mri-edge ensemble`: no training of its own; each member's recipe is in its folder
         members = [f"`{m['run']}` (test accuracy " + ("not recorded" if m.get("test_accuracy") is None
@@ -279,7 +290,12 @@ def markdown(card: dict) -> str:
                   f"{r['class_weight'] or 'not recorded'}, seed {r['seed']}; regularisers: "
                   f"{', '.join(f'{k} {r[k]}' for k in REGULARISERS if r.get(k)) or 'none'}"
                   f"{' (distill weight ' + str(r['distill_weight']) + ')' if r.get('teacher') else ''}; "
-                  f"phases: {phases}.", ""]
+                  f"phases: {phases}. Head: {r.get('dense_units') or '?'} units, dropout {r.get('dropout')}; each phase "
+                  + ("keeps its last epoch." if (sel := r.get("select_by") or "loss") == "last" else
+                     f"keeps its epoch of best validation {sel.replace('_', '-')} (patience {r.get('patience')}).")
+                  + (f" The stored model.keras has its kernels rounded to {ws['kernels']} (from the trained "
+                     f"{ws['from']['file']}, sha256 {ws['from']['sha256'][:12]}...)." if (ws := r.get("weights_stored")) else ""),
+                  ""]
     official = "official test split" if m["task"] in DATASETS else "test split"
     for key, title in (("official", official), ("leakage_free", "leakage-free test subset")):
         res = card.get("results", {}).get(key)
@@ -339,8 +355,9 @@ def markdown(card: dict) -> str:
                                    for x in card["latency"]["rows"]]), ""]
     parts += ["## Files", "", report.md_table(["file", "bytes", "sha256"], [[f["file"], f["bytes"], f"`{f['sha256']}`"]
                                                                             for f in card["files"]]), "",
-              "## Versions", "", f"Trained with {report.as_words(card['versions']['trained_with'])}; card written with "
-              f"{report.as_words(card['versions']['card_written_with'])}.", "",
+              "## Versions", "", f"Trained with {report.as_words(card['versions']['trained_with'])}; "
+              + (f"benched with {report.as_words(v)}; " if (v := card["versions"].get("benched_with")) else "")
+              + f"card written with {report.as_words(card['versions']['card_written_with'])}.", "",
               "## Known limitations", "", *[f"- {x}" for x in card["limitations"]], ""]
     if card["missing"]:
         parts += ["## Not yet recorded", "", *[f"- {x}" for x in card["missing"]], ""]

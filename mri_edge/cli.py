@@ -21,7 +21,7 @@ from .clitools import (BENCH_TEXT, BUILT_IN_TASK, OUT_DIR, QUICK_TEXT, TASK_CHOI
 from .config import (BENCH_DEFAULTS as BENCH, BENCH_QUICK, EXPLAIN_IMAGES, GROUP_THRESHOLD, HASH_MAX_DISTANCE,
                      PIXEL_MAD_THRESHOLD, ExportConfig, Thresholds, TrainConfig)
 from .demo import RECIPE
-from .run import BENCH_FILES, RUNS_ROOT, RunFolder
+from .run import AUDIT_FILES, BENCH_FILES, RUNS_ROOT, RunFolder
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -330,8 +330,8 @@ def data_audit(data_dir, task, out_dir, hash_distance, pixel_threshold, group_th
                        f"{' or validation' if s == 'test' else ''}")
     click.echo(f"exact duplicate pairs by split: {audit_report.counts_text(out['exact_duplicates']['pairs_by_split'])}")
     click.echo(f"label conflicts: {out['n_label_conflicts']}; corrupt files: {len(out['corrupt'])}")
-    click.echo(f"wrote {out_dir / 'audit.json'}, audit.md, {out['pairs_csv']}" + (f", {out['pairs_plot']}" if out.get("pairs_plot") else ""))
-    click.echo(f"next: mri-edge train ... --dedup {out_dir / 'audit.json'}")
+    click.echo(f"wrote {out_dir / AUDIT_FILES[0]}, {AUDIT_FILES[1]}, {out['pairs_csv']}" + (f", {out['pairs_plot']}" if out.get("pairs_plot") else ""))
+    click.echo(f"next: mri-edge train ... --dedup {out_dir / AUDIT_FILES[0]}")
 
 
 @data.command("synth")

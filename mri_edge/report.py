@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 from .config import TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_path, atomic_write_text, read_json
+from .run import AUDIT_FILES, BENCH_FILES, best_bench, exported_again
 from .trust import nll
 
 
@@ -19,8 +21,7 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
-def write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
+write_text = atomic_write_text  # whole or not at all (files.atomic_path)
 
 
 def _json_default(o):
@@ -323,10 +324,8 @@ def train_report_markdown(run, cfg: dict, test: dict, extra: dict) -> str:
 def run_index_markdown(run) -> str:
     """report.md of a run folder: what each command produced, with links (run: a RunFolder)."""
     def load(path):
-        try:
+        with contextlib.suppress(MriEdgeError):
             return read_json(path)
-        except MriEdgeError:
-            return None
 
     root = run.path
     cfg = load(run.config_path) or {}
@@ -347,6 +346,8 @@ def run_index_markdown(run) -> str:
         if run.train_report_path.is_file():  # a shipped folder may carry the test report without it
             parts += [f"- [Training report]({run.train_report_path.name}): data, phases, curves, per-class metrics, "
                       "confusion matrix", ""]
+    if (root / AUDIT_FILES[1]).is_file():  # a shipped folder carries its dataset's audit
+        parts += [f"- [Data audit]({AUDIT_FILES[1]}): duplicates and leakage between the splits", ""]
     elif run.state_path.is_file():
         parts += ["Training has not finished (`mri-edge train --resume` continues it).", ""]
     index = load(run.exports_index_path)
@@ -373,7 +374,6 @@ def run_index_markdown(run) -> str:
     card_json, card_md = run.card_paths
     if load(card_json):
         parts += ["## Model card", "", f"[{card_md.name}]({card_md.name})", ""]
-    from .run import BENCH_FILES, best_bench, exported_again  # noqa: PLC0415
 
     def out_of_date(rows, command):
         gone = exported_again(rows, metadata)

@@ -48,6 +48,7 @@ TRAIN_OUTPUTS = (".lock", "config.json", "labels.json", "split_manifest.json", "
 # Where commands write by default (relative to the working folder): run folders, and the reports of
 # commands that have no run folder (audit, bench of model files, explain, demo) in named folders.
 RUNS_ROOT = Path("artifacts") / "runs"
+AUDIT_FILES = ("audit.json", "audit.md")  # data audit's reports, in its --out (a shipped folder carries audit.md)
 # bench's reports, in any --out folder: a run's bench/ or, in a shipped folder, its top level
 BENCH_FILES = ("bench.json", "bench.md", "bench.png")
 

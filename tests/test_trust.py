@@ -627,7 +627,7 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     assert card["calibration"]["trust"] == without_arrays(cal["trust"])  # the projection stays in trust.json
     limit = cal["trust"]["familiarity"]["limit"]
     assert f"features lie farther than {limit:.2f} from the training images'" in text
-    assert {f["file"] for f in card["files"]} == set(cal["updated_files"])
+    assert {f["file"] for f in card["files"]} == {*cal["updated_files"], "model.keras"}  # and what they came from
     assert "latency (mri-edge bench)" in card["missing"]  # no bench yet: said, not invented
     per_class = card["results"]["official"]["per_class"]
     assert all(lo <= c["sensitivity"] <= hi for c in per_class for lo, hi in [c["sensitivity_ci95"]])
@@ -699,7 +699,14 @@ def test_card_on_a_shipped_folder_describes_that_folder(tmp_path):
     assert "## Exports" in index and all(f"[{f}]({f})" in index for f in files)
     assert "## Benchmark" in index and "(bench.md)" in index and "(in folder `tumor`)" in index
     card = json.loads((shipped / "model_card.json").read_text())
-    assert sorted(f["file"] for f in card["files"]) == files
+    assert sorted(f["file"] for f in card["files"]) == sorted([*files, "model.keras"])
+    assert "- [Data audit](audit.md)" in index  # the folder's copy of its dataset's audit
+    text = (shipped / "model_card.md").read_text()  # exact and near copies, from the run's audit.json
+    assert "near duplicates: train-train (1900), train-test (1270)" in text
+    assert "832 of 1311 test images have no exact or near copy in training" in text
+    assert "## Latency (batch 1, AMD EPYC, AVX2, no AVX-512)" in text and "benched with" in text
+    assert "keeps its epoch of best validation loss (patience 100)" in text
+    assert "kernels rounded to float16 (from the trained model_fp32.keras" in text
     # the accuracy-aware files' recipes (what stayed out of static int8), as export's table gives them
     from mri_edge.backends import read_metadata
     from mri_edge.export.pool import float_parts
