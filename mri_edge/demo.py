@@ -106,7 +106,8 @@ def downstream(run_dir: Path, log=print, show=print) -> list[str]:
     from . import calibrate as calibrate_lib  # noqa: PLC0415
     from .config import CalibrateConfig  # noqa: PLC0415
 
-    log("\nmri-edge calibrate: temperature, abstention threshold and prediction sets on held-out phantoms")
+    log("\nmri-edge calibrate: temperature, abstention threshold and prediction sets on held-out phantoms "
+        f"(--min-images {RECIPE.held_out_min}: the phantoms' validation split, under the default for real data)")
     try:
         cal = calibrate_lib.calibrate_run(run_dir, CalibrateConfig(min_images=RECIPE.held_out_min), log=log)
         show(calibrate_lib.summary_table(cal))

@@ -137,7 +137,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
         report.plot_reliability(m["calibration"], run.reliability_path, f"{cfg.task} test, Keras")
         extra = {
             "wall_time_s": wall,
-            "phase_notes": notes + [f"phase '{p['name']}': up to {p['epochs']} epochs, lr {p['lr']:g}, "
+            "phase_notes": notes + [f"phase '{p['name']}': up to {p['epochs']} epoch{'s' * (p['epochs'] != 1)}, lr {p['lr']:g}, "
                                     f"unfreeze {p['unfreeze']}" for p in cfg.phases],
             "splits": {s: {"n": len(d.labels), "skipped": len(unreadable.get(s, [])), "unreadable": unreadable.get(s, [])}
                        for s, d in dec.items()},

@@ -199,7 +199,8 @@ def _train_opened(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, state
         n_val = len(dataset.splits["val"].paths)
         if 0 < n_val < wanted and not cfg.refit and "kept_from" not in (manifest.get("val_split") or {}):
             # found out at calibrate, it would cost a retraining (a kept carve is its first run's to change)
-            log(f"note: {n_val} validation images, fewer than the {wanted} `mri-edge calibrate` fits on by default: "
+            log(f"note: {n_val} validation images, fewer than the {wanted} `mri-edge calibrate` fits on by default "
+                "(--min-images): "
                 + ("hold out more (--val-fraction)" if manifest.get("val_carved_from_train") else
                    "add images to the Validation folder") + " to calibrate this run")
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
@@ -278,7 +279,7 @@ def _train_phase(run: RunFolder, net, cfg: TrainConfig, pi: int, phase: dict, ba
     start_epoch = state["epoch"] if state else 0
     n_trainable = model_lib.set_phase(net, "head" if phase["name"] == "head" else "finetune", phase["unfreeze"],
                                       phase["freeze_bn"])
-    log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epochs, lr {phase['lr']:g}, "
+    log(f"phase {pi + 1}/{len(cfg.phases)} '{phase['name']}': {phase['epochs']} epoch{'s' * (phase['epochs'] != 1)}, lr {phase['lr']:g}, "
         f"{n_trainable} trainable DenseNet121 layers with weights")
     best, holds_best = run.saved_best(state, cfg.monitor), False  # holds_best: the network holds the kept epoch
     if start_epoch < phase["epochs"] and not (state or {}).get("stopped"):  # else only the phase's restore is left
