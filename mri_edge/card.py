@@ -149,6 +149,10 @@ def build(run_dir) -> dict:
                                       "description": groups.describe_carve(manifest)}
     else:
         missing.append("split manifest")
+    start = _found(cfg.get("weights") or "", run).parent / "config.json" if str(cfg.get("weights")).endswith(".keras") else None
+    began = (_load(start, damaged) or {}).get("task") if start and start.is_file() else None
+    if began in DATASETS and began != cfg["task"]:  # its first weights were trained on another public dataset
+        card["data"]["starting_weights_trained_on"] = DATASETS[began]
     if audit:
         near = (audit.get("near_duplicates") or {}).get("by_split_pair") or {}
         card["data"]["audit"] = {"exact_duplicate_pairs": audit["exact_duplicates"]["pairs_by_split"],
@@ -215,6 +219,19 @@ def build(run_dir) -> dict:
               familiarity_limit(cal)]
     if small:
         limits.append(f"Few test images for {', '.join(small)} (under 30): their sensitivity intervals are wide.")
+    a = card["data"].get("audit") or {}
+    if a.get("test_images") and (a.get("leakage_free_test_images") or 0) < a["test_images"]:
+        limits.append(f"{a['test_images'] - a['leakage_free_test_images']} of {a['test_images']} test images have an "
+                      "exact or near copy in training, and a raw-pixel nearest neighbour gets "
+                      f"{a['nearest_neighbour_probe_test_accuracy']:.1%} of test: the test accuracy overstates accuracy on new "
+                      "patients (the leakage-free subset leaves out the copies, not other slices of the same subjects).")
+    c = card.get("calibration") or {}
+    at = ((c.get("per_file") or {}).get(c.get("reference_model"), {}).get("test") or {}).get("abstention") or {}
+    if at.get("coverage") is not None and at["coverage"] < 0.5:
+        limits.append(f"At its stored threshold it answers {at['coverage']:.1%} of test images ("
+                      + (f"{at['accepted_accuracy']:.1%} of them right" if at.get("accepted_accuracy") is not None
+                         else "none") + f") and refers the other {1 - at['coverage']:.1%} for review: the trade "
+                      "`mri-edge calibrate --max-risk` set.")
     held = (cal or {}).get("held_out", {})
     if held.get("borrowed_from"):
         limits.append(f"Its calibration, threshold and sets are those of {held['borrowed_from']}, its recipe's run "
@@ -257,7 +274,9 @@ def markdown(card: dict) -> str:
     m, d = card["model"], card["data"]
     parts = [f"# Model card: mri-edge {m['task']} classifier", "", "## Intended use", "", card["intended_use"], "",
              "## Model", "", f"{m['architecture']}; classes: {', '.join(m['classes'])}; input {m['input']}.", "",
-             "## Data", "", f"{d.get('name')} ({d.get('source')}; licence {d.get('licence')}).", ""]
+             "## Data", "", f"{d.get('name')} ({d.get('source')}; licence {d.get('licence')})."
+             + (f" Its starting weights were trained on {w['name']} ({w['source']}; licence {w['licence']})."
+                if (w := d.get("starting_weights_trained_on")) else ""), ""]
     if "counts" in d:
         parts += [report.md_table(["split", "images"], [[s, n] for s, n in d["counts"].items()]), "",
                   report.sentence(d["validation"]["description"]), ""]

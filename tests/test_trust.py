@@ -706,6 +706,7 @@ def test_card_on_a_shipped_folder_describes_that_folder(tmp_path):
     assert "832 of 1311 test images have no exact or near copy in training" in text
     assert "## Latency (batch 1, AMD EPYC, AVX2, no AVX-512)" in text and "benched with" in text
     assert "keeps its epoch of best validation loss (patience 100)" in text
+    assert "- 479 of 1311 test images have an exact or near copy in training" in text  # a limitation, with the probe
     assert "kernels rounded to float16 (from the trained model_fp32.keras" in text
     # the accuracy-aware files' recipes (what stayed out of static int8), as export's table gives them
     from mri_edge.backends import read_metadata
@@ -867,3 +868,17 @@ def test_calibrate_refuses_a_reference_made_from_another_model_before_any_work(m
         res = CliRunner().invoke(main, ["calibrate", str(run), "--reference", str(ref)])
         assert res.exit_code == 1 and why in res.output, res.output
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_alzheimer_card_names_the_dataset_of_its_starting_weights_and_its_referrals(tmp_path):
+    from tests.conftest import REPO
+
+    shipped = tmp_path / "alzheimer"
+    shutil.copytree(REPO / "artifacts" / "alzheimer", shipped)
+    res = CliRunner().invoke(main, ["card", str(shipped)])
+    assert res.exit_code == 0, res.output
+    card = json.loads((shipped / "model_card.json").read_text())
+    assert card["data"]["starting_weights_trained_on"]["licence"] == "CC0-1.0"  # the tumor model it began from
+    text = (shipped / "model_card.md").read_text()
+    assert "Its starting weights were trained on Brain Tumor MRI Dataset" in text
+    assert "- At its stored threshold it answers 5.5% of test images (92.9% of them right)" in text
