@@ -15,6 +15,7 @@ from .config import REGULARISERS
 from .errors import MriEdgeError
 from .files import read_json, sha256_file
 from .integrity import model_files
+from .onnx_model import int8_isa
 from .run import RunFolder, best_bench, exported_again
 from .tasks import DATASETS
 
@@ -202,8 +203,7 @@ def build(run_dir) -> dict:
     if bench:
         current = current_rows({r["model"]: r for r in bench["rows"]}, metadata, "latency", f"mri-edge bench {run.path}",
                                missing)
-        flags = set(bench["machine"].get("cpu_flags") or [])
-        isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2, no AVX-512" if "avx2" in flags else None
+        isa = int8_isa(bench["machine"].get("cpu_flags") or [])
         card["latency"] = {"machine": ", ".join(x for x in (bench["machine"].get("cpu"), isa) if x), "rows": [
             {k: r[k] for k in ("model", "runtime_label", "threads", "batch", "p50_ms")} for r in bench["rows"]
             if r["batch"] == 1 and r["model"] in current]}

@@ -80,6 +80,17 @@ class OnnxModel(Model):
         return out[0], out[1].reshape(len(batch_uint8), -1) if len(out) > 1 else None
 
 
+# /proc/cpuinfo flags of int8 dot products without int16 saturation, as the reports name them
+VNNI_FLAGS = {"amx_int8": "AMX", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI"}
+
+
+def int8_isa(flags) -> str | None:
+    """What a CPU with these flags (bench.json's `cpu_flags`) runs int8 with, in words."""
+    f = set(flags)
+    return ", ".join(name for flag, name in VNNI_FLAGS.items() if flag in f) or (
+        "AVX-512, no VNNI" if any(x.startswith("avx512") for x in f) else "AVX2, no AVX-512" if "avx2" in f else None)
+
+
 def cpu_has_vnni() -> bool | None:
     """Whether this x86 CPU has VNNI (int8 dot products without int16 saturation); None where
     it cannot be told (not Linux, not x86)."""
@@ -91,4 +102,4 @@ def cpu_has_vnni() -> bool | None:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         return None
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()))
+    return bool(set(VNNI_FLAGS) & set(flags.split()))

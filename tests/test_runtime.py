@@ -358,3 +358,11 @@ def test_a_runtime_warning_names_the_callers_line_and_threads_default_to_the_usa
     monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: "100000 100000" if str(p).endswith("cpu.max")
                         else real(p, *a, **k))
     assert runtime.usable_cores() == 1  # a quota of one CPU
+
+
+def test_the_int8_instruction_set_is_named_from_the_cpu_flags():
+    assert onnx_model.int8_isa(["avx", "avx2", "fma"]) == "AVX2, no AVX-512"
+    assert onnx_model.int8_isa(["avx2", "avx512f", "avx512bw"]) == "AVX-512, no VNNI"
+    assert onnx_model.int8_isa(["avx2", "avx512f", "avx512_vnni"]) == "AVX-512 VNNI"
+    assert onnx_model.int8_isa(["avx2", "avx512_vnni", "amx_int8"]) == "AMX, AVX-512 VNNI"
+    assert onnx_model.int8_isa(["avx2", "avx_vnni"]) == "AVX-VNNI" and onnx_model.int8_isa([]) is None
