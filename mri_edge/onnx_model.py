@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .integrity import RuntimeMissingError, RuntimeModelError, check_kind
-from .runtime import FEATURES, Model, parse_metadata
+from .runtime import FEATURES, Model, outside_this_package, parse_metadata
 
 METADATA_KEY = "mri_edge"  # the metadata_props key export writes
 
@@ -65,7 +65,8 @@ class OnnxModel(Model):
                 and not meta.get("weight_only"):
             warnings.warn(f"{path}: its int8 weights use the full 8-bit range, which onnxruntime's kernels "
                           "saturate on this CPU (x86 without VNNI): its answers can differ from those verify "
-                          "checked; export it again with this mri-edge (7-bit weights)", RuntimeWarning, stacklevel=2)
+                          "checked; export it again with this mri-edge (7-bit weights)", RuntimeWarning,
+                          stacklevel=outside_this_package())
         self.sess = ort.InferenceSession(str(path), so, providers=providers)
         self.runtime_name = f"onnxruntime[{self.sess.get_providers()[0]}]"
         self.in_name = self.sess.get_inputs()[0].name
