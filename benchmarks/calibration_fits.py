@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mri_edge import report, trust  # noqa: E402
+from mri_edge import metrics, trust  # noqa: E402
 from mri_edge.keras_model import validation_reference  # noqa: E402
 
 GRID = np.linspace(1, 8, 141)
@@ -33,7 +33,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def ece(labels: np.ndarray, probs: np.ndarray) -> float:
-    return report.calibration_metrics(labels, probs)["ece"]
+    return metrics.calibration_metrics(labels, probs)["ece"]
 
 
 def ece_temperature(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tta import probabilities, scores  # noqa: E402
 
-from mri_edge import groups, report  # noqa: E402
+from mri_edge import groups, metrics, report  # noqa: E402
 from mri_edge.data import decode_images, is_refit  # noqa: E402
 from mri_edge.keras_model import KerasModel  # noqa: E402
 from mri_edge.verify import mcnemar_exact  # noqa: E402
@@ -97,7 +97,7 @@ def ensemble(held_p, test_p, held_labels, test_labels, names: list[str], like: d
     t = scores(test_p, test_labels, names)
     return {"run": "mean of the candidates above", "held_out": scores(held_p, held_labels, names),
             "test": {"accuracy": t["accuracy"], "macro_f1": t["macro_f1"], "leakage_free": None,
-                     "ci": report.bootstrap_ci((test_p.argmax(1) == test_labels).astype(float), seed=seed),
+                     "ci": metrics.bootstrap_ci((test_p.argmax(1) == test_labels).astype(float), seed=seed),
                      "smallest": like["smallest"], "smallest_hits": t["hits"][like["smallest"]],
                      "smallest_n": like["smallest_n"]}}
 
@@ -210,9 +210,9 @@ def main() -> int:
     by_rule = ranks([r["held_out"][args.by] for r in ranked])
     first = by_rule.index(1) if ranked else 0
     for r, hits in zip(ranked, held_hits):
-        r["held_out"]["ci_by_group"] = report.bootstrap_ci(hits, groups=group_ids)
+        r["held_out"]["ci_by_group"] = metrics.bootstrap_ci(hits, groups=group_ids)
         r["held_out"]["minus_first"] = float(hits.mean() - held_hits[first].mean())
-        r["held_out"]["minus_first_ci"] = report.bootstrap_ci(hits.astype(float) - held_hits[first], groups=group_ids)
+        r["held_out"]["minus_first_ci"] = metrics.bootstrap_ci(hits.astype(float) - held_hits[first], groups=group_ids)
     by_test = ranks([r["test"][args.by] for r in ranked])
     first_hits = member_probs[first][1].argmax(1) == test_labels if ranked else None
     for r in apart:  # paired against the rule's first, on the test images near held-out ones and on the rest

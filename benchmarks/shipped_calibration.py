@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mri_edge import data, report, runtime
+from mri_edge import data, metrics, runtime
 
 SHIPPED = {"tumor": "brain-tumor-mri", "alzheimer": "alzheimer-mri"}
 
@@ -26,7 +26,7 @@ def main() -> None:
         test = data.discover(Path(args.data) / folder, task).splits["test"]
         x = np.stack([model.preprocess(p) for p in test.paths])
         probs = model.run(x)
-        c = report.calibration_metrics(test.labels, probs)
+        c = metrics.calibration_metrics(test.labels, probs)
         print(f"{task}: {len(x)} test images, accuracy {c['accuracy']:.4f}, mean confidence "
               f"{c['mean_confidence']:.4f}, ECE {c['ece']:.4f}, Brier {c['brier']:.4f}, NLL {c['nll']:.4f}")
 

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mri_edge import report  # noqa: E402
+from mri_edge import metrics, report  # noqa: E402
 from mri_edge.data import decode_images  # noqa: E402
 from mri_edge.keras_model import KerasModel  # noqa: E402
 from mri_edge.run import RunFolder  # noqa: E402
@@ -39,11 +39,11 @@ def probabilities(net: KerasModel, images: np.ndarray, views, batch: int = 32) -
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
-    m = report.classification_metrics(labels, probs.argmax(1), class_names)
+    m = metrics.classification_metrics(labels, probs.argmax(1), class_names)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro"]["f1"],
             "recall": {c: m["per_class"][c]["recall"] for c in class_names},
             "hits": {c: int(m["confusion_matrix"][i][i]) for i, c in enumerate(class_names)},
-            "ece": report.calibration_metrics(labels, probs)["ece"]}
+            "ece": metrics.calibration_metrics(labels, probs)["ece"]}
 
 
 def main() -> int:

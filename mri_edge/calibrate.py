@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import familiar, quiet, report, trust
+from . import familiar, metrics, quiet, report, trust
 from .calibrate_report import summary_table, write_reports  # noqa: F401 (summary_table: the CLI's)
 from .config import CalibrateConfig
 from .data import decode_images
@@ -107,7 +107,7 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, record: trust.Trust) -> dict
     conformal sets' coverage, for one model on one split."""
     cal = record.apply(probs)
     keys = ("ece", "mce", "brier", "nll", "mean_confidence", "accuracy")
-    before, after = report.calibration_metrics(labels, probs), report.calibration_metrics(labels, cal)
+    before, after = metrics.calibration_metrics(labels, probs), metrics.calibration_metrics(labels, cal)
     out = {"n": int(len(labels)), "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
            "reliability_before": before["reliability"], "reliability_after": after["reliability"],
            "coverage_risk": trust.coverage_risk(cal, labels), **record.decision_metrics(cal, labels)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import familiar, report, trust
+from . import familiar, metrics, report, trust
 from .run import RunFolder
 
 
@@ -20,7 +20,7 @@ def write_reports(run: RunFolder, out: dict) -> None:
     for split in ("held_out", "test"):
         if split in ref:
             for when in ("before", "after"):
-                cal = {**ref[split][when], "reliability": ref[split][f"reliability_{when}"], "bins": report.ECE_BINS}
+                cal = {**ref[split][when], "reliability": ref[split][f"reliability_{when}"], "bins": metrics.ECE_BINS}
                 report.plot_reliability(cal, d / f"reliability_{split}_{when}.png",
                                         f"{ref_name}, {split.replace('_', '-')}, {when} temperature")
     plot_coverage_risk(out, d / "coverage_risk.png")

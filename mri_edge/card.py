@@ -168,11 +168,13 @@ def build(run_dir) -> dict:
     if test:
         card["results"] = {"official": {"n": test["n"], "accuracy": test["accuracy"],
                                         "accuracy_ci95": test.get("accuracy_ci95"), "macro_f1": test["macro"]["f1"],
+                                        "macro_f1_ci95": test.get("macro_f1_ci95"),
                                         "per_class": per_class_ci(test["confusion_matrix"], names)}}
         if test.get("dedup"):
             d = test["dedup"]
             card["results"]["leakage_free"] = {"n": d["n"], "accuracy": d["accuracy"],
                                                "accuracy_ci95": d.get("accuracy_ci95"), "macro_f1": d["macro"]["f1"],
+                                               "macro_f1_ci95": d.get("macro_f1_ci95"),
                                                "per_class": per_class_ci(d["confusion_matrix"], names)}
     else:
         missing.append("test report")
@@ -321,7 +323,8 @@ def markdown(card: dict) -> str:
         if not res:
             continue
         parts += [f"## Results: {title} ({res['n']} images)", "",
-                  f"Accuracy **{res['accuracy']:.2%}** {ci(res.get('accuracy_ci95'))}, macro-F1 {res['macro_f1']:.3f}.",
+                  f"Accuracy **{res['accuracy']:.2%}** {ci(res.get('accuracy_ci95'))}, macro-F1 {res['macro_f1']:.3f}"
+                  + (" [{:.3f}, {:.3f}].".format(*res["macro_f1_ci95"]) if res.get("macro_f1_ci95") else "."),
                   "", report.md_table(["class", "images", "sensitivity [95% CI]", "specificity [95% CI]"],
                                       [[c["class"], c["support"], pct(c["sensitivity"], c["sensitivity_ci95"]),
                                         pct(c["specificity"], c["specificity_ci95"])]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, distill, groups, quiet, report
+from . import data, distill, groups, metrics, quiet, report
 from .config import TrainConfig
 from .errors import require, training_packages
 from .files import sha256_file
@@ -106,9 +106,10 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     test = dec["test"]
     probs = predict_arrays(net, test.images, label="Keras on the test split")
     pred = probs.argmax(1)
-    m = report.classification_metrics(test.labels, pred, names)
-    m["accuracy_ci95"] = report.bootstrap_ci(pred == test.labels, seed=cfg.seed)
-    m["calibration"] = report.calibration_metrics(test.labels, probs)
+    m = metrics.classification_metrics(test.labels, pred, names)
+    m["accuracy_ci95"] = metrics.bootstrap_ci(pred == test.labels, seed=cfg.seed)
+    m["macro_f1_ci95"] = metrics.macro_f1_ci(test.labels, pred, len(names), seed=cfg.seed)
+    m["calibration"] = metrics.calibration_metrics(test.labels, probs)
     m["skipped"] = test.skipped
     root = Path(cfg.data_dir)
     rel = [data.rel_path(p, root) for p in test.paths]
@@ -118,8 +119,9 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
         from . import audit  # noqa: PLC0415
 
         clean = audit.leakage_free_mask(cfg.dedup, test.paths, root)
-        dm = report.classification_metrics(test.labels[clean], pred[clean], names)
-        dm["accuracy_ci95"] = report.bootstrap_ci(pred[clean] == test.labels[clean], seed=cfg.seed)
+        dm = metrics.classification_metrics(test.labels[clean], pred[clean], names)
+        dm["accuracy_ci95"] = metrics.bootstrap_ci(pred[clean] == test.labels[clean], seed=cfg.seed)
+        dm["macro_f1_ci95"] = metrics.macro_f1_ci(test.labels[clean], pred[clean], len(names), seed=cfg.seed)
         m["dedup"] = dm
     with quiet.signals_deferred():
         if commit is not None:

@@ -1,4 +1,4 @@
-"""Metrics, plots and Markdown reports shared by train, verify and bench."""
+"""Plots and Markdown reports shared by train, verify and bench (their numbers: metrics.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from .config import TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_path, atomic_write_text, read_json
 from .run import AUDIT_FILES, BENCH_FILES, best_bench, exported_again
-from .trust import nll
 
 
 def write_json(path: Path, obj) -> None:
@@ -31,36 +30,6 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def classification_metrics(y_true, y_pred, class_names: list[str]) -> dict:
-    """Accuracy, per-class/macro/weighted precision-recall-F1-support, sensitivity/specificity, confusion."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: PLC0415
-
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    labels = list(range(len(class_names)))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    per_class = {}
-    total = cm.sum()
-    for i, name in enumerate(class_names):
-        tp = cm[i, i]
-        fn = cm[i].sum() - tp
-        fp = cm[:, i].sum() - tp
-        tn = total - tp - fn - fp
-        per_class[name] = {
-            "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i]),
-            "sensitivity": float(r[i]),
-            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
-        }
-    out = {"accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0, "n": int(len(y_true))}
-    for avg in ("macro", "weighted"):
-        pa, ra, fa, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
-        out[avg] = {"precision": float(pa), "recall": float(ra), "f1": float(fa), "support": int(len(y_true))}
-    out["per_class"] = per_class
-    out["confusion_matrix"] = cm.tolist()
-    return out
-
-
 def test_summary(m: dict) -> str:
     """The console's line for a test report: accuracy and macro-F1, and the leakage-free subset's
     accuracy when the run has one (--dedup), as the reports give it."""
@@ -68,53 +37,14 @@ def test_summary(m: dict) -> str:
     return f"test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro']['f1']:.4f}{free}"
 
 
-ECE_BINS = 15
-
-
-def calibration_metrics(y_true, probs, bins: int = ECE_BINS, binned_by=None) -> dict:
-    """How far confidence matches accuracy: expected calibration error (top-1 confidence in
-    `bins` equal-width bins, weighted by their share of images), maximum calibration error,
-    multi-class Brier score and negative log-likelihood, and the reliability-diagram bins.
-    `binned_by` (another model's top-1 confidences) puts each image in that model's bin."""
-    y_true = np.asarray(y_true)
-    probs = np.asarray(probs, np.float64)
-    conf = probs.max(1)
-    hit = (probs.argmax(1) == y_true).astype(float)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf if binned_by is None else binned_by, edges[1:-1], right=True), 0, bins - 1)
-    rows, ece, mce = [], 0.0, 0.0
-    for b in range(bins):
-        m = which == b
-        if not m.any():
-            continue
-        gap = abs(hit[m].mean() - conf[m].mean())
-        ece += m.mean() * gap
-        mce = max(mce, gap)
-        rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
-                     "confidence": float(conf[m].mean()), "accuracy": float(hit[m].mean())})
-    onehot = np.eye(probs.shape[1])[y_true]
-    return {"ece": float(ece), "mce": float(mce), "brier": float(((probs - onehot) ** 2).sum(1).mean()),
-            "nll": nll(probs, y_true),
-            "mean_confidence": float(conf.mean()), "accuracy": float(hit.mean()), "bins": bins,
-            "reliability": rows}
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-                 groups=None) -> list[float]:
-    """Percentile bootstrap CI of the mean of per-sample values (e.g. correctness or paired deltas).
-    With `groups` (one id per value) whole groups are resampled, not samples: the cluster
-    bootstrap, for samples that are not independent (near-identical slices of one subject)."""
-    if len(values := np.asarray(values, float)) == 0:
-        return [0.0, 0.0]
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-    else:
-        _, ids = np.unique(np.asarray(groups), return_inverse=True)
-        sums, sizes = np.bincount(ids, weights=values), np.bincount(ids)
-        picks = rng.integers(0, len(sizes), (n_boot, len(sizes)))
-        means = sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
-    return [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))]
+def scores_text(m: dict, bold: bool = False) -> str:
+    """Accuracy and macro-F1 of a test report (or its leakage-free part), each with its 95% CI
+    where the report has one, as train_report.md and report.md give them."""
+    def ci(key):
+        return f" (95% CI {m[key][0]:.4f}-{m[key][1]:.4f})" if m.get(key) else ""
+    acc = f"{m['accuracy']:.4f}"
+    return (f"accuracy {f'**{acc}**' if bold else acc}{ci('accuracy_ci95')}, "
+            f"macro-F1 {m['macro']['f1']:.4f}{ci('macro_f1_ci95')}")
 
 
 # ---------------------------------------------------------------- plots
@@ -291,8 +221,7 @@ def train_report_markdown(run, cfg: dict, test: dict, extra: dict) -> str:
     parts += [
         f"## Test set ({test['n']} images)",
         "",
-        f"**Accuracy {test['accuracy']:.4f}** (bootstrap 95% CI {test['accuracy_ci95'][0]:.4f}-"
-        f"{test['accuracy_ci95'][1]:.4f}), macro-F1 {test['macro']['f1']:.4f}, weighted-F1 {test['weighted']['f1']:.4f}.",
+        f"Test {scores_text(test, bold=True)}, weighted-F1 {test['weighted']['f1']:.4f} (CIs: bootstrap over images).",
         "",
         metrics_markdown(test, names),
         "",
@@ -311,8 +240,7 @@ def train_report_markdown(run, cfg: dict, test: dict, extra: dict) -> str:
         parts += [
             f"### Leakage-free test subset ({d['n']} of {test['n']} images have no exact or near copy in train/val)",
             "",
-            f"Accuracy {d['accuracy']:.4f} (95% CI {d['accuracy_ci95'][0]:.4f}-{d['accuracy_ci95'][1]:.4f}), "
-            f"macro-F1 {d['macro']['f1']:.4f}.",
+            f"Leakage-free {scores_text(d)}.",
             "",
             metrics_markdown(d, names),
             "",
@@ -336,10 +264,8 @@ def run_index_markdown(run) -> str:
              + (f" (in folder `{root.name}`)" if trained_as and trained_as != root.name else ""), ""]
     test = load(run.test_report_path)
     if test:
-        ci = test.get("accuracy_ci95", [0, 0])
         parts += [f"Task **{cfg.get('task', '?')}**, DenseNet121 at {cfg.get('image_size', '?')} px, weights "
-                  f"`{cfg.get('weights', '?')}`. Test accuracy **{test['accuracy']:.4f}** (95% CI {ci[0]:.4f}-"
-                  f"{ci[1]:.4f}), macro-F1 {test['macro']['f1']:.4f} on {test['n']} images.", ""]
+                  f"`{cfg.get('weights', '?')}`. Test {scores_text(test, bold=True)} on {test['n']} images.", ""]
         if test.get("dedup"):
             parts += [f"Leakage-free test subset: accuracy {test['dedup']['accuracy']:.4f} on "
                       f"{test['dedup']['n']} images.", ""]

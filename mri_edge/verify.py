@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import explain, familiar, quiet, report, trust
-from .verify_report import markdown, summary_table  # noqa: F401 (summary_table: the CLI's)
+from . import explain, familiar, metrics, quiet, report, trust
+from .verify_report import markdown, plot_name, summary_table  # noqa: F401 (summary_table: the CLI's)
 from .config import EXPLAIN_IMAGES, OCCLUSION_GRID, Thresholds
 from .errors import MriEdgeError, first_line, require
 from .files import sha256_file
@@ -43,7 +43,7 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 def paired_delta_ci(keras_ok: np.ndarray, file_ok: np.ndarray, seed: int = 0, n_boot: int = 2000) -> list[float]:
     """Bootstrap 95% CI of accuracy(file) - accuracy(keras), resampling images in pairs."""
-    return report.bootstrap_ci(file_ok.astype(float) - keras_ok.astype(float), n_boot=n_boot, seed=seed)
+    return metrics.bootstrap_ci(file_ok.astype(float) - keras_ok.astype(float), n_boot=n_boot, seed=seed)
 
 
 def find_exports(run_dir: Path) -> list[Path]:
@@ -55,16 +55,16 @@ def compare(names: list[str], labels: np.ndarray, keras_probs: np.ndarray, file_
     """Every parity number for one file against the Keras reference."""
     kp = keras_probs.argmax(1)
     fp = file_probs.argmax(1)
-    km = report.classification_metrics(labels, kp, names)
-    fm = report.classification_metrics(labels, fp, names)
+    km = metrics.classification_metrics(labels, kp, names)
+    fm = metrics.classification_metrics(labels, fp, names)
     k_ok = kp == labels
     f_ok = fp == labels
     b = int((k_ok & ~f_ok).sum())
     c = int((~k_ok & f_ok).sum())
     diff = np.abs(keras_probs - file_probs)
-    k_cal = report.calibration_metrics(labels, keras_probs)
-    f_cal = report.calibration_metrics(labels, file_probs)
-    f_in_k_bins = report.calibration_metrics(labels, file_probs, binned_by=keras_probs.max(1))["ece"]
+    k_cal = metrics.calibration_metrics(labels, keras_probs)
+    f_cal = metrics.calibration_metrics(labels, file_probs)
+    f_in_k_bins = metrics.calibration_metrics(labels, file_probs, binned_by=keras_probs.max(1))["ece"]
     flips = [{"path": paths[i], "true": names[labels[i]], "keras": names[kp[i]], "export": names[fp[i]],
               "keras_p": float(keras_probs[i, kp[i]]), "export_p": float(file_probs[i, fp[i]])}
              for i in np.flatnonzero(kp != fp)]
@@ -106,9 +106,9 @@ def trust_metrics(record: trust.Trust, labels: np.ndarray, keras_probs: np.ndarr
     out = {"temperature": record.temperature}
     cal = {"file": record.apply(file_probs), "keras": record.apply(keras_probs)}
     for who, probs in cal.items():
-        out[who] = {"ece": report.calibration_metrics(labels, probs)["ece"], **record.decision_metrics(probs, labels)}
+        out[who] = {"ece": metrics.calibration_metrics(labels, probs)["ece"], **record.decision_metrics(probs, labels)}
     out["ece_delta"] = out["file"]["ece"] - out["keras"]["ece"]
-    out["ece_delta_keras_bins"] = report.calibration_metrics(labels, cal["file"], binned_by=cal["keras"].max(1))["ece"] \
+    out["ece_delta_keras_bins"] = metrics.calibration_metrics(labels, cal["file"], binned_by=cal["keras"].max(1))["ece"] \
         - out["keras"]["ece"]
     return out
 
@@ -345,10 +345,10 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
             failures.append(f"{f.name}: cannot be checked: {r['error']}")
             log(f"FAIL {f.name}: {r['error']}")
             continue
-        report.plot_confusion(r["confusion_matrix"], names, plot_dir / f"confusion_{f.name.replace('.', '_')}.png",
+        report.plot_confusion(r["confusion_matrix"], names, plot_dir / plot_name("confusion", f.name),
                               f"{f.name}: accuracy {r['accuracy']:.3f}")
-        report.plot_reliability({**r["calibration"], "bins": report.ECE_BINS}, plot_dir /
-                                f"reliability_{f.name.replace('.', '_')}.png", f.name)
+        report.plot_reliability({**r["calibration"], "bins": metrics.ECE_BINS}, plot_dir / plot_name("reliability", f.name),
+                                f.name)
         results[f.name] = r
         log(f"{'PASS' if r['passed'] else 'FAIL'} {f.name}: accuracy {r['accuracy']:.4f} "
             f"(delta {r['accuracy_delta'] * 100:+.2f} pts), agreement {r['agreement']:.4f}"
@@ -356,17 +356,16 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
                if "agreement" in r.get("familiarity", {}) else ""))
         if r["fail_reasons"]:
             failures.append(f"{f.name}: " + "; ".join(r["fail_reasons"]))
-    keras_m = report.classification_metrics(labels, keras_probs.argmax(1), names)
+    keras_m = metrics.classification_metrics(labels, keras_probs.argmax(1), names)
     out = {"run_dir": str(run_dir), "split": split, "n_test": int(len(labels)), "class_names": names,
            "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},
            "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures,
            "selected_files_only": selected}
     with quiet.signals_deferred():  # the pair says one thing
         report.write_json(parity_json, out)
-        report.write_text(parity_md, markdown(out))
+        report.write_text(parity_md, markdown(out, plot_dir.relative_to(report_dir).as_posix()))
     if not selected:  # plots of files not plotted now (removed, renamed, or not runnable) do not outlive them
-        keep = {f"{kind}_{n.replace('.', '_')}.png" for n, r in results.items() if "error" not in r
-                for kind in ("confusion", "reliability")}
+        keep = {plot_name(kind, n) for n, r in results.items() if "error" not in r for kind in ("confusion", "reliability")}
         for p in [*plot_dir.glob("confusion_*.png"), *plot_dir.glob("reliability_*.png")]:
             if p.name not in keep:
                 p.unlink()

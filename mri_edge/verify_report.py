@@ -24,7 +24,19 @@ def summary_table(out: dict) -> str:
                             "flips", "McNemar p", "abs Δp mean / max", "ECE (Δ)", "expl. ρ", "gate"], rows)
 
 
-def markdown(out: dict) -> str:
+def plot_name(kind: str, file_name: str) -> str:
+    """verify's plot of one file: confusion_<file>.png or reliability_<file>.png, dots as underscores."""
+    return f"{kind}_{file_name.replace('.', '_')}.png"
+
+
+def plot_links(out: dict, kind: str, plot_dir: str) -> str:
+    """Links to one kind of plot of every file checked, relative to parity.md (plot_dir: their folder from it)."""
+    folder = "" if plot_dir in ("", ".") else plot_dir.rstrip("/") + "/"
+    return ", ".join(f"[{n}](<{folder}{plot_name(kind, n)}>)" for n, r in out["files"].items() if "error" not in r)
+
+
+def markdown(out: dict, plot_dir: str) -> str:
+    """parity.md; plot_dir: where the per-file plots are, relative to it."""
     names = out["class_names"]
     th = dict(out["thresholds"])
     for key in ("float", "quant"):  # reports written before the drops were kept in points
@@ -64,8 +76,8 @@ def markdown(out: dict) -> str:
                                     f"{c['ece_delta_keras_bins']:+.4f}" if "ece_delta_keras_bins" in c else "",
                                     f"{c['brier']:.4f}", f"{c['nll']:.4f}", f"{c['mean_confidence']:.4f}"]
                                    for n, c in cal]), "",
-                  "Reliability diagrams per file: `verify/reliability_<file>.png`. The ECE gate fails a file "
-                  "only when both changes pass the limit (docs/how-it-works.md).", ""]
+                  f"Reliability diagrams: {plot_links(out, 'reliability', plot_dir)}. The ECE gate fails a file "
+                  "only when both changes pass the limit (mri-edge's docs/how-it-works.md).", ""]
     tr = [(n, r["trust"]) for n, r in out["files"].items() if "trust" in r]
     if tr:
         def sets(m):
@@ -94,7 +106,7 @@ def markdown(out: dict) -> str:
                                    "only Keras / only file", "distance rank correlation", "|Δdistance| median / max"],
                                   [row(n, m) for n, m in fam]), "",
                   "The file's stored limit applied to its own pooled features and to the Keras model's, image by image "
-                  "(docs/trust.md#familiarity-images-unlike-the-training-images). A file fails when the two refer "
+                  "(mri-edge's docs/trust.md, \"Familiarity\"). A file fails when the two refer "
                   "different images more often than its top-1 agreement gate allows, when their Cohen's kappa is under "
                   f"{out['thresholds']['min_familiarity_kappa']} with {familiar.KAPPA_LEVEL:.0%} confidence (its "
                   "bootstrap upper bound: one image moves kappa far where few are referred), or when its record "
@@ -123,5 +135,5 @@ def markdown(out: dict) -> str:
             parts += [report.md_table(["image", "true", "Keras", "export"],
                                       [[f"`{x['path']}`", x["true"], f"{x['keras']} ({x['keras_p']:.2f})",
                                         f"{x['export']} ({x['export_p']:.2f})"] for x in r["flips"][:20]]), ""]
-    parts += ["Confusion matrices per file: `verify/confusion_<file>.png`.", ""]
+    parts += [f"Confusion matrices: {plot_links(out, 'confusion', plot_dir)}.", ""]
     return "\n".join(parts)

@@ -65,6 +65,16 @@ def test_reports_of_a_run_render(micro_run):
     index = (micro_run / "report.md").read_text()
     for link in ("train_report.md", "exports/model_int8.tflite", "parity.md"):
         assert f"({link})" in index
+    # every relative link of every report resolves from the report's folder (parity.md's plots among them)
+    import re
+
+    for path in micro_run.rglob("*.md"):
+        for target in re.findall(r"\]\(<?([^)>#]+)>?\)", path.read_text()):
+            if "://" not in target:
+                assert (path.parent / target).exists(), f"{path.name}: {target}"
+    parity = (micro_run / "parity.md").read_text()
+    assert "[model_int8.tflite](<verify/reliability_model_int8_tflite.png>)" in parity
+    assert "[model_int8.tflite](<verify/confusion_model_int8_tflite.png>)" in parity
 
 
 def test_audit_report_renders(tmp_path):
@@ -98,7 +108,7 @@ def test_cli_reference_is_generated_from_the_code():
 def test_calibration_metrics_on_known_cases():
     import numpy as np
 
-    from mri_edge.report import calibration_metrics
+    from mri_edge.metrics import calibration_metrics
 
     y = np.array([0, 1, 0, 1])
     perfect = calibration_metrics(y, np.eye(2)[y])
@@ -114,7 +124,7 @@ def test_calibration_metrics_on_known_cases():
 def test_group_bootstrap_resamples_whole_groups():
     import numpy as np
 
-    from mri_edge.report import bootstrap_ci
+    from mri_edge.metrics import bootstrap_ci
 
     rng = np.random.default_rng(0)
     hits = rng.random(300) < 0.7
@@ -127,6 +137,27 @@ def test_group_bootstrap_resamples_whole_groups():
     lo_i, hi_i = bootstrap_ci(clustered)
     assert hi - lo > 2.5 * (hi_i - lo_i)
     assert lo <= clustered.mean() <= hi
+
+
+def test_macro_f1_ci_scores_each_resample_as_sklearn_does():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from mri_edge.metrics import classification_metrics, macro_f1_ci
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 200)
+    y[:3] = 3  # a rare class: absent from some resamples, scored 0 there as sklearn scores it
+    y[3:] = np.minimum(y[3:], 2)
+    pred = np.where(rng.random(200) < 0.75, y, rng.integers(0, 4, 200))
+    # the same resamples drawn again and scored by sklearn: the interval's ends are their quantiles
+    idx = np.random.default_rng(7).integers(0, 200, (300, 200))
+    by_sklearn = [f1_score(y[i], pred[i], labels=range(4), average="macro", zero_division=0) for i in idx]
+    assert np.allclose(macro_f1_ci(y, pred, 4, n_boot=300, seed=7), np.quantile(by_sklearn, [0.025, 0.975]))
+    lo, hi = macro_f1_ci(y, pred, 4)
+    assert lo < classification_metrics(y, pred, ["a", "b", "c", "d"])["macro"]["f1"] < hi and hi - lo > 0.05
+    assert macro_f1_ci(y[3:], y[3:], 3) == [1.0, 1.0] and macro_f1_ci([], [], 4) == [0.0, 0.0]
+    assert macro_f1_ci(y, y, 4)[0] == 0.75  # resamples without the rare class score it 0, as sklearn does
 
 
 def test_verify_reports_calibration_of_every_file(micro_run):

@@ -19,8 +19,11 @@ def test_tiny_end_to_end_run_writes_full_report(tiny_run):
     assert not (tiny_run / "checkpoint.keras").exists()
     rep = json.loads((tiny_run / "test_report.json").read_text())
     assert rep["n"] == 16
-    for key in ("accuracy", "macro", "weighted", "per_class", "confusion_matrix", "accuracy_ci95", "skipped"):
+    for key in ("accuracy", "macro", "weighted", "per_class", "confusion_matrix", "accuracy_ci95", "macro_f1_ci95",
+                "skipped"):
         assert key in rep
+    lo, hi = rep["macro_f1_ci95"]
+    assert lo <= rep["macro"]["f1"] <= hi
     assert set(rep["per_class"]) == {"Glioma", "Meningioma", "No Tumor", "Pituitary"}
     assert np.array(rep["confusion_matrix"]).sum() == 16
     cfg = json.loads((tiny_run / "config.json").read_text())
@@ -28,6 +31,7 @@ def test_tiny_end_to_end_run_writes_full_report(tiny_run):
     assert cfg["preprocessing"]["normalization"]["where"] == "inside the model graph"
     md = (tiny_run / "train_report.md").read_text()
     assert "macro avg" in md and "confusion_matrix.png" in md
+    assert f"macro-F1 {rep['macro']['f1']:.4f} (95% CI {lo:.4f}-{hi:.4f})" in md
     assert "Validation: 4 images carved from training at random;" in md  # synth data has no validation folder
     assert "(train_report.md)" in (tiny_run / "report.md").read_text()
     assert len((tiny_run / "history.csv").read_text().splitlines()) == 3

@@ -631,6 +631,9 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     assert "latency (mri-edge bench)" in card["missing"]  # no bench yet: said, not invented
     per_class = card["results"]["official"]["per_class"]
     assert all(lo <= c["sensitivity"] <= hi for c in per_class for lo, hi in [c["sensitivity_ci95"]])
+    official = card["results"]["official"]
+    lo, hi = official["macro_f1_ci95"]
+    assert f"macro-F1 {official['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]." in text
     assert "model_card.md" in (run / "report.md").read_text()
     assert "in folder" not in (run / "report.md").read_text()  # a copied run folder is not a shipped one
     # Each calibration row names the file it measured; a file exported again after calibrate
