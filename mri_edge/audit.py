@@ -145,12 +145,10 @@ class Item:
 
 
 def _read(root: Path, task: str) -> tuple[list[Item], list[str], list[str]]:
-    """(items, class names, split names) of the folders as they are on disk: a carved
-    validation split is part of training."""
-    ds = discover(root, task)  # train's default carve
-    items = [Item("train" if (name == "val" and ds.val_carved) else name, p, y,
-                  rel_path(p, root))
-             for name, s in ds.splits.items() for p, y in zip(s.paths, s.labels)]
+    """(items, class names, split names) of the folders as they are on disk, training's images in
+    the order train lists them: the grouped probe's carve takes groups by their first member."""
+    ds = discover(root, task, carve=False)
+    items = [Item(name, p, y, rel_path(p, root)) for name, s in ds.splits.items() for p, y in zip(s.paths, s.labels)]
     with Progress(len(items), "reading images") as bar, ThreadPoolExecutor(8) as pool:
         for it, info in zip(items, pool.map(lambda it: _image_info(it.path), items, chunksize=32)):
             it.sha, it.fmt, it.mode, it.size, it.thumb = info

@@ -236,8 +236,9 @@ def kept_carve(train: Split, root: Path, task: str, weights: str | None) -> tupl
 
 def discover(data_dir: str | Path, task: str, val_fraction: float = TrainConfig.val_fraction,
              seed: int = TrainConfig.seed, val_split: str = TrainConfig.val_split, group_threshold: float = GROUP_THRESHOLD,
-             weights: str | None = None) -> Dataset:
-    """The dataset's splits. Without a validation folder, validation is carved from training:
+             weights: str | None = None, carve: bool = True) -> Dataset:
+    """The dataset's splits, in the order scan_split lists them. Without a validation folder (and unless
+    not `carve`: the folders as they are, for the audit, whose probes imitate the carve), validation is carved from training:
     the carve of the run whose model.keras `weights` is, if it carved these training images
     (`kept_carve`); else `random` takes a stratified share of images, `grouped` whole groups of
     near-identical images (so that validation behaves like new subjects, not like twins of training)."""
@@ -259,9 +260,11 @@ def discover(data_dir: str | Path, task: str, val_fraction: float = TrainConfig.
     keys, names = reference
     splits = {"train": per_split["train"]}
     carved, how = False, {}
-    kept = None if "val" in per_split else kept_carve(per_split["train"], Path(data_dir), task, weights)
+    kept = None if "val" in per_split or not carve else kept_carve(per_split["train"], Path(data_dir), task, weights)
     if "val" in per_split:
         splits["val"] = per_split["val"]
+    elif not carve:
+        pass  # the training folder whole, in its listed order
     elif kept or val_split == "grouped":
         from .groups import grouped_carve  # noqa: PLC0415
         splits["train"], splits["val"], how = kept or grouped_carve(per_split["train"].paths, per_split["train"].labels,

@@ -170,3 +170,27 @@ def test_calibrate_rebuilds_a_kept_carve_only_from_its_start(tmp_path):
     (start / "split_manifest.json").unlink()
     with pytest.raises(CalibrateError, match="not here"):
         split_manifest(RunFolder(run), str(root), log=lambda *_: None)
+
+
+def test_the_audits_probes_hold_out_the_carves_train_makes(tmp_path):
+    """data audit's "which validation split behaves like test" imitates train's carves (`--val-split
+    grouped` and `random`): the same images held out, so each probe is that of the carve a run gets."""
+    from mri_edge import audit
+
+    # a random carve of this data takes some groups' first images (which the order hashes): a
+    # probe that read training in another order held out other groups (median 0.786 against 0.824)
+    root = make_subjects(tmp_path / "d", n_subjects=10, slices=2, seed=1)
+    ds = data.discover(root, "tumor", val_split="grouped", group_threshold=0.95)
+    probes = audit.audit(root, "tumor", log=lambda *_: None, group_threshold=0.95)["validation_probes"]
+    probe = probes["grouped"]
+    assert probe["n"] == len(ds.splits["val"].paths)
+    assert probe["held_out_groups"] == ds.val_split["held_out_groups"]
+    assert probe["median_best_correlation"] == pytest.approx(ds.val_split["probe"]["median_best_correlation"])
+    assert probe["nn_accuracy"] == pytest.approx(ds.val_split["probe"]["nn_accuracy"])
+    # and the random probe is the probe of the carve `--val-split random` makes
+    rnd = data.discover(root, "tumor")
+    thumbs, _ = groups.read_thumbnails(rnd.splits["train"].paths + rnd.splits["val"].paths)
+    held = np.arange(len(rnd.splits["train"].paths), len(thumbs))
+    want = groups.holdout_probe(thumbs, rnd.splits["train"].labels + rnd.splits["val"].labels, held)
+    assert probes["random"]["n"] == want["n"] == len(rnd.splits["val"].paths)
+    assert probes["random"]["median_best_correlation"] == pytest.approx(want["median_best_correlation"])
