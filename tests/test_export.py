@@ -347,6 +347,11 @@ def test_openvino_int8_is_quantized_and_a_missing_weights_file_fails_cleanly(exp
     net = openvino.Core().read_model(str(exported_run / "exports" / "model_int8.xml"))
     fake_quant = [op for op in net.get_ops() if op.get_type_name() == "FakeQuantize"]
     assert len(fake_quant) > 100  # every convolution's input and weights
+    # fp32 for what is not int8, whatever the CPU: on AMX Xeons and bf16 AMD EPYCs OpenVINO's default is bf16
+    m = open_model(exported_run / "exports" / "model_int8.xml")
+    m.run(np.zeros((1, m.image_size, m.image_size, 3), np.uint8))
+    compiled = next(iter(m._requests.values())).get_compiled_model()
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
     lone = tmp_path / "model_int8.xml"
     shutil.copy(exported_run / "exports" / "model_int8.xml", lone)
     with pytest.raises(runtime.RuntimeModelError, match="weights file model_int8.bin is missing"):
@@ -376,7 +381,10 @@ def test_add_features_gives_an_older_openvino_file_the_output(exported_run, tmp_
         assert export_lib.add_features(f) == "added"
         m = open_model(f)
         probs, feats = m.run(x, features=True)
-        assert m.has_features and np.array_equal(probs, want_probs), name
+        # OpenVINO's CPU plugin picks its int8 kernels and fusions by instruction set (AVX2, AVX-512,
+        # AMX), so the rebuilt graph may land one output step away from the original on some CPUs
+        assert m.has_features and np.array_equal(probs.argmax(1), want_probs.argmax(1)), name
+        assert np.abs(probs - want_probs).max() <= (0 if m.meta["quantization"] == "none" else 1 / 256), name
         # int8: the export's features pass one more fake quantization (the ONNX Identity's) than these
         tol = 0 if m.meta["quantization"] == "none" else 0.05 * np.abs(want_feats).max()
         assert np.abs(feats - want_feats).max() <= tol, name

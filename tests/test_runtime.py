@@ -372,3 +372,30 @@ def test_the_int8_instruction_set_is_named_from_the_cpu_flags():
     assert onnx_model.int8_isa(["avx2", "avx512f", "avx512_vnni"]) == "AVX-512 VNNI"
     assert onnx_model.int8_isa(["avx2", "avx512_vnni", "amx_int8"]) == "AMX, AVX-512 VNNI"
     assert onnx_model.int8_isa(["avx2", "avx_vnni"]) == "AVX-VNNI" and onnx_model.int8_isa([]) is None
+
+
+@pytest.mark.parametrize("machine, cpuinfo, want", [
+    ("x86_64", "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n", True),   # AMD EPYC (Zen 4)
+    ("x86_64", "flags\t\t: fpu avx2 avx512f amx_int8 amx_tile\n", True),             # Intel Xeon with AMX
+    ("AMD64", "flags\t\t: fpu avx2 avx_vnni\n", True),                               # AVX-VNNI without AVX-512
+    ("x86_64", "flags\t\t: fpu avx2 fma\n", False),                                  # AVX2 only
+    ("x86_64", "flags\t\t: fpu avx512f avx512bw\n", False),                          # AVX-512 without VNNI
+    ("x86_64", OSError, None),                                                       # no /proc (a container without it)
+    ("arm64", "Features\t: fp asimd asimddp\n", None),                               # an ARM Mac or Pi: not x86
+])
+def test_vnni_is_read_from_the_cpu_flags_on_every_kind_of_cpu(monkeypatch, machine, cpuinfo, want):
+    import platform
+    from pathlib import Path
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    real = Path.read_text
+
+    def read_text(self, *a, **k):
+        if str(self) != "/proc/cpuinfo":
+            return real(self, *a, **k)
+        if cpuinfo is OSError:
+            raise OSError("no such file")
+        return cpuinfo
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert onnx_model.cpu_has_vnni() is want

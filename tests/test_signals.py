@@ -96,7 +96,7 @@ def test_a_child_started_with_interrupts_held_ignores_a_ctrl_c_that_comes_while_
     (before orphan_proof_child) would print a KeyboardInterrupt traceback of its own."""
     from mri_edge import quiet
 
-    child = ("import time; time.sleep(1.5)\n"  # the imports of a worker that is starting
+    child = ("import time; print('started', flush=True); time.sleep(1.5)\n"  # the imports of a worker starting
              "from mri_edge.quiet import orphan_proof_child; orphan_proof_child()\n"
              "import os, signal; os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); print('ignored')")
     for held in (False, True):
@@ -104,7 +104,8 @@ def test_a_child_started_with_interrupts_held_ignores_a_ctrl_c_that_comes_while_
             proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True,  # as from a terminal (a background job starts with Ctrl-C ignored)
                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        time.sleep(0.5)
+        assert proc.stdout.readline().strip() == "started"  # Python is up, however loaded the machine
+        time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         if held:
