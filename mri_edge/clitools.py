@@ -236,9 +236,38 @@ def check_environment() -> None:
         raise click.ClickException(f"KERAS_BACKEND={backend}: Keras has no such backend ({', '.join(KERAS_BACKENDS)})")
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error in one line with where to look: click's own takes four (usage, hint, blank, error)."""
+
+    def show(self, file=None):
+        text = self.format_message().strip()
+        text += "" if text.endswith((".", "?", "!", ")")) else "."
+        hint = f" See '{self.ctx.command_path} --help'." if self.ctx is not None else ""
+        click.echo(f"Error: {text}{hint}", file=file, err=file is None)
+
+
+def one_line(e: click.UsageError) -> click.UsageError:
+    """The same error, shown in one line (a group called bare still shows its help)."""
+    if isinstance(e, (OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return e
+    return OneLineUsageError(e.format_message(), e.ctx)
+
+
 class Main(click.Group):
-    """A group whose commands, and its groups' commands, take --verbose too, after their name,
-    where users put it (`mri-edge predict --verbose ...`)."""
+    """A group whose commands and groups take --verbose too, after their name, where users put it
+    (`mri-edge predict --verbose ...`, `mri-edge data --verbose audit ...`), and whose usage errors are one line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:  # the group's own options
+            raise one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:  # a command's (or a subgroup's) arguments and options, and its checks
+            raise one_line(e) from None
 
     def resolve_command(self, ctx, args):
         if not {"-h", "--help"} & set(args):  # a command's help is shown whatever the environment
@@ -246,7 +275,7 @@ class Main(click.Group):
         return super().resolve_command(ctx, args)
 
     def add_command(self, cmd, name=None):
-        if not isinstance(cmd, click.Group) and all(p.name != "verbose" for p in cmd.params):
+        if all(p.name != "verbose" for p in cmd.params):
             cmd.params.append(click.Option(["--verbose"], is_flag=True, expose_value=False, callback=_verbose,
                                            help=VERBOSE_HELP))
         super().add_command(cmd, name)

@@ -66,7 +66,30 @@ def test_bad_input_is_one_line_error(args, message):
     res = CliRunner(env=env).invoke(main, ["predict", "m.tflite", "x.jpg"] if env else args)
     assert res.exit_code != 0
     assert message in res.output
-    assert "Traceback" not in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--epoch", "3"], "Error: No such option '--epoch'."),
+    (["export"], "Error: Missing argument 'RUN_DIR'. See 'mri-edge export --help'."),
+    (["data", "audit"], "Error: Missing argument 'DATA_DIR'. See 'mri-edge data audit --help'."),
+    (["bogus"], "Error: No such command 'bogus'. See 'mri-edge --help'."),
+    (["data", "bogus"], "Error: No such command 'bogus'. See 'mri-edge data --help'."),
+    (["--bogus"], "Error: No such option '--bogus'."),
+    (["verify", "/nonexistent/run", "--split", "train"], "Invalid value for '--split'"),
+    (["calibrate", "{run}", "--coverage", "0.9", "--max-risk", "0.1"], "not both"),  # the command's own usage check
+])
+def test_usage_errors_are_one_line_that_names_the_help(args, message, tmp_path):
+    res = CliRunner().invoke(main, [a.format(run=tmp_path) for a in args], prog_name="mri-edge")
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "--help'." in res.output, res.output
+
+
+def test_a_group_called_bare_shows_its_help_and_takes_verbose_after_its_name(tmp_path):
+    assert CliRunner().invoke(main, ["data"], prog_name="mri-edge").output.startswith("Usage: mri-edge data")
+    res = CliRunner().invoke(main, ["data", "--verbose", "synth", "--out", str(tmp_path / "d"), "--n-train", "2",
+                                    "--n-test", "1", "--size", "32"])
+    assert res.exit_code == 0, res.output
 
 
 def test_a_commands_help_is_shown_whatever_the_environment():
