@@ -246,9 +246,12 @@ class OneLineUsageError(click.UsageError):
         click.echo(f"Error: {text}{hint}", file=file, err=file is None)
 
 
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 (8.1 exits with the help)
+
+
 def one_line(e: click.UsageError) -> click.UsageError:
     """The same error, shown in one line (a group called bare still shows its help)."""
-    if isinstance(e, (OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+    if isinstance(e, OneLineUsageError) or isinstance(e, NO_ARGS_IS_HELP):
         return e
     return OneLineUsageError(e.format_message(), e.ctx)
 

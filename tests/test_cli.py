@@ -70,19 +70,19 @@ def test_bad_input_is_one_line_error(args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--epoch", "3"], "Error: No such option '--epoch'."),
+    (["train", "--epoch", "3"], "--epoch"),  # click 8.1 and 8.2 word it differently
     (["export"], "Error: Missing argument 'RUN_DIR'. See 'mri-edge export --help'."),
     (["data", "audit"], "Error: Missing argument 'DATA_DIR'. See 'mri-edge data audit --help'."),
     (["bogus"], "Error: No such command 'bogus'. See 'mri-edge --help'."),
     (["data", "bogus"], "Error: No such command 'bogus'. See 'mri-edge data --help'."),
-    (["--bogus"], "Error: No such option '--bogus'."),
+    (["--bogus"], "--bogus"),
     (["verify", "/nonexistent/run", "--split", "train"], "Invalid value for '--split'"),
     (["calibrate", "{run}", "--coverage", "0.9", "--max-risk", "0.1"], "not both"),  # the command's own usage check
 ])
 def test_usage_errors_are_one_line_that_names_the_help(args, message, tmp_path):
     res = CliRunner().invoke(main, [a.format(run=tmp_path) for a in args], prog_name="mri-edge")
     assert res.exit_code == 2 and message in res.output, res.output
-    assert len(res.output.strip().splitlines()) == 1 and "--help'." in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and res.output.startswith("Error: ") and "--help'." in res.output
 
 
 def test_a_group_called_bare_shows_its_help_and_takes_verbose_after_its_name(tmp_path):
