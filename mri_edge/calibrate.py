@@ -26,7 +26,7 @@ from .config import CalibrateConfig
 from .data import decode_images
 from .errors import require
 from .files import sha256_file
-from .run import RunFolder, holding
+from .run import RunFolder, holding, made_from_another
 from .backends import open_model
 from .calibrate_heldout import CalibrateError, borrowed, held_out_rows, split_manifest
 from .export.formats import QUANTIZATIONS
@@ -127,12 +127,15 @@ def calibrate_run(run_dir, cfg: CalibrateConfig | None = None, reference: str | 
         familiar.check_foreign(cfg.foreign)
     files = run.export_files()
     ref_path = reference_model(run, files, reference)  # before a split manifest is rebuilt or an image read
+    source_sha = source_model_sha256(run, ref_path)
+    if other := made_from_another(run.export_metadata(), source_sha):  # a record fitted on one model, into another's
+        raise CalibrateError(f"{', '.join(other)}: exported from another model.keras than the run's (retrained, or "
+                             f"evaluate --fp16-weights since); run mri-edge export {run.path} again first")
     manifest = split_manifest(run, data_dir, log)
     root = Path(manifest["root"])
     names = manifest["class_names"]
     donor = borrowed(manifest, cfg, log) if cfg.from_run else None
     keep, held = ([], donor[1]) if donor else held_out_rows(manifest, cfg, log)
-    source_sha = source_model_sha256(run, ref_path)
     val_rows = [manifest["splits"]["val"][i] for i in keep]
     test_rows = manifest["splits"].get("test") or []
     y_val = np.array([y for _, y in val_rows])

@@ -16,8 +16,8 @@ from .errors import MriEdgeError
 from .files import read_json, sha256_file
 from .integrity import model_files
 from .onnx_model import int8_isa
-from .run import RunFolder, best_bench, exported_again
-from .tasks import DATASETS
+from .run import RunFolder, best_bench, current_rows, made_from_another
+from .tasks import public_dataset
 
 INTENDED_USE = (
     "Research and engineering use: evaluating how a brain-MRI classifier behaves when deployed on an edge device "
@@ -90,16 +90,6 @@ def familiarity_limit(cal: dict | None) -> str:
     return text
 
 
-def current_rows(rows: dict, metadata: dict, what: str, command: str, missing: list) -> dict:
-    """The rows of a report whose file is still the one it measured (`run.exported_again`): the
-    others would give a file the numbers of the one it replaced, so they are left out and listed
-    as missing."""
-    stale = exported_again(rows.items(), metadata)
-    if stale:
-        missing.append(f"{what} of {', '.join(stale)} (exported again since; run {command})")
-    return {n: r for n, r in rows.items() if n not in stale}
-
-
 def build(run_dir) -> dict:
     from .export.pool import float_parts  # noqa: PLC0415
 
@@ -113,19 +103,26 @@ def build(run_dir) -> dict:
     parity = _load(run.parity_paths()[0], damaged)
     bench = best_bench([(p.parent, _load(p, damaged)) for p in run.bench_paths])[1]
     audit = _load(_found(cfg["dedup"], run), damaged) if cfg.get("dedup") else None
-    metadata = run.export_metadata(damaged)  # and the model files the card lists, whole
+    everything = metadata = run.export_metadata(damaged)  # and the model files the card lists, whole
     if damaged:  # a card without them would replace a complete one: refuse, and keep what is there
         raise MriEdgeError("cannot write the model card: " + "; ".join(damaged) +
                            " (run again the command that writes it: export for a model file)")
     missing = []
     files = run.export_files()
-    public = cfg["task"] in DATASETS  # else a user's own dataset (--task custom): no name, licence or "official" split
+    keras = (run.model_path.name,) if run.model_path.is_file() else ()  # rows of it are kept beside the files'
+    model_sha = sha256_file(run.model_path) if keras else None
+    if other := made_from_another(metadata, model_sha):  # their reports describe files of another model
+        missing.append(f"export of {', '.join(other)} (made from another model.keras than the run's: retrained, or "
+                       f"evaluate --fp16-weights since; run mri-edge export {run.path})")
+        metadata = {n: m for n, m in metadata.items() if n not in other}
+    if refit := bool(cal and model_sha and not trust.fitted_for(cal["trust"], model_sha)):
+        cal = None  # fitted for the model.keras this one replaced
+    public = public_dataset(cfg["task"], manifest)  # else one's own images: no name, licence or "official" split
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
                       "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},
             "intended_use": INTENDED_USE.format(data="a public slice-level dataset" if public else "a user-supplied dataset"),
-            "data": {**DATASETS.get(cfg["task"], {"name": "user-supplied", "source": cfg.get("data_dir"),
-                                                  "licence": "unknown"})},
+            "data": {**(public or {"name": "user-supplied", "source": cfg.get("data_dir"), "licence": "unknown"})},
             "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment", "select_by",
                                                 "patience", "dense_units", "dropout", "weights_stored",
                                                 "class_weight", "val_split", "val_fraction", "seed", "split_seed", "val_kept_from",
@@ -150,10 +147,11 @@ def build(run_dir) -> dict:
                                       "description": groups.describe_carve(manifest)}
     else:
         missing.append("split manifest")
-    start = _found(cfg.get("weights") or "", run).parent / "config.json" if str(cfg.get("weights")).endswith(".keras") else None
-    began = (_load(start, damaged) or {}).get("task") if start and start.is_file() else None
-    if began in DATASETS and began != cfg["task"]:  # its first weights were trained on another public dataset
-        card["data"]["starting_weights_trained_on"] = DATASETS[began]
+    start = RunFolder(_found(cfg.get("weights") or "", run).parent) if str(cfg.get("weights")).endswith(".keras") else None
+    if start and start.config_path.is_file() and start.manifest_path.is_file():  # its first weights' run
+        began = public_dataset((_load(start.config_path, damaged) or {}).get("task"), _load(start.manifest_path, damaged))
+        if began and began != public:  # trained on another public dataset
+            card["data"]["starting_weights_trained_on"] = began
     if audit:
         near = (audit.get("near_duplicates") or {}).get("by_split_pair") or {}
         card["data"]["audit"] = {"exact_duplicate_pairs": audit["exact_duplicates"]["pairs_by_split"],
@@ -180,7 +178,7 @@ def build(run_dir) -> dict:
         missing.append("test report")
     if cal:
         reference = next(n for n, r in cal["files"].items() if r.get("reference"))
-        cal["files"] = current_rows(cal["files"], metadata, "calibration", f"mri-edge calibrate {run.path}", missing)
+        cal["files"] = current_rows(cal["files"], metadata, "calibration", f"mri-edge calibrate {run.path}", missing, keras)
         card["calibration"] = {"trust": cal["trust"], "held_out": cal["held_out"],  # calibrate.json: no arrays
                                "per_file": {n: {s: {"ece_before": r[s]["before"]["ece"], "ece_after": r[s]["after"]["ece"],
                                                     **({"abstention": r[s]["abstention"]} if "abstention" in r[s] else {}),
@@ -189,7 +187,8 @@ def build(run_dir) -> dict:
                                             for n, r in cal["files"].items()},
                                "reference_model": reference}
     else:
-        missing.append("calibration (mri-edge calibrate)")
+        missing.append(f"calibration (fitted for another model.keras than the run's; run mri-edge calibrate {run.path})"
+                       if refit else "calibration (mri-edge calibrate)")
     if parity:
         card["parity"] = {n: {k: r.get(k) for k in ("quantization", "runtime", "accuracy", "agreement", "passed")}
                           | {"flips": len(r.get("flips", [])),
@@ -199,12 +198,12 @@ def build(run_dir) -> dict:
                           | ({"int8_recipe": float_parts(recipe)}
                              if (recipe := metadata.get(n, {}).get("accuracy_aware")) else {}) for n, r in
                           current_rows(parity["files"], metadata, "parity", f"mri-edge verify {run.path}",
-                                       missing).items()}
+                                       missing, keras).items()}
     else:
         missing.append("parity (mri-edge verify)")
     if bench:
         current = current_rows({r["model"]: r for r in bench["rows"]}, metadata, "latency", f"mri-edge bench {run.path}",
-                               missing)
+                               missing, keras)
         isa = int8_isa(bench["machine"].get("cpu_flags") or [])
         card["latency"] = {"machine": ", ".join(x for x in (bench["machine"].get("cpu"), isa) if x), "rows": [
             {k: r[k] for k in ("model", "runtime_label", "threads", "batch", "p50_ms")} for r in bench["rows"]
@@ -213,7 +212,9 @@ def build(run_dir) -> dict:
         missing.append("latency (mri-edge bench)")
     # the exported files and the model.keras they came from (verify's and calibrate's reference)
     stored = [p for f in [*files, run.model_path] for p in model_files(f) if p.is_file()]
-    card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in stored]
+    shas = {n: m["model_sha256"] for n, m in everything.items() if m.get("model_sha256")}
+    card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f),  # report.md: out of date?
+                      **({"model_sha256": shas[f.name]} if f.name in shas else {})} for f in stored]
     small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",
               f"Trained and tested on single 2-D slices from {'a public dataset' if public else 'the user-supplied dataset'}; "
@@ -317,7 +318,7 @@ def markdown(card: dict) -> str:
                   + (f" The stored model.keras has its kernels rounded to {ws['kernels']} (from the trained "
                      f"{ws['from']['file']}, sha256 {ws['from']['sha256'][:12]}...)." if (ws := r.get("weights_stored")) else ""),
                   ""]
-    official = "official test split" if m["task"] in DATASETS else "test split"
+    official = "official test split" if d.get("test_images") else "test split"  # a public dataset's
     for key, title in (("official", official), ("leakage_free", "leakage-free test subset")):
         res = card.get("results", {}).get(key)
         if not res:
@@ -355,7 +356,7 @@ def markdown(card: dict) -> str:
             parts += [f"Held-out risk at the stored threshold above the {target:.1%} target: {', '.join(over)}. The "
                       f"threshold was chosen with `{c['reference_model']}`'s answers, and each of these files moves "
                       "some answers across it.", ""]
-    if "parity" in card:
+    if card.get("parity"):
         parts += ["## Parity of the exported files (test split)", "",
                   report.md_table(["file", "quantization", "accuracy", "agreement", "flips",
                                    "familiarity referrals agree", "explanation ρ (median)", "gate"],

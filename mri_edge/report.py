@@ -274,13 +274,15 @@ def run_index_markdown(run) -> str:
                       "confusion matrix", ""]
     if (root / AUDIT_FILES[1]).is_file():  # a shipped folder carries its dataset's audit
         parts += [f"- [Data audit]({AUDIT_FILES[1]}): duplicates and leakage between the splits", ""]
-    elif run.state_path.is_file():
+    elif run.state_path.is_file() and not (load(run.state_path) or {}).get("finished"):
         parts += ["Training has not finished (`mri-edge train --resume` continues it).", ""]
     index = load(run.exports_index_path)
     metadata = run.export_metadata()  # read once: the shipped table and the out-of-date check
     if index and index.get("exports"):
         rows = [[f"[{r['file']}](exports/{r['file']})", r["format"], r["quantization"], f"{r['size_mb']:.2f}"]
-                for r in index["exports"]]
+                for r in index["exports"] if r["file"] in metadata]
+        if gone := [r["file"] for r in index["exports"] if r["file"] not in metadata]:
+            parts += [f"exports.json lists {', '.join(gone)}, no longer in exports/: `mri-edge export` makes them again.", ""]
     else:  # a shipped folder: its files at the top level, their facts in their metadata
         from .ov import size_on_disk  # noqa: PLC0415
 
@@ -297,13 +299,14 @@ def run_index_markdown(run) -> str:
                   "prediction sets at "
                   f"{1 - t['alpha']:.0%}; fitted on {cal['held_out']['n']} held-out images. "
                   f"[Details]({cal_md.relative_to(root).as_posix()}).", ""]
-    card_json, card_md = run.card_paths
-    if load(card_json):
-        parts += ["## Model card", "", f"[{card_md.name}]({card_md.name})", ""]
 
     def out_of_date(rows, command):
         gone = exported_again(rows, metadata)
         return f" Out of date for {', '.join(gone)}, exported again since: run `mri-edge {command}`." if gone else ""
+    card_json, card_md = run.card_paths
+    if card := load(card_json):
+        stale = out_of_date([(f["file"], f) for f in card.get("files", [])], "card")
+        parts += ["## Model card", "", f"[{card_md.name}]({card_md.name}).{stale}", ""]
     for label, split in (("Parity on the test split", "test"), ("Parity on the validation split", "val")):
         path, md = run.parity_paths(split)
         link = md.relative_to(root).as_posix()

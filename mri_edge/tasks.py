@@ -84,8 +84,18 @@ def resolve_classes(task: str, folder_names: list[str]) -> tuple[list[str], list
     return [k for k, _, _ in spec], [lab for _, lab, _ in spec], mapping
 
 
-# Where the built-in tasks' public datasets come from (model cards cite them).
+# Where the built-in tasks' public datasets come from (model cards cite them), and the size of
+# their official test splits, by which a run's data is told from another dataset in the same layout.
 DATASETS = {
-    "tumor": {"name": "Brain Tumor MRI Dataset", "source": "Masoud Nickparvar, Kaggle", "licence": "CC0-1.0"},
-    "alzheimer": {"name": "Alzheimer's Dataset (4 class of Images)", "source": "Kaggle", "licence": "ODbL-1.0"},
+    "tumor": {"name": "Brain Tumor MRI Dataset", "source": "Masoud Nickparvar, Kaggle", "licence": "CC0-1.0",
+              "test_images": 1311},
+    "alzheimer": {"name": "Alzheimer's Dataset (4 class of Images)", "source": "Kaggle", "licence": "ODbL-1.0",
+                  "test_images": 1279},
 }
+
+
+def public_dataset(task: str, manifest: dict | None) -> dict | None:
+    """The public dataset a run's images are (its task's, when the split manifest's test split is that
+    dataset's official one), or None: synthetic phantoms or one's own images in the same folders."""
+    known = DATASETS.get(task)
+    return known if known and len(((manifest or {}).get("splits") or {}).get("test") or []) == known["test_images"] else None

@@ -244,8 +244,9 @@ def _train_opened(run: RunFolder, cfg: TrainConfig, dataset: data.Dataset, state
         net = model_lib.load_model(run.model_path)  # the test report on one device, as every later check runs
     wall = time.time() - t_start
     report.write_history(run, history)
-    result = evaluate_run(run.path, net, dec, cfg, wall, notes)
-    run.write_state(phase=len(cfg.phases), epoch=0, history=history, elapsed_s=wall, finished=True)
+    # finished with its reports: the run index written beside them says so
+    result = evaluate_run(run.path, net, dec, cfg, wall, notes, commit=lambda: run.write_state(
+        phase=len(cfg.phases), epoch=0, history=history, elapsed_s=wall, finished=True))
     run.checkpoint_path.unlink(missing_ok=True)
     run.trainer_state_path.unlink(missing_ok=True)
     dist.barrier()

@@ -18,7 +18,7 @@ from .config import EXPLAIN_IMAGES, OCCLUSION_GRID, Thresholds
 from .errors import MriEdgeError, first_line, require
 from .files import sha256_file
 from .data import DataMovedError, decode_images
-from .run import RunFolder, holding
+from .run import RunFolder, holding, made_from_another
 from .keras_model import validation_reference
 from .ov import size_on_disk
 from .integrity import RuntimeModelError, check_kind, check_model_file
@@ -117,7 +117,7 @@ def trust_mismatch(model, run_record: dict | None, model_sha: str | None = None)
     """Why a file cannot be checked against the run's model.keras (sha256 `model_sha`) or its
     stored calibration trusted, or None: it was exported from another model.keras, its
     calibration was fitted for another model, or is not the run's current record."""
-    if model_sha and model.meta.get("source_model_sha256") not in (None, model_sha):
+    if made_from_another({model.path.name: model.meta}, model_sha):
         return "exported from another model.keras than the run's (retrained, or evaluate --fp16-weights since?): " \
                "run mri-edge export again"
     record = model.trust.to_dict() if model.trust else None

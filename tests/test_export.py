@@ -568,3 +568,15 @@ def test_a_worker_left_alone_takes_the_cores_the_other_units_gave_back():
         assert executor.submit(pool.threads_now, 1).result(timeout=60) == cores
     finally:
         pool.kill_pool(executor)
+
+
+def test_the_same_model_converts_to_the_same_onnx_bytes(micro_run):
+    """Exported again with the same options, a file keeps its bytes, so its parity and calibration
+    stay current (tf2onnx numbers its nodes from a counter of the process)."""
+    from mri_edge.config import ExportConfig
+    from mri_edge.export.onnx import onnx_fp32
+    from mri_edge.model import load_model
+
+    model = load_model(micro_run / "model.keras")
+    first, again = (onnx_fp32(model, 32, ExportConfig.opset).SerializeToString() for _ in range(2))
+    assert first == again

@@ -89,6 +89,8 @@ def test_an_interrupted_export_leaves_no_worker_and_a_matching_index(micro_run, 
     for name in on_disk:
         assert sha256_file(run / "exports" / name) == listed[name]["sha256"], name
     assert not [p for p in (run / "exports").iterdir() if p.name.startswith(".")]
+    index_page = (run / "report.md").read_text()  # the run's index names what landed, and only that
+    assert all(f"(exports/{n})" in index_page for n in on_disk) and index_page.count("](exports/") == len(on_disk)
 
 
 def test_a_child_started_with_interrupts_held_ignores_a_ctrl_c_that_comes_while_it_imports():

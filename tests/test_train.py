@@ -34,6 +34,8 @@ def test_tiny_end_to_end_run_writes_full_report(tiny_run):
     assert f"macro-F1 {rep['macro']['f1']:.4f} (95% CI {lo:.4f}-{hi:.4f})" in md
     assert "Validation: 4 images carved from training at random;" in md  # synth data has no validation folder
     assert "(train_report.md)" in (tiny_run / "report.md").read_text()
+    assert json.loads((tiny_run / "state.json").read_text())["finished"]
+    assert "has not finished" not in (tiny_run / "report.md").read_text()  # the index of a finished run
     assert len((tiny_run / "history.csv").read_text().splitlines()) == 3
 
 

@@ -885,3 +885,61 @@ def test_the_alzheimer_card_names_the_dataset_of_its_starting_weights_and_its_re
     text = (shipped / "model_card.md").read_text()
     assert "Its starting weights were trained on Brain Tumor MRI Dataset" in text
     assert "- At its stored threshold it answers 5.5% of test images (92.9% of them right)" in text
+
+
+def test_a_replaced_model_keras_is_refused_by_calibrate_and_named_by_the_card(calibrated_run):
+    """evaluate --fp16-weights (or a retrain) after calibrate: the files and trust.json describe the
+    model it replaced. calibrate must not fit on the new model and store into the old files; the
+    card must not present the old calibration as this model's, and says what to run."""
+    from mri_edge.backends import read_metadata
+    from mri_edge.cli import main
+
+    run, _ = calibrated_run
+    assert CliRunner().invoke(main, ["evaluate", str(run), "--fp16-weights"]).exit_code == 0
+    before = {f.name: read_metadata(f)["trust"] for f in (run / "exports").glob("*.tflite")}
+    from mri_edge.calibrate import CalibrateError, calibrate_run
+    from mri_edge.config import CalibrateConfig
+
+    with pytest.raises(CalibrateError, match="model_fp32.onnx, .*: exported from another model.keras than the run's"):
+        calibrate_run(run, CalibrateConfig(coverage=0.5, alpha=0.2, min_images=4), log=lambda *_: None)
+    assert before == {f.name: read_metadata(f)["trust"] for f in (run / "exports").glob("*.tflite")}  # untouched
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    card = json.loads((run / "model_card.json").read_text())
+    assert "calibration" not in card and not card.get("parity")  # (a session's verify may have left a parity.json)
+    assert any(m.startswith("export of model_fp32.onnx, model_fp32.tflite, model_int8.onnx, model_int8.tflite (made "
+                            "from another model.keras") for m in card["missing"]), card["missing"]
+    assert any(m.startswith("calibration (fitted for another model.keras") for m in card["missing"])
+
+
+def test_the_card_and_run_index_follow_deleted_and_unmeasured_files(calibrated_run):
+    import shutil as sh
+
+    from mri_edge.cli import main
+    from mri_edge.run import RunFolder
+
+    run, _ = calibrated_run
+    (run / "exports" / "model_fp32.onnx").unlink()  # deleted by hand
+    sh.copy(run / "exports" / "model_int8.tflite", run / "exports" / "model_int8_copy.tflite")  # never measured
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    card = json.loads((run / "model_card.json").read_text())
+    assert set(card["calibration"]["per_file"]) == {"model.keras", "model_fp32.tflite", "model_int8.tflite",
+                                                    "model_int8.onnx"}
+    assert any(m.startswith("calibration of model_int8_copy.tflite (not measured") for m in card["missing"])
+    index = (run / "report.md").read_text()
+    assert "(exports/model_fp32.onnx)" not in index and "lists model_fp32.onnx, no longer in exports/" in index
+    # a card written before a file was exported again says so in the index
+    card["files"] = [{**f, "model_sha256": "0" * 64} if f["file"] == "model_int8.tflite" else f for f in card["files"]]
+    (run / "model_card.json").write_text(json.dumps(card))
+    RunFolder(run).write_index()
+    assert "Out of date for model_int8.tflite, exported again since: run `mri-edge card`" in (run / "report.md").read_text()
+
+
+def test_the_card_names_a_public_dataset_only_for_its_official_test_split(calibrated_run):
+    from mri_edge.cli import main
+
+    run, _ = calibrated_run  # synthetic phantoms in the tumor dataset's folders
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["data"]["name"] == "user-supplied" and card["data"]["licence"] == "unknown"
+    assert "Brain Tumor MRI Dataset" not in (run / "model_card.md").read_text()
+    assert "## Results: test split" in (run / "model_card.md").read_text()

@@ -37,6 +37,10 @@ def onnx_fp32(model, size: int, opset: int):
     import tf2onnx  # noqa: PLC0415
 
     spec = [tf.TensorSpec([None, size, size, 3], tf.float32, name="image")]
+    # tf2onnx numbers the nodes it adds from a counter global to the process: restarted, the same
+    # model gives the same bytes whatever the worker converted before (else every export of it
+    # is a new file to verify and calibrate again)
+    tf2onnx.utils.INTERNAL_NAME = 1
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     return proto
 

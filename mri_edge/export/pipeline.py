@@ -3,7 +3,6 @@ each finished file in exports/ with exports.json updated after every one."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import shutil
 import tempfile
@@ -50,13 +49,12 @@ def _land(staged: Path, out_dir: Path) -> None:
 
 def _write_index(run: RunFolder, records: dict, model_sha: str, failures: list[dict], started: float,
                  workers: int) -> None:
-    run.write_exports_index({
-        "run_dir": str(run.path), "source_model_sha256": model_sha,
-        "exports": sorted(records.values(), key=lambda r: r["file"]), "last_failures": failures,
-        "last_export": {"seconds": round(time.time() - started, 1), "workers": workers}})
+    rows = sorted(records.values(), key=lambda r: r["file"])
+    run.write_exports_index({"run_dir": str(run.path), "source_model_sha256": model_sha, "exports": rows, "last_failures":
+                             failures, "last_export": {"seconds": round(time.time() - started, 1), "workers": workers}})
     failed = "".join(f"\n- {f['file']}: {f['error']}" for f in failures)
     atomic_write_text(run.exports_report_path, f"# Exported files of {run.path.name}\n\n"
-                      + table(sorted(records.values(), key=lambda r: r["file"]))
+                      + table(rows)
                       + (f"\n\nFailed in the last export:{failed}" if failed else "") + "\n")
 
 
@@ -136,7 +134,7 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
         "source_model_sha256": model_sha,
         # the run's calibration travels into files exported after it, when it was fitted for this model.keras
         **({"trust": record} if trust.fitted_for(record := run.trust(), model_sha) else {}),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
     }
     units = pool.units(jobs)
     workers = pool.default_workers(len(units)) if workers is None else min(workers, len(units))
@@ -208,13 +206,15 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
                     _write_index(run, records, model_sha, failures, started, workers)
                 results.append(r)
                 scales = f", batch-norm scales {r['bn_scales']}" if "bn_scales" in r else ""
-                if "float_parts" in r:
-                    scales += f", {r['float_parts']}"
-                elif "float_weights" in r:
-                    scales += f", the head's weights {r['float_weights']}"
+                scales += f", {r['float_parts']}" if "float_parts" in r else \
+                    f", the head's weights {r['float_weights']}" if "float_weights" in r else ""
                 log(f"  {r['file']}: {r['size_mb']:.2f} MB in {r['seconds']:.1f} s{scales}")
 
         _run_units(units, context, collect, model, size, workdir, workers, log)
+    except BaseException:  # interrupted after some files landed: report.md says what is there now
+        if results:
+            run.write_index()
+        raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
