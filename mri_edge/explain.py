@@ -19,7 +19,7 @@ import numpy as np
 from . import quiet
 from .config import OCCLUSION_GRID
 from .errors import MriEdgeError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, sha256_file
 
 TOP_SHARE = 0.1  # "top 10% of pixels" of the overlap measure
 FLAT = 1e-6  # a map whose probability drops span no more than this is flat (rank_correlation)
@@ -268,7 +268,10 @@ def explain_images(model_path, images: list, out_dir, method: str = "occlusion",
         earlier = set()
     # sets that say no more than the answer are not shown (`Trust.sets_single`); the note says so
     sets_note = single_sets_text(model.trust) if model.trust and model.trust.sets_single else None
-    out = {"model": str(model.path), "runtime": model.runtime_name, "method": method, "sets_note": sets_note,
+    # which file was explained, as it was then: its model bytes' hash (an exported file's), or the file's
+    sha = model.meta.get("model_sha256") or (sha256_file(model.path) if Path(model.path).is_file() else None)
+    out = {"model": str(model.path), "model_sha256": sha,
+           "runtime": model.runtime_name, "method": method, "sets_note": sets_note,
            # interrupted: an earlier explain's overlays stay (named here, so that the next one removes them)
            "interrupted": interrupted, "kept_from_earlier": sorted(earlier) if interrupted else [],
            "grid": grid if method == "occlusion" else None, "images": rows, "failed": failed}

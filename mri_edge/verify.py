@@ -8,6 +8,9 @@ image with the Keras predictions stored by `mri-edge train` in test_predictions.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -345,10 +348,6 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
             failures.append(f"{f.name}: cannot be checked: {r['error']}")
             log(f"FAIL {f.name}: {r['error']}")
             continue
-        report.plot_confusion(r["confusion_matrix"], names, plot_dir / plot_name("confusion", f.name),
-                              f"{f.name}: accuracy {r['accuracy']:.3f}")
-        report.plot_reliability({**r["calibration"], "bins": metrics.ECE_BINS}, plot_dir / plot_name("reliability", f.name),
-                                f.name)
         results[f.name] = r
         log(f"{'PASS' if r['passed'] else 'FAIL'} {f.name}: accuracy {r['accuracy']:.4f} "
             f"(delta {r['accuracy_delta'] * 100:+.2f} pts), agreement {r['agreement']:.4f}"
@@ -361,14 +360,26 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
            "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},
            "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures,
            "selected_files_only": selected}
-    with quiet.signals_deferred():  # the pair says one thing
-        report.write_json(parity_json, out)
-        report.write_text(parity_md, markdown(out, plot_dir.relative_to(report_dir).as_posix()))
-    if not selected:  # plots of files not plotted now (removed, renamed, or not runnable) do not outlive them
-        keep = {plot_name(kind, n) for n, r in results.items() if "error" not in r for kind in ("confusion", "reliability")}
-        for p in [*plot_dir.glob("confusion_*.png"), *plot_dir.glob("reliability_*.png")]:
-            if p.name not in keep:
-                p.unlink()
+    staged = Path(tempfile.mkdtemp(prefix=".plots-", dir=plot_dir))  # land with the report they belong to
+    try:
+        for n, r in results.items():
+            if "error" not in r:
+                report.plot_confusion(r["confusion_matrix"], names, staged / plot_name("confusion", n),
+                                      f"{n}: accuracy {r['accuracy']:.3f}")
+                report.plot_reliability({**r["calibration"], "bins": metrics.ECE_BINS}, staged / plot_name("reliability", n), n)
+        with quiet.signals_deferred():  # the report and its plots say one thing
+            report.write_json(parity_json, out)
+            report.write_text(parity_md, markdown(out, plot_dir.relative_to(report_dir).as_posix()))
+            for p in staged.iterdir():
+                os.replace(p, plot_dir / p.name)
+            if not selected:  # plots of files not plotted now (removed, renamed, or not runnable) do not outlive them
+                keep = {p for n, r in results.items() if "error" not in r for p in
+                        (plot_name("confusion", n), plot_name("reliability", n))}
+                for p in [*plot_dir.glob("confusion_*.png"), *plot_dir.glob("reliability_*.png")]:
+                    if p.name not in keep:
+                        p.unlink()
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     run.write_index()
     out["report_dir"], out["report_files"] = str(report_dir), [str(parity_json), str(parity_md)]
     return out

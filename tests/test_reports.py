@@ -178,3 +178,28 @@ def test_the_console_line_gives_the_leakage_free_accuracy_when_the_run_has_one()
     assert report.test_summary(m) == "test accuracy 0.7115, macro-F1 0.7223"
     m["dedup"] = {"accuracy": 0.7029, "n": 1225}
     assert report.test_summary(m).endswith("; leakage-free 0.7029 (1225 images)")
+
+
+def test_an_interrupted_verify_leaves_the_plots_of_the_report_on_disk(micro_run, tmp_path, monkeypatch):
+    """The per-file plots land with parity.json and parity.md, not one by one before them: stopped
+    midway, the folder keeps the earlier report and its own plots, and no staging folder."""
+    import shutil
+
+    from mri_edge import report
+    from mri_edge.verify import verify_run
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    verify_run(run, explain_images=0, log=lambda *_: None)
+    plots = {p.name: p.stat().st_mtime_ns for p in (run / "verify").iterdir()}
+    calls = []
+
+    def stop(*a, **k):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_reliability", stop)
+    with pytest.raises(KeyboardInterrupt):
+        verify_run(run, explain_images=0, log=lambda *_: None)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "verify").iterdir()} == plots

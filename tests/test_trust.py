@@ -548,6 +548,9 @@ def test_explain_writes_overlays_through_any_runtime(calibrated_run, tmp_path):
         res = CliRunner().invoke(main, ["explain", str(model), *images, "--out", str(out), "--grid", "4"])
         assert res.exit_code == 0, res.output
         record = json.loads((out / "explain.json").read_text())
+        from mri_edge.files import sha256_file  # which file was explained: a re-export is told from it
+
+        assert record["model_sha256"] == (open_model(model).meta.get("model_sha256") or sha256_file(model))
         assert len(record["images"]) == 3 and all(np.shape(r["map"]) == (4, 4) for r in record["images"])
         assert all((out / r["png"]).is_file() for r in record["images"])
         assert any(np.ptp(r["map"]) > 0 for r in record["images"])  # occlusion moved the probability

@@ -133,15 +133,15 @@ def export_run(run_dir, formats=ExportConfig.formats, quantize=ExportConfig.quan
         "preprocessing": cfg.get("preprocessing") or preprocess.contract(size),
         "source_model_sha256": model_sha,
         # the run's calibration travels into files exported after it, when it was fitted for this model.keras
-        **({"trust": record} if trust.fitted_for(record := run.trust(), model_sha) else {}),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-    }
+        **({"trust": record} if (carried := trust.fitted_for(record := run.trust(), model_sha)) else {}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    if record and not carried:
+        log(f"note: {run.trust_path.name} is another model.keras's: these files are not calibrated (mri-edge calibrate)")
     units = pool.units(jobs)
     workers = pool.default_workers(len(units)) if workers is None else min(workers, len(units))
-    # Finished files wait inside exports/ itself (a rename into exports/ is atomic only within one
-    # filesystem), and so does the work (SavedModel, ONNX graphs, candidates), so that what an export
-    # killed outright (SIGKILL, out of memory) left is found and removed by the next one: no other
-    # export can be running (`RunFolder.lock`).
+    # Finished files wait inside exports/ itself (a rename into exports/ is atomic only within one filesystem),
+    # and so does the work (SavedModel, ONNX graphs, candidates), so that what an export killed outright
+    # (SIGKILL, out of memory) left is found and removed by the next one: no other export runs (`RunFolder.lock`).
     for left in [*out_dir.glob(".staging-*"), *out_dir.glob(".work-*")]:
         shutil.rmtree(left, ignore_errors=True)
     workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
