@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import ov, quiet
 from .errors import MriEdgeError, installed
-from .files import unwritable
+from .files import sha256_file, unwritable
 from .run import BENCH_FILES, RunFolder
 from .integrity import RuntimeMissingError, check_model_file
 from .backends import EXPORT_SUFFIXES, MODEL_SUFFIXES, read_metadata, recorded_model_sha256
@@ -221,7 +221,7 @@ def bench(targets, threads=BENCH_DEFAULTS["threads"], batches=BENCH_DEFAULTS["ba
             res = run_row(s)
             path = Path(s["model"])
             if path not in hashes:
-                hashes[path] = recorded_model_sha256(path) if path.suffix in EXPORT_SUFFIXES else None
+                hashes[path] = recorded_model_sha256(path) if path.suffix in EXPORT_SUFFIXES else sha256_file(path)
             row = {"model": path.name, "path": str(path), "runtime": s["runtime"], "device": s["device"],
                    "threads": s["threads"], "batch": s["batch"], "size_mb": ov.size_on_disk(path) / 1e6,
                    "model_sha256": hashes[path], **res}

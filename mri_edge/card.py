@@ -5,11 +5,10 @@ produced yet is listed as missing rather than guessed."""
 
 from __future__ import annotations
 
-import math
 import platform
 from pathlib import Path
 
-from . import __version__, groups, quiet, report, trust
+from . import __version__, groups, metrics, quiet, report, trust
 from .audit_report import counts_text
 from .config import REGULARISERS
 from .errors import MriEdgeError
@@ -24,32 +23,6 @@ INTENDED_USE = (
     "(accuracy, calibration, abstention and explanations of the deployed file against the trained model). "
     "It is **not a medical device** and not a diagnostic tool: it was trained on {data} without clinical "
     "validation, and no clinical decision may rest on its output.")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return [0.0, 0.0]
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, c - h), min(1.0, c + h)]
-
-
-def per_class_ci(cm: list[list[int]], names: list[str]) -> list[dict]:
-    """Sensitivity and specificity of each class with 95% Wilson intervals, from a confusion matrix."""
-    total = sum(map(sum, cm))
-    out = []
-    for i, n in enumerate(names):
-        tp = cm[i][i]
-        pos = sum(cm[i])
-        fp = sum(cm[r][i] for r in range(len(names))) - tp
-        neg = total - pos
-        out.append({"class": n, "support": pos, "sensitivity": tp / pos if pos else None,
-                    "sensitivity_ci95": wilson(tp, pos), "specificity": (neg - fp) / neg if neg else None,
-                    "specificity_ci95": wilson(neg - fp, neg)})
-    return out
 
 
 def _load(path: Path, damaged: list):
@@ -122,7 +95,8 @@ def build(run_dir) -> dict:
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
                       "RGB, raw 0-255 pixels", "preprocessing": cfg.get("preprocessing")},
             "intended_use": INTENDED_USE.format(data="a public slice-level dataset" if public else "a user-supplied dataset"),
-            "data": {**(public or {"name": "user-supplied", "source": cfg.get("data_dir"), "licence": "unknown"})},
+            "data": {**(public or {"name": "user-supplied", "source": cfg.get("data_dir"), "licence": "unknown"}),
+                     "official_test_split": bool(public)},
             "recipe": {k: cfg.get(k) for k in ("weights", "image_size", "batch_size", "phases", "augment", "select_by",
                                                 "patience", "dense_units", "dropout", "weights_stored",
                                                 "class_weight", "val_split", "val_fraction", "seed", "split_seed", "val_kept_from",
@@ -167,18 +141,19 @@ def build(run_dir) -> dict:
         card["results"] = {"official": {"n": test["n"], "accuracy": test["accuracy"],
                                         "accuracy_ci95": test.get("accuracy_ci95"), "macro_f1": test["macro"]["f1"],
                                         "macro_f1_ci95": test.get("macro_f1_ci95"),
-                                        "per_class": per_class_ci(test["confusion_matrix"], names)}}
+                                        "per_class": metrics.per_class_ci(test["confusion_matrix"], names)}}
         if test.get("dedup"):
             d = test["dedup"]
             card["results"]["leakage_free"] = {"n": d["n"], "accuracy": d["accuracy"],
                                                "accuracy_ci95": d.get("accuracy_ci95"), "macro_f1": d["macro"]["f1"],
                                                "macro_f1_ci95": d.get("macro_f1_ci95"),
-                                               "per_class": per_class_ci(d["confusion_matrix"], names)}
+                                               "per_class": metrics.per_class_ci(d["confusion_matrix"], names)}
     else:
         missing.append("test report")
     if cal:
         reference = next(n for n, r in cal["files"].items() if r.get("reference"))
-        cal["files"] = current_rows(cal["files"], metadata, "calibration", f"mri-edge calibrate {run.path}", missing, keras)
+        cal["files"] = current_rows(cal["files"], metadata, "calibration", f"mri-edge calibrate {run.path}", missing,
+                                    (*keras, reference))  # the reference's row, though it is no longer there
         card["calibration"] = {"trust": cal["trust"], "held_out": cal["held_out"],  # calibrate.json: no arrays
                                "per_file": {n: {s: {"ece_before": r[s]["before"]["ece"], "ece_after": r[s]["after"]["ece"],
                                                     **({"abstention": r[s]["abstention"]} if "abstention" in r[s] else {}),
@@ -202,8 +177,10 @@ def build(run_dir) -> dict:
     else:
         missing.append("parity (mri-edge verify)")
     if bench:
-        current = current_rows({r["model"]: r for r in bench["rows"]}, metadata, "latency", f"mri-edge bench {run.path}",
-                               missing, keras)
+        skipped = {s["model"]: f"bench skipped it: {s['reason']}" for s in bench.get("skipped") or []}
+        replaced = [r for r in bench["rows"] if r["model"] in keras and r.get("model_sha256") not in (None, model_sha)]
+        current = current_rows({r["model"]: r for r in bench["rows"] if r["batch"] == 1 and r not in replaced},
+                               metadata, "latency", f"mri-edge bench {run.path}", missing, keras, skipped)
         isa = int8_isa(bench["machine"].get("cpu_flags") or [])
         card["latency"] = {"machine": ", ".join(x for x in (bench["machine"].get("cpu"), isa) if x), "rows": [
             {k: r[k] for k in ("model", "runtime_label", "threads", "batch", "p50_ms")} for r in bench["rows"]
@@ -318,7 +295,7 @@ def markdown(card: dict) -> str:
                   + (f" The stored model.keras has its kernels rounded to {ws['kernels']} (from the trained "
                      f"{ws['from']['file']}, sha256 {ws['from']['sha256'][:12]}...)." if (ws := r.get("weights_stored")) else ""),
                   ""]
-    official = "official test split" if d.get("test_images") else "test split"  # a public dataset's
+    official = "official test split" if d.get("official_test_split") else "test split"
     for key, title in (("official", official), ("leakage_free", "leakage-free test subset")):
         res = card.get("results", {}).get(key)
         if not res:

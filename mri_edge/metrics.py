@@ -1,7 +1,9 @@
-"""Test metrics shared by evaluate, verify, calibrate and bench: accuracy, per-class and macro
-scores, calibration (ECE, Brier, NLL, reliability bins) and bootstrap confidence intervals."""
+"""Test metrics shared by evaluate, verify, calibrate, bench and the model card: accuracy, per-class
+and macro scores, calibration (ECE, Brier, NLL, reliability bins), bootstrap and Wilson intervals."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -87,15 +89,52 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: f
     return [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))]
 
 
+def stratified_resamples(labels, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) row indices, each class's rows drawn among themselves: every resample keeps each
+    class's count, as the test split was made (a class missing from a resample would score F1 0)."""
+    labels, rng = np.asarray(labels), np.random.default_rng(seed)
+    out = np.empty((n_boot, len(labels)), int)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        out[:, rows] = rows[rng.integers(0, len(rows), (n_boot, len(rows)))]
+    return out
+
+
 def macro_f1_ci(y_true, y_pred, k: int, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> list[float]:
-    """Percentile bootstrap CI of macro-F1 over `k` classes, images resampled; each resample scored as
-    classification_metrics scores (F1 = 2TP / (2TP + FP + FN); a class neither present nor predicted: 0)."""
+    """Percentile bootstrap CI of macro-F1 over `k` classes (`stratified_resamples`), each resample
+    scored as classification_metrics scores (F1 = 2TP / (2TP + FP + FN); a class never present: 0)."""
     y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
     if not len(y_true):
         return [0.0, 0.0]
-    idx = np.random.default_rng(seed).integers(0, len(y_true), (n_boot, len(y_true)))
+    idx = stratified_resamples(y_true, n_boot, seed)
     codes = (np.arange(n_boot)[:, None] * k + y_true[idx]) * k + y_pred[idx]  # one confusion matrix per resample
     cm = np.bincount(codes.ravel(), minlength=n_boot * k * k).reshape(n_boot, k, k)
     tp, denom = np.diagonal(cm, axis1=1, axis2=2), cm.sum(2) + cm.sum(1)
     f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape), where=denom > 0).mean(1)
     return [float(np.quantile(f1, alpha / 2)), float(np.quantile(f1, 1 - alpha / 2))]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return [0.0, 0.0]
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, c - h), min(1.0, c + h)]
+
+
+def per_class_ci(cm: list[list[int]], names: list[str]) -> list[dict]:
+    """Sensitivity and specificity of each class with 95% Wilson intervals, from a confusion matrix."""
+    total = sum(map(sum, cm))
+    out = []
+    for i, n in enumerate(names):
+        tp = cm[i][i]
+        pos = sum(cm[i])
+        fp = sum(cm[r][i] for r in range(len(names))) - tp
+        neg = total - pos
+        out.append({"class": n, "support": pos, "sensitivity": tp / pos if pos else None,
+                    "sensitivity_ci95": wilson(tp, pos), "specificity": (neg - fp) / neg if neg else None,
+                    "specificity_ci95": wilson(neg - fp, neg)})
+    return out

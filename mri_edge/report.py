@@ -11,8 +11,8 @@ import numpy as np
 
 from .config import TrainConfig
 from .errors import MriEdgeError
-from .files import atomic_path, atomic_write_text, read_json
-from .run import AUDIT_FILES, BENCH_FILES, best_bench, exported_again
+from .files import atomic_path, atomic_write_text, read_json, sha256_file
+from .run import AUDIT_FILES, BENCH_FILES, best_bench, exported_again, made_from_another
 
 
 def write_json(path: Path, obj) -> None:
@@ -278,6 +278,8 @@ def run_index_markdown(run) -> str:
         parts += ["Training has not finished (`mri-edge train --resume` continues it).", ""]
     index = load(run.exports_index_path)
     metadata = run.export_metadata()  # read once: the shipped table and the out-of-date check
+    model_sha = sha256_file(run.model_path) if run.model_path.is_file() else None
+    other = made_from_another(metadata, model_sha)  # as the card tells them
     if index and index.get("exports"):
         rows = [[f"[{r['file']}](exports/{r['file']})", r["format"], r["quantization"], f"{r['size_mb']:.2f}"]
                 for r in index["exports"] if r["file"] in metadata]
@@ -290,19 +292,26 @@ def run_index_markdown(run) -> str:
                  metadata[f.name].get("quantization", "?"), f"{size_on_disk(f) / 1e6:.2f}"] for f in run.export_files()]
     if rows:
         parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"], rows), ""]
+    if other:
+        parts += [f"{', '.join(other)}: exported from another model.keras than the run's (retrained, or evaluate "
+                  "--fp16-weights since): `mri-edge export` makes them again.", ""]
     cal, cal_md = load(run.calibrate_report_paths[0]), run.calibrate_report_paths[1]
     if cal and isinstance(cal.get("trust"), dict):
-        from .trust import threshold_text  # noqa: PLC0415
+        from .trust import fitted_for, threshold_text  # noqa: PLC0415
         t = cal["trust"]
+        refit = " Out of date: fitted for another model.keras: run `mri-edge calibrate`." \
+            if model_sha and not fitted_for(t, model_sha) else ""
         parts += ["## Calibration and abstention", "",
                   f"Temperature {t['temperature']:.3f}, abstain below {threshold_text(t['threshold'])}, "
                   "prediction sets at "
                   f"{1 - t['alpha']:.0%}; fitted on {cal['held_out']['n']} held-out images. "
-                  f"[Details]({cal_md.relative_to(root).as_posix()}).", ""]
+                  f"[Details]({cal_md.relative_to(root).as_posix()}).{refit}", ""]
 
     def out_of_date(rows, command):
-        gone = exported_again(rows, metadata)
-        return f" Out of date for {', '.join(gone)}, exported again since: run `mri-edge {command}`." if gone else ""
+        rows = list(rows)
+        why = [f"{', '.join(names)} {how}" for names, how in ((exported_again(rows, metadata), "(exported again since)"),
+               (sorted({n for n, _ in rows if n in other}), "(made from another model.keras)")) if names]
+        return f" Out of date for {'; '.join(why)}: run `mri-edge {command}`." if why else ""
     card_json, card_md = run.card_paths
     if card := load(card_json):
         stale = out_of_date([(f["file"], f) for f in card.get("files", [])], "card")

@@ -367,15 +367,18 @@ def made_from_another(metadata: dict[str, dict], model_sha: str | None) -> list[
     return sorted(n for n, m in metadata.items() if model_sha and m.get("source_model_sha256") not in (None, model_sha))
 
 
-def current_rows(rows: dict, metadata: dict, what: str, command: str, missing: list, keep=()) -> dict:
+def current_rows(rows: dict, metadata: dict, what: str, command: str, missing: list, keep=(),
+                 skipped: dict | None = None) -> dict:
     """The rows of a report (by file name) that describe a file as it is now: a file exported again
     since (`exported_again`) or gone has its rows left out, and they with the files the report
-    never measured are named in `missing`. `keep`: rows of other files (model.keras)."""
+    never measured are named in `missing` (with the reason a report gives in `skipped`, by name).
+    `keep`: rows of other files (model.keras, a calibration's reference)."""
     stale = exported_again(rows.items(), metadata)
-    unmeasured = [n for n in metadata if n not in rows]
-    for names, why in ((stale, "exported again since"), (unmeasured, "not measured")):
+    unmeasured = [n for n in metadata if n not in rows and n not in (skipped or {})]
+    for names, why in ((stale, f"exported again since; run {command}"), (unmeasured, f"not measured; run {command}"),
+                       *(([n], reason) for n, reason in (skipped or {}).items() if n in metadata and n not in rows)):
         if names:
-            missing.append(f"{what} of {', '.join(names)} ({why}; run {command})")
+            missing.append(f"{what} of {', '.join(names)} ({why})")
     return {n: r for n, r in rows.items() if n not in stale and (n in metadata or n in keep)}
 
 

@@ -95,7 +95,9 @@ DATASETS = {
 
 
 def public_dataset(task: str, manifest: dict | None) -> dict | None:
-    """The public dataset a run's images are (its task's, when the split manifest's test split is that
-    dataset's official one), or None: synthetic phantoms or one's own images in the same folders."""
-    known = DATASETS.get(task)
-    return known if known and len(((manifest or {}).get("splits") or {}).get("test") or []) == known["test_images"] else None
+    """Name, source and licence of the public dataset a run's images are (its task's, when the split
+    manifest's test split, with any image left out as unreadable, is that dataset's official one), or
+    None: synthetic phantoms or one's own images in the same folders."""
+    known, m = DATASETS.get(task), manifest or {}
+    n_test = len((m.get("splits") or {}).get("test") or []) + len((m.get("unreadable") or {}).get("test") or [])
+    return {k: v for k, v in known.items() if k != "test_images"} if known and n_test == known["test_images"] else None

@@ -360,6 +360,8 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
            "keras": {"accuracy": keras_m["accuracy"], "macro_f1": keras_m["macro"]["f1"]},
            "thresholds": thresholds.__dict__, "files": results, "failures": failures, "passed": not failures,
            "selected_files_only": selected}
+    for left in plot_dir.glob(".plots-*"):  # a verify killed outright (SIGKILL, out of memory) left them
+        shutil.rmtree(left, ignore_errors=True)
     staged = Path(tempfile.mkdtemp(prefix=".plots-", dir=plot_dir))  # land with the report they belong to
     try:
         for n, r in results.items():

@@ -135,5 +135,5 @@ def markdown(out: dict, plot_dir: str) -> str:
             parts += [report.md_table(["image", "true", "Keras", "export"],
                                       [[f"`{x['path']}`", x["true"], f"{x['keras']} ({x['keras_p']:.2f})",
                                         f"{x['export']} ({x['export_p']:.2f})"] for x in r["flips"][:20]]), ""]
-    parts += [f"Confusion matrices: {plot_links(out, 'confusion', plot_dir)}.", ""]
+    parts += [f"Confusion matrices: {links}.", ""] if (links := plot_links(out, "confusion", plot_dir)) else []
     return "\n".join(parts)

@@ -449,7 +449,7 @@ def test_the_index_page_says_when_a_report_describes_a_file_exported_again(micro
     rows = {"model_int8.tflite": {"passed": True, "model_sha256": "0" * 64}, "model_fp32.tflite": {"passed": True}}
     (run / "parity.json").write_text(json.dumps({"files": rows, "passed": True}))
     index = (RunFolder(run).write_index()).read_text()
-    assert "2 of 2 files pass" in index and "Out of date for model_int8.tflite, exported again since" in index
+    assert "2 of 2 files pass" in index and "Out of date for model_int8.tflite (exported again since)" in index
     assert "training_curves.png" not in (run / "train_report.md").read_text()  # none made: no dangling link
 
 

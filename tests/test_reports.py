@@ -143,21 +143,21 @@ def test_macro_f1_ci_scores_each_resample_as_sklearn_does():
     import numpy as np
     from sklearn.metrics import f1_score
 
-    from mri_edge.metrics import classification_metrics, macro_f1_ci
+    from mri_edge.metrics import classification_metrics, macro_f1_ci, stratified_resamples
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 4, 200)
-    y[:3] = 3  # a rare class: absent from some resamples, scored 0 there as sklearn scores it
+    y[:3] = 3  # a rare class: kept in every resample (drawn within its class)
     y[3:] = np.minimum(y[3:], 2)
     pred = np.where(rng.random(200) < 0.75, y, rng.integers(0, 4, 200))
     # the same resamples drawn again and scored by sklearn: the interval's ends are their quantiles
-    idx = np.random.default_rng(7).integers(0, 200, (300, 200))
+    idx = stratified_resamples(y, 300, seed=7)
+    assert all((np.bincount(y[i], minlength=4) == np.bincount(y, minlength=4)).all() for i in idx)
     by_sklearn = [f1_score(y[i], pred[i], labels=range(4), average="macro", zero_division=0) for i in idx]
     assert np.allclose(macro_f1_ci(y, pred, 4, n_boot=300, seed=7), np.quantile(by_sklearn, [0.025, 0.975]))
     lo, hi = macro_f1_ci(y, pred, 4)
     assert lo < classification_metrics(y, pred, ["a", "b", "c", "d"])["macro"]["f1"] < hi and hi - lo > 0.05
-    assert macro_f1_ci(y[3:], y[3:], 3) == [1.0, 1.0] and macro_f1_ci([], [], 4) == [0.0, 0.0]
-    assert macro_f1_ci(y, y, 4)[0] == 0.75  # resamples without the rare class score it 0, as sklearn does
+    assert macro_f1_ci(y, y, 4) == [1.0, 1.0] and macro_f1_ci([], [], 4) == [0.0, 0.0]
 
 
 def test_verify_reports_calibration_of_every_file(micro_run):

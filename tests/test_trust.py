@@ -912,6 +912,9 @@ def test_a_replaced_model_keras_is_refused_by_calibrate_and_named_by_the_card(ca
     assert any(m.startswith("export of model_fp32.onnx, model_fp32.tflite, model_int8.onnx, model_int8.tflite (made "
                             "from another model.keras") for m in card["missing"]), card["missing"]
     assert any(m.startswith("calibration (fitted for another model.keras") for m in card["missing"])
+    index = (run / "report.md").read_text()  # the run's index page says the same
+    assert "model_int8.tflite: exported from another model.keras than the run's" in index
+    assert "Out of date: fitted for another model.keras: run `mri-edge calibrate`." in index
 
 
 def test_the_card_and_run_index_follow_deleted_and_unmeasured_files(calibrated_run):
@@ -934,7 +937,7 @@ def test_the_card_and_run_index_follow_deleted_and_unmeasured_files(calibrated_r
     card["files"] = [{**f, "model_sha256": "0" * 64} if f["file"] == "model_int8.tflite" else f for f in card["files"]]
     (run / "model_card.json").write_text(json.dumps(card))
     RunFolder(run).write_index()
-    assert "Out of date for model_int8.tflite, exported again since: run `mri-edge card`" in (run / "report.md").read_text()
+    assert "Out of date for model_int8.tflite (exported again since): run `mri-edge card`" in (run / "report.md").read_text()
 
 
 def test_the_card_names_a_public_dataset_only_for_its_official_test_split(calibrated_run):
