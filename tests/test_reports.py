@@ -203,3 +203,8 @@ def test_an_interrupted_verify_leaves_the_plots_of_the_report_on_disk(micro_run,
     with pytest.raises(KeyboardInterrupt):
         verify_run(run, explain_images=0, log=lambda *_: None)
     assert {p.name: p.stat().st_mtime_ns for p in (run / "verify").iterdir()} == plots
+    # what a verify killed outright (SIGKILL) leaves, the next one removes
+    (run / "verify" / ".plots-killed").mkdir()
+    monkeypatch.undo()
+    verify_run(run, explain_images=0, log=lambda *_: None)
+    assert not list((run / "verify").glob(".plots-*"))

@@ -949,3 +949,21 @@ def test_the_card_names_a_public_dataset_only_for_its_official_test_split(calibr
     assert card["data"]["name"] == "user-supplied" and card["data"]["licence"] == "unknown"
     assert "Brain Tumor MRI Dataset" not in (run / "model_card.md").read_text()
     assert "## Results: test split" in (run / "model_card.md").read_text()
+
+
+def test_a_shipped_cards_reference_row_survives_without_model_keras_and_skipped_files_give_their_reason(tmp_path):
+    from mri_edge.cli import main
+    from tests.conftest import REPO
+
+    shipped = tmp_path / "alzheimer"
+    shutil.copytree(REPO / "artifacts" / "alzheimer", shipped, ignore=shutil.ignore_patterns("model.keras"))
+    bench = json.loads((shipped / "bench.json").read_text())  # as if onnxruntime were missing where bench ran
+    bench["rows"] = [r for r in bench["rows"] if r["model"] != "model_int8.onnx"]
+    bench["skipped"] = [{"model": "model_int8.onnx", "runtime": "onnxruntime", "reason": "onnxruntime not installed"}]
+    (shipped / "bench.json").write_text(json.dumps(bench))
+    assert CliRunner().invoke(main, ["card", str(shipped)]).exit_code == 0
+    card = json.loads((shipped / "model_card.json").read_text())
+    assert card["calibration"]["reference_model"] == "model.keras" and "model.keras" in card["calibration"]["per_file"]
+    assert any(x.startswith("At its stored threshold it answers 5.5% of test images") for x in card["limitations"])
+    assert "latency of model_int8.onnx (bench skipped it: onnxruntime not installed)" in card["missing"]
+    assert not any("not measured" in m for m in card["missing"]), card["missing"]
