@@ -39,7 +39,11 @@ def onnx_fp32(model, size: int, opset: int):
     spec = [tf.TensorSpec([None, size, size, 3], tf.float32, name="image")]
     # tf2onnx numbers the nodes it adds from a counter global to the process: restarted, the same
     # model gives the same bytes whatever the worker converted before (else every export of it
-    # is a new file to verify and calibrate again)
+    # is a new file to verify and calibrate again); after the modules that take a number when
+    # first imported (during the first conversion)
+    import tf2onnx.rewriter  # noqa: F401, PLC0415
+    import tf2onnx.rewriter.loop_rewriter_base  # noqa: F401, PLC0415
+
     tf2onnx.utils.INTERNAL_NAME = 1
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
     return proto
