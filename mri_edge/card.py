@@ -12,6 +12,7 @@ from . import __version__, groups, metrics, quiet, report, trust
 from .audit_report import counts_text
 from .config import REGULARISERS
 from .errors import MriEdgeError
+from .familiar import without_arrays
 from .files import read_json, sha256_file
 from .integrity import model_files
 from .onnx_model import int8_isa
@@ -25,12 +26,13 @@ INTENDED_USE = (
     "validation, and no clinical decision may rest on its output.")
 
 
-def _load(path: Path, damaged: list):
-    """A report, or None when it is not there; a damaged one is None and named in `damaged`."""
+def _load(path: Path, damaged: list, keys: tuple[str, ...] = (), command: str = ""):
+    """A report, or None when it is not there; a damaged one (not JSON, or without the `keys` its
+    `command` writes) is None and named in `damaged` with the command that writes it again."""
     try:
-        return read_json(path) if Path(path).is_file() else None
+        return read_json(path, None, keys) if Path(path).is_file() else None
     except MriEdgeError as e:
-        damaged.append(str(e))
+        damaged.append(f"{e}" + (f" (run `mri-edge {command}` again)" if command else ""))
         return None
 
 
@@ -70,26 +72,31 @@ def build(run_dir) -> dict:
     cfg = run.config()
     names = run.labels()["class_names"]
     damaged = []  # reports that are there but cannot be read
-    test = _load(run.test_report_path, damaged)
-    manifest = _load(run.manifest_path, damaged)
-    cal = _load(run.calibrate_report_paths[0], damaged)
-    parity = _load(run.parity_paths()[0], damaged)
-    bench = best_bench([(p.parent, _load(p, damaged)) for p in run.bench_paths])[1]
+    test = _load(run.test_report_path, damaged, ("accuracy", "n", "macro", "confusion_matrix"), "evaluate")
+    manifest = _load(run.manifest_path, damaged, ("splits",), "evaluate")
+    cal = _load(run.calibrate_report_paths[0], damaged, ("trust", "files", "held_out"), "calibrate")
+    parity = _load(run.parity_paths()[0], damaged, ("files",), "verify")
+    bench = best_bench([(p.parent, _load(p, damaged, ("rows", "machine"), "bench")) for p in run.bench_paths])[1]
     audit = _load(_found(cfg["dedup"], run), damaged) if cfg.get("dedup") else None
-    everything = metadata = run.export_metadata(damaged)  # and the model files the card lists, whole
+    everything = metadata = run.export_metadata(models := [])  # and the model files the card lists, whole
+    damaged += [f"{m} (run `mri-edge export` again)" for m in models]
     if damaged:  # a card without them would replace a complete one: refuse, and keep what is there
-        raise MriEdgeError("cannot write the model card: " + "; ".join(damaged) +
-                           " (run again the command that writes it: export for a model file)")
-    missing = []
+        raise MriEdgeError("cannot write the model card: " + "; ".join(damaged))
     files = run.export_files()
+    missing = [] if files else [f"exported files (mri-edge export {run.path})"]
     keras = (run.model_path.name,) if run.model_path.is_file() else ()  # rows of it are kept beside the files'
     model_sha = sha256_file(run.model_path) if keras else None
     if other := made_from_another(metadata, model_sha):  # their reports describe files of another model
         missing.append(f"export of {', '.join(other)} (made from another model.keras than the run's: retrained, or "
                        f"evaluate --fp16-weights since; run mri-edge export {run.path})")
         metadata = {n: m for n, m in metadata.items() if n not in other}
-    if refit := bool(cal and model_sha and not trust.fitted_for(cal["trust"], model_sha)):
-        cal = None  # fitted for the model.keras this one replaced
+    record, carried = run.trust(), any(m.get("trust") for m in metadata.values())  # what predict applies
+    why_not = ("fitted for another model.keras than the run's" if cal and model_sha
+               and not trust.fitted_for(cal["trust"], model_sha) else
+               "trust.json, the record the runtimes apply, is missing or another" if cal
+               and (record is None or without_arrays(record) != cal["trust"]) else
+               "calibration/calibrate.json is missing, though the files carry a record" if not cal and carried else None)
+    cal = None if why_not else cal
     public = public_dataset(cfg["task"], manifest)  # else one's own images: no name, licence or "official" split
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
                       "task": cfg["task"], "classes": names, "input": f"{cfg['image_size']} x {cfg['image_size']} "
@@ -119,6 +126,9 @@ def build(run_dir) -> dict:
         carved = manifest.get("val_split") or {"method": "random"}  # (a run before carves were recorded)
         card["data"]["validation"] = {**(carved if manifest.get("val_carved_from_train") else {"method": "folder"}),
                                       "description": groups.describe_carve(manifest)}
+        if not manifest.get("val_carved_from_train"):  # the dataset's own validation folder: no carve options
+            for k in ("val_split", "val_fraction", "split_seed"):
+                card["recipe"].pop(k, None)
     else:
         missing.append("split manifest")
     start = RunFolder(_found(cfg.get("weights") or "", run).parent) if str(cfg.get("weights")).endswith(".keras") else None
@@ -162,8 +172,8 @@ def build(run_dir) -> dict:
                                             for n, r in cal["files"].items()},
                                "reference_model": reference}
     else:
-        missing.append(f"calibration (fitted for another model.keras than the run's; run mri-edge calibrate {run.path})"
-                       if refit else "calibration (mri-edge calibrate)")
+        missing.append(f"calibration ({why_not}; run mri-edge calibrate {run.path})" if why_not
+                       else "calibration (mri-edge calibrate)")
     if parity:
         card["parity"] = {n: {k: r.get(k) for k in ("quantization", "runtime", "accuracy", "agreement", "passed")}
                           | {"flips": len(r.get("flips", [])),
@@ -226,7 +236,7 @@ def build(run_dir) -> dict:
         limits.append("The calibration was fitted on held-out images that are not new to the model (`calibrate "
                       "--allow-twins`: near twins of training, or a raw-pixel 1-NN that gets more of them than of test): "
                       "it is overconfident on new subjects.")
-    if not cal:
+    if not cal and not carried:
         limits.append("Its probabilities are the raw softmax, not calibrated, and it has no abstention threshold "
                       "(`mri-edge calibrate` fits them on held-out images without near twins in training, and refuses "
                       "when the run has none).")
@@ -366,7 +376,11 @@ def markdown(card: dict) -> str:
 
 def write_card(run_dir) -> dict:
     run = RunFolder(run_dir)
-    card = build(run.path)
+    try:
+        card = build(run.path)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a report edited by hand, say
+        raise MriEdgeError(f"cannot write the model card: a report in {run.path} is not as its command writes it "
+                           f"({type(e).__name__}: {e}); run that command again") from None
     run.check_writable()
     text = markdown(card)  # both made before either is written; the JSON (what the index reads) last
     with quiet.signals_deferred():  # the pair says one thing

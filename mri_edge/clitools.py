@@ -240,8 +240,8 @@ class OneLineUsageError(click.UsageError):
     """A usage error in one line with where to look: click's own takes four (usage, hint, blank, error)."""
 
     def show(self, file=None):
-        text = self.format_message().strip()
-        text += "" if text.endswith((".", "?", "!", ")")) else "."
+        text = " ".join(self.format_message().split())  # one line: click lists choices on lines of their own
+        text += "" if text.endswith((".", "?", "!", ".)", "?)", "!)")) else "."
         hint = f" See '{self.ctx.command_path} --help'." if self.ctx is not None else ""
         click.echo(f"Error: {text}{hint}", file=file, err=file is None)
 

@@ -280,16 +280,13 @@ def run_index_markdown(run) -> str:
     metadata = run.export_metadata()  # read once: the shipped table and the out-of-date check
     model_sha = sha256_file(run.model_path) if run.model_path.is_file() else None
     other = made_from_another(metadata, model_sha)  # as the card tells them
-    if index and index.get("exports"):
-        rows = [[f"[{r['file']}](exports/{r['file']})", r["format"], r["quantization"], f"{r['size_mb']:.2f}"]
-                for r in index["exports"] if r["file"] in metadata]
-        if gone := [r["file"] for r in index["exports"] if r["file"] not in metadata]:
-            parts += [f"exports.json lists {', '.join(gone)}, no longer in exports/: `mri-edge export` makes them again.", ""]
-    else:  # a shipped folder: its files at the top level, their facts in their metadata
-        from .ov import size_on_disk  # noqa: PLC0415
+    if gone := [r["file"] for r in (index or {}).get("exports") or [] if r.get("file") not in metadata]:
+        parts += [f"exports.json lists {', '.join(gone)}, no longer in exports/: `mri-edge export` makes them again.", ""]
+    from .ov import size_on_disk  # noqa: PLC0415
 
-        rows = [[f"[{f.name}]({f.relative_to(root).as_posix()})", metadata[f.name].get("format", "?"),
-                 metadata[f.name].get("quantization", "?"), f"{size_on_disk(f) / 1e6:.2f}"] for f in run.export_files()]
+    # the files there now (in exports/, or at the top level of a shipped folder), their facts in their metadata
+    rows = [[f"[{f.name}]({f.relative_to(root).as_posix()})", metadata[f.name].get("format", "?"),
+             metadata[f.name].get("quantization", "?"), f"{size_on_disk(f) / 1e6:.2f}"] for f in run.export_files()]
     if rows:
         parts += ["## Exports", "", md_table(["file", "format", "quantization", "size MB"], rows), ""]
     if other:
@@ -307,10 +304,14 @@ def run_index_markdown(run) -> str:
                   f"{1 - t['alpha']:.0%}; fitted on {cal['held_out']['n']} held-out images. "
                   f"[Details]({cal_md.relative_to(root).as_posix()}).{refit}", ""]
 
-    def out_of_date(rows, command):
+    def out_of_date(rows, command):  # as the card reads the same reports (`run.current_rows`)
         rows = list(rows)
-        why = [f"{', '.join(names)} {how}" for names, how in ((exported_again(rows, metadata), "(exported again since)"),
-               (sorted({n for n, _ in rows if n in other}), "(made from another model.keras)")) if names]
+        named = {n for n, _ in rows}
+        why = [f"{', '.join(names)} {how}" for names, how in (
+            (exported_again(rows, metadata), "(exported again since)"),
+            (sorted(named & set(other)), "(made from another model.keras)"),
+            (sorted(n for n in named if not (root / n).is_file() and not (run.exports_dir / n).is_file()),
+             "(no longer there)"), (sorted(set(metadata) - named), "(not in it)")) if names]
         return f" Out of date for {'; '.join(why)}: run `mri-edge {command}`." if why else ""
     card_json, card_md = run.card_paths
     if card := load(card_json):

@@ -335,9 +335,16 @@ class RunFolder:
 
     # ------------------------------------------------------------ the index page
     def write_index(self) -> Path:
+        """report.md; a report edited by hand (valid JSON, not what its command writes) leaves a page
+        that says so, not a traceback at the end of the command that wrote its own report."""
         from .report import run_index_markdown  # noqa: PLC0415
 
-        atomic_write_text(self.index_path, run_index_markdown(self))
+        try:
+            text = run_index_markdown(self)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            text = (f"# mri-edge run `{self.path.name}`\n\nThis page could not be made: a report in this folder is "
+                    f"not as its command writes it ({type(e).__name__}: {e}). `mri-edge card` names it.\n")
+        atomic_write_text(self.index_path, text)
         return self.index_path
 
 

@@ -75,6 +75,7 @@ def test_bad_input_is_one_line_error(args, message):
     (["data", "audit"], "Error: Missing argument 'DATA_DIR'. See 'mri-edge data audit --help'."),
     (["bogus"], "Error: No such command 'bogus'. See 'mri-edge --help'."),
     (["data", "bogus"], "Error: No such command 'bogus'. See 'mri-edge data --help'."),
+    (["pretrain"], "Missing option '--task'. Choose from: tumor, alzheimer, custom."),  # click's list, one line
     (["--bogus"], "--bogus"),
     (["verify", "/nonexistent/run", "--split", "train"], "Invalid value for '--split'"),
     (["calibrate", "{run}", "--coverage", "0.9", "--max-risk", "0.1"], "not both"),  # the command's own usage check

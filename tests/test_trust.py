@@ -657,7 +657,9 @@ def test_model_card_holds_the_runs_facts_and_names_what_is_missing(calibrated_ru
     # sets whose quantile is 0 are the top class alone, which the card says
     assert not any("prediction sets are single classes" in x for x in card["limitations"])
     rows["trust"] = {**rows["trust"], "conformal_q": 0.0, "alpha": 0.02}
-    report_path.write_text(json.dumps(rows))
+    report_path.write_text(json.dumps(rows))  # and the record the runtimes apply, as calibrate writes both
+    (run / "trust.json").write_text(json.dumps({**json.loads((run / "trust.json").read_text()), "conformal_q": 0.0,
+                                                "alpha": 0.02}))
     assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
     assert "Its 98% prediction sets are single classes" in (run / "model_card.md").read_text()
 
@@ -967,3 +969,43 @@ def test_a_shipped_cards_reference_row_survives_without_model_keras_and_skipped_
     assert any(x.startswith("At its stored threshold it answers 5.5% of test images") for x in card["limitations"])
     assert "latency of model_int8.onnx (bench skipped it: onnxruntime not installed)" in card["missing"]
     assert not any("not measured" in m for m in card["missing"]), card["missing"]
+
+
+def test_card_and_index_on_hand_edited_folders(tmp_path):
+    """Reports edited by hand or removed: one line naming the file and its command, an index page that
+    says it could not be made instead of a traceback, and a card that says what the runtimes apply."""
+    from mri_edge.cli import main
+    from mri_edge.run import RunFolder
+    from tests.conftest import REPO
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(REPO / "artifacts" / "tumor", d)
+        return d
+
+    run = copy("fields")  # valid JSON without the fields evaluate writes
+    (run / "test_report.json").write_text(json.dumps({"accuracy": 0.5, "n": 12}))
+    res = CliRunner().invoke(main, ["card", str(run)])
+    assert res.exit_code == 1 and "test_report.json" in res.output and "run `mri-edge evaluate` again" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    run = copy("index")
+    (run / "calibration" / "calibrate.json").write_text(json.dumps({"trust": {}, "files": {}}))
+    RunFolder(run).write_index()
+    assert "This page could not be made" in (run / "report.md").read_text()
+    run = copy("no-trust")  # the files carry a record; trust.json, what the run applies, is gone
+    (run / "trust.json").unlink()
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    card = json.loads((run / "model_card.json").read_text())
+    assert "calibration" not in card and any("trust.json, the record the runtimes apply, is missing" in m
+                                             for m in card["missing"])
+    run = copy("no-report")  # calibrate.json gone, the files still calibrated: not "raw softmax"
+    shutil.rmtree(run / "calibration")
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    card = json.loads((run / "model_card.json").read_text())
+    assert any("calibrate.json is missing, though the files carry a record" in m for m in card["missing"])
+    assert not any("raw softmax" in x for x in card["limitations"])
+    run = copy("renamed")  # a file renamed: the index lists it and says the reports name one no longer there
+    (run / "model_int8.tflite").rename(run / "my.tflite")
+    RunFolder(run).write_index()
+    index = (run / "report.md").read_text()
+    assert "[my.tflite](my.tflite)" in index and "model_int8.tflite (no longer there); my.tflite (not in it)" in index
