@@ -26,7 +26,8 @@ from .config import CalibrateConfig
 from .data import decode_images
 from .errors import require
 from .files import sha256_file
-from .run import RunFolder, holding, made_from_another
+from .freshness import made_from_another
+from .run import RunFolder, holding
 from .backends import open_model
 from .calibrate_heldout import CalibrateError, borrowed, held_out_rows, split_manifest
 from .export.formats import QUANTIZATIONS

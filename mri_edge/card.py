@@ -16,7 +16,8 @@ from .familiar import without_arrays
 from .files import read_json, sha256_file
 from .integrity import model_files
 from .onnx_model import int8_isa
-from .run import RunFolder, best_bench, current_rows, made_from_another
+from .freshness import current_rows, made_from_another
+from .run import RunFolder, best_bench
 from .tasks import public_dataset
 
 INTENDED_USE = (

@@ -12,7 +12,8 @@ import numpy as np
 from .config import TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_path, atomic_write_text, read_json, sha256_file
-from .run import AUDIT_FILES, BENCH_FILES, best_bench, exported_again, made_from_another
+from .freshness import by_current_name, exported_again, made_from_another
+from .run import AUDIT_FILES, BENCH_FILES, best_bench
 
 
 def write_json(path: Path, obj) -> None:
@@ -304,8 +305,8 @@ def run_index_markdown(run) -> str:
                   f"{1 - t['alpha']:.0%}; fitted on {cal['held_out']['n']} held-out images. "
                   f"[Details]({cal_md.relative_to(root).as_posix()}).{refit}", ""]
 
-    def out_of_date(rows, command):  # as the card reads the same reports (`run.current_rows`)
-        rows = list(rows)
+    def out_of_date(rows, command):  # as the card reads the same reports (`freshness.current_rows`)
+        rows = list(by_current_name(dict(rows), metadata).items())
         named = {n for n, _ in rows}
         why = [f"{', '.join(names)} {how}" for names, how in (
             (exported_again(rows, metadata), "(exported again since)"),

@@ -21,7 +21,8 @@ from .config import EXPLAIN_IMAGES, OCCLUSION_GRID, Thresholds
 from .errors import MriEdgeError, first_line, require
 from .files import sha256_file
 from .data import DataMovedError, decode_images
-from .run import RunFolder, holding, made_from_another
+from .freshness import made_from_another
+from .run import RunFolder, holding
 from .keras_model import validation_reference
 from .ov import size_on_disk
 from .integrity import RuntimeModelError, check_kind, check_model_file
@@ -372,11 +373,10 @@ def verify_run(run_dir, files=None, thresholds: Thresholds | None = None, thread
         with quiet.signals_deferred():  # the report and its plots say one thing
             report.write_json(parity_json, out)
             report.write_text(parity_md, markdown(out, plot_dir.relative_to(report_dir).as_posix()))
-            for p in staged.iterdir():
-                os.replace(p, plot_dir / p.name)
+            keep = {p.name for p in staged.iterdir()}
+            for name in keep:
+                os.replace(staged / name, plot_dir / name)
             if not selected:  # plots of files not plotted now (removed, renamed, or not runnable) do not outlive them
-                keep = {p for n, r in results.items() if "error" not in r for p in
-                        (plot_name("confusion", n), plot_name("reliability", n))}
                 for p in [*plot_dir.glob("confusion_*.png"), *plot_dir.glob("reliability_*.png")]:
                     if p.name not in keep:
                         p.unlink()

@@ -570,6 +570,7 @@ def test_a_worker_left_alone_takes_the_cores_the_other_units_gave_back():
         pool.kill_pool(executor)
 
 
+@pytest.mark.slow  # a fresh process that imports TensorFlow
 def test_the_same_model_converts_to_the_same_onnx_bytes(micro_run):
     """Exported again with the same options, a file keeps its bytes, so its parity and calibration
     stay current (tf2onnx numbers its nodes from a counter of the process, and some of its modules

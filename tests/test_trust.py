@@ -1004,8 +1004,12 @@ def test_card_and_index_on_hand_edited_folders(tmp_path):
     card = json.loads((run / "model_card.json").read_text())
     assert any("calibrate.json is missing, though the files carry a record" in m for m in card["missing"])
     assert not any("raw softmax" in x for x in card["limitations"])
-    run = copy("renamed")  # a file renamed: the index lists it and says the reports name one no longer there
+    run = copy("renamed")  # a file renamed: its reports' rows follow its model bytes to the new name
     (run / "model_int8.tflite").rename(run / "my.tflite")
+    assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
+    card, index = json.loads((run / "model_card.json").read_text()), (run / "report.md").read_text()
+    assert "my.tflite" in card["parity"] and "my.tflite" in card["calibration"]["per_file"] and not card["missing"]
+    assert "[my.tflite](my.tflite)" in index and "Out of date" not in index
+    (run / "my.tflite").unlink()  # gone: the reports name a file no longer there
     RunFolder(run).write_index()
-    index = (run / "report.md").read_text()
-    assert "[my.tflite](my.tflite)" in index and "model_int8.tflite (no longer there); my.tflite (not in it)" in index
+    assert "model_int8.tflite (no longer there): run `mri-edge verify`" in (run / "report.md").read_text()
