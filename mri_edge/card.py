@@ -16,7 +16,7 @@ from .familiar import without_arrays
 from .files import read_json, sha256_file
 from .integrity import model_files
 from .onnx_model import int8_isa
-from .freshness import current_rows, made_from_another
+from .freshness import current_rows, made_from_another, renamed
 from .run import RunFolder, best_bench
 from .tasks import public_dataset
 
@@ -91,12 +91,13 @@ def build(run_dir) -> dict:
         missing.append(f"export of {', '.join(other)} (made from another model.keras than the run's: retrained, or "
                        f"evaluate --fp16-weights since; run mri-edge export {run.path})")
         metadata = {n: m for n, m in metadata.items() if n not in other}
-    record, carried = run.trust(), any(m.get("trust") for m in metadata.values())  # what predict applies
+    record, carried = run.trust(), any(m.get("trust") for m in metadata.values())  # exported files: their own
     why_not = ("fitted for another model.keras than the run's" if cal and model_sha
                and not trust.fitted_for(cal["trust"], model_sha) else
-               "trust.json, the record the runtimes apply, is missing or another" if cal
-               and (record is None or without_arrays(record) != cal["trust"]) else
                "calibration/calibrate.json is missing, though the files carry a record" if not cal and carried else None)
+    if cal and not why_not and (record is None or without_arrays(record) != cal["trust"]):
+        missing.append(f"trust.json, the record model.keras is applied with, is missing or not calibrate.json's (run "
+                       f"mri-edge calibrate {run.path})")
     cal = None if why_not else cal
     public = public_dataset(cfg["task"], manifest)  # else one's own images: no name, licence or "official" split
     card = {"model": {"architecture": "DenseNet121 (Keras 3), normalisation inside the graph",
@@ -162,7 +163,8 @@ def build(run_dir) -> dict:
     else:
         missing.append("test report")
     if cal:
-        reference = next(n for n, r in cal["files"].items() if r.get("reference"))
+        reference = next((n for n, r in cal["files"].items() if r.get("reference")), None)
+        reference = renamed(cal["files"], metadata).get(reference, reference)
         cal["files"] = current_rows(cal["files"], metadata, "calibration", f"mri-edge calibrate {run.path}", missing,
                                     (*keras, reference))  # the reference's row, though it is no longer there
         card["calibration"] = {"trust": cal["trust"], "held_out": cal["held_out"],  # calibrate.json: no arrays
@@ -193,9 +195,10 @@ def build(run_dir) -> dict:
         current = current_rows({r["model"]: r for r in bench["rows"] if r["batch"] == 1 and r not in replaced},
                                metadata, "latency", f"mri-edge bench {run.path}", missing, keras, skipped)
         isa = int8_isa(bench["machine"].get("cpu_flags") or [])
+        moved = renamed({r["model"]: r for r in bench["rows"]}, metadata)  # every batch-1 row of a file, as named now
         card["latency"] = {"machine": ", ".join(x for x in (bench["machine"].get("cpu"), isa) if x), "rows": [
-            {k: r[k] for k in ("model", "runtime_label", "threads", "batch", "p50_ms")} for r in bench["rows"]
-            if r["batch"] == 1 and r["model"] in current]}
+            {"model": moved.get(r["model"], r["model"]), **{k: r[k] for k in ("runtime_label", "threads", "batch", "p50_ms")}}
+            for r in bench["rows"] if r["batch"] == 1 and moved.get(r["model"], r["model"]) in current]}
     else:
         missing.append("latency (mri-edge bench)")
     # the exported files and the model.keras they came from (verify's and calibrate's reference)

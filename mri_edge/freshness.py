@@ -10,12 +10,24 @@ def made_from_another(metadata: dict[str, dict], model_sha: str | None) -> list[
     return sorted(n for n, m in metadata.items() if model_sha and m.get("source_model_sha256") not in (None, model_sha))
 
 
+def renamed(rows: dict, metadata: dict[str, dict]) -> dict[str, str]:
+    """{old name: new name} for report rows (by file name) of files no longer there whose recorded
+    model_sha256 a file there now holds that has no row of its own: the file was renamed."""
+    free = {}  # model bytes' hash -> a file holding them without a row (the first, by name)
+    for n in sorted(metadata):
+        if n not in rows and (sha := metadata[n].get("model_sha256")):
+            free.setdefault(sha, n)
+    out = {}
+    for n, r in sorted(rows.items()):
+        if n not in metadata and isinstance(r, dict) and (new := free.get(r.get("model_sha256"))) \
+                and new not in out.values():
+            out[n] = new
+    return out
+
+
 def by_current_name(rows: dict, metadata: dict[str, dict]) -> dict:
-    """Report rows by file name, a row of a file no longer there moved to the file now holding the
-    model bytes it measured (its recorded model_sha256), when that file has no row of its own: renamed."""
-    holder = {m["model_sha256"]: n for n, m in metadata.items() if m.get("model_sha256")}
-    moved = {n: holder[r["model_sha256"]] for n, r in rows.items() if n not in metadata and isinstance(r, dict)
-             and holder.get(r.get("model_sha256")) not in (None, *rows)}
+    """Report rows by file name, a renamed file's (`renamed`) under its name now."""
+    moved = renamed(rows, metadata)
     return {moved.get(n, n): r for n, r in rows.items()}
 
 

@@ -343,7 +343,7 @@ class RunFolder:
             text = run_index_markdown(self)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             text = (f"# mri-edge run `{self.path.name}`\n\nThis page could not be made: a report in this folder is "
-                    f"not as its command writes it ({type(e).__name__}: {e}). `mri-edge card` names it.\n")
+                    f"not as its command writes it ({type(e).__name__}: {e}); run again the command that wrote it.\n")
         atomic_write_text(self.index_path, text)
         return self.index_path
 

@@ -652,6 +652,7 @@ def test_a_relu_folded_by_the_quantizer_is_compared_after_the_relu(tmp_path):
     assert rows["relu"]["relative_error"] < 0.1, rows["relu"]  # 0.51 when compared before the Relu
 
 
+@pytest.mark.slow  # four exports (14 s): the fast tier stays under 2 minutes on 2 cores
 def test_float_head_keeps_float_probabilities_out_of_int8_files(micro_run, tmp_path):
     from mri_edge.cli import main
     from mri_edge.backends import open_model

@@ -208,3 +208,14 @@ def test_an_interrupted_verify_leaves_the_plots_of_the_report_on_disk(micro_run,
     monkeypatch.undo()
     verify_run(run, explain_images=0, log=lambda *_: None)
     assert not list((run / "verify").glob(".plots-*"))
+
+
+@pytest.mark.parametrize("copy", ["a.tflite", "z.tflite"])  # before or after the measured twin, by name
+def test_a_renamed_files_rows_go_to_the_file_holding_its_bytes_without_rows_of_its_own(copy):
+    from mri_edge.freshness import by_current_name, renamed
+
+    meta = {copy: {"model_sha256": "x"}, "keep.tflite": {"model_sha256": "x"}, "other.onnx": {"model_sha256": "y"}}
+    rows = {"keep.tflite": {"model_sha256": "x"}, "old.tflite": {"model_sha256": "x"}, "gone.onnx": {"model_sha256": "q"},
+            "model.keras": {}}
+    assert renamed(rows, meta) == {"old.tflite": copy}  # keep.tflite has its own; gone.onnx's bytes are nowhere
+    assert set(by_current_name(rows, meta)) == {"keep.tflite", copy, "gone.onnx", "model.keras"}

@@ -992,12 +992,12 @@ def test_card_and_index_on_hand_edited_folders(tmp_path):
     (run / "calibration" / "calibrate.json").write_text(json.dumps({"trust": {}, "files": {}}))
     RunFolder(run).write_index()
     assert "This page could not be made" in (run / "report.md").read_text()
-    run = copy("no-trust")  # the files carry a record; trust.json, what the run applies, is gone
+    run = copy("no-trust")  # the exported files carry (and apply) their record; model.keras's, trust.json, is gone
     (run / "trust.json").unlink()
     assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
     card = json.loads((run / "model_card.json").read_text())
-    assert "calibration" not in card and any("trust.json, the record the runtimes apply, is missing" in m
-                                             for m in card["missing"])
+    assert "calibration" in card and any("trust.json, the record model.keras is applied with, is missing" in m
+                                         for m in card["missing"])
     run = copy("no-report")  # calibrate.json gone, the files still calibrated: not "raw softmax"
     shutil.rmtree(run / "calibration")
     assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
@@ -1009,7 +1009,10 @@ def test_card_and_index_on_hand_edited_folders(tmp_path):
     assert CliRunner().invoke(main, ["card", str(run)]).exit_code == 0
     card, index = json.loads((run / "model_card.json").read_text()), (run / "report.md").read_text()
     assert "my.tflite" in card["parity"] and "my.tflite" in card["calibration"]["per_file"] and not card["missing"]
-    assert "[my.tflite](my.tflite)" in index and "Out of date" not in index
+    assert [r["model"] for r in card["latency"]["rows"]].count("my.tflite") == 2  # its rows, as named now
+    assert "[my.tflite](my.tflite)" in index  # the index names the rename beside the reports that predate it
+    assert "Out of date for model_int8.tflite (renamed my.tflite since): run `mri-edge verify`." in index
+    assert "[model_card.md](model_card.md).\n" in index  # the card, written after the rename, is current
     (run / "my.tflite").unlink()  # gone: the reports name a file no longer there
     RunFolder(run).write_index()
     assert "model_int8.tflite (no longer there): run `mri-edge verify`" in (run / "report.md").read_text()
