@@ -204,7 +204,8 @@ def build(run_dir) -> dict:
     # the exported files and the model.keras they came from (verify's and calibrate's reference)
     stored = [p for f in [*files, run.model_path] for p in model_files(f) if p.is_file()]
     shas = {n: m["model_sha256"] for n, m in everything.items() if m.get("model_sha256")}
-    card["files"] = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f),  # report.md: out of date?
+    card["files"] = [{"file": f.name, "bytes": f.stat().st_size,  # model.keras hashed once, above
+                      "sha256": model_sha if f == run.model_path else sha256_file(f),  # report.md: out of date?
                       **({"model_sha256": shas[f.name]} if f.name in shas else {})} for f in stored]
     small = [c["class"] for c in card.get("results", {}).get("official", {}).get("per_class", []) if c["support"] < 30]
     limits = [f"Input is {cfg['image_size']} px: images are resized to it, finer detail is lost.",

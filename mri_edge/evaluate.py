@@ -106,9 +106,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
     test = dec["test"]
     probs = predict_arrays(net, test.images, label="Keras on the test split")
     pred = probs.argmax(1)
-    m = metrics.classification_metrics(test.labels, pred, names)
-    m["accuracy_ci95"] = metrics.bootstrap_ci(pred == test.labels, seed=cfg.seed)
-    m["macro_f1_ci95"] = metrics.macro_f1_ci(test.labels, pred, len(names), seed=cfg.seed)
+    m = metrics.with_cis(test.labels, pred, names, cfg.seed)
     m["calibration"] = metrics.calibration_metrics(test.labels, probs)
     m["skipped"] = test.skipped
     root = Path(cfg.data_dir)
@@ -119,10 +117,7 @@ def evaluate_run(run_dir: Path, net, dec: dict, cfg: TrainConfig, wall: float, n
         from . import audit  # noqa: PLC0415
 
         clean = audit.leakage_free_mask(cfg.dedup, test.paths, root)
-        dm = metrics.classification_metrics(test.labels[clean], pred[clean], names)
-        dm["accuracy_ci95"] = metrics.bootstrap_ci(pred[clean] == test.labels[clean], seed=cfg.seed)
-        dm["macro_f1_ci95"] = metrics.macro_f1_ci(test.labels[clean], pred[clean], len(names), seed=cfg.seed)
-        m["dedup"] = dm
+        m["dedup"] = metrics.with_cis(test.labels[clean], pred[clean], names, cfg.seed)
     with quiet.signals_deferred():
         if commit is not None:
             commit()

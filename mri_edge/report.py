@@ -12,7 +12,7 @@ import numpy as np
 from .config import TrainConfig
 from .errors import MriEdgeError
 from .files import atomic_path, atomic_write_text, read_json, sha256_file
-from .freshness import by_current_name, exported_again, made_from_another, renamed
+from .freshness import exported_again, made_from_another, renamed
 from .run import AUDIT_FILES, BENCH_FILES, best_bench
 
 
@@ -307,7 +307,7 @@ def run_index_markdown(run) -> str:
 
     def out_of_date(rows, command):  # as the card reads the same reports (`freshness.current_rows`)
         moved = renamed(dict(rows), metadata)
-        rows = list(by_current_name(dict(rows), metadata).items())
+        rows = [(moved.get(n, n), r) for n, r in rows]
         named = {n for n, _ in rows}
         why = [f"{', '.join(names)} {how}".rstrip() for names, how in (
             ([f"{a} (renamed {b} since)" for a, b in moved.items()], ""),

@@ -41,7 +41,6 @@ def onnx_fp32(model, size: int, opset: int):
     # model gives the same bytes whatever the worker converted before (else every export of it
     # is a new file to verify and calibrate again); after the modules that take a number when
     # first imported (during the first conversion)
-    import tf2onnx.rewriter  # noqa: F401, PLC0415
     import tf2onnx.rewriter.loop_rewriter_base  # noqa: F401, PLC0415
 
     tf2onnx.utils.INTERNAL_NAME = 1
